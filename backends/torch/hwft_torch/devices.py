@@ -1,0 +1,171 @@
+"""The torch engine's devices: probes (cheap, no CUDA initialisation) and capability records.
+
+The probes look at installed distributions before importing anything; torch is imported only
+when a GPU device is probed, with ``PYTORCH_NVML_BASED_CUDA_CHECK=1`` so that asking whether a
+GPU exists does not initialise CUDA (forked workers stay usable).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import subprocess
+from functools import cache
+
+from hwft.records import PRIORITY_ACCELERATOR, PRIORITY_CPU, Availability, Backend, Capability
+
+#: What the torch engine's training loop implements, for every torch device alike.
+METHODS = {"sft": ("full", "lora")}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _missing_engine() -> str | None:
+    missing = [m for m in ("torch", "transformers", "peft") if importlib.util.find_spec(m) is None]
+    return f"{', '.join(missing)} not installed (pip install -e backends/torch)" if missing else None
+
+
+def _engine_details() -> dict:
+    return {k: _version(k) for k in ("torch", "transformers", "peft")}
+
+
+@cache
+def probe_cpu() -> Availability:
+    missing = _missing_engine()
+    if missing:
+        return Availability(False, missing)
+    cores = os.cpu_count() or 1
+    return Availability(
+        True,
+        devices=({"name": _cpu_name(), "cores": cores},),
+        details=_engine_details(),
+    )
+
+
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _gpu_torch():
+    """torch, imported so that asking about GPUs does not initialise them."""
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    import torch
+
+    return torch
+
+
+@cache
+def probe_cuda() -> Availability:
+    missing = _missing_engine()
+    if missing:
+        return Availability(False, missing)
+    version = _version("torch") or ""
+    if version.endswith("+cpu"):
+        return Availability(False, f"torch {version} is a CPU-only build")
+    torch = _gpu_torch()
+    if torch.version.cuda is None:
+        return Availability(False, f"torch {version} is not a CUDA build")
+    if not torch.cuda.is_available():
+        return Availability(False, "no CUDA device")
+    return Availability(
+        True,
+        devices=_nvidia_smi() or tuple({"index": i} for i in range(torch.cuda.device_count())),
+        details={**_engine_details(), "cuda": torch.version.cuda},
+    )
+
+
+@cache
+def probe_rocm() -> Availability:
+    missing = _missing_engine()
+    if missing:
+        return Availability(False, missing)
+    version = _version("torch") or ""
+    if version.endswith("+cpu"):
+        return Availability(False, f"torch {version} is a CPU-only build")
+    torch = _gpu_torch()
+    if getattr(torch.version, "hip", None) is None:
+        return Availability(False, f"torch {version} is not a ROCm build")
+    if not torch.cuda.is_available():
+        return Availability(False, "no ROCm device")
+    return Availability(
+        True,
+        devices=tuple({"index": i} for i in range(torch.cuda.device_count())),
+        details={**_engine_details(), "hip": torch.version.hip},
+    )
+
+
+def _nvidia_smi() -> tuple[dict, ...]:
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return ()
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    rows = []
+    for i, line in enumerate(out.strip().splitlines()):
+        name, mem, driver = (x.strip() for x in line.split(","))
+        rows.append({"index": i, "name": name, "memory_gb": round(float(mem) / 1024, 1), "driver": driver})
+    return tuple(rows)
+
+
+def _attention(*extra: str) -> tuple[str, ...]:
+    flash = ("flash_attention_2",) if importlib.util.find_spec("flash_attn") else ()
+    return ("eager", "sdpa", *extra, *flash)
+
+
+def capability_cpu() -> Capability:
+    return Capability(
+        methods=METHODS,
+        dtypes=("fp32", "bf16"),
+        attention=("eager", "sdpa"),
+        collective="gloo",
+    )
+
+
+def capability_cuda() -> Capability:
+    return Capability(methods=METHODS, dtypes=("fp32", "bf16", "fp16"), attention=_attention(), collective="nccl")
+
+
+def capability_rocm() -> Capability:
+    return Capability(methods=METHODS, dtypes=("fp32", "bf16", "fp16"), attention=_attention(), collective="rccl")
+
+
+def backends(train) -> list[Backend]:
+    return [
+        Backend("cpu", "torch", "torch on the host CPU", PRIORITY_CPU, probe_cpu, capability_cpu, train),
+        Backend(
+            "cuda", "torch", "torch on NVIDIA GPUs (CUDA)", PRIORITY_ACCELERATOR,
+            probe_cuda, capability_cuda, train, accelerator=True,
+        ),
+        Backend(
+            "rocm", "torch", "torch on AMD GPUs (ROCm/HIP)", PRIORITY_ACCELERATOR,
+            probe_rocm, capability_rocm, train, accelerator=True,
+        ),
+    ]
+
+
+def torch_device(backend_name: str):
+    """The torch.device a backend trains on (ROCm uses torch's cuda namespace)."""
+    import torch
+
+    return torch.device("cpu" if backend_name == "cpu" else "cuda")

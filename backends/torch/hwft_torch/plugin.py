@@ -1,0 +1,22 @@
+"""Entry point of the torch backend (group ``hwft``, name ``torch``), as a vendor writes one."""
+
+from __future__ import annotations
+
+import pluggy
+
+from hwft_torch import devices
+
+HWFT_PLUGIN_API = "0.1"
+hookimpl = pluggy.HookimplMarker("hwft")
+
+
+def _train(job):
+    from hwft_torch.engine import train
+
+    return train(job)
+
+
+@hookimpl
+def hwft_register_backends(register):
+    for backend in devices.backends(_train):
+        register(backend)

@@ -1,0 +1,167 @@
+"""The ``hwft`` command: train, env, plugins.
+
+A user error (bad recipe, bad data, impossible combination) exits with code 2 and one message,
+without a traceback unless ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from hwft import HWFT_PLUGIN_API, __version__
+from hwft.errors import USER_ERROR_EXIT_CODE, UserError
+
+#: Versioned schemas of the --json outputs (documented in the README).
+ENV_SCHEMA = "hwft.env/1"
+PLUGINS_SCHEMA = "hwft.plugins/1"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hwft", description="One fine-tuning recipe, any hardware.")
+    parser.add_argument("--version", action="version", version=f"hwft {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="fine-tune as a recipe says")
+    train.add_argument("recipe", help="recipe YAML file")
+    train.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.lr=5e-5")
+    train.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
+    train.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+
+    env = sub.add_parser("env", help="backends on this machine and what each can do")
+    env.add_argument("--json", action="store_true", help=f"machine-readable ({ENV_SCHEMA})")
+    env.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+
+    plugins = sub.add_parser("plugins", help="loaded plugins and the hooks they implement")
+    plugins.add_argument("--json", action="store_true", help=f"machine-readable ({PLUGINS_SCHEMA})")
+    plugins.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    return parser
+
+
+def cmd_train(args) -> int:
+    from hwft.recipe import load_recipe
+    from hwft.train import plan_run, run
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    plan = plan_run(recipe)
+    if args.dry_run:
+        print(f"ok: {plan.describe()}")
+        return 0
+    job = run(plan, quiet=args.quiet)
+    if not args.quiet:
+        print(f"done: results in {job.run_dir.path}")
+    return 0
+
+
+def env_report() -> dict:
+    from hwft.plugins import get_host
+    from hwft.select import rank
+
+    host = get_host()
+    ranked = rank(host)
+    backends = []
+    for name, backend in host.backends.items():
+        avail = host.probe(name)
+        backends.append(
+            {
+                "name": name,
+                "engine": backend.engine,
+                "plugin": host.plugin_of(name),
+                "description": backend.description,
+                "accelerator": backend.accelerator,
+                "priority": avail.priority if avail.priority is not None else backend.priority,
+                "available": avail.available,
+                "reason": avail.reason,
+                "devices": [dict(d) for d in avail.devices],
+                "details": dict(avail.details),
+                "capability": host.capability(name).to_json(),
+            }
+        )
+    return {
+        "schema": ENV_SCHEMA,
+        "hwft_version": __version__,
+        "plugin_api": HWFT_PLUGIN_API,
+        "auto": ranked[0] if ranked else None,
+        "ranking": ranked,
+        "backends": backends,
+    }
+
+
+def cmd_env(args) -> int:
+    report = env_report()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"hwft {report['hwft_version']} (plugin API {report['plugin_api']})")
+    print(f"backend: auto -> {report['auto'] or 'none available'}   ranking: {', '.join(report['ranking'])}")
+    for b in report["backends"]:
+        state = "available" if b["available"] else f"unavailable: {b['reason']}"
+        print(f"\n{b['name']}  [{b['engine']} engine, plugin {b['plugin']}, priority {b['priority']}]  {state}")
+        print(f"  {b['description']}")
+        for d in b["devices"]:
+            print("  device: " + ", ".join(f"{k}={v}" for k, v in d.items()))
+        cap = b["capability"]
+        rows = [
+            ("methods", "; ".join(f"{o}: {', '.join(t)}" for o, t in cap["methods"].items())),
+            ("dtypes", ", ".join(cap["dtypes"])),
+            ("quantization", ", ".join(cap["quantization"]) or "-"),
+            ("attention", ", ".join(cap["attention"])),
+            ("fused kernels", ", ".join(cap["fused_kernels"]) or "-"),
+            ("compile", "yes" if cap["compile"] else "no"),
+            ("collective", cap["collective"] or "-"),
+            ("parallel", ", ".join(cap["parallel"])),
+            ("packing", "yes" if cap["packing"] else "no"),
+        ]
+        for key, value in rows:
+            print(f"  {key:<14}{value}")
+        for key, value in b["details"].items():
+            print(f"  {key:<14}{value}")
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    from hwft.plugins import get_host
+
+    host = get_host()
+    if args.json:
+        payload = {
+            "schema": PLUGINS_SCHEMA,
+            "plugin_api": HWFT_PLUGIN_API,
+            "plugins": [p.to_json() for p in host.plugins],
+        }
+        print(json.dumps(payload, indent=2))
+        return 0
+    for p in host.plugins:
+        dist = f"{p.distribution} {p.version}" if p.distribution else "(no distribution)"
+        print(f"{p.name:<16}{p.status:<10}{dist:<24}{p.module}")
+        if p.hooks:
+            print(f"{'':<16}hooks: {', '.join(p.hooks)}")
+        if p.error:
+            print(f"{'':<16}{p.error}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Never reach a model hub: models and tokenizers come from local folders only.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    args = _parser().parse_args(argv)
+    commands = {"train": cmd_train, "env": cmd_env, "plugins": cmd_plugins}
+    try:
+        return commands[args.command](args)
+    except UserError as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(f"hwft: error: {exc}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
+    except KeyboardInterrupt:
+        print("hwft: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data: files -> rows -> conversations -> token ids with label masks. Engine-neutral."""

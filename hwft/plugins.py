@@ -1,0 +1,199 @@
+"""The plugin host: pluggy, the ``hwft`` entry-point group, and the registries hooks fill.
+
+Every backend, built-in or vendor, arrives the same way: a module named by an entry point in
+the ``hwft`` group, declaring ``HWFT_PLUGIN_API`` and implementing hooks from
+:mod:`hwft.hookspecs`. hwft's own data formats are registered through the same hook by the core
+module :mod:`hwft.data.formats`.
+
+Environment:
+  ``HWFT_PLUGINS``          comma-separated allow-list of entry-point names (only these load)
+  ``HWFT_DISABLE_PLUGINS``  comma-separated deny-list of entry-point names
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from dataclasses import dataclass, field
+
+import pluggy
+
+from hwft import HWFT_PLUGIN_API, hookspecs
+from hwft.errors import SelectionError, did_you_mean
+from hwft.records import Availability, Backend, Capability
+
+ENTRY_POINT_GROUP = "hwft"
+hookimpl = pluggy.HookimplMarker("hwft")
+
+
+@dataclass
+class PluginInfo:
+    """One plugin as ``hwft plugins`` shows it."""
+
+    name: str
+    module: str
+    distribution: str | None
+    version: str | None
+    status: str  #: loaded, failed, disabled, refused
+    error: str = ""
+    hooks: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def api_compatible(plugin_api: str, host_api: str = HWFT_PLUGIN_API) -> bool:
+    """Same major version, and the plugin's minor version no newer than the host's."""
+    try:
+        p_major, p_minor = (int(x) for x in str(plugin_api).split(".")[:2])
+        h_major, h_minor = (int(x) for x in host_api.split(".")[:2])
+    except ValueError:
+        return False
+    return p_major == h_major and p_minor <= h_minor
+
+
+def _names(env: str) -> set[str] | None:
+    value = os.environ.get(env)
+    if value is None:
+        return None
+    return {n.strip() for n in value.split(",") if n.strip()}
+
+
+class PluginHost:
+    """Loads plugins once and holds what their hooks registered."""
+
+    def __init__(self, entry_points=None, builtins: dict | None = None):
+        self.pm = pluggy.PluginManager("hwft")
+        self.pm.add_hookspecs(hookspecs)
+        self.plugins: list[PluginInfo] = []
+        for name, module in (builtins or {}).items():
+            self.pm.register(module, name=name)
+            self.plugins.append(PluginInfo(name, module.__name__, "hwft", _dist_version("hwft"), "loaded"))
+        if entry_points is None:
+            entry_points = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+        self._load_entry_points(entry_points)
+        for info in self.plugins:
+            plugin = self.pm.get_plugin(info.name)
+            if plugin is not None:
+                info.hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
+        self._backends: dict[str, Backend] | None = None
+        self._backend_plugin: dict[str, str] = {}
+        self._probes: dict[str, Availability] = {}
+
+    def _load_entry_points(self, entry_points) -> None:
+        allow, deny = _names("HWFT_PLUGINS"), _names("HWFT_DISABLE_PLUGINS") or set()
+        for ep in sorted(entry_points, key=lambda e: e.name):
+            dist = getattr(ep, "dist", None)
+            info = PluginInfo(
+                ep.name,
+                ep.value,
+                dist.metadata["Name"] if dist else None,
+                dist.version if dist else None,
+                "loaded",
+            )
+            self.plugins.append(info)
+            if (allow is not None and ep.name not in allow) or ep.name in deny:
+                info.status = "disabled"
+                info.error = "excluded by HWFT_PLUGINS / HWFT_DISABLE_PLUGINS"
+                continue
+            try:
+                module = ep.load()
+            except Exception as exc:  # a broken plugin must not take the others down
+                info.status, info.error = "failed", f"{type(exc).__name__}: {exc}"
+                continue
+            api = getattr(module, "HWFT_PLUGIN_API", None)
+            if api is None or not api_compatible(str(api)):
+                info.status = "refused"
+                info.error = (
+                    f"written for plugin API {api or '(undeclared)'}; this hwft provides "
+                    f"plugin API {HWFT_PLUGIN_API} (same major, minor <= {HWFT_PLUGIN_API})"
+                )
+                continue
+            try:
+                self.pm.register(module, name=ep.name)
+                self.pm.check_pending()
+            except pluggy.PluginValidationError as exc:
+                self.pm.unregister(name=ep.name)
+                info.status, info.error = "refused", f"invalid hook implementation: {exc}"
+
+    # ---------------------------------------------------------------- registries
+
+    @property
+    def backends(self) -> dict[str, Backend]:
+        """Every registered backend by name, in name order (never registration order)."""
+        if self._backends is None:
+            found: dict[str, Backend] = {}
+            for impl in self.pm.hook.hwft_register_backends.get_hookimpls():
+                plugin_name = self.pm.get_name(impl.plugin)
+
+                def register(backend: Backend, _plugin=plugin_name) -> None:
+                    if backend.name in found:
+                        raise SelectionError(
+                            f"backend '{backend.name}' is registered twice (by plugin "
+                            f"'{self._backend_plugin[backend.name]}' and by '{_plugin}'); "
+                            f"disable one with HWFT_DISABLE_PLUGINS"
+                        )
+                    found[backend.name] = backend
+                    self._backend_plugin[backend.name] = _plugin
+
+                impl.function(register=register)
+            self._backends = dict(sorted(found.items()))
+        return self._backends
+
+    def plugin_of(self, backend_name: str) -> str:
+        self.backends  # noqa: B018  (fills the map)
+        return self._backend_plugin[backend_name]
+
+    def backend(self, name: str) -> Backend:
+        try:
+            return self.backends[name]
+        except KeyError:
+            known = ", ".join(self.backends) or "none"
+            raise SelectionError(
+                f"no backend named '{name}'{did_you_mean(name, self.backends)} "
+                f"(registered: {known}; 'auto' picks the best available)"
+            ) from None
+
+    def probe(self, name: str) -> Availability:
+        """A backend's availability, probed once per process."""
+        if name not in self._probes:
+            backend = self.backend(name)
+            try:
+                self._probes[name] = backend.probe()
+            except Exception as exc:
+                self._probes[name] = Availability(False, f"probe failed: {type(exc).__name__}: {exc}")
+        return self._probes[name]
+
+    def capability(self, name: str) -> Capability:
+        return self.backend(name).capability()
+
+    def data_formats(self) -> dict:
+        from hwft.data.formats import collect_formats
+
+        return collect_formats(self.pm)
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+_HOST: PluginHost | None = None
+
+
+def get_host() -> PluginHost:
+    """The process-wide host, built on first use."""
+    global _HOST
+    if _HOST is None:
+        from hwft.data import formats
+
+        _HOST = PluginHost(builtins={"core": formats})
+    return _HOST
+
+
+def reset_host() -> None:
+    """Forget the loaded plugins (tests, or after changing HWFT_PLUGINS)."""
+    global _HOST
+    _HOST = None

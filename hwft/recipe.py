@@ -1,0 +1,355 @@
+"""The recipe: what to train, never where.
+
+A recipe is YAML validated by the pydantic models below. Every section exists now so that later
+work fills values rather than inventing keys. Unknown keys are errors with a "did you mean";
+values that are valid but not yet implemented are refused by backend selection
+(:mod:`hwft.select`), which names what is missing.
+
+Load with :func:`load_recipe`, which also applies ``key.path=value`` overrides from the CLI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from hwft.errors import RecipeError, did_you_mean
+
+Objective = Literal["sft", "cpt", "dpo", "grpo"]
+Tuning = Literal["full", "lora", "qlora"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class Section(BaseModel):
+    """Base for every recipe section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(Section):
+    name: str = Field(
+        "smollm2-135m",
+        description="Built-in alias (smollm2-135m), a local HF model directory, or a hub id "
+        "already in the local Hugging Face cache. hwft never downloads weights.",
+    )
+    revision: str | None = Field(None, description="Cache revision (commit or branch) for a hub id.")
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with the model. Off unless you trust it."
+    )
+
+
+class DatasetSpec(Section):
+    path: str = Field(description="A JSON or JSONL file, relative to the recipe's folder.")
+    format: str = Field(
+        "auto", description="Row shape: auto, alpaca or messages (plugins may add more)."
+    )
+    weight: float = Field(1.0, gt=0, description="Mixing weight against the other datasets.")
+    max_samples: int | None = Field(None, gt=0, description="Use at most this many rows.")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Rename columns: {expected_name: name_in_file}."
+    )
+
+
+class DataSpec(Section):
+    train: list[DatasetSpec] = Field(description="Training datasets.")
+    eval: list[DatasetSpec] = Field(default_factory=list, description="Held-out datasets.")
+    registry: str | None = Field(
+        None, description="A LLaMA-Factory dataset_info.json whose entries `train` may name."
+    )
+    packing: bool = Field(False, description="Pack several examples into each row.")
+    streaming: bool = Field(False, description="Stream files larger than memory.")
+    reasoning: Literal["keep", "strip"] = Field(
+        "keep", description="Keep or strip <think> blocks in assistant turns."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        # `data: file.jsonl` and `data: [a.json, b.jsonl]` are shorthands for `data: {train: ...}`.
+        if isinstance(value, str | list):
+            value = {"train": value}
+        if isinstance(value, dict):
+            train = value.get("train")
+            if isinstance(train, str):
+                train = [train]
+            if isinstance(train, list):
+                value = {**value, "train": [{"path": t} if isinstance(t, str) else t for t in train]}
+        return value
+
+
+class LoraSpec(Section):
+    r: int = Field(16, gt=0, description="Rank of the low-rank update.")
+    alpha: float = Field(32, gt=0, description="Scale numerator: the update is (alpha / r) * B A.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="'all-linear' or a list of module names (q_proj, v_proj, ...)."
+    )
+
+
+class QLoraSpec(Section):
+    bits: Literal[4, 8] = Field(4, description="Bits of the quantised base weights.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    double_quant: bool = Field(True, description="Quantise the quantisation constants too.")
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Matmul dtype.")
+    allow_fallback: bool = Field(
+        False, description="Where the device cannot quantise, train plain LoRA instead (logged)."
+    )
+
+
+class DpoSpec(Section):
+    beta: float = Field(0.1, gt=0, description="Strength of the KL constraint to the reference.")
+    loss: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="DPO loss variant.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO smoothing.")
+    reference: Literal["auto", "precomputed"] = Field(
+        "auto", description="auto: adapter disabled (LoRA) or frozen copy (full)."
+    )
+
+
+class GrpoSpec(Section):
+    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt.")
+    max_new_tokens: int = Field(128, gt=0, description="Length limit of each completion.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts.")
+    beta: float = Field(0.04, ge=0, description="KL penalty to the reference policy.")
+    epsilon: float = Field(0.2, gt=0, description="Clipping range of the policy ratio.")
+    rewards: list[str] = Field(default_factory=list, description="Registered reward functions.")
+
+
+class MethodSpec(Section):
+    objective: Objective = Field("sft", description="What the loss is: sft, cpt, dpo or grpo.")
+    tuning: Tuning = Field("lora", description="Which weights move: full, lora or qlora.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter settings (lora, qlora).")
+    qlora: QLoraSpec = Field(default_factory=QLoraSpec, description="Quantisation (qlora).")
+    dpo: DpoSpec = Field(default_factory=DpoSpec, description="DPO settings.")
+    grpo: GrpoSpec = Field(default_factory=GrpoSpec, description="GRPO settings.")
+
+
+class TrainSpec(Section):
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
+    scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup, in optimizer steps.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the data (ignored if max_steps).")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+    micro_batch_size: int = Field(4, gt=0, description="Rows per forward pass.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per step.")
+    max_length: int = Field(1024, gt=1, description="Truncate examples to this many tokens.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm.")
+    seed: int = Field(42, description="Seeds data order, adapter init and dropout.")
+    precision: Precision = Field(
+        "auto", description="auto: bf16 autocast where the device has it, else fp32."
+    )
+    log_every: int = Field(1, gt=0, description="Write metrics every N steps.")
+    save_every: int | None = Field(None, gt=0, description="Write checkpoints/step-N every N steps.")
+    keep_checkpoints: int = Field(2, gt=0, description="Keep the newest K checkpoints.")
+    eval_every: int | None = Field(None, gt=0, description="Evaluate on data.eval every N steps.")
+
+
+class KernelSpec(Section):
+    attention: Literal[
+        "auto", "eager", "sdpa", "flash_attention_2", "flex_attention", "npu_fusion_attention"
+    ] = Field("auto", description="Attention implementation; auto picks the backend's best.")
+    fused_rms_norm: bool = Field(False, description="Fused RMSNorm kernel.")
+    fused_rope: bool = Field(False, description="Fused rotary embedding kernel.")
+    fused_swiglu: bool = Field(False, description="Fused gated-MLP activation.")
+    fused_cross_entropy: bool = Field(False, description="Chunked/fused cross-entropy.")
+    compile: bool = Field(False, description="Compile the model (torch.compile / mx.compile).")
+
+
+class ParallelSpec(Section):
+    strategy: Literal["none", "ddp", "fsdp2", "deepspeed"] = Field(
+        "none", description="Data-parallel strategy across processes."
+    )
+    zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    offload_optimizer: bool = Field(False, description="Keep optimizer state in host memory.")
+    offload_params: bool = Field(False, description="Keep parameters in host memory.")
+    activation_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    accelerate_config: str | None = Field(None, description="An accelerate config file, verbatim.")
+    deepspeed_config: str | None = Field(None, description="A DeepSpeed JSON config, verbatim.")
+
+
+class OutputSpec(Section):
+    dir: str = Field("runs/hwft", description="Output folder, relative to the working directory.")
+    overwrite: bool = Field(False, description="Reuse a non-empty output folder.")
+    plot: bool = Field(True, description="Write loss.png at the end.")
+
+
+class EvalSpec(Section):
+    prompts: list[str] = Field(
+        default_factory=list, description="Prompts answered before and after training."
+    )
+    max_new_tokens: int = Field(48, gt=0, description="Length limit of those answers.")
+
+
+class Recipe(Section):
+    """A whole recipe. ``model``, ``data`` and ``output`` take plain strings as shorthands."""
+
+    model: ModelSpec = Field(default_factory=ModelSpec, description="The base model.")
+    template: str | None = Field(
+        None, description="Chat template override: a built-in name (chatml) or a .jinja file."
+    )
+    data: DataSpec = Field(description="Training data.")
+    method: MethodSpec = Field(default_factory=MethodSpec, description="Objective and tuning.")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="Optimisation settings.")
+    kernels: KernelSpec = Field(default_factory=KernelSpec, description="Kernel switches.")
+    backend: str = Field("auto", description="auto, or a backend name: cpu, cuda, rocm, npu, mlx.")
+    parallel: ParallelSpec = Field(default_factory=ParallelSpec, description="Multi-process.")
+    output: OutputSpec = Field(default_factory=OutputSpec, description="Where results go.")
+    eval: EvalSpec = Field(default_factory=EvalSpec, description="Answers to show.")
+
+    #: Folder the recipe file was read from; relative data paths resolve against it.
+    _base_dir: str = PrivateAttr(".")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @field_validator("output", mode="before")
+    @classmethod
+    def _output_shorthand(cls, value: Any) -> Any:
+        return {"dir": value} if isinstance(value, str) else value
+
+    def resolve_path(self, path: str) -> Path:
+        """A path from the recipe, made absolute against the recipe's folder."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (Path(self._base_dir) / p).resolve()
+
+    def to_yaml(self) -> str:
+        """The resolved recipe, every default filled in, as YAML."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def _section_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Valid keys at a location in the schema (for "did you mean")."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            break
+        ann = field.annotation
+        sub = getattr(ann, "__args__", (ann,))
+        nested = [a for a in (ann, *sub) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not nested:
+            for a in sub:  # list[DatasetSpec]
+                for inner in getattr(a, "__args__", ()):
+                    if isinstance(inner, type) and issubclass(inner, BaseModel):
+                        nested.append(inner)
+        if not nested:
+            return []
+        model = nested[0]
+    return list(model.model_fields)
+
+
+_TYPE_WORDS = {
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "int_parsing": "an integer",
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "bool_parsing": "true or false",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+}
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One readable message for every problem pydantic found, each naming its key."""
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        # Drop pydantic's union-branch labels such as "str" or "list[...]".
+        loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in {"str", "list"})))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            hint = did_you_mean(str(loc[-1]), _section_keys(Recipe, loc[:-1]))
+            lines.append(f"unknown key '{key}'{hint}")
+        elif kind == "missing":
+            lines.append(f"missing required key '{key}'")
+        elif kind == "literal_error":
+            expected = e.get("ctx", {}).get("expected", "")
+            lines.append(f"{key}: {e['input']!r} is not allowed; expected one of {expected}")
+        elif kind in _TYPE_WORDS:
+            lines.append(f"{key}: expected {_TYPE_WORDS[kind]}, got {e['input']!r}")
+        else:
+            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+    head = f"invalid recipe {source}:"
+    if len(lines) == 1:
+        return f"{head} {lines[0]}"
+    return head + "".join(f"\n  - {line}" for line in lines)
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise RecipeError(
+            f"override '{assignment}' is not of the form key.path=value (e.g. train.lr=5e-5)"
+        )
+    path, _, text = assignment.partition("=")
+    parts = [p for p in path.strip().split(".") if p]
+    if not parts:
+        raise RecipeError(f"override '{assignment}' names no key")
+    value = yaml.safe_load(text) if text.strip() else ""
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if isinstance(child, str) and part in {"model", "output"}:
+            child = {"name" if part == "model" else "dir": child}
+        if not isinstance(child, dict):
+            child = {}
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file; raise :class:`RecipeError` on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path} must hold a mapping of sections (model, data, method, ...)")
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    return recipe_from_dict(raw, source=str(path), base_dir=path.resolve().parent)
+
+
+def recipe_from_dict(raw: dict, source: str = "<recipe>", base_dir: str | Path = ".") -> Recipe:
+    """Validate an already-parsed recipe mapping."""
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(exc, source)) from None
+    recipe._base_dir = str(base_dir)
+    return recipe

@@ -1,0 +1,76 @@
+"""Typed records that backends hand to hwft through the plugin hooks.
+
+A backend answers four questions (see ARCHITECTURE.md): am I here (:class:`Availability`, from
+a cheap side-effect-free probe), what can I do (:class:`Capability`), how do I run this recipe
+(``Backend.train``), and how sure is that (selection in :mod:`hwft.select`, by ``priority``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hwft.job import Job
+
+#: Priority bands for ``backend: auto`` (highest wins among available backends; ties by name).
+PRIORITY_ACCELERATOR = 300  #: a GPU, NPU or other accelerator device
+PRIORITY_APPLE_GPU = 200  #: MLX on Metal
+PRIORITY_CPU = 100  #: the torch engine on the host CPU
+PRIORITY_CPU_FALLBACK = 50  #: another engine on the host CPU (e.g. MLX's CPU build)
+
+
+@dataclass(frozen=True)
+class Availability:
+    """The answer of a backend's probe."""
+
+    available: bool
+    reason: str = ""  #: why not, when unavailable ("torch_npu not installed", "no CUDA device")
+    devices: tuple[Mapping[str, Any], ...] = ()  #: one mapping per device: name, memory_gb, ...
+    details: Mapping[str, Any] = field(default_factory=dict)  #: versions and the like
+    priority: int | None = None  #: overrides Backend.priority (e.g. MLX on CPU vs Metal)
+
+    def to_json(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class Capability:
+    """What a backend can run. Names match the recipe's values so refusals can cite them."""
+
+    methods: Mapping[str, tuple[str, ...]]  #: objective -> tunings it runs
+    dtypes: tuple[str, ...]  #: fp32, bf16, fp16
+    quantization: tuple[str, ...] = ()  #: e.g. bnb-nf4, bnb-int8, mlx-q4
+    attention: tuple[str, ...] = ("eager",)  #: kernels.attention values
+    fused_kernels: tuple[str, ...] = ()  #: rms_norm, rope, swiglu, cross_entropy
+    compile: bool = False  #: kernels.compile
+    collective: str | None = None  #: gloo, nccl, rccl, hccl, mlx-ring
+    parallel: tuple[str, ...] = ("none",)  #: parallel.strategy values
+    packing: bool = False  #: honours data.packing without cross-example attention
+
+    def runs(self, objective: str, tuning: str) -> bool:
+        return tuning in self.methods.get(objective, ())
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["methods"] = {k: list(v) for k, v in self.methods.items()}
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A device backend, registered through ``hwft_register_backends``.
+
+    ``probe`` and ``capability`` must be cheap and import no engine at hwft import time; they
+    are called lazily and cached by the registry. ``train`` runs a :class:`hwft.job.Job`.
+    """
+
+    name: str  #: cpu, cuda, rocm, npu, mlx, or a vendor's name
+    engine: str  #: torch, mlx, ...
+    description: str
+    priority: int  #: see the PRIORITY_* bands
+    probe: Callable[[], Availability]
+    capability: Callable[[], Capability]
+    train: Callable[[Job], Any]
+    accelerator: bool = False

@@ -1,0 +1,156 @@
+"""Choosing a backend for a recipe, and refusing clearly when none can run it.
+
+The rule for ``backend: auto`` (documented in the README):
+  1. only backends whose probe says *available* are candidates;
+  2. the highest priority wins (bands in :mod:`hwft.records`: accelerators 300, MLX on Metal
+     200, torch ``cpu`` 100, another engine on the CPU 50);
+  3. among equal priorities, the alphabetically first name; registration order never counts;
+  4. a candidate that cannot run the recipe is passed over for the next.
+A recipe naming a backend gets that backend or a :class:`~hwft.errors.SelectionError` that says
+why and what would work. All of this happens before any weight is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hwft.errors import SelectionError
+from hwft.plugins import PluginHost
+from hwft.recipe import Recipe
+from hwft.records import Availability, Backend, Capability
+
+#: Recipe settings that are valid but that no part of hwft implements yet.
+NOT_YET = {
+    "data.registry": "LLaMA-Factory dataset_info.json registries",
+    "data.streaming": "streaming datasets",
+    "data.eval": "evaluation datasets",
+    "train.eval_every": "periodic evaluation",
+}
+
+
+@dataclass(frozen=True)
+class Choice:
+    backend: Backend
+    availability: Availability
+    capability: Capability
+
+
+def core_problems(recipe: Recipe) -> list[str]:
+    """Settings the engine-neutral core cannot honour yet, whichever backend runs."""
+    values = {
+        "data.registry": recipe.data.registry,
+        "data.streaming": recipe.data.streaming,
+        "data.eval": recipe.data.eval,
+        "train.eval_every": recipe.train.eval_every,
+    }
+    out = [
+        f"{key} is not implemented yet ({what}); remove it from the recipe"
+        for key, what in NOT_YET.items()
+        if values[key]
+    ]
+    if any(d.weight != 1.0 for d in recipe.data.train):
+        out.append("data.train[].weight is not implemented yet (mixing); datasets are concatenated")
+    return out
+
+
+def capability_problems(recipe: Recipe, cap: Capability) -> list[str]:
+    """What in the recipe this capability record cannot do, each naming what it can."""
+    out = []
+    m = recipe.method
+    if not cap.runs(m.objective, m.tuning):
+        runs = cap.methods.get(m.objective)
+        if runs:
+            out.append(f"method.tuning '{m.tuning}' with objective '{m.objective}' (it runs: {', '.join(runs)})")
+        else:
+            out.append(f"method.objective '{m.objective}' (it runs: {', '.join(cap.methods) or 'none'})")
+    p = recipe.train.precision
+    if p != "auto" and p not in cap.dtypes:
+        out.append(f"train.precision '{p}' (it has: {', '.join(cap.dtypes)})")
+    k = recipe.kernels
+    if k.attention != "auto" and k.attention not in cap.attention:
+        out.append(f"kernels.attention '{k.attention}' (it has: auto, {', '.join(cap.attention)})")
+    for kernel in ("rms_norm", "rope", "swiglu", "cross_entropy"):
+        if getattr(k, f"fused_{kernel}") and kernel not in cap.fused_kernels:
+            have = ", ".join(cap.fused_kernels) or "no fused kernels"
+            out.append(f"kernels.fused_{kernel} (it has: {have})")
+    if k.compile and not cap.compile:
+        out.append("kernels.compile (not supported)")
+    if recipe.parallel.strategy not in cap.parallel:
+        out.append(f"parallel.strategy '{recipe.parallel.strategy}' (it has: {', '.join(cap.parallel)})")
+    if recipe.data.packing and not cap.packing:
+        out.append("data.packing (set data.packing: false)")
+    return out
+
+
+def rank(host: PluginHost) -> list[str]:
+    """Available backends, best first, by the documented rule."""
+    scored = []
+    for name, backend in host.backends.items():
+        avail = host.probe(name)
+        if avail.available:
+            priority = avail.priority if avail.priority is not None else backend.priority
+            scored.append((-priority, name))
+    return [name for _, name in sorted(scored)]
+
+
+def _who_can(recipe: Recipe, host: PluginHost, besides: str) -> str:
+    able = []
+    for name in host.backends:
+        if name == besides or capability_problems(recipe, host.capability(name)):
+            continue
+        avail = host.probe(name)
+        able.append(name if avail.available else f"{name} (not available here: {avail.reason})")
+    return "; backends that could: " + ", ".join(able) if able else ""
+
+
+def select_backend(recipe: Recipe, host: PluginHost) -> Choice:
+    """The backend that will run the recipe, or a SelectionError naming what would work."""
+    problems = core_problems(recipe)
+    if problems:
+        raise SelectionError("cannot run this recipe: " + "; ".join(problems))
+    if not host.backends:
+        raise SelectionError(
+            "no backend is installed; install one, e.g. pip install -e backends/torch "
+            "(see `hwft plugins` for plugins that failed to load)"
+        )
+    m = recipe.method
+    if not any(host.capability(n).runs(m.objective, m.tuning) for n in host.backends):
+        implemented = sorted(
+            {f"{o}/{t}" for n in host.backends for o, ts in host.capability(n).methods.items() for t in ts}
+        )
+        raise SelectionError(
+            f"objective '{m.objective}' with tuning '{m.tuning}' is not implemented yet by any "
+            f"installed backend (implemented: {', '.join(implemented)})"
+        )
+
+    if recipe.backend == "auto":
+        ranked = rank(host)
+        refusals = []
+        for name in ranked:
+            cap = host.capability(name)
+            issues = capability_problems(recipe, cap)
+            if not issues:
+                return Choice(host.backend(name), host.probe(name), cap)
+            refusals.append(f"{name} cannot do " + "; ".join(issues))
+        if not ranked:
+            reasons = "; ".join(f"{n}: {host.probe(n).reason}" for n in host.backends)
+            raise SelectionError(f"no backend is available on this machine ({reasons})")
+        raise SelectionError("no available backend can run this recipe: " + " | ".join(refusals))
+
+    backend = host.backend(recipe.backend)
+    avail = host.probe(backend.name)
+    if not avail.available:
+        others = ", ".join(rank(host)) or "none"
+        raise SelectionError(
+            f"backend '{backend.name}' is not available here: {avail.reason} "
+            f"(available: {others}; or set backend: auto)"
+        )
+    cap = host.capability(backend.name)
+    issues = capability_problems(recipe, cap)
+    if issues:
+        raise SelectionError(
+            f"backend '{backend.name}' cannot run this recipe: it cannot do "
+            + "; ".join(issues)
+            + _who_can(recipe, host, backend.name)
+        )
+    return Choice(backend, avail, cap)

@@ -1,0 +1,65 @@
+"""``hwft train``: validate everything cheap first, then hand the job to the chosen backend.
+
+Order matters: recipe -> backend selection -> model resolution -> data rows. Each step can
+refuse with a UserError before any engine is imported or any weight is loaded, and before the
+output folder is touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hwft.data.loading import Example, load_examples
+from hwft.errors import DataError
+from hwft.job import Job
+from hwft.models import ResolvedModel, resolve_model
+from hwft.output import RunDir
+from hwft.plugins import PluginHost, get_host
+from hwft.recipe import Recipe
+from hwft.select import Choice, select_backend
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    choice: Choice
+    model: ResolvedModel
+    train_examples: list[Example]
+
+    def describe(self) -> str:
+        m = self.recipe.method
+        kind = "" if self.model.ready or self.model.kind != "embedded" else " (converted on first use)"
+        return (
+            f"backend {self.choice.backend.name} ({self.choice.backend.engine} engine), "
+            f"{m.objective}/{m.tuning}, model {self.model.name} -> {self.model.path}{kind}, "
+            f"{len(self.train_examples)} training conversations"
+        )
+
+
+def load_train_examples(recipe: Recipe, host: PluginHost) -> list[Example]:
+    formats = host.data_formats()
+    examples: list[Example] = []
+    for spec in recipe.data.train:
+        examples += load_examples(
+            recipe.resolve_path(spec.path), spec.format, formats, spec.columns, spec.max_samples
+        )
+    if not examples:
+        raise DataError("the training data holds no examples")
+    return examples
+
+
+def plan_run(recipe: Recipe, host: PluginHost | None = None) -> Plan:
+    """Everything that can be checked without loading weights; raises UserError."""
+    host = host or get_host()
+    choice = select_backend(recipe, host)
+    model = resolve_model(recipe.model.name, recipe.resolve_path("."), recipe.model.revision)
+    examples = load_train_examples(recipe, host)
+    return Plan(recipe, choice, model, examples)
+
+
+def run(plan: Plan, quiet: bool = False) -> Job:
+    """Create the output folder and let the backend train."""
+    job = Job(plan.recipe, plan.choice, plan.model, plan.train_examples, RunDir(plan.recipe), quiet)
+    job.log(f"hwft: {plan.describe()}")
+    plan.choice.backend.train(job)
+    return job
