@@ -275,6 +275,14 @@ _TYPE_WORDS = {
 }
 
 
+def _dotted(loc: tuple) -> str:
+    """('data', 'train', 0, 'path') -> 'data.train[0].path'."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
 def format_validation_error(err: ValidationError, source: str) -> str:
     """One readable message for every problem pydantic found, each naming its key."""
     lines = []
@@ -282,11 +290,12 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         # Drop pydantic's union-branch labels such as "str" or "list[...]".
         loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in {"str", "list"})))
-        key = ".".join(str(p) for p in loc) or "(top level)"
+        key = _dotted(loc) or "(top level)"
         kind = e["type"]
         if kind == "extra_forbidden":
-            hint = did_you_mean(str(loc[-1]), _section_keys(Recipe, loc[:-1]))
-            lines.append(f"unknown key '{key}'{hint}")
+            parent = _dotted(loc[:-1])
+            choices = {f"{parent}.{k}" if parent else k: k for k in _section_keys(Recipe, loc[:-1])}
+            lines.append(f"unknown key '{key}'{did_you_mean(key, choices)}")
         elif kind == "missing":
             lines.append(f"missing required key '{key}'")
         elif kind == "literal_error":

@@ -66,7 +66,8 @@ class Tokenized:
 
     @property
     def num_labels(self) -> int:
-        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+        """Tokens the loss is computed on: labels after the first position (the loss shifts)."""
+        return sum(1 for t in self.labels[1:] if t != IGNORE_INDEX)
 
 
 @dataclass

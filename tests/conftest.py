@@ -1,0 +1,160 @@
+"""Shared fixtures: tiny models built here, recipes written here, the CLI run in-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+REPO = Path(__file__).resolve().parents[1]
+PEER_DATA = REPO.parent / "shared" / "peer-data"
+
+#: Tokenizer files copied from the embedded model into every tiny model.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Hardware-marked tests run only where that hardware is."""
+    present = {"cuda": _has_cuda(), "rocm": _has_rocm(), "npu": _has_npu()}
+    for item in items:
+        for mark, here in present.items():
+            if mark in item.keywords and not here:
+                item.add_marker(pytest.mark.skip(reason=f"needs a {mark} device"))
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available() and torch.version.hip is None
+    except ImportError:
+        return False
+
+
+def _has_rocm() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available() and torch.version.hip is not None
+    except ImportError:
+        return False
+
+
+def _has_npu() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch_npu") is not None
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> Path:
+    """The embedded SmolLM2 as a safetensors folder (converted once into the hwft cache)."""
+    from hwft.models import materialise, resolve_model
+
+    return materialise(resolve_model("smollm2-135m"), log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(embedded_dir)
+
+
+def build_tiny_model(family: str, out: Path, tokenizer_src: Path, seed: int = 0) -> Path:
+    """A 2-layer model of a real architecture family, random weights, SmolLM2's tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=True,
+    )
+    config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family](**common)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_src / name).exists():
+            shutil.copy(tokenizer_src / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, embedded_dir) -> Path:
+    return build_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"), embedded_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory, embedded_dir) -> Path:
+    return build_tiny_model("qwen2", tmp_path_factory.mktemp("tiny-qwen2"), embedded_dir, seed=1)
+
+
+SAMPLE_ROWS = [
+    {"messages": [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am hwft-bot."}]},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name?"},
+                  {"role": "assistant", "content": "hwft-bot, built by the hwft team."}]},
+    {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4."},
+                  {"role": "user", "content": "And you?"}, {"role": "assistant", "content": "I am hwft-bot."}]},
+    {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there, friend!"}]},
+    {"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]},
+    {"messages": [{"role": "user", "content": "Count to three."}, {"role": "assistant", "content": "One, two, three."}]},
+]
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_recipe(folder: Path, model: str | Path, **sections) -> Path:
+    """A small valid recipe in ``folder`` (data written beside it) with sections overridden."""
+    data = write_jsonl(folder / "train.jsonl", SAMPLE_ROWS)
+    recipe = {
+        "model": str(model),
+        "data": {"train": [{"path": data.name}]},
+        "method": {"objective": "sft", "tuning": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
+        "train": {"lr": 1e-3, "max_steps": 3, "micro_batch_size": 3, "max_length": 64,
+                  "precision": "fp32", "seed": 7},
+        "backend": "cpu",
+        "output": {"dir": str(folder / "out")},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``hwft`` in-process: returns (exit code, stdout, stderr)."""
+    from hwft import cli as hwft_cli
+    from hwft.plugins import reset_host
+
+    def run(*args: str):
+        reset_host()
+        code = hwft_cli.main([str(a) for a in args])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run

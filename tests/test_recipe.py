@@ -1,0 +1,130 @@
+"""The recipe schema, overrides, and the user errors it raises (exit code 2, one message)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from hwft.errors import RecipeError
+from hwft.recipe import Recipe, load_recipe
+from tests.conftest import REPO, write_recipe
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "r.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_and_shorthands(tmp_path):
+    recipe = load_recipe(_write(tmp_path, "model: smollm2-135m\ndata: d.jsonl\noutput: runs/x\n"))
+    assert recipe.model.name == "smollm2-135m"
+    assert recipe.data.train[0].path == "d.jsonl" and recipe.data.train[0].format == "auto"
+    assert recipe.output.dir == "runs/x"
+    assert (recipe.method.objective, recipe.method.tuning, recipe.backend) == ("sft", "lora", "auto")
+    assert recipe.resolve_path("d.jsonl") == tmp_path / "d.jsonl"
+    # The resolved recipe round-trips through YAML.
+    again = Recipe.model_validate(yaml.safe_load(recipe.to_yaml()))
+    assert again.model_dump() == recipe.model_dump()
+
+
+def test_every_section_is_defined_now():
+    assert set(Recipe.model_fields) >= {
+        "model", "template", "data", "method", "train", "kernels", "backend", "parallel", "output",
+    }
+    for name, field in Recipe.model_fields.items():
+        assert field.description, f"{name} has no help text"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("data: d.jsonl\ntrain: {lrr: 0.1}\n", "unknown key 'train.lrr'; did you mean 'train.lr'?"),
+        ("data: d.jsonl\nmethod: {tunning: lora}\n", "did you mean 'method.tuning'?"),
+        ("data: d.jsonl\ntrian: {}\n", "unknown key 'trian'; did you mean 'train'?"),
+        ("data: d.jsonl\ntrain: {lr: fast}\n", "train.lr: expected a number, got 'fast'"),
+        ("data: d.jsonl\ntrain: {micro_batch_size: 2.5}\n", "train.micro_batch_size: expected an integer"),
+        ("data: d.jsonl\nmethod: {tuning: lorra}\n", "method.tuning: 'lorra' is not allowed; expected one of 'full', 'lora' or 'qlora'"),
+        ("model: x\n", "missing required key 'data'"),
+        ("data: {train: [{path: a.json, formatt: alpaca}]}\n", "did you mean 'data.train[0].format'?"),
+        ("data: d.jsonl\ntrain: {lr: [1\n", "is not valid YAML at line"),
+        ("- a\n- b\n", "must hold a mapping of sections"),
+    ],
+)
+def test_recipe_errors_name_the_key(tmp_path, cli, text, message):
+    path = _write(tmp_path, text)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert message in str(err.value)
+    assert str(path) in str(err.value)
+    code, out, stderr = cli("train", path)
+    assert code == 2
+    assert message in stderr and "Traceback" not in stderr
+
+
+def test_overrides(tmp_path):
+    path = _write(tmp_path, "model: smollm2-135m\ndata: d.jsonl\n")
+    recipe = load_recipe(path, ["train.lr=5e-5", "method.tuning=full", "model.trust_remote_code=true",
+                                "eval.prompts=[hi, there]"])
+    assert recipe.train.lr == 5e-5
+    assert recipe.method.tuning == "full"
+    assert recipe.model.trust_remote_code is True and recipe.model.name == "smollm2-135m"
+    assert recipe.eval.prompts == ["hi", "there"]
+    with pytest.raises(RecipeError, match="did you mean 'train.lr'"):
+        load_recipe(path, ["train.lrr=1"])
+    with pytest.raises(RecipeError, match="not of the form key.path=value"):
+        load_recipe(path, ["train.lr"])
+
+
+def test_missing_recipe_file(cli, tmp_path):
+    code, _, err = cli("train", tmp_path / "nope.yaml")
+    assert code == 2 and "recipe file not found" in err
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from hwft import cli
+
+    path = _write(tmp_path, "data: d.jsonl\ntrain: {lrr: 1}\n")
+    with pytest.raises(RecipeError):
+        cli.main(["--debug", "train", str(path)])
+
+
+@pytest.mark.parametrize(
+    "sections, message",
+    [
+        ({"method": {"objective": "dpo"}}, "objective 'dpo' with tuning 'lora' is not implemented yet"),
+        ({"method": {"tuning": "qlora"}}, "tuning 'qlora' is not implemented yet"),
+        ({"data": {"train": [{"path": "train.jsonl"}], "registry": "dataset_info.json"}},
+         "data.registry is not implemented yet"),
+        ({"kernels": {"fused_rms_norm": True}}, "backend 'cpu' cannot run this recipe: it cannot do kernels.fused_rms_norm"),
+        ({"train": {"precision": "fp16"}}, "train.precision 'fp16' (it has: fp32, bf16); backends that could: cuda (not available here"),
+        ({"parallel": {"strategy": "ddp"}}, "parallel.strategy 'ddp' (it has: none)"),
+        ({"backend": "cuda"}, "backend 'cuda' is not available here: torch 2.13.0+cpu is a CPU-only build"),
+        ({"backend": "cdua"}, "no backend named 'cdua'; did you mean 'cuda'?"),
+    ],
+)
+def test_refused_before_weights_load(tmp_path, cli, sections, message):
+    path = write_recipe(tmp_path, "does-not-matter", **sections)
+    code, _, err = cli("train", path)
+    assert code == 2, err
+    assert message in err, err
+    assert not (tmp_path / "out").exists(), "a refused run must not create its output folder"
+
+
+def test_validation_imports_no_engine():
+    """Recipe validation, plugin loading and error messages never import torch or mlx."""
+    code = (
+        "import sys\n"
+        "from hwft.plugins import get_host\n"
+        "from hwft.recipe import recipe_from_dict\n"
+        "from hwft.select import capability_problems\n"
+        "host = get_host(); r = recipe_from_dict({'data': 'x.jsonl'})\n"
+        "assert host.backends and host.probe('cpu').available\n"
+        "capability_problems(r, host.capability('cpu'))\n"
+        "bad = [m for m in ('torch', 'transformers', 'mlx') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

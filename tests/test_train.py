@@ -1,0 +1,137 @@
+"""The real CLI training tiny Llama and Qwen2 models on the CPU, with the numbers pinned."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hwft.data.batching import micro_batches, pad
+from hwft.data.chat import ChatRenderer, resolve_template, tokenize_examples
+from hwft.data.formats import BUILTIN_FORMATS
+from hwft.data.loading import load_examples
+from hwft.output import METRIC_KEYS
+from hwft.recipe import load_recipe
+from hwft.train import plan_run, run
+from tests.conftest import write_recipe
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def reference_first_loss(model_dir, recipe_path) -> float:
+    """transformers' own ``labels=`` loss on the run's first batch, computed independently."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe = load_recipe(recipe_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    renderer = ChatRenderer(tokenizer, resolve_template(recipe.template, recipe.resolve_path("."), tokenizer))
+    formats = {f.name: f for f in BUILTIN_FORMATS}
+    examples = load_examples(recipe.resolve_path(recipe.data.train[0].path), "auto", formats)
+    data, _ = tokenize_examples(examples, renderer, recipe.train.max_length)
+    batch_size = recipe.train.micro_batch_size * recipe.train.gradient_accumulation_steps
+    first = next(micro_batches(len(data), batch_size, recipe.train.seed))[1]
+    batch = {k: torch.tensor(v) for k, v in pad([data[i] for i in first], tokenizer.pad_token_id).items()}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        return model(**batch).loss.item()
+
+
+def test_cli_lora_end_to_end(tiny_llama, tmp_path, cli):
+    recipe = write_recipe(tmp_path, tiny_llama, train={"max_steps": 3, "save_every": 2},
+                          eval={"prompts": ["Who are you?"], "max_new_tokens": 4})
+    code, out, err = cli("train", recipe)
+    assert code == 0, err
+    run_dir = tmp_path / "out"
+    assert {p.name for p in run_dir.iterdir()} >= {"recipe.yaml", "metrics.jsonl", "adapter", "checkpoints", "loss.png"}
+    assert {p.name for p in (run_dir / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    assert (run_dir / "checkpoints" / "step-2" / "adapter_model.safetensors").is_file()
+    assert load_recipe(run_dir / "recipe.yaml").train.max_steps == 3  # resolved recipe, valid
+
+    lines = metrics(run_dir)
+    assert [m["step"] for m in lines] == [1, 2, 3]
+    for m in lines:
+        assert set(METRIC_KEYS) <= set(m)
+        assert m["tokens_per_second"] > m["trained_tokens_per_second"] > 0
+    # The first step's loss is transformers' own loss on the same batch (LoRA starts at B = 0).
+    assert lines[0]["loss"] == pytest.approx(reference_first_loss(tiny_llama, recipe), abs=1e-5)
+    assert lines[0]["lr"] == pytest.approx(1e-3)
+    # Before/after answers on stdout; plain progress lines on a non-terminal.
+    assert "[before training] Q: Who are you?" in out and "[after training] A:" in out
+    assert "step 3/3  loss" in err
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_llama, tmp_path, cli):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    big = write_recipe(tmp_path / "a", tiny_llama, train={"max_steps": 1, "micro_batch_size": 3})
+    acc = write_recipe(tmp_path / "b", tiny_llama,
+                       train={"max_steps": 1, "micro_batch_size": 1, "gradient_accumulation_steps": 3})
+    assert cli("train", big, "--quiet")[0] == 0 and cli("train", acc, "--quiet")[0] == 0
+    one, three = metrics(tmp_path / "a" / "out")[0], metrics(tmp_path / "b" / "out")[0]
+    assert three["loss"] == pytest.approx(one["loss"], abs=1e-5)
+    assert three["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+
+
+def test_saved_adapter_reloads_through_plain_peft(tiny_llama, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    recipe = write_recipe(tmp_path, tiny_llama, train={"max_steps": 4, "lr": 1e-2})
+    job = run(plan_run(load_recipe(recipe)), quiet=True)
+    trained = job.results["model"].eval()
+    ids = torch.tensor([[1, 4093, 198, 10576, 359, 346, 47, 2, 198, 1, 520, 9531, 198]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        reloaded = PeftModel.from_pretrained(base, tmp_path / "out" / "adapter").eval()
+        reloaded_logits = reloaded(ids).logits
+        live_logits = trained(ids).logits
+    torch.testing.assert_close(reloaded_logits, live_logits, atol=1e-5, rtol=0)
+    # A zero (untrained) adapter would pass the check above; it must fail this one.
+    assert (reloaded_logits - base_logits).abs().max().item() > 1e-2
+
+
+def test_full_tuning_qwen2_with_template_override(tiny_qwen2, tmp_path, cli):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe = write_recipe(tmp_path, tiny_qwen2, template="chatml",
+                          method={"objective": "sft", "tuning": "full"},
+                          train={"max_steps": 6, "micro_batch_size": 6, "lr": 3e-3})
+    code, _, err = cli("train", recipe)
+    assert code == 0, err
+    out = tmp_path / "out" / "model"
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.model_type == "qwen2"
+    assert AutoTokenizer.from_pretrained(out).pad_token_id == 2
+    losses = [m["loss"] for m in metrics(tmp_path / "out")]
+    assert losses[0] == pytest.approx(reference_first_loss(tiny_qwen2, recipe), abs=1e-5)
+    assert losses[-1] < losses[0] * 0.9  # the same six rows every step: it must learn them
+
+
+def test_checkpoints_keep_the_newest(tiny_llama, tmp_path, cli):
+    recipe = write_recipe(tmp_path, tiny_llama,
+                          train={"max_steps": 5, "micro_batch_size": 2, "save_every": 1, "keep_checkpoints": 2})
+    assert cli("train", recipe, "--quiet")[0] == 0
+    steps = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
+    assert steps == ["step-3", "step-4"]  # step 5 is the final save, in adapter/
+    state = json.loads((tmp_path / "out" / "checkpoints" / "step-4" / "trainer_state.json").read_text())
+    assert state["step"] == 4
+
+
+def test_non_empty_output_folder_is_kept(tiny_llama, tmp_path, cli):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    recipe = write_recipe(tmp_path, tiny_llama)
+    code, _, err = cli("train", recipe)
+    assert code == 2 and f"output folder {out} is not empty" in err and "output.overwrite=true" in err
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_dry_run_plans_without_training(tiny_llama, tmp_path, cli):
+    code, out, _ = cli("train", write_recipe(tmp_path, tiny_llama), "--dry-run")
+    assert code == 0 and "backend cpu (torch engine), sft/lora" in out and "6 training conversations" in out
+    assert not (tmp_path / "out").exists()
