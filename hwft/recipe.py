@@ -229,8 +229,19 @@ class Recipe(Section):
         return p if p.is_absolute() else (Path(self._base_dir) / p).resolve()
 
     def to_yaml(self) -> str:
-        """The resolved recipe, every default filled in, as YAML."""
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The resolved recipe as YAML: every default filled in, and every file path made
+        absolute, so the copy in a run's folder runs again from anywhere."""
+        raw = self.model_dump(mode="json")
+        for spec in raw["data"]["train"] + raw["data"]["eval"]:
+            spec["path"] = str(self.resolve_path(spec["path"]))
+        if raw["data"]["registry"]:
+            raw["data"]["registry"] = str(self.resolve_path(raw["data"]["registry"]))
+        if raw["template"] and raw["template"].endswith(".jinja"):
+            raw["template"] = str(self.resolve_path(raw["template"]))
+        local_model = self.resolve_path(self.model.name)
+        if local_model.is_dir():
+            raw["model"]["name"] = str(local_model)
+        return yaml.safe_dump(raw, sort_keys=False)
 
 
 # --------------------------------------------------------------------------------------------

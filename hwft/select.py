@@ -114,8 +114,8 @@ def _who_can(recipe: Recipe, host: PluginHost, besides: str) -> str:
     return "; backends that could: " + ", ".join(able) if able else ""
 
 
-def select_backend(recipe: Recipe, host: PluginHost) -> Choice:
-    """The backend that will run the recipe, or a SelectionError naming what would work."""
+def preflight(recipe: Recipe, host: PluginHost) -> None:
+    """Refusals that need no probe: unimplemented settings, methods no backend runs."""
     problems = core_problems(recipe)
     if problems:
         raise SelectionError("cannot run this recipe: " + "; ".join(problems))
@@ -134,6 +134,10 @@ def select_backend(recipe: Recipe, host: PluginHost) -> Choice:
             f"installed backend (implemented: {', '.join(implemented)})"
         )
 
+
+def select_backend(recipe: Recipe, host: PluginHost) -> Choice:
+    """The backend that will run the recipe, or a SelectionError naming what would work."""
+    preflight(recipe, host)
     if recipe.backend == "auto":
         ranked = rank(host)
         refusals = []

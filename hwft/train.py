@@ -1,8 +1,8 @@
 """``hwft train``: validate everything cheap first, then hand the job to the chosen backend.
 
-Order matters: recipe -> backend selection -> model resolution -> data rows. Each step can
-refuse with a UserError before any engine is imported or any weight is loaded, and before the
-output folder is touched.
+Order matters, cheapest first: recipe -> settings nobody implements -> data rows -> model
+resolution -> backend probes (which may import an engine). Each step can refuse with a
+UserError before any weight is loaded, and before the output folder is touched.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from hwft.models import ResolvedModel, resolve_model
 from hwft.output import RunDir
 from hwft.plugins import PluginHost, get_host
 from hwft.recipe import Recipe
-from hwft.select import Choice, select_backend
+from hwft.select import Choice, preflight, select_backend
 
 
 @dataclass
@@ -51,9 +51,10 @@ def load_train_examples(recipe: Recipe, host: PluginHost) -> list[Example]:
 def plan_run(recipe: Recipe, host: PluginHost | None = None) -> Plan:
     """Everything that can be checked without loading weights; raises UserError."""
     host = host or get_host()
-    choice = select_backend(recipe, host)
-    model = resolve_model(recipe.model.name, recipe.resolve_path("."), recipe.model.revision)
+    preflight(recipe, host)
     examples = load_train_examples(recipe, host)
+    model = resolve_model(recipe.model.name, recipe.resolve_path("."), recipe.model.revision)
+    choice = select_backend(recipe, host)
     return Plan(recipe, choice, model, examples)
 
 

@@ -26,8 +26,10 @@ def test_defaults_and_shorthands(tmp_path):
     assert recipe.output.dir == "runs/x"
     assert (recipe.method.objective, recipe.method.tuning, recipe.backend) == ("sft", "lora", "auto")
     assert recipe.resolve_path("d.jsonl") == tmp_path / "d.jsonl"
-    # The resolved recipe round-trips through YAML.
+    # The resolved recipe round-trips through YAML, its file paths made absolute.
     again = Recipe.model_validate(yaml.safe_load(recipe.to_yaml()))
+    assert again.data.train[0].path == str(tmp_path / "d.jsonl")
+    again.data.train[0].path = "d.jsonl"
     assert again.model_dump() == recipe.model_dump()
 
 
@@ -110,7 +112,7 @@ def test_debug_shows_the_traceback(tmp_path):
     ],
 )
 def test_refused_before_weights_load(tmp_path, cli, sections, message):
-    path = write_recipe(tmp_path, "does-not-matter", **sections)
+    path = write_recipe(tmp_path, "smollm2-135m", **sections)  # resolved, never loaded
     code, _, err = cli("train", path)
     assert code == 2, err
     assert message in err, err

@@ -33,6 +33,9 @@ def attention_implementation(recipe: Recipe) -> str:
 def load_model(path: Path, recipe: Recipe, device: torch.device):
     """The base model in fp32 (mixed precision runs under autocast), with its tuning applied."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # hwft draws its own progress
 
     try:
         model = AutoModelForCausalLM.from_pretrained(
