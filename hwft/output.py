@@ -37,7 +37,9 @@ class RunDir:
 
     def __init__(self, recipe: Recipe):
         self.path = Path(recipe.output.dir).expanduser().resolve()
-        if self.path.exists() and any(self.path.iterdir()) and not recipe.output.overwrite:
+        #: True when this run made the folder (or found it empty): only then may it be removed.
+        self.created = not (self.path.exists() and any(self.path.iterdir()))
+        if not self.created and not recipe.output.overwrite:
             raise UserError(
                 f"output folder {self.path} is not empty; choose another output.dir, "
                 "or set output.overwrite=true to replace its contents"
@@ -47,6 +49,11 @@ class RunDir:
         self.metrics_path = self.path / "metrics.jsonl"
         self.metrics_path.write_text("", encoding="utf-8")
         self.losses: list[tuple[int, float]] = []
+
+    def discard_if_untrained(self) -> None:
+        """Remove the folder after a failure before the first step, if this run made it."""
+        if self.created and not self.losses:
+            shutil.rmtree(self.path, ignore_errors=True)
 
     @property
     def adapter_dir(self) -> Path:

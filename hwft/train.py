@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hwft.data.loading import Example, load_examples
-from hwft.errors import DataError
+from hwft.errors import DataError, UserError
 from hwft.job import Job
 from hwft.models import ResolvedModel, resolve_model
 from hwft.output import RunDir
@@ -62,5 +62,11 @@ def run(plan: Plan, quiet: bool = False) -> Job:
     """Create the output folder and let the backend train."""
     job = Job(plan.recipe, plan.choice, plan.model, plan.train_examples, RunDir(plan.recipe), quiet)
     job.log(f"hwft: {plan.describe()}")
-    plan.choice.backend.train(job)
+    try:
+        plan.choice.backend.train(job)
+    except UserError:
+        # Refused inside the backend (a model without a chat template, say): leave no
+        # half-made folder behind to block the corrected run. Nothing trained is ever removed.
+        job.run_dir.discard_if_untrained()
+        raise
     return job

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -153,4 +154,16 @@ def test_cuda_lora_bf16(tiny_llama, tmp_path, cli):
 def test_rocm_lora_bf16(tiny_llama, tmp_path, cli):
     recipe = write_recipe(tmp_path, tiny_llama, backend="rocm", train={"precision": "bf16", "max_steps": 3})
     code, _, err = cli("train", recipe)
+    assert code == 0, err
+
+
+def test_refusal_inside_the_backend_leaves_no_folder(tiny_llama, tmp_path, cli):
+    """A model without a chat template is refused once its tokenizer loads; no folder stays."""
+    bare = tmp_path / "bare-model"
+    shutil.copytree(tiny_llama, bare, ignore=shutil.ignore_patterns("chat_template.jinja"))
+    recipe = write_recipe(tmp_path, bare)
+    code, _, err = cli("train", recipe)
+    assert code == 2 and "tokenizer has no chat template; set template:" in err
+    assert not (tmp_path / "out").exists()
+    code, _, err = cli("train", recipe, "template=chatml", "train.max_steps=1", "--quiet")
     assert code == 0, err
