@@ -61,17 +61,20 @@ def test_local_folder_relative_to_the_recipe(tiny_llama, tmp_path):
     assert resolve_model("models/tiny", tmp_path).kind == "local"
 
 
+PINNED_QUICKSTART_LOSSES = [3.43230, 3.36909]  # steps 1 and 2
+
+
 @pytest.mark.slow
 def test_embedded_model_trains_from_the_cli(embedded_dir, tmp_path, cli):
     """Two steps of the quickstart recipe itself on the embedded SmolLM2."""
     code, _, err = cli(
         "train", REPO / "configs" / "quickstart.yaml",
-        "train.max_steps=2", "train.micro_batch_size=2", "train.max_length=64", "eval.prompts=[]",
+        "train.max_steps=2", "train.micro_batch_size=2", "train.max_length=64", "train.log_every=1",
+        "eval.prompts=[]",
         f"output.dir={tmp_path / 'q'}",
     )
     assert code == 0, err
     assert (tmp_path / "q" / "adapter" / "adapter_model.safetensors").is_file()
-    lines = (tmp_path / "q" / "metrics.jsonl").read_text().splitlines()
-    first = json.loads(lines[0])
-    # SmolLM2 already speaks; the identity is new: a moderate loss, pinned loosely.
-    assert 1.0 < first["loss"] < 6.0
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "q" / "metrics.jsonl").read_text().splitlines()]
+    # Pinned on this project's CPU in fp32; the tolerance allows for other CPUs' summation order.
+    assert losses == pytest.approx(PINNED_QUICKSTART_LOSSES, rel=1e-3)

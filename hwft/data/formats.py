@@ -84,13 +84,13 @@ BUILTIN_FORMATS = (
     DataFormat(
         "alpaca",
         parse_alpaca,
-        lambda row: "instruction" in row and "output" in row,
+        lambda row: "instruction" in row,
         "instruction / input / output, optional system",
     ),
     DataFormat(
         "messages",
         parse_messages,
-        lambda row: isinstance(row.get("messages"), list),
+        lambda row: "messages" in row,
         "OpenAI-style messages: [{role, content}]",
     ),
 )

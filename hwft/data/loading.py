@@ -54,6 +54,7 @@ def read_rows(path: Path) -> list[tuple[int, dict]]:
 
 
 def detect_format(row: dict, formats: dict[str, DataFormat], where: str) -> DataFormat:
+    """The first format whose defining key the row has (a row may still fail its parse)."""
     for fmt in formats.values():
         if fmt.detect and fmt.detect(row):
             return fmt
