@@ -165,3 +165,17 @@ def test_batches_are_seeded_and_padded(tokenizer):
     assert all(len(r) == width for r in batch["input_ids"])
     short = min(range(2), key=lambda i: len(rows[i].input_ids))
     assert batch["attention_mask"][short][-1] == 0 and batch["labels"][short][-1] == IGNORE_INDEX
+
+
+def test_columns_mapping_and_max_samples(tmp_path):
+    path = tmp_path / "renamed.jsonl"
+    rows = [{"prompt": f"q{i}", "response": f"a{i}", "sys": "Be brief."} for i in range(5)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    columns = {"instruction": "prompt", "output": "response", "system": "sys"}
+    examples = load_examples(path, "auto", FORMATS, columns=columns, max_samples=3)
+    assert len(examples) == 3
+    assert examples[2].messages == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "a2"},
+    ]

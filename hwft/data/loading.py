@@ -76,7 +76,9 @@ def load_examples(
     if max_samples:
         rows = rows[:max_samples]
     if format_name == "auto":
-        fmt = detect_format(rows[0][1], formats, f"{path} row {rows[0][0]}")
+        first = rows[0][1]
+        renamed = {**first, **{want: first[have] for want, have in (columns or {}).items() if have in first}}
+        fmt = detect_format(renamed, formats, f"{path} row {rows[0][0]}")
     elif format_name in formats:
         fmt = formats[format_name]
     else:

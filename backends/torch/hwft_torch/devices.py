@@ -44,7 +44,7 @@ def probe_cpu() -> Availability:
     cores = os.cpu_count() or 1
     return Availability(
         True,
-        devices=({"name": _cpu_name(), "cores": cores},),
+        devices=({"name": _cpu_name(), "cores": cores, "memory_gb": _host_memory_gb()},),
         details=_engine_details(),
     )
 
@@ -60,6 +60,14 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def _host_memory_gb() -> float | None:
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+    return round(pages * size / 2**30, 1)
 
 
 def _gpu_torch():
