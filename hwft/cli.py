@@ -88,6 +88,7 @@ def env_report() -> dict:
         "auto": ranked[0] if ranked else None,
         "ranking": ranked,
         "backends": backends,
+        "not_installed": host.not_installed(),
     }
 
 
@@ -120,6 +121,8 @@ def cmd_env(args) -> int:
             print(f"  {key:<14}{value}")
         for key, value in b["details"].items():
             print(f"  {key:<14}{value}")
+    for name, dist in report["not_installed"].items():
+        print(f"\n{name}  not installed: comes with {dist}")
     return 0
 
 

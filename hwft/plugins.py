@@ -20,7 +20,7 @@ import pluggy
 
 from hwft import HWFT_PLUGIN_API, hookspecs
 from hwft.errors import SelectionError, did_you_mean
-from hwft.records import Availability, Backend, Capability
+from hwft.records import FIXED_BACKENDS, Availability, Backend, Capability
 
 ENTRY_POINT_GROUP = "hwft"
 hookimpl = pluggy.HookimplMarker("hwft")
@@ -140,6 +140,10 @@ class PluginHost:
             self._backends = dict(sorted(found.items()))
         return self._backends
 
+    def not_installed(self) -> dict[str, str]:
+        """Fixed backend names no plugin registered, with the distribution providing each."""
+        return {n: d for n, d in FIXED_BACKENDS.items() if n not in self.backends}
+
     def plugin_of(self, backend_name: str) -> str:
         self.backends  # noqa: B018  (fills the map)
         return self._backend_plugin[backend_name]
@@ -149,8 +153,13 @@ class PluginHost:
             return self.backends[name]
         except KeyError:
             known = ", ".join(self.backends) or "none"
+            if name in FIXED_BACKENDS:
+                raise SelectionError(
+                    f"backend '{name}' is not installed: it comes with {FIXED_BACKENDS[name]} "
+                    f"(installed: {known}; or set backend: auto)"
+                ) from None
             raise SelectionError(
-                f"no backend named '{name}'{did_you_mean(name, self.backends)} "
+                f"no backend named '{name}'{did_you_mean(name, [*self.backends, *FIXED_BACKENDS])} "
                 f"(registered: {known}; 'auto' picks the best available)"
             ) from None
 

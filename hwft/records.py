@@ -21,6 +21,17 @@ PRIORITY_CPU = 100  #: the torch engine on the host CPU
 PRIORITY_CPU_FALLBACK = 50  #: another engine on the host CPU (e.g. MLX's CPU build)
 
 
+#: Backend names fixed for everyone, and the distribution that provides each. A vendor's
+#: backend takes any other name.
+FIXED_BACKENDS = {
+    "cpu": "hwft-torch (backends/torch)",
+    "cuda": "hwft-torch (backends/torch)",
+    "rocm": "hwft-torch (backends/torch)",
+    "npu": "hwft-ascend (backends/ascend, with torch-npu)",
+    "mlx": "hwft-mlx (backends/mlx, with mlx and mlx-lm)",
+}
+
+
 @dataclass(frozen=True)
 class Availability:
     """The answer of a backend's probe."""

@@ -201,6 +201,7 @@ def test_env_json_schema(site, cli):
     assert cpu["capability"]["methods"] == {"sft": ["full", "lora"]}
     assert cpu["capability"]["collective"] == "gloo"
     assert "torch" in cpu["details"]
+    assert set(report["not_installed"]) == {"npu", "mlx"}  # fixed names, no plugin yet
     code, out, _ = cli("env")
     assert "vdev" in out and "unavailable: vdev driver not loaded" in out and "backend: auto -> cpu" in out
 
