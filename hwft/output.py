@@ -23,9 +23,9 @@ from hwft.recipe import Recipe
 #: Keys every metrics.jsonl line has; later issues add keys, never rename these.
 METRIC_KEYS = (
     "step",  # optimizer step, from 1
-    "loss",  # mean loss per trained token over the step's global batch
+    "loss",  # mean loss per trained token of a step, averaged over the steps since the last line
     "lr",  # learning rate used for the step
-    "grad_norm",  # total gradient norm before clipping
+    "grad_norm",  # total gradient norm of the step, before clipping
     "tokens_per_second",  # non-padding input tokens per second, global across ranks
     "trained_tokens_per_second",  # label tokens per second
     "elapsed",  # seconds since training started

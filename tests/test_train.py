@@ -167,3 +167,14 @@ def test_refusal_inside_the_backend_leaves_no_folder(tiny_llama, tmp_path, cli):
     assert not (tmp_path / "out").exists()
     code, _, err = cli("train", recipe, "template=chatml", "train.max_steps=1", "--quiet")
     assert code == 0, err
+
+
+def test_logged_loss_averages_the_interval(tiny_llama, tmp_path, cli):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    every = write_recipe(tmp_path / "a", tiny_llama, train={"max_steps": 4, "log_every": 1})
+    pairs = write_recipe(tmp_path / "b", tiny_llama, train={"max_steps": 4, "log_every": 2})
+    assert cli("train", every, "--quiet")[0] == 0 and cli("train", pairs, "--quiet")[0] == 0
+    each = [m["loss"] for m in metrics(tmp_path / "a" / "out")]
+    two = metrics(tmp_path / "b" / "out")
+    assert [m["step"] for m in two] == [2, 4]
+    assert [m["loss"] for m in two] == pytest.approx([(each[0] + each[1]) / 2, (each[2] + each[3]) / 2], abs=1e-6)

@@ -88,9 +88,12 @@ def show_answers(job: Job, when: str, model, tokenizer, renderer, device) -> lis
     return answers
 
 
-def save(job: Job, model, tokenizer, final) -> None:
+def save(job: Job, model, tokenizer, final, state: dict | None = None) -> None:
+    """Weights, tokenizer and (for checkpoints) trainer state, renamed into place together."""
     with job.run_dir.atomic_dir(final) as tmp:
         save_result(model, tokenizer, tmp, job.recipe)
+        if state is not None:
+            (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
 
 
 def train(job: Job) -> dict:
@@ -131,6 +134,7 @@ def train(job: Job) -> dict:
     model.train()
     start = last_log = time.perf_counter()
     tokens_since_log = labels_since_log = examples_seen = 0
+    losses_since_log: list[float] = []
     record: dict = {}
     for step in range(1, steps + 1):
         micro = [next(batches) for _ in range(t.gradient_accumulation_steps)]
@@ -147,6 +151,7 @@ def train(job: Job) -> dict:
             step_loss += loss.item()
             tokens_since_log += int(tensors["attention_mask"].sum())
         labels_since_log += num_items
+        losses_since_log.append(step_loss)
         examples_seen += sum(len(batch) for batch in rows)
         if scaler:
             scaler.unscale_(optimizer)
@@ -166,7 +171,7 @@ def train(job: Job) -> dict:
             record = {
                 "step": step,
                 "epoch": round(examples_seen / len(data), 4),
-                "loss": step_loss,
+                "loss": sum(losses_since_log) / len(losses_since_log),
                 "lr": lr,
                 "grad_norm": float(grad_norm),
                 "tokens_per_second": tokens_since_log / interval,
@@ -175,11 +180,9 @@ def train(job: Job) -> dict:
             }
             job.run_dir.log_metrics(record)
             progress.update(record)
-            last_log, tokens_since_log, labels_since_log = now, 0, 0
+            last_log, tokens_since_log, labels_since_log, losses_since_log = now, 0, 0, []
         if t.save_every and step % t.save_every == 0 and step < steps:
-            final = job.run_dir.checkpoint_dir(step)
-            save(job, model, tokenizer, final)
-            (final / "trainer_state.json").write_text(json.dumps({"step": step}), encoding="utf-8")
+            save(job, model, tokenizer, job.run_dir.checkpoint_dir(step), state={"step": step})
             job.run_dir.prune_checkpoints(t.keep_checkpoints)
     progress.close()
 
