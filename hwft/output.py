@@ -103,7 +103,7 @@ class RunDir:
             shutil.rmtree(root / f"step-{step}", ignore_errors=True)
 
     def plot_loss(self) -> Path | None:
-        """Write loss.png (needs matplotlib; skipped with a note without it)."""
+        """Write loss.png; None when there is nothing to plot or matplotlib is missing."""
         if not self.losses:
             return None
         try:

@@ -78,8 +78,8 @@ def _gpu_torch():
     return torch
 
 
-@cache
-def probe_cuda() -> Availability:
+def _probe_gpu(runtime: str, vendor: str) -> Availability:
+    """A torch GPU device: ``runtime`` is the torch.version attribute of its build (cuda, hip)."""
     missing = _missing_engine()
     if missing:
         return Availability(False, missing)
@@ -87,35 +87,27 @@ def probe_cuda() -> Availability:
     if version.endswith("+cpu"):
         return Availability(False, f"torch {version} is a CPU-only build")
     torch = _gpu_torch()
-    if torch.version.cuda is None:
-        return Availability(False, f"torch {version} is not a CUDA build")
+    build = getattr(torch.version, runtime, None)
+    if build is None:
+        return Availability(False, f"torch {version} is not a {vendor} build")
     if not torch.cuda.is_available():
-        return Availability(False, "no CUDA device")
+        return Availability(False, f"no {vendor} device")
+    devices = _nvidia_smi() if runtime == "cuda" else ()
     return Availability(
         True,
-        devices=_nvidia_smi() or tuple({"index": i} for i in range(torch.cuda.device_count())),
-        details={**_engine_details(), "cuda": torch.version.cuda},
+        devices=devices or tuple({"index": i} for i in range(torch.cuda.device_count())),
+        details={**_engine_details(), runtime: build},
     )
+
+
+@cache
+def probe_cuda() -> Availability:
+    return _probe_gpu("cuda", "CUDA")
 
 
 @cache
 def probe_rocm() -> Availability:
-    missing = _missing_engine()
-    if missing:
-        return Availability(False, missing)
-    version = _version("torch") or ""
-    if version.endswith("+cpu"):
-        return Availability(False, f"torch {version} is a CPU-only build")
-    torch = _gpu_torch()
-    if getattr(torch.version, "hip", None) is None:
-        return Availability(False, f"torch {version} is not a ROCm build")
-    if not torch.cuda.is_available():
-        return Availability(False, "no ROCm device")
-    return Availability(
-        True,
-        devices=tuple({"index": i} for i in range(torch.cuda.device_count())),
-        details={**_engine_details(), "hip": torch.version.hip},
-    )
+    return _probe_gpu("hip", "ROCm")
 
 
 def _nvidia_smi() -> tuple[dict, ...]:

@@ -192,6 +192,6 @@ def train(job: Job) -> dict:
     job.log(f"saved {out}")
     job.results["answers"] += show_answers(job, "after", model, tokenizer, renderer, device)
     job.results.update(final_loss=record.get("loss"), steps=steps, output=str(out), model=model)
-    if recipe.output.plot:
-        job.run_dir.plot_loss()
+    if recipe.output.plot and job.run_dir.plot_loss() is None:
+        job.log("loss.png skipped: matplotlib is not installed")
     return job.results
