@@ -134,3 +134,17 @@ def test_validation_imports_no_engine():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_installed_command_exits_2_without_a_traceback(tmp_path):
+    """The console script itself (one subprocess): exit code 2 and one line on stderr."""
+    from pathlib import Path
+
+    path = _write(tmp_path, "data: d.jsonl\ntrain: {lrr: 1}\n")
+    script = Path(sys.executable).parent / "hwft"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "hwft.cli"]
+    done = subprocess.run([*command, "train", str(path)], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"hwft: error: invalid recipe {path}: unknown key 'train.lrr'; did you mean 'train.lr'?"
+    ]
