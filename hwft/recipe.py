@@ -238,9 +238,6 @@ class Recipe(Section):
             raw["data"]["registry"] = str(self.resolve_path(raw["data"]["registry"]))
         if raw["template"] and raw["template"].endswith(".jinja"):
             raw["template"] = str(self.resolve_path(raw["template"]))
-        local_model = self.resolve_path(self.model.name)
-        if local_model.is_dir():
-            raw["model"]["name"] = str(local_model)
         return yaml.safe_dump(raw, sort_keys=False)
 
 

@@ -60,7 +60,11 @@ def plan_run(recipe: Recipe, host: PluginHost | None = None) -> Plan:
 
 def run(plan: Plan, quiet: bool = False) -> Job:
     """Create the output folder and let the backend train."""
-    job = Job(plan.recipe, plan.choice, plan.model, plan.train_examples, RunDir(plan.recipe), quiet)
+    recipe = plan.recipe
+    if plan.model.kind == "local":  # the saved recipe names the folder the resolver found
+        recipe = recipe.model_copy(deep=True)
+        recipe.model.name = str(plan.model.path)
+    job = Job(plan.recipe, plan.choice, plan.model, plan.train_examples, RunDir(recipe), quiet)
     job.log(f"hwft: {plan.describe()}")
     try:
         plan.choice.backend.train(job)
