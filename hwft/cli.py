@@ -1,4 +1,4 @@
-"""The ``hwft`` command: train, env, plugins.
+"""The ``hwft`` command: train, data inspect, env, plugins.
 
 A user error (bad recipe, bad data, impossible combination) exits with code 2 and one message,
 without a traceback unless ``--debug``.
@@ -32,6 +32,17 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="print nothing but errors")
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
 
+    data = sub.add_parser("data", help="look at a recipe's data")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    inspect = data_sub.add_parser(
+        "inspect", help="rows as the model sees them, trained tokens highlighted, lengths, packing"
+    )
+    inspect.add_argument("recipe", help="recipe YAML file")
+    inspect.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    inspect.add_argument("--rows", type=int, default=3, help="how many rows to show (default 3)")
+    inspect.add_argument("--json", action="store_true", help="machine-readable (hwft.data-inspect/1)")
+    inspect.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+
     env = sub.add_parser("env", help="backends on this machine and what each can do")
     env.add_argument("--json", action="store_true", help=f"machine-readable ({ENV_SCHEMA})")
     env.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
@@ -54,6 +65,16 @@ def cmd_train(args) -> int:
     job = run(plan, quiet=args.quiet)
     if not args.quiet:
         print(f"done: results in {job.run_dir.path}")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from hwft.data.inspect import inspect
+    from hwft.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    text, report = inspect(recipe, rows=args.rows, color=sys.stdout.isatty() and not args.json)
+    print(json.dumps(report, indent=2) if args.json else text)
     return 0
 
 
@@ -152,8 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     # Never reach a model hub: models and tokenizers come from local folders only.
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
     args = _parser().parse_args(argv)
-    commands = {"train": cmd_train, "env": cmd_env, "plugins": cmd_plugins}
+    commands = {"train": cmd_train, "data": cmd_data, "env": cmd_env, "plugins": cmd_plugins}
     try:
         return commands[args.command](args)
     except UserError as exc:

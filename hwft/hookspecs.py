@@ -18,4 +18,10 @@ def hwft_register_backends(register):
 
 @hookspec
 def hwft_register_data_formats(register):
-    """Register row formats: ``register(name, parse, detect=None)``; see hwft.data.formats."""
+    """Register row formats: ``register(name, parse, detect=None, description="", kind=None)``.
+
+    ``parse(row, mapping)`` returns an ``hwft.data.formats.Example`` (or a plain list of
+    ``{role, content}`` messages, taken as a conversation) and raises ``ValueError`` naming the
+    field; ``detect(row, mapping)`` says whether a row looks like this format; ``kind`` is the
+    Example kind it makes (chat, text, preference, prompt). See hwft.data.formats.
+    """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from hwft.data.loading import Example
+from hwft.data.loading import TrainData
 from hwft.models import ResolvedModel
 from hwft.output import RunDir
 from hwft.recipe import Recipe
@@ -17,7 +17,7 @@ class Job:
     recipe: Recipe
     choice: Choice
     model: ResolvedModel
-    train_examples: list[Example]
+    data: TrainData  #: the parsed (or streamed) training data
     run_dir: RunDir
     quiet: bool = False
     results: dict = field(default_factory=dict)  #: the backend's summary (final loss, answers)

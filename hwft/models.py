@@ -166,3 +166,16 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
     model.config._name_or_path = out_dir.name
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    """The model's tokenizer from its folder (no download); pad falls back to end-of-sequence."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load a tokenizer from {path}: {exc}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -6,12 +6,13 @@ import sys
 
 
 class Progress:
-    def __init__(self, total_steps: int, log_every: int, stream=None):
+    def __init__(self, total_steps: int, log_every: int, stream=None, quiet: bool = False):
+        self.quiet = quiet
         self.total = total_steps
         self.log_every = log_every
         self.stream = stream or sys.stderr
         self.bar = None
-        if getattr(self.stream, "isatty", lambda: False)():
+        if not quiet and getattr(self.stream, "isatty", lambda: False)():
             try:
                 from tqdm import tqdm
 
@@ -21,6 +22,8 @@ class Progress:
 
     def update(self, record: dict) -> None:
         step = record["step"]
+        if self.quiet:
+            return
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")

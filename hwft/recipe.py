@@ -50,15 +50,37 @@ class ModelSpec(Section):
 
 
 class DatasetSpec(Section):
-    path: str = Field(description="A JSON or JSONL file, relative to the recipe's folder.")
+    path: str | None = Field(
+        None, description="A .json, .jsonl or .parquet file, or a folder of them, relative to the recipe."
+    )
+    name: str | None = Field(None, description="An entry of data.registry (LLaMA-Factory dataset_info.json).")
     format: str = Field(
-        "auto", description="Row shape: auto, alpaca or messages (plugins may add more)."
+        "auto",
+        description="Row shape: auto, alpaca, sharegpt, messages, text, preference or prompt "
+        "(plugins may add more). auto looks at the first row.",
     )
-    weight: float = Field(1.0, gt=0, description="Mixing weight against the other datasets.")
-    max_samples: int | None = Field(None, gt=0, description="Use at most this many rows.")
+    weight: float | None = Field(
+        None, gt=0, description="Mixing weight: with 7 and 3, 70% of training rows come from this dataset."
+    )
+    max_samples: int | None = Field(None, gt=0, description="Use at most the first N rows.")
     columns: dict[str, str] = Field(
-        default_factory=dict, description="Rename columns: {expected_name: name_in_file}."
+        default_factory=dict, description="Rename fields: {expected_name: name_in_file}."
     )
+    tags: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rename role keys and values, as LLaMA-Factory's tags: role_tag, content_tag, "
+        "user_tag, assistant_tag, system_tag, observation_tag, function_tag.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetSpec:
+        if (self.path is None) == (self.name is None):
+            raise ValueError("give either path (a file or folder) or name (a registry entry)")
+        return self
+
+
+#: Suffixes that make a bare string in data.train a path rather than a registry name.
+_DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 
 class DataSpec(Section):
@@ -67,8 +89,20 @@ class DataSpec(Section):
     registry: str | None = Field(
         None, description="A LLaMA-Factory dataset_info.json whose entries `train` may name."
     )
-    packing: bool = Field(False, description="Pack several examples into each row.")
-    streaming: bool = Field(False, description="Stream files larger than memory.")
+    packing: bool | None = Field(
+        None,
+        description="Pack several examples into each row, attention kept within each example. "
+        "Default: on for sft and cpt, off for dpo and grpo.",
+    )
+    group_by_length: bool = Field(
+        True, description="Without packing, batch rows of similar length together (less padding)."
+    )
+    streaming: bool = Field(
+        False, description="Read files lazily (larger than memory); needs train.max_steps."
+    )
+    shuffle_buffer: int = Field(
+        10000, gt=0, description="Streaming: rows shuffled, packed and grouped together at a time."
+    )
     reasoning: Literal["keep", "strip"] = Field(
         "keep", description="Keep or strip <think> blocks in assistant turns."
     )
@@ -76,16 +110,37 @@ class DataSpec(Section):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, value: Any) -> Any:
-        # `data: file.jsonl` and `data: [a.json, b.jsonl]` are shorthands for `data: {train: ...}`.
+        # `data: file.jsonl` and `data: [a.json, b.jsonl]` are shorthands for `data: {train: ...}`;
+        # with a registry, a bare name such as `identity` names one of its entries.
         if isinstance(value, str | list):
             value = {"train": value}
         if isinstance(value, dict):
-            train = value.get("train")
-            if isinstance(train, str):
-                train = [train]
-            if isinstance(train, list):
-                value = {**value, "train": [{"path": t} if isinstance(t, str) else t for t in train]}
+            registry = value.get("registry")
+
+            def entry(item: Any) -> Any:
+                if not isinstance(item, str):
+                    return item
+                is_name = registry and "/" not in item and not item.endswith(_DATA_SUFFIXES)
+                return {"name": item} if is_name else {"path": item}
+
+            for split in ("train", "eval"):
+                items = value.get(split)
+                if isinstance(items, str):
+                    items = [items]
+                if isinstance(items, list):
+                    value = {**value, split: [entry(t) for t in items]}
         return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DataSpec:
+        if not self.train:
+            raise ValueError("data.train names no dataset")
+        if not self.registry and any(d.name for d in self.train + self.eval):
+            raise ValueError("a dataset gives a registry name but data.registry is not set")
+        weighted = [d.weight is not None for d in self.train]
+        if any(weighted) and not all(weighted):
+            raise ValueError("give every training dataset a weight, or none (none: all rows, concatenated)")
+        return self
 
 
 class LoraSpec(Section):
@@ -233,7 +288,8 @@ class Recipe(Section):
         absolute, so the copy in a run's folder runs again from anywhere."""
         raw = self.model_dump(mode="json")
         for spec in raw["data"]["train"] + raw["data"]["eval"]:
-            spec["path"] = str(self.resolve_path(spec["path"]))
+            if spec["path"]:
+                spec["path"] = str(self.resolve_path(spec["path"]))
         if raw["data"]["registry"]:
             raw["data"]["registry"] = str(self.resolve_path(raw["data"]["registry"]))
         if raw["template"] and raw["template"].endswith(".jinja"):
@@ -309,6 +365,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         elif kind == "literal_error":
             expected = e.get("ctx", {}).get("expected", "")
             lines.append(f"{key}: {e['input']!r} is not allowed; expected one of {expected}")
+        elif kind == "value_error":
+            lines.append(f"{key}: {e['msg'].removeprefix('Value error, ')}")
         elif kind in _TYPE_WORDS:
             lines.append(f"{key}: expected {_TYPE_WORDS[kind]}, got {e['input']!r}")
         else:

@@ -22,10 +22,7 @@ from hwft.records import Availability, Backend, Capability
 #: Recipe settings that are valid but that no part of hwft implements yet. Each is refused by
 #: name rather than silently ignored.
 NOT_YET = {
-    "data.registry": "LLaMA-Factory dataset_info.json registries",
-    "data.streaming": "streaming datasets",
     "data.eval": "evaluation datasets",
-    "data.reasoning": "stripping <think> blocks",
     "train.eval_every": "periodic evaluation",
     "parallel.offload_optimizer": "optimizer offload",
     "parallel.offload_params": "parameter offload",
@@ -44,24 +41,18 @@ class Choice:
 def core_problems(recipe: Recipe) -> list[str]:
     """Settings the engine-neutral core cannot honour yet, whichever backend runs."""
     values = {
-        "data.registry": recipe.data.registry,
-        "data.streaming": recipe.data.streaming,
         "data.eval": recipe.data.eval,
-        "data.reasoning": recipe.data.reasoning == "strip",
         "train.eval_every": recipe.train.eval_every,
         "parallel.offload_optimizer": recipe.parallel.offload_optimizer,
         "parallel.offload_params": recipe.parallel.offload_params,
         "parallel.accelerate_config": recipe.parallel.accelerate_config,
         "parallel.deepspeed_config": recipe.parallel.deepspeed_config,
     }
-    out = [
+    return [
         f"{key} is not implemented yet ({what}); remove it from the recipe"
         for key, what in NOT_YET.items()
         if values[key]
     ]
-    if any(d.weight != 1.0 for d in recipe.data.train):
-        out.append("data.train[].weight is not implemented yet (mixing); datasets are concatenated")
-    return out
 
 
 def capability_problems(recipe: Recipe, cap: Capability) -> list[str]:

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hwft.data.loading import Example, load_examples
-from hwft.errors import DataError, UserError
+from hwft.data.loading import TrainData, load_train_data
+from hwft.errors import UserError
 from hwft.job import Job
 from hwft.models import ResolvedModel, resolve_model
 from hwft.output import RunDir
@@ -24,7 +24,7 @@ class Plan:
     recipe: Recipe
     choice: Choice
     model: ResolvedModel
-    train_examples: list[Example]
+    data: TrainData
 
     def describe(self) -> str:
         m = self.recipe.method
@@ -32,30 +32,18 @@ class Plan:
         return (
             f"backend {self.choice.backend.name} ({self.choice.backend.engine} engine), "
             f"{m.objective}/{m.tuning}, model {self.model.name} -> {self.model.path}{kind}, "
-            f"{len(self.train_examples)} training conversations"
+            f"{self.data.describe()}"
         )
-
-
-def load_train_examples(recipe: Recipe, host: PluginHost) -> list[Example]:
-    formats = host.data_formats()
-    examples: list[Example] = []
-    for spec in recipe.data.train:
-        examples += load_examples(
-            recipe.resolve_path(spec.path), spec.format, formats, spec.columns, spec.max_samples
-        )
-    if not examples:
-        raise DataError("the training data holds no examples")
-    return examples
 
 
 def plan_run(recipe: Recipe, host: PluginHost | None = None) -> Plan:
     """Everything that can be checked without loading weights; raises UserError."""
     host = host or get_host()
     preflight(recipe, host)
-    examples = load_train_examples(recipe, host)
+    data = load_train_data(recipe, host.data_formats())
     model = resolve_model(recipe.model.name, recipe.resolve_path("."), recipe.model.revision)
     choice = select_backend(recipe, host)
-    return Plan(recipe, choice, model, examples)
+    return Plan(recipe, choice, model, data)
 
 
 def run(plan: Plan, quiet: bool = False) -> Job:
@@ -64,7 +52,7 @@ def run(plan: Plan, quiet: bool = False) -> Job:
     if plan.model.kind == "local":  # the saved recipe names the folder the resolver found
         recipe = recipe.model_copy(deep=True)
         recipe.model.name = str(plan.model.path)
-    job = Job(plan.recipe, plan.choice, plan.model, plan.train_examples, RunDir(recipe), quiet)
+    job = Job(plan.recipe, plan.choice, plan.model, plan.data, RunDir(recipe), quiet)
     job.log(f"hwft: {plan.describe()}")
     try:
         plan.choice.backend.train(job)

@@ -1,4 +1,4 @@
-"""Row formats, data errors naming file and row, and golden label masks on SmolLM2's template."""
+"""Reading files, the catalogue of data errors, golden label masks, mixing, `hwft data inspect`."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from hwft.data.batching import micro_batches, pad, total_steps
+from hwft.data.batching import make_rows, pad
 from hwft.data.chat import IGNORE_INDEX, ChatRenderer, resolve_template, tokenize_examples
-from hwft.data.formats import BUILTIN_FORMATS
-from hwft.data.loading import Example, load_examples
+from hwft.data.formats import BUILTIN_FORMATS, Example
+from hwft.data.loading import load_examples, mix
 from hwft.errors import DataError, RecipeError
-from tests.conftest import PEER_DATA, REPO, write_recipe
+from tests.conftest import PEER_DATA, REPO, write_jsonl, write_recipe
 
 FORMATS = {f.name: f for f in BUILTIN_FORMATS}
 
@@ -36,31 +36,79 @@ def test_peer_alpaca_file_loads_unchanged():
 @pytest.mark.parametrize(
     "name, content, fmt, message",
     [
-        ("a.jsonl", '{"instruction": "x", "output": "y"}\n{"instruction": "x"}\n', "alpaca",
-         "a.jsonl row 2 (alpaca format): missing field 'output'"),
+        # malformed JSON / JSONL: the file and the line
         ("b.jsonl", '{"messages": [{"role": "user", "content": "x"}]}\n{bad json\n', "auto",
          "b.jsonl line 2: not valid JSON"),
-        ("c.jsonl", '{"messages": [{"role": "robot", "content": "x"}]}\n', "messages",
-         "c.jsonl row 1 (messages format): messages[0].role is 'robot'; expected one of system, user, assistant"),
-        ("d.jsonl", '{"messages": [{"role": "user", "content": "x"}]}\n', "messages",
-         "has no assistant message to learn from"),
-        ("e.json", '{"rows": []}', "auto", "a .json data file must hold a list of rows"),
-        ("f.jsonl", '{"text": "x"}\n', "auto", "cannot tell the row's format from its keys ['text']"),
-        ("g.jsonl", '{"instruction": "x", "output": "y"}\n', "alpacca", "did you mean 'alpaca'?"),
-        ("h.csv", "a,b\n", "auto", "unsupported data file type '.csv'"),
+        ("b2.json", '[{"instruction": "x", "output": "y"},\n {"instruction": "x" "output": "y"}]', "auto",
+         "b2.json: not valid JSON at line 2, column 22"),
+        ("e.json", '{"rows": []}', "auto", "a .json data file must hold a list of rows, or one object per line"),
+        ("h.csv", "a,b\n", "auto", "unsupported data file type '.csv'; use .json, .jsonl or .parquet"),
+        # missing or misnamed fields: the row, the field, what would be accepted
+        ("a.jsonl", '{"instruction": "x", "output": "y"}\n{"instruction": "x"}\n', "alpaca",
+         "a.jsonl row 2 (alpaca format): missing field 'output' (the row has instruction; this format "
+         "reads instruction, input, output, system, history)"),
+        ("a2.jsonl", '{"instruction": "x", "outputs": "y"}\n', "alpaca",
+         "missing field 'output' (the row has instruction, outputs; this format reads instruction, input, "
+         "output, system, history; if 'outputs' holds it, map it with columns: {output: outputs})"),
+        ("f.jsonl", '{"question": "x"}\n', "auto",
+         "f.jsonl row 1: cannot tell the row's format from its fields ['question']; set format: to one of"),
         ("i.jsonl", '{"instruction": "x", "output": 3}\n', "alpaca", "field 'output' must be a string, got int"),
+        ("g.jsonl", '{"instruction": "x", "output": "y"}\n', "alpacca", "did you mean 'alpaca'?"),
+        # unknown roles
+        ("c.jsonl", '{"messages": [{"role": "robot", "content": "x"}]}\n', "messages",
+         "c.jsonl row 1 (messages format): messages[0].role is 'robot'; expected one of user, assistant, system, tool"),
+        ("c2.json", '[{"conversations": [{"from": "humman", "value": "x"}]}]', "auto",
+         "conversations[0].from is 'humman'; expected one of human, gpt, system, observation, function_call; "
+         "did you mean 'human'?"),
+        # conversations without an assistant turn to end them
+        ("d.jsonl", '{"messages": [{"role": "user", "content": "x"}]}\n', "messages",
+         "field 'messages' has no assistant turn to learn from"),
+        ("d2.jsonl", '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, '
+                     '{"role": "user", "content": "z"}]}\n', "auto",
+         "field 'messages' ends with a user turn; the last turn must be the assistant's"),
+        # every label masked: nothing in the row to learn from
+        ("m.jsonl", '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", '
+                    '"loss_weight": 0}]}\n', "auto", "m.jsonl row 1: every label is masked"),
     ],
 )
-def test_data_errors_name_file_and_row(tmp_path, cli, name, content, fmt, message):
+def test_data_errors_name_file_and_row(tiny_llama, tmp_path, cli, name, content, fmt, message):
     path = tmp_path / name
     path.write_text(content)
-    with pytest.raises(DataError) as err:
-        load_examples(path, fmt, FORMATS)
-    assert message in str(err.value) and str(path) in str(err.value)
-    # The same message reaches the user from the CLI, exit code 2, before any weights load.
-    recipe = write_recipe(tmp_path, "smollm2-135m", data={"train": [{"path": name, "format": fmt}]})
+    # The message reaches the user from the CLI with exit code 2: parse errors before any
+    # weights load (--dry-run), tokenisation errors when the run starts.
+    recipe = write_recipe(tmp_path, tiny_llama, data={"train": [{"path": name, "format": fmt}]})
     code, _, stderr = cli("train", recipe, "--dry-run")
-    assert code == 2 and message in stderr
+    if code == 0:
+        code, _, stderr = cli("train", recipe)
+        assert not (tmp_path / "out").exists()  # nothing half-made left behind
+    assert code == 2 and message in stderr and str(path) in stderr
+
+
+def test_empty_after_filtering(tiny_llama, tmp_path, cli):
+    rows = [{"messages": [{"role": "user", "content": "x " * 80}, {"role": "assistant", "content": "y"}]}] * 3
+    write_jsonl(tmp_path / "long.jsonl", rows)
+    recipe = write_recipe(tmp_path, tiny_llama, data={"train": [{"path": "long.jsonl"}]}, train={"max_length": 32})
+    code, _, stderr = cli("train", recipe)
+    assert code == 2 and "no example left to train on: 3 of 3 dropped because no label token is within " \
+                          "max_length 32; raise train.max_length" in stderr
+
+
+def test_chat_data_needs_a_chat_template(tiny_llama, tmp_path, cli):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in tiny_llama.iterdir():
+        if f.name != "chat_template.jinja":
+            (bare / f.name).symlink_to(f)
+    recipe = write_recipe(tmp_path, bare)
+    code, _, stderr = cli("train", recipe)
+    assert code == 2 and "train.jsonl row 1 is a conversation, but the model's tokenizer has no chat template; " \
+                          "set template: to a built-in (chatml, chatml-tools)" in stderr
+    # text for cpt needs no template
+    write_jsonl(tmp_path / "text.jsonl", [{"text": "Plain words to continue."}] * 4)
+    recipe = write_recipe(tmp_path, bare, data={"train": [{"path": "text.jsonl"}]},
+                          method={"objective": "cpt", "tuning": "lora"}, train={"max_steps": 1})
+    code, _, stderr = cli("train", recipe, "--quiet")
+    assert code == 0, stderr
 
 
 def _segments(tokenizer, tok) -> list[str]:
@@ -76,6 +124,10 @@ def _segments(tokenizer, tok) -> list[str]:
     if current:
         runs.append(current)
     return [tokenizer.decode(r) for r in runs]
+
+
+def chat(messages, source):
+    return Example("chat", messages, source=source)
 
 
 def _renderer(tokenizer, template=None):
@@ -106,7 +158,7 @@ SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, 
 )
 def test_golden_label_masks(tokenizer, messages, text, segments):
     renderer = _renderer(tokenizer)
-    tok = renderer.tokenize(Example(messages, "golden"))
+    tok = renderer.tokenize(chat(messages, "golden"))
     if text is not None:
         assert tokenizer.decode(tok.input_ids) == text
     assert _segments(tokenizer, tok) == segments
@@ -119,7 +171,7 @@ def test_golden_label_masks(tokenizer, messages, text, segments):
 
 def test_golden_mask_ids_single_turn(tokenizer):
     """Pinned token ids, so a tokenizer or template change shows up here first."""
-    tok = _renderer(tokenizer).tokenize(Example([U, A], "golden"))
+    tok = _renderer(tokenizer).tokenize(chat([U, A], "golden"))
     trained = [t for t in tok.labels if t != IGNORE_INDEX]
     assert trained == tokenizer("I am hwft-bot.<|im_end|>", add_special_tokens=False)["input_ids"]
     assert tok.num_labels == len(trained)
@@ -127,12 +179,12 @@ def test_golden_mask_ids_single_turn(tokenizer):
 
 
 def test_template_override(tokenizer, tmp_path):
-    tok = _renderer(tokenizer, "chatml").tokenize(Example([U, A], "t"))
+    tok = _renderer(tokenizer, "chatml").tokenize(chat([U, A], "t"))
     assert tokenizer.decode(tok.input_ids).startswith("<|im_start|>user\n")  # no default system prompt
     jinja = tmp_path / "t.jinja"
     jinja.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
                      "{% if add_generation_prompt %}[assistant] {% endif %}")
-    tok = ChatRenderer(tokenizer, resolve_template(str(jinja), tmp_path, tokenizer)).tokenize(Example([U, A], "t"))
+    tok = ChatRenderer(tokenizer, resolve_template(str(jinja), tmp_path, tokenizer)).tokenize(chat([U, A], "t"))
     # " I" straddles the header's trailing space: a token overlapping the answer is trained.
     assert _segments(tokenizer, tok) == [" I am hwft-bot."]
     with pytest.raises(RecipeError, match="neither a built-in"):
@@ -141,30 +193,26 @@ def test_template_override(tokenizer, tmp_path):
 
 def test_truncation_is_counted(tokenizer):
     renderer = _renderer(tokenizer)
-    long = Example([U, {"role": "assistant", "content": "word " * 200}], "long")
-    gone = Example([{"role": "user", "content": "x " * 200}, A], "gone")
-    data, stats = tokenize_examples([Example([U, A], "ok"), long, gone], renderer, max_length=64)
+    long = chat([U, {"role": "assistant", "content": "word " * 200}], "long")
+    gone = chat([{"role": "user", "content": "x " * 200}, A], "gone")
+    data, stats = tokenize_examples([chat([U, A], "ok"), long, gone], renderer, max_length=64)
     assert (stats.examples, stats.truncated, stats.dropped) == (2, 2, 1)
     assert all(len(d.input_ids) <= 64 for d in data)
     assert "2 truncated to max_length 64" in stats.summary(64)
-    with pytest.raises(DataError, match="no example has an assistant token within max_length 8"):
+    with pytest.raises(DataError, match="no example left to train on: 1 of 1 dropped"):
         tokenize_examples([gone], renderer, max_length=8)
 
 
-def test_batches_are_seeded_and_padded(tokenizer):
-    a = [idx for _, (_, idx) in zip(range(5), micro_batches(7, 3, seed=1))]
-    b = [idx for _, (_, idx) in zip(range(5), micro_batches(7, 3, seed=1))]
-    assert a == b and sorted(sum(a[:3], [])) == list(range(7))
-    assert a != [idx for _, (_, idx) in zip(range(5), micro_batches(7, 3, seed=2))]
-    assert total_steps(10, 3, 2, epochs=1, max_steps=None) == 2
-    assert total_steps(10, 3, 2, epochs=1, max_steps=9) == 9
+def test_rows_are_padded_with_positions(tokenizer):
     renderer = _renderer(tokenizer)
-    rows, _ = tokenize_examples([Example([U, A], "a"), Example([S, U, A], "b")], renderer, 128)
+    data, _ = tokenize_examples([chat([U, A], "a"), chat([S, U, A], "b")], renderer, 128)
+    rows = make_rows(data, 128, packing=False)
     batch = pad(rows, pad_id=2)
     width = max(len(r.input_ids) for r in rows)
     assert all(len(r) == width for r in batch["input_ids"])
     short = min(range(2), key=lambda i: len(rows[i].input_ids))
     assert batch["attention_mask"][short][-1] == 0 and batch["labels"][short][-1] == IGNORE_INDEX
+    assert batch["position_ids"][1 - short] == list(range(width))
 
 
 def test_columns_mapping_and_max_samples(tmp_path):
@@ -172,10 +220,99 @@ def test_columns_mapping_and_max_samples(tmp_path):
     rows = [{"prompt": f"q{i}", "response": f"a{i}", "sys": "Be brief."} for i in range(5)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     columns = {"instruction": "prompt", "output": "response", "system": "sys"}
-    examples = load_examples(path, "auto", FORMATS, columns=columns, max_samples=3)
+    examples = load_examples(path, "alpaca", FORMATS, columns=columns, max_samples=3)
     assert len(examples) == 3
     assert examples[2].messages == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "q2"},
         {"role": "assistant", "content": "a2"},
     ]
+
+
+# --- Files: JSON, JSONL, Parquet, folders, streaming --------------------------------------------
+
+
+def test_parquet_folders_and_streaming_read_the_same_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hwft.data.reading import iter_rows
+
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(10)]
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows[:6]), folder / "part-0.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[6:]), folder / "part-1.parquet")
+    in_memory = [r for _, _, r in iter_rows(folder)]
+    streamed = [r for _, _, r in iter_rows(folder, streaming=True)]
+    assert in_memory == streamed == rows
+    write_jsonl(tmp_path / "rows.jsonl", rows)
+    assert [r for _, _, r in iter_rows(tmp_path / "rows.jsonl", streaming=True)] == rows
+    (folder / "x.json").write_text("[]")
+    with pytest.raises(DataError, match="mixes JSON and Parquet files"):
+        list(iter_rows(folder))
+
+
+def test_streaming_is_lazy_and_names_bad_rows(tmp_path):
+    from hwft.data.reading import iter_rows
+
+    path = tmp_path / "big.jsonl"
+    path.write_text('{"text": "a"}\n' * 3 + "{oops\n")
+    rows = iter_rows(path, streaming=True)
+    assert next(rows)[2] == {"text": "a"}  # read before the broken line is reached
+    with pytest.raises(DataError, match="big.jsonl line 4: not valid JSON"):
+        list(rows)
+
+
+def test_rows_arrow_cannot_type_still_load(tmp_path):
+    """A field that is text in one row and a list in another: read with the json module."""
+    rows = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                      {"role": "assistant", "content": 7}]},
+    ]
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    with pytest.raises(DataError, match="mixed.jsonl row 2 .messages format.: messages.1..content must be a string"):
+        load_examples(path, "auto", FORMATS)
+
+
+# --- Mixing -----------------------------------------------------------------------------------
+
+
+def test_mixing_by_weight_is_proportional_and_seeded():
+    a = [chat([U, {"role": "assistant", "content": f"a{i}"}], f"a{i}") for i in range(20)]
+    b = [chat([U, {"role": "assistant", "content": f"b{i}"}], f"b{i}") for i in range(200)]
+    mixed = mix([a, b], [7, 3], seed=1)
+    from_a = sum(e.source.startswith("a") for e in mixed)
+    assert len(mixed) == 220 and from_a == 154  # 70% of 220: each of a's rows about 7.7 times
+    assert {e.source for e in mixed if e.source.startswith("a")} == {e.source for e in a}
+    assert [e.source for e in mix([a, b], [7, 3], seed=1)] == [e.source for e in mixed]
+    assert [e.source for e in mix([a, b], [7, 3], seed=2)] != [e.source for e in mixed]
+
+
+def test_mixed_recipe_from_the_cli(tiny_llama, tmp_path, cli):
+    write_jsonl(tmp_path / "extra.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(14)])
+    recipe = write_recipe(tmp_path, tiny_llama, data={"train": [
+        {"path": "train.jsonl", "weight": 7}, {"path": "extra.jsonl", "weight": 3}]})
+    code, out, err = cli("train", recipe, "--dry-run")
+    assert code == 0 and "20 training examples" in out, err
+    recipe = write_recipe(tmp_path, tiny_llama, data={"train": [{"path": "train.jsonl", "weight": 7}, "extra.jsonl"]})
+    code, _, err = cli("train", recipe, "--dry-run")
+    assert code == 2 and "give every training dataset a weight, or none" in err
+
+
+# --- hwft data inspect ------------------------------------------------------------------------
+
+
+def test_data_inspect(tiny_llama, tmp_path, cli):
+    recipe = write_recipe(tmp_path, tiny_llama, train={"max_length": 128})
+    code, out, err = cli("data", "inspect", recipe, "--rows", "2")
+    assert code == 0, err
+    assert "[[I am hwft-bot.<|im_end|>]]" in out  # the trained span, marked
+    assert "train.jsonl row 2: " in out and "6 examples" in out
+    assert "lengths in tokens: min" in out and "packing: 6 sequences -> " in out
+    code, out, _ = cli("data", "inspect", recipe, "--json")
+    report = json.loads(out)
+    assert report["schema"] == "hwft.data-inspect/1" and len(report["lengths"]) == 6
+    assert report["rows"][0]["trained_text"] == "I am hwft-bot.<|im_end|>"
+    assert 0 < report["efficiency_unpacked"] <= 1 and report["packed_rows"] < 6

@@ -61,15 +61,15 @@ def test_local_folder_relative_to_the_recipe(tiny_llama, tmp_path):
     assert resolve_model("models/tiny", tmp_path).kind == "local"
 
 
-PINNED_QUICKSTART_LOSSES = [3.43230, 3.36909]  # steps 1 and 2
+PINNED_QUICKSTART_LOSSES = [3.78672, 4.03246]  # steps 1 and 2
 
 
 @pytest.mark.slow
 def test_embedded_model_trains_from_the_cli(embedded_dir, tmp_path, cli):
-    """Two steps of the quickstart recipe itself on the embedded SmolLM2."""
+    """Two steps of the quickstart recipe itself (packed rows of 256 tokens) on the embedded SmolLM2."""
     code, _, err = cli(
         "train", REPO / "configs" / "quickstart.yaml",
-        "train.max_steps=2", "train.micro_batch_size=2", "train.max_length=64", "train.log_every=1",
+        "train.max_steps=2", "train.log_every=1",
         "eval.prompts=[]",
         f"output.dir={tmp_path / 'q'}",
     )

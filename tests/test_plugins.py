@@ -198,7 +198,8 @@ def test_env_json_schema(site, cli):
         "methods", "dtypes", "quantization", "attention", "fused_kernels", "compile",
         "collective", "parallel", "packing",
     }
-    assert cpu["capability"]["methods"] == {"sft": ["full", "lora"]}
+    assert cpu["capability"]["methods"] == {"sft": ["full", "lora"], "cpt": ["full", "lora"]}
+    assert cpu["capability"]["packing"] is True
     assert cpu["capability"]["collective"] == "gloo"
     assert "torch" in cpu["details"]
     assert set(report["not_installed"]) == {"npu", "mlx"}  # fixed names, no plugin yet
@@ -215,7 +216,7 @@ def test_data_format_hook(site, tmp_path):
             return [{"role": "user", "content": row["q"]}, {"role": "assistant", "content": row["a"]}]
         @hookimpl
         def hwft_register_data_formats(register):
-            register("qa", parse, detect=lambda row: set(row) == {"q", "a"}, description="q/a pairs")
+            register("qa", parse, detect=lambda row, mapping: set(row) == {"q", "a"}, description="q/a pairs")
     """)
     from hwft.data.loading import load_examples
 

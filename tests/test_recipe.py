@@ -99,10 +99,8 @@ def test_debug_shows_the_traceback(tmp_path):
     [
         ({"method": {"objective": "dpo"}}, "objective 'dpo' with tuning 'lora' is not implemented yet"),
         ({"method": {"tuning": "qlora"}}, "tuning 'qlora' is not implemented yet"),
-        ({"data": {"train": [{"path": "train.jsonl"}], "registry": "dataset_info.json"}},
-         "data.registry is not implemented yet"),
-        ({"data": {"train": [{"path": "train.jsonl"}], "reasoning": "strip"}},
-         "data.reasoning is not implemented yet (stripping <think> blocks)"),
+        ({"data": {"train": [{"path": "train.jsonl"}], "eval": [{"path": "train.jsonl"}]}},
+         "data.eval is not implemented yet (evaluation datasets)"),
         ({"parallel": {"offload_optimizer": True}}, "parallel.offload_optimizer is not implemented yet"),
         ({"kernels": {"fused_rms_norm": True}}, "backend 'cpu' cannot run this recipe: it cannot do kernels.fused_rms_norm"),
         ({"train": {"precision": "fp16"}}, "train.precision 'fp16' (it has: fp32, bf16); backends that could: cuda (not available here"),

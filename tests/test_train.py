@@ -8,11 +8,11 @@ import shutil
 import pytest
 import torch
 
-from hwft.data.batching import micro_batches, pad
-from hwft.data.chat import ChatRenderer, resolve_template, tokenize_examples
-from hwft.data.formats import BUILTIN_FORMATS
-from hwft.data.loading import load_examples
+from hwft.data.chat import ChatRenderer, resolve_template
+from hwft.data.loading import load_train_data
+from hwft.data.pipeline import training_batches
 from hwft.output import METRIC_KEYS
+from hwft.plugins import get_host
 from hwft.recipe import load_recipe
 from hwft.train import plan_run, run
 from tests.conftest import write_recipe
@@ -23,21 +23,30 @@ def metrics(out) -> list[dict]:
 
 
 def reference_first_loss(model_dir, recipe_path) -> float:
-    """transformers' own ``labels=`` loss on the run's first batch, computed independently."""
+    """transformers' own ``labels=`` loss on the examples of the run's first step, each example
+    run on its own (so packing must not change a thing): the sum over examples of mean loss
+    times label count, over the step's label count."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     recipe = load_recipe(recipe_path)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     renderer = ChatRenderer(tokenizer, resolve_template(recipe.template, recipe.resolve_path("."), tokenizer))
-    formats = {f.name: f for f in BUILTIN_FORMATS}
-    examples = load_examples(recipe.resolve_path(recipe.data.train[0].path), "auto", formats)
-    data, _ = tokenize_examples(examples, renderer, recipe.train.max_length)
-    batch_size = recipe.train.micro_batch_size * recipe.train.gradient_accumulation_steps
-    first = next(micro_batches(len(data), batch_size, recipe.train.seed))[1]
-    batch = {k: torch.tensor(v) for k, v in pad([data[i] for i in first], tokenizer.pad_token_id).items()}
+    host = get_host()
+    batches = training_batches(load_train_data(recipe, host.data_formats()), renderer, recipe, host.capability("cpu"))
+    rows = [row for _ in range(recipe.train.gradient_accumulation_steps) for row in next(batches.iterator)[1]]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    total = count = 0.0
     with torch.no_grad():
-        return model(**batch).loss.item()
+        for row in rows:
+            start = 0
+            for n in row.lengths:
+                ids = torch.tensor([row.input_ids[start : start + n]])
+                labels = torch.tensor([row.labels[start : start + n]])
+                k = int((labels[0, 1:] != -100).sum())
+                total += model(input_ids=ids, labels=labels).loss.item() * k
+                count += k
+                start += n
+    return total / count
 
 
 def test_cli_lora_end_to_end(tiny_llama, tmp_path, cli):
@@ -117,7 +126,7 @@ def test_full_tuning_qwen2_with_template_override(tiny_qwen2, tmp_path, cli):
 def test_checkpoints_keep_the_newest(tiny_llama, tmp_path, cli):
     recipe = write_recipe(tmp_path, tiny_llama,
                           train={"max_steps": 5, "micro_batch_size": 2, "save_every": 1, "keep_checkpoints": 2})
-    assert cli("train", recipe, "--quiet")[0] == 0
+    assert cli("train", recipe, "--quiet") == (0, "", "")  # --quiet: not even progress lines
     steps = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
     assert steps == ["step-3", "step-4"]  # step 5 is the final save, in adapter/
     state = json.loads((tmp_path / "out" / "checkpoints" / "step-4" / "trainer_state.json").read_text())
@@ -136,7 +145,7 @@ def test_non_empty_output_folder_is_kept(tiny_llama, tmp_path, cli):
 
 def test_dry_run_plans_without_training(tiny_llama, tmp_path, cli):
     code, out, _ = cli("train", write_recipe(tmp_path, tiny_llama), "--dry-run")
-    assert code == 0 and "backend cpu (torch engine), sft/lora" in out and "6 training conversations" in out
+    assert code == 0 and "backend cpu (torch engine), sft/lora" in out and "6 training examples" in out
     assert not (tmp_path / "out").exists()
 
 

@@ -1,7 +1,9 @@
-"""Chat rendering and label masks: loss only on what the assistant says.
+"""Token ids and label masks for every example kind: loss only on what the model should say.
 
-Many templates (SmolLM2's among them) have no ``{% generation %}`` markers, so hwft finds the
-assistant spans itself. For the i-th message, if it is the assistant's::
+Conversations are rendered with the chat template (the tokenizer's own, or ``template:``), tool
+definitions passed through the template's ``tools`` argument. Many templates (SmolLM2's among
+them) have no ``{% generation %}`` markers, so hwft finds the assistant spans itself. For the
+i-th message, if it is the assistant's::
 
     prefix = render(messages[:i], add_generation_prompt=True)   # ends with "<assistant header>"
     upto   = render(messages[:i+1])                             # ... "<content><end-of-turn>\\n"
@@ -9,7 +11,13 @@ assistant spans itself. For the i-th message, if it is the assistant's::
 
 The full text must extend every ``upto`` (templates that rewrite earlier turns are refused).
 Tokens whose characters overlap a span are labels; all others are ``IGNORE_INDEX``. Training on
-the end-of-turn token is what teaches the model to stop.
+the end-of-turn token is what teaches the model to stop. An assistant turn marked
+``train: False`` (``loss_weight: 0``) is context, not a label.
+
+Plain text (cpt) is tokenised with the tokenizer's special tokens plus the end-of-sequence token,
+every token a label; a text longer than ``max_length`` is split into consecutive chunks rather
+than cut. The first label of every sequence is ``IGNORE_INDEX`` (no token predicts it), so that
+sequences can be concatenated (packed) without one predicting the next.
 
 Works with any Hugging Face tokenizer (fast, for offsets); engine-neutral (no torch).
 """
@@ -17,10 +25,10 @@ Works with any Hugging Face tokenizer (fast, for offsets); engine-neutral (no to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
-from hwft.data.formats import Message
-from hwft.data.loading import Example
+from hwft.data.formats import Example, Message
 from hwft.errors import DataError, RecipeError
 
 IGNORE_INDEX = -100
@@ -33,19 +41,48 @@ TEMPLATES = {
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
     ),
+    # ChatML with tool definitions, calls and results in the Hermes / Qwen2.5 convention:
+    # definitions in the system turn inside <tools>, calls as <tool_call> JSON, results as
+    # <tool_response> inside a user turn.
+    "chatml-tools": (
+        "{%- if tools %}"
+        "{{- '<|im_start|>system\n' }}"
+        "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\n\n' }}{%- endif %}"
+        "{{- '# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+        "You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}"
+        "{%- for tool in tools %}{{- '\n' + (tool | tojson) }}{%- endfor %}"
+        "{{- '\n</tools>\n\nFor each function call, return a json object with function name and "
+        "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
+        "\"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n' }}"
+        "{%- elif messages[0]['role'] == 'system' %}"
+        "{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+        "{%- endif %}"
+        "{%- for message in messages %}"
+        "{%- if message['role'] == 'system' %}"
+        "{%- elif message['role'] == 'tool' %}"
+        "{%- if loop.index0 == 0 or messages[loop.index0 - 1]['role'] != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+        "{{- '\n<tool_response>\n' + message['content'] + '\n</tool_response>' }}"
+        "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{- '<|im_end|>\n' }}{%- endif %}"
+        "{%- else %}"
+        "{{- '<|im_start|>' + message['role'] }}"
+        "{%- if message['content'] %}{{- '\n' + message['content'] }}{%- endif %}"
+        "{%- for call in message.get('tool_calls') or [] %}"
+        "{{- '\n<tool_call>\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": ' "
+        "+ (call['function']['arguments'] | tojson) + '}\n</tool_call>' }}"
+        "{%- endfor %}"
+        "{{- '<|im_end|>\n' }}"
+        "{%- endif %}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+    ),
 }
 
 
-def resolve_template(template: str | None, base_dir: Path, tokenizer) -> str:
-    """The Jinja chat template to use: the recipe's override, else the tokenizer's own."""
+def resolve_template(template: str | None, base_dir: Path, tokenizer) -> str | None:
+    """The Jinja chat template to use: the recipe's override, else the tokenizer's own (None if
+    it has none; only conversations need one)."""
     if template is None:
-        own = getattr(tokenizer, "chat_template", None)
-        if not own:
-            raise RecipeError(
-                "the model's tokenizer has no chat template; set template: to a built-in "
-                f"({', '.join(TEMPLATES)}) or a .jinja file"
-            )
-        return own
+        return getattr(tokenizer, "chat_template", None) or None
     if template in TEMPLATES:
         return TEMPLATES[template]
     path = Path(template).expanduser()
@@ -62,57 +99,122 @@ def resolve_template(template: str | None, base_dir: Path, tokenizer) -> str:
 @dataclass
 class Tokenized:
     input_ids: list[int]
-    labels: list[int]
+    labels: list[int]  #: ``labels[0]`` is always IGNORE_INDEX
 
     @property
     def num_labels(self) -> int:
-        """Tokens the loss is computed on: labels after the first position (the loss shifts)."""
-        return sum(1 for t in self.labels[1:] if t != IGNORE_INDEX)
+        """Tokens the loss is computed on."""
+        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+
+
+@dataclass
+class PreferencePair:
+    """A preference example as two sequences sharing the prompt's tokens."""
+
+    chosen: Tokenized
+    rejected: Tokenized
+    prompt_length: int  #: tokens shared by both, before the answers
 
 
 @dataclass
 class TokenizeStats:
     examples: int = 0
-    truncated: int = 0  #: examples cut to max_length
+    truncated: int = 0  #: conversations cut to max_length
+    split: int = 0  #: texts (cpt) split into several max_length chunks
     dropped: int = 0  #: examples left with no label token after truncation
     tokens: int = 0
     label_tokens: int = 0
-    notes: list[str] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+
+    def add(self, tok: Tokenized) -> None:
+        self.tokens += len(tok.input_ids)
+        self.label_tokens += tok.num_labels
+        self.lengths.append(len(tok.input_ids))
 
     def summary(self, max_length: int) -> str:
         text = (
             f"{self.examples} examples, {self.tokens} tokens ({self.label_tokens} trained); "
             f"{self.truncated} truncated to max_length {max_length}"
         )
+        if self.split:
+            text += f", {self.split} long texts split into max_length chunks"
         if self.dropped:
             text += f", {self.dropped} dropped (no assistant token left after truncation)"
         return text
 
 
-class ChatRenderer:
-    """Renders conversations with one template and a tokenizer, and masks labels."""
+#: Names that cannot occur in real data, to see what a template renders.
+_PROBE = "hwft_probe_"
 
-    def __init__(self, tokenizer, template: str):
+
+class ChatRenderer:
+    """Renders examples with one template and a tokenizer, and masks labels."""
+
+    def __init__(self, tokenizer, template: str | None):
         self.tokenizer = tokenizer
         self.template = template
 
-    def render(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
+    def render(self, messages: list[Message], tools: list[dict] | None = None,
+               add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(
             messages,
+            tools=tools,
             chat_template=self.template,
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
         )
 
-    def assistant_spans(self, messages: list[Message], where: str) -> tuple[str, list[tuple[int, int]]]:
-        """The rendered text and the character spans the loss is computed on."""
-        text = self.render(messages)
+    @cached_property
+    def tool_support(self) -> set[str]:
+        """What of tool use the template renders: 'definitions', 'calls', 'results'."""
+        tools = [{"type": "function", "function": {"name": _PROBE + "def", "parameters": {}}}]
+        messages = [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": {"name": _PROBE + "call", "arguments": {}}}]},
+            {"role": "tool", "content": _PROBE + "result"},
+            {"role": "assistant", "content": "a"},
+        ]
+        try:
+            text = self.render(messages, tools)
+        except Exception:  # noqa: BLE001 - a template that cannot render tools at all
+            return set()
+        return {kind for kind, probe in (("definitions", "def"), ("calls", "call"), ("results", "result"))
+                if _PROBE + probe in text}
+
+    def check(self, example: Example) -> None:
+        """Refuse an example the template would render wrongly (silently dropping tools)."""
+        if self.template is None:
+            raise RecipeError(
+                f"{example.source} is a conversation, but the model's tokenizer has no chat template; "
+                f"set template: to a built-in ({', '.join(TEMPLATES)}) or a .jinja file"
+            )
+        turns = example.messages + (example.chosen or []) + (example.rejected or [])
+        needs = set()
+        if example.tools:
+            needs.add("definitions")
+        if any(m.get("tool_calls") for m in turns):
+            needs.add("calls")
+        if any(m["role"] == "tool" for m in turns):
+            needs.add("results")
+        missing = needs - self.tool_support
+        if missing:
+            raise DataError(
+                f"{example.source} uses tools, but the chat template does not render tool "
+                f"{' or '.join(sorted(missing))} (they would be dropped silently); set "
+                "template: chatml-tools, or use a model whose template supports tools"
+            )
+
+    def assistant_spans(self, messages: list[Message], tools: list[dict] | None, where: str,
+                        first: int = 0) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered text and the character spans of trained assistant turns from ``first``."""
+        text = self.render(messages, tools)
         spans = []
         for i, message in enumerate(messages):
-            if message["role"] != "assistant":
+            if i < first or message["role"] != "assistant" or message.get("train") is False:
                 continue
-            prefix = self.render(messages[:i], add_generation_prompt=True)
-            upto = self.render(messages[: i + 1])
+            prefix = self.render(messages[:i], tools, add_generation_prompt=True)
+            upto = self.render(messages[: i + 1], tools)
             if not (upto.startswith(prefix) and text.startswith(upto)):
                 raise DataError(
                     f"{where}: the chat template renders turn {i} differently inside the whole "
@@ -124,42 +226,94 @@ class ChatRenderer:
                 spans.append((len(prefix), end))
         return text, spans
 
-    def tokenize(self, example: Example) -> Tokenized:
-        text, spans = self.assistant_spans(example.messages, example.source)
+    def _encode(self, text: str, spans: list[tuple[int, int]]) -> Tokenized:
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         labels = []
         for token, (start, end) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
             inside = any(start < e and end > s for s, e in spans)
             labels.append(token if inside else IGNORE_INDEX)
+        if labels:
+            labels[0] = IGNORE_INDEX
         return Tokenized(list(enc["input_ids"]), labels)
 
-    def prompt_ids(self, prompt: str) -> list[int]:
-        """Token ids of a one-turn user prompt, ready for generation."""
-        text = self.render([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    def tokenize(self, example: Example, first: int = 0) -> Tokenized:
+        """A conversation with labels on its assistant turns (from message ``first``)."""
+        self.check(example)
+        text, spans = self.assistant_spans(example.messages, example.tools, example.source, first)
+        tok = self._encode(text, spans)
+        if tok.num_labels == 0:
+            raise DataError(
+                f"{example.source}: every label is masked: no assistant turn has text to learn "
+                "from (empty answers, or loss_weight 0 on every assistant turn)"
+            )
+        return tok
+
+    def tokenize_text(self, example: Example, max_length: int) -> list[Tokenized]:
+        """Plain text plus end-of-sequence, every token a label, in chunks of ``max_length``."""
+        ids = list(self.tokenizer(example.text)["input_ids"])
+        if self.tokenizer.eos_token_id is not None and (not ids or ids[-1] != self.tokenizer.eos_token_id):
+            ids.append(self.tokenizer.eos_token_id)
+        chunks = []
+        for start in range(0, len(ids), max_length):
+            piece = ids[start : start + max_length]
+            if len(piece) > 1:
+                chunks.append(Tokenized(piece, [IGNORE_INDEX] + piece[1:]))
+        return chunks
+
+    def tokenize_preference(self, example: Example) -> PreferencePair:
+        """Prompt + chosen and prompt + rejected, labels on the answers only."""
+        n = len(example.messages)
+        chosen = self.tokenize(Example("chat", example.messages + example.chosen, example.tools, source=example.source), n)
+        rejected = self.tokenize(Example("chat", example.messages + example.rejected, example.tools, source=example.source), n)
+        shared = 0
+        for a, b in zip(chosen.input_ids, rejected.input_ids):
+            if a != b:
+                break
+            shared += 1
+        return PreferencePair(chosen, rejected, shared)
+
+    def prompt_ids(self, prompt: str | list[Message], tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a prompt (text or turns), ready for generation."""
+        turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        text = self.render(turns, tools, add_generation_prompt=True)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def encode(self, example: Example, max_length: int, stats: TokenizeStats) -> list[Tokenized]:
+        """The training sequences of one chat or text example, truncated or split, counted."""
+        if example.kind == "text":
+            chunks = self.tokenize_text(example, max_length)
+            stats.split += len(chunks) > 1
+        elif example.kind == "chat":
+            tok = self.tokenize(example)
+            if len(tok.input_ids) > max_length:
+                stats.truncated += 1
+                tok = Tokenized(tok.input_ids[:max_length], tok.labels[:max_length])
+            chunks = [tok] if tok.num_labels else []
+        else:
+            raise DataError(f"{example.source}: {example.kind} rows are not token sequences for sft or cpt")
+        if not chunks:
+            stats.dropped += 1
+        stats.examples += bool(chunks)
+        for chunk in chunks:
+            stats.add(chunk)
+        return chunks
 
-def tokenize_examples(
-    examples: list[Example], renderer: ChatRenderer, max_length: int
-) -> tuple[list[Tokenized], TokenizeStats]:
+
+def empty_error(stats: TokenizeStats, max_length: int) -> DataError:
+    return DataError(
+        f"no example left to train on: {stats.dropped} of {stats.dropped + stats.examples} "
+        f"dropped because no label token is within max_length {max_length}; raise "
+        "train.max_length or check the data"
+    )
+
+
+def tokenize_examples(examples: list[Example], renderer: ChatRenderer,
+                      max_length: int) -> tuple[list[Tokenized], TokenizeStats]:
     """Tokenise, mask and truncate; examples with nothing left to learn are dropped."""
     stats = TokenizeStats()
     out: list[Tokenized] = []
     for example in examples:
-        tok = renderer.tokenize(example)
-        if len(tok.input_ids) > max_length:
-            stats.truncated += 1
-            tok = Tokenized(tok.input_ids[:max_length], tok.labels[:max_length])
-        if tok.num_labels == 0:
-            stats.dropped += 1
-            continue
-        stats.examples += 1
-        stats.tokens += len(tok.input_ids)
-        stats.label_tokens += tok.num_labels
-        out.append(tok)
+        out += renderer.encode(example, max_length, stats)
     if not out:
-        raise DataError(
-            f"no example has an assistant token within max_length {max_length}; "
-            "raise train.max_length or check the data"
-        )
+        raise empty_error(stats, max_length)
     return out, stats

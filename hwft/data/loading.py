@@ -1,97 +1,224 @@
-"""Read JSON and JSONL files into conversations, with errors naming file, row and field."""
+"""The recipe's datasets, parsed: sources -> rows -> examples, mixed by weight.
+
+Every row is parsed before any weight loads (in memory), so a bad row at the end of a large
+file is found in seconds; a streamed dataset is checked on its first rows and the rest as it is
+read. Errors name the file, the row and the field.
+
+Mixing: with weights, each dataset contributes ``round(total * w_i / sum(w))`` examples per
+epoch, where ``total`` is the sum of all datasets' sizes. A dataset smaller than its share is
+repeated (each pass in a new order), a larger one is sub-sampled; the draw is seeded, so the mix
+is the same for the same seed. Without weights, datasets are concatenated. A streamed mix draws
+each next example from dataset ``i`` with probability ``w_i / sum(w)``, restarting a dataset
+that runs out.
+"""
 
 from __future__ import annotations
 
-import json
+import itertools
+import random
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from hwft.data.formats import DataFormat, Message
-from hwft.errors import DataError, did_you_mean
+from hwft.data.formats import KIND_OF_OBJECTIVE, DataFormat, Example, Mapping
+from hwft.data.reading import iter_rows
+from hwft.data.registry import lookup
+from hwft.errors import DataError, RecipeError, did_you_mean
+from hwft.recipe import DatasetSpec, Recipe
+
+#: How many rows of a streamed dataset are parsed up front, before any weight loads.
+STREAM_CHECK_ROWS = 64
+
+THINK = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
 
 
 @dataclass
-class Example:
-    """One conversation and where it came from (for error messages)."""
+class Source:
+    """One dataset of the recipe, resolved: where its rows are and how to read them."""
 
-    messages: list[Message]
-    source: str  #: "file.jsonl row 12"
-
-
-def read_rows(path: Path) -> list[tuple[int, dict]]:
-    """(row number, row) pairs; rows numbered from 1 (JSONL: the line number)."""
-    if not path.exists():
-        raise DataError(f"data file not found: {path}")
-    if path.suffix not in {".json", ".jsonl"}:
-        raise DataError(f"{path}: unsupported data file type '{path.suffix}'; use .json or .jsonl")
-    text = path.read_text(encoding="utf-8")
-    rows: list[tuple[int, dict]] = []
-    if path.suffix == ".jsonl":
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {lineno}: not valid JSON ({exc.msg})") from None
-            rows.append((lineno, row))
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg})"
-            ) from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: a .json data file must hold a list of rows")
-        rows = list(enumerate(data, start=1))
-    for number, row in rows:
-        if not isinstance(row, dict):
-            raise DataError(f"{path} row {number}: expected a JSON object, got {type(row).__name__}")
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    return rows
+    label: str  #: "data.train[0]" or "data.train[1] (identity)"
+    path: Path
+    format: str  #: a format name or "auto"
+    mapping: Mapping
+    max_samples: int | None
+    weight: float | None
 
 
-def detect_format(row: dict, formats: dict[str, DataFormat], where: str) -> DataFormat:
-    """The first format whose defining key the row has (a row may still fail its parse)."""
-    for fmt in formats.values():
-        if fmt.detect and fmt.detect(row):
+def resolve_sources(recipe: Recipe, specs: list[DatasetSpec], split: str = "train") -> list[Source]:
+    out = []
+    for i, spec in enumerate(specs):
+        label = f"data.{split}[{i}]"
+        if spec.name is not None:
+            entry = lookup(recipe.resolve_path(recipe.data.registry), spec.name, recipe.method.objective)
+            out.append(Source(
+                f"{label} ({spec.name})", entry.path,
+                spec.format if spec.format != "auto" else entry.format,
+                Mapping({**entry.columns, **spec.columns}, {**entry.tags, **spec.tags}),
+                spec.max_samples or entry.max_samples, spec.weight,
+            ))
+        else:
+            out.append(Source(label, recipe.resolve_path(spec.path), spec.format,
+                              Mapping(spec.columns, spec.tags), spec.max_samples, spec.weight))
+    return out
+
+
+def detect_format(row: dict, mapping: Mapping, formats: dict[str, DataFormat], objective: str, where: str) -> DataFormat:
+    """The format a row looks like, preferring formats of the objective's kind (a grpo row with
+    a reference ``answer`` is a prompt row, not an alpaca one)."""
+    wanted = KIND_OF_OBJECTIVE.get(objective)
+    ordered = sorted(formats.values(), key=lambda f: getattr(f, "kind", None) != wanted)
+    for fmt in ordered:
+        if fmt.detect and fmt.detect(row, mapping):
             return fmt
     raise DataError(
-        f"{where}: cannot tell the row's format from its keys {sorted(row)}; "
-        f"set format: to one of {', '.join(formats)}"
+        f"{where}: cannot tell the row's format from its fields {sorted(map(str, row))}; "
+        f"set format: to one of {', '.join(formats)} (or map fields with columns:)"
     )
 
 
-def load_examples(
-    path: Path,
-    format_name: str,
-    formats: dict[str, DataFormat],
-    columns: dict | None = None,
-    max_samples: int | None = None,
-) -> list[Example]:
-    """Parse every row of one file with one format; the first bad row is an error."""
-    rows = read_rows(path)
-    if max_samples:
-        rows = rows[:max_samples]
-    if format_name == "auto":
-        first = rows[0][1]
-        renamed = {**first, **{want: first[have] for want, have in (columns or {}).items() if have in first}}
-        fmt = detect_format(renamed, formats, f"{path} row {rows[0][0]}")
-    elif format_name in formats:
-        fmt = formats[format_name]
-    else:
-        raise DataError(
-            f"unknown data format '{format_name}' for {path}{did_you_mean(format_name, formats)} "
-            f"(known: auto, {', '.join(formats)})"
-        )
-    examples = []
-    for number, row in rows:
-        where = f"{path} row {number}"
+def _strip_think(messages: list | None) -> None:
+    for m in messages or []:
+        if m["role"] == "assistant" and "<think>" in m["content"]:
+            m["content"] = THINK.sub("", m["content"])
+
+
+def read_examples(source: Source, formats: dict[str, DataFormat], objective: str = "sft",
+                  reasoning: str = "keep", streaming: bool = False) -> Iterator[Example]:
+    """Parse a source's rows one by one; the first bad row is an error naming it."""
+    wanted = KIND_OF_OBJECTIVE[objective]
+    rows = iter_rows(source.path, streaming)
+    if source.max_samples:
+        rows = itertools.islice(rows, source.max_samples)
+    fmt = None
+    if source.format != "auto":
+        fmt = formats.get(source.format)
+        if fmt is None:
+            raise DataError(
+                f"{source.label} ({source.path}): unknown data format '{source.format}'{did_you_mean(source.format, formats)} "
+                f"(known: auto, {', '.join(formats)})"
+            )
+    for file, number, row in rows:
+        where = f"{file} row {number}"
+        if fmt is None:
+            fmt = detect_format(row, source.mapping, formats, objective, where)
         try:
-            messages = fmt.parse(row, columns or {})
+            example = fmt.parse(row, source.mapping)
         except ValueError as exc:
             raise DataError(f"{where} ({fmt.name} format): {exc}") from None
-        examples.append(Example(messages, where))
-    return examples
+        if example.kind != wanted:
+            raise DataError(
+                f"{where}: a {example.kind} row ({fmt.name} format), but objective '{objective}' trains "
+                f"on {wanted} rows ({', '.join(f.name for f in formats.values() if getattr(f, 'kind', None) == wanted)}); "
+                "set format: or method.objective:"
+            )
+        if reasoning == "strip":
+            for turns in (example.messages, example.chosen, example.rejected):
+                _strip_think(turns)
+        example.source = where
+        yield example
+
+
+def load_examples(path: Path, format: str = "auto", formats: dict[str, DataFormat] | None = None,
+                  columns: dict | None = None, max_samples: int | None = None, tags: dict | None = None,
+                  objective: str = "sft", reasoning: str = "keep") -> list[Example]:
+    """Every example of one file or folder (a convenience for scripts and tests)."""
+    if formats is None:
+        from hwft.plugins import get_host
+
+        formats = get_host().data_formats()
+    source = Source(str(path), Path(path), format, Mapping(columns or {}, tags or {}), max_samples, None)
+    return list(read_examples(source, formats, objective, reasoning))
+
+
+def check_settings(recipe: Recipe) -> None:
+    """Data settings that do not fit together."""
+    if recipe.data.streaming and not recipe.train.max_steps:
+        raise RecipeError("data.streaming needs train.max_steps: a stream has no known length")
+
+
+def mix(parts: list[list[Example]], weights: list[float], seed: int) -> list[Example]:
+    """Each part's share of the epoch is proportional to its weight (see the module docstring)."""
+    total, wsum = sum(len(p) for p in parts), sum(weights)
+    out: list[Example] = []
+    for i, (part, weight) in enumerate(zip(parts, weights, strict=True)):
+        quota = max(1, round(total * weight / wsum))
+        rng = random.Random(f"{seed}:mix:{i}")
+        while quota > 0:
+            order = list(range(len(part)))
+            rng.shuffle(order)
+            out += [part[j] for j in order[:quota]]
+            quota -= len(order)
+    return out
+
+
+@dataclass
+class TrainData:
+    """The training data as the core hands it to a backend.
+
+    In memory, ``examples`` holds every example (already mixed). Streaming, ``examples`` holds
+    only the rows checked up front, and :meth:`stream` reads the files lazily and endlessly.
+    """
+
+    sources: list[Source]
+    examples: list[Example]
+    streaming: bool
+    stream_factory: Callable[[int], Iterator[Example]] | None = None
+
+    def stream(self, seed: int) -> Iterator[Example]:
+        if self.stream_factory is None:
+            raise RuntimeError("not a streamed dataset")
+        return self.stream_factory(seed)
+
+    def describe(self) -> str:
+        if self.streaming:
+            return f"{len(self.sources)} streamed dataset(s)"
+        return f"{len(self.examples)} training examples"
+
+
+def load_train_data(recipe: Recipe, formats: dict[str, DataFormat]) -> TrainData:
+    check_settings(recipe)
+    sources = resolve_sources(recipe, recipe.data.train)
+    weights = [s.weight for s in sources]
+
+    def read(source: Source, streaming: bool = False) -> Iterator[Example]:
+        return read_examples(source, formats, recipe.method.objective, recipe.data.reasoning, streaming)
+
+    if recipe.data.streaming:
+        checked = []
+        for s in sources:  # parse the first rows now: a wrong format fails before weights load
+            checked += list(itertools.islice(read(s, True), STREAM_CHECK_ROWS))
+
+        def factory(seed: int) -> Iterator[Example]:
+            return interleave([lambda s=s: read(s, True) for s in sources], weights, seed)
+
+        return TrainData(sources, checked, True, factory)
+    parts = [list(read(s)) for s in sources]
+    if weights[0] is not None:
+        examples = mix(parts, weights, recipe.train.seed)
+    else:
+        examples = [e for part in parts for e in part]
+    if not examples:
+        raise DataError("the training data holds no examples")
+    return TrainData(sources, examples, False)
+
+
+def interleave(readers: list[Callable[[], Iterator[Example]]], weights: list[float | None],
+               seed: int) -> Iterator[Example]:
+    """Endless examples from streamed sources (each reader starts one pass over a source): in
+    turn without weights, else each next example drawn from source i with probability
+    w_i / sum(w), a source that runs out starting over."""
+    if weights[0] is None:
+        while True:
+            for read in readers:
+                yield from read()
+
+    def endless(read: Callable[[], Iterator[Example]]) -> Iterator[Example]:
+        while True:
+            yield from read()
+
+    streams = [endless(r) for r in readers]
+    rng = random.Random(f"{seed}:interleave")
+    while True:
+        (stream,) = rng.choices(streams, weights=weights)
+        yield next(stream)

@@ -17,7 +17,7 @@ from functools import cache
 from hwft.records import PRIORITY_ACCELERATOR, PRIORITY_CPU, Availability, Backend, Capability
 
 #: What the torch engine's training loop implements, for every torch device alike.
-METHODS = {"sft": ("full", "lora")}
+METHODS = {"sft": ("full", "lora"), "cpt": ("full", "lora")}
 
 
 def _version(dist: str) -> str | None:
@@ -139,15 +139,20 @@ def capability_cpu() -> Capability:
         dtypes=("fp32", "bf16"),
         attention=("eager", "sdpa"),
         collective="gloo",
+        packing=True,
     )
 
 
 def capability_cuda() -> Capability:
-    return Capability(methods=METHODS, dtypes=("fp32", "bf16", "fp16"), attention=_attention(), collective="nccl")
+    return Capability(
+        methods=METHODS, dtypes=("fp32", "bf16", "fp16"), attention=_attention(), collective="nccl", packing=True
+    )
 
 
 def capability_rocm() -> Capability:
-    return Capability(methods=METHODS, dtypes=("fp32", "bf16", "fp16"), attention=_attention(), collective="rccl")
+    return Capability(
+        methods=METHODS, dtypes=("fp32", "bf16", "fp16"), attention=_attention(), collective="rccl", packing=True
+    )
 
 
 def backends(train) -> list[Backend]:

@@ -1,7 +1,7 @@
 """The torch training loop, top to bottom.
 
-load tokenizer -> tokenise and mask the data -> load the model and its tuning -> optimizer and
-schedule -> answers before -> for each step: gather micro-batches, forward, loss, backward,
+load tokenizer -> tokenise, mask and pack the data -> load the model and its tuning -> optimizer
+and schedule -> answers before -> for each step: gather micro-batches, forward, loss, backward,
 clip, step, log, maybe checkpoint -> save -> answers after -> loss.png.
 """
 
@@ -15,15 +15,16 @@ from contextlib import nullcontext
 
 import torch
 
-from hwft.data.batching import micro_batches, pad, total_steps
-from hwft.data.chat import ChatRenderer, resolve_template, tokenize_examples
+from hwft.data.batching import Row, pad
+from hwft.data.chat import ChatRenderer, resolve_template
+from hwft.data.pipeline import training_batches
 from hwft.job import Job
-from hwft.models import materialise
+from hwft.models import load_tokenizer, materialise
 from hwft.progress import Progress
 from hwft.recipe import Recipe
 from hwft_torch.devices import torch_device
 from hwft_torch.losses import causal_lm_loss
-from hwft_torch.modeling import DTYPES, load_model, load_tokenizer, save_result
+from hwft_torch.modeling import DTYPES, attention_implementation, load_model, save_result
 
 
 def seed_everything(seed: int) -> None:
@@ -67,7 +68,10 @@ def answer(model, tokenizer, renderer: ChatRenderer, prompt: str, max_new_tokens
     """Greedy answer to one user prompt."""
     was_training = model.training
     model.eval()
-    ids = torch.tensor([renderer.prompt_ids(prompt)], device=device)
+    if renderer.template is None:  # a base model without a chat template continues the text
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=device)
+    else:
+        ids = torch.tensor([renderer.prompt_ids(prompt)], device=device)
     out = model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
@@ -96,18 +100,62 @@ def save(job: Job, model, tokenizer, final, state: dict | None = None) -> None:
             (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
 
 
+def block_causal_mask(rows: list[Row], width: int, dtype: torch.dtype | None) -> torch.Tensor:
+    """(batch, 1, width, width) mask letting each token attend to earlier tokens of its own
+    example only; right padding forms one more block, so no query row is fully masked.
+
+    ``dtype`` None gives a boolean mask (True = attend, as sdpa reads it); a float dtype gives
+    the additive form eager attention adds to its scores (0 or the dtype's minimum).
+    """
+    segments = torch.empty(len(rows), width, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids = [k for k, n in enumerate(row.lengths) for _ in range(n)]
+        segments[b] = torch.tensor(ids + [len(row.lengths)] * (width - len(ids)))
+    same = segments[:, :, None] == segments[:, None, :]
+    mask = (same & torch.ones(width, width, dtype=torch.bool).tril())[:, None]
+    if dtype is None:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def to_tensors(rows: list[Row], pad_id: int, attention: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """Model inputs for a micro-batch, keeping attention within each packed example.
+
+    flash_attention_2 runs padding-free: all rows are concatenated into one sequence and the
+    kernel finds the examples from where ``position_ids`` restart (varlen). Other kernels get
+    right-padded rows and, when a row packs several examples, a block-diagonal causal mask
+    (position ids alone do not isolate examples for sdpa or eager attention).
+    """
+    if attention == "flash_attention_2":
+        flat = {
+            "input_ids": [t for r in rows for t in r.input_ids],
+            "labels": [t for r in rows for t in r.labels],
+            "position_ids": [p for r in rows for p in r.position_ids],
+        }
+        return {k: torch.tensor([v], device=device) for k, v in flat.items()}
+    batch = {k: torch.tensor(v) for k, v in pad(rows, pad_id).items()}
+    if any(len(r.lengths) > 1 for r in rows):
+        width = batch["input_ids"].shape[1]
+        batch["attention_mask"] = block_causal_mask(rows, width, torch.float32 if attention == "eager" else None)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def train(job: Job) -> dict:
     recipe, t = job.recipe, job.recipe.train
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     device = torch_device(job.choice.backend.name)
     seed_everything(t.seed)
 
-    # 1. Tokenizer and data: render with the chat template, mask all but assistant tokens.
+    # 1. Tokenizer and data: render, mask all but what the model should say, pack into rows.
     model_path = materialise(job.model, log=job.log)
-    tokenizer = load_tokenizer(model_path, recipe)
+    tokenizer = load_tokenizer(model_path, recipe.model.trust_remote_code)
     renderer = ChatRenderer(tokenizer, resolve_template(recipe.template, recipe.resolve_path("."), tokenizer))
-    data, stats = tokenize_examples(job.train_examples, renderer, t.max_length)
-    job.log(f"data: {stats.summary(t.max_length)}")
+    batches = training_batches(job.data, renderer, recipe, job.choice.capability)
+    if batches.rows is not None:
+        job.log(f"data: {batches.stats.summary(t.max_length)}; {batches.describe()}")
+    else:
+        job.log(f"data: {batches.describe()}")
+    attention = attention_implementation(recipe)
 
     # 2. Model with its tuning, optimizer, schedule.
     model = load_model(model_path, recipe, device)
@@ -116,7 +164,7 @@ def train(job: Job) -> dict:
     dtype = compute_dtype(recipe, job.choice.backend.name)
     job.log(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained ({recipe.method.tuning}), "
             f"compute {str(dtype).removeprefix('torch.')} on {device}")
-    steps = total_steps(len(data), t.micro_batch_size, t.gradient_accumulation_steps, t.epochs, t.max_steps)
+    steps = batches.steps
     optimizer = make_optimizer(model, recipe, device)
     scheduler = make_scheduler(optimizer, recipe, steps)
     autocast = (
@@ -129,30 +177,30 @@ def train(job: Job) -> dict:
     job.results["answers"] = show_answers(job, "before", model, tokenizer, renderer, device)
 
     # 3. The loop.
-    batches = micro_batches(len(data), t.micro_batch_size, t.seed)
-    progress = Progress(steps, t.log_every)
+    progress = Progress(steps, t.log_every, quiet=job.quiet)
     model.train()
     start = last_log = time.perf_counter()
-    tokens_since_log = labels_since_log = examples_seen = 0
+    tokens_since_log = labels_since_log = rows_seen = 0
     losses_since_log: list[float] = []
     record: dict = {}
+    epoch = 0
     for step in range(1, steps + 1):
-        micro = [next(batches) for _ in range(t.gradient_accumulation_steps)]
-        rows = [[data[i] for i in idx] for _, idx in micro]
+        micro = [next(batches.iterator) for _ in range(t.gradient_accumulation_steps)]
         # Normalise by every label token of the step, so accumulation equals one big batch.
-        num_items = sum(e.num_labels for batch in rows for e in batch)
+        num_items = sum(row.num_labels for _, batch in micro for row in batch)
         step_loss = 0.0
-        for batch in rows:
-            tensors = {k: torch.tensor(v, device=device) for k, v in pad(batch, tokenizer.pad_token_id).items()}
+        for epoch, batch in micro:
+            tensors = to_tensors(batch, tokenizer.pad_token_id, attention, device)
+            labels = tensors.pop("labels")
             with autocast:
-                logits = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).logits
-            loss = causal_lm_loss(logits, tensors["labels"], num_items)
+                logits = model(**tensors).logits
+            loss = causal_lm_loss(logits, labels, num_items)
             (scaler.scale(loss) if scaler else loss).backward()
             step_loss += loss.item()
-            tokens_since_log += int(tensors["attention_mask"].sum())
+            tokens_since_log += sum(len(row.input_ids) for row in batch)
+            rows_seen += len(batch)
         labels_since_log += num_items
         losses_since_log.append(step_loss)
-        examples_seen += sum(len(batch) for batch in rows)
         if scaler:
             scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -170,7 +218,8 @@ def train(job: Job) -> dict:
             interval = max(now - last_log, 1e-9)
             record = {
                 "step": step,
-                "epoch": round(examples_seen / len(data), 4),
+                # in memory: passes over the rows; streaming: shuffle windows begun
+                "epoch": round(rows_seen / len(batches.rows), 4) if batches.rows else epoch,
                 "loss": sum(losses_since_log) / len(losses_since_log),
                 "lr": lr,
                 "grad_norm": float(grad_norm),

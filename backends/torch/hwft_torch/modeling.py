@@ -12,20 +12,6 @@ from hwft.recipe import Recipe
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def load_tokenizer(path: Path, recipe: Recipe):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            path, trust_remote_code=recipe.model.trust_remote_code, local_files_only=True
-        )
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load a tokenizer from {path}: {exc}") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 def attention_implementation(recipe: Recipe) -> str:
     return "sdpa" if recipe.kernels.attention == "auto" else recipe.kernels.attention
 

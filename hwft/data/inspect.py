@@ -1,0 +1,120 @@
+"""``hwft data inspect``: what the model will see, before a long run.
+
+The first rows rendered with the chat template, the trained (label) tokens highlighted, token
+counts, a histogram of lengths, and how well rows fill with and without packing.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+
+from hwft.data.batching import Row, batch_order, efficiency, make_rows
+from hwft.data.chat import IGNORE_INDEX, ChatRenderer, TokenizeStats, Tokenized, resolve_template
+from hwft.data.formats import Example
+from hwft.data.loading import load_train_data
+from hwft.data.pipeline import PACKABLE
+from hwft.models import load_tokenizer, materialise, resolve_model
+from hwft.plugins import get_host
+from hwft.recipe import Recipe
+
+GREEN, RESET = "\033[32m", "\033[0m"
+
+
+def highlight(tokenizer, tok: Tokenized, color: bool) -> str:
+    """The decoded row with trained tokens in green (terminal) or inside [[ ]] (elsewhere)."""
+    open_, close = (GREEN, RESET) if color else ("[[", "]]")
+    out, run, trained = [], [], False
+    for token, label in zip(tok.input_ids, tok.labels, strict=True):
+        is_label = label != IGNORE_INDEX
+        if is_label != trained and run:
+            text = tokenizer.decode(run)
+            out.append(f"{open_}{text}{close}" if trained else text)
+            run = []
+        trained = is_label
+        run.append(token)
+    if run:
+        text = tokenizer.decode(run)
+        out.append(f"{open_}{text}{close}" if trained else text)
+    return "".join(out)
+
+
+def histogram(lengths: list[int], bins: int = 10, width: int = 40) -> list[str]:
+    lo, hi = min(lengths), max(lengths)
+    step = max(1, -(-(hi - lo + 1) // bins))
+    counts = [0] * bins
+    for n in lengths:
+        counts[min((n - lo) // step, bins - 1)] += 1
+    top = max(counts)
+    lines = []
+    for i, c in enumerate(counts):
+        if lo + i * step > hi:
+            break
+        bar = "#" * max(1 if c else 0, round(width * c / top))
+        lines.append(f"  {lo + i * step:>6}-{lo + (i + 1) * step - 1:<6} {bar} {c}")
+    return lines
+
+
+def _shown(renderer: ChatRenderer, example: Example, max_length: int) -> list[tuple[str, Tokenized]]:
+    if example.kind == "preference":
+        pair = renderer.tokenize_preference(example)
+        return [("chosen", pair.chosen), ("rejected", pair.rejected)]
+    if example.kind == "prompt":
+        ids = renderer.prompt_ids(example.messages, example.tools)
+        return [(f"prompt (reference: {example.reference!r})", Tokenized(ids, [IGNORE_INDEX] * len(ids)))]
+    return [("", t) for t in renderer.encode(example, max_length, TokenizeStats())]
+
+
+def inspect(recipe: Recipe, rows: int = 3, color: bool = False) -> tuple[str, dict]:
+    """The report as text and as a dict (``--json``)."""
+    host = get_host()
+    data = load_train_data(recipe, host.data_formats())
+    model = resolve_model(recipe.model.name, recipe.resolve_path("."), recipe.model.revision)
+    tokenizer = load_tokenizer(materialise(model), recipe.model.trust_remote_code)
+    template = resolve_template(recipe.template, recipe.resolve_path("."), tokenizer)
+    renderer = ChatRenderer(tokenizer, template)
+    t = recipe.train
+    lines = [f"model {model.name} ({model.path}); template: "
+             + (recipe.template or ("the tokenizer's own" if template else "none (plain text only)"))]
+    for source in data.sources:
+        lines.append(f"{source.label}: {source.path} (format {source.format})")
+    lines.append(f"{data.describe()}" + (" (the first rows of each stream)" if data.streaming else ""))
+
+    shown = []
+    for example in data.examples[:rows]:
+        for label, tok in _shown(renderer, example, t.max_length):
+            head = f"--- {example.source}{' ' + label if label else ''}: {len(tok.input_ids)} tokens, {tok.num_labels} trained"
+            lines += [head, highlight(tokenizer, tok, color)]
+            shown.append({"source": example.source, "part": label, "tokens": len(tok.input_ids),
+                          "trained": tok.num_labels, "text": tokenizer.decode(tok.input_ids),
+                          "trained_text": tokenizer.decode([x for x in tok.labels if x != IGNORE_INDEX])})
+
+    report: dict = {"schema": "hwft.data-inspect/1", "rows": shown, "examples": len(data.examples)}
+    if recipe.method.objective in PACKABLE:
+        stats = TokenizeStats()
+        tokenized = [s for e in data.examples for s in renderer.encode(e, t.max_length, stats)]
+        lengths = stats.lengths
+        lines.append(f"--- {stats.summary(t.max_length)}")
+        if lengths:
+            lines.append(f"lengths in tokens: min {min(lengths)}, median {statistics.median(lengths):g}, "
+                         f"max {max(lengths)}")
+            lines += histogram(lengths)
+            packed = make_rows(tokenized, t.max_length, True)
+            plain = make_rows(tokenized, t.max_length, False)
+            fill = sum(lengths) / (len(packed) * t.max_length)
+            eff_packed = _efficiency(packed, t.micro_batch_size, False, t.seed)
+            eff_plain = _efficiency(plain, t.micro_batch_size, recipe.data.group_by_length, t.seed)
+            lines.append(
+                f"packing: {len(tokenized)} sequences -> {len(packed)} rows of up to {t.max_length} tokens "
+                f"({fill:.1%} full); real tokens per computed token in micro-batches of "
+                f"{t.micro_batch_size}: {eff_packed:.1%} packed, {eff_plain:.1%} unpacked"
+                f"{' (grouped by length)' if recipe.data.group_by_length else ''}"
+            )
+            report.update(lengths=lengths, packed_rows=len(packed), packed_fill=fill,
+                          efficiency_packed=eff_packed, efficiency_unpacked=eff_plain,
+                          tokens=stats.tokens, trained_tokens=stats.label_tokens)
+    return "\n".join(lines), report
+
+
+def _efficiency(rows: list[Row], micro_batch_size: int, group: bool, seed: int) -> float:
+    return efficiency(batch_order(rows, micro_batch_size, random.Random(f"{seed}:0"), group))

@@ -1,0 +1,129 @@
+"""Rows from JSON, JSONL and Parquet files or folders, read with the ``datasets`` library.
+
+``datasets`` gives Arrow-backed tables for in-memory runs and a lazy row stream for files larger
+than memory (``data.streaming``). Its parse errors do not say where a file is broken, so when it
+fails on a JSON file hwft re-reads that file with the ``json`` module, which either names the
+line that is wrong or, for a valid file that Arrow cannot type (a field that is text in one row
+and a list in another), yields its rows itself. Rows are numbered from 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from hwft.errors import DataError
+
+#: File suffix -> ``datasets`` builder.
+BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def data_files(path: Path) -> list[Path]:
+    """The data files a dataset path names: the file itself, or every data file under a folder."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in BUILDERS and p.is_file())
+        if not files:
+            raise DataError(f"{path}: the folder holds no .json, .jsonl or .parquet files")
+        kinds = {BUILDERS[p.suffix] for p in files}
+        if len(kinds) > 1:
+            raise DataError(f"{path}: the folder mixes JSON and Parquet files; keep one kind per dataset")
+        return files
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    if path.suffix not in BUILDERS:
+        raise DataError(
+            f"{path}: unsupported data file type '{path.suffix}'; use .json, .jsonl or .parquet "
+            "(or a folder of them)"
+        )
+    return [path]
+
+
+def iter_rows(path: Path, streaming: bool = False) -> Iterator[tuple[str, int, dict]]:
+    """(file, row number, row) for every row of a dataset path, in file order."""
+    for file in data_files(path):
+        count = 0
+        for number, row in _file_rows(file, streaming):
+            if not isinstance(row, dict):
+                raise DataError(f"{file} row {number}: expected a JSON object, got {type(row).__name__}")
+            count += 1
+            # Arrow gives every row every column of the file; a field a row lacks reads None.
+            yield str(file), number, {k: v for k, v in row.items() if v is not None}
+        if count == 0:
+            raise DataError(f"{file}: no rows")
+
+
+def _quiet_datasets():
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(logging.CRITICAL)
+    return datasets
+
+
+def _check_json_list(file: Path) -> None:
+    """A .json file holds a list of rows, or JSON lines; one whole object is neither (datasets
+    would read it as a single row)."""
+    with open(file, encoding="utf-8") as f:
+        head = f.read(256).lstrip()
+    if not head.startswith("{") or file.stat().st_size > 64 * 2**20:
+        return  # large files may be JSON lines larger than memory; not read whole here
+    try:
+        whole = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return  # JSON lines in a .json file, or broken JSON: both handled by the readers
+    if isinstance(whole, dict):
+        raise DataError(
+            f"{file}: a .json data file must hold a list of rows, or one object per line; "
+            f"this one is a single object with fields {sorted(whole)[:5]}"
+        )
+
+
+def _file_rows(file: Path, streaming: bool) -> Iterator[tuple[int, dict]]:
+    datasets = _quiet_datasets()
+    builder = BUILDERS[file.suffix]
+    if file.suffix == ".json":
+        _check_json_list(file)
+    done = 0
+    try:
+        table = datasets.load_dataset(builder, data_files=str(file), split="train", streaming=streaming)
+        for row in table:
+            done += 1
+            yield done, row
+        return
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure gets a precise diagnosis below
+        if builder == "parquet":
+            raise DataError(f"{file}: cannot be read as Parquet ({type(exc).__name__}: {exc})") from None
+    # JSON that datasets could not read: name the broken line, or read it with the json module
+    # (in memory, the whole file first, so a broken line is reported before any row's content).
+    rows = _json_rows(file) if streaming else list(_json_rows(file))
+    for number, row in rows:
+        if number > done:
+            yield number, row
+
+
+def _json_rows(file: Path) -> Iterator[tuple[int, dict]]:
+    """JSON/JSONL rows read with the ``json`` module; malformed text names its line."""
+    if file.suffix == ".jsonl":
+        number = 0
+        with open(file, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{file} line {lineno}: not valid JSON ({exc.msg})") from None
+                number += 1
+                yield number, row
+        return
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{file}: not valid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{file}: a .json data file must hold a list of rows (JSONL: one object per line)")
+    yield from enumerate(data, start=1)

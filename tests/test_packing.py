@@ -1,0 +1,109 @@
+"""Packing, length grouping and streaming: packed rows compute exactly what their examples
+compute alone, on real Llama and Qwen2 architectures."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from hwft.data.batching import batch_order, efficiency, make_rows, pack_groups
+from hwft.data.chat import IGNORE_INDEX, ChatRenderer, Tokenized, tokenize_examples
+from hwft.data.formats import Example
+from tests.conftest import SAMPLE_ROWS, write_jsonl, write_recipe
+from tests.test_train import metrics, reference_first_loss
+
+
+def test_best_fit_packing_fills_rows():
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 60) for _ in range(300)]
+    groups = pack_groups(lengths, 64)
+    assert sorted(i for g in groups for i in g) == list(range(300))
+    assert all(sum(lengths[i] for i in g) <= 64 for g in groups)
+    assert sum(lengths) / (64 * len(groups)) > 0.95  # nearly full rows
+    assert groups == pack_groups(lengths, 64)  # deterministic
+
+
+def test_packed_rows_restart_positions_and_mask_the_seam():
+    a = Tokenized([1, 2, 3], [IGNORE_INDEX, 2, 3])
+    b = Tokenized([4, 5], [IGNORE_INDEX, 5])
+    (row,) = make_rows([a, b], 8, packing=True)
+    assert row.lengths == [3, 2] and row.position_ids == [0, 1, 2, 0, 1]
+    # the first token of the second example is not a label: nothing in the first predicts it
+    assert row.labels == [IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5] and row.num_labels == 3
+
+
+def test_length_grouping_cuts_padding():
+    rows = make_rows([Tokenized([1] * n, [IGNORE_INDEX] * n) for n in range(4, 404, 4)], 512, packing=False)
+    plain = efficiency(batch_order(rows, 4, random.Random(0), group_by_length=False))
+    grouped = efficiency(batch_order(rows, 4, random.Random(0), group_by_length=True))
+    assert grouped > 0.95 > 0.8 > plain
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_logits_equal_separate_runs(family, attention, tiny_llama, tiny_qwen2, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from hwft_torch.engine import to_tensors
+
+    model_dir = {"llama": tiny_llama, "qwen2": tiny_qwen2}[family]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attention).eval()
+    renderer = ChatRenderer(tokenizer, tokenizer.chat_template)
+    examples = [Example("chat", r["messages"], source=str(i)) for i, r in enumerate(SAMPLE_ROWS)]
+    data, _ = tokenize_examples(examples, renderer, 512)
+    rows = make_rows(data, 160, packing=True)
+    assert max(len(r.lengths) for r in rows) >= 3  # really packed
+    batch = to_tensors(rows, tokenizer.pad_token_id, attention, torch.device("cpu"))
+    assert batch["attention_mask"].shape == (len(rows), 1, batch["input_ids"].shape[1], batch["input_ids"].shape[1])
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        for b, row in enumerate(rows):
+            start = 0
+            for n in row.lengths:
+                alone = model(torch.tensor([row.input_ids[start : start + n]])).logits[0]
+                torch.testing.assert_close(packed[b, start : start + n], alone, atol=1e-5, rtol=0)
+                start += n
+
+
+def test_padding_free_layout_for_varlen_kernels():
+    from hwft_torch.engine import to_tensors
+
+    rows = make_rows([Tokenized([7, 8, 9], [IGNORE_INDEX, 8, 9]), Tokenized([5, 6], [IGNORE_INDEX, 6])], 4, True)
+    batch = to_tensors(rows, 0, "flash_attention_2", torch.device("cpu"))
+    assert "attention_mask" not in batch  # the kernel reads the examples from position_ids
+    assert batch["input_ids"].tolist() == [[7, 8, 9, 5, 6]] and batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+
+
+def test_packed_training_matches_separate_examples(tiny_llama, tmp_path, cli):
+    recipe = write_recipe(tmp_path, tiny_llama, train={"max_length": 256, "micro_batch_size": 2, "max_steps": 2})
+    code, _, err = cli("train", recipe)
+    assert code == 0, err
+    assert "rows (" in err and "packing on" in err
+    first = metrics(tmp_path / "out")[0]["loss"]
+    assert first == pytest.approx(reference_first_loss(tiny_llama, recipe), abs=1e-5)
+
+
+def test_streaming_run_with_weights(tiny_llama, tmp_path, cli):
+    write_jsonl(tmp_path / "extra.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(9)])
+    data = {"streaming": True, "shuffle_buffer": 4,
+            "train": [{"path": "train.jsonl", "weight": 1}, {"path": "extra.jsonl", "weight": 1}]}
+    recipe = write_recipe(tmp_path, tiny_llama, data=data, train={"max_steps": 3, "micro_batch_size": 2})
+    code, _, err = cli("train", recipe)
+    assert code == 0, err
+    assert [m["step"] for m in metrics(tmp_path / "out")] == [1, 2, 3] and "streaming, packing on" in err
+    recipe = write_recipe(tmp_path, tiny_llama, data=data, train={"max_steps": None}, output={"dir": str(tmp_path / "o2")})
+    code, _, err = cli("train", recipe, "--dry-run")
+    assert code == 2 and "data.streaming needs train.max_steps" in err
+
+
+def test_cpt_on_text_trains(tiny_llama, tmp_path, cli):
+    write_jsonl(tmp_path / "text.jsonl", [{"text": "hwft trains models. " * (i + 1)} for i in range(8)])
+    recipe = write_recipe(tmp_path, tiny_llama, data={"train": ["text.jsonl"]},
+                          method={"objective": "cpt", "tuning": "full"}, train={"max_steps": 2, "max_length": 32})
+    code, _, err = cli("train", recipe)
+    assert code == 0, err
+    assert "long texts split into max_length chunks" in err
+    assert json.loads((tmp_path / "out" / "model" / "config.json").read_text())["model_type"] == "llama"
