@@ -253,3 +253,31 @@ def test_objective_and_row_kind_must_agree(tmp_path):
     with pytest.raises(DataError, match="a text row .text format., but objective 'sft' trains on chat rows"):
         load_examples(path, "auto", FORMATS)
     assert json.dumps(resolve_template("chatml-tools", tmp_path, None))  # a built-in by name
+
+
+def test_shipped_registry_recipe_mixes_and_renders_tools(embedded_dir, cli, tmp_path):
+    """configs/data-mix.yaml: a registry with openai and sharegpt entries, mixed 7:3, tool rows
+    rendered through chatml-tools."""
+    from tests.conftest import REPO
+
+    recipe = REPO / "configs" / "data-mix.yaml"
+    code, out, err = cli("train", recipe, "--dry-run")
+    assert code == 0 and "58 training examples" in out, err
+    code, out, err = cli("data", "inspect", recipe, "--json", "--rows", "60")
+    assert code == 0, err
+    rows = json.loads(out)["rows"]
+    tool_rows = [r for r in rows if "tools.json" in r["source"]]
+    assert len(tool_rows) == 17 and any("<tool_call>" in r["trained_text"] for r in tool_rows)
+    assert all("<tool_response>" not in r["trained_text"] for r in tool_rows)
+
+
+def test_registry_num_samples_and_packing_scope(tmp_path, cli, tiny_llama):
+    write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": f"q{i}"},
+                                                        {"role": "assistant", "content": f"a{i}"}]} for i in range(9)])
+    (tmp_path / "dataset_info.json").write_text(json.dumps(
+        {"chat": {"file_name": "chat.jsonl", "formatting": "openai", "num_samples": 4}}))
+    recipe = write_recipe(tmp_path, tiny_llama, data={"registry": "dataset_info.json", "train": ["chat"]})
+    code, out, err = cli("train", recipe, "--dry-run")
+    assert code == 0 and "4 training examples" in out, err
+    code, _, err = cli("data", "inspect", recipe, "method.objective=dpo", "data.packing=true")
+    assert code == 2 and "data.packing applies to sft and cpt rows, not to dpo" in err

@@ -67,7 +67,7 @@ def detect_format(row: dict, mapping: Mapping, formats: dict[str, DataFormat], o
     """The format a row looks like, preferring formats of the objective's kind (a grpo row with
     a reference ``answer`` is a prompt row, not an alpaca one)."""
     wanted = KIND_OF_OBJECTIVE.get(objective)
-    ordered = sorted(formats.values(), key=lambda f: getattr(f, "kind", None) != wanted)
+    ordered = sorted(formats.values(), key=lambda f: f.kind != wanted)
     for fmt in ordered:
         if fmt.detect and fmt.detect(row, mapping):
             return fmt
@@ -109,7 +109,7 @@ def read_examples(source: Source, formats: dict[str, DataFormat], objective: str
         if example.kind != wanted:
             raise DataError(
                 f"{where}: a {example.kind} row ({fmt.name} format), but objective '{objective}' trains "
-                f"on {wanted} rows ({', '.join(f.name for f in formats.values() if getattr(f, 'kind', None) == wanted)}); "
+                f"on {wanted} rows ({', '.join(f.name for f in formats.values() if f.kind == wanted)}); "
                 "set format: or method.objective:"
             )
         if reasoning == "strip":
@@ -135,6 +135,10 @@ def check_settings(recipe: Recipe) -> None:
     """Data settings that do not fit together."""
     if recipe.data.streaming and not recipe.train.max_steps:
         raise RecipeError("data.streaming needs train.max_steps: a stream has no known length")
+    if recipe.data.packing and recipe.method.objective not in ("sft", "cpt"):
+        raise RecipeError(
+            f"data.packing applies to sft and cpt rows, not to {recipe.method.objective}; remove it"
+        )
 
 
 def mix(parts: list[list[Example]], weights: list[float], seed: int) -> list[Example]:
