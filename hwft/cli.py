@@ -174,7 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ["HF_DATASETS_OFFLINE"] = "1"
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may follow options too (`hwft train r.yaml --quiet train.lr=1e-4`), which
+    # argparse alone does not allow for a positional list.
+    args, extra = parser.parse_known_args(argv)
+    stray = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     commands = {"train": cmd_train, "data": cmd_data, "env": cmd_env, "plugins": cmd_plugins}
     try:
         return commands[args.command](args)

@@ -23,6 +23,7 @@ from hwft.recipe import Recipe
 #: Keys every metrics.jsonl line has; later issues add keys, never rename these.
 METRIC_KEYS = (
     "step",  # optimizer step, from 1
+    "epoch",  # passes over the training rows so far; streaming: the shuffle window being read
     "loss",  # mean loss per trained token of a step, averaged over the steps since the last line
     "lr",  # learning rate used for the step
     "grad_norm",  # total gradient norm of the step, before clipping

@@ -305,13 +305,13 @@ def test_mixed_recipe_from_the_cli(tiny_llama, tmp_path, cli):
 
 
 def test_data_inspect(tiny_llama, tmp_path, cli):
-    recipe = write_recipe(tmp_path, tiny_llama, train={"max_length": 128})
-    code, out, err = cli("data", "inspect", recipe, "--rows", "2")
+    recipe = write_recipe(tmp_path, tiny_llama)
+    code, out, err = cli("data", "inspect", recipe, "--rows", "2", "train.max_length=128")  # overrides after options
     assert code == 0, err
     assert "[[I am hwft-bot.<|im_end|>]]" in out  # the trained span, marked
     assert "train.jsonl row 2: " in out and "6 examples" in out
     assert "lengths in tokens: min" in out and "packing: 6 sequences -> " in out
-    code, out, _ = cli("data", "inspect", recipe, "--json")
+    code, out, _ = cli("data", "inspect", recipe, "--json", "train.max_length=128")
     report = json.loads(out)
     assert report["schema"] == "hwft.data-inspect/1" and len(report["lengths"]) == 6
     assert report["rows"][0]["trained_text"] == "I am hwft-bot.<|im_end|>"

@@ -42,30 +42,53 @@ def test_length_grouping_cuts_padding():
     assert grouped > 0.95 > 0.8 > plain
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_packed_logits_equal_separate_runs(family, attention, tiny_llama, tiny_qwen2, tokenizer):
+def check_packed_logits(model_dir, tokenizer, attention: str, device: str, atol: float, dtype=torch.float32):
+    """Logits of packed rows (as the engine builds them) against each example run alone."""
     from transformers import AutoModelForCausalLM
 
     from hwft_torch.engine import to_tensors
 
-    model_dir = {"llama": tiny_llama, "qwen2": tiny_qwen2}[family]
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attention).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attention)
+    model = model.to(device).eval()
     renderer = ChatRenderer(tokenizer, tokenizer.chat_template)
     examples = [Example("chat", r["messages"], source=str(i)) for i, r in enumerate(SAMPLE_ROWS)]
     data, _ = tokenize_examples(examples, renderer, 512)
     rows = make_rows(data, 160, packing=True)
     assert max(len(r.lengths) for r in rows) >= 3  # really packed
-    batch = to_tensors(rows, tokenizer.pad_token_id, attention, torch.device("cpu"))
-    assert batch["attention_mask"].shape == (len(rows), 1, batch["input_ids"].shape[1], batch["input_ids"].shape[1])
+    batch = to_tensors(rows, tokenizer.pad_token_id, attention, torch.device(device))
+    if attention != "flash_attention_2":
+        width = batch["input_ids"].shape[1]
+        assert batch["attention_mask"].shape == (len(rows), 1, width, width)
     with torch.no_grad():
         packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        offset = 0  # flash_attention_2: one padding-free sequence
         for b, row in enumerate(rows):
             start = 0
             for n in row.lengths:
-                alone = model(torch.tensor([row.input_ids[start : start + n]])).logits[0]
-                torch.testing.assert_close(packed[b, start : start + n], alone, atol=1e-5, rtol=0)
+                alone = model(torch.tensor([row.input_ids[start : start + n]], device=device)).logits[0]
+                got = packed[0, offset + start : offset + start + n] if attention == "flash_attention_2" \
+                    else packed[b, start : start + n]
+                torch.testing.assert_close(got.float(), alone.float(), atol=atol, rtol=0)
                 start += n
+            offset += len(row.input_ids)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_logits_equal_separate_runs(family, attention, tiny_llama, tiny_qwen2, tokenizer):
+    check_packed_logits({"llama": tiny_llama, "qwen2": tiny_qwen2}[family], tokenizer, attention, "cpu", 1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("attention", ["sdpa", "flash_attention_2"])
+def test_packed_logits_on_cuda(attention, tiny_llama, tokenizer):
+    """The same on an NVIDIA GPU, with varlen flash attention where flash_attn is installed."""
+    import importlib.util
+
+    if attention == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        pytest.skip("flash_attn is not installed")
+    dtype = torch.bfloat16 if attention == "flash_attention_2" else torch.float32
+    check_packed_logits(tiny_llama, tokenizer, attention, "cuda", 1e-4 if dtype == torch.float32 else 5e-2, dtype)
 
 
 def test_padding_free_layout_for_varlen_kernels():
