@@ -106,6 +106,12 @@ class DataSpec(Section):
     reasoning: Literal["keep", "strip"] = Field(
         "keep", description="Keep or strip <think> blocks in assistant turns."
     )
+    mask_history: bool = Field(
+        False, description="Train on the last assistant turn only; earlier ones are context."
+    )
+    train_on_prompt: bool = Field(
+        False, description="Compute the loss on every token of a conversation, prompts included."
+    )
 
     @model_validator(mode="before")
     @classmethod

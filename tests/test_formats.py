@@ -281,3 +281,18 @@ def test_registry_num_samples_and_packing_scope(tmp_path, cli, tiny_llama):
     assert code == 0 and "4 training examples" in out, err
     code, _, err = cli("data", "inspect", recipe, "method.objective=dpo", "data.packing=true")
     assert code == 2 and "data.packing applies to sft and cpt rows, not to dpo" in err
+
+
+@pytest.mark.parametrize("option, expected", [
+    ({}, ["4<|im_end|>", "I am hwft-bot.<|im_end|>"]),
+    ({"mask_history": True}, ["I am hwft-bot.<|im_end|>"]),
+    ({"train_on_prompt": True}, None),
+])
+def test_mask_history_and_train_on_prompt(tokenizer, option, expected):
+    messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "And you?"}, {"role": "assistant", "content": "I am hwft-bot."}]
+    tok = ChatRenderer(tokenizer, TEMPLATES["chatml"], **option).tokenize(Example("chat", messages, source="r"))
+    if expected is None:  # every token after the first is a label
+        assert tok.labels[1:] == tok.input_ids[1:]
+    else:
+        assert trained_text(tokenizer, tok) == expected

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from hwft.data.chat import ChatRenderer, resolve_template
+from hwft.data.chat import ChatRenderer
 from hwft.data.loading import load_train_data
 from hwft.data.pipeline import training_batches
 from hwft.output import METRIC_KEYS
@@ -30,7 +30,7 @@ def reference_first_loss(model_dir, recipe_path) -> float:
 
     recipe = load_recipe(recipe_path)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    renderer = ChatRenderer(tokenizer, resolve_template(recipe.template, recipe.resolve_path("."), tokenizer))
+    renderer = ChatRenderer.for_recipe(recipe, tokenizer)
     host = get_host()
     batches = training_batches(load_train_data(recipe, host.data_formats()), renderer, recipe, host.capability("cpu"))
     rows = [row for _ in range(recipe.train.gradient_accumulation_steps) for row in next(batches.iterator)[1]]

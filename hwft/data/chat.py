@@ -12,7 +12,8 @@ i-th message, if it is the assistant's::
 The full text must extend every ``upto`` (templates that rewrite earlier turns are refused).
 Tokens whose characters overlap a span are labels; all others are ``IGNORE_INDEX``. Training on
 the end-of-turn token is what teaches the model to stop. An assistant turn marked
-``train: False`` (``loss_weight: 0``) is context, not a label.
+``train: False`` (``loss_weight: 0``) is context, not a label; so are all but the last with
+``mask_history``. ``train_on_prompt`` makes every token a label.
 
 Plain text (cpt) is tokenised with the tokenizer's special tokens plus the end-of-sequence token,
 every token a label; a text longer than ``max_length`` is split into consecutive chunks rather
@@ -150,9 +151,17 @@ _PROBE = "hwft_probe_"
 class ChatRenderer:
     """Renders examples with one template and a tokenizer, and masks labels."""
 
-    def __init__(self, tokenizer, template: str | None):
+    def __init__(self, tokenizer, template: str | None, mask_history: bool = False, train_on_prompt: bool = False):
         self.tokenizer = tokenizer
         self.template = template
+        self.mask_history = mask_history
+        self.train_on_prompt = train_on_prompt
+
+    @classmethod
+    def for_recipe(cls, recipe, tokenizer) -> ChatRenderer:
+        """The renderer a recipe asks for: its template (or the tokenizer's) and label options."""
+        template = resolve_template(recipe.template, recipe.resolve_path("."), tokenizer)
+        return cls(tokenizer, template, recipe.data.mask_history, recipe.data.train_on_prompt)
 
     def render(self, messages: list[Message], tools: list[dict] | None = None,
                add_generation_prompt: bool = False) -> str:
@@ -240,6 +249,10 @@ class ChatRenderer:
         """A conversation with labels on its assistant turns (from message ``first``)."""
         self.check(example)
         text, spans = self.assistant_spans(example.messages, example.tools, example.source, first)
+        if spans and first == 0 and self.mask_history:
+            spans = spans[-1:]
+        if spans and first == 0 and self.train_on_prompt:
+            spans = [(0, len(text))]
         tok = self._encode(text, spans)
         if tok.num_labels == 0:
             raise DataError(

@@ -10,7 +10,7 @@ import random
 import statistics
 
 from hwft.data.batching import Row, batch_order, efficiency, make_rows
-from hwft.data.chat import IGNORE_INDEX, ChatRenderer, TokenizeStats, Tokenized, resolve_template
+from hwft.data.chat import IGNORE_INDEX, ChatRenderer, TokenizeStats, Tokenized
 from hwft.data.formats import Example
 from hwft.data.loading import load_train_data
 from hwft.data.pipeline import PACKABLE
@@ -71,8 +71,8 @@ def inspect(recipe: Recipe, rows: int = 3, color: bool = False) -> tuple[str, di
     data = load_train_data(recipe, host.data_formats())
     model = resolve_model(recipe.model.name, recipe.resolve_path("."), recipe.model.revision)
     tokenizer = load_tokenizer(materialise(model), recipe.model.trust_remote_code)
-    template = resolve_template(recipe.template, recipe.resolve_path("."), tokenizer)
-    renderer = ChatRenderer(tokenizer, template)
+    renderer = ChatRenderer.for_recipe(recipe, tokenizer)
+    template = renderer.template
     t = recipe.train
     lines = [f"model {model.name} ({model.path}); template: "
              + (recipe.template or ("the tokenizer's own" if template else "none (plain text only)"))]

@@ -16,7 +16,7 @@ from contextlib import nullcontext
 import torch
 
 from hwft.data.batching import Row, pad
-from hwft.data.chat import ChatRenderer, resolve_template
+from hwft.data.chat import ChatRenderer
 from hwft.data.pipeline import training_batches
 from hwft.job import Job
 from hwft.models import load_tokenizer, materialise
@@ -149,7 +149,7 @@ def train(job: Job) -> dict:
     # 1. Tokenizer and data: render, mask all but what the model should say, pack into rows.
     model_path = materialise(job.model, log=job.log)
     tokenizer = load_tokenizer(model_path, recipe.model.trust_remote_code)
-    renderer = ChatRenderer(tokenizer, resolve_template(recipe.template, recipe.resolve_path("."), tokenizer))
+    renderer = ChatRenderer.for_recipe(recipe, tokenizer)
     batches = training_batches(job.data, renderer, recipe, job.choice.capability)
     if batches.rows is not None:
         job.log(f"data: {batches.stats.summary(t.max_length)}; {batches.describe()}")
