@@ -17,7 +17,7 @@ class Terminal(io.StringIO):
 
 
 def record(step: int) -> dict:
-    return {"step": step, "loss": 1.0 / step, "lr": 1e-3, "grad_norm": 0.5,
+    return {"step": step, "epoch": step / 10, "loss": 1.0 / step, "lr": 1e-3, "grad_norm": 0.5,
             "tokens_per_second": 100.0, "trained_tokens_per_second": 40.0, "elapsed": float(step)}
 
 
