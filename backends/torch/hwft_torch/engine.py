@@ -22,9 +22,9 @@ from hwft.job import Job
 from hwft.models import load_tokenizer, materialise
 from hwft.progress import Progress
 from hwft.recipe import Recipe
-from hwft_torch.devices import torch_device
 from hwft_torch.losses import causal_lm_loss
 from hwft_torch.modeling import DTYPES, attention_implementation, load_model, save_result
+from hwft_torch.runtime import DeviceRuntime
 
 
 def seed_everything(seed: int) -> None:
@@ -38,22 +38,24 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def compute_dtype(recipe: Recipe, backend_name: str) -> torch.dtype:
-    """precision: auto is bf16 on GPUs that have it, fp32 on the CPU (exact, and portable)."""
+def compute_dtype(recipe: Recipe, runtime: DeviceRuntime) -> torch.dtype:
+    """precision: auto is bf16 on accelerators that have it, fp32 on the CPU (exact, portable)."""
     precision = recipe.train.precision
     if precision == "auto":
-        if backend_name != "cpu" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+        return torch.bfloat16 if runtime.type != "cpu" and runtime.bf16() else torch.float32
     return DTYPES[precision]
 
 
-def make_optimizer(model, recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(model, recipe: Recipe, runtime: DeviceRuntime) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     t = recipe.train
+    if runtime.optimizer is not None:
+        device_optimizer = runtime.optimizer(params, recipe)
+        if device_optimizer is not None:
+            return device_optimizer
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=device.type == "cuda")
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=runtime.type == "cuda")
 
 
 def make_scheduler(optimizer, recipe: Recipe, steps: int):
@@ -140,10 +142,10 @@ def to_tensors(rows: list[Row], pad_id: int, attention: str, device: torch.devic
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def train(job: Job) -> dict:
+def train(job: Job, runtime: DeviceRuntime) -> dict:
     recipe, t = job.recipe, job.recipe.train
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-    device = torch_device(job.choice.backend.name)
+    device = runtime.device()
     seed_everything(t.seed)
 
     # 1. Tokenizer and data: render, mask all but what the model should say, pack into rows.
@@ -158,14 +160,20 @@ def train(job: Job) -> dict:
     attention = attention_implementation(recipe)
 
     # 2. Model with its tuning, optimizer, schedule.
+    if runtime.before_load:
+        runtime.before_load(recipe)
     model = load_model(model_path, recipe, device)
+    if runtime.patch_model:
+        applied = runtime.patch_model(model, recipe)
+        if applied:
+            job.log(f"kernels: {', '.join(applied)}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    dtype = compute_dtype(recipe, job.choice.backend.name)
+    dtype = compute_dtype(recipe, runtime)
     job.log(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained ({recipe.method.tuning}), "
             f"compute {str(dtype).removeprefix('torch.')} on {device}")
     steps = batches.steps
-    optimizer = make_optimizer(model, recipe, device)
+    optimizer = make_optimizer(model, recipe, runtime)
     scheduler = make_scheduler(optimizer, recipe, steps)
     autocast = (
         torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()

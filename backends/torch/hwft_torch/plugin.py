@@ -10,13 +10,7 @@ HWFT_PLUGIN_API = "0.1"
 hookimpl = pluggy.HookimplMarker("hwft")
 
 
-def _train(job):
-    from hwft_torch.engine import train
-
-    return train(job)
-
-
 @hookimpl
 def hwft_register_backends(register):
-    for backend in devices.backends(_train):
+    for backend in devices.backends():
         register(backend)

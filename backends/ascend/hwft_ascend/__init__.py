@@ -1,0 +1,1 @@
+"""The Ascend NPU device for hwft's torch engine (distribution ``hwft-ascend``)."""
