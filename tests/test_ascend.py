@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.machinery
 import json
+import platform
+import sys
 import types
 
 import pytest
@@ -56,8 +58,8 @@ def fake_npu_stack(tmp_path, monkeypatch):
     """torch_npu 'installed' (the stand-in) with versions and a CANN toolkit of the test's choosing."""
     fake = npu_standin.make()
     fake.__spec__ = importlib.machinery.ModuleSpec("torch_npu", None)
-    monkeypatch.setitem(__import__("sys").modules, "torch_npu", fake)
-    info = tmp_path / "toolkit" / f"{__import__('platform').machine()}-linux" / "ascend_toolkit_install.info"
+    monkeypatch.setitem(sys.modules, "torch_npu", fake)
+    info = tmp_path / "toolkit" / f"{platform.machine()}-linux" / "ascend_toolkit_install.info"
     info.parent.mkdir(parents=True)
     monkeypatch.setenv("ASCEND_TOOLKIT_HOME", str(tmp_path / "toolkit"))
     monkeypatch.setattr(torch, "npu", types.SimpleNamespace(
@@ -134,7 +136,7 @@ def test_fused_kernels_match_the_unpatched_model(family, layout, tiny_llama, tin
     batch = _batch(tokenizer, layout)
     ref_logits, ref_grads = _run(model_dir, batch)
     standin = npu_standin.make()
-    monkeypatch.setitem(__import__("sys").modules, "torch_npu", standin)
+    monkeypatch.setitem(sys.modules, "torch_npu", standin)
     logits, grads, applied = _run(model_dir, batch, standin, ALL_KERNELS)
     assert applied == ["npu_rms_norm x5", "npu_swiglu x2", f"npu_rotary_mul in modeling_{family}",
                        "npu_fusion_attention"]
@@ -159,7 +161,7 @@ def test_a_wrong_kernel_is_caught(op, flags, tiny_llama, tokenizer, monkeypatch)
     batch = _batch(tokenizer, "packed")
     ref_logits, _ = _run(tiny_llama, batch)
     standin = npu_standin.make(wrong=op)
-    monkeypatch.setitem(__import__("sys").modules, "torch_npu", standin)
+    monkeypatch.setitem(sys.modules, "torch_npu", standin)
     logits, _, _ = _run(tiny_llama, batch, standin, flags)
     assert standin.calls[op] > 0
     assert (logits - ref_logits).abs().max().item() > 1e-3

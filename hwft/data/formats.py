@@ -39,8 +39,6 @@ from hwft.errors import did_you_mean
 hookimpl = pluggy.HookimplMarker("hwft")
 
 Message = dict[str, Any]
-ROLES = ("system", "user", "assistant", "tool")
-KINDS = ("chat", "text", "preference", "prompt")
 #: The kind of example each objective trains on.
 KIND_OF_OBJECTIVE = {"sft": "chat", "cpt": "text", "dpo": "preference", "grpo": "prompt"}
 
@@ -453,13 +451,8 @@ def collect_formats(pm: pluggy.PluginManager) -> dict[str, DataFormat]:
     """Every registered format by name. A plugin's parser may return a plain list of messages
     (a conversation); it is wrapped as a chat example."""
     found: dict[str, DataFormat] = {}
-    builtin = {f.name: f for f in BUILTIN_FORMATS}
 
     def register(name, parse, detect=None, description="", kind=None):
-        if name in builtin and parse is builtin[name].parse:
-            found[name] = builtin[name]
-            return
-
         def wrapped(row, mapping, _parse=parse):
             out = _parse(row, mapping)
             if isinstance(out, list):

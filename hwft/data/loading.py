@@ -23,7 +23,7 @@ from pathlib import Path
 
 from hwft.data.formats import KIND_OF_OBJECTIVE, DataFormat, Example, Mapping
 from hwft.data.reading import iter_rows
-from hwft.data.registry import lookup
+from hwft.data.registry import lookup, read_registry
 from hwft.errors import DataError, RecipeError, did_you_mean
 from hwft.recipe import DatasetSpec, Recipe
 
@@ -47,10 +47,12 @@ class Source:
 
 def resolve_sources(recipe: Recipe, specs: list[DatasetSpec], split: str = "train") -> list[Source]:
     out = []
+    registry_path = recipe.resolve_path(recipe.data.registry) if recipe.data.registry else None
+    registry = read_registry(registry_path) if any(s.name for s in specs) else {}
     for i, spec in enumerate(specs):
         label = f"data.{split}[{i}]"
         if spec.name is not None:
-            entry = lookup(recipe.resolve_path(recipe.data.registry), spec.name, recipe.method.objective)
+            entry = lookup(registry, registry_path, spec.name, recipe.method.objective)
             out.append(Source(
                 f"{label} ({spec.name})", entry.path,
                 spec.format if spec.format != "auto" else entry.format,

@@ -31,7 +31,7 @@ def packing_enabled(recipe: Recipe, capability: Capability) -> bool:
 class Batches:
     iterator: Iterator[tuple[int, list[Row]]]  #: endless (epoch, micro-batch)
     steps: int  #: optimizer steps of the run
-    stats: TokenizeStats  #: filled as examples are tokenised (streaming: as they stream)
+    stats: TokenizeStats | None  #: what tokenising found, in memory; None when streaming
     rows: list[Row] | None  #: every row, in memory; None when streaming
     packing: bool
 
@@ -47,14 +47,14 @@ def training_batches(data: TrainData, renderer: ChatRenderer, recipe: Recipe, ca
     packing = packing_enabled(recipe, capability)
     group = recipe.data.group_by_length and not packing
     if data.streaming:
-        stats = TokenizeStats()
         for example in data.examples:  # the rows checked up front tokenise, or fail now
             renderer.encode(example, t.max_length, TokenizeStats())
+        # Counts over an endless stream would only grow; each example gets a throwaway tally.
         iterator = streamed_batches(
-            data.stream(t.seed), lambda e: renderer.encode(e, t.max_length, stats), t.max_length,
+            data.stream(t.seed), lambda e: renderer.encode(e, t.max_length, TokenizeStats()), t.max_length,
             packing, t.micro_batch_size, t.seed, recipe.data.shuffle_buffer, group,
         )
-        return Batches(iterator, t.max_steps, stats, None, packing)
+        return Batches(iterator, t.max_steps, None, None, packing)
     tokenized, stats = tokenize_examples(data.examples, renderer, t.max_length)
     rows = make_rows(tokenized, t.max_length, packing)
     per_epoch = batches_per_epoch(len(rows), t.micro_batch_size, group)

@@ -49,9 +49,8 @@ def read_registry(path: Path) -> dict:
     return registry
 
 
-def lookup(path: Path, name: str, objective: str) -> RegistryEntry:
-    """The registry entry ``name``, translated for ``objective``."""
-    registry = read_registry(path)
+def lookup(registry: dict, path: Path, name: str, objective: str) -> RegistryEntry:
+    """The entry ``name`` of ``registry`` (read from ``path``), translated for ``objective``."""
     if name not in registry:
         local = [n for n, e in registry.items() if "file_name" in e]
         raise DataError(
