@@ -25,3 +25,13 @@ def hwft_register_data_formats(register):
     field; ``detect(row, mapping)`` says whether a row looks like this format; ``kind`` is the
     Example kind it makes (chat, text, preference, prompt). See hwft.data.formats.
     """
+
+
+@hookspec
+def hwft_register_rewards(register):
+    """Register GRPO reward functions: ``register(name, function, description="")``.
+
+    ``function(samples, **args)`` takes a list of ``hwft.rewards.Sample`` (prompt, completion,
+    reference, completion_tokens, truncated) and returns one float per sample; ``args`` come
+    from the recipe (``method.grpo.rewards: [{name, weight, args}]``). Since plugin API 0.2.
+    """

@@ -181,6 +181,12 @@ class PluginHost:
 
         return collect_formats(self.pm)
 
+    def rewards(self) -> dict:
+        """GRPO reward functions by name (hwft.rewards.Reward)."""
+        from hwft.rewards import collect_rewards
+
+        return collect_rewards(self.pm)
+
 
 def _dist_version(name: str) -> str | None:
     try:
@@ -196,9 +202,10 @@ def get_host() -> PluginHost:
     """The process-wide host, built on first use."""
     global _HOST
     if _HOST is None:
+        from hwft import rewards
         from hwft.data import formats
 
-        _HOST = PluginHost(builtins={"core": formats})
+        _HOST = PluginHost(builtins={"core": formats, "core-rewards": rewards})
     return _HOST
 
 

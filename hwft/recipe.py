@@ -47,6 +47,11 @@ class ModelSpec(Section):
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with the model. Off unless you trust it."
     )
+    adapter: str | None = Field(
+        None,
+        description="A PEFT LoRA adapter folder to continue training from (tuning lora or qlora); "
+        "its rank and targets replace method.lora's.",
+    )
 
 
 class DatasetSpec(Section):
@@ -156,34 +161,77 @@ class LoraSpec(Section):
     target_modules: str | list[str] = Field(
         "all-linear", description="'all-linear' or a list of module names (q_proj, v_proj, ...)."
     )
+    dora: bool = Field(False, description="DoRA: learn each weight's magnitude apart from its direction.")
+    rslora: bool = Field(False, description="rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r.")
 
 
 class QLoraSpec(Section):
     bits: Literal[4, 8] = Field(4, description="Bits of the quantised base weights.")
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
     double_quant: bool = Field(True, description="Quantise the quantisation constants too.")
-    compute_dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Matmul dtype.")
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Dtype the de-quantised matmuls run in; auto: the run's compute dtype."
+    )
     allow_fallback: bool = Field(
-        False, description="Where the device cannot quantise, train plain LoRA instead (logged)."
+        False,
+        description="Where the device cannot quantise (no bitsandbytes), train plain LoRA on the "
+        "unquantised base instead; the fallback is logged.",
     )
 
 
 class DpoSpec(Section):
     beta: float = Field(0.1, gt=0, description="Strength of the KL constraint to the reference.")
-    loss: Literal["sigmoid", "ipo", "hinge"] = Field("sigmoid", description="DPO loss variant.")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO smoothing.")
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
+        "sigmoid", description="DPO loss variant (maths in hwft_torch.losses.dpo_loss)."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Probability that a pair's labels are flipped (cDPO for "
+        "sigmoid, robust DPO for robust)."
+    )
     reference: Literal["auto", "precomputed"] = Field(
-        "auto", description="auto: adapter disabled (LoRA) or frozen copy (full)."
+        "auto",
+        description="auto: the base with the adapter disabled (lora, qlora) or a frozen copy (full); "
+        "precomputed: reference log-probabilities computed once before training (no second model).",
     )
 
 
+class RewardSpec(Section):
+    name: str = Field(description="A registered reward function (`hwft plugins` lists them).")
+    weight: float = Field(1.0, description="Weight in the summed reward.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the function.")
+
+
 class GrpoSpec(Section):
-    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt.")
+    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (one group).")
     max_new_tokens: int = Field(128, gt=0, description="Length limit of each completion.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts.")
-    beta: float = Field(0.04, ge=0, description="KL penalty to the reference policy.")
-    epsilon: float = Field(0.2, gt=0, description="Clipping range of the policy ratio.")
-    rewards: list[str] = Field(default_factory=list, description="Registered reward functions.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts (log-probs use it too).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of rollouts.")
+    beta: float = Field(0.04, ge=0, description="Weight of the KL penalty to the reference policy (0: none).")
+    kl_correction: bool = Field(
+        True, description="Weight the KL term by the policy ratio (unbiased reverse-KL gradient, TRL's default)."
+    )
+    epsilon: float = Field(0.2, gt=0, description="Lower clipping range of the policy ratio.")
+    epsilon_high: float | None = Field(None, gt=0, description="Upper clipping range (default: epsilon).")
+    num_iterations: int = Field(
+        1, ge=1, description="Optimizer steps taken on each batch of rollouts (ratio clipping acts from the 2nd)."
+    )
+    loss_type: Literal["dapo", "grpo", "dr_grpo"] = Field(
+        "dapo", description="How per-token losses are averaged (see hwft_torch.losses.grpo_loss)."
+    )
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="Divide advantages by the reward std of the group, of the batch, or not at all."
+    )
+    rewards: list[RewardSpec] = Field(
+        default_factory=list, description="Reward functions, summed with their weights."
+    )
+
+    @field_validator("rewards", mode="before")
+    @classmethod
+    def _reward_shorthand(cls, value: Any) -> Any:
+        # `rewards: [exact_match, format]` is a shorthand for [{name: exact_match}, ...]
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
 
 
 class MethodSpec(Section):
@@ -205,7 +253,10 @@ class TrainSpec(Section):
     warmup_steps: int = Field(0, ge=0, description="Linear warmup, in optimizer steps.")
     epochs: float = Field(1.0, gt=0, description="Passes over the data (ignored if max_steps).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
-    micro_batch_size: int = Field(4, gt=0, description="Rows per forward pass.")
+    micro_batch_size: int = Field(
+        4, gt=0, description="Rows per forward pass (dpo: preference pairs; grpo: prompts, each "
+        "with num_generations completions)."
+    )
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per step.")
     max_length: int = Field(1024, gt=1, description="Truncate examples to this many tokens.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm.")
@@ -298,6 +349,8 @@ class Recipe(Section):
                 spec["path"] = str(self.resolve_path(spec["path"]))
         if raw["data"]["registry"]:
             raw["data"]["registry"] = str(self.resolve_path(raw["data"]["registry"]))
+        if raw["model"]["adapter"]:
+            raw["model"]["adapter"] = str(self.resolve_path(raw["model"]["adapter"]))
         if raw["template"] and raw["template"].endswith(".jinja"):
             raw["template"] = str(self.resolve_path(raw["template"]))
         return yaml.safe_dump(raw, sort_keys=False)

@@ -59,6 +59,8 @@ class Capability:
     collective: str | None = None  #: gloo, nccl, rccl, hccl, mlx-ring
     parallel: tuple[str, ...] = ("none",)  #: parallel.strategy values
     packing: bool = False  #: honours data.packing without cross-example attention
+    #: why something is missing, by recipe value (e.g. {"qlora": "bitsandbytes is not installed"})
+    notes: Mapping[str, str] = field(default_factory=dict)
 
     def runs(self, objective: str, tuning: str) -> bool:
         return tuning in self.methods.get(objective, ())
@@ -66,6 +68,7 @@ class Capability:
     def to_json(self) -> dict:
         d = asdict(self)
         d["methods"] = {k: list(v) for k, v in self.methods.items()}
+        d["notes"] = dict(self.notes)
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
 

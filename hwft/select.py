@@ -59,7 +59,15 @@ def capability_problems(recipe: Recipe, cap: Capability) -> list[str]:
     """What in the recipe this capability record cannot do, each naming what it can."""
     out = []
     m = recipe.method
-    if not cap.runs(m.objective, m.tuning):
+    lora_instead = m.tuning == "qlora" and cap.runs(m.objective, "lora")
+    if lora_instead and not cap.runs(m.objective, "qlora"):
+        if not m.qlora.allow_fallback:
+            why = cap.notes.get("qlora", "no 4-bit or 8-bit quantisation on this device")
+            out.append(
+                f"method.tuning 'qlora' ({why}); use tuning: lora (with train.precision: bf16 where the "
+                "device has it), or set method.qlora.allow_fallback: true to do that automatically"
+            )
+    elif not cap.runs(m.objective, m.tuning):
         runs = cap.methods.get(m.objective)
         if runs:
             out.append(f"method.tuning '{m.tuning}' with objective '{m.objective}' (it runs: {', '.join(runs)})")
@@ -116,7 +124,8 @@ def preflight(recipe: Recipe, host: PluginHost) -> None:
             "(see `hwft plugins` for plugins that failed to load)"
         )
     m = recipe.method
-    if not any(host.capability(n).runs(m.objective, m.tuning) for n in host.backends):
+    tunings = (m.tuning, "lora") if m.tuning == "qlora" and m.qlora.allow_fallback else (m.tuning,)
+    if not any(host.capability(n).runs(m.objective, t) for n in host.backends for t in tunings):
         implemented = sorted(
             {f"{o}/{t}" for n in host.backends for o, ts in host.capability(n).methods.items() for t in ts}
         )

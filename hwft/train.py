@@ -16,6 +16,7 @@ from hwft.models import ResolvedModel, resolve_model
 from hwft.output import RunDir
 from hwft.plugins import PluginHost, get_host
 from hwft.recipe import Recipe
+from hwft.rewards import check_rewards
 from hwft.select import Choice, preflight, select_backend
 
 
@@ -40,6 +41,8 @@ def plan_run(recipe: Recipe, host: PluginHost | None = None) -> Plan:
     """Everything that can be checked without loading weights; raises UserError."""
     host = host or get_host()
     preflight(recipe, host)
+    if recipe.method.objective == "grpo":
+        check_rewards(recipe.method.grpo.rewards, host.rewards())
     data = load_train_data(recipe, host.data_formats())
     model = resolve_model(recipe.model.name, recipe.resolve_path("."), recipe.model.revision)
     choice = select_backend(recipe, host)

@@ -91,7 +91,7 @@ ALL_KERNELS = {"fused_rms_norm": True, "fused_rope": True, "fused_swiglu": True,
 
 
 def _batch(tokenizer, layout: str) -> dict:
-    from hwft_torch.engine import to_tensors
+    from hwft_torch.objective import to_tensors
 
     renderer = ChatRenderer(tokenizer, tokenizer.chat_template)
     examples = [Example("chat", r["messages"], source=str(i)) for i, r in enumerate(SAMPLE_ROWS)]

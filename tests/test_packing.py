@@ -46,7 +46,7 @@ def check_packed_logits(model_dir, tokenizer, attention: str, device: str, atol:
     """Logits of packed rows (as the engine builds them) against each example run alone."""
     from transformers import AutoModelForCausalLM
 
-    from hwft_torch.engine import to_tensors
+    from hwft_torch.objective import to_tensors
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attention)
     model = model.to(device).eval()
@@ -92,7 +92,7 @@ def test_packed_logits_on_cuda(attention, tiny_llama, tokenizer):
 
 
 def test_padding_free_layout_for_varlen_kernels():
-    from hwft_torch.engine import to_tensors
+    from hwft_torch.objective import to_tensors
 
     rows = make_rows([Tokenized([7, 8, 9], [IGNORE_INDEX, 8, 9]), Tokenized([5, 6], [IGNORE_INDEX, 6])], 4, True)
     batch = to_tensors(rows, 0, "flash_attention_2", torch.device("cpu"))

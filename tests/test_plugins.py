@@ -196,9 +196,11 @@ def test_env_json_schema(site, cli):
     assert cpu["available"] and cpu["engine"] == "torch" and cpu["priority"] == 100
     assert set(cpu["capability"]) == {
         "methods", "dtypes", "quantization", "attention", "fused_kernels", "compile",
-        "collective", "parallel", "packing",
+        "collective", "parallel", "packing", "notes",
     }
-    assert cpu["capability"]["methods"] == {"sft": ["full", "lora"], "cpt": ["full", "lora"]}
+    every = ["full", "lora", "qlora"]
+    assert cpu["capability"]["methods"] == {"sft": every, "cpt": every, "dpo": every, "grpo": every}
+    assert cpu["capability"]["quantization"] == ["bnb-nf4", "bnb-fp4", "bnb-int8"]
     assert cpu["capability"]["packing"] is True
     assert cpu["capability"]["collective"] == "gloo"
     assert "torch" in cpu["details"]

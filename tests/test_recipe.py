@@ -97,8 +97,9 @@ def test_debug_shows_the_traceback(tmp_path):
 @pytest.mark.parametrize(
     "sections, message",
     [
-        ({"method": {"objective": "dpo"}}, "objective 'dpo' with tuning 'lora' is not implemented yet"),
-        ({"method": {"tuning": "qlora"}}, "tuning 'qlora' is not implemented yet"),
+        ({"method": {"objective": "grpo"}}, "objective grpo needs at least one reward in method.grpo.rewards"),
+        ({"method": {"objective": "grpo", "grpo": {"rewards": ["exact_mach"]}}},
+         "method.grpo.rewards[0]: unknown reward 'exact_mach'; did you mean 'exact_match'?"),
         ({"data": {"train": [{"path": "train.jsonl"}], "eval": [{"path": "train.jsonl"}]}},
          "data.eval is not implemented yet (evaluation datasets)"),
         ({"parallel": {"offload_optimizer": True}}, "parallel.offload_optimizer is not implemented yet"),

@@ -115,6 +115,8 @@ class PreferencePair:
     chosen: Tokenized
     rejected: Tokenized
     prompt_length: int  #: tokens shared by both, before the answers
+    #: (chosen, rejected) summed log-probabilities under the reference, when precomputed (dpo)
+    reference_logps: tuple[float, float] | None = None
 
 
 @dataclass
@@ -140,7 +142,7 @@ class TokenizeStats:
         if self.split:
             text += f", {self.split} long texts split into max_length chunks"
         if self.dropped:
-            text += f", {self.dropped} dropped (no assistant token left after truncation)"
+            text += f", {self.dropped} dropped (nothing left to learn within max_length)"
         return text
 
 

@@ -137,6 +137,11 @@ def check_settings(recipe: Recipe) -> None:
     """Data settings that do not fit together."""
     if recipe.data.streaming and not recipe.train.max_steps:
         raise RecipeError("data.streaming needs train.max_steps: a stream has no known length")
+    if recipe.data.streaming and recipe.method.objective not in ("sft", "cpt"):
+        raise RecipeError(
+            f"data.streaming applies to sft and cpt, not to {recipe.method.objective} "
+            "(preference and prompt sets are read into memory); remove it"
+        )
     if recipe.data.packing and recipe.method.objective not in ("sft", "cpt"):
         raise RecipeError(
             f"data.packing applies to sft and cpt rows, not to {recipe.method.objective}; remove it"

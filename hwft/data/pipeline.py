@@ -1,7 +1,10 @@
 """From parsed examples to the micro-batches an engine trains on, the same for every engine.
 
-in memory:  examples -> tokens and masks -> rows (packed or not) -> seeded micro-batches per epoch
-streaming:  example stream -> windows of ``shuffle_buffer`` -> the same steps per window
+sft, cpt   examples -> tokens and masks -> rows (packed or not) -> seeded micro-batches per epoch;
+           streaming: example stream -> windows of ``shuffle_buffer`` -> the same per window
+dpo        preference rows -> (prompt + chosen, prompt + rejected) pairs -> micro-batches of pairs
+grpo       prompt rows -> prompt token ids (+ reference answer) -> micro-batches of prompts; a
+           rollout batch is one optimizer step's prompts, reused ``num_iterations`` steps
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from hwft.data.batching import Row, batches_per_epoch, make_rows, micro_batches, streamed_batches, total_steps
-from hwft.data.chat import ChatRenderer, TokenizeStats, tokenize_examples
+from hwft.data.chat import ChatRenderer, PreferencePair, TokenizeStats, Tokenized, empty_error, tokenize_examples
+from hwft.data.formats import Example
 from hwft.data.loading import TrainData
+from hwft.errors import DataError, RecipeError
 from hwft.recipe import Recipe
 from hwft.records import Capability
 
@@ -29,20 +34,35 @@ def packing_enabled(recipe: Recipe, capability: Capability) -> bool:
 
 @dataclass
 class Batches:
-    iterator: Iterator[tuple[int, list[Row]]]  #: endless (epoch, micro-batch)
+    iterator: Iterator[tuple[int, list]]  #: endless (epoch, micro-batch of rows, pairs or prompts)
     steps: int  #: optimizer steps of the run
     stats: TokenizeStats | None  #: what tokenising found, in memory; None when streaming
-    rows: list[Row] | None  #: every row, in memory; None when streaming
+    rows: list | None  #: every row (sft, cpt), pair (dpo) or prompt (grpo), in memory; None when streaming
     packing: bool
+    unit: str = "rows"
 
     def describe(self) -> str:
         if self.rows is None:
             return f"streaming, packing {'on' if self.packing else 'off'}"
-        tokens = sum(len(r.input_ids) for r in self.rows)
-        return f"{len(self.rows)} rows ({tokens} tokens), packing {'on' if self.packing else 'off'}"
+        text = f"{len(self.rows)} {self.unit} ({self.stats.tokens} tokens)"
+        return text + (f", packing {'on' if self.packing else 'off'}" if self.unit == "rows" else "")
+
+
+@dataclass
+class Prompt:
+    """A GRPO prompt: token ids ready for generation, and what reward functions see."""
+
+    input_ids: list[int]
+    text: str  #: the last user turn
+    reference: str | None  #: the row's reference answer, if any
 
 
 def training_batches(data: TrainData, renderer: ChatRenderer, recipe: Recipe, capability: Capability) -> Batches:
+    """The micro-batches of a run, for any objective."""
+    if recipe.method.objective == "dpo":
+        return preference_batches(data, renderer, recipe)
+    if recipe.method.objective == "grpo":
+        return prompt_batches(data, renderer, recipe)
     t = recipe.train
     packing = packing_enabled(recipe, capability)
     group = recipe.data.group_by_length and not packing
@@ -60,3 +80,81 @@ def training_batches(data: TrainData, renderer: ChatRenderer, recipe: Recipe, ca
     per_epoch = batches_per_epoch(len(rows), t.micro_batch_size, group)
     steps = total_steps(per_epoch, t.gradient_accumulation_steps, t.epochs, t.max_steps)
     return Batches(micro_batches(rows, t.micro_batch_size, t.seed, group), steps, stats, rows, packing)
+
+
+def _epochs_of(items: list, recipe: Recipe, steps_per_batch_group: int = 1) -> tuple[Iterator, int]:
+    t = recipe.train
+    per_epoch = batches_per_epoch(len(items), t.micro_batch_size, False)
+    steps = total_steps(per_epoch, t.gradient_accumulation_steps, t.epochs, None)
+    steps = t.max_steps or steps * steps_per_batch_group
+    return micro_batches(items, t.micro_batch_size, t.seed), steps
+
+
+def truncate(tok: Tokenized, max_length: int) -> Tokenized:
+    return Tokenized(tok.input_ids[:max_length], tok.labels[:max_length])
+
+
+def preference_pairs(examples: list[Example], renderer: ChatRenderer, max_length: int) -> tuple[list[PreferencePair], TokenizeStats]:
+    """Tokenised pairs, both answers cut to ``max_length``; a pair whose chosen or rejected answer
+    has no token left is dropped (counted)."""
+    stats = TokenizeStats()
+    pairs = []
+    for example in examples:
+        pair = renderer.tokenize_preference(example)
+        if max(len(pair.chosen.input_ids), len(pair.rejected.input_ids)) > max_length:
+            stats.truncated += 1
+            pair = PreferencePair(truncate(pair.chosen, max_length), truncate(pair.rejected, max_length),
+                                  min(pair.prompt_length, max_length))
+        if not (pair.chosen.num_labels and pair.rejected.num_labels):
+            stats.dropped += 1
+            continue
+        stats.examples += 1
+        stats.add(pair.chosen)
+        stats.add(pair.rejected)
+        pairs.append(pair)
+    if not pairs:
+        raise empty_error(stats, max_length)
+    return pairs, stats
+
+
+def preference_batches(data: TrainData, renderer: ChatRenderer, recipe: Recipe) -> Batches:
+    pairs, stats = preference_pairs(data.examples, renderer, recipe.train.max_length)
+    iterator, steps = _epochs_of(pairs, recipe)
+    return Batches(iterator, steps, stats, pairs, False, unit="pairs")
+
+
+def prompt_items(examples: list[Example], renderer: ChatRenderer, max_prompt_length: int) -> tuple[list[Prompt], TokenizeStats]:
+    """Prompt token ids (rendered with the generation prompt); prompts longer than
+    ``max_prompt_length`` are dropped (counted)."""
+    stats = TokenizeStats()
+    prompts = []
+    for example in examples:
+        renderer.check(example)
+        ids = renderer.prompt_ids(example.messages, example.tools)
+        if len(ids) > max_prompt_length:
+            stats.dropped += 1
+            continue
+        users = [m["content"] for m in example.messages if m["role"] == "user"]
+        stats.examples += 1
+        stats.tokens += len(ids)
+        stats.lengths.append(len(ids))
+        prompts.append(Prompt(ids, users[-1] if users else "", example.reference))
+    if not prompts:
+        raise DataError(
+            f"no prompt left to train on: all {stats.dropped} are longer than train.max_length minus "
+            f"method.grpo.max_new_tokens ({max_prompt_length} tokens); raise train.max_length"
+        )
+    return prompts, stats
+
+
+def prompt_batches(data: TrainData, renderer: ChatRenderer, recipe: Recipe) -> Batches:
+    g = recipe.method.grpo
+    room = recipe.train.max_length - g.max_new_tokens
+    if room < 1:
+        raise RecipeError(
+            f"train.max_length ({recipe.train.max_length}) leaves no room for a prompt before "
+            f"method.grpo.max_new_tokens ({g.max_new_tokens}); raise train.max_length"
+        )
+    prompts, stats = prompt_items(data.examples, renderer, room)
+    iterator, steps = _epochs_of(prompts, recipe, g.num_iterations)
+    return Batches(iterator, steps, stats, prompts, False, unit="prompts")

@@ -12,7 +12,7 @@ import pluggy
 
 from hwft.records import PRIORITY_ACCELERATOR, Backend, Capability
 from hwft_ascend.probe import probe_npu
-from hwft_torch.devices import METHODS
+from hwft_torch.devices import quantised
 from hwft_torch.runtime import DeviceRuntime
 
 HWFT_PLUGIN_API = "0.1"
@@ -45,7 +45,7 @@ def capability_npu() -> Capability:
     avail = probe_npu()
     bf16 = ("bf16",) if not avail.available or avail.details.get("bf16") else ()
     return Capability(
-        methods={o: tuple(t for t in ts if t != "qlora") for o, ts in METHODS.items()},
+        **quantised("bitsandbytes has no Ascend NPU backend in the release hwft pins"),
         dtypes=("fp32", "fp16", *bf16),
         attention=("eager", "sdpa", "npu_fusion_attention"),
         fused_kernels=("rms_norm", "rope", "swiglu"),

@@ -17,8 +17,32 @@ from functools import cache
 from hwft.records import PRIORITY_ACCELERATOR, PRIORITY_CPU, Availability, Backend, Capability
 from hwft_torch.runtime import CPU, CUDA
 
-#: What the torch engine's training loop implements, for every torch device alike.
-METHODS = {"sft": ("full", "lora"), "cpt": ("full", "lora")}
+#: What the torch engine's training loop implements, for every torch device alike; qlora only
+#: where bitsandbytes can run (see :func:`methods`).
+TUNINGS = ("full", "lora", "qlora")
+METHODS = {objective: TUNINGS for objective in ("sft", "cpt", "dpo", "grpo")}
+#: bitsandbytes' formats, as Capability.quantization names them.
+BNB_FORMATS = ("bnb-nf4", "bnb-fp4", "bnb-int8")
+
+
+def bitsandbytes_missing() -> str | None:
+    """Why qlora cannot run with this torch engine, or None."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed (pip install bitsandbytes)"
+    return None
+
+
+def methods(without_qlora: str | None) -> dict[str, tuple[str, ...]]:
+    if without_qlora is None:
+        return METHODS
+    return {o: tuple(t for t in ts if t != "qlora") for o, ts in METHODS.items()}
+
+
+def quantised(device_note: str | None = None) -> dict:
+    """Capability fields for bitsandbytes QLoRA: methods, quantization, notes."""
+    why = device_note or bitsandbytes_missing()
+    return {"methods": methods(why), "quantization": () if why else BNB_FORMATS,
+            "notes": {"qlora": why} if why else {}}
 
 
 def dist_version(dist: str) -> str | None:
@@ -136,7 +160,7 @@ def _attention(*extra: str) -> tuple[str, ...]:
 
 def capability_cpu() -> Capability:
     return Capability(
-        methods=METHODS,
+        **quantised(),
         dtypes=("fp32", "bf16"),
         attention=("eager", "sdpa"),
         collective="gloo",
@@ -146,13 +170,13 @@ def capability_cpu() -> Capability:
 
 def capability_cuda() -> Capability:
     return Capability(
-        methods=METHODS, dtypes=("fp32", "bf16", "fp16"), attention=_attention(), collective="nccl", packing=True
+        **quantised(), dtypes=("fp32", "bf16", "fp16"), attention=_attention(), collective="nccl", packing=True
     )
 
 
 def capability_rocm() -> Capability:
     return Capability(
-        methods=METHODS, dtypes=("fp32", "bf16", "fp16"), attention=_attention(), collective="rccl", packing=True
+        **quantised(), dtypes=("fp32", "bf16", "fp16"), attention=_attention(), collective="rccl", packing=True
     )
 
 

@@ -1,8 +1,10 @@
-"""The torch training loop, top to bottom.
+"""The torch training loop, top to bottom, for every objective.
 
-load tokenizer -> tokenise, mask and pack the data -> load the model and its tuning -> optimizer
-and schedule -> answers before -> for each step: gather micro-batches, forward, loss, backward,
-clip, step, log, maybe checkpoint -> save -> answers after -> loss.png.
+load tokenizer -> tokenise the data (rows, pairs or prompts) -> load the model and its tuning
+(full, lora, qlora) -> the objective (sft/cpt, dpo, grpo) and its reference -> optimizer and
+schedule -> answers before -> for each step: the objective's micro-batches (grpo samples
+rollouts here), forward and loss, backward, clip, step, log, maybe checkpoint -> save ->
+answers after -> loss.png. The losses live in :mod:`hwft_torch.losses`, each with its maths.
 """
 
 from __future__ import annotations
@@ -15,15 +17,24 @@ from contextlib import nullcontext
 
 import torch
 
-from hwft.data.batching import Row, pad
 from hwft.data.chat import ChatRenderer
-from hwft.data.pipeline import training_batches
+from hwft.data.pipeline import Batches, training_batches
 from hwft.job import Job
 from hwft.models import load_tokenizer, materialise
+from hwft.plugins import get_host
 from hwft.progress import Progress
 from hwft.recipe import Recipe
-from hwft_torch.losses import causal_lm_loss
-from hwft_torch.modeling import DTYPES, attention_implementation, load_model, save_result
+from hwft_torch.dpo import Preference
+from hwft_torch.grpo import GroupRelative
+from hwft_torch.modeling import (
+    DTYPES,
+    Reference,
+    attention_implementation,
+    load_model,
+    quantised_linear_count,
+    save_result,
+)
+from hwft_torch.objective import LanguageModelling, Objective
 from hwft_torch.runtime import DeviceRuntime
 
 
@@ -102,53 +113,48 @@ def save(job: Job, model, tokenizer, final, state: dict | None = None) -> None:
             (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
 
 
-def block_causal_mask(rows: list[Row], width: int, dtype: torch.dtype | None) -> torch.Tensor:
-    """(batch, 1, width, width) mask letting each token attend to earlier tokens of its own
-    example only; right padding forms one more block, so no query row is fully masked.
-
-    ``dtype`` None gives a boolean mask (True = attend, as sdpa reads it); a float dtype gives
-    the additive form eager attention adds to its scores (0 or the dtype's minimum).
-    """
-    segments = torch.empty(len(rows), width, dtype=torch.long)
-    for b, row in enumerate(rows):
-        ids = [k for k, n in enumerate(row.lengths) for _ in range(n)]
-        segments[b] = torch.tensor(ids + [len(row.lengths)] * (width - len(ids)))
-    same = segments[:, :, None] == segments[:, None, :]
-    mask = (same & torch.ones(width, width, dtype=torch.bool).tril())[:, None]
-    if dtype is None:
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+def effective_tuning(job: Job) -> str:
+    """The recipe's tuning, or lora where qlora cannot run and the recipe allows the fallback
+    (selection has refused qlora otherwise)."""
+    m = job.recipe.method
+    if m.tuning == "qlora" and not job.choice.capability.runs(m.objective, "qlora"):
+        why = job.choice.capability.notes.get("qlora", "no quantisation on this device")
+        job.log(f"qlora: {why}; method.qlora.allow_fallback is set, so training plain LoRA on the "
+                "unquantised base instead")
+        return "lora"
+    return m.tuning
 
 
-def to_tensors(rows: list[Row], pad_id: int, attention: str, device: torch.device) -> dict[str, torch.Tensor]:
-    """Model inputs for a micro-batch, keeping attention within each packed example.
-
-    flash_attention_2 runs padding-free: all rows are concatenated into one sequence and the
-    kernel finds the examples from where ``position_ids`` restart (varlen). Other kernels get
-    right-padded rows and, when a row packs several examples, a block-diagonal causal mask
-    (position ids alone do not isolate examples for sdpa or eager attention).
-    """
-    if attention == "flash_attention_2":
-        flat = {
-            "input_ids": [t for r in rows for t in r.input_ids],
-            "labels": [t for r in rows for t in r.labels],
-            "position_ids": [p for r in rows for p in r.position_ids],
-        }
-        return {k: torch.tensor([v], device=device) for k, v in flat.items()}
-    batch = {k: torch.tensor(v) for k, v in pad(rows, pad_id).items()}
-    if any(len(r.lengths) > 1 for r in rows):
-        width = batch["input_ids"].shape[1]
-        batch["attention_mask"] = block_causal_mask(rows, width, torch.float32 if attention == "eager" else None)
-    return {k: v.to(device) for k, v in batch.items()}
+def make_objective(job: Job, batches: Batches, model, tokenizer, device, autocast) -> Objective:
+    recipe, t = job.recipe, job.recipe.train
+    m = recipe.method
+    if m.objective in ("sft", "cpt"):
+        return LanguageModelling(batches, t.gradient_accumulation_steps, tokenizer.pad_token_id,
+                                 attention_implementation(recipe), device)
+    if m.objective == "dpo":
+        # A continued adapter is its own reference: the starting policy, precomputed.
+        precompute = m.dpo.reference == "precomputed" or bool(recipe.model.adapter)
+        objective = Preference(batches, m.dpo, t.gradient_accumulation_steps, tokenizer.pad_token_id,
+                               device, None if precompute else Reference(model))
+        if precompute:
+            with autocast():
+                objective.precompute(model, t.micro_batch_size)
+            job.log(f"dpo: reference log-probabilities of {len(batches.rows)} pairs precomputed")
+        return objective
+    reference = Reference(model) if m.grpo.beta > 0 else None
+    return GroupRelative(batches, m.grpo, t.gradient_accumulation_steps, tokenizer, get_host().rewards(),
+                         device, reference, job.run_dir.path / "rollouts.jsonl", autocast)
 
 
 def train(job: Job, runtime: DeviceRuntime) -> dict:
     recipe, t = job.recipe, job.recipe.train
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     device = runtime.device()
     seed_everything(t.seed)
 
-    # 1. Tokenizer and data: render, mask all but what the model should say, pack into rows.
+    # 1. Tokenizer and data: render, mask all but what the model should say, pack into rows
+    #    (sft, cpt), pair answers (dpo) or collect prompts (grpo).
     model_path = materialise(job.model, log=job.log)
     tokenizer = load_tokenizer(model_path, recipe.model.trust_remote_code)
     renderer = ChatRenderer.for_recipe(recipe, tokenizer)
@@ -157,27 +163,30 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
         job.log(f"data: {batches.stats.summary(t.max_length)}; {batches.describe()}")
     else:
         job.log(f"data: {batches.describe()}")
-    attention = attention_implementation(recipe)
 
-    # 2. Model with its tuning, optimizer, schedule.
+    # 2. Model with its tuning, the objective, optimizer, schedule.
+    dtype = compute_dtype(recipe, runtime)
+    tuning = effective_tuning(job)
     if runtime.before_load:
         runtime.before_load(recipe)
-    model = load_model(model_path, recipe, device)
+    model = load_model(model_path, recipe, device, tuning, dtype)
     if runtime.patch_model:
         applied = runtime.patch_model(model, recipe)
         if applied:
             job.log(f"kernels: {', '.join(applied)}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    dtype = compute_dtype(recipe, runtime)
-    job.log(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained ({recipe.method.tuning}), "
+    quantised = f", {quantised_linear_count(model)} linear layers {recipe.method.qlora.bits}-bit" if tuning == "qlora" else ""
+    job.log(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained ({tuning}{quantised}), "
             f"compute {str(dtype).removeprefix('torch.')} on {device}")
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+    objective = make_objective(job, batches, model, tokenizer, device, autocast)
     steps = batches.steps
     optimizer = make_optimizer(model, recipe, runtime)
     scheduler = make_scheduler(optimizer, recipe, steps)
-    autocast = (
-        torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    )
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = t.max_grad_norm or float("inf")
@@ -188,26 +197,18 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
     progress = Progress(steps, t.log_every, quiet=job.quiet)
     model.train()
     start = last_log = time.perf_counter()
-    tokens_since_log = labels_since_log = rows_seen = 0
+    tokens_since_log = trained_since_log = 0
     losses_since_log: list[float] = []
     record: dict = {}
-    epoch = 0
     for step in range(1, steps + 1):
-        micro = [next(batches.iterator) for _ in range(t.gradient_accumulation_steps)]
-        # Normalise by every label token of the step, so accumulation equals one big batch.
-        num_items = sum(row.num_labels for _, batch in micro for row in batch)
         step_loss = 0.0
-        for epoch, batch in micro:
-            tensors = to_tensors(batch, tokenizer.pad_token_id, attention, device)
-            labels = tensors.pop("labels")
-            with autocast:
-                logits = model(**tensors).logits
-            loss = causal_lm_loss(logits, labels, num_items)
-            (scaler.scale(loss) if scaler else loss).backward()
-            step_loss += loss.item()
-            tokens_since_log += sum(len(row.input_ids) for row in batch)
-            rows_seen += len(batch)
-        labels_since_log += num_items
+        for micro in objective.step(model, step):
+            with autocast():
+                loss = objective.loss(model, micro)
+            (scaler.scale(loss.value) if scaler else loss.value).backward()
+            step_loss += loss.value.item()
+            tokens_since_log += loss.tokens
+            trained_since_log += loss.trained
         losses_since_log.append(step_loss)
         if scaler:
             scaler.unscale_(optimizer)
@@ -226,29 +227,30 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
             interval = max(now - last_log, 1e-9)
             record = {
                 "step": step,
-                # in memory: passes over the rows; streaming: shuffle windows begun
-                "epoch": round(rows_seen / len(batches.rows), 4) if batches.rows else epoch,
+                "epoch": objective.epoch(),
                 "loss": sum(losses_since_log) / len(losses_since_log),
                 "lr": lr,
                 "grad_norm": float(grad_norm),
                 "tokens_per_second": tokens_since_log / interval,
-                "trained_tokens_per_second": labels_since_log / interval,
+                "trained_tokens_per_second": trained_since_log / interval,
                 "elapsed": now - start,
+                **objective.log_metrics(),
             }
             job.run_dir.log_metrics(record)
             progress.update(record)
-            last_log, tokens_since_log, labels_since_log, losses_since_log = now, 0, 0, []
+            last_log, tokens_since_log, trained_since_log, losses_since_log = now, 0, 0, []
         if t.save_every and step % t.save_every == 0 and step < steps:
             save(job, model, tokenizer, job.run_dir.checkpoint_dir(step), state={"step": step})
             job.run_dir.prune_checkpoints(t.keep_checkpoints)
     progress.close()
 
     # 4. Save the result, show what changed, plot.
-    out = job.run_dir.adapter_dir if recipe.method.tuning == "lora" else job.run_dir.model_dir
+    out = job.run_dir.model_dir if tuning == "full" else job.run_dir.adapter_dir
     save(job, model, tokenizer, out)
     job.log(f"saved {out}")
     job.results["answers"] += show_answers(job, "after", model, tokenizer, renderer, device)
-    job.results.update(final_loss=record.get("loss"), steps=steps, output=str(out), model=model)
+    job.results.update(final_loss=record.get("loss"), steps=steps, output=str(out), model=model,
+                       tuning=tuning)
     if recipe.output.plot and job.run_dir.plot_loss() is None:
         job.log("loss.png skipped: matplotlib is not installed")
     return job.results

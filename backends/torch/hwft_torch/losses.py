@@ -29,3 +29,126 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items: int | 
         reduction="sum",
     )
     return total / num_items
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    r"""Per-token log-probabilities of the labels, shifted: entry (b, t) is
+    :math:`\log \mathrm{softmax}(z_{b,t} / T)_{y_{b,t+1}}` where :math:`y_{b,t+1} \ne -100`,
+    and 0 elsewhere. Shape (batch, length - 1), fp32."""
+    shift = logits[:, :-1, :].float()
+    if temperature != 1.0:
+        shift = shift / temperature
+    target = labels[:, 1:].to(shift.device)
+    mask = target != IGNORE_INDEX
+    picked = shift.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked - torch.logsumexp(shift, dim=-1)) * mask
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_tokens: torch.Tensor | None = None,
+    rejected_tokens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Per-pair DPO losses and the implicit rewards of the chosen and rejected answers.
+
+    With :math:`\log\pi(y|x)` the summed log-probability of an answer's tokens under the policy
+    and :math:`\log\pi_{ref}` under the reference, the log-ratios are
+    :math:`r_c = \log\pi(y_c|x) - \log\pi_{ref}(y_c|x)` and :math:`r_r` likewise, and
+    :math:`\Delta = r_c - r_r`. With :math:`\varepsilon` = ``label_smoothing``:
+
+    - ``sigmoid`` (DPO; cDPO when :math:`\varepsilon > 0`):
+      :math:`-(1-\varepsilon)\log\sigma(\beta\Delta) - \varepsilon\log\sigma(-\beta\Delta)`
+    - ``robust`` (rDPO, unbiased under flipped labels):
+      :math:`\frac{-(1-\varepsilon)\log\sigma(\beta\Delta) + \varepsilon\log\sigma(-\beta\Delta)}{1-2\varepsilon}`
+    - ``hinge`` (SLiC): :math:`\max(0, 1 - \beta\Delta)`
+    - ``ipo``: :math:`\left(\frac{r_c}{|y_c|} - \frac{r_r}{|y_r|} - \frac{1}{2\beta}\right)^2`, the
+      log-ratios averaged per answer token (``chosen_tokens``, ``rejected_tokens``), as TRL
+      computes IPO (the paper's :math:`\tau` is ``beta``).
+
+    The rewards are :math:`\beta r_c` and :math:`\beta r_r` (detached). The training loss is the
+    mean over the pairs of an optimizer step.
+    """
+    chosen_ratio = chosen_logps - ref_chosen_logps
+    rejected_ratio = rejected_logps - ref_rejected_logps
+    delta = chosen_ratio - rejected_ratio
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        losses = -(1 - eps) * F.logsigmoid(beta * delta) - eps * F.logsigmoid(-beta * delta)
+    elif loss_type == "robust":
+        losses = (-(1 - eps) * F.logsigmoid(beta * delta) + eps * F.logsigmoid(-beta * delta)) / (1 - 2 * eps)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * delta)
+    elif loss_type == "ipo":
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("ipo needs the answers' token counts")
+        per_token = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
+        losses = (per_token - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss '{loss_type}' (sigmoid, robust, hinge, ipo)")
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    ref_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    epsilon_low: float,
+    epsilon_high: float,
+    loss_type: str,
+    normaliser: float,
+    kl_correction: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""The GRPO policy loss of one micro-batch of completions, and its statistics.
+
+    For completion i of a group and its token t, with :math:`\rho_{i,t} = \exp(\log\pi_\theta -
+    \log\pi_{old})` the ratio to the policy that sampled the rollouts and :math:`A_i` the
+    group-normalised advantage :math:`(R_i - \mathrm{mean}(R_{group})) / (\mathrm{std}(R_{group}) + 10^{-4})`:
+
+    .. math::
+        \ell_{i,t} = -\min\left(\rho_{i,t} A_i,\ \mathrm{clip}(\rho_{i,t}, 1-\epsilon_{low}, 1+\epsilon_{high}) A_i\right)
+                     + \beta\, \mathrm{KL}_{i,t},\qquad
+        \mathrm{KL}_{i,t} = e^{\log\pi_{ref} - \log\pi_\theta} - (\log\pi_{ref} - \log\pi_\theta) - 1
+
+    (the k3 estimator, always >= 0), multiplied by :math:`\rho_{i,t}` when ``kl_correction`` (the
+    unbiased reverse-KL gradient of DeepSeek-V3.2, TRL's default; it changes the gradient even
+    where :math:`\rho = 1`). Log-probabilities use the sampling temperature. Aggregation
+    over the step's completions (``normaliser`` is computed over the whole optimizer step, so the
+    micro-batch losses add up to the step's loss however they are split):
+
+    - ``dapo`` (TRL's default): :math:`\sum_{i,t} \ell_{i,t} / N_{tokens}`, every token equal;
+    - ``grpo``: :math:`\sum_i \frac{1}{|o_i|}\sum_t \ell_{i,t} / N_{completions}`, every completion equal;
+    - ``dr_grpo``: :math:`\sum_{i,t} \ell_{i,t} / (N_{completions} \cdot L_{max})`, no length bias.
+
+    With one optimizer step per rollout batch, :math:`\rho = 1` and clipping never acts; it acts
+    from the second pass (``num_iterations`` > 1).
+    """
+    mask = mask.to(logps.dtype)
+    ratio = torch.exp(logps - old_logps)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    adv = advantages.unsqueeze(1)
+    per_token = -torch.min(ratio * adv, clipped * adv)
+    stats = {}
+    if beta != 0.0:
+        diff = ref_logps - logps
+        kl = torch.exp(diff) - diff - 1
+        per_token = per_token + beta * (kl * ratio if kl_correction else kl)
+        stats["kl"] = (kl * mask).sum().detach()
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / normaliser
+    elif loss_type in ("dapo", "dr_grpo"):
+        loss = (per_token * mask).sum() / normaliser
+    else:
+        raise ValueError(f"unknown GRPO loss type '{loss_type}' (dapo, grpo, dr_grpo)")
+    region = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
+    stats["clipped"] = (region * mask).sum().detach()
+    stats["tokens"] = mask.sum().detach()
+    return loss, stats

@@ -1,7 +1,15 @@
-"""Loading the model and tokenizer, applying the tuning, and saving the result."""
+"""Loading the model with its tuning (full, LoRA, QLoRA), the reference model, and saving.
+
+QLoRA: the base's linear layers are loaded as bitsandbytes 4-bit (NF4 or FP4, optionally double
+quantised) or 8-bit modules, frozen; LoRA adapters on top train in the compute dtype. The saved
+adapter is a plain PEFT adapter whose base is the *unquantised* model folder, so it loads (and
+merges) onto the full-precision weights.
+"""
 
 from __future__ import annotations
 
+import copy
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,13 +24,32 @@ def attention_implementation(recipe: Recipe) -> str:
     return "sdpa" if recipe.kernels.attention == "auto" else recipe.kernels.attention
 
 
-def load_model(path: Path, recipe: Recipe, device: torch.device):
-    """The base model in fp32 (mixed precision runs under autocast), with its tuning applied."""
+def quantization_config(recipe: Recipe, compute_dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for method.qlora."""
+    from transformers import BitsAndBytesConfig
+
+    q = recipe.method.qlora
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    dtype = compute_dtype if q.compute_dtype == "auto" else DTYPES[q.compute_dtype]
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def load_model(path: Path, recipe: Recipe, device: torch.device, tuning: str, compute_dtype: torch.dtype):
+    """The base model (fp32 weights, or quantised for qlora; mixed precision runs under
+    autocast), with its tuning applied. ``tuning`` is the one that runs (after any fallback)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # hwft draws its own progress
-
+    extra = {}
+    if tuning == "qlora":
+        extra = {"quantization_config": quantization_config(recipe, compute_dtype), "device_map": {"": device}}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,
@@ -30,22 +57,49 @@ def load_model(path: Path, recipe: Recipe, device: torch.device):
             attn_implementation=attention_implementation(recipe),
             trust_remote_code=recipe.model.trust_remote_code,
             local_files_only=True,
+            **extra,
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load a causal language model from {path}: {exc}") from None
-    model.to(device)
-    if recipe.parallel.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointing = recipe.parallel.activation_checkpointing
+    if tuning == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        # Freezes the base, keeps norms and embeddings in fp32, and (optionally) checkpoints.
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    else:
+        model.to(device)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing:
         model.config.use_cache = False
-    if recipe.method.tuning == "lora":
+    if tuning in ("lora", "qlora"):
         model = add_lora(model, recipe)
     return model
 
 
 def add_lora(model, recipe: Recipe):
-    """Wrap in a peft LoRA adapter: W x + (alpha / r) * B A x, B initialised to zero."""
-    from peft import LoraConfig, get_peft_model
+    """Wrap in a peft LoRA adapter: W x + s * B A x with B initialised to zero and s = alpha / r
+    (rsLoRA: alpha / sqrt(r)); DoRA also learns a per-output magnitude. With model.adapter, the
+    saved adapter is loaded, trainable, instead of a new one."""
+    from peft import LoraConfig, PeftModel, get_peft_model
 
+    if recipe.parallel.activation_checkpointing:
+        model.enable_input_require_grads()
+    if recipe.model.adapter:
+        folder = recipe.resolve_path(recipe.model.adapter)
+        if not (folder / "adapter_config.json").is_file():
+            raise ModelError(
+                f"model.adapter: {folder} is not a PEFT adapter folder (no adapter_config.json); "
+                "give the adapter/ folder of an earlier run"
+            )
+        try:
+            return PeftModel.from_pretrained(model, folder, is_trainable=True)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ModelError(f"model.adapter: cannot load {folder} onto this model: {exc}") from None
     spec = recipe.method.lora
     config = LoraConfig(
         task_type="CAUSAL_LM",
@@ -53,10 +107,47 @@ def add_lora(model, recipe: Recipe):
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
         target_modules=spec.target_modules,
+        use_dora=spec.dora,
+        use_rslora=spec.rslora,
     )
-    if recipe.parallel.activation_checkpointing:
-        model.enable_input_require_grads()
     return get_peft_model(model, config)
+
+
+def quantised_linear_count(model) -> int:
+    """How many linear layers are bitsandbytes 4-bit or 8-bit modules."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    return sum(isinstance(m, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt) for m in model.modules())
+
+
+class Reference:
+    """The frozen reference policy of DPO and GRPO.
+
+    With an adapter (lora, qlora) it is the same model with the adapter disabled: no second copy
+    in memory. For full tuning it is a frozen copy made before the first update (or one given).
+    """
+
+    def __init__(self, model, copy_of: torch.nn.Module | None = None):
+        from peft import PeftModel
+
+        self.model = model
+        self.frozen = copy_of
+        if copy_of is None and not isinstance(model, PeftModel):
+            self.frozen = copy.deepcopy(model).eval()
+        if self.frozen is not None:
+            self.frozen.requires_grad_(False)
+
+    @contextmanager
+    def active(self):
+        """Yields the module that computes the reference policy, with gradients off."""
+        with torch.no_grad():
+            if self.frozen is not None:
+                yield self.frozen
+            else:
+                with self.model.disable_adapter():
+                    yield self.model
 
 
 def save_result(model, tokenizer, out_dir: Path, recipe: Recipe) -> None:

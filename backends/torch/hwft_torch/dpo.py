@@ -1,0 +1,83 @@
+"""DPO: preference pairs against a frozen reference policy (:func:`hwft_torch.losses.dpo_loss`).
+
+One forward computes a micro-batch's chosen and rejected sequences together (rows ``[chosen...,
+rejected...]``, right-padded); the answers' summed token log-probabilities under the policy and
+the reference give the loss. The reference is the base with the adapter disabled (lora, qlora),
+a frozen copy (full), or log-probabilities computed once before training (``reference:
+precomputed``; then no reference model is held at all).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hwft.data.batching import Row, pad
+from hwft.data.chat import PreferencePair
+from hwft.data.pipeline import Batches
+from hwft.recipe import DpoSpec
+from hwft_torch.losses import dpo_loss, token_logps
+from hwft_torch.modeling import Reference
+from hwft_torch.objective import Loss, Objective
+
+
+def pair_tensors(pairs: list[PreferencePair], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask and labels of ``[chosen..., rejected...]``, right-padded."""
+    rows = [Row(t.input_ids, t.labels, [len(t.input_ids)]) for t in
+            [p.chosen for p in pairs] + [p.rejected for p in pairs]]
+    batch = pad(rows, pad_id)
+    return {k: torch.tensor(batch[k], device=device) for k in ("input_ids", "attention_mask", "labels")}
+
+
+def answer_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probabilities of each row's label tokens, split into (chosen, rejected)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return token_logps(logits, batch["labels"]).sum(-1).chunk(2)
+
+
+class Preference(Objective):
+    def __init__(self, batches: Batches, spec: DpoSpec, accumulation: int, pad_id: int,
+                 device: torch.device, reference: Reference | None):
+        super().__init__(batches)
+        self.spec, self.accumulation, self.pad_id, self.device = spec, accumulation, pad_id, device
+        self.reference = reference  #: None: every pair carries precomputed reference log-probs
+
+    @torch.no_grad()
+    def precompute(self, model, batch_size: int) -> None:
+        """Reference log-probabilities of every pair under ``model`` as it is now (before the
+        first update the policy is the reference), stored on the pairs."""
+        was_training = model.training
+        model.eval()
+        pairs = self.batches.rows
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            chosen, rejected = answer_logps(model, pair_tensors(chunk, self.pad_id, self.device))
+            for pair, c, r in zip(chunk, chosen.tolist(), rejected.tolist(), strict=True):
+                pair.reference_logps = (c, r)
+        model.train(was_training)
+
+    def step(self, model, step: int) -> list[tuple[list[PreferencePair], int]]:
+        micro = self.draw(self.accumulation)
+        pairs = sum(len(batch) for batch in micro)
+        return [(batch, pairs) for batch in micro]
+
+    def loss(self, model, micro: tuple[list[PreferencePair], int]) -> Loss:
+        pairs, step_pairs = micro
+        batch = pair_tensors(pairs, self.pad_id, self.device)
+        chosen, rejected = answer_logps(model, batch)
+        if self.reference is None:
+            ref = torch.tensor([p.reference_logps for p in pairs], device=self.device)
+            ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
+        else:
+            with self.reference.active() as reference_model:
+                ref_chosen, ref_rejected = answer_logps(reference_model, batch)
+        counts = (batch["labels"][:, 1:] != -100).sum(-1).float().chunk(2)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            chosen, rejected, ref_chosen, ref_rejected, self.spec.beta, self.spec.loss,
+            self.spec.label_smoothing, *counts,
+        )
+        margins = chosen_rewards - rejected_rewards
+        for c, r, m in zip(chosen_rewards.tolist(), rejected_rewards.tolist(), margins.tolist(), strict=True):
+            self.note(**{"rewards/chosen": c, "rewards/rejected": r, "rewards/margins": m,
+                         "rewards/accuracy": float(m > 0)})
+        return Loss(losses.sum() / step_pairs, int(batch["attention_mask"].sum()),
+                    int(sum(counts).sum()))

@@ -1,0 +1,199 @@
+"""GRPO: sample a group of completions per prompt, score them, push the policy toward the
+better ones of each group (:func:`hwft_torch.losses.grpo_loss`).
+
+Every ``num_iterations`` optimizer steps a rollout batch is made from the next step's prompts:
+
+1. each micro-batch of prompts is repeated ``num_generations`` times, left-padded and sampled
+   from the current policy (eval mode, temperature, top-p, ``max_new_tokens``) in one batched
+   ``generate``; a completion ends at its first end-of-sequence token, which it keeps;
+2. reward functions score the decoded completions; the weighted sum gives each completion's
+   reward, and advantages are normalised within each prompt's group (or the batch);
+3. with ``num_iterations`` > 1 the sampling policy's log-probabilities are kept (the ratio's
+   denominator), and with ``beta`` > 0 the reference's.
+
+The batch then trains ``num_iterations`` steps; from the second, the policy has moved and the
+clipped ratio acts. Every rollout is appended to ``rollouts.jsonl`` in the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hwft.data.pipeline import Batches, Prompt
+from hwft.recipe import GrpoSpec
+from hwft.rewards import Reward, Sample, score
+from hwft_torch.losses import grpo_loss
+from hwft_torch.modeling import Reference
+from hwft_torch.objective import Loss, Objective
+
+
+@dataclass
+class Rollouts:
+    """One micro-batch of completions: prompt rows left-padded, completions right-padded."""
+
+    prompt_ids: torch.Tensor  #: (n, P)
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor  #: (n, C)
+    completion_mask: torch.Tensor  #: 1 up to and including the first end-of-sequence token
+    finished: torch.Tensor  #: (n,) bool: ended with an end-of-sequence token (not cut off)
+    advantages: torch.Tensor | None = None  #: (n,)
+    old_logps: torch.Tensor | None = None  #: (n, C), when num_iterations > 1
+    ref_logps: torch.Tensor | None = None  #: (n, C), when beta > 0
+    normaliser: float = 1.0  #: over the whole step (see grpo_loss)
+
+
+def completion_logps(model, r: Rollouts, temperature: float) -> torch.Tensor:
+    """Per-token log-probabilities of the completion tokens, (n, C), at ``temperature``.
+
+    Position ids count real tokens only, as generation did, so left padding changes nothing."""
+    input_ids = torch.cat([r.prompt_ids, r.completion_ids], dim=1)
+    attention_mask = torch.cat([r.prompt_mask, r.completion_mask], dim=1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    width = r.completion_ids.shape[1]
+    scores = logits[:, -width - 1 : -1, :].float() / temperature
+    picked = scores.gather(-1, r.completion_ids.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(scores, dim=-1)
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
+def advantages_of(rewards: torch.Tensor, group: int, scale: str) -> torch.Tensor:
+    """(R - mean of the group) / (std + 1e-4), std of the group, of the batch, or none."""
+    grouped = rewards.view(-1, group)
+    centred = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
+    if scale == "none":
+        return centred
+    std = grouped.std(dim=1).repeat_interleave(group) if scale == "group" else rewards.std().expand_as(rewards)
+    return centred / (std + 1e-4)
+
+
+class GroupRelative(Objective):
+    def __init__(self, batches: Batches, spec: GrpoSpec, accumulation: int, tokenizer,
+                 rewards: dict[str, Reward], device: torch.device, reference: Reference | None,
+                 log_path: Path | None, autocast):
+        super().__init__(batches)
+        self.spec, self.accumulation, self.tokenizer = spec, accumulation, tokenizer
+        self.registered, self.device, self.reference = rewards, device, reference
+        self.log_path, self.autocast = log_path, autocast
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_ids = self._eos_ids(tokenizer)
+        self.batch: list[Rollouts] = []
+
+    @staticmethod
+    def _eos_ids(tokenizer) -> list[int]:
+        ids = {tokenizer.eos_token_id}
+        end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
+        ids.add(end_of_turn)
+        return sorted(i for i in ids if i is not None)
+
+    def step(self, model, step: int) -> list[Rollouts]:
+        if (step - 1) % self.spec.num_iterations == 0:
+            self.batch = self.rollout(model, step)
+        return self.batch
+
+    # ------------------------------------------------------------------ rollouts
+
+    @torch.no_grad()
+    def generate(self, model, prompts: list[Prompt]) -> Rollouts:
+        g = self.spec
+        rows = [p.input_ids for p in prompts for _ in range(g.num_generations)]
+        prompt_ids, prompt_mask = left_pad(rows, self.pad_id, self.device)
+        with self.autocast():
+            out = model.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
+                temperature=g.temperature, top_p=g.top_p, top_k=0, max_new_tokens=g.max_new_tokens,
+                eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+            )
+        completion = out[:, prompt_ids.shape[1] :]
+        is_eos = torch.isin(completion, torch.tensor(self.eos_ids, device=completion.device))
+        # Keep tokens up to and including the first end-of-sequence token.
+        after = (is_eos.cumsum(-1) - is_eos.long()) > 0
+        mask = (~after).long()
+        completion = completion.masked_fill(after, self.pad_id)
+        return Rollouts(prompt_ids, prompt_mask, completion, mask, is_eos.any(-1))
+
+    def rollout(self, model, step: int) -> list[Rollouts]:
+        g = self.spec
+        was_training = model.training
+        model.eval()
+        micro = self.draw(self.accumulation)
+        batch = [self.generate(model, prompts) for prompts in micro]
+        model.train(was_training)
+
+        # Rewards, per completion, then advantages.
+        samples, totals = [], []
+        per_function: dict[str, list[float]] = {s.name: [] for s in g.rewards}
+        for prompts, r in zip(micro, batch, strict=True):
+            texts = self.tokenizer.batch_decode(r.completion_ids, skip_special_tokens=True)
+            lengths = r.completion_mask.sum(-1).tolist()
+            repeated = [p for p in prompts for _ in range(g.num_generations)]
+            part = [Sample(p.text, text.strip(), p.reference, n, not done)
+                    for p, text, n, done in zip(repeated, texts, lengths, r.finished.tolist(), strict=True)]
+            total, by_name = score(part, g.rewards, self.registered)
+            samples += part
+            totals += total
+            for name, values in by_name.items():
+                per_function[name] += values
+        rewards = torch.tensor(totals, dtype=torch.float32, device=self.device)
+        advantages = advantages_of(rewards, g.num_generations, g.scale_rewards)
+
+        completions = sum(len(r.completion_ids) for r in batch)
+        tokens = sum(int(r.completion_mask.sum()) for r in batch)
+        normaliser = {"dapo": tokens, "grpo": completions, "dr_grpo": completions * g.max_new_tokens}[g.loss_type]
+        start = 0
+        for r in batch:
+            n = len(r.completion_ids)
+            r.advantages, start = advantages[start : start + n], start + n
+            r.normaliser = max(float(normaliser), 1.0)
+            with torch.no_grad(), self.autocast():
+                if g.num_iterations > 1:
+                    r.old_logps = completion_logps(model, r, g.temperature)
+                if g.beta > 0:
+                    with self.reference.active() as reference_model:
+                        r.ref_logps = completion_logps(reference_model, r, g.temperature)
+
+        group_std = rewards.view(-1, g.num_generations).std(dim=1)
+        self.note(reward=rewards.mean(), reward_std=group_std.mean(),
+                  frac_reward_zero_std=(group_std < 1e-6).float().mean(),
+                  completion_length=tokens / completions,
+                  truncated=sum(s.truncated for s in samples) / completions)
+        for name, values in per_function.items():
+            self.note(**{f"rewards/{name}/mean": statistics.fmean(values),
+                         f"rewards/{name}/std": statistics.pstdev(values)})
+        self._write(step, samples, totals)
+        return batch
+
+    def _write(self, step: int, samples: list[Sample], totals: list[float]) -> None:
+        if self.log_path is None:
+            return
+        with self.log_path.open("a", encoding="utf-8") as f:
+            for s, reward in zip(samples, totals, strict=True):
+                f.write(json.dumps({"step": step, "prompt": s.prompt, "completion": s.completion,
+                                    "reference": s.reference, "reward": reward}) + "\n")
+
+    # ------------------------------------------------------------------ loss
+
+    def loss(self, model, r: Rollouts) -> Loss:
+        g = self.spec
+        logps = completion_logps(model, r, g.temperature)
+        old = r.old_logps if r.old_logps is not None else logps.detach()
+        value, stats = grpo_loss(
+            logps, old, r.ref_logps, r.advantages, r.completion_mask, g.beta, g.epsilon,
+            g.epsilon_high or g.epsilon, g.loss_type, r.normaliser, g.kl_correction,
+        )
+        tokens = float(stats["tokens"].clamp(min=1))
+        self.note(clip_ratio=float(stats["clipped"]) / tokens)
+        if "kl" in stats:
+            self.note(kl=float(stats["kl"]) / tokens)
+        return Loss(value, int(r.prompt_mask.sum()) + int(stats["tokens"]), int(stats["tokens"]))

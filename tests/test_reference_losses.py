@@ -1,0 +1,172 @@
+"""hwft's DPO and GRPO losses held to TRL 1.16 (a test-only dependency) on identical inputs.
+
+TRL has no standalone loss function, so each test builds TRL's trainer on the same tiny model
+and calls its ``compute_loss`` with hand-built inputs carrying the token ids hwft uses; hwft's
+objective computes its loss from the same ids. fp32 throughout; equal to 1e-5.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+from hwft.data.chat import ChatRenderer
+from hwft.data.formats import Example
+from hwft.recipe import DpoSpec, GrpoSpec
+
+pytest.importorskip("trl")
+
+
+def _models(model_dir):
+    """A policy and a different reference: the tiny model, and a perturbed copy of it."""
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    policy = copy.deepcopy(reference)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * 0.02)
+    return policy, reference
+
+
+def _pairs(tokenizer):
+    renderer = ChatRenderer(tokenizer, tokenizer.chat_template)
+    rows = [
+        ("What is the capital of France?", "Paris.", "I think it might be Lyon, or maybe Marseille."),
+        ("Say hello.", "Hello there, friend!", "No."),
+        ("Name a colour.", "Blue.", "A colour is a property of light."),
+    ]
+    return [
+        renderer.tokenize_preference(Example(
+            "preference", [{"role": "user", "content": q}],
+            chosen=[{"role": "assistant", "content": c}], rejected=[{"role": "assistant", "content": r}],
+        ))
+        for q, c, r in rows
+    ]
+
+
+@pytest.mark.parametrize("loss, smoothing", [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.2)])
+def test_dpo_loss_equals_trl(tiny_llama, tokenizer, tmp_path, loss, smoothing):
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from hwft_torch.dpo import Preference, pair_tensors
+    from hwft_torch.modeling import Reference
+
+    policy, reference = _models(tiny_llama)
+    pairs = _pairs(tokenizer)
+    beta = 0.3
+    trainer = DPOTrainer(
+        model=policy,
+        ref_model=reference,
+        args=DPOConfig(output_dir=str(tmp_path), beta=beta, loss_type=[loss], label_smoothing=smoothing,
+                       report_to=[], per_device_train_batch_size=2, use_cpu=True, bf16=False),
+        train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}] * 2),
+        processing_class=tokenizer,
+    )
+    policy.train()
+    batch = pair_tensors(pairs, tokenizer.pad_token_id, torch.device("cpu"))
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "completion_mask": (batch["labels"] != -100).long()}
+    expected = trainer.compute_loss(trainer.model, inputs).item()
+
+    spec = DpoSpec(beta=beta, loss=loss, label_smoothing=smoothing)
+    objective = Preference(None, spec, 1, tokenizer.pad_token_id, torch.device("cpu"),
+                           Reference(policy, copy_of=reference))
+    got = objective.loss(policy, (pairs, len(pairs))).value.item()
+    assert got == pytest.approx(expected, abs=1e-5)
+    assert expected != pytest.approx(0.6931, abs=1e-3), "policy and reference must differ"
+    metrics = objective.log_metrics()
+    assert set(metrics) == {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy"}
+
+
+def test_cdpo_label_smoothing_follows_its_formula(tiny_llama, tokenizer):
+    """TRL 1.16's sigmoid loss ignores label_smoothing; hwft's is conservative DPO, checked
+    against the formula -(1-e) log s(b D) - e log s(-b D) on the same log-probabilities."""
+    import torch.nn.functional as F
+
+    from hwft_torch.dpo import Preference, answer_logps, pair_tensors
+    from hwft_torch.modeling import Reference
+
+    policy, reference = _models(tiny_llama)
+    pairs = _pairs(tokenizer)
+    batch = pair_tensors(pairs, tokenizer.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        pc, pr = answer_logps(policy, batch)
+        rc, rr = answer_logps(reference, batch)
+    beta, eps = 0.3, 0.1
+    delta = (pc - rc) - (pr - rr)
+    expected = (-(1 - eps) * F.logsigmoid(beta * delta) - eps * F.logsigmoid(-beta * delta)).mean().item()
+    objective = Preference(None, DpoSpec(beta=beta, label_smoothing=eps), 1, tokenizer.pad_token_id,
+                           torch.device("cpu"), Reference(policy, copy_of=reference))
+    assert objective.loss(policy, (pairs, len(pairs))).value.item() == pytest.approx(expected, abs=1e-6)
+
+
+def _rollouts(tokenizer, generator):
+    """Four completions of two equal-length prompts (TRL's forward has no position ids, so
+    left padding would shift its positions; hwft counts real tokens), ragged completion masks."""
+    from hwft_torch.grpo import Rollouts
+
+    renderer = ChatRenderer(tokenizer, tokenizer.chat_template)
+    a, b = renderer.prompt_ids("What is 2 + 3?"), renderer.prompt_ids("What is 4 + 1?")
+    assert len(a) == len(b)
+    prompt_ids = torch.tensor([a, a, b, b])
+    completion_ids = torch.randint(10, 5000, (4, 7), generator=generator)
+    completion_mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 6 + [0], [1] * 2 + [0] * 5])
+    return Rollouts(prompt_ids, torch.ones_like(prompt_ids), completion_ids, completion_mask,
+                    completion_mask[:, -1] == 0, advantages=torch.tensor([0.9, -0.9, 1.2, -0.4]))
+
+
+@pytest.mark.parametrize("loss_type, num_iterations", [("dapo", 1), ("dapo", 2), ("grpo", 2), ("dr_grpo", 2)])
+def test_grpo_loss_equals_trl(tiny_llama, tokenizer, tmp_path, loss_type, num_iterations):
+    """dapo (TRL's default) and the other aggregations, with a KL term, at a sampling
+    temperature; with two passes per rollout batch the old log-probabilities differ from the
+    current ones and clipping acts."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from hwft_torch.grpo import GroupRelative, completion_logps
+
+    policy, reference = _models(tiny_llama)
+    temperature, beta = 0.7, 0.04
+    generator = torch.Generator().manual_seed(5)
+    r = _rollouts(tokenizer, generator)
+    with torch.no_grad():
+        r.ref_logps = completion_logps(reference, r, temperature)
+        if num_iterations > 1:
+            current = completion_logps(policy, r, temperature)
+            r.old_logps = current + torch.randn(current.shape, generator=generator) * 0.5
+    completions, max_new_tokens = len(r.completion_ids), r.completion_ids.shape[1]
+    r.normaliser = {"dapo": float(r.completion_mask.sum()), "grpo": completions,
+                    "dr_grpo": completions * max_new_tokens}[loss_type]
+
+    trainer = GRPOTrainer(
+        model=policy,
+        reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
+        args=GRPOConfig(output_dir=str(tmp_path), beta=beta, epsilon=0.2, loss_type=loss_type,
+                        temperature=temperature, num_generations=2, per_device_train_batch_size=4,
+                        num_iterations=num_iterations, max_completion_length=7, report_to=[], use_cpu=True, bf16=False),
+        train_dataset=Dataset.from_list([{"prompt": "x"}] * 4),
+        processing_class=tokenizer,
+    )
+    trainer.current_gradient_accumulation_steps = 1
+    policy.train()  # TRL's training-mode normaliser (no dropout in the tiny model)
+    inputs = {"prompt_ids": r.prompt_ids, "prompt_mask": r.prompt_mask, "completion_ids": r.completion_ids,
+              "completion_mask": r.completion_mask, "advantages": r.advantages,
+              "ref_per_token_logps": r.ref_logps, "num_items_in_batch": r.completion_mask.sum()}
+    if r.old_logps is not None:
+        inputs["old_per_token_logps"] = r.old_logps
+    expected = trainer.compute_loss(trainer.model, inputs).item()
+
+    spec = GrpoSpec(beta=beta, epsilon=0.2, temperature=temperature, num_iterations=num_iterations,
+                    loss_type=loss_type, rewards=["exact_match"])
+    objective = GroupRelative(None, spec, 1, tokenizer, {}, torch.device("cpu"), None, None, nullcontext)
+    got = objective.loss(policy, r).value.item()
+    assert got == pytest.approx(expected, abs=1e-5)
+    clip = objective.log_metrics()["clip_ratio"]
+    assert (clip > 0) if num_iterations > 1 else (clip == 0)
+    assert trainer._metrics["train"]["clip_ratio/region_mean"][-1] == pytest.approx(clip, abs=1e-6)
