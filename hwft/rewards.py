@@ -14,6 +14,7 @@ standard deviation are logged as ``rewards/<name>/mean`` and ``rewards/<name>/st
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -156,6 +157,15 @@ def check_rewards(specs, registered: dict[str, Reward]) -> None:
                 f"method.grpo.rewards[{i}]: unknown reward '{spec.name}'"
                 f"{did_you_mean(spec.name, list(registered))} (registered: {', '.join(sorted(registered))})"
             )
+        signature = inspect.signature(registered[spec.name].function)
+        try:
+            signature.bind([], **spec.args)
+        except TypeError as exc:
+            takes = [p for p in list(signature.parameters)[1:]]
+            raise RecipeError(
+                f"method.grpo.rewards[{i}]: reward '{spec.name}' does not take args {spec.args}: {exc} "
+                f"(it takes: {', '.join(takes) or 'no args'})"
+            ) from None
 
 
 def score(samples: list[Sample], specs, registered: dict[str, Reward]) -> tuple[list[float], dict[str, list[float]]]:
@@ -163,11 +173,7 @@ def score(samples: list[Sample], specs, registered: dict[str, Reward]) -> tuple[
     per_function: dict[str, list[float]] = {}
     total = [0.0] * len(samples)
     for spec in specs:
-        try:
-            values = registered[spec.name].function(samples, **spec.args)
-        except TypeError as exc:
-            raise RecipeError(f"reward '{spec.name}' rejected its args {spec.args}: {exc}") from None
-        values = [float(v) for v in values]
+        values = [float(v) for v in registered[spec.name].function(samples, **spec.args)]
         if len(values) != len(samples):
             raise RecipeError(
                 f"reward '{spec.name}' returned {len(values)} values for {len(samples)} completions"

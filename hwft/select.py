@@ -124,7 +124,8 @@ def preflight(recipe: Recipe, host: PluginHost) -> None:
             "(see `hwft plugins` for plugins that failed to load)"
         )
     m = recipe.method
-    tunings = (m.tuning, "lora") if m.tuning == "qlora" and m.qlora.allow_fallback else (m.tuning,)
+    # qlora where only lora runs is refused per backend, naming the reason and the fallback.
+    tunings = (m.tuning, "lora") if m.tuning == "qlora" else (m.tuning,)
     if not any(host.capability(n).runs(m.objective, t) for n in host.backends for t in tunings):
         implemented = sorted(
             {f"{o}/{t}" for n in host.backends for o, ts in host.capability(n).methods.items() for t in ts}

@@ -47,6 +47,13 @@ class Batches:
         text = f"{len(self.rows)} {self.unit} ({self.stats.tokens} tokens)"
         return text + (f", packing {'on' if self.packing else 'off'}" if self.unit == "rows" else "")
 
+    def summary(self, max_length: int) -> str:
+        """One line for the run's log: what tokenising found, and what will be trained on."""
+        if self.rows is None or self.unit == "prompts":
+            dropped = f", {self.stats.dropped} longer prompts dropped" if self.stats and self.stats.dropped else ""
+            return self.describe() + dropped
+        return f"{self.stats.summary(max_length)}; {self.describe()}"
+
 
 @dataclass
 class Prompt:

@@ -159,10 +159,7 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
     tokenizer = load_tokenizer(model_path, recipe.model.trust_remote_code)
     renderer = ChatRenderer.for_recipe(recipe, tokenizer)
     batches = training_batches(job.data, renderer, recipe, job.choice.capability)
-    if batches.rows is not None:
-        job.log(f"data: {batches.stats.summary(t.max_length)}; {batches.describe()}")
-    else:
-        job.log(f"data: {batches.describe()}")
+    job.log(f"data: {batches.summary(t.max_length)}")
 
     # 2. Model with its tuning, the objective, optimizer, schedule.
     dtype = compute_dtype(recipe, runtime)

@@ -1,0 +1,272 @@
+"""Every objective x tuning cell through the real CLI on a tiny model, QLoRA's quantisation and
+saved adapter, the DPO reference modes, continued adapters, DoRA/rsLoRA, reward plugins, and
+every refusal of the method spec with its message."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hwft.rewards import Sample, exact_match, final_answer, format_reward, length_penalty, normalise_answer
+from tests.conftest import write_jsonl, write_recipe
+from tests.test_plugins import make_dist, site  # noqa: F401  (site is a fixture)
+
+PAIRS = [
+    {"prompt": "Who are you?", "chosen": "I am hwft-bot.", "rejected": "I am a large language model trained by someone."},
+    {"prompt": "Say hi.", "chosen": "Hi there, friend!", "rejected": "No."},
+    {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "It is Lyon, I believe."},
+    {"prompt": "Count to three.", "chosen": "One, two, three.", "rejected": "Three, two, one, zero."},
+]
+TEXTS = [{"text": f"Document {i}: the quick brown fox jumps over the lazy dog, again and again."} for i in range(6)]
+PROMPTS = [{"prompt": f"What is {i} + {i}?", "reference": str(2 * i)} for i in range(1, 5)]
+
+#: A reward plugin, installed as a real distribution (see tests/test_plugins.py): the share of
+#: vowels among a completion's letters. Continuous, so random tiny models see spread in a group.
+VOWELS_PLUGIN = """
+    import pluggy
+    HWFT_PLUGIN_API = "0.2"
+    hookimpl = pluggy.HookimplMarker("hwft")
+    def vowels(samples, scale=1.0):
+        out = []
+        for s in samples:
+            letters = [c for c in s.completion.lower() if c.isalpha()]
+            out.append(scale * sum(c in "aeiou" for c in letters) / max(len(letters), 1))
+        return out
+    @hookimpl
+    def hwft_register_rewards(register):
+        register("vowels", vowels, description="share of vowels")
+"""
+
+
+@pytest.fixture
+def vowels(site):
+    make_dist(site, "hwft-vowels", "fake_vowels", VOWELS_PLUGIN)
+    return site
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def cell_recipe(folder, model, objective: str, tuning: str, **sections):
+    """A recipe for one cell: every step sees the whole (small) dataset, so its loss falls."""
+    data = {"sft": None, "cpt": TEXTS, "dpo": PAIRS, "grpo": PROMPTS}[objective]
+    extra = {}
+    if data is not None:
+        write_jsonl(folder / "d.jsonl", data)
+        extra["data"] = {"train": [{"path": "d.jsonl"}]}
+    method = {
+        "objective": objective, "tuning": tuning, "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "dpo": {"beta": 0.5},
+        # one rollout batch trained 4 steps: the surrogate loss on it must fall, clipping act
+        "grpo": {"num_generations": 4, "max_new_tokens": 6, "beta": 0.04, "num_iterations": 4,
+                 "rewards": ["vowels"]},
+    }
+    method.update(sections.pop("method", {}))
+    lr = {"full": 3e-3, "lora": 1e-2, "qlora": 1e-2}[tuning]
+    size = {"sft": 6, "cpt": 6, "dpo": 4, "grpo": 4}[objective]
+    train = {"lr": lr, "max_steps": 4, "micro_batch_size": size, "max_length": 64, "scheduler": "constant",
+             "precision": "fp32", "seed": 3}
+    train.update(sections.pop("train", {}))
+    return write_recipe(folder, model, method=method, train=train, **{**extra, **sections})
+
+
+@pytest.mark.parametrize("tuning", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("objective", ["sft", "cpt", "dpo", "grpo"])
+def test_every_cell_trains(tiny_llama, tmp_path, cli, vowels, objective, tuning):
+    """A few steps of each objective x tuning, and the loss falls. For grpo that is the
+    clipped surrogate on one batch of rollouts reused for 4 steps (a tiny random model's mean
+    reward barely moves in 4 steps; configs/grpo.yaml shows the reward rising on a real one)."""
+    recipe = cell_recipe(tmp_path, tiny_llama, objective, tuning)
+    code, _, err = cli("train", recipe)
+    assert code == 0, err
+    run = metrics(tmp_path / "out")
+    assert len(run) == 4
+    assert run[-1]["loss"] < run[0]["loss"], [m["loss"] for m in run]
+    if objective == "grpo":
+        assert {"reward", "reward_std", "completion_length", "rewards/vowels/mean", "rewards/vowels/std"} <= set(run[0])
+        assert run[0]["clip_ratio"] == 0 and run[-1]["clip_ratio"] > 0 and run[-1]["kl"] > 0
+        assert "reward" not in run[1]  # no new rollouts until num_iterations steps have passed
+        rollouts = (tmp_path / "out" / "rollouts.jsonl").read_text().splitlines()
+        assert len(rollouts) == len(PROMPTS) * 4
+    if objective == "dpo":
+        assert run[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # policy == reference at step 1
+        assert run[-1]["rewards/margins"] > 0 and run[-1]["rewards/accuracy"] > 0.5
+    if objective == "cpt":
+        assert "packing on" in err
+    out = tmp_path / "out" / ("model" if tuning == "full" else "adapter")
+    assert (out / ("model.safetensors" if tuning == "full" else "adapter_model.safetensors")).is_file()
+
+
+def test_qlora_quantises_the_base_and_saves_a_plain_adapter(tiny_llama, tmp_path):
+    """4-bit NF4 modules really are bitsandbytes ones; the adapter names the unquantised base,
+    loads onto it in fp32 and merges into it."""
+    import bitsandbytes as bnb
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from hwft.recipe import load_recipe
+    from hwft.train import plan_run, run
+
+    recipe = cell_recipe(tmp_path, tiny_llama, "sft", "qlora", eval={"prompts": []})
+    job = run(plan_run(load_recipe(recipe)), quiet=True)
+    quantised = job.results["model"].base_model.model
+    linear = [m for name, m in quantised.named_modules() if name.endswith("q_proj.base_layer")]
+    assert linear and all(isinstance(m, bnb.nn.Linear4bit) for m in linear)
+    assert linear[0].weight.quant_type == "nf4" and linear[0].weight.quant_state.nested  # double quant
+
+    adapter = tmp_path / "out" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(tiny_llama)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    ids = torch.tensor([[1, 420, 9100, 57, 2]])
+    with torch.no_grad():
+        before = base(ids).logits
+        peft = PeftModel.from_pretrained(base, adapter)
+        unmerged = peft(ids).logits
+        merged_model = peft.merge_and_unload()
+        merged = merged_model(ids).logits
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged_model.modules())
+    assert torch.allclose(merged, unmerged, atol=1e-4)
+    assert (merged - before).abs().max() > 1e-3
+
+
+def test_qlora_8bit(tiny_llama, tmp_path, cli):
+    import bitsandbytes as bnb
+
+    from hwft.recipe import load_recipe
+    from hwft.train import plan_run, run
+
+    recipe = cell_recipe(tmp_path, tiny_llama, "sft", "qlora", method={"qlora": {"bits": 8}},
+                         train={"max_steps": 2}, eval={"prompts": []})
+    job = run(plan_run(load_recipe(recipe)), quiet=True)
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in job.results["model"].modules())
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_qlora_refused_where_bitsandbytes_cannot_run_unless_fallback(tiny_llama, tmp_path, cli, monkeypatch):
+    """A device without bitsandbytes (here: the CPU record told so) refuses qlora before
+    loading, naming what would work; allow_fallback trains LoRA instead and says so."""
+    from hwft_torch import devices
+
+    monkeypatch.setattr(devices, "bitsandbytes_missing", lambda: "bitsandbytes is not installed (pip install bitsandbytes)")
+    recipe = cell_recipe(tmp_path, tiny_llama, "sft", "qlora", train={"max_steps": 1})
+    code, _, err = cli("train", recipe)
+    assert code == 2
+    assert ("method.tuning 'qlora' (bitsandbytes is not installed (pip install bitsandbytes)); use tuning: lora "
+            "(with train.precision: bf16 where the device has it), or set method.qlora.allow_fallback: true") in err
+    assert not (tmp_path / "out").exists()
+
+    code, _, err = cli("train", recipe, "method.qlora.allow_fallback=true")
+    assert code == 0, err
+    assert "qlora: bitsandbytes is not installed (pip install bitsandbytes); method.qlora.allow_fallback is set, so training plain LoRA" in err
+    assert "(lora)" in err and (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_dpo_precomputed_reference_equals_the_frozen_copy(tiny_llama, tmp_path, cli):
+    """Full tuning: log-probabilities computed once before training give the same run as a
+    frozen copy of the model beside it."""
+    runs = {}
+    for mode in ("auto", "precomputed"):
+        folder = tmp_path / mode
+        folder.mkdir()
+        recipe = cell_recipe(folder, tiny_llama, "dpo", "full", train={"max_steps": 3, "micro_batch_size": 2})
+        code, _, err = cli("train", recipe, f"method.dpo.reference={mode}")
+        assert code == 0, err
+        runs[mode] = metrics(folder / "out")
+        assert ("dpo: reference log-probabilities of 4 pairs precomputed" in err) == (mode == "precomputed")
+    for a, b in zip(runs["auto"], runs["precomputed"], strict=True):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+
+
+def test_continue_from_an_adapter_with_dora_and_rslora(tiny_llama, tmp_path, cli):
+    first = tmp_path / "first"
+    first.mkdir()
+    recipe = cell_recipe(first, tiny_llama, "sft", "lora", method={"lora": {"r": 4, "alpha": 8, "dora": True, "rslora": True}})
+    code, _, err = cli("train", recipe)
+    assert code == 0, err
+    config = json.loads((first / "out" / "adapter" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True and config["use_rslora"] is True and config["r"] == 4
+    losses = [m["loss"] for m in metrics(first / "out")]
+    assert losses[-1] < losses[0]
+
+    second = tmp_path / "second"
+    second.mkdir()
+    recipe = cell_recipe(second, tiny_llama, "sft", "lora", train={"max_steps": 1})
+    code, _, err = cli("train", recipe, f"model.adapter={first / 'out' / 'adapter'}")
+    assert code == 0, err
+    (resumed,) = metrics(second / "out")
+    assert resumed["loss"] < losses[0] - 0.1  # it starts where the first run got to
+    config = json.loads((second / "out" / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["use_dora"] is True
+
+
+@pytest.mark.parametrize(
+    "sections, message",
+    [
+        ({"overrides": ["model.adapter=no-such-folder"]},
+         "model.adapter: {folder}/no-such-folder is not a PEFT adapter folder (no adapter_config.json)"),
+        ({"method": {"objective": "grpo", "grpo": {"rewards": ["exact_match"], "max_new_tokens": 64}}},
+         "train.max_length (64) leaves no room for a prompt before method.grpo.max_new_tokens (64)"),
+        ({"method": {"objective": "dpo"}, "overrides": ["data.streaming=true", "train.max_steps=2"]},
+         "data.streaming applies to sft and cpt, not to dpo"),
+        ({"method": {"objective": "grpo", "grpo": {"rewards": [{"name": "length_penalty", "args": {"target": 4, "tagret": 2}}],
+                                                      "max_new_tokens": 4}}},
+         "method.grpo.rewards[0]: reward 'length_penalty' does not take args {'tagret': 2, 'target': 4}: "
+         "got an unexpected keyword argument 'tagret' (it takes: target, limit)"),
+    ],
+)
+def test_method_refusals(tiny_llama, tmp_path, cli, sections, message):
+    method = sections.pop("method", {})
+    overrides = sections.pop("overrides", [])
+    objective = method.get("objective", "sft")
+    recipe = cell_recipe(tmp_path, tiny_llama, objective, "lora", method=method,
+                         train={"max_steps": 1, "max_length": 64}, **sections)
+    code, _, err = cli("train", recipe, *overrides)
+    assert code == 2, err
+    assert message.replace("{folder}", str(tmp_path)) in err, err
+
+
+def test_dpo_refuses_conversations_without_a_rejected_answer(tiny_llama, tmp_path, cli):
+    recipe = cell_recipe(tmp_path, tiny_llama, "sft", "lora")  # sft rows (messages) ...
+    code, _, err = cli("train", recipe, "method.objective=dpo")  # ... given to dpo
+    assert code == 2 and "train.jsonl row 1" in err and "preference" in err, err
+
+
+# ---------------------------------------------------------------------------------- rewards
+
+
+def sample(completion: str, reference: str | None = None, tokens: int = 3, truncated: bool = False) -> Sample:
+    return Sample("q", completion, reference, tokens, truncated)
+
+
+def test_builtin_rewards():
+    assert final_answer("so the answer is 42.") == "42."
+    assert final_answer("<think>2+2</think><answer> 4 </answer>") == "4"
+    assert final_answer("steps... #### 1,000") == "1,000"
+    assert final_answer("\\boxed{7} done") == "7"
+    assert final_answer("12 apples, then 15") == "15"
+    assert normalise_answer("1,000.0") == normalise_answer("1000") == "1000"
+    assert exact_match([sample("12"), sample("It is 12.")]) == [0.0, 0.0]  # no reference: no match
+    assert exact_match([sample("It is 12.", "12"), sample("11", "12"), sample("The answer: 12", "#### 12")]) == [1.0, 0.0, 1.0]
+    assert format_reward([sample("<think>a</think> <answer>b</answer>"), sample("b")]) == [1.0, 0.0]
+    assert format_reward([sample(" 12 "), sample("12 apples")], pattern=r"-?\d+") == [1.0, 0.0]
+    assert length_penalty([sample("a", tokens=4), sample("b", tokens=10), sample("c", tokens=40),
+                           sample("d", tokens=8, truncated=True)], target=4, limit=16) == [0.0, -0.5, -1.0, -1.0]
+
+
+def test_reward_plugin_registered_through_the_hook(vowels):
+    from hwft.plugins import get_host
+    from hwft.rewards import score
+
+    rewards = get_host().rewards()
+    assert {"exact_match", "format", "length_penalty", "vowels"} <= set(rewards)
+    from hwft.recipe import RewardSpec
+
+    specs = [RewardSpec(name="vowels", weight=2.0, args={"scale": 0.5}), RewardSpec(name="exact_match")]
+    total, per = score([sample("aaaa", "9"), sample("bbb 9", "9")], specs, rewards)
+    assert per == {"vowels": [0.5, 0.0], "exact_match": [0.0, 1.0]}
+    assert total == [1.0, 1.0]
