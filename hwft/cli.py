@@ -137,6 +137,7 @@ def cmd_env(args) -> int:
             ("collective", cap["collective"] or "-"),
             ("parallel", ", ".join(cap["parallel"])),
             ("packing", "yes" if cap["packing"] else "no"),
+            *((f"no {what}", why) for what, why in cap["notes"].items()),
         ]
         for key, value in rows:
             print(f"  {key:<14}{value}")

@@ -335,6 +335,15 @@ class Recipe(Section):
     def _output_shorthand(cls, value: Any) -> Any:
         return {"dir": value} if isinstance(value, str) else value
 
+    @model_validator(mode="after")
+    def _adapter_needs_lora(self) -> Recipe:
+        if self.model.adapter and self.method.tuning == "full":
+            raise ValueError(
+                "model.adapter continues a LoRA adapter, but method.tuning is full; set "
+                "method.tuning: lora (or qlora), or remove model.adapter"
+            )
+        return self
+
     def resolve_path(self, path: str) -> Path:
         """A path from the recipe, made absolute against the recipe's folder."""
         p = Path(path).expanduser()

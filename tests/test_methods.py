@@ -207,6 +207,8 @@ def test_continue_from_an_adapter_with_dora_and_rslora(tiny_llama, tmp_path, cli
 @pytest.mark.parametrize(
     "sections, message",
     [
+        ({"overrides": ["model.adapter=a", "method.tuning=full"]},
+         "model.adapter continues a LoRA adapter, but method.tuning is full; set method.tuning: lora"),
         ({"overrides": ["model.adapter=no-such-folder"]},
          "model.adapter: {folder}/no-such-folder is not a PEFT adapter folder (no adapter_config.json)"),
         ({"method": {"objective": "grpo", "grpo": {"rewards": ["exact_match"], "max_new_tokens": 64}}},
@@ -270,3 +272,15 @@ def test_reward_plugin_registered_through_the_hook(vowels):
     total, per = score([sample("aaaa", "9"), sample("bbb 9", "9")], specs, rewards)
     assert per == {"vowels": [0.5, 0.0], "exact_match": [0.0, 1.0]}
     assert total == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("name", ["quickstart", "cpt", "dpo", "grpo", "qlora", "data-mix"])
+def test_shipped_recipes_validate_and_say_how_to_run(name, cli):
+    """One recipe per objective in configs/, each starting with the command that runs it."""
+    from tests.conftest import REPO
+
+    path = REPO / "configs" / f"{name}.yaml"
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# ") and f"hwft train configs/{name}.yaml" in first
+    code, out, err = cli("train", path, "--dry-run")
+    assert code == 0 and out.startswith("ok: backend cpu"), err
