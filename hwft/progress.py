@@ -1,8 +1,15 @@
-"""Progress: a bar with loss, tokens/s and ETA on a terminal; plain log lines otherwise."""
+"""Progress: a bar with loss, tokens/s and ETA on a terminal; plain log lines otherwise.
+
+The objective's headline figure joins the loss when the record has it: the mean reward (grpo)
+or the reward margin and accuracy (dpo)."""
 
 from __future__ import annotations
 
 import sys
+
+
+#: Objective metrics shown beside the loss, with their short labels.
+SHOWN = (("reward", "reward"), ("rewards/margins", "margin"), ("rewards/accuracy", "acc"))
 
 
 class Progress:
@@ -24,14 +31,17 @@ class Progress:
         step = record["step"]
         if self.quiet:
             return
+        extra = {label: f"{record[key]:.3f}" for key, label in SHOWN if key in record}
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", **extra, tok_s=f"{record['tokens_per_second']:.0f}")
         elif step % self.log_every == 0 or step == self.total:
             elapsed = record["elapsed"]
             eta = elapsed / step * (self.total - step)
             print(
-                f"step {step}/{self.total}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                f"step {step}/{self.total}  loss {record['loss']:.4f}  "
+                + "".join(f"{label} {value}  " for label, value in extra.items())
+                + f"lr {record['lr']:.2e}  "
                 f"grad_norm {record['grad_norm']:.3f}  {record['tokens_per_second']:.0f} tok/s  "
                 f"elapsed {elapsed:.0f}s  eta {eta:.0f}s",
                 file=self.stream,

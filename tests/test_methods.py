@@ -284,3 +284,29 @@ def test_shipped_recipes_validate_and_say_how_to_run(name, cli):
     assert first.startswith("# ") and f"hwft train configs/{name}.yaml" in first
     code, out, err = cli("train", path, "--dry-run")
     assert code == 0 and out.startswith("ok: backend cpu"), err
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("objective, tuning", [("sft", "qlora"), ("dpo", "lora"), ("dpo", "full"), ("grpo", "lora"), ("grpo", "qlora")])
+def test_cells_on_cuda_in_bf16(tiny_llama, tmp_path, cli, vowels, objective, tuning):
+    """The same cells on an NVIDIA GPU, bf16 autocast (qlora: 4-bit with bf16 matmuls)."""
+    recipe = cell_recipe(tmp_path, tiny_llama, objective, tuning, backend="cuda", train={"precision": "bf16"})
+    code, _, err = cli("train", recipe)
+    assert code == 0, err
+    run = metrics(tmp_path / "out")
+    assert run[-1]["loss"] < run[0]["loss"], [m["loss"] for m in run]
+    assert "compute bfloat16 on cuda" in err
+
+
+def test_dpo_on_llamafactory_preference_data(tiny_llama, tmp_path, cli):
+    """LLaMA-Factory's sharegpt preference shape, through its own dataset_info.json, trains."""
+    from tests.conftest import PEER_DATA
+
+    registry = PEER_DATA / "llamafactory" / "dataset_info.json"
+    recipe = cell_recipe(tmp_path, tiny_llama, "dpo", "lora", train={"max_steps": 3, "max_length": 128},
+                         data={"registry": str(registry), "train": [{"name": "dpo_en_demo", "max_samples": 4}]})
+    code, _, err = cli("train", recipe)
+    assert code == 0, err
+    assert "4 truncated to max_length 128, 1 dropped (nothing left to learn within max_length); 3 pairs" in err, err
+    run = metrics(tmp_path / "out")
+    assert run[0]["loss"] == pytest.approx(0.693147, abs=1e-5) and run[-1]["loss"] < run[0]["loss"]
