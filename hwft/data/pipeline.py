@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from hwft.data.batching import Row, batches_per_epoch, make_rows, micro_batches, streamed_batches, total_steps
+from hwft.data.batching import batches_per_epoch, make_rows, micro_batches, streamed_batches, total_steps
 from hwft.data.chat import ChatRenderer, PreferencePair, TokenizeStats, Tokenized, empty_error, tokenize_examples
 from hwft.data.formats import Example
 from hwft.data.loading import TrainData
