@@ -27,7 +27,7 @@ import torch
 from hwft.data.pipeline import Batches, Prompt
 from hwft.recipe import GrpoSpec
 from hwft.rewards import Reward, Sample, score
-from hwft_torch.losses import grpo_loss
+from hwft_torch.losses import grpo_loss, target_logps
 from hwft_torch.modeling import Reference
 from hwft_torch.objective import Loss, Objective
 
@@ -56,9 +56,7 @@ def completion_logps(model, r: Rollouts, temperature: float) -> torch.Tensor:
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
     width = r.completion_ids.shape[1]
-    scores = logits[:, -width - 1 : -1, :].float() / temperature
-    picked = scores.gather(-1, r.completion_ids.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(scores, dim=-1)
+    return target_logps(logits[:, -width - 1 : -1, :], r.completion_ids, temperature)
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,13 +35,19 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float =
     r"""Per-token log-probabilities of the labels, shifted: entry (b, t) is
     :math:`\log \mathrm{softmax}(z_{b,t} / T)_{y_{b,t+1}}` where :math:`y_{b,t+1} \ne -100`,
     and 0 elsewhere. Shape (batch, length - 1), fp32."""
-    shift = logits[:, :-1, :].float()
-    if temperature != 1.0:
-        shift = shift / temperature
-    target = labels[:, 1:].to(shift.device)
+    target = labels[:, 1:].to(logits.device)
     mask = target != IGNORE_INDEX
-    picked = shift.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked - torch.logsumexp(shift, dim=-1)) * mask
+    return target_logps(logits[:, :-1, :], target.clamp(min=0), temperature) * mask
+
+
+def target_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    r""":math:`\log \mathrm{softmax}(z / T)_y` for each position's logits z and target y, in fp32
+    (no shift: ``logits[b, t]`` scores ``targets[b, t]``)."""
+    scores = logits.float()
+    if temperature != 1.0:
+        scores = scores / temperature
+    picked = scores.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(scores, dim=-1)
 
 
 def dpo_loss(
