@@ -2,6 +2,7 @@
 
     recipe.yaml            the resolved recipe (every default filled in)
     metrics.jsonl          one JSON object per logged step (see METRIC_KEYS)
+    eval.jsonl             with data.eval: step, eval_loss (mean per label token), examples
     adapter/               PEFT adapter (adapter_config.json + adapter_model.safetensors), or
     model/                 full model (HF safetensors + tokenizer)
     checkpoints/step-N/    periodic checkpoints, written atomically
@@ -74,6 +75,11 @@ class RunDir:
         with self.metrics_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         self.losses.append((record["step"], record["loss"]))
+
+    def log_eval(self, step: int, eval_loss: float, examples: int) -> None:
+        """Append one evaluation on data.eval to eval.jsonl."""
+        with (self.path / "eval.jsonl").open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "eval_loss": eval_loss, "examples": examples}) + "\n")
 
     @contextmanager
     def atomic_dir(self, final: Path):

@@ -22,8 +22,6 @@ from hwft.records import Availability, Backend, Capability
 #: Recipe settings that are valid but that no part of hwft implements yet. Each is refused by
 #: name rather than silently ignored.
 NOT_YET = {
-    "data.eval": "evaluation datasets",
-    "train.eval_every": "periodic evaluation",
     "parallel.offload_optimizer": "optimizer offload",
     "parallel.offload_params": "parameter offload",
     "parallel.accelerate_config": "accelerate config pass-through",
@@ -41,8 +39,6 @@ class Choice:
 def core_problems(recipe: Recipe) -> list[str]:
     """Settings the engine-neutral core cannot honour yet, whichever backend runs."""
     values = {
-        "data.eval": recipe.data.eval,
-        "train.eval_every": recipe.train.eval_every,
         "parallel.offload_optimizer": recipe.parallel.offload_optimizer,
         "parallel.offload_params": recipe.parallel.offload_params,
         "parallel.accelerate_config": recipe.parallel.accelerate_config,
@@ -80,7 +76,7 @@ def capability_problems(recipe: Recipe, cap: Capability) -> list[str]:
     if k.attention != "auto" and k.attention not in cap.attention:
         out.append(f"kernels.attention '{k.attention}' (it has: auto, {', '.join(cap.attention)})")
     for kernel in ("rms_norm", "rope", "swiglu", "cross_entropy"):
-        if getattr(k, f"fused_{kernel}") and kernel not in cap.fused_kernels:
+        if getattr(k, f"fused_{kernel}") is True and kernel not in cap.fused_kernels:
             have = ", ".join(cap.fused_kernels) or "no fused kernels"
             out.append(f"kernels.fused_{kernel} (it has: {have})")
     if k.compile and not cap.compile:

@@ -18,7 +18,7 @@ import itertools
 import random
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hwft.data.formats import KIND_OF_OBJECTIVE, DataFormat, Example, Mapping
@@ -142,6 +142,13 @@ def check_settings(recipe: Recipe) -> None:
             f"data.streaming applies to sft and cpt, not to {recipe.method.objective} "
             "(preference and prompt sets are read into memory); remove it"
         )
+    if recipe.data.eval and recipe.method.objective not in ("sft", "cpt"):
+        raise RecipeError(
+            f"data.eval measures the loss of sft and cpt runs; objective {recipe.method.objective} "
+            "has no held-out loss yet; remove data.eval"
+        )
+    if recipe.train.eval_every and not recipe.data.eval:
+        raise RecipeError("train.eval_every needs data.eval (the held-out datasets to evaluate on)")
     if recipe.data.packing and recipe.method.objective not in ("sft", "cpt"):
         raise RecipeError(
             f"data.packing applies to sft and cpt rows, not to {recipe.method.objective}; remove it"
@@ -175,6 +182,7 @@ class TrainData:
     examples: list[Example]
     streaming: bool
     stream_factory: Callable[[int], Iterator[Example]] | None = None
+    eval_examples: list[Example] = field(default_factory=list)  #: data.eval, in memory
 
     def stream(self, seed: int) -> Iterator[Example]:
         if self.stream_factory is None:
@@ -182,9 +190,10 @@ class TrainData:
         return self.stream_factory(seed)
 
     def describe(self) -> str:
+        held_out = f", {len(self.eval_examples)} held-out" if self.eval_examples else ""
         if self.streaming:
-            return f"{len(self.sources)} streamed dataset(s)"
-        return f"{len(self.examples)} training examples"
+            return f"{len(self.sources)} streamed dataset(s){held_out}"
+        return f"{len(self.examples)} training examples{held_out}"
 
 
 def load_train_data(recipe: Recipe, formats: dict[str, DataFormat]) -> TrainData:
@@ -195,6 +204,9 @@ def load_train_data(recipe: Recipe, formats: dict[str, DataFormat]) -> TrainData
     def read(source: Source, streaming: bool = False) -> Iterator[Example]:
         return read_examples(source, formats, recipe.method.objective, recipe.data.reasoning, streaming)
 
+    held_out = [e for s in resolve_sources(recipe, recipe.data.eval, "eval") for e in read(s)]
+    if recipe.data.eval and not held_out:
+        raise DataError("data.eval holds no examples")
     if recipe.data.streaming:
         checked = []
         for s in sources:  # parse the first rows now: a wrong format fails before weights load
@@ -203,7 +215,7 @@ def load_train_data(recipe: Recipe, formats: dict[str, DataFormat]) -> TrainData
         def factory(seed: int) -> Iterator[Example]:
             return interleave([lambda s=s: read(s, True) for s in sources], weights, seed)
 
-        return TrainData(sources, checked, True, factory)
+        return TrainData(sources, checked, True, factory, held_out)
     parts = [list(read(s)) for s in sources]
     if weights[0] is not None:
         examples = mix(parts, weights, recipe.train.seed)
@@ -211,7 +223,7 @@ def load_train_data(recipe: Recipe, formats: dict[str, DataFormat]) -> TrainData
         examples = [e for part in parts for e in part]
     if not examples:
         raise DataError("the training data holds no examples")
-    return TrainData(sources, examples, False)
+    return TrainData(sources, examples, False, eval_examples=held_out)
 
 
 def interleave(readers: list[Callable[[], Iterator[Example]]], weights: list[float | None],

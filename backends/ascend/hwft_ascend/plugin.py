@@ -36,7 +36,13 @@ def _patch(model, recipe) -> list[str]:
     return apply(model, recipe)
 
 
-NPU = DeviceRuntime("npu", bf16=_bf16, before_load=_before_load, patch_model=_patch)
+def _peak_memory() -> int:
+    import torch
+
+    return torch.npu.max_memory_allocated()
+
+
+NPU = DeviceRuntime("npu", bf16=_bf16, before_load=_before_load, patch_model=_patch, peak_memory=_peak_memory)
 
 
 def capability_npu() -> Capability:
@@ -48,7 +54,7 @@ def capability_npu() -> Capability:
         **quantised("bitsandbytes has no Ascend NPU backend in the release hwft pins"),
         dtypes=("fp32", "fp16", *bf16),
         attention=("eager", "sdpa", "npu_fusion_attention"),
-        fused_kernels=("rms_norm", "rope", "swiglu"),
+        fused_kernels=("rms_norm", "rope", "swiglu", "cross_entropy"),
         collective="hccl",
         packing=True,
     )

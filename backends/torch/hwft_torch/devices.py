@@ -15,12 +15,14 @@ import subprocess
 from functools import cache
 
 from hwft.records import PRIORITY_ACCELERATOR, PRIORITY_CPU, Availability, Backend, Capability
-from hwft_torch.runtime import CPU, CUDA
+from hwft_torch.runtime import CPU, CUDA, cpu_bf16_units
 
 #: What the torch engine's training loop implements, for every torch device alike; qlora only
 #: where bitsandbytes can run (see :func:`methods`).
 TUNINGS = ("full", "lora", "qlora")
 METHODS = {objective: TUNINGS for objective in ("sft", "cpt", "dpo", "grpo")}
+#: Kernels every torch device runs: the chunked cross-entropy is plain torch.
+FUSED = ("cross_entropy",)
 #: bitsandbytes' formats, as Capability.quantization names them.
 BNB_FORMATS = ("bnb-nf4", "bnb-fp4", "bnb-int8")
 
@@ -67,9 +69,11 @@ def probe_cpu() -> Availability:
     if missing:
         return Availability(False, missing)
     cores = os.cpu_count() or 1
+    bf16 = cpu_bf16_units()
     return Availability(
         True,
-        devices=({"name": _cpu_name(), "cores": cores, "memory_gb": _host_memory_gb()},),
+        devices=({"name": _cpu_name(), "cores": cores, "memory_gb": _host_memory_gb(),
+                  "bf16": f"native ({bf16})" if bf16 else "emulated (precision auto: fp32)"},),
         details=engine_details(),
     )
 
@@ -163,6 +167,7 @@ def capability_cpu() -> Capability:
         **quantised(),
         dtypes=("fp32", "bf16"),
         attention=("eager", "sdpa"),
+        fused_kernels=FUSED,
         collective="gloo",
         packing=True,
     )
@@ -170,13 +175,15 @@ def capability_cpu() -> Capability:
 
 def capability_cuda() -> Capability:
     return Capability(
-        **quantised(), dtypes=("fp32", "bf16", "fp16"), attention=_attention(), collective="nccl", packing=True
+        **quantised(), dtypes=("fp32", "bf16", "fp16"), attention=_attention(), fused_kernels=FUSED,
+        collective="nccl", packing=True,
     )
 
 
 def capability_rocm() -> Capability:
     return Capability(
-        **quantised(), dtypes=("fp32", "bf16", "fp16"), attention=_attention(), collective="rccl", packing=True
+        **quantised(), dtypes=("fp32", "bf16", "fp16"), attention=_attention(), fused_kernels=FUSED,
+        collective="rccl", packing=True,
     )
 
 

@@ -17,7 +17,8 @@ from contextlib import nullcontext
 
 import torch
 
-from hwft.data.chat import ChatRenderer
+from hwft.data.batching import Row, make_rows
+from hwft.data.chat import ChatRenderer, tokenize_examples
 from hwft.data.pipeline import Batches, training_batches
 from hwft.job import Job
 from hwft.models import load_tokenizer, materialise
@@ -34,8 +35,16 @@ from hwft_torch.modeling import (
     quantised_linear_count,
     save_result,
 )
-from hwft_torch.objective import LanguageModelling, Objective
+from hwft_torch.objective import LanguageModelling, Objective, held_out_loss, output_head
 from hwft_torch.runtime import DeviceRuntime
+
+
+def held_out_rows(examples, renderer: ChatRenderer, max_length: int) -> list[Row]:
+    """data.eval's examples, tokenised like the training rows, one example per row."""
+    if not examples:
+        return []
+    tokenized, _ = tokenize_examples(examples, renderer, max_length)
+    return make_rows(tokenized, max_length, packing=False)
 
 
 def seed_everything(seed: int) -> None:
@@ -50,10 +59,12 @@ def seed_everything(seed: int) -> None:
 
 
 def compute_dtype(recipe: Recipe, runtime: DeviceRuntime) -> torch.dtype:
-    """precision: auto is bf16 on accelerators that have it, fp32 on the CPU (exact, portable)."""
+    """precision: auto is bf16 autocast where the device computes bf16 natively (accelerators
+    that have it; CPUs with AVX512-BF16 or AMX), fp32 elsewhere: a CPU without bf16 units
+    emulates it, several times slower than fp32."""
     precision = recipe.train.precision
     if precision == "auto":
-        return torch.bfloat16 if runtime.type != "cpu" and runtime.bf16() else torch.float32
+        return torch.bfloat16 if runtime.bf16() else torch.float32
     return DTYPES[precision]
 
 
@@ -125,12 +136,26 @@ def effective_tuning(job: Job) -> str:
     return m.tuning
 
 
+def fused_head(job: Job, model):
+    """(decoder, output weight) for the chunked cross-entropy when kernels.fused_cross_entropy is
+    on (default: where the backend has it) and the model's logits allow it; else None."""
+    wanted = job.recipe.kernels.fused_cross_entropy
+    if wanted is False or "cross_entropy" not in job.choice.capability.fused_kernels:
+        return None
+    head = output_head(model)
+    if isinstance(head, str):
+        job.log(f"kernels: fused cross-entropy off: {head}")
+        return None
+    job.log("kernels: chunked cross-entropy on the label positions (no full logits)")
+    return head
+
+
 def make_objective(job: Job, batches: Batches, model, tokenizer, device, autocast) -> Objective:
     recipe, t = job.recipe, job.recipe.train
     m = recipe.method
     if m.objective in ("sft", "cpt"):
         return LanguageModelling(batches, t.gradient_accumulation_steps, tokenizer.pad_token_id,
-                                 attention_implementation(recipe), device)
+                                 attention_implementation(recipe), device, fused_head(job, model))
     if m.objective == "dpo":
         # A continued adapter is its own reference: the starting policy, precomputed.
         precompute = m.dpo.reference == "precomputed" or bool(recipe.model.adapter)
@@ -160,6 +185,7 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
     renderer = ChatRenderer.for_recipe(recipe, tokenizer)
     batches = training_batches(job.data, renderer, recipe, job.choice.capability)
     job.log(f"data: {batches.summary(t.max_length)}")
+    held_out = held_out_rows(job.data.eval_examples, renderer, t.max_length)
 
     # 2. Model with its tuning, the objective, optimizer, schedule.
     dtype = compute_dtype(recipe, runtime)
@@ -193,20 +219,24 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
     # 3. The loop.
     progress = Progress(steps, t.log_every, quiet=job.quiet)
     model.train()
-    start = last_log = time.perf_counter()
+    start = last_log = step_start = time.perf_counter()
     tokens_since_log = trained_since_log = 0
     losses_since_log: list[float] = []
     record: dict = {}
     for step in range(1, steps + 1):
         step_loss = 0.0
+        step_tokens = step_trained = step_attended = 0
         for micro in objective.step(model, step):
             with autocast():
                 loss = objective.loss(model, micro)
             (scaler.scale(loss.value) if scaler else loss.value).backward()
             step_loss += loss.value.item()
-            tokens_since_log += loss.tokens
-            trained_since_log += loss.trained
+            step_tokens += loss.tokens
+            step_trained += loss.trained
+            step_attended += loss.attended
         losses_since_log.append(step_loss)
+        tokens_since_log += step_tokens
+        trained_since_log += step_trained
         if scaler:
             scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -218,6 +248,12 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if device.type != "cpu":
+            getattr(torch, device.type).synchronize()
+        step_end = time.perf_counter()
+        job.steps.append({"step": step, "seconds": step_end - step_start, "tokens": step_tokens,
+                          "trained": step_trained, "attended": step_attended, "loss": step_loss})
+        step_start = step_end
 
         if step % t.log_every == 0 or step == steps:
             now = time.perf_counter()
@@ -236,9 +272,17 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
             job.run_dir.log_metrics(record)
             progress.update(record)
             last_log, tokens_since_log, trained_since_log, losses_since_log = now, 0, 0, []
+        if held_out and (step % (t.eval_every or steps) == 0 or step == steps):
+            evaluated = held_out_loss(model, held_out, tokenizer.pad_token_id, attention_implementation(recipe),
+                                      device, t.micro_batch_size, autocast)
+            job.run_dir.log_eval(step, evaluated, len(held_out))
+            job.log(f"step {step}: eval_loss {evaluated:.4f} on {len(held_out)} held-out examples")
+            job.results["eval_loss"] = evaluated
+            step_start = time.perf_counter()  # evaluation is not training time
         if t.save_every and step % t.save_every == 0 and step < steps:
             save(job, model, tokenizer, job.run_dir.checkpoint_dir(step), state={"step": step})
             job.run_dir.prune_checkpoints(t.keep_checkpoints)
+            step_start = time.perf_counter()
     progress.close()
 
     # 4. Save the result, show what changed, plot.
@@ -247,7 +291,8 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
     job.log(f"saved {out}")
     job.results["answers"] += show_answers(job, "after", model, tokenizer, renderer, device)
     job.results.update(final_loss=record.get("loss"), steps=steps, output=str(out), model=model,
-                       tuning=tuning)
+                       tuning=tuning, dtype=str(dtype).removeprefix("torch."),
+                       peak_memory_bytes=runtime.peak_memory())
     if recipe.output.plot and job.run_dir.plot_loss() is None:
         job.log("loss.png skipped: matplotlib is not installed")
     return job.results

@@ -31,6 +31,72 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items: int | 
     return total / num_items
 
 
+#: Upper bound on the logits one chunk of :func:`linear_cross_entropy` holds (fp32 elements):
+#: 2**25 is 128 MiB, about 680 positions of a 49k vocabulary.
+CHUNK_ELEMENTS = 2**25
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weight.T`` against ``targets``, chunk by chunk.
+
+    The gradients are computed in the forward pass, one chunk of positions at a time, so the
+    (positions x vocabulary) logits exist for one chunk only and are never stored for backward
+    (the approach of Liger's fused linear cross-entropy, in plain torch so it runs on any
+    device). Backward scales the stored gradients by the incoming one.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, dtype, chunk):
+        w = weight.to(dtype)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start : start + chunk].to(dtype)
+            y = targets[start : start + chunk]
+            z = (h @ w.T).float()  # (chunk, vocab) logits, fp32
+            lse = torch.logsumexp(z, dim=-1)
+            rows = torch.arange(z.shape[0], device=z.device)
+            total += (lse - z[rows, y]).sum()
+            # d(sum of losses)/dz = softmax(z) - onehot(y), written over z in place
+            g = z.sub_(lse.unsqueeze(-1)).exp_()
+            g[rows, y] -= 1.0
+            g = g.to(dtype)
+            grad_hidden[start : start + chunk] = (g @ w).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += (g.T @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0))
+        ctx.weight_grad = grad_weight is not None
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        gw = (grad_weight * grad_output).to(ctx.weight_dtype) if ctx.weight_grad else None
+        return grad_hidden * grad_output.to(grad_hidden.dtype), gw, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         num_items: int | torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    r"""Cross-entropy of the output layer applied to hidden states, without full logits.
+
+    .. math::
+        L = \frac{1}{N} \sum_{i} \left( \log \sum_v e^{z_{i,v}} - z_{i,y_i} \right),
+        \qquad z_i = W h_i
+
+    over the positions i that carry a label (``hidden`` holds only those, already shifted:
+    ``hidden[i]`` predicts ``targets[i]``), with :math:`N` = ``num_items`` as in
+    :func:`causal_lm_loss`, which this equals. The matmuls run in ``dtype`` (the autocast dtype,
+    default the hidden states' own), the softmax in fp32, in chunks of at most
+    :data:`CHUNK_ELEMENTS` logits: memory is O(chunk x vocabulary) rather than O(tokens x
+    vocabulary), and positions without a label (prompts, padding) cost nothing.
+    """
+    dtype = dtype or hidden.dtype
+    chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    return _LinearCrossEntropy.apply(hidden, weight, targets, dtype, chunk) / num_items
+
+
 def token_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     r"""Per-token log-probabilities of the labels, shifted: entry (b, t) is
     :math:`\log \mathrm{softmax}(z_{b,t} / T)_{y_{b,t+1}}` where :math:`y_{b,t+1} \ne -100`,

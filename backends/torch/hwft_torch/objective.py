@@ -10,13 +10,15 @@ completion tokens), so gradient accumulation equals one big batch.
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from hwft.data.batching import Row, pad
+from hwft.data.chat import IGNORE_INDEX
 from hwft.data.pipeline import Batches
-from hwft_torch.losses import causal_lm_loss
+from hwft_torch.losses import causal_lm_loss, linear_cross_entropy
 
 
 @dataclass
@@ -24,6 +26,7 @@ class Loss:
     value: torch.Tensor  #: this micro-batch's share of the step's loss
     tokens: int  #: non-padding tokens computed
     trained: int  #: tokens the loss is taken on
+    attended: int = 0  #: causal attention pairs computed, sum over sequences of L(L+1)/2 (FLOP model)
 
 
 class Objective:
@@ -101,13 +104,51 @@ def to_tensors(rows: list[Row], pad_id: int, attention: str, device: torch.devic
     return {k: v.to(device) for k, v in batch.items()}
 
 
-class LanguageModelling(Objective):
-    """sft and cpt: next-token cross-entropy on the label tokens of (packed) rows
-    (:func:`hwft_torch.losses.causal_lm_loss`), normalised by the step's label tokens."""
+#: Config attributes that change logits after the output layer (soft-capping, scaling): a
+#: model with one set computes more than ``lm_head(hidden)``, so it keeps the plain loss.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
-    def __init__(self, batches: Batches, accumulation: int, pad_id: int, attention: str, device: torch.device):
+
+def output_head(model) -> tuple[torch.nn.Module, torch.Tensor] | str:
+    """(decoder, output weight) where the model's logits are exactly ``hidden @ weight.T`` of its
+    decoder's last hidden state; otherwise why not (the fused loss is then skipped)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return f"the output layer is a {type(head).__name__}, not a plain bias-free Linear"
+    config = getattr(base, "config", None)
+    for attr in LOGIT_TRANSFORMS:
+        if getattr(config, attr, None) not in (None, 1, 1.0):
+            return f"the model transforms its logits ({attr})"
+    try:
+        decoder = base.get_decoder()
+    except (AttributeError, ValueError):
+        decoder = None
+    if decoder is None or decoder is base:
+        return "the model has no separate decoder"
+    return decoder, head.weight
+
+
+def sequence_pairs(rows: list[Row]) -> int:
+    """Causal attention pairs of the rows' examples: sum of L(L+1)/2."""
+    return sum(n * (n + 1) // 2 for r in rows for n in r.lengths)
+
+
+class LanguageModelling(Objective):
+    """sft and cpt: next-token cross-entropy on the label tokens of (packed) rows, normalised by
+    the step's label tokens.
+
+    With ``fused`` (decoder, output weight), the loss is :func:`~hwft_torch.losses.linear_cross_entropy`
+    on the hidden states of the label positions only: no logits for prompts or padding, and
+    never the whole micro-batch's logits at once. Otherwise the model's logits go through
+    :func:`~hwft_torch.losses.causal_lm_loss`. Both compute the same number.
+    """
+
+    def __init__(self, batches: Batches, accumulation: int, pad_id: int, attention: str, device: torch.device,
+                 fused: tuple[torch.nn.Module, torch.Tensor] | None = None):
         super().__init__(batches)
         self.accumulation, self.pad_id, self.attention, self.device = accumulation, pad_id, attention, device
+        self.fused = fused
 
     def step(self, model, step: int) -> list[tuple[list[Row], int]]:
         micro = self.draw(self.accumulation)
@@ -118,6 +159,35 @@ class LanguageModelling(Objective):
         rows, num_items = micro
         tensors = to_tensors(rows, self.pad_id, self.attention, self.device)
         labels = tensors.pop("labels")
-        logits = model(**tensors).logits
-        return Loss(causal_lm_loss(logits, labels, num_items), sum(len(r.input_ids) for r in rows),
-                    sum(r.num_labels for r in rows))
+        if self.fused is None:
+            value = causal_lm_loss(model(**tensors).logits, labels, num_items)
+        else:
+            decoder, weight = self.fused
+            hidden = decoder(**tensors).last_hidden_state
+            targets = labels[:, 1:]
+            keep = targets != IGNORE_INDEX
+            dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
+            value = linear_cross_entropy(hidden[:, :-1][keep], weight, targets[keep], num_items, dtype)
+        return Loss(value, sum(len(r.input_ids) for r in rows), sum(r.num_labels for r in rows), sequence_pairs(rows))
+
+
+@torch.no_grad()
+def held_out_loss(model, rows: list[Row], pad_id: int, attention: str, device: torch.device,
+                  batch_size: int = 4, autocast=None) -> float:
+    """Mean next-token cross-entropy per label token over ``rows`` (an evaluation set), in eval
+    mode: the number an eval_loss reports, comparable between runs that tokenised alike."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    ordered = sorted(rows, key=lambda r: len(r.input_ids))
+    for start in range(0, len(ordered), batch_size):
+        batch = ordered[start : start + batch_size]
+        tensors = to_tensors(batch, pad_id, attention, device)
+        labels = tensors.pop("labels")
+        labelled = sum(r.num_labels for r in batch)
+        with autocast() if autocast else nullcontext():
+            logits = model(**tensors).logits
+        total += float(causal_lm_loss(logits, labels, 1))
+        count += labelled
+    model.train(was_training)
+    return total / max(count, 1)

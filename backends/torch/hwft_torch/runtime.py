@@ -26,6 +26,7 @@ class DeviceRuntime:
     before_load: Callable[[Any], None] | None = None  #: (recipe) -> None, before from_pretrained
     patch_model: Callable[[Any, Any], list[str]] | None = None  #: (model, recipe) -> kernels applied
     optimizer: Callable[[list, Any], Any] | None = None  #: (params, recipe) -> optimizer, or None
+    peak_memory: Callable[[], int | None] = lambda: None  #: bytes at the high-water mark, or None
 
     def device(self):
         import torch
@@ -44,5 +45,38 @@ def _cuda_bf16() -> bool:
     return torch.cuda.is_bf16_supported()
 
 
-CPU = DeviceRuntime("cpu")
-CUDA = DeviceRuntime("cuda", bf16=_cuda_bf16)  # ROCm builds of torch use the cuda namespace too
+#: CPU flags (Linux /proc/cpuinfo) of units that compute bf16 natively.
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_bf16_units() -> str | None:
+    """The CPU's native bf16 unit (a /proc/cpuinfo flag), or None where bf16 would be emulated."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    return next((f for f in CPU_BF16_FLAGS if f in flags), None)
+    except OSError:
+        pass
+    return None
+
+
+def _cpu_peak_rss() -> int:
+    """The process's peak resident memory in bytes (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _cuda_peak() -> int:
+    import torch
+
+    return torch.cuda.max_memory_allocated()
+
+
+CPU = DeviceRuntime("cpu", bf16=lambda: cpu_bf16_units() is not None, peak_memory=_cpu_peak_rss)
+# ROCm builds of torch use the cuda namespace too.
+CUDA = DeviceRuntime("cuda", bf16=_cuda_bf16, peak_memory=_cuda_peak)

@@ -1,0 +1,138 @@
+"""The speed and memory levers of the torch engine compute what the plain path computes.
+
+- the chunked cross-entropy on the label positions equals transformers' own loss, with the same
+  gradients (LoRA and full tuning, where the tied output weight gets a gradient too);
+- a CLI run with it on pins the same losses as with it off;
+- precision: auto picks bf16 on a CPU only where the CPU has bf16 units;
+- data.eval gives eval.jsonl and the held-out loss.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import SAMPLE_ROWS, write_jsonl, write_recipe
+
+
+def _batch(vocab: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (2, 12), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = -100  # a prompt
+    labels[1, 9:] = -100  # padding
+    return ids, labels
+
+
+@pytest.mark.parametrize("tuning", ["lora", "full"])
+def test_linear_cross_entropy_equals_the_logits_loss(tiny_llama, tuning):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from hwft_torch.losses import CHUNK_ELEMENTS, causal_lm_loss, linear_cross_entropy
+    from hwft_torch.objective import output_head
+
+    def model():
+        torch.manual_seed(0)  # the same random adapter in both
+        m = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+        if tuning == "lora":
+            m = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+        return m
+
+    ids, labels = _batch(49152)
+    plain, fused = model(), model()
+    n = int((labels[:, 1:] != -100).sum())
+    reference = causal_lm_loss(plain(input_ids=ids).logits, labels, n)
+    reference.backward()
+    assert torch.allclose(reference, plain(input_ids=ids, labels=labels).loss, atol=1e-6)
+
+    decoder, weight = output_head(fused)
+    hidden = decoder(input_ids=ids).last_hidden_state
+    keep = labels[:, 1:] != -100
+    import hwft_torch.losses as losses
+
+    small = 3 * weight.shape[0]  # 3 positions a chunk: several chunks, one of them short
+    losses.CHUNK_ELEMENTS = small
+    try:
+        value = linear_cross_entropy(hidden[:, :-1][keep], weight, labels[:, 1:][keep], n)
+    finally:
+        losses.CHUNK_ELEMENTS = CHUNK_ELEMENTS
+    value.backward()
+    torch.testing.assert_close(value, reference, atol=1e-6, rtol=1e-6)
+    grads = {k: p.grad for k, p in plain.named_parameters() if p.requires_grad}
+    checked = 0
+    for name, p in fused.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name], atol=1e-6, rtol=1e-4, msg=name)
+            checked += 1
+    assert checked == len(grads) > 0
+    if tuning == "full":  # the tied embedding's gradient includes the output layer's share
+        assert fused.get_input_embeddings().weight.grad.abs().sum() > 0
+
+
+def test_linear_cross_entropy_under_bf16_autocast_is_close():
+    from hwft_torch.losses import linear_cross_entropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(40, 32, requires_grad=True)
+    weight = torch.randn(500, 32) * 0.1
+    targets = torch.randint(0, 500, (40,))
+    exact = torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="sum") / 40
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        approx = linear_cross_entropy(hidden, weight, targets, 40, torch.bfloat16)
+    assert approx.dtype == torch.float32
+    assert abs(approx.item() - exact.item()) < 0.02 * exact.item()  # bf16 matmul, fp32 softmax
+
+
+def test_model_with_soft_capped_logits_keeps_the_plain_loss():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from hwft_torch.objective import output_head
+
+    config = Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    why = output_head(Gemma2ForCausalLM(config))
+    assert why == "the model transforms its logits (final_logit_softcapping)"
+
+
+def test_cli_losses_are_the_same_with_the_fused_loss_on_and_off(tiny_llama, tmp_path, cli):
+    curves = {}
+    for fused in (True, False):
+        folder = tmp_path / str(fused)
+        folder.mkdir()
+        path = write_recipe(folder, tiny_llama, kernels={"fused_cross_entropy": fused},
+                            data={"train": [{"path": "train.jsonl"}], "packing": False})
+        code, _, err = cli("train", path)
+        assert code == 0, err
+        assert ("chunked cross-entropy" in err) is fused
+        curves[fused] = [json.loads(x)["loss"] for x in (folder / "out" / "metrics.jsonl").read_text().splitlines()]
+    print("fused", curves[True], "plain", curves[False])
+    assert curves[True] == pytest.approx(curves[False], abs=1e-5)
+
+
+def test_cpu_precision_auto_follows_the_bf16_units(monkeypatch):
+    import hwft_torch.runtime as runtime
+    from hwft.recipe import Recipe
+    from hwft_torch.engine import compute_dtype
+
+    recipe = Recipe.model_validate({"data": "x.jsonl"})
+    monkeypatch.setattr(runtime, "cpu_bf16_units", lambda: None)
+    assert compute_dtype(recipe, runtime.CPU) == torch.float32
+    monkeypatch.setattr(runtime, "cpu_bf16_units", lambda: "amx_bf16")
+    assert compute_dtype(recipe, runtime.CPU) == torch.bfloat16
+    recipe.train.precision = "fp32"
+    assert compute_dtype(recipe, runtime.CPU) == torch.float32
+
+
+def test_data_eval_writes_the_held_out_loss(tiny_llama, tmp_path, cli):
+    write_jsonl(tmp_path / "held_out.jsonl", SAMPLE_ROWS[:3])
+    path = write_recipe(tmp_path, tiny_llama, train={"max_steps": 4, "eval_every": 2},
+                        data={"train": ["train.jsonl"], "eval": ["held_out.jsonl"]})
+    code, _, err = cli("train", path)
+    assert code == 0, err
+    lines = [json.loads(x) for x in (tmp_path / "out" / "eval.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2, 4]
+    assert all(x["examples"] == 3 and 0 < x["eval_loss"] < 20 for x in lines)
+    assert lines[1]["eval_loss"] < lines[0]["eval_loss"]  # the held-out rows repeat trained ones
