@@ -1,4 +1,4 @@
-"""The ``hwft`` command: train, data inspect, env, plugins.
+"""The ``hwft`` command: train, bench, data inspect, env, plugins.
 
 A user error (bad recipe, bad data, impossible combination) exits with code 2 and one message,
 without a traceback unless ``--debug``.
@@ -46,6 +46,26 @@ def _parser() -> argparse.ArgumentParser:
     env = sub.add_parser("env", help="backends on this machine and what each can do")
     env.add_argument("--json", action="store_true", help=f"machine-readable ({ENV_SCHEMA})")
     env.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+
+    bench = sub.add_parser(
+        "bench", help="time a recipe on each backend (and against the transformers baseline); "
+        "`hwft bench report FILES` compares results",
+        description="hwft bench RECIPE [options]  |  hwft bench report FILES [--out DIR] [--force]  |  "
+        "hwft bench schema",
+    )
+    bench.add_argument("recipe", help="recipe YAML file (or `report`, `schema`)")
+    bench.add_argument("overrides", nargs="*", help="key.path=value overrides; after `report`: result files")
+    bench.add_argument("--backends", help="comma-separated backends (default: every available one that can run it)")
+    bench.add_argument("--steps", type=int, help="timed steps after warmup (default: the recipe's whole run)")
+    bench.add_argument("--warmup", type=int, default=2, help="steps run before timing starts (default 2)")
+    bench.add_argument("--baseline", choices=["hf"], help="also run the transformers Trainer + peft baseline")
+    bench.add_argument("--baseline-bf16", action="store_true", help="also run the baseline's bf16 variant")
+    bench.add_argument("--eval-examples", type=int, default=32,
+                       help="examples held out from the end of the data for the eval loss (default 32; "
+                       "data.eval replaces them)")
+    bench.add_argument("--out", help="folder for results (default bench-results) or for the report")
+    bench.add_argument("--force", action="store_true", help="report: put different workloads in one table")
+    bench.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
 
     plugins = sub.add_parser("plugins", help="loaded plugins and the hooks they implement")
     plugins.add_argument("--json", action="store_true", help=f"machine-readable ({PLUGINS_SCHEMA})")
@@ -148,6 +168,23 @@ def cmd_env(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    if args.recipe == "report":
+        from hwft.bench.report import report
+
+        return report(args.overrides, args.out, args.force)
+    if args.recipe == "schema":
+        from hwft.bench.schema import BenchResult
+
+        print(json.dumps(BenchResult.model_json_schema(by_alias=True), indent=1))
+        return 0
+    from hwft.bench.runner import bench
+
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
+    return bench(args.recipe, args.overrides, backends, args.steps, args.warmup, args.baseline,
+                 args.baseline_bf16, args.out or "bench-results", args.eval_examples)
+
+
 def cmd_plugins(args) -> int:
     from hwft.plugins import get_host
 
@@ -179,12 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may follow options too (`hwft train r.yaml --quiet train.lr=1e-4`), which
     # argparse alone does not allow for a positional list.
     args, extra = parser.parse_known_args(argv)
-    stray = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+    report = getattr(args, "recipe", None) == "report"
+    stray = [x for x in extra if x.startswith("-") or ("=" not in x and not report) or not hasattr(args, "overrides")]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    commands = {"train": cmd_train, "data": cmd_data, "env": cmd_env, "plugins": cmd_plugins}
+    commands = {"train": cmd_train, "data": cmd_data, "env": cmd_env, "plugins": cmd_plugins, "bench": cmd_bench}
     try:
         return commands[args.command](args)
     except UserError as exc:

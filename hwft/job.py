@@ -22,7 +22,8 @@ class Job:
     quiet: bool = False
     results: dict = field(default_factory=dict)  #: the backend's summary (final loss, answers)
     #: one record per optimizer step: step, seconds, tokens (non-padding), trained (label
-    #: tokens), attended (causal attention pairs), loss; what ``hwft bench`` times
+    #: tokens), attended (causal attention pairs), loss, examples (indices of the tokenised
+    #: sequences trained on, sft/cpt); what ``hwft bench`` times
     steps: list[dict] = field(default_factory=list)
 
     def log(self, message: str) -> None:

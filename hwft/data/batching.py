@@ -20,7 +20,7 @@ import bisect
 import math
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hwft.data.chat import IGNORE_INDEX, Tokenized
 
@@ -34,6 +34,7 @@ class Row:
     input_ids: list[int]
     labels: list[int]
     lengths: list[int]  #: the examples' lengths, in order; they sum to len(input_ids)
+    ids: list[int] = field(default_factory=list)  #: the examples' indices among the tokenised sequences
 
     @property
     def position_ids(self) -> list[int]:
@@ -64,7 +65,7 @@ def pack_groups(lengths: list[int], capacity: int) -> list[list[int]]:
 
 def make_rows(examples: list[Tokenized], max_length: int, packing: bool) -> list[Row]:
     if not packing:
-        return [Row(e.input_ids, e.labels, [len(e.input_ids)]) for e in examples]
+        return [Row(e.input_ids, e.labels, [len(e.input_ids)], [i]) for i, e in enumerate(examples)]
     rows = []
     for group in pack_groups([len(e.input_ids) for e in examples], max_length):
         members = [examples[i] for i in group]
@@ -72,6 +73,7 @@ def make_rows(examples: list[Tokenized], max_length: int, packing: bool) -> list
             [t for e in members for t in e.input_ids],
             [t for e in members for t in e.labels],
             [len(e.input_ids) for e in members],
+            list(group),
         ))
     return rows
 

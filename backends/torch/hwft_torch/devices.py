@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from functools import cache
 
+from hwft.hardware import cpu_name, host_memory_gb
 from hwft.records import PRIORITY_ACCELERATOR, PRIORITY_CPU, Availability, Backend, Capability
 from hwft_torch.runtime import CPU, CUDA, cpu_bf16_units
 
@@ -72,31 +73,10 @@ def probe_cpu() -> Availability:
     bf16 = cpu_bf16_units()
     return Availability(
         True,
-        devices=({"name": _cpu_name(), "cores": cores, "memory_gb": _host_memory_gb(),
+        devices=({"name": cpu_name(), "cores": cores, "memory_gb": host_memory_gb(),
                   "bf16": f"native ({bf16})" if bf16 else "emulated (precision auto: fp32)"},),
         details=engine_details(),
     )
-
-
-def _cpu_name() -> str:
-    import platform
-
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _host_memory_gb() -> float | None:
-    try:
-        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-    return round(pages * size / 2**30, 1)
 
 
 def _gpu_torch():

@@ -226,6 +226,7 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
     for step in range(1, steps + 1):
         step_loss = 0.0
         step_tokens = step_trained = step_attended = 0
+        step_examples: list[int] = []
         for micro in objective.step(model, step):
             with autocast():
                 loss = objective.loss(model, micro)
@@ -234,6 +235,7 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
             step_tokens += loss.tokens
             step_trained += loss.trained
             step_attended += loss.attended
+            step_examples += loss.examples
         losses_since_log.append(step_loss)
         tokens_since_log += step_tokens
         trained_since_log += step_trained
@@ -252,7 +254,8 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
             getattr(torch, device.type).synchronize()
         step_end = time.perf_counter()
         job.steps.append({"step": step, "seconds": step_end - step_start, "tokens": step_tokens,
-                          "trained": step_trained, "attended": step_attended, "loss": step_loss})
+                          "trained": step_trained, "attended": step_attended, "loss": step_loss,
+                          "examples": step_examples})
         step_start = step_end
 
         if step % t.log_every == 0 or step == steps:
@@ -291,7 +294,7 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
     job.log(f"saved {out}")
     job.results["answers"] += show_answers(job, "after", model, tokenizer, renderer, device)
     job.results.update(final_loss=record.get("loss"), steps=steps, output=str(out), model=model,
-                       tuning=tuning, dtype=str(dtype).removeprefix("torch."),
+                       tuning=tuning, dtype={v: k for k, v in DTYPES.items()}[dtype],
                        peak_memory_bytes=runtime.peak_memory())
     if recipe.output.plot and job.run_dir.plot_loss() is None:
         job.log("loss.png skipped: matplotlib is not installed")

@@ -97,6 +97,19 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return _LinearCrossEntropy.apply(hidden, weight, targets, dtype, chunk) / num_items
 
 
+@torch.no_grad()
+def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The summed cross-entropy of :func:`linear_cross_entropy`, for evaluation: no gradients,
+    one chunk of logits at a time."""
+    chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk):
+        z = (hidden[start : start + chunk] @ weight.to(hidden.dtype).T).float()
+        y = targets[start : start + chunk]
+        total += (torch.logsumexp(z, dim=-1) - z.gather(-1, y.unsqueeze(-1)).squeeze(-1)).sum()
+    return total
+
+
 def token_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     r"""Per-token log-probabilities of the labels, shifted: entry (b, t) is
     :math:`\log \mathrm{softmax}(z_{b,t} / T)_{y_{b,t+1}}` where :math:`y_{b,t+1} \ne -100`,

@@ -18,7 +18,7 @@ import torch
 from hwft.data.batching import Row, pad
 from hwft.data.chat import IGNORE_INDEX
 from hwft.data.pipeline import Batches
-from hwft_torch.losses import causal_lm_loss, linear_cross_entropy
+from hwft_torch.losses import causal_lm_loss, chunked_cross_entropy, linear_cross_entropy
 
 
 @dataclass
@@ -27,6 +27,7 @@ class Loss:
     tokens: int  #: non-padding tokens computed
     trained: int  #: tokens the loss is taken on
     attended: int = 0  #: causal attention pairs computed, sum over sequences of L(L+1)/2 (FLOP model)
+    examples: tuple[int, ...] = ()  #: indices of the sequences trained on (sft, cpt)
 
 
 class Objective:
@@ -168,26 +169,36 @@ class LanguageModelling(Objective):
             keep = targets != IGNORE_INDEX
             dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
             value = linear_cross_entropy(hidden[:, :-1][keep], weight, targets[keep], num_items, dtype)
-        return Loss(value, sum(len(r.input_ids) for r in rows), sum(r.num_labels for r in rows), sequence_pairs(rows))
+        return Loss(value, sum(len(r.input_ids) for r in rows), sum(r.num_labels for r in rows),
+                    sequence_pairs(rows), tuple(i for r in rows for i in r.ids))
 
 
 @torch.no_grad()
 def held_out_loss(model, rows: list[Row], pad_id: int, attention: str, device: torch.device,
                   batch_size: int = 4, autocast=None) -> float:
     """Mean next-token cross-entropy per label token over ``rows`` (an evaluation set), in eval
-    mode: the number an eval_loss reports, comparable between runs that tokenised alike."""
+    mode: the number an eval_loss reports, comparable between runs that tokenised alike. Where
+    the model allows it, logits are computed for the label positions only, a chunk at a time
+    (:func:`~hwft_torch.losses.chunked_cross_entropy`), so evaluating never takes more memory
+    than training."""
     was_training = model.training
     model.eval()
+    head = output_head(model)
     total, count = 0.0, 0
     ordered = sorted(rows, key=lambda r: len(r.input_ids))
     for start in range(0, len(ordered), batch_size):
         batch = ordered[start : start + batch_size]
         tensors = to_tensors(batch, pad_id, attention, device)
         labels = tensors.pop("labels")
-        labelled = sum(r.num_labels for r in batch)
         with autocast() if autocast else nullcontext():
-            logits = model(**tensors).logits
-        total += float(causal_lm_loss(logits, labels, 1))
-        count += labelled
+            if isinstance(head, str):
+                total += float(causal_lm_loss(model(**tensors).logits, labels, 1))
+            else:
+                decoder, weight = head
+                hidden = decoder(**tensors).last_hidden_state
+                targets = labels[:, 1:]
+                keep = targets != IGNORE_INDEX
+                total += float(chunked_cross_entropy(hidden[:, :-1][keep], weight, targets[keep]))
+        count += sum(r.num_labels for r in batch)
     model.train(was_training)
     return total / max(count, 1)

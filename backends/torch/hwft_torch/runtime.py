@@ -62,7 +62,7 @@ def cpu_bf16_units() -> str | None:
     return None
 
 
-def _cpu_peak_rss() -> int:
+def cpu_peak_rss() -> int:
     """The process's peak resident memory in bytes (ru_maxrss: KiB on Linux, bytes on macOS)."""
     import resource
     import sys
@@ -77,6 +77,6 @@ def _cuda_peak() -> int:
     return torch.cuda.max_memory_allocated()
 
 
-CPU = DeviceRuntime("cpu", bf16=lambda: cpu_bf16_units() is not None, peak_memory=_cpu_peak_rss)
+CPU = DeviceRuntime("cpu", bf16=lambda: cpu_bf16_units() is not None, peak_memory=cpu_peak_rss)
 # ROCm builds of torch use the cuda namespace too.
 CUDA = DeviceRuntime("cuda", bf16=_cuda_bf16, peak_memory=_cuda_peak)

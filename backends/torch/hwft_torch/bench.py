@@ -1,0 +1,190 @@
+"""The torch engine's part of ``hwft bench``: model dimensions for the FLOP model, the device's
+peak FLOP/s, the held-out loss, and the baseline arm a user would otherwise run.
+
+The baseline (``--baseline hf``) is the tutorial path, with its arguments fixed (:data:`BASELINE`):
+transformers ``Trainer`` + peft LoRA r=16, alpha=32 on all linear layers, per-device batch 4,
+lr 1e-4, padding to the longest in the batch with ``DataCollatorForSeq2Seq``, fp32 (or bf16 with
+``--baseline-bf16``), everything else at the libraries' defaults. It trains on the very
+sequences the hwft arm trained on (hwft's tokenisation, truncated at max length), one pass,
+in the Trainer's own shuffled order.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from hwft_torch.objective import held_out_loss
+from hwft_torch.runtime import cpu_peak_rss
+
+#: The baseline's fixed arguments, printed by ``hwft bench`` and stored in its result.
+BASELINE = {
+    "trainer": "transformers.Trainer",
+    "per_device_train_batch_size": 4,
+    "max_length": 512,
+    "lora": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear", "lora_dropout": 0.0},
+    "learning_rate": 1e-4,
+    "collator": "DataCollatorForSeq2Seq(padding='longest')",
+    "num_train_epochs": 1,
+}
+
+#: Dense (no sparsity) peak FLOP/s from vendors' spec sheets, by device-name fragment and dtype.
+SPEC_SHEET = {
+    ("H200", "bf16"): 989e12,
+    ("H100 SXM", "bf16"): 989e12,
+    ("H100 80GB HBM3", "bf16"): 989e12,
+    ("H100 NVL", "bf16"): 835e12,
+    ("H100 PCIe", "bf16"): 756e12,
+    ("A100", "bf16"): 312e12,
+    ("MI300X", "bf16"): 1307e12,
+    ("H200", "fp32"): 67e12,
+    ("H100", "fp32"): 67e12,
+    ("A100", "fp32"): 19.5e12,
+}
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+__all__ = ["BASELINE", "baseline_arm", "device_of", "dtype_named", "held_out_loss", "model_dims",
+           "peak_flops", "process_peak_rss"]
+
+
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def dtype_named(name: str) -> torch.dtype:
+    return DTYPES[name]
+
+
+process_peak_rss = cpu_peak_rss
+
+
+def model_dims(model) -> dict:
+    """Parameter counts the FLOP model needs: the frozen or trained linear weights of the body
+    (``linear``), adapter weights (``adapter``), the output layer (``head``: vocabulary x width),
+    and the attention width (heads x head dim) times layers (``attention``)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    linear = adapter = 0
+    for name, module in base.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is head:  # bitsandbytes' layers are Linears too
+            continue
+        size = module.in_features * module.out_features
+        if ".lora_" in name:
+            adapter += size
+        else:
+            linear += size
+    config = base.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return {
+        "linear": linear,
+        "adapter": adapter,
+        "head": head.in_features * head.out_features if head is not None else 0,
+        "attention": heads * head_dim * config.num_hidden_layers,
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type != "cpu":
+        getattr(torch, device.type).synchronize()
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, device_name: str = "") -> tuple[float, str]:
+    """The device's peak matmul FLOP/s in ``dtype``: a spec-sheet figure where one is known for
+    the device, else measured (the best of several square matmuls)."""
+    dname = DTYPE_NAMES[dtype]
+    for (fragment, kind), value in SPEC_SHEET.items():
+        if kind == dname and fragment in device_name:
+            return value, f"spec sheet ({fragment}, {dname}, dense)"
+    n = 2048 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(4):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(3):
+            a @ b
+        synchronize(device)
+        best = min(best, (time.perf_counter() - start) / 3)
+    return 2 * n**3 / best, f"measured ({n}x{n} {dname} matmul, best of 4)"
+
+
+def baseline_arm(model_path: Path, tokenizer, train_rows: list, eval_rows: list, device: torch.device,
+                 bf16: bool, seed: int, warmup: int) -> dict:
+    """Train the tutorial baseline on ``train_rows`` (hwft Rows) for one pass; the same result
+    fields the hwft arm reports."""
+    import os
+    import tempfile
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        AutoModelForCausalLM,
+        DataCollatorForSeq2Seq,
+        PrinterCallback,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True)
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **BASELINE["lora"]))
+    features = [{"input_ids": r.input_ids, "attention_mask": [1] * len(r.input_ids), "labels": r.labels,
+                 "_id": r.ids[0]} for r in train_rows]
+    collate = DataCollatorForSeq2Seq(tokenizer, padding="longest")
+    batches: list[dict] = []
+
+    def counting_collator(items):
+        ids = [it.pop("_id") for it in items]
+        out = collate(items)
+        lengths = [int(n) for n in out["attention_mask"].sum(dim=1)]
+        batches.append({"tokens": sum(lengths), "computed": out["input_ids"].numel(),
+                        "trained": int((out["labels"][:, 1:] != -100).sum()),
+                        "attended": sum(n * (n + 1) // 2 for n in lengths), "examples": ids})
+        return out
+
+    times: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            self.last = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            synchronize(device)
+            now = time.perf_counter()
+            times.append(now - self.last)
+            self.last = now
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out,
+            per_device_train_batch_size=BASELINE["per_device_train_batch_size"],
+            learning_rate=BASELINE["learning_rate"],
+            num_train_epochs=BASELINE["num_train_epochs"],
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            seed=seed,
+            bf16=bf16,
+            use_cpu=device.type == "cpu",
+            remove_unused_columns=False,
+            disable_tqdm=True,
+        )
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=counting_collator,
+                          callbacks=[StepClock()])
+        trainer.remove_callback(PrinterCallback)  # hwft bench prints its own summary
+        trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    steps = [{"step": i + 1, "seconds": t, "loss": losses[i] if i < len(losses) else None, **b}
+             for i, (t, b) in enumerate(zip(times, batches, strict=False))]
+    trained = trainer.model
+    eval_loss = held_out_loss(trained, eval_rows, tokenizer.pad_token_id, "sdpa", device) if eval_rows else None
+    return {"steps": steps, "model": trained, "eval_loss": eval_loss,
+            "dtype": "bf16" if bf16 else "fp32", "settings": {**BASELINE, "bf16": bf16, "seed": seed}}

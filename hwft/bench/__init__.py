@@ -1,0 +1,16 @@
+"""``hwft bench``: the same workload timed on every backend, comparable across machines.
+
+    hwft bench RECIPE [--backends cpu,mlx] [--steps N --warmup W] [--baseline hf] [--out DIR]
+    hwft bench report DIR/*.json [--out DIR] [--force]
+
+:mod:`~hwft.bench.runner` plans the workload (cheap checks first, no engine imported), then
+runs each arm in its own process (so peak memory is that arm's alone): the recipe on each
+backend (:mod:`~hwft.bench.worker`), and with ``--baseline hf`` the tutorial transformers
+``Trainer`` + peft path on the very sequences the hwft arm trained on. Each arm writes one
+JSON result (:mod:`~hwft.bench.schema`, ``hwft.bench/1``) with a hardware fingerprint
+(:mod:`~hwft.bench.fingerprint`) and MFU from a stated FLOP model (:mod:`~hwft.bench.flops`);
+:mod:`~hwft.bench.report` merges results from any machines into a table and charts.
+
+An engine takes part by providing ``hwft_<engine>.bench`` with ``model_dims``, ``peak_flops``
+and ``held_out_loss`` (the torch engine's is :mod:`hwft_torch.bench`).
+"""

@@ -1,0 +1,174 @@
+"""``hwft bench RECIPE``: plan, run each arm in its own process, compare, write the results.
+
+Everything that can be refused is refused before any arm starts (the recipe, the backends
+asked for, the baseline's conditions), without importing an engine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+from hwft.bench.fingerprint import model_identity, workload_hash
+from hwft.bench.schema import BenchResult, Comparison
+from hwft.errors import RecipeError, SelectionError
+from hwft.plugins import get_host
+from hwft.recipe import load_recipe
+from hwft.select import capability_problems, rank, select_backend
+from hwft.train import plan_run
+
+#: The baseline's fixed arguments that decide what model is trained (hwft_torch.bench.BASELINE).
+BASELINE_MODEL = {"r": 16, "alpha": 32, "target_modules": "all-linear", "dropout": 0.0}
+
+
+def baseline_differences(recipe) -> list[str]:
+    """Recipe settings that make the hwft arm train something other than the baseline."""
+    m, t = recipe.method, recipe.train
+    out = []
+    if m.objective not in ("sft", "cpt") or m.tuning != "lora":
+        out.append(f"method {m.objective}/{m.tuning} (the baseline trains sft/lora)")
+    for key, want in BASELINE_MODEL.items():
+        have = getattr(m.lora, key)
+        if have != want:
+            out.append(f"method.lora.{key} {have} (baseline {want})")
+    if m.lora.dora or m.lora.rslora:
+        out.append("method.lora dora/rslora (baseline plain LoRA)")
+    if t.max_length != 512:
+        out.append(f"train.max_length {t.max_length} (baseline 512)")
+    if t.lr != 1e-4:
+        out.append(f"train.lr {t.lr} (baseline 1e-4)")
+    return out
+
+
+def choose_backends(recipe, names: list[str] | None) -> list[str]:
+    host = get_host()
+    if names:
+        for name in names:  # each refusal names why
+            select_backend(recipe.model_copy(update={"backend": name}), host)
+        return names
+    able = [n for n in rank(host) if not capability_problems(recipe, host.capability(n))]
+    if not able:
+        raise SelectionError("no available backend can run this recipe (see `hwft env`)")
+    return able
+
+
+def run_arm(spec: dict, folder: Path) -> BenchResult:
+    spec_path = folder / f".{Path(spec['result']).stem}.spec.json"
+    spec_path.write_text(json.dumps(spec), encoding="utf-8")
+    label = f"{spec['arm']}{' bf16' if spec.get('bf16') else ''} on {spec['backend']}"
+    print(f"--- {label} ---", file=sys.stderr, flush=True)
+    done = subprocess.run([sys.executable, "-m", "hwft.bench.worker", str(spec_path)])
+    spec_path.unlink(missing_ok=True)
+    if done.returncode != 0:
+        raise SystemExit(f"hwft bench: the {label} arm failed (exit {done.returncode}); see its output above")
+    return BenchResult.model_validate_json(Path(spec["result"]).read_text(encoding="utf-8"))
+
+
+def compare(hwft: BenchResult, base: BenchResult, base_file: str, differences: list[str]) -> Comparison:
+    trained = Counter(i for s in hwft.steps for i in s.examples)
+    seen = Counter(i for s in base.steps for i in s.examples)
+    same = trained == seen and hwft.metrics.tokens_total == base.metrics.tokens_total
+    mem = None
+    if hwft.metrics.peak_memory_bytes and base.metrics.peak_memory_bytes:
+        mem = hwft.metrics.peak_memory_bytes / base.metrics.peak_memory_bytes
+    e1, e0 = hwft.metrics.eval_loss, base.metrics.eval_loss
+    return Comparison(
+        baseline=base_file, baseline_dtype=base.arm.dtype, same_tokens=same, differences=differences,
+        counts=same and not differences,
+        tokens_per_second_ratio=hwft.metrics.tokens_per_second / base.metrics.tokens_per_second,
+        peak_memory_ratio=mem, eval_loss_hwft=e1, eval_loss_baseline=e0,
+        eval_loss_relative_difference=(e1 - e0) / e0 if e1 is not None and e0 else None,
+    )
+
+
+def summary_table(results: list[BenchResult]) -> str:
+    lines = ["| arm | backend | dtype | tokens/s | step median s | step p90 s | peak memory GB | MFU | last loss | eval loss |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        m = r.metrics
+        mem = f"{m.peak_memory_bytes / 2**30:.2f} ({'RSS' if m.memory_kind == 'process-rss' else 'device'})" \
+            if m.peak_memory_bytes else "-"
+        lines.append(
+            f"| {r.arm.kind} | {r.arm.backend} | {r.arm.dtype} | {m.tokens_per_second:.1f} | "
+            f"{m.step_time_median_s:.2f} | {m.step_time_p90_s:.2f} | {mem} | "
+            f"{f'{m.mfu:.1%}' if m.mfu is not None else '-'} | "
+            f"{f'{m.loss_last_step:.4f}' if m.loss_last_step is not None else '-'} | "
+            f"{f'{m.eval_loss:.4f}' if m.eval_loss is not None else '-'} |"
+        )
+    return "\n".join(lines)
+
+
+def comparison_lines(result: BenchResult) -> list[str]:
+    out = []
+    for c in result.comparisons:
+        verdict = "counts" if c.counts else "does NOT count: " + (
+            "; ".join(c.differences) if c.differences else "the arms trained different tokens")
+        mem = f", peak memory x{c.peak_memory_ratio:.2f}" if c.peak_memory_ratio else ""
+        ev = ""
+        if c.eval_loss_relative_difference is not None:
+            ev = (f", eval loss {c.eval_loss_hwft:.4f} vs {c.eval_loss_baseline:.4f} "
+                  f"({c.eval_loss_relative_difference:+.2%})")
+        out.append(f"hwft/{result.arm.backend} vs baseline {c.baseline_dtype}: tokens/s x{c.tokens_per_second_ratio:.2f}"
+                   f"{mem}{ev} (same tokens: {'yes' if c.same_tokens else 'no'}; ratio {verdict})")
+    return out
+
+
+def bench(recipe_path: str, overrides: list[str], backends: list[str] | None, steps: int | None, warmup: int,
+          baseline: str | None, baseline_bf16: bool, out: str, eval_examples: int) -> int:
+    recipe = load_recipe(recipe_path, overrides)
+    if recipe.data.streaming:
+        raise RecipeError("hwft bench reads the data into memory; remove data.streaming")
+    if steps is not None and steps < 1:
+        raise RecipeError("--steps must be at least 1")
+    plan = plan_run(recipe)  # cheap checks: data rows, model, backend
+    names = choose_backends(recipe, backends)
+    host = get_host()
+    differences = []
+    if baseline:
+        if not any(host.backend(n).engine == "torch" for n in names):
+            raise SelectionError("--baseline hf runs on a torch backend (cpu, cuda, rocm, npu); none is among "
+                                 f"{', '.join(names)}")
+        if recipe.method.objective not in ("sft", "cpt"):
+            raise RecipeError(f"--baseline hf trains sft; this recipe's objective is {recipe.method.objective}")
+        differences = baseline_differences(recipe)
+        from hwft_torch.bench import BASELINE
+
+        print("baseline (fixed arguments): " + json.dumps(BASELINE), file=sys.stderr)
+        if differences:
+            print("baseline: the recipe differs from it in " + "; ".join(differences)
+                  + " -- ratios will be shown but do not count", file=sys.stderr)
+    model_id = model_identity(plan.model)
+    bench_params = {"steps": steps, "warmup": warmup, "eval_examples": eval_examples}
+    digest = workload_hash(recipe, model_id, bench_params)
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    base_spec = {"recipe": str(Path(recipe_path).resolve()), "overrides": overrides, "steps": steps,
+                 "warmup": warmup, "eval_examples": eval_examples, "run_id": run_id,
+                 "workload_hash": digest, "model_id": model_id}
+    results: list[tuple[str, BenchResult]] = []
+    for name in names:
+        path = folder / f"{run_id}-hwft-{name}.json"
+        hwft = run_arm({**base_spec, "arm": "hwft", "backend": name, "result": str(path)}, folder)
+        results.append((path.name, hwft))
+        if baseline and host.backend(name).engine == "torch":
+            examples = [i for s in hwft.steps for i in s.examples]
+            for bf16 in (False, True) if baseline_bf16 else (False,):
+                tag = "bf16" if bf16 else "fp32"
+                bpath = folder / f"{run_id}-baseline-hf-{tag}-{name}.json"
+                base = run_arm({**base_spec, "arm": "baseline-hf", "backend": name, "result": str(bpath),
+                                "bf16": bf16, "examples": examples}, folder)
+                hwft.comparisons.append(compare(hwft, base, bpath.name, differences))
+                results.append((bpath.name, base))
+                path.write_text(hwft.dump(), encoding="utf-8")  # the comparisons so far
+    print(f"\nworkload {digest} ({recipe_path}), run {run_id}")
+    print(summary_table([r for _, r in results]))
+    for _, r in results:
+        for line in comparison_lines(r):
+            print(line)
+    print(f"results: {', '.join(str(folder / n) for n, _ in results)}")
+    return 0
