@@ -97,12 +97,13 @@ def test_model_with_soft_capped_logits_keeps_the_plain_loss():
     assert why == "the model transforms its logits (final_logit_softcapping)"
 
 
-def test_cli_losses_are_the_same_with_the_fused_loss_on_and_off(tiny_llama, tmp_path, cli):
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_cli_losses_are_the_same_with_the_fused_loss_on_and_off(tiny_llama, tmp_path, cli, backend):
     curves = {}
     for fused in (True, False):
         folder = tmp_path / str(fused)
         folder.mkdir()
-        path = write_recipe(folder, tiny_llama, kernels={"fused_cross_entropy": fused},
+        path = write_recipe(folder, tiny_llama, kernels={"fused_cross_entropy": fused}, backend=backend,
                             data={"train": [{"path": "train.jsonl"}], "packing": False})
         code, _, err = cli("train", path)
         assert code == 0, err

@@ -135,7 +135,7 @@ def main(spec_path: str) -> int:
             device = torch.device(device_name)
             _, eval_rows = rows_of(eval_examples, recipe, model_path) if eval_examples else (None, [])
             out = tools.baseline_arm(model_path, tokenizer, trained, eval_rows, device, spec["bf16"],
-                                     recipe.train.seed, spec["warmup"])
+                                     recipe.train.seed)
             steps, model, dtype, tuning = out["steps"], out["model"], out["dtype"], "lora"
             peak_memory = (torch.cuda.max_memory_allocated() if device.type == "cuda"
                            else tools.process_peak_rss())

@@ -117,7 +117,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype, device_name: str = "") 
 
 
 def baseline_arm(model_path: Path, tokenizer, train_rows: list, eval_rows: list, device: torch.device,
-                 bf16: bool, seed: int, warmup: int) -> dict:
+                 bf16: bool, seed: int) -> dict:
     """Train the tutorial baseline on ``train_rows`` (hwft Rows) for one pass; the same result
     fields the hwft arm reports."""
     import os
