@@ -40,7 +40,7 @@ def label(r: BenchResult) -> str:
 
 
 def table(results: list[BenchResult], with_workload: bool) -> str:
-    head = ["machine / backend / arm", "tokens/s", "step median s", "step p90 s", "peak memory GB", "MFU",
+    head = ["machine / backend / arm", "tokens/s", "step median s", "step p90 s", "peak memory GiB", "MFU",
             "eval loss", "date"]
     if with_workload:
         head.insert(1, "workload")

@@ -86,7 +86,7 @@ def compare(hwft: BenchResult, base: BenchResult, base_file: str, differences: l
 
 
 def summary_table(results: list[BenchResult]) -> str:
-    lines = ["| arm | backend | dtype | tokens/s | step median s | step p90 s | peak memory GB | MFU | last loss | eval loss |",
+    lines = ["| arm | backend | dtype | tokens/s | step median s | step p90 s | peak memory GiB | MFU | last loss | eval loss |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         m = r.metrics
