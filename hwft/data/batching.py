@@ -145,6 +145,17 @@ def efficiency(batches: list[list[Row]]) -> float:
     return real / computed if computed else 0.0
 
 
+def segment_ids(rows: list[Row], width: int) -> list[list[int]]:
+    """Per row and position, the index of the example a token belongs to; right padding up to
+    ``width`` is one more segment. Engines build a block-diagonal causal mask from these
+    (attend where the segments are equal and the key is not later than the query)."""
+    out = []
+    for row in rows:
+        ids = [k for k, n in enumerate(row.lengths) for _ in range(n)]
+        out.append(ids + [len(row.lengths)] * (width - len(ids)))
+    return out
+
+
 def pad(rows: list[Row], pad_id: int) -> dict[str, list[list[int]]]:
     """Right-pad to the longest row: input_ids, labels, position_ids and a 2D attention_mask
     (1 real, 0 pad). Packed rows also need their ``lengths`` for a block-diagonal mask."""

@@ -17,7 +17,7 @@ from hwft.data.pipeline import Batches
 from hwft.recipe import DpoSpec
 from hwft_torch.losses import dpo_loss, token_logps
 from hwft_torch.modeling import Reference
-from hwft_torch.objective import Loss, Objective
+from hwft.objective import Loss, Objective
 
 
 def pair_tensors(pairs: list[PreferencePair], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ from hwft.data.chat import ChatRenderer, tokenize_examples
 from hwft.data.pipeline import Batches, training_batches
 from hwft.job import Job
 from hwft.models import load_tokenizer, materialise
+from hwft.objective import Objective
 from hwft.plugins import get_host
 from hwft.progress import Progress
 from hwft.recipe import Recipe
@@ -35,7 +36,7 @@ from hwft_torch.modeling import (
     quantised_linear_count,
     save_result,
 )
-from hwft_torch.objective import LanguageModelling, Objective, held_out_loss, output_head
+from hwft_torch.objective import LanguageModelling, held_out_loss, output_head
 from hwft_torch.runtime import DeviceRuntime
 
 

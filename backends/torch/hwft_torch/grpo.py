@@ -29,7 +29,7 @@ from hwft.recipe import GrpoSpec
 from hwft.rewards import Reward, Sample, score
 from hwft_torch.losses import grpo_loss, target_logps
 from hwft_torch.modeling import Reference
-from hwft_torch.objective import Loss, Objective
+from hwft.objective import Loss, Objective
 
 
 @dataclass

@@ -1,68 +1,17 @@
-"""What every objective hands the training loop, and the one for sft and cpt.
-
-An objective turns the data into optimizer steps. The loop (:mod:`hwft_torch.engine`) calls, for
-each step, ``step(model, n)`` for the step's micro-batches, then ``loss(model, micro)`` for each
-(under autocast) and backpropagates it. The micro-batch losses of a step add up to the step's
-loss: each is normalised by a count taken over the whole step (label tokens, pairs,
-completion tokens), so gradient accumulation equals one big batch.
-"""
+"""The torch half of the objectives (the shared half is :mod:`hwft.objective`), and the one for
+sft and cpt. The loop (:mod:`hwft_torch.engine`) calls ``loss(model, micro)`` under autocast."""
 
 from __future__ import annotations
 
-from collections import defaultdict
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 
-from hwft.data.batching import Row, pad
+from hwft.data.batching import Row, pad, segment_ids
 from hwft.data.chat import IGNORE_INDEX
 from hwft.data.pipeline import Batches
+from hwft.objective import Loss, Objective, sequence_pairs, step_label_count
 from hwft_torch.losses import causal_lm_loss, chunked_cross_entropy, linear_cross_entropy
-
-
-@dataclass
-class Loss:
-    value: torch.Tensor  #: this micro-batch's share of the step's loss
-    tokens: int  #: non-padding tokens computed
-    trained: int  #: tokens the loss is taken on
-    attended: int = 0  #: causal attention pairs computed, sum over sequences of L(L+1)/2 (FLOP model)
-    examples: tuple[int, ...] = ()  #: indices of the sequences trained on (sft, cpt)
-
-
-class Objective:
-    """Shared book-keeping: epochs (items drawn / items per epoch) and logged statistics."""
-
-    def __init__(self, batches: Batches):
-        self.batches = batches
-        self.drawn = 0
-        self.window = 0
-        self.stats: dict[str, list[float]] = defaultdict(list)
-
-    def draw(self, count: int) -> list[list]:
-        """The next ``count`` micro-batches of items."""
-        out = []
-        for _ in range(count):
-            self.window, items = next(self.batches.iterator)
-            self.drawn += len(items)
-            out.append(items)
-        return out
-
-    def epoch(self) -> float:
-        """Passes over the items so far; streaming: the shuffle window being read."""
-        if self.batches.rows:
-            return round(self.drawn / len(self.batches.rows), 4)
-        return self.window
-
-    def note(self, **values: float) -> None:
-        for key, value in values.items():
-            self.stats[key].append(float(value))
-
-    def log_metrics(self) -> dict[str, float]:
-        """The mean of each statistic noted since the last call."""
-        out = {k: sum(v) / len(v) for k, v in self.stats.items() if v}
-        self.stats.clear()
-        return out
 
 
 def block_causal_mask(rows: list[Row], width: int, dtype: torch.dtype | None) -> torch.Tensor:
@@ -72,10 +21,7 @@ def block_causal_mask(rows: list[Row], width: int, dtype: torch.dtype | None) ->
     ``dtype`` None gives a boolean mask (True = attend, as sdpa reads it); a float dtype gives
     the additive form eager attention adds to its scores (0 or the dtype's minimum).
     """
-    segments = torch.empty(len(rows), width, dtype=torch.long)
-    for b, row in enumerate(rows):
-        ids = [k for k, n in enumerate(row.lengths) for _ in range(n)]
-        segments[b] = torch.tensor(ids + [len(row.lengths)] * (width - len(ids)))
+    segments = torch.tensor(segment_ids(rows, width))
     same = segments[:, :, None] == segments[:, None, :]
     mask = (same & torch.ones(width, width, dtype=torch.bool).tril())[:, None]
     if dtype is None:
@@ -130,11 +76,6 @@ def output_head(model) -> tuple[torch.nn.Module, torch.Tensor] | str:
     return decoder, head.weight
 
 
-def sequence_pairs(rows: list[Row]) -> int:
-    """Causal attention pairs of the rows' examples: sum of L(L+1)/2."""
-    return sum(n * (n + 1) // 2 for r in rows for n in r.lengths)
-
-
 class LanguageModelling(Objective):
     """sft and cpt: next-token cross-entropy on the label tokens of (packed) rows, normalised by
     the step's label tokens.
@@ -153,7 +94,7 @@ class LanguageModelling(Objective):
 
     def step(self, model, step: int) -> list[tuple[list[Row], int]]:
         micro = self.draw(self.accumulation)
-        num_items = sum(row.num_labels for batch in micro for row in batch)
+        num_items = step_label_count(micro)
         return [(batch, num_items) for batch in micro]
 
     def loss(self, model, micro: tuple[list[Row], int]) -> Loss:

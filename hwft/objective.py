@@ -1,0 +1,72 @@
+"""What every engine's objectives share: drawing micro-batches, epochs, logged statistics.
+
+An objective turns the data into optimizer steps. An engine's loop calls, for each step,
+``step(model, n)`` for the step's micro-batches, then ``loss(model, micro)`` for each and
+backpropagates it. The micro-batch losses of a step add up to the step's loss: each is
+normalised by a count taken over the whole step (label tokens, pairs, completion tokens), so
+gradient accumulation equals one big batch. The engine-specific halves live in each backend
+(``hwft_torch.objective``, ``hwft_mlx.objective``); this part imports no engine.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from hwft.data.batching import Row
+from hwft.data.pipeline import Batches
+
+
+@dataclass
+class Loss:
+    value: Any  #: this micro-batch's share of the step's loss (an engine's scalar array)
+    tokens: int  #: non-padding tokens computed
+    trained: int  #: tokens the loss is taken on
+    attended: int = 0  #: causal attention pairs computed, sum over sequences of L(L+1)/2 (FLOP model)
+    examples: tuple[int, ...] = ()  #: indices of the sequences trained on (sft, cpt)
+
+
+class Objective:
+    """Shared book-keeping: epochs (items drawn / items per epoch) and logged statistics."""
+
+    def __init__(self, batches: Batches):
+        self.batches = batches
+        self.drawn = 0
+        self.window = 0
+        self.stats: dict[str, list[float]] = defaultdict(list)
+
+    def draw(self, count: int) -> list[list]:
+        """The next ``count`` micro-batches of items."""
+        out = []
+        for _ in range(count):
+            self.window, items = next(self.batches.iterator)
+            self.drawn += len(items)
+            out.append(items)
+        return out
+
+    def epoch(self) -> float:
+        """Passes over the items so far; streaming: the shuffle window being read."""
+        if self.batches.rows:
+            return round(self.drawn / len(self.batches.rows), 4)
+        return self.window
+
+    def note(self, **values: float) -> None:
+        for key, value in values.items():
+            self.stats[key].append(float(value))
+
+    def log_metrics(self) -> dict[str, float]:
+        """The mean of each statistic noted since the last call."""
+        out = {k: sum(v) / len(v) for k, v in self.stats.items() if v}
+        self.stats.clear()
+        return out
+
+
+def sequence_pairs(rows: list[Row]) -> int:
+    """Causal attention pairs of the rows' examples: sum of L(L+1)/2."""
+    return sum(n * (n + 1) // 2 for r in rows for n in r.lengths)
+
+
+def step_label_count(micro: list[list[Row]]) -> int:
+    """Label tokens of one optimizer step's micro-batches: the sft/cpt loss's normaliser."""
+    return sum(row.num_labels for batch in micro for row in batch)
