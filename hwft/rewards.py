@@ -15,7 +15,9 @@ standard deviation are logged as ``rewards/<name>/mean`` and ``rewards/<name>/st
 from __future__ import annotations
 
 import inspect
+import json
 import re
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -181,3 +183,55 @@ def score(samples: list[Sample], specs, registered: dict[str, Reward]) -> tuple[
         per_function[spec.name] = values
         total = [t + spec.weight * v for t, v in zip(total, values, strict=True)]
     return total, per_function
+
+
+def advantages(rewards: list[float], group: int, scale: str) -> list[float]:
+    """Group-relative advantages: (R - mean of the group) / (std + 1e-4), the std (with Bessel's
+    correction, as torch.std) of the group, of the whole batch, or none (``scale_rewards``)."""
+    out = []
+    batch_std = statistics.stdev(rewards) if len(rewards) > 1 else 0.0
+    for start in range(0, len(rewards), group):
+        values = rewards[start : start + group]
+        mean = statistics.fmean(values)
+        std = {"group": statistics.stdev(values) if len(values) > 1 else 0.0, "batch": batch_std}.get(scale)
+        out += [(v - mean) if std is None else (v - mean) / (std + 1e-4) for v in values]
+    return out
+
+
+@dataclass
+class ScoredRollouts:
+    """One rollout batch, scored: what both engines' GRPO objectives train on and log."""
+
+    samples: list[Sample]
+    rewards: list[float]  #: the weighted total per completion
+    advantages: list[float]  #: per completion, see :func:`advantages`
+    metrics: dict[str, float]  #: reward, reward_std, frac_reward_zero_std, completion_length, truncated, rewards/<name>/{mean,std}
+
+
+def score_rollouts(samples: list[Sample], spec, registered: dict[str, Reward]) -> ScoredRollouts:
+    """Rewards, advantages and logged statistics of a rollout batch (``samples`` in groups of
+    ``spec.num_generations`` consecutive completions of one prompt)."""
+    group = spec.num_generations
+    totals, per_function = score(samples, spec.rewards, registered)
+    stds = [statistics.stdev(totals[s : s + group]) if group > 1 else 0.0 for s in range(0, len(totals), group)]
+    metrics = {
+        "reward": statistics.fmean(totals),
+        "reward_std": statistics.fmean(stds),
+        "frac_reward_zero_std": sum(s < 1e-6 for s in stds) / len(stds),
+        "completion_length": statistics.fmean(s.completion_tokens for s in samples),
+        "truncated": sum(s.truncated for s in samples) / len(samples),
+    }
+    for name, values in per_function.items():
+        metrics[f"rewards/{name}/mean"] = statistics.fmean(values)
+        metrics[f"rewards/{name}/std"] = statistics.pstdev(values)
+    return ScoredRollouts(samples, totals, advantages(totals, group, spec.scale_rewards), metrics)
+
+
+def write_rollouts(path, step: int, scored: ScoredRollouts) -> None:
+    """Append a rollout batch to rollouts.jsonl (one line per completion)."""
+    if path is None:
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        for s, reward in zip(scored.samples, scored.rewards, strict=True):
+            f.write(json.dumps({"step": step, "prompt": s.prompt, "completion": s.completion,
+                                "reference": s.reference, "reward": reward}) + "\n")

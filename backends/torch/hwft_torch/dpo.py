@@ -15,9 +15,9 @@ from hwft.data.batching import Row, pad
 from hwft.data.chat import PreferencePair
 from hwft.data.pipeline import Batches
 from hwft.recipe import DpoSpec
+from hwft.objective import Loss, Objective
 from hwft_torch.losses import dpo_loss, token_logps
 from hwft_torch.modeling import Reference
-from hwft.objective import Loss, Objective
 
 
 def pair_tensors(pairs: list[PreferencePair], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:

@@ -17,8 +17,6 @@ clipped ratio acts. Every rollout is appended to ``rollouts.jsonl`` in the run f
 
 from __future__ import annotations
 
-import json
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +24,10 @@ import torch
 
 from hwft.data.pipeline import Batches, Prompt
 from hwft.recipe import GrpoSpec
-from hwft.rewards import Reward, Sample, score
+from hwft.rewards import Reward, Sample, score_rollouts, write_rollouts
+from hwft.objective import Loss, Objective
 from hwft_torch.losses import grpo_loss, target_logps
 from hwft_torch.modeling import Reference
-from hwft.objective import Loss, Objective
 
 
 @dataclass
@@ -64,16 +62,6 @@ def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
     ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     return ids, mask
-
-
-def advantages_of(rewards: torch.Tensor, group: int, scale: str) -> torch.Tensor:
-    """(R - mean of the group) / (std + 1e-4), std of the group, of the batch, or none."""
-    grouped = rewards.view(-1, group)
-    centred = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
-    if scale == "none":
-        return centred
-    std = grouped.std(dim=1).repeat_interleave(group) if scale == "group" else rewards.std().expand_as(rewards)
-    return centred / (std + 1e-4)
 
 
 class GroupRelative(Objective):
@@ -129,25 +117,19 @@ class GroupRelative(Objective):
         batch = [self.generate(model, prompts) for prompts in micro]
         model.train(was_training)
 
-        # Rewards, per completion, then advantages.
-        samples, totals = [], []
-        per_function: dict[str, list[float]] = {s.name: [] for s in g.rewards}
+        # Rewards, per completion, then advantages (engine-neutral: hwft.rewards).
+        samples = []
         for prompts, r in zip(micro, batch, strict=True):
             texts = self.tokenizer.batch_decode(r.completion_ids, skip_special_tokens=True)
             lengths = r.completion_mask.sum(-1).tolist()
             repeated = [p for p in prompts for _ in range(g.num_generations)]
-            part = [Sample(p.text, text.strip(), p.reference, n, not done)
-                    for p, text, n, done in zip(repeated, texts, lengths, r.finished.tolist(), strict=True)]
-            total, by_name = score(part, g.rewards, self.registered)
-            samples += part
-            totals += total
-            for name, values in by_name.items():
-                per_function[name] += values
-        rewards = torch.tensor(totals, dtype=torch.float32, device=self.device)
-        advantages = advantages_of(rewards, g.num_generations, g.scale_rewards)
+            samples += [Sample(p.text, text.strip(), p.reference, n, not done)
+                        for p, text, n, done in zip(repeated, texts, lengths, r.finished.tolist(), strict=True)]
+        scored = score_rollouts(samples, g, self.registered)
+        advantages = torch.tensor(scored.advantages, dtype=torch.float32, device=self.device)
 
-        completions = sum(len(r.completion_ids) for r in batch)
-        tokens = sum(int(r.completion_mask.sum()) for r in batch)
+        completions = len(samples)
+        tokens = sum(s.completion_tokens for s in samples)
         normaliser = {"dapo": tokens, "grpo": completions, "dr_grpo": completions * g.max_new_tokens}[g.loss_type]
         start = 0
         for r in batch:
@@ -160,25 +142,9 @@ class GroupRelative(Objective):
                 if g.beta > 0:
                     with self.reference.active() as reference_model:
                         r.ref_logps = completion_logps(reference_model, r, g.temperature)
-
-        group_std = rewards.view(-1, g.num_generations).std(dim=1)
-        self.note(reward=rewards.mean(), reward_std=group_std.mean(),
-                  frac_reward_zero_std=(group_std < 1e-6).float().mean(),
-                  completion_length=tokens / completions,
-                  truncated=sum(s.truncated for s in samples) / completions)
-        for name, values in per_function.items():
-            self.note(**{f"rewards/{name}/mean": statistics.fmean(values),
-                         f"rewards/{name}/std": statistics.pstdev(values)})
-        self._write(step, samples, totals)
+        self.note(**scored.metrics)
+        write_rollouts(self.log_path, step, scored)
         return batch
-
-    def _write(self, step: int, samples: list[Sample], totals: list[float]) -> None:
-        if self.log_path is None:
-            return
-        with self.log_path.open("a", encoding="utf-8") as f:
-            for s, reward in zip(samples, totals, strict=True):
-                f.write(json.dumps({"step": step, "prompt": s.prompt, "completion": s.completion,
-                                    "reference": s.reference, "reward": reward}) + "\n")
 
     # ------------------------------------------------------------------ loss
 

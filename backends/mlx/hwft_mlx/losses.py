@@ -1,0 +1,74 @@
+"""The MLX engine's losses. Each implements the reference definition whose maths is stated once,
+in :mod:`hwft_torch.losses`; ``tests/test_mlx.py`` holds each to it on the same numbers."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+def cross_entropy_sum(logits: mx.array, targets: mx.array) -> mx.array:
+    r"""Summed :math:`\log\sum_v e^{z_v} - z_y` over rows of ``logits`` (N, V) and ``targets``
+    (N,), in fp32: the numerator of ``causal_lm_loss`` / ``linear_cross_entropy``."""
+    z = logits.astype(mx.float32)
+    picked = mx.take_along_axis(z, targets[:, None], axis=-1).squeeze(-1)
+    return (mx.logsumexp(z, axis=-1) - picked).sum()
+
+
+def target_logps(logits: mx.array, targets: mx.array, temperature: float = 1.0) -> mx.array:
+    r""":math:`\log\mathrm{softmax}(z / T)_y` per position, fp32 (``hwft_torch.losses.target_logps``)."""
+    z = logits.astype(mx.float32)
+    if temperature != 1.0:
+        z = z / temperature
+    picked = mx.take_along_axis(z, targets[..., None], axis=-1).squeeze(-1)
+    return picked - mx.logsumexp(z, axis=-1)
+
+
+def dpo_loss(chosen: mx.array, rejected: mx.array, ref_chosen: mx.array, ref_rejected: mx.array,
+             beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             chosen_tokens: mx.array | None = None, rejected_tokens: mx.array | None = None):
+    """Per-pair DPO losses and the implicit rewards (``hwft_torch.losses.dpo_loss``: sigmoid,
+    robust, hinge, ipo)."""
+    chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+    delta = chosen_ratio - rejected_ratio
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        losses = -(1 - eps) * nn.log_sigmoid(beta * delta) - eps * nn.log_sigmoid(-beta * delta)
+    elif loss_type == "robust":
+        losses = (-(1 - eps) * nn.log_sigmoid(beta * delta) + eps * nn.log_sigmoid(-beta * delta)) / (1 - 2 * eps)
+    elif loss_type == "hinge":
+        losses = mx.maximum(1 - beta * delta, 0.0)
+    elif loss_type == "ipo":
+        per_token = chosen_ratio / mx.maximum(chosen_tokens, 1) - rejected_ratio / mx.maximum(rejected_tokens, 1)
+        losses = (per_token - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss '{loss_type}' (sigmoid, robust, hinge, ipo)")
+    return losses, mx.stop_gradient(beta * chosen_ratio), mx.stop_gradient(beta * rejected_ratio)
+
+
+def grpo_loss(logps: mx.array, old_logps: mx.array, ref_logps: mx.array | None, advantages: mx.array,
+              mask: mx.array, beta: float, epsilon_low: float, epsilon_high: float, loss_type: str,
+              normaliser: float, kl_correction: bool = True) -> tuple[mx.array, dict[str, mx.array]]:
+    """The GRPO policy loss of one micro-batch and its statistics (``hwft_torch.losses.grpo_loss``:
+    clipped ratio, k3 KL optionally ratio-corrected, dapo / grpo / dr_grpo aggregation)."""
+    mask = mask.astype(logps.dtype)
+    ratio = mx.exp(logps - old_logps)
+    clipped = mx.clip(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    adv = advantages[:, None]
+    per_token = -mx.minimum(ratio * adv, clipped * adv)
+    stats = {}
+    if beta != 0.0:
+        diff = ref_logps - logps
+        kl = mx.exp(diff) - diff - 1
+        per_token = per_token + beta * (kl * ratio if kl_correction else kl)
+        stats["kl"] = mx.stop_gradient((kl * mask).sum())
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(-1) / mx.maximum(mask.sum(-1), 1)).sum() / normaliser
+    elif loss_type in ("dapo", "dr_grpo"):
+        loss = (per_token * mask).sum() / normaliser
+    else:
+        raise ValueError(f"unknown GRPO loss type '{loss_type}' (dapo, grpo, dr_grpo)")
+    region = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
+    stats["clipped"] = mx.stop_gradient((region * mask).sum())
+    stats["tokens"] = mask.sum()
+    return loss, stats

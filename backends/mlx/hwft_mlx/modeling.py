@@ -1,0 +1,268 @@
+"""Loading a Hugging Face model folder into mlx-lm, its tuning (full, LoRA, QLoRA), and saving
+results in formats the torch side reads: PEFT adapters and HF safetensors.
+
+LoRA follows PEFT's convention on both engines: ``y = W x + s * B A dropout(x)`` with
+``s = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``), ``A`` uniform in ``±1/sqrt(in)`` (PEFT's
+kaiming-uniform with a = sqrt(5)), ``B`` zero. mlx-lm's ``LoRALinear`` computes exactly that when
+given the scale (its own default of 20 is not used); it stores ``A`` and ``B`` transposed, which
+saving and loading undo, so an adapter written here is a PEFT adapter and a PEFT adapter loads
+here.
+
+QLoRA quantises the frozen base's linear layers with MLX's affine quantisation (group size 64,
+4 or 8 bits; there is no NF4 in MLX) and trains LoRA on top. As on torch, the adapter saved is a
+plain PEFT adapter whose base is the unquantised model folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from hwft.errors import ModelError
+from hwft.recipe import LoraSpec, Recipe
+
+DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}
+#: PEFT's key prefix for a causal LM's adapter weights.
+PEFT_PREFIX = "base_model.model."
+#: mlx-lm model modules whose decoder layers take ``(x, mask, cache)`` and whose positions are
+#: rotary: hwft's own forward (:func:`hidden_states`) passes them a block-diagonal mask.
+PACKING_FAMILIES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3")
+#: Group size of MLX's affine quantisation for qlora.
+QUANT_GROUP = 64
+
+
+def config_overrides(config: dict) -> dict:
+    """Keys mlx-lm would misread in a transformers-5 config.json, put where it looks.
+
+    transformers 5 writes ``rope_parameters: {rope_theta, rope_type, ...}`` instead of the
+    top-level ``rope_theta`` / ``rope_scaling`` that mlx-lm's model arguments read; without this
+    mlx-lm silently uses theta 10000 and, for SmolLM2 (theta 100000), produces garbage.
+    """
+    rope = config.get("rope_parameters")
+    out: dict = {}
+    if isinstance(rope, dict) and "rope_theta" in rope:  # flat form (not per layer type)
+        if config.get("rope_theta") is None:
+            out["rope_theta"] = rope["rope_theta"]
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind != "default" and config.get("rope_scaling") is None:
+            out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return out
+
+
+def load_model(path: Path, trust_remote_code: bool = False) -> tuple[nn.Module, dict]:
+    """The mlx-lm model of an HF safetensors folder, with its config normalised."""
+    from mlx_lm.utils import load_model as mlx_load
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {path / 'config.json'}: {exc}") from None
+    if not list(path.glob("model*.safetensors")):
+        raise ModelError(f"{path} has no model*.safetensors; the MLX backend loads safetensors folders only")
+    try:
+        model, _ = mlx_load(path, model_config=config_overrides(config), trust_remote_code=trust_remote_code)
+    except ValueError as exc:  # "Model type X not supported." and weight mismatches
+        raise ModelError(f"mlx-lm cannot load {path}: {exc}") from None
+    return model, config
+
+
+# --------------------------------------------------------------------------------------------
+# The forward pass hwft trains with
+
+
+def packs(model: nn.Module) -> bool:
+    """Whether :func:`hidden_states` can run this model with a block-diagonal mask."""
+    return type(model).__module__ in PACKING_FAMILIES
+
+
+def hidden_states(model: nn.Module, input_ids: mx.array, mask) -> mx.array:
+    """The decoder's last hidden states, with ``mask`` given to every layer.
+
+    ``mask`` is ``"causal"`` or a boolean (batch, 1, L, L) array, True where a query may attend
+    a key. mlx-lm's own model call builds a causal mask over the whole row and takes no position
+    ids, so a packed row's examples would see each other. Here the mask is block-diagonal; the
+    positions still run 0..L-1 over the row instead of restarting per example, which changes
+    nothing, because rotary attention scores depend only on the distance between query and key,
+    and the mask keeps only pairs within one example (the torch engine restarts positions; the
+    parity tests hold the two to the same logits).
+    """
+    inner = model.model
+    h = inner.embed_tokens(input_ids)
+    for layer in inner.layers:
+        h = layer(h, mask, None)
+    return inner.norm(h)
+
+
+def output_logits(model: nn.Module, hidden: mx.array) -> mx.array:
+    """The output layer applied to hidden states (tied embeddings or ``lm_head``)."""
+    if getattr(model.args, "tie_word_embeddings", False) or not hasattr(model, "lm_head"):
+        return model.model.embed_tokens.as_linear(hidden)
+    return model.lm_head(hidden)
+
+
+# --------------------------------------------------------------------------------------------
+# Tuning
+
+
+def lora_scale(alpha: float, r: int, rslora: bool) -> float:
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def linear_layers(model: nn.Module, targets: str | list[str]) -> list[tuple[str, nn.Module]]:
+    """(path, module) of the linear layers LoRA adapts: every Linear of the decoder (PEFT's
+    all-linear leaves out the output layer), or those whose last name is listed."""
+    found = []
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.Linear | nn.QuantizedLinear) or path == "lm_head":
+            continue
+        if targets == "all-linear" or path.rsplit(".", 1)[-1] in targets:
+            found.append((path, module))
+    return found
+
+
+def add_lora(model: nn.Module, spec: LoraSpec, seed: int) -> list[str]:
+    """Freeze the model and wrap the targeted layers in LoRA (A random from ``seed``, B zero);
+    returns the wrapped paths."""
+    from mlx_lm.tuner.lora import LoRALinear
+
+    model.freeze()
+    layers = linear_layers(model, spec.target_modules)
+    if not layers:
+        raise ModelError(f"method.lora.target_modules {spec.target_modules!r} matches no linear layer of the model")
+    mx.random.seed(seed)
+    scale = lora_scale(spec.alpha, spec.r, spec.rslora)
+    model.update_modules(tree_unflatten(
+        [(path, LoRALinear.from_base(m, r=spec.r, dropout=spec.dropout, scale=scale)) for path, m in layers]
+    ))
+    return [path for path, _ in layers]
+
+
+def quantize_base(model: nn.Module, bits: int) -> int:
+    """Quantise the linear layers (not embeddings or the output layer) in place; returns how
+    many. Layers whose input size is not a multiple of the group size stay as they are."""
+    count = 0
+
+    def pick(path: str, module: nn.Module) -> bool:
+        nonlocal count
+        ok = isinstance(module, nn.Linear) and path != "lm_head" and module.weight.shape[1] % QUANT_GROUP == 0
+        count += ok
+        return ok
+
+    nn.quantize(model, group_size=QUANT_GROUP, bits=bits, class_predicate=pick)
+    return count
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    from mlx_lm.tuner.lora import LoRALinear
+
+    return ((p, m) for p, m in model.named_modules() if isinstance(m, LoRALinear))
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """The base model: every LoRA update scaled by 0 for the duration (the reference policy)."""
+    saved = [(m, m.scale) for _, m in lora_modules(model)]
+    for m, _ in saved:
+        m.scale = 0.0
+    try:
+        yield model
+    finally:
+        for m, scale in saved:
+            m.scale = scale
+
+
+# --------------------------------------------------------------------------------------------
+# PEFT adapters, both ways
+
+
+def save_peft_adapter(model: nn.Module, out: Path, spec: LoraSpec, base: str) -> None:
+    """adapter_config.json + adapter_model.safetensors with PEFT's key names and layout:
+    ``lora_A.weight`` is (r, in) and ``lora_B.weight`` (out, r)."""
+    weights, names = {}, set()
+    for path, m in lora_modules(model):
+        weights[f"{PEFT_PREFIX}{path}.lora_A.weight"] = m.lora_a.T.astype(mx.float32)
+        weights[f"{PEFT_PREFIX}{path}.lora_B.weight"] = m.lora_b.T.astype(mx.float32)
+        names.add(path.rsplit(".", 1)[-1])
+    r = next(iter(m.lora_a.shape[1] for _, m in lora_modules(model)))
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+        "r": int(r), "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
+        "target_modules": sorted(names), "bias": "none", "use_rslora": spec.rslora, "use_dora": False,
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(out / "adapter_model.safetensors"), weights, metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def read_peft_adapter(folder: Path) -> tuple[LoraSpec, dict[str, tuple[mx.array, mx.array]]]:
+    """A PEFT LoRA adapter folder: its settings and {module path: (A, B)}, refusing what the MLX
+    backend cannot reproduce exactly (DoRA, per-module ranks or alphas, pickled weights)."""
+    config_file, weights_file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not config_file.is_file():
+        raise ModelError(f"model.adapter: {folder} is not a PEFT adapter folder (no adapter_config.json); "
+                         "give the adapter/ folder of an earlier run")
+    if not weights_file.is_file():
+        raise ModelError(f"model.adapter: {folder} has no adapter_model.safetensors (hwft never reads "
+                         "pickled adapter_model.bin); re-save it with safe_serialization=True")
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save") if config.get(k)]
+    if config.get("peft_type", "LORA") != "LORA" or unsupported:
+        what = ", ".join(unsupported) or config.get("peft_type")
+        raise ModelError(f"model.adapter: {folder} uses {what}, which the MLX backend does not load; "
+                         "plain LoRA adapters load")
+    pairs: dict[str, dict[str, mx.array]] = {}
+    for key, value in mx.load(str(weights_file)).items():
+        path, _, which = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+        if which not in ("A.weight", "B.weight"):
+            raise ModelError(f"model.adapter: {weights_file} holds {key}, not a LoRA A/B weight")
+        pairs.setdefault(path, {})[which[0]] = value
+    spec = LoraSpec(r=int(config["r"]), alpha=float(config.get("lora_alpha", config["r"])),
+                    dropout=float(config.get("lora_dropout", 0.0)), rslora=bool(config.get("use_rslora")),
+                    target_modules=sorted({p.rsplit(".", 1)[-1] for p in pairs}))
+    return spec, {p: (w["A"], w["B"]) for p, w in pairs.items()}
+
+
+def load_peft_adapter(model: nn.Module, folder: Path, dropout: float | None = None) -> LoraSpec:
+    """Freeze the model and put a PEFT adapter's LoRA on it, trainable."""
+    from mlx_lm.tuner.lora import LoRALinear
+
+    spec, weights = read_peft_adapter(folder)
+    modules = dict(model.named_modules())
+    missing = [p for p in weights if p not in modules]
+    if missing:
+        raise ModelError(f"model.adapter: {folder} adapts {missing[0]}, which this model does not have")
+    model.freeze()
+    scale = lora_scale(spec.alpha, spec.r, spec.rslora)
+    wrapped = []
+    for path, (a, b) in weights.items():
+        lora = LoRALinear.from_base(modules[path], r=a.shape[0], dropout=spec.dropout if dropout is None else dropout,
+                                    scale=scale)
+        lora.lora_a, lora.lora_b = a.T.astype(mx.float32), b.T.astype(mx.float32)
+        wrapped.append((path, lora))
+    model.update_modules(tree_unflatten(wrapped))
+    return spec
+
+
+# --------------------------------------------------------------------------------------------
+# Full models
+
+
+def save_full_model(model: nn.Module, source: Path, out: Path) -> None:
+    """The model's weights as HF safetensors (mlx-lm keeps HF's names for these families),
+    with the source folder's config.json and generation_config.json, for transformers."""
+    weights = dict(tree_flatten(model.parameters()))
+    out.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt"})
+    for name in ("config.json", "generation_config.json"):
+        if (source / name).is_file():
+            shutil.copy(source / name, out / name)

@@ -1,0 +1,113 @@
+"""The MLX half of the objectives (the shared half is :mod:`hwft.objective`), and the one for
+sft and cpt.
+
+MLX differentiates a function, so an MLX objective splits what the torch one does in one call:
+``loss(model, micro)`` is the traced part, returning the loss and a dict of statistic arrays;
+``counts(micro)`` are the host-side token counts; ``after(stats)`` notes the evaluated
+statistics. The engine runs ``nn.value_and_grad`` over ``loss``.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from hwft.data.batching import Row, pad, segment_ids
+from hwft.data.chat import IGNORE_INDEX
+from hwft.data.pipeline import Batches
+from hwft.objective import Loss, Objective, sequence_pairs, step_label_count
+from hwft_mlx.losses import cross_entropy_sum
+from hwft_mlx.modeling import hidden_states, output_logits, packs
+
+
+class MlxObjective(Objective):
+    def loss(self, model: nn.Module, micro) -> tuple[mx.array, dict[str, mx.array]]:
+        raise NotImplementedError
+
+    def counts(self, micro) -> Loss:
+        raise NotImplementedError
+
+    def after(self, stats: dict[str, float]) -> None:
+        """Note a micro-batch's evaluated statistics (means are logged)."""
+        for key, value in stats.items():
+            self.note(**{key: value})
+
+
+def attention_mask(rows: list[Row], width: int):
+    """``"causal"`` when no row packs several examples, else the (batch, 1, L, L) boolean
+    block-diagonal causal mask (True = attend), built from :func:`hwft.data.batching.segment_ids`."""
+    if all(len(r.lengths) == 1 for r in rows):
+        return "causal"
+    seg = np.array(segment_ids(rows, width))
+    same = seg[:, :, None] == seg[:, None, :]
+    return mx.array((same & np.tri(width, dtype=bool))[:, None])
+
+
+def label_positions(rows: list[Row], width: int) -> tuple[mx.array, mx.array]:
+    """Flat indices (row * width + t) of the positions whose next token is a label, and those
+    labels: the only positions the loss needs logits for."""
+    where, targets = [], []
+    for b, row in enumerate(rows):
+        for t in range(len(row.labels) - 1):
+            if row.labels[t + 1] != IGNORE_INDEX:
+                where.append(b * width + t)
+                targets.append(row.labels[t + 1])
+    return mx.array(where, dtype=mx.int32), mx.array(targets, dtype=mx.int32)
+
+
+def summed_cross_entropy(model: nn.Module, rows: list[Row], pad_id: int, fused: bool) -> mx.array:
+    """Summed next-token cross-entropy over the rows' label tokens.
+
+    ``fused``: the output layer runs on the label positions' hidden states only (no logits for
+    prompts or padding); otherwise on every position, and the label positions are picked from
+    the logits. The same number either way.
+    """
+    ids = mx.array(pad(rows, pad_id)["input_ids"])
+    width = ids.shape[1]
+    where, targets = label_positions(rows, width)
+    if packs(model):
+        hidden = hidden_states(model, ids, attention_mask(rows, width))
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        logits = output_logits(model, flat[where]) if fused else output_logits(model, flat)[where]
+    else:  # mlx-lm's own call: causal over the row (selection has ensured no packed rows)
+        logits = model(ids)
+        logits = logits.reshape(-1, logits.shape[-1])[where]
+    return cross_entropy_sum(logits, targets)
+
+
+class LanguageModelling(MlxObjective):
+    """sft and cpt: next-token cross-entropy on the label tokens of (packed) rows, normalised by
+    the step's label tokens (``hwft_torch.losses.causal_lm_loss``)."""
+
+    def __init__(self, batches: Batches, accumulation: int, pad_id: int, fused: bool):
+        super().__init__(batches)
+        self.accumulation, self.pad_id, self.fused = accumulation, pad_id, fused
+
+    def step(self, model, step: int) -> list[tuple[list[Row], int]]:
+        micro = self.draw(self.accumulation)
+        num_items = step_label_count(micro)
+        return [(batch, num_items) for batch in micro]
+
+    def loss(self, model, micro: tuple[list[Row], int]):
+        rows, num_items = micro
+        return summed_cross_entropy(model, rows, self.pad_id, self.fused) / num_items, {}
+
+    def counts(self, micro: tuple[list[Row], int]) -> Loss:
+        rows, _ = micro
+        return Loss(None, sum(len(r.input_ids) for r in rows), sum(r.num_labels for r in rows),
+                    sequence_pairs(rows), tuple(i for r in rows for i in r.ids))
+
+
+def held_out_loss(model: nn.Module, rows: list[Row], pad_id: int, batch_size: int = 4) -> float:
+    """Mean next-token cross-entropy per label token over ``rows`` (``data.eval``), dropout off."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    ordered = sorted(rows, key=lambda r: len(r.input_ids))
+    for start in range(0, len(ordered), batch_size):
+        batch = ordered[start : start + batch_size]
+        total += summed_cross_entropy(model, batch, pad_id, fused=True).item()
+        count += sum(r.num_labels for r in batch)
+    model.train(was_training)
+    return total / max(count, 1)

@@ -1,0 +1,15 @@
+"""Entry point of the MLX backend (group ``hwft``, name ``mlx``), as a vendor writes one."""
+
+from __future__ import annotations
+
+import pluggy
+
+from hwft_mlx import device
+
+HWFT_PLUGIN_API = "0.1"
+hookimpl = pluggy.HookimplMarker("hwft")
+
+
+@hookimpl
+def hwft_register_backends(register):
+    register(device.backend())
