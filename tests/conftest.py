@@ -123,11 +123,11 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def write_recipe(folder: Path, model: str | Path, **sections) -> Path:
+def write_recipe(folder: Path, model: str | Path | dict, **sections) -> Path:
     """A small valid recipe in ``folder`` (data written beside it) with sections overridden."""
     data = write_jsonl(folder / "train.jsonl", SAMPLE_ROWS)
     recipe = {
-        "model": str(model),
+        "model": model if isinstance(model, dict) else str(model),
         "data": {"train": [{"path": data.name}]},
         "method": {"objective": "sft", "tuning": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
         "train": {"lr": 1e-3, "max_steps": 3, "micro_batch_size": 3, "max_length": 64,

@@ -89,6 +89,14 @@ def training_batches(data: TrainData, renderer: ChatRenderer, recipe: Recipe, ca
     return Batches(micro_batches(rows, t.micro_batch_size, t.seed, group), steps, stats, rows, packing)
 
 
+def held_out_rows(examples: list[Example], renderer: ChatRenderer, max_length: int) -> list:
+    """data.eval's examples, tokenised like the training rows, one example per row."""
+    if not examples:
+        return []
+    tokenized, _ = tokenize_examples(examples, renderer, max_length)
+    return make_rows(tokenized, max_length, packing=False)
+
+
 def _epochs_of(items: list, recipe: Recipe, steps_per_batch_group: int = 1) -> tuple[Iterator, int]:
     t = recipe.train
     per_epoch = batches_per_epoch(len(items), t.micro_batch_size, False)

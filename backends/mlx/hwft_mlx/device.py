@@ -58,11 +58,9 @@ def capability() -> Capability:
         collective="mlx-ring",
         parallel=("none",),
         packing=True,
-        notes={
-            "packing": "llama, qwen2 and qwen3 families (a block-diagonal mask in hwft's own forward)",
-            "qlora": "MLX affine quantisation (group size 64), not bitsandbytes NF4",
-            "dora": "not supported (method.lora.dora)",
-        },
+        # packing: llama, qwen2 and qwen3 families (hwft's forward with a block-diagonal mask);
+        # qlora: MLX's affine quantisation of the base (group size 64), not bitsandbytes' NF4.
+        notes={"dora": "the MLX backend has no DoRA (method.lora.dora)"},
     )
 
 

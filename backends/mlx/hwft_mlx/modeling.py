@@ -24,10 +24,10 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from hwft.errors import ModelError
-from hwft.recipe import LoraSpec, Recipe
+from hwft.recipe import LoraSpec
 
 DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}
 #: PEFT's key prefix for a causal LM's adapter weights.
@@ -177,6 +177,30 @@ def adapters_disabled(model: nn.Module):
     finally:
         for m, scale in saved:
             m.scale = scale
+
+
+class Reference:
+    """The frozen reference policy of GRPO: the base with the adapter scaled to zero (lora,
+    qlora), or the parameters as they were before the first update (full). MLX arrays are
+    immutable and the optimizer replaces them, so keeping the old parameter tree costs nothing
+    until the first update, and one model's worth after it."""
+
+    def __init__(self, model: nn.Module, adapters: bool):
+        self.model = model
+        self.snapshot = None if adapters else tree_map(lambda a: a, model.parameters())
+
+    @contextmanager
+    def active(self):
+        if self.snapshot is None:
+            with adapters_disabled(self.model):
+                yield self.model
+            return
+        current = self.model.parameters()
+        self.model.update(self.snapshot)
+        try:
+            yield self.model
+        finally:
+            self.model.update(current)
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,10 +28,11 @@ class MlxObjective(Objective):
     def counts(self, micro) -> Loss:
         raise NotImplementedError
 
-    def after(self, stats: dict[str, float]) -> None:
-        """Note a micro-batch's evaluated statistics (means are logged)."""
+    def after(self, stats: dict[str, float | list[float]]) -> None:
+        """Note a micro-batch's evaluated statistics, one value or one per item (means are logged)."""
         for key, value in stats.items():
-            self.note(**{key: value})
+            for v in value if isinstance(value, list) else [value]:
+                self.note(**{key: v})
 
 
 def attention_mask(rows: list[Row], width: int):

@@ -17,9 +17,8 @@ from contextlib import nullcontext
 
 import torch
 
-from hwft.data.batching import Row, make_rows
-from hwft.data.chat import ChatRenderer, tokenize_examples
-from hwft.data.pipeline import Batches, training_batches
+from hwft.data.chat import ChatRenderer
+from hwft.data.pipeline import Batches, held_out_rows, training_batches
 from hwft.job import Job
 from hwft.models import load_tokenizer, materialise
 from hwft.objective import Objective
@@ -38,14 +37,6 @@ from hwft_torch.modeling import (
 )
 from hwft_torch.objective import LanguageModelling, held_out_loss, output_head
 from hwft_torch.runtime import DeviceRuntime
-
-
-def held_out_rows(examples, renderer: ChatRenderer, max_length: int) -> list[Row]:
-    """data.eval's examples, tokenised like the training rows, one example per row."""
-    if not examples:
-        return []
-    tokenized, _ = tokenize_examples(examples, renderer, max_length)
-    return make_rows(tokenized, max_length, packing=False)
 
 
 def seed_everything(seed: int) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from hwft.data.pipeline import Batches, Prompt
+from hwft.models import stop_token_ids
 from hwft.recipe import GrpoSpec
 from hwft.rewards import Reward, Sample, score_rollouts, write_rollouts
 from hwft.objective import Loss, Objective
@@ -73,15 +74,8 @@ class GroupRelative(Objective):
         self.registered, self.device, self.reference = rewards, device, reference
         self.log_path, self.autocast = log_path, autocast
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.eos_ids = self._eos_ids(tokenizer)
+        self.eos_ids = stop_token_ids(tokenizer)
         self.batch: list[Rollouts] = []
-
-    @staticmethod
-    def _eos_ids(tokenizer) -> list[int]:
-        ids = {tokenizer.eos_token_id}
-        end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
-        ids.add(end_of_turn)
-        return sorted(i for i in ids if i is not None)
 
     def step(self, model, step: int) -> list[Rollouts]:
         if (step - 1) % self.spec.num_iterations == 0:

@@ -1,0 +1,295 @@
+"""The MLX training loop, top to bottom, for every objective.
+
+load tokenizer -> the shared data layer's micro-batches (the very rows torch gets for the same
+recipe and seed) -> load the model into mlx-lm (config normalised) with its tuning (full, lora,
+qlora) -> the objective (sft/cpt, dpo, grpo) -> optimizer and schedule -> answers before ->
+for each step: the objective's micro-batches, ``nn.value_and_grad`` of the loss, gradients
+summed over the micro-batches, clip, update -> log, maybe evaluate, maybe checkpoint -> save
+(a PEFT adapter or HF safetensors) -> answers after -> loss.png.
+
+The optimiser and schedule match the torch engine's: AdamW with torch's bias correction and
+decoupled weight decay, and transformers' warmup + cosine / linear / constant schedules, built
+from mlx.optimizers' schedules.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from hwft.data.chat import ChatRenderer
+from hwft.data.pipeline import held_out_rows, training_batches
+from hwft.errors import UserError
+from hwft.job import Job
+from hwft.models import load_tokenizer, materialise, stop_token_ids
+from hwft.plugins import get_host
+from hwft.progress import Progress
+from hwft.recipe import Recipe
+from hwft_mlx.group_relative import GroupRelative
+from hwft_mlx.modeling import (
+    DTYPES,
+    Reference,
+    add_lora,
+    load_model,
+    load_peft_adapter,
+    packs,
+    quantize_base,
+    save_full_model,
+    save_peft_adapter,
+)
+from hwft_mlx.objective import LanguageModelling, MlxObjective, held_out_loss
+from hwft_mlx.preference import Preference
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    mx.random.seed(seed)
+
+
+def compute_dtype(recipe: Recipe) -> str:
+    """precision auto: bf16 on Metal (Apple GPUs compute it natively), fp32 on MLX's CPU build."""
+    if recipe.train.precision != "auto":
+        return recipe.train.precision
+    return "bf16" if mx.metal.is_available() else "fp32"
+
+
+def make_schedule(recipe: Recipe, steps: int):
+    """transformers' schedules (``get_scheduler``) as mlx.optimizers schedules: linear warmup
+    from 0, then cosine to 0, linear to 0, or constant; step k (from 0) gets schedule(k)."""
+    t = recipe.train
+    decay = max(steps - t.warmup_steps, 1)
+    main = {
+        "cosine": optim.cosine_decay(t.lr, decay, 0.0),
+        "linear": optim.linear_schedule(t.lr, 0.0, decay),
+        "constant": lambda _: mx.array(t.lr),
+    }[t.scheduler]
+    if not t.warmup_steps:
+        return main
+    return optim.join_schedules([optim.linear_schedule(0.0, t.lr, t.warmup_steps), main], [t.warmup_steps])
+
+
+def make_optimizer(recipe: Recipe, steps: int) -> optim.Optimizer:
+    t = recipe.train
+    schedule = make_schedule(recipe, steps)
+    if t.optimizer == "sgd":
+        return optim.SGD(learning_rate=schedule, weight_decay=t.weight_decay)
+    return optim.AdamW(learning_rate=schedule, betas=[0.9, 0.999], eps=1e-8, weight_decay=t.weight_decay,
+                       bias_correction=True)
+
+
+def answer(model, tokenizer, renderer: ChatRenderer, prompt: str, max_new_tokens: int, stop: list[int]) -> str:
+    """Greedy answer to one user prompt."""
+    from mlx_lm.generate import generate_step
+
+    ids = tokenizer(prompt)["input_ids"] if renderer.template is None else renderer.prompt_ids(prompt)
+    was_training = model.training
+    model.eval()
+    tokens = []
+    for token, _ in generate_step(mx.array(ids), model, max_tokens=max_new_tokens):
+        if int(token) in stop:
+            break
+        tokens.append(int(token))
+    model.train(was_training)
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+def show_answers(job: Job, when: str, model, tokenizer, renderer, stop) -> list[dict]:
+    answers = []
+    for prompt in job.recipe.eval.prompts:
+        text = answer(model, tokenizer, renderer, prompt, job.recipe.eval.max_new_tokens, stop)
+        job.say(f"[{when} training] Q: {prompt}\n[{when} training] A: {text}")
+        answers.append({"when": when, "prompt": prompt, "answer": text})
+    return answers
+
+
+def refuse_early(job: Job) -> None:
+    """What the MLX backend cannot do, refused before any weight loads."""
+    m = job.recipe.method
+    if m.tuning != "full" and m.lora.dora and not job.recipe.model.adapter:
+        raise UserError("method.lora.dora: the MLX backend has no DoRA; set dora: false, or run on a torch backend")
+
+
+def prepare_model(job: Job, model_path, dtype: str) -> tuple[nn.Module, str]:
+    """The model with its tuning: frozen base + LoRA (a new adapter or model.adapter), the
+    base quantised first for qlora, or every weight trainable (full)."""
+    recipe, m = job.recipe, job.recipe.method
+    model, _ = load_model(model_path, recipe.model.trust_remote_code)
+    if dtype != "fp32":
+        model.set_dtype(DTYPES[dtype])
+    detail = ""
+    if m.tuning == "qlora":
+        count = quantize_base(model, m.qlora.bits)
+        detail = f", {count} linear layers {m.qlora.bits}-bit (MLX affine, group 64)"
+        if m.qlora.quant_type == "nf4" and m.qlora.bits == 4:
+            job.log("qlora: MLX has no NF4; the base is quantised with MLX's affine 4-bit instead")
+    if m.tuning in ("lora", "qlora"):
+        if recipe.model.adapter:
+            spec = load_peft_adapter(model, recipe.resolve_path(recipe.model.adapter))
+            detail += f", continuing the adapter {recipe.model.adapter} (r={spec.r})"
+        else:
+            add_lora(model, m.lora, recipe.train.seed)
+    else:
+        model.unfreeze()
+    return model, detail
+
+
+def make_objective(job: Job, batches, model, tokenizer, stop) -> MlxObjective:
+    recipe, t, m = job.recipe, job.recipe.train, job.recipe.method
+    if m.objective in ("sft", "cpt"):
+        fused = recipe.kernels.fused_cross_entropy is not False
+        return LanguageModelling(batches, t.gradient_accumulation_steps, tokenizer.pad_token_id, fused)
+    if m.objective == "dpo":
+        objective = Preference(batches, m.dpo, t.gradient_accumulation_steps, tokenizer.pad_token_id)
+        objective.precompute(model, t.micro_batch_size)
+        job.log(f"dpo: reference log-probabilities of {len(batches.rows)} pairs precomputed from the starting model")
+        return objective
+    reference = Reference(model, adapters=m.tuning != "full") if m.grpo.beta > 0 else None
+    return GroupRelative(batches, m.grpo, t.gradient_accumulation_steps, tokenizer, get_host().rewards(),
+                         reference, job.run_dir.path / "rollouts.jsonl", stop)
+
+
+def save(job: Job, model, tokenizer, model_path, final, state: dict | None = None) -> None:
+    """An adapter (PEFT format) or the full model (HF safetensors) with the tokenizer, renamed
+    into place together."""
+    with job.run_dir.atomic_dir(final) as tmp:
+        if job.recipe.method.tuning == "full":
+            save_full_model(model, model_path, tmp)
+        else:
+            save_peft_adapter(model, tmp, job.recipe.method.lora, str(model_path))
+        tokenizer.save_pretrained(tmp)
+        if state is not None:
+            (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
+
+
+def add_trees(a, b):
+    return b if a is None else tree_map(lambda x, y: x + y, a, b)
+
+
+def train(job: Job) -> dict:
+    recipe, t = job.recipe, job.recipe.train
+    refuse_early(job)
+    seed_everything(t.seed)
+
+    # 1. Tokenizer and data: the shared data layer, exactly as on torch.
+    model_path = materialise(job.model, log=job.log)
+    tokenizer = load_tokenizer(model_path, recipe.model.trust_remote_code)
+    renderer = ChatRenderer.for_recipe(recipe, tokenizer)
+    batches = training_batches(job.data, renderer, recipe, job.choice.capability)
+    job.log(f"data: {batches.summary(t.max_length)}")
+    held_out = held_out_rows(job.data.eval_examples, renderer, t.max_length)
+    stop = stop_token_ids(tokenizer)
+
+    # 2. Model with its tuning, the objective, optimizer, schedule.
+    dtype = compute_dtype(recipe)
+    model, detail = prepare_model(job, model_path, dtype)
+    if batches.packing and not packs(model):
+        raise UserError(
+            f"data.packing: the MLX backend packs llama, qwen2 and qwen3 models, not {type(model).__module__}; "
+            "set data.packing: false"
+        )
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    device = "metal" if mx.metal.is_available() else "cpu"
+    job.log(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained ({recipe.method.tuning}"
+            f"{detail}), compute {dtype} on mlx/{device}")
+
+    model.train()
+    objective = make_objective(job, batches, model, tokenizer, stop)
+    steps = batches.steps
+    optimizer = make_optimizer(recipe, steps)
+    value_and_grad = nn.value_and_grad(model, objective.loss)
+    max_norm = t.max_grad_norm
+
+    job.results["answers"] = show_answers(job, "before", model, tokenizer, renderer, stop)
+
+    # 3. The loop.
+    progress = Progress(steps, t.log_every, quiet=job.quiet)
+    start = last_log = step_start = time.perf_counter()
+    tokens_since_log = trained_since_log = 0
+    losses_since_log: list[float] = []
+    record: dict = {}
+    for step in range(1, steps + 1):
+        grads = None
+        step_loss = 0.0
+        step_tokens = step_trained = step_attended = 0
+        step_examples: list[int] = []
+        for micro in objective.step(model, step):
+            (value, stats), micro_grads = value_and_grad(model, micro)
+            grads = add_trees(grads, micro_grads)
+            mx.eval(value, grads, stats)
+            step_loss += value.item()
+            objective.after({k: v.tolist() for k, v in stats.items()})
+            counted = objective.counts(micro)
+            step_tokens += counted.tokens
+            step_trained += counted.trained
+            step_attended += counted.attended
+            step_examples += counted.examples
+        losses_since_log.append(step_loss)
+        tokens_since_log += step_tokens
+        trained_since_log += step_trained
+        if max_norm:
+            grads, grad_norm = optim.clip_grad_norm(grads, max_norm)
+        else:
+            grad_norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state)
+        lr = optimizer.learning_rate.item()
+        step_end = time.perf_counter()
+        job.steps.append({"step": step, "seconds": step_end - step_start, "tokens": step_tokens,
+                          "trained": step_trained, "attended": step_attended, "loss": step_loss,
+                          "examples": step_examples})
+        step_start = step_end
+
+        if step % t.log_every == 0 or step == steps:
+            now = time.perf_counter()
+            interval = max(now - last_log, 1e-9)
+            record = {
+                "step": step,
+                "epoch": objective.epoch(),
+                "loss": sum(losses_since_log) / len(losses_since_log),
+                "lr": lr,
+                "grad_norm": float(grad_norm.item()),
+                "tokens_per_second": tokens_since_log / interval,
+                "trained_tokens_per_second": trained_since_log / interval,
+                "elapsed": now - start,
+                **objective.log_metrics(),
+            }
+            job.run_dir.log_metrics(record)
+            progress.update(record)
+            last_log, tokens_since_log, trained_since_log, losses_since_log = now, 0, 0, []
+        if held_out and (step % (t.eval_every or steps) == 0 or step == steps):
+            evaluated = held_out_loss(model, held_out, tokenizer.pad_token_id, t.micro_batch_size)
+            job.run_dir.log_eval(step, evaluated, len(held_out))
+            job.log(f"step {step}: eval_loss {evaluated:.4f} on {len(held_out)} held-out examples")
+            job.results["eval_loss"] = evaluated
+            step_start = time.perf_counter()
+        if t.save_every and step % t.save_every == 0 and step < steps:
+            save(job, model, tokenizer, model_path, job.run_dir.checkpoint_dir(step), state={"step": step})
+            job.run_dir.prune_checkpoints(t.keep_checkpoints)
+            step_start = time.perf_counter()
+    progress.close()
+
+    # 4. Save the result, show what changed, plot.
+    tuning = recipe.method.tuning
+    out = job.run_dir.model_dir if tuning == "full" else job.run_dir.adapter_dir
+    save(job, model, tokenizer, model_path, out)
+    job.log(f"saved {out}")
+    job.results["answers"] += show_answers(job, "after", model, tokenizer, renderer, stop)
+    job.results.update(final_loss=record.get("loss"), steps=steps, output=str(out), model=model,
+                       tuning=tuning, dtype=dtype, peak_memory_bytes=peak_memory())
+    if recipe.output.plot and job.run_dir.plot_loss() is None:
+        job.log("loss.png skipped: matplotlib is not installed")
+    return job.results
+
+
+def peak_memory() -> int:
+    """MLX's peak allocation (Metal or CPU), in bytes."""
+    return int(mx.get_peak_memory())

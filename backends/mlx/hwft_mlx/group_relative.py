@@ -1,0 +1,145 @@
+"""GRPO on MLX: sample a group of completions per prompt with mlx-lm's generation, score them
+(:mod:`hwft.rewards`, shared with torch), push the policy toward the better ones of each group
+(``hwft_torch.losses.grpo_loss``).
+
+Every ``num_iterations`` optimizer steps a rollout batch is made from the next step's prompts:
+each prompt is sampled ``num_generations`` times (``mlx_lm.generate.generate_step`` with
+mlx-lm's temperature / top-p sampler, seeded by ``train.seed``); a completion ends at its first
+end-of-sequence token, which it keeps. Log-probabilities are then computed on right-padded
+``prompt + completion`` rows: causal attention makes the padding after a row's tokens harmless.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from hwft.data.pipeline import Batches
+from hwft.objective import Loss
+from hwft.recipe import GrpoSpec
+from hwft.rewards import Reward, Sample, score_rollouts, write_rollouts
+from hwft_mlx.losses import grpo_loss, target_logps
+from hwft_mlx.objective import MlxObjective
+from hwft_mlx.preference import logits_of
+
+
+@dataclass
+class Rollouts:
+    """One micro-batch of completions as right-padded ``prompt + completion`` rows."""
+
+    ids: mx.array  #: (n, W)
+    where: mx.array  #: (n, C) flat positions whose logits score each completion token
+    targets: mx.array  #: (n, C) completion tokens (0 past the end)
+    mask: mx.array  #: (n, C) 1 for real completion tokens, up to and including end-of-sequence
+    prompt_tokens: int
+    advantages: mx.array | None = None
+    old_logps: mx.array | None = None
+    ref_logps: mx.array | None = None
+    normaliser: float = 1.0
+
+
+def rollout_arrays(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Rollouts:
+    width = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
+    longest = max(1, max(len(c) for c in completions))
+    ids = np.full((len(prompts), width), pad_id, dtype=np.int32)
+    where = np.zeros((len(prompts), longest), dtype=np.int32)
+    targets = np.zeros((len(prompts), longest), dtype=np.int32)
+    mask = np.zeros((len(prompts), longest), dtype=np.float32)
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        ids[i, : len(p) + len(c)] = p + c
+        n = len(c)
+        where[i, :n] = i * width + len(p) - 1 + np.arange(n)  # logits at t predict token t + 1
+        targets[i, :n] = c
+        mask[i, :n] = 1
+    return Rollouts(mx.array(ids), mx.array(where), mx.array(targets), mx.array(mask),
+                    sum(len(p) for p in prompts))
+
+
+def completion_logps(model, r: Rollouts, temperature: float) -> mx.array:
+    """(n, C) log-probabilities of the completion tokens at ``temperature``."""
+    logits = logits_of(model, r.ids)
+    flat = logits.reshape(-1, logits.shape[-1])
+    return target_logps(flat[r.where], r.targets, temperature)
+
+
+class GroupRelative(MlxObjective):
+    def __init__(self, batches: Batches, spec: GrpoSpec, accumulation: int, tokenizer,
+                 rewards: dict[str, Reward], reference, log_path: Path | None, eos_ids: list[int]):
+        super().__init__(batches)
+        self.spec, self.accumulation, self.tokenizer = spec, accumulation, tokenizer
+        self.registered, self.reference, self.log_path, self.eos_ids = rewards, reference, log_path, eos_ids
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.batch: list[Rollouts] = []
+
+    def step(self, model, step: int) -> list[Rollouts]:
+        if (step - 1) % self.spec.num_iterations == 0:
+            self.batch = self.rollout(model, step)
+        return self.batch
+
+    def sample(self, model, prompt: list[int]) -> tuple[list[int], bool]:
+        """One completion and whether it ended with an end-of-sequence token."""
+        from mlx_lm.generate import generate_step
+        from mlx_lm.sample_utils import make_sampler
+
+        g = self.spec
+        sampler = make_sampler(temp=g.temperature, top_p=g.top_p if g.top_p < 1 else 0.0)
+        tokens: list[int] = []
+        for token, _ in generate_step(mx.array(prompt), model, max_tokens=g.max_new_tokens, sampler=sampler):
+            tokens.append(int(token))
+            if tokens[-1] in self.eos_ids:
+                return tokens, True
+        return tokens, False
+
+    def rollout(self, model, step: int) -> list[Rollouts]:
+        g = self.spec
+        was_training = model.training
+        model.eval()
+        micro = self.draw(self.accumulation)
+        generated = [[self.sample(model, p.input_ids) for p in prompts for _ in range(g.num_generations)]
+                     for prompts in micro]
+        model.train(was_training)
+
+        samples = []
+        for prompts, outs in zip(micro, generated, strict=True):
+            repeated = [p for p in prompts for _ in range(g.num_generations)]
+            samples += [Sample(p.text, self.tokenizer.decode(c, skip_special_tokens=True).strip(), p.reference,
+                               len(c), not done) for p, (c, done) in zip(repeated, outs, strict=True)]
+        scored = score_rollouts(samples, g, self.registered)
+        completions = len(samples)
+        tokens = sum(s.completion_tokens for s in samples)
+        normaliser = {"dapo": tokens, "grpo": completions, "dr_grpo": completions * g.max_new_tokens}[g.loss_type]
+        batch, start = [], 0
+        for prompts, outs in zip(micro, generated, strict=True):
+            rows = [p.input_ids for p in prompts for _ in range(g.num_generations)]
+            r = rollout_arrays(rows, [c for c, _ in outs], self.pad_id)
+            r.advantages = mx.array(scored.advantages[start : start + len(rows)])
+            r.normaliser, start = max(float(normaliser), 1.0), start + len(rows)
+            if g.num_iterations > 1:
+                r.old_logps = mx.stop_gradient(completion_logps(model, r, g.temperature))
+            if g.beta > 0:
+                with self.reference.active() as reference_model:
+                    r.ref_logps = mx.stop_gradient(completion_logps(reference_model, r, g.temperature))
+            mx.eval([a for a in (r.old_logps, r.ref_logps) if a is not None])
+            batch.append(r)
+        self.note(**scored.metrics)
+        write_rollouts(self.log_path, step, scored)
+        return batch
+
+    def loss(self, model, r: Rollouts):
+        g = self.spec
+        logps = completion_logps(model, r, g.temperature)
+        old = r.old_logps if r.old_logps is not None else mx.stop_gradient(logps)
+        value, stats = grpo_loss(logps, old, r.ref_logps, r.advantages, r.mask, g.beta, g.epsilon,
+                                 g.epsilon_high or g.epsilon, g.loss_type, r.normaliser, g.kl_correction)
+        tokens = mx.maximum(stats["tokens"], 1)
+        out = {"clip_ratio": stats["clipped"] / tokens}
+        if "kl" in stats:
+            out["kl"] = stats["kl"] / tokens
+        return value, out
+
+    def counts(self, r: Rollouts) -> Loss:
+        trained = int(r.mask.sum().item())
+        return Loss(None, r.prompt_tokens + trained, trained)
