@@ -68,8 +68,9 @@ def tokenizer(embedded_dir):
     return AutoTokenizer.from_pretrained(embedded_dir)
 
 
-def build_tiny_model(family: str, out: Path, tokenizer_src: Path, seed: int = 0) -> Path:
-    """A 2-layer model of a real architecture family, random weights, SmolLM2's tokenizer."""
+def build_tiny_model(family: str, out: Path, tokenizer_src: Path, seed: int = 0, **config_args) -> Path:
+    """A 2-layer model of a real architecture family, random weights, SmolLM2's tokenizer;
+    ``config_args`` override the config (rope_theta=..., say)."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
@@ -86,7 +87,7 @@ def build_tiny_model(family: str, out: Path, tokenizer_src: Path, seed: int = 0)
         pad_token_id=2,
         tie_word_embeddings=True,
     )
-    config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family](**common)
+    config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family](**{**common, **config_args})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(out)

@@ -22,8 +22,7 @@ from hwft.objective import Loss
 from hwft.recipe import GrpoSpec
 from hwft.rewards import Reward, Sample, score_rollouts, write_rollouts
 from hwft_mlx.losses import grpo_loss, target_logps
-from hwft_mlx.objective import MlxObjective
-from hwft_mlx.preference import logits_of
+from hwft_mlx.objective import MlxObjective, position_logits
 
 
 @dataclass
@@ -60,9 +59,7 @@ def rollout_arrays(prompts: list[list[int]], completions: list[list[int]], pad_i
 
 def completion_logps(model, r: Rollouts, temperature: float) -> mx.array:
     """(n, C) log-probabilities of the completion tokens at ``temperature``."""
-    logits = logits_of(model, r.ids)
-    flat = logits.reshape(-1, logits.shape[-1])
-    return target_logps(flat[r.where], r.targets, temperature)
+    return target_logps(position_logits(model, r.ids, r.where), r.targets, temperature)
 
 
 class GroupRelative(MlxObjective):

@@ -77,6 +77,34 @@ def summed_cross_entropy(model: nn.Module, rows: list[Row], pad_id: int, fused: 
     return cross_entropy_sum(logits, targets)
 
 
+def scored_positions(sequences: list[tuple[list[int], list[int]]], width: int) -> tuple[mx.array, mx.array, mx.array]:
+    """For right-padded rows of ``width``, each sequence given as (tokens, labels) with -100 where
+    no loss is taken: (n, C) flat indices of the positions whose next token is a label, those
+    labels (0 past the end), and a mask (1 for real entries). C is the most labels in a row."""
+    picked = [[(t, labels[t + 1]) for t in range(len(labels) - 1) if labels[t + 1] != IGNORE_INDEX]
+              for _, labels in sequences]
+    longest = max(1, max(len(p) for p in picked))
+    where = np.zeros((len(picked), longest), dtype=np.int32)
+    targets = np.zeros((len(picked), longest), dtype=np.int32)
+    mask = np.zeros((len(picked), longest), dtype=np.float32)
+    for i, p in enumerate(picked):
+        if p:
+            where[i, : len(p)] = [i * width + t for t, _ in p]
+            targets[i, : len(p)] = [y for _, y in p]
+            mask[i, : len(p)] = 1
+    return mx.array(where), mx.array(targets), mx.array(mask)
+
+
+def position_logits(model: nn.Module, ids: mx.array, where: mx.array) -> mx.array:
+    """Logits of right-padded causal rows at the flat positions ``where`` (any shape): the
+    output layer runs on those positions only."""
+    if not packs(model):
+        logits = model(ids)
+        return logits.reshape(-1, logits.shape[-1])[where]
+    hidden = hidden_states(model, ids, "causal")
+    return output_logits(model, hidden.reshape(-1, hidden.shape[-1])[where])
+
+
 class LanguageModelling(MlxObjective):
     """sft and cpt: next-token cross-entropy on the label tokens of (packed) rows, normalised by
     the step's label tokens (``hwft_torch.losses.causal_lm_loss``)."""

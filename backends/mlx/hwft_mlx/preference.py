@@ -10,38 +10,28 @@ model held.
 from __future__ import annotations
 
 import mlx.core as mx
-import numpy as np
 
 from hwft.data.batching import Row, pad
-from hwft.data.chat import IGNORE_INDEX, PreferencePair
+from hwft.data.chat import PreferencePair
 from hwft.data.pipeline import Batches
 from hwft.objective import Loss
 from hwft.recipe import DpoSpec
 from hwft_mlx.losses import dpo_loss, target_logps
-from hwft_mlx.modeling import hidden_states, output_logits, packs
-from hwft_mlx.objective import MlxObjective
+from hwft_mlx.objective import MlxObjective, position_logits, scored_positions
 
 
-def logits_of(model, ids: mx.array) -> mx.array:
-    """Causal logits of right-padded rows (padding comes after every real token, so it changes
-    nothing before it)."""
-    return output_logits(model, hidden_states(model, ids, "causal")) if packs(model) else model(ids)
+def sequence_logps(model, ids: mx.array, where: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
+    """Summed log-probabilities of each row's label tokens (``token_logps(...).sum(-1)``), with
+    logits computed at the label positions only."""
+    return (target_logps(position_logits(model, ids, where), targets) * mask).sum(-1)
 
 
-def sequence_logps(model, ids: mx.array, labels: mx.array) -> mx.array:
-    """Summed log-probabilities of each row's label tokens (``token_logps(...).sum(-1)``)."""
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    logps = target_logps(logits_of(model, ids)[:, :-1], mx.where(keep, targets, 0))
-    return (logps * keep).sum(-1)
-
-
-def pair_arrays(pairs: list[PreferencePair], pad_id: int) -> tuple[mx.array, mx.array, np.ndarray]:
-    rows = [Row(t.input_ids, t.labels, [len(t.input_ids)]) for t in
-            [p.chosen for p in pairs] + [p.rejected for p in pairs]]
-    batch = pad(rows, pad_id)
-    labels = np.array(batch["labels"])
-    return mx.array(batch["input_ids"]), mx.array(labels), labels
+def pair_arrays(pairs: list[PreferencePair], pad_id: int) -> tuple[mx.array, tuple[mx.array, mx.array, mx.array]]:
+    """Right-padded ``[chosen..., rejected...]`` token rows, and their scored positions."""
+    seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    rows = [Row(t.input_ids, t.labels, [len(t.input_ids)]) for t in seqs]
+    ids = pad(rows, pad_id)["input_ids"]
+    return mx.array(ids), scored_positions([(t.input_ids, t.labels) for t in seqs], len(ids[0]))
 
 
 class Preference(MlxObjective):
@@ -56,8 +46,8 @@ class Preference(MlxObjective):
         pairs = self.batches.rows
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start : start + batch_size]
-            ids, labels, _ = pair_arrays(chunk, self.pad_id)
-            chosen, rejected = mx.split(sequence_logps(model, ids, labels), 2)
+            ids, scored = pair_arrays(chunk, self.pad_id)
+            chosen, rejected = mx.split(sequence_logps(model, ids, *scored), 2)
             for pair, c, r in zip(chunk, chosen.tolist(), rejected.tolist(), strict=True):
                 pair.reference_logps = (c, r)
         model.train(was_training)
@@ -69,11 +59,10 @@ class Preference(MlxObjective):
 
     def loss(self, model, micro: tuple[list[PreferencePair], int]):
         pairs, step_pairs = micro
-        ids, labels, host = pair_arrays(pairs, self.pad_id)
-        chosen, rejected = mx.split(sequence_logps(model, ids, labels), 2)
+        ids, scored = pair_arrays(pairs, self.pad_id)
+        chosen, rejected = mx.split(sequence_logps(model, ids, *scored), 2)
         ref = mx.array([p.reference_logps for p in pairs])
-        counts = (host[:, 1:] != IGNORE_INDEX).sum(-1).astype(np.float32)
-        chosen_tokens, rejected_tokens = (mx.array(c) for c in np.split(counts, 2))
+        chosen_tokens, rejected_tokens = mx.split(scored[2].sum(-1), 2)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             chosen, rejected, ref[:, 0], ref[:, 1], self.spec.beta, self.spec.loss,
             self.spec.label_smoothing, chosen_tokens, rejected_tokens,
