@@ -95,3 +95,230 @@ def test_the_embedded_model_answers_on_mlx(embedded_dir):
     text = answer(model, tokenizer, ChatRenderer(tokenizer, tokenizer.chat_template), "What is the capital of France?", 12,
                   stop_token_ids(tokenizer))
     assert "Paris" in text, text
+
+
+# --------------------------------------------------------------------------------------------
+# Parity with torch: one batch
+
+
+def fresh_adapter(model_dir: Path, out: Path, seed: int = 0) -> Path:
+    """A PEFT adapter (r 8, alpha 16, all linear) with B drawn non-zero, so the LoRA path carries
+    real numbers in both directions."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    model.save_pretrained(out)
+    return out
+
+
+def rows_of(model_dir: Path, packing: bool):
+    from transformers import AutoTokenizer
+
+    from hwft.data.batching import make_rows
+    from hwft.data.chat import ChatRenderer, tokenize_examples
+    from hwft.data.formats import Example
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    renderer = ChatRenderer(tokenizer, tokenizer.chat_template)
+    examples = [Example("chat", r["messages"]) for r in SAMPLE_ROWS]
+    tokenized, _ = tokenize_examples(examples, renderer, 64)
+    return make_rows(tokenized, 128 if packing else 64, packing)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_logits_loss_and_gradients_match_torch(family, request, tmp_path):
+    """Same weights (base + one PEFT adapter) and the same rows: logits of a padded batch, the
+    sft loss of packed and of padded rows, and every LoRA gradient agree with the torch engine."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from hwft.data.batching import pad
+    from hwft_mlx.modeling import load_model, load_peft_adapter, lora_modules
+    from hwft_mlx.objective import summed_cross_entropy
+    from hwft_torch.losses import causal_lm_loss
+    from hwft_torch.objective import to_tensors
+
+    model_dir = request.getfixturevalue(f"tiny_{family}")
+    adapter = fresh_adapter(model_dir, tmp_path / "adapter")
+    torch_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter, is_trainable=True)
+    mlx_model, _ = load_model(model_dir)
+    load_peft_adapter(mlx_model, adapter)
+
+    padded = rows_of(model_dir, packing=False)
+    ids = pad(padded, 2)["input_ids"]
+    with torch.no_grad():
+        expected = torch_model(torch.tensor(ids)).logits.numpy()
+    real = np.array(pad(padded, 2)["attention_mask"], dtype=bool)
+    assert np.abs(np.array(mlx_model(mx.array(ids)))[real] - expected[real]).max() < 1e-4
+
+    for packing in (True, False):
+        rows = rows_of(model_dir, packing)
+        assert any(len(r.lengths) > 1 for r in rows) == packing
+        labels = sum(r.num_labels for r in rows)
+        torch_model.zero_grad()
+        batch = to_tensors(rows, 2, "sdpa", torch.device("cpu"))
+        target = batch.pop("labels")
+        torch_loss = causal_lm_loss(torch_model(**batch).logits, target, labels)
+        torch_loss.backward()
+        value, grads = nn.value_and_grad(mlx_model, lambda m: summed_cross_entropy(m, rows, 2, True) / labels)(mlx_model)
+        assert value.item() == pytest.approx(torch_loss.item(), abs=1e-4)
+        grads = dict(tree_flatten(grads))
+        torch_grads = {n: p.grad for n, p in torch_model.named_parameters() if p.requires_grad}
+        assert len(grads) == len(torch_grads) == 2 * len(list(lora_modules(mlx_model)))
+        for path, _ in lora_modules(mlx_model):
+            for ours, theirs in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
+                g = np.array(grads[f"{path}.{ours}"]).T
+                t = torch_grads[f"base_model.model.{path}.{theirs}.default.weight"].numpy()
+                assert np.abs(g - t).max() <= 1e-4 * max(np.abs(t).max(), 1e-6) + 1e-7, (path, ours)
+
+
+def test_mlx_losses_hold_to_the_torch_reference():
+    """DPO (every variant) and GRPO (every aggregation, clipped, with KL) on the same numbers."""
+    from hwft_mlx import losses as ours
+    from hwft_torch import losses as reference
+
+    rng = np.random.default_rng(0)
+    c, r, rc, rr = (rng.normal(-20, 3, 6).astype(np.float32) for _ in range(4))
+    nc, nr = rng.integers(3, 9, 6).astype(np.float32), rng.integers(3, 9, 6).astype(np.float32)
+    for kind in ("sigmoid", "robust", "hinge", "ipo"):
+        want = reference.dpo_loss(*(torch.tensor(x) for x in (c, r, rc, rr)), 0.3, kind, 0.1, torch.tensor(nc), torch.tensor(nr))
+        got = ours.dpo_loss(*(mx.array(x) for x in (c, r, rc, rr)), 0.3, kind, 0.1, mx.array(nc), mx.array(nr))
+        for w, g in zip(want, got, strict=True):
+            assert np.allclose(np.array(g), w.numpy(), atol=1e-5), kind
+    logps, old, ref = (rng.normal(-2, 0.3, (4, 5)).astype(np.float32) for _ in range(3))
+    adv, mask = rng.normal(0, 1, 4).astype(np.float32), (rng.random((4, 5)) > 0.2).astype(np.float32)
+    for kind in ("dapo", "grpo", "dr_grpo"):
+        want, wstats = reference.grpo_loss(*(torch.tensor(x) for x in (logps, old, ref, adv, mask)), 0.04, 0.2, 0.28, kind, 13.0)
+        got, gstats = ours.grpo_loss(*(mx.array(x) for x in (logps, old, ref, adv, mask)), 0.04, 0.2, 0.28, kind, 13.0)
+        assert got.item() == pytest.approx(want.item(), abs=1e-6), kind
+        assert {k: round(float(v), 4) for k, v in gstats.items()} == {k: round(float(v), 4) for k, v in wstats.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Parity with torch: one recipe, 20 steps; adapters that travel
+
+
+@pytest.fixture(scope="module")
+def both_engines(tiny_llama, tmp_path_factory):
+    """The same recipe and seed on the torch cpu backend and on mlx: 20 AdamW steps (cosine
+    schedule, 2 micro-batches of 2 packed rows per step, clipping) from one PEFT adapter."""
+    from hwft.plugins import reset_host
+    from hwft.recipe import load_recipe
+    from hwft.train import plan_run, run
+
+    root = tmp_path_factory.mktemp("both")
+    start = fresh_adapter(tiny_llama, root / "start")
+    jobs = {}
+    for backend in ("cpu", "mlx"):
+        (root / backend).mkdir()
+        recipe = write_recipe(root / backend, {"name": str(tiny_llama), "adapter": str(start)}, backend=backend,
+                              train={"lr": 5e-3, "max_steps": STEPS, "micro_batch_size": 2,
+                                     "gradient_accumulation_steps": 2, "max_length": 64, "precision": "fp32",
+                                     "seed": 7, "warmup_steps": 2})
+        reset_host()
+        jobs[backend] = run(plan_run(load_recipe(recipe)), quiet=True)
+    return jobs
+
+
+def test_loss_curves_match_torch_for_20_steps(both_engines):
+    curves = {name: [m["loss"] for m in metrics(job.run_dir.path)] for name, job in both_engines.items()}
+    print("step  torch-cpu  mlx  |difference|")
+    for step, (a, b) in enumerate(zip(curves["cpu"], curves["mlx"], strict=True), 1):
+        print(f"{step:4d}  {a:.6f}  {b:.6f}  {abs(a - b):.1e}")
+    assert len(curves["mlx"]) == STEPS
+    assert max(abs(a - b) for a, b in zip(curves["cpu"], curves["mlx"], strict=True)) < 1e-4
+    for curve in curves.values():  # both learn: a run that does not must fail
+        assert curve[-1] < curve[0] - 0.5, curve
+    # the very same sequences, in the same order
+    assert [s["examples"] for s in both_engines["cpu"].steps] == [s["examples"] for s in both_engines["mlx"].steps]
+
+
+IDS = [[1, 420, 9100, 57, 300, 12, 9, 2000, 31, 2]]
+
+
+def test_an_mlx_adapter_loads_in_peft(both_engines, tiny_llama):
+    """adapter/ from MLX is a PEFT adapter: peft.PeftModel.from_pretrained on torch reproduces the
+    MLX model's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = both_engines["mlx"].run_dir.adapter_dir
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8 and config["lora_alpha"] == 16
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), adapter).eval()
+    with torch.no_grad():
+        torch_logits = peft(torch.tensor(IDS)).logits.numpy()
+    mlx_model = both_engines["mlx"].results["model"]
+    mlx_model.eval()
+    assert np.abs(np.array(mlx_model(mx.array(IDS))) - torch_logits).max() < 1e-4
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with torch.no_grad():
+        assert np.abs(base(torch.tensor(IDS)).logits.numpy() - torch_logits).max() > 1e-2  # it did learn
+
+
+def test_a_peft_adapter_loads_in_mlx(both_engines, tiny_llama):
+    """adapter/ from the torch engine (peft) loads into the MLX backend with the same logits."""
+    from hwft_mlx.modeling import load_model, load_peft_adapter
+
+    torch_model = both_engines["cpu"].results["model"].eval()
+    with torch.no_grad():
+        torch_logits = torch_model(torch.tensor(IDS)).logits.numpy()
+    mlx_model, _ = load_model(tiny_llama)
+    load_peft_adapter(mlx_model, both_engines["cpu"].run_dir.adapter_dir)
+    assert np.abs(np.array(mlx_model(mx.array(IDS))) - torch_logits).max() < 1e-4
+
+
+def test_a_full_mlx_model_loads_in_transformers(tiny_qwen2, tmp_path, cli):
+    """model/ from full tuning on MLX is HF safetensors: transformers loads it and gives the
+    logits MLX gives for it; and it moved away from the base."""
+    from transformers import AutoModelForCausalLM
+
+    from hwft_mlx.modeling import load_model
+
+    recipe = cell_recipe(tmp_path, tiny_qwen2, "sft", "full", backend="mlx", train={"max_steps": 2})
+    code, _, err = cli("train", recipe)
+    assert code == 0, err
+    saved = tmp_path / "out" / "model"
+    with torch.no_grad():
+        torch_logits = AutoModelForCausalLM.from_pretrained(saved)(torch.tensor(IDS)).logits.numpy()
+        base_logits = AutoModelForCausalLM.from_pretrained(tiny_qwen2)(torch.tensor(IDS)).logits.numpy()
+    mlx_model, _ = load_model(saved)
+    assert np.abs(np.array(mlx_model(mx.array(IDS))) - torch_logits).max() < 1e-4
+    assert np.abs(base_logits - torch_logits).max() > 1e-2
+
+
+# --------------------------------------------------------------------------------------------
+# Refusals
+
+
+def test_dora_is_refused_before_any_weight_loads(tiny_llama, tmp_path, cli):
+    recipe = write_recipe(tmp_path, tiny_llama, backend="mlx", method={"lora": {"dora": True}})
+    code, _, err = cli("train", recipe)
+    assert code == 2 and "method.lora.dora: the MLX backend has no DoRA" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapters_the_mlx_backend_cannot_reproduce_are_refused(tiny_llama, tmp_path):
+    """A DoRA adapter, and an adapter whose weights are only pickled (adapter_model.bin)."""
+    from hwft.errors import ModelError
+    from hwft_mlx.modeling import load_model, load_peft_adapter
+
+    adapter = fresh_adapter(tiny_llama, tmp_path / "a")
+    model, _ = load_model(tiny_llama)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(ModelError, match="uses use_dora, which the MLX backend does not load"):
+        load_peft_adapter(model, adapter)
+    pickled = tmp_path / "b"
+    shutil.copytree(adapter, pickled)
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    with pytest.raises(ModelError, match="never reads pickled adapter_model.bin"):
+        load_peft_adapter(model, pickled)
