@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -30,7 +29,7 @@ from hwft.errors import UserError
 from hwft.job import Job
 from hwft.models import load_tokenizer, materialise, stop_token_ids
 from hwft.plugins import get_host
-from hwft.progress import Progress
+from hwft.steplog import StepLog
 from hwft.recipe import Recipe
 from hwft_mlx.group_relative import GroupRelative
 from hwft_mlx.modeling import (
@@ -211,71 +210,34 @@ def train(job: Job) -> dict:
     job.results["answers"] = show_answers(job, "before", model, tokenizer, renderer, stop)
 
     # 3. The loop.
-    progress = Progress(steps, t.log_every, quiet=job.quiet)
-    start = last_log = step_start = time.perf_counter()
-    tokens_since_log = trained_since_log = 0
-    losses_since_log: list[float] = []
-    record: dict = {}
+    log = StepLog(job, steps, objective)
     for step in range(1, steps + 1):
+        log.begin()
         grads = None
-        step_loss = 0.0
-        step_tokens = step_trained = step_attended = 0
-        step_examples: list[int] = []
         for micro in objective.step(model, step):
             (value, stats), micro_grads = value_and_grad(model, micro)
             grads = add_trees(grads, micro_grads)
             mx.eval(value, grads, stats)
-            step_loss += value.item()
             objective.after({k: v.tolist() for k, v in stats.items()})
-            counted = objective.counts(micro)
-            step_tokens += counted.tokens
-            step_trained += counted.trained
-            step_attended += counted.attended
-            step_examples += counted.examples
-        losses_since_log.append(step_loss)
-        tokens_since_log += step_tokens
-        trained_since_log += step_trained
+            log.add(value.item(), objective.counts(micro))
         if max_norm:
             grads, grad_norm = optim.clip_grad_norm(grads, max_norm)
         else:
             grad_norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
         optimizer.update(model, grads)
         mx.eval(model.parameters(), optimizer.state)
-        lr = optimizer.learning_rate.item()
-        step_end = time.perf_counter()
-        job.steps.append({"step": step, "seconds": step_end - step_start, "tokens": step_tokens,
-                          "trained": step_trained, "attended": step_attended, "loss": step_loss,
-                          "examples": step_examples})
-        step_start = step_end
-
-        if step % t.log_every == 0 or step == steps:
-            now = time.perf_counter()
-            interval = max(now - last_log, 1e-9)
-            record = {
-                "step": step,
-                "epoch": objective.epoch(),
-                "loss": sum(losses_since_log) / len(losses_since_log),
-                "lr": lr,
-                "grad_norm": float(grad_norm.item()),
-                "tokens_per_second": tokens_since_log / interval,
-                "trained_tokens_per_second": trained_since_log / interval,
-                "elapsed": now - start,
-                **objective.log_metrics(),
-            }
-            job.run_dir.log_metrics(record)
-            progress.update(record)
-            last_log, tokens_since_log, trained_since_log, losses_since_log = now, 0, 0, []
+        log.end(step, optimizer.learning_rate.item(), grad_norm.item())
         if held_out and (step % (t.eval_every or steps) == 0 or step == steps):
             evaluated = held_out_loss(model, held_out, tokenizer.pad_token_id, t.micro_batch_size)
             job.run_dir.log_eval(step, evaluated, len(held_out))
             job.log(f"step {step}: eval_loss {evaluated:.4f} on {len(held_out)} held-out examples")
             job.results["eval_loss"] = evaluated
-            step_start = time.perf_counter()
+            log.restart_clock()
         if t.save_every and step % t.save_every == 0 and step < steps:
             save(job, model, tokenizer, model_path, job.run_dir.checkpoint_dir(step), state={"step": step})
             job.run_dir.prune_checkpoints(t.keep_checkpoints)
-            step_start = time.perf_counter()
-    progress.close()
+            log.restart_clock()
+    log.close()
 
     # 4. Save the result, show what changed, plot.
     tuning = recipe.method.tuning
@@ -283,7 +245,7 @@ def train(job: Job) -> dict:
     save(job, model, tokenizer, model_path, out)
     job.log(f"saved {out}")
     job.results["answers"] += show_answers(job, "after", model, tokenizer, renderer, stop)
-    job.results.update(final_loss=record.get("loss"), steps=steps, output=str(out), model=model,
+    job.results.update(final_loss=log.record.get("loss"), steps=steps, output=str(out), model=model,
                        tuning=tuning, dtype=dtype, peak_memory_bytes=peak_memory())
     if recipe.output.plot and job.run_dir.plot_loss() is None:
         job.log("loss.png skipped: matplotlib is not installed")

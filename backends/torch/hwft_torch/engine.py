@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 import warnings
 from contextlib import nullcontext
 
@@ -23,7 +22,7 @@ from hwft.job import Job
 from hwft.models import load_tokenizer, materialise
 from hwft.objective import Objective
 from hwft.plugins import get_host
-from hwft.progress import Progress
+from hwft.steplog import StepLog
 from hwft.recipe import Recipe
 from hwft_torch.dpo import Preference
 from hwft_torch.grpo import GroupRelative
@@ -209,28 +208,15 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
     job.results["answers"] = show_answers(job, "before", model, tokenizer, renderer, device)
 
     # 3. The loop.
-    progress = Progress(steps, t.log_every, quiet=job.quiet)
+    log = StepLog(job, steps, objective)
     model.train()
-    start = last_log = step_start = time.perf_counter()
-    tokens_since_log = trained_since_log = 0
-    losses_since_log: list[float] = []
-    record: dict = {}
     for step in range(1, steps + 1):
-        step_loss = 0.0
-        step_tokens = step_trained = step_attended = 0
-        step_examples: list[int] = []
+        log.begin()
         for micro in objective.step(model, step):
             with autocast():
                 loss = objective.loss(model, micro)
             (scaler.scale(loss.value) if scaler else loss.value).backward()
-            step_loss += loss.value.item()
-            step_tokens += loss.tokens
-            step_trained += loss.trained
-            step_attended += loss.attended
-            step_examples += loss.examples
-        losses_since_log.append(step_loss)
-        tokens_since_log += step_tokens
-        trained_since_log += step_trained
+            log.add(loss.value.item(), loss)
         if scaler:
             scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -244,48 +230,26 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
         optimizer.zero_grad(set_to_none=True)
         if device.type != "cpu":
             getattr(torch, device.type).synchronize()
-        step_end = time.perf_counter()
-        job.steps.append({"step": step, "seconds": step_end - step_start, "tokens": step_tokens,
-                          "trained": step_trained, "attended": step_attended, "loss": step_loss,
-                          "examples": step_examples})
-        step_start = step_end
-
-        if step % t.log_every == 0 or step == steps:
-            now = time.perf_counter()
-            interval = max(now - last_log, 1e-9)
-            record = {
-                "step": step,
-                "epoch": objective.epoch(),
-                "loss": sum(losses_since_log) / len(losses_since_log),
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "tokens_per_second": tokens_since_log / interval,
-                "trained_tokens_per_second": trained_since_log / interval,
-                "elapsed": now - start,
-                **objective.log_metrics(),
-            }
-            job.run_dir.log_metrics(record)
-            progress.update(record)
-            last_log, tokens_since_log, trained_since_log, losses_since_log = now, 0, 0, []
+        log.end(step, lr, float(grad_norm))
         if held_out and (step % (t.eval_every or steps) == 0 or step == steps):
             evaluated = held_out_loss(model, held_out, tokenizer.pad_token_id, attention_implementation(recipe),
                                       device, t.micro_batch_size, autocast)
             job.run_dir.log_eval(step, evaluated, len(held_out))
             job.log(f"step {step}: eval_loss {evaluated:.4f} on {len(held_out)} held-out examples")
             job.results["eval_loss"] = evaluated
-            step_start = time.perf_counter()  # evaluation is not training time
+            log.restart_clock()  # evaluation is not training time
         if t.save_every and step % t.save_every == 0 and step < steps:
             save(job, model, tokenizer, job.run_dir.checkpoint_dir(step), state={"step": step})
             job.run_dir.prune_checkpoints(t.keep_checkpoints)
-            step_start = time.perf_counter()
-    progress.close()
+            log.restart_clock()
+    log.close()
 
     # 4. Save the result, show what changed, plot.
     out = job.run_dir.model_dir if tuning == "full" else job.run_dir.adapter_dir
     save(job, model, tokenizer, out)
     job.log(f"saved {out}")
     job.results["answers"] += show_answers(job, "after", model, tokenizer, renderer, device)
-    job.results.update(final_loss=record.get("loss"), steps=steps, output=str(out), model=model,
+    job.results.update(final_loss=log.record.get("loss"), steps=steps, output=str(out), model=model,
                        tuning=tuning, dtype={v: k for k, v in DTYPES.items()}[dtype],
                        peak_memory_bytes=runtime.peak_memory())
     if recipe.output.plot and job.run_dir.plot_loss() is None:

@@ -1,0 +1,72 @@
+"""The training loop's book-keeping, the same for every engine.
+
+An engine's loop calls ``begin()`` before a step's micro-batches, ``add(loss, counts)`` after
+each, and ``end(step, lr, grad_norm)`` once the optimizer has stepped (after synchronising its
+device). StepLog keeps the per-step records ``hwft bench`` times (``Job.steps``), writes a
+metrics.jsonl line every ``train.log_every`` steps and on the last, and drives the progress
+display. ``restart_clock()`` after evaluating or saving keeps that time out of the next step.
+"""
+
+from __future__ import annotations
+
+import time
+
+from hwft.job import Job
+from hwft.objective import Loss, Objective
+from hwft.progress import Progress
+
+
+class StepLog:
+    def __init__(self, job: Job, steps: int, objective: Objective):
+        self.job, self.steps, self.objective = job, steps, objective
+        self.log_every = job.recipe.train.log_every
+        self.progress = Progress(steps, self.log_every, quiet=job.quiet)
+        self.start = self.last_log = self.step_start = time.perf_counter()
+        self.tokens_since_log = self.trained_since_log = 0
+        self.losses_since_log: list[float] = []
+        self.record: dict = {}  #: the last metrics line written
+        self.current: dict = {}
+
+    def begin(self) -> None:
+        self.current = {"loss": 0.0, "tokens": 0, "trained": 0, "attended": 0, "examples": []}
+
+    def add(self, loss: float, counts: Loss) -> None:
+        """One micro-batch: its share of the step's loss (a float) and its token counts."""
+        c = self.current
+        c["loss"] += loss
+        c["tokens"] += counts.tokens
+        c["trained"] += counts.trained
+        c["attended"] += counts.attended
+        c["examples"] += list(counts.examples)
+
+    def end(self, step: int, lr: float, grad_norm: float) -> None:
+        now = time.perf_counter()
+        c = self.current
+        self.job.steps.append({"step": step, "seconds": now - self.step_start, **c})
+        self.step_start = now
+        self.losses_since_log.append(c["loss"])
+        self.tokens_since_log += c["tokens"]
+        self.trained_since_log += c["trained"]
+        if step % self.log_every and step != self.steps:
+            return
+        interval = max(now - self.last_log, 1e-9)
+        self.record = {
+            "step": step,
+            "epoch": self.objective.epoch(),
+            "loss": sum(self.losses_since_log) / len(self.losses_since_log),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_second": self.tokens_since_log / interval,
+            "trained_tokens_per_second": self.trained_since_log / interval,
+            "elapsed": now - self.start,
+            **self.objective.log_metrics(),
+        }
+        self.job.run_dir.log_metrics(self.record)
+        self.progress.update(self.record)
+        self.last_log, self.tokens_since_log, self.trained_since_log, self.losses_since_log = now, 0, 0, []
+
+    def restart_clock(self) -> None:
+        self.step_start = time.perf_counter()
+
+    def close(self) -> None:
+        self.progress.close()
