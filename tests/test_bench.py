@@ -142,7 +142,7 @@ def test_model_dims_of_a_lora_model(tiny_llama):
     [
         ({"method": {**MATCHING, "objective": "dpo"}, "data": {"train": ["pairs.jsonl"]}}, ["--baseline", "hf"],
          "--baseline hf trains sft; this recipe's objective is dpo"),
-        ({}, ["--backends", "mlx"], "backend 'mlx' is not installed"),
+        ({}, ["--backends", "cuda"], "backend 'cuda' is not available here"),
         ({"data": {"train": ["x.jsonl"], "streaming": True}, "train": {"max_steps": 2}}, [],
          "hwft bench reads the data into memory; remove data.streaming"),
         ({}, ["--steps", "0"], "--steps must be at least 1"),

@@ -67,7 +67,8 @@ def fake(site, name, priority=300, available=True, reason="", api=HWFT_PLUGIN_AP
 def test_builtin_torch_backend_comes_through_its_entry_point():
     reset_host()
     host = get_host()
-    assert {"cpu", "cuda", "rocm"} <= set(host.backends)
+    assert {"cpu", "cuda", "rocm", "npu", "mlx"} <= set(host.backends)
+    assert host.plugin_of("mlx") == "mlx"
     assert host.plugin_of("cpu") == "torch"
     torch_plugin = next(p for p in host.plugins if p.name == "torch")
     assert torch_plugin.distribution == "hwft-torch" and torch_plugin.status == "loaded"
@@ -133,7 +134,7 @@ def test_allow_and_deny_lists(site, monkeypatch):
     assert next(p for p in host.plugins if p.name == "torch").status == "disabled"
     reset_host()
     monkeypatch.delenv("HWFT_PLUGINS")
-    monkeypatch.setenv("HWFT_DISABLE_PLUGINS", "torch, ascend, hwft-vdev")
+    monkeypatch.setenv("HWFT_DISABLE_PLUGINS", "torch, ascend, mlx, hwft-vdev")
     assert get_host().backends == {}
 
 
@@ -149,7 +150,7 @@ def test_auto_ranks_by_priority_not_registration_order(site):
     fake(site, "zzz", priority=300)
     fake(site, "gone", priority=900, available=False, reason="no such device")
     host = get_host()
-    assert rank(host) == ["zzz", "aaa", "cpu"]  # 300, then 100 and 100 by name
+    assert rank(host) == ["zzz", "aaa", "cpu", "mlx"]  # 300, then 100 and 100 by name, then 50
     recipe = recipe_from_dict({"data": "x.jsonl", "train": {"precision": "fp16"}})
     assert select_backend(recipe, host).backend.name == "zzz"
     # Equal priorities: the alphabetically first name, whatever order plugins loaded in.
@@ -204,7 +205,12 @@ def test_env_json_schema(site, cli):
     assert cpu["capability"]["packing"] is True
     assert cpu["capability"]["collective"] == "gloo"
     assert "torch" in cpu["details"]
-    assert set(report["not_installed"]) == {"mlx"}  # a fixed name, no plugin yet
+    assert report["not_installed"] == {}  # every fixed name has its plugin
+    mlx = by_name["mlx"]  # the MLX CPU build: available, below the torch cpu (priority 50)
+    assert (mlx["engine"], mlx["plugin"], mlx["available"], mlx["priority"]) == ("mlx", "mlx", True, 50)
+    assert mlx["capability"]["methods"] == {"sft": every, "cpt": every, "dpo": every, "grpo": every}
+    assert mlx["capability"]["quantization"] == ["mlx-q4", "mlx-q8"] and mlx["capability"]["packing"] is True
+    assert report["ranking"][:2] == ["cpu", "mlx"]
     code, out, _ = cli("env")
     assert "vdev" in out and "unavailable: vdev driver not loaded" in out and "backend: auto -> cpu" in out
 

@@ -110,7 +110,6 @@ def test_debug_shows_the_traceback(tmp_path):
         ({"parallel": {"strategy": "ddp"}}, "parallel.strategy 'ddp' (it has: none)"),
         ({"backend": "cuda"}, "backend 'cuda' is not available here: torch 2.13.0+cpu is a CPU-only build"),
         ({"backend": "cdua"}, "no backend named 'cdua'; did you mean 'cuda'?"),
-        ({"backend": "mlx"}, "backend 'mlx' is not installed: it comes with hwft-mlx"),
     ],
 )
 def test_refused_before_weights_load(tmp_path, cli, sections, message):
@@ -119,6 +118,13 @@ def test_refused_before_weights_load(tmp_path, cli, sections, message):
     assert code == 2, err
     assert message in err, err
     assert not (tmp_path / "out").exists(), "a refused run must not create its output folder"
+
+
+def test_a_fixed_backend_whose_plugin_is_absent_names_its_distribution(tmp_path, cli, monkeypatch):
+    monkeypatch.setenv("HWFT_DISABLE_PLUGINS", "mlx")
+    code, _, err = cli("train", write_recipe(tmp_path, "smollm2-135m", backend="mlx"))
+    assert code == 2 and "backend 'mlx' is not installed: it comes with hwft-mlx" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_validation_imports_no_engine():

@@ -18,6 +18,7 @@ from hwft.bench.schema import BenchResult, Comparison
 from hwft.errors import RecipeError, SelectionError
 from hwft.plugins import get_host
 from hwft.recipe import load_recipe
+from hwft.records import PRIORITY_CPU_FALLBACK
 from hwft.select import capability_problems, rank, select_backend
 from hwft.train import plan_run
 
@@ -51,6 +52,13 @@ def choose_backends(recipe, names: list[str] | None) -> list[str]:
             select_backend(recipe.model_copy(update={"backend": name}), host)
         return names
     able = [n for n in rank(host) if not capability_problems(recipe, host.capability(n))]
+    # Another engine on the host CPU (MLX's CPU build) duplicates the cpu arm, far slower; it
+    # runs when named.
+    fallback = [n for n in able if (host.probe(n).priority or host.backend(n).priority) <= PRIORITY_CPU_FALLBACK]
+    if fallback and len(fallback) < len(able):
+        print(f"hwft bench: not running {', '.join(fallback)} (another engine on this CPU; name it with "
+              "--backends to include it)", file=sys.stderr)
+        able = [n for n in able if n not in fallback]
     if not able:
         raise SelectionError("no available backend can run this recipe (see `hwft env`)")
     return able
