@@ -4,12 +4,29 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+from hwft.data.batching import Row
+from hwft.data.chat import ChatRenderer
 from hwft.data.loading import TrainData
-from hwft.models import ResolvedModel
+from hwft.data.pipeline import Batches, held_out_rows, training_batches
+from hwft.models import ResolvedModel, load_tokenizer, materialise
 from hwft.output import RunDir
 from hwft.recipe import Recipe
 from hwft.select import Choice
+
+
+@dataclass
+class Inputs:
+    """What every engine trains from, made the same way for all: the model folder, its
+    tokenizer and chat renderer, the micro-batches, and the held-out rows of data.eval."""
+
+    model_path: Path
+    tokenizer: Any
+    renderer: ChatRenderer
+    batches: Batches
+    held_out: list[Row]
 
 
 @dataclass
@@ -34,3 +51,15 @@ class Job:
         """User-facing output (the answers before and after training) on stdout."""
         if not self.quiet:
             print(message, flush=True)
+
+    def inputs(self) -> Inputs:
+        """Render, mask all but what the model should say, pack into rows (sft, cpt), pair answers
+        (dpo) or collect prompts (grpo): the same rows in the same order on every engine."""
+        recipe, t = self.recipe, self.recipe.train
+        model_path = materialise(self.model, log=self.log)
+        tokenizer = load_tokenizer(model_path, recipe.model.trust_remote_code)
+        renderer = ChatRenderer.for_recipe(recipe, tokenizer)
+        batches = training_batches(self.data, renderer, recipe, self.choice.capability)
+        self.log(f"data: {batches.summary(t.max_length)}")
+        held_out = held_out_rows(self.data.eval_examples, renderer, t.max_length)
+        return Inputs(model_path, tokenizer, renderer, batches, held_out)

@@ -24,10 +24,9 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from hwft.data.chat import ChatRenderer
-from hwft.data.pipeline import held_out_rows, training_batches
 from hwft.errors import UserError
 from hwft.job import Job
-from hwft.models import load_tokenizer, materialise, stop_token_ids
+from hwft.models import stop_token_ids
 from hwft.plugins import get_host
 from hwft.steplog import StepLog
 from hwft.recipe import Recipe
@@ -177,13 +176,10 @@ def train(job: Job) -> dict:
     refuse_early(job)
     seed_everything(t.seed)
 
-    # 1. Tokenizer and data: the shared data layer, exactly as on torch.
-    model_path = materialise(job.model, log=job.log)
-    tokenizer = load_tokenizer(model_path, recipe.model.trust_remote_code)
-    renderer = ChatRenderer.for_recipe(recipe, tokenizer)
-    batches = training_batches(job.data, renderer, recipe, job.choice.capability)
-    job.log(f"data: {batches.summary(t.max_length)}")
-    held_out = held_out_rows(job.data.eval_examples, renderer, t.max_length)
+    # 1. Tokenizer and data (hwft.job.Job.inputs): the very rows the torch engine gets.
+    inputs = job.inputs()
+    model_path, tokenizer, renderer = inputs.model_path, inputs.tokenizer, inputs.renderer
+    batches, held_out = inputs.batches, inputs.held_out
     stop = stop_token_ids(tokenizer)
 
     # 2. Model with its tuning, the objective, optimizer, schedule.

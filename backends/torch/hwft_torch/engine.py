@@ -17,9 +17,8 @@ from contextlib import nullcontext
 import torch
 
 from hwft.data.chat import ChatRenderer
-from hwft.data.pipeline import Batches, held_out_rows, training_batches
+from hwft.data.pipeline import Batches
 from hwft.job import Job
-from hwft.models import load_tokenizer, materialise
 from hwft.objective import Objective
 from hwft.plugins import get_host
 from hwft.steplog import StepLog
@@ -169,14 +168,10 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
     device = runtime.device()
     seed_everything(t.seed)
 
-    # 1. Tokenizer and data: render, mask all but what the model should say, pack into rows
-    #    (sft, cpt), pair answers (dpo) or collect prompts (grpo).
-    model_path = materialise(job.model, log=job.log)
-    tokenizer = load_tokenizer(model_path, recipe.model.trust_remote_code)
-    renderer = ChatRenderer.for_recipe(recipe, tokenizer)
-    batches = training_batches(job.data, renderer, recipe, job.choice.capability)
-    job.log(f"data: {batches.summary(t.max_length)}")
-    held_out = held_out_rows(job.data.eval_examples, renderer, t.max_length)
+    # 1. Tokenizer and data (hwft.job.Job.inputs, the same for every engine).
+    inputs = job.inputs()
+    model_path, tokenizer, renderer = inputs.model_path, inputs.tokenizer, inputs.renderer
+    batches, held_out = inputs.batches, inputs.held_out
 
     # 2. Model with its tuning, the objective, optimizer, schedule.
     dtype = compute_dtype(recipe, runtime)
