@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from hwft.data.batching import Row
@@ -63,3 +64,13 @@ class Job:
         self.log(f"data: {batches.summary(t.max_length)}")
         held_out = held_out_rows(self.data.eval_examples, renderer, t.max_length)
         return Inputs(model_path, tokenizer, renderer, batches, held_out)
+
+    def show_answers(self, when: str, answer: Callable[[str], str]) -> list[dict]:
+        """Answer each of eval.prompts with ``answer(prompt)`` (an engine's greedy generation),
+        print them, and return them as records for the results."""
+        answers = []
+        for prompt in self.recipe.eval.prompts:
+            text = answer(prompt)
+            self.say(f"[{when} training] Q: {prompt}\n[{when} training] A: {text}")
+            answers.append({"when": when, "prompt": prompt, "answer": text})
+        return answers

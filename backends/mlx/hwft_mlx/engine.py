@@ -99,15 +99,6 @@ def answer(model, tokenizer, renderer: ChatRenderer, prompt: str, max_new_tokens
     return tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
 
-def show_answers(job: Job, when: str, model, tokenizer, renderer, stop) -> list[dict]:
-    answers = []
-    for prompt in job.recipe.eval.prompts:
-        text = answer(model, tokenizer, renderer, prompt, job.recipe.eval.max_new_tokens, stop)
-        job.say(f"[{when} training] Q: {prompt}\n[{when} training] A: {text}")
-        answers.append({"when": when, "prompt": prompt, "answer": text})
-    return answers
-
-
 def refuse_early(job: Job) -> None:
     """What the MLX backend cannot do, refused before any weight loads."""
     m = job.recipe.method
@@ -203,7 +194,10 @@ def train(job: Job) -> dict:
     value_and_grad = nn.value_and_grad(model, objective.loss)
     max_norm = t.max_grad_norm
 
-    job.results["answers"] = show_answers(job, "before", model, tokenizer, renderer, stop)
+    def ask(prompt: str) -> str:
+        return answer(model, tokenizer, renderer, prompt, job.recipe.eval.max_new_tokens, stop)
+
+    job.results["answers"] = job.show_answers("before", ask)
 
     # 3. The loop.
     log = StepLog(job, steps, objective)
@@ -240,7 +234,7 @@ def train(job: Job) -> dict:
     out = job.run_dir.model_dir if tuning == "full" else job.run_dir.adapter_dir
     save(job, model, tokenizer, model_path, out)
     job.log(f"saved {out}")
-    job.results["answers"] += show_answers(job, "after", model, tokenizer, renderer, stop)
+    job.results["answers"] += job.show_answers("after", ask)
     job.results.update(final_loss=log.record.get("loss"), steps=steps, output=str(out), model=model,
                        tuning=tuning, dtype=dtype, peak_memory_bytes=peak_memory())
     if recipe.output.plot and job.run_dir.plot_loss() is None:

@@ -45,16 +45,18 @@ def attention_mask(rows: list[Row], width: int):
     return mx.array((same & np.tri(width, dtype=bool))[:, None])
 
 
+def picked_labels(sequences: list[list[int]]) -> list[list[tuple[int, int]]]:
+    """Per sequence of labels (-100 where no loss is taken), the (position, next label) pairs:
+    the positions whose next token is a label, the only ones the loss needs logits for."""
+    return [[(t, labels[t + 1]) for t in range(len(labels) - 1) if labels[t + 1] != IGNORE_INDEX]
+            for labels in sequences]
+
+
 def label_positions(rows: list[Row], width: int) -> tuple[mx.array, mx.array]:
-    """Flat indices (row * width + t) of the positions whose next token is a label, and those
-    labels: the only positions the loss needs logits for."""
-    where, targets = [], []
-    for b, row in enumerate(rows):
-        for t in range(len(row.labels) - 1):
-            if row.labels[t + 1] != IGNORE_INDEX:
-                where.append(b * width + t)
-                targets.append(row.labels[t + 1])
-    return mx.array(where, dtype=mx.int32), mx.array(targets, dtype=mx.int32)
+    """Flat indices (row * width + t) of the label-predicting positions of right-padded rows,
+    and their labels."""
+    flat = [(b * width + t, y) for b, picked in enumerate(picked_labels([r.labels for r in rows])) for t, y in picked]
+    return mx.array([i for i, _ in flat], dtype=mx.int32), mx.array([y for _, y in flat], dtype=mx.int32)
 
 
 def summed_cross_entropy(model: nn.Module, rows: list[Row], pad_id: int, fused: bool) -> mx.array:
@@ -77,12 +79,11 @@ def summed_cross_entropy(model: nn.Module, rows: list[Row], pad_id: int, fused: 
     return cross_entropy_sum(logits, targets)
 
 
-def scored_positions(sequences: list[tuple[list[int], list[int]]], width: int) -> tuple[mx.array, mx.array, mx.array]:
-    """For right-padded rows of ``width``, each sequence given as (tokens, labels) with -100 where
-    no loss is taken: (n, C) flat indices of the positions whose next token is a label, those
-    labels (0 past the end), and a mask (1 for real entries). C is the most labels in a row."""
-    picked = [[(t, labels[t + 1]) for t in range(len(labels) - 1) if labels[t + 1] != IGNORE_INDEX]
-              for _, labels in sequences]
+def scored_positions(sequences: list[list[int]], width: int) -> tuple[mx.array, mx.array, mx.array]:
+    """For right-padded rows of ``width``, given their labels: (n, C) flat indices of the
+    label-predicting positions, those labels (0 past the end), and a mask (1 for real entries).
+    C is the most labels in a row."""
+    picked = picked_labels(sequences)
     longest = max(1, max(len(p) for p in picked))
     where = np.zeros((len(picked), longest), dtype=np.int32)
     targets = np.zeros((len(picked), longest), dtype=np.int32)

@@ -31,7 +31,7 @@ def pair_arrays(pairs: list[PreferencePair], pad_id: int) -> tuple[mx.array, tup
     seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     rows = [Row(t.input_ids, t.labels, [len(t.input_ids)]) for t in seqs]
     ids = pad(rows, pad_id)["input_ids"]
-    return mx.array(ids), scored_positions([(t.input_ids, t.labels) for t in seqs], len(ids[0]))
+    return mx.array(ids), scored_positions([t.labels for t in seqs], len(ids[0]))
 
 
 class Preference(MlxObjective):

@@ -97,15 +97,6 @@ def answer(model, tokenizer, renderer: ChatRenderer, prompt: str, max_new_tokens
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
-def show_answers(job: Job, when: str, model, tokenizer, renderer, device) -> list[dict]:
-    answers = []
-    for prompt in job.recipe.eval.prompts:
-        text = answer(model, tokenizer, renderer, prompt, job.recipe.eval.max_new_tokens, device)
-        job.say(f"[{when} training] Q: {prompt}\n[{when} training] A: {text}")
-        answers.append({"when": when, "prompt": prompt, "answer": text})
-    return answers
-
-
 def save(job: Job, model, tokenizer, final, state: dict | None = None) -> None:
     """Weights, tokenizer and (for checkpoints) trainer state, renamed into place together."""
     with job.run_dir.atomic_dir(final) as tmp:
@@ -200,7 +191,10 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = t.max_grad_norm or float("inf")
 
-    job.results["answers"] = show_answers(job, "before", model, tokenizer, renderer, device)
+    def ask(prompt: str) -> str:
+        return answer(model, tokenizer, renderer, prompt, job.recipe.eval.max_new_tokens, device)
+
+    job.results["answers"] = job.show_answers("before", ask)
 
     # 3. The loop.
     log = StepLog(job, steps, objective)
@@ -243,7 +237,7 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
     out = job.run_dir.model_dir if tuning == "full" else job.run_dir.adapter_dir
     save(job, model, tokenizer, out)
     job.log(f"saved {out}")
-    job.results["answers"] += show_answers(job, "after", model, tokenizer, renderer, device)
+    job.results["answers"] += job.show_answers("after", ask)
     job.results.update(final_loss=log.record.get("loss"), steps=steps, output=str(out), model=model,
                        tuning=tuning, dtype={v: k for k, v in DTYPES.items()}[dtype],
                        peak_memory_bytes=runtime.peak_memory())
