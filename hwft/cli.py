@@ -12,7 +12,7 @@ import os
 import sys
 
 from hwft import HWFT_PLUGIN_API, __version__
-from hwft.errors import USER_ERROR_EXIT_CODE, UserError
+from hwft.errors import USER_ERROR_EXIT_CODE, RunFailed, UserError
 
 #: Versioned schemas of the --json outputs (documented in the README).
 ENV_SCHEMA = "hwft.env/1"
@@ -31,6 +31,14 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
     train.add_argument("--quiet", action="store_true", help="print nothing but errors")
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    launch = train.add_argument_group(
+        "launch", "start several training processes with the backend's own launcher (torchrun for "
+        "torch backends, mlx.launch for MLX); parallel.strategy says how they share the work")
+    launch.add_argument("--nproc", type=int, default=1, help="processes on this machine, one per device (default 1)")
+    launch.add_argument("--nnodes", type=int, default=1, help="machines taking part (default 1)")
+    launch.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0 to nnodes-1")
+    launch.add_argument("--master-addr", help="address of node 0, reachable from every node")
+    launch.add_argument("--master-port", type=int, default=29500, help="port on node 0 (default 29500)")
 
     data = sub.add_parser("data", help="look at a recipe's data")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -74,16 +82,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
+    from hwft.distributed import Launch
     from hwft.recipe import load_recipe
-    from hwft.train import plan_run, run
+    from hwft.train import launch_run, plan_run, run
 
     recipe = load_recipe(args.recipe, args.overrides)
+    launch = Launch(args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port)
+    if launch.world_size > 1:
+        worker = ["train", args.recipe, *args.overrides, *(["--quiet"] if args.quiet else []),
+                  *(["--debug"] if getattr(args, "debug", False) else [])]
+        return launch_run(recipe, launch, worker, dry_run=args.dry_run)
     plan = plan_run(recipe)
     if args.dry_run:
         print(f"ok: {plan.describe()}")
         return 0
     job = run(plan, quiet=args.quiet)
-    if not args.quiet:
+    if not args.quiet and job.world.main:
         print(f"done: results in {job.run_dir.path}")
     return 0
 
@@ -208,6 +222,15 @@ def cmd_plugins(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hwft.distributed import report_exit, report_start
+
+    report_start()
+    code = run_command(argv)
+    report_exit(code)  # for a launcher that asked its ranks how they ended
+    return code
+
+
+def run_command(argv: list[str] | None = None) -> int:
     # Never reach a model hub: models and tokenizers come from local folders only.
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -230,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"hwft: error: {exc}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
+    except RunFailed as exc:
+        print(f"hwft: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("hwft: interrupted", file=sys.stderr)
         return 130

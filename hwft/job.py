@@ -12,6 +12,7 @@ from hwft.data.batching import Row
 from hwft.data.chat import ChatRenderer
 from hwft.data.loading import TrainData
 from hwft.data.pipeline import Batches, held_out_rows, training_batches
+from hwft.distributed import SINGLE, World
 from hwft.models import ResolvedModel, load_tokenizer, materialise
 from hwft.output import RunDir
 from hwft.recipe import Recipe
@@ -38,6 +39,7 @@ class Job:
     data: TrainData  #: the parsed (or streamed) training data
     run_dir: RunDir
     quiet: bool = False
+    world: World = SINGLE  #: this process's rank in a multi-process run; rank 0 logs and saves
     results: dict = field(default_factory=dict)  #: the backend's summary (final loss, answers)
     #: one record per optimizer step: step, seconds, tokens (non-padding), trained (label
     #: tokens), attended (causal attention pairs), loss, examples (indices of the tokenised
@@ -45,12 +47,12 @@ class Job:
     steps: list[dict] = field(default_factory=list)
 
     def log(self, message: str) -> None:
-        if not self.quiet:
+        if not self.quiet and self.world.main:
             print(message, file=sys.stderr, flush=True)
 
     def say(self, message: str) -> None:
         """User-facing output (the answers before and after training) on stdout."""
-        if not self.quiet:
+        if not self.quiet and self.world.main:
             print(message, flush=True)
 
     def inputs(self) -> Inputs:
@@ -60,7 +62,7 @@ class Job:
         model_path = materialise(self.model, log=self.log)
         tokenizer = load_tokenizer(model_path, recipe.model.trust_remote_code)
         renderer = ChatRenderer.for_recipe(recipe, tokenizer)
-        batches = training_batches(self.data, renderer, recipe, self.choice.capability)
+        batches = training_batches(self.data, renderer, recipe, self.choice.capability, self.world.size)
         self.log(f"data: {batches.summary(t.max_length)}")
         held_out = held_out_rows(self.data.eval_examples, renderer, t.max_length)
         return Inputs(model_path, tokenizer, renderer, batches, held_out)

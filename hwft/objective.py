@@ -16,6 +16,7 @@ from typing import Any
 
 from hwft.data.batching import Row
 from hwft.data.pipeline import Batches
+from hwft.distributed import ALONE, Collective
 
 
 @dataclass
@@ -28,10 +29,12 @@ class Loss:
 
 
 class Objective:
-    """Shared book-keeping: epochs (items drawn / items per epoch) and logged statistics."""
+    """Shared book-keeping: drawing a step's micro-batches and this rank's share of them,
+    epochs (items drawn / items per epoch) and logged statistics, reduced over ranks."""
 
-    def __init__(self, batches: Batches):
+    def __init__(self, batches: Batches, collective: Collective = ALONE):
         self.batches = batches
+        self.collective, self.world = collective, collective.world
         self.drawn = 0
         self.window = 0
         self.stats: dict[str, list[float]] = defaultdict(list)
@@ -45,6 +48,13 @@ class Objective:
             out.append(items)
         return out
 
+    def draw_step(self, accumulation: int) -> tuple[list[list], list[list]]:
+        """One optimizer step: ``accumulation`` micro-batches per rank. Every rank draws the
+        whole step alike (its totals normalise each share of the loss) and trains its share:
+        (the step's micro-batches, this rank's)."""
+        micro = self.draw(accumulation * self.world.size)
+        return micro, self.world.share(micro)
+
     def epoch(self) -> float:
         """Passes over the items so far; streaming: the shuffle window being read."""
         if self.batches.rows:
@@ -56,10 +66,11 @@ class Objective:
             self.stats[key].append(float(value))
 
     def log_metrics(self) -> dict[str, float]:
-        """The mean of each statistic noted since the last call."""
-        out = {k: sum(v) / len(v) for k, v in self.stats.items() if v}
+        """The mean of each statistic noted since the last call, over all ranks' notes."""
+        keys = sorted(k for k, v in self.stats.items() if v)
+        totals = self.collective.sum([x for k in keys for x in (sum(self.stats[k]), len(self.stats[k]))])
         self.stats.clear()
-        return out
+        return {k: totals[2 * i] / max(totals[2 * i + 1], 1) for i, k in enumerate(keys)}
 
 
 def sequence_pairs(rows: list[Row]) -> int:

@@ -34,23 +34,34 @@ METRIC_KEYS = (
 )
 
 
-class RunDir:
-    """An output folder being written by one run."""
+def check_output_dir(recipe: Recipe) -> None:
+    """Refuse a non-empty output folder unless output.overwrite says to reuse it."""
+    path = Path(recipe.output.dir).expanduser().resolve()
+    if path.exists() and any(path.iterdir()) and not recipe.output.overwrite:
+        raise UserError(
+            f"output folder {path} is not empty; choose another output.dir, "
+            "or set output.overwrite=true to replace its contents"
+        )
 
-    def __init__(self, recipe: Recipe):
+
+class RunDir:
+    """An output folder being written by one run. In a multi-process run only rank 0 writes
+    (``writes``); the other ranks' RunDir knows the paths and touches nothing."""
+
+    def __init__(self, recipe: Recipe, writes: bool = True):
         self.path = Path(recipe.output.dir).expanduser().resolve()
+        self.writes = writes
+        self.losses: list[tuple[int, float]] = []
+        self.metrics_path = self.path / "metrics.jsonl"
         #: True when this run made the folder (or found it empty): only then may it be removed.
+        self.created = False
+        if not writes:
+            return
+        check_output_dir(recipe)
         self.created = not (self.path.exists() and any(self.path.iterdir()))
-        if not self.created and not recipe.output.overwrite:
-            raise UserError(
-                f"output folder {self.path} is not empty; choose another output.dir, "
-                "or set output.overwrite=true to replace its contents"
-            )
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-        self.metrics_path = self.path / "metrics.jsonl"
         self.metrics_path.write_text("", encoding="utf-8")
-        self.losses: list[tuple[int, float]] = []
 
     def discard_if_untrained(self) -> None:
         """Remove the folder after a failure before the first step, if this run made it."""
@@ -72,18 +83,23 @@ class RunDir:
         missing = [k for k in METRIC_KEYS if k not in record]
         if missing:
             raise ValueError(f"metrics record lacks {missing}")
-        with self.metrics_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
         self.losses.append((record["step"], record["loss"]))
+        if self.writes:
+            with self.metrics_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
 
     def log_eval(self, step: int, eval_loss: float, examples: int) -> None:
         """Append one evaluation on data.eval to eval.jsonl."""
+        if not self.writes:
+            return
         with (self.path / "eval.jsonl").open("a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, "eval_loss": eval_loss, "examples": examples}) + "\n")
 
     @contextmanager
     def atomic_dir(self, final: Path):
         """Yield a temporary folder beside ``final``; rename it into place on success."""
+        if not self.writes:
+            raise RuntimeError("only rank 0 writes the output folder")
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-tmp-", dir=final.parent))
         try:
@@ -111,7 +127,7 @@ class RunDir:
 
     def plot_loss(self) -> Path | None:
         """Write loss.png; None when there is nothing to plot or matplotlib is missing."""
-        if not self.losses:
+        if not self.losses or not self.writes:
             return None
         try:
             import matplotlib

@@ -292,7 +292,10 @@ class KernelSpec(Section):
 
 class ParallelSpec(Section):
     strategy: Literal["none", "ddp", "fsdp2", "deepspeed"] = Field(
-        "none", description="Data-parallel strategy across processes."
+        "none", description="Data-parallel strategy across processes (hwft train --nproc N): ddp "
+        "replicates the model, fsdp2 shards parameters, gradients and optimizer state (torch "
+        "fully_shard), deepspeed runs DeepSpeed ZeRO at zero_stage. none with several processes "
+        "means ddp."
     )
     zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     offload_optimizer: bool = Field(False, description="Keep optimizer state in host memory.")
@@ -300,12 +303,20 @@ class ParallelSpec(Section):
     activation_checkpointing: bool = Field(False, description="Recompute activations in backward.")
     accelerate_config: str | None = Field(None, description="An accelerate config file, verbatim.")
     deepspeed_config: str | None = Field(None, description="A DeepSpeed JSON config, verbatim.")
+    timeout: int = Field(
+        1800, gt=0, description="Seconds a rank waits for the others in a collective before the "
+        "run fails (a rank that died on another machine)."
+    )
 
 
 class OutputSpec(Section):
     dir: str = Field("runs/hwft", description="Output folder, relative to the working directory.")
     overwrite: bool = Field(False, description="Reuse a non-empty output folder.")
     plot: bool = Field(True, description="Write loss.png at the end.")
+    log_examples: bool = Field(
+        False, description="Write examples.jsonl: per optimizer step, the indices of the tokenised "
+        "training sequences it trained on (all ranks together)."
+    )
 
 
 class EvalSpec(Section):

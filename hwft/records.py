@@ -88,3 +88,7 @@ class Backend:
     capability: Callable[[], Capability]
     train: Callable[[Job], Any]
     accelerator: bool = False
+    #: ``launch(hwft.distributed.Launch, argv) -> exit code``: start the processes of
+    #: ``hwft train --nproc N`` with the engine's own launcher, each running ``hwft *argv``;
+    #: None: the backend runs one process only. Since plugin API 0.3.
+    launch: Callable[[Any, list[str]], int] | None = None

@@ -19,10 +19,11 @@ import json
 import re
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import pluggy
 
+from hwft.distributed import ALONE, Collective
 from hwft.errors import RecipeError, did_you_mean
 
 hookimpl = pluggy.HookimplMarker("hwft")
@@ -225,6 +226,31 @@ def score_rollouts(samples: list[Sample], spec, registered: dict[str, Reward]) -
         metrics[f"rewards/{name}/mean"] = statistics.fmean(values)
         metrics[f"rewards/{name}/std"] = statistics.pstdev(values)
     return ScoredRollouts(samples, totals, advantages(totals, group, spec.scale_rewards), metrics)
+
+
+@dataclass
+class StepRollouts:
+    """A rollout batch scored over all ranks, and what this rank trains with."""
+
+    scored: ScoredRollouts  #: every rank's samples, rewards and advantages, in rank order
+    advantages: list[float]  #: this rank's samples' advantages
+    normaliser: float  #: the grpo_loss denominator over the whole step (all ranks)
+
+
+def score_step(samples: list[Sample], spec, registered: dict[str, Reward],
+               collective: Collective = ALONE) -> StepRollouts:
+    """Score one optimizer step's rollouts as a single process would: every rank's samples are
+    gathered (rank order), rewarded and normalised together (group or batch scale), and the
+    loss normaliser counts the whole step: completion tokens (dapo), completions (grpo), or
+    completions x max_new_tokens (dr_grpo)."""
+    gathered = collective.gather([asdict(s) for s in samples])
+    everyone = [Sample(**d) for part in gathered for d in part]
+    scored = score_rollouts(everyone, spec, registered)
+    start = sum(len(part) for part in gathered[: collective.world.rank])
+    completions = len(everyone)
+    tokens = sum(s.completion_tokens for s in everyone)
+    normaliser = {"dapo": tokens, "grpo": completions, "dr_grpo": completions * spec.max_new_tokens}[spec.loss_type]
+    return StepRollouts(scored, scored.advantages[start : start + len(samples)], max(float(normaliser), 1.0))
 
 
 def write_rollouts(path, step: int, scored: ScoredRollouts) -> None:

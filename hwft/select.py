@@ -22,10 +22,8 @@ from hwft.records import Availability, Backend, Capability
 #: Recipe settings that are valid but that no part of hwft implements yet. Each is refused by
 #: name rather than silently ignored.
 NOT_YET = {
-    "parallel.offload_optimizer": "optimizer offload",
-    "parallel.offload_params": "parameter offload",
-    "parallel.accelerate_config": "accelerate config pass-through",
-    "parallel.deepspeed_config": "DeepSpeed config pass-through",
+    "parallel.accelerate_config": "accelerate config pass-through; write parallel.strategy and "
+    "parallel.deepspeed_config instead",
 }
 
 
@@ -38,17 +36,31 @@ class Choice:
 
 def core_problems(recipe: Recipe) -> list[str]:
     """Settings the engine-neutral core cannot honour yet, whichever backend runs."""
-    values = {
-        "parallel.offload_optimizer": recipe.parallel.offload_optimizer,
-        "parallel.offload_params": recipe.parallel.offload_params,
-        "parallel.accelerate_config": recipe.parallel.accelerate_config,
-        "parallel.deepspeed_config": recipe.parallel.deepspeed_config,
-    }
-    return [
-        f"{key} is not implemented yet ({what}); remove it from the recipe"
-        for key, what in NOT_YET.items()
-        if values[key]
-    ]
+    values = {"parallel.accelerate_config": recipe.parallel.accelerate_config}
+    out = [f"{key} is not implemented yet ({what}); remove it from the recipe"
+           for key, what in NOT_YET.items() if values[key]]
+    return out + parallel_problems(recipe)
+
+
+def parallel_problems(recipe: Recipe) -> list[str]:
+    """parallel settings that only one strategy honours, set for another (never ignored)."""
+    p, out = recipe.parallel, []
+    if p.offload_optimizer and p.strategy != "deepspeed":
+        out.append(f"parallel.offload_optimizer needs strategy deepspeed (ZeRO-Offload), not {p.strategy}")
+    if p.offload_params and p.strategy not in ("fsdp2", "deepspeed"):
+        out.append(f"parallel.offload_params needs strategy fsdp2 or deepspeed with zero_stage 3, not {p.strategy}")
+    if p.offload_params and p.strategy == "deepspeed" and p.zero_stage != 3:
+        out.append(f"parallel.offload_params with deepspeed needs zero_stage 3, not {p.zero_stage}")
+    if p.deepspeed_config and p.strategy != "deepspeed":
+        out.append(f"parallel.deepspeed_config is set but parallel.strategy is {p.strategy}, not deepspeed")
+    if p.strategy in ("fsdp2", "deepspeed"):  # both shard parameters, gradients or optimizer state
+        if recipe.method.tuning == "qlora":
+            out.append(f"method.tuning qlora with parallel.strategy {p.strategy} (quantised weights are not "
+                       "sharded by hwft); use strategy ddp, or tuning lora")
+        if recipe.train.precision == "fp16":
+            out.append(f"train.precision fp16 with parallel.strategy {p.strategy} (no loss scaling across "
+                       "shards in hwft); use bf16")
+    return out
 
 
 def capability_problems(recipe: Recipe, cap: Capability) -> list[str]:

@@ -5,10 +5,15 @@ each, and ``end(step, lr, grad_norm)`` once the optimizer has stepped (after syn
 device). StepLog keeps the per-step records ``hwft bench`` times (``Job.steps``), writes a
 metrics.jsonl line every ``train.log_every`` steps and on the last, and drives the progress
 display. ``restart_clock()`` after evaluating or saving keeps that time out of the next step.
+
+In a multi-process run every rank calls the same methods: ``end`` sums the step's loss shares
+and token counts over ranks (the logged loss and tokens/s are the global figures) and gathers
+the examples trained on; rank 0 alone writes.
 """
 
 from __future__ import annotations
 
+import json
 import time
 
 from hwft.job import Job
@@ -20,7 +25,9 @@ class StepLog:
     def __init__(self, job: Job, steps: int, objective: Objective):
         self.job, self.steps, self.objective = job, steps, objective
         self.log_every = job.recipe.train.log_every
-        self.progress = Progress(steps, self.log_every, quiet=job.quiet)
+        self.progress = Progress(steps, self.log_every, quiet=job.quiet or not job.world.main)
+        self.collective = objective.collective
+        self.examples_path = job.run_dir.path / "examples.jsonl" if job.recipe.output.log_examples else None
         self.start = self.last_log = self.step_start = time.perf_counter()
         self.tokens_since_log = self.trained_since_log = 0
         self.losses_since_log: list[float] = []
@@ -40,8 +47,15 @@ class StepLog:
         c["examples"] += list(counts.examples)
 
     def end(self, step: int, lr: float, grad_norm: float) -> None:
-        now = time.perf_counter()
         c = self.current
+        if self.job.world.size > 1:
+            c["loss"], tokens, trained, attended = self.collective.sum([c["loss"], c["tokens"], c["trained"], c["attended"]])
+            c["tokens"], c["trained"], c["attended"] = int(tokens), int(trained), int(attended)
+            c["examples"] = [i for part in self.collective.gather(c["examples"]) for i in part]
+        if self.examples_path and self.job.world.main:
+            with self.examples_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "examples": c["examples"]}) + "\n")
+        now = time.perf_counter()
         self.job.steps.append({"step": step, "seconds": now - self.step_start, **c})
         self.step_start = now
         self.losses_since_log.append(c["loss"])

@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hwft.data.loading import TrainData, load_train_data
-from hwft.errors import UserError
+from hwft.distributed import Launch, world_from_env
+from hwft.errors import SelectionError, UserError
 from hwft.job import Job
-from hwft.models import ResolvedModel, resolve_model
-from hwft.output import RunDir
+from hwft.models import ResolvedModel, materialise, resolve_model
+from hwft.output import RunDir, check_output_dir
 from hwft.plugins import PluginHost, get_host
 from hwft.recipe import Recipe
 from hwft.rewards import check_rewards
@@ -37,9 +38,15 @@ class Plan:
         )
 
 
-def plan_run(recipe: Recipe, host: PluginHost | None = None) -> Plan:
-    """Everything that can be checked without loading weights; raises UserError."""
+def plan_run(recipe: Recipe, host: PluginHost | None = None, ranks: int | None = None) -> Plan:
+    """Everything that can be checked without loading weights; raises UserError. ``ranks``: the
+    processes the run will have (default: this process's launcher environment); with several,
+    ``parallel.strategy: none`` means ddp."""
     host = host or get_host()
+    ranks = ranks or world_from_env().size
+    if ranks > 1 and recipe.parallel.strategy == "none":
+        recipe = recipe.model_copy(deep=True)
+        recipe.parallel.strategy = "ddp"
     preflight(recipe, host)
     if recipe.method.objective == "grpo":
         check_rewards(recipe.method.grpo.rewards, host.rewards())
@@ -55,7 +62,8 @@ def run(plan: Plan, quiet: bool = False) -> Job:
     if plan.model.kind == "local":  # the saved recipe names the folder the resolver found
         recipe = recipe.model_copy(deep=True)
         recipe.model.name = str(plan.model.path)
-    job = Job(plan.recipe, plan.choice, plan.model, plan.data, RunDir(recipe), quiet)
+    world = world_from_env()
+    job = Job(plan.recipe, plan.choice, plan.model, plan.data, RunDir(recipe, writes=world.main), quiet, world=world)
     job.log(f"hwft: {plan.describe()}")
     try:
         plan.choice.backend.train(job)
@@ -65,3 +73,31 @@ def run(plan: Plan, quiet: bool = False) -> Job:
         job.run_dir.discard_if_untrained()
         raise
     return job
+
+
+def launch_run(recipe: Recipe, launch: Launch, worker_argv: list[str], dry_run: bool = False) -> int:
+    """``hwft train --nproc N``: check everything once, here, then let the backend's launch hook
+    start the processes, each running ``hwft *worker_argv`` (which finds its rank in the
+    launcher's environment). Returns the exit code."""
+    launch.check()
+    world = world_from_env()
+    if world.size > 1:
+        raise UserError(
+            f"this process is already rank {world.rank} of {world.size} (started by {world.launcher}); "
+            "drop --nproc/--nnodes, the launcher started the processes"
+        )
+    plan = plan_run(recipe, ranks=launch.world_size)
+    backend = plan.choice.backend
+    if backend.launch is None:
+        raise SelectionError(
+            f"backend {backend.name} runs one process only (it has no launch hook); drop --nproc, "
+            "or choose a backend that launches several"
+        )
+    if dry_run:
+        print(f"ok: {plan.describe()}; {launch.world_size} processes ({launch.nproc} per node), "
+              f"parallel.strategy {plan.recipe.parallel.strategy}")
+        return 0
+    if launch.node_rank == 0:  # rank 0 lives on node 0 and writes the output folder
+        check_output_dir(plan.recipe)
+    materialise(plan.model)  # convert an embedded model once, before the ranks read it
+    return backend.launch(launch, worker_argv)

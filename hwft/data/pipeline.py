@@ -64,12 +64,15 @@ class Prompt:
     reference: str | None  #: the row's reference answer, if any
 
 
-def training_batches(data: TrainData, renderer: ChatRenderer, recipe: Recipe, capability: Capability) -> Batches:
-    """The micro-batches of a run, for any objective."""
+def training_batches(data: TrainData, renderer: ChatRenderer, recipe: Recipe, capability: Capability,
+                     ranks: int = 1) -> Batches:
+    """The micro-batches of a run, for any objective. With several ranks, an optimizer step
+    takes ``gradient_accumulation_steps`` micro-batches on each (see hwft.distributed), so an
+    epoch has ``ranks`` times fewer steps."""
     if recipe.method.objective == "dpo":
-        return preference_batches(data, renderer, recipe)
+        return preference_batches(data, renderer, recipe, ranks)
     if recipe.method.objective == "grpo":
-        return prompt_batches(data, renderer, recipe)
+        return prompt_batches(data, renderer, recipe, ranks)
     t = recipe.train
     packing = packing_enabled(recipe, capability)
     group = recipe.data.group_by_length and not packing
@@ -85,7 +88,7 @@ def training_batches(data: TrainData, renderer: ChatRenderer, recipe: Recipe, ca
     tokenized, stats = tokenize_examples(data.examples, renderer, t.max_length)
     rows = make_rows(tokenized, t.max_length, packing)
     per_epoch = batches_per_epoch(len(rows), t.micro_batch_size, group)
-    steps = total_steps(per_epoch, t.gradient_accumulation_steps, t.epochs, t.max_steps)
+    steps = total_steps(per_epoch, t.gradient_accumulation_steps * ranks, t.epochs, t.max_steps)
     return Batches(micro_batches(rows, t.micro_batch_size, t.seed, group), steps, stats, rows, packing)
 
 
@@ -97,10 +100,10 @@ def held_out_rows(examples: list[Example], renderer: ChatRenderer, max_length: i
     return make_rows(tokenized, max_length, packing=False)
 
 
-def _epochs_of(items: list, recipe: Recipe, steps_per_batch_group: int = 1) -> tuple[Iterator, int]:
+def _epochs_of(items: list, recipe: Recipe, ranks: int, steps_per_batch_group: int = 1) -> tuple[Iterator, int]:
     t = recipe.train
     per_epoch = batches_per_epoch(len(items), t.micro_batch_size, False)
-    steps = total_steps(per_epoch, t.gradient_accumulation_steps, t.epochs, None)
+    steps = total_steps(per_epoch, t.gradient_accumulation_steps * ranks, t.epochs, None)
     steps = t.max_steps or steps * steps_per_batch_group
     return micro_batches(items, t.micro_batch_size, t.seed), steps
 
@@ -132,9 +135,9 @@ def preference_pairs(examples: list[Example], renderer: ChatRenderer, max_length
     return pairs, stats
 
 
-def preference_batches(data: TrainData, renderer: ChatRenderer, recipe: Recipe) -> Batches:
+def preference_batches(data: TrainData, renderer: ChatRenderer, recipe: Recipe, ranks: int = 1) -> Batches:
     pairs, stats = preference_pairs(data.examples, renderer, recipe.train.max_length)
-    iterator, steps = _epochs_of(pairs, recipe)
+    iterator, steps = _epochs_of(pairs, recipe, ranks)
     return Batches(iterator, steps, stats, pairs, False, unit="pairs")
 
 
@@ -162,7 +165,7 @@ def prompt_items(examples: list[Example], renderer: ChatRenderer, max_prompt_len
     return prompts, stats
 
 
-def prompt_batches(data: TrainData, renderer: ChatRenderer, recipe: Recipe) -> Batches:
+def prompt_batches(data: TrainData, renderer: ChatRenderer, recipe: Recipe, ranks: int = 1) -> Batches:
     g = recipe.method.grpo
     room = recipe.train.max_length - g.max_new_tokens
     if room < 1:
@@ -171,5 +174,5 @@ def prompt_batches(data: TrainData, renderer: ChatRenderer, recipe: Recipe) -> B
             f"method.grpo.max_new_tokens ({g.max_new_tokens}); raise train.max_length"
         )
     prompts, stats = prompt_items(data.examples, renderer, room)
-    iterator, steps = _epochs_of(prompts, recipe, g.num_iterations)
+    iterator, steps = _epochs_of(prompts, recipe, ranks, g.num_iterations)
     return Batches(iterator, steps, stats, prompts, False, unit="prompts")
