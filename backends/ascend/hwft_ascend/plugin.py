@@ -12,10 +12,11 @@ import pluggy
 
 from hwft.records import PRIORITY_ACCELERATOR, Backend, Capability
 from hwft_ascend.probe import probe_npu
-from hwft_torch.devices import quantised
+from hwft_torch.devices import torch_fields
+from hwft_torch.launch import launch
 from hwft_torch.runtime import DeviceRuntime
 
-HWFT_PLUGIN_API = "0.1"
+HWFT_PLUGIN_API = "0.3"
 hookimpl = pluggy.HookimplMarker("hwft")
 
 
@@ -51,7 +52,8 @@ def capability_npu() -> Capability:
     avail = probe_npu()
     bf16 = ("bf16",) if not avail.available or avail.details.get("bf16") else ()
     return Capability(
-        **quantised("bitsandbytes has no Ascend NPU backend in the release hwft pins"),
+        # DDP and FSDP2 over hccl; DeepSpeed picks its npu accelerator when torch_npu is present.
+        **torch_fields("bitsandbytes has no Ascend NPU backend in the release hwft pins"),
         dtypes=("fp32", "fp16", *bf16),
         attention=("eager", "sdpa", "npu_fusion_attention"),
         fused_kernels=("rms_norm", "rope", "swiglu", "cross_entropy"),
@@ -64,5 +66,5 @@ def capability_npu() -> Capability:
 def hwft_register_backends(register):
     register(Backend(
         "npu", "torch", "torch on Huawei Ascend NPUs (torch-npu, CANN)", PRIORITY_ACCELERATOR,
-        probe_npu, capability_npu, NPU.train, accelerator=True,
+        probe_npu, capability_npu, NPU.train, accelerator=True, launch=launch,
     ))

@@ -16,6 +16,7 @@ from functools import cache
 
 from hwft.hardware import cpu_name, host_memory_gb
 from hwft.records import PRIORITY_ACCELERATOR, PRIORITY_CPU, Availability, Backend, Capability
+from hwft_torch.launch import launch
 from hwft_torch.runtime import CPU, CUDA, cpu_bf16_units
 
 #: What the torch engine's training loop implements, for every torch device alike; qlora only
@@ -137,6 +138,18 @@ def _nvidia_smi() -> tuple[dict, ...]:
     return tuple(rows)
 
 
+def torch_fields(device_note: str | None = None) -> dict:
+    """Capability fields every torch device shares: bitsandbytes QLoRA (:func:`quantised`) and
+    the parallel strategies — DDP and FSDP2 come with torch, DeepSpeed where it is installed."""
+    fields = quantised(device_note)
+    strategies = ("none", "ddp", "fsdp2")
+    if importlib.util.find_spec("deepspeed") is None:
+        fields["notes"] = {**fields["notes"], "deepspeed": "DeepSpeed is not installed (pip install deepspeed)"}
+    else:
+        strategies += ("deepspeed",)
+    return {**fields, "parallel": strategies}
+
+
 def _attention(*extra: str) -> tuple[str, ...]:
     flash = ("flash_attention_2",) if importlib.util.find_spec("flash_attn") else ()
     return ("eager", "sdpa", *extra, *flash)
@@ -144,7 +157,7 @@ def _attention(*extra: str) -> tuple[str, ...]:
 
 def capability_cpu() -> Capability:
     return Capability(
-        **quantised(),
+        **torch_fields(),
         dtypes=("fp32", "bf16"),
         attention=("eager", "sdpa"),
         fused_kernels=FUSED,
@@ -155,27 +168,28 @@ def capability_cpu() -> Capability:
 
 def capability_cuda() -> Capability:
     return Capability(
-        **quantised(), dtypes=("fp32", "bf16", "fp16"), attention=_attention(), fused_kernels=FUSED,
+        **torch_fields(), dtypes=("fp32", "bf16", "fp16"), attention=_attention(), fused_kernels=FUSED,
         collective="nccl", packing=True,
     )
 
 
 def capability_rocm() -> Capability:
     return Capability(
-        **quantised(), dtypes=("fp32", "bf16", "fp16"), attention=_attention(), fused_kernels=FUSED,
+        **torch_fields(), dtypes=("fp32", "bf16", "fp16"), attention=_attention(), fused_kernels=FUSED,
         collective="rccl", packing=True,
     )
 
 
 def backends() -> list[Backend]:
     return [
-        Backend("cpu", "torch", "torch on the host CPU", PRIORITY_CPU, probe_cpu, capability_cpu, CPU.train),
+        Backend("cpu", "torch", "torch on the host CPU", PRIORITY_CPU, probe_cpu, capability_cpu, CPU.train,
+                launch=launch),
         Backend(
             "cuda", "torch", "torch on NVIDIA GPUs (CUDA)", PRIORITY_ACCELERATOR,
-            probe_cuda, capability_cuda, CUDA.train, accelerator=True,
+            probe_cuda, capability_cuda, CUDA.train, accelerator=True, launch=launch,
         ),
         Backend(
             "rocm", "torch", "torch on AMD GPUs (ROCm/HIP)", PRIORITY_ACCELERATOR,
-            probe_rocm, capability_rocm, CUDA.train, accelerator=True,
+            probe_rocm, capability_rocm, CUDA.train, accelerator=True, launch=launch,
         ),
     ]

@@ -14,6 +14,7 @@ import torch
 from hwft.data.batching import Row, pad
 from hwft.data.chat import PreferencePair
 from hwft.data.pipeline import Batches
+from hwft.distributed import ALONE, Collective
 from hwft.recipe import DpoSpec
 from hwft.objective import Loss, Objective
 from hwft_torch.losses import dpo_loss, token_logps
@@ -36,8 +37,8 @@ def answer_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
 
 class Preference(Objective):
     def __init__(self, batches: Batches, spec: DpoSpec, accumulation: int, pad_id: int,
-                 device: torch.device, reference: Reference | None):
-        super().__init__(batches)
+                 device: torch.device, reference: Reference | None, collective: Collective = ALONE):
+        super().__init__(batches, collective)
         self.spec, self.accumulation, self.pad_id, self.device = spec, accumulation, pad_id, device
         self.reference = reference  #: None: every pair carries precomputed reference log-probs
 
@@ -56,9 +57,9 @@ class Preference(Objective):
         model.train(was_training)
 
     def step(self, model, step: int) -> list[tuple[list[PreferencePair], int]]:
-        micro = self.draw(self.accumulation)
+        micro, mine = self.draw_step(self.accumulation)
         pairs = sum(len(batch) for batch in micro)
-        return [(batch, pairs) for batch in micro]
+        return [(batch, pairs) for batch in mine]
 
     def loss(self, model, micro: tuple[list[PreferencePair], int]) -> Loss:
         pairs, step_pairs = micro

@@ -1,10 +1,12 @@
-"""The torch training loop, top to bottom, for every objective.
+"""The torch training loop, top to bottom, for every objective and parallel strategy.
 
-load tokenizer -> tokenise the data (rows, pairs or prompts) -> load the model and its tuning
-(full, lora, qlora) -> the objective (sft/cpt, dpo, grpo) and its reference -> optimizer and
-schedule -> answers before -> for each step: the objective's micro-batches (grpo samples
-rollouts here), forward and loss, backward, clip, step, log, maybe checkpoint -> save ->
-answers after -> loss.png. The losses live in :mod:`hwft_torch.losses`, each with its maths.
+join the process group (several ranks) -> load tokenizer -> tokenise the data (rows, pairs or
+prompts) -> load the model and its tuning (full, lora, qlora) -> the objective (sft/cpt, dpo,
+grpo) and its reference -> the strategy (none, ddp, fsdp2, deepspeed) with optimizer and
+schedule -> answers before -> for each step: this rank's share of the objective's micro-batches
+(grpo samples rollouts here), forward and loss, backward, then clip and step -> log (summed over
+ranks), maybe checkpoint -> save (rank 0) -> answers after -> loss.png. The losses live in
+:mod:`hwft_torch.losses`, each with its maths; the strategies in :mod:`hwft_torch.parallel`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from hwft.data.chat import ChatRenderer
 from hwft.data.pipeline import Batches
+from hwft.distributed import ALONE, Collective
 from hwft.job import Job
 from hwft.objective import Objective
 from hwft.plugins import get_host
@@ -34,6 +37,7 @@ from hwft_torch.modeling import (
     save_result,
 )
 from hwft_torch.objective import LanguageModelling, held_out_loss, output_head
+from hwft_torch.parallel import TorchCollective, init_process_group, make_strategy, sharded
 from hwft_torch.runtime import DeviceRuntime
 
 
@@ -78,8 +82,10 @@ def make_scheduler(optimizer, recipe: Recipe, steps: int):
 
 
 @torch.no_grad()
-def answer(model, tokenizer, renderer: ChatRenderer, prompt: str, max_new_tokens: int, device) -> str:
-    """Greedy answer to one user prompt."""
+def answer(model, tokenizer, renderer: ChatRenderer, prompt: str, max_new_tokens: int, device,
+           synced: bool = False) -> str:
+    """Greedy answer to one user prompt (``synced``: every rank generates in lockstep, as
+    sharded parameters need)."""
     was_training = model.training
     model.eval()
     if renderer.template is None:  # a base model without a chat template continues the text
@@ -92,15 +98,21 @@ def answer(model, tokenizer, renderer: ChatRenderer, prompt: str, max_new_tokens
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
+        synced_gpus=synced,
     )
     model.train(was_training)
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
-def save(job: Job, model, tokenizer, final, state: dict | None = None) -> None:
-    """Weights, tokenizer and (for checkpoints) trainer state, renamed into place together."""
+def save(job: Job, strategy, tokenizer, final, state: dict | None = None) -> None:
+    """Weights, tokenizer and (for checkpoints) trainer state, renamed into place together by
+    rank 0; sharded weights are gathered first (every rank takes part), so a sharded run writes
+    the same adapter/ or model/ a single process does."""
+    full = strategy.full_state_dict()
+    if not job.world.main:
+        return
     with job.run_dir.atomic_dir(final) as tmp:
-        save_result(model, tokenizer, tmp, job.recipe)
+        save_result(strategy.model, tokenizer, tmp, job.recipe, full)
         if state is not None:
             (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
 
@@ -123,6 +135,10 @@ def fused_head(job: Job, model):
     wanted = job.recipe.kernels.fused_cross_entropy
     if wanted is False or "cross_entropy" not in job.choice.capability.fused_kernels:
         return None
+    if sharded(job.recipe):
+        job.log(f"kernels: fused cross-entropy off: parallel.strategy {job.recipe.parallel.strategy} shards "
+                "the output weight")
+        return None
     head = output_head(model)
     if isinstance(head, str):
         job.log(f"kernels: fused cross-entropy off: {head}")
@@ -131,32 +147,42 @@ def fused_head(job: Job, model):
     return head
 
 
-def make_objective(job: Job, batches: Batches, model, tokenizer, device, autocast) -> Objective:
+def make_objective(job: Job, batches: Batches, model, tokenizer, device, autocast,
+                   collective: Collective = ALONE) -> Objective:
     recipe, t = job.recipe, job.recipe.train
     m = recipe.method
     if m.objective in ("sft", "cpt"):
         return LanguageModelling(batches, t.gradient_accumulation_steps, tokenizer.pad_token_id,
-                                 attention_implementation(recipe), device, fused_head(job, model))
+                                 attention_implementation(recipe), device, fused_head(job, model), collective)
     if m.objective == "dpo":
         # A continued adapter is its own reference: the starting policy, precomputed.
         precompute = m.dpo.reference == "precomputed" or bool(recipe.model.adapter)
         objective = Preference(batches, m.dpo, t.gradient_accumulation_steps, tokenizer.pad_token_id,
-                               device, None if precompute else Reference(model))
+                               device, None if precompute else Reference(model), collective)
         if precompute:
             with autocast():
                 objective.precompute(model, t.micro_batch_size)
             job.log(f"dpo: reference log-probabilities of {len(batches.rows)} pairs precomputed")
         return objective
     reference = Reference(model) if m.grpo.beta > 0 else None
+    rollouts = job.run_dir.path / "rollouts.jsonl" if job.world.main else None
     return GroupRelative(batches, m.grpo, t.gradient_accumulation_steps, tokenizer, get_host().rewards(),
-                         device, reference, job.run_dir.path / "rollouts.jsonl", autocast)
+                         device, reference, rollouts, autocast, collective, synced=sharded(recipe))
 
 
 def train(job: Job, runtime: DeviceRuntime) -> dict:
-    recipe, t = job.recipe, job.recipe.train
+    recipe, t, world = job.recipe, job.recipe.train, job.world
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
-    device = runtime.device()
+    tuning = effective_tuning(job)
+    device = runtime.device(world.local_rank)
+    collective: Collective = ALONE
+    if world.size > 1 or recipe.parallel.strategy != "none":
+        init_process_group(world, job.choice.capability.collective or "gloo", recipe.parallel.timeout, device)
+        collective = TorchCollective(world)
+        job.log(f"parallel: {recipe.parallel.strategy} over {world.size} processes "
+                f"({job.choice.capability.collective}), {t.micro_batch_size} x {t.gradient_accumulation_steps} "
+                f"micro-batches per rank and step")
     seed_everything(t.seed)
 
     # 1. Tokenizer and data (hwft.job.Job.inputs, the same for every engine).
@@ -164,9 +190,8 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
     model_path, tokenizer, renderer = inputs.model_path, inputs.tokenizer, inputs.renderer
     batches, held_out = inputs.batches, inputs.held_out
 
-    # 2. Model with its tuning, the objective, optimizer, schedule.
+    # 2. Model with its tuning, the objective, then the strategy with optimizer and schedule.
     dtype = compute_dtype(recipe, runtime)
-    tuning = effective_tuning(job)
     if runtime.before_load:
         runtime.before_load(recipe)
     model = load_model(model_path, recipe, device, tuning, dtype)
@@ -183,64 +208,62 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
     def autocast():
         return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
-    objective = make_objective(job, batches, model, tokenizer, device, autocast)
+    objective = make_objective(job, batches, model, tokenizer, device, autocast, collective)
     steps = batches.steps
-    optimizer = make_optimizer(model, recipe, runtime)
-    scheduler = make_scheduler(optimizer, recipe, steps)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    max_norm = t.max_grad_norm or float("inf")
+    strategy = make_strategy(
+        recipe, model, lambda m: make_optimizer(m, recipe, runtime), lambda o: make_scheduler(o, recipe, steps),
+        world, t.max_grad_norm or float("inf"), scaler,
+    )
+    model = strategy.model  # sharded in place by fsdp2; the same module otherwise
+    synced = sharded(recipe) and world.size > 1
 
     def ask(prompt: str) -> str:
-        return answer(model, tokenizer, renderer, prompt, job.recipe.eval.max_new_tokens, device)
+        return answer(model, tokenizer, renderer, prompt, job.recipe.eval.max_new_tokens, device, synced)
 
-    job.results["answers"] = job.show_answers("before", ask)
+    # Answers: rank 0 alone, unless sharded parameters need every rank in each forward.
+    answering = world.main or synced
+    job.results["answers"] = job.show_answers("before", ask) if answering else []
 
     # 3. The loop.
     log = StepLog(job, steps, objective)
     model.train()
     for step in range(1, steps + 1):
         log.begin()
-        for micro in objective.step(model, step):
+        micro_batches = objective.step(model, step)  # this rank's share of the step
+        for i, micro in enumerate(micro_batches):
             with autocast():
-                loss = objective.loss(model, micro)
-            (scaler.scale(loss.value) if scaler else loss.value).backward()
+                loss = strategy.forward(objective.loss, micro, last=i == len(micro_batches) - 1)
+            strategy.backward(loss.value)
             log.add(loss.value.item(), loss)
-        if scaler:
-            scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        lr = scheduler.get_last_lr()[0]
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        lr, grad_norm = strategy.step()
         if device.type != "cpu":
             getattr(torch, device.type).synchronize()
-        log.end(step, lr, float(grad_norm))
+        log.end(step, lr, grad_norm)
         if held_out and (step % (t.eval_every or steps) == 0 or step == steps):
             evaluated = held_out_loss(model, held_out, tokenizer.pad_token_id, attention_implementation(recipe),
-                                      device, t.micro_batch_size, autocast)
+                                      device, t.micro_batch_size, autocast, fused=not sharded(recipe))
             job.run_dir.log_eval(step, evaluated, len(held_out))
             job.log(f"step {step}: eval_loss {evaluated:.4f} on {len(held_out)} held-out examples")
             job.results["eval_loss"] = evaluated
             log.restart_clock()  # evaluation is not training time
         if t.save_every and step % t.save_every == 0 and step < steps:
-            save(job, model, tokenizer, job.run_dir.checkpoint_dir(step), state={"step": step})
-            job.run_dir.prune_checkpoints(t.keep_checkpoints)
+            save(job, strategy, tokenizer, job.run_dir.checkpoint_dir(step), state={"step": step})
+            if world.main:
+                job.run_dir.prune_checkpoints(t.keep_checkpoints)
             log.restart_clock()
     log.close()
 
     # 4. Save the result, show what changed, plot.
     out = job.run_dir.model_dir if tuning == "full" else job.run_dir.adapter_dir
-    save(job, model, tokenizer, out)
+    save(job, strategy, tokenizer, out)
     job.log(f"saved {out}")
-    job.results["answers"] += job.show_answers("after", ask)
+    if answering:
+        job.results["answers"] += job.show_answers("after", ask)
     job.results.update(final_loss=log.record.get("loss"), steps=steps, output=str(out), model=model,
                        tuning=tuning, dtype={v: k for k, v in DTYPES.items()}[dtype],
                        peak_memory_bytes=runtime.peak_memory())
-    if recipe.output.plot and job.run_dir.plot_loss() is None:
+    if recipe.output.plot and job.run_dir.plot_loss() is None and world.main:
         job.log("loss.png skipped: matplotlib is not installed")
+    strategy.close()
     return job.results

@@ -25,7 +25,8 @@ import torch
 from hwft.data.pipeline import Batches, Prompt
 from hwft.models import stop_token_ids
 from hwft.recipe import GrpoSpec
-from hwft.rewards import Reward, Sample, score_rollouts, write_rollouts
+from hwft.distributed import ALONE, Collective
+from hwft.rewards import Reward, Sample, score_step, write_rollouts
 from hwft.objective import Loss, Objective
 from hwft_torch.losses import grpo_loss, target_logps
 from hwft_torch.modeling import Reference
@@ -68,8 +69,9 @@ def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
 class GroupRelative(Objective):
     def __init__(self, batches: Batches, spec: GrpoSpec, accumulation: int, tokenizer,
                  rewards: dict[str, Reward], device: torch.device, reference: Reference | None,
-                 log_path: Path | None, autocast):
-        super().__init__(batches)
+                 log_path: Path | None, autocast, collective: Collective = ALONE, synced: bool = False):
+        super().__init__(batches, collective)
+        self.synced = synced  #: generate in lockstep with the other ranks (sharded parameters)
         self.spec, self.accumulation, self.tokenizer = spec, accumulation, tokenizer
         self.registered, self.device, self.reference = rewards, device, reference
         self.log_path, self.autocast = log_path, autocast
@@ -93,7 +95,7 @@ class GroupRelative(Objective):
             out = model.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
                 temperature=g.temperature, top_p=g.top_p, top_k=0, max_new_tokens=g.max_new_tokens,
-                eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+                eos_token_id=self.eos_ids, pad_token_id=self.pad_id, synced_gpus=self.synced,
             )
         completion = out[:, prompt_ids.shape[1] :]
         is_eos = torch.isin(completion, torch.tensor(self.eos_ids, device=completion.device))
@@ -107,11 +109,11 @@ class GroupRelative(Objective):
         g = self.spec
         was_training = model.training
         model.eval()
-        micro = self.draw(self.accumulation)
+        _, micro = self.draw_step(self.accumulation)  # this rank's share of the step's prompts
         batch = [self.generate(model, prompts) for prompts in micro]
         model.train(was_training)
 
-        # Rewards, per completion, then advantages (engine-neutral: hwft.rewards).
+        # Rewards, per completion, then advantages over all ranks (engine-neutral: hwft.rewards).
         samples = []
         for prompts, r in zip(micro, batch, strict=True):
             texts = self.tokenizer.batch_decode(r.completion_ids, skip_special_tokens=True)
@@ -119,25 +121,21 @@ class GroupRelative(Objective):
             repeated = [p for p in prompts for _ in range(g.num_generations)]
             samples += [Sample(p.text, text.strip(), p.reference, n, not done)
                         for p, text, n, done in zip(repeated, texts, lengths, r.finished.tolist(), strict=True)]
-        scored = score_rollouts(samples, g, self.registered)
+        scored = score_step(samples, g, self.registered, self.collective)
         advantages = torch.tensor(scored.advantages, dtype=torch.float32, device=self.device)
-
-        completions = len(samples)
-        tokens = sum(s.completion_tokens for s in samples)
-        normaliser = {"dapo": tokens, "grpo": completions, "dr_grpo": completions * g.max_new_tokens}[g.loss_type]
         start = 0
         for r in batch:
             n = len(r.completion_ids)
             r.advantages, start = advantages[start : start + n], start + n
-            r.normaliser = max(float(normaliser), 1.0)
+            r.normaliser = scored.normaliser
             with torch.no_grad(), self.autocast():
                 if g.num_iterations > 1:
                     r.old_logps = completion_logps(model, r, g.temperature)
                 if g.beta > 0:
                     with self.reference.active() as reference_model:
                         r.ref_logps = completion_logps(reference_model, r, g.temperature)
-        self.note(**scored.metrics)
-        write_rollouts(self.log_path, step, scored)
+        self.note(**scored.scored.metrics)
+        write_rollouts(self.log_path, step, scored.scored)
         return batch
 
     # ------------------------------------------------------------------ loss

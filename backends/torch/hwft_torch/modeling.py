@@ -150,7 +150,9 @@ class Reference:
                     yield self.model
 
 
-def save_result(model, tokenizer, out_dir: Path, recipe: Recipe) -> None:
-    """adapter/ in PEFT's own format, or model/ as HF safetensors; the tokenizer beside it."""
-    model.save_pretrained(out_dir, safe_serialization=True)
+def save_result(model, tokenizer, out_dir: Path, recipe: Recipe, state_dict: dict | None = None) -> None:
+    """adapter/ in PEFT's own format, or model/ as HF safetensors; the tokenizer beside it.
+    ``state_dict``: the weights gathered from a sharded run (else the model's own)."""
+    extra = {"state_dict": state_dict} if state_dict is not None else {}
+    model.save_pretrained(out_dir, safe_serialization=True, **extra)
     tokenizer.save_pretrained(out_dir)

@@ -10,6 +10,7 @@ import torch
 from hwft.data.batching import Row, pad, segment_ids
 from hwft.data.chat import IGNORE_INDEX
 from hwft.data.pipeline import Batches
+from hwft.distributed import ALONE, Collective
 from hwft.objective import Loss, Objective, sequence_pairs, step_label_count
 from hwft_torch.losses import causal_lm_loss, chunked_cross_entropy, linear_cross_entropy
 
@@ -87,15 +88,15 @@ class LanguageModelling(Objective):
     """
 
     def __init__(self, batches: Batches, accumulation: int, pad_id: int, attention: str, device: torch.device,
-                 fused: tuple[torch.nn.Module, torch.Tensor] | None = None):
-        super().__init__(batches)
+                 fused: tuple[torch.nn.Module, torch.Tensor] | None = None, collective: Collective = ALONE):
+        super().__init__(batches, collective)
         self.accumulation, self.pad_id, self.attention, self.device = accumulation, pad_id, attention, device
         self.fused = fused
 
     def step(self, model, step: int) -> list[tuple[list[Row], int]]:
-        micro = self.draw(self.accumulation)
+        micro, mine = self.draw_step(self.accumulation)
         num_items = step_label_count(micro)
-        return [(batch, num_items) for batch in micro]
+        return [(batch, num_items) for batch in mine]
 
     def loss(self, model, micro: tuple[list[Row], int]) -> Loss:
         rows, num_items = micro
@@ -116,15 +117,15 @@ class LanguageModelling(Objective):
 
 @torch.no_grad()
 def held_out_loss(model, rows: list[Row], pad_id: int, attention: str, device: torch.device,
-                  batch_size: int = 4, autocast=None) -> float:
+                  batch_size: int = 4, autocast=None, fused: bool = True) -> float:
     """Mean next-token cross-entropy per label token over ``rows`` (an evaluation set), in eval
     mode: the number an eval_loss reports, comparable between runs that tokenised alike. Where
     the model allows it, logits are computed for the label positions only, a chunk at a time
     (:func:`~hwft_torch.losses.chunked_cross_entropy`), so evaluating never takes more memory
-    than training."""
+    than training (``fused`` False: the plain loss, for sharded parameters)."""
     was_training = model.training
     model.eval()
-    head = output_head(model)
+    head = output_head(model) if fused else "off"
     total, count = 0.0, 0
     ordered = sorted(rows, key=lambda r: len(r.input_ids))
     for start in range(0, len(ordered), batch_size):

@@ -28,10 +28,14 @@ class DeviceRuntime:
     optimizer: Callable[[list, Any], Any] | None = None  #: (params, recipe) -> optimizer, or None
     peak_memory: Callable[[], int | None] = lambda: None  #: bytes at the high-water mark, or None
 
-    def device(self):
+    def device(self, index: int = 0):
+        """The torch device of a process (``index``: its local rank), made current."""
         import torch
 
-        return torch.device(self.type)
+        if self.type == "cpu":
+            return torch.device("cpu")
+        getattr(torch, self.type).set_device(index)
+        return torch.device(self.type, index)
 
     def train(self, job) -> dict:
         from hwft_torch.engine import train

@@ -1,0 +1,322 @@
+"""Data parallelism on the torch engine: ``parallel.strategy`` mapped onto the engines that
+exist — torch DDP, FSDP2 (``fully_shard``) and DeepSpeed ZeRO 1-3. hwft adds no runtime of its
+own: it starts the process group, wraps the model, and drives the wrapper from the same loop.
+
+The arithmetic every strategy shares: each rank trains its share of an optimizer step's
+micro-batches (``hwft.distributed.World.share``), and each micro-batch's loss is already
+normalised by a count over the whole global step (``hwft.objective``), so the step's gradient
+is the *sum* of the ranks' gradients. DDP, FSDP2 and DeepSpeed average over ranks instead, so
+each rank backpropagates ``world_size * loss``; the update is then exactly the single-process
+one with ``world_size`` times the accumulation.
+
+A strategy object gives the loop five verbs:
+
+    forward(fn, micro, last)  fn(model, micro) -> Loss, run so the wrapper sees the forward;
+                          gradients are synchronised in the backward of the step's last one
+    backward(loss)        accumulate this micro-batch's gradient
+    step()                clip, optimizer and schedule step, zero grads -> (lr, grad norm)
+    full_state_dict()     every parameter, gathered on rank 0 (None where model.state_dict() is)
+    model                 what generation, evaluation and saving call
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+import torch
+
+from hwft.distributed import Collective, World, torch_rendezvous_env
+from hwft.errors import RecipeError
+from hwft.objective import Loss
+from hwft.recipe import Recipe
+
+#: Capability.collective -> torch.distributed backend name (ROCm's RCCL answers to "nccl").
+PROCESS_GROUP = {"gloo": "gloo", "nccl": "nccl", "rccl": "nccl", "hccl": "hccl", "xccl": "xccl", "ccl": "ccl"}
+
+#: Strategies whose parameters live in shards between forwards: a layer's weights exist whole
+#: only inside its forward, so nothing may read them directly (the fused cross-entropy head)
+#: and every rank must take part in each forward (generation runs in lockstep).
+def sharded(recipe: Recipe) -> bool:
+    p = recipe.parallel
+    return p.strategy == "fsdp2" or (p.strategy == "deepspeed" and p.zero_stage == 3)
+
+
+def init_process_group(world: World, collective: str, timeout: int, device: torch.device) -> None:
+    """Join the run's process group (env:// rendezvous, as torchrun and hwft --nproc set it)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    os.environ.update(torch_rendezvous_env(world))
+    if world.size == 1:  # one process running a strategy (e.g. ZeRO offload on one GPU)
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+    kwargs = {"device_id": device} if device.type != "cpu" else {}
+    dist.init_process_group(PROCESS_GROUP.get(collective, collective), timeout=datetime.timedelta(seconds=timeout),
+                            **kwargs)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TorchCollective(Collective):
+    """hwft's two reductions over torch.distributed."""
+
+    def sum(self, values: list[float]) -> list[float]:
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def gather(self, items: list) -> list[list]:
+        import torch.distributed as dist
+
+        out: list = [None] * self.world.size
+        dist.all_gather_object(out, json.dumps(items))  # JSON values only, as strings
+        return [json.loads(x) for x in out]
+
+
+def _collective_device() -> torch.device:
+    import torch.distributed as dist
+
+    if dist.get_backend() == "gloo":
+        return torch.device("cpu")
+    acc = torch.accelerator.current_accelerator()
+    return torch.device(acc.type, torch.accelerator.current_device_index()) if acc else torch.device("cpu")
+
+
+class Call(torch.nn.Module):
+    """Lets a wrapper that hooks ``forward`` (DDP, DeepSpeed) see every objective's forward:
+    ``Call(model)(fn, micro)`` runs ``fn(model, micro)`` and returns the loss tensor (the
+    wrapper must see a tensor), keeping the whole :class:`Loss` in ``last``."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.last: Loss | None = None
+
+    def forward(self, fn, micro):
+        self.last = fn(self.model, micro)
+        return self.last.value
+
+
+class Single:
+    """One process (parallel.strategy none): the plain loop."""
+
+    name = "none"
+
+    def __init__(self, model, optimizer, scheduler, world: World, max_norm: float, scaler=None):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.world, self.max_norm, self.scaler = world, max_norm, scaler
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def forward(self, fn, micro, last: bool) -> Loss:
+        """``fn(model, micro)``; ``last``: the step's last micro-batch on this rank, whose
+        backward synchronises the gradients."""
+        return fn(self.model, micro)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss = loss * self.world.size
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def clip(self) -> float:
+        return float(torch.nn.utils.clip_grad_norm_(self.params, self.max_norm))
+
+    def step(self) -> tuple[float, float]:
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = self.clip()
+        lr = self.scheduler.get_last_lr()[0]
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr, grad_norm
+
+    def full_state_dict(self) -> dict | None:
+        return None
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class DataParallel(Single):
+    """torch DistributedDataParallel: the model replicated, gradients all-reduced (averaged) in
+    buckets during the backward of the step's last micro-batch (no sync before it)."""
+
+    name = "ddp"
+
+    def __init__(self, model, optimizer, scheduler, world, max_norm, scaler=None):
+        from torch.nn.parallel import DistributedDataParallel
+
+        super().__init__(model, optimizer, scheduler, world, max_norm, scaler)
+        # device_ids None: the module sits on one device and hwft moves its inputs itself.
+        self.ddp = DistributedDataParallel(Call(model), device_ids=None)
+
+    def forward(self, fn, micro, last: bool) -> Loss:
+        self.ddp.require_backward_grad_sync = last  # what DDP's no_sync() context toggles
+        self.ddp(fn, micro)
+        return self.ddp.module.last
+
+
+def fsdp_units(model) -> list[torch.nn.Module]:
+    """The modules FSDP2 shards one by one: the model's own ``_no_split_modules`` (its decoder
+    layers, as transformers names them); the rest stays with the root."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    units = [m for m in model.modules() if type(m).__name__ in names]
+    if not units:
+        raise RecipeError(
+            f"parallel.strategy fsdp2: {type(base).__name__} names no decoder layer class "
+            "(_no_split_modules) to shard; use strategy ddp or deepspeed"
+        )
+    return units
+
+
+class FullyShardedDataParallel(Single):
+    """torch FSDP2: each decoder layer's parameters, gradients and optimizer state sharded over
+    the ranks (``fully_shard``), all-gathered for its forward and backward and reduce-scattered
+    after; ``offload_params`` keeps the shards in host memory (CPUOffloadPolicy)."""
+
+    name = "fsdp2"
+
+    def __init__(self, model, optimizer_factory, scheduler_factory, world, max_norm, recipe: Recipe):
+        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+        offload = {"offload_policy": CPUOffloadPolicy()} if recipe.parallel.offload_params else {}
+        for unit in fsdp_units(model):
+            fully_shard(unit, **offload)
+        fully_shard(model, **offload)
+        optimizer = optimizer_factory(model)
+        super().__init__(model, optimizer, scheduler_factory(optimizer), world, max_norm)
+
+    def forward(self, fn, micro, last: bool) -> Loss:
+        self.model.set_requires_gradient_sync(last)
+        return fn(self.model, micro)
+
+    def clip(self) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def full_state_dict(self) -> dict | None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        adapter = hasattr(self.model, "peft_config")  # an adapter saves its own weights only
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=adapter)
+        return get_model_state_dict(self.model, options=options)
+
+
+def deepspeed_config(recipe: Recipe, max_norm: float) -> dict:
+    """The DeepSpeed config hwft writes, over an expert's ``parallel.deepspeed_config`` file
+    (JSON). The keys hwft owns must agree with the recipe where the file sets them."""
+    p, t = recipe.parallel, recipe.train
+    config: dict = {}
+    if p.deepspeed_config:
+        path = recipe.resolve_path(p.deepspeed_config)
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise RecipeError(f"parallel.deepspeed_config: cannot read {path} as JSON: {exc}") from None
+        if not isinstance(config, dict):
+            raise RecipeError(f"parallel.deepspeed_config: {path} holds a JSON {type(config).__name__}, not an object")
+    owned = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+    }
+    for key, value in owned.items():
+        if key in config and config[key] not in ("auto", value):
+            raise RecipeError(
+                f"parallel.deepspeed_config sets {key}={config[key]!r} but the recipe means {value} "
+                f"(train.{'micro_batch_size' if 'micro' in key else 'gradient_accumulation_steps'}); "
+                "remove it from the file or write \"auto\""
+            )
+        config[key] = value
+    config.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the ranks
+    zero = config.setdefault("zero_optimization", {})
+    zero.setdefault("stage", p.zero_stage)
+    if p.offload_optimizer:
+        zero.setdefault("offload_optimizer", {"device": "cpu"})
+    if p.offload_params:
+        zero.setdefault("offload_param", {"device": "cpu"})
+    config.setdefault("gradient_clipping", max_norm if max_norm != float("inf") else 0.0)
+    config.setdefault("steps_per_print", 1 << 30)
+    config.setdefault("zero_allow_untested_optimizer", True)
+    config.setdefault("zero_force_ds_cpu_optimizer", False)  # hwft's AdamW, also when offloading
+    return config
+
+
+class ZeroRedundancy(Single):
+    """DeepSpeed ZeRO: optimizer state (stage 1), gradients (2) and parameters (3) partitioned
+    over the ranks, optionally offloaded to host memory. Compute precision stays hwft's
+    (fp32 weights under autocast), so the numbers match the other strategies."""
+
+    name = "deepspeed"
+
+    def __init__(self, model, optimizer, scheduler, world, max_norm, recipe: Recipe):
+        import deepspeed
+
+        super().__init__(model, optimizer, scheduler, world, max_norm)
+        if next(model.parameters()).device.type == "cpu":
+            # DeepSpeed's CPU accelerator would JIT-compile its shared-memory all-reduce, an
+            # inference kernel (40 s with a C++ compiler, an error without one); training
+            # reduces over gloo, so the kernel is marked unavailable.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        config = deepspeed_config(recipe, max_norm)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=Call(model), optimizer=optimizer, lr_scheduler=scheduler, config=config,
+        )
+        self.stage = config["zero_optimization"]["stage"]
+
+    def forward(self, fn, micro, last: bool) -> Loss:
+        self.engine(fn, micro)
+        return self.engine.module.last
+
+    def backward(self, loss):
+        # hwft's loss shares already sum to the step's loss: no division by the accumulation.
+        self.engine.backward(loss * self.world.size, scale_wrt_gas=False)
+        self.engine.step()  # DeepSpeed updates on the accumulation boundary only
+
+    def step(self) -> tuple[float, float]:
+        lr = self.scheduler.get_last_lr()[0]
+        norm = self.engine.get_global_grad_norm()
+        return lr, float(norm if norm is not None else 0.0)
+
+    def full_state_dict(self) -> dict | None:
+        if self.stage < 3:
+            return None
+        import deepspeed
+
+        params = list(self.model.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+
+def make_strategy(recipe: Recipe, model, make_optimizer, make_scheduler, world: World, max_norm: float,
+                  scaler=None) -> Single:
+    """The recipe's parallel.strategy around ``model`` (optimizer and schedule built on it)."""
+    strategy = recipe.parallel.strategy
+    if strategy == "fsdp2":
+        return FullyShardedDataParallel(model, make_optimizer, make_scheduler, world, max_norm, recipe)
+    optimizer = make_optimizer(model)
+    scheduler = make_scheduler(optimizer)
+    if strategy == "deepspeed":
+        return ZeroRedundancy(model, optimizer, scheduler, world, max_norm, recipe)
+    if strategy == "ddp":
+        return DataParallel(model, optimizer, scheduler, world, max_norm, scaler)
+    return Single(model, optimizer, scheduler, world, max_norm, scaler)
