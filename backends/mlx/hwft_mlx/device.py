@@ -56,7 +56,7 @@ def capability() -> Capability:
         attention=("sdpa",),  # mx.fast.scaled_dot_product_attention
         fused_kernels=("cross_entropy",),
         collective="mlx-ring",
-        parallel=("none",),
+        parallel=("none", "ddp"),  # mx.distributed; hwft_mlx.distributed
         packing=True,
         # packing: llama, qwen2 and qwen3 families (hwft's forward with a block-diagonal mask);
         # qlora: MLX's affine quantisation of the base (group size 64), not bitsandbytes' NF4.
@@ -70,8 +70,14 @@ def train(job):
     return run(job)
 
 
+def launch(spec, argv: list[str]) -> int:
+    from hwft_mlx.distributed import launch as run
+
+    return run(spec, argv)
+
+
 def backend() -> Backend:
     return Backend(
         "mlx", "mlx", "MLX (mlx-lm) on Apple silicon via Metal, or MLX's CPU build",
-        PRIORITY_CPU_FALLBACK, probe, capability, train,
+        PRIORITY_CPU_FALLBACK, probe, capability, train, launch=launch,
     )

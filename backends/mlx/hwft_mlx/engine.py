@@ -1,11 +1,12 @@
 """The MLX training loop, top to bottom, for every objective.
 
-load tokenizer -> the shared data layer's micro-batches (the very rows torch gets for the same
-recipe and seed) -> load the model into mlx-lm (config normalised) with its tuning (full, lora,
-qlora) -> the objective (sft/cpt, dpo, grpo) -> optimizer and schedule -> answers before ->
-for each step: the objective's micro-batches, ``nn.value_and_grad`` of the loss, gradients
-summed over the micro-batches, clip, update -> log, maybe evaluate, maybe checkpoint -> save
-(a PEFT adapter or HF safetensors) -> answers after -> loss.png.
+join the ring (several ranks, :mod:`hwft_mlx.distributed`) -> load tokenizer -> the shared
+data layer's micro-batches (the very rows torch gets for the same recipe and seed) -> load the
+model into mlx-lm (config normalised) with its tuning (full, lora, qlora) -> the objective
+(sft/cpt, dpo, grpo) -> optimizer and schedule -> answers before (rank 0) -> for each step:
+this rank's share of the objective's micro-batches, ``nn.value_and_grad`` of the loss,
+gradients summed over the micro-batches and the ranks, clip, update -> log, maybe evaluate,
+maybe checkpoint -> save (rank 0: a PEFT adapter or HF safetensors) -> answers after -> loss.png.
 
 The optimiser and schedule match the torch engine's: AdamW with torch's bias correction and
 decoupled weight decay, and transformers' warmup + cosine / linear / constant schedules, built
@@ -24,12 +25,14 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from hwft.data.chat import ChatRenderer
+from hwft.distributed import ALONE, Collective
 from hwft.errors import UserError
 from hwft.job import Job
 from hwft.models import stop_token_ids
 from hwft.plugins import get_host
 from hwft.steplog import StepLog
 from hwft.recipe import Recipe
+from hwft_mlx.distributed import join
 from hwft_mlx.group_relative import GroupRelative
 from hwft_mlx.modeling import (
     DTYPES,
@@ -130,24 +133,27 @@ def prepare_model(job: Job, model_path, dtype: str) -> tuple[nn.Module, str]:
     return model, detail
 
 
-def make_objective(job: Job, batches, model, tokenizer, stop) -> MlxObjective:
+def make_objective(job: Job, batches, model, tokenizer, stop, collective: Collective = ALONE) -> MlxObjective:
     recipe, t, m = job.recipe, job.recipe.train, job.recipe.method
     if m.objective in ("sft", "cpt"):
         fused = recipe.kernels.fused_cross_entropy is not False
-        return LanguageModelling(batches, t.gradient_accumulation_steps, tokenizer.pad_token_id, fused)
+        return LanguageModelling(batches, t.gradient_accumulation_steps, tokenizer.pad_token_id, fused, collective)
     if m.objective == "dpo":
-        objective = Preference(batches, m.dpo, t.gradient_accumulation_steps, tokenizer.pad_token_id)
+        objective = Preference(batches, m.dpo, t.gradient_accumulation_steps, tokenizer.pad_token_id, collective)
         objective.precompute(model, t.micro_batch_size)
         job.log(f"dpo: reference log-probabilities of {len(batches.rows)} pairs precomputed from the starting model")
         return objective
     reference = Reference(model, adapters=m.tuning != "full") if m.grpo.beta > 0 else None
+    rollouts = job.run_dir.path / "rollouts.jsonl" if job.world.main else None
     return GroupRelative(batches, m.grpo, t.gradient_accumulation_steps, tokenizer, get_host().rewards(),
-                         reference, job.run_dir.path / "rollouts.jsonl", stop)
+                         reference, rollouts, stop, collective)
 
 
 def save(job: Job, model, tokenizer, model_path, final, state: dict | None = None) -> None:
     """An adapter (PEFT format) or the full model (HF safetensors) with the tokenizer, renamed
-    into place together."""
+    into place together, by rank 0 (every rank holds the same weights)."""
+    if not job.world.main:
+        return
     with job.run_dir.atomic_dir(final) as tmp:
         if job.recipe.method.tuning == "full":
             save_full_model(model, model_path, tmp)
@@ -163,8 +169,13 @@ def add_trees(a, b):
 
 
 def train(job: Job) -> dict:
-    recipe, t = job.recipe, job.recipe.train
+    recipe, t, world = job.recipe, job.recipe.train, job.world
     refuse_early(job)
+    collective: Collective = ALONE
+    if world.size > 1:
+        collective = join(world)
+        job.log(f"parallel: ddp over {world.size} processes (mx.distributed ring), "
+                f"{t.micro_batch_size} x {t.gradient_accumulation_steps} micro-batches per rank and step")
     seed_everything(t.seed)
 
     # 1. Tokenizer and data (hwft.job.Job.inputs): the very rows the torch engine gets.
@@ -188,7 +199,7 @@ def train(job: Job) -> dict:
             f"{detail}), compute {dtype} on mlx/{device}")
 
     model.train()
-    objective = make_objective(job, batches, model, tokenizer, stop)
+    objective = make_objective(job, batches, model, tokenizer, stop, collective)
     steps = batches.steps
     optimizer = make_optimizer(recipe, steps)
     value_and_grad = nn.value_and_grad(model, objective.loss)
@@ -197,7 +208,7 @@ def train(job: Job) -> dict:
     def ask(prompt: str) -> str:
         return answer(model, tokenizer, renderer, prompt, job.recipe.eval.max_new_tokens, stop)
 
-    job.results["answers"] = job.show_answers("before", ask)
+    job.results["answers"] = job.show_answers("before", ask) if world.main else []
 
     # 3. The loop.
     log = StepLog(job, steps, objective)
@@ -210,6 +221,8 @@ def train(job: Job) -> dict:
             mx.eval(value, grads, stats)
             objective.after({k: v.tolist() for k, v in stats.items()})
             log.add(value.item(), objective.counts(micro))
+        if world.size > 1:
+            grads = collective.sum_gradients(grads)
         if max_norm:
             grads, grad_norm = optim.clip_grad_norm(grads, max_norm)
         else:
@@ -225,7 +238,8 @@ def train(job: Job) -> dict:
             log.restart_clock()
         if t.save_every and step % t.save_every == 0 and step < steps:
             save(job, model, tokenizer, model_path, job.run_dir.checkpoint_dir(step), state={"step": step})
-            job.run_dir.prune_checkpoints(t.keep_checkpoints)
+            if world.main:
+                job.run_dir.prune_checkpoints(t.keep_checkpoints)
             log.restart_clock()
     log.close()
 
@@ -234,7 +248,8 @@ def train(job: Job) -> dict:
     out = job.run_dir.model_dir if tuning == "full" else job.run_dir.adapter_dir
     save(job, model, tokenizer, model_path, out)
     job.log(f"saved {out}")
-    job.results["answers"] += job.show_answers("after", ask)
+    if world.main:
+        job.results["answers"] += job.show_answers("after", ask)
     job.results.update(final_loss=log.record.get("loss"), steps=steps, output=str(out), model=model,
                        tuning=tuning, dtype=dtype, peak_memory_bytes=peak_memory())
     if recipe.output.plot and job.run_dir.plot_loss() is None:

@@ -20,7 +20,8 @@ import numpy as np
 from hwft.data.pipeline import Batches
 from hwft.objective import Loss
 from hwft.recipe import GrpoSpec
-from hwft.rewards import Reward, Sample, score_rollouts, write_rollouts
+from hwft.distributed import ALONE, Collective
+from hwft.rewards import Reward, Sample, score_step, write_rollouts
 from hwft_mlx.losses import grpo_loss, target_logps
 from hwft_mlx.objective import MlxObjective, position_logits
 
@@ -64,8 +65,9 @@ def completion_logps(model, r: Rollouts, temperature: float) -> mx.array:
 
 class GroupRelative(MlxObjective):
     def __init__(self, batches: Batches, spec: GrpoSpec, accumulation: int, tokenizer,
-                 rewards: dict[str, Reward], reference, log_path: Path | None, eos_ids: list[int]):
-        super().__init__(batches)
+                 rewards: dict[str, Reward], reference, log_path: Path | None, eos_ids: list[int],
+                 collective: Collective = ALONE):
+        super().__init__(batches, collective)
         self.spec, self.accumulation, self.tokenizer = spec, accumulation, tokenizer
         self.registered, self.reference, self.log_path, self.eos_ids = rewards, reference, log_path, eos_ids
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -94,7 +96,7 @@ class GroupRelative(MlxObjective):
         g = self.spec
         was_training = model.training
         model.eval()
-        micro = self.draw(self.accumulation)
+        _, micro = self.draw_step(self.accumulation)  # this rank's share of the step's prompts
         generated = [[self.sample(model, p.input_ids) for p in prompts for _ in range(g.num_generations)]
                      for prompts in micro]
         model.train(was_training)
@@ -104,16 +106,13 @@ class GroupRelative(MlxObjective):
             repeated = [p for p in prompts for _ in range(g.num_generations)]
             samples += [Sample(p.text, self.tokenizer.decode(c, skip_special_tokens=True).strip(), p.reference,
                                len(c), not done) for p, (c, done) in zip(repeated, outs, strict=True)]
-        scored = score_rollouts(samples, g, self.registered)
-        completions = len(samples)
-        tokens = sum(s.completion_tokens for s in samples)
-        normaliser = {"dapo": tokens, "grpo": completions, "dr_grpo": completions * g.max_new_tokens}[g.loss_type]
+        scored = score_step(samples, g, self.registered, self.collective)  # over all ranks
         batch, start = [], 0
         for prompts, outs in zip(micro, generated, strict=True):
             rows = [p.input_ids for p in prompts for _ in range(g.num_generations)]
             r = rollout_arrays(rows, [c for c, _ in outs], self.pad_id)
             r.advantages = mx.array(scored.advantages[start : start + len(rows)])
-            r.normaliser, start = max(float(normaliser), 1.0), start + len(rows)
+            r.normaliser, start = scored.normaliser, start + len(rows)
             if g.num_iterations > 1:
                 r.old_logps = mx.stop_gradient(completion_logps(model, r, g.temperature))
             if g.beta > 0:
@@ -121,8 +120,8 @@ class GroupRelative(MlxObjective):
                     r.ref_logps = mx.stop_gradient(completion_logps(reference_model, r, g.temperature))
             mx.eval([a for a in (r.old_logps, r.ref_logps) if a is not None])
             batch.append(r)
-        self.note(**scored.metrics)
-        write_rollouts(self.log_path, step, scored)
+        self.note(**scored.scored.metrics)
+        write_rollouts(self.log_path, step, scored.scored)
         return batch
 
     def loss(self, model, r: Rollouts):

@@ -16,6 +16,7 @@ import numpy as np
 from hwft.data.batching import Row, pad, segment_ids
 from hwft.data.chat import IGNORE_INDEX
 from hwft.data.pipeline import Batches
+from hwft.distributed import ALONE, Collective
 from hwft.objective import Loss, Objective, sequence_pairs, step_label_count
 from hwft_mlx.losses import cross_entropy_sum
 from hwft_mlx.modeling import hidden_states, output_logits, packs
@@ -110,14 +111,15 @@ class LanguageModelling(MlxObjective):
     """sft and cpt: next-token cross-entropy on the label tokens of (packed) rows, normalised by
     the step's label tokens (``hwft_torch.losses.causal_lm_loss``)."""
 
-    def __init__(self, batches: Batches, accumulation: int, pad_id: int, fused: bool):
-        super().__init__(batches)
+    def __init__(self, batches: Batches, accumulation: int, pad_id: int, fused: bool,
+                 collective: Collective = ALONE):
+        super().__init__(batches, collective)
         self.accumulation, self.pad_id, self.fused = accumulation, pad_id, fused
 
     def step(self, model, step: int) -> list[tuple[list[Row], int]]:
-        micro = self.draw(self.accumulation)
+        micro, mine = self.draw_step(self.accumulation)
         num_items = step_label_count(micro)
-        return [(batch, num_items) for batch in micro]
+        return [(batch, num_items) for batch in mine]
 
     def loss(self, model, micro: tuple[list[Row], int]):
         rows, num_items = micro

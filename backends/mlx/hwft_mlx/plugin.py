@@ -6,7 +6,7 @@ import pluggy
 
 from hwft_mlx import device
 
-HWFT_PLUGIN_API = "0.1"
+HWFT_PLUGIN_API = "0.3"
 hookimpl = pluggy.HookimplMarker("hwft")
 
 

@@ -14,6 +14,7 @@ import mlx.core as mx
 from hwft.data.batching import Row, pad
 from hwft.data.chat import PreferencePair
 from hwft.data.pipeline import Batches
+from hwft.distributed import ALONE, Collective
 from hwft.objective import Loss
 from hwft.recipe import DpoSpec
 from hwft_mlx.losses import dpo_loss, target_logps
@@ -35,8 +36,9 @@ def pair_arrays(pairs: list[PreferencePair], pad_id: int) -> tuple[mx.array, tup
 
 
 class Preference(MlxObjective):
-    def __init__(self, batches: Batches, spec: DpoSpec, accumulation: int, pad_id: int):
-        super().__init__(batches)
+    def __init__(self, batches: Batches, spec: DpoSpec, accumulation: int, pad_id: int,
+                 collective: Collective = ALONE):
+        super().__init__(batches, collective)
         self.spec, self.accumulation, self.pad_id = spec, accumulation, pad_id
 
     def precompute(self, model, batch_size: int) -> None:
@@ -53,9 +55,9 @@ class Preference(MlxObjective):
         model.train(was_training)
 
     def step(self, model, step: int) -> list[tuple[list[PreferencePair], int]]:
-        micro = self.draw(self.accumulation)
+        micro, mine = self.draw_step(self.accumulation)
         pairs = sum(len(batch) for batch in micro)
-        return [(batch, pairs) for batch in micro]
+        return [(batch, pairs) for batch in mine]
 
     def loss(self, model, micro: tuple[list[PreferencePair], int]):
         pairs, step_pairs = micro
