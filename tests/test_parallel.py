@@ -1,0 +1,312 @@
+"""Scale-out on the torch engine: DDP, FSDP2 and DeepSpeed ZeRO 2/3, launched by the real
+``hwft train --nproc 2`` (torchrun's machinery, gloo on this CPU), held to a single process.
+
+The promise: 2 processes x ``gradient_accumulation_steps: 1`` train exactly the optimizer steps
+one process trains with accumulation 2 — the same examples in each step and the same loss
+curve (tolerance 1e-4 on losses near 10: only the order of floating-point sums differs) — and
+the result saved from shards reloads in one process with the same logits (1e-3).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_jsonl, write_recipe
+
+#: 16 chat examples of different lengths: 4 optimizer steps of 2 micro-batches of 2 rows (one
+#: micro-batch on each rank, or two accumulated in one process).
+ROWS = [{"messages": [{"role": "user", "content": f"Question {i}?"},
+                      {"role": "assistant", "content": f"Answer number {i} is {'x' * (i % 5)}."}]}
+        for i in range(16)]
+LR = {"lora": 1e-2, "full": 3e-3}
+LOSS_TOLERANCE = 1e-4
+LOGIT_TOLERANCE = 1e-3
+
+
+def recipe(folder: Path, model: Path, tuning: str, **sections) -> Path:
+    write_jsonl(folder / "rows.jsonl", ROWS)
+    train = {"lr": LR[tuning], "max_steps": 4, "micro_batch_size": 2, "gradient_accumulation_steps": 1,
+             "max_length": 64, "precision": "fp32", "seed": 3, "scheduler": "constant", "log_every": 1}
+    train.update(sections.pop("train", {}))
+    return write_recipe(folder, model, data={"train": [{"path": "rows.jsonl"}]},
+                        method={"objective": "sft", "tuning": tuning, "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
+                        train=train, output={"dir": str(folder / "out"), "log_examples": True, "plot": False},
+                        **sections)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def launch(recipe_path: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    """``hwft train RECIPE --nproc 2 ARGS`` in a subprocess, as a user types it."""
+    return subprocess.run([sys.executable, "-m", "hwft", "train", str(recipe_path), "--nproc", "2", *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=recipe_path.parent)
+
+
+@pytest.fixture(scope="module")
+def single(tiny_llama, tmp_path_factory):
+    """The reference runs, one per tuning, made on first use: one process with accumulation 2
+    (the same global batch as 2 ranks x 1)."""
+    from hwft import cli
+
+    runs: dict[str, Path] = {}
+
+    def run(tuning: str) -> Path:
+        if tuning not in runs:
+            folder = tmp_path_factory.mktemp(f"single-{tuning}")
+            path = recipe(folder, tiny_llama, tuning, train={"gradient_accumulation_steps": 2})
+            assert cli.main(["train", str(path), "--quiet"]) == 0
+            runs[tuning] = folder / "out"
+        return runs[tuning]
+
+    return run
+
+
+def logits_of(tiny_llama: Path, out: Path):
+    """Logits of the saved result on a fixed batch, loaded as a user would in one process."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if (out / "adapter").is_dir():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), out / "adapter")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(out / "model")
+    ids = torch.arange(10, 42).reshape(2, 16)
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits
+
+
+# Each strategy in one 2-process run; ddp and zero-2 train LoRA, fsdp2 and zero-3 (the
+# sharded ones) a full model, so that gathering a whole model from shards is tested too.
+STRATEGIES = [
+    ("lora", ["parallel.strategy=ddp"]),
+    ("full", ["parallel.strategy=fsdp2"]),
+    ("lora", ["parallel.strategy=deepspeed", "parallel.zero_stage=2"]),
+    ("full", ["parallel.strategy=deepspeed", "parallel.zero_stage=3"]),
+]
+
+
+@pytest.mark.parametrize("tuning,overrides", STRATEGIES, ids=["ddp", "fsdp2", "zero2", "zero3"])
+def test_strategy_matches_one_process(single, tiny_llama, tmp_path, tuning, overrides):
+    reference = single(tuning)
+    path = recipe(tmp_path, tiny_llama, tuning)
+    done = launch(path, *overrides)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("done: results in") == 1  # rank 0 alone reports
+    strategy = overrides[0].split("=")[1]
+    assert f"parallel: {strategy} over 2 processes (gloo)" in done.stderr
+
+    ours, theirs = read_jsonl(tmp_path / "out" / "metrics.jsonl"), read_jsonl(reference / "metrics.jsonl")
+    print(f"{strategy} losses:", [round(m["loss"], 6) for m in ours])
+    print("one process:  ", [round(m["loss"], 6) for m in theirs])
+    assert [m["step"] for m in ours] == [1, 2, 3, 4]
+    for a, b in zip(ours, theirs, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=LOSS_TOLERANCE)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
+    assert ours[-1]["loss"] < ours[0]["loss"]
+
+    # The examples of each step, all ranks together, are exactly the single-process step's.
+    for a, b in zip(read_jsonl(tmp_path / "out" / "examples.jsonl"), read_jsonl(reference / "examples.jsonl"),
+                    strict=True):
+        assert Counter(a["examples"]) == Counter(b["examples"]) and len(a["examples"]) == 4, (a, b)
+
+    # Saved from shards (or a replica), reloaded in one process: the single run's logits.
+    import torch
+
+    torch.testing.assert_close(logits_of(tiny_llama, tmp_path / "out"), logits_of(tiny_llama, reference),
+                               atol=LOGIT_TOLERANCE, rtol=0)
+
+
+def test_grpo_scores_all_ranks_rollouts_together(tiny_llama, tmp_path):
+    """GRPO under ddp: each rank samples its share of the prompts; rewards and advantages are
+    computed over every rank's completions, and rank 0 writes them all once."""
+    prompts = [{"prompt": f"What is {i} + {i}?", "reference": str(2 * i)} for i in range(1, 5)]
+    write_jsonl(tmp_path / "prompts.jsonl", prompts)
+    path = write_recipe(
+        tmp_path, tiny_llama, data={"train": [{"path": "prompts.jsonl"}]},
+        method={"objective": "grpo", "tuning": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+                "grpo": {"num_generations": 4, "max_new_tokens": 6, "beta": 0.04, "num_iterations": 2,
+                         "rewards": [{"name": "length_penalty", "args": {"target": 3}}]}},
+        train={"lr": 1e-2, "max_steps": 2, "micro_batch_size": 1, "max_length": 64, "precision": "fp32",
+               "seed": 3, "log_every": 1},
+        output={"dir": str(tmp_path / "out"), "plot": False},
+    )
+    done = launch(path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "parallel: ddp over 2 processes" in done.stderr  # strategy none with 2 processes: ddp
+    rollouts = read_jsonl(tmp_path / "out" / "rollouts.jsonl")
+    # 2 ranks x 1 prompt x 4 completions, one rollout batch for the 2 steps (num_iterations 2)
+    assert len(rollouts) == 8 and {r["step"] for r in rollouts} == {1}
+    assert len({r["prompt"] for r in rollouts}) == 2
+    run = read_jsonl(tmp_path / "out" / "metrics.jsonl")
+    assert len(run) == 2 and "reward" in run[0] and run[1]["clip_ratio"] >= 0
+
+
+def _rank_pid(tag: str, rank: int, variable: str) -> int | None:
+    """The pid of the training process whose ``variable`` (RANK, MLX_RANK) is ``rank``, started
+    by the test tagged ``tag``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"HWFT_TEST_TAG={tag}".encode() in env and f"{variable}={rank}".encode() in env:
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank's process in /proc")
+def test_a_rank_dying_stops_the_run_with_a_message(tiny_llama, tmp_path):
+    path = recipe(tmp_path, tiny_llama, "lora", train={"max_steps": 100000})
+    code, err, pid = _kill_rank_mid_run([sys.executable, "-m", "hwft", "train", str(path), "--nproc", "2"],
+                                        tmp_path, "RANK")
+    assert code == 1
+    assert f"rank 1 (pid {pid}) killed by SIGKILL; torchrun stopped the other 1" in err
+
+
+def _kill_rank_mid_run(cmd: list[str], tmp_path: Path, rank_variable: str) -> tuple[int, str, int]:
+    """Start ``cmd``, SIGKILL rank 1 once step 2 is logged; (exit code, stderr, killed pid)."""
+    tag = f"dying-{os.getpid()}-{rank_variable}"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HWFT_TEST_TAG": tag}, cwd=tmp_path)
+    metrics_file = tmp_path / "out" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.2)
+    pid = _rank_pid(tag, 1, rank_variable)
+    assert pid is not None and proc.poll() is None, "the run did not reach step 2"
+    os.kill(pid, signal.SIGKILL)  # what the kernel's OOM killer or a crashed node does
+    killed = time.monotonic()
+    _, err = proc.communicate(timeout=60)  # a hang would fail here
+    assert time.monotonic() - killed < 30, "the surviving rank was not stopped promptly"
+    assert _rank_pid(tag, 0, rank_variable) is None  # no orphan left behind
+    return proc.returncode, err, pid
+
+
+def test_mlx_ddp_matches_one_process(tiny_llama, tmp_path):
+    """MLX data parallelism over mx.distributed's ring, started by mlx.launch: the same steps,
+    examples and losses as one MLX process with twice the accumulation."""
+    from hwft import cli
+
+    one = tmp_path / "one"
+    one.mkdir()
+    path = recipe(one, tiny_llama, "lora", backend="mlx", train={"gradient_accumulation_steps": 2})
+    assert cli.main(["train", str(path), "--quiet"]) == 0
+    two = tmp_path / "two"
+    two.mkdir()
+    done = launch(recipe(two, tiny_llama, "lora", backend="mlx"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "parallel: ddp over 2 processes (mx.distributed ring)" in done.stderr
+    ours, theirs = read_jsonl(two / "out" / "metrics.jsonl"), read_jsonl(one / "out" / "metrics.jsonl")
+    print("mlx, 2 processes:", [round(m["loss"], 6) for m in ours])
+    print("mlx, 1 process:  ", [round(m["loss"], 6) for m in theirs])
+    for a, b in zip(ours, theirs, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=LOSS_TOLERANCE)
+    for a, b in zip(read_jsonl(two / "out" / "examples.jsonl"), read_jsonl(one / "out" / "examples.jsonl"), strict=True):
+        assert Counter(a["examples"]) == Counter(b["examples"])
+    from safetensors.numpy import load_file
+
+    mine, single = (load_file(d / "out" / "adapter" / "adapter_model.safetensors") for d in (two, one))
+    assert mine.keys() == single.keys()
+    assert max(float(abs(mine[k] - single[k]).max()) for k in mine) < 1e-4
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank's process in /proc")
+def test_an_mlx_rank_dying_stops_the_run_with_a_message(tiny_llama, tmp_path):
+    path = recipe(tmp_path, tiny_llama, "lora", backend="mlx", train={"max_steps": 100000})
+    code, err, _ = _kill_rank_mid_run([sys.executable, "-m", "hwft", "train", str(path), "--nproc", "2"],
+                                      tmp_path, "MLX_RANK")
+    assert code == 1
+    assert "training process failed: rank 1 was killed (no exit code); mlx.launch stopped the others" in err
+
+
+# ---------------------------------------------------------------- in-process: no launch needed
+
+
+def test_world_from_each_launchers_environment(tmp_path):
+    from hwft.distributed import SINGLE, World, torch_rendezvous_env, world_from_env
+
+    assert world_from_env({}) == SINGLE
+    assert world_from_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}) == World(3, 8, 1, "torchrun")
+    slurm = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1",
+             "SLURM_LAUNCH_NODE_IPADDR": "10.0.0.7"}
+    assert world_from_env(slurm) == World(5, 8, 1, "slurm")
+    assert torch_rendezvous_env(World(5, 8, 1, "slurm"), slurm) == {
+        "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29500"}
+    # an salloc shell (one task) is not a multi-process run
+    assert world_from_env({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1", "SLURM_LOCALID": "0"}) == SINGLE
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text('[["127.0.0.1:5000"], ["127.0.0.1:5001"], ["127.0.0.1:5002"]]')
+    assert world_from_env({"MLX_RANK": "2", "MLX_HOSTFILE": str(hostfile)}) == World(2, 3, 2, "mlx")
+    assert World(1, 2).share(list(range(6))) == [1, 3, 5]
+
+
+def test_torchrun_command_lines():
+    from hwft.distributed import Launch
+    from hwft_torch.launch import torchrun_args
+
+    local = torchrun_args(Launch(nproc=4), ["train", "r.yaml"])
+    assert "--standalone" in local and local[-4:] == ["-m", "hwft", "train", "r.yaml"]
+    nodes = torchrun_args(Launch(8, 2, 1, "10.0.0.1", 29400), ["train", "r.yaml"])
+    assert nodes[:10] == ["--nproc-per-node", "8", "--nnodes", "2", "--max-restarts", "0",
+                          "--monitor-interval", "0.5", "--node-rank", "1"]
+    assert nodes[nodes.index("--master-addr") + 1] == "10.0.0.1" and "--standalone" not in nodes
+
+
+def test_dry_run_plans_ddp_for_several_processes(tiny_llama, tmp_path, cli):
+    path = recipe(tmp_path, tiny_llama, "lora")
+    code, out, err = cli("train", path, "--nproc", "2", "--dry-run")
+    assert code == 0, err
+    assert "2 processes (2 per node), parallel.strategy ddp" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["parallel.offload_optimizer=true"], "parallel.offload_optimizer needs strategy deepspeed (ZeRO-Offload), not ddp"),
+    (["parallel.strategy=fsdp2", "parallel.offload_params=true", "method.tuning=qlora"],
+     "method.tuning qlora with parallel.strategy fsdp2"),
+    (["parallel.deepspeed_config=ds.json"], "parallel.deepspeed_config is set but parallel.strategy is ddp"),
+    (["backend=mlx", "parallel.strategy=fsdp2"], "parallel.strategy 'fsdp2' (it has: none, ddp)"),
+    (["--nnodes", "2"], "--nnodes > 1 needs --master-addr"),
+    (["backend=mlx", "--nnodes", "2", "--master-addr", "10.0.0.1"], "mlx.launch --hostfile hosts.json"),
+])
+def test_parallel_refusals(tiny_llama, tmp_path, cli, args, message):
+    """Each refused with exit code 2 before any process starts or any weight loads."""
+    path = recipe(tmp_path, tiny_llama, "lora")
+    code, _, err = cli("train", path, "--nproc", "2", *args)
+    assert code == 2, err
+    assert message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_deepspeed_config_pass_through(tmp_path):
+    """An expert's DeepSpeed JSON is the base; hwft fills what it owns and refuses a contradiction."""
+    from hwft.errors import RecipeError
+    from hwft.recipe import load_recipe
+    from hwft_torch.parallel import deepspeed_config
+
+    (tmp_path / "ds.json").write_text(json.dumps({
+        "zero_optimization": {"stage": 3, "overlap_comm": True}, "train_micro_batch_size_per_gpu": "auto"}))
+    path = recipe(tmp_path, tmp_path, "lora", parallel={"strategy": "deepspeed", "deepspeed_config": "ds.json"})
+    config = deepspeed_config(load_recipe(path), 1.0)
+    assert config["zero_optimization"] == {"stage": 3, "overlap_comm": True}  # the file's stage wins
+    assert config["train_micro_batch_size_per_gpu"] == 2 and config["gradient_accumulation_steps"] == 1
+    assert config["gradient_clipping"] == 1.0
+    (tmp_path / "ds.json").write_text(json.dumps({"gradient_accumulation_steps": 8}))
+    with pytest.raises(RecipeError, match="sets gradient_accumulation_steps=8 but the recipe means 1"):
+        deepspeed_config(load_recipe(path), 1.0)
