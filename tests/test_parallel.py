@@ -129,6 +129,27 @@ def test_strategy_matches_one_process(single, tiny_llama, tmp_path, tuning, over
                                atol=LOGIT_TOLERANCE, rtol=0)
 
 
+def test_two_machines_on_one_host(single, tiny_llama, tmp_path):
+    """The multi-node path (torchrun's static rendezvous at --master-addr:--master-port), with
+    two "machines" of one process each on this host: node 1 writes nothing, node 0 the run."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = recipe(tmp_path, tiny_llama, "lora")
+    nodes = [subprocess.Popen([sys.executable, "-m", "hwft", "train", str(path), "--nproc", "1", "--nnodes", "2",
+                               "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=240) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert "done: results in" in outputs[0][0] and "done: results in" not in outputs[1][0]
+    ours, theirs = read_jsonl(tmp_path / "out" / "metrics.jsonl"), read_jsonl(single("lora") / "metrics.jsonl")
+    for a, b in zip(ours, theirs, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=LOSS_TOLERANCE)
+
+
 def test_grpo_scores_all_ranks_rollouts_together(tiny_llama, tmp_path):
     """GRPO under ddp: each rank samples its share of the prompts; rewards and advantages are
     computed over every rank's completions, and rank 0 writes them all once."""
