@@ -34,11 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     launch = train.add_argument_group(
         "launch", "start several training processes with the backend's own launcher (torchrun for "
         "torch backends, mlx.launch for MLX); parallel.strategy says how they share the work")
-    launch.add_argument("--nproc", type=int, default=1, help="processes on this machine, one per device (default 1)")
-    launch.add_argument("--nnodes", type=int, default=1, help="machines taking part (default 1)")
-    launch.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0 to nnodes-1")
+    launch.add_argument("--nproc", type=int, help="processes on this machine, one per device (default 1, or "
+                        "what parallel.accelerate_config says)")
+    launch.add_argument("--nnodes", type=int, help="machines taking part (default 1)")
+    launch.add_argument("--node-rank", type=int, help="this machine's index, 0 to nnodes-1 (default 0)")
     launch.add_argument("--master-addr", help="address of node 0, reachable from every node")
-    launch.add_argument("--master-port", type=int, default=29500, help="port on node 0 (default 29500)")
+    launch.add_argument("--master-port", type=int, help="port on node 0 (default 29500)")
 
     data = sub.add_parser("data", help="look at a recipe's data")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -82,12 +83,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from hwft.distributed import Launch
+    from hwft import accelerate_config
+    from hwft.distributed import Launch, world_from_env
     from hwft.recipe import load_recipe
     from hwft.train import launch_run, plan_run, run
 
     recipe = load_recipe(args.recipe, args.overrides)
-    launch = Launch(args.nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port)
+    recipe, described = accelerate_config.apply(recipe)
+    # The command line first, then an accelerate config's processes (not inside a launched rank).
+    base = described if described and world_from_env().size == 1 else Launch()
+    launch = Launch(
+        args.nproc or base.nproc, args.nnodes or base.nnodes,
+        base.node_rank if args.node_rank is None else args.node_rank,
+        args.master_addr or base.master_addr, args.master_port or base.master_port,
+    )
     if launch.world_size > 1:
         worker = ["train", args.recipe, *args.overrides, *(["--quiet"] if args.quiet else []),
                   *(["--debug"] if getattr(args, "debug", False) else [])]

@@ -301,7 +301,10 @@ class ParallelSpec(Section):
     offload_optimizer: bool = Field(False, description="Keep optimizer state in host memory.")
     offload_params: bool = Field(False, description="Keep parameters in host memory.")
     activation_checkpointing: bool = Field(False, description="Recompute activations in backward.")
-    accelerate_config: str | None = Field(None, description="An accelerate config file, verbatim.")
+    accelerate_config: str | None = Field(
+        None, description="An accelerate config file (accelerate config's YAML), translated into these "
+        "settings and the default process counts of --nproc/--nnodes (see hwft/accelerate_config.py)."
+    )
     deepspeed_config: str | None = Field(None, description="A DeepSpeed JSON config, verbatim.")
     timeout: int = Field(
         1800, gt=0, description="Seconds a rank waits for the others in a collective before the "

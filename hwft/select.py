@@ -19,12 +19,6 @@ from hwft.plugins import PluginHost
 from hwft.recipe import Recipe
 from hwft.records import Availability, Backend, Capability
 
-#: Recipe settings that are valid but that no part of hwft implements yet. Each is refused by
-#: name rather than silently ignored.
-NOT_YET = {
-    "parallel.accelerate_config": "accelerate config pass-through; write parallel.strategy and "
-    "parallel.deepspeed_config instead",
-}
 
 
 @dataclass(frozen=True)
@@ -35,11 +29,8 @@ class Choice:
 
 
 def core_problems(recipe: Recipe) -> list[str]:
-    """Settings the engine-neutral core cannot honour yet, whichever backend runs."""
-    values = {"parallel.accelerate_config": recipe.parallel.accelerate_config}
-    out = [f"{key} is not implemented yet ({what}); remove it from the recipe"
-           for key, what in NOT_YET.items() if values[key]]
-    return out + parallel_problems(recipe)
+    """Settings no backend could honour as written, whichever runs."""
+    return parallel_problems(recipe)
 
 
 def parallel_problems(recipe: Recipe) -> list[str]:

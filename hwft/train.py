@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hwft import accelerate_config
 from hwft.data.loading import TrainData, load_train_data
 from hwft.distributed import Launch, world_from_env
 from hwft.errors import SelectionError, UserError
@@ -43,6 +44,7 @@ def plan_run(recipe: Recipe, host: PluginHost | None = None, ranks: int | None =
     processes the run will have (default: this process's launcher environment); with several,
     ``parallel.strategy: none`` means ddp."""
     host = host or get_host()
+    recipe, _ = accelerate_config.apply(recipe)
     ranks = ranks or world_from_env().size
     if ranks > 1 and recipe.parallel.strategy == "none":
         recipe = recipe.model_copy(deep=True)

@@ -331,3 +331,50 @@ def test_deepspeed_config_pass_through(tmp_path):
     (tmp_path / "ds.json").write_text(json.dumps({"gradient_accumulation_steps": 8}))
     with pytest.raises(RecipeError, match="sets gradient_accumulation_steps=8 but the recipe means 1"):
         deepspeed_config(load_recipe(path), 1.0)
+
+
+ACCELERATE_YAML = """\
+compute_environment: LOCAL_MACHINE
+debug: false
+distributed_type: DEEPSPEED
+deepspeed_config:
+  zero_stage: 3
+  offload_optimizer_device: cpu
+  offload_param_device: none
+downcast_bf16: 'no'
+machine_rank: 0
+main_training_function: main
+mixed_precision: bf16
+num_machines: 1
+num_processes: 4
+rdzv_backend: static
+same_network: true
+use_cpu: false
+"""
+
+
+def test_an_accelerate_config_becomes_the_parallel_settings(tiny_llama, tmp_path, cli):
+    """The YAML `accelerate config` writes: translated into parallel.*, train.precision and the
+    process count `accelerate launch` would start; a contradiction with the recipe is refused."""
+    from hwft import accelerate_config
+    from hwft.recipe import load_recipe
+
+    (tmp_path / "accelerate.yaml").write_text(ACCELERATE_YAML)
+    path = recipe(tmp_path, tiny_llama, "lora", parallel={"accelerate_config": "accelerate.yaml"},
+                  train={"precision": "auto"})
+    translated, launch = accelerate_config.apply(load_recipe(path))
+    p = translated.parallel
+    assert (p.strategy, p.zero_stage, p.offload_optimizer, p.offload_params) == ("deepspeed", 3, True, False)
+    assert translated.train.precision == "bf16" and launch.nproc == 4 and launch.nnodes == 1
+    code, out, err = cli("train", path, "--dry-run")
+    assert code == 0, err
+    assert "4 processes (4 per node), parallel.strategy deepspeed" in out
+    code, out, _ = cli("train", path, "--dry-run", "--nproc", "2")  # the command line wins
+    assert "2 processes (2 per node)" in out
+
+    code, _, err = cli("train", path, "parallel.strategy=fsdp2")
+    assert code == 2
+    assert "says distributed_type DEEPSPEED (parallel.strategy: 'deepspeed') but the recipe says parallel.strategy: 'fsdp2'" in err
+    (tmp_path / "accelerate.yaml").write_text(ACCELERATE_YAML + "dynamo_config:\n  dynamo_backend: INDUCTOR\n")
+    code, _, err = cli("train", path)
+    assert code == 2 and "sets dynamo_config, which hwft does not translate" in err

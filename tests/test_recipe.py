@@ -105,7 +105,7 @@ def test_debug_shows_the_traceback(tmp_path):
          "data.eval measures the loss of sft and cpt runs; objective dpo has no held-out loss yet"),
         ({"train": {"eval_every": 2}}, "train.eval_every needs data.eval"),
         ({"parallel": {"offload_optimizer": True}}, "parallel.offload_optimizer needs strategy deepspeed (ZeRO-Offload), not none"),
-        ({"parallel": {"accelerate_config": "acc.yaml"}}, "parallel.accelerate_config is not implemented yet"),
+        ({"parallel": {"accelerate_config": "train.jsonl"}}, "parallel.accelerate_config: "),
         ({"kernels": {"fused_rms_norm": True}}, "backend 'cpu' cannot run this recipe: it cannot do kernels.fused_rms_norm"),
         ({"train": {"precision": "fp16"}}, "train.precision 'fp16' (it has: fp32, bf16); backends that could: cuda (not available here"),
         ({"parallel": {"strategy": "deepspeed"}, "backend": "mlx"}, "parallel.strategy 'deepspeed' (it has: none, ddp)"),
