@@ -231,9 +231,8 @@ def cmd_plugins(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hwft.distributed import report_exit, report_start
+    from hwft.distributed import report_exit
 
-    report_start()
     code = run_command(argv)
     report_exit(code)  # for a launcher that asked its ranks how they ended
     return code

@@ -120,16 +120,9 @@ class Launch:
 
 
 #: A launcher that cannot say how its ranks ended (mlx.launch exits 0 whatever they did) sets
-#: this to a folder; each rank's ``hwft`` writes its pid there as ``rank-N.pid`` when it starts
-#: and its exit code as ``rank-N`` when it ends. A rank with a pid and no exit code was killed.
+#: this to a folder; each rank's ``hwft`` writes its exit code there as ``rank-N`` when it ends.
+#: A rank that wrote none was killed.
 STATUS_DIR = "HWFT_EXIT_STATUS_DIR"
-
-
-def report_start(env: Mapping[str, str] | None = None) -> None:
-    """Leave this process's pid where its launcher asked (see STATUS_DIR), if it did."""
-    env = os.environ if env is None else env
-    if env.get(STATUS_DIR):
-        Path(env[STATUS_DIR], f"rank-{world_from_env(env).rank}.pid").write_text(str(os.getpid()), encoding="utf-8")
 
 
 def report_exit(code: int, env: Mapping[str, str] | None = None) -> None:

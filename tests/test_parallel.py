@@ -254,7 +254,7 @@ def test_an_mlx_rank_dying_stops_the_run_with_a_message(tiny_llama, tmp_path):
     code, err, _ = _kill_rank_mid_run([sys.executable, "-m", "hwft", "train", str(path), "--nproc", "2"],
                                       tmp_path, "MLX_RANK")
     assert code == 1
-    assert "training process failed: rank 1 was killed (no exit code); mlx.launch stopped the others" in err
+    assert "training process failed: rank 1 was killed by SIGKILL; mlx.launch stopped the others" in err
 
 
 # ---------------------------------------------------------------- in-process: no launch needed

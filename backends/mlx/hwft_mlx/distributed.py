@@ -11,11 +11,11 @@ Every rank then takes the same optimizer step and the replicas stay equal.
 from __future__ import annotations
 
 import json
-import os
+import re
+import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -67,11 +67,16 @@ def join(world: World) -> MlxCollective:
     return MlxCollective(world, group)
 
 
+#: How mlx.launch reports a rank that ended by itself (not one it stopped: "was killed").
+EXITED = re.compile(r"Node with rank (\d+) exited with code (-?\d+)")
+
+
 def launch(spec: Launch, argv: list[str]) -> int:
     """``hwft train --nproc N`` on MLX: ``mlx.launch -n N --backend ring`` on this machine, each
     process running ``python -m hwft *argv``. mlx.launch stops the others when one fails but
-    itself exits 0 whatever its ranks did, so each rank leaves its pid and exit code in a folder
-    (``hwft.distributed.STATUS_DIR``); watching the pids tells which rank ended first."""
+    itself exits 0 whatever its ranks did, so each rank leaves its exit code in a folder
+    (``hwft.distributed.STATUS_DIR``): a rank without one was killed. Which rank failed first
+    is read from mlx.launch's own log line, passed through to stderr."""
     if spec.nnodes > 1:
         raise RecipeError(
             "--nnodes > 1 on MLX: start the machines with mlx.launch and a hostfile instead, e.g. "
@@ -84,23 +89,23 @@ def launch(spec: Launch, argv: list[str]) -> int:
         command = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()",
                    "-n", str(spec.nproc), "--backend", "ring",
                    "--env", f"{STATUS_DIR}={status}", "--python", sys.executable, "--", "-m", "hwft", *argv]
-        launcher = subprocess.Popen(command)
-        ended: list[int] = []  # ranks in the order their processes went away
-        while launcher.poll() is None:
-            for rank in range(spec.nproc):
-                pid = _read_int(status / f"rank-{rank}.pid")
-                if rank not in ended and pid is not None and not _alive(pid):
-                    ended.append(rank)
-            time.sleep(0.1)
+        launcher = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        exited: list[tuple[int, int]] = []  # (rank, code) in the order mlx.launch saw them end
+        for line in launcher.stderr:
+            sys.stderr.write(line)
+            match = EXITED.search(line)
+            if match:
+                exited.append((int(match[1]), int(match[2])))
+        launcher.wait()
         codes = {r: _read_int(status / f"rank-{r}") for r in range(spec.nproc)}
-    failed = [r for r in [*ended, *range(spec.nproc)] if codes[r] != 0]
+    failed = [r for r, c in codes.items() if c != 0]
     if not failed:
         return 0
-    first = failed[0]
-    how = "was killed (no exit code)" if codes[first] is None else f"exit code {codes[first]}"
-    code = codes[first] if codes[first] and codes[first] > 0 else 1
+    first, code = next(((r, c) for r, c in exited if c != 0), (failed[0], codes[failed[0]]))
+    how = "was killed (no exit code)" if code is None else (
+        f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}")
     raise RunFailed(f"training process failed: rank {first} {how}; mlx.launch stopped the others. Its own "
-                    "message, if it could write one, is above.", code)
+                    "message, if it could write one, is above.", code if code and code > 0 else 1)
 
 
 def _read_int(path: Path) -> int | None:
@@ -108,17 +113,3 @@ def _read_int(path: Path) -> int | None:
         return int(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` still runs (a zombie awaiting mlx.launch's wait counts as ended)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (OSError, IndexError):
-        return True  # no /proc (macOS): alive until it is reaped
