@@ -35,10 +35,10 @@ from hwft.recipe import Recipe
 #: Capability.collective -> torch.distributed backend name (ROCm's RCCL answers to "nccl").
 PROCESS_GROUP = {"gloo": "gloo", "nccl": "nccl", "rccl": "nccl", "hccl": "hccl", "xccl": "xccl", "ccl": "ccl"}
 
-#: Strategies whose parameters live in shards between forwards: a layer's weights exist whole
-#: only inside its forward, so nothing may read them directly (the fused cross-entropy head)
-#: and every rank must take part in each forward (generation runs in lockstep).
 def sharded(recipe: Recipe) -> bool:
+    """Whether parameters live in shards between forwards (fsdp2, ZeRO-3): a layer's weights
+    exist whole only inside its forward, so nothing may read them directly (the fused
+    cross-entropy head) and every rank must take part in each forward (generation in lockstep)."""
     p = recipe.parallel
     return p.strategy == "fsdp2" or (p.strategy == "deepspeed" and p.zero_stage == 3)
 
@@ -126,6 +126,7 @@ class Single:
         return fn(self.model, micro)
 
     def backward(self, loss: torch.Tensor) -> None:
+        # The wrappers average gradients over ranks; the step's gradient is their sum.
         loss = loss * self.world.size
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
