@@ -55,6 +55,13 @@ class Objective:
         micro = self.draw(accumulation * self.world.size)
         return micro, self.world.share(micro)
 
+    def step_shares(self, accumulation: int, count) -> list[tuple[list, int]]:
+        """This rank's micro-batches of the next step, each with ``count(step's micro-batches)``:
+        the normaliser over the whole step (label tokens, pairs) that makes the shares add up."""
+        micro, mine = self.draw_step(accumulation)
+        total = count(micro)
+        return [(batch, total) for batch in mine]
+
     def epoch(self) -> float:
         """Passes over the items so far; streaming: the shuffle window being read."""
         if self.batches.rows:
@@ -81,3 +88,8 @@ def sequence_pairs(rows: list[Row]) -> int:
 def step_label_count(micro: list[list[Row]]) -> int:
     """Label tokens of one optimizer step's micro-batches: the sft/cpt loss's normaliser."""
     return sum(row.num_labels for batch in micro for row in batch)
+
+
+def step_pair_count(micro: list[list]) -> int:
+    """Preference pairs of one optimizer step's micro-batches: the DPO loss's normaliser."""
+    return sum(len(batch) for batch in micro)

@@ -117,9 +117,7 @@ class LanguageModelling(MlxObjective):
         self.accumulation, self.pad_id, self.fused = accumulation, pad_id, fused
 
     def step(self, model, step: int) -> list[tuple[list[Row], int]]:
-        micro, mine = self.draw_step(self.accumulation)
-        num_items = step_label_count(micro)
-        return [(batch, num_items) for batch in mine]
+        return self.step_shares(self.accumulation, step_label_count)
 
     def loss(self, model, micro: tuple[list[Row], int]):
         rows, num_items = micro

@@ -15,7 +15,7 @@ from hwft.data.batching import Row, pad
 from hwft.data.chat import PreferencePair
 from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
-from hwft.objective import Loss
+from hwft.objective import Loss, step_pair_count
 from hwft.recipe import DpoSpec
 from hwft_mlx.losses import dpo_loss, target_logps
 from hwft_mlx.objective import MlxObjective, position_logits, scored_positions
@@ -55,9 +55,7 @@ class Preference(MlxObjective):
         model.train(was_training)
 
     def step(self, model, step: int) -> list[tuple[list[PreferencePair], int]]:
-        micro, mine = self.draw_step(self.accumulation)
-        pairs = sum(len(batch) for batch in micro)
-        return [(batch, pairs) for batch in mine]
+        return self.step_shares(self.accumulation, step_pair_count)
 
     def loss(self, model, micro: tuple[list[PreferencePair], int]):
         pairs, step_pairs = micro

@@ -16,7 +16,7 @@ from hwft.data.chat import PreferencePair
 from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
 from hwft.recipe import DpoSpec
-from hwft.objective import Loss, Objective
+from hwft.objective import Loss, Objective, step_pair_count
 from hwft_torch.losses import dpo_loss, token_logps
 from hwft_torch.modeling import Reference
 
@@ -57,9 +57,7 @@ class Preference(Objective):
         model.train(was_training)
 
     def step(self, model, step: int) -> list[tuple[list[PreferencePair], int]]:
-        micro, mine = self.draw_step(self.accumulation)
-        pairs = sum(len(batch) for batch in micro)
-        return [(batch, pairs) for batch in mine]
+        return self.step_shares(self.accumulation, step_pair_count)
 
     def loss(self, model, micro: tuple[list[PreferencePair], int]) -> Loss:
         pairs, step_pairs = micro

@@ -94,9 +94,7 @@ class LanguageModelling(Objective):
         self.fused = fused
 
     def step(self, model, step: int) -> list[tuple[list[Row], int]]:
-        micro, mine = self.draw_step(self.accumulation)
-        num_items = step_label_count(micro)
-        return [(batch, num_items) for batch in mine]
+        return self.step_shares(self.accumulation, step_label_count)
 
     def loss(self, model, micro: tuple[list[Row], int]) -> Loss:
         rows, num_items = micro
