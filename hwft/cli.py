@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.lr=5e-5")
     train.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
     train.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    train.add_argument("--resume", nargs="?", const="latest", metavar="PATH",
+                       help="continue from the newest checkpoint in output.dir, or from PATH (a "
+                       "checkpoints/step-N folder or a run folder)")
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     launch = train.add_argument_group(
         "launch", "start several training processes with the backend's own launcher (torchrun for "
@@ -88,6 +91,8 @@ def cmd_train(args) -> int:
     from hwft.recipe import load_recipe
     from hwft.train import launch_run, plan_run, run
 
+    if args.resume and "=" in args.resume and not os.path.exists(args.resume):
+        args.overrides, args.resume = [*args.overrides, args.resume], "latest"  # `--resume key=value`
     recipe = load_recipe(args.recipe, args.overrides)
     recipe, described = accelerate_config.apply(recipe)
     # The command line first, then an accelerate config's processes (not inside a launched rank).
@@ -99,13 +104,15 @@ def cmd_train(args) -> int:
     )
     if launch.world_size > 1:
         worker = ["train", args.recipe, *args.overrides, *(["--quiet"] if args.quiet else []),
-                  *(["--debug"] if getattr(args, "debug", False) else [])]
-        return launch_run(recipe, launch, worker, dry_run=args.dry_run)
-    plan = plan_run(recipe)
+                  *(["--debug"] if getattr(args, "debug", False) else []),
+                  *([f"--resume={args.resume}"] if args.resume else [])]
+        return launch_run(recipe, launch, worker, dry_run=args.dry_run, resume=args.resume)
+    plan = plan_run(recipe, resume=args.resume)
     if args.dry_run:
-        print(f"ok: {plan.describe()}")
+        resuming = f"; resumes {plan.resume.path} at step {plan.resume.step}" if plan.resume else ""
+        print(f"ok: {plan.describe()}{resuming}")
         return 0
-    job = run(plan, quiet=args.quiet)
+    job = run(plan, quiet=args.quiet, recipe_hint=args.recipe)
     if not args.quiet and job.world.main:
         print(f"done: results in {job.run_dir.path}")
     return 0

@@ -8,6 +8,7 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
+from hwft.checkpoint import Checkpoint
 from hwft.data.batching import Row
 from hwft.data.chat import ChatRenderer
 from hwft.data.loading import TrainData
@@ -40,6 +41,8 @@ class Job:
     run_dir: RunDir
     quiet: bool = False
     world: World = SINGLE  #: this process's rank in a multi-process run; rank 0 logs and saves
+    resume: Checkpoint | None = None  #: the verified checkpoint to continue from (--resume)
+    recipe_hint: str = "RECIPE.yaml"  #: how the user named the recipe, for messages
     results: dict = field(default_factory=dict)  #: the backend's summary (final loss, answers)
     #: one record per optimizer step: step, seconds, tokens (non-padding), trained (label
     #: tokens), attended (causal attention pairs), loss, examples (indices of the tokenised

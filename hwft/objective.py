@@ -35,7 +35,8 @@ class Objective:
     def __init__(self, batches: Batches, collective: Collective = ALONE):
         self.batches = batches
         self.collective, self.world = collective, collective.world
-        self.drawn = 0
+        self.drawn = 0  #: items (rows, pairs, prompts) drawn so far
+        self.micro_batches = 0  #: micro-batches drawn so far: the data position a checkpoint keeps
         self.window = 0
         self.stats: dict[str, list[float]] = defaultdict(list)
 
@@ -45,8 +46,23 @@ class Objective:
         for _ in range(count):
             self.window, items = next(self.batches.iterator)
             self.drawn += len(items)
+            self.micro_batches += 1
             out.append(items)
         return out
+
+    def skip(self, micro_batches: int) -> None:
+        """Resuming: advance the (seeded, deterministic) data stream past what the checkpointed
+        run drew, so the next step draws exactly what it would have."""
+        self.draw(micro_batches)
+
+    def resumable(self, step: int) -> bool:
+        """Whether a checkpoint after ``step`` holds everything the next step needs (GRPO's
+        rollout batch spans several steps)."""
+        return True
+
+    def position(self) -> dict:
+        """The data position a checkpoint records."""
+        return {"micro_batches": self.micro_batches, "items": self.drawn, "epoch": self.epoch()}
 
     def draw_step(self, accumulation: int) -> tuple[list[list], list[list]]:
         """One optimizer step: ``accumulation`` micro-batches per rank. Every rank draws the

@@ -5,13 +5,14 @@
     eval.jsonl             with data.eval: step, eval_loss (mean per label token), examples
     adapter/               PEFT adapter (adapter_config.json + adapter_model.safetensors), or
     model/                 full model (HF safetensors + tokenizer)
-    checkpoints/step-N/    periodic checkpoints, written atomically
+    checkpoints/step-N/    periodic checkpoints, written atomically (see hwft.checkpoint)
     loss.png               the loss curve
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -48,7 +49,7 @@ class RunDir:
     """An output folder being written by one run. In a multi-process run only rank 0 writes
     (``writes``); the other ranks' RunDir knows the paths and touches nothing."""
 
-    def __init__(self, recipe: Recipe, writes: bool = True):
+    def __init__(self, recipe: Recipe, writes: bool = True, resume_step: int | None = None):
         self.path = Path(recipe.output.dir).expanduser().resolve()
         self.writes = writes
         self.losses: list[tuple[int, float]] = []
@@ -57,11 +58,35 @@ class RunDir:
         self.created = False
         if not writes:
             return
+        if resume_step is not None:
+            self._rewind(recipe, resume_step)
+            return
         check_output_dir(recipe)
         self.created = not (self.path.exists() and any(self.path.iterdir()))
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
         self.metrics_path.write_text("", encoding="utf-8")
+
+    #: Logs with one JSON line per step (or per step's item), cut back to a resumed step.
+    STEP_LOGS = ("metrics.jsonl", "eval.jsonl", "examples.jsonl", "rollouts.jsonl")
+
+    def _rewind(self, recipe: Recipe, step: int) -> None:
+        """Resuming from checkpoint ``step``: keep the folder, drop the log lines of steps after
+        it (the resumed run writes them again, so no step is missing or doubled), and clear
+        half-written checkpoints a kill left behind."""
+        from hwft.checkpoint import discard_temporaries
+
+        for name in self.STEP_LOGS:
+            path = self.path / name
+            if not path.is_file():
+                continue
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+                    if line.strip() and json.loads(line).get("step", 0) <= step]
+            path.write_text("".join(kept), encoding="utf-8")
+            if name == "metrics.jsonl":
+                self.losses = [(r["step"], r["loss"]) for r in map(json.loads, kept)]
+        (self.path / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+        discard_temporaries(self.path)
 
     def discard_if_untrained(self) -> None:
         """Remove the folder after a failure before the first step, if this run made it."""
@@ -83,6 +108,8 @@ class RunDir:
         missing = [k for k in METRIC_KEYS if k not in record]
         if missing:
             raise ValueError(f"metrics record lacks {missing}")
+        # NaN and Inf are not JSON: a skipped step's non-finite figures are written as null.
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         self.losses.append((record["step"], record["loss"]))
         if self.writes:
             with self.metrics_path.open("a", encoding="utf-8") as f:
@@ -104,16 +131,21 @@ class RunDir:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-tmp-", dir=final.parent))
         try:
             yield tmp
-            if final.exists():
-                old = final.with_name(f".{final.name}-old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
+            self.commit(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    @staticmethod
+    def commit(tmp: Path, final: Path) -> None:
+        """Rename a finished temporary folder to ``final``, replacing an older one."""
+        if final.exists():
+            old = final.with_name(f".{final.name}-old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
 
     def prune_checkpoints(self, keep: int) -> None:
         root = self.path / "checkpoints"
@@ -136,7 +168,10 @@ class RunDir:
             import matplotlib.pyplot as plt
         except ImportError:
             return None
-        steps, losses = zip(*self.losses, strict=True)
+        points = [(s, v) for s, v in self.losses if v is not None]
+        if not points:
+            return None
+        steps, losses = zip(*points, strict=True)
         fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
         ax.plot(steps, losses, marker="." if len(steps) < 50 else None)
         ax.set_xlabel("step")

@@ -269,8 +269,16 @@ class TrainSpec(Section):
         "auto", description="auto: bf16 autocast where the device has it, else fp32."
     )
     log_every: int = Field(1, gt=0, description="Write metrics every N steps.")
-    save_every: int | None = Field(None, gt=0, description="Write checkpoints/step-N every N steps.")
+    save_every: int | None = Field(
+        None, gt=0, description="Write checkpoints/step-N every N steps (weights, optimizer, data position, "
+        "RNG states): `hwft train R.yaml --resume` continues from the newest. SIGTERM and SIGINT also "
+        "write one before the run stops."
+    )
     keep_checkpoints: int = Field(2, gt=0, description="Keep the newest K checkpoints.")
+    nonfinite_limit: int = Field(
+        3, ge=0, description="Steps with a NaN or Inf loss or gradient norm skipped (no update) before "
+        "the run stops with an error naming the step."
+    )
     eval_every: int | None = Field(None, gt=0, description="Evaluate on data.eval every N steps.")
 
 

@@ -79,6 +79,17 @@ class StepLog:
         self.progress.update(self.record)
         self.last_log, self.tokens_since_log, self.trained_since_log, self.losses_since_log = now, 0, 0, []
 
+    def carry(self) -> dict:
+        """What a checkpoint keeps so that a resumed run's next metrics line is the one the
+        uninterrupted run writes: the steps since the last line, and the elapsed time."""
+        return {"losses": self.losses_since_log, "tokens": self.tokens_since_log,
+                "trained": self.trained_since_log, "elapsed": time.perf_counter() - self.start}
+
+    def restore(self, carry: dict) -> None:
+        self.losses_since_log = list(carry["losses"])
+        self.tokens_since_log, self.trained_since_log = carry["tokens"], carry["trained"]
+        self.start = time.perf_counter() - carry["elapsed"]
+
     def restart_clock(self) -> None:
         self.step_start = time.perf_counter()
 

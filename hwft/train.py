@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hwft import accelerate_config
+from hwft.checkpoint import Checkpoint, open_checkpoint
 from hwft.data.loading import TrainData, load_train_data
 from hwft.distributed import Launch, world_from_env
 from hwft.errors import SelectionError, UserError
@@ -28,6 +29,7 @@ class Plan:
     choice: Choice
     model: ResolvedModel
     data: TrainData
+    resume: Checkpoint | None = None
 
     def describe(self) -> str:
         m = self.recipe.method
@@ -39,10 +41,12 @@ class Plan:
         )
 
 
-def plan_run(recipe: Recipe, host: PluginHost | None = None, ranks: int | None = None) -> Plan:
+def plan_run(recipe: Recipe, host: PluginHost | None = None, ranks: int | None = None,
+             resume: str | None = None) -> Plan:
     """Everything that can be checked without loading weights; raises UserError. ``ranks``: the
     processes the run will have (default: this process's launcher environment); with several,
-    ``parallel.strategy: none`` means ddp."""
+    ``parallel.strategy: none`` means ddp. ``resume``: ``latest`` or a checkpoint folder, found,
+    verified against its manifest and compared with the recipe here."""
     host = host or get_host()
     recipe, _ = accelerate_config.apply(recipe)
     ranks = ranks or world_from_env().size
@@ -55,17 +59,26 @@ def plan_run(recipe: Recipe, host: PluginHost | None = None, ranks: int | None =
     data = load_train_data(recipe, host.data_formats())
     model = resolve_model(recipe.model.name, recipe.resolve_path("."), recipe.model.revision)
     choice = select_backend(recipe, host)
-    return Plan(recipe, choice, model, data)
+    checkpoint = open_checkpoint(recipe, resume, ranks) if resume else None
+    if checkpoint and checkpoint.state["engine"] != choice.backend.engine:
+        raise UserError(
+            f"--resume: {checkpoint.path} was written by the {checkpoint.state['engine']} engine; backend "
+            f"{choice.backend.name} runs the {choice.backend.engine} engine. Resume on a backend of the same engine"
+        )
+    return Plan(recipe, choice, model, data, checkpoint)
 
 
-def run(plan: Plan, quiet: bool = False) -> Job:
+def run(plan: Plan, quiet: bool = False, recipe_hint: str = "RECIPE.yaml") -> Job:
     """Create the output folder and let the backend train."""
     recipe = plan.recipe
     if plan.model.kind == "local":  # the saved recipe names the folder the resolver found
         recipe = recipe.model_copy(deep=True)
         recipe.model.name = str(plan.model.path)
     world = world_from_env()
-    job = Job(plan.recipe, plan.choice, plan.model, plan.data, RunDir(recipe, writes=world.main), quiet, world=world)
+    resume_step = plan.resume.step if plan.resume else None
+    run_dir = RunDir(recipe, writes=world.main, resume_step=resume_step)
+    job = Job(plan.recipe, plan.choice, plan.model, plan.data, run_dir, quiet, world=world,
+              resume=plan.resume, recipe_hint=recipe_hint)
     job.log(f"hwft: {plan.describe()}")
     try:
         plan.choice.backend.train(job)
@@ -77,7 +90,8 @@ def run(plan: Plan, quiet: bool = False) -> Job:
     return job
 
 
-def launch_run(recipe: Recipe, launch: Launch, worker_argv: list[str], dry_run: bool = False) -> int:
+def launch_run(recipe: Recipe, launch: Launch, worker_argv: list[str], dry_run: bool = False,
+               resume: str | None = None) -> int:
     """``hwft train --nproc N``: check everything once, here, then let the backend's launch hook
     start the processes, each running ``hwft *worker_argv`` (which finds its rank in the
     launcher's environment). Returns the exit code."""
@@ -88,7 +102,7 @@ def launch_run(recipe: Recipe, launch: Launch, worker_argv: list[str], dry_run: 
             f"this process is already rank {world.rank} of {world.size} (started by {world.launcher}); "
             "drop --nproc/--nnodes, the launcher started the processes"
         )
-    plan = plan_run(recipe, ranks=launch.world_size)
+    plan = plan_run(recipe, ranks=launch.world_size, resume=resume)
     backend = plan.choice.backend
     if backend.launch is None:
         raise SelectionError(
@@ -99,7 +113,7 @@ def launch_run(recipe: Recipe, launch: Launch, worker_argv: list[str], dry_run: 
         print(f"ok: {plan.describe()}; {launch.world_size} processes ({launch.nproc} per node), "
               f"parallel.strategy {plan.recipe.parallel.strategy}")
         return 0
-    if launch.node_rank == 0:  # rank 0 lives on node 0 and writes the output folder
+    if launch.node_rank == 0 and not plan.resume:  # rank 0 lives on node 0 and writes the output folder
         check_output_dir(plan.recipe)
     materialise(plan.model)  # convert an embedded model once, before the ranks read it
     return backend.launch(launch, worker_argv)

@@ -5,19 +5,20 @@ prompts) -> load the model and its tuning (full, lora, qlora) -> the objective (
 grpo) and its reference -> the strategy (none, ddp, fsdp2, deepspeed) with optimizer and
 schedule -> answers before -> for each step: this rank's share of the objective's micro-batches
 (grpo samples rollouts here), forward and loss, backward, then clip and step -> log (summed over
-ranks), maybe checkpoint -> save (rank 0) -> answers after -> loss.png. The losses live in
+ranks), maybe checkpoint (hwft.checkpoint: also on SIGTERM/SIGINT; --resume starts from one) ->
+save (rank 0) -> answers after -> loss.png. The losses live in
 :mod:`hwft_torch.losses`, each with its maths; the strategies in :mod:`hwft_torch.parallel`.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import warnings
 from contextlib import nullcontext
 
 import torch
 
+from hwft.checkpoint import Checkpointer, NonFinite, is_out_of_memory, out_of_memory
 from hwft.data.chat import ChatRenderer
 from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
@@ -26,6 +27,7 @@ from hwft.objective import Objective
 from hwft.plugins import get_host
 from hwft.steplog import StepLog
 from hwft.recipe import Recipe
+from hwft_torch.checkpoint import TorchState
 from hwft_torch.dpo import Preference
 from hwft_torch.grpo import GroupRelative
 from hwft_torch.modeling import (
@@ -104,17 +106,15 @@ def answer(model, tokenizer, renderer: ChatRenderer, prompt: str, max_new_tokens
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
-def save(job: Job, strategy, tokenizer, final, state: dict | None = None) -> None:
-    """Weights, tokenizer and (for checkpoints) trainer state, renamed into place together by
-    rank 0; sharded weights are gathered first (every rank takes part), so a sharded run writes
-    the same adapter/ or model/ a single process does."""
+def save(job: Job, strategy, tokenizer, final) -> None:
+    """The result (adapter/ or model/ with the tokenizer), renamed into place by rank 0;
+    sharded weights are gathered first (every rank takes part), so a sharded run writes the
+    same adapter/ or model/ a single process does."""
     full = strategy.full_state_dict()
     if not job.world.main:
         return
     with job.run_dir.atomic_dir(final) as tmp:
         save_result(strategy.model, tokenizer, tmp, job.recipe, full)
-        if state is not None:
-            (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
 
 
 def effective_tuning(job: Job) -> str:
@@ -170,6 +170,23 @@ def make_objective(job: Job, batches: Batches, model, tokenizer, device, autocas
                          device, reference, rollouts, autocast, collective, synced=sharded(recipe))
 
 
+def train_step(step: int, objective: Objective, model, strategy, log: StepLog, autocast, device) -> tuple[float, float]:
+    """One optimizer step: this rank's share of the step's micro-batches, forward and loss,
+    backward, then clip and update -> (lr, gradient norm); logged (summed over ranks)."""
+    log.begin()
+    micro_batches = objective.step(model, step)  # this rank's share of the step
+    for i, micro in enumerate(micro_batches):
+        with autocast():
+            loss = strategy.forward(objective.loss, micro, last=i == len(micro_batches) - 1)
+        strategy.backward(loss.value)
+        log.add(loss.value.item(), loss)
+    lr, grad_norm = strategy.step()
+    if device.type != "cpu":
+        getattr(torch, device.type).synchronize()
+    log.end(step, lr, grad_norm)
+    return lr, grad_norm
+
+
 def train(job: Job, runtime: DeviceRuntime) -> dict:
     recipe, t, world = job.recipe, job.recipe.train, job.world
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
@@ -221,25 +238,12 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
     def ask(prompt: str) -> str:
         return answer(model, tokenizer, renderer, prompt, job.recipe.eval.max_new_tokens, device, synced)
 
-    # Answers: rank 0 alone, unless sharded parameters need every rank in each forward.
+    # Answers: rank 0 alone, unless sharded parameters need every rank in each forward; a
+    # resumed run showed its "before" answers the first time.
     answering = world.main or synced
-    job.results["answers"] = job.show_answers("before", ask) if answering else []
+    job.results["answers"] = job.show_answers("before", ask) if answering and not job.resume else []
 
-    # 3. The loop.
-    log = StepLog(job, steps, objective)
-    model.train()
-    for step in range(1, steps + 1):
-        log.begin()
-        micro_batches = objective.step(model, step)  # this rank's share of the step
-        for i, micro in enumerate(micro_batches):
-            with autocast():
-                loss = strategy.forward(objective.loss, micro, last=i == len(micro_batches) - 1)
-            strategy.backward(loss.value)
-            log.add(loss.value.item(), loss)
-        lr, grad_norm = strategy.step()
-        if device.type != "cpu":
-            getattr(torch, device.type).synchronize()
-        log.end(step, lr, grad_norm)
+    def evaluate(step: int) -> None:
         if held_out and (step % (t.eval_every or steps) == 0 or step == steps):
             evaluated = held_out_loss(model, held_out, tokenizer.pad_token_id, attention_implementation(recipe),
                                       device, t.micro_batch_size, autocast, fused=not sharded(recipe))
@@ -247,11 +251,27 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
             job.log(f"step {step}: eval_loss {evaluated:.4f} on {len(held_out)} held-out examples")
             job.results["eval_loss"] = evaluated
             log.restart_clock()  # evaluation is not training time
-        if t.save_every and step % t.save_every == 0 and step < steps:
-            save(job, strategy, tokenizer, job.run_dir.checkpoint_dir(step), state={"step": step})
-            if world.main:
-                job.run_dir.prune_checkpoints(t.keep_checkpoints)
-            log.restart_clock()
+
+    # 3. The loop, from the checkpoint's step when resuming (weights, optimizer, schedule, data
+    # position, RNG states restored: hwft.checkpoint).
+    log = StepLog(job, steps, objective)
+    nonfinite = NonFinite(t.nonfinite_limit, job.log)
+    state = TorchState(strategy, tokenizer, recipe, device, save_result)
+    checkpoints = Checkpointer(job, objective, log, strategy.name, steps, nonfinite, objective.resumable)
+    start = checkpoints.restore(state)
+    model.train()
+    with checkpoints:
+        for step in range(start + 1, steps + 1):
+            try:
+                lr, grad_norm = train_step(step, objective, model, strategy, log, autocast, device)
+            except (RuntimeError, MemoryError) as exc:
+                if is_out_of_memory(exc):
+                    raise out_of_memory(step, recipe, str(device)) from exc
+                raise
+            nonfinite.check(step, log.current["loss"], grad_norm if strategy.scaler is None else 0.0,
+                            skipped=strategy.skips_nonfinite)
+            evaluate(step)
+            checkpoints.after_step(step, state)
     log.close()
 
     # 4. Save the result, show what changed, plot.

@@ -79,6 +79,9 @@ class GroupRelative(Objective):
         self.eos_ids = stop_token_ids(tokenizer)
         self.batch: list[Rollouts] = []
 
+    def resumable(self, step: int) -> bool:
+        return step % self.spec.num_iterations == 0  # the rollout batch is used up
+
     def step(self, model, step: int) -> list[Rollouts]:
         if (step - 1) % self.spec.num_iterations == 0:
             self.batch = self.rollout(model, step)

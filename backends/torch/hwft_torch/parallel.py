@@ -14,7 +14,8 @@ A strategy object gives the loop five verbs:
     forward(fn, micro, last)  fn(model, micro) -> Loss, run so the wrapper sees the forward;
                           gradients are synchronised in the backward of the step's last one
     backward(loss)        accumulate this micro-batch's gradient
-    step()                clip, optimizer and schedule step, zero grads -> (lr, grad norm)
+    step()                clip, optimizer and schedule step, zero grads -> (lr, grad norm);
+                          a NaN/Inf gradient norm skips the update (skips_nonfinite)
     full_state_dict()     every parameter, gathered on rank 0 (None where model.state_dict() is)
     model                 what generation, evaluation and saving call
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 
 import torch
@@ -114,6 +116,7 @@ class Single:
     """One process (parallel.strategy none): the plain loop."""
 
     name = "none"
+    skips_nonfinite = True  #: step() leaves the weights alone when the gradient norm is NaN or Inf
 
     def __init__(self, model, optimizer, scheduler, world: World, max_norm: float, scaler=None):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
@@ -134,10 +137,16 @@ class Single:
         return float(torch.nn.utils.clip_grad_norm_(self.params, self.max_norm))
 
     def step(self) -> tuple[float, float]:
+        """Clip, update, advance the schedule -> (lr, gradient norm). A non-finite gradient norm
+        (a NaN or Inf loss) skips the update; the schedule still advances, as the step counts."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = self.clip()
         lr = self.scheduler.get_last_lr()[0]
+        if not math.isfinite(grad_norm) and self.scaler is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            return lr, grad_norm
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -268,6 +277,7 @@ class ZeroRedundancy(Single):
     (fp32 weights under autocast), so the numbers match the other strategies."""
 
     name = "deepspeed"
+    skips_nonfinite = False  # DeepSpeed has stepped inside backward() already
 
     def __init__(self, model, optimizer, scheduler, world, max_norm, recipe: Recipe):
         import deepspeed

@@ -1,0 +1,179 @@
+"""Checkpoints and resume (hwft.checkpoint): a run stopped at any point and resumed ends with
+the same bytes as one never stopped, and its metrics continue without a gap or a duplicate."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_recipe
+
+# lora dropout on: the resumed run must also continue the RNG stream, not just the weights.
+LORA = {"objective": "sft", "tuning": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.1}}
+
+
+def recipe_for(folder: Path, model, **train) -> Path:
+    return write_recipe(
+        folder, model, method=LORA,
+        train={"max_steps": 6, "micro_batch_size": 2, "gradient_accumulation_steps": 2, "save_every": 2,
+               "keep_checkpoints": 3, "lr": 2e-3, "log_every": 3, **train},
+        data={"train": [{"path": "train.jsonl"}], "packing": True},
+    )
+
+
+def adapter_bytes(run: Path) -> bytes:
+    return (run / "adapter" / "adapter_model.safetensors").read_bytes()
+
+
+def metric_steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_llama):
+    """The reference: 6 steps, never stopped, checkpoints at 2 and 4."""
+    from hwft import cli as hwft_cli
+    from hwft.plugins import reset_host
+
+    folder = tmp_path_factory.mktemp("whole")
+    recipe = recipe_for(folder, tiny_llama)
+    reset_host()
+    assert hwft_cli.main(["train", str(recipe), "--quiet"]) == 0
+    return folder / "out"
+
+
+def test_checkpoint_holds_everything_to_resume(uninterrupted):
+    ckpt = uninterrupted / "checkpoints" / "step-4"
+    names = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file()}
+    assert {"manifest.json", "trainer_state.json", "recipe.yaml", "optimizer.safetensors", "optimizer.json",
+            "adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= names
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["schema"] == "hwft.checkpoint/1" and state["step"] == 4 and state["engine"] == "torch"
+    assert state["data"]["micro_batches"] == 8  # 4 steps x 2 micro-batches
+    assert len(state["log"]["losses"]) == 1  # step 4's loss, logged with 5 and 6 at step 6
+    assert set(state["rng"][0]) == {"host", "engine"} and state["scheduler"]["last_epoch"] == 4
+    assert sorted(p.name for p in (uninterrupted / "checkpoints").iterdir()) == ["step-2", "step-4"]
+
+
+def test_resume_from_each_checkpoint_ends_bitwise_equal(tmp_path, uninterrupted, cli):
+    """Resume from step 2 (mid log interval) and step 4: same adapter bytes, same metric lines."""
+    for step in (2, 4):
+        run = tmp_path / f"from-{step}"
+        shutil.copytree(uninterrupted.parent, run)
+        out = run / "out"
+        for later in out.glob("checkpoints/step-*"):
+            if int(later.name.split("-")[1]) > step:
+                shutil.rmtree(later)
+        (out / "adapter").rename(out / "adapter-before")
+        # The copied recipe names the reference run's output folder: point it here.
+        code, _, err = cli("train", run / "recipe.yaml", f"output.dir={out}", "--resume")
+        assert code == 0, err
+        assert f"resumed from {out / 'checkpoints' / f'step-{step}'}" in err
+        assert adapter_bytes(out) == adapter_bytes(uninterrupted)
+        assert metric_steps(out) == [3, 6]
+        assert losses(out) == losses(uninterrupted)
+
+
+# ---------------------------------------------------------------------------- killed for real
+
+LONG = {"max_steps": 12, "save_every": 3, "log_every": 1, "keep_checkpoints": 2}
+
+
+@pytest.fixture(scope="module")
+def long_reference(tmp_path_factory, tiny_llama):
+    from hwft import cli as hwft_cli
+    from hwft.plugins import reset_host
+
+    folder = tmp_path_factory.mktemp("long")
+    reset_host()
+    assert hwft_cli.main(["train", str(recipe_for(folder, tiny_llama, **LONG)), "--quiet"]) == 0
+    return folder / "out"
+
+
+def start_run(recipe: Path) -> subprocess.Popen:
+    env = dict(os.environ)  # the same threads as this process: the same reduction order
+    return subprocess.Popen([sys.executable, "-m", "hwft", "train", str(recipe)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_until(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before it could be stopped: {proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("the run never reached the point to stop it")
+        time.sleep(0.001)
+
+
+def logged_steps(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def resume_and_compare(cli, recipe: Path, out: Path, reference: Path) -> str:
+    code, _, err = cli("train", recipe, "--resume")
+    assert code == 0, err
+    assert adapter_bytes(out) == adapter_bytes(reference)
+    assert metric_steps(out) == list(range(1, 13))  # no gap, no duplicate
+    assert losses(out) == losses(reference)
+    assert not list((out / "checkpoints").glob(".step-*"))  # half-written folders cleared
+    return err
+
+
+def test_sigkill_between_checkpoints_then_resume(tmp_path, tiny_llama, long_reference, cli):
+    import random
+
+    at = random.Random().randint(4, 10)  # any step: the promise holds wherever the kill lands
+    recipe = recipe_for(tmp_path, tiny_llama, **LONG)
+    proc = start_run(recipe)
+    wait_until(proc, lambda: logged_steps(tmp_path / "out") >= at)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_after = logged_steps(tmp_path / "out")
+    err = resume_and_compare(cli, recipe, tmp_path / "out", long_reference)
+    assert f"(step {killed_after // 3 * 3} of 12" in err or killed_after >= 12, (killed_after, err)
+
+
+def test_sigkill_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, tiny_llama, long_reference, cli):
+    recipe = recipe_for(tmp_path, tiny_llama, **LONG)
+    out = tmp_path / "out"
+    proc = start_run(recipe)
+    # Step 3's checkpoint is done; kill while step 6's is being written (its temporary folder).
+    wait_until(proc, lambda: (out / "checkpoints" / "step-3" / "manifest.json").exists()
+               and any((out / "checkpoints").glob(".step-6-tmp-*")))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "checkpoints" / "step-6" / "manifest.json").exists() or pytest.skip(
+        "the write finished before the kill landed")
+    err = resume_and_compare(cli, recipe, out, long_reference)
+    assert "(step 3 of 12" in err
+
+
+def test_sigterm_checkpoints_and_stops_then_resumes(tmp_path, tiny_llama, long_reference, cli):
+    recipe = recipe_for(tmp_path, tiny_llama, **LONG)
+    out = tmp_path / "out"
+    proc = start_run(recipe)
+    wait_until(proc, lambda: logged_steps(out) >= 4)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    stopped = logged_steps(out)
+    assert f"stopped by SIGTERM after step {stopped}; checkpoint {out / 'checkpoints' / f'step-{stopped}'}" in err
+    assert "--resume" in err and "Traceback" not in err
+    assert (out / "checkpoints" / f"step-{stopped}" / "manifest.json").exists()
+    err = resume_and_compare(cli, recipe, out, long_reference)
+    assert f"(step {stopped} of 12" in err
