@@ -210,6 +210,8 @@ def recipe_differences(saved: dict, current: dict) -> list[str]:
         diffs.remove("parallel.strategy")  # the same portable files either way
     if "parallel.zero_stage" in diffs and "deepspeed" not in strategies:
         diffs.remove("parallel.zero_stage")
+    if "train.gradient_accumulation_steps" in diffs:  # compared as processes x accumulation
+        diffs.remove("train.gradient_accumulation_steps")
     return diffs
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -102,7 +103,7 @@ STRATEGIES = [
 def test_strategy_matches_one_process(single, tiny_llama, tmp_path, tuning, overrides):
     reference = single(tuning)
     path = recipe(tmp_path, tiny_llama, tuning)
-    done = launch(path, *overrides)
+    done = launch(path, *overrides, "train.save_every=2")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("done: results in") == 1  # rank 0 alone reports
     strategy = overrides[0].split("=")[1]
@@ -125,8 +126,33 @@ def test_strategy_matches_one_process(single, tiny_llama, tmp_path, tuning, over
     # Saved from shards (or a replica), reloaded in one process: the single run's logits.
     import torch
 
-    torch.testing.assert_close(logits_of(tiny_llama, tmp_path / "out"), logits_of(tiny_llama, reference),
-                               atol=LOGIT_TOLERANCE, rtol=0)
+    whole = logits_of(tiny_llama, tmp_path / "out")
+    torch.testing.assert_close(whole, logits_of(tiny_llama, reference), atol=LOGIT_TOLERANCE, rtol=0)
+
+    # The sharded run's step-2 checkpoint resumes: DeepSpeed's own under the same strategy and
+    # processes; the portable one (ddp, fsdp2) in one process with the same global batch.
+    if strategy == "deepspeed" and "parallel.zero_stage=2" in overrides:
+        return  # zero-3 resumes below; zero-2 is the same DeepSpeed checkpoint path
+    shutil.rmtree(tmp_path / "out" / ("adapter" if tuning == "lora" else "model"))
+    if strategy == "deepspeed":
+        resumed = launch(path, *overrides, "train.save_every=2", "--resume")
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        err = resumed.stderr
+    else:
+        from hwft import cli
+        from hwft.plugins import reset_host
+
+        reset_host()
+        code = cli.main(["train", str(path), "parallel.strategy=none", "train.gradient_accumulation_steps=2",
+                         "train.save_every=2", "--resume", "--quiet"])
+        assert code == 0
+        err = "(step 2 of 4"
+    assert "(step 2 of 4" in err
+    after = read_jsonl(tmp_path / "out" / "metrics.jsonl")
+    assert [m["step"] for m in after] == [1, 2, 3, 4]
+    for a, b in zip(after, ours, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=LOSS_TOLERANCE)
+    torch.testing.assert_close(logits_of(tiny_llama, tmp_path / "out"), whole, atol=LOGIT_TOLERANCE, rtol=0)
 
 
 def test_two_machines_on_one_host(single, tiny_llama, tmp_path):
