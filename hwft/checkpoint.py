@@ -434,7 +434,10 @@ class NonFinite:
     def __init__(self, limit: int, log: Callable[[str], None]):
         self.limit, self.log, self.count = limit, log, 0
 
-    def check(self, step: int, loss: float, grad_norm: float, skipped: bool = True) -> None:
+    def check(self, step: int, loss: float, grad_norm: float, skipped: bool = True,
+              checkpoint: Path | None = None) -> None:
+        """After a step: count it if its loss or gradient norm is NaN or Inf (``skipped``: the
+        engine left the weights alone), and stop once there are too many."""
         if math.isfinite(loss) and math.isfinite(grad_norm):
             return
         self.count += 1
@@ -442,8 +445,9 @@ class NonFinite:
         if not skipped or self.count > self.limit:
             why = ("the engine had already applied it" if not skipped else
                    f"{self.count} such steps, more than train.nonfinite_limit={self.limit}")
+            kept = f"the last checkpoint, {checkpoint}, is kept" if checkpoint else "no checkpoint was written yet"
             raise RunFailed(
-                f"step {step}: non-finite {what} ({why}); stopping. The last checkpoint (if any) is kept. "
+                f"step {step}: non-finite {what} ({why}); stopping: {kept}. "
                 "Lower train.lr, set train.max_grad_norm, or use bf16 rather than fp16", 1)
         self.log(f"step {step}: non-finite {what}; update skipped ({self.count} of at most {self.limit})")
 
@@ -514,6 +518,10 @@ class Checkpointer:
         self.job.log(f"resumed from {checkpoint.path} (step {checkpoint.step} of {self.steps}, "
                      f"{state['data']['micro_batches']} micro-batches drawn)")
         return checkpoint.step
+
+    def last(self) -> Path | None:
+        """The newest checkpoint of this run: written here, or resumed from."""
+        return self.saved or (self.job.resume.path if self.job.resume else None)
 
     def digests(self) -> list[str]:
         if self._digests is None:

@@ -177,3 +177,133 @@ def test_sigterm_checkpoints_and_stops_then_resumes(tmp_path, tiny_llama, long_r
     assert (out / "checkpoints" / f"step-{stopped}" / "manifest.json").exists()
     err = resume_and_compare(cli, recipe, out, long_reference)
     assert f"(step {stopped} of 12" in err
+
+
+# ---------------------------------------------------------------------------- refusals
+
+
+def copy_run(reference: Path, folder: Path) -> tuple[Path, Path]:
+    shutil.copytree(reference.parent, folder)
+    return folder / "recipe.yaml", folder / "out"
+
+
+@pytest.mark.parametrize("override,named", [
+    ("train.lr=1e-3", "train.lr (0.002 -> 0.001)"),
+    ("method.lora.r=4", "method.lora.r (8 -> 4)"),
+    ("train.max_steps=8", "train.max_steps (6 -> 8)"),
+])
+def test_resume_refuses_a_recipe_that_changes_the_result(tmp_path, uninterrupted, cli, override, named):
+    recipe, out = copy_run(uninterrupted, tmp_path / "run")
+    before = adapter_bytes(out)
+    code, _, err = cli("train", recipe, f"output.dir={out}", override, "--resume")
+    assert code == 2 and named in err and "keys that change the result" in err, err
+    assert adapter_bytes(out) == before and metric_steps(out) == [3, 6]  # nothing lost
+
+
+def test_resume_accepts_settings_that_do_not_change_the_result(tmp_path, uninterrupted, cli):
+    recipe, out = copy_run(uninterrupted, tmp_path / "run")
+    code, stdout, err = cli("train", recipe, f"output.dir={out}", "train.keep_checkpoints=1", "train.log_every=2",
+                            "--resume", "--dry-run")
+    assert code == 0 and "resumes" in stdout and "step-4 at step 4" in stdout, err
+
+
+def test_resume_refuses_edited_data_and_another_global_batch(tmp_path, uninterrupted, cli):
+    recipe, out = copy_run(uninterrupted, tmp_path / "run")
+    code, _, err = cli("train", recipe, f"output.dir={out}", "train.gradient_accumulation_steps=1", "--resume")
+    assert code == 2 and "1 processes x 2 accumulation" in err and "this run has 1 x 1" in err, err
+    data = tmp_path / "run" / "train.jsonl"
+    data.write_text(data.read_text() + data.read_text().splitlines(keepends=True)[0])
+    code, _, err = cli("train", recipe, f"output.dir={out}", "--resume")
+    assert code == 2 and "train.jsonl is not what step-4 was trained on" in err, err
+
+
+def test_resume_without_a_checkpoint_says_how_to_get_one(tmp_path, tiny_llama, cli):
+    recipe = recipe_for(tmp_path, tiny_llama)
+    code, _, err = cli("train", recipe, "--resume")
+    assert code == 2 and "has no complete checkpoint" in err and "train.save_every" in err, err
+    code, _, err = cli("train", recipe, "--resume", tmp_path / "nowhere")
+    assert code == 2 and "no such folder" in err, err
+
+
+# ---------------------------------------------------------------------------- unsafe checkpoints
+
+
+def test_a_checkpoint_hwft_did_not_write_is_never_loaded(tmp_path, uninterrupted, cli):
+    """A pickle planted beside the weights, a file changed after saving (a pickled payload in
+    DeepSpeed's place, say), a folder without a manifest: each is refused before loading."""
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    cases = {
+        "planted": lambda c: (c / "adapter" / "extra.pt").write_bytes(pickle.dumps(Payload())),
+        "changed": lambda c: (c / "optimizer.safetensors").write_bytes(pickle.dumps(Payload())),
+        "unsigned": lambda c: (c / "manifest.json").unlink(),
+    }
+    for name, tamper in cases.items():
+        recipe, out = copy_run(uninterrupted, tmp_path / name)
+        checkpoint = out / "checkpoints" / "step-4"
+        tamper(checkpoint)
+        code, _, err = cli("train", recipe, f"output.dir={out}", "--resume", checkpoint)
+        assert code == 2, err
+        expected = {"planted": "adapter/extra.pt is not in the checkpoint's manifest",
+                    "changed": "optimizer.safetensors differs from what hwft wrote",
+                    "unsigned": "has no manifest.json"}[name]
+        assert expected in err, err
+    assert not (tmp_path / "pwned").exists()
+
+
+# ---------------------------------------------------------------------------- NaN and memory
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops_naming_the_step(tmp_path, tiny_llama, cli):
+    """A learning rate of 1e30 makes the gradient NaN from step 2: one skipped step is allowed
+    (nonfinite_limit 1), the second stops the run; the checkpoints written stay."""
+    recipe = write_recipe(tmp_path, tiny_llama, method={"objective": "sft", "tuning": "full"},
+                          train={"max_steps": 6, "lr": 1e30, "optimizer": "sgd", "max_grad_norm": None,
+                                 "save_every": 1, "nonfinite_limit": 1, "micro_batch_size": 2})
+    code, _, err = cli("train", recipe)
+    out = tmp_path / "out"
+    assert code == 1, err
+    assert "step 2: non-finite" in err and "update skipped (1 of at most 1)" in err
+    assert "step 3: non-finite" in err and "more than train.nonfinite_limit=1" in err
+    assert f"the last checkpoint, {out / 'checkpoints' / 'step-2'}, is kept" in err
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3] and lines[1]["grad_norm"] is None  # JSON null, not NaN
+    assert (out / "checkpoints" / "step-2" / "manifest.json").exists() and not (out / "model").exists()
+
+
+#: Run ``hwft`` under an address-space limit 4 GiB above what torch and transformers take once
+#: imported: on CPU the kernel kills a process that exhausts memory, under RLIMIT_AS torch's
+#: allocator raises instead, which hwft turns into its message.
+UNDER_LIMIT = """
+import resource, sys
+import torch, transformers, peft
+from hwft import cli
+size = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize:"))
+limit = size + 4 * 2**30
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_out_of_memory_names_the_step_and_what_would_use_less(tmp_path, tiny_llama):
+    from tests.conftest import write_jsonl
+
+    words = " ".join(["word"] * 2500)
+    write_jsonl(tmp_path / "long.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                         {"role": "assistant", "content": words}]}] * 16)
+    # Full-vocabulary fp32 logits of 16 x 2048 tokens: 6 GiB, and twice that for the softmax.
+    recipe = write_recipe(tmp_path, tiny_llama, train={"max_steps": 2, "micro_batch_size": 16, "max_length": 2048},
+                          kernels={"fused_cross_entropy": False, "attention": "eager"},
+                          data={"train": [{"path": "long.jsonl"}], "packing": False})
+    env = {**os.environ, "MALLOC_ARENA_MAX": "2", "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run([sys.executable, "-c", UNDER_LIMIT, "train", str(recipe)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "hwft: error: out of memory on cpu at step 1; to use less: train.micro_batch_size 16 -> 8" in done.stderr
+    assert "train.max_length 2048 -> 1024" in done.stderr and "activation_checkpointing: true" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -269,7 +269,7 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
                     raise out_of_memory(step, recipe, str(device)) from exc
                 raise
             nonfinite.check(step, log.current["loss"], grad_norm if strategy.scaler is None else 0.0,
-                            skipped=strategy.skips_nonfinite)
+                            skipped=strategy.skips_nonfinite, checkpoint=checkpoints.last())
             evaluate(step)
             checkpoints.after_step(step, state)
     log.close()
