@@ -55,10 +55,13 @@ class Objective:
         run drew, so the next step draws exactly what it would have."""
         self.draw(micro_batches)
 
+    #: Optimizer steps one draw of data serves (GRPO: num_iterations steps per rollout batch).
+    span = 1
+
     def resumable(self, step: int) -> bool:
-        """Whether a checkpoint after ``step`` holds everything the next step needs (GRPO's
-        rollout batch spans several steps)."""
-        return True
+        """Whether a checkpoint after ``step`` holds everything the next step needs: the steps
+        a draw serves are done (a GRPO rollout batch is not kept in checkpoints)."""
+        return step % self.span == 0
 
     def position(self) -> dict:
         """The data position a checkpoint records."""

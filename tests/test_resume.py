@@ -307,3 +307,49 @@ def test_out_of_memory_names_the_step_and_what_would_use_less(tmp_path, tiny_lla
     assert "hwft: error: out of memory on cpu at step 1; to use less: train.micro_batch_size 16 -> 8" in done.stderr
     assert "train.max_length 2048 -> 1024" in done.stderr and "activation_checkpointing: true" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------------------- every engine and objective
+
+PROMPTS = [{"prompt": f"What is {i} + {i}?", "reference": str(2 * i)} for i in range(1, 5)]
+PAIRS = [{"prompt": f"Say {w}.", "chosen": f"{w.title()}!", "rejected": f"No, I will not say {w}."}
+         for w in ("hi", "yes", "ok", "thanks")]
+
+
+def method_recipe(folder: Path, model, case: str) -> Path:
+    from tests.conftest import write_jsonl
+
+    train = {"max_steps": 4, "save_every": 2, "micro_batch_size": 2, "gradient_accumulation_steps": 1,
+             "lr": 5e-3, "log_every": 1}
+    lora = {"r": 8, "alpha": 16, "dropout": 0.1}
+    if case == "mlx-sft":
+        return write_recipe(folder, model, backend="mlx", method={"objective": "sft", "tuning": "lora", "lora": lora},
+                            train=train)
+    if case == "dpo":
+        write_jsonl(folder / "pairs.jsonl", PAIRS)
+        return write_recipe(folder, model, data={"train": [{"path": "pairs.jsonl"}]}, train=train,
+                            method={"objective": "dpo", "tuning": "lora", "lora": lora})
+    write_jsonl(folder / "prompts.jsonl", PROMPTS)  # grpo: each rollout batch serves 2 steps
+    grpo = {"num_generations": 4, "max_new_tokens": 6, "beta": 0.04, "num_iterations": 2,
+            "rewards": [{"name": "length_penalty", "args": {"target": 2, "limit": 6}}]}
+    return write_recipe(folder, model, data={"train": [{"path": "prompts.jsonl"}]}, train=train,
+                        method={"objective": "grpo", "tuning": "lora", "lora": lora, "grpo": grpo})
+
+
+@pytest.mark.parametrize("case", ["mlx-sft", "dpo", "grpo"])
+def test_resume_is_exact_for_each_engine_and_objective(tmp_path, tiny_llama, cli, case):
+    if case.startswith("mlx"):
+        pytest.importorskip("mlx.core")
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    code, _, err = cli("train", method_recipe(whole, tiny_llama, case))
+    assert code == 0, err
+    recipe, out = copy_run(whole / "out", tmp_path / "again")
+    (out / "adapter").rename(out / "adapter-before")
+    code, _, err = cli("train", recipe, f"output.dir={out}", "--resume", out / "checkpoints" / "step-2")
+    assert code == 0 and "(step 2 of 4" in err, err
+    assert adapter_bytes(out) == adapter_bytes(whole / "out")
+    assert losses(out) == losses(whole / "out") and metric_steps(out) == [1, 2, 3, 4]
+    if case == "grpo":  # rollouts of steps 1 and 3, each written once
+        steps = [json.loads(x)["step"] for x in (out / "rollouts.jsonl").read_text().splitlines()]
+        assert sorted(set(steps)) == [1, 3] and steps.count(3) == steps.count(1)

@@ -57,7 +57,7 @@ def test_cli_lora_end_to_end(tiny_llama, tmp_path, cli):
     run_dir = tmp_path / "out"
     assert {p.name for p in run_dir.iterdir()} >= {"recipe.yaml", "metrics.jsonl", "adapter", "checkpoints", "loss.png"}
     assert {p.name for p in (run_dir / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
-    assert (run_dir / "checkpoints" / "step-2" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "checkpoints" / "step-2" / "adapter" / "adapter_model.safetensors").is_file()
     saved = load_recipe(run_dir / "recipe.yaml")  # the resolved recipe runs again from anywhere
     assert saved.train.max_steps == 3 and saved.resolve_path(saved.data.train[0].path) == tmp_path / "train.jsonl"
     assert saved.data.train[0].path == str(tmp_path / "train.jsonl") and saved.model.name == str(tiny_llama)

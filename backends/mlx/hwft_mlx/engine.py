@@ -15,7 +15,7 @@ from mlx.optimizers' schedules.
 
 from __future__ import annotations
 
-import json
+import math
 import random
 
 import mlx.core as mx
@@ -24,6 +24,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
+from hwft.checkpoint import Checkpointer, NonFinite, is_out_of_memory, out_of_memory
 from hwft.data.chat import ChatRenderer
 from hwft.distributed import ALONE, Collective
 from hwft.errors import UserError
@@ -32,6 +33,7 @@ from hwft.models import stop_token_ids
 from hwft.plugins import get_host
 from hwft.steplog import StepLog
 from hwft.recipe import Recipe
+from hwft_mlx.checkpoint import MlxState, step_seed
 from hwft_mlx.distributed import join
 from hwft_mlx.group_relative import GroupRelative
 from hwft_mlx.modeling import (
@@ -149,23 +151,56 @@ def make_objective(job: Job, batches, model, tokenizer, stop, collective: Collec
                          reference, rollouts, stop, collective)
 
 
-def save(job: Job, model, tokenizer, model_path, final, state: dict | None = None) -> None:
-    """An adapter (PEFT format) or the full model (HF safetensors) with the tokenizer, renamed
-    into place together, by rank 0 (every rank holds the same weights)."""
+def write_result(job: Job, model, tokenizer, model_path, folder) -> None:
+    """An adapter (PEFT format) or the full model (HF safetensors) with the tokenizer."""
+    if job.recipe.method.tuning == "full":
+        save_full_model(model, model_path, folder)
+    else:
+        save_peft_adapter(model, folder, job.recipe.method.lora, str(model_path))
+    tokenizer.save_pretrained(folder)
+
+
+def save(job: Job, model, tokenizer, model_path, final) -> None:
+    """The result, renamed into place by rank 0 (every rank holds the same weights)."""
     if not job.world.main:
         return
     with job.run_dir.atomic_dir(final) as tmp:
-        if job.recipe.method.tuning == "full":
-            save_full_model(model, model_path, tmp)
-        else:
-            save_peft_adapter(model, tmp, job.recipe.method.lora, str(model_path))
-        tokenizer.save_pretrained(tmp)
-        if state is not None:
-            (tmp / "trainer_state.json").write_text(json.dumps(state), encoding="utf-8")
+        write_result(job, model, tokenizer, model_path, tmp)
 
 
 def add_trees(a, b):
     return b if a is None else tree_map(lambda x, y: x + y, a, b)
+
+
+def train_step(step, objective, model, optimizer, schedule, value_and_grad, collective, log: StepLog,
+               max_norm) -> float:
+    """One optimizer step: this rank's share of the micro-batches, gradients summed over them
+    and the ranks, clipped, applied -> the gradient norm. A NaN or Inf norm skips the update
+    (the schedule, a function of the optimizer's step count, still advances)."""
+    log.begin()
+    grads = None
+    for micro in objective.step(model, step):
+        (value, stats), micro_grads = value_and_grad(model, micro)
+        grads = add_trees(grads, micro_grads)
+        mx.eval(value, grads, stats)
+        objective.after({k: v.tolist() for k, v in stats.items()})
+        log.add(value.item(), objective.counts(micro))
+    if collective.world.size > 1:
+        grads = collective.sum_gradients(grads)
+    if max_norm:
+        grads, grad_norm = optim.clip_grad_norm(grads, max_norm)
+    else:
+        grad_norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
+    lr = float(schedule(optimizer.step))  # what this update uses
+    norm = grad_norm.item()
+    if math.isfinite(norm):
+        optimizer.update(model, grads)
+    else:  # no update; the step still counts, so the schedule moves on
+        optimizer.state["step"] = optimizer.step + 1
+        optimizer.state["learning_rate"] = mx.array(lr)
+    mx.eval(model.parameters(), optimizer.state)
+    log.end(step, lr, norm)
+    return norm
 
 
 def train(job: Job) -> dict:
@@ -201,46 +236,43 @@ def train(job: Job) -> dict:
     model.train()
     objective = make_objective(job, batches, model, tokenizer, stop, collective)
     steps = batches.steps
-    optimizer = make_optimizer(recipe, steps)
+    optimizer, schedule = make_optimizer(recipe, steps), make_schedule(recipe, steps)
     value_and_grad = nn.value_and_grad(model, objective.loss)
     max_norm = t.max_grad_norm
 
     def ask(prompt: str) -> str:
         return answer(model, tokenizer, renderer, prompt, job.recipe.eval.max_new_tokens, stop)
 
-    job.results["answers"] = job.show_answers("before", ask) if world.main else []
+    job.results["answers"] = job.show_answers("before", ask) if world.main and not job.resume else []
 
-    # 3. The loop.
-    log = StepLog(job, steps, objective)
-    for step in range(1, steps + 1):
-        log.begin()
-        grads = None
-        for micro in objective.step(model, step):
-            (value, stats), micro_grads = value_and_grad(model, micro)
-            grads = add_trees(grads, micro_grads)
-            mx.eval(value, grads, stats)
-            objective.after({k: v.tolist() for k, v in stats.items()})
-            log.add(value.item(), objective.counts(micro))
-        if world.size > 1:
-            grads = collective.sum_gradients(grads)
-        if max_norm:
-            grads, grad_norm = optim.clip_grad_norm(grads, max_norm)
-        else:
-            grad_norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
-        optimizer.update(model, grads)
-        mx.eval(model.parameters(), optimizer.state)
-        log.end(step, optimizer.learning_rate.item(), grad_norm.item())
+    def evaluate(step: int) -> None:
         if held_out and (step % (t.eval_every or steps) == 0 or step == steps):
             evaluated = held_out_loss(model, held_out, tokenizer.pad_token_id, t.micro_batch_size)
             job.run_dir.log_eval(step, evaluated, len(held_out))
             job.log(f"step {step}: eval_loss {evaluated:.4f} on {len(held_out)} held-out examples")
             job.results["eval_loss"] = evaluated
             log.restart_clock()
-        if t.save_every and step % t.save_every == 0 and step < steps:
-            save(job, model, tokenizer, model_path, job.run_dir.checkpoint_dir(step), state={"step": step})
-            if world.main:
-                job.run_dir.prune_checkpoints(t.keep_checkpoints)
-            log.restart_clock()
+
+    # 3. The loop, from the checkpoint's step when resuming (hwft.checkpoint).
+    log = StepLog(job, steps, objective)
+    nonfinite = NonFinite(t.nonfinite_limit, job.log)
+    state = MlxState(model, optimizer, lambda folder: write_result(job, model, tokenizer, model_path, folder))
+    checkpoints = Checkpointer(job, objective, log, "ddp" if world.size > 1 else "none", steps, nonfinite,
+                               objective.resumable)
+    start = checkpoints.restore(state)
+    with checkpoints:
+        for step in range(start + 1, steps + 1):
+            mx.random.seed(step_seed(t.seed, step))  # dropout and sampling: a function of the step
+            try:
+                grad_norm = train_step(step, objective, model, optimizer, schedule, value_and_grad, collective, log,
+                                       max_norm)
+            except (RuntimeError, MemoryError) as exc:
+                if is_out_of_memory(exc):
+                    raise out_of_memory(step, recipe, f"mlx/{device}") from exc
+                raise
+            nonfinite.check(step, log.current["loss"], grad_norm, checkpoint=checkpoints.last())
+            evaluate(step)
+            checkpoints.after_step(step, state)
     log.close()
 
     # 4. Save the result, show what changed, plot.

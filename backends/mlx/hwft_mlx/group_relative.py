@@ -69,6 +69,7 @@ class GroupRelative(MlxObjective):
                  collective: Collective = ALONE):
         super().__init__(batches, collective)
         self.spec, self.accumulation, self.tokenizer = spec, accumulation, tokenizer
+        self.span = spec.num_iterations
         self.registered, self.reference, self.log_path, self.eos_ids = rewards, reference, log_path, eos_ids
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.batch: list[Rollouts] = []

@@ -73,14 +73,12 @@ class GroupRelative(Objective):
         super().__init__(batches, collective)
         self.synced = synced  #: generate in lockstep with the other ranks (sharded parameters)
         self.spec, self.accumulation, self.tokenizer = spec, accumulation, tokenizer
+        self.span = spec.num_iterations
         self.registered, self.device, self.reference = rewards, device, reference
         self.log_path, self.autocast = log_path, autocast
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = stop_token_ids(tokenizer)
         self.batch: list[Rollouts] = []
-
-    def resumable(self, step: int) -> bool:
-        return step % self.spec.num_iterations == 0  # the rollout batch is used up
 
     def step(self, model, step: int) -> list[Rollouts]:
         if (step - 1) % self.spec.num_iterations == 0:
