@@ -12,6 +12,8 @@ Anything else is a :class:`~hwft.errors.ModelError` that says what was tried.
 
 from __future__ import annotations
 
+import json
+
 import importlib.util
 import os
 import shutil
@@ -82,10 +84,12 @@ def resolve_model(name: str, base_dir: str | Path = ".", revision: str | None = 
         if path.is_dir():
             if not (path / "config.json").is_file():
                 raise ModelError(f"model folder {path} has no config.json; is it a Hugging Face model folder?")
+            check_safe_weights(path, "model folder")
             return ResolvedModel(name, "local", path.resolve())
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         cached = _from_hf_cache(name, revision)
         if cached is not None:
+            check_safe_weights(cached, "model folder")
             return ResolvedModel(name, "hub-cache", cached)
         raise ModelError(
             f"model '{name}' is not in the local Hugging Face cache "
@@ -97,6 +101,54 @@ def resolve_model(name: str, base_dir: str | Path = ".", revision: str | None = 
         f"model '{name}' not found{hint}: it is not a built-in alias ({', '.join(EMBEDDED)}), "
         f"not a folder (looked in {candidates[0].parent} and {Path.cwd()}), and not an org/name hub id"
     )
+
+
+#: Weight files whose loading runs pickle: hwft never opens them.
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_safe_weights(folder: Path, what: str) -> None:
+    """Refuse a model or adapter folder whose weights exist only as pickles: loading one can
+    run any code. safetensors (and an embedded GGUF) hold tensors and nothing else."""
+    safe = list(folder.glob("*.safetensors"))
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLED_WEIGHTS)
+    if pickled and not safe:
+        raise ModelError(
+            f"{what} {folder} holds its weights only as pickles ({pickled[0]}); hwft loads safetensors only, "
+            "since unpickling can run code. Convert it where you trust it: load it and call "
+            "save_pretrained(folder, safe_serialization=True)"
+        )
+
+
+def check_remote_code(folder: Path, trusted: bool) -> None:
+    """A model whose config maps its classes to Python files shipped beside it (``auto_map``)
+    runs that code when loaded: refused unless model.trust_remote_code says to run it."""
+    config = folder / "config.json"
+    if trusted or not config.is_file():
+        return
+    try:
+        auto_map = json.loads(config.read_text(encoding="utf-8")).get("auto_map") or {}
+    except (ValueError, AttributeError):
+        return
+    if auto_map:
+        code = sorted(set(str(v) for v in auto_map.values()))[0]
+        raise ModelError(
+            f"model folder {folder} ships its own Python code ({code}, named by auto_map in config.json); hwft "
+            "does not run it unless the recipe sets model.trust_remote_code: true. Set that only if you trust "
+            "the folder's author"
+        )
+
+
+def check_adapter(folder: Path) -> None:
+    """model.adapter: a PEFT adapter folder with safetensors weights."""
+    if not (folder / "adapter_config.json").is_file():
+        raise ModelError(
+            f"model.adapter: {folder} is not a PEFT adapter folder (no adapter_config.json); "
+            "give the adapter/ folder of an earlier run"
+        )
+    check_safe_weights(folder, "model.adapter")
+    if not (folder / "adapter_model.safetensors").is_file():
+        raise ModelError(f"model.adapter: {folder} has no adapter_model.safetensors")
 
 
 def _hf_cache_dir() -> str:

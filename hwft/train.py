@@ -15,7 +15,7 @@ from hwft.data.loading import TrainData, load_train_data
 from hwft.distributed import Launch, world_from_env
 from hwft.errors import SelectionError, UserError
 from hwft.job import Job
-from hwft.models import ResolvedModel, materialise, resolve_model
+from hwft.models import ResolvedModel, check_adapter, check_remote_code, materialise, resolve_model
 from hwft.output import RunDir, check_output_dir
 from hwft.plugins import PluginHost, get_host
 from hwft.recipe import Recipe
@@ -58,6 +58,10 @@ def plan_run(recipe: Recipe, host: PluginHost | None = None, ranks: int | None =
         check_rewards(recipe.method.grpo.rewards, host.rewards())
     data = load_train_data(recipe, host.data_formats())
     model = resolve_model(recipe.model.name, recipe.resolve_path("."), recipe.model.revision)
+    if model.ready:
+        check_remote_code(model.path, recipe.model.trust_remote_code)
+    if recipe.model.adapter:
+        check_adapter(recipe.resolve_path(recipe.model.adapter))
     choice = select_backend(recipe, host)
     checkpoint = open_checkpoint(recipe, resume, ranks) if resume else None
     if checkpoint and checkpoint.state["engine"] != choice.backend.engine:
@@ -80,6 +84,9 @@ def run(plan: Plan, quiet: bool = False, recipe_hint: str = "RECIPE.yaml") -> Jo
     job = Job(plan.recipe, plan.choice, plan.model, plan.data, run_dir, quiet, world=world,
               resume=plan.resume, recipe_hint=recipe_hint)
     job.log(f"hwft: {plan.describe()}")
+    if recipe.model.trust_remote_code:
+        job.log(f"warning: model.trust_remote_code is on: Python code shipped with {plan.model.path} runs in "
+                "this process. Turn it off unless you trust that folder's author")
     try:
         plan.choice.backend.train(job)
     except UserError:

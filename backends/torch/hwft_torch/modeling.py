@@ -57,6 +57,7 @@ def load_model(path: Path, recipe: Recipe, device: torch.device, tuning: str, co
             attn_implementation=attention_implementation(recipe),
             trust_remote_code=recipe.model.trust_remote_code,
             local_files_only=True,
+            use_safetensors=True,  # never a pickled checkpoint (hwft.models.check_safe_weights)
             **extra,
         )
     except (OSError, ValueError) as exc:
