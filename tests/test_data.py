@@ -316,3 +316,18 @@ def test_data_inspect(tiny_llama, tmp_path, cli):
     assert report["schema"] == "hwft.data-inspect/1" and len(report["lengths"]) == 6
     assert report["rows"][0]["trained_text"] == "I am hwft-bot.<|im_end|>"
     assert 0 < report["efficiency_unpacked"] <= 1 and report["packed_rows"] < 6
+
+
+@pytest.mark.parametrize("backend", ["cpu", "mlx"])
+def test_token_ids_beyond_the_embedding_are_refused(embedded_dir, tmp_path, cli, backend):
+    """A model whose embedding is smaller than its tokenizer (tokens added after saving)."""
+    if backend == "mlx":
+        pytest.importorskip("mlx.core")
+    from tests.conftest import build_tiny_model
+
+    small = build_tiny_model("llama", tmp_path / "small-vocab", embedded_dir, vocab_size=1000)
+    recipe = write_recipe(tmp_path, small, backend=backend)
+    code, _, stderr = cli("train", recipe)
+    assert code == 2 and "row 1 of the tokenised data has token id" in stderr, stderr
+    assert "has 1000 embedding rows" in stderr and "Use the model's own tokenizer" in stderr
+    assert not (tmp_path / "out").exists()

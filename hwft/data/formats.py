@@ -221,7 +221,7 @@ def parse_turns(items: Any, mapping: Mapping, key: str) -> list[Message]:
         if not isinstance(turn, dict):
             raise ValueError(f"{where} must be an object with '{role_key}' and '{content_key}'")
         value = turn.get(role_key)
-        role = roles.get(value)
+        role = roles.get(value) if isinstance(value, str) else None
         if role is None:
             raise ValueError(
                 f"{where}.{role_key} is {value!r}; expected one of {', '.join(roles)}"

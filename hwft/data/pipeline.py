@@ -47,6 +47,20 @@ class Batches:
         text = f"{len(self.rows)} {self.unit} ({self.stats.tokens} tokens)"
         return text + (f", packing {'on' if self.packing else 'off'}" if self.unit == "rows" else "")
 
+    def check_vocabulary(self, size: int, model: str) -> None:
+        """Refuse token ids the model's embedding has no row for (a tokenizer with tokens added
+        after the model was saved): the lookup would fail mid-step, or on an accelerator corrupt
+        memory. Streamed data is checked as it is read, by the engine's embedding lookup."""
+        for index, item in enumerate(self.rows or ()):
+            sequences = [item.chosen.input_ids, item.rejected.input_ids] if hasattr(item, "chosen") else [item.input_ids]
+            highest = max((max(ids) for ids in sequences if ids), default=-1)
+            if highest >= size:
+                raise DataError(
+                    f"{self.unit[:-1]} {index + 1} of the tokenised data has token id {highest}, but the model "
+                    f"{model} has {size} embedding rows; the tokenizer has tokens the model does not (added after "
+                    "it was saved?). Use the model's own tokenizer, or resize its embeddings and save it again"
+                )
+
     def summary(self, max_length: int) -> str:
         """One line for the run's log: what tokenising found, and what will be trained on."""
         if self.rows is None or self.unit == "prompts":

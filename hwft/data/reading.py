@@ -1,10 +1,10 @@
-"""Rows from JSON, JSONL and Parquet files or folders, read with the ``datasets`` library.
+"""Rows from JSON, JSONL and Parquet files or folders. Rows are numbered from 1.
 
-``datasets`` gives Arrow-backed tables for in-memory runs and a lazy row stream for files larger
-than memory (``data.streaming``). Its parse errors do not say where a file is broken, so when it
-fails on a JSON file hwft re-reads that file with the ``json`` module, which either names the
-line that is wrong or, for a valid file that Arrow cannot type (a field that is text in one row
-and a list in another), yields its rows itself. Rows are numbered from 1.
+JSON and JSONL are read with the ``json`` module: it names the line that is broken, reads rows
+whose fields change type from row to row, and reads a .jsonl file lazily, line by line, for
+``data.streaming``. (They were read with ``datasets``/Arrow before; property tests found JSON
+rows of mixed shapes on which pyarrow's JSON reader crashed the process.) Parquet is read with
+``datasets``: Arrow-backed in memory, a lazy row stream when streaming.
 """
 
 from __future__ import annotations
@@ -81,33 +81,32 @@ def _check_json_list(file: Path) -> None:
 
 
 def _file_rows(file: Path, streaming: bool) -> Iterator[tuple[int, dict]]:
-    datasets = _quiet_datasets()
-    builder = BUILDERS[file.suffix]
-    if file.suffix == ".json":
-        _check_json_list(file)
-    done = 0
-    try:
-        table = datasets.load_dataset(builder, data_files=str(file), split="train", streaming=streaming)
-        for row in table:
-            done += 1
-            yield done, row
+    if BUILDERS[file.suffix] == "json":
+        if file.suffix == ".json":
+            _check_json_list(file)
+        # In memory the whole file is read first, so a broken line is reported before any row.
+        yield from _json_rows(file) if streaming else list(_json_rows(file))
         return
-    except DataError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any failure gets a precise diagnosis below
-        if builder == "parquet":
-            raise DataError(f"{file}: cannot be read as Parquet ({type(exc).__name__}: {exc})") from None
-    # JSON that datasets could not read: name the broken line, or read it with the json module
-    # (in memory, the whole file first, so a broken line is reported before any row's content).
-    rows = _json_rows(file) if streaming else list(_json_rows(file))
-    for number, row in rows:
-        if number > done:
-            yield number, row
+    datasets = _quiet_datasets()
+    try:
+        table = datasets.load_dataset("parquet", data_files=str(file), split="train", streaming=streaming)
+        yield from enumerate(table, start=1)
+    except Exception as exc:  # noqa: BLE001 - any failure of the reader is the file's
+        raise DataError(f"{file}: cannot be read as Parquet ({type(exc).__name__}: {exc})") from None
+
+
+def _is_json_lines(file: Path) -> bool:
+    try:
+        json.loads(file.read_text(encoding="utf-8"))
+        return False
+    except json.JSONDecodeError as exc:
+        return exc.msg == "Extra data" and exc.lineno > 1  # a second value on a later line
 
 
 def _json_rows(file: Path) -> Iterator[tuple[int, dict]]:
-    """JSON/JSONL rows read with the ``json`` module; malformed text names its line."""
-    if file.suffix == ".jsonl":
+    """JSON/JSONL rows read with the ``json`` module; malformed text names its line. A .json
+    file holding JSON lines (as LLaMA-Factory's loader accepts) is read as JSONL."""
+    if file.suffix == ".jsonl" or _is_json_lines(file):
         number = 0
         with open(file, encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):

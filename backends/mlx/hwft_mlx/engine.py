@@ -222,6 +222,8 @@ def train(job: Job) -> dict:
     # 2. Model with its tuning, the objective, optimizer, schedule.
     dtype = compute_dtype(recipe)
     model, detail = prepare_model(job, model_path, dtype)
+    embedding = next(m for _, m in model.named_modules() if isinstance(m, nn.Embedding))
+    batches.check_vocabulary(embedding.weight.shape[0], str(model_path))
     if batches.packing and not packs(model):
         raise UserError(
             f"data.packing: the MLX backend packs llama, qwen2 and qwen3 models, not {type(model).__module__}; "

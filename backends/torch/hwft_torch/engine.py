@@ -212,6 +212,7 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
     if runtime.before_load:
         runtime.before_load(recipe)
     model = load_model(model_path, recipe, device, tuning, dtype)
+    batches.check_vocabulary(model.get_input_embeddings().num_embeddings, str(model_path))
     if runtime.patch_model:
         applied = runtime.patch_model(model, recipe)
         if applied:
