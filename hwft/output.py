@@ -41,7 +41,7 @@ def check_output_dir(recipe: Recipe) -> None:
     if path.exists() and any(path.iterdir()) and not recipe.output.overwrite:
         raise UserError(
             f"output folder {path} is not empty; choose another output.dir, "
-            "or set output.overwrite=true to replace its contents"
+            "or set output.overwrite=true to replace its contents, or continue its run with --resume"
         )
 
 
