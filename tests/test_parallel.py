@@ -404,3 +404,24 @@ def test_an_accelerate_config_becomes_the_parallel_settings(tiny_llama, tmp_path
     (tmp_path / "accelerate.yaml").write_text(ACCELERATE_YAML + "dynamo_config:\n  dynamo_backend: INDUCTOR\n")
     code, _, err = cli("train", path)
     assert code == 2 and "sets dynamo_config, which hwft does not translate" in err
+
+
+def test_sigterm_to_the_launcher_checkpoints_every_rank_then_stops(tiny_llama, tmp_path):
+    """Preemption of a launched run: torchrun passes SIGTERM on, the ranks agree on the step,
+    write one checkpoint together and stop; the launcher exits 143 without a traceback."""
+    path = recipe(tmp_path, tiny_llama, "lora", train={"max_steps": 200, "micro_batch_size": 1})
+    proc = subprocess.Popen([sys.executable, "-m", "hwft", "train", str(path), "--nproc", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "stopped by SIGTERM after step" in err and "the ranks were asked to write a checkpoint" in err
+    assert "Traceback" not in err
+    (checkpoint,) = (tmp_path / "out" / "checkpoints").glob("step-*")
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and len(state["rng"]) == 2 and (checkpoint / "manifest.json").exists()

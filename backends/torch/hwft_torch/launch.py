@@ -37,11 +37,20 @@ def describe_exit(code: int) -> str:
 
 
 def launch(spec: Launch, argv: list[str]) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     try:
         run(get_args_parser().parse_args(torchrun_args(spec, argv)))  # torchrun itself, in-process
+    except SignalException as exc:
+        # SIGTERM/SIGINT to this launcher: torchrun passes SIGTERM to the ranks, which
+        # checkpoint together and stop (hwft.checkpoint.StopSignals); rank 0 said where.
+        name = signal.Signals(exc.sigval).name
+        raise RunFailed(
+            f"stopped by {name}: the ranks were asked to write a checkpoint and stop (rank 0's message, "
+            f"if any, is above); continue with --resume", 128 + int(exc.sigval),
+        ) from None
     except ChildFailedError as exc:
         failures = sorted(exc.failures.items())
         # torchrun stops the surviving ranks with SIGTERM; the ranks that failed first are news.
