@@ -1,4 +1,4 @@
-"""The ``hwft`` command: train, bench, data inspect, env, plugins.
+"""The ``hwft`` command: train, chat, serve, eval, export, bench, data inspect, env, plugins.
 
 A user error (bad recipe, bad data, impossible combination) exits with code 2 and one message,
 without a traceback unless ``--debug``.
@@ -78,6 +78,51 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="folder for results (default bench-results) or for the report")
     bench.add_argument("--force", action="store_true", help="report: put different workloads in one table")
     bench.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+
+    def using(name: str, help: str) -> argparse.ArgumentParser:
+        """A command that loads a trained model: what to load, and on which backend."""
+        cmd = sub.add_parser(name, help=help)
+        cmd.add_argument("target", help="a run folder (output.dir), a checkpoints/step-N folder, an adapter "
+                         "folder, a model folder, or a model name such as smollm2-135m")
+        cmd.add_argument("--backend", default="auto", help="backend to load on (default auto: the best available)")
+        cmd.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                         help="weights' dtype (auto: bf16 on accelerators that have it, else as saved)")
+        cmd.add_argument("--base", help="the base model of an adapter, where its run folder does not say")
+        cmd.add_argument("--trust-remote-code", action="store_true", help="run a model folder's own Python code")
+        cmd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+        return cmd
+
+    def sampling(cmd: argparse.ArgumentParser, temperature: float) -> None:
+        cmd.add_argument("--max-new-tokens", type=int, default=256, help="reply length limit (default 256)")
+        cmd.add_argument("--temperature", type=float, default=temperature,
+                         help=f"0 is greedy; above 0 samples softmax(logits/T) (default {temperature})")
+        cmd.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+        cmd.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+
+    chat = using("chat", "talk to a trained model, replies streamed")
+    chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--prompt", help="answer this one message and exit ('-': read it from stdin); a piped "
+                      "stdin is read the same way")
+    chat.add_argument("--interactive", action="store_true", help="a conversation even when stdin is not a terminal")
+    sampling(chat, 0.0)
+
+    serve = using("serve", "an OpenAI-compatible chat-completions endpoint on localhost")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    serve.add_argument("--model-name", default="hwft", help="the model id clients name (default hwft)")
+
+    export = using("export", "write a trained result as a merged HF model, a PEFT adapter, MLX or GGUF")
+    export.add_argument("--to", required=True, choices=("hf", "peft", "mlx", "gguf"),
+                        help="hf: merged safetensors + tokenizer; peft: the adapter; mlx: an mlx-lm folder; "
+                        "gguf: one file for llama.cpp/Ollama (Llama and Qwen2 families)")
+    export.add_argument("--out", help="where to write (default: RUN/export/FORMAT, RUN/export/model-TYPE.gguf)")
+    export.add_argument("--gguf-type", default="q8_0", choices=("f16", "q8_0"), help="GGUF weights (default q8_0)")
+    export.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                        help="hf/mlx weights' dtype (auto: as loaded, fp32 for the embedded model)")
+    export.add_argument("--mlx-bits", type=int, choices=(4, 8), help="quantise the MLX export (affine)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing export")
+    export.add_argument("--verify", action="store_true", help="reload the export and compare its logits with "
+                        "the trained model's (prints a JSON line; exit 1 beyond tolerance)")
 
     plugins = sub.add_parser("plugins", help="loaded plugins and the hooks they implement")
     plugins.add_argument("--json", action="store_true", help=f"machine-readable ({PLUGINS_SCHEMA})")
@@ -215,6 +260,31 @@ def cmd_bench(args) -> int:
                  args.baseline_bf16, args.out or "bench-results", args.eval_examples)
 
 
+def cmd_chat(args) -> int:
+    from hwft.use.chat import chat
+
+    return chat(args)
+
+
+def cmd_serve(args) -> int:
+    from hwft.use.chat import loaded
+    from hwft.use.serve import serve
+
+    return serve(loaded(args), args.host, args.port, args.model_name)
+
+
+def cmd_eval(args) -> int:
+    from hwft.use.evaluate import run
+
+    return run(args)
+
+
+def cmd_export(args) -> int:
+    from hwft.use.export import run
+
+    return run(args)
+
+
 def cmd_plugins(args) -> int:
     from hwft.plugins import get_host
 
@@ -260,7 +330,8 @@ def run_command(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    commands = {"train": cmd_train, "data": cmd_data, "env": cmd_env, "plugins": cmd_plugins, "bench": cmd_bench}
+    commands = {"train": cmd_train, "data": cmd_data, "env": cmd_env, "plugins": cmd_plugins, "bench": cmd_bench,
+                "chat": cmd_chat, "serve": cmd_serve, "eval": cmd_eval, "export": cmd_export}
     try:
         return commands[args.command](args)
     except UserError as exc:

@@ -92,3 +92,7 @@ class Backend:
     #: ``hwft train --nproc N`` with the engine's own launcher, each running ``hwft *argv``;
     #: None: the backend runs one process only. Since plugin API 0.3.
     launch: Callable[[Any, list[str]], int] | None = None
+    #: ``inference(hwft.inference.Trained, precision) -> hwft.inference.Session``: load a trained
+    #: model to generate and score with (hwft chat, serve, eval, export checks); None: the
+    #: backend trains only. Since plugin API 0.4.
+    inference: Callable[[Any, str], Any] | None = None

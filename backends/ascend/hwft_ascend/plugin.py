@@ -16,7 +16,7 @@ from hwft_torch.devices import torch_fields
 from hwft_torch.launch import launch
 from hwft_torch.runtime import DeviceRuntime
 
-HWFT_PLUGIN_API = "0.3"
+HWFT_PLUGIN_API = "0.4"
 hookimpl = pluggy.HookimplMarker("hwft")
 
 
@@ -66,5 +66,5 @@ def capability_npu() -> Capability:
 def hwft_register_backends(register):
     register(Backend(
         "npu", "torch", "torch on Huawei Ascend NPUs (torch-npu, CANN)", PRIORITY_ACCELERATOR,
-        probe_npu, capability_npu, NPU.train, accelerator=True, launch=launch,
+        probe_npu, capability_npu, NPU.train, accelerator=True, launch=launch, inference=NPU.inference("npu"),
     ))

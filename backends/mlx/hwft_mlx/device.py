@@ -76,8 +76,14 @@ def launch(spec, argv: list[str]) -> int:
     return run(spec, argv)
 
 
+def inference(trained, precision: str = "auto"):
+    from hwft_mlx.inference import MlxSession
+
+    return MlxSession(trained, "mlx", precision)
+
+
 def backend() -> Backend:
     return Backend(
         "mlx", "mlx", "MLX (mlx-lm) on Apple silicon via Metal, or MLX's CPU build",
-        PRIORITY_CPU_FALLBACK, probe, capability, train, launch=launch,
+        PRIORITY_CPU_FALLBACK, probe, capability, train, launch=launch, inference=inference,
     )

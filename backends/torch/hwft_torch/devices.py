@@ -183,13 +183,15 @@ def capability_rocm() -> Capability:
 def backends() -> list[Backend]:
     return [
         Backend("cpu", "torch", "torch on the host CPU", PRIORITY_CPU, probe_cpu, capability_cpu, CPU.train,
-                launch=launch),
+                launch=launch, inference=CPU.inference("cpu")),
         Backend(
             "cuda", "torch", "torch on NVIDIA GPUs (CUDA)", PRIORITY_ACCELERATOR,
             probe_cuda, capability_cuda, CUDA.train, accelerator=True, launch=launch,
+            inference=CUDA.inference("cuda"),
         ),
         Backend(
             "rocm", "torch", "torch on AMD GPUs (ROCm/HIP)", PRIORITY_ACCELERATOR,
             probe_rocm, capability_rocm, CUDA.train, accelerator=True, launch=launch,
+            inference=CUDA.inference("rocm"),
         ),
     ]

@@ -42,6 +42,16 @@ class DeviceRuntime:
 
         return train(job, self)
 
+    def inference(self, name: str):
+        """The Backend.inference hook of the backend ``name`` on this device family."""
+
+        def load(trained, precision: str = "auto"):
+            from hwft_torch.inference import TorchSession
+
+            return TorchSession(trained, name, self, precision)
+
+        return load
+
 
 def _cuda_bf16() -> bool:
     import torch

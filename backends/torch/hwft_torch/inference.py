@@ -1,0 +1,79 @@
+"""The torch engine's :class:`hwft.inference.Session`: transformers' model (with the PEFT
+adapter on top, not merged, so scores are exactly those of training) on one device.
+
+Generation is an explicit loop over the KV cache: the prompt's forward fills the cache, then
+each step feeds the one token picked from the last position's logits. Being a generator, it
+stops the moment the caller stops reading (a stop token, a closed connection).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from collections.abc import Iterator
+
+import torch
+
+from hwft.errors import ModelError
+from hwft.inference import Sampling, Session, Trained, pick_token
+from hwft_torch.modeling import DTYPES
+from hwft_torch.objective import held_out_loss
+
+
+def inference_dtype(precision: str, runtime) -> torch.dtype:
+    """auto: bf16 on an accelerator that computes it, fp32 on the CPU."""
+    if precision == "auto":
+        return torch.bfloat16 if runtime.type != "cpu" and runtime.bf16() else torch.float32
+    return DTYPES[precision]
+
+
+def load_for_inference(trained: Trained, runtime, dtype: torch.dtype):
+    """The model of ``trained`` in eval mode on the runtime's device."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            trained.weights, dtype=dtype, trust_remote_code=trained.trust_remote_code,
+            local_files_only=True, use_safetensors=True, attn_implementation="sdpa",
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load a causal language model from {trained.weights}: {exc}") from None
+    if trained.adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, trained.adapter, is_trainable=False)
+    return model.to(runtime.device(0)).eval()
+
+
+class TorchSession(Session):
+    def __init__(self, trained: Trained, backend: str, runtime, precision: str = "auto"):
+        super().__init__(trained, backend)
+        self.dtype = inference_dtype(precision, runtime)
+        self.model = load_for_inference(trained, runtime, self.dtype)
+        self.device = next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def tokens(self, prompt_ids: list[int], sampling: Sampling) -> Iterator[int]:
+        rng = self.rng(sampling)
+        ids = torch.tensor([prompt_ids], device=self.device)
+        cache = None
+        for _ in range(sampling.max_new_tokens):
+            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            token = pick_token(out.logits[0, -1].float().cpu().numpy(), sampling, rng)
+            yield token
+            ids = torch.tensor([[token]], device=self.device)
+
+    @torch.no_grad()
+    def nll(self, rows: list, batch_size: int = 4) -> tuple[float, int]:
+        count = sum(r.num_labels for r in rows)
+        mean = held_out_loss(self.model, rows, self.tokenizer.pad_token_id, "sdpa", self.device, batch_size)
+        return mean * count, count
+
+    @torch.no_grad()
+    def logits(self, ids: list[int]):
+        out = self.model(input_ids=torch.tensor([ids], device=self.device)).logits
+        return out[0].float().cpu().numpy()

@@ -1,0 +1,82 @@
+"""``hwft chat``: talk to a trained model, its reply streamed token by token.
+
+Interactive on a terminal (history kept; ``/reset`` forgets it, ``/system TEXT`` sets the
+system prompt, ``/exit`` or Ctrl-D leaves). For scripts: ``--prompt TEXT`` answers once, and
+``--prompt -`` or a piped stdin answers the whole of stdin as one message.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from hwft.inference import Sampling, Session, open_session, open_trained
+
+HELP = "/reset forgets the conversation, /system TEXT sets the system prompt, /exit leaves"
+
+
+def loaded(args) -> Session:
+    started = time.perf_counter()
+    trained = open_trained(args.target, base=args.base, trust_remote_code=args.trust_remote_code)
+    session = open_session(trained, args.backend, args.precision)
+    print(f"hwft: {trained.describe()} on {session.backend} ({time.perf_counter() - started:.1f}s)",
+          file=sys.stderr, flush=True)
+    return session
+
+
+def sampling_of(args) -> Sampling:
+    return Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+
+
+def say(session: Session, messages: list[dict], sampling: Sampling, out=None) -> str:
+    """Stream one reply to ``out`` (stdout) and return it."""
+    out = out or sys.stdout
+    pieces = []
+    for piece in session.stream(messages, sampling):
+        out.write(piece)
+        out.flush()
+        pieces.append(piece)
+    out.write("\n")
+    out.flush()
+    return "".join(pieces).strip()
+
+
+def chat(args) -> int:
+    session = loaded(args)
+    sampling = sampling_of(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    prompt = args.prompt
+    if prompt is None and not args.interactive and not sys.stdin.isatty():
+        prompt = "-"
+    if prompt is not None:
+        text = sys.stdin.read() if prompt == "-" else prompt
+        say(session, [*system, {"role": "user", "content": text.strip()}], sampling)
+        return 0
+    print(f"hwft chat: {HELP}", file=sys.stderr)
+    history: list[dict] = []
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history = []
+            print("(conversation forgotten)", file=sys.stderr)
+            continue
+        if line.startswith("/system"):
+            text = line.removeprefix("/system").strip()
+            system = [{"role": "system", "content": text}] if text else []
+            print(f"(system prompt {'set' if text else 'cleared'})", file=sys.stderr)
+            continue
+        if line.startswith("/"):
+            print(f"(unknown command {line.split()[0]}: {HELP})", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        reply = say(session, [*system, *history], sampling)
+        history.append({"role": "assistant", "content": reply})
