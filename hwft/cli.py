@@ -111,6 +111,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     serve.add_argument("--model-name", default="hwft", help="the model id clients name (default hwft)")
 
+    evaluate = using("eval", "loss, perplexity and answer quality (exact match, ROUGE-L, BLEU), base vs fine-tuned")
+    evaluate.add_argument("--data", nargs="+", help="evaluation files (default: the run's data.eval and data.val_size)")
+    evaluate.add_argument("--no-base", action="store_true", help="skip the base model's column")
+    evaluate.add_argument("--limit", type=int, default=100, help="answers generated and scored (default 100)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (default 128)")
+    evaluate.add_argument("--max-length", type=int, help="token limit of a scored row (default: the run's)")
+    evaluate.add_argument("--batch-size", type=int, default=4, help="rows per forward for the loss (default 4)")
+    evaluate.add_argument("--json", action="store_true", help="print the report as JSON (hwft.eval/1)")
+    evaluate.add_argument("--out", help="also write the JSON report to this file")
+
     export = using("export", "write a trained result as a merged HF model, a PEFT adapter, MLX or GGUF")
     export.add_argument("--to", required=True, choices=("hf", "peft", "mlx", "gguf"),
                         help="hf: merged safetensors + tokenizer; peft: the adapter; mlx: an mlx-lm folder; "

@@ -35,3 +35,12 @@ def hwft_register_rewards(register):
     reference, completion_tokens, truncated) and returns one float per sample; ``args`` come
     from the recipe (``method.grpo.rewards: [{name, weight, args}]``). Since plugin API 0.2.
     """
+
+
+@hookspec
+def hwft_register_loggers(register):
+    """Register experiment trackers: ``register(hwft.tracking.Logger(name, open, requires, description))``.
+
+    ``open(run_dir, recipe)`` returns an object with ``log(step, {key: float})`` and ``close()``;
+    a recipe names trackers in ``output.report_to``. Since plugin API 0.4.
+    """

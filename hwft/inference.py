@@ -112,7 +112,7 @@ def open_trained(target: str | Path, base: str | None = None, trust_remote_code:
             f"{path} is neither a run folder (recipe.yaml with adapter/ or model/), an adapter folder "
             "(adapter_config.json) nor a model folder (config.json)"
         )
-    resolved = resolve_model(str(target))  # a model folder or name; ModelError says what it tried
+    resolved = resolve_model(str(path) if run else str(target))  # a folder or a name; ModelError says what it tried
     weights = materialise(resolved, log=lambda m: None)
     check_remote_code(weights, trust_remote_code)
     return Trained(str(target), weights, None, run, recipe, trust_remote_code)

@@ -48,6 +48,8 @@ class Job:
     #: tokens), attended (causal attention pairs), loss, examples (indices of the tokenised
     #: sequences trained on, sft/cpt); what ``hwft bench`` times
     steps: list[dict] = field(default_factory=list)
+    #: the engine's peak memory so far in bytes (device memory, or process RSS on the CPU)
+    memory: Callable[[], int | None] | None = None
 
     def log(self, message: str) -> None:
         if not self.quiet and self.world.main:

@@ -33,6 +33,8 @@ METRIC_KEYS = (
     "trained_tokens_per_second",  # label tokens per second
     "elapsed",  # seconds since training started
 )
+#: Keys a line may also have: ``peak_memory_bytes`` (device memory on accelerators, process RSS
+#: on the CPU, high-water mark so far) and the objective's own (DPO rewards, GRPO rewards and KL).
 
 
 def check_output_dir(recipe: Recipe) -> None:
@@ -56,6 +58,7 @@ class RunDir:
         self.metrics_path = self.path / "metrics.jsonl"
         #: True when this run made the folder (or found it empty): only then may it be removed.
         self.created = False
+        self.trackers: list = []  #: hwft.tracking trackers (output.report_to), rank 0 only
         if not writes:
             return
         if resume_step is not None:
@@ -88,6 +91,16 @@ class RunDir:
         (self.path / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
         discard_temporaries(self.path)
 
+    def start_tracking(self, names: list[str], loggers: dict, recipe: Recipe) -> None:
+        from hwft.tracking import open_trackers
+
+        self.trackers = open_trackers(names, loggers, self.path, recipe)
+
+    def stop_tracking(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
+
     def discard_if_untrained(self) -> None:
         """Remove the folder after a failure before the first step, if this run made it."""
         if self.created and not self.losses:
@@ -114,6 +127,11 @@ class RunDir:
         if self.writes:
             with self.metrics_path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.trackers:
+            from hwft.tracking import numbers
+
+            for tracker in self.trackers:
+                tracker.log(record["step"], numbers(record, "train"))
 
     def log_eval(self, step: int, eval_loss: float, examples: int) -> None:
         """Append one evaluation on data.eval to eval.jsonl."""
@@ -121,6 +139,8 @@ class RunDir:
             return
         with (self.path / "eval.jsonl").open("a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, "eval_loss": eval_loss, "examples": examples}) + "\n")
+        for tracker in self.trackers:
+            tracker.log(step, {"eval/loss": eval_loss})
 
     @contextmanager
     def atomic_dir(self, final: Path):

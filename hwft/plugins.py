@@ -181,6 +181,12 @@ class PluginHost:
 
         return collect_formats(self.pm)
 
+    def loggers(self) -> dict:
+        """Experiment trackers by name (hwft.tracking.Logger)."""
+        from hwft.tracking import collect_loggers
+
+        return collect_loggers(self.pm)
+
     def rewards(self) -> dict:
         """GRPO reward functions by name (hwft.rewards.Reward)."""
         from hwft.rewards import collect_rewards
@@ -202,10 +208,10 @@ def get_host() -> PluginHost:
     """The process-wide host, built on first use."""
     global _HOST
     if _HOST is None:
-        from hwft import rewards
+        from hwft import rewards, tracking
         from hwft.data import formats
 
-        _HOST = PluginHost(builtins={"core": formats, "core-rewards": rewards})
+        _HOST = PluginHost(builtins={"core": formats, "core-rewards": rewards, "core-trackers": tracking})
     return _HOST
 
 

@@ -91,6 +91,10 @@ _DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
 class DataSpec(Section):
     train: list[DatasetSpec] = Field(description="Training datasets.")
     eval: list[DatasetSpec] = Field(default_factory=list, description="Held-out datasets.")
+    val_size: int | float | None = Field(
+        None, gt=0, description="Hold out part of the training examples for evaluation: a fraction "
+        "below 1 or a count, drawn with train.seed before any mixing; they join data.eval (sft, cpt)."
+    )
     registry: str | None = Field(
         None, description="A LLaMA-Factory dataset_info.json whose entries `train` may name."
     )
@@ -324,6 +328,11 @@ class OutputSpec(Section):
     dir: str = Field("runs/hwft", description="Output folder, relative to the working directory.")
     overwrite: bool = Field(False, description="Reuse a non-empty output folder.")
     plot: bool = Field(True, description="Write loss.png at the end.")
+    report_to: list[str] = Field(
+        default_factory=list, description="Experiment trackers that also receive the metrics: tensorboard, "
+        "wandb, mlflow, or a plugin's (hwft_register_loggers)."
+    )
+    project: str = Field("hwft", description="wandb project / MLflow experiment of report_to.")
     log_examples: bool = Field(
         False, description="Write examples.jsonl: per optimizer step, the indices of the tokenised "
         "training sequences it trained on (all ranks together)."

@@ -75,6 +75,9 @@ class StepLog:
             "elapsed": now - self.start,
             **self.objective.log_metrics(),
         }
+        peak = self.job.memory() if self.job.memory else None
+        if peak is not None:
+            self.record["peak_memory_bytes"] = peak
         self.job.run_dir.log_metrics(self.record)
         self.progress.update(self.record)
         self.last_log, self.tokens_since_log, self.trained_since_log, self.losses_since_log = now, 0, 0, []

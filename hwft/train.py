@@ -21,6 +21,7 @@ from hwft.plugins import PluginHost, get_host
 from hwft.recipe import Recipe
 from hwft.rewards import check_rewards
 from hwft.select import Choice, preflight, select_backend
+from hwft.tracking import check_loggers
 
 
 @dataclass
@@ -56,6 +57,7 @@ def plan_run(recipe: Recipe, host: PluginHost | None = None, ranks: int | None =
     preflight(recipe, host)
     if recipe.method.objective == "grpo":
         check_rewards(recipe.method.grpo.rewards, host.rewards())
+    check_loggers(recipe.output.report_to, host.loggers())
     data = load_train_data(recipe, host.data_formats())
     model = resolve_model(recipe.model.name, recipe.resolve_path("."), recipe.model.revision)
     if model.ready:
@@ -87,6 +89,8 @@ def run(plan: Plan, quiet: bool = False, recipe_hint: str = "RECIPE.yaml") -> Jo
     if recipe.model.trust_remote_code:
         job.log(f"warning: model.trust_remote_code is on: Python code shipped with {plan.model.path} runs in "
                 "this process. Turn it off unless you trust that folder's author")
+    if world.main and recipe.output.report_to:
+        run_dir.start_tracking(recipe.output.report_to, get_host().loggers(), recipe)
     try:
         plan.choice.backend.train(job)
     except UserError:
@@ -94,6 +98,8 @@ def run(plan: Plan, quiet: bool = False, recipe_hint: str = "RECIPE.yaml") -> Jo
         # half-made folder behind to block the corrected run. Nothing trained is ever removed.
         job.run_dir.discard_if_untrained()
         raise
+    finally:
+        run_dir.stop_tracking()
     return job
 
 

@@ -147,8 +147,11 @@ def check_settings(recipe: Recipe) -> None:
             f"data.eval measures the loss of sft and cpt runs; objective {recipe.method.objective} "
             "has no held-out loss yet; remove data.eval"
         )
-    if recipe.train.eval_every and not recipe.data.eval:
-        raise RecipeError("train.eval_every needs data.eval (the held-out datasets to evaluate on)")
+    if recipe.data.val_size and (recipe.data.streaming or recipe.method.objective not in ("sft", "cpt")):
+        raise RecipeError("data.val_size holds out in-memory sft and cpt examples; it cannot split a stream or "
+                          f"{recipe.method.objective} rows; remove it")
+    if recipe.train.eval_every and not (recipe.data.eval or recipe.data.val_size):
+        raise RecipeError("train.eval_every needs data.eval or data.val_size (the held-out examples to evaluate on)")
     if recipe.data.packing and recipe.method.objective not in ("sft", "cpt"):
         raise RecipeError(
             f"data.packing applies to sft and cpt rows, not to {recipe.method.objective}; remove it"
@@ -217,6 +220,9 @@ def load_train_data(recipe: Recipe, formats: dict[str, DataFormat]) -> TrainData
 
         return TrainData(sources, checked, True, factory, held_out)
     parts = [list(read(s)) for s in sources]
+    if recipe.data.val_size:
+        parts, validation = split_validation(parts, recipe.data.val_size, recipe.train.seed)
+        held_out += validation
     if weights[0] is not None:
         examples = mix(parts, weights, recipe.train.seed)
     else:
@@ -224,6 +230,19 @@ def load_train_data(recipe: Recipe, formats: dict[str, DataFormat]) -> TrainData
     if not examples:
         raise DataError("the training data holds no examples")
     return TrainData(sources, examples, False, eval_examples=held_out)
+
+
+def split_validation(parts: list[list[Example]], size: float, seed: int) -> tuple[list[list[Example]], list[Example]]:
+    """Hold out ``size`` of all examples (a fraction below 1, else a count), drawn with ``seed``
+    across every dataset before mixing, so no held-out example is also trained on."""
+    where = [(i, j) for i, part in enumerate(parts) for j in range(len(part))]
+    count = round(len(where) * size) if size < 1 else int(size)
+    if not 1 <= count < len(where):
+        raise DataError(f"data.val_size {size} holds out {count} of {len(where)} training examples; "
+                        "give a fraction or count that leaves at least one example on each side")
+    chosen = set(random.Random(f"{seed}:val_size").sample(where, count))
+    kept = [[e for j, e in enumerate(part) if (i, j) not in chosen] for i, part in enumerate(parts)]
+    return kept, [parts[i][j] for i, j in sorted(chosen)]
 
 
 def interleave(readers: list[Callable[[], Iterator[Example]]], weights: list[float | None],

@@ -55,9 +55,10 @@ def chat(args) -> int:
     print(f"hwft chat: {HELP}", file=sys.stderr)
     history: list[dict] = []
     while True:
-        try:
-            line = input("> ")
-        except EOFError:
+        sys.stderr.write("> ")  # the prompt on stderr: stdout holds the replies only
+        sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:  # Ctrl-D
             print(file=sys.stderr)
             return 0
         line = line.strip()

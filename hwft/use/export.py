@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import warnings
 
+import contextlib
 import json
 import os
 import shutil
@@ -110,8 +111,9 @@ def export(trained: Trained, to: str, out: Path, gguf_type: str = "q8_0", dtype:
             config.update(config_overrides(config))
             (merged / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
             staged = work / "mlx"
-            convert(str(merged), str(staged), quantize=mlx_bits is not None, q_bits=mlx_bits,
-                    trust_remote_code=trained.trust_remote_code)
+            with contextlib.redirect_stdout(sys.stderr):  # mlx-lm reports progress on stdout
+                convert(str(merged), str(staged), quantize=mlx_bits is not None, q_bits=mlx_bits,
+                        trust_remote_code=trained.trust_remote_code)
         else:
             from hwft.use.gguf_writer import write_gguf
 

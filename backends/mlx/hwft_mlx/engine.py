@@ -256,6 +256,7 @@ def train(job: Job) -> dict:
             log.restart_clock()
 
     # 3. The loop, from the checkpoint's step when resuming (hwft.checkpoint).
+    job.memory = peak_memory
     log = StepLog(job, steps, objective)
     nonfinite = NonFinite(t.nonfinite_limit, job.log)
     state = MlxState(model, optimizer, lambda folder: write_result(job, model, tokenizer, model_path, folder))

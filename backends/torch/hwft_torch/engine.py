@@ -255,6 +255,7 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
 
     # 3. The loop, from the checkpoint's step when resuming (weights, optimizer, schedule, data
     # position, RNG states restored: hwft.checkpoint).
+    job.memory = runtime.peak_memory
     log = StepLog(job, steps, objective)
     nonfinite = NonFinite(t.nonfinite_limit, job.log)
     state = TorchState(strategy, tokenizer, recipe, device, save_result)
