@@ -82,8 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     def using(name: str, help: str) -> argparse.ArgumentParser:
         """A command that loads a trained model: what to load, and on which backend."""
         cmd = sub.add_parser(name, help=help)
-        cmd.add_argument("target", help="a run folder (output.dir), a checkpoints/step-N folder, an adapter "
-                         "folder, a model folder, or a model name such as smollm2-135m")
+        cmd.add_argument("target", help="a run folder (output.dir) or the recipe that wrote it, a checkpoints/step-N "
+                         "folder, an adapter folder, a model folder, or a model name such as smollm2-135m")
         cmd.add_argument("--backend", default="auto", help="backend to load on (default auto: the best available)")
         cmd.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                          help="weights' dtype (auto: bf16 on accelerators that have it, else as saved)")

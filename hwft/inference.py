@@ -87,9 +87,17 @@ def _base_for_adapter(adapter: Path, recipe, run: Path | None) -> Path:
 
 
 def open_trained(target: str | Path, base: str | None = None, trust_remote_code: bool = False) -> Trained:
-    """What ``target`` names, resolved to folders; raises ModelError saying what it expected."""
+    """What ``target`` names, resolved to folders; raises ModelError saying what it expected. A
+    recipe file names the run folder it writes (``output.dir``)."""
     path = Path(target).expanduser()
     recipe = run = None
+    if path.is_file() and path.suffix in (".yaml", ".yml"):  # a recipe: the run it writes
+        from hwft.recipe import load_recipe
+
+        path = Path(load_recipe(path).output.dir).expanduser()
+        if not (path / "recipe.yaml").is_file():
+            raise ModelError(f"{target} writes its run to {path}, which holds no finished run yet; train it first "
+                             f"(hwft train {target})")
     if path.is_dir() and (path / "recipe.yaml").is_file() and not (path / "config.json").is_file():
         run, recipe = path, _read_run_recipe(path)
         trust_remote_code = trust_remote_code or recipe.model.trust_remote_code

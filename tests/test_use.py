@@ -112,6 +112,24 @@ def test_trackers_receive_every_metrics_line(lora_run):
     assert run.data.params["method.tuning"] == "lora" and run.info.status == "FINISHED"
 
 
+def test_method_metrics_reach_the_tracker(cli, tmp_path, tiny_llama):
+    """DPO's rewards and margins arrive as train/rewards/...; the same for any method's keys."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tests.test_methods import PAIRS
+
+    write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    recipe = write_recipe(tmp_path, tiny_llama, data={"train": [{"path": "pairs.jsonl"}]},
+                          method={"objective": "dpo", "tuning": "lora"}, train={"max_steps": 2, "micro_batch_size": 2},
+                          output={"dir": str(tmp_path / "out"), "report_to": ["tensorboard"]})
+    code, _, err = cli("train", recipe, "--quiet")
+    assert code == 0, err
+    lines = metrics(tmp_path / "out")
+    board = EventAccumulator(str(tmp_path / "out" / "tensorboard")).Reload()
+    for key in ("rewards/chosen", "rewards/margins", "rewards/accuracy"):
+        assert [round(s.value, 5) for s in board.Scalars(f"train/{key}")] == [round(r[key], 5) for r in lines]
+
+
 def test_unknown_or_missing_tracker_is_refused_before_training(cli, tmp_path, tiny_llama):
     recipe = write_recipe(tmp_path, tiny_llama, output={"dir": str(tmp_path / "out"), "report_to": ["tensorbord"]})
     code, _, err = cli("train", recipe)
@@ -132,6 +150,8 @@ def test_open_trained_names_what_it_found_or_what_it_expected(lora_run, full_run
     assert open_trained(lora_run / "adapter").weights == lora.weights  # adapter's base_model_name_or_path
     full = open_trained(full_run)
     assert full.adapter is None and full.weights == full_run / "model"
+    # a recipe names the run it wrote (hwft eval RECIPE_OR_OUTPUT)
+    assert open_trained(full_run.parent / "recipe.yaml").weights == full.weights
     (tmp_path / "recipe.yaml").write_text((lora_run / "recipe.yaml").read_text())
     (tmp_path / "checkpoints" / "step-2").mkdir(parents=True)
     with pytest.raises(ModelError, match="holds no adapter/ or model/ yet.*checkpoints/step-2"):
