@@ -253,7 +253,11 @@ class MethodSpec(Section):
 
 class TrainSpec(Section):
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
+    optimizer: Literal["adamw", "fused_adamw", "sgd"] = Field(
+        "adamw", description="adamw: AdamW (torch's fused kernel on CUDA); fused_adamw: the device's "
+        "fused AdamW (torch's fused kernel on CPU, CUDA and ROCm, torch_npu.optim.NpuFusedAdamW on "
+        "Ascend), refused where there is none; sgd."
+    )
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
     scheduler: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="Learning-rate schedule after warmup."
@@ -288,11 +292,11 @@ class TrainSpec(Section):
 
 class KernelSpec(Section):
     attention: Literal[
-        "auto", "eager", "sdpa", "flash_attention_2", "flex_attention", "npu_fusion_attention"
+        "auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "npu_fusion_attention"
     ] = Field("auto", description="Attention implementation; auto picks the backend's best.")
-    fused_rms_norm: bool = Field(False, description="Fused RMSNorm kernel.")
-    fused_rope: bool = Field(False, description="Fused rotary embedding kernel.")
-    fused_swiglu: bool = Field(False, description="Fused gated-MLP activation.")
+    fused_rms_norm: bool = Field(False, description="Fused RMSNorm kernel (Ascend: npu_rms_norm; CUDA/ROCm: Liger).")
+    fused_rope: bool = Field(False, description="Fused rotary embedding kernel (npu_rotary_mul; Liger).")
+    fused_swiglu: bool = Field(False, description="Fused gated-MLP activation (npu_swiglu; Liger).")
     fused_cross_entropy: bool | None = Field(
         None,
         description="Cross-entropy from the hidden states of the label positions, in chunks: no "

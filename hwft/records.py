@@ -54,7 +54,7 @@ class Capability:
     dtypes: tuple[str, ...]  #: fp32, bf16, fp16
     quantization: tuple[str, ...] = ()  #: e.g. bnb-nf4, bnb-int8, mlx-q4
     attention: tuple[str, ...] = ("eager",)  #: kernels.attention values
-    fused_kernels: tuple[str, ...] = ()  #: rms_norm, rope, swiglu, cross_entropy
+    fused_kernels: tuple[str, ...] = ()  #: rms_norm, rope, swiglu, cross_entropy; adamw: train.optimizer fused_adamw
     compile: bool = False  #: kernels.compile
     collective: str | None = None  #: gloo, nccl, rccl, hccl, mlx-ring
     parallel: tuple[str, ...] = ("none",)  #: parallel.strategy values

@@ -82,6 +82,8 @@ def capability_problems(recipe: Recipe, cap: Capability) -> list[str]:
         if getattr(k, f"fused_{kernel}") is True and kernel not in cap.fused_kernels:
             have = ", ".join(cap.fused_kernels) or "no fused kernels"
             out.append(f"kernels.fused_{kernel} (it has: {have})")
+    if recipe.train.optimizer == "fused_adamw" and "adamw" not in cap.fused_kernels:
+        out.append("train.optimizer 'fused_adamw' (no fused AdamW here; use adamw)")
     if k.compile and not cap.compile:
         out.append("kernels.compile (not supported)")
     if recipe.parallel.strategy not in cap.parallel:

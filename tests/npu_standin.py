@@ -10,10 +10,19 @@ imports the real ``torch_npu``.
 
 from __future__ import annotations
 
+import sys
 import types
 from collections import Counter
 
 import torch
+
+
+def install(monkeypatch, wrong: str | None = None) -> types.ModuleType:
+    """Put a stand-in at ``torch_npu`` (and ``torch_npu.optim``) for one test."""
+    module = make(wrong)
+    monkeypatch.setitem(sys.modules, "torch_npu", module)
+    monkeypatch.setitem(sys.modules, "torch_npu.optim", module.optim)
+    return module
 
 
 def make(wrong: str | None = None) -> types.ModuleType:
@@ -72,4 +81,17 @@ def make(wrong: str | None = None) -> types.ModuleType:
 
     for fn in (npu_rms_norm, npu_rotary_mul, npu_swiglu, npu_fusion_attention):
         setattr(module, fn.__name__, fn)
+
+    class NpuFusedAdamW(torch.optim.AdamW):
+        """torch_npu.optim.NpuFusedAdamW: AdamW's update (the same arguments), fused on the chip."""
+
+        def step(self, closure=None):
+            calls["NpuFusedAdamW.step"] += 1
+            if wrong == "NpuFusedAdamW":
+                for group in self.param_groups:
+                    group["lr"] *= 2
+            return super().step(closure)
+
+    module.optim = types.ModuleType("torch_npu.optim")
+    module.optim.NpuFusedAdamW = NpuFusedAdamW
     return module

@@ -167,6 +167,37 @@ def test_a_wrong_kernel_is_caught(op, flags, tiny_llama, tokenizer, monkeypatch)
     assert (logits - ref_logits).abs().max().item() > 1e-3
 
 
+@pytest.mark.parametrize("wrong", [None, "NpuFusedAdamW"])
+def test_fused_adamw_on_npu_is_npu_fused_adamw(wrong, monkeypatch):
+    """train.optimizer fused_adamw on the npu runtime builds torch_npu.optim.NpuFusedAdamW, whose
+    updates are AdamW's: three steps land on the same weights as torch's AdamW (and a wrong
+    stand-in does not)."""
+    from hwft_ascend.plugin import NPU
+    from hwft_torch.engine import make_optimizer
+
+    standin = npu_standin.install(monkeypatch, wrong)
+    recipe = recipe_from_dict({"data": "x.jsonl", "train": {"optimizer": "fused_adamw", "lr": 0.01,
+                                                            "weight_decay": 0.1}})
+    torch.manual_seed(0)
+    ours, theirs = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
+    theirs.load_state_dict(ours.state_dict())
+    fused = make_optimizer(ours, recipe, NPU)
+    plain = torch.optim.AdamW(theirs.parameters(), lr=0.01, weight_decay=0.1)
+    assert type(fused).__name__ == "NpuFusedAdamW"
+    x = torch.randn(16, 8)
+    for _ in range(3):
+        for model, optimizer in ((ours, fused), (theirs, plain)):
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+    assert standin.calls["NpuFusedAdamW.step"] == 3
+    same = torch.allclose(ours.weight, theirs.weight, atol=1e-6)
+    assert same is (wrong is None)
+    # adamw (not fused) stays torch's own on the npu
+    recipe.train.optimizer = "adamw"
+    assert type(make_optimizer(ours, recipe, NPU)) is torch.optim.AdamW
+
+
 @pytest.mark.npu
 def test_npu_lora_with_fused_kernels(tiny_llama, tmp_path, cli):
     """On a real Ascend NPU: the CLI trains with every fused operator, loss close to the CPU's."""

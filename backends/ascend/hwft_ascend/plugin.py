@@ -37,13 +37,25 @@ def _patch(model, recipe) -> list[str]:
     return apply(model, recipe)
 
 
+def _optimizer(params, recipe):
+    """train.optimizer fused_adamw: torch_npu's NpuFusedAdamW (one fused update over all
+    parameters, AdamW's maths); None: the engine's default for adamw and sgd."""
+    if recipe.train.optimizer != "fused_adamw":
+        return None
+    from torch_npu.optim import NpuFusedAdamW
+
+    t = recipe.train
+    return NpuFusedAdamW(params, lr=t.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=t.weight_decay)
+
+
 def _peak_memory() -> int:
     import torch
 
     return torch.npu.max_memory_allocated()
 
 
-NPU = DeviceRuntime("npu", bf16=_bf16, before_load=_before_load, patch_model=_patch, peak_memory=_peak_memory)
+NPU = DeviceRuntime("npu", bf16=_bf16, before_load=_before_load, patch_model=_patch, optimizer=_optimizer,
+                    peak_memory=_peak_memory)
 
 
 def capability_npu() -> Capability:
@@ -56,7 +68,7 @@ def capability_npu() -> Capability:
         **torch_fields("bitsandbytes has no Ascend NPU backend in the release hwft pins"),
         dtypes=("fp32", "fp16", *bf16),
         attention=("eager", "sdpa", "npu_fusion_attention"),
-        fused_kernels=("rms_norm", "rope", "swiglu", "cross_entropy"),
+        fused_kernels=("rms_norm", "rope", "swiglu", "cross_entropy", "adamw"),
         collective="hccl",
         packing=True,
     )

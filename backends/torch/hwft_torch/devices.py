@@ -16,7 +16,9 @@ from functools import cache
 
 from hwft.hardware import cpu_name, host_memory_gb
 from hwft.records import PRIORITY_ACCELERATOR, PRIORITY_CPU, Availability, Backend, Capability
+from hwft_torch import liger
 from hwft_torch.launch import launch
+from hwft_torch.liger import LIGER_KERNELS
 from hwft_torch.runtime import CPU, CUDA, cpu_bf16_units
 
 #: What the torch engine's training loop implements, for every torch device alike; qlora only
@@ -24,7 +26,7 @@ from hwft_torch.runtime import CPU, CUDA, cpu_bf16_units
 TUNINGS = ("full", "lora", "qlora")
 METHODS = {objective: TUNINGS for objective in ("sft", "cpt", "dpo", "grpo")}
 #: Kernels every torch device runs: the chunked cross-entropy is plain torch.
-FUSED = ("cross_entropy",)
+FUSED = ("cross_entropy", "adamw")
 #: bitsandbytes' formats, as Capability.quantization names them.
 BNB_FORMATS = ("bnb-nf4", "bnb-fp4", "bnb-int8")
 
@@ -126,15 +128,21 @@ def _nvidia_smi() -> tuple[dict, ...]:
         return ()
     try:
         out = subprocess.run(
-            [exe, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader,nounits"],
+            [exe, "--query-gpu=name,memory.total,driver_version,compute_cap", "--format=csv,noheader,nounits"],
             capture_output=True, text=True, timeout=10, check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return ()
+    return parse_nvidia_smi(out)
+
+
+def parse_nvidia_smi(out: str) -> tuple[dict, ...]:
+    """Rows of ``nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap``."""
     rows = []
     for i, line in enumerate(out.strip().splitlines()):
-        name, mem, driver = (x.strip() for x in line.split(","))
-        rows.append({"index": i, "name": name, "memory_gb": round(float(mem) / 1024, 1), "driver": driver})
+        name, mem, driver, cc = (x.strip() for x in line.split(","))
+        rows.append({"index": i, "name": name, "memory_gb": round(float(mem) / 1024, 1), "driver": driver,
+                     "compute_capability": cc})
     return tuple(rows)
 
 
@@ -155,6 +163,38 @@ def _attention(*extra: str) -> tuple[str, ...]:
     return ("eager", "sdpa", *extra, *flash)
 
 
+def gpu_kernels() -> tuple[str, ...]:
+    """Fused kernels on CUDA and ROCm: hwft's own, plus Liger's where liger-kernel is installed."""
+    return FUSED + (LIGER_KERNELS if liger.installed() else ())
+
+
+def cuda_record(devices: tuple[dict, ...], flash2: bool, flash3: bool, liger_kernels: tuple[str, ...]) -> Capability:
+    """The CUDA capability record of these devices (the smallest compute capability decides):
+    bf16 from Ampere (8.0); flash-attn 2 from Ampere where installed; flash-attn 3 (its Hopper
+    build, ``flash_attn_interface``) on 9.x where installed; SDPA everywhere."""
+    caps = [float(d["compute_capability"]) for d in devices if d.get("compute_capability")]
+    cc = min(caps) if caps else None
+    notes: dict[str, str] = {}
+    bf16 = cc is None or cc >= 8.0
+    if not bf16:
+        notes["bf16"] = f"compute capability {cc} has no bf16 (Ampere, 8.0, and newer have it); use fp16 or fp32"
+    attention = ["eager", "sdpa"]
+    if flash2 and (cc is None or cc >= 8.0):
+        attention.append("flash_attention_2")
+    elif flash2:
+        notes["flash_attention_2"] = f"flash-attn 2 needs compute capability 8.0 (this device: {cc})"
+    if flash3 and cc is not None and 9.0 <= cc < 10.0:
+        attention.append("flash_attention_3")
+    if not liger_kernels:
+        notes["fused_rms_norm"] = "Liger's kernels are not installed (pip install liger-kernel)"
+    fields = torch_fields()
+    fields["notes"] = {**fields["notes"], **notes}
+    return Capability(
+        **fields, dtypes=("fp32", "bf16", "fp16") if bf16 else ("fp32", "fp16"), attention=tuple(attention),
+        fused_kernels=FUSED + liger_kernels, collective="nccl", packing=True,
+    )
+
+
 def capability_cpu() -> Capability:
     return Capability(
         **torch_fields(),
@@ -167,15 +207,17 @@ def capability_cpu() -> Capability:
 
 
 def capability_cuda() -> Capability:
-    return Capability(
-        **torch_fields(), dtypes=("fp32", "bf16", "fp16"), attention=_attention(), fused_kernels=FUSED,
-        collective="nccl", packing=True,
-    )
+    return cuda_record(probe_cuda().devices, importlib.util.find_spec("flash_attn") is not None,
+                       importlib.util.find_spec("flash_attn_interface") is not None,
+                       LIGER_KERNELS if liger.installed() else ())
 
 
 def capability_rocm() -> Capability:
+    """ROCm: RCCL under torch's nccl name; SDPA, and flash-attn 2 where its ROCm (Composable
+    Kernel) build is installed; bitsandbytes 4-bit from its ROCm build (multi-backend
+    bitsandbytes >= 0.45 on supported Instinct and Radeon parts)."""
     return Capability(
-        **torch_fields(), dtypes=("fp32", "bf16", "fp16"), attention=_attention(), fused_kernels=FUSED,
+        **torch_fields(), dtypes=("fp32", "bf16", "fp16"), attention=_attention(), fused_kernels=gpu_kernels(),
         collective="rccl", packing=True,
     )
 

@@ -73,7 +73,10 @@ def make_optimizer(model, recipe: Recipe, runtime: DeviceRuntime) -> torch.optim
             return device_optimizer
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=runtime.type == "cuda")
+    # fused_adamw: torch's fused kernel (CPU, CUDA, ROCm); a device with its own (Ascend's
+    # NpuFusedAdamW) returned it above through runtime.optimizer.
+    fused = t.optimizer == "fused_adamw" or runtime.type == "cuda"
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused)
 
 
 def make_scheduler(optimizer, recipe: Recipe, steps: int):

@@ -92,5 +92,11 @@ def _cuda_peak() -> int:
 
 
 CPU = DeviceRuntime("cpu", bf16=lambda: cpu_bf16_units() is not None, peak_memory=cpu_peak_rss)
+def _gpu_patch(model, recipe) -> list[str]:
+    from hwft_torch.liger import patch
+
+    return patch(model, recipe)
+
+
 # ROCm builds of torch use the cuda namespace too.
-CUDA = DeviceRuntime("cuda", bf16=_cuda_bf16, peak_memory=_cuda_peak)
+CUDA = DeviceRuntime("cuda", bf16=_cuda_bf16, patch_model=_gpu_patch, peak_memory=_cuda_peak)

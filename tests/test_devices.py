@@ -1,0 +1,127 @@
+"""The CUDA and ROCm capability records, the fused AdamW of train.optimizer, and Liger's
+kernels (issue 6). Records are built from what nvidia-smi prints on real parts; what needs a GPU
+is marked ``cuda`` and runs wherever one is present."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_recipe
+
+H100 = "NVIDIA H100 80GB HBM3, 81559, 550.54.15, 9.0"
+A100 = "NVIDIA A100-SXM4-40GB, 40960, 535.104.05, 8.0"
+T4 = "Tesla T4, 15360, 535.104.05, 7.5"
+
+
+def test_nvidia_smi_rows_carry_the_compute_capability():
+    from hwft_torch.devices import parse_nvidia_smi
+
+    (row,) = parse_nvidia_smi(H100 + "\n")
+    assert row == {"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_gb": 79.6, "driver": "550.54.15",
+                   "compute_capability": "9.0"}
+
+
+def test_cuda_record_follows_the_device():
+    from hwft_torch.devices import cuda_record, parse_nvidia_smi
+
+    hopper = cuda_record(parse_nvidia_smi(H100), flash2=True, flash3=True, liger_kernels=("rms_norm", "rope", "swiglu"))
+    assert hopper.dtypes == ("fp32", "bf16", "fp16") and hopper.collective == "nccl"
+    assert hopper.attention == ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
+    assert {"rms_norm", "rope", "swiglu", "cross_entropy", "adamw"} <= set(hopper.fused_kernels)
+    ampere = cuda_record(parse_nvidia_smi(A100), flash2=True, flash3=True, liger_kernels=())
+    assert ampere.attention == ("eager", "sdpa", "flash_attention_2")  # flash-attn 3 is Hopper's
+    assert "liger-kernel" in ampere.notes["fused_rms_norm"]
+    # a mixed machine is held to its weakest device
+    turing = cuda_record(parse_nvidia_smi(H100 + "\n" + T4), flash2=True, flash3=False, liger_kernels=())
+    assert turing.dtypes == ("fp32", "fp16") and turing.attention == ("eager", "sdpa")
+    assert "7.5 has no bf16" in turing.notes["bf16"] and "needs compute capability 8.0" in turing.notes["flash_attention_2"]
+
+
+def test_a_turing_record_refuses_bf16_and_flash_attention_naming_what_it_has():
+    from hwft.recipe import recipe_from_dict
+    from hwft.select import capability_problems
+    from hwft_torch.devices import cuda_record, parse_nvidia_smi
+
+    record = cuda_record(parse_nvidia_smi(T4), flash2=True, flash3=False, liger_kernels=())
+    recipe = recipe_from_dict({"data": "x.jsonl", "train": {"precision": "bf16"},
+                               "kernels": {"attention": "flash_attention_2", "fused_rms_norm": True}})
+    problems = capability_problems(recipe, record)
+    assert "train.precision 'bf16' (it has: fp32, fp16)" in problems
+    assert "kernels.attention 'flash_attention_2' (it has: auto, eager, sdpa)" in problems
+    assert any(p.startswith("kernels.fused_rms_norm (it has: cross_entropy, adamw)") for p in problems)
+
+
+def test_rocm_record():
+    from hwft_torch.devices import capability_rocm
+
+    record = capability_rocm()
+    assert record.collective == "rccl" and "bf16" in record.dtypes and "sdpa" in record.attention
+    assert "bnb-nf4" in record.quantization or "qlora" in record.notes
+
+
+def test_fused_adamw_trains_like_adamw_on_the_cpu(cli, tmp_path, tiny_llama):
+    """torch's fused AdamW kernel: the same losses as the foreach one, to float rounding."""
+    losses = {}
+    for optimizer in ("adamw", "fused_adamw"):
+        folder = tmp_path / optimizer
+        folder.mkdir()
+        recipe = write_recipe(folder, tiny_llama, train={"optimizer": optimizer, "max_steps": 4})
+        code, _, err = cli("train", recipe, "--quiet")
+        assert code == 0, err
+        lines = (folder / "out" / "metrics.jsonl").read_text().splitlines()
+        losses[optimizer] = [json.loads(x)["loss"] for x in lines]
+    assert losses["fused_adamw"] == pytest.approx(losses["adamw"], abs=1e-5)
+
+
+def test_fused_adamw_is_refused_where_there_is_none(cli, tmp_path, tiny_llama):
+    recipe = write_recipe(tmp_path, tiny_llama, backend="mlx", train={"optimizer": "fused_adamw"})
+    code, _, err = cli("train", recipe)
+    assert code == 2 and "train.optimizer 'fused_adamw' (no fused AdamW here; use adamw)" in err
+
+
+def test_liger_patch_refuses_another_family_and_does_nothing_when_off():
+    from types import SimpleNamespace
+
+    from hwft.errors import UserError
+    from hwft.recipe import recipe_from_dict
+    from hwft_torch import liger
+
+    off = recipe_from_dict({"data": "x.jsonl"})
+    assert liger.patch(object(), off) == []  # nothing switched on: Liger is not even imported
+    on = recipe_from_dict({"data": "x.jsonl", "kernels": {"fused_swiglu": True}})
+    gemma = SimpleNamespace(config=SimpleNamespace(model_type="gemma2"))
+    with pytest.raises(UserError, match="not to model_type gemma2; turn those switches off"):
+        liger.patch(gemma, on)
+
+
+@pytest.mark.cuda
+def test_liger_kernels_keep_the_logits(tiny_llama, tokenizer):
+    """On an NVIDIA GPU with liger-kernel: RMSNorm, RoPE and SwiGLU patched in, same logits."""
+    pytest.importorskip("liger_kernel")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hwft.recipe import recipe_from_dict
+    from hwft_torch import liger
+
+    ids = torch.tensor([tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"]], device="cuda")
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).cuda()
+    want = plain(input_ids=ids).logits
+    patched = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).cuda()
+    recipe = recipe_from_dict({"data": "x.jsonl", "kernels": {"fused_rms_norm": True, "fused_rope": True,
+                                                              "fused_swiglu": True}})
+    assert liger.patch(patched, recipe) == ["liger rms_norm", "liger rope", "liger swiglu"]
+    torch.testing.assert_close(patched(input_ids=ids).logits, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_record_of_this_machine():
+    from hwft_torch.devices import capability_cuda, probe_cuda
+
+    avail = probe_cuda()
+    assert avail.available and avail.devices[0]["compute_capability"]
+    assert Path("/dev/nvidia0").exists() or avail.devices
+    assert capability_cuda().collective == "nccl"
