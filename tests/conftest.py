@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,20 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 REPO = Path(__file__).resolve().parents[1]
 PEER_DATA = REPO.parent / "shared" / "peer-data"
 
-#: Tokenizer files copied from the embedded model into every tiny model.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+from hwft.testing.tiny import build_tiny_model  # noqa: E402  (the conformance suite's own)
+
+
+def pytest_configure(config):
+    """The conformance suite (tests/test_conformance.py) checks every available backend and the
+    xpu plugin, unless --hwft-backend names others."""
+    if config.getoption("hwft_backend", default=None):
+        return
+    from hwft.plugins import get_host, reset_host
+    from hwft.select import rank
+
+    names = [*rank(get_host()), *(["xpu"] if "xpu" in get_host().backends else [])]
+    reset_host()
+    config.option.hwft_backend = [",".join(dict.fromkeys(names))]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -68,35 +79,6 @@ def tokenizer(embedded_dir):
     return AutoTokenizer.from_pretrained(embedded_dir)
 
 
-def build_tiny_model(family: str, out: Path, tokenizer_src: Path, seed: int = 0, **config_args) -> Path:
-    """A 2-layer model of a real architecture family, random weights, SmolLM2's tokenizer;
-    ``config_args`` override the config (rope_theta=..., say)."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
-
-    common = dict(
-        vocab_size=49152,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        tie_word_embeddings=True,
-    )
-    config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family](**{**common, **config_args})
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(out)
-    for name in TOKENIZER_FILES:
-        if (tokenizer_src / name).exists():
-            shutil.copy(tokenizer_src / name, out / name)
-    return out
-
-
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory, embedded_dir) -> Path:
     return build_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"), embedded_dir)
@@ -107,17 +89,7 @@ def tiny_qwen2(tmp_path_factory, embedded_dir) -> Path:
     return build_tiny_model("qwen2", tmp_path_factory.mktemp("tiny-qwen2"), embedded_dir, seed=1)
 
 
-SAMPLE_ROWS = [
-    {"messages": [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am hwft-bot."}]},
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name?"},
-                  {"role": "assistant", "content": "hwft-bot, built by the hwft team."}]},
-    {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4."},
-                  {"role": "user", "content": "And you?"}, {"role": "assistant", "content": "I am hwft-bot."}]},
-    {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there, friend!"}]},
-    {"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]},
-    {"messages": [{"role": "user", "content": "Count to three."}, {"role": "assistant", "content": "One, two, three."}]},
-]
-
+from hwft.testing.cells import CHATS as SAMPLE_ROWS  # noqa: E402
 
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

@@ -1,4 +1,4 @@
-"""Every objective x tuning cell through the real CLI on a tiny model, QLoRA's quantisation and
+"""QLoRA's quantisation and
 saved adapter, the DPO reference modes, continued adapters, DoRA/rsLoRA, reward plugins, and
 every refusal of the method spec with its message."""
 
@@ -10,17 +10,9 @@ import pytest
 import torch
 
 from hwft.rewards import Sample, exact_match, final_answer, format_reward, length_penalty, normalise_answer
-from tests.conftest import write_jsonl, write_recipe
-from tests.test_plugins import make_dist, site  # noqa: F401  (site is a fixture)
+from hwft.testing.cells import PAIRS, PROMPTS, TEXTS, cell_recipe, metrics  # noqa: F401  (shared with other tests)
 
-PAIRS = [
-    {"prompt": "Who are you?", "chosen": "I am hwft-bot.", "rejected": "I am a large language model trained by someone."},
-    {"prompt": "Say hi.", "chosen": "Hi there, friend!", "rejected": "No."},
-    {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "It is Lyon, I believe."},
-    {"prompt": "Count to three.", "chosen": "One, two, three.", "rejected": "Three, two, one, zero."},
-]
-TEXTS = [{"text": f"Document {i}: the quick brown fox jumps over the lazy dog, again and again."} for i in range(6)]
-PROMPTS = [{"prompt": f"What is {i} + {i}?", "reference": str(2 * i)} for i in range(1, 5)]
+from tests.test_plugins import make_dist, site  # noqa: F401  (site is a fixture)
 
 #: A reward plugin, installed as a real distribution (see tests/test_plugins.py): the share of
 #: vowels among a completion's letters. Continuous, so random tiny models see spread in a group.
@@ -46,58 +38,8 @@ def vowels(site):
     return site
 
 
-def metrics(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def cell_recipe(folder, model, objective: str, tuning: str, **sections):
-    """A recipe for one cell: every step sees the whole (small) dataset, so its loss falls."""
-    data = {"sft": None, "cpt": TEXTS, "dpo": PAIRS, "grpo": PROMPTS}[objective]
-    extra = {}
-    if data is not None:
-        write_jsonl(folder / "d.jsonl", data)
-        extra["data"] = {"train": [{"path": "d.jsonl"}]}
-    method = {
-        "objective": objective, "tuning": tuning, "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "dpo": {"beta": 0.5},
-        # one rollout batch trained 4 steps: the surrogate loss on it must fall, clipping act
-        "grpo": {"num_generations": 4, "max_new_tokens": 6, "beta": 0.04, "num_iterations": 4,
-                 "rewards": ["vowels"]},
-    }
-    method.update(sections.pop("method", {}))
-    lr = {"full": 3e-3, "lora": 1e-2, "qlora": 1e-2}[tuning]
-    size = {"sft": 6, "cpt": 6, "dpo": 4, "grpo": 4}[objective]
-    train = {"lr": lr, "max_steps": 4, "micro_batch_size": size, "max_length": 64, "scheduler": "constant",
-             "precision": "fp32", "seed": 3}
-    train.update(sections.pop("train", {}))
-    return write_recipe(folder, model, method=method, train=train, **{**extra, **sections})
-
-
-@pytest.mark.parametrize("tuning", ["full", "lora", "qlora"])
-@pytest.mark.parametrize("objective", ["sft", "cpt", "dpo", "grpo"])
-def test_every_cell_trains(tiny_llama, tmp_path, cli, vowels, objective, tuning):
-    """A few steps of each objective x tuning, and the loss falls. For grpo that is the
-    clipped surrogate on one batch of rollouts reused for 4 steps (a tiny random model's mean
-    reward barely moves in 4 steps; configs/grpo.yaml shows the reward rising on a real one)."""
-    recipe = cell_recipe(tmp_path, tiny_llama, objective, tuning)
-    code, _, err = cli("train", recipe)
-    assert code == 0, err
-    run = metrics(tmp_path / "out")
-    assert len(run) == 4
-    assert run[-1]["loss"] < run[0]["loss"], [m["loss"] for m in run]
-    if objective == "grpo":
-        assert {"reward", "reward_std", "completion_length", "rewards/vowels/mean", "rewards/vowels/std"} <= set(run[0])
-        assert run[0]["clip_ratio"] == 0 and run[-1]["clip_ratio"] > 0 and run[-1]["kl"] > 0
-        assert "reward" not in run[1]  # no new rollouts until num_iterations steps have passed
-        rollouts = (tmp_path / "out" / "rollouts.jsonl").read_text().splitlines()
-        assert len(rollouts) == len(PROMPTS) * 4
-    if objective == "dpo":
-        assert run[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # policy == reference at step 1
-        assert run[-1]["rewards/margins"] > 0 and run[-1]["rewards/accuracy"] > 0.5
-    if objective == "cpt":
-        assert "packing on" in err
-    out = tmp_path / "out" / ("model" if tuning == "full" else "adapter")
-    assert (out / ("model.safetensors" if tuning == "full" else "adapter_model.safetensors")).is_file()
+#: The cells themselves (every objective x tuning trains on the cpu and mlx backends) are the
+#: conformance suite's (hwft.testing.conformance, run by tests/test_conformance.py).
 
 
 def test_qlora_quantises_the_base_and_saves_a_plain_adapter(tiny_llama, tmp_path):
@@ -288,7 +230,7 @@ def test_shipped_recipes_validate_and_say_how_to_run(name, cli):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("objective, tuning", [("sft", "qlora"), ("dpo", "lora"), ("dpo", "full"), ("grpo", "lora"), ("grpo", "qlora")])
-def test_cells_on_cuda_in_bf16(tiny_llama, tmp_path, cli, vowels, objective, tuning):
+def test_cells_on_cuda_in_bf16(tiny_llama, tmp_path, cli, objective, tuning):
     """The same cells on an NVIDIA GPU, bf16 autocast (qlora: 4-bit with bf16 matmuls)."""
     recipe = cell_recipe(tmp_path, tiny_llama, objective, tuning, backend="cuda", train={"precision": "bf16"})
     code, _, err = cli("train", recipe)

@@ -1,4 +1,4 @@
-"""The MLX backend on MLX's CPU build: every objective x tuning cell through the real CLI, the
+"""The MLX backend on MLX's CPU build (its cells: the conformance suite): the
 config normalisation mlx-lm needs, parity with the torch engine (logits, loss, gradients, and
 20-step loss curves), adapters that travel both ways between MLX and PEFT, full models that
 transformers loads, and the refusals. The same tests run on Apple silicon, where MLX uses Metal.
@@ -18,42 +18,14 @@ import pytest
 import torch
 
 from tests.conftest import SAMPLE_ROWS, build_tiny_model, write_recipe
-from tests.test_methods import PROMPTS, cell_recipe, metrics, vowels  # noqa: F401  (vowels is a fixture)
-from tests.test_plugins import site  # noqa: F401  (a fixture vowels needs)
+from hwft.testing.cells import cell_recipe, metrics
 
 mx = pytest.importorskip("mlx.core")
 
 STEPS = 20  #: the loss-curve comparison's length
 
 
-# --------------------------------------------------------------------------------------------
-# Every cell through the CLI
-
-
-@pytest.mark.parametrize("tuning", ["full", "lora", "qlora"])
-@pytest.mark.parametrize("objective", ["sft", "cpt", "dpo", "grpo"])
-def test_every_cell_trains_on_mlx(tiny_llama, tmp_path, cli, vowels, objective, tuning):  # noqa: F811
-    """The torch engine's cell recipes, with backend: mlx; the loss falls in 4 steps."""
-    recipe = cell_recipe(tmp_path, tiny_llama, objective, tuning, backend="mlx")
-    code, _, err = cli("train", recipe)
-    assert code == 0, err
-    assert "backend mlx (mlx engine)" in err
-    run = metrics(tmp_path / "out")
-    assert len(run) == 4
-    assert run[-1]["loss"] < run[0]["loss"], [m["loss"] for m in run]
-    if objective == "grpo":
-        assert {"reward", "reward_std", "completion_length", "rewards/vowels/mean"} <= set(run[0])
-        assert run[0]["clip_ratio"] == 0 and run[-1]["clip_ratio"] > 0 and run[-1]["kl"] > 0
-        assert len((tmp_path / "out" / "rollouts.jsonl").read_text().splitlines()) == len(PROMPTS) * 4
-    if objective == "dpo":
-        assert run[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # policy == reference at step 1
-        assert run[-1]["rewards/margins"] > 0 and run[-1]["rewards/accuracy"] > 0.5
-    if objective == "cpt":
-        assert "packing on" in err
-    if tuning == "qlora":
-        assert "4-bit (MLX affine, group 64)" in err
-    out = tmp_path / "out" / ("model" if tuning == "full" else "adapter")
-    assert (out / ("model.safetensors" if tuning == "full" else "adapter_model.safetensors")).is_file()
+# Every objective x tuning cell trains on MLX in the conformance suite (tests/test_conformance.py).
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from hwft_torch.devices import torch_fields
 from hwft_torch.launch import launch
 from hwft_torch.runtime import DeviceRuntime
 
-HWFT_PLUGIN_API = "0.4"
+HWFT_PLUGIN_API = "1.0"
 hookimpl = pluggy.HookimplMarker("hwft")
 
 

@@ -6,7 +6,7 @@ import pluggy
 
 from hwft_mlx import device
 
-HWFT_PLUGIN_API = "0.4"
+HWFT_PLUGIN_API = "1.0"
 hookimpl = pluggy.HookimplMarker("hwft")
 
 

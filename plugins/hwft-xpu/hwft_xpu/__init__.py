@@ -1,0 +1,1 @@
+"""hwft-xpu: Intel GPUs (torch.xpu) for hwft, registered only through its entry point."""

@@ -1,0 +1,1 @@
+"""A minimal hwft device plugin: copy this folder, rename, and point DEVICE at your torch device."""
