@@ -19,16 +19,16 @@ from hwft.testing.tiny import build_tiny_model  # noqa: E402  (the conformance s
 
 
 def pytest_configure(config):
-    """The conformance suite (tests/test_conformance.py) checks every available backend and the
-    xpu plugin, unless --hwft-backend names others."""
+    """The conformance suite (tests/test_conformance.py) checks every available backend unless
+    --hwft-backend names others (the xpu plugin: through `hwft plugins check xpu`, there)."""
     if config.getoption("hwft_backend", default=None):
         return
     from hwft.plugins import get_host, reset_host
     from hwft.select import rank
 
-    names = [*rank(get_host()), *(["xpu"] if "xpu" in get_host().backends else [])]
+    names = rank(get_host())
     reset_host()
-    config.option.hwft_backend = [",".join(dict.fromkeys(names))]
+    config.option.hwft_backend = [",".join(names)]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,10 +1,11 @@
 """The conformance suite (hwft.testing.conformance) on the built-in backends, and on the two
-out-of-tree plugins in plugins/: hwft-xpu (installed by ci/setup.sh; unavailable here, so its
-probe and record are checked and the rest skips) and the template a vendor copies (run the way
-its author runs it: pytest in its own folder, installed as a distribution).
+out-of-tree plugins in plugins/: hwft-xpu (installed by ci/setup.sh; unavailable here, so
+`hwft plugins check xpu` checks its probe and record and the rest skips) and the template a
+vendor copies (run the way its author runs it: pytest in its own folder, installed as a
+distribution).
 
-Which backends: tests/conftest.py names every available one, plus xpu; ``--hwft-backend NAME``
-picks others. The suite replaces the per-backend cell tests the torch and MLX suites had."""
+Which backends: tests/conftest.py names every available one; ``--hwft-backend NAME`` picks
+others. The suite replaces the per-backend cell tests the torch and MLX suites had."""
 
 from __future__ import annotations
 
