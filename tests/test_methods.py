@@ -18,14 +18,9 @@ from tests.test_plugins import make_dist, site  # noqa: F401  (site is a fixture
 #: vowels among a completion's letters. Continuous, so random tiny models see spread in a group.
 VOWELS_PLUGIN = """
     import pluggy
+    from hwft.testing.rewards import testing_vowels as vowels
     HWFT_PLUGIN_API = "0.2"
     hookimpl = pluggy.HookimplMarker("hwft")
-    def vowels(samples, scale=1.0):
-        out = []
-        for s in samples:
-            letters = [c for c in s.completion.lower() if c.isalpha()]
-            out.append(scale * sum(c in "aeiou" for c in letters) / max(len(letters), 1))
-        return out
     @hookimpl
     def hwft_register_rewards(register):
         register("vowels", vowels, description="share of vowels")
@@ -177,7 +172,7 @@ def test_method_refusals(tiny_llama, tmp_path, cli, sections, message):
 def test_dpo_refuses_conversations_without_a_rejected_answer(tiny_llama, tmp_path, cli):
     recipe = cell_recipe(tmp_path, tiny_llama, "sft", "lora")  # sft rows (messages) ...
     code, _, err = cli("train", recipe, "method.objective=dpo")  # ... given to dpo
-    assert code == 2 and "train.jsonl row 1" in err and "preference" in err, err
+    assert code == 2 and "data.jsonl row 1" in err and "preference" in err, err
 
 
 # ---------------------------------------------------------------------------------- rewards

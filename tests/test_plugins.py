@@ -134,7 +134,7 @@ def test_allow_and_deny_lists(site, monkeypatch):
     assert next(p for p in host.plugins if p.name == "torch").status == "disabled"
     reset_host()
     monkeypatch.delenv("HWFT_PLUGINS")
-    monkeypatch.setenv("HWFT_DISABLE_PLUGINS", "torch, ascend, mlx, hwft-vdev")
+    monkeypatch.setenv("HWFT_DISABLE_PLUGINS", "torch, ascend, mlx, xpu, hwft-vdev")
     assert get_host().backends == {}
 
 

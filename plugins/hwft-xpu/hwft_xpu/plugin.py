@@ -29,13 +29,6 @@ hookimpl = pluggy.HookimplMarker("hwft")
 BNB_XPU = (0, 48)
 
 
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 @cache
 def probe() -> Availability:
     if importlib.util.find_spec("torch") is None:
@@ -70,8 +63,9 @@ def collective() -> str:
 
 def bitsandbytes_xpu() -> str | None:
     """None when bitsandbytes can quantise on XPU; else why not."""
-    version = _version("bitsandbytes")
-    if version is None:
+    try:
+        version = importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
         return "bitsandbytes is not installed (pip install 'bitsandbytes>=0.48')"
     parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
     if parts < BNB_XPU:
