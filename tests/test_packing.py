@@ -74,9 +74,47 @@ def check_packed_logits(model_dir, tokenizer, attention: str, device: str, atol:
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager", "hwft_packed_sdpa"])
 def test_packed_logits_equal_separate_runs(family, attention, tiny_llama, tiny_qwen2, tokenizer):
+    if attention == "hwft_packed_sdpa":  # what sft/cpt use for sdpa (hwft_torch.packed_attention)
+        from hwft_torch.packed_attention import register
+
+        register()
     check_packed_logits({"llama": tiny_llama, "qwen2": tiny_qwen2}[family], tokenizer, attention, "cpu", 1e-5)
+
+
+def test_per_example_attention_has_the_masked_calls_gradients(tiny_llama, tokenizer, monkeypatch):
+    """SDPA once per packed example (no mask) against one masked call per row: the same loss and
+    gradients, and the per-example path really ran (one causal call per example and layer)."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from hwft_torch import packed_attention
+    from hwft_torch.objective import to_tensors
+
+    renderer = ChatRenderer(tokenizer, tokenizer.chat_template)
+    examples = [Example("chat", r["messages"], source=str(i)) for i, r in enumerate(SAMPLE_ROWS)]
+    rows = make_rows(tokenize_examples(examples, renderer, 512)[0], 160, packing=True)
+    results = {}
+    for attention in ("sdpa", packed_attention.register()):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation=attention)
+        calls = []
+        real = F.scaled_dot_product_attention
+        monkeypatch.setattr(F, "scaled_dot_product_attention",
+                            lambda *a, **k: calls.append(k.get("is_causal")) or real(*a, **k))
+        batch = to_tensors(rows, tokenizer.pad_token_id, attention, torch.device("cpu"))
+        loss = model(**batch).loss
+        loss.backward()
+        monkeypatch.undo()
+        results[attention] = loss.item(), {n: p.grad for n, p in model.named_parameters()}, calls
+    (loss_a, grads_a, calls_a), (loss_b, grads_b, calls_b) = results.values()
+    segments = sum(len(packed_attention.segments(torch.tensor(r.position_ids + [0]))) - 1 for r in rows)
+    padded = sum(len(r.input_ids) < max(len(x.input_ids) for x in rows) for r in rows)
+    assert calls_b == [True] * (2 * (segments + padded))  # 2 layers x (examples + padding blocks)
+    assert loss_b == pytest.approx(loss_a, abs=1e-5)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 @pytest.mark.cuda

@@ -21,7 +21,14 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def attention_implementation(recipe: Recipe) -> str:
-    return "sdpa" if recipe.kernels.attention == "auto" else recipe.kernels.attention
+    """kernels.attention; auto is sdpa. For sft and cpt, whose rows may be packed, sdpa runs once
+    per packed example (:mod:`hwft_torch.packed_attention`), unless data.packing is false."""
+    name = "sdpa" if recipe.kernels.attention == "auto" else recipe.kernels.attention
+    if name == "sdpa" and recipe.method.objective in ("sft", "cpt") and recipe.data.packing is not False:
+        from hwft_torch.packed_attention import register
+
+        return register()
+    return name
 
 
 def quantization_config(recipe: Recipe, compute_dtype: torch.dtype):

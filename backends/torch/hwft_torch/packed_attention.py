@@ -1,0 +1,66 @@
+"""SDPA once per packed example, for devices without a varlen attention kernel.
+
+A packed row holds several examples, and attention must stay within each. The plain way is one
+SDPA call over the whole row with a block-diagonal causal mask. That computes every (query, key)
+pair of the row, L^2, then masks most of them away; the CPU's flash kernel cannot skip masked
+blocks. Here each example is its own causal SDPA call. That costs sum_i L_i^2, with no mask,
+and the causal kernel skips the upper triangle. It is the same maths: the logits agree within
+float rounding (tests/test_packing.py).
+
+The examples are found where ``position_ids`` restart at 0, the signal flash-attention's varlen
+path reads. Right padding restarts too (hwft.data.batching.pad), so it forms one more segment.
+Anything else takes transformers' own sdpa path with its mask:
+- no position ids;
+- a KV cache (generation);
+- a row that does not start at position 0.
+
+Measured on SmolLM2-135M with LoRA, 2 rows of 512 tokens, 5 examples each, on the 2-core CPU: a
+training step went from 7.31 s to 6.45 s.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+NAME = "hwft_packed_sdpa"
+
+
+def register() -> str:
+    """Make ``attn_implementation=NAME`` loadable (transformers' sdpa mask builder); idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, packed_sdpa_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    return NAME
+
+
+def segments(position_ids: torch.Tensor) -> list[tuple[int, int]]:
+    """[start, end) of each example in one row: where the positions restart at 0."""
+    starts = (position_ids == 0).nonzero().flatten().tolist()
+    return list(zip(starts, starts[1:] + [position_ids.shape[0]], strict=True))
+
+
+def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                        is_causal=None, position_ids=None, **kwargs):
+    """transformers' attention-function signature: (B, H, L, D) in, ((B, L, H, D), None) out."""
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    packed = (position_ids is not None and position_ids.shape[-1] == query.shape[2] == key.shape[2]
+              and bool((position_ids[..., 0] == 0).all()))
+    if not packed:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    ids = position_ids.expand(query.shape[0], -1)
+    rows = []
+    for b in range(query.shape[0]):
+        rows.append(torch.cat([
+            F.scaled_dot_product_attention(query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e],
+                                           is_causal=True, scale=scaling, dropout_p=dropout)
+            for s, e in segments(ids[b])
+        ], dim=2))
+    return torch.cat(rows).transpose(1, 2).contiguous(), None
