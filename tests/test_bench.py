@@ -31,7 +31,7 @@ def bench_recipe(folder: Path, model: Path, **extra) -> Path:
 
 @pytest.fixture(scope="module")
 def bench_run(tiny_llama, tmp_path_factory):
-    """One `hwft bench --baseline hf` on the tiny Llama: (results folder, stdout)."""
+    """One `hwft bench --backends cpu,mlx --baseline hf` on the tiny Llama: (results folder, stdout)."""
     import subprocess
     import sys
 
@@ -40,7 +40,7 @@ def bench_run(tiny_llama, tmp_path_factory):
     out = folder / "results"
     done = subprocess.run(
         [sys.executable, "-m", "hwft.cli", "bench", str(recipe), "--steps", "3", "--warmup", "1",
-         "--baseline", "hf", "--eval-examples", "8", "--out", str(out)],
+         "--baseline", "hf", "--eval-examples", "8", "--backends", "cpu,mlx", "--out", str(out)],
         capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -52,8 +52,8 @@ def test_bench_writes_one_result_per_arm_and_compares_them(bench_run):
 
     out, stdout = bench_run
     files = sorted(out.glob("*.json"))
-    assert [f.name.split("-", 1)[1] for f in files] == ["baseline-hf-fp32-cpu.json", "hwft-cpu.json"]
-    base, hwft = (BenchResult.model_validate_json(f.read_text()) for f in files)
+    assert [f.name.split("-", 1)[1] for f in files] == ["baseline-hf-fp32-cpu.json", "hwft-cpu.json", "hwft-mlx.json"]
+    base, hwft, mlx = (BenchResult.model_validate_json(f.read_text()) for f in files)
     assert json.loads(files[1].read_text())["schema"] == "hwft.bench/1"
     assert hwft.workload.hash == base.workload.hash and hwft.run_id == base.run_id
     assert (hwft.arm.kind, hwft.arm.dtype, base.arm.kind, base.arm.dtype) == ("hwft", "fp32", "baseline-hf", "fp32")
@@ -76,6 +76,25 @@ def test_bench_writes_one_result_per_arm_and_compares_them(bench_run):
     # the tiny model barely moves in 4 steps at lr 1e-4: both arms measure nearly the same eval loss
     assert abs(c.eval_loss_relative_difference) < 0.01
     assert "ratio counts" in stdout and "| hwft | cpu | fp32 |" in stdout
+
+
+def test_the_mlx_arm_is_comparable_with_the_cpu_arm(bench_run):
+    """The same workload on the MLX engine (its CPU build here): the same hash, the same
+    sequences in the same steps, an MFU from its own matmul probe, and the same held-out loss
+    as the torch arm to 1e-3 (the engines' losses agree to 1e-4, tests/test_mlx.py)."""
+    from hwft.bench.schema import BenchResult
+
+    out, stdout = bench_run
+    (cpu_file,) = out.glob("*-hwft-cpu.json")
+    (mlx_file,) = out.glob("*-hwft-mlx.json")
+    cpu, mlx = (BenchResult.model_validate_json(f.read_text()) for f in (cpu_file, mlx_file))
+    assert mlx.workload.hash == cpu.workload.hash and (mlx.arm.engine, mlx.arm.backend) == ("mlx", "mlx")
+    assert [s.examples for s in mlx.steps] == [s.examples for s in cpu.steps]
+    assert mlx.metrics.tokens_total == cpu.metrics.tokens_total and not mlx.comparisons
+    assert 0 < mlx.metrics.mfu < 1 and "MLX" in mlx.metrics.peak_source
+    assert mlx.metrics.eval_loss == pytest.approx(cpu.metrics.eval_loss, abs=1e-3)
+    assert mlx.metrics.peak_memory_bytes > 0 and mlx.fingerprint["backend"] == "mlx"
+    assert "| hwft | mlx | fp32 |" in stdout
 
 
 def test_report_merges_results_and_refuses_different_workloads(bench_run, tmp_path, cli):
