@@ -125,3 +125,37 @@ def test_cuda_record_of_this_machine():
     assert avail.available and avail.devices[0]["compute_capability"]
     assert Path("/dev/nvidia0").exists() or avail.devices
     assert capability_cuda().collective == "nccl"
+
+
+def test_the_cross_entropy_kernel_comes_from_the_device_runtime():
+    """kernels.fused_cross_entropy: hwft's chunked kernel unless the runtime brings its own (CUDA
+    and ROCm: Liger's, where liger-kernel is installed; not here)."""
+    from hwft_torch import liger
+    from hwft_torch.runtime import CPU, CUDA
+
+    assert CPU.linear_cross_entropy is None
+    assert (CUDA.linear_cross_entropy() is None) is (not liger.installed())
+
+
+@pytest.mark.cuda
+def test_liger_fused_linear_cross_entropy_equals_hwfts():
+    """On an NVIDIA GPU with liger-kernel: Liger's fused linear cross-entropy gives hwft's chunked
+    kernel's loss and gradients (label positions only, normalised by num_items)."""
+    pytest.importorskip("liger_kernel")
+    import torch
+
+    from hwft_torch.liger import fused_linear_cross_entropy
+    from hwft_torch.losses import linear_cross_entropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(300, 64, device="cuda", requires_grad=True)
+    weight = torch.randn(1000, 64, device="cuda", requires_grad=True)
+    targets = torch.randint(0, 1000, (300,), device="cuda")
+    results = []
+    for kernel in (linear_cross_entropy, fused_linear_cross_entropy()):
+        hidden.grad = weight.grad = None
+        loss = kernel(hidden, weight, targets, 400)
+        loss.backward()
+        results.append((loss.detach(), hidden.grad.clone(), weight.grad.clone()))
+    for ours, liger in zip(*results, strict=True):
+        torch.testing.assert_close(liger, ours, atol=1e-4, rtol=1e-4)

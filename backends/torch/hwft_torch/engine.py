@@ -38,6 +38,7 @@ from hwft_torch.modeling import (
     quantised_linear_count,
     save_result,
 )
+from hwft_torch.losses import linear_cross_entropy
 from hwft_torch.objective import LanguageModelling, held_out_loss, output_head
 from hwft_torch.parallel import TorchCollective, init_process_group, make_strategy, sharded
 from hwft_torch.runtime import DeviceRuntime
@@ -151,12 +152,17 @@ def fused_head(job: Job, model):
 
 
 def make_objective(job: Job, batches: Batches, model, tokenizer, device, autocast,
-                   collective: Collective = ALONE) -> Objective:
+                   collective: Collective = ALONE, runtime: DeviceRuntime | None = None) -> Objective:
     recipe, t = job.recipe, job.recipe.train
     m = recipe.method
     if m.objective in ("sft", "cpt"):
+        head = fused_head(job, model)
+        device_kernel = runtime.linear_cross_entropy() if runtime and runtime.linear_cross_entropy else None
+        if head is not None and device_kernel is not None:
+            job.log(f"kernels: {device_kernel.name} on the label positions")
         return LanguageModelling(batches, t.gradient_accumulation_steps, tokenizer.pad_token_id,
-                                 attention_implementation(recipe), device, fused_head(job, model), collective)
+                                 attention_implementation(recipe), device, head, collective,
+                                 device_kernel or linear_cross_entropy)
     if m.objective == "dpo":
         # A continued adapter is its own reference: the starting policy, precomputed.
         precompute = m.dpo.reference == "precomputed" or bool(recipe.model.adapter)
@@ -229,7 +235,7 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
     def autocast():
         return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
-    objective = make_objective(job, batches, model, tokenizer, device, autocast, collective)
+    objective = make_objective(job, batches, model, tokenizer, device, autocast, collective, runtime)
     steps = batches.steps
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     strategy = make_strategy(

@@ -3,10 +3,10 @@ and ROCm: ``fused_rms_norm`` -> LigerRMSNorm, ``fused_rope`` -> liger_rotary_pos
 ``fused_swiglu`` -> LigerSwiGLUMLP, patched into the loaded model by Liger's own
 ``apply_liger_kernel_to_<family>(model=...)``.
 
-``fused_cross_entropy`` stays hwft's chunked linear cross-entropy
-(:func:`hwft_torch.losses.linear_cross_entropy`) on every device: it computes what Liger's
-fused linear cross-entropy computes (no full logits), from the hidden states of the label
-positions only, and is tested on this CPU.
+``fused_cross_entropy`` takes Liger's fused linear cross-entropy where liger-kernel is installed
+(:func:`fused_linear_cross_entropy`), on the hidden states of the label positions only, as hwft's
+own chunked kernel (:func:`hwft_torch.losses.linear_cross_entropy`) does everywhere else: the
+same number, never the full logits.
 """
 
 from __future__ import annotations
@@ -41,3 +41,24 @@ def patch(model, recipe) -> list[str]:
     apply(rope=wanted["rope"], rms_norm=wanted["rms_norm"], swiglu=wanted["swiglu"], cross_entropy=False,
           fused_linear_cross_entropy=False, model=base)
     return [f"liger {name}" for name, on in wanted.items() if on]
+
+
+def fused_linear_cross_entropy():
+    """Liger's fused linear cross-entropy with hwft's signature, or None where liger-kernel is
+    not installed (hwft's chunked kernel is used):
+
+    .. math:: L = \\frac{1}{N} \\sum_i \\left( \\log \\sum_v e^{(W h_i)_v} - (W h_i)_{y_i} \\right)
+
+    over the label positions i, N = ``num_items``; the matmuls in ``dtype`` (autocast's)."""
+    if not installed():
+        return None
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    summed = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+
+    def loss(hidden, weight, targets, num_items, dtype=None):
+        dtype = dtype or hidden.dtype
+        return summed(weight.to(dtype), hidden.to(dtype), targets).float() / num_items
+
+    loss.name = "Liger's fused linear cross-entropy"
+    return loss

@@ -88,10 +88,14 @@ class LanguageModelling(Objective):
     """
 
     def __init__(self, batches: Batches, accumulation: int, pad_id: int, attention: str, device: torch.device,
-                 fused: tuple[torch.nn.Module, torch.Tensor] | None = None, collective: Collective = ALONE):
+                 fused: tuple[torch.nn.Module, torch.Tensor] | None = None, collective: Collective = ALONE,
+                 cross_entropy=linear_cross_entropy):
         super().__init__(batches, collective)
         self.accumulation, self.pad_id, self.attention, self.device = accumulation, pad_id, attention, device
         self.fused = fused
+        #: (hidden, weight, targets, num_items, dtype) -> loss: hwft's chunked kernel, or a
+        #: device's own (DeviceRuntime.linear_cross_entropy: Liger's on CUDA and ROCm)
+        self.cross_entropy = cross_entropy
 
     def step(self, model, step: int) -> list[tuple[list[Row], int]]:
         return self.step_shares(self.accumulation, step_label_count)
@@ -108,7 +112,7 @@ class LanguageModelling(Objective):
             targets = labels[:, 1:]
             keep = targets != IGNORE_INDEX
             dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
-            value = linear_cross_entropy(hidden[:, :-1][keep], weight, targets[keep], num_items, dtype)
+            value = self.cross_entropy(hidden[:, :-1][keep], weight, targets[keep], num_items, dtype)
         return Loss(value, sum(len(r.input_ids) for r in rows), sum(r.num_labels for r in rows),
                     sequence_pairs(rows), tuple(i for r in rows for i in r.ids))
 

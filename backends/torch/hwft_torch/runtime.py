@@ -27,6 +27,9 @@ class DeviceRuntime:
     patch_model: Callable[[Any, Any], list[str]] | None = None  #: (model, recipe) -> kernels applied
     optimizer: Callable[[list, Any], Any] | None = None  #: (params, recipe) -> optimizer, or None
     peak_memory: Callable[[], int | None] = lambda: None  #: bytes at the high-water mark, or None
+    #: () -> (hidden, weight, targets, num_items, dtype) -> loss: the device's fused linear
+    #: cross-entropy for kernels.fused_cross_entropy, or None for hwft's chunked one
+    linear_cross_entropy: Callable[[], Any] | None = None
 
     def device(self, index: int = 0):
         """The torch device of a process (``index``: its local rank), made current."""
@@ -98,5 +101,12 @@ def _gpu_patch(model, recipe) -> list[str]:
     return patch(model, recipe)
 
 
+def _gpu_cross_entropy():
+    from hwft_torch.liger import fused_linear_cross_entropy
+
+    return fused_linear_cross_entropy()
+
+
 # ROCm builds of torch use the cuda namespace too.
-CUDA = DeviceRuntime("cuda", bf16=_cuda_bf16, patch_model=_gpu_patch, peak_memory=_cuda_peak)
+CUDA = DeviceRuntime("cuda", bf16=_cuda_bf16, patch_model=_gpu_patch, peak_memory=_cuda_peak,
+                     linear_cross_entropy=_gpu_cross_entropy)
