@@ -10,6 +10,8 @@ float rounding (tests/test_packing.py).
 The examples are found where ``position_ids`` restart at 0, the signal flash-attention's varlen
 path reads. Right padding restarts too (hwft.data.batching.pad), so it forms one more segment.
 Anything else takes transformers' own sdpa path with its mask:
+- an accelerator (finding the segments would synchronise with the host at every layer; an H100
+  bench ran 3x slower with it);
 - no position ids;
 - a KV cache (generation);
 - a row that does not start at position 0.
@@ -47,7 +49,11 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
     """transformers' attention-function signature: (B, H, L, D) in, ((B, L, H, D), None) out."""
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-    packed = (position_ids is not None and position_ids.shape[-1] == query.shape[2] == key.shape[2]
+    # CPU only: on an accelerator, finding the segments synchronises with the host at every
+    # layer and the small calls are launch-bound (an H100 bench ran 3x slower); the masked call is
+    # one kernel there, and flash-attention's varlen path is the way to skip the masked pairs.
+    packed = (query.device.type == "cpu" and position_ids is not None
+              and position_ids.shape[-1] == query.shape[2] == key.shape[2]
               and bool((position_ids[..., 0] == 0).all()))
     if not packed:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
