@@ -133,9 +133,10 @@ def effective_tuning(job: Job) -> str:
     return m.tuning
 
 
-def fused_head(job: Job, model):
+def fused_head(job: Job, model, kernel: str = "chunked cross-entropy"):
     """(decoder, output weight) for the chunked cross-entropy when kernels.fused_cross_entropy is
-    on (default: where the backend has it) and the model's logits allow it; else None."""
+    on (default: where the backend has it) and the model's logits allow it; else None.
+    ``kernel`` names what computes it, for the log (a device's own, or hwft's chunked one)."""
     wanted = job.recipe.kernels.fused_cross_entropy
     if wanted is False or "cross_entropy" not in job.choice.capability.fused_kernels:
         return None
@@ -147,7 +148,7 @@ def fused_head(job: Job, model):
     if isinstance(head, str):
         job.log(f"kernels: fused cross-entropy off: {head}")
         return None
-    job.log("kernels: chunked cross-entropy on the label positions (no full logits)")
+    job.log(f"kernels: {kernel} on the label positions (no full logits)")
     return head
 
 
@@ -156,10 +157,8 @@ def make_objective(job: Job, batches: Batches, model, tokenizer, device, autocas
     recipe, t = job.recipe, job.recipe.train
     m = recipe.method
     if m.objective in ("sft", "cpt"):
-        head = fused_head(job, model)
         device_kernel = runtime.linear_cross_entropy() if runtime and runtime.linear_cross_entropy else None
-        if head is not None and device_kernel is not None:
-            job.log(f"kernels: {device_kernel.name} on the label positions")
+        head = fused_head(job, model, *([device_kernel.name] if device_kernel is not None else []))
         return LanguageModelling(batches, t.gradient_accumulation_steps, tokenizer.pad_token_id,
                                  attention_implementation(recipe), device, head, collective,
                                  device_kernel or linear_cross_entropy)
