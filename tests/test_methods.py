@@ -211,7 +211,7 @@ def test_reward_plugin_registered_through_the_hook(vowels):
     assert total == [1.0, 1.0]
 
 
-@pytest.mark.parametrize("name", ["quickstart", "cpt", "dpo", "grpo", "qlora", "data-mix"])
+@pytest.mark.parametrize("name", ["quickstart", "cpt", "dpo", "grpo", "qlora", "data-mix", "evaluate"])
 def test_shipped_recipes_validate_and_say_how_to_run(name, cli):
     """One recipe per objective in configs/, each starting with the command that runs it."""
     from tests.conftest import REPO
