@@ -31,7 +31,7 @@ def pair_tensors(pairs: list[PreferencePair], pad_id: int, device: torch.device)
 
 def answer_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probabilities of each row's label tokens, split into (chosen, rejected)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     return token_logps(logits, batch["labels"]).sum(-1).chunk(2)
 
 

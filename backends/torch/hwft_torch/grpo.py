@@ -54,7 +54,8 @@ def completion_logps(model, r: Rollouts, temperature: float) -> torch.Tensor:
     input_ids = torch.cat([r.prompt_ids, r.completion_ids], dim=1)
     attention_mask = torch.cat([r.prompt_mask, r.completion_mask], dim=1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False).logits
     width = r.completion_ids.shape[1]
     return target_logps(logits[:, -width - 1 : -1, :], r.completion_ids, temperature)
 

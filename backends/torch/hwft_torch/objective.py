@@ -105,10 +105,10 @@ class LanguageModelling(Objective):
         tensors = to_tensors(rows, self.pad_id, self.attention, self.device)
         labels = tensors.pop("labels")
         if self.fused is None:
-            value = causal_lm_loss(model(**tensors).logits, labels, num_items)
+            value = causal_lm_loss(model(**tensors, use_cache=False).logits, labels, num_items)
         else:
             decoder, weight = self.fused
-            hidden = decoder(**tensors).last_hidden_state
+            hidden = decoder(**tensors, use_cache=False).last_hidden_state
             targets = labels[:, 1:]
             keep = targets != IGNORE_INDEX
             dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
@@ -136,10 +136,10 @@ def held_out_loss(model, rows: list[Row], pad_id: int, attention: str, device: t
         labels = tensors.pop("labels")
         with autocast() if autocast else nullcontext():
             if isinstance(head, str):
-                total += float(causal_lm_loss(model(**tensors).logits, labels, 1))
+                total += float(causal_lm_loss(model(**tensors, use_cache=False).logits, labels, 1))
             else:
                 decoder, weight = head
-                hidden = decoder(**tensors).last_hidden_state
+                hidden = decoder(**tensors, use_cache=False).last_hidden_state
                 targets = labels[:, 1:]
                 keep = targets != IGNORE_INDEX
                 total += float(chunked_cross_entropy(hidden[:, :-1][keep], weight, targets[keep]))
