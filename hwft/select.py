@@ -93,6 +93,29 @@ def capability_problems(recipe: Recipe, cap: Capability) -> list[str]:
     return out
 
 
+#: kernels.compile null (auto) compiles runs of at least this many optimizer steps on the CPU.
+COMPILE_AUTO_MIN_STEPS = 100
+
+
+def compile_decision(setting: bool | None, claimed: bool, accelerator: bool, steps: int) -> tuple[bool, str]:
+    """(compile?, why) for kernels.compile ``setting`` on a backend that does or does not claim it.
+
+    true and false are the user's; null compiles on the host CPU for runs of
+    :data:`COMPILE_AUTO_MIN_STEPS` steps or more, where it was measured to repay its compile time
+    (configs/bench.yaml: a step about 1.15-1.4x faster; compiling about 50 s cold, 15 s from
+    Inductor's cache). On accelerators it stays opt-in until a bench there shows it pays.
+    """
+    if setting is not None:
+        return setting, f"kernels.compile: {'true' if setting else 'false'}"
+    if not claimed:
+        return False, "the backend does not compile"
+    if accelerator:
+        return False, "auto: opt-in on accelerators (kernels.compile: true)"
+    if steps < COMPILE_AUTO_MIN_STEPS:
+        return False, f"auto: {steps} steps are too few to repay the compile time (from {COMPILE_AUTO_MIN_STEPS})"
+    return True, f"auto: {steps} steps on the CPU"
+
+
 def rank(host: PluginHost) -> list[str]:
     """Available backends, best first, by the documented rule."""
     scored = []

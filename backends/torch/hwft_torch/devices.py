@@ -16,7 +16,7 @@ from functools import cache
 
 from hwft.hardware import cpu_name, host_memory_gb
 from hwft.records import PRIORITY_ACCELERATOR, PRIORITY_CPU, Availability, Backend, Capability
-from hwft_torch import liger
+from hwft_torch import compiling, liger
 from hwft_torch.launch import launch
 from hwft_torch.liger import LIGER_KERNELS
 from hwft_torch.runtime import CPU, CUDA, cpu_bf16_units
@@ -191,7 +191,7 @@ def cuda_record(devices: tuple[dict, ...], flash2: bool, flash3: bool, liger_ker
     fields["notes"] = {**fields["notes"], **notes}
     return Capability(
         **fields, dtypes=("fp32", "bf16", "fp16") if bf16 else ("fp32", "fp16"), attention=tuple(attention),
-        fused_kernels=FUSED + liger_kernels, collective="nccl", packing=True,
+        fused_kernels=FUSED + liger_kernels, collective="nccl", packing=True, compile=compiling.triton_installed(),
     )
 
 
@@ -203,6 +203,7 @@ def capability_cpu() -> Capability:
         fused_kernels=FUSED,
         collective="gloo",
         packing=True,
+        compile=compiling.cpp_compiler() is not None,
     )
 
 
@@ -218,7 +219,7 @@ def capability_rocm() -> Capability:
     bitsandbytes >= 0.45 on supported Instinct and Radeon parts)."""
     return Capability(
         **torch_fields(), dtypes=("fp32", "bf16", "fp16"), attention=_attention(), fused_kernels=gpu_kernels(),
-        collective="rccl", packing=True,
+        collective="rccl", packing=True, compile=compiling.triton_installed(),
     )
 
 

@@ -27,6 +27,8 @@ from hwft.objective import Objective
 from hwft.plugins import get_host
 from hwft.steplog import StepLog
 from hwft.recipe import Recipe
+from hwft.select import compile_decision
+from hwft_torch import compiling
 from hwft_torch.checkpoint import TorchState
 from hwft_torch.dpo import Preference
 from hwft_torch.grpo import GroupRelative
@@ -152,6 +154,23 @@ def fused_head(job: Job, model, kernel: str = "chunked cross-entropy"):
     return head
 
 
+def compile_layers_if_wanted(job: Job, model, device, steps: int) -> None:
+    """kernels.compile (hwft_torch.compiling): each decoder layer's training forward through
+    torch.compile, when asked for or when auto finds that the run repays it."""
+    on, why = compile_decision(job.recipe.kernels.compile, job.choice.capability.compile,
+                               job.choice.backend.accelerator or device.type != "cpu", steps)
+    if not on:
+        if job.recipe.kernels.compile is None and job.choice.capability.compile:
+            job.log(f"kernels: torch.compile off ({why})")
+        return
+    count = compiling.compile_layers(model)
+    if count:
+        job.log(f"kernels: torch.compile on the training forward of {count} decoder layers ({why}); "
+                "the first steps include compiling")
+    else:
+        job.log("kernels: torch.compile skipped: the model has no decoder.layers to compile")
+
+
 def make_objective(job: Job, batches: Batches, model, tokenizer, device, autocast,
                    collective: Collective = ALONE, runtime: DeviceRuntime | None = None) -> Objective:
     recipe, t = job.recipe, job.recipe.train
@@ -225,6 +244,7 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
         applied = runtime.patch_model(model, recipe)
         if applied:
             job.log(f"kernels: {', '.join(applied)}")
+    compile_layers_if_wanted(job, model, device, batches.steps)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     quantised = f", {quantised_linear_count(model)} linear layers {recipe.method.qlora.bits}-bit" if tuning == "qlora" else ""
