@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=2, help="steps run before timing starts (default 2)")
     bench.add_argument("--baseline", choices=["hf"], help="also run the transformers Trainer + peft baseline")
     bench.add_argument("--baseline-bf16", action="store_true", help="also run the baseline's bf16 variant")
+    bench.add_argument("--repeat", type=int, default=1,
+                       help="rounds of every arm, alternating hwft and baseline; prints the median of the paired "
+                       "ratios (default 1)")
     bench.add_argument("--eval-examples", type=int, default=32,
                        help="examples held out from the end of the data for the eval loss (default 32; "
                        "data.eval replaces them)")
@@ -270,7 +273,7 @@ def cmd_bench(args) -> int:
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
     return bench(args.recipe, args.overrides, backends, args.steps, args.warmup, args.baseline,
-                 args.baseline_bf16, args.out or "bench-results", args.eval_examples)
+                 args.baseline_bf16, args.out or "bench-results", args.eval_examples, args.repeat)
 
 
 def cmd_chat(args) -> int:

@@ -123,6 +123,45 @@ def test_report_merges_results_and_refuses_different_workloads(bench_run, tmp_pa
     assert code == 2 and "not a hwft.bench/1 result" in err
 
 
+def test_repeated_rounds_report_the_median_paired_ratio(bench_run, tmp_path, cli):
+    """`--repeat N` pairs each hwft arm with the baseline run right after it; the report gives
+    the median of the pairs' ratios and their range (three rounds stand in for a real run)."""
+    out, _ = bench_run
+    (hwft_file,) = out.glob("*-hwft-cpu.json")
+    result = json.loads(hwft_file.read_text())
+    files = []
+    for k, (speed, memory) in enumerate([(1.8, 0.6), (2.4, 0.5), (2.1, 0.7)], start=1):
+        result["comparisons"][0].update(tokens_per_second_ratio=speed, peak_memory_ratio=memory)
+        files.append(tmp_path / f"r{k}-hwft-cpu.json")
+        files[-1].write_text(json.dumps(result))
+    code, stdout, err = cli("bench", "report", *files, "--out", tmp_path / "report")
+    assert code == 0, err
+    assert (f"hwft/cpu vs baseline fp32, workload {result['workload']['hash']}, median of 3 paired runs: "
+            "tokens/s x2.10 (range x1.80 to x2.40), peak memory x0.60 (at most x0.70)") in stdout
+    assert "Over the paired runs" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_model_identity_is_by_content(tmp_path):
+    """Same config, other weights: another identity (so a random stand-in never shares the
+    real model's workload hash); an embedded model is named by its GGUF file's digest."""
+    from types import SimpleNamespace
+
+    from hwft.bench.fingerprint import model_identity
+
+    ids = []
+    for name, weights in (("a", b"real"), ("b", b"random"), ("c", b"real")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text('{"model_type": "llama"}')
+        (folder / "model.safetensors").write_bytes(weights)
+        ids.append(model_identity(SimpleNamespace(kind="local", name=str(folder), path=folder, source=None)))
+    assert ids[0] != ids[1] and ids[0] == ids[2]
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    embedded = model_identity(SimpleNamespace(kind="embedded", name="smollm2-135m", path=tmp_path / "x", source=gguf))
+    assert embedded.startswith("smollm2-135m:") and len(embedded) == len("smollm2-135m:") + 16
+
+
 def test_schema_is_printed(cli):
     code, out, _ = cli("bench", "schema")
     schema = json.loads(out)
@@ -165,6 +204,7 @@ def test_model_dims_of_a_lora_model(tiny_llama):
         ({"data": {"train": ["x.jsonl"], "streaming": True}, "train": {"max_steps": 2}}, [],
          "hwft bench reads the data into memory; remove data.streaming"),
         ({}, ["--steps", "0"], "--steps must be at least 1"),
+        ({}, ["--repeat", "0"], "--repeat must be at least 1"),
     ],
 )
 def test_bench_refuses_before_any_arm_runs(tiny_llama, tmp_path, cli, extra, args, message):

@@ -51,19 +51,26 @@ def fingerprint(backend: str, availability: Availability) -> dict:
 
 
 def file_digest(path: Path) -> str:
+    """sha256 of a file, or of a folder's files in name order (streamed: weights can be large)."""
     h = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
-        h.update(f.read_bytes())
+        with f.open("rb") as stream:
+            h.update(hashlib.file_digest(stream, "sha256").digest())
     return h.hexdigest()[:16]
 
 
 def model_identity(model) -> str:
-    """An embedded model by its alias (the package pins the weights); a folder by its config."""
+    """The model by content: the embedded model by its GGUF file, a folder by its config and
+    its safetensors weights. Two folders of one shape with different weights (a random stand-in
+    for the real model, say) never share a workload hash."""
+    if model.kind == "embedded" and model.source is not None and Path(model.source).is_file():
+        return f"{model.name}:{file_digest(Path(model.source))}"
     config = model.path / "config.json"
-    if model.kind == "embedded" or not config.is_file():
+    if not config.is_file():
         return model.name
-    return file_digest(config)
+    parts = [file_digest(config)] + [file_digest(f) for f in sorted(model.path.glob("*.safetensors"))]
+    return hashlib.sha256(" ".join(parts).encode()).hexdigest()[:16]
 
 
 def workload_hash(recipe, model_id: str, bench: dict) -> str:

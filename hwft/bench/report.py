@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from hwft.bench.runner import comparison_lines
+from hwft.bench.runner import comparison_lines, paired_summary
 from hwft.bench.schema import SCHEMA, BenchResult
 from hwft.errors import UserError
 
@@ -105,6 +105,10 @@ def report(files: list[str], out: str | None, force: bool) -> int:
     comparisons = [line for r in results for line in comparison_lines(r)]
     if comparisons:
         text += ["Against the transformers Trainer + peft baseline:", ""] + [f"- {c}" for c in comparisons] + [""]
+    medians = paired_summary(results)
+    if medians:
+        text += ["Over the paired runs (each hwft arm against the baseline run right after it):", ""] \
+            + [f"- {m}" for m in medians] + [""]
     pngs = charts(results, folder)
     text += [f"![{p.stem}]({p.name})" for p in pngs]
     path = folder / "report.md"

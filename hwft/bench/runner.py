@@ -7,6 +7,7 @@ asked for, the baseline's conditions), without importing an engine.
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from collections import Counter
@@ -125,13 +126,45 @@ def comparison_lines(result: BenchResult) -> list[str]:
     return out
 
 
+def paired_summary(results: list[BenchResult]) -> list[str]:
+    """One line per (workload, backend, baseline dtype) with two or more counted comparisons:
+    the median of the paired ratios and their range.
+
+    Each comparison pairs an hwft arm with the baseline arm run right after it, so a machine
+    whose speed drifts between runs (a shared host) moves both sides of a pair alike; the
+    median over pairs is the figure to quote.
+    """
+    groups: dict[tuple, list[Comparison]] = {}
+    for r in results:
+        for c in r.comparisons:
+            if c.counts:
+                groups.setdefault((r.workload.hash, r.arm.backend, c.baseline_dtype), []).append(c)
+    out = []
+    for (digest, backend, dtype), pairs in groups.items():
+        if len(pairs) < 2:
+            continue
+        speed = sorted(c.tokens_per_second_ratio for c in pairs)
+        line = (f"hwft/{backend} vs baseline {dtype}, workload {digest}, median of {len(pairs)} paired runs: "
+                f"tokens/s x{statistics.median(speed):.2f} (range x{speed[0]:.2f} to x{speed[-1]:.2f})")
+        memory = [c.peak_memory_ratio for c in pairs if c.peak_memory_ratio]
+        if memory:
+            line += f", peak memory x{statistics.median(memory):.2f} (at most x{max(memory):.2f})"
+        evals = [c.eval_loss_relative_difference for c in pairs if c.eval_loss_relative_difference is not None]
+        if evals:
+            line += f", eval loss {statistics.median(evals):+.2%}"
+        out.append(line)
+    return out
+
+
 def bench(recipe_path: str, overrides: list[str], backends: list[str] | None, steps: int | None, warmup: int,
-          baseline: str | None, baseline_bf16: bool, out: str, eval_examples: int) -> int:
+          baseline: str | None, baseline_bf16: bool, out: str, eval_examples: int, repeat: int = 1) -> int:
     recipe = load_recipe(recipe_path, overrides)
     if recipe.data.streaming:
         raise RecipeError("hwft bench reads the data into memory; remove data.streaming")
     if steps is not None and steps < 1:
         raise RecipeError("--steps must be at least 1")
+    if repeat < 1:
+        raise RecipeError("--repeat must be at least 1")
     plan = plan_run(recipe)  # cheap checks: data rows, model, backend
     names = choose_backends(recipe, backends)
     host = get_host()
@@ -159,15 +192,20 @@ def bench(recipe_path: str, overrides: list[str], backends: list[str] | None, st
                  "warmup": warmup, "eval_examples": eval_examples, "run_id": run_id,
                  "workload_hash": digest, "model_id": model_id}
     results: list[tuple[str, BenchResult]] = []
-    for name in names:
-        path = folder / f"{run_id}-hwft-{name}.json"
+    # Rounds alternate the arms (hwft, baseline, hwft, baseline, ...): each hwft arm is compared
+    # with the baseline run right after it (paired_summary).
+    for name, round_ in ((n, k) for k in range(1, repeat + 1) for n in names):
+        prefix = f"{run_id}-r{round_}" if repeat > 1 else run_id
+        if repeat > 1:
+            print(f"=== round {round_} of {repeat} ===", file=sys.stderr, flush=True)
+        path = folder / f"{prefix}-hwft-{name}.json"
         hwft = run_arm({**base_spec, "arm": "hwft", "backend": name, "result": str(path)}, folder)
         results.append((path.name, hwft))
         if baseline and host.backend(name).engine == "torch":
             examples = [i for s in hwft.steps for i in s.examples]
             for bf16 in (False, True) if baseline_bf16 else (False,):
                 tag = "bf16" if bf16 else "fp32"
-                bpath = folder / f"{run_id}-baseline-hf-{tag}-{name}.json"
+                bpath = folder / f"{prefix}-baseline-hf-{tag}-{name}.json"
                 base = run_arm({**base_spec, "arm": "baseline-hf", "backend": name, "result": str(bpath),
                                 "bf16": bf16, "examples": examples}, folder)
                 hwft.comparisons.append(compare(hwft, base, bpath.name, differences))
@@ -178,5 +216,7 @@ def bench(recipe_path: str, overrides: list[str], backends: list[str] | None, st
     for _, r in results:
         for line in comparison_lines(r):
             print(line)
+    for line in paired_summary([r for _, r in results]):
+        print(line)
     print(f"results: {', '.join(str(folder / n) for n, _ in results)}")
     return 0

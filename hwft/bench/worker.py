@@ -20,9 +20,11 @@ from hwft.bench.flops import step_flops
 from hwft.bench.schema import Arm, BenchResult, Metrics, Step, Workload
 from hwft.data.batching import make_rows
 from hwft.data.chat import ChatRenderer, tokenize_examples
+from hwft.data.pipeline import training_batches
 from hwft.models import load_tokenizer, materialise
 from hwft.plugins import get_host
 from hwft.recipe import load_recipe
+from hwft.select import compile_decision
 from hwft.train import Plan, plan_run, run
 
 #: Where the baseline runs, by backend (torch devices only).
@@ -50,6 +52,26 @@ def split(plan: Plan, eval_examples: int) -> tuple[list, list]:
         raise SystemExit(f"hwft bench: {len(plan.data.examples)} examples leave none to train on after "
                          f"holding out {eval_examples}; lower --eval-examples")
     return plan.data.examples[:-eval_examples], plan.data.examples[-eval_examples:]
+
+
+def decide_compile(plan: Plan, spec: dict, out_dir: str) -> Plan:
+    """kernels.compile null, decided for the recipe's whole run rather than the bench's few steps:
+    the bench measures the steady state of the run `hwft train` would do (which compiles when
+    the run is long enough, hwft.select.compile_decision)."""
+    model_path = materialise(plan.model, log=lambda m: None)
+    tokenizer = load_tokenizer(model_path, plan.recipe.model.trust_remote_code)
+    whole = plan.recipe.model_copy(update={"train": plan.recipe.train.model_copy(update={"max_steps": None})})
+    steps = training_batches(plan.data, ChatRenderer.for_recipe(whole, tokenizer), whole, plan.choice.capability,
+                             1).steps
+    on, why = compile_decision(None, plan.choice.capability.compile, plan.choice.backend.accelerator, steps)
+    print(f"hwft bench: kernels.compile null: {'on' if on else 'off'} as in the whole run ({why})",
+          file=sys.stderr, flush=True)
+    if not on:
+        return plan
+    examples = plan.data.examples
+    plan = plan_run(bench_recipe({**spec, "overrides": [*spec["overrides"], "kernels.compile=true"]}, out_dir))
+    plan.data.examples, plan.data.eval_examples = examples, []
+    return plan
 
 
 def engine_tools(engine: str):
@@ -116,6 +138,8 @@ def main(spec_path: str) -> int:
                             (m.objective == "grpo" and m.grpo.beta > 0)
         if spec["arm"] == "hwft":
             plan.data.examples, plan.data.eval_examples = train_examples, []
+            if recipe.kernels.compile is None and spec["steps"]:
+                plan = decide_compile(plan, spec, tmp)
             job = run(plan)
             steps, model = job.steps, job.results["model"]
             dtype, tuning = job.results["dtype"], job.results["tuning"]
