@@ -218,7 +218,7 @@ def _rank_pid(tag: str, rank: int, variable: str) -> int | None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank's process in /proc")
 def test_a_rank_dying_stops_the_run_with_a_message(tiny_llama, tmp_path):
-    path = recipe(tmp_path, tiny_llama, "lora", train={"max_steps": 100000})
+    path = recipe(tmp_path, tiny_llama, "lora", train={"max_steps": 100000}, kernels={"compile": False})
     code, err, pid = _kill_rank_mid_run([sys.executable, "-m", "hwft", "train", str(path), "--nproc", "2"],
                                         tmp_path, "RANK")
     assert code == 1
@@ -409,7 +409,8 @@ def test_an_accelerate_config_becomes_the_parallel_settings(tiny_llama, tmp_path
 def test_sigterm_to_the_launcher_checkpoints_every_rank_then_stops(tiny_llama, tmp_path):
     """Preemption of a launched run: torchrun passes SIGTERM on, the ranks agree on the step,
     write one checkpoint together and stop; the launcher exits 143 without a traceback."""
-    path = recipe(tmp_path, tiny_llama, "lora", train={"max_steps": 200, "micro_batch_size": 1})
+    path = recipe(tmp_path, tiny_llama, "lora", train={"max_steps": 200, "micro_batch_size": 1},
+                  kernels={"compile": False})  # a long run would compile (auto); this test is about signals
     proc = subprocess.Popen([sys.executable, "-m", "hwft", "train", str(path), "--nproc", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     metrics = tmp_path / "out" / "metrics.jsonl"
