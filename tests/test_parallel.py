@@ -222,7 +222,10 @@ def test_a_rank_dying_stops_the_run_with_a_message(tiny_llama, tmp_path):
     code, err, pid = _kill_rank_mid_run([sys.executable, "-m", "hwft", "train", str(path), "--nproc", "2"],
                                         tmp_path, "RANK")
     assert code == 1
-    assert f"rank 1 (pid {pid}) killed by SIGKILL; torchrun stopped the other 1" in err
+    assert f"rank 1 (pid {pid}) killed by SIGKILL" in err
+    # rank 0 is either stopped by torchrun or fails first in the broken collective: a race, and
+    # both are named (a clean clone run met the second)
+    assert "torchrun stopped the other 1" in err or "rank 0 (pid" in err
 
 
 def _kill_rank_mid_run(cmd: list[str], tmp_path: Path, rank_variable: str) -> tuple[int, str, int]:
