@@ -163,6 +163,10 @@ class Single:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            # Leave together: a rank that tears its group down while rank 0 is still saving can
+            # take gloo's connection threads down mid-use (a clean-clone run saw rank 1 abort
+            # with "terminate called without an active exception" after rank 0 saved).
+            dist.barrier()
             dist.destroy_process_group()
 
 
