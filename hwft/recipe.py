@@ -254,7 +254,7 @@ class MethodSpec(Section):
 class TrainSpec(Section):
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     optimizer: Literal["adamw", "fused_adamw", "sgd"] = Field(
-        "adamw", description="adamw: AdamW (torch's fused kernel on CUDA); fused_adamw: the device's "
+        "adamw", description="adamw: AdamW (torch's fused kernel on the CPU, CUDA and ROCm); fused_adamw: the device's "
         "fused AdamW (torch's fused kernel on CPU, CUDA and ROCm, torch_npu.optim.NpuFusedAdamW on "
         "Ascend), refused where there is none; sgd."
     )
