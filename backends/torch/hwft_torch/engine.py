@@ -43,7 +43,7 @@ from hwft_torch.modeling import (
 from hwft_torch.losses import linear_cross_entropy
 from hwft_torch.objective import LanguageModelling, held_out_loss, output_head
 from hwft_torch.parallel import TorchCollective, init_process_group, make_strategy, sharded
-from hwft_torch.runtime import DeviceRuntime
+from hwft_torch.runtime import DeviceRuntime, keep_freed_host_memory
 
 
 def seed_everything(seed: int) -> None:
@@ -222,6 +222,8 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     tuning = effective_tuning(job)
     device = runtime.device(world.local_rank)
+    if device.type == "cpu" and (kept := keep_freed_host_memory()):
+        job.log(kept)
     collective: Collective = ALONE
     if world.size > 1 or recipe.parallel.strategy != "none":
         init_process_group(world, job.choice.capability.collective or "gloo", recipe.parallel.timeout, device)
