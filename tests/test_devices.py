@@ -4,7 +4,6 @@ is marked ``cuda`` and runs wherever one is present."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
