@@ -303,6 +303,13 @@ class KernelSpec(Section):
         "logits for prompts or padding, never full-vocabulary fp32 logits for the whole batch "
         "(sft, cpt). Default: on where the backend has it.",
     )
+    fused_projections: bool | None = Field(
+        None,
+        description="LoRA: each decoder layer's sibling projections that read the same input "
+        "(q/k/v, gate/up) as one matmul for their frozen weights and one for their A matrices, "
+        "instead of one each. Plain LoRA without dropout, one process or parallel.strategy ddp. "
+        "Default: on where the backend has it (torch engine).",
+    )
     compile: bool | None = Field(
         None,
         description="torch.compile each decoder layer's training forward (fuses the element-wise "

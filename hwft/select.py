@@ -78,7 +78,7 @@ def capability_problems(recipe: Recipe, cap: Capability) -> list[str]:
     k = recipe.kernels
     if k.attention != "auto" and k.attention not in cap.attention:
         out.append(f"kernels.attention '{k.attention}' (it has: auto, {', '.join(cap.attention)})")
-    for kernel in ("rms_norm", "rope", "swiglu", "cross_entropy"):
+    for kernel in ("rms_norm", "rope", "swiglu", "cross_entropy", "projections"):
         if getattr(k, f"fused_{kernel}") is True and kernel not in cap.fused_kernels:
             have = ", ".join(cap.fused_kernels) or "no fused kernels"
             out.append(f"kernels.fused_{kernel} (it has: {have})")

@@ -68,7 +68,7 @@ def capability_npu() -> Capability:
         **torch_fields("bitsandbytes has no Ascend NPU backend in the release hwft pins"),
         dtypes=("fp32", "fp16", *bf16),
         attention=("eager", "sdpa", "npu_fusion_attention"),
-        fused_kernels=("rms_norm", "rope", "swiglu", "cross_entropy", "adamw"),
+        fused_kernels=("rms_norm", "rope", "swiglu", "cross_entropy", "adamw", "projections"),
         collective="hccl",
         packing=True,
     )

@@ -26,7 +26,7 @@ from hwft_torch.runtime import CPU, CUDA, cpu_bf16_units
 TUNINGS = ("full", "lora", "qlora")
 METHODS = {objective: TUNINGS for objective in ("sft", "cpt", "dpo", "grpo")}
 #: Kernels every torch device runs: the chunked cross-entropy is plain torch.
-FUSED = ("cross_entropy", "adamw")
+FUSED = ("cross_entropy", "adamw", "projections")
 #: bitsandbytes' formats, as Capability.quantization names them.
 BNB_FORMATS = ("bnb-nf4", "bnb-fp4", "bnb-int8")
 

@@ -40,6 +40,7 @@ from hwft_torch.modeling import (
     quantised_linear_count,
     save_result,
 )
+from hwft_torch.fused_projections import fuse_sibling_projections
 from hwft_torch.losses import linear_cross_entropy
 from hwft_torch.objective import LanguageModelling, held_out_loss, output_head
 from hwft_torch.parallel import TorchCollective, init_process_group, make_strategy, sharded
@@ -156,6 +157,22 @@ def fused_head(job: Job, model, kernel: str = "chunked cross-entropy"):
     return head
 
 
+def fuse_projections_if_wanted(job: Job, model, tuning: str) -> None:
+    """kernels.fused_projections (hwft_torch.fused_projections): sibling LoRA projections that
+    read the same input as one matmul."""
+    if job.recipe.kernels.fused_projections is False or tuning != "lora":
+        return
+    if "projections" not in job.choice.capability.fused_kernels:
+        return
+    if job.recipe.parallel.strategy not in ("none", "ddp"):
+        job.log(f"kernels: fused projections off: parallel.strategy {job.recipe.parallel.strategy} "
+                "shards or casts the frozen weights they concatenate (on with none and ddp)")
+        return
+    groups = fuse_sibling_projections(compiling.decoder_layers(model))
+    if groups:
+        job.log(f"kernels: {groups} groups of sibling LoRA projections (q/k/v, gate/up) as one matmul each")
+
+
 def compile_layers_if_wanted(job: Job, model, device, steps: int) -> None:
     """kernels.compile (hwft_torch.compiling): each decoder layer's training forward through
     torch.compile, when asked for or when auto finds that the run repays it."""
@@ -248,6 +265,7 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
         applied = runtime.patch_model(model, recipe)
         if applied:
             job.log(f"kernels: {', '.join(applied)}")
+    fuse_projections_if_wanted(job, model, tuning)
     compile_layers_if_wanted(job, model, device, batches.steps)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

@@ -81,7 +81,7 @@ def capability() -> Capability:
     bf16 = ("bf16",) if avail.details.get("bf16", True) else ()
     return Capability(
         **fields, dtypes=("fp32", *bf16, "fp16"), attention=("eager", "sdpa"),
-        fused_kernels=("cross_entropy", "adamw"),
+        fused_kernels=("cross_entropy", "adamw", "projections"),
         collective=avail.details.get("collective", "xccl"), packing=True,
     )
 
