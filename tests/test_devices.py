@@ -50,7 +50,7 @@ def test_a_turing_record_refuses_bf16_and_flash_attention_naming_what_it_has():
     problems = capability_problems(recipe, record)
     assert "train.precision 'bf16' (it has: fp32, fp16)" in problems
     assert "kernels.attention 'flash_attention_2' (it has: auto, eager, sdpa)" in problems
-    assert any(p.startswith("kernels.fused_rms_norm (it has: cross_entropy, adamw)") for p in problems)
+    assert any(p.startswith("kernels.fused_rms_norm (it has: cross_entropy, adamw, projections)") for p in problems)
 
 
 def test_rocm_record():
