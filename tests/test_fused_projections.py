@@ -88,6 +88,14 @@ def test_cli_losses_are_the_same_with_fused_projections_on_and_off(tiny_llama, t
         logs[fused] = out + err
         lines = (folder / "out" / "metrics.jsonl").read_text().splitlines()
         losses[fused] = [json.loads(x)["loss"] for x in lines]
-    assert "groups of sibling LoRA projections" in logs[None]
-    assert "sibling LoRA projections" not in logs[False]
+    assert "kernels: 4 groups of sibling LoRA projections (q/k/v, gate/up) as one matmul each" in logs[None]
+    assert "projections" not in logs[False]
     assert losses[None] == pytest.approx(losses[False], abs=1e-5)
+
+
+def test_lora_dropout_says_why_projections_are_not_fused(tiny_llama, tmp_path, cli):
+    path = write_recipe(tmp_path, tiny_llama, method={"lora": {"r": 8, "alpha": 16, "dropout": 0.05}},
+                        train={"max_steps": 1})
+    code, out, err = cli("train", path)
+    assert code == 0, err
+    assert "fused projections off: method.lora.dropout 0.05 draws a mask per projection" in out + err

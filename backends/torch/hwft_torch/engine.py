@@ -168,9 +168,17 @@ def fuse_projections_if_wanted(job: Job, model, tuning: str) -> None:
         job.log(f"kernels: fused projections off: parallel.strategy {job.recipe.parallel.strategy} "
                 "shards or casts the frozen weights they concatenate (on with none and ddp)")
         return
+    dropout = job.recipe.method.lora.dropout
+    if dropout and not job.recipe.model.adapter:
+        job.log(f"kernels: fused projections off: method.lora.dropout {dropout} draws a mask per "
+                "projection (dropout 0 lets q/k/v and gate/up run as one matmul each)")
+        return
     groups = fuse_sibling_projections(compiling.decoder_layers(model))
     if groups:
         job.log(f"kernels: {groups} groups of sibling LoRA projections (q/k/v, gate/up) as one matmul each")
+    else:
+        job.log("kernels: fused projections off: no decoder layer has plain LoRA on q/k/v or gate/up "
+                "(quantised, DoRA, dropout, or other module names)")
 
 
 def compile_layers_if_wanted(job: Job, model, device, steps: int) -> None:
