@@ -98,9 +98,11 @@ def report(files: list[str], out: str | None, force: bool) -> int:
                         "workload at a time, or pass --force to put them in one table")
     folder = Path(out) if out else Path(files[0]).parent
     folder.mkdir(parents=True, exist_ok=True)
+    # the header names hwft's timed steps (a baseline's pass takes its own number of steps)
+    first = next((r for r in results if r.arm.kind == "hwft"), results[0])
     text = [f"# hwft bench report ({len(results)} results)", "",
-            f"Workload {', '.join(hashes)}: `{results[0].workload.recipe}`, {results[0].workload.steps} timed steps "
-            f"after {results[0].workload.warmup} warmup, {results[0].arm.objective}/{results[0].arm.tuning}.", "",
+            f"Workload {', '.join(hashes)}: `{first.workload.recipe}`, {first.workload.steps} timed steps "
+            f"after {first.workload.warmup} warmup, {first.arm.objective}/{first.arm.tuning}.", "",
             table(results, len(hashes) > 1), ""]
     comparisons = [line for r in results for line in comparison_lines(r)]
     if comparisons:
