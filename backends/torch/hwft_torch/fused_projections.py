@@ -15,9 +15,8 @@ which is peft's ``W_i x + b_i + s_i B_i A_i x`` for each i, in two matmuls inste
 two for the input's gradient instead of 2n). The frozen weights are concatenated once, and
 each frozen weight becomes a view into it, so no tensor is held twice (on the CPU the freed
 originals leave holes between the other weights that glibc keeps: +0.25 GiB of peak RSS on
-SmolLM2-135M). The A's are concatenated
-every step (a few KiB) so their gradients flow to peft's own parameters: parameter names, saved
-adapters and optimizer state are unchanged. Parameters must stay where they are afterwards (not
+SmolLM2-135M). The A's are concatenated every step (a few KiB) so their gradients flow to
+peft's own parameters: parameter names, saved adapters and optimizer state are unchanged. Parameters must stay where they are afterwards (not
 sharded, cast or moved), hence one process or ddp.
 
 The layer's code calls the siblings one after another. The first call computes all of them and
@@ -77,7 +76,7 @@ class SiblingProjections:
 
     def _concatenate(self, bases, name: str) -> torch.Tensor:
         """The frozen tensors ``name`` of the bases, one after another in one tensor; each base's
-        own becomes a view into it, so the weights are not held twice."""
+        own becomes a view into it."""
         whole = torch.cat([getattr(b, name).detach() for b in bases])
         for base, part in zip(bases, whole.split(self.sizes)):
             setattr(base, name, torch.nn.Parameter(part, requires_grad=False))

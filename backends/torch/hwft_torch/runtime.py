@@ -101,8 +101,9 @@ def keep_freed_host_memory() -> str | None:
     serves a block that the heap's free top cannot hold with a fresh mapping (the chunked
     cross-entropy's 128 MiB of logits, for one) and trims the heap's free top, so each step
     faults much of its memory in again, page by page: about 65,000 page faults a step on the
-    bench workload (``ru_minflt``), some 3% of the step spent in the kernel. A 512 MiB top pad
-    (the heap grows by that much more than asked, and keeps that much when trimming; untouched
+    bench workload (``ru_minflt``), some 3% of the step spent in the kernel. No mmap at all
+    (``M_MMAP_MAX`` 0: every block comes from the heap; the mmap threshold alone cannot rise
+    above 32 MiB), a 512 MiB top pad (the heap grows by that much more than asked; untouched
     pages cost no memory) and no trimming let later steps reuse pages already touched: no page
     faults after the first steps. The process keeps its high-water mark until it exits, which a
     training run does anyway. This is why torch's CPU tuning guide recommends jemalloc or
