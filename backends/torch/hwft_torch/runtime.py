@@ -10,9 +10,12 @@ plugin. Nothing here imports torch at module import.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from hwft.errors import UserError
 
 
 def _never() -> bool:
@@ -64,10 +67,22 @@ def _cuda_bf16() -> bool:
 
 #: CPU flags (Linux /proc/cpuinfo) of units that compute bf16 natively.
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+#: Overrides the CPU probe: ``native`` (take bf16 as if the CPU had bf16 units) or ``emulated``
+#: (as if it had none), so both paths of ``precision: auto`` can be run and tested on any CPU.
+CPU_BF16_ENV = "HWFT_CPU_BF16"
 
 
 def cpu_bf16_units() -> str | None:
-    """The CPU's native bf16 unit (a /proc/cpuinfo flag), or None where bf16 would be emulated."""
+    """The CPU's native bf16 unit (a /proc/cpuinfo flag, or the HWFT_CPU_BF16 switch), or None
+    where bf16 would be emulated."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip().lower()
+    if forced == "native":
+        return f"{CPU_BF16_ENV}=native"
+    if forced == "emulated":
+        return None
+    if forced:
+        raise UserError(f"{CPU_BF16_ENV}={os.environ[CPU_BF16_ENV]!r}: expected native or emulated (or unset it "
+                        "to read the CPU's flags)")
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
