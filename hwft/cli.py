@@ -250,10 +250,10 @@ def cmd_env(args) -> int:
             ("packing", "yes" if cap["packing"] else "no"),
             *((f"no {what}", why) for what, why in cap["notes"].items()),
         ]
+        rows += list(b["details"].items())
+        width = max(14, *(len(key) + 2 for key, _ in rows))  # "no fused_rms_norm" is wider than most
         for key, value in rows:
-            print(f"  {key:<14}{value}")
-        for key, value in b["details"].items():
-            print(f"  {key:<14}{value}")
+            print(f"  {key:<{width}}{value}")
     for name, dist in report["not_installed"].items():
         print(f"\n{name}  not installed: comes with {dist}")
     return 0
@@ -343,7 +343,12 @@ def check_plugin(backend: str | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     from hwft.distributed import report_exit
 
-    code = run_command(argv)
+    try:
+        code = run_command(argv)
+    except BrokenPipeError:  # `hwft env | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        code = 128 + 13  # as a shell reports SIGPIPE
     report_exit(code)  # for a launcher that asked its ranks how they ended
     return code
 

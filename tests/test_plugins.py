@@ -7,6 +7,7 @@ Plugins here are real distributions: a module and a ``.dist-info`` folder with
 from __future__ import annotations
 
 import json
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -213,6 +214,10 @@ def test_env_json_schema(site, cli):
     assert report["ranking"][:2] == ["cpu", "mlx"]
     code, out, _ = cli("env")
     assert "vdev" in out and "unavailable: vdev driver not loaded" in out and "backend: auto -> cpu" in out
+    # each row's name and value stay apart, however long the name ("no fused_rms_norm")
+    rows = [line for line in out.splitlines() if line.startswith("  ") and not line.startswith("   ")]
+    notes = [line for line in rows if line.startswith("  no ")]
+    assert notes and all(re.match(r"  no \S+ {2,}\S", line) for line in notes), notes
 
 
 def test_data_format_hook(site, tmp_path):
