@@ -34,6 +34,7 @@ import yaml
 from hwft.distributed import Launch
 from hwft.errors import RecipeError
 from hwft.recipe import Recipe
+from hwft.textfile import read_text
 
 STRATEGIES = {"NO": "none", "FSDP": "fsdp2", "DEEPSPEED": "deepspeed",
               **{f"MULTI_{d}": "ddp" for d in ("GPU", "NPU", "CPU", "XPU", "MLU", "HPU", "SDAA", "MUSA")}}
@@ -48,7 +49,7 @@ TRANSLATED = {"distributed_type", "deepspeed_config", "fsdp_config", "mixed_prec
 
 def read(path: Path) -> dict:
     try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        config = yaml.safe_load(read_text(path, RecipeError))
     except (OSError, yaml.YAMLError) as exc:
         raise RecipeError(f"parallel.accelerate_config: cannot read {path}: {exc}") from None
     if not isinstance(config, dict):

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from hwft.errors import RecipeError, did_you_mean
+from hwft.textfile import read_text
 
 Objective = Literal["sft", "cpt", "dpo", "grpo"]
 Tuning = Literal["full", "lora", "qlora"]
@@ -530,7 +531,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(read_text(path, RecipeError))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 
 import pytest
@@ -69,11 +70,36 @@ def test_peer_alpaca_file_loads_unchanged():
         # every label masked: nothing in the row to learn from
         ("m.jsonl", '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", '
                     '"loss_weight": 0}]}\n', "auto", "m.jsonl row 1: every label is masked"),
+        # nulls and empty answers: refused, never trained as an empty answer
+        ("n.jsonl", '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": null}]}\n',
+         "auto", "n.jsonl row 1 (messages format): messages[1].content is null; give the turn's text (an "
+         "assistant turn may be null only beside its tool_calls)"),
+        ("n2.json", '[{"conversations": [{"from": "human", "value": null}, {"from": "gpt", "value": "y"}]}]', "auto",
+         "n2.json row 1 (sharegpt format): conversations[0].value is null; give the turn's text"),
+        ("n3.jsonl", '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}]}\n',
+         "auto", "n3.jsonl row 1 (messages format): messages[1] is an assistant turn with no text and no tool "
+         "calls: the model would learn to answer nothing"),
+        ("n4.jsonl", '{"instruction": "x", "output": null}\n', "alpaca",
+         "n4.jsonl row 1 (alpaca format): field 'output' is null"),
+        ("n5.jsonl", '{"instruction": "x", "output": "y"}\nnull\n', "auto",
+         "n5.jsonl row 2: expected a JSON object, got null"),
+        ("n6.jsonl", '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": '
+                     '[{"type": "text", "text": null}]}]}\n', "auto",
+         "messages[1].content[0] is a text part whose text is null"),
+        ("n7.jsonl", '{"instruction": "x", "output": ""}\n', "alpaca",
+         "field 'output' is empty: the model would learn to answer nothing"),
+        # bytes that are no Unicode text: the byte, its offset, the encoding tried
+        ("l.jsonl", '{"instruction": "café", "output": "y"}\n'.encode("latin-1"), "auto",
+         "l.jsonl: not valid text at byte 20 (0xe9): tried UTF-8, as no byte-order mark names UTF-16 or "
+         "UTF-32. hwft reads UTF-8 (with or without a byte-order mark), UTF-16 or UTF-32 (with a byte-order "
+         "mark); save the file as UTF-8"),
+        ("l2.json", codecs.BOM_UTF16_LE + '[{"text": "'.encode("utf-16-le") + b"\x00\xd8" + '"}]'.encode("utf-16-le"),
+         "auto", "l2.json: not valid text at byte 24 (0x00): tried UTF-16, as its byte-order mark says"),
     ],
 )
 def test_data_errors_name_file_and_row(tiny_llama, tmp_path, cli, name, content, fmt, message):
     path = tmp_path / name
-    path.write_text(content)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
     # The message reaches the user from the CLI with exit code 2: parse errors before any
     # weights load (--dry-run), tokenisation errors when the run starts.
     recipe = write_recipe(tmp_path, tiny_llama, data={"train": [{"path": name, "format": fmt}]})
@@ -82,6 +108,23 @@ def test_data_errors_name_file_and_row(tiny_llama, tmp_path, cli, name, content,
         code, _, stderr = cli("train", recipe)
         assert not (tmp_path / "out").exists()  # nothing half-made left behind
     assert code == 2 and message in stderr and str(path) in stderr
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-16-be", "utf-32"])
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_data_files_in_any_unicode_encoding_read_alike(tmp_path, encoding, suffix):
+    """Excel and Notepad save with a byte-order mark (UTF-8's, or UTF-16's as "Unicode"); each
+    file reads to the very examples its UTF-8 twin does, non-ASCII text included."""
+    rows = [{"instruction": "Qui es-tu ? 你是谁", "output": "hwft-bot ✓"}, {"instruction": "x", "output": "y"}]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows) if suffix == ".jsonl" else \
+        json.dumps(rows, ensure_ascii=False)
+    (tmp_path / f"plain{suffix}").write_bytes(text.encode("utf-8"))
+    (tmp_path / f"other{suffix}").write_bytes(text.encode(encoding))
+    # python's "utf-16" and "utf-32" codecs write a byte-order mark; "-be" writes none (zero bytes tell)
+    expected = load_examples(tmp_path / f"plain{suffix}", "alpaca", FORMATS)
+    got = load_examples(tmp_path / f"other{suffix}", "alpaca", FORMATS)
+    assert [e.messages for e in got] == [e.messages for e in expected]
+    assert got[0].messages[0]["content"] == "Qui es-tu ? 你是谁"
 
 
 def test_empty_after_filtering(tiny_llama, tmp_path, cli):

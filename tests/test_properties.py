@@ -32,10 +32,10 @@ turns = st.lists(st.dictionaries(st.sampled_from(ROLE_KEYS), st.sampled_from(
 rows = st.dictionaries(st.sampled_from(ROW_KEYS), turns | json_values, min_size=1, max_size=5) | json_values
 
 
-def read(text: str, suffix: str, fmt: str = "auto"):
+def read(text: str | bytes, suffix: str, fmt: str = "auto"):
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"data{suffix}"
-        path.write_text(text, encoding="utf-8")
+        path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
         try:
             return load_examples(path, format=fmt)
         except UserError as exc:
@@ -56,6 +56,14 @@ def test_jsonl_rows_are_read_or_refused_naming_the_file(items, fmt):
 def test_any_text_as_a_data_file_is_read_or_refused(text):
     read(text, ".jsonl")
     read(text, ".json")
+
+
+@SETTINGS
+@given(st.binary(max_size=60) | st.text(max_size=30).map(lambda t: t.encode("utf-16")))
+def test_any_bytes_as_a_data_file_are_read_or_refused(data):
+    """Undecodable bytes, byte-order marks, odd encodings: read, or refused naming the file."""
+    read(data, ".jsonl")
+    read(data, ".json")
 
 
 @SETTINGS

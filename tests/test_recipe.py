@@ -67,6 +67,22 @@ def test_recipe_errors_name_the_key(tmp_path, cli, text, message):
     assert message in stderr and "Traceback" not in stderr
 
 
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16", "utf-32"])
+def test_a_recipe_saved_with_a_byte_order_mark_reads_as_utf8(tmp_path, encoding):
+    text = "# café\ndata: d.jsonl\ntrain: {lr: 0.001}\n"
+    (tmp_path / "r.yaml").write_bytes(text.encode(encoding))
+    assert load_recipe(tmp_path / "r.yaml").train.lr == 0.001
+
+
+def test_a_recipe_that_is_no_unicode_text_names_the_byte(tmp_path, cli):
+    path = tmp_path / "r.yaml"
+    path.write_bytes("# café\ndata: d.jsonl\n".encode("cp1252"))
+    with pytest.raises(RecipeError, match=r"r.yaml: not valid text at byte 5 \(0xe9\): tried UTF-8"):
+        load_recipe(path)
+    code, _, stderr = cli("train", path)
+    assert code == 2 and "not valid text at byte 5" in stderr and "Traceback" not in stderr
+
+
 def test_overrides(tmp_path):
     path = _write(tmp_path, "model: smollm2-135m\ndata: d.jsonl\n")
     recipe = load_recipe(path, ["train.lr=5e-5", "method.tuning=full", "model.trust_remote_code=true",

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from hwft.data.formats import Example, Message
 from hwft.errors import DataError, RecipeError
+from hwft.textfile import read_text
 
 IGNORE_INDEX = -100
 
@@ -91,7 +92,7 @@ def resolve_template(template: str | None, base_dir: Path, tokenizer) -> str | N
     if path.suffix == ".jinja":
         if not path.is_file():
             raise RecipeError(f"template: file not found: {path}")
-        return path.read_text(encoding="utf-8")
+        return read_text(path, RecipeError)
     raise RecipeError(
         f"template: '{template}' is neither a built-in ({', '.join(TEMPLATES)}) nor a .jinja file"
     )

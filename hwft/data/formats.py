@@ -86,7 +86,9 @@ class DataFormat:
 
 
 def _missing(row: dict, key: str, accepted: tuple[str, ...]) -> ValueError:
-    """A missing field, naming the fields the row has and those this format reads."""
+    """A missing (or null) field, naming the fields the row has and those this format reads."""
+    if key in row:
+        return ValueError(f"field '{key}' is null; give it a value, or leave the row out")
     close = difflib.get_close_matches(key, [str(k) for k in row if k not in accepted], n=1, cutoff=0.6)
     hint = f"; if '{close[0]}' holds it, map it with columns: {{{key}: {close[0]}}}" if close else ""
     return ValueError(
@@ -192,9 +194,12 @@ def _content(value: Any, where: str) -> tuple[str, list[dict]]:
             continue
         kind = part.get("type") if isinstance(part, dict) else None
         body = part.get("text", part.get("value")) if isinstance(part, dict) else None
-        if kind == "text" and isinstance(body, str):
+        if kind in ("text", "reasoning") and not isinstance(body, str):
+            got = "null" if body is None else type(body).__name__
+            raise ValueError(f"{where}[{j}] is a {kind} part whose text is {got}; give it a string")
+        if kind == "text":
             text += body
-        elif kind == "reasoning" and isinstance(body, str):
+        elif kind == "reasoning":
             text += f"<think>\n{body}\n</think>\n\n"
         elif kind == "tool_call":
             calls += parse_tool_calls(body, f"{where}[{j}]")
@@ -227,7 +232,13 @@ def parse_turns(items: Any, mapping: Mapping, key: str) -> list[Message]:
                 f"{where}.{role_key} is {value!r}; expected one of {', '.join(roles)}"
                 + did_you_mean(str(value), roles)
             )
-        text, calls = _content(turn.get(content_key), f"{where}.{content_key}")
+        content = turn.get(content_key)
+        if content is None and content_key in turn and not (role == "assistant" and turn.get("tool_calls")):
+            raise ValueError(
+                f"{where}.{content_key} is null; give the turn's text"
+                + (" (an assistant turn may be null only beside its tool_calls)" if role == "assistant" else "")
+            )
+        text, calls = _content(content, f"{where}.{content_key}")
         if role == "function_call":
             role, calls, text = "assistant", calls + parse_tool_calls(text, f"{where}.{content_key}"), ""
         if turn.get("tool_calls"):
@@ -243,6 +254,11 @@ def parse_turns(items: Any, mapping: Mapping, key: str) -> list[Message]:
             raise ValueError(f"{where} is a system turn; only the first turn may be one")
         if role == "assistant" and turn.get("loss_weight") == 0:
             message["train"] = False
+        elif role == "assistant" and not text.strip() and not calls:
+            raise ValueError(
+                f"{where} is an assistant turn with no text and no tool calls: the model would learn to "
+                "answer nothing; give its answer, or mark it loss_weight: 0 to keep it as context"
+            )
         if role != "assistant" and content_key not in turn:
             raise ValueError(f"{where} has no '{content_key}'")
         # Consecutive tool calls (ShareGPT writes one per turn) become one assistant turn.
@@ -304,6 +320,8 @@ def parse_alpaca(row: dict, mapping: Mapping) -> Example:
     """alpaca: instruction, optional input, output, optional system and history."""
     prompt = _alpaca_prompt(row, mapping)
     output = _text(row, mapping.col("output"), True, tuple(mapping.col(f) for f in ALPACA_FIELDS))
+    if not output.strip():
+        raise ValueError(f"field '{mapping.col('output')}' is empty: the model would learn to answer nothing")
     return Example("chat", prompt + [{"role": "assistant", "content": output}], _tools(row, mapping))
 
 
@@ -366,6 +384,8 @@ def _prompt_turns(row: dict, mapping: Mapping) -> list[Message]:
 def _answer(value: Any, mapping: Mapping, key: str) -> list[Message]:
     """A chosen or rejected answer: text, one turn, or a list of assistant turns."""
     if isinstance(value, str):
+        if not value.strip():
+            raise ValueError(f"field '{key}' is empty; give an answer's text")
         return [{"role": "assistant", "content": value}]
     turns = parse_turns([value] if isinstance(value, dict) else value, mapping, key)
     if any(t["role"] != "assistant" for t in turns):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hwft.errors import DataError, did_you_mean
+from hwft.textfile import read_text
 
 HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
 UNSUPPORTED_COLUMNS = {
@@ -41,7 +42,7 @@ def read_registry(path: Path) -> dict:
     if not path.is_file():
         raise DataError(f"data.registry: file not found: {path}")
     try:
-        registry = json.loads(path.read_text(encoding="utf-8"))
+        registry = json.loads(read_text(path, DataError))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno} ({exc.msg})") from None
     if not isinstance(registry, dict) or not all(isinstance(v, dict) for v in registry.values()):

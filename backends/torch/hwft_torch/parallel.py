@@ -33,6 +33,7 @@ from hwft.distributed import Collective, World, torch_rendezvous_env
 from hwft.errors import RecipeError
 from hwft.objective import Loss
 from hwft.recipe import Recipe
+from hwft.textfile import read_text
 
 #: Capability.collective -> torch.distributed backend name (ROCm's RCCL answers to "nccl").
 PROCESS_GROUP = {"gloo": "gloo", "nccl": "nccl", "rccl": "nccl", "hccl": "hccl", "xccl": "xccl", "ccl": "ccl"}
@@ -244,7 +245,7 @@ def deepspeed_config(recipe: Recipe, max_norm: float) -> dict:
     if p.deepspeed_config:
         path = recipe.resolve_path(p.deepspeed_config)
         try:
-            config = json.loads(path.read_text(encoding="utf-8"))
+            config = json.loads(read_text(path, RecipeError))
         except (OSError, ValueError) as exc:
             raise RecipeError(f"parallel.deepspeed_config: cannot read {path} as JSON: {exc}") from None
         if not isinstance(config, dict):
