@@ -12,6 +12,7 @@ import torch
 from hwft.rewards import Sample, exact_match, final_answer, format_reward, length_penalty, normalise_answer
 from hwft.testing.cells import PAIRS, PROMPTS, TEXTS, cell_recipe, metrics  # noqa: F401  (shared with other tests)
 
+from tests.conftest import write_recipe
 from tests.test_plugins import make_dist, site  # noqa: F401  (site is a fixture)
 
 #: A reward plugin, installed as a real distribution (see tests/test_plugins.py): the share of
@@ -247,3 +248,37 @@ def test_dpo_on_llamafactory_preference_data(tiny_llama, tmp_path, cli):
     assert "4 truncated to max_length 128, 1 dropped (nothing left to learn within max_length); 3 pairs" in err, err
     run = metrics(tmp_path / "out")
     assert run[0]["loss"] == pytest.approx(0.693147, abs=1e-5) and run[-1]["loss"] < run[0]["loss"]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "mlx"])
+@pytest.mark.parametrize("targets, message", [
+    (["q_proj", "v_prj"], "method.lora.target_modules: 'v_prj' names no module of this model; did you mean "
+                          "'v_proj'? Its linear modules are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, "
+                          "v_proj; or give all-linear"),
+    ("q_prj", "method.lora.target_modules 'q_prj' matches no module of this model (a string is a regular "
+              "expression over whole paths such as model.layers.0.mlp.down_proj); did you mean 'q_proj'?"),
+    ("(", "method.lora.target_modules '(' is not a valid regular expression"),
+])
+def test_lora_targets_the_model_lacks_are_refused_naming_its_modules(tiny_llama, tmp_path, cli, backend, targets,
+                                                                    message):
+    """PEFT raises NoMatchingPeftModuleError for a list that matches nothing (and skips a typo
+    beside good names); the mlx engine once matched substrings. One reading, one message."""
+    path = write_recipe(tmp_path, tiny_llama, backend=backend,
+                        method={"objective": "sft", "tuning": "lora", "lora": {"r": 4, "target_modules": targets}})
+    code, _, err = cli("train", path)
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "mlx"])
+def test_lora_on_the_listed_modules_only(tiny_llama, tmp_path, cli, backend):
+    path = write_recipe(tmp_path, tiny_llama, backend=backend, train={"max_steps": 1},
+                        method={"objective": "sft", "tuning": "lora",
+                                "lora": {"r": 4, "target_modules": ["self_attn.q_proj", "v_proj"]}})
+    code, _, err = cli("train", path)
+    assert code == 0, err
+    from safetensors.numpy import load_file
+
+    tensors = load_file(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
+    adapted = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in tensors}
+    assert adapted == {"q_proj", "v_proj"}, sorted(tensors)

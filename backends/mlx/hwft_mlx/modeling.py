@@ -26,6 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
+from hwft import lora_targets
 from hwft.errors import ModelError
 from hwft.recipe import LoraSpec
 
@@ -117,15 +118,13 @@ def lora_scale(alpha: float, r: int, rslora: bool) -> float:
 
 
 def linear_layers(model: nn.Module, targets: str | list[str]) -> list[tuple[str, nn.Module]]:
-    """(path, module) of the linear layers LoRA adapts: every Linear of the decoder (PEFT's
-    all-linear leaves out the output layer), or those whose last name is listed."""
-    found = []
-    for path, module in model.named_modules():
-        if not isinstance(module, nn.Linear | nn.QuantizedLinear) or path == "lm_head":
-            continue
-        if targets == "all-linear" or path.rsplit(".", 1)[-1] in targets:
-            found.append((path, module))
-    return found
+    """(path, module) of the linear layers LoRA adapts, as :mod:`hwft.lora_targets` reads
+    ``targets`` (every Linear but the output layer for all-linear, as PEFT's); an entry that
+    names none is refused, naming the model's linear modules."""
+    linear = [(path, module) for path, module in model.named_modules()
+              if isinstance(module, nn.Linear | nn.QuantizedLinear) and path != "lm_head"]
+    lora_targets.check(targets, [path for path, _ in linear])
+    return [(path, module) for path, module in linear if lora_targets.matches(targets, path)]
 
 
 def add_lora(model: nn.Module, spec: LoraSpec, seed: int) -> list[str]:
@@ -135,8 +134,6 @@ def add_lora(model: nn.Module, spec: LoraSpec, seed: int) -> list[str]:
 
     model.freeze()
     layers = linear_layers(model, spec.target_modules)
-    if not layers:
-        raise ModelError(f"method.lora.target_modules {spec.target_modules!r} matches no linear layer of the model")
     mx.random.seed(seed)
     scale = lora_scale(spec.alpha, spec.r, spec.rslora)
     model.update_modules(tree_unflatten(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from hwft import lora_targets
 from hwft.errors import ModelError
 from hwft.recipe import Recipe
 
@@ -109,6 +110,7 @@ def add_lora(model, recipe: Recipe):
         except (OSError, ValueError, RuntimeError) as exc:
             raise ModelError(f"model.adapter: cannot load {folder} onto this model: {exc}") from None
     spec = recipe.method.lora
+    lora_targets.check(spec.target_modules, *adaptable_modules(model))
     config = LoraConfig(
         task_type="CAUSAL_LM",
         r=spec.r,
@@ -119,6 +121,23 @@ def add_lora(model, recipe: Recipe):
         use_rslora=spec.rslora,
     )
     return get_peft_model(model, config)
+
+
+def adaptable_modules(model) -> tuple[list[str], list[str]]:
+    """(linear layers but the output layer, embeddings): the module paths PEFT's LoRA can adapt,
+    for :func:`hwft.lora_targets.check`. bitsandbytes' 4- and 8-bit layers are Linears too."""
+    from transformers.pytorch_utils import Conv1D
+
+    output = model.get_output_embeddings()
+    linear, others = [], []
+    for path, module in model.named_modules():
+        if module is output:
+            continue
+        if isinstance(module, torch.nn.Linear | Conv1D):
+            linear.append(path)
+        elif isinstance(module, torch.nn.Embedding):
+            others.append(path)
+    return linear, others
 
 
 def quantised_linear_count(model) -> int:
