@@ -553,6 +553,13 @@ class Checkpointer:
                 raise stopped_message(self.stop, step, self.saved, self.job.recipe_hint)
 
     def save(self, step: int, engine: EngineState) -> Path:
+        """Write checkpoint ``step`` under a temporary name, then rename it into place; a write
+        the storage refuses removes the partial folder and stops the run naming the last
+        complete checkpoint (hwft.output.RunDir.writing)."""
+        with self.job.run_dir.writing(f"checkpoint step-{step}"):
+            return self._save(step, engine)
+
+    def _save(self, step: int, engine: EngineState) -> Path:
         job, world = self.job, self.job.world
         final = job.run_dir.checkpoint_dir(step)
         tmp = make_temporary(final) if world.main else None

@@ -13,6 +13,7 @@ import sys
 
 from hwft import HWFT_PLUGIN_API, __version__
 from hwft.errors import USER_ERROR_EXIT_CODE, RunFailed, UserError
+from hwft.storage import access_error
 
 #: Versioned schemas of the --json outputs (documented in the README).
 ENV_SCHEMA = "hwft.env/1"
@@ -383,6 +384,12 @@ def run_command(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hwft: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a read or write the storage refused that no command explained
+        error = access_error(exc)
+        if error is None or getattr(args, "debug", False):
+            raise
+        print(f"hwft: error: {error}", file=sys.stderr)
+        return USER_ERROR_EXIT_CODE
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from hwft.errors import UserError
 from hwft.recipe import Recipe
+from hwft.storage import storage_error
 
 #: Keys every metrics.jsonl line has; later issues add keys, never rename these.
 METRIC_KEYS = (
@@ -38,8 +39,12 @@ METRIC_KEYS = (
 
 
 def check_output_dir(recipe: Recipe) -> None:
-    """Refuse a non-empty output folder unless output.overwrite says to reuse it."""
+    """Refuse a non-empty output folder unless output.overwrite says to reuse it, and a path
+    that is a file."""
     path = Path(recipe.output.dir).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output.dir {path} is a file, not a folder; choose another output.dir (a folder "
+                        "that does not exist yet, or an empty one)")
     if path.exists() and any(path.iterdir()) and not recipe.output.overwrite:
         raise UserError(
             f"output folder {path} is not empty; choose another output.dir, "
@@ -51,9 +56,11 @@ class RunDir:
     """An output folder being written by one run. In a multi-process run only rank 0 writes
     (``writes``); the other ranks' RunDir knows the paths and touches nothing."""
 
-    def __init__(self, recipe: Recipe, writes: bool = True, resume_step: int | None = None):
+    def __init__(self, recipe: Recipe, writes: bool = True, resume_step: int | None = None,
+                 recipe_hint: str = "RECIPE.yaml"):
         self.path = Path(recipe.output.dir).expanduser().resolve()
         self.writes = writes
+        self.recipe_hint = recipe_hint  #: how the user named the recipe, for "continue with" hints
         self.losses: list[tuple[int, float]] = []
         self.metrics_path = self.path / "metrics.jsonl"
         #: True when this run made the folder (or found it empty): only then may it be removed.
@@ -66,9 +73,33 @@ class RunDir:
             return
         check_output_dir(recipe)
         self.created = not (self.path.exists() and any(self.path.iterdir()))
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-        self.metrics_path.write_text("", encoding="utf-8")
+        with self.writing("the output folder", resumable=False):
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+            self.metrics_path.write_text("", encoding="utf-8")
+
+    @contextmanager
+    def writing(self, what: str, resumable: bool = True):
+        """A write into this folder that the storage refuses (no space, read-only, no permission)
+        becomes one StorageError: what was being written, why, the last complete checkpoint
+        (which a failed write never touches: checkpoints are renamed into place whole) and the
+        command that continues from it."""
+        try:
+            yield
+        except Exception as exc:
+            error = storage_error(exc, what, self.path, self._advice if resumable else None)
+            if error is None:
+                raise
+            raise error from exc
+
+    def _advice(self, found) -> str:
+        from hwft.checkpoint import checkpoint_steps
+
+        done = checkpoint_steps(self.path)
+        if done:
+            return (f"The last complete checkpoint, {done[-1][1]}, is intact; {found.fix}, then continue with: "
+                    f"hwft train {self.recipe_hint} --resume")
+        return f"No checkpoint was complete yet (train.save_every writes them); {found.fix}, then run it again"
 
     #: Logs with one JSON line per step (or per step's item), cut back to a resumed step.
     STEP_LOGS = ("metrics.jsonl", "eval.jsonl", "examples.jsonl", "rollouts.jsonl")
@@ -84,7 +115,7 @@ class RunDir:
             if not path.is_file():
                 continue
             kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-                    if line.strip() and json.loads(line).get("step", 0) <= step]
+                    if (row := _logged(line)) is not None and row.get("step", 0) <= step]
             path.write_text("".join(kept), encoding="utf-8")
             if name == "metrics.jsonl":
                 self.losses = [(r["step"], r["loss"]) for r in map(json.loads, kept)]
@@ -125,7 +156,7 @@ class RunDir:
         record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         self.losses.append((record["step"], record["loss"]))
         if self.writes:
-            with self.metrics_path.open("a", encoding="utf-8") as f:
+            with self.writing(self.metrics_path.name), self.metrics_path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         if self.trackers:
             from hwft.tracking import numbers
@@ -137,23 +168,25 @@ class RunDir:
         """Append one evaluation on data.eval to eval.jsonl."""
         if not self.writes:
             return
-        with (self.path / "eval.jsonl").open("a", encoding="utf-8") as f:
+        with self.writing("eval.jsonl"), (self.path / "eval.jsonl").open("a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, "eval_loss": eval_loss, "examples": examples}) + "\n")
         for tracker in self.trackers:
             tracker.log(step, {"eval/loss": eval_loss})
 
     @contextmanager
     def atomic_dir(self, final: Path):
-        """Yield a temporary folder beside ``final``; rename it into place on success."""
+        """Yield a temporary folder beside ``final``; rename it into place on success. A write the
+        storage refuses leaves ``final`` as it was and says so (:meth:`writing`)."""
         if not self.writes:
             raise RuntimeError("only rank 0 writes the output folder")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-tmp-", dir=final.parent))
-        try:
-            yield tmp
-            self.commit(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with self.writing(f"the result {final.name}/"):
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-tmp-", dir=final.parent))
+            try:
+                yield tmp
+                self.commit(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
 
     @staticmethod
     def commit(tmp: Path, final: Path) -> None:
@@ -200,6 +233,16 @@ class RunDir:
         ax.grid(alpha=0.3)
         fig.tight_layout()
         out = self.path / "loss.png"
-        fig.savefig(out)
+        with self.writing(out.name):
+            fig.savefig(out)
         plt.close(fig)
         return out
+
+
+def _logged(line: str) -> dict | None:
+    """One step log line, or None for a blank one or one a full disk cut off mid-write."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None

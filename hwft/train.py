@@ -82,7 +82,7 @@ def run(plan: Plan, quiet: bool = False, recipe_hint: str = "RECIPE.yaml") -> Jo
         recipe.model.name = str(plan.model.path)
     world = world_from_env()
     resume_step = plan.resume.step if plan.resume else None
-    run_dir = RunDir(recipe, writes=world.main, resume_step=resume_step)
+    run_dir = RunDir(recipe, writes=world.main, resume_step=resume_step, recipe_hint=recipe_hint)
     job = Job(plan.recipe, plan.choice, plan.model, plan.data, run_dir, quiet, world=world,
               resume=plan.resume, recipe_hint=recipe_hint)
     job.log(f"hwft: {plan.describe()}")
@@ -92,7 +92,8 @@ def run(plan: Plan, quiet: bool = False, recipe_hint: str = "RECIPE.yaml") -> Jo
     if world.main and recipe.output.report_to:
         run_dir.start_tracking(recipe.output.report_to, get_host().loggers(), recipe)
     try:
-        plan.choice.backend.train(job)
+        with run_dir.writing("the run's files"):  # what no write site named more precisely
+            plan.choice.backend.train(job)
     except UserError:
         # Refused inside the backend (a model without a chat template, say): leave no
         # half-made folder behind to block the corrected run. Nothing trained is ever removed.
