@@ -1,7 +1,7 @@
 """Checkpoints: what a run writes so that it can resume exactly, and what resuming checks.
 
-Every ``train.save_every`` steps, and when SIGTERM or SIGINT arrives (what spot preemption and
-Ctrl-C send), the run writes ``checkpoints/step-N/``::
+Every ``train.save_every`` steps, and when SIGTERM, SIGINT or SIGHUP arrives (what spot
+preemption, Ctrl-C and a closed terminal send), the run writes ``checkpoints/step-N/``::
 
     adapter/ or model/        the weights as the run's result writes them (usable as they are)
     optimizer.safetensors     the optimizer's tensors (engine's own names, parameters by name)
@@ -40,6 +40,7 @@ import yaml
 
 from hwft import __version__
 from hwft.errors import RecipeError, RunFailed, UserError
+from hwft.processes import PARENT_DIED
 
 SCHEMA = "hwft.checkpoint/1"
 MANIFEST = "manifest.json"
@@ -322,10 +323,13 @@ def set_host_rng_state(state: dict) -> None:
 
 
 class StopSignals:
-    """SIGTERM and SIGINT during training ask the loop to checkpoint and stop after the current
-    step; a second signal acts as usual (SIGINT: KeyboardInterrupt, SIGTERM: end now)."""
+    """SIGTERM, SIGINT and SIGHUP (a closed terminal; also what a parent hwft process passes on)
+    during training ask the loop to checkpoint and stop after the current step; a second signal
+    acts as usual (SIGINT: KeyboardInterrupt, SIGTERM and SIGHUP: end now). The kernel's word
+    that the parent died (hwft.processes.PARENT_DIED, repeated per exiting thread of the
+    parent) asks the same, however often it comes."""
 
-    HANDLED = (signal.SIGTERM, signal.SIGINT)
+    HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, *([PARENT_DIED] if PARENT_DIED else []))
 
     def __init__(self):
         self.received: int | None = None
@@ -340,6 +344,9 @@ class StopSignals:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if signum == PARENT_DIED:
+            self.received = self.received or signum
+            return
         if self.received is not None:  # the second one: stop waiting
             signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))
             signal.raise_signal(signum)
@@ -353,12 +360,13 @@ class StopSignals:
 
 
 def stopped_message(signum: int, step: int, path: Path | None, recipe_hint: str) -> RunFailed:
-    name = signal.Signals(signum).name
     where = f"checkpoint {path}" if path else "no checkpoint could be written"
-    return RunFailed(
-        f"stopped by {name} after step {step}; {where}. Continue with: hwft train {recipe_hint} --resume",
-        128 + signum,
-    )
+    if signum == PARENT_DIED:  # ends as SIGTERM would
+        why, signum = "stopped (its parent process died)", signal.SIGTERM
+    else:
+        why = f"stopped by {signal.Signals(signum).name}"
+    return RunFailed(f"{why} after step {step}; {where}. Continue with: hwft train {recipe_hint} --resume",
+                     128 + signum)
 
 
 def make_temporary(final: Path) -> Path:

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 
 from hwft import HWFT_PLUGIN_API, __version__
 from hwft.errors import USER_ERROR_EXIT_CODE, RunFailed, UserError
@@ -330,7 +331,8 @@ def cmd_plugins(args) -> int:
 def check_plugin(backend: str | None) -> int:
     """``hwft plugins check NAME``: the conformance suite, through pytest (the test extra)."""
     import importlib.util
-    import subprocess
+
+    from hwft.processes import run_child
 
     if importlib.util.find_spec("pytest") is None:
         raise UserError("hwft plugins check runs the conformance suite with pytest: pip install pytest")
@@ -338,12 +340,14 @@ def check_plugin(backend: str | None) -> int:
     if backend:
         command += ["--hwft-backend", backend]
     print("hwft: " + " ".join(command[2:]), file=sys.stderr, flush=True)
-    return subprocess.run(command).returncode
+    return run_child(command, "hwft plugins check")
 
 
 def main(argv: list[str] | None = None) -> int:
     from hwft.distributed import report_exit
+    from hwft.processes import stop_with_parent
 
+    stop_with_parent()  # a rank or bench arm of a parent hwft process: never outlive it
     try:
         code = run_command(argv)
     except BrokenPipeError:  # `hwft env | head`: the reader left; say nothing more
@@ -371,10 +375,16 @@ def run_command(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     commands = {"train": cmd_train, "data": cmd_data, "env": cmd_env, "plugins": cmd_plugins, "bench": cmd_bench,
                 "chat": cmd_chat, "serve": cmd_serve, "eval": cmd_eval, "export": cmd_export}
+    return guarded(lambda: commands[args.command](args), getattr(args, "debug", False))
+
+
+def guarded(command: Callable[[], int], debug: bool = False) -> int:
+    """Run a command as every hwft entry point does (the CLI, a bench arm's worker): a user
+    error or a failed run is one line on stderr and its exit code; ``debug`` re-raises."""
     try:
-        return commands[args.command](args)
+        return command()
     except UserError as exc:
-        if getattr(args, "debug", False):
+        if debug:
             raise
         print(f"hwft: error: {exc}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE
@@ -386,7 +396,7 @@ def run_command(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # a read or write the storage refused that no command explained
         error = access_error(exc)
-        if error is None or getattr(args, "debug", False):
+        if error is None or debug:
             raise
         print(f"hwft: error: {error}", file=sys.stderr)
         return USER_ERROR_EXIT_CODE

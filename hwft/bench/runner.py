@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import sys
 from collections import Counter
 from datetime import datetime, timezone
@@ -18,6 +17,7 @@ from hwft.bench.fingerprint import model_identity, workload_hash
 from hwft.bench.schema import BenchResult, Comparison
 from hwft.errors import RecipeError, SelectionError
 from hwft.plugins import get_host
+from hwft.processes import run_child
 from hwft.recipe import load_recipe
 from hwft.records import PRIORITY_CPU_FALLBACK
 from hwft.select import capability_problems, rank, select_backend
@@ -70,10 +70,12 @@ def run_arm(spec: dict, folder: Path) -> BenchResult:
     spec_path.write_text(json.dumps(spec), encoding="utf-8")
     label = f"{spec['arm']}{' bf16' if spec.get('bf16') else ''} on {spec['backend']}"
     print(f"--- {label} ---", file=sys.stderr, flush=True)
-    done = subprocess.run([sys.executable, "-m", "hwft.bench.worker", str(spec_path)])
-    spec_path.unlink(missing_ok=True)
-    if done.returncode != 0:
-        raise SystemExit(f"hwft bench: the {label} arm failed (exit {done.returncode}); see its output above")
+    try:
+        code = run_child([sys.executable, "-m", "hwft.bench.worker", str(spec_path)], f"hwft bench, the {label} arm")
+    finally:
+        spec_path.unlink(missing_ok=True)
+    if code != 0:
+        raise SystemExit(f"hwft bench: the {label} arm failed (exit {code}); see its output above")
     return BenchResult.model_validate_json(Path(spec["result"]).read_text(encoding="utf-8"))
 
 

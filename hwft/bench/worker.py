@@ -21,6 +21,7 @@ from hwft.bench.schema import Arm, BenchResult, Metrics, Step, Workload
 from hwft.data.batching import make_rows
 from hwft.data.chat import ChatRenderer, tokenize_examples
 from hwft.data.pipeline import training_batches
+from hwft.errors import RunFailed
 from hwft.models import load_tokenizer, materialise
 from hwft.plugins import get_host
 from hwft.recipe import load_recipe
@@ -140,7 +141,13 @@ def main(spec_path: str) -> int:
             plan.data.examples, plan.data.eval_examples = train_examples, []
             if recipe.kernels.compile is None and spec["steps"]:
                 plan = decide_compile(plan, spec, tmp)
-            job = run(plan)
+            try:
+                job = run(plan)
+            except RunFailed as exc:
+                if exc.exit_code <= 128:
+                    raise
+                # stopped by a signal: the checkpoint it wrote lived in this arm's throwaway folder
+                raise RunFailed(f"the arm stopped ({str(exc).split(' after step')[0]})", exc.exit_code) from None
             steps, model = job.steps, job.results["model"]
             dtype, tuning = job.results["dtype"], job.results["tuning"]
             peak_memory = job.results.get("peak_memory_bytes")
@@ -200,4 +207,8 @@ def device_label(backend: str) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    from hwft.cli import guarded
+    from hwft.processes import stop_with_parent
+
+    stop_with_parent()
+    sys.exit(guarded(lambda: main(sys.argv[1])))

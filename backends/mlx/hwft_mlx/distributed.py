@@ -25,6 +25,7 @@ from mlx.utils import tree_map
 
 from hwft.distributed import STATUS_DIR, Collective, Launch, World
 from hwft.errors import RecipeError, RunFailed
+from hwft.processes import child_process
 
 
 class MlxCollective(Collective):
@@ -89,14 +90,14 @@ def launch(spec: Launch, argv: list[str]) -> int:
         command = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()",
                    "-n", str(spec.nproc), "--backend", "ring",
                    "--env", f"{STATUS_DIR}={status}", "--python", sys.executable, "--", "-m", "hwft", *argv]
-        launcher = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
         exited: list[tuple[int, int]] = []  # (rank, code) in the order mlx.launch saw them end
-        for line in launcher.stderr:
-            sys.stderr.write(line)
-            match = EXITED.search(line)
-            if match:
-                exited.append((int(match[1]), int(match[2])))
-        launcher.wait()
+        # A child that stops with hwft (hwft.processes): its ranks stop with it, even on SIGKILL.
+        with child_process(command, "mlx.launch", stderr=subprocess.PIPE, text=True) as launcher:
+            for line in launcher.stderr:
+                sys.stderr.write(line)
+                match = EXITED.search(line)
+                if match:
+                    exited.append((int(match[1]), int(match[2])))
         codes = {r: _read_int(status / f"rank-{r}") for r in range(spec.nproc)}
     failed = [r for r, c in codes.items() if c != 0]
     if not failed:
