@@ -343,11 +343,19 @@ def check_plugin(backend: str | None) -> int:
     return run_child(command, "hwft plugins check")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from hwft.distributed import report_exit
+def start_process() -> None:
+    """What every hwft process does first (the CLI, a bench arm's worker)."""
+    from hwft import library_noise
     from hwft.processes import stop_with_parent
 
     stop_with_parent()  # a rank or bench arm of a parent hwft process: never outlive it
+    library_noise.quiet()  # DeepSpeed's and bitsandbytes' start-up lines stay out of the log
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hwft.distributed import report_exit
+
+    start_process()
     try:
         code = run_command(argv)
     except BrokenPipeError:  # `hwft env | head`: the reader left; say nothing more

@@ -207,8 +207,7 @@ def device_label(backend: str) -> str:
 
 
 if __name__ == "__main__":
-    from hwft.cli import guarded
-    from hwft.processes import stop_with_parent
+    from hwft.cli import guarded, start_process
 
-    stop_with_parent()
+    start_process()
     sys.exit(guarded(lambda: main(sys.argv[1])))

@@ -1,0 +1,39 @@
+"""Start-up lines of libraries that a run did not ask for, kept out of its log.
+
+hwft imports DeepSpeed and bitsandbytes only where a recipe needs them, but its dependencies
+import them anyway: ``import peft`` imports bitsandbytes whenever it is installed, and
+transformers' ``save_pretrained`` imports DeepSpeed (to ask about ZeRO-3). On import each says
+something that is noise to an hwft user, so the lines below are dropped, by logger and by the
+start of the message; every other warning of those libraries still shows.
+"""
+
+from __future__ import annotations
+
+import logging
+
+#: logger name -> starts of the messages dropped, each with where it comes from.
+STARTUP_LINES = {
+    # deepspeed/accelerator/real_accelerator.py, on import wherever no GPU is found
+    "DeepSpeed": ("Setting accelerator to CPU", "Setting ds_accelerator to"),
+    # bitsandbytes/backends/cpu/ops.py, on import on CPUs with AVX512-BF16: it wants to download
+    # a kernel from the Hugging Face hub, which hwft never does
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
+}
+
+
+class StartupLines(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
+
+
+def quiet() -> None:
+    """Drop the STARTUP_LINES from now on (the loggers exist before their libraries import:
+    a library that configures its logger later keeps the filter)."""
+    for name, starts in STARTUP_LINES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, StartupLines) for f in logger.filters):
+            logger.addFilter(StartupLines(starts))
