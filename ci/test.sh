@@ -3,4 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ci/setup.sh
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# Two workers (pytest-xdist), each test sent to whichever is free: half the suite waits on
+# processes it started or on Python itself, so CI's two cores stay busy. HWFT_TEST_WORKERS=0
+# runs everything in this one process.
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${HWFT_TEST_WORKERS:-2}" --dist worksteal "$@"

@@ -20,6 +20,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from filelock import FileLock
+
 from hwft.errors import ModelError, did_you_mean
 
 
@@ -176,18 +178,18 @@ def materialise(resolved: ResolvedModel, log=print) -> Path:
     if resolved.ready or resolved.kind != "embedded":
         return resolved.path
     assert resolved.source is not None
-    log(f"converting {resolved.source.name} to safetensors once, into {resolved.path} ...")
     resolved.path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{resolved.path.name}-", dir=resolved.path.parent))
-    try:
-        convert_gguf(resolved.source, tmp)
+    # Two processes starting at once on a fresh machine: one converts, the other waits for it.
+    with FileLock(resolved.path.parent / f".{resolved.path.name}.lock"):
+        if resolved.ready:
+            return resolved.path
+        log(f"converting {resolved.source.name} to safetensors once, into {resolved.path} ...")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{resolved.path.name}-", dir=resolved.path.parent))
         try:
+            convert_gguf(resolved.source, tmp)
             tmp.rename(resolved.path)
-        except OSError:  # another process finished first
-            if not resolved.ready:
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return resolved.path
 
 
