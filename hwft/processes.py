@@ -4,9 +4,11 @@ Every process an hwft command starts (a bench arm, the conformance suite's pytes
 is started by :func:`child_process`:
 
 - in a process group of its own, so a terminal's Ctrl-C reaches it once, from its parent;
-- SIGTERM, SIGINT and SIGHUP to the parent (``timeout``, a scheduler, a CI job, a closed
-  terminal) are passed on, and the parent waits for the child to stop (a training child
-  checkpoints first: :class:`hwft.checkpoint.StopSignals`), then stops with 128 + the signal;
+- SIGTERM, SIGINT and SIGHUP to the parent (``timeout``, a scheduler, a CI job, Ctrl-C, a
+  closed terminal) reach the child as SIGTERM, the one request to stop every program honours
+  the same way (a child still starting ends silently; a training child checkpoints first:
+  :class:`hwft.checkpoint.StopSignals`); the parent waits for it, then stops with 128 + the
+  signal it received;
 - on Linux the child asks for ``PR_SET_PDEATHSIG`` before it runs, so a parent killed outright
   (SIGKILL, the OOM killer) cannot leave it running. The signal is :data:`PARENT_DIED`, a
   real-time signal of hwft's own rather than SIGTERM: the kernel sends it again each time the
@@ -40,7 +42,7 @@ from hwft.errors import RunFailed
 
 #: Set by a parent hwft process for everything it starts (its pid).
 PARENT_ENV = "HWFT_PARENT_PID"
-#: The signals a parent passes on to its children.
+#: The signals a parent passes on to its children, as SIGTERM.
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 PR_SET_PDEATHSIG = 1
 LINUX = sys.platform.startswith("linux")
@@ -146,7 +148,7 @@ def child_process(command: list[str], what: str, **popen) -> Iterator[subprocess
         received.append(signum)
         for proc in holder:
             if proc.poll() is None:
-                proc.send_signal(signum)
+                proc.send_signal(signal.SIGTERM)
 
     previous = {}
     if threading.current_thread() is threading.main_thread():
@@ -156,7 +158,7 @@ def child_process(command: list[str], what: str, **popen) -> Iterator[subprocess
         proc = subprocess.Popen(command, env=env, preexec_fn=_child_setup(os.getpid()), **popen)
         holder.append(proc)
         if received:  # a signal came while it was being started
-            proc.send_signal(received[-1])
+            proc.send_signal(signal.SIGTERM)
         try:
             yield proc
         except BaseException:

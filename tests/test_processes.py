@@ -73,9 +73,9 @@ def bench(tiny_llama, tmp_path) -> Started:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
 def test_a_signal_to_hwft_bench_stops_its_arm_too(tiny_llama, tmp_path, sig):
-    """What timeout(1) or a CI job sends: the runner passes it on, waits for its arm, and stops
-    with 128 + the signal. SIGTERM arrives while the arm trains (the case that once left it
-    training alone), the others while it starts."""
+    """What timeout(1), a CI job, Ctrl-C or a closed terminal sends: the runner passes it on (as
+    SIGTERM), waits for its arm, and stops with 128 + the signal. SIGTERM arrives while the arm
+    trains (the case that once left it training alone), the others as soon as it exists."""
     run = bench(tiny_llama, tmp_path)
     worker = run.child()
     if sig == signal.SIGTERM:

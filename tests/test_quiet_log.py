@@ -40,3 +40,11 @@ def test_the_startup_lines_are_dropped_and_other_warnings_kept(caplog):
                 "`pip install kernels`", "No module named 'kernels'")
     ops.warning("something else went wrong")
     assert [r.getMessage() for r in caplog.records] == ["something else went wrong"]
+
+
+def test_a_closed_pipe_ends_a_command_quietly():
+    """`hwft env | head -1` where the reader is gone before hwft writes (here `true`, which reads
+    nothing): hwft stops with 141, as a shell reports SIGPIPE, and prints no traceback."""
+    done = subprocess.run(["bash", "-c", f"'{sys.executable}' -m hwft env | true; exit ${{PIPESTATUS[0]}}"],
+                          capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (141, ""), done.stderr
