@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,17 @@ def tiny_qwen2(tmp_path_factory, embedded_dir) -> Path:
 
 
 from hwft.testing.cells import CHATS as SAMPLE_ROWS  # noqa: E402
+
+#: A library's line in a log: logging's and DeepSpeed's formats, torch's own (W1201 12:00:00...),
+#: Python warnings, progress bars. A run's log holds hwft's own lines only (hwft.library_noise).
+FOREIGN_LINE = re.compile(r"\[(WARNING|INFO|DEBUG)\]|^[WI]\d{4} \d\d:|Warning: |warnings\.warn|it/s\]|"
+                          r"kernels-community|Setting accelerator|OMP_NUM_THREADS")
+
+
+def foreign_lines(*outputs: str) -> list[str]:
+    """The lines of a command's stdout and stderr that are not hwft's own."""
+    return [line for text in outputs for line in text.splitlines() if FOREIGN_LINE.search(line)]
+
 
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

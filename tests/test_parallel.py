@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_jsonl, write_recipe
+from tests.conftest import foreign_lines, write_jsonl, write_recipe
 
 #: 16 chat examples of different lengths: 4 optimizer steps of 2 micro-batches of 2 rows (one
 #: micro-batch on each rank, or two accumulated in one process).
@@ -49,9 +49,14 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def launch(recipe_path: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    """``hwft train RECIPE --nproc 2 ARGS`` in a subprocess, as a user types it."""
-    return subprocess.run([sys.executable, "-m", "hwft", "train", str(recipe_path), "--nproc", "2", *args],
+    """``hwft train RECIPE --nproc 2 ARGS`` in a subprocess, as a user types it. Its log holds
+    hwft's lines only: not torchrun's banner, not the deprecation warnings torch gives DeepSpeed,
+    not DeepSpeed's start-up line (which transformers' save_pretrained of a full model, or
+    DeepSpeed's own import, prints)."""
+    done = subprocess.run([sys.executable, "-m", "hwft", "train", str(recipe_path), "--nproc", "2", *args],
                           capture_output=True, text=True, timeout=timeout, cwd=recipe_path.parent)
+    assert foreign_lines(done.stdout, done.stderr) == [], done.stdout + done.stderr[-3000:]
+    return done
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +314,7 @@ def test_world_from_each_launchers_environment(tmp_path):
 
 def test_torchrun_command_lines():
     from hwft.distributed import Launch
-    from hwft_torch.launch import torchrun_args
+    from hwft_torch.launch import threads_per_rank, torchrun_args
 
     local = torchrun_args(Launch(nproc=4), ["train", "r.yaml"])
     assert "--standalone" in local and local[-4:] == ["-m", "hwft", "train", "r.yaml"]
@@ -317,6 +322,8 @@ def test_torchrun_command_lines():
     assert nodes[:10] == ["--nproc-per-node", "8", "--nnodes", "2", "--max-restarts", "0",
                           "--monitor-interval", "0.5", "--node-rank", "1"]
     assert nodes[nodes.index("--master-addr") + 1] == "10.0.0.1" and "--standalone" not in nodes
+    # each rank's CPU threads: the cores shared out (torchrun's default, announced, is 1)
+    assert [threads_per_rank(n, cores=64) for n in (1, 2, 8, 128)] == [64, 32, 8, 1]
 
 
 def test_dry_run_plans_ddp_for_several_processes(tiny_llama, tmp_path, cli):

@@ -9,6 +9,7 @@ and how, instead of hanging in a collective.
 
 from __future__ import annotations
 
+import os
 import signal
 
 from hwft.distributed import Launch
@@ -36,11 +37,19 @@ def describe_exit(code: int) -> str:
     return f"exit code {code}"
 
 
+def threads_per_rank(nproc: int, cores: int | None = None) -> int:
+    """CPU threads each of ``nproc`` ranks on this machine gets: the cores shared out. torchrun's
+    own default is 1, which it announces in a banner, and which leaves most of a large CPU idle."""
+    return max(1, (cores or os.cpu_count() or 1) // nproc)
+
+
 def launch(spec: Launch, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    if spec.nproc > 1:  # the ranks inherit it; a value the user set stands
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_rank(spec.nproc)))
     try:
         run(get_args_parser().parse_args(torchrun_args(spec, argv)))  # torchrun itself, in-process
     except SignalException as exc:
