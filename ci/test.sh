@@ -3,7 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ci/setup.sh
-# Two workers (pytest-xdist), each test sent to whichever is free: half the suite waits on
-# processes it started or on Python itself, so CI's two cores stay busy. HWFT_TEST_WORKERS=0
-# runs everything in this one process.
-exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${HWFT_TEST_WORKERS:-2}" --dist worksteal "$@"
+# Two workers (pytest-xdist), each taking whole test modules, longest first (tests/conftest.py):
+# much of the suite waits on processes it started or on Python itself, so CI's two cores stay
+# busy. HWFT_TEST_WORKERS=0 runs everything in this one process.
+exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${HWFT_TEST_WORKERS:-2}" --dist loadscope \
+    --no-loadscope-reorder "$@"

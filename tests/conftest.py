@@ -32,8 +32,18 @@ def pytest_configure(config):
     config.option.hwft_backend = [",".join(names)]
 
 
+#: Modules whose tests take longest (launched processes, compiles), run first: the two workers of
+#: ci/test.sh take whole modules (--dist loadscope, which keeps a module's shared fixtures on one
+#: worker), so the longest first leaves the short ones to even out the end.
+LONGEST_FIRST = ("test_parallel", "test_conformance", "test_processes", "test_compile", "test_use", "test_resume",
+                 "test_bench", "test_methods", "test_mlx", "test_models", "test_faults")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Hardware-marked tests run only where that hardware is."""
+    """The longest modules first (LONGEST_FIRST); hardware-marked tests run only where that
+    hardware is."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))  # stable
     present = {"cuda": _has_cuda(), "rocm": _has_rocm(), "npu": _has_npu()}
     for item in items:
         for mark, here in present.items():
