@@ -12,6 +12,7 @@ business, printed once per rank and call site).
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 #: logger name -> starts of the messages dropped, each with where it comes from.
@@ -43,7 +44,9 @@ class StartupLines(logging.Filter):
 
 def quiet() -> None:
     """Drop the STARTUP_LINES and WARNINGS from now on (the loggers exist before their libraries import:
-    a library that configures its logger later keeps the filter)."""
+    a library that configures its logger later keeps the filter), and libraries' progress bars
+    (tqdm reads TQDM_DISABLE when it is imported; hwft draws its own progress)."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
     for name, starts in STARTUP_LINES.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, StartupLines) for f in logger.filters):

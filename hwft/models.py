@@ -178,39 +178,67 @@ def materialise(resolved: ResolvedModel, log=print) -> Path:
     if resolved.ready or resolved.kind != "embedded":
         return resolved.path
     assert resolved.source is not None
-    resolved.path.parent.mkdir(parents=True, exist_ok=True)
-    # Two processes starting at once on a fresh machine: one converts, the other waits for it.
-    with FileLock(resolved.path.parent / f".{resolved.path.name}.lock"):
-        if resolved.ready:
-            return resolved.path
+
+    def convert(tmp: Path) -> None:
         log(f"converting {resolved.source.name} to safetensors once, into {resolved.path} ...")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{resolved.path.name}-", dir=resolved.path.parent))
+        convert_gguf(resolved.source, tmp, tokenizer_dir(resolved))
+
+    return _convert_once(resolved.path, convert, lambda: resolved.ready)
+
+
+def tokenizer_dir(resolved: ResolvedModel) -> Path:
+    """Where an embedded model's tokenizer alone is converted (see :func:`materialise_tokenizer`)."""
+    return resolved.path.with_name(f"{resolved.path.name}-tokenizer")
+
+
+def materialise_tokenizer(resolved: ResolvedModel) -> Path:
+    """A folder holding the model's tokenizer: the model folder, or for an embedded model not
+    converted yet, its tokenizer alone, converted from the GGUF's vocabulary (a quarter of the
+    whole conversion): for what needs no weights (``hwft data inspect``, tiny test models)."""
+    if resolved.ready or resolved.kind != "embedded":
+        return resolved.path
+    assert resolved.source is not None
+    folder = tokenizer_dir(resolved)
+    return _convert_once(folder, lambda tmp: _gguf_tokenizer(resolved.source).save_pretrained(tmp),
+                         lambda: (folder / "tokenizer_config.json").is_file())
+
+
+def _convert_once(final: Path, convert, done) -> Path:
+    """``convert(tmp)`` into a temporary folder renamed to ``final``, unless ``done()``. Two
+    processes starting at once on a fresh machine: one converts, the other waits for it."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(final.parent / f".{final.name}.lock"):
+        if done():
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
         try:
-            convert_gguf(resolved.source, tmp)
-            tmp.rename(resolved.path)
+            convert(tmp)
+            tmp.rename(final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return resolved.path
+    return final
 
 
-def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
-    """De-quantise a GGUF model with transformers and save it as a safetensors folder."""
+def _gguf_tokenizer(gguf_file: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path, tokenizer_from: Path | None = None) -> None:
+    """De-quantise a GGUF model with transformers and save it as a safetensors folder, with the
+    tokenizer (copied from ``tokenizer_from`` where it was converted already)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    # (the de-quantiser's own tqdm bar heeds TQDM_DISABLE, set by every hwft process: hwft.library_noise)
     hf_logging.disable_progress_bar()
-    folder, file = str(gguf_file.parent), gguf_file.name
-    quiet = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # the GGUF de-quantiser draws its own progress bar
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
-    finally:
-        if quiet is None:
-            os.environ.pop("TQDM_DISABLE")
-        else:
-            os.environ["TQDM_DISABLE"] = quiet
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32)
+    if tokenizer_from is not None and (tokenizer_from / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_from, local_files_only=True)
+    else:
+        tokenizer = _gguf_tokenizer(gguf_file)
     # transformers refuses to save a model it still thinks is GGUF-quantised; it is not any
     # more: the loader de-quantised every tensor.
     model.hf_quantizer = None

@@ -118,9 +118,19 @@ def stop_with_parent() -> None:
         os.kill(os.getpid(), PARENT_DIED)
 
 
-def mark_children() -> None:
-    """What this process starts from now on (through any launcher) stops with it."""
+@contextmanager
+def children_stop_with_this_process() -> Iterator[None]:
+    """What this process starts meanwhile, through any launcher (torchrun's agent builds its
+    ranks' environment from os.environ), stops with it."""
+    before = os.environ.get(PARENT_ENV)
     os.environ[PARENT_ENV] = str(os.getpid())
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(PARENT_ENV, None)
+        else:
+            os.environ[PARENT_ENV] = before
 
 
 def _child_setup(parent: int):

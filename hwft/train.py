@@ -18,7 +18,7 @@ from hwft.job import Job
 from hwft.models import ResolvedModel, check_adapter, check_remote_code, materialise, resolve_model
 from hwft.output import RunDir, check_output_dir
 from hwft.plugins import PluginHost, get_host
-from hwft.processes import mark_children
+from hwft.processes import children_stop_with_this_process
 from hwft.recipe import Recipe
 from hwft.rewards import check_rewards
 from hwft.select import Choice, preflight, select_backend
@@ -131,5 +131,5 @@ def launch_run(recipe: Recipe, launch: Launch, worker_argv: list[str], dry_run: 
     if launch.node_rank == 0 and not plan.resume:  # rank 0 lives on node 0 and writes the output folder
         check_output_dir(plan.recipe)
     materialise(plan.model)  # convert an embedded model once, before the ranks read it
-    mark_children()  # the ranks the launcher starts stop with this process (hwft.processes)
-    return backend.launch(launch, worker_argv)
+    with children_stop_with_this_process():  # hwft.processes: even if this process is killed
+        return backend.launch(launch, worker_argv)

@@ -84,20 +84,28 @@ def embedded_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(embedded_dir):
+def tokenizer_dir() -> Path:
+    """The embedded SmolLM2's tokenizer (converted alone where the weights are not yet)."""
+    from hwft.testing.tiny import embedded_tokenizer_dir
+
+    return embedded_tokenizer_dir()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(embedded_dir)
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory, embedded_dir) -> Path:
-    return build_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"), embedded_dir)
+def tiny_llama(tmp_path_factory, tokenizer_dir) -> Path:
+    return build_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen2(tmp_path_factory, embedded_dir) -> Path:
-    return build_tiny_model("qwen2", tmp_path_factory.mktemp("tiny-qwen2"), embedded_dir, seed=1)
+def tiny_qwen2(tmp_path_factory, tokenizer_dir) -> Path:
+    return build_tiny_model("qwen2", tmp_path_factory.mktemp("tiny-qwen2"), tokenizer_dir, seed=1)
 
 
 from hwft.testing.cells import CHATS as SAMPLE_ROWS  # noqa: E402

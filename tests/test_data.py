@@ -362,13 +362,13 @@ def test_data_inspect(tiny_llama, tmp_path, cli):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "mlx"])
-def test_token_ids_beyond_the_embedding_are_refused(embedded_dir, tmp_path, cli, backend):
+def test_token_ids_beyond_the_embedding_are_refused(tokenizer_dir, tmp_path, cli, backend):
     """A model whose embedding is smaller than its tokenizer (tokens added after saving)."""
     if backend == "mlx":
         pytest.importorskip("mlx.core")
     from tests.conftest import build_tiny_model
 
-    small = build_tiny_model("llama", tmp_path / "small-vocab", embedded_dir, vocab_size=1000)
+    small = build_tiny_model("llama", tmp_path / "small-vocab", tokenizer_dir, vocab_size=1000)
     recipe = write_recipe(tmp_path, small, backend=backend)
     code, _, stderr = cli("train", recipe)
     assert code == 2 and "row 1 of the tokenised data has token id" in stderr, stderr

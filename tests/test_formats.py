@@ -255,7 +255,7 @@ def test_objective_and_row_kind_must_agree(tmp_path):
     assert json.dumps(resolve_template("chatml-tools", tmp_path, None))  # a built-in by name
 
 
-def test_shipped_registry_recipe_mixes_and_renders_tools(embedded_dir, cli, tmp_path):
+def test_shipped_registry_recipe_mixes_and_renders_tools(tokenizer_dir, cli, tmp_path):
     """configs/data-mix.yaml: a registry with openai and sharegpt entries, mixed 7:3, tool rows
     rendered through chatml-tools."""
     from tests.conftest import REPO

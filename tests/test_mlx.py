@@ -32,7 +32,7 @@ STEPS = 20  #: the loss-curve comparison's length
 # Loading: configs mlx-lm misreads
 
 
-def test_rope_theta_from_transformers5_config_is_normalised(tmp_path, embedded_dir):
+def test_rope_theta_from_transformers5_config_is_normalised(tmp_path, tokenizer_dir):
     """transformers 5 writes rope_theta inside rope_parameters; mlx-lm reads the top level only
     and would use 10000. With hwft's override the logits match torch; without it they do not."""
     from mlx_lm.utils import load_model as mlx_load
@@ -40,7 +40,7 @@ def test_rope_theta_from_transformers5_config_is_normalised(tmp_path, embedded_d
 
     from hwft_mlx.modeling import config_overrides, load_model
 
-    folder = build_tiny_model("llama", tmp_path / "m", embedded_dir, rope_theta=100000.0)
+    folder = build_tiny_model("llama", tmp_path / "m", tokenizer_dir, rope_theta=100000.0)
     config = json.loads((folder / "config.json").read_text())
     assert "rope_theta" not in config and config["rope_parameters"]["rope_theta"] == 100000.0
     assert config_overrides(config) == {"rope_theta": 100000.0}

@@ -26,7 +26,9 @@ def test_the_startup_lines_are_dropped_and_other_warnings_kept(caplog, monkeypat
     monkeypatch.setattr(ds, "propagate", True)  # DeepSpeed's own handler prints on stdout; caplog listens here
     ds.warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")
     ds.warning("a real DeepSpeed warning")
-    assert [r.getMessage() for r in caplog.records] == ["something else went wrong", "a real DeepSpeed warning"]
+    said = [r.getMessage() for r in caplog.records]
+    assert "something else went wrong" in said and "a real DeepSpeed warning" in said
+    assert not any("kernels-community" in m or "Setting accelerator" in m for m in said), said
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         library_noise.quiet()
@@ -42,7 +44,7 @@ def test_a_closed_pipe_ends_a_command_quietly():
     os.close(read)  # no reader: every write fails with EPIPE
     try:
         done = subprocess.run([sys.executable, "-m", "hwft", "env"], stdout=write, stderr=subprocess.PIPE, text=True,
-                              timeout=120)
+                              timeout=120, env={k: v for k, v in os.environ.items() if k != "HWFT_PARENT_PID"})
     finally:
         os.close(write)
     assert (done.returncode, done.stderr) == (141, ""), done.stderr

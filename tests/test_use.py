@@ -24,14 +24,14 @@ ROPE = {"rope_theta": 50000.0}
 
 
 @pytest.fixture(scope="module")
-def lora_run(tmp_path_factory, embedded_dir, monkeypatch_module):
+def lora_run(tmp_path_factory, tokenizer_dir, monkeypatch_module):
     """A tiny Llama LoRA run: 4 steps, 2 of the 12 examples held out (data.val_size) and
     evaluated every 2 steps, metrics sent to tensorboard, wandb (offline) and mlflow."""
     from hwft import cli as hwft_cli
     from hwft.plugins import reset_host
 
     folder = tmp_path_factory.mktemp("use-lora")
-    model = build_tiny_model("llama", folder / "model", embedded_dir, seed=3, **ROPE)
+    model = build_tiny_model("llama", folder / "model", tokenizer_dir, seed=3, **ROPE)
     recipe = write_recipe(folder, model, train={"max_steps": 4, "eval_every": 2, "lr": 5e-3},
                           output={"dir": str(folder / "out"), "report_to": ["tensorboard", "wandb", "mlflow"],
                                   "project": "hwft-tests"})
@@ -46,13 +46,13 @@ def lora_run(tmp_path_factory, embedded_dir, monkeypatch_module):
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory, embedded_dir):
+def full_run(tmp_path_factory, tokenizer_dir):
     """A tiny Qwen2 full fine-tune (model/ instead of adapter/), 2 steps."""
     from hwft import cli as hwft_cli
     from hwft.plugins import reset_host
 
     folder = tmp_path_factory.mktemp("use-full")
-    model = build_tiny_model("qwen2", folder / "model", embedded_dir, seed=4, **ROPE)
+    model = build_tiny_model("qwen2", folder / "model", tokenizer_dir, seed=4, **ROPE)
     recipe = write_recipe(folder, model, method={"objective": "sft", "tuning": "full"},
                           train={"max_steps": 2, "lr": 1e-3})
     reset_host()

@@ -14,7 +14,7 @@ from hwft.data.chat import IGNORE_INDEX, ChatRenderer, TokenizeStats, Tokenized
 from hwft.data.formats import Example
 from hwft.data.loading import load_train_data
 from hwft.data.pipeline import PACKABLE
-from hwft.models import load_tokenizer, materialise, resolve_model
+from hwft.models import load_tokenizer, materialise_tokenizer, resolve_model
 from hwft.plugins import get_host
 from hwft.recipe import Recipe
 
@@ -70,7 +70,8 @@ def inspect(recipe: Recipe, rows: int = 3, color: bool = False) -> tuple[str, di
     host = get_host()
     data = load_train_data(recipe, host.data_formats())
     model = resolve_model(recipe.model.name, recipe.resolve_path("."), recipe.model.revision)
-    tokenizer = load_tokenizer(materialise(model), recipe.model.trust_remote_code)
+    # the tokenizer is all it needs: the embedded model's converts alone, in seconds
+    tokenizer = load_tokenizer(materialise_tokenizer(model), recipe.model.trust_remote_code)
     renderer = ChatRenderer.for_recipe(recipe, tokenizer)
     template = renderer.template
     t = recipe.train

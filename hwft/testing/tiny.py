@@ -17,6 +17,14 @@ def embedded_dir() -> Path:
     return materialise(resolve_model("smollm2-135m"), log=lambda m: None)
 
 
+def embedded_tokenizer_dir() -> Path:
+    """A folder with the embedded SmolLM2's tokenizer: all a tiny model takes from it, converted
+    without the weights where those are not converted yet (hwft.models.materialise_tokenizer)."""
+    from hwft.models import materialise_tokenizer, resolve_model
+
+    return materialise_tokenizer(resolve_model("smollm2-135m"))
+
+
 def build_tiny_model(family: str, out: Path, tokenizer_src: Path | None = None, seed: int = 0,
                      **config_args) -> Path:
     """A 2-layer model of ``family`` (llama, qwen2) in ``out``; ``config_args`` override the
@@ -24,7 +32,7 @@ def build_tiny_model(family: str, out: Path, tokenizer_src: Path | None = None, 
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    tokenizer_src = tokenizer_src or embedded_dir()
+    tokenizer_src = tokenizer_src or embedded_tokenizer_dir()
     common = dict(
         vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=2,
