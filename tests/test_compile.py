@@ -30,7 +30,8 @@ def test_auto_rule():
 @pytest.mark.skipif(compiling.cpp_compiler() is None, reason="no C++ compiler for Inductor's CPU code")
 def test_compiled_training_matches_eager(tiny_llama, tmp_path, cli):
     """Packed sft/lora for 3 steps, eager and compiled: the same losses and gradient norms
-    (1e-4), the same adapter tensors under the same names, and no compile for generation."""
+    (1e-4), the same adapter tensors under the same names, and no compile for generation. With
+    LoRA the embeddings are frozen, so layer 0 runs eagerly and the rest compile once."""
     runs = {}
     for setting in (False, True):
         out = tmp_path / f"compile-{setting}"
@@ -42,7 +43,8 @@ def test_compiled_training_matches_eager(tiny_llama, tmp_path, cli):
         assert code == 0, err
         runs[setting] = metrics(out / "out"), load_file(out / "out" / "adapter" / "adapter_model.safetensors"), err
     (eager, eager_weights, _), (compiled, compiled_weights, log) = runs[False], runs[True]
-    assert "kernels: torch.compile on the training forward of 2 decoder layers (kernels.compile: true)" in log
+    assert ("kernels: torch.compile on the training forward of 1 of 2 decoder layers (the first one's input needs "
+            "no gradient: it runs eagerly) (kernels.compile: true)") in log
     for a, b in zip(eager, compiled, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)

@@ -1,8 +1,10 @@
 """kernels.compile: torch.compile on each decoder layer's training forward.
 
 Regional compilation: each decoder layer's ``forward`` is compiled, not the whole model. The
-layers share one piece of code, so Dynamo compiles it with dynamic shapes once for every layer
-(plus once for layer 0, whose input needs no gradient), and lengths never recompile. Inductor
+layers share one piece of code, so Dynamo compiles it with dynamic shapes once for every layer,
+and lengths never recompile. Where the embeddings are frozen (lora, qlora), the first layer's
+input needs no gradient, and compiling it would cost a second compile as long as the first (its
+guards differ) for one layer's fusion; it runs eagerly instead, so a run compiles once. Inductor
 fuses what runs between the matmuls: RMSNorm, rotary embedding, SwiGLU, LoRA's scaling and the
 residual adds, forward and backward. The matmuls stay with the vendor library (oneDNN/MKL on the
 CPU, cuBLAS).
@@ -54,8 +56,9 @@ def decoder_layers(model) -> list:
     return list(layers) if isinstance(layers, torch.nn.ModuleList) else []
 
 
-def compile_layers(model) -> int:
-    """Compile each decoder layer's forward for training; returns how many layers.
+def compile_layers(model) -> tuple[int, int]:
+    """Compile each decoder layer's forward for training (all but the first where the embeddings
+    are frozen); returns (layers compiled, layers).
 
     The layer's ``forward`` attribute becomes a function that runs the compiled forward while
     gradients are on and the eager one otherwise.
@@ -63,7 +66,11 @@ def compile_layers(model) -> int:
     import torch
 
     layers = decoder_layers(model)
-    for layer in layers:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    frozen = embeddings is not None and not any(p.requires_grad for p in embeddings.parameters())
+    compiled_layers = layers[1:] if frozen and len(layers) > 1 else layers
+    for layer in compiled_layers:
         eager = layer.forward
         compiled = torch.compile(eager, dynamic=True)
 
@@ -71,4 +78,4 @@ def compile_layers(model) -> int:
             return (_compiled if torch.is_grad_enabled() else _eager)(*args, **kwargs)
 
         layer.forward = forward
-    return len(layers)
+    return len(compiled_layers), len(layers)
