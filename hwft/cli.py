@@ -127,9 +127,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="also write the JSON report to this file")
 
     export = using("export", "write a trained result as a merged HF model, a PEFT adapter, MLX or GGUF")
-    export.add_argument("--to", required=True, choices=("hf", "peft", "mlx", "gguf"),
-                        help="hf: merged safetensors + tokenizer; peft: the adapter; mlx: an mlx-lm folder; "
-                        "gguf: one file for llama.cpp/Ollama (Llama and Qwen2 families)")
+    export.add_argument("--to", required=True,
+                        help="a registered export format (`hwft plugins` lists them): hf: merged safetensors + "
+                        "tokenizer; peft: the adapter; mlx: an mlx-lm folder; gguf: one file for llama.cpp/Ollama "
+                        "(Llama and Qwen2 families)")
     export.add_argument("--out", help="where to write (default: RUN/export/FORMAT, RUN/export/model-TYPE.gguf)")
     export.add_argument("--gguf-type", default="q8_0", choices=("f16", "q8_0"), help="GGUF weights (default q8_0)")
     export.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
@@ -315,6 +316,8 @@ def cmd_plugins(args) -> int:
             "schema": PLUGINS_SCHEMA,
             "plugin_api": HWFT_PLUGIN_API,
             "plugins": [p.to_json() for p in host.plugins],
+            "methods": host.methods().to_json(),
+            "exporters": [{"format": f, "engines": sorted(e)} for f, e in sorted(host.exporters().by_format.items())],
         }
         print(json.dumps(payload, indent=2))
         return 0
@@ -325,6 +328,14 @@ def cmd_plugins(args) -> int:
             print(f"{'':<16}hooks: {', '.join(p.hooks)}")
         if p.error:
             print(f"{'':<16}{p.error}")
+    print("\nexport formats (hwft export --to):")
+    for name, engines in sorted(host.exporters().by_format.items()):
+        first = next(iter(engines.values()))
+        print(f"  {name:<14}{', '.join(sorted(engines)):<28}{first.description}")
+    print("\nmethods (method.objective):")
+    for m in host.methods().to_json():
+        engines = ", ".join(m["engines"]) or "no engine"
+        print(f"  {m['name']:<14}{m['kind']:<12}{engines:<16}{m['description']} [{m['plugin']}]")
     return 0
 
 

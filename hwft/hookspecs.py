@@ -44,3 +44,31 @@ def hwft_register_loggers(register):
     ``open(run_dir, recipe)`` returns an object with ``log(step, {key: float})`` and ``close()``;
     a recipe names trackers in ``output.report_to``. Since plugin API 0.4.
     """
+
+
+@hookspec
+def hwft_register_methods(register):
+    """Register training methods: ``register(hwft.methods.Method(...))``.
+
+    A method is what ``method.objective`` names: its ``method.<name>`` section, the kind of
+    example it trains on, whether its rows pack, how examples become micro-batches, its metrics
+    and its conformance invariants (see hwft.methods.record). Since plugin API 1.1.
+    """
+
+
+@hookspec
+def hwft_register_method_implementations(register):
+    """Register an engine's implementation of a method: ``register(hwft.methods.Implementation(
+    method, engine, build, tunings))``; ``build(setup)`` returns the engine's objective.
+
+    The methods a backend runs are those its capability record claims (or, with
+    ``Capability.tunings``, every method its engine implements) that its engine implements.
+    Since plugin API 1.1.
+    """
+
+
+@hookspec
+def hwft_register_exporters(register):
+    """Register export formats: ``register(hwft.use.exporters.Exporter(format, engine, ...))``;
+    ``hwft export --to FORMAT`` takes the one on the trained result's engine. Since plugin API 1.1.
+    """

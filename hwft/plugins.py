@@ -82,6 +82,8 @@ class PluginHost:
         self._backends: dict[str, Backend] | None = None
         self._backend_plugin: dict[str, str] = {}
         self._probes: dict[str, Availability] = {}
+        self._methods = None
+        self._exporters = None
 
     def _load_entry_points(self, entry_points) -> None:
         allow, deny = _names("HWFT_PLUGINS"), _names("HWFT_DISABLE_PLUGINS") or set()
@@ -178,7 +180,27 @@ class PluginHost:
         return self._probes[name]
 
     def capability(self, name: str) -> Capability:
-        return self.backend(name).capability()
+        """The backend's capability record, its methods narrowed to what its engine implements
+        (hwft.methods.MethodRegistry.effective)."""
+        backend = self.backend(name)
+        return self.methods().effective(backend.capability(), backend.engine)
+
+    def methods(self):
+        """Every registered method and every engine's implementations of them
+        (hwft.methods.MethodRegistry), collected once."""
+        if self._methods is None:
+            from hwft.methods.record import collect_methods
+
+            self._methods = collect_methods(self.pm)
+        return self._methods
+
+    def exporters(self):
+        """Every registered export format by format and engine (hwft.use.exporters.Exporters)."""
+        if self._exporters is None:
+            from hwft.use.exporters import collect_exporters
+
+            self._exporters = collect_exporters(self.pm)
+        return self._exporters
 
     def data_formats(self) -> dict:
         from hwft.data.formats import collect_formats
@@ -212,10 +234,10 @@ def get_host() -> PluginHost:
     """The process-wide host, built on first use."""
     global _HOST
     if _HOST is None:
-        from hwft import rewards, tracking
+        from hwft import methods, rewards, tracking
         from hwft.data import formats
 
-        builtins = {"core": formats, "core-rewards": rewards, "core-trackers": tracking}
+        builtins = {"core": formats, "core-methods": methods, "core-rewards": rewards, "core-trackers": tracking}
         if os.environ.get("HWFT_TESTING_REWARDS"):  # set by hwft's pytest plugin (hwft.testing)
             from hwft.testing import rewards as testing_rewards
 

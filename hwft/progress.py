@@ -1,20 +1,18 @@
 """Progress: a bar with loss, tokens/s and ETA on a terminal; plain log lines otherwise.
 
-The objective's headline figure joins the loss when the record has it: the mean reward (grpo)
-or the reward margin and accuracy (dpo)."""
+The method's headline figures join the loss when the record has them (hwft.methods.Method.headline):
+the mean reward (grpo) or the reward margin and accuracy (dpo)."""
 
 from __future__ import annotations
 
 import sys
 
 
-#: Objective metrics shown beside the loss, with their short labels.
-SHOWN = (("reward", "reward"), ("rewards/margins", "margin"), ("rewards/accuracy", "acc"))
-
-
 class Progress:
-    def __init__(self, total_steps: int, log_every: int, stream=None, quiet: bool = False):
+    def __init__(self, total_steps: int, log_every: int, stream=None, quiet: bool = False,
+                 shown: tuple[tuple[str, str], ...] = ()):
         self.quiet = quiet
+        self.shown = shown  #: (metric, short label) shown beside the loss
         self.total = total_steps
         self.log_every = log_every
         self.stream = stream or sys.stderr
@@ -31,7 +29,7 @@ class Progress:
         step = record["step"]
         if self.quiet:
             return
-        extra = {label: f"{record[key]:.3f}" for key, label in SHOWN if key in record}
+        extra = {label: f"{record[key]:.3f}" for key, label in self.shown if key in record}
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", **extra, tok_s=f"{record['tokens_per_second']:.0f}")

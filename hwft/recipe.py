@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic_core import PydanticCustomError
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -25,17 +26,13 @@ from pydantic import (
 )
 
 from hwft.errors import RecipeError, did_you_mean
+from hwft.section import Section
 from hwft.textfile import read_text
 
-Objective = Literal["sft", "cpt", "dpo", "grpo"]
 Tuning = Literal["full", "lora", "qlora"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
-class Section(BaseModel):
-    """Base for every recipe section: unknown keys are errors, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelSpec(Section):
@@ -188,68 +185,56 @@ class QLoraSpec(Section):
     )
 
 
-class DpoSpec(Section):
-    beta: float = Field(0.1, gt=0, description="Strength of the KL constraint to the reference.")
-    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
-        "sigmoid", description="DPO loss variant (maths in hwft_torch.losses.dpo_loss)."
-    )
-    label_smoothing: float = Field(
-        0.0, ge=0, lt=0.5, description="Probability that a pair's labels are flipped (cDPO for "
-        "sigmoid, robust DPO for robust)."
-    )
-    reference: Literal["auto", "precomputed"] = Field(
-        "auto",
-        description="auto: the base with the adapter disabled (lora, qlora) or a frozen copy (full); "
-        "precomputed: reference log-probabilities computed once before training (no second model).",
-    )
-
-
-class RewardSpec(Section):
-    name: str = Field(description="A registered reward function (`hwft plugins` lists them).")
-    weight: float = Field(1.0, description="Weight in the summed reward.")
-    args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the function.")
-
-
-class GrpoSpec(Section):
-    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (one group).")
-    max_new_tokens: int = Field(128, gt=0, description="Length limit of each completion.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts (log-probs use it too).")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of rollouts.")
-    beta: float = Field(0.04, ge=0, description="Weight of the KL penalty to the reference policy (0: none).")
-    kl_correction: bool = Field(
-        True, description="Weight the KL term by the policy ratio (unbiased reverse-KL gradient, TRL's default)."
-    )
-    epsilon: float = Field(0.2, gt=0, description="Lower clipping range of the policy ratio.")
-    epsilon_high: float | None = Field(None, gt=0, description="Upper clipping range (default: epsilon).")
-    num_iterations: int = Field(
-        1, ge=1, description="Optimizer steps taken on each batch of rollouts (ratio clipping acts from the 2nd)."
-    )
-    loss_type: Literal["dapo", "grpo", "dr_grpo"] = Field(
-        "dapo", description="How per-token losses are averaged (see hwft_torch.losses.grpo_loss)."
-    )
-    scale_rewards: Literal["group", "batch", "none"] = Field(
-        "group", description="Divide advantages by the reward std of the group, of the batch, or not at all."
-    )
-    rewards: list[RewardSpec] = Field(
-        default_factory=list, description="Reward functions, summed with their weights."
-    )
-
-    @field_validator("rewards", mode="before")
-    @classmethod
-    def _reward_shorthand(cls, value: Any) -> Any:
-        # `rewards: [exact_match, format]` is a shorthand for [{name: exact_match}, ...]
-        if isinstance(value, list):
-            return [{"name": v} if isinstance(v, str) else v for v in value]
-        return value
-
-
 class MethodSpec(Section):
-    objective: Objective = Field("sft", description="What the loss is: sft, cpt, dpo or grpo.")
+    """What the loss is and which weights move. Every registered method (hwft.methods) has its
+    own section here, ``method.<name>``, validated by its own spec and filled with its defaults
+    whichever method runs (so that one recipe can switch methods with an override)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    objective: str = Field(
+        "sft", description="What the loss is: a registered method (sft, cpt, dpo, grpo, or a plugin's; "
+        "`hwft plugins` lists them)."
+    )
     tuning: Tuning = Field("lora", description="Which weights move: full, lora or qlora.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter settings (lora, qlora).")
     qlora: QLoraSpec = Field(default_factory=QLoraSpec, description="Quantisation (qlora).")
-    dpo: DpoSpec = Field(default_factory=DpoSpec, description="DPO settings.")
-    grpo: GrpoSpec = Field(default_factory=GrpoSpec, description="GRPO settings.")
+
+    @classmethod
+    def sections(cls) -> dict[str, type[BaseModel]]:
+        """The registered methods' sections by name (method.dpo, method.grpo, ...)."""
+        from hwft.methods import registry
+
+        return registry().sections()
+
+    @model_validator(mode="after")
+    def _registered(self) -> MethodSpec:
+        from hwft.methods import registry
+
+        methods = registry()
+        if self.objective not in methods:
+            message = methods.unknown(self.objective).removeprefix("method.objective: ")
+            raise ValidationError.from_exception_data("MethodSpec", [{
+                "type": PydanticCustomError("unknown_method", "{message}", {"message": message}),
+                "loc": ("objective",), "input": self.objective}])
+        sections = methods.sections()
+        extra = self.__pydantic_extra__
+        for key in extra:
+            if key not in sections:
+                raise ValidationError.from_exception_data(
+                    "MethodSpec", [{"type": "extra_forbidden", "loc": (key,), "input": extra[key]}])
+        for name, spec in sections.items():
+            value = extra.get(name, {})
+            if isinstance(value, spec):
+                continue
+            try:
+                extra[name] = spec.model_validate(value)
+            except ValidationError as err:  # keep the section in each error's location
+                raise ValidationError.from_exception_data("MethodSpec", [
+                    {"type": e["type"], "loc": (name, *e["loc"]), "input": e["input"],
+                     **({"ctx": e["ctx"]} if "ctx" in e else {})} for e in err.errors()
+                ]) from None
+        return self
 
 
 class TrainSpec(Section):
@@ -432,6 +417,9 @@ def _section_keys(model: type[BaseModel], loc: tuple) -> list[str]:
         if isinstance(part, int):
             continue
         field = model.model_fields.get(str(part))
+        if field is None and issubclass(model, MethodSpec) and str(part) in MethodSpec.sections():
+            model = MethodSpec.sections()[str(part)]  # a method's own section
+            continue
         if field is None:
             break
         ann = field.annotation
@@ -445,7 +433,8 @@ def _section_keys(model: type[BaseModel], loc: tuple) -> list[str]:
         if not nested:
             return []
         model = nested[0]
-    return list(model.model_fields)
+    keys = list(model.model_fields)
+    return keys + list(MethodSpec.sections()) if model is MethodSpec else keys
 
 
 _TYPE_WORDS = {
@@ -490,6 +479,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         elif kind == "literal_error":
             expected = e.get("ctx", {}).get("expected", "")
             lines.append(f"{key}: {e['input']!r} is not allowed; expected one of {expected}")
+        elif kind == "unknown_method":
+            lines.append(f"{key}: {e['msg']}")
         elif kind == "value_error":
             lines.append(f"{key}: {e['msg'].removeprefix('Value error, ')}")
         elif kind in _TYPE_WORDS:

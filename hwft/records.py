@@ -50,7 +50,8 @@ class Availability:
 class Capability:
     """What a backend can run. Names match the recipe's values so refusals can cite them."""
 
-    methods: Mapping[str, tuple[str, ...]]  #: objective -> tunings it runs
+    #: objective -> tunings it runs; with ``tunings`` set, these are added to what the engine implements
+    methods: Mapping[str, tuple[str, ...]]
     dtypes: tuple[str, ...]  #: fp32, bf16, fp16
     quantization: tuple[str, ...] = ()  #: e.g. bnb-nf4, bnb-int8, mlx-q4
     attention: tuple[str, ...] = ("eager",)  #: kernels.attention values
@@ -61,6 +62,10 @@ class Capability:
     packing: bool = False  #: honours data.packing without cross-example attention
     #: why something is missing, by recipe value (e.g. {"qlora": "bitsandbytes is not installed"})
     notes: Mapping[str, str] = field(default_factory=dict)
+    #: every method the backend's engine implements (hwft.methods), with these tunings; () runs
+    #: only what ``methods`` names. Either way the host keeps only what the engine implements
+    #: (PluginHost.capability). Since plugin API 1.1.
+    tunings: tuple[str, ...] = ()
 
     def runs(self, objective: str, tuning: str) -> bool:
         return tuning in self.methods.get(objective, ())
@@ -96,3 +101,9 @@ class Backend:
     #: model to generate and score with (hwft chat, serve, eval, export checks); None: the
     #: backend trains only. Since plugin API 0.4.
     inference: Callable[[Any, str], Any] | None = None
+    #: the module of the engine's ``hwft bench`` tools (``model_dims``, ``peak_flops``,
+    #: ``held_out_loss``, ``device_of``, ``dtype_named``; the torch engine's also the Trainer
+    #: baseline): a "package.module" path, imported when a bench runs. None: another backend's
+    #: on the same engine serves (a 1.0 plugin on the torch engine), else the bench times without
+    #: FLOPs or held-out loss. Since plugin API 1.1.
+    bench: str | None = None

@@ -25,7 +25,10 @@ class StepLog:
     def __init__(self, job: Job, steps: int, objective: Objective):
         self.job, self.steps, self.objective = job, steps, objective
         self.log_every = job.recipe.train.log_every
-        self.progress = Progress(steps, self.log_every, quiet=job.quiet or not job.world.main)
+        from hwft.methods import method
+
+        self.progress = Progress(steps, self.log_every, quiet=job.quiet or not job.world.main,
+                                 shown=method(job.recipe.method.objective).headline)
         self.collective = objective.collective
         self.examples_path = job.run_dir.path / "examples.jsonl" if job.recipe.output.log_examples else None
         self.start = self.last_log = self.step_start = time.perf_counter()

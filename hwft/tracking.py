@@ -73,17 +73,37 @@ def flat_recipe(recipe) -> dict[str, Any]:
 
 
 class TensorBoard:
+    """TensorBoard event files, written with tensorboard's own event writer and protos (no
+    torch or TensorFlow): one scalar per metric and step, and the recipe as text."""
+
     def __init__(self, run_dir: Path, recipe):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            from tensorboardX import SummaryWriter
-        self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-        self.writer.add_text("recipe", "```yaml\n" + recipe.to_yaml() + "\n```", 0)
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        self.writer = EventFileWriter(str(run_dir / "tensorboard"))
+        self._text("recipe", "```yaml\n" + recipe.to_yaml() + "\n```", 0)
+
+    def _write(self, step: int, value) -> None:
+        import time
+
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+
+        self.writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=[value])))
+
+    def _text(self, tag: str, text: str, step: int) -> None:
+        """A text summary as TensorBoard's text plugin reads it: a string tensor tagged "text"."""
+        from tensorboard.compat.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
+
+        metadata = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text"))
+        tensor = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, string_val=[text.encode("utf-8")],
+                                        tensor_shape=tensor_shape_pb2.TensorShapeProto(
+                                            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=1)]))
+        self._write(step, summary_pb2.Summary.Value(tag=f"{tag}/text_summary", metadata=metadata, tensor=tensor))
 
     def log(self, step: int, values: dict[str, float]) -> None:
+        from tensorboard.compat.proto import summary_pb2
+
         for key, value in values.items():
-            self.writer.add_scalar(key, value, step)
+            self._write(step, summary_pb2.Summary.Value(tag=key, simple_value=float(value)))
         self.writer.flush()
 
     def close(self) -> None:

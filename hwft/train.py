@@ -20,7 +20,6 @@ from hwft.output import RunDir, check_output_dir
 from hwft.plugins import PluginHost, get_host
 from hwft.processes import children_stop_with_this_process
 from hwft.recipe import Recipe
-from hwft.rewards import check_rewards
 from hwft.select import Choice, preflight, select_backend
 from hwft.tracking import check_loggers
 
@@ -56,8 +55,9 @@ def plan_run(recipe: Recipe, host: PluginHost | None = None, ranks: int | None =
         recipe = recipe.model_copy(deep=True)
         recipe.parallel.strategy = "ddp"
     preflight(recipe, host)
-    if recipe.method.objective == "grpo":
-        check_rewards(recipe.method.grpo.rewards, host.rewards())
+    chosen = host.methods().get(recipe.method.objective)
+    if chosen.check is not None:
+        chosen.check(recipe, host)
     check_loggers(recipe.output.report_to, host.loggers())
     data = load_train_data(recipe, host.data_formats())
     model = resolve_model(recipe.model.name, recipe.resolve_path("."), recipe.model.revision)

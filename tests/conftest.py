@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -108,7 +109,9 @@ def tiny_qwen2(tmp_path_factory, tokenizer_dir) -> Path:
     return build_tiny_model("qwen2", tmp_path_factory.mktemp("tiny-qwen2"), tokenizer_dir, seed=1)
 
 
-from hwft.testing.cells import CHATS as SAMPLE_ROWS  # noqa: E402
+from hwft.testing.cells import CHATS  # noqa: E402
+
+SAMPLE_ROWS = copy.deepcopy(list(CHATS))  #: a test may change its rows; the method's cell keeps its own
 
 #: A library's line in a log: logging's and DeepSpeed's formats, torch's own (W1201 12:00:00...),
 #: Python warnings, progress bars. A run's log holds hwft's own lines only (hwft.library_noise).

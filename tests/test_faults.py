@@ -111,7 +111,7 @@ def test_any_command_names_a_refused_write(lora_export_run, tmp_path, cli, monke
     assert code == 2 and "Traceback" not in err, err
     line = err.strip().splitlines()[-1]
     assert line.startswith(f"hwft: error: {tmp_path}/.exported-tmp-") and line.endswith(
-        "/adapter: the file system is read-only. Make that file system writable"), line
+        "/exported: the file system is read-only. Make that file system writable"), line
     assert not list(tmp_path.glob(".exported-tmp-*"))
 
 

@@ -204,7 +204,7 @@ def test_reward_plugin_registered_through_the_hook(vowels):
 
     rewards = get_host().rewards()
     assert {"exact_match", "format", "length_penalty", "vowels"} <= set(rewards)
-    from hwft.recipe import RewardSpec
+    from hwft.methods.grpo import RewardSpec
 
     specs = [RewardSpec(name="vowels", weight=2.0, args={"scale": 0.5}), RewardSpec(name="exact_match")]
     total, per = score([sample("aaaa", "9"), sample("bbb 9", "9")], specs, rewards)

@@ -73,7 +73,9 @@ def test_builtin_torch_backend_comes_through_its_entry_point():
     assert host.plugin_of("cpu") == "torch"
     torch_plugin = next(p for p in host.plugins if p.name == "torch")
     assert torch_plugin.distribution == "hwft-torch" and torch_plugin.status == "loaded"
-    assert torch_plugin.hooks == ["hwft_register_backends"]
+    # the same hooks a vendor's plugin implements: devices, the engine's methods, its export formats
+    assert torch_plugin.hooks == ["hwft_register_backends", "hwft_register_exporters",
+                                  "hwft_register_method_implementations"]
 
 
 def test_vendor_plugin_is_found_and_listed(site, cli):
@@ -198,7 +200,7 @@ def test_env_json_schema(site, cli):
     assert cpu["available"] and cpu["engine"] == "torch" and cpu["priority"] == 100
     assert set(cpu["capability"]) == {
         "methods", "dtypes", "quantization", "attention", "fused_kernels", "compile",
-        "collective", "parallel", "packing", "notes",
+        "collective", "parallel", "packing", "notes", "tunings",
     }
     every = ["full", "lora", "qlora"]
     assert cpu["capability"]["methods"] == {"sft": every, "cpt": every, "dpo": every, "grpo": every}

@@ -172,3 +172,14 @@ def test_installed_command_exits_2_without_a_traceback(tmp_path):
     assert done.stderr.strip().splitlines() == [
         f"hwft: error: invalid recipe {path}: unknown key 'train.lrr'; did you mean 'train.lr'?"
     ]
+
+
+def test_the_recipe_reference_in_docs_is_generated_from_the_schema():
+    """docs/recipe.md is `python -m hwft.reference`'s output: every key, type, default and help
+    text of the schema and of the built-in methods' sections, so the two cannot drift apart."""
+    from hwft.reference import markdown
+
+    written = (REPO / "docs" / "recipe.md").read_text(encoding="utf-8")
+    assert written == markdown(), "docs/recipe.md is stale: run `python -m hwft.reference > docs/recipe.md`"
+    for key in ("`train.lr`", "`method.dpo.beta`", "`method.grpo.rewards[].weight`", "`kernels.compile`"):
+        assert key in written

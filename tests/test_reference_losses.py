@@ -15,7 +15,8 @@ import torch
 
 from hwft.data.chat import ChatRenderer
 from hwft.data.formats import Example
-from hwft.recipe import DpoSpec, GrpoSpec
+from hwft.methods.dpo import DpoSpec
+from hwft.methods.grpo import GrpoSpec
 
 pytest.importorskip("trl")
 

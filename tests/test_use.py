@@ -128,6 +128,9 @@ def test_method_metrics_reach_the_tracker(cli, tmp_path, tiny_llama):
     board = EventAccumulator(str(tmp_path / "out" / "tensorboard")).Reload()
     for key in ("rewards/chosen", "rewards/margins", "rewards/accuracy"):
         assert [round(s.value, 5) for s in board.Scalars(f"train/{key}")] == [round(r[key], 5) for r in lines]
+    # the recipe, as TensorBoard's text plugin reads it (hwft writes events without torch)
+    (recipe_text,) = board.Tensors("recipe/text_summary")
+    assert b"objective: dpo" in recipe_text.tensor_proto.string_val[0]
 
 
 def test_unknown_or_missing_tracker_is_refused_before_training(cli, tmp_path, tiny_llama):

@@ -11,6 +11,7 @@ JSON result (:mod:`~hwft.bench.schema`, ``hwft.bench/1``) with a hardware finger
 (:mod:`~hwft.bench.fingerprint`) and MFU from a stated FLOP model (:mod:`~hwft.bench.flops`);
 :mod:`~hwft.bench.report` merges results from any machines into a table and charts.
 
-An engine takes part by providing ``hwft_<engine>.bench`` with ``model_dims``, ``peak_flops``
-and ``held_out_loss`` (the torch engine's is :mod:`hwft_torch.bench`).
+A backend takes part by naming its engine's bench tools on its record (``Backend.bench``, plugin
+API 1.1: ``model_dims``, ``peak_flops``, ``held_out_loss``, ``memory_kind``; the torch engine's,
+:mod:`hwft_torch.bench`, also runs the Trainer baseline).
 """

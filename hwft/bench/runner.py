@@ -177,10 +177,12 @@ def bench(recipe_path: str, overrides: list[str], backends: list[str] | None, st
                                  f"{', '.join(names)}")
         if recipe.method.objective not in ("sft", "cpt"):
             raise RecipeError(f"--baseline hf trains sft; this recipe's objective is {recipe.method.objective}")
-        differences = baseline_differences(recipe)
-        from hwft_torch.bench import BASELINE
+        from hwft.bench.worker import bench_tools
 
-        print("baseline (fixed arguments): " + json.dumps(BASELINE), file=sys.stderr)
+        torch_backend = next(host.backend(n) for n in names if host.backend(n).engine == "torch")
+        baseline_args = bench_tools(torch_backend).BASELINE
+        differences = baseline_differences(recipe)
+        print("baseline (fixed arguments): " + json.dumps(baseline_args), file=sys.stderr)
         if differences:
             print("baseline: the recipe differs from it in " + "; ".join(differences)
                   + " -- ratios will be shown but do not count", file=sys.stderr)

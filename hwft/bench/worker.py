@@ -28,10 +28,6 @@ from hwft.recipe import load_recipe
 from hwft.select import compile_decision
 from hwft.train import Plan, plan_run, run
 
-#: Where the baseline runs, by backend (torch devices only).
-TORCH_DEVICE = {"cpu": "cpu", "cuda": "cuda", "rocm": "cuda", "npu": "npu"}
-
-
 def bench_recipe(spec: dict, out_dir: str):
     """The recipe as the arm runs it: on the named backend, for warmup + steps steps, writing
     into a throwaway folder, showing no answers."""
@@ -75,12 +71,13 @@ def decide_compile(plan: Plan, spec: dict, out_dir: str) -> Plan:
     return plan
 
 
-def engine_tools(engine: str):
-    """``hwft_<engine>.bench``: model_dims, peak_flops, held_out_loss (None if the engine has none)."""
-    try:
-        return importlib.import_module(f"hwft_{engine}.bench")
-    except ImportError:
-        return None
+def bench_tools(backend):
+    """The module of the backend's bench tools (``Backend.bench``): model_dims, peak_flops,
+    held_out_loss, memory_kind (and the torch engine's Trainer baseline); for a backend that
+    names none (a 1.0 plugin), another backend's on the same engine; None if there is none."""
+    path = backend.bench or next((b.bench for b in get_host().backends.values()
+                                  if b.engine == backend.engine and b.bench), None)
+    return importlib.import_module(path) if path else None
 
 
 def metrics(steps: list[dict], warmup: int, peak_memory: int | None, memory_kind: str, eval_loss,
@@ -129,14 +126,13 @@ def main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     host = get_host()
     backend = host.backend(spec["backend"])
-    tools = engine_tools(backend.engine)
+    tools = bench_tools(backend)
     with tempfile.TemporaryDirectory(prefix="hwft-bench-") as tmp:
         recipe = bench_recipe(spec, tmp)
         plan = plan_run(recipe)
         train_examples, eval_examples = split(plan, spec["eval_examples"])
         m = recipe.method
-        reference_forward = (m.objective == "dpo" and m.dpo.reference != "precomputed") or \
-                            (m.objective == "grpo" and m.grpo.beta > 0)
+        reference_forward = host.methods().get(m.objective).runs_reference(recipe)
         if spec["arm"] == "hwft":
             plan.data.examples, plan.data.eval_examples = train_examples, []
             if recipe.kernels.compile is None and spec["steps"]:
@@ -155,22 +151,15 @@ def main(spec_path: str) -> int:
                         "micro_batch_size": recipe.train.micro_batch_size,
                         "gradient_accumulation_steps": recipe.train.gradient_accumulation_steps,
                         "lora": recipe.method.lora.model_dump(), "lr": recipe.train.lr}
-            device_name = TORCH_DEVICE.get(spec["backend"], spec["backend"])
         else:
-            import torch
-
             model_path = materialise(plan.model)
             tokenizer, rows = rows_of(train_examples, recipe, model_path)
             trained = [rows[i] for i in spec["examples"]]
-            device_name = TORCH_DEVICE[spec["backend"]]
-            device = torch.device(device_name)
             _, eval_rows = rows_of(eval_examples, recipe, model_path) if eval_examples else (None, [])
-            out = tools.baseline_arm(model_path, tokenizer, trained, eval_rows, device, spec["bf16"],
+            out = tools.baseline_run(model_path, tokenizer, trained, eval_rows, spec["backend"], spec["bf16"],
                                      recipe.train.seed)
             steps, model, dtype, tuning = out["steps"], out["model"], out["dtype"], "lora"
-            peak_memory = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-                           else tools.process_peak_rss())
-            settings = out["settings"]
+            peak_memory, settings = out["peak_memory"], out["settings"]
         eval_loss = None
         if tools is not None and eval_examples:
             if spec["arm"] == "hwft":
@@ -182,7 +171,7 @@ def main(spec_path: str) -> int:
         dims = tools.model_dims(model) if tools else None
         peak = tools.peak_flops(tools.device_of(model), tools.dtype_named(dtype),
                                 device_label(spec["backend"])) if tools else None
-    memory_kind = "process-rss" if device_name == "cpu" else "device"
+    memory_kind = tools.memory_kind(spec["backend"]) if tools else "device"
     result = BenchResult(
         run_id=spec["run_id"],
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

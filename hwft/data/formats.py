@@ -1,13 +1,15 @@
 """Row formats: each turns one row (a dict) into an :class:`Example` of one of four kinds.
 
 =========== ================================================== ====================
-kind        what it holds                                      objectives
+kind        what it holds                                      built-in methods
 =========== ================================================== ====================
 chat        a conversation ending with the assistant           sft
 text        plain text                                         cpt
 preference  prompt turns + a chosen and a rejected answer      dpo
 prompt      prompt turns + an optional reference answer        grpo
 =========== ================================================== ====================
+
+Each method names the kind it trains on (``hwft.methods.Method.kind``).
 
 Built-in formats: ``alpaca``, ``sharegpt``, ``messages`` (OpenAI style, tool calls, typed
 content parts, ``loss_weight``), ``text``, ``preference`` and ``prompt``. They are registered
@@ -39,8 +41,6 @@ from hwft.errors import did_you_mean
 hookimpl = pluggy.HookimplMarker("hwft")
 
 Message = dict[str, Any]
-#: The kind of example each objective trains on.
-KIND_OF_OBJECTIVE = {"sft": "chat", "cpt": "text", "dpo": "preference", "grpo": "prompt"}
 
 
 @dataclass

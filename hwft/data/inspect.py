@@ -13,7 +13,7 @@ from hwft.data.batching import Row, batch_order, efficiency, make_rows
 from hwft.data.chat import IGNORE_INDEX, ChatRenderer, TokenizeStats, Tokenized
 from hwft.data.formats import Example
 from hwft.data.loading import load_train_data
-from hwft.data.pipeline import PACKABLE
+from hwft.methods import method
 from hwft.models import load_tokenizer, materialise_tokenizer, resolve_model
 from hwft.plugins import get_host
 from hwft.recipe import Recipe
@@ -91,7 +91,7 @@ def inspect(recipe: Recipe, rows: int = 3, color: bool = False) -> tuple[str, di
                           "trained_text": tokenizer.decode([x for x in tok.labels if x != IGNORE_INDEX])})
 
     report: dict = {"schema": "hwft.data-inspect/1", "rows": shown, "examples": len(data.examples)}
-    if recipe.method.objective in PACKABLE:
+    if method(recipe.method.objective).packs:
         stats = TokenizeStats()
         tokenized = [s for e in data.examples for s in renderer.encode(e, t.max_length, stats)]
         lengths = stats.lengths

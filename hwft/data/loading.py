@@ -21,10 +21,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hwft.data.formats import KIND_OF_OBJECTIVE, DataFormat, Example, Mapping
+from hwft.data.formats import DataFormat, Example, Mapping
 from hwft.data.reading import iter_rows
 from hwft.data.registry import lookup, read_registry
 from hwft.errors import DataError, RecipeError, did_you_mean
+from hwft.methods import method, registry
 from hwft.recipe import DatasetSpec, Recipe
 
 #: How many rows of a streamed dataset are parsed up front, before any weight loads.
@@ -68,7 +69,7 @@ def resolve_sources(recipe: Recipe, specs: list[DatasetSpec], split: str = "trai
 def detect_format(row: dict, mapping: Mapping, formats: dict[str, DataFormat], objective: str, where: str) -> DataFormat:
     """The format a row looks like, preferring formats of the objective's kind (a grpo row with
     a reference ``answer`` is a prompt row, not an alpaca one)."""
-    wanted = KIND_OF_OBJECTIVE.get(objective)
+    wanted = registry().methods[objective].kind if objective in registry() else None
     ordered = sorted(formats.values(), key=lambda f: f.kind != wanted)
     for fmt in ordered:
         if fmt.detect and fmt.detect(row, mapping):
@@ -88,7 +89,7 @@ def _strip_think(messages: list | None) -> None:
 def read_examples(source: Source, formats: dict[str, DataFormat], objective: str = "sft",
                   reasoning: str = "keep", streaming: bool = False) -> Iterator[Example]:
     """Parse a source's rows one by one; the first bad row is an error naming it."""
-    wanted = KIND_OF_OBJECTIVE[objective]
+    wanted = method(objective).kind
     rows = iter_rows(source.path, streaming)
     if source.max_samples:
         rows = itertools.islice(rows, source.max_samples)
@@ -137,24 +138,29 @@ def check_settings(recipe: Recipe) -> None:
     """Data settings that do not fit together."""
     if recipe.data.streaming and not recipe.train.max_steps:
         raise RecipeError("data.streaming needs train.max_steps: a stream has no known length")
-    if recipe.data.streaming and recipe.method.objective not in ("sft", "cpt"):
+    chosen, methods = method(recipe.method.objective), registry()
+
+    def which(flag: str) -> str:
+        return " and ".join(m.name for m in methods if getattr(m, flag))
+
+    if recipe.data.streaming and not chosen.streams:
         raise RecipeError(
-            f"data.streaming applies to sft and cpt, not to {recipe.method.objective} "
-            "(preference and prompt sets are read into memory); remove it"
+            f"data.streaming applies to {which('streams')}, not to {chosen.name} "
+            f"({chosen.kind} rows are read into memory); remove it"
         )
-    if recipe.data.eval and recipe.method.objective not in ("sft", "cpt"):
+    if recipe.data.eval and not chosen.held_out:
         raise RecipeError(
-            f"data.eval measures the loss of sft and cpt runs; objective {recipe.method.objective} "
+            f"data.eval measures the loss of {which('held_out')} runs; objective {chosen.name} "
             "has no held-out loss yet; remove data.eval"
         )
-    if recipe.data.val_size and (recipe.data.streaming or recipe.method.objective not in ("sft", "cpt")):
-        raise RecipeError("data.val_size holds out in-memory sft and cpt examples; it cannot split a stream or "
-                          f"{recipe.method.objective} rows; remove it")
+    if recipe.data.val_size and (recipe.data.streaming or not chosen.held_out):
+        raise RecipeError(f"data.val_size holds out in-memory {which('held_out')} examples; it cannot split a "
+                          f"stream or {chosen.name} rows; remove it")
     if recipe.train.eval_every and not (recipe.data.eval or recipe.data.val_size):
         raise RecipeError("train.eval_every needs data.eval or data.val_size (the held-out examples to evaluate on)")
-    if recipe.data.packing and recipe.method.objective not in ("sft", "cpt"):
+    if recipe.data.packing and not chosen.packs:
         raise RecipeError(
-            f"data.packing applies to sft and cpt rows, not to {recipe.method.objective}; remove it"
+            f"data.packing applies to {which('packs')} rows, not to {chosen.name}; remove it"
         )
 
 

@@ -1,5 +1,7 @@
 """From parsed examples to the micro-batches an engine trains on, the same for every engine.
 
+Each method (hwft.methods) names the batcher its examples go through; the built-in ones:
+
 sft, cpt   examples -> tokens and masks -> rows (packed or not) -> seeded micro-batches per epoch;
            streaming: example stream -> windows of ``shuffle_buffer`` -> the same per window
 dpo        preference rows -> (prompt + chosen, prompt + rejected) pairs -> micro-batches of pairs
@@ -17,19 +19,17 @@ from hwft.data.chat import ChatRenderer, PreferencePair, TokenizeStats, Tokenize
 from hwft.data.formats import Example
 from hwft.data.loading import TrainData
 from hwft.errors import DataError, RecipeError
+from hwft.methods import method
 from hwft.recipe import Recipe
 from hwft.records import Capability
 
-#: Objectives whose rows are token sequences that can be packed.
-PACKABLE = ("sft", "cpt")
-
-
 def packing_enabled(recipe: Recipe, capability: Capability) -> bool:
-    """``data.packing`` as written, else on for sft/cpt where the backend can pack (selection
-    has already refused an explicit ``packing: true`` on a backend that cannot)."""
+    """``data.packing`` as written, else on for methods whose rows pack (sft, cpt) where the
+    backend can pack (selection has already refused an explicit ``packing: true`` on a backend
+    that cannot)."""
     if recipe.data.packing is not None:
         return recipe.data.packing
-    return recipe.method.objective in PACKABLE and capability.packing
+    return method(recipe.method.objective).packs and capability.packing
 
 
 @dataclass
@@ -80,15 +80,18 @@ class Prompt:
 
 def training_batches(data: TrainData, renderer: ChatRenderer, recipe: Recipe, capability: Capability,
                      ranks: int = 1) -> Batches:
-    """The micro-batches of a run, for any objective. With several ranks, an optimizer step
-    takes ``gradient_accumulation_steps`` micro-batches on each (see hwft.distributed), so an
-    epoch has ``ranks`` times fewer steps."""
-    if recipe.method.objective == "dpo":
-        return preference_batches(data, renderer, recipe, ranks)
-    if recipe.method.objective == "grpo":
-        return prompt_batches(data, renderer, recipe, ranks)
+    """The micro-batches of a run, for any method: through the batcher its record names. With
+    several ranks, an optimizer step takes ``gradient_accumulation_steps`` micro-batches on each
+    (see hwft.distributed), so an epoch has ``ranks`` times fewer steps."""
+    return method(recipe.method.objective).make_batches(data, renderer, recipe, ranks, capability)
+
+
+def sequence_batches(data: TrainData, renderer: ChatRenderer, recipe: Recipe, ranks: int = 1,
+                     capability: Capability | None = None) -> Batches:
+    """Token sequences with their label masks (sft, cpt), packed where packing is on, in seeded
+    micro-batches per epoch; streamed in windows of ``shuffle_buffer``."""
     t = recipe.train
-    packing = packing_enabled(recipe, capability)
+    packing = packing_enabled(recipe, capability) if capability is not None else bool(recipe.data.packing)
     group = recipe.data.group_by_length and not packing
     if data.streaming:
         for example in data.examples:  # the rows checked up front tokenise, or fail now
@@ -149,7 +152,8 @@ def preference_pairs(examples: list[Example], renderer: ChatRenderer, max_length
     return pairs, stats
 
 
-def preference_batches(data: TrainData, renderer: ChatRenderer, recipe: Recipe, ranks: int = 1) -> Batches:
+def preference_batches(data: TrainData, renderer: ChatRenderer, recipe: Recipe, ranks: int = 1,
+                       capability: Capability | None = None) -> Batches:
     pairs, stats = preference_pairs(data.examples, renderer, recipe.train.max_length)
     iterator, steps = _epochs_of(pairs, recipe, ranks)
     return Batches(iterator, steps, stats, pairs, False, unit="pairs")
@@ -179,7 +183,8 @@ def prompt_items(examples: list[Example], renderer: ChatRenderer, max_prompt_len
     return prompts, stats
 
 
-def prompt_batches(data: TrainData, renderer: ChatRenderer, recipe: Recipe, ranks: int = 1) -> Batches:
+def prompt_batches(data: TrainData, renderer: ChatRenderer, recipe: Recipe, ranks: int = 1,
+                   capability: Capability | None = None) -> Batches:
     g = recipe.method.grpo
     room = recipe.train.max_length - g.max_new_tokens
     if room < 1:

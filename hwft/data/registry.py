@@ -51,7 +51,11 @@ def read_registry(path: Path) -> dict:
 
 
 def lookup(registry: dict, path: Path, name: str, objective: str) -> RegistryEntry:
-    """The entry ``name`` of ``registry`` (read from ``path``), translated for ``objective``."""
+    """The entry ``name`` of ``registry`` (read from ``path``), translated for ``objective``:
+    an alpaca entry is read as the kind of example the method trains on (hwft.methods)."""
+    from hwft.methods import registry as methods
+
+    kind = methods().methods[objective].kind if objective in methods() else "chat"
     if name not in registry:
         local = [n for n, e in registry.items() if "file_name" in e]
         raise DataError(
@@ -79,10 +83,10 @@ def lookup(registry: dict, path: Path, name: str, objective: str) -> RegistryEnt
         columns = {("conversations" if k == "messages" else k): v for k, v in columns.items()}
     if entry.get("ranking"):
         fmt = "preference"
-    elif objective == "cpt" and formatting == "alpaca":
+    elif kind == "text" and formatting == "alpaca":
         # LLaMA-Factory's pre-training stage reads only the prompt column.
         fmt, columns = "text", {"text": columns.get("instruction", "instruction")}
-    elif objective == "grpo" and formatting == "alpaca":
+    elif kind == "prompt" and formatting == "alpaca":
         fmt = "prompt"
         columns = {("reference" if k == "output" else k): v for k, v in columns.items()}
         columns.setdefault("reference", "output")

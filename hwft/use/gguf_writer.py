@@ -86,7 +86,6 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
 def write_gguf(merged: Path, out_file: Path, gguf_type: str, name: str) -> Path:
     """Write the merged HF folder ``merged`` (safetensors, config, tokenizer) as one GGUF file."""
     import gguf
-    import torch
     from safetensors import safe_open
 
     config = json.loads((merged / "config.json").read_text(encoding="utf-8"))
@@ -146,7 +145,7 @@ def write_gguf(merged: Path, out_file: Path, gguf_type: str, name: str) -> Path:
     names = gguf.get_tensor_name_map(arch, layers)
     tied = config.get("tie_word_embeddings", False)
     for file in sorted(merged.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
+        with safe_open(str(file), framework="numpy") as f:  # the merged folder is fp32
             for key in f.keys():
                 if tied and key == "lm_head.weight":
                     continue  # the embedding, again: llama.cpp reuses token_embd when output is absent
@@ -156,7 +155,7 @@ def write_gguf(merged: Path, out_file: Path, gguf_type: str, name: str) -> Path:
                     if "rotary_emb" in key:
                         continue
                     raise UserError(f"export gguf: no GGUF name for the tensor {key} of {file.name}")
-                array = f.get_tensor(key).to(torch.float32).numpy()
+                array = f.get_tensor(key).astype(np.float32)
                 if family == "llama" and stem.endswith("q_proj") and suffix == "weight":
                     array = _permute(array, heads)
                 elif family == "llama" and stem.endswith("k_proj") and suffix == "weight":

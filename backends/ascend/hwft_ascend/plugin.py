@@ -16,7 +16,7 @@ from hwft_torch.devices import torch_fields
 from hwft_torch.launch import launch
 from hwft_torch.runtime import DeviceRuntime
 
-HWFT_PLUGIN_API = "1.0"
+HWFT_PLUGIN_API = "1.1"
 hookimpl = pluggy.HookimplMarker("hwft")
 
 
@@ -79,4 +79,5 @@ def hwft_register_backends(register):
     register(Backend(
         "npu", "torch", "torch on Huawei Ascend NPUs (torch-npu, CANN)", PRIORITY_ACCELERATOR,
         probe_npu, capability_npu, NPU.train, accelerator=True, launch=launch, inference=NPU.inference("npu"),
+        bench="hwft_torch.bench",
     ))

@@ -78,3 +78,8 @@ def peak_flops(device, dtype, device_name: str = "") -> tuple[float, str]:
             mx.eval(a @ b)
         best = min(best, (time.perf_counter() - start) / 3)
     return 2 * n**3 / best, f"measured ({n}x{n} {DTYPE_NAMES.get(dtype, dtype)} matmul on MLX {device}, best of 4)"
+
+
+def memory_kind(backend: str) -> str:
+    """MLX reports its allocator's peak (Metal's, or the CPU build's)."""
+    return "device"

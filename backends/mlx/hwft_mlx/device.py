@@ -15,8 +15,8 @@ from functools import cache
 from hwft.hardware import cpu_name, host_memory_gb
 from hwft.records import PRIORITY_APPLE_GPU, PRIORITY_CPU_FALLBACK, Availability, Backend, Capability
 
+#: Every method the MLX engine implements (hwft_mlx.methods) runs with these tunings.
 TUNINGS = ("full", "lora", "qlora")
-METHODS = {objective: TUNINGS for objective in ("sft", "cpt", "dpo", "grpo")}
 #: MLX's affine quantisation of the frozen base (qlora), by method.qlora.bits.
 QUANTIZATION = ("mlx-q4", "mlx-q8")
 
@@ -50,7 +50,8 @@ def probe() -> Availability:
 
 def capability() -> Capability:
     return Capability(
-        methods=METHODS,
+        methods={},
+        tunings=TUNINGS,
         dtypes=("fp32", "bf16", "fp16"),
         quantization=QUANTIZATION,
         attention=("sdpa",),  # mx.fast.scaled_dot_product_attention
@@ -85,5 +86,5 @@ def inference(trained, precision: str = "auto"):
 def backend() -> Backend:
     return Backend(
         "mlx", "mlx", "MLX (mlx-lm) on Apple silicon via Metal, or MLX's CPU build",
-        PRIORITY_CPU_FALLBACK, probe, capability, train, launch=launch, inference=inference,
+        PRIORITY_CPU_FALLBACK, probe, capability, train, launch=launch, inference=inference, bench="hwft_mlx.bench",
     )

@@ -35,10 +35,8 @@ from hwft.steplog import StepLog
 from hwft.recipe import Recipe
 from hwft_mlx.checkpoint import MlxState, step_seed
 from hwft_mlx.distributed import join
-from hwft_mlx.group_relative import GroupRelative
 from hwft_mlx.modeling import (
     DTYPES,
-    Reference,
     add_lora,
     load_model,
     load_peft_adapter,
@@ -47,8 +45,8 @@ from hwft_mlx.modeling import (
     save_full_model,
     save_peft_adapter,
 )
-from hwft_mlx.objective import LanguageModelling, MlxObjective, held_out_loss
-from hwft_mlx.preference import Preference
+from hwft_mlx.methods import ENGINE, Setup
+from hwft_mlx.objective import MlxObjective, held_out_loss
 
 
 def seed_everything(seed: int) -> None:
@@ -135,20 +133,10 @@ def prepare_model(job: Job, model_path, dtype: str) -> tuple[nn.Module, str]:
     return model, detail
 
 
-def make_objective(job: Job, batches, model, tokenizer, stop, collective: Collective = ALONE) -> MlxObjective:
-    recipe, t, m = job.recipe, job.recipe.train, job.recipe.method
-    if m.objective in ("sft", "cpt"):
-        fused = recipe.kernels.fused_cross_entropy is not False
-        return LanguageModelling(batches, t.gradient_accumulation_steps, tokenizer.pad_token_id, fused, collective)
-    if m.objective == "dpo":
-        objective = Preference(batches, m.dpo, t.gradient_accumulation_steps, tokenizer.pad_token_id, collective)
-        objective.precompute(model, t.micro_batch_size)
-        job.log(f"dpo: reference log-probabilities of {len(batches.rows)} pairs precomputed from the starting model")
-        return objective
-    reference = Reference(model, adapters=m.tuning != "full") if m.grpo.beta > 0 else None
-    rollouts = job.run_dir.path / "rollouts.jsonl" if job.world.main else None
-    return GroupRelative(batches, m.grpo, t.gradient_accumulation_steps, tokenizer, get_host().rewards(),
-                         reference, rollouts, stop, collective)
+def make_objective(setup: Setup) -> MlxObjective:
+    """The recipe's method as this engine implements it (hwft_mlx.methods)."""
+    implementation = get_host().methods().implementation(setup.job.recipe.method.objective, ENGINE)
+    return implementation.make(setup)
 
 
 def write_result(job: Job, model, tokenizer, model_path, folder) -> None:
@@ -236,7 +224,7 @@ def train(job: Job) -> dict:
             f"{detail}), compute {dtype} on mlx/{device}")
 
     model.train()
-    objective = make_objective(job, batches, model, tokenizer, stop, collective)
+    objective = make_objective(Setup(job, batches, model, tokenizer, stop, collective))
     steps = batches.steps
     optimizer, schedule = make_optimizer(recipe, steps), make_schedule(recipe, steps)
     value_and_grad = nn.value_and_grad(model, objective.loss)

@@ -19,7 +19,7 @@ import numpy as np
 
 from hwft.data.pipeline import Batches
 from hwft.objective import Loss
-from hwft.recipe import GrpoSpec
+from hwft.methods.grpo import GrpoSpec
 from hwft.distributed import ALONE, Collective
 from hwft.rewards import Reward, Sample, score_step, write_rollouts
 from hwft_mlx.losses import grpo_loss, target_logps
@@ -140,3 +140,17 @@ class GroupRelative(MlxObjective):
     def counts(self, r: Rollouts) -> Loss:
         trained = int(r.mask.sum().item())
         return Loss(None, r.prompt_tokens + trained, trained)
+
+
+def build(setup) -> GroupRelative:
+    """grpo on MLX (hwft_mlx.methods.Setup -> the objective): the reference is the model with its
+    adapters off (lora, qlora) or a frozen copy (full); rank 0 writes rollouts.jsonl."""
+    from hwft.plugins import get_host
+    from hwft_mlx.modeling import Reference
+
+    job, recipe = setup.job, setup.job.recipe
+    spec = recipe.method.grpo
+    reference = Reference(setup.model, adapters=recipe.method.tuning != "full") if spec.beta > 0 else None
+    rollouts = job.run_dir.path / "rollouts.jsonl" if job.world.main else None
+    return GroupRelative(setup.batches, spec, recipe.train.gradient_accumulation_steps, setup.tokenizer,
+                         get_host().rewards(), reference, rollouts, setup.stop, setup.collective)

@@ -141,3 +141,11 @@ def held_out_loss(model: nn.Module, rows: list[Row], pad_id: int, batch_size: in
         count += sum(r.num_labels for r in batch)
     model.train(was_training)
     return total / max(count, 1)
+
+
+def build(setup) -> LanguageModelling:
+    """sft and cpt on MLX (hwft_mlx.methods.Setup -> the objective)."""
+    recipe = setup.job.recipe
+    fused = recipe.kernels.fused_cross_entropy is not False
+    return LanguageModelling(setup.batches, recipe.train.gradient_accumulation_steps, setup.tokenizer.pad_token_id,
+                             fused, setup.collective)

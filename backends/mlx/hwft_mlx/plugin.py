@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import pluggy
 
-from hwft_mlx import device
+from hwft_mlx import device, methods
 
-HWFT_PLUGIN_API = "1.0"
+HWFT_PLUGIN_API = "1.1"
 hookimpl = pluggy.HookimplMarker("hwft")
 
 
 @hookimpl
 def hwft_register_backends(register):
     register(device.backend())
+
+
+@hookimpl
+def hwft_register_method_implementations(register):
+    for implementation in methods.IMPLEMENTATIONS:
+        register(implementation)
+
+
+@hookimpl
+def hwft_register_exporters(register):
+    from hwft_mlx.export import EXPORTERS  # imports no engine: the writers import theirs when they run
+
+    for exporter in EXPORTERS:
+        register(exporter)

@@ -16,7 +16,7 @@ from hwft.data.chat import PreferencePair
 from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
 from hwft.objective import Loss, step_pair_count
-from hwft.recipe import DpoSpec
+from hwft.methods.dpo import DpoSpec
 from hwft_mlx.losses import dpo_loss, target_logps
 from hwft_mlx.objective import MlxObjective, position_logits, scored_positions
 
@@ -76,3 +76,14 @@ class Preference(MlxObjective):
         pairs, _ = micro
         seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
         return Loss(None, sum(len(t.input_ids) for t in seqs), sum(t.num_labels for t in seqs))
+
+
+def build(setup) -> Preference:
+    """dpo on MLX (hwft_mlx.methods.Setup -> the objective): the reference log-probabilities are
+    precomputed from the starting model, so no second model is held."""
+    job, recipe = setup.job, setup.job.recipe
+    objective = Preference(setup.batches, recipe.method.dpo, recipe.train.gradient_accumulation_steps,
+                           setup.tokenizer.pad_token_id, setup.collective)
+    objective.precompute(setup.model, recipe.train.micro_batch_size)
+    job.log(f"dpo: reference log-probabilities of {len(setup.batches.rows)} pairs precomputed from the starting model")
+    return objective

@@ -188,3 +188,23 @@ def baseline_arm(model_path: Path, tokenizer, train_rows: list, eval_rows: list,
     eval_loss = held_out_loss(trained, eval_rows, tokenizer.pad_token_id, "sdpa", device) if eval_rows else None
     return {"steps": steps, "model": trained, "eval_loss": eval_loss,
             "dtype": "bf16" if bf16 else "fp32", "settings": {**BASELINE, "bf16": bf16, "seed": seed}}
+
+
+#: The torch device type of each built-in backend; another backend on the torch engine names its
+#: device type itself (xpu).
+DEVICE_TYPES = {"cpu": "cpu", "cuda": "cuda", "rocm": "cuda", "npu": "npu"}
+
+
+def memory_kind(backend: str) -> str:
+    """What the arm's peak memory measures: the process's RSS on the CPU, device memory elsewhere."""
+    return "process-rss" if DEVICE_TYPES.get(backend, backend) == "cpu" else "device"
+
+
+def baseline_run(model_path: Path, tokenizer, train_rows: list, eval_rows: list, backend: str, bf16: bool,
+                 seed: int) -> dict:
+    """The Trainer baseline arm on ``backend``'s device: :func:`baseline_arm`'s fields and its
+    peak memory (device memory on CUDA and ROCm, the process's peak RSS elsewhere)."""
+    device = torch.device(DEVICE_TYPES.get(backend, backend))
+    out = baseline_arm(model_path, tokenizer, train_rows, eval_rows, device, bf16, seed)
+    out["peak_memory"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else process_peak_rss()
+    return out

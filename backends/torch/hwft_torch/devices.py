@@ -21,12 +21,13 @@ from hwft_torch.launch import launch
 from hwft_torch.liger import LIGER_KERNELS
 from hwft_torch.runtime import CPU, CUDA, cpu_bf16_units
 
-#: What the torch engine's training loop implements, for every torch device alike; qlora only
-#: where bitsandbytes can run (see :func:`methods`).
+#: Every torch device runs every method the torch engine implements (hwft_torch.methods), with
+#: these tunings; qlora only where bitsandbytes can run (see :func:`tunings`).
 TUNINGS = ("full", "lora", "qlora")
-METHODS = {objective: TUNINGS for objective in ("sft", "cpt", "dpo", "grpo")}
 #: Kernels every torch device runs: the chunked cross-entropy is plain torch.
 FUSED = ("cross_entropy", "adamw", "projections")
+#: The torch engine's hwft bench tools (Backend.bench).
+BENCH = "hwft_torch.bench"
 #: bitsandbytes' formats, as Capability.quantization names them.
 BNB_FORMATS = ("bnb-nf4", "bnb-fp4", "bnb-int8")
 
@@ -38,16 +39,15 @@ def bitsandbytes_missing() -> str | None:
     return None
 
 
-def methods(without_qlora: str | None) -> dict[str, tuple[str, ...]]:
-    if without_qlora is None:
-        return METHODS
-    return {o: tuple(t for t in ts if t != "qlora") for o, ts in METHODS.items()}
+def tunings(without_qlora: str | None) -> tuple[str, ...]:
+    return tuple(t for t in TUNINGS if t != "qlora" or without_qlora is None)
 
 
 def quantised(device_note: str | None = None) -> dict:
-    """Capability fields for bitsandbytes QLoRA: methods, quantization, notes."""
+    """Capability fields for bitsandbytes QLoRA: the tunings every implemented method runs
+    with (methods claims none beyond them), quantization, notes."""
     why = device_note or bitsandbytes_missing()
-    return {"methods": methods(why), "quantization": () if why else BNB_FORMATS,
+    return {"methods": {}, "tunings": tunings(why), "quantization": () if why else BNB_FORMATS,
             "notes": {"qlora": why} if why else {}}
 
 
@@ -226,15 +226,15 @@ def capability_rocm() -> Capability:
 def backends() -> list[Backend]:
     return [
         Backend("cpu", "torch", "torch on the host CPU", PRIORITY_CPU, probe_cpu, capability_cpu, CPU.train,
-                launch=launch, inference=CPU.inference("cpu")),
+                launch=launch, inference=CPU.inference("cpu"), bench=BENCH),
         Backend(
             "cuda", "torch", "torch on NVIDIA GPUs (CUDA)", PRIORITY_ACCELERATOR,
             probe_cuda, capability_cuda, CUDA.train, accelerator=True, launch=launch,
-            inference=CUDA.inference("cuda"),
+            inference=CUDA.inference("cuda"), bench=BENCH,
         ),
         Backend(
             "rocm", "torch", "torch on AMD GPUs (ROCm/HIP)", PRIORITY_ACCELERATOR,
             probe_rocm, capability_rocm, CUDA.train, accelerator=True, launch=launch,
-            inference=CUDA.inference("rocm"),
+            inference=CUDA.inference("rocm"), bench=BENCH,
         ),
     ]

@@ -15,7 +15,7 @@ from hwft.data.batching import Row, pad
 from hwft.data.chat import PreferencePair
 from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
-from hwft.recipe import DpoSpec
+from hwft.methods.dpo import DpoSpec
 from hwft.objective import Loss, Objective, step_pair_count
 from hwft_torch.losses import dpo_loss, token_logps
 from hwft_torch.modeling import Reference
@@ -80,3 +80,18 @@ class Preference(Objective):
                          "rewards/accuracy": float(m > 0)})
         return Loss(losses.sum() / step_pairs, int(batch["attention_mask"].sum()),
                     int(sum(counts).sum()))
+
+
+def build(setup) -> Preference:
+    """dpo on the torch engine (hwft_torch.methods.Setup -> the objective). A continued adapter
+    is its own reference: the starting policy, precomputed."""
+    job, recipe = setup.job, setup.job.recipe
+    spec, t = recipe.method.dpo, recipe.train
+    precompute = spec.reference == "precomputed" or bool(recipe.model.adapter)
+    objective = Preference(setup.batches, spec, t.gradient_accumulation_steps, setup.tokenizer.pad_token_id,
+                           setup.device, None if precompute else Reference(setup.model), setup.collective)
+    if precompute:
+        with setup.autocast():
+            objective.precompute(setup.model, t.micro_batch_size)
+        job.log(f"dpo: reference log-probabilities of {len(setup.batches.rows)} pairs precomputed")
+    return objective

@@ -30,19 +30,16 @@ from hwft.recipe import Recipe
 from hwft.select import compile_decision
 from hwft_torch import compiling
 from hwft_torch.checkpoint import TorchState
-from hwft_torch.dpo import Preference
-from hwft_torch.grpo import GroupRelative
 from hwft_torch.modeling import (
     DTYPES,
-    Reference,
     attention_implementation,
     load_model,
     quantised_linear_count,
     save_result,
 )
 from hwft_torch.fused_projections import fuse_sibling_projections
-from hwft_torch.losses import linear_cross_entropy
-from hwft_torch.objective import LanguageModelling, held_out_loss, output_head
+from hwft_torch.methods import ENGINE, Setup
+from hwft_torch.objective import held_out_loss
 from hwft_torch.parallel import TorchCollective, init_process_group, make_strategy, sharded
 from hwft_torch.runtime import DeviceRuntime, keep_freed_host_memory
 
@@ -138,25 +135,6 @@ def effective_tuning(job: Job) -> str:
     return m.tuning
 
 
-def fused_head(job: Job, model, kernel: str = "chunked cross-entropy"):
-    """(decoder, output weight) for the chunked cross-entropy when kernels.fused_cross_entropy is
-    on (default: where the backend has it) and the model's logits allow it; else None.
-    ``kernel`` names what computes it, for the log (a device's own, or hwft's chunked one)."""
-    wanted = job.recipe.kernels.fused_cross_entropy
-    if wanted is False or "cross_entropy" not in job.choice.capability.fused_kernels:
-        return None
-    if sharded(job.recipe):
-        job.log(f"kernels: fused cross-entropy off: parallel.strategy {job.recipe.parallel.strategy} shards "
-                "the output weight")
-        return None
-    head = output_head(model)
-    if isinstance(head, str):
-        job.log(f"kernels: fused cross-entropy off: {head}")
-        return None
-    job.log(f"kernels: {kernel} on the label positions (no full logits)")
-    return head
-
-
 def fuse_projections_if_wanted(job: Job, model, tuning: str) -> None:
     """kernels.fused_projections (hwft_torch.fused_projections): sibling LoRA projections that
     read the same input as one matmul."""
@@ -190,38 +168,20 @@ def compile_layers_if_wanted(job: Job, model, device, steps: int) -> None:
         if job.recipe.kernels.compile is None and job.choice.capability.compile:
             job.log(f"kernels: torch.compile off ({why})")
         return
-    count = compiling.compile_layers(model)
+    count, layers = compiling.compile_layers(model)
     if count:
-        job.log(f"kernels: torch.compile on the training forward of {count} decoder layers ({why}); "
+        which = f"{count} decoder layers" if count == layers else \
+            f"{count} of {layers} decoder layers (the first one's input needs no gradient: it runs eagerly)"
+        job.log(f"kernels: torch.compile on the training forward of {which} ({why}); "
                 "the first steps include compiling")
     else:
         job.log("kernels: torch.compile skipped: the model has no decoder.layers to compile")
 
 
-def make_objective(job: Job, batches: Batches, model, tokenizer, device, autocast,
-                   collective: Collective = ALONE, runtime: DeviceRuntime | None = None) -> Objective:
-    recipe, t = job.recipe, job.recipe.train
-    m = recipe.method
-    if m.objective in ("sft", "cpt"):
-        device_kernel = runtime.linear_cross_entropy() if runtime and runtime.linear_cross_entropy else None
-        head = fused_head(job, model, *([device_kernel.name] if device_kernel is not None else []))
-        return LanguageModelling(batches, t.gradient_accumulation_steps, tokenizer.pad_token_id,
-                                 attention_implementation(recipe), device, head, collective,
-                                 device_kernel or linear_cross_entropy)
-    if m.objective == "dpo":
-        # A continued adapter is its own reference: the starting policy, precomputed.
-        precompute = m.dpo.reference == "precomputed" or bool(recipe.model.adapter)
-        objective = Preference(batches, m.dpo, t.gradient_accumulation_steps, tokenizer.pad_token_id,
-                               device, None if precompute else Reference(model), collective)
-        if precompute:
-            with autocast():
-                objective.precompute(model, t.micro_batch_size)
-            job.log(f"dpo: reference log-probabilities of {len(batches.rows)} pairs precomputed")
-        return objective
-    reference = Reference(model) if m.grpo.beta > 0 else None
-    rollouts = job.run_dir.path / "rollouts.jsonl" if job.world.main else None
-    return GroupRelative(batches, m.grpo, t.gradient_accumulation_steps, tokenizer, get_host().rewards(),
-                         device, reference, rollouts, autocast, collective, synced=sharded(recipe))
+def make_objective(setup: Setup) -> Objective:
+    """The recipe's method as this engine implements it (hwft_torch.methods)."""
+    implementation = get_host().methods().implementation(setup.job.recipe.method.objective, ENGINE)
+    return implementation.make(setup)
 
 
 def train_step(step: int, objective: Objective, model, strategy, log: StepLog, autocast, device) -> tuple[float, float]:
@@ -284,7 +244,7 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
     def autocast():
         return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
-    objective = make_objective(job, batches, model, tokenizer, device, autocast, collective, runtime)
+    objective = make_objective(Setup(job, batches, model, tokenizer, device, autocast, collective, runtime))
     steps = batches.steps
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     strategy = make_strategy(

@@ -24,7 +24,7 @@ import torch
 
 from hwft.data.pipeline import Batches, Prompt
 from hwft.models import stop_token_ids
-from hwft.recipe import GrpoSpec
+from hwft.methods.grpo import GrpoSpec
 from hwft.distributed import ALONE, Collective
 from hwft.rewards import Reward, Sample, score_step, write_rollouts
 from hwft.objective import Loss, Objective
@@ -155,3 +155,18 @@ class GroupRelative(Objective):
         if "kl" in stats:
             self.note(kl=float(stats["kl"]) / tokens)
         return Loss(value, int(r.prompt_mask.sum()) + int(stats["tokens"]), int(stats["tokens"]))
+
+
+def build(setup) -> GroupRelative:
+    """grpo on the torch engine (hwft_torch.methods.Setup -> the objective): rollouts written to
+    rollouts.jsonl by rank 0; sharded parameters generate in lockstep on every rank."""
+    from hwft.plugins import get_host
+    from hwft_torch.parallel import sharded
+
+    job, recipe = setup.job, setup.job.recipe
+    spec = recipe.method.grpo
+    reference = Reference(setup.model) if spec.beta > 0 else None
+    rollouts = job.run_dir.path / "rollouts.jsonl" if job.world.main else None
+    return GroupRelative(setup.batches, spec, recipe.train.gradient_accumulation_steps, setup.tokenizer,
+                         get_host().rewards(), setup.device, reference, rollouts, setup.autocast, setup.collective,
+                         synced=sharded(recipe))

@@ -22,10 +22,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def attention_implementation(recipe: Recipe) -> str:
-    """kernels.attention; auto is sdpa. For sft and cpt, whose rows may be packed, sdpa runs once
-    per packed example (:mod:`hwft_torch.packed_attention`), unless data.packing is false."""
+    """kernels.attention; auto is sdpa. For methods whose rows may be packed (sft, cpt), sdpa runs
+    once per packed example (:mod:`hwft_torch.packed_attention`), unless data.packing is false."""
+    from hwft.methods import method
+
     name = "sdpa" if recipe.kernels.attention == "auto" else recipe.kernels.attention
-    if name == "sdpa" and recipe.method.objective in ("sft", "cpt") and recipe.data.packing is not False:
+    if name == "sdpa" and method(recipe.method.objective).packs and recipe.data.packing is not False:
         from hwft_torch.packed_attention import register
 
         return register()

@@ -11,8 +11,11 @@ from hwft.data.batching import Row, pad, segment_ids
 from hwft.data.chat import IGNORE_INDEX
 from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
+from hwft.job import Job
 from hwft.objective import Loss, Objective, sequence_pairs, step_label_count
 from hwft_torch.losses import causal_lm_loss, chunked_cross_entropy, linear_cross_entropy
+from hwft_torch.modeling import attention_implementation
+from hwft_torch.parallel import sharded
 
 
 def block_causal_mask(rows: list[Row], width: int, dtype: torch.dtype | None) -> torch.Tensor:
@@ -115,6 +118,37 @@ class LanguageModelling(Objective):
             value = self.cross_entropy(hidden[:, :-1][keep], weight, targets[keep], num_items, dtype)
         return Loss(value, sum(len(r.input_ids) for r in rows), sum(r.num_labels for r in rows),
                     sequence_pairs(rows), tuple(i for r in rows for i in r.ids))
+
+
+def fused_head(job: Job, model, kernel: str = "chunked cross-entropy"):
+    """(decoder, output weight) for the chunked cross-entropy when kernels.fused_cross_entropy is
+    on (default: where the backend has it) and the model's logits allow it; else None.
+    ``kernel`` names what computes it, for the log (a device's own, or hwft's chunked one)."""
+    wanted = job.recipe.kernels.fused_cross_entropy
+    if wanted is False or "cross_entropy" not in job.choice.capability.fused_kernels:
+        return None
+    if sharded(job.recipe):
+        job.log(f"kernels: fused cross-entropy off: parallel.strategy {job.recipe.parallel.strategy} shards "
+                "the output weight")
+        return None
+    head = output_head(model)
+    if isinstance(head, str):
+        job.log(f"kernels: fused cross-entropy off: {head}")
+        return None
+    job.log(f"kernels: {kernel} on the label positions (no full logits)")
+    return head
+
+
+def build(setup) -> LanguageModelling:
+    """sft and cpt on the torch engine (hwft_torch.methods.Setup -> the objective): the chunked
+    cross-entropy on the label positions where the model allows it, with the device's own
+    kernel where it has one (DeviceRuntime.linear_cross_entropy: Liger's on CUDA and ROCm)."""
+    job, runtime = setup.job, setup.runtime
+    device_kernel = runtime.linear_cross_entropy() if runtime and runtime.linear_cross_entropy else None
+    head = fused_head(job, setup.model, *([device_kernel.name] if device_kernel is not None else []))
+    return LanguageModelling(setup.batches, job.recipe.train.gradient_accumulation_steps, setup.tokenizer.pad_token_id,
+                             attention_implementation(job.recipe), setup.device, head, setup.collective,
+                             device_kernel or linear_cross_entropy)
 
 
 @torch.no_grad()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pluggy
 
-from hwft_torch import devices
+from hwft_torch import devices, methods
 
-HWFT_PLUGIN_API = "1.0"
+HWFT_PLUGIN_API = "1.1"
 hookimpl = pluggy.HookimplMarker("hwft")
 
 
@@ -14,3 +14,17 @@ hookimpl = pluggy.HookimplMarker("hwft")
 def hwft_register_backends(register):
     for backend in devices.backends():
         register(backend)
+
+
+@hookimpl
+def hwft_register_method_implementations(register):
+    for implementation in methods.IMPLEMENTATIONS:
+        register(implementation)
+
+
+@hookimpl
+def hwft_register_exporters(register):
+    from hwft_torch.export import EXPORTERS  # imports no engine: the writers import theirs when they run
+
+    for exporter in EXPORTERS:
+        register(exporter)

@@ -1,0 +1,46 @@
+"""The MLX backend's exporter (registered through ``hwft_register_exporters``): ``mlx``, an
+mlx-lm model folder converted by ``mlx_lm.convert`` from the merged HF model that the ``hf``
+exporter writes (reached through the registry; ``--mlx-bits 4`` or ``8`` quantises it, MLX
+affine). ``--verify`` reloads it with ``mlx_lm.load``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+
+from hwft.use.exporters import Exporter, ExportOptions
+
+ENGINE = "mlx"
+
+
+def write_mlx(trained, staged: Path, options: ExportOptions) -> Path:
+    from mlx_lm import convert
+
+    from hwft_mlx.modeling import config_overrides
+
+    merged = options.exporters.get("hf").make(trained, staged.parent / "merged", options)
+    # mlx-lm reads rope_theta at the top of config.json; transformers 5 nests it.
+    config = json.loads((merged / "config.json").read_text(encoding="utf-8"))
+    config.update(config_overrides(config))
+    (merged / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    with contextlib.redirect_stdout(sys.stderr):  # mlx-lm reports progress on stdout
+        convert(str(merged), str(staged), quantize=options.mlx_bits is not None, q_bits=options.mlx_bits,
+                trust_remote_code=trained.trust_remote_code)
+    return staged
+
+
+def reload_mlx(path: Path, ids: list[int], trained):
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm import load
+
+    model, _ = load(str(path))
+    return np.array(model(mx.array([ids]))[0].astype(mx.float32))
+
+
+EXPORTERS = (
+    Exporter("mlx", ENGINE, "an mlx-lm model folder, optionally quantised (--mlx-bits)", write_mlx, reload_mlx,
+             tolerance=lambda options: 1e-3),
+)

@@ -1,0 +1,46 @@
+"""The MLX engine's methods: what its loop hands a method's builder, and which methods it
+implements, one module each (registered through ``hwft_register_method_implementations``).
+
+=======  =============================================  ==============================
+method   module                                         objective
+=======  =============================================  ==============================
+sft      :mod:`hwft_mlx.objective`                      ``LanguageModelling``
+cpt      :mod:`hwft_mlx.objective`                      ``LanguageModelling``
+dpo      :mod:`hwft_mlx.preference`                     ``Preference``
+grpo     :mod:`hwft_mlx.group_relative`                 ``GroupRelative``
+=======  =============================================  ==============================
+
+A plugin's method on MLX registers ``Implementation(name, "mlx", build)``; ``build(setup:
+Setup)`` returns a :class:`hwft_mlx.objective.MlxObjective`, whose ``loss(model, micro)`` the
+loop differentiates with ``nn.value_and_grad``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hwft.distributed import ALONE, Collective
+from hwft.methods import Implementation
+
+ENGINE = "mlx"
+
+
+@dataclass
+class Setup:
+    """What the MLX loop has built when it asks for the method's objective."""
+
+    job: Any  #: hwft.job.Job: the recipe (job.recipe), the run folder, the log (job.log)
+    batches: Any  #: hwft.data.pipeline.Batches of the method's kind
+    model: Any  #: the mlx-lm model with its tuning (LoRA layers, a quantised base) applied
+    tokenizer: Any
+    stop: list[int]  #: the token ids that end a generation
+    collective: Collective = ALONE  #: sums over ranks
+
+
+IMPLEMENTATIONS = (
+    Implementation("sft", ENGINE, "hwft_mlx.objective:build"),
+    Implementation("cpt", ENGINE, "hwft_mlx.objective:build"),
+    Implementation("dpo", ENGINE, "hwft_mlx.preference:build"),
+    Implementation("grpo", ENGINE, "hwft_mlx.group_relative:build"),
+)

@@ -1,0 +1,111 @@
+"""The torch backend's exporters (registered through ``hwft_register_exporters``):
+
+- ``hf``: the merged full model (LoRA folded into the base weights, ``W + (alpha/r) B A``) as
+  Hugging Face safetensors with its tokenizer and chat template: transformers, vLLM and TGI load
+  the folder as it is;
+- ``peft``: the adapter alone, PEFT's own layout (``PeftModel.from_pretrained``);
+- ``gguf``: one file for llama.cpp and Ollama, f16 or q8_0, from the merged fp32 model
+  (:mod:`hwft.use.gguf_writer`, which needs gguf and numpy only).
+
+Each reloads for ``--verify`` with the library its users use: transformers, peft on the base,
+transformers' GGUF reader.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+from hwft.use.exporters import Exporter, ExportOptions
+
+ENGINE = "torch"
+
+
+def merge_to_hf(trained, out: Path, dtype: str = "auto") -> Path:
+    """The merged model as an HF safetensors folder with tokenizer (torch and peft)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from hwft.models import load_tokenizer
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    model = AutoModelForCausalLM.from_pretrained(
+        trained.weights, dtype=torch.float32, local_files_only=True, use_safetensors=True,
+        trust_remote_code=trained.trust_remote_code,
+    )
+    if trained.adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, trained.adapter).merge_and_unload()
+    saved = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    if saved is not None:
+        model = model.to(saved)
+    model.config._name_or_path = out.name
+    model.save_pretrained(out, safe_serialization=True)
+    load_tokenizer(trained.tokenizer_dir, trained.trust_remote_code).save_pretrained(out)
+    return out
+
+
+def write_hf(trained, staged: Path, options: ExportOptions) -> Path:
+    return merge_to_hf(trained, staged, options.dtype)
+
+
+def write_peft(trained, staged: Path, options: ExportOptions) -> Path:
+    shutil.copytree(trained.adapter, staged)
+    return staged
+
+
+def write_gguf(trained, staged: Path, options: ExportOptions) -> Path:
+    from hwft.use.gguf_writer import write_gguf as write
+
+    merged = merge_to_hf(trained, staged.parent / "merged", "fp32")
+    return write(merged, staged, options.gguf_type, staged.stem)
+
+
+def _logits(model, ids: list[int]):
+    import torch
+
+    with torch.no_grad():
+        return model.eval()(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+
+
+def reload_hf(path: Path, ids: list[int], trained):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return _logits(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True), ids)
+
+
+def reload_peft(path: Path, ids: list[int], trained):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(trained.weights, dtype=torch.float32, local_files_only=True)
+    return _logits(PeftModel.from_pretrained(base, path), ids)
+
+
+def reload_gguf(path: Path, ids: list[int], trained):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF reader draws a progress bar
+    return _logits(AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32), ids)
+
+
+#: How far an export's logits may be from the trained model's (max |difference| relative to the
+#: largest |logit|): fp32 round-trips exactly up to summation order; f16 and q8_0 round.
+GGUF_TOLERANCE = {"f16": 1e-2, "q8_0": 5e-2}
+
+EXPORTERS = (
+    Exporter("hf", ENGINE, "the merged model as Hugging Face safetensors (transformers, vLLM, TGI)",
+             write_hf, reload_hf),
+    Exporter("peft", ENGINE, "the LoRA adapter alone, PEFT's layout", write_peft, reload_peft, needs_adapter=True),
+    Exporter("gguf", ENGINE, "one GGUF file, f16 or q8_0 (llama.cpp, Ollama)", write_gguf, reload_gguf,
+             tolerance=lambda options: GGUF_TOLERANCE[options.gguf_type],
+             name=lambda options: f"model-{options.gguf_type}.gguf", single_file=True),
+)

@@ -1,0 +1,50 @@
+"""The torch engine's methods: what its loop hands a method's builder, and which methods it
+implements, one module each (registered through ``hwft_register_method_implementations``).
+
+=======  =============================================  ==============================
+method   module                                         objective
+=======  =============================================  ==============================
+sft      :mod:`hwft_torch.objective`                    ``LanguageModelling``
+cpt      :mod:`hwft_torch.objective`                    ``LanguageModelling``
+dpo      :mod:`hwft_torch.dpo`                          ``Preference``
+grpo     :mod:`hwft_torch.grpo`                         ``GroupRelative``
+=======  =============================================  ==============================
+
+A plugin's method on the torch engine registers an ``Implementation(name, "torch", build)``
+whose ``build(setup: Setup)`` returns an :class:`hwft.objective.Objective`: the loop calls its
+``step(model, n)`` for a step's micro-batches and ``loss(model, micro)`` for each, under
+autocast, and backpropagates ``Loss.value``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from hwft.distributed import ALONE, Collective
+from hwft.methods import Implementation
+
+ENGINE = "torch"
+
+
+@dataclass
+class Setup:
+    """What the torch loop has built when it asks for the method's objective."""
+
+    job: Any  #: hwft.job.Job: the recipe (job.recipe), the run folder, the log (job.log)
+    batches: Any  #: hwft.data.pipeline.Batches of the method's kind
+    model: Any  #: the torch module, with its tuning (peft adapter, quantised base) applied
+    tokenizer: Any
+    device: Any  #: torch.device
+    autocast: Callable[[], Any]  #: a context manager factory: the run's compute dtype
+    collective: Collective = ALONE  #: sums over ranks
+    runtime: Any = None  #: hwft_torch.runtime.DeviceRuntime: the device's own kernels
+
+
+IMPLEMENTATIONS = (
+    Implementation("sft", ENGINE, "hwft_torch.objective:build"),
+    Implementation("cpt", ENGINE, "hwft_torch.objective:build"),
+    Implementation("dpo", ENGINE, "hwft_torch.dpo:build"),
+    Implementation("grpo", ENGINE, "hwft_torch.grpo:build"),
+)

@@ -1,0 +1,1 @@
+"""hwft-lsft: supervised fine-tuning with label smoothing, an out-of-tree hwft method."""
