@@ -1,4 +1,6 @@
-"""Checkpoints: what a run writes so that it can resume exactly, and what resuming checks.
+"""Checkpoints: what a run writes so that it can resume exactly (the format, the manifest, and
+the loop's part, :class:`Checkpointer`). What resuming checks is :mod:`hwft.resume`; stop signals
+are :mod:`hwft.stopping`; non-finite steps and running out of memory, :mod:`hwft.guards`.
 
 Every ``train.save_every`` steps, and when SIGTERM, SIGINT or SIGHUP arrives (what spot
 preemption, Ctrl-C and a closed terminal send), the run writes ``checkpoints/step-N/``::
@@ -30,45 +32,19 @@ import json
 import math
 import random
 import shutil
-import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-
 from hwft import __version__
-from hwft.errors import RecipeError, RunFailed, UserError
-from hwft.processes import PARENT_DIED
+from hwft.errors import UserError
+from hwft.guards import NonFinite
+from hwft.stopping import StopSignals, stopped_message
 
 SCHEMA = "hwft.checkpoint/1"
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
-
-#: Recipe keys that may differ between a run and its resumption: they change what is logged,
-#: kept or shown, never the trained weights. Every other difference is refused.
-RESULT_NEUTRAL = (
-    "output.",
-    "eval.",
-    "train.save_every",
-    "train.keep_checkpoints",
-    "train.log_every",
-    "train.eval_every",
-    "train.nonfinite_limit",
-    "data.eval",
-    "parallel.timeout",
-    "parallel.accelerate_config",
-    "parallel.offload_optimizer",
-    "parallel.offload_params",
-    "parallel.activation_checkpointing",
-    "kernels.compile",
-)
-
-#: Strategies whose checkpoints are the same portable files (full weights and optimizer state
-#: by parameter name): a run saved by one resumes under another. DeepSpeed keeps its own.
-PORTABLE_STRATEGIES = ("none", "ddp", "fsdp2")
-
 
 # ---------------------------------------------------------------------------- finding one
 
@@ -130,6 +106,23 @@ def write_manifest(folder: Path) -> None:
     (folder / MANIFEST).write_text(json.dumps({"schema": SCHEMA, "files": files}, indent=1), encoding="utf-8")
 
 
+def data_digests(recipe) -> list[str]:
+    """sha256 of each training dataset's files, in data.train's order: what the data position
+    counts in. A dataset moved to another path is the same data; an edited file is not."""
+    digests = []
+    for spec in recipe.data.train:
+        if not spec.path:
+            digests.append(f"registry:{spec.name}")
+            continue
+        path = recipe.resolve_path(spec.path)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        h = hashlib.sha256()
+        for f in files:
+            h.update(file_digest(f).encode() if f.exists() else b"missing")
+        digests.append(h.hexdigest())
+    return digests
+
+
 def verify_manifest(folder: Path) -> None:
     """Every file listed, unchanged, and nothing else: else a UserError naming the file."""
     manifest_path = folder / MANIFEST
@@ -160,98 +153,6 @@ def verify_manifest(folder: Path) -> None:
                 f"{folder}: {name} differs from what hwft wrote (sha256 mismatch); refusing to load the "
                 "checkpoint. Resume from another checkpoints/step-N folder"
             )
-
-
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
-def data_digests(recipe) -> list[str]:
-    """sha256 of each training dataset's files, in data.train's order: what the data position
-    counts in. A dataset moved to another path is the same data; an edited file is not."""
-    digests = []
-    for spec in recipe.data.train:
-        if not spec.path:
-            digests.append(f"registry:{spec.name}")
-            continue
-        path = recipe.resolve_path(spec.path)
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        h = hashlib.sha256()
-        for f in files:
-            h.update(file_digest(f).encode() if f.exists() else b"missing")
-        digests.append(h.hexdigest())
-    return digests
-
-
-def _without_paths(recipe: dict) -> dict:
-    out = json.loads(json.dumps(recipe))
-    for spec in out.get("data", {}).get("train", []):
-        if isinstance(spec, dict):
-            spec.pop("path", None)
-    return out
-
-
-def recipe_differences(saved: dict, current: dict) -> list[str]:
-    """Dotted recipe keys whose values differ and would change the trained result (training
-    files are compared by content, see :func:`data_digests`, not by path)."""
-    a, b = _flat(_without_paths(saved)), _flat(_without_paths(current))
-    keys = sorted(set(a) | set(b))
-
-    def neutral(key: str) -> bool:
-        return any(key == n or key.startswith(n if n.endswith(".") else n + ".") for n in RESULT_NEUTRAL)
-
-    diffs = [k for k in keys if a.get(k) != b.get(k) and not neutral(k)]
-    strategies = (a.get("parallel.strategy"), b.get("parallel.strategy"))
-    if "parallel.strategy" in diffs and all(s in PORTABLE_STRATEGIES for s in strategies):
-        diffs.remove("parallel.strategy")  # the same portable files either way
-    if "parallel.zero_stage" in diffs and "deepspeed" not in strategies:
-        diffs.remove("parallel.zero_stage")
-    if "train.gradient_accumulation_steps" in diffs:  # compared as processes x accumulation
-        diffs.remove("train.gradient_accumulation_steps")
-    return diffs
-
-
-def open_checkpoint(recipe, wanted: str, world_size: int) -> Checkpoint:
-    """Find, verify and compare the checkpoint to resume from: a UserError before any weight
-    loads if it is not one hwft wrote, or the recipe (or the global batch) changed the result."""
-    run_dir = Path(recipe.output.dir).expanduser().resolve()
-    path = locate(run_dir, wanted)
-    verify_manifest(path)
-    try:
-        state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
-        saved = yaml.safe_load((path / "recipe.yaml").read_text(encoding="utf-8"))
-        assert state.get("schema") == SCHEMA and isinstance(saved, dict)
-    except (OSError, ValueError, AssertionError, yaml.YAMLError):
-        raise UserError(f"{path}: not a {SCHEMA} checkpoint (trainer_state.json or recipe.yaml unreadable)") from None
-    current = yaml.safe_load(recipe.to_yaml())
-    diffs = recipe_differences(saved, current)
-    if diffs:
-        shown = ", ".join(f"{k} ({_flat(saved).get(k)!r} -> {_flat(current).get(k)!r})" for k in diffs[:6])
-        raise RecipeError(
-            f"--resume: the recipe differs from the one {path.name} was trained with, in keys that change "
-            f"the result: {shown}{' ...' if len(diffs) > 6 else ''}. Resume with the original values, or "
-            "start a new run in another output.dir"
-        )
-    changed = [spec.path or spec.name for spec, old, new in
-               zip(recipe.data.train, state.get("data_digests", []), data_digests(recipe), strict=False) if old != new]
-    if changed:
-        raise UserError(
-            f"--resume: training data {changed[0]} is not what {path.name} was trained on (its content changed); "
-            "resume with the original files, or start a new run in another output.dir"
-        )
-    accumulation = recipe.train.gradient_accumulation_steps
-    if state["world_size"] * state["accumulation"] != world_size * accumulation:
-        raise UserError(
-            f"--resume: {path.name} was trained with {state['world_size']} processes x {state['accumulation']} "
-            f"accumulation micro-batches per step; this run has {world_size} x {accumulation}. Keep the "
-            "global batch (processes x train.gradient_accumulation_steps) the same"
-        )
-    return Checkpoint(path, state)
 
 
 # ---------------------------------------------------------------------------- tensors to files
@@ -319,56 +220,6 @@ def set_host_rng_state(state: dict) -> None:
         np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
-# ---------------------------------------------------------------------------- stop signals
-
-
-class StopSignals:
-    """SIGTERM, SIGINT and SIGHUP (a closed terminal; also what a parent hwft process passes on)
-    during training ask the loop to checkpoint and stop after the current step; a second signal
-    acts as usual (SIGINT: KeyboardInterrupt, SIGTERM and SIGHUP: end now). The kernel's word
-    that the parent died (hwft.processes.PARENT_DIED, repeated per exiting thread of the
-    parent) asks the same, however often it comes."""
-
-    HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, *([PARENT_DIED] if PARENT_DIED else []))
-
-    def __init__(self):
-        self.received: int | None = None
-        self.previous: dict = {}
-
-    def __enter__(self) -> StopSignals:
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.HANDLED:
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if signum == PARENT_DIED:
-            self.received = self.received or signum
-            return
-        if self.received is not None:  # the second one: stop waiting
-            signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))
-            signal.raise_signal(signum)
-            return
-        self.received = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous.clear()
-
-
-def stopped_message(signum: int, step: int, path: Path | None, recipe_hint: str) -> RunFailed:
-    where = f"checkpoint {path}" if path else "no checkpoint could be written"
-    if signum == PARENT_DIED:  # ends as SIGTERM would
-        why, signum = "stopped (its parent process died)", signal.SIGTERM
-    else:
-        why = f"stopped by {signal.Signals(signum).name}"
-    return RunFailed(f"{why} after step {step}; {where}. Continue with: hwft train {recipe_hint} --resume",
-                     128 + signum)
-
-
 def make_temporary(final: Path) -> Path:
     """A temporary folder beside ``final``, for a write renamed into place at the end."""
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -433,57 +284,6 @@ class EngineState:
     def load(self, checkpoint: Checkpoint) -> None:
         """Every rank restores weights, optimizer, scheduler from ``checkpoint``."""
         raise NotImplementedError
-
-
-class NonFinite:
-    """Steps with a NaN or Inf loss or gradient norm: the engine skips their update; after
-    ``limit`` of them the run stops, naming the step. The last good checkpoint stays."""
-
-    def __init__(self, limit: int, log: Callable[[str], None]):
-        self.limit, self.log, self.count = limit, log, 0
-
-    def check(self, step: int, loss: float, grad_norm: float, skipped: bool = True,
-              checkpoint: Path | None = None) -> None:
-        """After a step: count it if its loss or gradient norm is NaN or Inf (``skipped``: the
-        engine left the weights alone), and stop once there are too many."""
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            return
-        self.count += 1
-        what = f"loss {loss}, gradient norm {grad_norm}"
-        if not skipped or self.count > self.limit:
-            why = ("the engine had already applied it" if not skipped else
-                   f"{self.count} such steps, more than train.nonfinite_limit={self.limit}")
-            kept = f"the last checkpoint, {checkpoint}, is kept" if checkpoint else "no checkpoint was written yet"
-            raise RunFailed(
-                f"step {step}: non-finite {what} ({why}); stopping: {kept}. "
-                "Lower train.lr, set train.max_grad_norm, or use bf16 rather than fp16", 1)
-        self.log(f"step {step}: non-finite {what}; update skipped ({self.count} of at most {self.limit})")
-
-
-def out_of_memory(step: int, recipe, device: str) -> RunFailed:
-    """The message for an allocation that failed during a step, with what would lower memory."""
-    t, p, m = recipe.train, recipe.parallel, recipe.method
-    hints = [f"train.micro_batch_size {t.micro_batch_size} -> {max(1, t.micro_batch_size // 2)} "
-             "(raise train.gradient_accumulation_steps to keep the batch)",
-             f"train.max_length {t.max_length} -> {max(2, t.max_length // 2)}"]
-    if not p.activation_checkpointing:
-        hints.append("parallel.activation_checkpointing: true")
-    if m.tuning == "lora":
-        hints.append("method.tuning: qlora (a 4-bit base, where the backend has it)")
-    if m.tuning == "full":
-        hints.append("method.tuning: lora")
-    return RunFailed(f"out of memory on {device} at step {step}; to use less: " + "; ".join(hints), 1)
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """An allocator's failure, as torch raises it on any device (CPU under an address-space
-    limit, CUDA's OutOfMemoryError) or numpy/MLX as MemoryError."""
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and any(s in text for s in (
-        "DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory",
-        "out of memory", "Out of memory", "[Errno 12] Cannot allocate memory"))
 
 
 class Checkpointer:

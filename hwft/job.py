@@ -33,6 +33,46 @@ class Inputs:
 
 
 @dataclass
+class Result:
+    """What a run produced: an engine fills it in ``job.results`` (plugin API 1.1). A 1.0
+    engine's dict style still works: ``results["model"]``, ``results.get(...)`` and
+    ``results.update(key=value)`` read and set the same fields; keys that are no field are kept
+    in ``extra``."""
+
+    final_loss: float | None = None  #: the last step's loss
+    steps: int = 0  #: optimizer steps of the run
+    output: str | None = None  #: the saved adapter/ or model/ folder
+    model: Any = None  #: the trained model, as the engine holds it (bench, tests)
+    tuning: str | None = None  #: the tuning that ran (lora where qlora fell back)
+    dtype: str | None = None  #: the compute dtype: fp32, bf16, fp16
+    peak_memory_bytes: int | None = None  #: the engine's peak memory (device, or process RSS on the CPU)
+    answers: list[dict] = field(default_factory=list)  #: eval.prompts answered before and after
+    eval_loss: float | None = None  #: the last held-out loss (data.eval, data.val_size)
+    extra: dict = field(default_factory=dict)  #: whatever else an engine reported
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self.__dataclass_fields__ and key != "extra":
+            return getattr(self, key)
+        return self.extra[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.update(**{key: value})
+
+    def __contains__(self, key: str) -> bool:
+        return (key in self.__dataclass_fields__ and key != "extra") or key in self.extra
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+    def update(self, values: dict | None = None, **more: Any) -> None:
+        for key, value in {**(values or {}), **more}.items():
+            if key in self.__dataclass_fields__ and key != "extra":
+                setattr(self, key, value)
+            else:
+                self.extra[key] = value
+
+
+@dataclass
 class Job:
     recipe: Recipe
     choice: Choice
@@ -43,7 +83,7 @@ class Job:
     world: World = SINGLE  #: this process's rank in a multi-process run; rank 0 logs and saves
     resume: Checkpoint | None = None  #: the verified checkpoint to continue from (--resume)
     recipe_hint: str = "RECIPE.yaml"  #: how the user named the recipe, for messages
-    results: dict = field(default_factory=dict)  #: the backend's summary (final loss, answers)
+    results: Result = field(default_factory=Result)  #: what the engine reports (final loss, answers, ...)
     #: one record per optimizer step: step, seconds, tokens (non-padding), trained (label
     #: tokens), attended (causal attention pairs), loss, examples (indices of the tokenised
     #: sequences trained on, sft/cpt); what ``hwft bench`` times

@@ -7,7 +7,7 @@ is started by :func:`child_process`:
 - SIGTERM, SIGINT and SIGHUP to the parent (``timeout``, a scheduler, a CI job, Ctrl-C, a
   closed terminal) reach the child as SIGTERM, the one request to stop every program honours
   the same way (a child still starting ends silently; a training child checkpoints first:
-  :class:`hwft.checkpoint.StopSignals`); the parent waits for it, then stops with 128 + the
+  :class:`hwft.stopping.StopSignals`); the parent waits for it, then stops with 128 + the
   signal it received;
 - on Linux the child asks for ``PR_SET_PDEATHSIG`` before it runs, so a parent killed outright
   (SIGKILL, the OOM killer) cannot leave it running. The signal is :data:`PARENT_DIED`, a

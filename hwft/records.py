@@ -9,10 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from hwft.job import Job
+from typing import Any
 
 #: Priority bands for ``backend: auto`` (highest wins among available backends; ties by name).
 PRIORITY_ACCELERATOR = 300  #: a GPU, NPU or other accelerator device
@@ -91,7 +88,7 @@ class Backend:
     priority: int  #: see the PRIORITY_* bands
     probe: Callable[[], Availability]
     capability: Callable[[], Capability]
-    train: Callable[[Job], Any]
+    train: Callable[[Any], Any]  #: (hwft.job.Job) -> the run's results
     accelerator: bool = False
     #: ``launch(hwft.distributed.Launch, argv) -> exit code``: start the processes of
     #: ``hwft train --nproc N`` with the engine's own launcher, each running ``hwft *argv``;

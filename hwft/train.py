@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hwft import accelerate_config
-from hwft.checkpoint import Checkpoint, open_checkpoint
+from hwft.checkpoint import Checkpoint
+from hwft.resume import open_checkpoint
 from hwft.data.loading import TrainData, load_train_data
 from hwft.distributed import Launch, world_from_env
 from hwft.errors import SelectionError, UserError
@@ -94,7 +95,9 @@ def run(plan: Plan, quiet: bool = False, recipe_hint: str = "RECIPE.yaml") -> Jo
         run_dir.start_tracking(recipe.output.report_to, get_host().loggers(), recipe)
     try:
         with run_dir.writing("the run's files"):  # what no write site named more precisely
-            plan.choice.backend.train(job)
+            returned = plan.choice.backend.train(job)
+        if isinstance(returned, dict) and returned is not job.results:  # a 1.0 engine's own dict
+            job.results.update(returned)
     except UserError:
         # Refused inside the backend (a model without a chat template, say): leave no
         # half-made folder behind to block the corrected run. Nothing trained is ever removed.

@@ -187,3 +187,16 @@ def test_logged_loss_averages_the_interval(tiny_llama, tmp_path, cli):
     two = metrics(tmp_path / "b" / "out")
     assert [m["step"] for m in two] == [2, 4]
     assert [m["loss"] for m in two] == pytest.approx([(each[0] + each[1]) / 2, (each[2] + each[3]) / 2], abs=1e-6)
+
+
+def test_a_run_result_is_typed_and_reads_as_the_dict_it_was():
+    """Job.results is a typed Result (plugin API 1.1); a 1.0 engine's dict style reads and sets
+    the same fields, and keys that are no field are kept apart."""
+    from hwft.job import Result
+
+    result = Result()
+    result.update(final_loss=1.5, custom=3)
+    result["model"] = "the model"
+    assert (result.final_loss, result["final_loss"], result.model) == (1.5, 1.5, "the model")
+    assert result.get("custom") == 3 and result.extra == {"custom": 3}
+    assert "steps" in result and "nothing" not in result and result.get("nothing", 0) == 0

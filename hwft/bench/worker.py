@@ -144,9 +144,9 @@ def main(spec_path: str) -> int:
                     raise
                 # stopped by a signal: the checkpoint it wrote lived in this arm's throwaway folder
                 raise RunFailed(f"the arm stopped ({str(exc).split(' after step')[0]})", exc.exit_code) from None
-            steps, model = job.steps, job.results["model"]
-            dtype, tuning = job.results["dtype"], job.results["tuning"]
-            peak_memory = job.results.get("peak_memory_bytes")
+            steps, model = job.steps, job.results.model
+            dtype, tuning = job.results.dtype, job.results.tuning
+            peak_memory = job.results.peak_memory_bytes
             settings = {"kernels": recipe.kernels.model_dump(), "packing": recipe.data.packing,
                         "micro_batch_size": recipe.train.micro_batch_size,
                         "gradient_accumulation_steps": recipe.train.gradient_accumulation_steps,

@@ -24,11 +24,12 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from hwft.checkpoint import Checkpointer, NonFinite, is_out_of_memory, out_of_memory
+from hwft.checkpoint import Checkpointer
+from hwft.guards import NonFinite, is_out_of_memory, out_of_memory
 from hwft.data.chat import ChatRenderer
 from hwft.distributed import ALONE, Collective
 from hwft.errors import UserError
-from hwft.job import Job
+from hwft.job import Job, Result
 from hwft.models import stop_token_ids
 from hwft.plugins import get_host
 from hwft.steplog import StepLog
@@ -191,7 +192,7 @@ def train_step(step, objective, model, optimizer, schedule, value_and_grad, coll
     return norm
 
 
-def train(job: Job) -> dict:
+def train(job: Job) -> Result:
     recipe, t, world = job.recipe, job.recipe.train, job.world
     refuse_early(job)
     collective: Collective = ALONE
@@ -233,14 +234,14 @@ def train(job: Job) -> dict:
     def ask(prompt: str) -> str:
         return answer(model, tokenizer, renderer, prompt, job.recipe.eval.max_new_tokens, stop)
 
-    job.results["answers"] = job.show_answers("before", ask) if world.main and not job.resume else []
+    job.results.answers = job.show_answers("before", ask) if world.main and not job.resume else []
 
     def evaluate(step: int) -> None:
         if held_out and (step % (t.eval_every or steps) == 0 or step == steps):
             evaluated = held_out_loss(model, held_out, tokenizer.pad_token_id, t.micro_batch_size)
             job.run_dir.log_eval(step, evaluated, len(held_out))
             job.log(f"step {step}: eval_loss {evaluated:.4f} on {len(held_out)} held-out examples")
-            job.results["eval_loss"] = evaluated
+            job.results.eval_loss = evaluated
             log.restart_clock()
 
     # 3. The loop, from the checkpoint's step when resuming (hwft.checkpoint).
@@ -272,7 +273,7 @@ def train(job: Job) -> dict:
     save(job, model, tokenizer, model_path, out)
     job.log(f"saved {out}")
     if world.main:
-        job.results["answers"] += job.show_answers("after", ask)
+        job.results.answers += job.show_answers("after", ask)
     job.results.update(final_loss=log.record.get("loss"), steps=steps, output=str(out), model=model,
                        tuning=tuning, dtype=dtype, peak_memory_bytes=peak_memory())
     if recipe.output.plot and job.run_dir.plot_loss() is None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from hwft_torch.objective import held_out_loss
-from hwft_torch.runtime import cpu_peak_rss
+from hwft_torch.host_memory import cpu_peak_rss
 
 #: The baseline's fixed arguments, printed by ``hwft bench`` and stored in its result.
 BASELINE = {

@@ -15,14 +15,15 @@ from __future__ import annotations
 import random
 import warnings
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 
-from hwft.checkpoint import Checkpointer, NonFinite, is_out_of_memory, out_of_memory
+from hwft.checkpoint import Checkpointer
+from hwft.guards import NonFinite, is_out_of_memory, out_of_memory
 from hwft.data.chat import ChatRenderer
-from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
-from hwft.job import Job
+from hwft.job import Job, Result
 from hwft.objective import Objective
 from hwft.plugins import get_host
 from hwft.steplog import StepLog
@@ -41,7 +42,10 @@ from hwft_torch.fused_projections import fuse_sibling_projections
 from hwft_torch.methods import ENGINE, Setup
 from hwft_torch.objective import held_out_loss
 from hwft_torch.parallel import TorchCollective, init_process_group, make_strategy, sharded
-from hwft_torch.runtime import DeviceRuntime, keep_freed_host_memory
+from hwft_torch.host_memory import keep_freed_host_memory
+
+if TYPE_CHECKING:  # the runtime calls this loop (DeviceRuntime.train); the loop only reads it
+    from hwft_torch.runtime import DeviceRuntime
 
 
 def seed_everything(seed: int) -> None:
@@ -201,7 +205,7 @@ def train_step(step: int, objective: Objective, model, strategy, log: StepLog, a
     return lr, grad_norm
 
 
-def train(job: Job, runtime: DeviceRuntime) -> dict:
+def train(job: Job, runtime: DeviceRuntime) -> Result:
     recipe, t, world = job.recipe, job.recipe.train, job.world
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
@@ -260,7 +264,7 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
     # Answers: rank 0 alone, unless sharded parameters need every rank in each forward; a
     # resumed run showed its "before" answers the first time.
     answering = world.main or synced
-    job.results["answers"] = job.show_answers("before", ask) if answering and not job.resume else []
+    job.results.answers = job.show_answers("before", ask) if answering and not job.resume else []
 
     def evaluate(step: int) -> None:
         if held_out and (step % (t.eval_every or steps) == 0 or step == steps):
@@ -268,7 +272,7 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
                                       device, t.micro_batch_size, autocast, fused=not sharded(recipe))
             job.run_dir.log_eval(step, evaluated, len(held_out))
             job.log(f"step {step}: eval_loss {evaluated:.4f} on {len(held_out)} held-out examples")
-            job.results["eval_loss"] = evaluated
+            job.results.eval_loss = evaluated
             log.restart_clock()  # evaluation is not training time
 
     # 3. The loop, from the checkpoint's step when resuming (weights, optimizer, schedule, data
@@ -299,7 +303,7 @@ def train(job: Job, runtime: DeviceRuntime) -> dict:
     save(job, strategy, tokenizer, out)
     job.log(f"saved {out}")
     if answering:
-        job.results["answers"] += job.show_answers("after", ask)
+        job.results.answers += job.show_answers("after", ask)
     job.results.update(final_loss=log.record.get("loss"), steps=steps, output=str(out), model=model,
                        tuning=tuning, dtype={v: k for k, v in DTYPES.items()}[dtype],
                        peak_memory_bytes=runtime.peak_memory())

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hwft.errors import UserError
+from hwft_torch.host_memory import cpu_peak_rss, keep_freed_host_memory  # noqa: F401  (DeviceRuntime's, and API)
 
 
 def _never() -> bool:
@@ -43,7 +44,7 @@ class DeviceRuntime:
         getattr(torch, self.type).set_device(index)
         return torch.device(self.type, index)
 
-    def train(self, job) -> dict:
+    def train(self, job):
         from hwft_torch.engine import train
 
         return train(job, self)
@@ -92,55 +93,6 @@ def cpu_bf16_units() -> str | None:
     except OSError:
         pass
     return None
-
-
-def cpu_peak_rss() -> int:
-    """The process's peak resident memory in bytes (ru_maxrss: KiB on Linux, bytes on macOS)."""
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-#: glibc mallopt parameters (malloc.h)
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
-#: how far the heap grows beyond each request, and how much free top it keeps
-HEAP_TOP_PAD = 512 << 20
-
-
-def keep_freed_host_memory() -> str | None:
-    """Let glibc's malloc keep freed memory for reuse instead of returning it to the system.
-
-    A CPU training step allocates and frees the same activations every step. By default glibc
-    serves a block that the heap's free top cannot hold with a fresh mapping (the chunked
-    cross-entropy's 128 MiB of logits, for one) and trims the heap's free top, so each step
-    faults much of its memory in again, page by page: about 65,000 page faults a step on the
-    bench workload (``ru_minflt``), some 3% of the step spent in the kernel. No mmap at all
-    (``M_MMAP_MAX`` 0: every block comes from the heap; the mmap threshold alone cannot rise
-    above 32 MiB), a 512 MiB top pad (the heap grows by that much more than asked; untouched
-    pages cost no memory) and no trimming let later steps reuse pages already touched: no page
-    faults after the first steps. The process keeps its high-water mark until it exits, which a
-    training run does anyway. This is why torch's CPU tuning guide recommends jemalloc or
-    tcmalloc; mallopt needs no preload. Returns the log line, or None where the C library is
-    not glibc.
-    """
-    import ctypes
-    import ctypes.util
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return None
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    settings = ((M_MMAP_MAX, 0), (M_TOP_PAD, HEAP_TOP_PAD), (M_TRIM_THRESHOLD, 2**31 - 1))
-    if not all(mallopt(param, value) == 1 for param, value in settings):
-        return None
-    return "host memory: glibc malloc keeps freed memory for reuse (512 MiB heap top pad, no trimming)"
 
 
 def _cuda_peak() -> int:
