@@ -220,33 +220,21 @@ def _convert_once(final: Path, convert, done) -> Path:
 
 
 def _gguf_tokenizer(gguf_file: Path):
-    from transformers import AutoTokenizer
+    """The tokenizer a GGUF file describes (hwft.gguf_convert: no torch)."""
+    import gguf
 
-    return AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    from hwft.gguf_convert import metadata, tokenizer
+
+    return tokenizer(metadata(gguf.GGUFReader(str(gguf_file))))
 
 
 def convert_gguf(gguf_file: Path, out_dir: Path, tokenizer_from: Path | None = None) -> None:
-    """De-quantise a GGUF model with transformers and save it as a safetensors folder, with the
-    tokenizer (copied from ``tokenizer_from`` where it was converted already)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    """De-quantise a GGUF model into a safetensors folder with its config and tokenizer (copied
+    from ``tokenizer_from`` where it was converted already): :mod:`hwft.gguf_convert`, with
+    gguf, numpy, safetensors and tokenizers only, so an install without torch converts it."""
+    from hwft.gguf_convert import convert
 
-    # (the de-quantiser's own tqdm bar heeds TQDM_DISABLE, set by every hwft process: hwft.library_noise)
-    hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32)
-    if tokenizer_from is not None and (tokenizer_from / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_from, local_files_only=True)
-    else:
-        tokenizer = _gguf_tokenizer(gguf_file)
-    # transformers refuses to save a model it still thinks is GGUF-quantised; it is not any
-    # more: the loader de-quantised every tensor.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config._name_or_path = out_dir.name
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    convert(gguf_file, out_dir, tokenizer_from)
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):

@@ -13,10 +13,7 @@ from tests.conftest import REPO
 ENGINE_PACKAGES = ("torch", "mlx", "mlx_lm", "peft", "bitsandbytes", "deepspeed", "accelerate", "torch_npu",
                    "liger_kernel", "flash_attn", "hwft_")
 #: Known exceptions, each with why and what removes it.
-PENDING = {
-    ("hwft/models.py", "torch"): "convert_gguf de-quantises the embedded GGUF with transformers' loader, which "
-                                 "needs torch; a conversion with gguf and numpy alone removes it",
-}
+PENDING: dict[tuple[str, str], str] = {}
 
 
 def engine_imports(path) -> list[tuple[int, str]]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -86,3 +88,47 @@ def test_embedded_model_trains_from_the_cli(embedded_dir, tmp_path, cli, monkeyp
     # and 1536-wide dot products in other orders; 1e-3 is far above their fp32 rounding (~1e-6)
     # and far below what one training step moves the loss (the two pins differ by 6%).
     assert losses == pytest.approx(PINNED_QUICKSTART_LOSSES, rel=1e-3)
+
+
+NO_TORCH_CONVERSION = """
+import sys
+sys.modules["torch"] = None  # an install without torch: importing it fails
+from pathlib import Path
+from hwft.models import convert_gguf, resolve_model
+convert_gguf(resolve_model("smollm2-135m").source, Path(sys.argv[1]))
+assert sys.modules["torch"] is None
+"""
+
+
+def test_the_embedded_gguf_converts_without_torch_as_transformers_does(tmp_path):
+    """hwft.gguf_convert, in a process that cannot import torch, writes what transformers' own
+    GGUF loader (torch) makes of the embedded model: every tensor bit for bit (llama.cpp's rotary
+    permutation of q and k undone), the same config and generation config, the same token ids
+    and chat template."""
+    import numpy as np
+    import torch
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "converted"
+    done = subprocess.run([sys.executable, "-c", NO_TORCH_CONVERSION, str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    source = resolve_model("smollm2-135m").source
+    reference = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
+    expected = {k: v.numpy() for k, v in reference.state_dict().items()}
+    converted = load_file(str(out / "model.safetensors"))
+    assert set(converted) == set(expected) - {"lm_head.weight"}  # tied to the embedding, as save_pretrained drops it
+    for name, array in converted.items():
+        assert array.dtype == np.float32 and np.array_equal(array.view(np.uint32), expected[name].view(np.uint32)), name
+    config = json.loads((out / "config.json").read_text())
+    for key, value in reference.config.to_diff_dict().items():
+        if key not in ("_name_or_path", "transformers_version", "quantization_config"):
+            assert config.get(key) == value, key
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == reference.generation_config.eos_token_id
+    # the ids transformers' own GGUF tokenizer gives this text (AutoTokenizer with gguf_file)
+    tokenizer = models.load_tokenizer(out)
+    text = "Who built you? <|im_start|>user\nÜnïcode  and\ttabs 1234<|im_end|>"
+    assert tokenizer(text)["input_ids"] == [10576, 2837, 346, 47, 216, 1, 4093, 198, 142, 246, 94, 25972, 4635, 216,
+                                            284, 197, 100, 7366, 216, 33, 34, 35, 36, 2]
+    assert "<|im_start|>" in tokenizer.chat_template and (out / "chat_template.jinja").is_file()
