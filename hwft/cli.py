@@ -331,7 +331,7 @@ def cmd_plugins(args) -> int:
     print("\nexport formats (hwft export --to):")
     for name, engines in sorted(host.exporters().by_format.items()):
         first = next(iter(engines.values()))
-        print(f"  {name:<14}{', '.join(sorted(engines)):<28}{first.description}")
+        print(f"  {name:<14}{', '.join(sorted(engines)):<16}{first.description}")
     print("\nmethods (method.objective):")
     for m in host.methods().to_json():
         engines = ", ".join(m["engines"]) or "no engine"
