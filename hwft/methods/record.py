@@ -71,10 +71,6 @@ class Method:
     check: Callable[[Any, Any], None] | None = None
     cell: Cell | None = None  #: how the conformance suite trains it
 
-    def settings(self, recipe) -> Any:
-        """This method's section of ``recipe`` (None where it has none)."""
-        return getattr(recipe.method, self.name) if self.section is not None else None
-
     def make_batches(self, data, renderer, recipe, ranks: int = 1, capability=None):
         return resolve(self.batches)(data, renderer, recipe, ranks, capability)
 
