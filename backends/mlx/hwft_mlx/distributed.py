@@ -93,11 +93,18 @@ def launch(spec: Launch, argv: list[str]) -> int:
         exited: list[tuple[int, int]] = []  # (rank, code) in the order mlx.launch saw them end
         # A child that stops with hwft (hwft.processes): its ranks stop with it, even on SIGKILL.
         with child_process(command, "mlx.launch", stderr=subprocess.PIPE, text=True) as launcher:
-            for line in launcher.stderr:
-                sys.stderr.write(line)
-                match = EXITED.search(line)
-                if match:
-                    exited.append((int(match[1]), int(match[2])))
+            deadline = None
+            try:
+                for line in launcher.stderr:
+                    sys.stderr.write(line)
+                    match = EXITED.search(line)
+                    if match:
+                        exited.append((int(match[1]), int(match[2])))
+                        if int(match[2]) != 0 and deadline is None:
+                            deadline = _stop_group_later(launcher.pid)
+            finally:
+                if deadline is not None:
+                    deadline.cancel()
         codes = {r: _read_int(status / f"rank-{r}") for r in range(spec.nproc)}
     failed = [r for r, c in codes.items() if c != 0]
     if not failed:
@@ -107,6 +114,30 @@ def launch(spec: Launch, argv: list[str]) -> int:
         f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}")
     raise RunFailed(f"training process failed: rank {first} {how}; mlx.launch stopped the others. Its own "
                     "message, if it could write one, is above.", code if code and code > 0 else 1)
+
+
+#: Seconds the other ranks get to stop once one has failed, before they are killed: mlx.launch
+#: sends them SIGTERM, but a rank blocked in a ring collective whose peer is gone may never
+#: return to Python to act on it (and it cannot checkpoint without that peer anyway).
+SURVIVOR_GRACE_SECONDS = 10.0
+
+
+def _stop_group_later(pid: int):
+    """Kill mlx.launch's process group (it leads one: hwft.processes) in SURVIVOR_GRACE_SECONDS,
+    unless cancelled first."""
+    import os
+    import threading
+
+    def stop() -> None:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    timer = threading.Timer(SURVIVOR_GRACE_SECONDS, stop)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def _read_int(path: Path) -> int | None:
