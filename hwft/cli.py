@@ -318,6 +318,8 @@ def cmd_plugins(args) -> int:
             "plugins": [p.to_json() for p in host.plugins],
             "methods": host.methods().to_json(),
             "exporters": [{"format": f, "engines": sorted(e)} for f, e in sorted(host.exporters().by_format.items())],
+            "kernels": host.kernels().to_json(),
+            "families": host.families().to_json(),
         }
         print(json.dumps(payload, indent=2))
         return 0
@@ -336,6 +338,17 @@ def cmd_plugins(args) -> int:
     for m in host.methods().to_json():
         engines = ", ".join(m["engines"]) or "no engine"
         print(f"  {m['name']:<14}{m['kind']:<12}{engines:<16}{m['description']} [{m['plugin']}]")
+    print("\nkernels (kernels.use; * = auto where the backend claims the slot):")
+    for k in host.kernels().to_json():
+        where = f"{k['engine']}: {', '.join(k['backends']) or 'any'}"
+        mark = "*" if k["recommended"] else " "
+        missing = "" if k["installed"] else " (not installed)"
+        print(f"  {mark}{k['id']:<34}{k['slot']:<15}{where:<18}{k['description']}{missing}")
+    print("\nmodel families (model_type: fast paths, GGUF):")
+    for engine in sorted({f["engine"] for f in host.families().to_json()}):
+        rows = [f for f in host.families().to_json() if f["engine"] == engine]
+        print(f"  {engine}: " + "; ".join(f"{f['model_type']} ({', '.join(f['paths']) or 'none'}"
+                                        f"{', gguf ' + f['gguf'] if f['gguf'] else ''})" for f in rows))
     return 0
 
 

@@ -72,3 +72,19 @@ def hwft_register_exporters(register):
     """Register export formats: ``register(hwft.use.exporters.Exporter(format, engine, ...))``;
     ``hwft export --to FORMAT`` takes the one on the trained result's engine. Since plugin API 1.1.
     """
+
+
+@hookspec
+def hwft_register_kernels(register):
+    """Register fused kernels: ``register(hwft.kernels.Kernel(id, slot, engine, ...))``, each
+    naming its class (check, apply, undo; see hwft.kernels) by a "module:Class" path so that
+    registering imports no engine. ``kernels.use`` names them by id. Since plugin API 1.1.
+    """
+
+
+@hookspec
+def hwft_register_model_families(register):
+    """Register what an engine knows of a model family: ``register(hwft.families.Family(
+    model_type, engine, paths=..., attention=..., gguf=...))``. Registering a built-in
+    family's (engine, model_type) again adds fast paths to it. Since plugin API 1.1.
+    """

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pluggy
 
@@ -84,6 +84,8 @@ class PluginHost:
         self._probes: dict[str, Availability] = {}
         self._methods = None
         self._exporters = None
+        self._kernels = None
+        self._families = None
 
     def _load_entry_points(self, entry_points) -> None:
         allow, deny = _names("HWFT_PLUGINS"), _names("HWFT_DISABLE_PLUGINS") or set()
@@ -181,9 +183,30 @@ class PluginHost:
 
     def capability(self, name: str) -> Capability:
         """The backend's capability record, its methods narrowed to what its engine implements
-        (hwft.methods.MethodRegistry.effective)."""
+        (hwft.methods.MethodRegistry.effective), its fused kernels widened by the slots of the
+        installed kernels registered for this backend by name (hwft.kernels)."""
         backend = self.backend(name)
-        return self.methods().effective(backend.capability(), backend.engine)
+        record = self.methods().effective(backend.capability(), backend.engine)
+        own = [k.slot for k in self.kernels().on(name, backend.engine)
+               if name in k.backends and k.slot != "attention" and not k.missing()]
+        extra = tuple(s for s in dict.fromkeys(own) if s not in record.fused_kernels)
+        return replace(record, fused_kernels=record.fused_kernels + extra) if extra else record
+
+    def kernels(self):
+        """Every registered kernel by id (hwft.kernels.Kernels), collected once."""
+        if self._kernels is None:
+            from hwft.kernels import collect_kernels
+
+            self._kernels = collect_kernels(self.pm)
+        return self._kernels
+
+    def families(self):
+        """Every engine's model-family table (hwft.families.Families), collected once."""
+        if self._families is None:
+            from hwft.families import collect_families
+
+            self._families = collect_families(self.pm)
+        return self._families
 
     def methods(self):
         """Every registered method and every engine's implementations of them

@@ -277,24 +277,40 @@ class TrainSpec(Section):
 
 
 class KernelSpec(Section):
+    use: Literal["auto"] | list[str] = Field(
+        "auto",
+        description="The kernels to apply, by id (`hwft plugins` lists them: hwft_chunked_cross_entropy, "
+        "hwft_sibling_projections, liger_rms_norm, npu_rms_norm, ...), or auto: every kernel the "
+        "backend recommends whose libraries are installed. A named kernel that cannot run on the "
+        "backend, or cannot apply to the model, is refused; [] applies none. The fused_* switches "
+        "below add (true) or remove (false) the backend's kernel for their slot.",
+    )
     attention: Literal[
         "auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "npu_fusion_attention"
-    ] = Field("auto", description="Attention implementation; auto picks the backend's best.")
-    fused_rms_norm: bool = Field(False, description="Fused RMSNorm kernel (Ascend: npu_rms_norm; CUDA/ROCm: Liger).")
-    fused_rope: bool = Field(False, description="Fused rotary embedding kernel (npu_rotary_mul; Liger).")
-    fused_swiglu: bool = Field(False, description="Fused gated-MLP activation (npu_swiglu; Liger).")
+    ] = Field("auto", description="Attention implementation; auto picks the backend's best (and the family's "
+              "own where the engine's default cannot serve it).")
+    fused_rms_norm: bool | None = Field(
+        None, description="The backend's fused RMSNorm kernel (Ascend: npu_rms_norm; CUDA/ROCm: liger_rms_norm). "
+        "Default: as kernels.use says (no backend recommends it).")
+    fused_rope: bool | None = Field(
+        None, description="The backend's fused rotary embedding kernel (npu_rotary_mul; liger_rope). Default: as "
+        "kernels.use says.")
+    fused_swiglu: bool | None = Field(
+        None, description="The backend's fused gated-MLP activation (npu_swiglu; liger_swiglu). Default: as "
+        "kernels.use says.")
     fused_cross_entropy: bool | None = Field(
         None,
         description="Cross-entropy from the hidden states of the label positions, in chunks: no "
         "logits for prompts or padding, never full-vocabulary fp32 logits for the whole batch "
-        "(sft, cpt). Default: on where the backend has it.",
+        "(sft, cpt). Default: on where the backend has it (hwft_chunked_cross_entropy, or "
+        "liger_fused_linear_cross_entropy on CUDA/ROCm with liger-kernel).",
     )
     fused_projections: bool | None = Field(
         None,
         description="LoRA: each decoder layer's sibling projections that read the same input "
         "(q/k/v, gate/up) as one matmul for their frozen weights and one for their A matrices, "
-        "instead of one each. Plain LoRA without dropout, one process or parallel.strategy ddp. "
-        "Default: on where the backend has it (torch engine).",
+        "instead of one each (hwft_sibling_projections). Plain LoRA without dropout, one process "
+        "or parallel.strategy ddp. Default: on where the backend has it (torch engine).",
     )
     compile: bool | None = Field(
         None,

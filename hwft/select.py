@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hwft.errors import SelectionError
+from hwft.kernels import Chosen, choose
 from hwft.plugins import PluginHost
 from hwft.recipe import Recipe
 from hwft.records import Availability, Backend, Capability
@@ -26,6 +27,7 @@ class Choice:
     backend: Backend
     availability: Availability
     capability: Capability
+    kernels: Chosen = Chosen()  #: the kernels the recipe runs there (hwft.kernels.choose)
 
 
 def core_problems(recipe: Recipe) -> list[str]:
@@ -116,6 +118,13 @@ def compile_decision(setting: bool | None, claimed: bool, accelerator: bool, ste
     return True, f"auto: {steps} steps on the CPU"
 
 
+def backend_problems(recipe: Recipe, host: PluginHost, name: str) -> tuple[Chosen, list[str]]:
+    """(the kernels the recipe would run on backend ``name``, what the backend cannot do)."""
+    cap = host.capability(name)
+    chosen, problems = choose(recipe, name, host.backend(name).engine, cap.fused_kernels, host.kernels())
+    return chosen, capability_problems(recipe, cap) + problems
+
+
 def rank(host: PluginHost) -> list[str]:
     """Available backends, best first, by the documented rule."""
     scored = []
@@ -130,7 +139,7 @@ def rank(host: PluginHost) -> list[str]:
 def _who_can(recipe: Recipe, host: PluginHost, besides: str) -> str:
     able = []
     for name in host.backends:
-        if name == besides or capability_problems(recipe, host.capability(name)):
+        if name == besides or backend_problems(recipe, host, name)[1]:
             continue
         avail = host.probe(name)
         able.append(name if avail.available else f"{name} (not available here: {avail.reason})")
@@ -167,10 +176,9 @@ def select_backend(recipe: Recipe, host: PluginHost) -> Choice:
         ranked = rank(host)
         refusals = []
         for name in ranked:
-            cap = host.capability(name)
-            issues = capability_problems(recipe, cap)
+            chosen, issues = backend_problems(recipe, host, name)
             if not issues:
-                return Choice(host.backend(name), host.probe(name), cap)
+                return Choice(host.backend(name), host.probe(name), host.capability(name), chosen)
             refusals.append(f"{name} cannot do " + "; ".join(issues))
         if not ranked:
             reasons = "; ".join(f"{n}: {host.probe(n).reason}" for n in host.backends)
@@ -185,12 +193,11 @@ def select_backend(recipe: Recipe, host: PluginHost) -> Choice:
             f"backend '{backend.name}' is not available here: {avail.reason} "
             f"(available: {others}; or set backend: auto)"
         )
-    cap = host.capability(backend.name)
-    issues = capability_problems(recipe, cap)
+    chosen, issues = backend_problems(recipe, host, backend.name)
     if issues:
         raise SelectionError(
             f"backend '{backend.name}' cannot run this recipe: it cannot do "
             + "; ".join(issues)
             + _who_can(recipe, host, backend.name)
         )
-    return Choice(backend, avail, cap)
+    return Choice(backend, avail, host.capability(backend.name), chosen)

@@ -16,7 +16,9 @@ from hwft.data.batching import make_rows
 from hwft.data.chat import ChatRenderer, tokenize_examples
 from hwft.data.formats import Example
 from hwft.recipe import recipe_from_dict
-from hwft_ascend import compat, kernels, probe
+from hwft import kernels as registry
+from hwft.plugins import get_host
+from hwft_ascend import compat, probe
 from tests import npu_standin
 from tests.conftest import SAMPLE_ROWS, write_recipe
 
@@ -118,15 +120,21 @@ def _run(model_dir, batch, standin=None, kernel_flags=None):
     if standin is None:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
         return _forward_backward(model, batch)
-    recipe = recipe_from_dict({"data": "x.jsonl", "kernels": kernel_flags})
-    kernels.register_attention()
+    # the npu backend's kernels as a run chooses and applies them (hwft.kernels), before and after loading
+    recipe = recipe_from_dict({"data": "x.jsonl", "kernels": {**kernel_flags, "use": []}})
+    host = get_host()
+    chosen, problems = registry.choose(recipe, "npu", "torch", (), host.kernels())  # named ones need no claim
+    assert problems == []
+    job = types.SimpleNamespace(recipe=recipe, log=print)
+    made = registry.prepare(job, chosen)
     attention = "npu_fusion_attention" if kernel_flags.get("attention") else "sdpa"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attention)
+    family = host.families().lookup("torch", model.config.model_type)
+    applied = registry.apply(job, model, chosen, made, family, "full")
     try:
-        applied = kernels.apply(model, recipe)
-        return (*_forward_backward(model, batch), applied)
+        return (*_forward_backward(model, batch), applied.lines)
     finally:
-        kernels.restore()
+        applied.undo()
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -138,7 +146,7 @@ def test_fused_kernels_match_the_unpatched_model(family, layout, tiny_llama, tin
     standin = npu_standin.make()
     monkeypatch.setitem(sys.modules, "torch_npu", standin)
     logits, grads, applied = _run(model_dir, batch, standin, ALL_KERNELS)
-    assert applied == ["npu_rms_norm x5", "npu_swiglu x2", f"npu_rotary_mul in modeling_{family}",
+    assert applied == ["npu_rms_norm x5", f"npu_rotary_mul in modeling_{family}", "npu_swiglu x2",
                        "npu_fusion_attention"]
     # each stand-in really ran: 2 layers x (2 norms + MLP + attention + q and k rotations), final norm
     assert standin.calls == {"npu_rms_norm": 5, "npu_swiglu": 2, "npu_rotary_mul": 4, "npu_fusion_attention": 2}

@@ -95,38 +95,32 @@ def test_fused_adamw_is_refused_where_there_is_none(cli, tmp_path, tiny_llama):
     assert code == 2 and "train.optimizer 'fused_adamw' (no fused AdamW here; use adamw)" in err
 
 
-def test_liger_patch_refuses_another_family_and_does_nothing_when_off():
-    from types import SimpleNamespace
-
-    from hwft.errors import UserError
-    from hwft.recipe import recipe_from_dict
-    from hwft_torch import liger
-
-    off = recipe_from_dict({"data": "x.jsonl"})
-    assert liger.patch(object(), off) == []  # nothing switched on: Liger is not even imported
-    on = recipe_from_dict({"data": "x.jsonl", "kernels": {"fused_swiglu": True}})
-    gemma = SimpleNamespace(config=SimpleNamespace(model_type="gemma2"))
-    with pytest.raises(UserError, match="not to model_type gemma2; turn those switches off"):
-        liger.patch(gemma, on)
-
-
 @pytest.mark.cuda
 def test_liger_kernels_keep_the_logits(tiny_llama, tokenizer):
-    """On an NVIDIA GPU with liger-kernel: RMSNorm, RoPE and SwiGLU patched in, same logits."""
+    """On an NVIDIA GPU with liger-kernel: liger_rms_norm, liger_rope and liger_swiglu applied
+    through the kernel registry, same logits."""
     pytest.importorskip("liger_kernel")
+    from types import SimpleNamespace
+
     import torch
     from transformers import AutoModelForCausalLM
 
+    from hwft import kernels
+    from hwft.plugins import get_host
     from hwft.recipe import recipe_from_dict
-    from hwft_torch import liger
 
     ids = torch.tensor([tokenizer("The quick brown fox jumps over the lazy dog.")["input_ids"]], device="cuda")
     plain = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).cuda()
     want = plain(input_ids=ids).logits
     patched = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).cuda()
-    recipe = recipe_from_dict({"data": "x.jsonl", "kernels": {"fused_rms_norm": True, "fused_rope": True,
-                                                              "fused_swiglu": True}})
-    assert liger.patch(patched, recipe) == ["liger rms_norm", "liger rope", "liger swiglu"]
+    recipe = recipe_from_dict({"data": "x.jsonl", "kernels": {"use": ["liger_rms_norm", "liger_rope", "liger_swiglu"]}})
+    host = get_host()
+    chosen, problems = kernels.choose(recipe, "cuda", "torch", host.capability("cuda").fused_kernels, host.kernels())
+    assert problems == []
+    job = SimpleNamespace(recipe=recipe, log=print)
+    applied = kernels.apply(job, patched, chosen, kernels.prepare(job, chosen), host.families().lookup("torch", "llama"),
+                            "full")
+    assert applied.lines == ["liger rms_norm", "liger rope", "liger swiglu"]
     torch.testing.assert_close(patched(input_ids=ids).logits, want, atol=1e-4, rtol=1e-4)
 
 
@@ -140,16 +134,6 @@ def test_cuda_record_of_this_machine():
     assert capability_cuda().collective == "nccl"
 
 
-def test_the_cross_entropy_kernel_comes_from_the_device_runtime():
-    """kernels.fused_cross_entropy: hwft's chunked kernel unless the runtime brings its own (CUDA
-    and ROCm: Liger's, where liger-kernel is installed; not here)."""
-    from hwft_torch import liger
-    from hwft_torch.runtime import CPU, CUDA
-
-    assert CPU.linear_cross_entropy is None
-    assert (CUDA.linear_cross_entropy() is None) is (not liger.installed())
-
-
 @pytest.mark.cuda
 def test_liger_fused_linear_cross_entropy_equals_hwfts():
     """On an NVIDIA GPU with liger-kernel: Liger's fused linear cross-entropy gives hwft's chunked
@@ -157,7 +141,7 @@ def test_liger_fused_linear_cross_entropy_equals_hwfts():
     pytest.importorskip("liger_kernel")
     import torch
 
-    from hwft_torch.liger import fused_linear_cross_entropy
+    from hwft_torch.liger import LigerCrossEntropy
     from hwft_torch.losses import linear_cross_entropy
 
     torch.manual_seed(0)
@@ -165,7 +149,7 @@ def test_liger_fused_linear_cross_entropy_equals_hwfts():
     weight = torch.randn(1000, 64, device="cuda", requires_grad=True)
     targets = torch.randint(0, 1000, (300,), device="cuda")
     results = []
-    for kernel in (linear_cross_entropy, fused_linear_cross_entropy()):
+    for kernel in (linear_cross_entropy, LigerCrossEntropy(None).loss()):
         hidden.grad = weight.grad = None
         loss = kernel(hidden, weight, targets, 400)
         loss.backward()

@@ -98,4 +98,4 @@ def test_lora_dropout_says_why_projections_are_not_fused(tiny_llama, tmp_path, c
                         train={"max_steps": 1})
     code, out, err = cli("train", path)
     assert code == 0, err
-    assert "fused projections off: method.lora.dropout 0.05 draws a mask per projection" in out + err
+    assert "kernels: hwft_sibling_projections off: method.lora.dropout 0.05 draws a mask per projection" in out + err

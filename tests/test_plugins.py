@@ -73,9 +73,10 @@ def test_builtin_torch_backend_comes_through_its_entry_point():
     assert host.plugin_of("cpu") == "torch"
     torch_plugin = next(p for p in host.plugins if p.name == "torch")
     assert torch_plugin.distribution == "hwft-torch" and torch_plugin.status == "loaded"
-    # the same hooks a vendor's plugin implements: devices, the engine's methods, its export formats
-    assert torch_plugin.hooks == ["hwft_register_backends", "hwft_register_exporters",
-                                  "hwft_register_method_implementations"]
+    # the same hooks a vendor's plugin implements: devices, the engine's methods, its export
+    # formats, its kernels and its model-family table
+    assert torch_plugin.hooks == ["hwft_register_backends", "hwft_register_exporters", "hwft_register_kernels",
+                                  "hwft_register_method_implementations", "hwft_register_model_families"]
 
 
 def test_vendor_plugin_is_found_and_listed(site, cli):

@@ -20,7 +20,7 @@ from hwft.plugins import get_host
 from hwft.processes import run_child
 from hwft.recipe import load_recipe
 from hwft.records import PRIORITY_CPU_FALLBACK
-from hwft.select import capability_problems, rank, select_backend
+from hwft.select import backend_problems, rank, select_backend
 from hwft.train import plan_run
 
 #: The baseline's fixed arguments that decide what model is trained (hwft_torch.bench.BASELINE).
@@ -52,7 +52,7 @@ def choose_backends(recipe, names: list[str] | None) -> list[str]:
         for name in names:  # each refusal names why
             select_backend(recipe.model_copy(update={"backend": name}), host)
         return names
-    able = [n for n in rank(host) if not capability_problems(recipe, host.capability(n))]
+    able = [n for n in rank(host) if not backend_problems(recipe, host, n)[1]]
     # Another engine on the host CPU (MLX's CPU build) duplicates the cpu arm, far slower; it
     # runs when named.
     fallback = [n for n in able if (host.probe(n).priority or host.backend(n).priority) <= PRIORITY_CPU_FALLBACK]

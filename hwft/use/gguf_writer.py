@@ -1,13 +1,15 @@
-"""Writing a merged Llama- or Qwen2-family model as GGUF, for llama.cpp and Ollama.
+"""Writing a merged model as GGUF, for llama.cpp and Ollama, in the layout its family's
+record gives (:class:`hwft.families.GgufLayout`: llama and qwen2 in the torch engine's table,
+hwft_torch.families).
 
 Written with the ``gguf`` package's ``GGUFWriter`` (llama.cpp's own Python writer), laid out as
-llama.cpp's converter lays these two families out:
+llama.cpp's converter lays these families out:
 
 - hyperparameters under the architecture's keys (``llama.*`` / ``qwen2.*``);
 - the byte-level BPE tokenizer (``tokenizer.ggml.model = gpt2``) with its merges, special-token
   ids and chat template; the pre-tokenizer name (``tokenizer.ggml.pre``) read off
   ``tokenizer.json``'s split rule, refused when it is not one llama.cpp knows;
-- tensors renamed by ``gguf.get_tensor_name_map``. For ``llama``, the q and k projections are
+- tensors renamed by ``gguf.get_tensor_name_map``. Where the layout says ``permute_qk`` (llama), the q and k projections are
   permuted from Hugging Face's half-split rotary layout to GGML's interleaved one:
   ``W.reshape(heads, 2, d/2, dim).swapaxes(1, 2)`` (readers undo it);
 - ``f16``: every matrix in float16, norms and biases in float32; ``q8_0``: every matrix whose rows
@@ -23,10 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from hwft.errors import UserError
+from hwft.families import GgufLayout
 
 #: GGUF types hwft writes, and the llama.cpp file type each declares.
 GGUF_TYPES = ("f16", "q8_0")
-FAMILIES = {"llama": "LLAMA", "qwen2": "QWEN2"}
 
 #: tokenizer.json pre-tokenizer -> llama.cpp's name for it (tokenizer.ggml.pre).
 _QWEN2_REGEX_START = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+"
@@ -83,23 +85,30 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(merged: Path, out_file: Path, gguf_type: str, name: str) -> Path:
-    """Write the merged HF folder ``merged`` (safetensors, config, tokenizer) as one GGUF file."""
+def layout_for(config: dict, layouts: dict[str, GgufLayout]) -> GgufLayout:
+    """The GGUF layout of the model whose config.json is ``config``, or a UserError naming the
+    families that have one (``layouts``: model_type -> layout, from the family table)."""
+    family = config.get("model_type")
+    if family not in layouts:
+        raise UserError(f"export gguf: model_type {family!r} is not one hwft writes as GGUF "
+                        f"({', '.join(sorted(layouts))}); export --to hf and convert with llama.cpp's converter")
+    return layouts[family]
+
+
+def write_gguf(merged: Path, out_file: Path, gguf_type: str, name: str, layout: GgufLayout) -> Path:
+    """Write the merged HF folder ``merged`` (safetensors, config, tokenizer) as one GGUF file,
+    laid out as ``layout`` says."""
     import gguf
     from safetensors import safe_open
 
     config = json.loads((merged / "config.json").read_text(encoding="utf-8"))
-    family = config.get("model_type")
-    if family not in FAMILIES:
-        raise UserError(f"export gguf: model_type {family!r} is not one hwft writes as GGUF "
-                        f"({', '.join(FAMILIES)}); export --to hf and convert with llama.cpp's converter")
     # transformers 5 writes rope settings as rope_parameters; older folders as rope_theta/rope_scaling.
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     rope_theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise UserError("export gguf: the model scales its rotary embedding (rope_scaling), which hwft does not "
                         "write; export --to hf and convert with llama.cpp's convert_hf_to_gguf.py")
-    arch = getattr(gguf.MODEL_ARCH, FAMILIES[family])
+    arch = getattr(gguf.MODEL_ARCH, layout.arch)
     layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads", heads)
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
@@ -115,7 +124,7 @@ def write_gguf(merged: Path, out_file: Path, gguf_type: str, name: str) -> Path:
     writer.add_head_count_kv(kv_heads)
     writer.add_rope_freq_base(rope_theta)
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
-    if family == "llama":
+    if layout.rope_dimension_count:
         writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(vocab_size)
     qtype = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[gguf_type]
@@ -156,9 +165,9 @@ def write_gguf(merged: Path, out_file: Path, gguf_type: str, name: str) -> Path:
                         continue
                     raise UserError(f"export gguf: no GGUF name for the tensor {key} of {file.name}")
                 array = f.get_tensor(key).astype(np.float32)
-                if family == "llama" and stem.endswith("q_proj") and suffix == "weight":
+                if layout.permute_qk and stem.endswith("q_proj") and suffix == "weight":
                     array = _permute(array, heads)
-                elif family == "llama" and stem.endswith("k_proj") and suffix == "weight":
+                elif layout.permute_qk and stem.endswith("k_proj") and suffix == "weight":
                     array = _permute(array, kv_heads)
                 tensor_name = f"{mapped}.{suffix}"
                 if array.ndim == 1:

@@ -124,36 +124,80 @@ def register_attention() -> None:
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
-# --- Applying and undoing ----------------------------------------------------------------------
+# --- The kernels, as hwft registers them (hwft.kernels) ----------------------------------------
 
 
-def apply(model, recipe) -> list[str]:
-    """Patch the kernels the recipe switches on; returns what was applied, with counts."""
-    k = recipe.kernels
-    applied = []
-    if k.fused_rms_norm:
+class NpuRmsNorm:
+    """Kernel ``npu_rms_norm`` (slot rms_norm): every RMSNorm module's forward."""
+
+    def __init__(self, job):
+        self.job = job
+
+    def check(self, model) -> str | None:
+        return None if any(_is_rms_norm(m) for m in model.modules()) else "the model has no RMSNorm module"
+
+    def apply(self, model) -> str:
         norms = [m for m in model.modules() if _is_rms_norm(m)]
         for m in norms:
             m.forward = types.MethodType(fused_rms_norm_forward, m)
-        applied.append(f"npu_rms_norm x{len(norms)}")
-    if k.fused_swiglu:
+        return f"npu_rms_norm x{len(norms)}"
+
+
+class NpuSwiglu(NpuRmsNorm):
+    """Kernel ``npu_swiglu`` (slot swiglu): every gated SiLU MLP's forward."""
+
+    def check(self, model) -> str | None:
+        return None if any(_is_swiglu_mlp(m) for m in model.modules()) else "the model has no gated SiLU MLP"
+
+    def apply(self, model) -> str:
         mlps = [m for m in model.modules() if _is_swiglu_mlp(m)]
         for m in mlps:
             m.forward = types.MethodType(fused_swiglu_forward, m)
-        applied.append(f"npu_swiglu x{len(mlps)}")
-    if k.fused_rope:
-        modules = {type(m).__module__ for m in model.modules()}
+        return f"npu_swiglu x{len(mlps)}"
+
+
+class NpuRotaryMul(NpuRmsNorm):
+    """Kernel ``npu_rotary_mul`` (slot rope): the model's modeling module's
+    ``apply_rotary_pos_emb``, for the process; :meth:`undo` puts it back."""
+
+    def check(self, model) -> str | None:
+        return None if _rope_modules(model) else "the model's modeling module has no apply_rotary_pos_emb"
+
+    def apply(self, model) -> str:
         patched = []
-        for name in sorted(modules):
-            mod = sys.modules.get(name) or importlib.import_module(name)
-            if callable(getattr(mod, "apply_rotary_pos_emb", None)) and name.startswith("transformers.models."):
-                _saved_rope.setdefault(name, mod.apply_rotary_pos_emb)
-                mod.apply_rotary_pos_emb = fused_apply_rotary_pos_emb
-                patched.append(name.rsplit(".", 1)[-1])
-        applied.append(f"npu_rotary_mul in {', '.join(patched) or 'no module'}")
-    if k.attention == ATTENTION:
-        applied.append(ATTENTION)
-    return applied
+        for name in _rope_modules(model):
+            mod = sys.modules[name]
+            _saved_rope.setdefault(name, mod.apply_rotary_pos_emb)
+            mod.apply_rotary_pos_emb = fused_apply_rotary_pos_emb
+            patched.append(name.rsplit(".", 1)[-1])
+        return f"npu_rotary_mul in {', '.join(patched)}"
+
+    def undo(self) -> None:
+        restore()
+
+
+class NpuFusionAttention(NpuRmsNorm):
+    """Kernel ``npu_fusion_attention`` (slot attention, chosen by ``kernels.attention``):
+    registered with transformers before the weights load, which then load with it."""
+
+    def before_load(self) -> None:
+        register_attention()
+
+    def check(self, model) -> str | None:
+        return None
+
+    def apply(self, model) -> str:
+        return ATTENTION
+
+
+def _rope_modules(model) -> list[str]:
+    """The transformers modeling modules of ``model``'s classes that define apply_rotary_pos_emb."""
+    out = []
+    for name in sorted({type(m).__module__ for m in model.modules()}):
+        mod = sys.modules.get(name) or importlib.import_module(name)
+        if name.startswith("transformers.models.") and callable(getattr(mod, "apply_rotary_pos_emb", None)):
+            out.append(name)
+    return out
 
 
 def restore() -> None:

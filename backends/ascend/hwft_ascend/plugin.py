@@ -2,14 +2,15 @@
 
 The ``npu`` backend runs hwft's torch engine on ``torch.device("npu")`` with its own
 :class:`~hwft_torch.runtime.DeviceRuntime`: bf16 where the chip has it, the fused-operator
-patches of :mod:`hwft_ascend.kernels`, ``npu_fusion_attention`` registered before the model
-loads, and collective ``hccl``.
+operators of :mod:`hwft_ascend.kernels` registered as kernels (``npu_fusion_attention``
+registered with transformers before the model loads), and collective ``hccl``.
 """
 
 from __future__ import annotations
 
 import pluggy
 
+from hwft.kernels import Kernel
 from hwft.records import PRIORITY_ACCELERATOR, Backend, Capability
 from hwft_ascend.probe import probe_npu
 from hwft_torch.devices import torch_fields
@@ -22,19 +23,6 @@ hookimpl = pluggy.HookimplMarker("hwft")
 
 def _bf16() -> bool:
     return bool(probe_npu().details.get("bf16"))
-
-
-def _before_load(recipe) -> None:
-    if recipe.kernels.attention == "npu_fusion_attention":
-        from hwft_ascend.kernels import register_attention
-
-        register_attention()
-
-
-def _patch(model, recipe) -> list[str]:
-    from hwft_ascend.kernels import apply
-
-    return apply(model, recipe)
 
 
 def _optimizer(params, recipe):
@@ -54,8 +42,21 @@ def _peak_memory() -> int:
     return torch.npu.max_memory_allocated()
 
 
-NPU = DeviceRuntime("npu", bf16=_bf16, before_load=_before_load, patch_model=_patch, optimizer=_optimizer,
-                    peak_memory=_peak_memory)
+NPU = DeviceRuntime("npu", bf16=_bf16, optimizer=_optimizer, peak_memory=_peak_memory)
+
+#: torch-npu's fused operators (hwft_ascend.kernels), for the families whose modules have the
+#: Llama shapes they replace (the torch engine's family path npu_ops); none is recommended:
+#: a recipe switches each on (kernels.use, or the fused_* switches and kernels.attention).
+KERNELS = (
+    Kernel("npu_rms_norm", "rms_norm", "torch", "torch_npu.npu_rms_norm for each RMSNorm",
+           "hwft_ascend.kernels:NpuRmsNorm", backends=("npu",), path="npu_ops"),
+    Kernel("npu_rotary_mul", "rope", "torch", "torch_npu.npu_rotary_mul for the rotary embedding",
+           "hwft_ascend.kernels:NpuRotaryMul", backends=("npu",), path="npu_ops"),
+    Kernel("npu_swiglu", "swiglu", "torch", "torch_npu.npu_swiglu for each gated SiLU MLP",
+           "hwft_ascend.kernels:NpuSwiglu", backends=("npu",), path="npu_ops"),
+    Kernel("npu_fusion_attention", "attention", "torch", "torch_npu.npu_fusion_attention as the attention",
+           "hwft_ascend.kernels:NpuFusionAttention", backends=("npu",)),
+)
 
 
 def capability_npu() -> Capability:
@@ -81,3 +82,9 @@ def hwft_register_backends(register):
         probe_npu, capability_npu, NPU.train, accelerator=True, launch=launch, inference=NPU.inference("npu"),
         bench="hwft_torch.bench",
     ))
+
+
+@hookimpl
+def hwft_register_kernels(register):
+    for kernel in KERNELS:
+        register(kernel)

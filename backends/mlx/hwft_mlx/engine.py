@@ -24,6 +24,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
+from hwft import kernels
 from hwft.checkpoint import Checkpointer
 from hwft.guards import NonFinite, is_out_of_memory, out_of_memory
 from hwft.data.chat import ChatRenderer
@@ -41,6 +42,7 @@ from hwft_mlx.modeling import (
     add_lora,
     load_model,
     load_peft_adapter,
+    architecture,
     packs,
     quantize_base,
     save_full_model,
@@ -214,10 +216,15 @@ def train(job: Job) -> Result:
     embedding = next(m for _, m in model.named_modules() if isinstance(m, nn.Embedding))
     batches.check_vocabulary(embedding.weight.shape[0], str(model_path))
     if batches.packing and not packs(model):
+        families = ", ".join(get_host().families().with_path(ENGINE, "mlx_packing"))
         raise UserError(
-            f"data.packing: the MLX backend packs llama, qwen2 and qwen3 models, not {type(model).__module__}; "
+            f"data.packing: the MLX backend packs the {families} families, not mlx-lm's {architecture(model)}; "
             "set data.packing: false"
         )
+    applied = kernels.apply(job, model, job.choice.kernels, kernels.prepare(job, job.choice.kernels),
+                            get_host().families().lookup(ENGINE, architecture(model)), recipe.method.tuning)
+    for line in applied.lines:
+        job.log(f"kernels: {line}")
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     total = sum(v.size for _, v in tree_flatten(model.parameters()))
     device = "metal" if mx.metal.is_available() else "cpu"
@@ -225,7 +232,7 @@ def train(job: Job) -> Result:
             f"{detail}), compute {dtype} on mlx/{device}")
 
     model.train()
-    objective = make_objective(Setup(job, batches, model, tokenizer, stop, collective))
+    objective = make_objective(Setup(job, batches, model, tokenizer, stop, collective, applied))
     steps = batches.steps
     optimizer, schedule = make_optimizer(recipe, steps), make_schedule(recipe, steps)
     value_and_grad = nn.value_and_grad(model, objective.loss)

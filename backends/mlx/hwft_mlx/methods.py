@@ -36,6 +36,7 @@ class Setup:
     tokenizer: Any
     stop: list[int]  #: the token ids that end a generation
     collective: Collective = ALONE  #: sums over ranks
+    kernels: Any = None  #: hwft.kernels.Applied: the kernels applied, by slot
 
 
 IMPLEMENTATIONS = (

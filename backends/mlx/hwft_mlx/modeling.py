@@ -33,9 +33,6 @@ from hwft.recipe import LoraSpec
 DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}
 #: PEFT's key prefix for a causal LM's adapter weights.
 PEFT_PREFIX = "base_model.model."
-#: mlx-lm model modules whose decoder layers take ``(x, mask, cache)`` and whose positions are
-#: rotary: hwft's own forward (:func:`hidden_states`) passes them a block-diagonal mask.
-PACKING_FAMILIES = ("mlx_lm.models.llama", "mlx_lm.models.qwen2", "mlx_lm.models.qwen3")
 #: Group size of MLX's affine quantisation for qlora.
 QUANT_GROUP = 64
 
@@ -79,9 +76,17 @@ def load_model(path: Path, trust_remote_code: bool = False) -> tuple[nn.Module, 
 # The forward pass hwft trains with
 
 
+def architecture(model: nn.Module) -> str:
+    """The mlx-lm architecture of ``model`` (its module under mlx_lm.models): the MLX family table's key."""
+    return type(model).__module__.rsplit(".", 1)[-1]
+
+
 def packs(model: nn.Module) -> bool:
-    """Whether :func:`hidden_states` can run this model with a block-diagonal mask."""
-    return type(model).__module__ in PACKING_FAMILIES
+    """Whether :func:`hidden_states` can run this model with a block-diagonal mask: its family
+    has the ``mlx_packing`` path (hwft_mlx.families)."""
+    from hwft.plugins import get_host
+
+    return get_host().families().lookup("mlx", architecture(model)).has("mlx_packing")
 
 
 def hidden_states(model: nn.Module, input_ids: mx.array, mask) -> mx.array:

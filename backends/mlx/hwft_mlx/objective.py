@@ -143,9 +143,25 @@ def held_out_loss(model: nn.Module, rows: list[Row], pad_id: int, batch_size: in
     return total / max(count, 1)
 
 
+class LabelPositionsCrossEntropy:
+    """Kernel ``hwft_mlx_label_cross_entropy`` (slot cross_entropy, hwft.kernels): the output
+    layer runs on the label positions' hidden states only (:func:`summed_cross_entropy` with
+    ``fused``), where the model packs through hwft's own forward."""
+
+    def __init__(self, job):
+        self.job = job
+
+    def check(self, model) -> str | None:
+        return None if packs(model) else "mlx-lm's own forward computes every position's logits"
+
+    def apply(self, model) -> str:
+        return ""
+
+
 def build(setup) -> LanguageModelling:
-    """sft and cpt on MLX (hwft_mlx.methods.Setup -> the objective)."""
+    """sft and cpt on MLX (hwft_mlx.methods.Setup -> the objective): the output layer on the
+    label positions only where the cross_entropy kernel applied."""
     recipe = setup.job.recipe
-    fused = recipe.kernels.fused_cross_entropy is not False
+    fused = setup.kernels is not None and setup.kernels.get("cross_entropy") is not None
     return LanguageModelling(setup.batches, recipe.train.gradient_accumulation_steps, setup.tokenizer.pad_token_id,
                              fused, setup.collective)

@@ -16,9 +16,9 @@ from functools import cache
 
 from hwft.hardware import cpu_name, host_memory_gb
 from hwft.records import PRIORITY_ACCELERATOR, PRIORITY_CPU, Availability, Backend, Capability
-from hwft_torch import compiling, liger
+from hwft_torch import compiling
 from hwft_torch.launch import launch
-from hwft_torch.liger import LIGER_KERNELS
+from hwft_torch.kernels import LIGER_KERNELS, liger_installed
 from hwft_torch.runtime import CPU, CUDA, cpu_bf16_units
 
 #: Every torch device runs every method the torch engine implements (hwft_torch.methods), with
@@ -165,7 +165,7 @@ def _attention(*extra: str) -> tuple[str, ...]:
 
 def gpu_kernels() -> tuple[str, ...]:
     """Fused kernels on CUDA and ROCm: hwft's own, plus Liger's where liger-kernel is installed."""
-    return FUSED + (LIGER_KERNELS if liger.installed() else ())
+    return FUSED + (LIGER_KERNELS if liger_installed() else ())
 
 
 def cuda_record(devices: tuple[dict, ...], flash2: bool, flash3: bool, liger_kernels: tuple[str, ...]) -> Capability:
@@ -210,7 +210,7 @@ def capability_cpu() -> Capability:
 def capability_cuda() -> Capability:
     return cuda_record(probe_cuda().devices, importlib.util.find_spec("flash_attn") is not None,
                        importlib.util.find_spec("flash_attn_interface") is not None,
-                       LIGER_KERNELS if liger.installed() else ())
+                       LIGER_KERNELS if liger_installed() else ())
 
 
 def capability_rocm() -> Capability:

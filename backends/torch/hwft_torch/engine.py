@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from hwft import kernels
 from hwft.checkpoint import Checkpointer
 from hwft.guards import NonFinite, is_out_of_memory, out_of_memory
 from hwft.data.chat import ChatRenderer
@@ -38,7 +39,6 @@ from hwft_torch.modeling import (
     quantised_linear_count,
     save_result,
 )
-from hwft_torch.fused_projections import fuse_sibling_projections
 from hwft_torch.methods import ENGINE, Setup
 from hwft_torch.objective import held_out_loss
 from hwft_torch.parallel import TorchCollective, init_process_group, make_strategy, sharded
@@ -139,28 +139,18 @@ def effective_tuning(job: Job) -> str:
     return m.tuning
 
 
-def fuse_projections_if_wanted(job: Job, model, tuning: str) -> None:
-    """kernels.fused_projections (hwft_torch.fused_projections): sibling LoRA projections that
-    read the same input as one matmul."""
-    if job.recipe.kernels.fused_projections is False or tuning != "lora":
-        return
-    if "projections" not in job.choice.capability.fused_kernels:
-        return
-    if job.recipe.parallel.strategy not in ("none", "ddp"):
-        job.log(f"kernels: fused projections off: parallel.strategy {job.recipe.parallel.strategy} "
-                "shards or casts the frozen weights they concatenate (on with none and ddp)")
-        return
-    dropout = job.recipe.method.lora.dropout
-    if dropout and not job.recipe.model.adapter:
-        job.log(f"kernels: fused projections off: method.lora.dropout {dropout} draws a mask per "
-                "projection (dropout 0 lets q/k/v and gate/up run as one matmul each)")
-        return
-    groups = fuse_sibling_projections(compiling.decoder_layers(model))
-    if groups:
-        job.log(f"kernels: {groups} groups of sibling LoRA projections (q/k/v, gate/up) as one matmul each")
-    else:
-        job.log("kernels: fused projections off: no decoder layer has plain LoRA on q/k/v or gate/up "
-                "(quantised, DoRA, dropout, or other module names)")
+def apply_kernels(job: Job, model, made: dict, tuning: str, runtime: DeviceRuntime):
+    """The recipe's kernels (hwft.kernels: chosen at selection, made before the weights
+    loaded), applied to the loaded model of its family (hwft_torch.families); then a 1.0
+    plugin's own ``DeviceRuntime.patch_model``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    family = get_host().families().lookup(ENGINE, getattr(base.config, "model_type", None))
+    applied = kernels.apply(job, model, job.choice.kernels, made, family, tuning)
+    if runtime.patch_model:
+        applied.lines += runtime.patch_model(model, job.recipe) or []
+    for line in applied.lines:
+        job.log(f"kernels: {line}")
+    return applied
 
 
 def compile_layers_if_wanted(job: Job, model, device, steps: int) -> None:
@@ -229,15 +219,12 @@ def train(job: Job, runtime: DeviceRuntime) -> Result:
 
     # 2. Model with its tuning, the objective, then the strategy with optimizer and schedule.
     dtype = compute_dtype(recipe, runtime)
+    made = kernels.prepare(job, job.choice.kernels)
     if runtime.before_load:
         runtime.before_load(recipe)
     model = load_model(model_path, recipe, device, tuning, dtype)
     batches.check_vocabulary(model.get_input_embeddings().num_embeddings, str(model_path))
-    if runtime.patch_model:
-        applied = runtime.patch_model(model, recipe)
-        if applied:
-            job.log(f"kernels: {', '.join(applied)}")
-    fuse_projections_if_wanted(job, model, tuning)
+    applied = apply_kernels(job, model, made, tuning, runtime)
     compile_layers_if_wanted(job, model, device, batches.steps)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -248,7 +235,7 @@ def train(job: Job, runtime: DeviceRuntime) -> Result:
     def autocast():
         return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
-    objective = make_objective(Setup(job, batches, model, tokenizer, device, autocast, collective, runtime))
+    objective = make_objective(Setup(job, batches, model, tokenizer, device, autocast, collective, runtime, applied))
     steps = batches.steps
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     strategy = make_strategy(
@@ -310,4 +297,5 @@ def train(job: Job, runtime: DeviceRuntime) -> Result:
     if recipe.output.plot and job.run_dir.plot_loss() is None and world.main:
         job.log("loss.png skipped: matplotlib is not installed")
     strategy.close()
+    applied.undo()
     return job.results

@@ -60,10 +60,17 @@ def write_peft(trained, staged: Path, options: ExportOptions) -> Path:
 
 
 def write_gguf(trained, staged: Path, options: ExportOptions) -> Path:
-    from hwft.use.gguf_writer import write_gguf as write
+    """The merged weights as GGUF, in the layout the model's family has in this engine's table
+    (hwft_torch.families), refused before merging where it has none."""
+    import json
 
+    from hwft.plugins import get_host
+    from hwft.use.gguf_writer import layout_for, write_gguf as write
+
+    layouts = {f.model_type: f.gguf for f in get_host().families().of("torch") if f.gguf is not None}
+    layout = layout_for(json.loads((trained.weights / "config.json").read_text(encoding="utf-8")), layouts)
     merged = merge_to_hf(trained, staged.parent / "merged", "fp32")
-    return write(merged, staged, options.gguf_type, staged.stem)
+    return write(merged, staged, options.gguf_type, staged.stem, layout)
 
 
 def _logits(model, ids: list[int]):

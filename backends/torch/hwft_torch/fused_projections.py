@@ -135,3 +135,35 @@ def fuse_sibling_projections(layers) -> int:
             SiblingProjections(members, adapter)
             fused += 1
     return fused
+
+
+class SiblingProjectionsKernel:
+    """Kernel ``hwft_sibling_projections`` (slot projections, hwft.kernels): the decoder layers'
+    sibling LoRA projections as one matmul each group. LoRA only; parameters must stay where
+    they are (one process or ddp); dropout draws a mask per projection."""
+
+    def __init__(self, job):
+        self.job = job
+
+    def needed(self, tuning: str) -> bool:
+        return tuning == "lora"
+
+    def check(self, model) -> str | None:
+        recipe = self.job.recipe
+        if recipe.parallel.strategy not in ("none", "ddp"):
+            return (f"parallel.strategy {recipe.parallel.strategy} shards or casts the frozen weights they "
+                    "concatenate (on with none and ddp)")
+        dropout = recipe.method.lora.dropout
+        if dropout and not recipe.model.adapter:
+            return (f"method.lora.dropout {dropout} draws a mask per projection (dropout 0 lets q/k/v and "
+                    "gate/up run as one matmul each)")
+        return None
+
+    def apply(self, model) -> str:
+        from hwft_torch.compiling import decoder_layers
+
+        groups = fuse_sibling_projections(decoder_layers(model))
+        if not groups:
+            return ("hwft_sibling_projections found no decoder layer with plain LoRA on q/k/v or gate/up "
+                    "(quantised, DoRA, dropout, or other module names)")
+        return f"{groups} groups of sibling LoRA projections (q/k/v, gate/up) as one matmul each"

@@ -39,7 +39,8 @@ class Setup:
     device: Any  #: torch.device
     autocast: Callable[[], Any]  #: a context manager factory: the run's compute dtype
     collective: Collective = ALONE  #: sums over ranks
-    runtime: Any = None  #: hwft_torch.runtime.DeviceRuntime: the device's own kernels
+    runtime: Any = None  #: hwft_torch.runtime.DeviceRuntime: the device's own settings
+    kernels: Any = None  #: hwft.kernels.Applied: the kernels applied, by slot (``kernels.get("cross_entropy")``)
 
 
 IMPLEMENTATIONS = (

@@ -96,8 +96,8 @@ class LanguageModelling(Objective):
         super().__init__(batches, collective)
         self.accumulation, self.pad_id, self.attention, self.device = accumulation, pad_id, attention, device
         self.fused = fused
-        #: (hidden, weight, targets, num_items, dtype) -> loss: hwft's chunked kernel, or a
-        #: device's own (DeviceRuntime.linear_cross_entropy: Liger's on CUDA and ROCm)
+        #: (hidden, weight, targets, num_items, dtype) -> loss: hwft's chunked kernel, or the
+        #: applied cross_entropy kernel's (Liger's on CUDA and ROCm)
         self.cross_entropy = cross_entropy
 
     def step(self, model, step: int) -> list[tuple[list[Row], int]]:
@@ -120,35 +120,50 @@ class LanguageModelling(Objective):
                     sequence_pairs(rows), tuple(i for r in rows for i in r.ids))
 
 
-def fused_head(job: Job, model, kernel: str = "chunked cross-entropy"):
-    """(decoder, output weight) for the chunked cross-entropy when kernels.fused_cross_entropy is
-    on (default: where the backend has it) and the model's logits allow it; else None.
-    ``kernel`` names what computes it, for the log (a device's own, or hwft's chunked one)."""
-    wanted = job.recipe.kernels.fused_cross_entropy
-    if wanted is False or "cross_entropy" not in job.choice.capability.fused_kernels:
-        return None
-    if sharded(job.recipe):
-        job.log(f"kernels: fused cross-entropy off: parallel.strategy {job.recipe.parallel.strategy} shards "
-                "the output weight")
-        return None
-    head = output_head(model)
-    if isinstance(head, str):
-        job.log(f"kernels: fused cross-entropy off: {head}")
-        return None
-    job.log(f"kernels: {kernel} on the label positions (no full logits)")
-    return head
+class ChunkedCrossEntropy:
+    """Kernel ``hwft_chunked_cross_entropy`` (slot cross_entropy, hwft.kernels): sft and cpt
+    take their loss from the decoder's hidden states at the label positions through
+    :func:`~hwft_torch.losses.linear_cross_entropy`, when the model's logits are exactly
+    ``hidden @ weight.T`` (:func:`output_head`) and the output weight is whole on each rank."""
+
+    name = "chunked cross-entropy"
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.head: tuple[torch.nn.Module, torch.Tensor] | None = None
+
+    def check(self, model) -> str | None:
+        if sharded(self.job.recipe):
+            return f"parallel.strategy {self.job.recipe.parallel.strategy} shards the output weight"
+        head = output_head(model)
+        return head if isinstance(head, str) else None
+
+    def apply(self, model) -> str:
+        self.head = output_head(model)
+        return ""  # the objective that takes it says so (a method without a cross-entropy does not)
+
+    def loss(self):
+        """(hidden, weight, targets, num_items, dtype) -> the mean cross-entropy of the targets."""
+        return linear_cross_entropy
 
 
 def build(setup) -> LanguageModelling:
-    """sft and cpt on the torch engine (hwft_torch.methods.Setup -> the objective): the chunked
-    cross-entropy on the label positions where the model allows it, with the device's own
-    kernel where it has one (DeviceRuntime.linear_cross_entropy: Liger's on CUDA and ROCm)."""
+    """sft and cpt on the torch engine (hwft_torch.methods.Setup -> the objective): the cross-
+    entropy kernel the run applied (kernels slot cross_entropy: hwft's chunked one, or Liger's
+    fused linear cross-entropy on CUDA and ROCm), on the label positions; else the model's logits."""
     job, runtime = setup.job, setup.runtime
-    device_kernel = runtime.linear_cross_entropy() if runtime and runtime.linear_cross_entropy else None
-    head = fused_head(job, setup.model, *([device_kernel.name] if device_kernel is not None else []))
+    kernel = setup.kernels.get("cross_entropy") if setup.kernels is not None else None
+    head, cross_entropy = None, linear_cross_entropy
+    if kernel is not None and kernel.head is not None:
+        head, cross_entropy, name = kernel.head, kernel.loss(), kernel.name
+        # plugin API 1.0: a DeviceRuntime's own fused linear cross-entropy takes the slot's place
+        own = runtime.linear_cross_entropy() if runtime is not None and runtime.linear_cross_entropy else None
+        if own is not None:
+            cross_entropy, name = own, getattr(own, "name", "the device's fused linear cross-entropy")
+        job.log(f"kernels: {name} on the label positions (no full logits)")
     return LanguageModelling(setup.batches, job.recipe.train.gradient_accumulation_steps, setup.tokenizer.pad_token_id,
                              attention_implementation(job.recipe), setup.device, head, setup.collective,
-                             device_kernel or linear_cross_entropy)
+                             cross_entropy)
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pluggy
 
-from hwft_torch import devices, methods
+from hwft_torch import devices, families, kernels, methods
 
 HWFT_PLUGIN_API = "1.1"
 hookimpl = pluggy.HookimplMarker("hwft")
@@ -28,3 +28,15 @@ def hwft_register_exporters(register):
 
     for exporter in EXPORTERS:
         register(exporter)
+
+
+@hookimpl
+def hwft_register_kernels(register):
+    for kernel in kernels.KERNELS:
+        register(kernel)
+
+
+@hookimpl
+def hwft_register_model_families(register):
+    for family in families.FAMILIES:
+        register(family)

@@ -2,7 +2,8 @@
 
 The engine's loop is the same on every torch device; what differs is collected here: the torch
 device type, whether it computes in bf16, what to do before the model loads (register an
-attention implementation), how to patch the loaded model (fused kernels) and the optimizer.
+attention implementation), the optimizer and, for a plugin of API 1.0, how to patch the loaded
+model (since 1.1 kernels are registered, hwft.kernels).
 A device plugin (``hwft-ascend``, a vendor's package) builds a :class:`DeviceRuntime` and
 registers a Backend whose ``train`` is ``runtime.train``; the engine never imports a device
 plugin. Nothing here imports torch at module import.
@@ -28,7 +29,9 @@ class DeviceRuntime:
     type: str  #: torch device type: cpu, cuda (also ROCm), npu, xpu, ...
     bf16: Callable[[], bool] = _never  #: does the device compute in bf16 (precision: auto)
     before_load: Callable[[Any], None] | None = None  #: (recipe) -> None, before from_pretrained
-    patch_model: Callable[[Any, Any], list[str]] | None = None  #: (model, recipe) -> kernels applied
+    #: (model, recipe) -> kernels applied: a 1.0 plugin's own patches (1.1: register kernels,
+    #: hwft.kernels, which the engine applies before calling this)
+    patch_model: Callable[[Any, Any], list[str]] | None = None
     optimizer: Callable[[list, Any], Any] | None = None  #: (params, recipe) -> optimizer, or None
     peak_memory: Callable[[], int | None] = lambda: None  #: bytes at the high-water mark, or None
     #: () -> (hidden, weight, targets, num_items, dtype) -> loss: the device's fused linear
@@ -102,18 +105,6 @@ def _cuda_peak() -> int:
 
 
 CPU = DeviceRuntime("cpu", bf16=lambda: cpu_bf16_units() is not None, peak_memory=cpu_peak_rss)
-def _gpu_patch(model, recipe) -> list[str]:
-    from hwft_torch.liger import patch
-
-    return patch(model, recipe)
-
-
-def _gpu_cross_entropy():
-    from hwft_torch.liger import fused_linear_cross_entropy
-
-    return fused_linear_cross_entropy()
-
-
-# ROCm builds of torch use the cuda namespace too.
-CUDA = DeviceRuntime("cuda", bf16=_cuda_bf16, patch_model=_gpu_patch, peak_memory=_cuda_peak,
-                     linear_cross_entropy=_gpu_cross_entropy)
+# ROCm builds of torch use the cuda namespace too. Their fused kernels (Liger's) are registered
+# kernels (hwft_torch.kernels), not patches of the runtime.
+CUDA = DeviceRuntime("cuda", bf16=_cuda_bf16, peak_memory=_cuda_peak)

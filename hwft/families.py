@@ -1,0 +1,115 @@
+"""Model families: what each engine knows of a checkpoint's ``model_type``, in one table per
+engine, found through the ``hwft_register_model_families`` hook.
+
+A :class:`Family` record says which fast paths apply to a family on one engine (``paths``: the
+names the engine's kernels and loaders ask for, such as ``fused_projections``, ``liger``,
+``npu_ops``, ``packed_attention`` or ``mlx_packing``), the attention implementation it needs
+where the engine's default cannot serve it, and how it exports (its GGUF layout). The torch
+engine's table is :mod:`hwft_torch.families`, MLX's :mod:`hwft_mlx.families`; a plugin adds a
+family, or a fast path for one, by registering a record, with no edit to either.
+
+``model_type`` ``"*"`` is an engine's generic record: what applies to a family it has no row
+for. :meth:`Families.lookup` returns the family's own record, or that generic one marked
+``known=False``, so an unknown family takes the generic path (or the one line of refusal its
+caller writes), never a traceback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from hwft.errors import UserError
+
+GENERIC = "*"
+
+
+@dataclass(frozen=True)
+class GgufLayout:
+    """How a family's Hugging Face tensors are laid out as llama.cpp's GGUF (hwft.use.gguf_writer)."""
+
+    arch: str  #: the ``gguf.MODEL_ARCH`` member (LLAMA, QWEN2, ...)
+    #: q and k projections permuted from Hugging Face's half-split rotary layout to GGML's
+    #: interleaved one (llama.cpp's converter does this for the llama architecture)
+    permute_qk: bool = False
+    rope_dimension_count: bool = False  #: write ``<arch>.rope.dimension_count`` (the head size)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family on one engine."""
+
+    model_type: str  #: config.json's model_type, or "*" for the engine's generic record
+    engine: str  #: the engine whose table it belongs to (torch, mlx, or a vendor engine's)
+    description: str = ""
+    #: the fast paths that apply (names the engine's kernels and loaders ask for)
+    paths: frozenset[str] = frozenset()
+    #: the attention implementation the family needs where the engine's default cannot serve it
+    attention: str | None = None
+    gguf: GgufLayout | None = None  #: how it exports as GGUF; None: it does not
+    options: Mapping[str, Any] = field(default_factory=dict)  #: engine-specific details
+    known: bool = True  #: False on the generic record :meth:`Families.lookup` hands an unknown family
+
+    def has(self, path: str) -> bool:
+        return path in self.paths
+
+
+class Families:
+    """Every registered family, by engine and model_type."""
+
+    def __init__(self, records: dict[tuple[str, str], Family], owners: dict[tuple[str, str], str] | None = None):
+        self.records = records
+        self.owners = owners or {}
+
+    def lookup(self, engine: str, model_type: str | None) -> Family:
+        """The engine's record of ``model_type``, else its generic record (``known=False``),
+        else an empty one: no fast path, no GGUF."""
+        found = self.records.get((engine, model_type or ""))
+        if found is not None:
+            return found
+        generic = self.records.get((engine, GENERIC)) or Family(GENERIC, engine)
+        return replace(generic, model_type=model_type or "", known=False)
+
+    def of(self, engine: str) -> list[Family]:
+        """The engine's table, generic record last."""
+        return sorted((f for (e, _), f in self.records.items() if e == engine),
+                      key=lambda f: (f.model_type == GENERIC, f.model_type))
+
+    def with_path(self, engine: str, path: str) -> list[str]:
+        """The model types on ``engine`` that have fast path ``path``."""
+        return [f.model_type for f in self.of(engine) if f.has(path) and f.model_type != GENERIC]
+
+    def to_json(self) -> list[dict]:
+        return [{"engine": f.engine, "model_type": f.model_type, "paths": sorted(f.paths),
+                 "attention": f.attention, "gguf": f.gguf.arch if f.gguf else None,
+                 "plugin": self.owners.get((f.engine, f.model_type))}
+                for f in sorted(self.records.values(), key=lambda f: (f.engine, f.model_type == GENERIC, f.model_type))]
+
+
+def collect_families(pm) -> Families:
+    """Every record registered through ``hwft_register_model_families``. A later registration
+    of the same (engine, model_type) adds its paths and options to the earlier one's (so a
+    vendor can give a built-in family one more fast path), and sets what it names."""
+    records: dict[tuple[str, str], Family] = {}
+    owners: dict[tuple[str, str], str] = {}
+
+    for impl in pm.hook.hwft_register_model_families.get_hookimpls():
+        plugin = pm.get_name(impl.plugin) or "?"
+
+        def register(family: Family, _plugin=plugin) -> None:
+            if not isinstance(family, Family):
+                raise UserError(f"plugin {_plugin}: hwft_register_model_families registered "
+                                f"{type(family).__name__}, not an hwft.families.Family")
+            key = (family.engine, family.model_type)
+            before = records.get(key)
+            if before is not None:
+                family = replace(family, paths=before.paths | family.paths,
+                                 options={**before.options, **family.options},
+                                 attention=family.attention or before.attention, gguf=family.gguf or before.gguf,
+                                 description=family.description or before.description)
+            records[key] = family
+            owners.setdefault(key, _plugin)
+
+        impl.function(register=register)
+    return Families(records, owners)
