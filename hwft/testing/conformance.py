@@ -157,10 +157,17 @@ def test_record_is_well_formed(hwft_backend):
 # Honesty: what is claimed runs, what is disclaimed is refused
 
 
-def test_claimed_cell_trains(hwft_backend, cell, hwft_tiny_llama, hwft_cli, tmp_path):
-    objective, tuning = cell
+@pytest.fixture
+def hwft_model_on_device(hwft_backend, request) -> Path:
+    """The tiny Llama, built only where the backend is here: on a machine without the device,
+    its tests skip before any model is made."""
     needs_device(hwft_backend)
-    recipe = cell_recipe(tmp_path, hwft_tiny_llama, objective, tuning, backend=hwft_backend)
+    return request.getfixturevalue("hwft_tiny_llama")
+
+
+def test_claimed_cell_trains(hwft_backend, cell, hwft_model_on_device, hwft_cli, tmp_path):
+    objective, tuning = cell
+    recipe = cell_recipe(tmp_path, hwft_model_on_device, objective, tuning, backend=hwft_backend)
     code, _, err = hwft_cli("train", recipe)
     assert code == 0, err
     assert f"backend {hwft_backend} (" in err
@@ -176,13 +183,15 @@ def test_claimed_cell_trains(hwft_backend, cell, hwft_tiny_llama, hwft_cli, tmp_
     assert (out / ("model.safetensors" if tuning == "full" else "adapter_model.safetensors")).is_file()
 
 
-def test_disclaimed_cell_is_refused(hwft_backend, cell, hwft_tiny_llama, hwft_cli, tmp_path):
+def test_disclaimed_cell_is_refused(hwft_backend, cell, hwft_cli, tmp_path, request):
     from hwft.recipe import load_recipe
     from hwft.select import capability_problems
 
     objective, tuning = cell
     _, avail, record = backend_of(hwft_backend)
-    recipe = cell_recipe(tmp_path, hwft_tiny_llama, objective, tuning, backend=hwft_backend)
+    # the record alone refuses it; the model is built only where the CLI then runs it
+    model = request.getfixturevalue("hwft_tiny_llama") if avail.available else tmp_path / "no-model"
+    recipe = cell_recipe(tmp_path, model, objective, tuning, backend=hwft_backend)
     assert capability_problems(load_recipe(recipe), record), f"{objective}/{tuning} is not refused by the record"
     if avail.available:
         code, _, err = hwft_cli("train", recipe)
@@ -190,10 +199,10 @@ def test_disclaimed_cell_is_refused(hwft_backend, cell, hwft_tiny_llama, hwft_cl
         assert not (tmp_path / "out").exists()
 
 
-def test_claimed_dtype_trains(hwft_backend, dtype, hwft_tiny_llama, hwft_cli, tmp_path):
+def test_claimed_dtype_trains(hwft_backend, dtype, hwft_model_on_device, hwft_cli, tmp_path):
     _, _, record = needs_device(hwft_backend)
     objective, tuning = first_lora_or_full(record)
-    recipe = cell_recipe(tmp_path, hwft_tiny_llama, objective, tuning, backend=hwft_backend,
+    recipe = cell_recipe(tmp_path, hwft_model_on_device, objective, tuning, backend=hwft_backend,
                          train={"precision": dtype, "max_steps": 2})
     code, _, err = hwft_cli("train", recipe)
     assert code == 0, err
@@ -224,31 +233,30 @@ def relative_difference(a, b) -> float:
     return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
 
 
-def test_logits_match_the_cpu_reference(hwft_backend, hwft_tiny_llama):
+def test_logits_match_the_cpu_reference(hwft_backend, hwft_model_on_device):
     from hwft.inference import open_trained
 
-    needs_device(hwft_backend)
-    trained = open_trained(hwft_tiny_llama)
+    trained = open_trained(hwft_model_on_device)
     from hwft.models import load_tokenizer
 
-    ids = load_tokenizer(hwft_tiny_llama)("The quick brown fox jumps over the lazy dog.")["input_ids"]
+    ids = load_tokenizer(hwft_model_on_device)("The quick brown fox jumps over the lazy dog.")["input_ids"]
     difference = relative_difference(backend_logits(hwft_backend, trained, ids), reference_logits(trained, ids))
     assert difference < LOGIT_TOLERANCE, f"logits differ from the CPU reference by {difference:.2e} of the largest"
 
 
-def test_saved_result_reloads_the_same_everywhere(hwft_backend, hwft_tiny_llama, hwft_cli, tmp_path):
+def test_saved_result_reloads_the_same_everywhere(hwft_backend, hwft_model_on_device, hwft_cli, tmp_path):
     """Train 2 steps, then load what was saved on the backend and on the CPU reference."""
     from hwft.inference import open_trained
     from hwft.models import load_tokenizer
 
     _, _, record = needs_device(hwft_backend)
     objective, tuning = first_lora_or_full(record)
-    recipe = cell_recipe(tmp_path, hwft_tiny_llama, objective, tuning, backend=hwft_backend, train={"max_steps": 2})
+    recipe = cell_recipe(tmp_path, hwft_model_on_device, objective, tuning, backend=hwft_backend, train={"max_steps": 2})
     code, _, err = hwft_cli("train", recipe)
     assert code == 0, err
     trained = open_trained(Path(tmp_path / "out"))
-    ids = load_tokenizer(hwft_tiny_llama)("Who are you? I am hwft-bot.")["input_ids"]
-    base = reference_logits(open_trained(hwft_tiny_llama), ids)
+    ids = load_tokenizer(hwft_model_on_device)("Who are you? I am hwft-bot.")["input_ids"]
+    base = reference_logits(open_trained(hwft_model_on_device), ids)
     ours, reference = backend_logits(hwft_backend, trained, ids), reference_logits(trained, ids)
     assert relative_difference(ours, reference) < LOGIT_TOLERANCE
     assert relative_difference(reference, base) > 1e-6, "the saved result is the untrained model"

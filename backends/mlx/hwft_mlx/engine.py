@@ -3,10 +3,11 @@
 join the ring (several ranks, :mod:`hwft_mlx.distributed`) -> load tokenizer -> the shared
 data layer's micro-batches (the very rows torch gets for the same recipe and seed) -> load the
 model into mlx-lm (config normalised) with its tuning (full, lora, qlora) -> the objective
-(sft/cpt, dpo, grpo) -> optimizer and schedule -> answers before (rank 0) -> for each step:
-this rank's share of the objective's micro-batches, ``nn.value_and_grad`` of the loss,
-gradients summed over the micro-batches and the ranks, clip, update -> log, maybe evaluate,
-maybe checkpoint -> save (rank 0: a PEFT adapter or HF safetensors) -> answers after -> loss.png.
+(sft/cpt, dpo, grpo) -> optimizer and schedule -> the core loop (:mod:`hwft.loop`: answers
+before (rank 0), each step, evaluation, checkpoints, save, answers after, loss.png), which calls
+this engine's step: this rank's share of the objective's micro-batches, ``nn.value_and_grad``
+of the loss, gradients summed over the micro-batches and the ranks, clip, update; the result
+is a PEFT adapter or HF safetensors (rank 0).
 
 The optimiser and schedule match the torch engine's: AdamW with torch's bias correction and
 decoupled weight decay, and transformers' warmup + cosine / linear / constant schedules, built
@@ -25,8 +26,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
 from hwft import kernels
-from hwft.checkpoint import Checkpointer
-from hwft.guards import NonFinite, is_out_of_memory, out_of_memory
+from hwft.loop import EngineRun, run_steps
 from hwft.data.chat import ChatRenderer
 from hwft.distributed import ALONE, Collective
 from hwft.errors import UserError
@@ -241,51 +241,22 @@ def train(job: Job) -> Result:
     def ask(prompt: str) -> str:
         return answer(model, tokenizer, renderer, prompt, job.recipe.eval.max_new_tokens, stop)
 
-    job.results.answers = job.show_answers("before", ask) if world.main and not job.resume else []
+    def step(n: int, log) -> float:
+        return train_step(n, objective, model, optimizer, schedule, value_and_grad, collective, log, max_norm)
 
-    def evaluate(step: int) -> None:
-        if held_out and (step % (t.eval_every or steps) == 0 or step == steps):
-            evaluated = held_out_loss(model, held_out, tokenizer.pad_token_id, t.micro_batch_size)
-            job.run_dir.log_eval(step, evaluated, len(held_out))
-            job.log(f"step {step}: eval_loss {evaluated:.4f} on {len(held_out)} held-out examples")
-            job.results.eval_loss = evaluated
-            log.restart_clock()
-
-    # 3. The loop, from the checkpoint's step when resuming (hwft.checkpoint).
-    job.memory = peak_memory
-    log = StepLog(job, steps, objective)
-    nonfinite = NonFinite(t.nonfinite_limit, job.log)
-    state = MlxState(model, optimizer, lambda folder: write_result(job, model, tokenizer, model_path, folder))
-    checkpoints = Checkpointer(job, objective, log, "ddp" if world.size > 1 else "none", steps, nonfinite,
-                               objective.resumable)
-    start = checkpoints.restore(state)
-    with checkpoints:
-        for step in range(start + 1, steps + 1):
-            mx.random.seed(step_seed(t.seed, step))  # dropout and sampling: a function of the step
-            try:
-                grad_norm = train_step(step, objective, model, optimizer, schedule, value_and_grad, collective, log,
-                                       max_norm)
-            except (RuntimeError, MemoryError) as exc:
-                if is_out_of_memory(exc):
-                    raise out_of_memory(step, recipe, f"mlx/{device}") from exc
-                raise
-            nonfinite.check(step, log.current["loss"], grad_norm, checkpoint=checkpoints.last())
-            evaluate(step)
-            checkpoints.after_step(step, state)
-    log.close()
-
-    # 4. Save the result, show what changed, plot.
-    tuning = recipe.method.tuning
-    out = job.run_dir.model_dir if tuning == "full" else job.run_dir.adapter_dir
-    save(job, model, tokenizer, model_path, out)
-    job.log(f"saved {out}")
-    if world.main:
-        job.results.answers += job.show_answers("after", ask)
-    job.results.update(final_loss=log.record.get("loss"), steps=steps, output=str(out), model=model,
-                       tuning=tuning, dtype=dtype, peak_memory_bytes=peak_memory())
-    if recipe.output.plot and job.run_dir.plot_loss() is None:
-        job.log("loss.png skipped: matplotlib is not installed")
-    return job.results
+    # 3. The loop (hwft.loop): answers (rank 0), steps from the checkpoint's on, evaluation,
+    # checkpoints, save, plot. Dropout and sampling are seeded as a function of the step.
+    return run_steps(job, EngineRun(
+        objective=objective, steps=steps, train_step=step,
+        state=MlxState(model, optimizer, lambda folder: write_result(job, model, tokenizer, model_path, folder)),
+        strategy="ddp" if world.size > 1 else "none",
+        save=lambda out: save(job, model, tokenizer, model_path, out), tuning=recipe.method.tuning, dtype=dtype,
+        model=model, device=f"mlx/{device}", ask=ask if world.main else None,
+        held_out_loss=(lambda: held_out_loss(model, held_out, tokenizer.pad_token_id, t.micro_batch_size))
+        if held_out else None,
+        held_out_size=len(held_out or []), peak_memory=peak_memory,
+        before_step=lambda n: mx.random.seed(step_seed(t.seed, n)), close=applied.undo,
+    ))
 
 
 def peak_memory() -> int:

@@ -1,13 +1,13 @@
-"""The torch training loop, top to bottom, for every objective and parallel strategy.
+"""The torch engine's set-up and step, for every objective and parallel strategy.
 
 join the process group (several ranks) -> load tokenizer -> tokenise the data (rows, pairs or
-prompts) -> load the model and its tuning (full, lora, qlora) -> the objective (sft/cpt, dpo,
-grpo) and its reference -> the strategy (none, ddp, fsdp2, deepspeed) with optimizer and
-schedule -> answers before -> for each step: this rank's share of the objective's micro-batches
-(grpo samples rollouts here), forward and loss, backward, then clip and step -> log (summed over
-ranks), maybe checkpoint (hwft.checkpoint: also on SIGTERM/SIGINT; --resume starts from one) ->
-save (rank 0) -> answers after -> loss.png. The losses live in
-:mod:`hwft_torch.losses`, each with its maths; the strategies in :mod:`hwft_torch.parallel`.
+prompts) -> load the model and its tuning (full, lora, qlora) and the recipe's kernels -> the
+objective (sft/cpt, dpo, grpo) and its reference -> the strategy (none, ddp, fsdp2, deepspeed)
+with optimizer and schedule -> the core loop (:mod:`hwft.loop`: answers before, each step,
+evaluation, checkpoints and stop signals, save, answers after, loss.png), which calls this
+engine's step: this rank's share of the objective's micro-batches (grpo samples rollouts
+here), forward and loss, backward, then clip and update, logged summed over ranks. The losses
+live in :mod:`hwft_torch.losses`, each with its maths; the strategies in :mod:`hwft_torch.parallel`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from hwft import kernels
-from hwft.checkpoint import Checkpointer
-from hwft.guards import NonFinite, is_out_of_memory, out_of_memory
+from hwft.loop import EngineRun, run_steps
 from hwft.data.chat import ChatRenderer
 from hwft.distributed import ALONE, Collective
 from hwft.job import Job, Result
@@ -248,54 +247,27 @@ def train(job: Job, runtime: DeviceRuntime) -> Result:
     def ask(prompt: str) -> str:
         return answer(model, tokenizer, renderer, prompt, job.recipe.eval.max_new_tokens, device, synced)
 
-    # Answers: rank 0 alone, unless sharded parameters need every rank in each forward; a
-    # resumed run showed its "before" answers the first time.
-    answering = world.main or synced
-    job.results.answers = job.show_answers("before", ask) if answering and not job.resume else []
+    def evaluate() -> float:
+        return held_out_loss(model, held_out, tokenizer.pad_token_id, attention_implementation(recipe), device,
+                             t.micro_batch_size, autocast, fused=not sharded(recipe))
 
-    def evaluate(step: int) -> None:
-        if held_out and (step % (t.eval_every or steps) == 0 or step == steps):
-            evaluated = held_out_loss(model, held_out, tokenizer.pad_token_id, attention_implementation(recipe),
-                                      device, t.micro_batch_size, autocast, fused=not sharded(recipe))
-            job.run_dir.log_eval(step, evaluated, len(held_out))
-            job.log(f"step {step}: eval_loss {evaluated:.4f} on {len(held_out)} held-out examples")
-            job.results.eval_loss = evaluated
-            log.restart_clock()  # evaluation is not training time
+    def step(n: int, log: StepLog) -> float:
+        _, grad_norm = train_step(n, objective, model, strategy, log, autocast, device)
+        return grad_norm if strategy.scaler is None else 0.0  # fp16: the scaler skips a non-finite step
 
-    # 3. The loop, from the checkpoint's step when resuming (weights, optimizer, schedule, data
-    # position, RNG states restored: hwft.checkpoint).
-    job.memory = runtime.peak_memory
-    log = StepLog(job, steps, objective)
-    nonfinite = NonFinite(t.nonfinite_limit, job.log)
-    state = TorchState(strategy, tokenizer, recipe, device, save_result)
-    checkpoints = Checkpointer(job, objective, log, strategy.name, steps, nonfinite, objective.resumable)
-    start = checkpoints.restore(state)
+    def close() -> None:
+        strategy.close()
+        applied.undo()
+
+    # 3. The loop (hwft.loop): answers (rank 0 alone, unless sharded parameters need every rank
+    # in each forward), steps from the checkpoint's on, evaluation, checkpoints, save, plot.
     model.train()
-    with checkpoints:
-        for step in range(start + 1, steps + 1):
-            try:
-                lr, grad_norm = train_step(step, objective, model, strategy, log, autocast, device)
-            except (RuntimeError, MemoryError) as exc:
-                if is_out_of_memory(exc):
-                    raise out_of_memory(step, recipe, str(device)) from exc
-                raise
-            nonfinite.check(step, log.current["loss"], grad_norm if strategy.scaler is None else 0.0,
-                            skipped=strategy.skips_nonfinite, checkpoint=checkpoints.last())
-            evaluate(step)
-            checkpoints.after_step(step, state)
-    log.close()
-
-    # 4. Save the result, show what changed, plot.
-    out = job.run_dir.model_dir if tuning == "full" else job.run_dir.adapter_dir
-    save(job, strategy, tokenizer, out)
-    job.log(f"saved {out}")
-    if answering:
-        job.results.answers += job.show_answers("after", ask)
-    job.results.update(final_loss=log.record.get("loss"), steps=steps, output=str(out), model=model,
-                       tuning=tuning, dtype={v: k for k, v in DTYPES.items()}[dtype],
-                       peak_memory_bytes=runtime.peak_memory())
-    if recipe.output.plot and job.run_dir.plot_loss() is None and world.main:
-        job.log("loss.png skipped: matplotlib is not installed")
-    strategy.close()
-    applied.undo()
-    return job.results
+    return run_steps(job, EngineRun(
+        objective=objective, steps=steps, train_step=step,
+        state=TorchState(strategy, tokenizer, recipe, device, save_result), strategy=strategy.name,
+        save=lambda out: save(job, strategy, tokenizer, out), tuning=tuning,
+        dtype={v: k for k, v in DTYPES.items()}[dtype], model=model, device=str(device),
+        ask=ask if world.main or synced else None, held_out_loss=evaluate if held_out else None,
+        held_out_size=len(held_out or []), peak_memory=runtime.peak_memory,
+        skips_nonfinite=strategy.skips_nonfinite, close=close,
+    ))

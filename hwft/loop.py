@@ -1,0 +1,106 @@
+"""The training loop's control, written once for every engine: the answers before and after,
+the steps from the checkpoint's step on, the step log, the evaluation cadence, the non-finite
+guard, checkpoints and stop signals, out-of-memory mapping, saving and the loss plot.
+
+An engine sets up its run (tokenizer and data through ``Job.inputs``, the model with its
+tuning, kernels, the objective, optimizer and strategy) and hands :func:`run_steps` an
+:class:`EngineRun`: how to take one optimizer step, how to answer a prompt, how to measure the
+held-out loss and how to save the result. Then, top to bottom::
+
+    answers before -> for step in (resumed step + 1) .. steps:
+        [before_step] -> train_step (logs the step) -> out of memory? -> non-finite? ->
+        evaluate every train.eval_every -> checkpoint (train.save_every, or a stop signal)
+    -> close the log -> save -> answers after -> Result -> loss.png
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hwft.checkpoint import Checkpointer, EngineState
+from hwft.guards import NonFinite, is_out_of_memory, out_of_memory
+from hwft.objective import Objective
+from hwft.steplog import StepLog
+
+
+@dataclass
+class EngineRun:
+    """What an engine's set-up gives the loop (plugin API 1.1's engine contract)."""
+
+    objective: Objective  #: the method's objective: micro-batches and losses
+    steps: int  #: optimizer steps of the whole run
+    #: (step, StepLog) -> the step's gradient norm for the non-finite guard: this rank's share
+    #: of the step's micro-batches, forward, backward, update, logged through the StepLog
+    train_step: Callable[[int, StepLog], float]
+    state: EngineState  #: what a checkpoint saves and restores
+    strategy: str  #: the parallel strategy a checkpoint records (none, ddp, fsdp2, deepspeed)
+    save: Callable[[Path], None]  #: write the result (adapter/ or model/) into that folder, every rank taking part
+    tuning: str  #: the tuning that ran (after any fallback)
+    dtype: str  #: the compute dtype's recipe name (fp32, bf16, fp16)
+    model: Any  #: the trained model, for the Result (bench, tests)
+    device: str  #: the device as the out-of-memory message names it
+    #: prompt -> greedy answer, or None where this rank does not answer
+    ask: Callable[[str], str] | None = None
+    #: () -> the held-out loss, or None where there is no held-out data
+    held_out_loss: Callable[[], float] | None = None
+    held_out_size: int = 0
+    peak_memory: Callable[[], int | None] = lambda: None
+    before_step: Callable[[int], None] | None = None  #: e.g. seed the step's randomness
+    skips_nonfinite: bool = True  #: a NaN/Inf step leaves the weights alone
+    close: Callable[[], None] | None = None  #: release what the set-up holds (process group, kernels)
+
+
+def run_steps(job, run: EngineRun):
+    """The loop of :mod:`hwft.loop`'s docstring; returns ``job.results``."""
+    recipe, t = job.recipe, job.recipe.train
+    steps = run.steps
+    # Answers before training; a resumed run showed its "before" answers the first time.
+    job.results.answers = job.show_answers("before", run.ask) if run.ask and not job.resume else []
+    job.memory = run.peak_memory
+    log = StepLog(job, steps, run.objective)
+    nonfinite = NonFinite(t.nonfinite_limit, job.log)
+    checkpoints = Checkpointer(job, run.objective, log, run.strategy, steps, nonfinite, run.objective.resumable)
+
+    def evaluate(step: int) -> None:
+        if run.held_out_loss and (step % (t.eval_every or steps) == 0 or step == steps):
+            evaluated = run.held_out_loss()
+            job.run_dir.log_eval(step, evaluated, run.held_out_size)
+            job.log(f"step {step}: eval_loss {evaluated:.4f} on {run.held_out_size} held-out examples")
+            job.results.eval_loss = evaluated
+            log.restart_clock()  # evaluation is not training time
+
+    # From the checkpoint's step when resuming (weights, optimizer, schedule, data position and
+    # RNG states restored: hwft.checkpoint).
+    start = checkpoints.restore(run.state)
+    with checkpoints:
+        for step in range(start + 1, steps + 1):
+            if run.before_step:
+                run.before_step(step)
+            try:
+                grad_norm = run.train_step(step, log)
+            except (RuntimeError, MemoryError) as exc:
+                if is_out_of_memory(exc):
+                    raise out_of_memory(step, recipe, run.device) from exc
+                raise
+            nonfinite.check(step, log.current["loss"], grad_norm, skipped=run.skips_nonfinite,
+                            checkpoint=checkpoints.last())
+            evaluate(step)
+            checkpoints.after_step(step, run.state)
+    log.close()
+
+    # The result, what changed, the plot.
+    out = job.run_dir.model_dir if run.tuning == "full" else job.run_dir.adapter_dir
+    run.save(out)
+    job.log(f"saved {out}")
+    if run.ask:
+        job.results.answers += job.show_answers("after", run.ask)
+    job.results.update(final_loss=log.record.get("loss"), steps=steps, output=str(out), model=run.model,
+                       tuning=run.tuning, dtype=run.dtype, peak_memory_bytes=run.peak_memory())
+    if recipe.output.plot and job.world.main and job.run_dir.plot_loss() is None:
+        job.log("loss.png skipped: matplotlib is not installed")
+    if run.close:
+        run.close()
+    return job.results
