@@ -12,6 +12,7 @@ Environment:
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import os
 from dataclasses import dataclass, field, replace
@@ -82,10 +83,7 @@ class PluginHost:
         self._backends: dict[str, Backend] | None = None
         self._backend_plugin: dict[str, str] = {}
         self._probes: dict[str, Availability] = {}
-        self._methods = None
-        self._exporters = None
-        self._kernels = None
-        self._families = None
+        self._registries: dict[str, object] = {}  #: collector -> what it collected (_collected)
 
     def _load_entry_points(self, entry_points) -> None:
         allow, deny = _names("HWFT_PLUGINS"), _names("HWFT_DISABLE_PLUGINS") or set()
@@ -192,38 +190,29 @@ class PluginHost:
         extra = tuple(s for s in dict.fromkeys(own) if s not in record.fused_kernels)
         return replace(record, fused_kernels=record.fused_kernels + extra) if extra else record
 
-    def kernels(self):
-        """Every registered kernel by id (hwft.kernels.Kernels), collected once."""
-        if self._kernels is None:
-            from hwft.kernels import collect_kernels
+    def _collected(self, collector: str):
+        """What the hooks registered, collected once by ``collector`` ("module:function" taking
+        the plugin manager; imported on first use, so the host imports no registry it is not asked for)."""
+        if collector not in self._registries:
+            module, _, name = collector.partition(":")
+            self._registries[collector] = getattr(importlib.import_module(module), name)(self.pm)
+        return self._registries[collector]
 
-            self._kernels = collect_kernels(self.pm)
-        return self._kernels
+    def kernels(self):
+        """Every registered kernel by id (hwft.kernels.Kernels)."""
+        return self._collected("hwft.kernels:collect_kernels")
 
     def families(self):
-        """Every engine's model-family table (hwft.families.Families), collected once."""
-        if self._families is None:
-            from hwft.families import collect_families
-
-            self._families = collect_families(self.pm)
-        return self._families
+        """Every engine's model-family table (hwft.families.Families)."""
+        return self._collected("hwft.families:collect_families")
 
     def methods(self):
-        """Every registered method and every engine's implementations of them
-        (hwft.methods.MethodRegistry), collected once."""
-        if self._methods is None:
-            from hwft.methods.record import collect_methods
-
-            self._methods = collect_methods(self.pm)
-        return self._methods
+        """Every registered method and every engine's implementations of them (hwft.methods.MethodRegistry)."""
+        return self._collected("hwft.methods.record:collect_methods")
 
     def exporters(self):
         """Every registered export format by format and engine (hwft.use.exporters.Exporters)."""
-        if self._exporters is None:
-            from hwft.use.exporters import collect_exporters
-
-            self._exporters = collect_exporters(self.pm)
-        return self._exporters
+        return self._collected("hwft.use.exporters:collect_exporters")
 
     def data_formats(self) -> dict:
         from hwft.data.formats import collect_formats
