@@ -59,6 +59,25 @@ def launch(recipe_path: Path, *args: str, timeout: int = 240) -> subprocess.Comp
     return done
 
 
+def launch_two_nodes(recipe_path: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    """The multi-node path: ``hwft train RECIPE --nproc 1 --nnodes 2 --node-rank R`` for R = 0
+    and 1, as two machines would run it (torchrun's static rendezvous at --master-addr and
+    --master-port), both on this host. Node 0's output; node 1 reports nothing."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "hwft", "train", str(recipe_path), "--nproc", "1", "--nnodes", "2",
+               "--master-addr", "127.0.0.1", "--master-port", str(port), *args]
+    nodes = [subprocess.Popen([*command, "--node-rank", str(rank)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=recipe_path.parent) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=timeout) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert "done: results in" not in outputs[1][0]
+    return subprocess.CompletedProcess(command, 0, *outputs[0])
+
+
 @pytest.fixture(scope="module")
 def single(tiny_llama, tmp_path_factory):
     """The reference runs, one per tuning, made on first use: one process with accumulation 2
@@ -95,7 +114,9 @@ def logits_of(tiny_llama: Path, out: Path):
 
 
 # Each strategy in one 2-process run; ddp and zero-2 train LoRA, fsdp2 and zero-3 (the
-# sharded ones) a full model, so that gathering a whole model from shards is tested too.
+# sharded ones) a full model, so that gathering a whole model from shards is tested too. ddp's
+# two processes are two "machines" of one process each on this host (--nnodes 2); --nproc 2
+# starts the others (and the signal tests below).
 STRATEGIES = [
     ("lora", ["parallel.strategy=ddp"]),
     ("full", ["parallel.strategy=fsdp2"]),
@@ -108,10 +129,10 @@ STRATEGIES = [
 def test_strategy_matches_one_process(single, tiny_llama, tmp_path, tuning, overrides):
     reference = single(tuning)
     path = recipe(tmp_path, tiny_llama, tuning)
-    done = launch(path, *overrides, "train.save_every=2")
+    strategy = overrides[0].split("=")[1]
+    done = (launch_two_nodes if strategy == "ddp" else launch)(path, *overrides, "train.save_every=2")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("done: results in") == 1  # rank 0 alone reports
-    strategy = overrides[0].split("=")[1]
     assert f"parallel: {strategy} over 2 processes (gloo)" in done.stderr
 
     ours, theirs = read_jsonl(tmp_path / "out" / "metrics.jsonl"), read_jsonl(reference / "metrics.jsonl")
@@ -158,27 +179,6 @@ def test_strategy_matches_one_process(single, tiny_llama, tmp_path, tuning, over
     for a, b in zip(after, ours, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=LOSS_TOLERANCE)
     torch.testing.assert_close(logits_of(tiny_llama, tmp_path / "out"), whole, atol=LOGIT_TOLERANCE, rtol=0)
-
-
-def test_two_machines_on_one_host(single, tiny_llama, tmp_path):
-    """The multi-node path (torchrun's static rendezvous at --master-addr:--master-port), with
-    two "machines" of one process each on this host: node 1 writes nothing, node 0 the run."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    path = recipe(tmp_path, tiny_llama, "lora")
-    nodes = [subprocess.Popen([sys.executable, "-m", "hwft", "train", str(path), "--nproc", "1", "--nnodes", "2",
-                               "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-             for rank in (0, 1)]
-    outputs = [node.communicate(timeout=240) for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
-    assert "done: results in" in outputs[0][0] and "done: results in" not in outputs[1][0]
-    ours, theirs = read_jsonl(tmp_path / "out" / "metrics.jsonl"), read_jsonl(single("lora") / "metrics.jsonl")
-    for a, b in zip(ours, theirs, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], abs=LOSS_TOLERANCE)
 
 
 def test_grpo_scores_all_ranks_rollouts_together(tiny_llama, tmp_path):
