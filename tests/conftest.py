@@ -93,10 +93,11 @@ def tokenizer_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(tokenizer_dir):
+def tokenizer(tiny_llama):
+    """The tiny models' tokenizer: SmolLM2's, cut to its first 4096 tokens (hwft.testing.tiny)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
+    return AutoTokenizer.from_pretrained(tiny_llama)
 
 
 @pytest.fixture(scope="session")

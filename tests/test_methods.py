@@ -59,7 +59,7 @@ def test_qlora_quantises_the_base_and_saves_a_plain_adapter(tiny_llama, tmp_path
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tiny_llama)
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
-    ids = torch.tensor([[1, 420, 9100, 57, 2]])
+    ids = torch.tensor([[1, 420, 3100, 57, 2]])
     with torch.no_grad():
         before = base(ids).logits
         peft = PeftModel.from_pretrained(base, adapter)

@@ -116,7 +116,7 @@ def _rollouts(tokenizer, generator):
     a, b = renderer.prompt_ids("What is 2 + 3?"), renderer.prompt_ids("What is 4 + 1?")
     assert len(a) == len(b)
     prompt_ids = torch.tensor([a, a, b, b])
-    completion_ids = torch.randint(10, 5000, (4, 7), generator=generator)
+    completion_ids = torch.randint(10, 4000, (4, 7), generator=generator)
     completion_mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 6 + [0], [1] * 2 + [0] * 5])
     return Rollouts(prompt_ids, torch.ones_like(prompt_ids), completion_ids, completion_mask,
                     completion_mask[:, -1] == 0, advantages=torch.tensor([0.9, -0.9, 1.2, -0.4]))

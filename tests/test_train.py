@@ -93,7 +93,7 @@ def test_saved_adapter_reloads_through_plain_peft(tiny_llama, tmp_path):
     recipe = write_recipe(tmp_path, tiny_llama, train={"max_steps": 4, "lr": 1e-2})
     job = run(plan_run(load_recipe(recipe)), quiet=True)
     trained = job.results["model"].eval()
-    ids = torch.tensor([[1, 4093, 198, 10576, 359, 346, 47, 2, 198, 1, 520, 9531, 198]])
+    ids = torch.tensor([[1, 4093, 198, 1576, 359, 346, 47, 2, 198, 1, 520, 3531, 198]])
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     with torch.no_grad():
         base_logits = base(ids).logits
