@@ -10,6 +10,8 @@ Load with :func:`load_recipe`, which also applies ``key.path=value`` overrides f
 
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 from typing import Any, Literal
 
@@ -193,7 +195,7 @@ class MethodSpec(Section):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     objective: str = Field(
-        "sft", description="What the loss is: a registered method (sft, cpt, dpo, grpo, or a plugin's; "
+        "sft", description="What the loss is: a registered method (sft, cpt, dpo, orpo, simpo, grpo, or a plugin's; "
         "`hwft plugins` lists them)."
     )
     tuning: Tuning = Field("lora", description="Which weights move: full, lora or qlora.")
@@ -249,6 +251,9 @@ class TrainSpec(Section):
         "cosine", description="Learning-rate schedule after warmup."
     )
     warmup_steps: int = Field(0, ge=0, description="Linear warmup, in optimizer steps.")
+    warmup_ratio: float | None = Field(
+        None, ge=0, lt=1, description="Linear warmup as a fraction of the run's optimizer steps, rounded up "
+        "(transformers' warmup_ratio); instead of warmup_steps.")
     epochs: float = Field(1.0, gt=0, description="Passes over the data (ignored if max_steps).")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     micro_batch_size: int = Field(
@@ -274,6 +279,20 @@ class TrainSpec(Section):
         "the run stops with an error naming the step."
     )
     eval_every: int | None = Field(None, gt=0, description="Evaluate on data.eval every N steps.")
+
+    @model_validator(mode="after")
+    def _one_warmup(self):
+        if self.warmup_ratio is not None and self.warmup_steps:
+            raise ValueError(f"train.warmup_steps ({self.warmup_steps}) and train.warmup_ratio ({self.warmup_ratio}) "
+                             "both set the warmup: keep one")
+        return self
+
+    def warmup(self, steps: int) -> int:
+        """Warmup steps of a run of ``steps`` optimizer steps: warmup_steps, or
+        ceil(warmup_ratio x steps) as transformers counts it."""
+        if self.warmup_ratio is not None:
+            return math.ceil(self.warmup_ratio * steps)
+        return self.warmup_steps
 
 
 class KernelSpec(Section):

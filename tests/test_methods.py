@@ -212,7 +212,7 @@ def test_reward_plugin_registered_through_the_hook(vowels):
     assert total == [1.0, 1.0]
 
 
-@pytest.mark.parametrize("name", ["quickstart", "cpt", "dpo", "grpo", "qlora", "data-mix", "evaluate"])
+@pytest.mark.parametrize("name", ["quickstart", "cpt", "dpo", "orpo", "simpo", "grpo", "qlora", "data-mix", "evaluate"])
 def test_shipped_recipes_validate_and_say_how_to_run(name, cli):
     """One recipe per objective in configs/, each starting with the command that runs it."""
     from tests.conftest import REPO
@@ -225,7 +225,8 @@ def test_shipped_recipes_validate_and_say_how_to_run(name, cli):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("objective, tuning", [("sft", "qlora"), ("dpo", "lora"), ("dpo", "full"), ("grpo", "lora"), ("grpo", "qlora")])
+@pytest.mark.parametrize("objective, tuning", [("sft", "qlora"), ("dpo", "lora"), ("dpo", "full"), ("orpo", "lora"),
+                                              ("simpo", "qlora"), ("grpo", "lora"), ("grpo", "qlora")])
 def test_cells_on_cuda_in_bf16(tiny_llama, tmp_path, cli, objective, tuning):
     """The same cells on an NVIDIA GPU, bf16 autocast (qlora: 4-bit with bf16 matmuls)."""
     recipe = cell_recipe(tmp_path, tiny_llama, objective, tuning, backend="cuda", train={"precision": "bf16"})

@@ -153,7 +153,8 @@ def test_logits_loss_and_gradients_match_torch(family, request, tmp_path):
 
 
 def test_mlx_losses_hold_to_the_torch_reference():
-    """DPO (every variant) and GRPO (every aggregation, clipped, with KL) on the same numbers."""
+    """DPO (every variant), ORPO, SimPO and GRPO (every aggregation, clipped, with KL) on the
+    same numbers."""
     from hwft_mlx import losses as ours
     from hwft_torch import losses as reference
 
@@ -165,6 +166,17 @@ def test_mlx_losses_hold_to_the_torch_reference():
         got = ours.dpo_loss(*(mx.array(x) for x in (c, r, rc, rr)), 0.3, kind, 0.1, mx.array(nc), mx.array(nr))
         for w, g in zip(want, got, strict=True):
             assert np.allclose(np.array(g), w.numpy(), atol=1e-5), kind
+    # orpo and simpo take mean answer log-probabilities (negative, some near 0 for log1mexp's branch)
+    mc, mr = -rng.exponential(1.0, 6).astype(np.float32), -rng.exponential(1.0, 6).astype(np.float32)
+    mc[0] = -1e-3
+    pairs = {"orpo": ((0.3,), ("losses", "nll", "log_odds", "chosen_rewards", "rejected_rewards")),
+             "simpo": ((2.0, 0.5, 0.1), ("losses", "chosen_rewards", "rejected_rewards"))}
+    for kind, (settings, keys) in pairs.items():
+        want = getattr(reference, f"{kind}_loss")(torch.tensor(mc), torch.tensor(mr), *settings)
+        got = getattr(ours, f"{kind}_loss")(mx.array(mc), mx.array(mr), *settings)
+        assert set(got) == set(keys) == set(want), kind
+        for key in keys:
+            assert np.allclose(np.array(got[key]), want[key].numpy(), atol=1e-5), (kind, key)
     logps, old, ref = (rng.normal(-2, 0.3, (4, 5)).astype(np.float32) for _ in range(3))
     adv, mask = rng.normal(0, 1, 4).astype(np.float32), (rng.random((4, 5)) > 0.2).astype(np.float32)
     for kind in ("dapo", "grpo", "dr_grpo"):

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from hwft.errors import RecipeError
-from hwft.recipe import Recipe, load_recipe
+from hwft.recipe import Recipe, load_recipe, recipe_from_dict
 from tests.conftest import REPO, write_recipe
 
 
@@ -183,3 +183,40 @@ def test_the_recipe_reference_in_docs_is_generated_from_the_schema():
     assert written == markdown(), "docs/recipe.md is stale: run `python -m hwft.reference > docs/recipe.md`"
     for key in ("`train.lr`", "`method.dpo.beta`", "`method.grpo.rewards[].weight`", "`kernels.compile`"):
         assert key in written
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "linear", "constant"])
+def test_warmup_ratio_warms_up_the_same_steps_on_both_engines(scheduler):
+    """train.warmup_ratio: ceil(ratio x steps) warmup steps, as transformers counts them; the
+    torch engine's schedule (transformers' get_scheduler) and the MLX engine's (mlx.optimizers)
+    give every step the same learning rate as warmup_steps would."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("mlx.core")
+    from hwft_mlx.engine import make_schedule
+    from hwft_torch.engine import make_scheduler
+
+    steps = 10
+    ratio = recipe_from_dict({"data": "x.jsonl", "train": {"lr": 1e-3, "warmup_ratio": 0.25, "scheduler": scheduler}})
+    fixed = recipe_from_dict({"data": "x.jsonl", "train": {"lr": 1e-3, "warmup_steps": 3, "scheduler": scheduler}})
+    assert ratio.train.warmup(steps) == 3 == fixed.train.warmup(steps)  # ceil(2.5)
+
+    def torch_lrs(recipe):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=recipe.train.lr)
+        schedule = make_scheduler(optimizer, recipe, steps)
+        out = []
+        for _ in range(steps):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        return out
+
+    mlx_schedule = make_schedule(ratio, steps)
+    assert torch_lrs(ratio) == pytest.approx(torch_lrs(fixed), abs=1e-12)
+    assert torch_lrs(ratio)[:4] == pytest.approx([0.0, 1e-3 / 3, 2e-3 / 3, 1e-3], abs=1e-9)
+    assert [float(mlx_schedule(k)) for k in range(steps)] == pytest.approx(torch_lrs(ratio), abs=1e-8)
+
+
+def test_warmup_is_set_once():
+    with pytest.raises(RecipeError) as err:
+        recipe_from_dict({"data": "x.jsonl", "train": {"warmup_steps": 2, "warmup_ratio": 0.1}})
+    assert "train.warmup_steps (2) and train.warmup_ratio (0.1) both set the warmup: keep one" in str(err.value)

@@ -171,3 +171,77 @@ def test_grpo_loss_equals_trl(tiny_llama, tokenizer, tmp_path, loss_type, num_it
     clip = objective.log_metrics()["clip_ratio"]
     assert (clip > 0) if num_iterations > 1 else (clip == 0)
     assert trainer._metrics["train"]["clip_ratio/region_mean"][-1] == pytest.approx(clip, abs=1e-6)
+
+
+# ------------------------------------------------------------------ the reference-free pair losses
+
+
+def _mean_answer_logps(policy, tokenizer, pairs):
+    """Each pair's chosen and rejected mean answer-token log-probabilities, and the batch."""
+    from hwft_torch.dpo import answer_logps, pair_tensors
+
+    batch = pair_tensors(pairs, tokenizer.pad_token_id, torch.device("cpu"))
+    with torch.no_grad():
+        chosen, rejected = answer_logps(policy, batch)
+    counts = (batch["labels"][:, 1:] != -100).sum(-1).float().chunk(2)
+    return chosen / counts[0], rejected / counts[1], batch
+
+
+def _on_cpu(**settings):
+    """What TRL's loss methods read from their trainer: its settings and the accelerator's device."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(accelerator=SimpleNamespace(device=torch.device("cpu")), **settings)
+
+
+def test_orpo_loss_equals_trl_and_its_nll_the_answer_tokens(tiny_llama, tokenizer):
+    """ORPO's odds-ratio term is TRL's ``ORPOTrainer.odds_ratio_loss`` on the same mean answer
+    log-probabilities (TRL returns +beta log s(log OR), which its trainer subtracts). Its NLL is
+    LLaMA-Factory's, the chosen answers' tokens only: checked against transformers' own loss of
+    each chosen sequence (the mean over its label tokens), averaged over the pairs."""
+    from trl.experimental.orpo import ORPOTrainer
+
+    from hwft.methods.orpo import OrpoSpec
+    from hwft_torch.orpo import OddsRatio
+
+    policy, _ = _models(tiny_llama)
+    pairs = _pairs(tokenizer)
+    chosen, rejected, batch = _mean_answer_logps(policy, tokenizer, pairs)
+    beta = 0.3
+    trl_losses, chosen_rewards, rejected_rewards, _, log_odds = ORPOTrainer.odds_ratio_loss(
+        _on_cpu(beta=beta), chosen, rejected)
+    with torch.no_grad():
+        nll = sum(policy(input_ids=torch.tensor([p.chosen.input_ids]), labels=torch.tensor([p.chosen.labels])).loss
+                  for p in pairs) / len(pairs)
+    objective = OddsRatio(None, OrpoSpec(beta=beta), 1, tokenizer.pad_token_id, torch.device("cpu"))
+    got = objective.loss(policy, (pairs, len(pairs))).value.item()
+    assert got == pytest.approx((nll - trl_losses.mean()).item(), abs=1e-5)
+    metrics = objective.log_metrics()
+    assert metrics["nll"] == pytest.approx(nll.item(), abs=1e-5)
+    assert metrics["log_odds"] == pytest.approx(log_odds.item(), abs=1e-5)
+    assert metrics["rewards/margins"] == pytest.approx((chosen_rewards - rejected_rewards).mean().item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_simpo_loss_equals_trl(tiny_llama, tokenizer, smoothing):
+    """SimPO is TRL's ``CPOTrainer.cpo_loss`` with ``loss_type="simpo"`` and no NLL term
+    (``cpo_alpha=0``; TRL's trainer adds cpo_alpha x NLL after this function, 1.0 by default),
+    on the same mean answer log-probabilities."""
+    from trl.experimental.cpo import CPOTrainer
+
+    from hwft.methods.simpo import SimpoSpec
+    from hwft_torch.simpo import SimpleMargin
+
+    policy, _ = _models(tiny_llama)
+    pairs = _pairs(tokenizer)
+    chosen, rejected, _ = _mean_answer_logps(policy, tokenizer, pairs)
+    beta, gamma = 2.0, 0.7
+    losses, chosen_rewards, rejected_rewards = CPOTrainer.cpo_loss(
+        _on_cpu(alpha=0.0, beta=beta, simpo_gamma=gamma, loss_type="simpo", label_smoothing=smoothing),
+        chosen, rejected)
+    objective = SimpleMargin(None, SimpoSpec(beta=beta, gamma=gamma, label_smoothing=smoothing), 1,
+                             tokenizer.pad_token_id, torch.device("cpu"))
+    assert objective.loss(policy, (pairs, len(pairs))).value.item() == pytest.approx(losses.mean().item(), abs=1e-5)
+    metrics = objective.log_metrics()
+    assert metrics["rewards/chosen"] == pytest.approx(chosen_rewards.mean().item(), abs=1e-5)
+    assert metrics["rewards/rejected"] == pytest.approx(rejected_rewards.mean().item(), abs=1e-5)

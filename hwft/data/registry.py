@@ -23,7 +23,7 @@ UNSUPPORTED_COLUMNS = {
     "images": "images (hwft trains text-only models)",
     "videos": "videos (hwft trains text-only models)",
     "audios": "audio (hwft trains text-only models)",
-    "kto_tag": "KTO labels (hwft's objectives are sft, cpt, dpo and grpo)",
+    "kto_tag": "KTO labels (hwft trains no kto yet: its objectives are sft, cpt, dpo, orpo, simpo and grpo)",
 }
 ALPACA_NAMES = {"prompt": "instruction", "query": "input", "response": "output"}
 

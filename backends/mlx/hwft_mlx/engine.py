@@ -69,15 +69,16 @@ def make_schedule(recipe: Recipe, steps: int):
     """transformers' schedules (``get_scheduler``) as mlx.optimizers schedules: linear warmup
     from 0, then cosine to 0, linear to 0, or constant; step k (from 0) gets schedule(k)."""
     t = recipe.train
-    decay = max(steps - t.warmup_steps, 1)
+    warmup = t.warmup(steps)
+    decay = max(steps - warmup, 1)
     main = {
         "cosine": optim.cosine_decay(t.lr, decay, 0.0),
         "linear": optim.linear_schedule(t.lr, 0.0, decay),
         "constant": lambda _: mx.array(t.lr),
     }[t.scheduler]
-    if not t.warmup_steps:
+    if not warmup:
         return main
-    return optim.join_schedules([optim.linear_schedule(0.0, t.lr, t.warmup_steps), main], [t.warmup_steps])
+    return optim.join_schedules([optim.linear_schedule(0.0, t.lr, warmup), main], [warmup])
 
 
 def make_optimizer(recipe: Recipe, steps: int) -> optim.Optimizer:

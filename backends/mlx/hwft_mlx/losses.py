@@ -46,6 +46,29 @@ def dpo_loss(chosen: mx.array, rejected: mx.array, ref_chosen: mx.array, ref_rej
     return losses, mx.stop_gradient(beta * chosen_ratio), mx.stop_gradient(beta * rejected_ratio)
 
 
+def log1mexp(x: mx.array) -> mx.array:
+    """log(1 - e^x) for x < 0 (``hwft_torch.losses.log1mexp``)."""
+    return mx.where(x < -0.6931471805599453, mx.log1p(-mx.exp(x)), mx.log(-mx.expm1(x)))
+
+
+def orpo_loss(chosen: mx.array, rejected: mx.array, beta: float) -> dict[str, mx.array]:
+    """Per-pair ORPO losses from mean answer log-probabilities (``hwft_torch.losses.orpo_loss``)."""
+    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+    nll = -chosen
+    return {"losses": nll - beta * nn.log_sigmoid(log_odds), "nll": mx.stop_gradient(nll),
+            "log_odds": mx.stop_gradient(log_odds), "chosen_rewards": mx.stop_gradient(beta * chosen),
+            "rejected_rewards": mx.stop_gradient(beta * rejected)}
+
+
+def simpo_loss(chosen: mx.array, rejected: mx.array, beta: float, gamma: float,
+               label_smoothing: float = 0.0) -> dict[str, mx.array]:
+    """Per-pair SimPO losses from mean answer log-probabilities (``hwft_torch.losses.simpo_loss``)."""
+    z = beta * (chosen - rejected) - gamma
+    eps = label_smoothing
+    return {"losses": -(1 - eps) * nn.log_sigmoid(z) - eps * nn.log_sigmoid(-z),
+            "chosen_rewards": mx.stop_gradient(beta * chosen), "rejected_rewards": mx.stop_gradient(beta * rejected)}
+
+
 def grpo_loss(logps: mx.array, old_logps: mx.array, ref_logps: mx.array | None, advantages: mx.array,
               mask: mx.array, beta: float, epsilon_low: float, epsilon_high: float, loss_type: str,
               normaliser: float, kl_correction: bool = True) -> tuple[mx.array, dict[str, mx.array]]:

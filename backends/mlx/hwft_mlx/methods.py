@@ -7,6 +7,8 @@ method   module                                         objective
 sft      :mod:`hwft_mlx.objective`                      ``LanguageModelling``
 cpt      :mod:`hwft_mlx.objective`                      ``LanguageModelling``
 dpo      :mod:`hwft_mlx.preference`                     ``Preference``
+orpo     :mod:`hwft_mlx.orpo`                           ``OddsRatio``
+simpo    :mod:`hwft_mlx.simpo`                          ``SimpleMargin``
 grpo     :mod:`hwft_mlx.group_relative`                 ``GroupRelative``
 =======  =============================================  ==============================
 
@@ -43,5 +45,7 @@ IMPLEMENTATIONS = (
     Implementation("sft", ENGINE, "hwft_mlx.objective:build"),
     Implementation("cpt", ENGINE, "hwft_mlx.objective:build"),
     Implementation("dpo", ENGINE, "hwft_mlx.preference:build"),
+    Implementation("orpo", ENGINE, "hwft_mlx.orpo:build"),
+    Implementation("simpo", ENGINE, "hwft_mlx.simpo:build"),
     Implementation("grpo", ENGINE, "hwft_mlx.group_relative:build"),
 )

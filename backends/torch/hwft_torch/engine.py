@@ -89,7 +89,8 @@ def make_scheduler(optimizer, recipe: Recipe, steps: int):
     from transformers import get_scheduler
 
     name = {"constant": "constant_with_warmup"}.get(recipe.train.scheduler, recipe.train.scheduler)
-    return get_scheduler(name, optimizer, num_warmup_steps=recipe.train.warmup_steps, num_training_steps=steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=recipe.train.warmup(steps),
+                         num_training_steps=steps)
 
 
 @torch.no_grad()

@@ -179,6 +179,36 @@ def dpo_loss(
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - e^x) for x < 0, without cancellation: log(-expm1(x)) near 0, log1p(-e^x) below -ln 2."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
+    r"""Per-pair ORPO losses from the answers' *mean* token log-probabilities :math:`\bar\ell_c,
+    \bar\ell_r` (:mod:`hwft.methods.orpo`): :math:`-\bar\ell_c - \beta\log\sigma(\log
+    \mathrm{OR})` with :math:`\log\mathrm{OR} = (\bar\ell_c - \bar\ell_r) - (\log(1-e^{\bar\ell_c})
+    - \log(1-e^{\bar\ell_r}))`. Returns the losses, the NLL, the log odds ratio and the rewards
+    :math:`\beta\bar\ell` (detached), each per pair."""
+    chosen, rejected = chosen.float(), rejected.float()
+    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+    nll = -chosen
+    return {"losses": nll - beta * F.logsigmoid(log_odds), "nll": nll.detach(), "log_odds": log_odds.detach(),
+            "chosen_rewards": beta * chosen.detach(), "rejected_rewards": beta * rejected.detach()}
+
+
+def simpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, gamma: float,
+               label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
+    r"""Per-pair SimPO losses from the answers' *mean* token log-probabilities
+    (:mod:`hwft.methods.simpo`): with :math:`z = \beta(\bar\ell_c - \bar\ell_r) - \gamma`,
+    :math:`-(1-\varepsilon)\log\sigma(z) - \varepsilon\log\sigma(-z)`. Returns the losses and
+    the rewards :math:`\beta\bar\ell` (detached)."""
+    z = beta * (chosen - rejected) - gamma
+    eps = label_smoothing
+    return {"losses": -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z),
+            "chosen_rewards": beta * chosen.detach(), "rejected_rewards": beta * rejected.detach()}
+
+
 def grpo_loss(
     logps: torch.Tensor,
     old_logps: torch.Tensor,

@@ -7,6 +7,8 @@ method   module                                         objective
 sft      :mod:`hwft_torch.objective`                    ``LanguageModelling``
 cpt      :mod:`hwft_torch.objective`                    ``LanguageModelling``
 dpo      :mod:`hwft_torch.dpo`                          ``Preference``
+orpo     :mod:`hwft_torch.orpo`                         ``OddsRatio``
+simpo    :mod:`hwft_torch.simpo`                        ``SimpleMargin``
 grpo     :mod:`hwft_torch.grpo`                         ``GroupRelative``
 =======  =============================================  ==============================
 
@@ -47,5 +49,7 @@ IMPLEMENTATIONS = (
     Implementation("sft", ENGINE, "hwft_torch.objective:build"),
     Implementation("cpt", ENGINE, "hwft_torch.objective:build"),
     Implementation("dpo", ENGINE, "hwft_torch.dpo:build"),
+    Implementation("orpo", ENGINE, "hwft_torch.orpo:build"),
+    Implementation("simpo", ENGINE, "hwft_torch.simpo:build"),
     Implementation("grpo", ENGINE, "hwft_torch.grpo:build"),
 )

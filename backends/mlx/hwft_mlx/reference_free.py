@@ -1,0 +1,60 @@
+"""The reference-free preference objectives (orpo, simpo) on MLX: one forward of a
+micro-batch's chosen and rejected sequences together (as dpo's, :func:`hwft_mlx.preference.pair_arrays`),
+each answer's *mean* token log-probability under the policy, and a loss of those alone (as
+``hwft_torch.reference_free``). Each method's module (:mod:`hwft_mlx.orpo`,
+:mod:`hwft_mlx.simpo`) names its loss."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from hwft.data.chat import PreferencePair
+from hwft.data.pipeline import Batches
+from hwft.distributed import ALONE, Collective
+from hwft.objective import Loss, step_pair_count
+from hwft_mlx.objective import MlxObjective
+from hwft_mlx.preference import pair_arrays, sequence_logps
+
+
+class ReferenceFree(MlxObjective):
+    #: the statistics of ``pair_loss``'s result logged besides the rewards (orpo: nll, log_odds)
+    extra: tuple[str, ...] = ()
+
+    def __init__(self, batches: Batches, spec, accumulation: int, pad_id: int, collective: Collective = ALONE):
+        super().__init__(batches, collective)
+        self.spec, self.accumulation, self.pad_id = spec, accumulation, pad_id
+
+    def pair_loss(self, chosen: mx.array, rejected: mx.array) -> dict[str, mx.array]:
+        raise NotImplementedError
+
+    def step(self, model, step: int) -> list[tuple[list[PreferencePair], int]]:
+        return self.step_shares(self.accumulation, step_pair_count)
+
+    def loss(self, model, micro: tuple[list[PreferencePair], int]):
+        pairs, step_pairs = micro
+        ids, scored = pair_arrays(pairs, self.pad_id)
+        chosen, rejected = mx.split(sequence_logps(model, ids, *scored), 2)
+        chosen_tokens, rejected_tokens = mx.split(scored[2].sum(-1), 2)
+        out = self.pair_loss(chosen / mx.maximum(chosen_tokens, 1), rejected / mx.maximum(rejected_tokens, 1))
+        margins = out["chosen_rewards"] - out["rejected_rewards"]
+        stats = {"rewards/chosen": out["chosen_rewards"], "rewards/rejected": out["rejected_rewards"],
+                 "rewards/margins": margins, "rewards/accuracy": (margins > 0).astype(mx.float32),
+                 **{k: out[k] for k in self.extra}}
+        return out["losses"].sum() / step_pairs, stats
+
+    def counts(self, micro: tuple[list[PreferencePair], int]) -> Loss:
+        pairs, _ = micro
+        seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+        return Loss(None, sum(len(t.input_ids) for t in seqs), sum(t.num_labels for t in seqs))
+
+
+def build_with(objective: type[ReferenceFree], section: str):
+    """A builder (hwft_mlx.methods.Setup -> the objective) of a reference-free method whose
+    settings are the recipe's method.<section>."""
+
+    def build(setup) -> ReferenceFree:
+        recipe = setup.job.recipe
+        return objective(setup.batches, getattr(recipe.method, section), recipe.train.gradient_accumulation_steps,
+                         setup.tokenizer.pad_token_id, setup.collective)
+
+    return build

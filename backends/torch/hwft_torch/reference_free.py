@@ -1,0 +1,61 @@
+"""The reference-free preference objectives (orpo, simpo) on the torch engine: one forward of a
+micro-batch's chosen and rejected sequences together (as dpo's, :func:`hwft_torch.dpo.pair_tensors`),
+each answer's *mean* token log-probability under the policy, and a loss of those alone. No
+reference model is held or run. Each method's module (:mod:`hwft_torch.orpo`,
+:mod:`hwft_torch.simpo`) names its loss."""
+
+from __future__ import annotations
+
+import torch
+
+from hwft.data.chat import PreferencePair
+from hwft.data.pipeline import Batches
+from hwft.distributed import ALONE, Collective
+from hwft.objective import Loss, Objective, step_pair_count
+from hwft_torch.dpo import answer_logps, pair_tensors
+
+
+class ReferenceFree(Objective):
+    """A pair loss of the policy's mean answer log-probabilities (``pair_loss``), averaged over
+    the optimizer step's pairs."""
+
+    #: the statistics of ``pair_loss``'s result logged besides the rewards (orpo: nll, log_odds)
+    extra: tuple[str, ...] = ()
+
+    def __init__(self, batches: Batches, spec, accumulation: int, pad_id: int, device: torch.device,
+                 collective: Collective = ALONE):
+        super().__init__(batches, collective)
+        self.spec, self.accumulation, self.pad_id, self.device = spec, accumulation, pad_id, device
+
+    def pair_loss(self, chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"losses", "chosen_rewards", "rejected_rewards", *extra}: per pair."""
+        raise NotImplementedError
+
+    def step(self, model, step: int) -> list[tuple[list[PreferencePair], int]]:
+        return self.step_shares(self.accumulation, step_pair_count)
+
+    def loss(self, model, micro: tuple[list[PreferencePair], int]) -> Loss:
+        pairs, step_pairs = micro
+        batch = pair_tensors(pairs, self.pad_id, self.device)
+        chosen, rejected = answer_logps(model, batch)
+        chosen_tokens, rejected_tokens = (batch["labels"][:, 1:] != -100).sum(-1).float().chunk(2)
+        out = self.pair_loss(chosen / chosen_tokens.clamp(min=1), rejected / rejected_tokens.clamp(min=1))
+        margins = out["chosen_rewards"] - out["rejected_rewards"]
+        for i, m in enumerate(margins.tolist()):
+            self.note(**{"rewards/chosen": out["chosen_rewards"][i].item(),
+                         "rewards/rejected": out["rejected_rewards"][i].item(), "rewards/margins": m,
+                         "rewards/accuracy": float(m > 0)}, **{k: out[k][i].item() for k in self.extra})
+        return Loss(out["losses"].sum() / step_pairs, int(batch["attention_mask"].sum()),
+                    int((chosen_tokens + rejected_tokens).sum()))
+
+
+def build_with(objective: type[ReferenceFree], section: str):
+    """A builder (hwft_torch.methods.Setup -> the objective) of a reference-free method whose
+    settings are the recipe's method.<section>."""
+
+    def build(setup) -> ReferenceFree:
+        recipe = setup.job.recipe
+        return objective(setup.batches, getattr(recipe.method, section), recipe.train.gradient_accumulation_steps,
+                         setup.tokenizer.pad_token_id, setup.device, setup.collective)
+
+    return build
