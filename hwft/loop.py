@@ -9,7 +9,8 @@ held-out loss and how to save the result. Then, top to bottom::
 
     answers before -> for step in (resumed step + 1) .. steps:
         [before_step] -> train_step (logs the step) -> out of memory? -> non-finite? ->
-        evaluate every train.eval_every -> checkpoint (train.save_every, or a stop signal)
+        evaluate every train.eval_every (early stopping?) -> checkpoint (train.save_every, or a
+        stop signal)
     -> close the log -> save -> answers after -> Result -> loss.png
 """
 
@@ -53,6 +54,23 @@ class EngineRun:
     close: Callable[[], None] | None = None  #: release what the set-up holds (process group, kernels)
 
 
+class EarlyStopping:
+    """transformers' EarlyStoppingCallback: an evaluation improves when its loss is below the
+    best so far by more than ``threshold``; ``patience`` evaluations in a row that do not, and
+    the run stops. ``patience`` None: never."""
+
+    def __init__(self, patience: int | None, threshold: float = 0.0):
+        self.patience, self.threshold = patience, threshold
+        self.best, self.best_step, self.waited = float("inf"), 0, 0
+
+    def stops(self, step: int, loss: float) -> bool:
+        if loss < self.best - self.threshold:
+            self.best, self.best_step, self.waited = loss, step, 0
+        else:
+            self.waited += 1
+        return self.patience is not None and self.waited >= self.patience
+
+
 def run_steps(job, run: EngineRun):
     """The loop of :mod:`hwft.loop`'s docstring; returns ``job.results``."""
     recipe, t = job.recipe, job.recipe.train
@@ -64,13 +82,21 @@ def run_steps(job, run: EngineRun):
     nonfinite = NonFinite(t.nonfinite_limit, job.log)
     checkpoints = Checkpointer(job, run.objective, log, run.strategy, steps, nonfinite, run.objective.resumable)
 
-    def evaluate(step: int) -> None:
+    patience = EarlyStopping(t.early_stopping_patience, t.early_stopping_threshold)
+
+    def evaluate(step: int) -> bool:
+        """Evaluate when it is due; whether early stopping ends the run here."""
         if run.held_out_loss and (step % (t.eval_every or steps) == 0 or step == steps):
             evaluated = run.held_out_loss()
             job.run_dir.log_eval(step, evaluated, run.held_out_size)
             job.log(f"step {step}: eval_loss {evaluated:.4f} on {run.held_out_size} held-out examples")
             job.results.eval_loss = evaluated
             log.restart_clock()  # evaluation is not training time
+            if patience.stops(step, evaluated) and step < steps:
+                job.log(f"early stopping at step {step}: eval_loss has not improved on {patience.best:.4f} (step "
+                        f"{patience.best_step}) for {patience.patience} evaluations; the weights of step {step} are saved")
+                return True
+        return False
 
     # From the checkpoint's step when resuming (weights, optimizer, schedule, data position and
     # RNG states restored: hwft.checkpoint).
@@ -87,8 +113,11 @@ def run_steps(job, run: EngineRun):
                 raise
             nonfinite.check(step, log.current["loss"], grad_norm, skipped=run.skips_nonfinite,
                             checkpoint=checkpoints.last())
-            evaluate(step)
+            stop = evaluate(step)  # the held-out loss is every rank's, so every rank stops alike
             checkpoints.after_step(step, run.state)
+            if stop:
+                steps = step
+                break
     log.close()
 
     # The result, what changed, the plot.

@@ -279,6 +279,14 @@ class TrainSpec(Section):
         "the run stops with an error naming the step."
     )
     eval_every: int | None = Field(None, gt=0, description="Evaluate on data.eval every N steps.")
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop once the held-out loss has not improved on its best by more than "
+        "early_stopping_threshold for this many evaluations in a row (transformers' EarlyStoppingCallback); "
+        "needs held-out data (data.eval or data.val_size) and train.eval_every. The weights of the last step "
+        "are saved and the best step is named.")
+    early_stopping_threshold: float = Field(
+        0.0, ge=0, description="How much lower than the best held-out loss an evaluation must be to count "
+        "as an improvement.")
 
     @model_validator(mode="after")
     def _one_warmup(self):
@@ -419,6 +427,18 @@ class Recipe(Section):
                 "model.adapter continues a LoRA adapter, but method.tuning is full; set "
                 "method.tuning: lora (or qlora), or remove model.adapter"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_evaluations(self) -> Recipe:
+        if self.train.early_stopping_patience is None:
+            return self
+        if not (self.data.eval or self.data.val_size):
+            raise ValueError("train.early_stopping_patience watches the held-out loss, and there is no held-out "
+                             "data: set data.eval (datasets) or data.val_size (a share of data.train)")
+        if not self.train.eval_every:
+            raise ValueError("train.early_stopping_patience counts evaluations: set train.eval_every (steps "
+                             "between evaluations)")
         return self
 
     def resolve_path(self, path: str) -> Path:

@@ -200,3 +200,38 @@ def test_a_run_result_is_typed_and_reads_as_the_dict_it_was():
     assert (result.final_loss, result["final_loss"], result.model) == (1.5, 1.5, "the model")
     assert result.get("custom") == 3 and result.extra == {"custom": 3}
     assert "steps" in result and "nothing" not in result and result.get("nothing", 0) == 0
+
+
+@pytest.mark.parametrize("backend", ["cpu", "mlx"])
+def test_early_stopping_ends_the_run_after_patience_evaluations(tiny_llama, tmp_path, cli, backend):
+    """train.early_stopping_patience on both engines (the loop is one, hwft.loop). A threshold
+    no loss can beat makes every evaluation after the first a non-improvement, whatever the
+    CPU's rounding: evaluations at steps 1, 2, 3, patience 2, so the run stops at step 3 of 10,
+    saves, and names the best step."""
+    if backend == "mlx":
+        pytest.importorskip("mlx.core")
+    recipe = write_recipe(tmp_path, tiny_llama, backend=backend, data={"train": [{"path": "train.jsonl"}], "val_size": 2},
+                          train={"lr": 1e-3, "max_steps": 10, "micro_batch_size": 2, "max_length": 64,
+                                 "precision": "fp32", "seed": 7, "eval_every": 1, "early_stopping_patience": 2,
+                                 "early_stopping_threshold": 100.0})
+    code, out, err = cli("train", recipe)
+    assert code == 0, err
+    assert "early stopping at step 3: eval_loss has not improved on" in err and "(step 1) for 2 evaluations" in err
+    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("train, data, message", [
+    ({"early_stopping_patience": 2, "eval_every": 1}, {}, "train.early_stopping_patience watches the held-out loss, "
+     "and there is no held-out data: set data.eval (datasets) or data.val_size"),
+    ({"early_stopping_patience": 2}, {"val_size": 2}, "train.early_stopping_patience counts evaluations: set "
+     "train.eval_every"),
+])
+def test_early_stopping_needs_held_out_evaluations(train, data, message):
+    from hwft.errors import RecipeError
+    from hwft.recipe import recipe_from_dict
+
+    with pytest.raises(RecipeError) as err:
+        recipe_from_dict({"data": {"train": [{"path": "x.jsonl"}], **data}, "train": train})
+    assert message in str(err.value)
