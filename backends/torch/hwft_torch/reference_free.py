@@ -41,10 +41,11 @@ class ReferenceFree(Objective):
         chosen_tokens, rejected_tokens = (batch["labels"][:, 1:] != -100).sum(-1).float().chunk(2)
         out = self.pair_loss(chosen / chosen_tokens.clamp(min=1), rejected / rejected_tokens.clamp(min=1))
         margins = out["chosen_rewards"] - out["rejected_rewards"]
-        for i, m in enumerate(margins.tolist()):
-            self.note(**{"rewards/chosen": out["chosen_rewards"][i].item(),
-                         "rewards/rejected": out["rejected_rewards"][i].item(), "rewards/margins": m,
-                         "rewards/accuracy": float(m > 0)}, **{k: out[k][i].item() for k in self.extra})
+        columns = {"rewards/chosen": out["chosen_rewards"].tolist(), "rewards/rejected": out["rejected_rewards"].tolist(),
+                   "rewards/margins": margins.tolist(), "rewards/accuracy": (margins > 0).float().tolist(),
+                   **{k: out[k].tolist() for k in self.extra}}
+        for i in range(len(pairs)):
+            self.note(**{k: v[i] for k, v in columns.items()})
         return Loss(out["losses"].sum() / step_pairs, int(batch["attention_mask"].sum()),
                     int((chosen_tokens + rejected_tokens).sum()))
 
