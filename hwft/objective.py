@@ -112,3 +112,21 @@ def step_label_count(micro: list[list[Row]]) -> int:
 def step_pair_count(micro: list[list]) -> int:
     """Preference pairs of one optimizer step's micro-batches: the DPO loss's normaliser."""
     return sum(len(batch) for batch in micro)
+
+
+class PairSteps:
+    """What every preference-pair objective (dpo, orpo, simpo, on each engine) draws for a step:
+    this rank's micro-batches of pairs, each with the step's pair count (``self.accumulation``
+    is the recipe's gradient_accumulation_steps)."""
+
+    accumulation: int
+
+    def step(self, model, step: int) -> list[tuple[list, int]]:
+        return self.step_shares(self.accumulation, step_pair_count)
+
+
+def pair_counts(micro: tuple[list, int]) -> Loss:
+    """Tokens computed and trained in a micro-batch of preference pairs (chosen and rejected)."""
+    pairs, _ = micro
+    seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    return Loss(None, sum(len(t.input_ids) for t in seqs), sum(t.num_labels for t in seqs))

@@ -15,7 +15,7 @@ from hwft.data.batching import Row, pad
 from hwft.data.chat import PreferencePair
 from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
-from hwft.objective import Loss, step_pair_count
+from hwft.objective import Loss, PairSteps, pair_counts
 from hwft.methods.dpo import DpoSpec
 from hwft_mlx.losses import dpo_loss, target_logps
 from hwft_mlx.objective import MlxObjective, position_logits, scored_positions
@@ -35,7 +35,7 @@ def pair_arrays(pairs: list[PreferencePair], pad_id: int) -> tuple[mx.array, tup
     return mx.array(ids), scored_positions([t.labels for t in seqs], len(ids[0]))
 
 
-class Preference(MlxObjective):
+class Preference(PairSteps, MlxObjective):
     def __init__(self, batches: Batches, spec: DpoSpec, accumulation: int, pad_id: int,
                  collective: Collective = ALONE):
         super().__init__(batches, collective)
@@ -54,9 +54,6 @@ class Preference(MlxObjective):
                 pair.reference_logps = (c, r)
         model.train(was_training)
 
-    def step(self, model, step: int) -> list[tuple[list[PreferencePair], int]]:
-        return self.step_shares(self.accumulation, step_pair_count)
-
     def loss(self, model, micro: tuple[list[PreferencePair], int]):
         pairs, step_pairs = micro
         ids, scored = pair_arrays(pairs, self.pad_id)
@@ -73,9 +70,7 @@ class Preference(MlxObjective):
         return losses.sum() / step_pairs, stats
 
     def counts(self, micro: tuple[list[PreferencePair], int]) -> Loss:
-        pairs, _ = micro
-        seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-        return Loss(None, sum(len(t.input_ids) for t in seqs), sum(t.num_labels for t in seqs))
+        return pair_counts(micro)
 
 
 def build(setup) -> Preference:

@@ -11,12 +11,12 @@ import mlx.core as mx
 from hwft.data.chat import PreferencePair
 from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
-from hwft.objective import Loss, step_pair_count
+from hwft.objective import Loss, PairSteps, pair_counts
 from hwft_mlx.objective import MlxObjective
 from hwft_mlx.preference import pair_arrays, sequence_logps
 
 
-class ReferenceFree(MlxObjective):
+class ReferenceFree(PairSteps, MlxObjective):
     #: the statistics of ``pair_loss``'s result logged besides the rewards (orpo: nll, log_odds)
     extra: tuple[str, ...] = ()
 
@@ -26,9 +26,6 @@ class ReferenceFree(MlxObjective):
 
     def pair_loss(self, chosen: mx.array, rejected: mx.array) -> dict[str, mx.array]:
         raise NotImplementedError
-
-    def step(self, model, step: int) -> list[tuple[list[PreferencePair], int]]:
-        return self.step_shares(self.accumulation, step_pair_count)
 
     def loss(self, model, micro: tuple[list[PreferencePair], int]):
         pairs, step_pairs = micro
@@ -43,9 +40,7 @@ class ReferenceFree(MlxObjective):
         return out["losses"].sum() / step_pairs, stats
 
     def counts(self, micro: tuple[list[PreferencePair], int]) -> Loss:
-        pairs, _ = micro
-        seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-        return Loss(None, sum(len(t.input_ids) for t in seqs), sum(t.num_labels for t in seqs))
+        return pair_counts(micro)
 
 
 def build_with(objective: type[ReferenceFree], section: str):

@@ -16,7 +16,7 @@ from hwft.data.chat import PreferencePair
 from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
 from hwft.methods.dpo import DpoSpec
-from hwft.objective import Loss, Objective, step_pair_count
+from hwft.objective import Loss, Objective, PairSteps
 from hwft_torch.losses import dpo_loss, token_logps
 from hwft_torch.modeling import Reference
 
@@ -35,7 +35,7 @@ def answer_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
     return token_logps(logits, batch["labels"]).sum(-1).chunk(2)
 
 
-class Preference(Objective):
+class Preference(PairSteps, Objective):
     def __init__(self, batches: Batches, spec: DpoSpec, accumulation: int, pad_id: int,
                  device: torch.device, reference: Reference | None, collective: Collective = ALONE):
         super().__init__(batches, collective)
@@ -55,9 +55,6 @@ class Preference(Objective):
             for pair, c, r in zip(chunk, chosen.tolist(), rejected.tolist(), strict=True):
                 pair.reference_logps = (c, r)
         model.train(was_training)
-
-    def step(self, model, step: int) -> list[tuple[list[PreferencePair], int]]:
-        return self.step_shares(self.accumulation, step_pair_count)
 
     def loss(self, model, micro: tuple[list[PreferencePair], int]) -> Loss:
         pairs, step_pairs = micro

@@ -11,11 +11,11 @@ import torch
 from hwft.data.chat import PreferencePair
 from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
-from hwft.objective import Loss, Objective, step_pair_count
+from hwft.objective import Loss, Objective, PairSteps
 from hwft_torch.dpo import answer_logps, pair_tensors
 
 
-class ReferenceFree(Objective):
+class ReferenceFree(PairSteps, Objective):
     """A pair loss of the policy's mean answer log-probabilities (``pair_loss``), averaged over
     the optimizer step's pairs."""
 
@@ -30,9 +30,6 @@ class ReferenceFree(Objective):
     def pair_loss(self, chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"losses", "chosen_rewards", "rejected_rewards", *extra}: per pair."""
         raise NotImplementedError
-
-    def step(self, model, step: int) -> list[tuple[list[PreferencePair], int]]:
-        return self.step_shares(self.accumulation, step_pair_count)
 
     def loss(self, model, micro: tuple[list[PreferencePair], int]) -> Loss:
         pairs, step_pairs = micro
