@@ -1,8 +1,8 @@
 """The ``xpu`` backend: hwft's torch engine on Intel GPUs (``torch.xpu``), written as any vendor
 writes a device plugin, with the public API only (hwft.records, hwft_torch.runtime).
 
-- **Detection** (:func:`probe`): no torch import when the plugin registers; the probe imports
-  torch, then asks ``torch.xpu.is_available()`` and reads each device's properties (name,
+- **Detection** (:func:`probe`): no torch import when the plugin registers; a CPU-only torch
+  wheel (``+cpu``) is answered from its version alone; otherwise the probe imports torch, then asks ``torch.xpu.is_available()`` and reads each device's properties (name,
   memory, bf16 from ``torch.xpu.is_bf16_supported()``). Unavailable: the reason (no XPU build of
   torch, no device or driver).
 - **Collective:** ``xccl``, built into torch's XPU builds from 2.8; older builds use oneCCL's
@@ -34,6 +34,11 @@ def probe() -> Availability:
     if importlib.util.find_spec("torch") is None:
         return Availability(False, "torch is not installed (pip install torch --index-url "
                                    "https://download.pytorch.org/whl/xpu)")
+    version = importlib.metadata.version("torch")
+    if version.endswith("+cpu"):
+        # A CPU-only wheel has no XPU runtime: say so without importing torch (seconds, cold).
+        return Availability(False, f"no Intel XPU: torch {version} is a CPU-only build (install torch's XPU "
+                                   "build and Intel's GPU driver)")
     import torch
 
     xpu = getattr(torch, "xpu", None)
