@@ -130,3 +130,23 @@ def pair_counts(micro: tuple[list, int]) -> Loss:
     pairs, _ = micro
     seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     return Loss(None, sum(len(t.input_ids) for t in seqs), sum(t.num_labels for t in seqs))
+
+
+class FeedbackSteps(PairSteps):
+    """kto's steps on each engine: micro-batches of feedback items, each with the step's item
+    count; ``rewards/margins`` is logged as the mean desirable reward less the mean undesirable
+    one (each answer has one reward, so the margin is of the means, as TRL logs it)."""
+
+    def log_metrics(self) -> dict[str, float]:
+        out = super().log_metrics()
+        if "rewards/chosen" in out and "rewards/rejected" in out:
+            out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+        return out
+
+
+def feedback_counts(micro: tuple[list, int]) -> Loss:
+    """Tokens computed (each answer and its mismatched pair) and trained (the answers) in a
+    micro-batch of feedback items."""
+    items, _ = micro
+    return Loss(None, sum(len(i.sequence.input_ids) + len(i.mismatched.input_ids) for i in items),
+                sum(i.sequence.num_labels for i in items))

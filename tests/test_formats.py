@@ -1,5 +1,5 @@
 """Row formats on the shapes users bring: LLaMA-Factory's demo files and registry, ShareGPT,
-OpenAI messages with tools and typed parts, reasoning, text, preference and prompt rows."""
+OpenAI messages with tools and typed parts, reasoning, text, preference, feedback and prompt rows."""
 
 from __future__ import annotations
 
@@ -87,6 +87,7 @@ def test_peer_text_for_cpt():
         ("dpo_en_demo", "dpo", "preference", 300),
         ("c4_demo", "cpt", "text", 300),
         ("alpaca_en_demo", "grpo", "prompt", 999),
+        ("kto_en_demo", "kto", "feedback", 300),
     ],
 )
 def test_registry_entries_load_as_llamafactory_describes_them(name, objective, kind, count):
@@ -102,6 +103,10 @@ def test_registry_entries_load_as_llamafactory_describes_them(name, objective, k
     assert len(data.examples) == count and {e.kind for e in data.examples} == {kind}
     if objective == "grpo":  # alpaca's output is the reference answer of a prompt row
         assert data.examples[0].reference and data.examples[0].messages[-1]["role"] == "user"
+    if objective == "kto":  # the kto_tag column is each answer's label; the last turn the answer
+        assert sum(e.label for e in data.examples) == 150
+        first = data.examples[0]
+        assert [m["role"] for m in first.messages] == ["user"] and first.completion[0]["content"].startswith("Ooh ooh")
 
 
 def test_registry_dry_run_from_the_cli(tiny_llama, tmp_path, cli):
@@ -117,7 +122,6 @@ def test_registry_dry_run_from_the_cli(tiny_llama, tmp_path, cli):
     [
         ("alpaca_en", "lives on a hub (hf_hub_url: llamafactory/alpaca_en); hwft never downloads data"),
         ("idenity", "no dataset named 'idenity'; did you mean 'identity'?"),
-        ("kto_en_demo", "has KTO labels"),
         ("mllm_demo", "has images (hwft trains text-only models)"),
     ],
 )
@@ -238,6 +242,48 @@ def test_alpaca_preference_and_prompt_rows(tmp_path):
     (prompt,) = load_examples(write_jsonl(tmp_path / "g.jsonl", rows), "auto", FORMATS,
                               columns={"prompt": "question"}, objective="grpo")
     assert prompt.kind == "prompt" and prompt.reference == "4" and prompt.messages[-1]["content"] == "2+2?"
+
+
+def test_feedback_rows_in_trl_alpaca_and_conversation_shapes(tokenizer, tmp_path):
+    """kto's rows: TRL's unpaired prompt/completion/label, alpaca with a label, and a
+    conversation whose last turn is the answer; each tokenised with its mismatched pair."""
+    from hwft.data.pipeline import feedback_items
+
+    rows = [{"prompt": "Name?", "completion": "hwft-bot.", "label": True},
+            {"instruction": "Add", "input": "2 and 2", "output": "5", "label": 0},
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hello!"}], "label": True}]
+    examples = load_examples(write_jsonl(tmp_path / "k.jsonl", rows), "feedback", FORMATS, objective="kto")
+    assert [e.label for e in examples] == [True, False, True]
+    assert examples[1].messages == [{"role": "user", "content": "Add\n2 and 2"}]
+    assert [m["role"] for m in examples[2].messages] == ["system", "user"]
+    items, stats = feedback_items(examples, ChatRenderer(tokenizer, TEMPLATES["chatml"]), 512)
+    assert stats.examples == 3 and [i.desirable for i in items] == [True, False, True]
+    assert trained_text(tokenizer, items[0].sequence) == ["hwft-bot.<|im_end|>"]
+    # each prompt with the answer of the row before it; the first with the last's
+    assert trained_text(tokenizer, items[0].mismatched) == ["Hello!<|im_end|>"]
+    assert trained_text(tokenizer, items[1].mismatched) == ["hwft-bot.<|im_end|>"]
+    assert tokenizer.decode(items[1].mismatched.input_ids).count("Add\n2 and 2") == 1
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "a", "completion": "b", "label": "yes"}, "field 'label' is 'yes'; a feedback label is true"),
+    ({"prompt": "a", "completion": "b"}, "missing field 'label'"),
+    ({"messages": [{"role": "assistant", "content": "b"}], "label": True}, "must follow a user or tool turn"),
+    ({"messages": [{"role": "user", "content": "a"}], "label": True}, "has no assistant turn to learn from"),
+])
+def test_feedback_refusals(tmp_path, row, message):
+    with pytest.raises(DataError, match=message):
+        load_examples(write_jsonl(tmp_path / "k.jsonl", [row]), "feedback", FORMATS, objective="kto")
+
+
+def test_kto_needs_two_rows(tokenizer):
+    from hwft.data.pipeline import feedback_items
+
+    one = Example("feedback", [{"role": "user", "content": "a"}], completion=[{"role": "assistant", "content": "b"}],
+                  label=True)
+    with pytest.raises(DataError, match="kto needs at least 2 feedback rows"):
+        feedback_items([one], ChatRenderer(tokenizer, TEMPLATES["chatml"]), 64)
 
 
 def test_text_longer_than_max_length_is_split_not_cut(tokenizer):

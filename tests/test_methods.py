@@ -212,7 +212,7 @@ def test_reward_plugin_registered_through_the_hook(vowels):
     assert total == [1.0, 1.0]
 
 
-@pytest.mark.parametrize("name", ["quickstart", "cpt", "dpo", "orpo", "simpo", "grpo", "qlora", "data-mix", "evaluate"])
+@pytest.mark.parametrize("name", ["quickstart", "cpt", "dpo", "orpo", "simpo", "kto", "grpo", "qlora", "data-mix", "evaluate"])
 def test_shipped_recipes_validate_and_say_how_to_run(name, cli):
     """One recipe per objective in configs/, each starting with the command that runs it."""
     from tests.conftest import REPO
@@ -249,6 +249,24 @@ def test_dpo_on_llamafactory_preference_data(tiny_llama, tmp_path, cli):
     assert "4 truncated to max_length 128, 1 dropped (nothing left to learn within max_length); 3 pairs" in err, err
     run = metrics(tmp_path / "out")
     assert run[0]["loss"] == pytest.approx(0.693147, abs=1e-5) and run[-1]["loss"] < run[0]["loss"]
+
+
+def test_kto_on_llamafactory_feedback_data_at_a_micro_batch_of_one(tiny_llama, tmp_path, cli):
+    """LLaMA-Factory's kto_en_demo, through its kto_tag mapping, trains at its own recipe's micro-batch
+    of 1 (the mismatched pairs are fixed when the data is prepared, not drawn from the micro-batch)."""
+    from tests.conftest import PEER_DATA
+
+    registry = PEER_DATA / "llamafactory" / "dataset_info.json"
+    # its first 6 rows run to 4376 tokens (multi-turn) in the tiny models' 4096-token vocabulary
+    recipe = cell_recipe(tmp_path, tiny_llama, "kto", "lora",
+                         train={"max_steps": 3, "max_length": 4608, "micro_batch_size": 1,
+                                "gradient_accumulation_steps": 2},
+                         data={"registry": str(registry), "train": [{"name": "kto_en_demo", "max_samples": 6}]})
+    code, _, err = cli("train", recipe)
+    assert code == 0, err
+    assert "6 answers" in err, err
+    run = metrics(tmp_path / "out")
+    assert run[0]["loss"] == pytest.approx(0.5, abs=1e-5) and "kl" in run[0]
 
 
 @pytest.mark.parametrize("backend", ["cpu", "mlx"])

@@ -153,8 +153,8 @@ def test_logits_loss_and_gradients_match_torch(family, request, tmp_path):
 
 
 def test_mlx_losses_hold_to_the_torch_reference():
-    """DPO (every variant), ORPO, SimPO and GRPO (every aggregation, clipped, with KL) on the
-    same numbers."""
+    """DPO (every variant), ORPO, SimPO, KTO and GRPO (every aggregation, clipped, with KL) on
+    the same numbers."""
     from hwft_mlx import losses as ours
     from hwft_torch import losses as reference
 
@@ -177,6 +177,15 @@ def test_mlx_losses_hold_to_the_torch_reference():
         assert set(got) == set(keys) == set(want), kind
         for key in keys:
             assert np.allclose(np.array(got[key]), want[key].numpy(), atol=1e-5), (kind, key)
+    # kto: a positive and a clamped (negative) KL baseline, both weights
+    desirable = np.array([True, False, True, True, False, False])
+    for shift in (2.0, -2.0):
+        args = (c, rc, c + shift, rc)
+        want = reference.kto_loss(*(torch.tensor(x) for x in args), torch.tensor(desirable), 0.3, 1.0, 1.33)
+        got = ours.kto_loss(*(mx.array(x) for x in args), mx.array(desirable), 0.3, 1.0, 1.33)
+        assert set(got) == set(want) == {"losses", "rewards", "kl"}
+        for key in want:
+            assert np.allclose(np.array(got[key]), want[key].numpy(), atol=1e-5), ("kto", shift, key)
     logps, old, ref = (rng.normal(-2, 0.3, (4, 5)).astype(np.float32) for _ in range(3))
     adv, mask = rng.normal(0, 1, 4).astype(np.float32), (rng.random((4, 5)) > 0.2).astype(np.float32)
     for kind in ("dapo", "grpo", "dr_grpo"):

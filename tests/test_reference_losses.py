@@ -245,3 +245,67 @@ def test_simpo_loss_equals_trl(tiny_llama, tokenizer, smoothing):
     metrics = objective.log_metrics()
     assert metrics["rewards/chosen"] == pytest.approx(chosen_rewards.mean().item(), abs=1e-5)
     assert metrics["rewards/rejected"] == pytest.approx(rejected_rewards.mean().item(), abs=1e-5)
+
+
+def _feedback(tokenizer):
+    """Four feedback answers, paired as TRL pairs a micro-batch of four (each prompt with the
+    previous row's answer, the first with the last's): hwft's data-time pairing of these rows."""
+    from hwft.data.pipeline import feedback_items
+
+    renderer = ChatRenderer(tokenizer, tokenizer.chat_template)
+    rows = [("What is the capital of France?", "Paris.", True),
+            ("Say hello.", "No.", False),
+            ("Name a colour.", "Blue, like the sky at noon.", True),
+            ("Count to three.", "Three, two, one, zero.", False)]
+    examples = [Example("feedback", [{"role": "user", "content": q}], completion=[{"role": "assistant", "content": a}],
+                        label=label) for q, a, label in rows]
+    items, _ = feedback_items(examples, renderer, 512)
+    return items
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (1.0, 1.33)])
+def test_kto_loss_equals_trl(tiny_llama, tokenizer, tmp_path, weights):
+    """KTO is ``trl.KTOTrainer.compute_loss`` on the same sequences: the answers and TRL's
+    mismatched pairs (completions rotated by one within the micro-batch), against a reference
+    that differs from the policy, so the KL baseline is not 0."""
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    from hwft.methods.kto import KtoSpec
+    from hwft_torch.kto import Feedback, sequence_tensors
+    from hwft_torch.modeling import Reference
+
+    # The perturbed copy as the reference: the policy then out-scores it on the mismatched pairs
+    # too, so the KL baseline is above its clamp at 0.
+    reference, policy = _models(tiny_llama)
+    items = _feedback(tokenizer)
+    beta, (desirable_weight, undesirable_weight) = 0.3, weights
+    trainer = KTOTrainer(
+        model=policy, ref_model=reference,
+        args=KTOConfig(output_dir=str(tmp_path), beta=beta, desirable_weight=desirable_weight,
+                       undesirable_weight=undesirable_weight, report_to=[], per_device_train_batch_size=4,
+                       use_cpu=True, bf16=False),
+        train_dataset=Dataset.from_list([{"prompt": "a", "completion": "b", "label": True},
+                                         {"prompt": "c", "completion": "d", "label": False}]),
+        processing_class=tokenizer,
+    )
+    policy.train()
+    own = sequence_tensors([i.sequence for i in items], tokenizer.pad_token_id, torch.device("cpu"))
+    other = sequence_tensors([i.mismatched for i in items], tokenizer.pad_token_id, torch.device("cpu"))
+    inputs = {"input_ids": own["input_ids"], "attention_mask": own["attention_mask"],
+              "completion_mask": (own["labels"] != -100).long(),
+              "KL_input_ids": other["input_ids"], "KL_attention_mask": other["attention_mask"],
+              "KL_completion_mask": (other["labels"] != -100).long(),
+              "label": torch.tensor([i.desirable for i in items])}
+    expected = trainer.compute_loss(trainer.model, inputs).item()
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    assert logged["kl"] > 0, "the reference must differ so that the KL baseline counts"
+
+    spec = KtoSpec(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+    objective = Feedback(None, spec, 1, tokenizer.pad_token_id, torch.device("cpu"),
+                         Reference(policy, copy_of=reference))
+    got = objective.loss(policy, (items, len(items))).value.item()
+    assert got == pytest.approx(expected, abs=1e-5)
+    metrics = objective.log_metrics()
+    for key in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert metrics[key] == pytest.approx(logged[key], abs=1e-5), key

@@ -121,6 +121,18 @@ class PreferencePair:
 
 
 @dataclass
+class FeedbackItem:
+    """A feedback example (kto): prompt + its answer, and the same prompt with another row's
+    answer, the mismatched pair KTO's KL baseline is estimated from."""
+
+    sequence: Tokenized  #: the prompt and its own answer, labels on the answer
+    mismatched: Tokenized  #: the prompt and another row's answer, labels on that answer
+    desirable: bool
+    #: (sequence, mismatched) summed log-probabilities under the reference, when precomputed
+    reference_logps: tuple[float, float] | None = None
+
+
+@dataclass
 class TokenizeStats:
     examples: int = 0
     truncated: int = 0  #: conversations cut to max_length
@@ -287,6 +299,12 @@ class ChatRenderer:
                 break
             shared += 1
         return PreferencePair(chosen, rejected, shared)
+
+    def tokenize_answer(self, example: Example, answer: list[Message]) -> Tokenized:
+        """The example's prompt turns followed by ``answer`` (its own completion or another
+        row's), labels on the answer only."""
+        turns = example.messages + answer
+        return self.tokenize(Example("chat", turns, example.tools, source=example.source), len(example.messages))
 
     def prompt_ids(self, prompt: str | list[Message], tools: list[dict] | None = None) -> list[int]:
         """Token ids of a prompt (text or turns), ready for generation."""

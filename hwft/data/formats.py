@@ -1,18 +1,19 @@
-"""Row formats: each turns one row (a dict) into an :class:`Example` of one of four kinds.
+"""Row formats: each turns one row (a dict) into an :class:`Example` of one of five kinds.
 
 =========== ================================================== ====================
 kind        what it holds                                      built-in methods
 =========== ================================================== ====================
 chat        a conversation ending with the assistant           sft
 text        plain text                                         cpt
-preference  prompt turns + a chosen and a rejected answer      dpo
+preference  prompt turns + a chosen and a rejected answer      dpo, orpo, simpo
+feedback    prompt turns + one answer, desirable or not        kto
 prompt      prompt turns + an optional reference answer        grpo
 =========== ================================================== ====================
 
 Each method names the kind it trains on (``hwft.methods.Method.kind``).
 
 Built-in formats: ``alpaca``, ``sharegpt``, ``messages`` (OpenAI style, tool calls, typed
-content parts, ``loss_weight``), ``text``, ``preference`` and ``prompt``. They are registered
+content parts, ``loss_weight``), ``text``, ``preference``, ``feedback`` and ``prompt``. They are registered
 through ``hwft_register_data_formats``, the same hook a plugin uses.
 
 A message is ``{"role": system|user|assistant|tool, "content": str}`` plus, on assistant turns,
@@ -46,7 +47,8 @@ Message = dict[str, Any]
 @dataclass
 class Example:
     """One parsed row. ``messages`` is the conversation (chat) or the prompt turns (preference,
-    prompt); ``chosen`` / ``rejected`` are the assistant turns that follow the prompt."""
+    feedback, prompt); ``chosen`` / ``rejected`` are the assistant turns that follow the prompt;
+    ``completion`` is a feedback row's answer and ``label`` whether it is desirable."""
 
     kind: str
     messages: list[Message] = field(default_factory=list)
@@ -55,6 +57,8 @@ class Example:
     chosen: list[Message] | None = None
     rejected: list[Message] | None = None
     reference: str | None = None
+    completion: list[Message] | None = None
+    label: bool | None = None
     source: str = ""  #: "file.jsonl row 12", set by the loader
 
 
@@ -423,6 +427,43 @@ def parse_preference(row: dict, mapping: Mapping) -> Example:
     return Example("preference", prompt, _tools(row, mapping), chosen=answers[0], rejected=answers[1])
 
 
+FEEDBACK_FIELDS = ("prompt", "completion", "messages", "conversations", "instruction", "label")
+
+
+def _label(row: dict, mapping: Mapping) -> bool:
+    key = mapping.col("label")
+    if row.get(key) is None:
+        raise _missing(row, key, tuple(mapping.col(f) for f in FEEDBACK_FIELDS))
+    value = row[key]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"field '{key}' is {value!r}; a feedback label is true (a desirable answer) or false (an "
+                     "undesirable one)")
+
+
+def parse_feedback(row: dict, mapping: Mapping) -> Example:
+    """feedback (kto): one answer and whether it is desirable, ``label`` (true or false; the
+    ``kto_tag`` of LLaMA-Factory's dataset_info.json). The answer is TRL's ``prompt`` +
+    ``completion``, alpaca's ``instruction``/``input`` + ``output``, or the last assistant turn
+    of a ``messages`` / ``conversations`` conversation (LLaMA-Factory's kto_en_demo)."""
+    label = _label(row, mapping)
+    for name in ("messages", "conversations"):
+        key = mapping.col(name)
+        if row.get(key) is not None and row.get(mapping.col("completion")) is None:
+            turns = _with_system(_system(row, mapping), _conversation(parse_turns(row[key], mapping, key), key))
+            prompt = turns[:-1]
+            if not prompt or prompt[-1]["role"] not in ("user", "tool"):
+                raise ValueError(f"field '{key}': the answer (its last turn) must follow a user or tool turn")
+            return Example("feedback", prompt, _tools(row, mapping), completion=turns[-1:], label=label)
+    prompt = _prompt_turns(row, mapping)
+    key = mapping.col("completion" if row.get(mapping.col("completion")) is not None else "output")
+    if row.get(key) is None:
+        raise _missing(row, mapping.col("completion"), tuple(mapping.col(f) for f in FEEDBACK_FIELDS))
+    return Example("feedback", prompt, _tools(row, mapping), completion=_answer(row[key], mapping, key), label=label)
+
+
 REFERENCE_FIELDS = ("reference", "answer", "solution")
 
 
@@ -448,6 +489,11 @@ BUILTIN_FORMATS = (
                lambda row, m: _has("chosen", "rejected")(row, m) or "chosen_messages" in row,
                "prompt + chosen + rejected (alpaca, sharegpt, OpenAI or LLaMA-Factory v1 shape)",
                "preference"),
+    DataFormat("feedback", parse_feedback,
+               lambda row, m: m.present(row, "label") and any(m.present(row, n) for n in
+                                                               ("completion", "messages", "conversations", "output")),
+               "prompt + one answer + label: desirable or not (kto; TRL's unpaired shape, LLaMA-Factory's kto_tag)",
+               "feedback"),
     DataFormat("sharegpt", parse_sharegpt, _has("conversations"),
                "conversations: [{from, value}] with human/gpt/system/function_call/observation",
                "chat"),

@@ -59,6 +59,8 @@ def _shown(renderer: ChatRenderer, example: Example, max_length: int) -> list[tu
     if example.kind == "preference":
         pair = renderer.tokenize_preference(example)
         return [("chosen", pair.chosen), ("rejected", pair.rejected)]
+    if example.kind == "feedback":
+        return [("desirable" if example.label else "undesirable", renderer.tokenize_answer(example, example.completion))]
     if example.kind == "prompt":
         ids = renderer.prompt_ids(example.messages, example.tools)
         return [(f"prompt (reference: {example.reference!r})", Tokenized(ids, [IGNORE_INDEX] * len(ids)))]

@@ -89,7 +89,8 @@ def _strip_think(messages: list | None) -> None:
 def read_examples(source: Source, formats: dict[str, DataFormat], objective: str = "sft",
                   reasoning: str = "keep", streaming: bool = False) -> Iterator[Example]:
     """Parse a source's rows one by one; the first bad row is an error naming it."""
-    wanted = method(objective).kind
+    trains = method(objective)
+    wanted = trains.kind
     rows = iter_rows(source.path, streaming)
     if source.max_samples:
         rows = itertools.islice(rows, source.max_samples)
@@ -109,17 +110,19 @@ def read_examples(source: Source, formats: dict[str, DataFormat], objective: str
             example = fmt.parse(row, source.mapping)
         except ValueError as exc:
             raise DataError(f"{where} ({fmt.name} format): {exc}") from None
-        if example.kind != wanted:
+        if not trains.reads(example.kind):
             raise DataError(
                 f"{where}: a {example.kind} row ({fmt.name} format), but objective '{objective}' trains "
-                f"on {wanted} rows ({', '.join(f.name for f in formats.values() if f.kind == wanted)}); "
+                f"on {wanted} rows ({', '.join(f.name for f in formats.values() if trains.reads(f.kind))}); "
                 "set format: or method.objective:"
             )
         if reasoning == "strip":
-            for turns in (example.messages, example.chosen, example.rejected):
+            for turns in (example.messages, example.chosen, example.rejected, example.completion):
                 _strip_think(turns)
         example.source = where
-        yield example
+        for converted in trains.convert(example):
+            converted.source = where
+            yield converted
 
 
 def load_examples(path: Path, format: str = "auto", formats: dict[str, DataFormat] | None = None,

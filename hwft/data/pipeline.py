@@ -4,7 +4,9 @@ Each method (hwft.methods) names the batcher its examples go through; the built-
 
 sft, cpt   examples -> tokens and masks -> rows (packed or not) -> seeded micro-batches per epoch;
            streaming: example stream -> windows of ``shuffle_buffer`` -> the same per window
-dpo        preference rows -> (prompt + chosen, prompt + rejected) pairs -> micro-batches of pairs
+dpo, orpo, preference rows -> (prompt + chosen, prompt + rejected) pairs -> micro-batches of pairs
+simpo
+kto        feedback rows -> (prompt + answer, prompt + the previous row's answer) -> micro-batches
 grpo       prompt rows -> prompt token ids (+ reference answer) -> micro-batches of prompts; a
            rollout batch is one optimizer step's prompts, reused ``num_iterations`` steps
 """
@@ -15,7 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from hwft.data.batching import batches_per_epoch, make_rows, micro_batches, streamed_batches, total_steps
-from hwft.data.chat import ChatRenderer, PreferencePair, TokenizeStats, Tokenized, empty_error, tokenize_examples
+from hwft.data.chat import (ChatRenderer, FeedbackItem, PreferencePair, TokenizeStats, Tokenized, empty_error,
+                            tokenize_examples)
 from hwft.data.formats import Example
 from hwft.data.loading import TrainData
 from hwft.errors import DataError, RecipeError
@@ -37,7 +40,7 @@ class Batches:
     iterator: Iterator[tuple[int, list]]  #: endless (epoch, micro-batch of rows, pairs or prompts)
     steps: int  #: optimizer steps of the run
     stats: TokenizeStats | None  #: what tokenising found, in memory; None when streaming
-    rows: list | None  #: every row (sft, cpt), pair (dpo) or prompt (grpo), in memory; None when streaming
+    rows: list | None  #: every row (sft, cpt), pair (dpo, orpo, simpo), answer (kto) or prompt (grpo), in memory; None when streaming
     packing: bool
     unit: str = "rows"
 
@@ -52,7 +55,7 @@ class Batches:
         after the model was saved): the lookup would fail mid-step, or on an accelerator corrupt
         memory. Streamed data is checked as it is read, by the engine's embedding lookup."""
         for index, item in enumerate(self.rows or ()):
-            sequences = [item.chosen.input_ids, item.rejected.input_ids] if hasattr(item, "chosen") else [item.input_ids]
+            sequences = [t.input_ids for t in sequences_of(item)]
             highest = max((max(ids) for ids in sequences if ids), default=-1)
             if highest >= size:
                 raise DataError(
@@ -67,6 +70,15 @@ class Batches:
             dropped = f", {self.stats.dropped} longer prompts dropped" if self.stats and self.stats.dropped else ""
             return self.describe() + dropped
         return f"{self.stats.summary(max_length)}; {self.describe()}"
+
+
+def sequences_of(item) -> list[Tokenized]:
+    """The token sequences of a row, pair or feedback item."""
+    if isinstance(item, PreferencePair):
+        return [item.chosen, item.rejected]
+    if isinstance(item, FeedbackItem):
+        return [item.sequence, item.mismatched]
+    return [item]
 
 
 @dataclass
@@ -157,6 +169,44 @@ def preference_batches(data: TrainData, renderer: ChatRenderer, recipe: Recipe, 
     pairs, stats = preference_pairs(data.examples, renderer, recipe.train.max_length)
     iterator, steps = _epochs_of(pairs, recipe, ranks)
     return Batches(iterator, steps, stats, pairs, False, unit="pairs")
+
+
+def feedback_items(examples: list[Example], renderer: ChatRenderer, max_length: int) -> tuple[list[FeedbackItem], TokenizeStats]:
+    """Each feedback example's prompt with its own answer, and with the answer of the example
+    before it (the first takes the last's): KTO's mismatched pairs, fixed here, when the data is
+    prepared, as LLaMA-Factory pairs them, so that any micro-batch size (1 too) trains. TRL
+    rotates within each micro-batch instead, which needs two rows per micro-batch. Both
+    sequences are cut to ``max_length``; an example whose own answer has no token left is
+    dropped (counted)."""
+    if len(examples) < 2:
+        raise DataError(
+            f"kto needs at least 2 feedback rows (its KL baseline pairs each prompt with another row's answer); "
+            f"the data has {len(examples)}"
+        )
+    stats = TokenizeStats()
+    items = []
+    for i, example in enumerate(examples):
+        own = renderer.tokenize_answer(example, example.completion)
+        other = renderer.tokenize_answer(example, examples[i - 1].completion)
+        if max(len(own.input_ids), len(other.input_ids)) > max_length:
+            stats.truncated += 1
+            own, other = truncate(own, max_length), truncate(other, max_length)
+        if not own.num_labels:
+            stats.dropped += 1
+            continue
+        stats.examples += 1
+        stats.add(own)
+        items.append(FeedbackItem(own, other, bool(example.label)))
+    if not items:
+        raise empty_error(stats, max_length)
+    return items, stats
+
+
+def feedback_batches(data: TrainData, renderer: ChatRenderer, recipe: Recipe, ranks: int = 1,
+                     capability: Capability | None = None) -> Batches:
+    items, stats = feedback_items(data.examples, renderer, recipe.train.max_length)
+    iterator, steps = _epochs_of(items, recipe, ranks)
+    return Batches(iterator, steps, stats, items, False, unit="answers")
 
 
 def prompt_items(examples: list[Example], renderer: ChatRenderer, max_prompt_length: int) -> tuple[list[Prompt], TokenizeStats]:

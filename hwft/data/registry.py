@@ -5,8 +5,9 @@ name is looked up in the registry; its ``file_name`` (relative to the registry's
 ``formatting`` (alpaca, sharegpt, openai), ``ranking`` (preference data), ``columns``, ``tags``
 and ``num_samples`` are honoured. LLaMA-Factory's column names are translated to hwft's
 (``prompt`` -> ``instruction``, ``query`` -> ``input``, ``response`` -> ``output``, and for
-sharegpt ``messages`` -> ``conversations``). Entries that live on a hub are refused, since hwft
-never downloads data; so are multimodal and KTO columns, which no hwft objective reads.
+sharegpt ``messages`` -> ``conversations``); a ``kto_tag`` column makes the entry feedback rows
+(kto), its values the ``label``. Entries that live on a hub are refused, since hwft never
+downloads data; so are multimodal columns, which no hwft objective reads.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ UNSUPPORTED_COLUMNS = {
     "images": "images (hwft trains text-only models)",
     "videos": "videos (hwft trains text-only models)",
     "audios": "audio (hwft trains text-only models)",
-    "kto_tag": "KTO labels (hwft trains no kto yet: its objectives are sft, cpt, dpo, orpo, simpo and grpo)",
 }
 ALPACA_NAMES = {"prompt": "instruction", "query": "input", "response": "output"}
 
@@ -81,7 +81,10 @@ def lookup(registry: dict, path: Path, name: str, objective: str) -> RegistryEnt
         columns = {ALPACA_NAMES.get(k, k): v for k, v in columns.items()}
     elif formatting == "sharegpt":
         columns = {("conversations" if k == "messages" else k): v for k, v in columns.items()}
-    if entry.get("ranking"):
+    if "kto_tag" in columns:
+        fmt = "feedback"
+        columns["label"] = columns.pop("kto_tag")
+    elif entry.get("ranking"):
         fmt = "preference"
     elif kind == "text" and formatting == "alpaca":
         # LLaMA-Factory's pre-training stage reads only the prompt column.

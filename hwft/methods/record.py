@@ -1,7 +1,7 @@
 """What a method is to hwft: the record a ``hwft_register_methods`` hook registers, the
 implementations engines register for it, and the registry both end up in.
 
-A method is one module of the core (sft, cpt, dpo, orpo, simpo and grpo are :mod:`hwft.methods.sft` and its
+A method is one module of the core (sft, cpt, dpo, orpo, simpo, kto and grpo are :mod:`hwft.methods.sft` and its
 siblings; a plugin's is its own module). Its :class:`Method` record says everything the core
 decides about it: the ``method.<name>`` recipe section and its settings, the kind of example it
 trains on (the data formats that make that kind feed it), whether its rows pack, how its
@@ -50,12 +50,15 @@ class Cell:
 class Method:
     """One training method, as a recipe's ``method.objective`` names it."""
 
-    name: str  #: the method.objective value (sft, cpt, dpo, orpo, simpo, grpo, or a plugin's)
+    name: str  #: the method.objective value (sft, cpt, dpo, orpo, simpo, kto, grpo, or a plugin's)
     description: str  #: one line for `hwft plugins` and the docs
-    kind: str  #: the Example kind it trains on: chat, text, preference, prompt (hwft.data.formats)
+    kind: str  #: the Example kind it trains on: chat, text, preference, feedback, prompt (hwft.data.formats)
     #: (TrainData, ChatRenderer, Recipe, ranks, Capability) -> hwft.data.pipeline.Batches: its
     #: examples tokenised and drawn into micro-batches (or a "module:function" path to that)
     batches: str | Callable
+    #: other kinds of example it also reads, each with the function (or "module:function" path)
+    #: that turns one into examples of its own kind (kto: a preference pair into two answers)
+    converts: Mapping[str, str | Callable] = field(default_factory=dict)
     #: method.<name>: its settings, a :class:`hwft.section.Section` with help text; None: none
     section: type | None = None
     packs: bool = False  #: its rows are token sequences that data.packing may pack
@@ -73,6 +76,16 @@ class Method:
 
     def make_batches(self, data, renderer, recipe, ranks: int = 1, capability=None):
         return resolve(self.batches)(data, renderer, recipe, ranks, capability)
+
+    def reads(self, kind: str) -> bool:
+        """Whether it trains on examples of ``kind``: its own, or one it converts."""
+        return kind == self.kind or kind in self.converts
+
+    def convert(self, example) -> list:
+        """``example`` as examples of this method's kind."""
+        if example.kind == self.kind:
+            return [example]
+        return list(resolve(self.converts[example.kind])(example))
 
     def runs_reference(self, recipe) -> bool:
         return bool(self.reference and self.reference(recipe))
@@ -173,7 +186,7 @@ class MethodRegistry:
 
 
 #: Built-ins first, in the order the docs present them; plugins' methods after, by name.
-_ORDER = {name: i for i, name in enumerate(("sft", "cpt", "dpo", "orpo", "simpo", "grpo"))}
+_ORDER = {name: i for i, name in enumerate(("sft", "cpt", "dpo", "orpo", "simpo", "kto", "grpo"))}
 
 
 def collect_methods(pm) -> MethodRegistry:

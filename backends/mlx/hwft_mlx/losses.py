@@ -69,6 +69,17 @@ def simpo_loss(chosen: mx.array, rejected: mx.array, beta: float, gamma: float,
             "chosen_rewards": mx.stop_gradient(beta * chosen), "rejected_rewards": mx.stop_gradient(beta * rejected)}
 
 
+def kto_loss(logps: mx.array, ref_logps: mx.array, mismatched: mx.array, ref_mismatched: mx.array,
+             desirable: mx.array, beta: float, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0) -> dict[str, mx.array]:
+    """Per-answer KTO losses, rewards and the detached KL baseline (``hwft_torch.losses.kto_loss``)."""
+    kl = mx.maximum(mx.stop_gradient((mismatched - ref_mismatched).mean()), 0.0)
+    ratio = logps - ref_logps
+    losses = mx.where(desirable, desirable_weight * (1 - mx.sigmoid(beta * (ratio - kl))),
+                      undesirable_weight * (1 - mx.sigmoid(beta * (kl - ratio))))
+    return {"losses": losses, "rewards": mx.stop_gradient(beta * ratio), "kl": kl}
+
+
 def grpo_loss(logps: mx.array, old_logps: mx.array, ref_logps: mx.array | None, advantages: mx.array,
               mask: mx.array, beta: float, epsilon_low: float, epsilon_high: float, loss_type: str,
               normaliser: float, kl_correction: bool = True) -> tuple[mx.array, dict[str, mx.array]]:

@@ -9,6 +9,7 @@ cpt      :mod:`hwft_mlx.objective`                      ``LanguageModelling``
 dpo      :mod:`hwft_mlx.preference`                     ``Preference``
 orpo     :mod:`hwft_mlx.orpo`                           ``OddsRatio``
 simpo    :mod:`hwft_mlx.simpo`                          ``SimpleMargin``
+kto      :mod:`hwft_mlx.kto`                            ``Feedback``
 grpo     :mod:`hwft_mlx.group_relative`                 ``GroupRelative``
 =======  =============================================  ==============================
 
@@ -47,5 +48,6 @@ IMPLEMENTATIONS = (
     Implementation("dpo", ENGINE, "hwft_mlx.preference:build"),
     Implementation("orpo", ENGINE, "hwft_mlx.orpo:build"),
     Implementation("simpo", ENGINE, "hwft_mlx.simpo:build"),
+    Implementation("kto", ENGINE, "hwft_mlx.kto:build"),
     Implementation("grpo", ENGINE, "hwft_mlx.group_relative:build"),
 )

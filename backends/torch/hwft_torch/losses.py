@@ -179,6 +179,22 @@ def dpo_loss(
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
+def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, mismatched_logps: torch.Tensor,
+             ref_mismatched_logps: torch.Tensor, desirable: torch.Tensor, beta: float,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    r"""Per-answer KTO losses (:mod:`hwft.methods.kto`). With :math:`r` the answers' summed
+    log-ratios to the reference and :math:`z_0 = \max(0, \mathrm{mean}(\log\pi(y'|x) -
+    \log\pi_{ref}(y'|x)))` over the mismatched pairs (detached), a desirable answer's loss is
+    :math:`\lambda_D(1 - \sigma(eta(r - z_0)))`, an undesirable one's
+    :math:`\lambda_U(1 - \sigma(eta(z_0 - r)))`. Returns the losses, the rewards :math:`eta r`
+    (detached) and :math:`z_0` (``kl``)."""
+    kl = (mismatched_logps - ref_mismatched_logps).mean().detach().clamp(min=0)
+    ratio = logps - ref_logps
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio))))
+    return {"losses": losses, "rewards": beta * ratio.detach(), "kl": kl}
+
+
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - e^x) for x < 0, without cancellation: log(-expm1(x)) near 0, log1p(-e^x) below -ln 2."""
     return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))

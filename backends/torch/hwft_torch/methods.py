@@ -9,6 +9,7 @@ cpt      :mod:`hwft_torch.objective`                    ``LanguageModelling``
 dpo      :mod:`hwft_torch.dpo`                          ``Preference``
 orpo     :mod:`hwft_torch.orpo`                         ``OddsRatio``
 simpo    :mod:`hwft_torch.simpo`                        ``SimpleMargin``
+kto      :mod:`hwft_torch.kto`                          ``Feedback``
 grpo     :mod:`hwft_torch.grpo`                         ``GroupRelative``
 =======  =============================================  ==============================
 
@@ -51,5 +52,6 @@ IMPLEMENTATIONS = (
     Implementation("dpo", ENGINE, "hwft_torch.dpo:build"),
     Implementation("orpo", ENGINE, "hwft_torch.orpo:build"),
     Implementation("simpo", ENGINE, "hwft_torch.simpo:build"),
+    Implementation("kto", ENGINE, "hwft_torch.kto:build"),
     Implementation("grpo", ENGINE, "hwft_torch.grpo:build"),
 )
