@@ -171,6 +171,10 @@ class LoraSpec(Section):
     )
     dora: bool = Field(False, description="DoRA: learn each weight's magnitude apart from its direction.")
     rslora: bool = Field(False, description="rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r.")
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: each adapter's B matrix learns at this multiple of train.lr (A and "
+        "everything else at train.lr); the paper suggests 16. LLaMA-Factory's loraplus_lr_ratio.",
+    )
 
 
 class QLoraSpec(Section):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -235,3 +236,30 @@ def test_early_stopping_needs_held_out_evaluations(train, data, message):
     with pytest.raises(RecipeError) as err:
         recipe_from_dict({"data": {"train": [{"path": "x.jsonl"}], **data}, "train": train})
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "mlx"])
+def test_loraplus_steps_the_b_matrices_at_ratio_times_the_rate(tiny_llama, tmp_path, cli, backend):
+    """One SGD step from a fresh adapter: B starts at 0, so only B has a gradient, and LoRA+ at
+    ratio 16 moves it exactly 16 times as far as plain LoRA does; A does not move in either."""
+    from safetensors.numpy import load_file
+
+    saved = {}
+    for ratio in (None, 16.0):
+        folder = tmp_path / str(ratio)
+        folder.mkdir()
+        recipe = write_recipe(folder, tiny_llama, backend=backend,
+                              method={"lora": {"r": 8, "alpha": 16, "dropout": 0.0, "loraplus_lr_ratio": ratio}},
+                              train={"max_steps": 1, "optimizer": "sgd", "lr": 1e-2, "scheduler": "constant",
+                                     "max_grad_norm": None})
+        code, _, err = cli("train", recipe)
+        assert code == 0, err
+        saved[ratio] = load_file(folder / "out" / "adapter" / "adapter_model.safetensors")
+    plain, faster = saved[None], saved[16.0]
+    b_keys = [k for k in plain if "lora_B" in k]
+    assert b_keys and all(abs(plain[k]).max() > 0 for k in b_keys)
+    for key in plain:
+        if "lora_B" in key:
+            np.testing.assert_allclose(faster[key], 16 * plain[key], rtol=1e-5, atol=1e-9, err_msg=key)
+        else:
+            np.testing.assert_array_equal(faster[key], plain[key], err_msg=key)

@@ -25,7 +25,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from hwft import kernels
+from hwft import kernels, loraplus
 from hwft.loop import EngineRun, run_steps
 from hwft.data.chat import ChatRenderer
 from hwft.distributed import ALONE, Collective
@@ -82,12 +82,22 @@ def make_schedule(recipe: Recipe, steps: int):
 
 
 def make_optimizer(recipe: Recipe, steps: int) -> optim.Optimizer:
+    """SGD or AdamW on the schedule; with LoRA+ (:mod:`hwft.loraplus`) one for the adapters' B
+    matrices at ratio x the schedule and one for the rest (``MultiOptimizer``)."""
     t = recipe.train
     schedule = make_schedule(recipe, steps)
-    if t.optimizer == "sgd":
-        return optim.SGD(learning_rate=schedule, weight_decay=t.weight_decay)
-    return optim.AdamW(learning_rate=schedule, betas=[0.9, 0.999], eps=1e-8, weight_decay=t.weight_decay,
-                       bias_correction=True)
+    ratio = recipe.method.lora.loraplus_lr_ratio if recipe.method.tuning != "full" else None
+
+    def one(rate):
+        if t.optimizer == "sgd":
+            return optim.SGD(learning_rate=rate, weight_decay=t.weight_decay)
+        return optim.AdamW(learning_rate=rate, betas=[0.9, 0.999], eps=1e-8, weight_decay=t.weight_decay,
+                           bias_correction=True)
+
+    if not ratio:
+        return one(schedule)
+    return optim.MultiOptimizer([one(lambda step: ratio * schedule(step)), one(schedule)],
+                                [lambda path, _: loraplus.is_b_matrix(path)])
 
 
 def answer(model, tokenizer, renderer: ChatRenderer, prompt: str, max_new_tokens: int, stop: list[int]) -> str:
@@ -183,13 +193,16 @@ def train_step(step, objective, model, optimizer, schedule, value_and_grad, coll
         grads, grad_norm = optim.clip_grad_norm(grads, max_norm)
     else:
         grad_norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
-    lr = float(schedule(optimizer.step))  # what this update uses
+    parts = getattr(optimizer, "optimizers", [optimizer])  # LoRA+: a MultiOptimizer of two
+    lr = float(schedule(parts[-1].step))  # what this update uses (LoRA+: all but the B matrices)
     norm = grad_norm.item()
     if math.isfinite(norm):
         optimizer.update(model, grads)
     else:  # no update; the step still counts, so the schedule moves on
-        optimizer.state["step"] = optimizer.step + 1
-        optimizer.state["learning_rate"] = mx.array(lr)
+        for part in parts:
+            part.state["step"] = part.step + 1
+        if len(parts) == 1:
+            optimizer.state["learning_rate"] = mx.array(lr)
     mx.eval(model.parameters(), optimizer.state)
     log.end(step, lr, norm)
     return norm

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hwft import kernels
+from hwft import kernels, loraplus
 from hwft.loop import EngineRun, run_steps
 from hwft.data.chat import ChatRenderer
 from hwft.distributed import ALONE, Collective
@@ -68,8 +68,19 @@ def compute_dtype(recipe: Recipe, runtime: DeviceRuntime) -> torch.dtype:
     return DTYPES[precision]
 
 
+def trainable_groups(model, recipe: Recipe) -> list:
+    """The trainable parameters; with LoRA+ (:mod:`hwft.loraplus`) two parameter groups, the
+    others at train.lr first (the rate the log shows) and the B matrices at ratio x train.lr."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ratio = recipe.method.lora.loraplus_lr_ratio if recipe.method.tuning != "full" else None
+    if not ratio:
+        return [p for _, p in named]
+    rest, faster = loraplus.split(named)
+    return [{"params": rest, "lr": recipe.train.lr}, {"params": faster, "lr": recipe.train.lr * ratio}]
+
+
 def make_optimizer(model, recipe: Recipe, runtime: DeviceRuntime) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = trainable_groups(model, recipe)
     t = recipe.train
     if runtime.optimizer is not None:
         device_optimizer = runtime.optimizer(params, recipe)
