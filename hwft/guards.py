@@ -47,7 +47,7 @@ def out_of_memory(step: int, recipe, device: str) -> RunFailed:
         hints.append("parallel.activation_checkpointing: true")
     if m.tuning == "lora":
         hints.append("method.tuning: qlora (a 4-bit base, where the backend has it)")
-    if m.tuning == "full":
+    if m.tuning in ("full", "freeze"):
         hints.append("method.tuning: lora")
     return RunFailed(f"out of memory on {device} at step {step}; to use less: " + "; ".join(hints), 1)
 

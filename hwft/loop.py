@@ -24,6 +24,7 @@ from typing import Any
 from hwft.checkpoint import Checkpointer, EngineState
 from hwft.guards import NonFinite, is_out_of_memory, out_of_memory
 from hwft.objective import Objective
+from hwft.recipe import ADAPTER_TUNINGS
 from hwft.steplog import StepLog
 
 
@@ -121,7 +122,7 @@ def run_steps(job, run: EngineRun):
     log.close()
 
     # The result, what changed, the plot.
-    out = job.run_dir.model_dir if run.tuning == "full" else job.run_dir.adapter_dir
+    out = job.run_dir.adapter_dir if run.tuning in ADAPTER_TUNINGS else job.run_dir.model_dir
     run.save(out)
     job.log(f"saved {out}")
     if run.ask:

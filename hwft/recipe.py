@@ -31,7 +31,9 @@ from hwft.errors import RecipeError, did_you_mean
 from hwft.section import Section
 from hwft.textfile import read_text
 
-Tuning = Literal["full", "lora", "qlora"]
+Tuning = Literal["full", "freeze", "lora", "qlora"]
+#: The tunings that train a LoRA adapter (saved as adapter/); full and freeze save model/.
+ADAPTER_TUNINGS = ("lora", "qlora")
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
@@ -191,6 +193,28 @@ class QLoraSpec(Section):
     )
 
 
+class FreezeSpec(Section):
+    trainable_layers: int = Field(
+        2, description="freeze tuning: the last N decoder layers train (N < 0: the first |N|); "
+        "LLaMA-Factory's freeze_trainable_layers.",
+    )
+    trainable_modules: Literal["all"] | list[str] = Field(
+        "all", description="Within those layers, all or the module names that train (mlp, self_attn, q_proj, "
+        "...); LLaMA-Factory's freeze_trainable_modules.",
+    )
+    extra_modules: list[str] = Field(
+        default_factory=list, description="Modules outside the decoder layers that train too (embed_tokens, "
+        "lm_head, norm); LLaMA-Factory's freeze_extra_modules.",
+    )
+
+    @field_validator("trainable_layers")
+    @classmethod
+    def _not_zero(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("0 layers would train nothing; give N > 0 (the last N) or N < 0 (the first |N|)")
+        return value
+
+
 class MethodSpec(Section):
     """What the loss is and which weights move. Every registered method (hwft.methods) has its
     own section here, ``method.<name>``, validated by its own spec and filled with its defaults
@@ -202,9 +226,16 @@ class MethodSpec(Section):
         "sft", description="What the loss is: a registered method (sft, cpt, dpo, orpo, simpo, kto, grpo, or a plugin's; "
         "`hwft plugins` lists them)."
     )
-    tuning: Tuning = Field("lora", description="Which weights move: full, lora or qlora.")
+    tuning: Tuning = Field("lora", description="Which weights move: full, freeze (some layers, whole), lora or "
+                           "qlora.")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter settings (lora, qlora).")
+    freeze: FreezeSpec = Field(default_factory=FreezeSpec, description="Which layers train (freeze).")
     qlora: QLoraSpec = Field(default_factory=QLoraSpec, description="Quantisation (qlora).")
+
+    @property
+    def adapter(self) -> bool:
+        """Whether the tuning trains a LoRA adapter (lora, qlora) rather than the model's own weights."""
+        return self.tuning in ADAPTER_TUNINGS
 
     @classmethod
     def sections(cls) -> dict[str, type[BaseModel]]:
@@ -426,9 +457,9 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _adapter_needs_lora(self) -> Recipe:
-        if self.model.adapter and self.method.tuning == "full":
+        if self.model.adapter and not self.method.adapter:
             raise ValueError(
-                "model.adapter continues a LoRA adapter, but method.tuning is full; set "
+                f"model.adapter continues a LoRA adapter, but method.tuning is {self.method.tuning}; set "
                 "method.tuning: lora (or qlora), or remove model.adapter"
             )
         return self

@@ -65,7 +65,9 @@ class Capability:
     tunings: tuple[str, ...] = ()
 
     def runs(self, objective: str, tuning: str) -> bool:
-        return tuning in self.methods.get(objective, ())
+        """Whether it runs ``objective`` with ``tuning``; freeze (some layers of the whole model)
+        runs wherever full does."""
+        return ("full" if tuning == "freeze" else tuning) in self.methods.get(objective, ())
 
     def to_json(self) -> dict:
         d = asdict(self)

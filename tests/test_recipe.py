@@ -49,7 +49,7 @@ def test_every_section_is_defined_now():
         ("data: d.jsonl\ntrian: {}\n", "unknown key 'trian'; did you mean 'train'?"),
         ("data: d.jsonl\ntrain: {lr: fast}\n", "train.lr: expected a number, got 'fast'"),
         ("data: d.jsonl\ntrain: {micro_batch_size: 2.5}\n", "train.micro_batch_size: expected an integer"),
-        ("data: d.jsonl\nmethod: {tuning: lorra}\n", "method.tuning: 'lorra' is not allowed; expected one of 'full', 'lora' or 'qlora'"),
+        ("data: d.jsonl\nmethod: {tuning: lorra}\n", "method.tuning: 'lorra' is not allowed; expected one of 'full', 'freeze', 'lora' or 'qlora'"),
         ("model: x\n", "missing required key 'data'"),
         ("data: {train: [{path: a.json, formatt: alpaca}]}\n", "did you mean 'data.train[0].format'?"),
         ("data: d.jsonl\ntrain: {lr: [1\n", "is not valid YAML at line"),

@@ -263,3 +263,31 @@ def test_loraplus_steps_the_b_matrices_at_ratio_times_the_rate(tiny_llama, tmp_p
             np.testing.assert_allclose(faster[key], 16 * plain[key], rtol=1e-5, atol=1e-9, err_msg=key)
         else:
             np.testing.assert_array_equal(faster[key], plain[key], err_msg=key)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "mlx"])
+def test_freeze_trains_the_last_layers_and_saves_the_whole_model(tiny_llama, tmp_path, cli, backend):
+    """tuning: freeze with trainable_layers 1 on the 2-layer model: layer 1's weights move, layer
+    0's, the embeddings' and the final norm's do not; model/ is the whole model, as full saves it."""
+    from safetensors.numpy import load_file
+
+    recipe = write_recipe(tmp_path, tiny_llama, backend=backend,
+                          method={"tuning": "freeze", "freeze": {"trainable_layers": 1}}, train={"lr": 1e-2})
+    code, _, err = cli("train", recipe)
+    assert code == 0, err
+    before = load_file(tiny_llama / "model.safetensors")
+    after = load_file(tmp_path / "out" / "model" / "model.safetensors")
+    assert set(after) == set(before)
+    moved = sorted(k for k in before if not np.array_equal(before[k], after[k].astype(before[k].dtype)))
+    assert moved and all(k.startswith("model.layers.1.") for k in moved), moved
+    assert len(moved) == len([k for k in before if k.startswith("model.layers.1.")])
+
+
+@pytest.mark.parametrize("freeze, message", [
+    ({"trainable_layers": 1, "trainable_modules": ["mlp", "atention"]}, "method.freeze: atention names no module"),
+    ({"trainable_layers": 0}, "0 layers would train nothing"),
+])
+def test_freeze_refusals(tiny_llama, tmp_path, cli, freeze, message):
+    recipe = write_recipe(tmp_path, tiny_llama, method={"tuning": "freeze", "freeze": freeze})
+    code, _, err = cli("train", recipe)
+    assert code == 2 and message in err, err

@@ -33,7 +33,7 @@ def step_flops(step: dict, dims: dict, tuning: str, reference_forward: bool = Fa
     attention = 4 * dims["attention"] * attended
     head = 2 * dims["head"] * trained
     adapter = 2 * dims.get("adapter", 0) * tokens
-    if tuning == "full":
+    if tuning in ("full", "freeze"):  # freeze: the backward still runs through the layers above
         total = 3 * (body + attention + head)
     else:
         total = 2 * (body + head) + 3 * (attention + adapter)

@@ -40,6 +40,7 @@ from hwft_mlx.distributed import join
 from hwft_mlx.modeling import (
     DTYPES,
     add_lora,
+    freeze_layers,
     load_model,
     load_peft_adapter,
     architecture,
@@ -86,7 +87,7 @@ def make_optimizer(recipe: Recipe, steps: int) -> optim.Optimizer:
     matrices at ratio x the schedule and one for the rest (``MultiOptimizer``)."""
     t = recipe.train
     schedule = make_schedule(recipe, steps)
-    ratio = recipe.method.lora.loraplus_lr_ratio if recipe.method.tuning != "full" else None
+    ratio = recipe.method.lora.loraplus_lr_ratio if recipe.method.adapter else None
 
     def one(rate):
         if t.optimizer == "sgd":
@@ -119,13 +120,13 @@ def answer(model, tokenizer, renderer: ChatRenderer, prompt: str, max_new_tokens
 def refuse_early(job: Job) -> None:
     """What the MLX backend cannot do, refused before any weight loads."""
     m = job.recipe.method
-    if m.tuning != "full" and m.lora.dora and not job.recipe.model.adapter:
+    if m.adapter and m.lora.dora and not job.recipe.model.adapter:
         raise UserError("method.lora.dora: the MLX backend has no DoRA; set dora: false, or run on a torch backend")
 
 
 def prepare_model(job: Job, model_path, dtype: str) -> tuple[nn.Module, str]:
     """The model with its tuning: frozen base + LoRA (a new adapter or model.adapter), the
-    base quantised first for qlora, or every weight trainable (full)."""
+    base quantised first for qlora, every weight trainable (full), or some layers' (freeze)."""
     recipe, m = job.recipe, job.recipe.method
     model, _ = load_model(model_path, recipe.model.trust_remote_code)
     if dtype != "fp32":
@@ -142,6 +143,8 @@ def prepare_model(job: Job, model_path, dtype: str) -> tuple[nn.Module, str]:
             detail += f", continuing the adapter {recipe.model.adapter} (r={spec.r})"
         else:
             add_lora(model, m.lora, recipe.train.seed)
+    elif m.tuning == "freeze":
+        detail = f", {freeze_layers(model, m.freeze)} tensors of the chosen layers"
     else:
         model.unfreeze()
     return model, detail
@@ -155,7 +158,7 @@ def make_objective(setup: Setup) -> MlxObjective:
 
 def write_result(job: Job, model, tokenizer, model_path, folder) -> None:
     """An adapter (PEFT format) or the full model (HF safetensors) with the tokenizer."""
-    if job.recipe.method.tuning == "full":
+    if not job.recipe.method.adapter:
         save_full_model(model, model_path, folder)
     else:
         save_peft_adapter(model, folder, job.recipe.method.lora, str(model_path))

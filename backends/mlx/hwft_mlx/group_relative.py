@@ -150,7 +150,7 @@ def build(setup) -> GroupRelative:
 
     job, recipe = setup.job, setup.job.recipe
     spec = recipe.method.grpo
-    reference = Reference(setup.model, adapters=recipe.method.tuning != "full") if spec.beta > 0 else None
+    reference = Reference(setup.model, adapters=recipe.method.adapter) if spec.beta > 0 else None
     rollouts = job.run_dir.path / "rollouts.jsonl" if job.world.main else None
     return GroupRelative(setup.batches, spec, recipe.train.gradient_accumulation_steps, setup.tokenizer,
                          get_host().rewards(), reference, rollouts, setup.stop, setup.collective)

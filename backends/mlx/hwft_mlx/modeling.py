@@ -283,6 +283,22 @@ def load_peft_adapter(model: nn.Module, folder: Path, dropout: float | None = No
 # Full models
 
 
+def freeze_layers(model: nn.Module, spec) -> int:
+    """freeze tuning (:mod:`hwft.freeze`): every weight frozen but the chosen layers' (spec:
+    hwft.recipe.FreezeSpec); returns how many tensors train."""
+    from mlx.utils import tree_flatten
+
+    from hwft.freeze import trainable
+
+    model.freeze()
+    chosen = trainable([path for path, _ in tree_flatten(model.parameters())], spec)
+    modules = dict(model.named_modules())
+    for path in chosen:
+        owner, _, key = path.rpartition(".")
+        modules[owner].unfreeze(recurse=False, keys=[key])
+    return len(chosen)
+
+
 def save_full_model(model: nn.Module, source: Path, out: Path) -> None:
     """The model's weights as HF safetensors (mlx-lm keeps HF's names for these families),
     with the source folder's config.json and generation_config.json, for transformers."""

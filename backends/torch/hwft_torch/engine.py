@@ -72,7 +72,7 @@ def trainable_groups(model, recipe: Recipe) -> list:
     """The trainable parameters; with LoRA+ (:mod:`hwft.loraplus`) two parameter groups, the
     others at train.lr first (the rate the log shows) and the B matrices at ratio x train.lr."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    ratio = recipe.method.lora.loraplus_lr_ratio if recipe.method.tuning != "full" else None
+    ratio = recipe.method.lora.loraplus_lr_ratio if recipe.method.adapter else None
     if not ratio:
         return [p for _, p in named]
     rest, faster = loraplus.split(named)

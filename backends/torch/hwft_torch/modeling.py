@@ -89,7 +89,20 @@ def load_model(path: Path, recipe: Recipe, device: torch.device, tuning: str, co
         model.config.use_cache = False
     if tuning in ("lora", "qlora"):
         model = add_lora(model, recipe)
+    elif tuning == "freeze":
+        freeze_layers(model, recipe.method.freeze)
     return model
+
+
+def freeze_layers(model, spec) -> int:
+    """freeze tuning (:mod:`hwft.freeze`): gradients only for the chosen layers' weights (spec:
+    hwft.recipe.FreezeSpec); returns how many tensors train."""
+    from hwft.freeze import trainable
+
+    chosen = trainable([name for name, _ in model.named_parameters()], spec)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name in chosen)
+    return len(chosen)
 
 
 def add_lora(model, recipe: Recipe):
