@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hwft.errors import ModelError, SelectionError
+from hwft.errors import ModelError, SelectionError, UserError
 from hwft.models import check_adapter, check_remote_code, load_tokenizer, materialise, resolve_model
 
 
@@ -50,6 +50,23 @@ class Trained:
 
     def describe(self) -> str:
         return f"{self.weights} + adapter {self.adapter}" if self.adapter else str(self.weights)
+
+    @property
+    def head(self) -> str:
+        """``score`` for a reward model (a PEFT SEQ_CLS adapter, or a model whose config names a
+        ...ForSequenceClassification architecture), else ``causal_lm``: hwft.methods.Method.head."""
+        if self.adapter is not None:
+            config = _json(self.adapter / "adapter_config.json")
+            return "score" if config.get("task_type") == "SEQ_CLS" else "causal_lm"
+        architectures = _json(self.weights / "config.json").get("architectures") or []
+        return "score" if any(a.endswith("ForSequenceClassification") for a in architectures) else "causal_lm"
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
 
 
 def _read_run_recipe(folder: Path):
@@ -164,6 +181,17 @@ class Session:
         """fp32 logits (numpy, sequence x vocabulary) of one sequence."""
         raise NotImplementedError
 
+    def rewards(self, sequences: list[list[int]], batch_size: int = 4) -> list[float]:
+        """A reward model's scalar reward of each token sequence (read at its last token)."""
+        raise ModelError(f"the {self.backend} backend does not score with reward models (hwft.methods.rm); "
+                         "use a torch backend (--backend cpu)")
+
+    def conversation_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """A whole conversation's token ids, rendered as training renders it (what a reward
+        model trained on such conversations scores)."""
+        text = self.renderer.render(messages, tools)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     # -- shared ---------------------------------------------------------------------------------
     def prompt_ids(self, messages: list[dict] | str) -> list[int]:
         """The conversation rendered with the chat template, ending where the assistant speaks;
@@ -185,6 +213,9 @@ class Session:
         """The reply as text pieces, as soon as they decode (a piece never ends mid-character)."""
         from hwft.models import stop_token_ids
 
+        if self.trained.head == "score":
+            raise UserError(f"{self.trained.describe()} is a reward model: it scores answers and does not write "
+                            "them (hwft eval reports its pairwise accuracy)")
         sampling = sampling or Sampling()
         stop = set(stop_token_ids(self.tokenizer))
         ids: list[int] = []

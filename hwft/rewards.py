@@ -118,10 +118,36 @@ def length_penalty(samples: list[Sample], target: int = 32, limit: int | None = 
     return out
 
 
+_SESSIONS: dict[tuple[str, str], object] = {}
+
+
+def reward_model(samples: list[Sample], path: str, backend: str = "auto", batch_size: int = 8) -> list[float]:
+    """The reward a trained reward model (objective rm: its run folder, or the run's adapter/
+    or model/, relative to the working directory) gives each completion as the answer to its
+    prompt, the conversation rendered with that model's chat template. Loaded once per run."""
+    from hwft.inference import inference_backends, open_session, open_trained
+    from hwft.plugins import get_host
+
+    key = (str(path), backend)
+    if key not in _SESSIONS:
+        trained = open_trained(path)
+        if trained.head != "score":
+            raise RecipeError(f"reward reward_model: {path} is not a reward model (train one with objective rm)")
+        if backend == "auto":  # the best available torch backend: torch sessions score
+            host = get_host()
+            backend = next((b for b in inference_backends(host) if host.backend(b).engine == "torch"), "cpu")
+        _SESSIONS[key] = open_session(trained, backend)
+    session = _SESSIONS[key]
+    ids = [session.conversation_ids([{"role": "user", "content": s.prompt}, {"role": "assistant", "content": s.completion}])
+           for s in samples]
+    return session.rewards(ids, batch_size)
+
+
 BUILTIN_REWARDS = (
     Reward("exact_match", exact_match, "1 if the final answer equals the row's reference answer"),
     Reward("format", format_reward, "1 if the completion matches args.pattern (default <think>..<answer>..)"),
     Reward("length_penalty", length_penalty, "0 up to args.target tokens, down to -1 at args.limit"),
+    Reward("reward_model", reward_model, "the score of a trained reward model (objective rm) at args.path"),
 )
 
 

@@ -212,7 +212,8 @@ def test_reward_plugin_registered_through_the_hook(vowels):
     assert total == [1.0, 1.0]
 
 
-@pytest.mark.parametrize("name", ["quickstart", "cpt", "dpo", "orpo", "simpo", "kto", "grpo", "qlora", "data-mix", "evaluate"])
+@pytest.mark.parametrize("name", ["quickstart", "cpt", "dpo", "orpo", "simpo", "kto", "rm", "grpo", "qlora", "data-mix",
+                                  "evaluate"])
 def test_shipped_recipes_validate_and_say_how_to_run(name, cli):
     """One recipe per objective in configs/, each starting with the command that runs it."""
     from tests.conftest import REPO
@@ -301,3 +302,80 @@ def test_lora_on_the_listed_modules_only(tiny_llama, tmp_path, cli, backend):
     tensors = load_file(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
     adapted = {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in tensors}
     assert adapted == {"q_proj", "v_proj"}, sorted(tensors)
+
+
+# --- rm: reward models, and what uses them -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reward_models(tiny_llama, tmp_path_factory):
+    """rm trained on the cell pairs for 8 steps: LoRA on cpu, LoRA and full on mlx."""
+    from hwft import cli as hwft_cli
+    from hwft.plugins import reset_host
+
+    out = {}
+    for backend, tuning in (("cpu", "lora"), ("mlx", "lora"), ("mlx", "full")):
+        folder = tmp_path_factory.mktemp(f"rm-{backend}-{tuning}")
+        recipe = cell_recipe(folder, tiny_llama, "rm", tuning, backend=backend, train={"max_steps": 8})
+        reset_host()
+        assert hwft_cli.main(["train", str(recipe)]) == 0
+        out[backend, tuning] = folder / "out"
+    return out
+
+
+@pytest.mark.parametrize("backend, tuning", [("cpu", "lora"), ("mlx", "lora"), ("mlx", "full")])
+def test_a_reward_model_loads_in_transformers_and_hwft_eval_scores_its_pairs(reward_models, tmp_path, cli,
+                                                                             backend, tuning):
+    """Either engine saves what transformers loads as AutoModelForSequenceClassification (the
+    score head in the adapter, as PEFT's SEQ_CLS saves it, or in the whole model), and `hwft
+    eval --data pairs` reports the pairwise accuracy training reached."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from hwft.testing.cells import write_jsonl
+
+    run = reward_models[backend, tuning]
+    last = metrics(run)[-1]
+    if tuning == "lora":
+        config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+        assert config["task_type"] == "SEQ_CLS" and "score" in config["modules_to_save"]
+        base = AutoModelForSequenceClassification.from_pretrained(config["base_model_name_or_path"], num_labels=1)
+        model = PeftModel.from_pretrained(base, run / "adapter")
+        assert model.base_model.model.score.modules_to_save["default"].weight.abs().sum() > 0
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(run / "model")
+        assert model.config.num_labels == 1 and model.config.architectures == ["LlamaForSequenceClassification"]
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    code, out, err = cli("eval", run, "--data", data, "--json")
+    assert code == 0, err
+    result = json.loads(out)["results"]
+    assert list(result) == ["fine-tuned"], "a reward model has no base to compare with"
+    assert result["fine-tuned"]["pairs"] == len(PAIRS)
+    assert result["fine-tuned"]["pairwise_accuracy"] >= 0.75 and last["rewards/accuracy"] >= 0.75, (result, last)
+    assert result["fine-tuned"]["reward_margin"] > 0
+
+
+def test_a_reward_model_rewards_grpo(reward_models, tiny_llama, tmp_path, cli):
+    """rewards: [{name: reward_model, args: {path: ...}}] scores GRPO's rollouts with it."""
+    recipe = cell_recipe(tmp_path, tiny_llama, "grpo", "lora", train={"max_steps": 2},
+                         method={"grpo": {"num_generations": 2, "max_new_tokens": 6, "rewards": [
+                             {"name": "reward_model", "args": {"path": str(reward_models["cpu", "lora"])}}]}})
+    code, _, err = cli("train", recipe)
+    assert code == 0, err
+    run = metrics(tmp_path / "out")
+    assert all("rewards/reward_model/mean" in m for m in run) and any(m["rewards/reward_model/std"] > 0 for m in run)
+
+
+def test_reward_model_refusals(reward_models, tiny_llama, tmp_path, cli):
+    recipe = cell_recipe(tmp_path, tiny_llama, "rm", "lora", eval={"prompts": ["Hi"]})
+    code, _, err = cli("train", recipe)
+    assert code == 2 and "eval.prompts: a reward model (objective rm) scores answers" in err, err
+    code, _, err = cli("chat", reward_models["cpu", "lora"], "--prompt", "Hi")
+    assert code == 2 and "is a reward model: it scores answers and does not write them" in err, err
+    code, _, err = cli("export", reward_models["cpu", "lora"], "--to", "gguf", "--out", tmp_path / "rm.gguf")
+    assert code == 2 and "is a reward model; hwft export writes language models" in err, err
+    recipe = cell_recipe(tmp_path, tiny_llama, "grpo", "lora",
+                         method={"grpo": {"num_generations": 2, "max_new_tokens": 6,
+                                          "rewards": [{"name": "reward_model", "args": {"path": str(tiny_llama)}}]}})
+    code, _, err = cli("train", recipe)
+    assert code == 2 and "is not a reward model (train one with objective rm)" in err, err

@@ -152,9 +152,33 @@ def test_logits_loss_and_gradients_match_torch(family, request, tmp_path):
                 assert np.abs(g - t).max() <= 1e-4 * max(np.abs(t).max(), 1e-6) + 1e-7, (path, ours)
 
 
+def test_reward_head_reads_what_transformers_reads(tiny_llama):
+    """The same weights and score head: MLX's reward of right-padded rows (the head on the last
+    non-padding token's hidden state) equals transformers' LlamaForSequenceClassification's."""
+    from transformers import AutoModelForSequenceClassification
+
+    from hwft.data.batching import pad
+    from hwft_mlx.modeling import add_score_head, load_model
+    from hwft_mlx.rm import sequence_rewards
+
+    torch.manual_seed(0)
+    reference = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1).eval()
+    reference.config.pad_token_id = 2
+    model, _ = load_model(tiny_llama)
+    add_score_head(model, seed=0)
+    model.score.weight = mx.array(reference.score.weight.detach().numpy())
+    rows = rows_of(tiny_llama, packing=False)
+    ids = pad(rows, 2)["input_ids"]
+    assert len({len(r.input_ids) for r in rows}) > 1, "rows of different lengths, so padding is read past"
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor(ids), attention_mask=torch.tensor(pad(rows, 2)["attention_mask"]))
+    got = np.array(sequence_rewards(model, ids, 2))
+    assert np.abs(got - expected.logits.squeeze(-1).numpy()).max() < 1e-4
+
+
 def test_mlx_losses_hold_to_the_torch_reference():
-    """DPO (every variant), ORPO, SimPO, KTO and GRPO (every aggregation, clipped, with KL) on
-    the same numbers."""
+    """DPO (every variant), ORPO, SimPO, KTO, the reward model's and GRPO (every aggregation,
+    clipped, with KL) on the same numbers."""
     from hwft_mlx import losses as ours
     from hwft_torch import losses as reference
 
@@ -177,6 +201,10 @@ def test_mlx_losses_hold_to_the_torch_reference():
         assert set(got) == set(keys) == set(want), kind
         for key in keys:
             assert np.allclose(np.array(got[key]), want[key].numpy(), atol=1e-5), (kind, key)
+    for margin, center in ((0.0, 0.0), (0.5, 0.01)):
+        want = reference.reward_model_loss(torch.tensor(c), torch.tensor(r), margin, center)
+        got = ours.reward_model_loss(mx.array(c), mx.array(r), margin, center)
+        assert np.allclose(np.array(got), want.numpy(), atol=1e-4), ("rm", margin, center)
     # kto: a positive and a clamped (negative) KL baseline, both weights
     desirable = np.array([True, False, True, True, False, False])
     for shift in (2.0, -2.0):

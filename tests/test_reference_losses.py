@@ -309,3 +309,47 @@ def test_kto_loss_equals_trl(tiny_llama, tokenizer, tmp_path, weights):
     metrics = objective.log_metrics()
     for key in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert metrics[key] == pytest.approx(logged[key], abs=1e-5), key
+
+
+@pytest.mark.parametrize("margin, center", [(0.0, 0.0), (0.5, 0.01)])
+def test_reward_model_loss_equals_trl(tiny_llama, tokenizer, tmp_path, margin, center):
+    """rm is ``trl.RewardTrainer.compute_loss`` on the same sequences: the Bradley-Terry loss of
+    the score head's rewards at each row's last token, with TRL's margin input and its
+    center_rewards_coefficient; accuracy and margin as TRL logs them."""
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    from hwft.methods.rm import RmSpec
+    from hwft_torch.dpo import pair_tensors
+    from hwft_torch.rm import RewardModel
+
+    torch.manual_seed(5)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_llama, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    with torch.no_grad():  # a head that tells the answers apart, so the loss is not ln 2
+        model.score.weight.normal_(0, 1.0)
+    pairs = _pairs(tokenizer)
+    trainer = RewardTrainer(
+        model=model,
+        args=RewardConfig(output_dir=str(tmp_path), center_rewards_coefficient=center or None, report_to=[],
+                          per_device_train_batch_size=2, use_cpu=True, bf16=False),
+        train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}] * 2),
+        processing_class=tokenizer,
+    )
+    model.train()
+    batch = pair_tensors(pairs, tokenizer.pad_token_id, torch.device("cpu"))
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if margin:
+        inputs["margin"] = torch.full((len(pairs),), margin)
+    expected = trainer.compute_loss(trainer.model, inputs).item()
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+    objective = RewardModel(None, RmSpec(margin=margin, center_rewards_coefficient=center), 1,
+                            tokenizer.pad_token_id, torch.device("cpu"))
+    got = objective.loss(model, (pairs, len(pairs))).value.item()
+    assert got == pytest.approx(expected, abs=1e-5)
+    assert abs(expected - 0.6931) > 1e-2, "the rewards must differ so the loss is not ln 2"
+    metrics = objective.log_metrics()
+    assert metrics["rewards/accuracy"] == pytest.approx(logged["accuracy"], abs=1e-6)
+    assert metrics["rewards/margins"] == pytest.approx(logged["margin"], abs=1e-5)

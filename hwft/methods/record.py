@@ -1,7 +1,7 @@
 """What a method is to hwft: the record a ``hwft_register_methods`` hook registers, the
 implementations engines register for it, and the registry both end up in.
 
-A method is one module of the core (sft, cpt, dpo, orpo, simpo, kto and grpo are :mod:`hwft.methods.sft` and its
+A method is one module of the core (sft, cpt, dpo, orpo, simpo, kto, rm and grpo are :mod:`hwft.methods.sft` and its
 siblings; a plugin's is its own module). Its :class:`Method` record says everything the core
 decides about it: the ``method.<name>`` recipe section and its settings, the kind of example it
 trains on (the data formats that make that kind feed it), whether its rows pack, how its
@@ -50,7 +50,7 @@ class Cell:
 class Method:
     """One training method, as a recipe's ``method.objective`` names it."""
 
-    name: str  #: the method.objective value (sft, cpt, dpo, orpo, simpo, kto, grpo, or a plugin's)
+    name: str  #: the method.objective value (sft, cpt, dpo, orpo, simpo, kto, rm, grpo, or a plugin's)
     description: str  #: one line for `hwft plugins` and the docs
     kind: str  #: the Example kind it trains on: chat, text, preference, feedback, prompt (hwft.data.formats)
     #: (TrainData, ChatRenderer, Recipe, ranks, Capability) -> hwft.data.pipeline.Batches: its
@@ -59,6 +59,10 @@ class Method:
     #: other kinds of example it also reads, each with the function (or "module:function" path)
     #: that turns one into examples of its own kind (kto: a preference pair into two answers)
     converts: Mapping[str, str | Callable] = field(default_factory=dict)
+    #: what the model outputs: ``causal_lm`` (next-token logits: every method that generates) or
+    #: ``score`` (one scalar per sequence from a head on the last hidden state: a reward model,
+    #: saved so that transformers' AutoModelForSequenceClassification loads it)
+    head: str = "causal_lm"
     #: method.<name>: its settings, a :class:`hwft.section.Section` with help text; None: none
     section: type | None = None
     packs: bool = False  #: its rows are token sequences that data.packing may pack
@@ -186,7 +190,7 @@ class MethodRegistry:
 
 
 #: Built-ins first, in the order the docs present them; plugins' methods after, by name.
-_ORDER = {name: i for i, name in enumerate(("sft", "cpt", "dpo", "orpo", "simpo", "kto", "grpo"))}
+_ORDER = {name: i for i, name in enumerate(("sft", "cpt", "dpo", "orpo", "simpo", "kto", "rm", "grpo"))}
 
 
 def collect_methods(pm) -> MethodRegistry:

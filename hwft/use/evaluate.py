@@ -12,6 +12,10 @@ hold-out), for the fine-tuned model and its base, in one table:
   subsequence of tokens, ``rouge-score`` with stemming) and corpus **BLEU** (``sacrebleu``).
 
 Both packages compute locally; nothing is fetched (``evaluate.load`` would reach a hub).
+
+A reward model (``objective: rm``) is scored on preference pairs instead: **pairwise accuracy**,
+the share of pairs whose chosen answer gets the higher reward, and the mean **reward margin**
+:math:`r(x, y_c) - r(x, y_r)`. It has no base to compare with (the base has no score head).
 """
 
 from __future__ import annotations
@@ -96,6 +100,18 @@ def score(session: Session, examples: list, max_length: int, max_new_tokens: int
     return out
 
 
+def pairwise(session: Session, examples: list, max_length: int, batch_size: int) -> dict:
+    """A reward model's pairwise accuracy and mean margin on the preference examples."""
+    from hwft.data.pipeline import preference_pairs
+
+    pairs, _ = preference_pairs([e for e in examples if e.kind == "preference"], session.renderer, max_length)
+    chosen = session.rewards([p.chosen.input_ids for p in pairs], batch_size)
+    rejected = session.rewards([p.rejected.input_ids for p in pairs], batch_size)
+    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    return {"pairwise_accuracy": sum(m > 0 for m in margins) / len(margins),
+            "reward_margin": sum(margins) / len(margins), "pairs": len(margins)}
+
+
 def base_of(trained: Trained) -> Trained | None:
     """The model the fine-tune started from: the base under an adapter, or the run's model."""
     if trained.adapter is not None:
@@ -106,7 +122,8 @@ def base_of(trained: Trained) -> Trained | None:
     return None
 
 
-ROWS = (("loss", "eval loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"),
+ROWS = (("pairwise_accuracy", "pairwise accuracy", "{:.3f}"), ("reward_margin", "mean reward margin", "{:.3f}"),
+        ("loss", "eval loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"),
         ("exact_match", "exact match", "{:.3f}"), ("rouge_l", "ROUGE-L F1", "{:.3f}"), ("bleu", "BLEU", "{:.2f}"))
 
 
@@ -130,7 +147,8 @@ def run(args) -> int:
     examples, where = evaluation_examples(trained, args.data)
     max_length = args.max_length or (trained.recipe.train.max_length if trained.recipe is not None else 1024)
     models = [("fine-tuned", trained)]
-    base = None if args.no_base else base_of(trained)
+    scores = trained.head == "score"  # a reward model: pairwise accuracy, and no base to compare
+    base = None if args.no_base or scores else base_of(trained)
     if base is not None:
         models.insert(0, ("base", base))
     results = {}
@@ -138,7 +156,10 @@ def run(args) -> int:
         session = open_session(model, args.backend, args.precision)
         print(f"hwft eval: {name} ({model.describe()}) on {session.backend}: {len(examples)} examples from {where}",
               file=sys.stderr, flush=True)
-        results[name] = score(session, examples, max_length, args.max_new_tokens, args.limit, args.batch_size)
+        if scores:
+            results[name] = pairwise(session, examples, max_length, args.batch_size)
+        else:
+            results[name] = score(session, examples, max_length, args.max_new_tokens, args.limit, args.batch_size)
         del session
     report = {"schema": SCHEMA, "target": str(args.target), "data": where, "examples": len(examples),
               "backend": args.backend, "max_new_tokens": args.max_new_tokens, "results": results}

@@ -102,6 +102,10 @@ def verify(trained: Trained, path: Path, to: str, gguf_type: str = "q8_0") -> di
 
 def run(args) -> int:
     trained = open_trained(args.target, base=args.base, trust_remote_code=args.trust_remote_code)
+    if trained.head == "score":
+        raise UserError(f"{trained.describe()} is a reward model; hwft export writes language models (gguf, mlx, "
+                        "merged safetensors). Use the run's model/ or adapter/ folder as it is: transformers loads "
+                        "it with AutoModelForSequenceClassification")
     out = Path(args.out).expanduser() if args.out else default_out(trained, args.to, args.gguf_type)
     path = export(trained, args.to, out, args.gguf_type, args.dtype, args.mlx_bits, args.overwrite,
                   log=lambda m: print(m, file=sys.stderr))

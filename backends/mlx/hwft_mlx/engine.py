@@ -31,6 +31,7 @@ from hwft.data.chat import ChatRenderer
 from hwft.distributed import ALONE, Collective
 from hwft.errors import UserError
 from hwft.job import Job, Result
+from hwft.methods import method
 from hwft.models import stop_token_ids
 from hwft.plugins import get_host
 from hwft.steplog import StepLog
@@ -40,6 +41,7 @@ from hwft_mlx.distributed import join
 from hwft_mlx.modeling import (
     DTYPES,
     add_lora,
+    add_score_head,
     freeze_layers,
     load_model,
     load_peft_adapter,
@@ -147,6 +149,9 @@ def prepare_model(job: Job, model_path, dtype: str) -> tuple[nn.Module, str]:
         detail = f", {freeze_layers(model, m.freeze)} tensors of the chosen layers"
     else:
         model.unfreeze()
+    if method(m.objective).head == "score":  # a reward model: a new scalar head, trained in full
+        add_score_head(model, recipe.train.seed)
+        detail += ", a new score head"
     return model, detail
 
 
@@ -159,7 +164,7 @@ def make_objective(setup: Setup) -> MlxObjective:
 def write_result(job: Job, model, tokenizer, model_path, folder) -> None:
     """An adapter (PEFT format) or the full model (HF safetensors) with the tokenizer."""
     if not job.recipe.method.adapter:
-        save_full_model(model, model_path, folder)
+        save_full_model(model, model_path, folder, tokenizer.pad_token_id)
     else:
         save_peft_adapter(model, folder, job.recipe.method.lora, str(model_path))
     tokenizer.save_pretrained(folder)

@@ -80,6 +80,15 @@ def kto_loss(logps: mx.array, ref_logps: mx.array, mismatched: mx.array, ref_mis
     return {"losses": losses, "rewards": mx.stop_gradient(beta * ratio), "kl": kl}
 
 
+def reward_model_loss(chosen: mx.array, rejected: mx.array, margin: float = 0.0,
+                      center_coefficient: float = 0.0) -> mx.array:
+    """Per-pair Bradley-Terry losses of a reward model (``hwft_torch.losses.reward_model_loss``)."""
+    losses = -nn.log_sigmoid(chosen - rejected - margin)
+    if center_coefficient:
+        losses = losses + center_coefficient * (chosen + rejected) ** 2
+    return losses
+
+
 def grpo_loss(logps: mx.array, old_logps: mx.array, ref_logps: mx.array | None, advantages: mx.array,
               mask: mx.array, beta: float, epsilon_low: float, epsilon_high: float, loss_type: str,
               normaliser: float, kl_correction: bool = True) -> tuple[mx.array, dict[str, mx.array]]:

@@ -10,6 +10,7 @@ dpo      :mod:`hwft_mlx.preference`                     ``Preference``
 orpo     :mod:`hwft_mlx.orpo`                           ``OddsRatio``
 simpo    :mod:`hwft_mlx.simpo`                          ``SimpleMargin``
 kto      :mod:`hwft_mlx.kto`                            ``Feedback``
+rm       :mod:`hwft_mlx.rm`                             ``RewardModel``
 grpo     :mod:`hwft_mlx.group_relative`                 ``GroupRelative``
 =======  =============================================  ==============================
 
@@ -49,5 +50,6 @@ IMPLEMENTATIONS = (
     Implementation("orpo", ENGINE, "hwft_mlx.orpo:build"),
     Implementation("simpo", ENGINE, "hwft_mlx.simpo:build"),
     Implementation("kto", ENGINE, "hwft_mlx.kto:build"),
+    Implementation("rm", ENGINE, "hwft_mlx.rm:build"),
     Implementation("grpo", ENGINE, "hwft_mlx.group_relative:build"),
 )

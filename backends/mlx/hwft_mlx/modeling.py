@@ -211,19 +211,23 @@ class Reference:
 
 def save_peft_adapter(model: nn.Module, out: Path, spec: LoraSpec, base: str) -> None:
     """adapter_config.json + adapter_model.safetensors with PEFT's key names and layout:
-    ``lora_A.weight`` is (r, in) and ``lora_B.weight`` (out, r)."""
+    ``lora_A.weight`` is (r, in) and ``lora_B.weight`` (out, r). A reward model's score head is
+    saved beside them as PEFT's SEQ_CLS task saves it (``base_model.model.score.weight``)."""
     weights, names = {}, set()
+    scored = "score" in model
+    if scored:
+        weights[f"{PEFT_PREFIX}score.weight"] = model.score.weight.astype(mx.float32)
     for path, m in lora_modules(model):
         weights[f"{PEFT_PREFIX}{path}.lora_A.weight"] = m.lora_a.T.astype(mx.float32)
         weights[f"{PEFT_PREFIX}{path}.lora_B.weight"] = m.lora_b.T.astype(mx.float32)
         names.add(path.rsplit(".", 1)[-1])
     r = next(iter(m.lora_a.shape[1] for _, m in lora_modules(model)))
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+        "peft_type": "LORA", "task_type": "SEQ_CLS" if scored else "CAUSAL_LM", "base_model_name_or_path": base,
         "r": int(r), "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
         "target_modules": sorted(names), "bias": "none", "use_rslora": spec.rslora, "use_dora": False,
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-        "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
+        "modules_to_save": SCORE_MODULES if scored else None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
     }
     out.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(out / "adapter_model.safetensors"), weights, metadata={"format": "pt"})
@@ -280,6 +284,41 @@ def load_peft_adapter(model: nn.Module, folder: Path, dropout: float | None = No
 
 
 # --------------------------------------------------------------------------------------------
+# The score head of a reward model (hwft.methods.rm)
+
+#: PEFT's SEQ_CLS task saves these beside the adapter, trained in full (its modules_to_save).
+SCORE_MODULES = ["classifier", "score"]
+
+
+def add_score_head(model: nn.Module, seed: int) -> None:
+    """A new ``score`` layer (hidden -> 1, no bias), initialised as transformers initialises
+    it (normal, std = the config's initializer_range), trainable."""
+    hidden = model.args.hidden_size
+    std = getattr(model.args, "initializer_range", None) or 0.02
+    mx.random.seed(seed)
+    score = nn.Linear(hidden, 1, bias=False)
+    score.weight = mx.random.normal((1, hidden)) * std
+    model.score = score
+
+
+def last_tokens(ids: list[list[int]], pad_id: int) -> list[int]:
+    """Each right-padded row's last position that does not hold ``pad_id``: where transformers'
+    sequence-classification models read their score."""
+    out = []
+    for row in ids:
+        real = [t for t, token in enumerate(row) if token != pad_id]
+        out.append(real[-1] if real else len(row) - 1)
+    return out
+
+
+def score_config(config: dict, pad_id: int) -> dict:
+    """A causal LM's config.json as its sequence-classification model's, one label."""
+    architectures = [a.replace("ForCausalLM", "ForSequenceClassification") for a in config.get("architectures", [])]
+    return {**config, "architectures": architectures, "num_labels": 1, "id2label": {"0": "LABEL_0"},
+            "label2id": {"LABEL_0": 0}, "pad_token_id": pad_id}
+
+
+# --------------------------------------------------------------------------------------------
 # Full models
 
 
@@ -299,12 +338,20 @@ def freeze_layers(model: nn.Module, spec) -> int:
     return len(chosen)
 
 
-def save_full_model(model: nn.Module, source: Path, out: Path) -> None:
+def save_full_model(model: nn.Module, source: Path, out: Path, pad_id: int | None = None) -> None:
     """The model's weights as HF safetensors (mlx-lm keeps HF's names for these families),
-    with the source folder's config.json and generation_config.json, for transformers."""
+    with the source folder's config.json and generation_config.json, for transformers. A reward
+    model (a ``score`` head) is saved as its sequence-classification model: no output layer,
+    the config's architecture ``...ForSequenceClassification`` with one label."""
     weights = dict(tree_flatten(model.parameters()))
+    scored = "score" in model
+    if scored:
+        weights.pop("lm_head.weight", None)
     out.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt"})
     for name in ("config.json", "generation_config.json"):
         if (source / name).is_file():
             shutil.copy(source / name, out / name)
+    if scored and (source / "config.json").is_file():
+        config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+        (out / "config.json").write_text(json.dumps(score_config(config, pad_id), indent=2), encoding="utf-8")

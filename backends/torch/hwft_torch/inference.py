@@ -16,7 +16,7 @@ import torch
 
 from hwft.errors import ModelError
 from hwft.inference import Sampling, Session, Trained, pick_token
-from hwft_torch.modeling import DTYPES
+from hwft_torch.modeling import DTYPES, HEADS
 from hwft_torch.objective import held_out_loss
 
 
@@ -28,19 +28,20 @@ def inference_dtype(precision: str, runtime) -> torch.dtype:
 
 
 def load_for_inference(trained: Trained, runtime, dtype: torch.dtype):
-    """The model of ``trained`` in eval mode on the runtime's device."""
-    from transformers import AutoModelForCausalLM
+    """The model of ``trained`` in eval mode on the runtime's device: a causal LM, or a reward
+    model's sequence-classification model (its ``head``)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    head = HEADS[trained.head]
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = head.auto_class().from_pretrained(
             trained.weights, dtype=dtype, trust_remote_code=trained.trust_remote_code,
-            local_files_only=True, use_safetensors=True, attn_implementation="sdpa",
+            local_files_only=True, use_safetensors=True, attn_implementation="sdpa", **head.extra,
         )
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load a causal language model from {trained.weights}: {exc}") from None
+        raise ModelError(f"cannot load a {head.what} from {trained.weights}: {exc}") from None
     if trained.adapter is not None:
         from peft import PeftModel
 
@@ -72,6 +73,22 @@ class TorchSession(Session):
         count = sum(r.num_labels for r in rows)
         mean = held_out_loss(self.model, rows, self.tokenizer.pad_token_id, "sdpa", self.device, batch_size)
         return mean * count, count
+
+    @torch.no_grad()
+    def rewards(self, sequences: list[list[int]], batch_size: int = 4) -> list[float]:
+        if self.trained.head != "score":
+            return super().rewards(sequences, batch_size)
+        from hwft.data.batching import Row, pad
+        from hwft_torch.rm import sequence_rewards
+
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        out: list[float] = []
+        for start in range(0, len(sequences), batch_size):
+            rows = [Row(ids, ids, [len(ids)]) for ids in sequences[start : start + batch_size]]
+            batch = {k: torch.tensor(v, device=self.device) for k, v in pad(rows, self.tokenizer.pad_token_id).items()
+                     if k in ("input_ids", "attention_mask")}
+            out += sequence_rewards(self.model, batch).tolist()
+        return out
 
     @torch.no_grad()
     def logits(self, ids: list[int]):

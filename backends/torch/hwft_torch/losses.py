@@ -195,6 +195,17 @@ def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, mismatched_logps: tor
     return {"losses": losses, "rewards": beta * ratio.detach(), "kl": kl}
 
 
+def reward_model_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0,
+                      center_coefficient: float = 0.0) -> torch.Tensor:
+    r"""Per-pair Bradley-Terry losses of a reward model's scalar rewards (:mod:`hwft.methods.rm`):
+    :math:`-\log\sigma(r_c - r_r - m) + c\,(r_c + r_r)^2`."""
+    chosen, rejected = chosen.float(), rejected.float()
+    losses = -F.logsigmoid(chosen - rejected - margin)
+    if center_coefficient:
+        losses = losses + center_coefficient * (chosen + rejected) ** 2
+    return losses
+
+
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - e^x) for x < 0, without cancellation: log(-expm1(x)) near 0, log1p(-e^x) below -ln 2."""
     return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))

@@ -10,6 +10,7 @@ dpo      :mod:`hwft_torch.dpo`                          ``Preference``
 orpo     :mod:`hwft_torch.orpo`                         ``OddsRatio``
 simpo    :mod:`hwft_torch.simpo`                        ``SimpleMargin``
 kto      :mod:`hwft_torch.kto`                          ``Feedback``
+rm       :mod:`hwft_torch.rm`                           ``RewardModel``
 grpo     :mod:`hwft_torch.grpo`                         ``GroupRelative``
 =======  =============================================  ==============================
 
@@ -53,5 +54,6 @@ IMPLEMENTATIONS = (
     Implementation("orpo", ENGINE, "hwft_torch.orpo:build"),
     Implementation("simpo", ENGINE, "hwft_torch.simpo:build"),
     Implementation("kto", ENGINE, "hwft_torch.kto:build"),
+    Implementation("rm", ENGINE, "hwft_torch.rm:build"),
     Implementation("grpo", ENGINE, "hwft_torch.grpo:build"),
 )

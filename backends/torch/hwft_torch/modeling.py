@@ -9,23 +9,55 @@ merges) onto the full-precision weights.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from hwft import lora_targets
 from hwft.errors import ModelError
+from hwft.methods import method
 from hwft.recipe import Recipe
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+@dataclass(frozen=True)
+class Head:
+    """How the model of a method's ``head`` (hwft.methods.Method.head) loads in transformers,
+    and the PEFT task its adapter is saved as."""
+
+    auto_class: Callable[[], type]
+    task_type: str
+    what: str
+    extra: dict = field(default_factory=dict)  #: from_pretrained arguments
+
+
+def _causal_lm():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM
+
+
+def _sequence_score():
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification
+
+
+#: causal_lm: next-token logits; score: one scalar per sequence (a reward model). PEFT's SEQ_CLS
+#: task trains and saves the new ``score`` head beside the adapter (its modules_to_save).
+HEADS = {
+    "causal_lm": Head(_causal_lm, "CAUSAL_LM", "causal language model"),
+    "score": Head(_sequence_score, "SEQ_CLS", "sequence-scoring model (one reward per sequence)", {"num_labels": 1}),
+}
+
+
 def attention_implementation(recipe: Recipe) -> str:
     """kernels.attention; auto is sdpa. For methods whose rows may be packed (sft, cpt), sdpa runs
     once per packed example (:mod:`hwft_torch.packed_attention`), unless data.packing is false."""
-    from hwft.methods import method
-
     name = "sdpa" if recipe.kernels.attention == "auto" else recipe.kernels.attention
     if name == "sdpa" and method(recipe.method.objective).packs and recipe.data.packing is not False:
         from hwft_torch.packed_attention import register
@@ -53,15 +85,15 @@ def quantization_config(recipe: Recipe, compute_dtype: torch.dtype):
 def load_model(path: Path, recipe: Recipe, device: torch.device, tuning: str, compute_dtype: torch.dtype):
     """The base model (fp32 weights, or quantised for qlora; mixed precision runs under
     autocast), with its tuning applied. ``tuning`` is the one that runs (after any fallback)."""
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # hwft draws its own progress
-    extra = {}
+    head = HEADS[method(recipe.method.objective).head]
+    extra = dict(head.extra)
     if tuning == "qlora":
-        extra = {"quantization_config": quantization_config(recipe, compute_dtype), "device_map": {"": device}}
+        extra.update(quantization_config=quantization_config(recipe, compute_dtype), device_map={"": device})
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = head.auto_class().from_pretrained(
             path,
             dtype=torch.float32,
             attn_implementation=attention_implementation(recipe),
@@ -71,7 +103,7 @@ def load_model(path: Path, recipe: Recipe, device: torch.device, tuning: str, co
             **extra,
         )
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load a causal language model from {path}: {exc}") from None
+        raise ModelError(f"cannot load a {head.what} from {path}: {exc}") from None
     checkpointing = recipe.parallel.activation_checkpointing
     if tuning == "qlora":
         from peft import prepare_model_for_kbit_training
@@ -127,7 +159,7 @@ def add_lora(model, recipe: Recipe):
     spec = recipe.method.lora
     lora_targets.check(spec.target_modules, *adaptable_modules(model))
     config = LoraConfig(
-        task_type="CAUSAL_LM",
+        task_type=HEADS[method(recipe.method.objective).head].task_type,
         r=spec.r,
         lora_alpha=spec.alpha,
         lora_dropout=spec.dropout,
