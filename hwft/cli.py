@@ -46,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     launch.add_argument("--master-addr", help="address of node 0, reachable from every node")
     launch.add_argument("--master-port", type=int, help="port on node 0 (default 29500)")
 
+    imp = sub.add_parser("import", help="print the hwft recipe a LLaMA-Factory training YAML becomes "
+                         "(`hwft train lf.yaml` trains it directly)")
+    imp.add_argument("recipe", help="a LLaMA-Factory training YAML (llamafactory-cli train's file)")
+    imp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+
     data = sub.add_parser("data", help="look at a recipe's data")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     inspect = data_sub.add_parser(
@@ -158,6 +163,8 @@ def cmd_train(args) -> int:
     if args.resume and "=" in args.resume and not os.path.exists(args.resume):
         args.overrides, args.resume = [*args.overrides, args.resume], "latest"  # `--resume key=value`
     recipe = load_recipe(args.recipe, args.overrides)
+    if recipe._imported is not None and not args.quiet and world_from_env().main:
+        print(f"hwft: {recipe._imported.summary()}", file=sys.stderr)
     recipe, described = accelerate_config.apply(recipe)
     # The command line first, then an accelerate config's processes (not inside a launched rank).
     base = described if described and world_from_env().size == 1 else Launch()
@@ -179,6 +186,27 @@ def cmd_train(args) -> int:
     job = run(plan, quiet=args.quiet, recipe_hint=args.recipe)
     if not args.quiet and job.world.main:
         print(f"done: results in {job.run_dir.path}")
+    return 0
+
+
+def cmd_import(args) -> int:
+    """The hwft recipe of a LLaMA-Factory YAML on stdout (validated first), its notes as comments."""
+    from pathlib import Path
+
+    import yaml
+
+    from hwft import llamafactory
+    from hwft.errors import RecipeError
+    from hwft.recipe import load_recipe
+    from hwft.textfile import read_text
+
+    path = Path(args.recipe)
+    load_recipe(path)  # the same checks as hwft train: the translation must validate
+    raw = yaml.safe_load(read_text(path, RecipeError))
+    if not (isinstance(raw, dict) and llamafactory.looks_like(raw)):
+        raise RecipeError(f"{path} is not a LLaMA-Factory training recipe (no stage or model_name_or_path); "
+                          "hwft train reads it as it is")
+    print(llamafactory.translate(raw, path).to_yaml(), end="")
     return 0
 
 
@@ -405,7 +433,7 @@ def run_command(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    commands = {"train": cmd_train, "data": cmd_data, "env": cmd_env, "plugins": cmd_plugins, "bench": cmd_bench,
+    commands = {"train": cmd_train, "import": cmd_import, "data": cmd_data, "env": cmd_env, "plugins": cmd_plugins, "bench": cmd_bench,
                 "chat": cmd_chat, "serve": cmd_serve, "eval": cmd_eval, "export": cmd_export}
     return guarded(lambda: commands[args.command](args), getattr(args, "debug", False))
 

@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from hwft import llamafactory
 from hwft.errors import RecipeError, did_you_mean
 from hwft.section import Section
 from hwft.textfile import read_text
@@ -444,6 +445,7 @@ class Recipe(Section):
 
     #: Folder the recipe file was read from; relative data paths resolve against it.
     _base_dir: str = PrivateAttr(".")
+    _imported: Any = PrivateAttr(None)  #: the hwft.llamafactory.Translation it was read from, if any
 
     @field_validator("model", mode="before")
     @classmethod
@@ -621,9 +623,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raw = {}
     if not isinstance(raw, dict):
         raise RecipeError(f"{path} must hold a mapping of sections (model, data, method, ...)")
+    imported = None
+    if llamafactory.looks_like(raw):  # LLaMA-Factory's training YAML, as it is
+        imported = llamafactory.translate(raw, path)
+        raw = imported.recipe
     for assignment in overrides or []:
         apply_override(raw, assignment)
-    return recipe_from_dict(raw, source=str(path), base_dir=path.resolve().parent)
+    recipe = recipe_from_dict(raw, source=str(path), base_dir=path.resolve().parent)
+    recipe._imported = imported
+    return recipe
 
 
 def recipe_from_dict(raw: dict, source: str = "<recipe>", base_dir: str | Path = ".") -> Recipe:

@@ -294,6 +294,9 @@ class ZeroRedundancy(Single):
             # reduces over gloo, so the kernel is marked unavailable.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         config = deepspeed_config(recipe, max_norm)
+        # One process started without a launcher (hwft train, no --nproc): DeepSpeed reads the
+        # rank from the environment a launcher would have set.
+        os.environ.setdefault("LOCAL_RANK", str(world.local_rank))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=Call(model), optimizer=optimizer, lr_scheduler=scheduler, config=config,
         )
@@ -306,10 +309,11 @@ class ZeroRedundancy(Single):
     def backward(self, loss):
         # hwft's loss shares already sum to the step's loss: no division by the accumulation.
         self.engine.backward(loss * self.world.size, scale_wrt_gas=False)
-        self.engine.step()  # DeepSpeed updates on the accumulation boundary only
+        self.lr = self.scheduler.get_last_lr()[0]  # the rate this step updates with, before the schedule moves
+        self.engine.step()  # DeepSpeed updates (and steps the schedule) on the accumulation boundary only
 
     def step(self) -> tuple[float, float]:
-        lr = self.scheduler.get_last_lr()[0]
+        lr = self.lr
         norm = self.engine.get_global_grad_norm()
         return lr, float(norm if norm is not None else 0.0)
 

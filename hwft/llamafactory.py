@@ -1,0 +1,349 @@
+"""LLaMA-Factory's training YAML, read as it is: ``hwft train lf.yaml`` trains it and
+``hwft import lf.yaml > recipe.yaml`` prints the hwft recipe it becomes.
+
+Every key of the file is one of three things:
+
+- **translated** (:data:`TRANSLATED`): its meaning is carried into the recipe (``stage`` ->
+  ``method.objective``, ``lora_rank`` -> ``method.lora.r``, ``dataset`` -> the entries of
+  ``dataset_dir/dataset_info.json``, ...). Defaults are LLaMA-Factory's and transformers' where
+  the file leaves a key out (``lora_alpha`` = 2 x ``lora_rank``, fp32 without ``bf16``/``fp16``,
+  ``lr_scheduler_type`` linear, ``per_device_train_batch_size`` 8, ``num_train_epochs`` 3);
+- **inert** (:data:`INERT`): it tunes LLaMA-Factory's own machinery and changes nothing for hwft
+  (``preprocessing_num_workers``, ``ddp_timeout``, ...); all of them are named in one line;
+- anything else is **refused by name**, with what hwft would accept; so are values hwft cannot
+  honour (``pref_loss: kto_pair``, ``stage: ppo``, a template that is LLaMA-Factory's own
+  prompt format rather than the model's chat template).
+
+Paths are LLaMA-Factory's: ``dataset_dir`` (default ``data``) and a ``deepspeed`` config file
+relative to the working directory (then to the YAML's folder); ``output_dir`` relative to the
+working directory, as ``output.dir`` is.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hwft.errors import RecipeError, did_you_mean
+
+#: Keys that only steer LLaMA-Factory's own processes, caches and plots.
+INERT = frozenset((
+    "preprocessing_num_workers", "dataloader_num_workers", "ddp_timeout", "overwrite_cache", "plot_loss",
+    "save_only_model", "per_device_eval_batch_size", "dataloader_pin_memory", "include_num_input_tokens_seen",
+    "preprocessing_batch_size", "trust_remote_code_warned", "logging_first_step", "disable_tqdm",
+    "ddp_find_unused_parameters", "flash_attn", "enable_liger_kernel", "use_unsloth", "upcast_layernorm",
+))
+
+#: The stages and the hwft objective each becomes (dpo: by pref_loss).
+STAGES = {"pt": "cpt", "sft": "sft", "rm": "rm", "kto": "kto", "dpo": "dpo"}
+PREF_LOSSES = {"sigmoid": ("dpo", {"loss": "sigmoid"}), "ipo": ("dpo", {"loss": "ipo"}),
+               "hinge": ("dpo", {"loss": "hinge"}), "orpo": ("orpo", {}), "simpo": ("simpo", {})}
+
+#: LLaMA-Factory templates that are the model's own chat template (hwft renders with the
+#: tokenizer's) and the built-in ones hwft has by the same name.
+OWN_TEMPLATES = frozenset((
+    "qwen", "qwen2_vl", "qwen3", "qwen3_nothink", "llama2", "llama3", "llama4", "mistral", "ministral", "gemma",
+    "gemma2", "gemma3", "phi", "phi4", "deepseek", "deepseek3", "deepseekr1", "glm4", "yi", "cohere", "olmo",
+    "granite3", "smollm", "smollm2", "hunyuan", "seed_oss",
+))
+BUILTIN_TEMPLATES = {"chatml": "chatml"}
+
+SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant", "constant_with_warmup": "constant"}
+OPTIMIZERS = {"adamw_torch": "adamw", "adamw_hf": "adamw", "adamw_torch_fused": "fused_adamw", "sgd": "sgd"}
+TRACKERS = {"tensorboard", "wandb", "mlflow"}
+
+#: Every key :func:`translate` reads (for the refusal's did-you-mean).
+TRANSLATED = frozenset((
+    "model_name_or_path", "adapter_name_or_path", "trust_remote_code", "stage", "do_train", "finetuning_type",
+    "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_dora", "use_rslora", "loraplus_lr_ratio",
+    "freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules", "quantization_bit",
+    "quantization_method", "quantization_type", "double_quantization", "dataset", "eval_dataset", "dataset_dir",
+    "cutoff_len", "max_samples", "val_size", "streaming", "buffer_size", "packing", "train_on_prompt",
+    "mask_history", "template", "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "weight_decay",
+    "max_grad_norm", "optim", "seed", "bf16", "fp16", "pure_bf16", "pref_beta", "pref_loss", "pref_ftx",
+    "simpo_gamma", "dpo_label_smoothing", "kto_chosen_weight", "kto_rejected_weight", "deepspeed", "output_dir",
+    "overwrite_output_dir", "logging_steps", "save_steps", "save_total_limit", "save_strategy", "eval_strategy",
+    "eval_steps", "report_to", "run_name", "resume_from_checkpoint", "do_eval", "do_predict", "reward_model",
+    "gradient_checkpointing", "disable_gradient_checkpointing",
+))
+
+
+@dataclass
+class Translation:
+    """The recipe mapping a LLaMA-Factory file becomes, and what the translation noticed."""
+
+    recipe: dict
+    source: Path
+    inert: list[str] = field(default_factory=list)  #: keys that change nothing for hwft
+    notes: list[str] = field(default_factory=list)  #: how a key was read, where it is not 1:1
+
+    def summary(self) -> str:
+        """One line for the run's log."""
+        objective = self.recipe["method"]["objective"]
+        text = f"read LLaMA-Factory recipe {self.source} (objective {objective}, tuning {self.recipe['method']['tuning']})"
+        if self.inert:
+            text += f"; changes nothing in hwft: {', '.join(self.inert)}"
+        return text
+
+    def to_yaml(self) -> str:
+        """The recipe as YAML, with the translation's notes as comments at the top."""
+        import yaml
+
+        lines = [f"# Translated by `hwft import` from the LLaMA-Factory recipe {self.source}."]
+        if self.inert:
+            lines.append(f"# Keys that change nothing in hwft: {', '.join(self.inert)}.")
+        lines += [f"# {note}" for note in self.notes]
+        return "\n".join(lines) + "\n" + yaml.safe_dump(self.recipe, sort_keys=False)
+
+
+def looks_like(raw: dict) -> bool:
+    """Whether a parsed YAML file is a LLaMA-Factory training recipe rather than an hwft one."""
+    return ("stage" in raw or "model_name_or_path" in raw) and not {"model", "data", "method", "train"} & set(raw)
+
+
+def _split(value: Any) -> list[str]:
+    """A LLaMA-Factory list: comma-separated text or a YAML list."""
+    if isinstance(value, list):
+        return [str(v).strip() for v in value if str(v).strip()]
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def _find(path: str, source: Path) -> Path | None:
+    """A file or folder LLaMA-Factory resolves from the working directory; then the YAML's folder."""
+    for candidate in (Path(path).expanduser(), source.parent / path):
+        if candidate.exists():
+            return candidate.resolve()
+    return None
+
+
+def translate(raw: dict, source: Path) -> Translation:
+    """The hwft recipe mapping of a LLaMA-Factory training YAML; a RecipeError names the first
+    key (or value) hwft cannot honour."""
+    where = f"{source}"
+    get = raw.get
+    t = Translation({}, source, inert=sorted(k for k in raw if k in INERT))
+
+    def refuse(key: str, why: str) -> RecipeError:
+        return RecipeError(f"{where}: {key}: {get(key)!r} {why}")
+
+    stage = get("stage", "sft")
+    if stage == "ppo":
+        raise refuse("stage", "is not trained by hwft yet (no PPO); train objective grpo with "
+                     "rewards: [{name: reward_model, args: {path: <your rm run>}}] for RL from a reward model")
+    if stage not in STAGES:
+        raise refuse("stage", f"is not a LLaMA-Factory stage hwft trains (it trains: {', '.join(STAGES)})")
+    unknown = sorted(k for k in raw if k not in TRANSLATED and k not in INERT)
+    if unknown:
+        key = unknown[0]
+        raise RecipeError(f"{where}: LLaMA-Factory key '{key}' is not one hwft can honour"
+                          f"{did_you_mean(key, sorted(TRANSLATED | INERT))}; remove it (docs/recipes.md "
+                          "lists the keys hwft translates and those that change nothing)")
+
+    if not get("model_name_or_path"):
+        raise RecipeError(f"{where}: model_name_or_path is required (a local model folder, or a hub id "
+                          "already in the local Hugging Face cache)")
+    if get("do_train", True) is not True:
+        raise refuse("do_train", "- hwft import translates training recipes (evaluate with hwft eval)")
+    for key in ("do_eval", "do_predict"):
+        if get(key):
+            raise refuse(key, f"- run `hwft eval` on the result instead of {key}")
+
+    # -- method ---------------------------------------------------------------------------------
+    objective, section = STAGES[stage], {}
+    if stage == "dpo":
+        loss = get("pref_loss", "sigmoid")
+        if loss not in PREF_LOSSES:
+            raise refuse("pref_loss", f"has no hwft counterpart (accepted: {', '.join(PREF_LOSSES)}; kto_pair: "
+                         "use stage: kto, which trains on single desirable/undesirable answers)")
+        objective, section = PREF_LOSSES[loss][0], dict(PREF_LOSSES[loss][1])
+    elif "pref_loss" in raw:
+        raise refuse("pref_loss", f"applies to stage dpo, not {stage}")
+    if objective in ("dpo", "orpo", "simpo", "kto"):
+        section["beta"] = float(get("pref_beta", 0.1))
+    if objective == "simpo":
+        section["gamma"] = float(get("simpo_gamma", 0.5))
+    if objective == "dpo" and get("dpo_label_smoothing"):
+        section["label_smoothing"] = float(get("dpo_label_smoothing"))
+    if objective == "kto":
+        section["desirable_weight"] = float(get("kto_chosen_weight", 1.0))
+        section["undesirable_weight"] = float(get("kto_rejected_weight", 1.0))
+    if get("pref_ftx"):
+        raise refuse("pref_ftx", "- hwft's dpo adds no SFT term; use objective orpo (NLL plus a preference "
+                     "term, pref_loss: orpo) or remove pref_ftx")
+    if get("reward_model"):
+        raise refuse("reward_model", "is read by stage ppo, which hwft does not train; use it as a GRPO reward")
+
+    method: dict = {"objective": objective}
+    finetuning = get("finetuning_type", "lora")
+    if finetuning not in ("lora", "full", "freeze"):
+        raise refuse("finetuning_type", "is not one of lora, full, freeze")
+    bits = get("quantization_bit")
+    if bits is not None:
+        if finetuning != "lora" or int(bits) not in (4, 8):
+            raise refuse("quantization_bit", "- hwft quantises the base to 4 or 8 bits under LoRA (QLoRA) only")
+        if get("quantization_method", "bnb") != "bnb":
+            raise refuse("quantization_method", "- hwft quantises with bitsandbytes (bnb)")
+        method["tuning"] = "qlora"
+        method["qlora"] = {"bits": int(bits), "quant_type": get("quantization_type", "nf4"),
+                           "double_quant": bool(get("double_quantization", True))}
+    else:
+        method["tuning"] = finetuning
+    if finetuning == "lora":
+        rank = int(get("lora_rank", 8))
+        target = _split(get("lora_target", "all"))
+        method["lora"] = {"r": rank, "alpha": float(get("lora_alpha") or 2 * rank),
+                          "dropout": float(get("lora_dropout", 0.0)),
+                          "target_modules": "all-linear" if target == ["all"] else target,
+                          "dora": bool(get("use_dora", False)), "rslora": bool(get("use_rslora", False))}
+        if get("loraplus_lr_ratio"):
+            method["lora"]["loraplus_lr_ratio"] = float(get("loraplus_lr_ratio"))
+    if finetuning == "freeze":
+        modules = _split(get("freeze_trainable_modules", "all"))
+        method["freeze"] = {"trainable_layers": int(get("freeze_trainable_layers", 2)),
+                            "trainable_modules": "all" if modules == ["all"] else modules,
+                            "extra_modules": _split(get("freeze_extra_modules", ""))}
+    if section:
+        method[objective] = section
+    name = str(get("model_name_or_path"))
+    local = Path(name).expanduser()
+    recipe: dict = {"model": {"name": str(local.resolve()) if local.exists() else name,
+                              "trust_remote_code": bool(get("trust_remote_code", False))}}
+    if get("adapter_name_or_path"):
+        adapters = _split(get("adapter_name_or_path"))
+        if len(adapters) > 1:
+            raise refuse("adapter_name_or_path", "- hwft continues one adapter (merge the others first)")
+        recipe["model"]["adapter"] = str(Path(adapters[0]).expanduser().resolve())
+
+    # -- data -------------------------------------------------------------------------------------
+    folder = _find(str(get("dataset_dir", "data")), source)
+    if folder is None or not (folder / "dataset_info.json").is_file():
+        raise RecipeError(f"{where}: dataset_dir {get('dataset_dir', 'data')!r} has no dataset_info.json (looked in "
+                          f"the working directory, then beside {source.name}); set dataset_dir to the folder "
+                          "that holds it")
+    names = _split(get("dataset", ""))
+    if not names:
+        raise RecipeError(f"{where}: dataset names no dataset (entries of {folder / 'dataset_info.json'})")
+    limit = get("max_samples")
+
+    def entries(chosen: list[str]) -> list[dict]:
+        return [{"name": n, **({"max_samples": int(limit)} if limit else {})} for n in chosen]
+
+    data: dict = {"registry": str(folder / "dataset_info.json"), "train": entries(names)}
+    if get("eval_dataset"):
+        data["eval"] = entries(_split(get("eval_dataset")))
+    if get("val_size"):
+        data["val_size"] = float(get("val_size")) if float(get("val_size")) < 1 else int(get("val_size"))
+    for key, ours in (("streaming", "streaming"), ("packing", "packing"), ("train_on_prompt", "train_on_prompt"),
+                      ("mask_history", "mask_history")):
+        if key in raw:
+            data[ours] = bool(get(key))
+    if get("buffer_size"):
+        data["shuffle_buffer"] = int(get("buffer_size"))
+    recipe["data"] = data
+    recipe["method"] = method
+
+    template = get("template")
+    if template is not None and template not in OWN_TEMPLATES:
+        if template not in BUILTIN_TEMPLATES:
+            raise refuse("template", "is LLaMA-Factory's own prompt format, not a model's chat template; hwft "
+                         "renders conversations with the tokenizer's chat template: remove template (or set "
+                         f"it to one of {', '.join(sorted(OWN_TEMPLATES | set(BUILTIN_TEMPLATES)))}), or give "
+                         "the hwft recipe template: a .jinja file")
+        recipe["template"] = BUILTIN_TEMPLATES[template]
+    elif template is not None:
+        t.notes.append(f"template {template}: the model's own chat template (the tokenizer's).")
+
+    # -- train ------------------------------------------------------------------------------------
+    scheduler = get("lr_scheduler_type", "linear")
+    if scheduler not in SCHEDULERS:
+        raise refuse("lr_scheduler_type", f"is not one hwft runs ({', '.join(SCHEDULERS)})")
+    optimizer = get("optim", "adamw_torch")
+    if optimizer not in OPTIMIZERS:
+        raise refuse("optim", f"is not one hwft runs ({', '.join(OPTIMIZERS)})")
+    if get("bf16") or get("pure_bf16"):
+        precision = "bf16"
+    elif get("fp16"):
+        precision = "fp16"
+    else:
+        precision = "fp32"
+    train: dict = {
+        "lr": float(get("learning_rate", 5e-5)), "epochs": float(get("num_train_epochs", 3.0)),
+        "micro_batch_size": int(get("per_device_train_batch_size", 8)),
+        "gradient_accumulation_steps": int(get("gradient_accumulation_steps", 1)),
+        "max_length": int(get("cutoff_len", 2048)), "scheduler": SCHEDULERS[scheduler],
+        "optimizer": OPTIMIZERS[optimizer], "precision": precision, "seed": int(get("seed", 42)),
+        "weight_decay": float(get("weight_decay", 0.0)), "max_grad_norm": float(get("max_grad_norm", 1.0)),
+        "log_every": int(get("logging_steps", 500)),
+    }
+    if get("max_steps") and int(get("max_steps")) > 0:
+        train["max_steps"] = int(get("max_steps"))
+    if get("warmup_ratio"):
+        train["warmup_ratio"] = float(get("warmup_ratio"))
+    elif get("warmup_steps"):
+        train["warmup_steps"] = int(get("warmup_steps"))
+    if get("save_strategy", "steps") == "steps":
+        train["save_every"] = int(get("save_steps", 500))
+        if get("save_total_limit"):
+            train["keep_checkpoints"] = int(get("save_total_limit"))
+    elif get("save_strategy") != "no":
+        raise refuse("save_strategy", "- hwft checkpoints every save_steps (steps) or not at all (no)")
+    if get("eval_strategy", "no") == "steps":
+        train["eval_every"] = int(get("eval_steps") or get("logging_steps", 500))
+    elif get("eval_strategy", "no") != "no":
+        raise refuse("eval_strategy", "- hwft evaluates every eval_steps (steps) or not at all (no)")
+    recipe["train"] = train
+
+    parallel: dict = {}
+    if get("gradient_checkpointing") or get("disable_gradient_checkpointing") is False:
+        parallel["activation_checkpointing"] = True
+    if get("deepspeed"):
+        parallel.update(_deepspeed(str(get("deepspeed")), source, t))
+    if parallel:
+        recipe["parallel"] = parallel
+
+    output: dict = {"dir": str(get("output_dir", "saves")), "overwrite": bool(get("overwrite_output_dir", False))}
+    trackers = [r for r in _split(get("report_to", "none")) if r not in ("none", "all")]
+    refused = [r for r in trackers if r not in TRACKERS]
+    if refused:
+        raise refuse("report_to", f"- hwft reports to {', '.join(sorted(TRACKERS))} (or a plugin's logger)")
+    if trackers:
+        output["report_to"] = trackers
+    if get("run_name"):
+        output["project"] = str(get("run_name"))
+    recipe["output"] = output
+    if get("resume_from_checkpoint"):
+        raise refuse("resume_from_checkpoint", "- hwft resumes from its own checkpoints: run "
+                     "`hwft train lf.yaml --resume` (the newest in output_dir/checkpoints)")
+    t.recipe = recipe
+    return t
+
+
+def _deepspeed(path: str, source: Path, t: Translation) -> dict:
+    """parallel settings of LLaMA-Factory's ``deepspeed:`` file: the file itself where it is
+    found, else the stage and offloading its name says (``ds_z3_offload_config.json``)."""
+    found = _find(path, source)
+    if found is not None:
+        try:
+            config = json.loads(found.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise RecipeError(f"{source}: deepspeed: {path} is not a readable DeepSpeed JSON config ({exc})") from None
+        stage = int(config.get("zero_optimization", {}).get("stage", 0))
+        if stage == 0:
+            t.notes.append(f"deepspeed {path}: ZeRO stage 0 is plain data parallelism: parallel.strategy ddp.")
+            return {"strategy": "ddp"}
+        return {"strategy": "deepspeed", "zero_stage": stage, "deepspeed_config": str(found)}
+    name = Path(path).name
+    for stage in (0, 2, 3):
+        if name.startswith(f"ds_z{stage}"):
+            offload = "offload" in name
+            t.notes.append(f"deepspeed {path}: not found here; read from its name as ZeRO stage {stage}"
+                           f"{' with CPU offload' if offload else ''} (LLaMA-Factory's examples/deepspeed file).")
+            if stage == 0:
+                return {"strategy": "ddp"}
+            return {"strategy": "deepspeed", "zero_stage": stage, "offload_optimizer": offload,
+                    "offload_params": offload and stage == 3}
+    raise RecipeError(f"{source}: deepspeed: {path} is neither a file here nor one of LLaMA-Factory's "
+                      "ds_z{0,2,3}[_offload]_config.json; give the DeepSpeed JSON's path")
