@@ -37,7 +37,7 @@ INERT = frozenset((
 ))
 
 #: The stages and the hwft objective each becomes (dpo: by pref_loss).
-STAGES = {"pt": "cpt", "sft": "sft", "rm": "rm", "kto": "kto", "dpo": "dpo"}
+STAGES = {"pt": "cpt", "sft": "sft", "rm": "rm", "kto": "kto", "dpo": "dpo", "ppo": "ppo"}
 PREF_LOSSES = {"sigmoid": ("dpo", {"loss": "sigmoid"}), "ipo": ("dpo", {"loss": "ipo"}),
                "hinge": ("dpo", {"loss": "hinge"}), "orpo": ("orpo", {}), "simpo": ("simpo", {})}
 
@@ -67,7 +67,8 @@ TRANSLATED = frozenset((
     "simpo_gamma", "dpo_label_smoothing", "kto_chosen_weight", "kto_rejected_weight", "deepspeed", "output_dir",
     "overwrite_output_dir", "logging_steps", "save_steps", "save_total_limit", "save_strategy", "eval_strategy",
     "eval_steps", "report_to", "run_name", "resume_from_checkpoint", "do_eval", "do_predict", "reward_model",
-    "gradient_checkpointing", "disable_gradient_checkpointing",
+    "gradient_checkpointing", "disable_gradient_checkpointing", "reward_model_type", "ppo_epochs",
+    "max_new_tokens", "top_p", "top_k", "temperature", "do_sample",
 ))
 
 
@@ -130,9 +131,6 @@ def translate(raw: dict, source: Path) -> Translation:
         return RecipeError(f"{where}: {key}: {get(key)!r} {why}")
 
     stage = get("stage", "sft")
-    if stage == "ppo":
-        raise refuse("stage", "is not trained by hwft yet (no PPO); train objective grpo with "
-                     "rewards: [{name: reward_model, args: {path: <your rm run>}}] for RL from a reward model")
     if stage not in STAGES:
         raise refuse("stage", f"is not a LLaMA-Factory stage hwft trains (it trains: {', '.join(STAGES)})")
     unknown = sorted(k for k in raw if k not in TRANSLATED and k not in INERT)
@@ -173,8 +171,27 @@ def translate(raw: dict, source: Path) -> Translation:
     if get("pref_ftx"):
         raise refuse("pref_ftx", "- hwft's dpo adds no SFT term; use objective orpo (NLL plus a preference "
                      "term, pref_loss: orpo) or remove pref_ftx")
-    if get("reward_model"):
-        raise refuse("reward_model", "is read by stage ppo, which hwft does not train; use it as a GRPO reward")
+    if objective == "ppo":
+        if not get("reward_model"):
+            raise RecipeError(f"{where}: stage ppo needs reward_model (the folder of a reward model trained with "
+                              "stage rm)")
+        if get("reward_model_type", "lora") not in ("lora", "full"):
+            raise refuse("reward_model_type", "- hwft scores with a local reward model (lora or full), not an API")
+        if get("top_k", 0):
+            raise refuse("top_k", "- hwft samples rollouts with top_p (top_k 0: off)")
+        if get("do_sample", True) is not True:
+            raise refuse("do_sample", "- PPO samples its rollouts")
+        section.update(max_new_tokens=int(get("max_new_tokens", 512)), top_p=float(get("top_p", 1.0)),
+                       temperature=float(get("temperature", 1.0)), num_iterations=int(get("ppo_epochs", 4)),
+                       rewards=[{"name": "reward_model",
+                                 "args": {"path": str(Path(str(get("reward_model"))).expanduser().resolve())}}])
+        t.notes.append("stage ppo: cutoff_len bounds the prompt, so max_length is cutoff_len + max_new_tokens; "
+                       "ppo runs are not checkpointed, so save_steps is left out.")
+    else:
+        for key in ("reward_model", "reward_model_type", "ppo_epochs", "max_new_tokens", "top_p", "top_k",
+                    "temperature", "do_sample"):
+            if key in raw:
+                raise refuse(key, f"is read by stage ppo, not {stage}")
 
     method: dict = {"objective": objective}
     finetuning = get("finetuning_type", "lora")
@@ -284,7 +301,9 @@ def translate(raw: dict, source: Path) -> Translation:
         train["warmup_ratio"] = float(get("warmup_ratio"))
     elif get("warmup_steps"):
         train["warmup_steps"] = int(get("warmup_steps"))
-    if get("save_strategy", "steps") == "steps":
+    if objective == "ppo":
+        train["max_length"] += section["max_new_tokens"]
+    elif get("save_strategy", "steps") == "steps":
         train["save_every"] = int(get("save_steps", 500))
         if get("save_total_limit"):
             train["keep_checkpoints"] = int(get("save_total_limit"))

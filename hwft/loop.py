@@ -124,6 +124,8 @@ def run_steps(job, run: EngineRun):
     # The result, what changed, the plot.
     out = job.run_dir.adapter_dir if run.tuning in ADAPTER_TUNINGS else job.run_dir.model_dir
     run.save(out)
+    if job.world.main:
+        run.objective.save_extras(out)
     job.log(f"saved {out}")
     if run.ask:
         job.results.answers += job.show_answers("after", run.ask)

@@ -87,6 +87,10 @@ class Objective:
             return round(self.drawn / len(self.batches.rows), 4)
         return self.window
 
+    def save_extras(self, folder) -> None:
+        """Write what the method trains beside the model into the saved result ``folder`` (ppo:
+        its value head); called on rank 0 after the result is in place. Most write nothing."""
+
     def note(self, **values: float) -> None:
         for key, value in values.items():
             self.stats[key].append(float(value))
@@ -97,6 +101,20 @@ class Objective:
         totals = self.collective.sum([x for k in keys for x in (sum(self.stats[k]), len(self.stats[k]))])
         self.stats.clear()
         return {k: totals[2 * i] / max(totals[2 * i + 1], 1) for i, k in enumerate(keys)}
+
+
+def precompute_reference(model, items: list, batch_size: int, logps_of) -> None:
+    """Store on each item its ``reference_logps``: ``logps_of(model, chunk)`` -> one pair of
+    floats per item, under ``model`` as it is now, in eval mode (before the first update the
+    policy is the reference: dpo's and kto's ``reference: precomputed``, and MLX's always). The
+    caller turns gradients off where its engine needs that."""
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        for item, pair in zip(chunk, logps_of(model, chunk), strict=True):
+            item.reference_logps = tuple(pair)
+    model.train(was_training)
 
 
 def sequence_pairs(rows: list[Row]) -> int:

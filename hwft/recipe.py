@@ -224,7 +224,7 @@ class MethodSpec(Section):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     objective: str = Field(
-        "sft", description="What the loss is: a registered method (sft, cpt, dpo, orpo, simpo, kto, rm, grpo, or a plugin's; "
+        "sft", description="What the loss is: a registered method (sft, cpt, dpo, orpo, simpo, kto, rm, grpo, ppo, or a plugin's; "
         "`hwft plugins` lists them)."
     )
     tuning: Tuning = Field("lora", description="Which weights move: full, freeze (some layers, whole), lora or "

@@ -6,7 +6,10 @@ A reward function takes the rollouts of a batch and returns one float per rollou
 
 ``args`` are the recipe's ``method.grpo.rewards[i].args``. Plugins register functions through the
 ``hwft_register_rewards`` hook (``register(name, function, description="")``), exactly as the
-built-ins below are registered. Rewards are plain Python on strings, shared by every engine.
+built-ins below are registered. Rewards are plain Python on strings, shared by every engine. A
+function may carry a ``check(**args)`` attribute, called with the recipe's args before any
+weight loads, that raises a RecipeError for args it cannot use (``reward_model``: a path that
+is not a reward model).
 
 The summed reward of rollout i is ``sum_k weight_k * reward_k(i)``; each function's mean and
 standard deviation are logged as ``rewards/<name>/mean`` and ``rewards/<name>/std``.
@@ -130,9 +133,7 @@ def reward_model(samples: list[Sample], path: str, backend: str = "auto", batch_
 
     key = (str(path), backend)
     if key not in _SESSIONS:
-        trained = open_trained(path)
-        if trained.head != "score":
-            raise RecipeError(f"reward reward_model: {path} is not a reward model (train one with objective rm)")
+        trained = _reward_model_at(path)
         if backend == "auto":  # the best available torch backend: torch sessions score
             host = get_host()
             backend = next((b for b in inference_backends(host) if host.backend(b).engine == "torch"), "cpu")
@@ -141,6 +142,24 @@ def reward_model(samples: list[Sample], path: str, backend: str = "auto", batch_
     ids = [session.conversation_ids([{"role": "user", "content": s.prompt}, {"role": "assistant", "content": s.completion}])
            for s in samples]
     return session.rewards(ids, batch_size)
+
+
+def _reward_model_at(path: str, **_):
+    """The trained reward model at ``path``, or a RecipeError saying why it is not one."""
+    from hwft.errors import UserError
+    from hwft.inference import open_trained
+
+    try:
+        trained = open_trained(path)
+    except UserError as exc:
+        raise RecipeError(f"reward reward_model: args.path {path}: {exc}") from None
+    if trained.head != "score":
+        raise RecipeError(f"reward reward_model: {path} is not a reward model (train one with objective rm)")
+    return trained
+
+
+#: Checked with the recipe, before any weight loads: the path names a reward model.
+reward_model.check = _reward_model_at
 
 
 BUILTIN_REWARDS = (
@@ -173,28 +192,31 @@ def collect_rewards(pm: pluggy.PluginManager) -> dict[str, Reward]:
     return found
 
 
-def check_rewards(specs, registered: dict[str, Reward]) -> None:
+def check_rewards(specs, registered: dict[str, Reward], objective: str = "grpo") -> None:
     """Refuse unknown reward names before any weight loads."""
     if not specs:
         raise RecipeError(
-            "objective grpo needs at least one reward in method.grpo.rewards "
+            f"objective {objective} needs at least one reward in method.{objective}.rewards "
             f"(registered: {', '.join(sorted(registered))})"
         )
     for i, spec in enumerate(specs):
         if spec.name not in registered:
             raise RecipeError(
-                f"method.grpo.rewards[{i}]: unknown reward '{spec.name}'"
+                f"method.{objective}.rewards[{i}]: unknown reward '{spec.name}'"
                 f"{did_you_mean(spec.name, list(registered))} (registered: {', '.join(sorted(registered))})"
             )
-        signature = inspect.signature(registered[spec.name].function)
+        function = registered[spec.name].function
+        signature = inspect.signature(function)
         try:
             signature.bind([], **spec.args)
         except TypeError as exc:
             takes = [p for p in list(signature.parameters)[1:]]
             raise RecipeError(
-                f"method.grpo.rewards[{i}]: reward '{spec.name}' does not take args {spec.args}: {exc} "
+                f"method.{objective}.rewards[{i}]: reward '{spec.name}' does not take args {spec.args}: {exc} "
                 f"(it takes: {', '.join(takes) or 'no args'})"
             ) from None
+        if callable(getattr(function, "check", None)):  # a reward's own check of its args
+            function.check(**spec.args)
 
 
 def score(samples: list[Sample], specs, registered: dict[str, Reward]) -> tuple[list[float], dict[str, list[float]]]:

@@ -1,5 +1,6 @@
 """LLaMA-Factory's own training recipes (../shared/peer-data/llamafactory/examples), read as they
-are: `hwft import` prints the recipe each becomes and `hwft train` trains it, with the tiny local
+are: `hwft import` prints the recipe each becomes and `hwft train` trains it (ppo against the rm
+recipe's reward model), with the tiny local
 model swapped in for the hub model and the sizes scaled down (max_samples, cutoff_len,
 gradient_accumulation_steps, max_steps are LLaMA-Factory keys too). Refusals name the key."""
 
@@ -53,9 +54,25 @@ def test_llamafactory_examples_import_and_train(tiny_llama, tmp_path, cli, name,
         assert "read from its name as ZeRO stage 3" in out
 
 
-def test_llamafactory_ppo_is_refused_by_name(tiny_llama, tmp_path, cli):
-    code, _, err = cli("train", lf_recipe(tmp_path, "llama3_lora_ppo", tiny_llama))
-    assert code == 2 and "stage: 'ppo' is not trained by hwft yet (no PPO)" in err, err
+def test_llamafactory_reward_model_then_ppo(tiny_llama, tmp_path, cli):
+    """LLaMA-Factory's classic pipeline: its rm recipe trains a reward model, its ppo recipe
+    (reward_model: that folder) trains against it, with hwft's PPO and value head."""
+    (tmp_path / "rm").mkdir()
+    code, _, err = cli("train", lf_recipe(tmp_path / "rm", "qwen3_lora_reward", tiny_llama))
+    assert code == 0, err
+    (tmp_path / "ppo").mkdir()
+    path = lf_recipe(tmp_path / "ppo", "llama3_lora_ppo", tiny_llama, reward_model=str(tmp_path / "rm" / "out"),
+                     max_new_tokens=6, per_device_train_batch_size=2, ppo_epochs=2)
+    code, out, err = cli("import", path)
+    assert code == 0, err
+    ppo = yaml.safe_load(out)["method"]["ppo"]
+    assert ppo["top_p"] == 0.9 and ppo["num_iterations"] == 2 and ppo["rewards"] == [
+        {"name": "reward_model", "args": {"path": str(tmp_path / "rm" / "out")}}]
+    assert yaml.safe_load(out)["train"]["max_length"] == 1024 + 6
+    code, _, err = cli("train", path)
+    assert code == 0, err
+    run = [json.loads(line) for line in (tmp_path / "ppo" / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert run[-1]["step"] == 2 and (tmp_path / "ppo" / "out" / "adapter" / "value_head.safetensors").is_file()
 
 
 def base(**keys) -> dict:

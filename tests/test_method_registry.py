@@ -26,14 +26,14 @@ def test_the_built_in_methods_register_through_the_plugin_hook():
     reset_host()
     host = get_host()
     methods = host.methods()
-    assert methods.names()[:8] == ["sft", "cpt", "dpo", "orpo", "simpo", "kto", "rm", "grpo"]
+    assert methods.names()[:9] == ["sft", "cpt", "dpo", "orpo", "simpo", "kto", "rm", "grpo", "ppo"]
     core = next(p for p in host.plugins if p.name == "core-methods")
     assert core.hooks == ["hwft_register_methods"]
-    assert {m: methods.methods[m].kind for m in ("sft", "cpt", "dpo", "orpo", "simpo", "kto", "rm", "grpo")} == {
+    assert {m: methods.methods[m].kind for m in ("sft", "cpt", "dpo", "orpo", "simpo", "kto", "rm", "grpo", "ppo")} == {
         "sft": "chat", "cpt": "text", "dpo": "preference", "orpo": "preference", "simpo": "preference",
-        "kto": "feedback", "rm": "preference", "grpo": "prompt"}
+        "kto": "feedback", "rm": "preference", "grpo": "prompt", "ppo": "prompt"}
     assert [m for m in methods.names() if methods.methods[m].packs] == ["sft", "cpt"]
-    assert set(methods.sections()) == {"dpo", "orpo", "simpo", "kto", "rm", "grpo"}
+    assert set(methods.sections()) == {"dpo", "orpo", "simpo", "kto", "rm", "grpo", "ppo"}
     # each engine implements each built-in in its own module, registered by its backend plugin
     assert methods.implementation("dpo", "torch").build == "hwft_torch.dpo:build"
     assert methods.implementation("grpo", "mlx").build == "hwft_mlx.group_relative:build"
@@ -43,7 +43,7 @@ def test_the_built_in_methods_register_through_the_plugin_hook():
 
 @pytest.mark.parametrize("method, message", [
     ({"objective": "dop"}, "method.objective: 'dop' is not a registered method; did you mean 'dpo'? (registered: sft, "
-                           "cpt, dpo, orpo, simpo, kto, rm, grpo"),
+                           "cpt, dpo, orpo, simpo, kto, rm, grpo, ppo"),
     ({"dpoo": {"beta": 1}}, "unknown key 'method.dpoo'; did you mean 'method.dpo'?"),
     ({"objective": "dpo", "dpo": {"betta": 1}}, "unknown key 'method.dpo.betta'; did you mean 'method.dpo.beta'?"),
     ({"dpo": {"beta": 0}}, "method.dpo.beta: Input should be greater than 0 (got 0)"),
@@ -75,7 +75,7 @@ def test_a_backend_runs_what_it_claims_and_its_engine_implements():
     assert registry.effective(plain, "torch").methods == {"sft": ("full", "lora")}
     # Capability.tunings (1.1): every method the engine implements, plus the claims
     open_record = Capability(methods={}, dtypes=("fp32",), tunings=("full", "lora"))
-    assert registry.effective(open_record, "mlx").methods == {m: ("full", "lora") for m in ("sft", "cpt", "dpo", "orpo", "simpo", "kto", "rm", "grpo")}
+    assert registry.effective(open_record, "mlx").methods == {m: ("full", "lora") for m in ("sft", "cpt", "dpo", "orpo", "simpo", "kto", "rm", "grpo", "ppo")}
     # an engine hwft has no implementations for runs its own loop: its claims stand
     assert registry.effective(plain, "vendor-engine").methods == plain.methods
     # an implementation that supports fewer tunings narrows the claim

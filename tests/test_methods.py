@@ -212,8 +212,8 @@ def test_reward_plugin_registered_through_the_hook(vowels):
     assert total == [1.0, 1.0]
 
 
-@pytest.mark.parametrize("name", ["quickstart", "cpt", "dpo", "orpo", "simpo", "kto", "rm", "grpo", "qlora", "data-mix",
-                                  "evaluate"])
+@pytest.mark.parametrize("name", ["quickstart", "cpt", "dpo", "orpo", "simpo", "kto", "rm", "grpo", "ppo", "qlora",
+                                  "data-mix", "evaluate"])
 def test_shipped_recipes_validate_and_say_how_to_run(name, cli):
     """One recipe per objective in configs/, each starting with the command that runs it."""
     from tests.conftest import REPO
@@ -227,7 +227,8 @@ def test_shipped_recipes_validate_and_say_how_to_run(name, cli):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("objective, tuning", [("sft", "qlora"), ("dpo", "lora"), ("dpo", "full"), ("orpo", "lora"),
-                                              ("simpo", "qlora"), ("grpo", "lora"), ("grpo", "qlora")])
+                                              ("simpo", "qlora"), ("kto", "lora"), ("rm", "qlora"), ("grpo", "lora"),
+                                              ("grpo", "qlora"), ("ppo", "lora")])
 def test_cells_on_cuda_in_bf16(tiny_llama, tmp_path, cli, objective, tuning):
     """The same cells on an NVIDIA GPU, bf16 autocast (qlora: 4-bit with bf16 matmuls)."""
     recipe = cell_recipe(tmp_path, tiny_llama, objective, tuning, backend="cuda", train={"precision": "bf16"})
@@ -379,3 +380,14 @@ def test_reward_model_refusals(reward_models, tiny_llama, tmp_path, cli):
                                           "rewards": [{"name": "reward_model", "args": {"path": str(tiny_llama)}}]}})
     code, _, err = cli("train", recipe)
     assert code == 2 and "is not a reward model (train one with objective rm)" in err, err
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"method": {"ppo": {"rewards": []}}}, "objective ppo needs at least one reward in method.ppo.rewards"),
+    ({"train": {"save_every": 2}}, "train.save_every: ppo runs are not checkpointed yet"),
+    ({"parallel": {"strategy": "ddp"}}, "parallel.strategy ddp: ppo trains in one process for now"),
+])
+def test_ppo_refusals(tiny_llama, tmp_path, cli, sections, message):
+    recipe = cell_recipe(tmp_path, tiny_llama, "ppo", "lora", **sections)
+    code, _, err = cli("train", recipe)
+    assert code == 2 and message in err, err

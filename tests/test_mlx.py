@@ -177,8 +177,8 @@ def test_reward_head_reads_what_transformers_reads(tiny_llama):
 
 
 def test_mlx_losses_hold_to_the_torch_reference():
-    """DPO (every variant), ORPO, SimPO, KTO, the reward model's and GRPO (every aggregation,
-    clipped, with KL) on the same numbers."""
+    """DPO (every variant), ORPO, SimPO, KTO, the reward model's, PPO's and GRPO (every
+    aggregation, clipped, with KL) on the same numbers."""
     from hwft_mlx import losses as ours
     from hwft_torch import losses as reference
 
@@ -205,6 +205,14 @@ def test_mlx_losses_hold_to_the_torch_reference():
         want = reference.reward_model_loss(torch.tensor(c), torch.tensor(r), margin, center)
         got = ours.reward_model_loss(mx.array(c), mx.array(r), margin, center)
         assert np.allclose(np.array(got), want.numpy(), atol=1e-4), ("rm", margin, center)
+    # ppo: ratios and values on both sides of their clipping ranges
+    lp, old_lp, v, old_v, ret, adv = (rng.normal(0, 0.5, (3, 5)).astype(np.float32) for _ in range(6))
+    pmask = (rng.random((3, 5)) > 0.2).astype(np.float32)
+    args = (lp, old_lp, v, old_v, ret, adv, pmask)
+    want, wstats = reference.ppo_loss(*(torch.tensor(x) for x in args), 0.2, 0.3, 0.5, 11.0)
+    got, gstats = ours.ppo_loss(*(mx.array(x) for x in args), 0.2, 0.3, 0.5, 11.0)
+    assert got.item() == pytest.approx(want.item(), abs=1e-6)
+    assert {k: round(float(x), 4) for k, x in gstats.items()} == {k: round(float(x), 4) for k, x in wstats.items()}
     # kto: a positive and a clamped (negative) KL baseline, both weights
     desirable = np.array([True, False, True, True, False, False])
     for shift in (2.0, -2.0):

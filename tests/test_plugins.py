@@ -204,7 +204,7 @@ def test_env_json_schema(site, cli):
         "collective", "parallel", "packing", "notes", "tunings",
     }
     every = ["full", "lora", "qlora"]
-    assert cpu["capability"]["methods"] == {m: every for m in ("sft", "cpt", "dpo", "orpo", "simpo", "kto", "rm", "grpo")}
+    assert cpu["capability"]["methods"] == {m: every for m in ("sft", "cpt", "dpo", "orpo", "simpo", "kto", "rm", "grpo", "ppo")}
     assert cpu["capability"]["quantization"] == ["bnb-nf4", "bnb-fp4", "bnb-int8"]
     assert cpu["capability"]["packing"] is True
     assert cpu["capability"]["collective"] == "gloo"
@@ -212,7 +212,7 @@ def test_env_json_schema(site, cli):
     assert report["not_installed"] == {}  # every fixed name has its plugin
     mlx = by_name["mlx"]  # the MLX CPU build: available, below the torch cpu (priority 50)
     assert (mlx["engine"], mlx["plugin"], mlx["available"], mlx["priority"]) == ("mlx", "mlx", True, 50)
-    assert mlx["capability"]["methods"] == {m: every for m in ("sft", "cpt", "dpo", "orpo", "simpo", "kto", "rm", "grpo")}
+    assert mlx["capability"]["methods"] == {m: every for m in ("sft", "cpt", "dpo", "orpo", "simpo", "kto", "rm", "grpo", "ppo")}
     assert mlx["capability"]["quantization"] == ["mlx-q4", "mlx-q8"] and mlx["capability"]["packing"] is True
     assert report["ranking"][:2] == ["cpu", "mlx"]
     code, out, _ = cli("env")

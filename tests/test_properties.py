@@ -105,7 +105,7 @@ def test_any_recipe_text_and_overrides_load_or_are_refused(text, overrides):
 
 
 @SETTINGS
-@given(st.floats(1e-6, 1.0), st.integers(1, 64), st.sampled_from(["sft", "cpt", "dpo", "orpo", "simpo", "kto", "rm", "grpo"]),
+@given(st.floats(1e-6, 1.0), st.integers(1, 64), st.sampled_from(["sft", "cpt", "dpo", "orpo", "simpo", "kto", "rm", "grpo", "ppo"]),
        st.sampled_from(["full", "lora", "qlora"]), st.integers(1, 8))
 def test_a_valid_recipe_round_trips_through_its_saved_yaml(lr, r, objective, tuning, accumulation):
     raw = {"data": "d.jsonl", "method": {"objective": objective, "tuning": tuning, "lora": {"r": r}},

@@ -209,7 +209,8 @@ def feedback_batches(data: TrainData, renderer: ChatRenderer, recipe: Recipe, ra
     return Batches(iterator, steps, stats, items, False, unit="answers")
 
 
-def prompt_items(examples: list[Example], renderer: ChatRenderer, max_prompt_length: int) -> tuple[list[Prompt], TokenizeStats]:
+def prompt_items(examples: list[Example], renderer: ChatRenderer, max_prompt_length: int,
+                 objective: str = "grpo") -> tuple[list[Prompt], TokenizeStats]:
     """Prompt token ids (rendered with the generation prompt); prompts longer than
     ``max_prompt_length`` are dropped (counted)."""
     stats = TokenizeStats()
@@ -228,20 +229,21 @@ def prompt_items(examples: list[Example], renderer: ChatRenderer, max_prompt_len
     if not prompts:
         raise DataError(
             f"no prompt left to train on: all {stats.dropped} are longer than train.max_length minus "
-            f"method.grpo.max_new_tokens ({max_prompt_length} tokens); raise train.max_length"
+            f"method.{objective}.max_new_tokens ({max_prompt_length} tokens); raise train.max_length"
         )
     return prompts, stats
 
 
 def prompt_batches(data: TrainData, renderer: ChatRenderer, recipe: Recipe, ranks: int = 1,
                    capability: Capability | None = None) -> Batches:
-    g = recipe.method.grpo
+    objective = recipe.method.objective  # grpo, ppo: a section with max_new_tokens and num_iterations
+    g = getattr(recipe.method, objective)
     room = recipe.train.max_length - g.max_new_tokens
     if room < 1:
         raise RecipeError(
             f"train.max_length ({recipe.train.max_length}) leaves no room for a prompt before "
-            f"method.grpo.max_new_tokens ({g.max_new_tokens}); raise train.max_length"
+            f"method.{objective}.max_new_tokens ({g.max_new_tokens}); raise train.max_length"
         )
-    prompts, stats = prompt_items(data.examples, renderer, room)
+    prompts, stats = prompt_items(data.examples, renderer, room, objective)
     iterator, steps = _epochs_of(prompts, recipe, ranks, g.num_iterations)
     return Batches(iterator, steps, stats, prompts, False, unit="prompts")

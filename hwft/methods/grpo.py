@@ -49,13 +49,14 @@ class GrpoSpec(Section):
         default_factory=list, description="Reward functions, summed with their weights."
     )
 
-    @field_validator("rewards", mode="before")
-    @classmethod
-    def _reward_shorthand(cls, value: Any) -> Any:
-        # `rewards: [exact_match, format]` is a shorthand for [{name: exact_match}, ...]
-        if isinstance(value, list):
-            return [{"name": v} if isinstance(v, str) else v for v in value]
-        return value
+    _reward_shorthand = field_validator("rewards", mode="before")(lambda value: reward_shorthand(value))
+
+
+def reward_shorthand(value: Any) -> Any:
+    """``rewards: [exact_match, format]`` is a shorthand for ``[{name: exact_match}, ...]``."""
+    if isinstance(value, list):
+        return [{"name": v} if isinstance(v, str) else v for v in value]
+    return value
 
 
 def check(recipe, host) -> None:

@@ -1,7 +1,7 @@
 """What a method is to hwft: the record a ``hwft_register_methods`` hook registers, the
 implementations engines register for it, and the registry both end up in.
 
-A method is one module of the core (sft, cpt, dpo, orpo, simpo, kto, rm and grpo are :mod:`hwft.methods.sft` and its
+A method is one module of the core (sft, cpt, dpo, orpo, simpo, kto, rm, grpo and ppo are :mod:`hwft.methods.sft` and its
 siblings; a plugin's is its own module). Its :class:`Method` record says everything the core
 decides about it: the ``method.<name>`` recipe section and its settings, the kind of example it
 trains on (the data formats that make that kind feed it), whether its rows pack, how its
@@ -50,7 +50,7 @@ class Cell:
 class Method:
     """One training method, as a recipe's ``method.objective`` names it."""
 
-    name: str  #: the method.objective value (sft, cpt, dpo, orpo, simpo, kto, rm, grpo, or a plugin's)
+    name: str  #: the method.objective value (sft, cpt, dpo, orpo, simpo, kto, rm, grpo, ppo, or a plugin's)
     description: str  #: one line for `hwft plugins` and the docs
     kind: str  #: the Example kind it trains on: chat, text, preference, feedback, prompt (hwft.data.formats)
     #: (TrainData, ChatRenderer, Recipe, ranks, Capability) -> hwft.data.pipeline.Batches: its
@@ -190,7 +190,7 @@ class MethodRegistry:
 
 
 #: Built-ins first, in the order the docs present them; plugins' methods after, by name.
-_ORDER = {name: i for i, name in enumerate(("sft", "cpt", "dpo", "orpo", "simpo", "kto", "rm", "grpo"))}
+_ORDER = {name: i for i, name in enumerate(("sft", "cpt", "dpo", "orpo", "simpo", "kto", "rm", "grpo", "ppo"))}
 
 
 def collect_methods(pm) -> MethodRegistry:

@@ -39,6 +39,8 @@ class Rollouts:
     old_logps: mx.array | None = None
     ref_logps: mx.array | None = None
     normaliser: float = 1.0
+    old_values: mx.array | None = None  #: (n, C), ppo: the value head's at sampling time
+    returns: mx.array | None = None  #: (n, C), ppo: GAE's returns
 
 
 def rollout_arrays(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Rollouts:
@@ -93,7 +95,9 @@ class GroupRelative(MlxObjective):
                 return tokens, True
         return tokens, False
 
-    def rollout(self, model, step: int) -> list[Rollouts]:
+    def sample_step(self, model) -> tuple[list, list, list[Sample]]:
+        """This rank's share of the step's prompts, each sampled ``num_generations`` times (eval
+        mode): (micro-batches of prompts, their completions, the samples reward functions see)."""
         g = self.spec
         was_training = model.training
         model.eval()
@@ -101,12 +105,16 @@ class GroupRelative(MlxObjective):
         generated = [[self.sample(model, p.input_ids) for p in prompts for _ in range(g.num_generations)]
                      for prompts in micro]
         model.train(was_training)
-
         samples = []
         for prompts, outs in zip(micro, generated, strict=True):
             repeated = [p for p in prompts for _ in range(g.num_generations)]
             samples += [Sample(p.text, self.tokenizer.decode(c, skip_special_tokens=True).strip(), p.reference,
                                len(c), not done) for p, (c, done) in zip(repeated, outs, strict=True)]
+        return micro, generated, samples
+
+    def rollout(self, model, step: int) -> list[Rollouts]:
+        g = self.spec
+        micro, generated, samples = self.sample_step(model)
         scored = score_step(samples, g, self.registered, self.collective)  # over all ranks
         batch, start = [], 0
         for prompts, outs in zip(micro, generated, strict=True):

@@ -16,7 +16,7 @@ from hwft.data.chat import FeedbackItem, Tokenized
 from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
 from hwft.methods.kto import KtoSpec, balance_note
-from hwft.objective import FeedbackSteps, Loss, feedback_counts
+from hwft.objective import FeedbackSteps, Loss, feedback_counts, precompute_reference
 from hwft_mlx.losses import kto_loss
 from hwft_mlx.objective import MlxObjective, scored_positions
 from hwft_mlx.preference import sequence_logps
@@ -43,15 +43,8 @@ class Feedback(FeedbackSteps, MlxObjective):
 
     def precompute(self, model, batch_size: int) -> None:
         """Reference log-probabilities of every answer and mismatched pair under ``model`` as it is now."""
-        was_training = model.training
-        model.eval()
-        items = self.batches.rows
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            own, mismatched = both_logps(model, chunk, self.pad_id)
-            for item, a, b in zip(chunk, own.tolist(), mismatched.tolist(), strict=True):
-                item.reference_logps = (a, b)
-        model.train(was_training)
+        precompute_reference(model, self.batches.rows, batch_size,
+                             lambda m, chunk: mx.stack(both_logps(m, chunk, self.pad_id), axis=1).tolist())
 
     def loss(self, model, micro: tuple[list[FeedbackItem], int]):
         items, step_items = micro

@@ -115,3 +115,17 @@ def grpo_loss(logps: mx.array, old_logps: mx.array, ref_logps: mx.array | None, 
     stats["clipped"] = mx.stop_gradient((region * mask).sum())
     stats["tokens"] = mask.sum()
     return loss, stats
+
+
+def ppo_loss(logps: mx.array, old_logps: mx.array, values: mx.array, old_values: mx.array, returns: mx.array,
+             advantages: mx.array, mask: mx.array, cliprange: float, cliprange_value: float, vf_coef: float,
+             normaliser: float) -> tuple[mx.array, dict[str, mx.array]]:
+    """The PPO loss of one micro-batch and its statistics (``hwft_torch.losses.ppo_loss``)."""
+    ratio = mx.exp(logps - old_logps)
+    policy = mx.maximum(-advantages * ratio, -advantages * mx.clip(ratio, 1 - cliprange, 1 + cliprange))
+    clipped_values = old_values + mx.clip(values - old_values, -cliprange_value, cliprange_value)
+    value = 0.5 * mx.maximum((values - returns) ** 2, (clipped_values - returns) ** 2)
+    loss = ((policy + vf_coef * value) * mask).sum() / normaliser
+    region = ((ratio < 1 - cliprange) & (advantages < 0)) | ((ratio > 1 + cliprange) & (advantages > 0))
+    return loss, {"policy": mx.stop_gradient((policy * mask).sum()), "value": mx.stop_gradient((value * mask).sum()),
+                  "clipped": mx.stop_gradient((region * mask).sum()), "tokens": mask.sum()}

@@ -12,6 +12,7 @@ simpo    :mod:`hwft_mlx.simpo`                          ``SimpleMargin``
 kto      :mod:`hwft_mlx.kto`                            ``Feedback``
 rm       :mod:`hwft_mlx.rm`                             ``RewardModel``
 grpo     :mod:`hwft_mlx.group_relative`                 ``GroupRelative``
+ppo      :mod:`hwft_mlx.ppo`                            ``Proximal``
 =======  =============================================  ==============================
 
 A plugin's method on MLX registers ``Implementation(name, "mlx", build)``; ``build(setup:
@@ -52,4 +53,5 @@ IMPLEMENTATIONS = (
     Implementation("kto", ENGINE, "hwft_mlx.kto:build"),
     Implementation("rm", ENGINE, "hwft_mlx.rm:build"),
     Implementation("grpo", ENGINE, "hwft_mlx.group_relative:build"),
+    Implementation("ppo", ENGINE, "hwft_mlx.ppo:build"),
 )

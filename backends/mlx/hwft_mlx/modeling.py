@@ -343,7 +343,7 @@ def save_full_model(model: nn.Module, source: Path, out: Path, pad_id: int | Non
     with the source folder's config.json and generation_config.json, for transformers. A reward
     model (a ``score`` head) is saved as its sequence-classification model: no output layer,
     the config's architecture ``...ForSequenceClassification`` with one label."""
-    weights = dict(tree_flatten(model.parameters()))
+    weights = {k: v for k, v in tree_flatten(model.parameters()) if not k.startswith("v_head.")}  # ppo's: apart
     scored = "score" in model
     if scored:
         weights.pop("lm_head.weight", None)

@@ -15,7 +15,7 @@ from hwft.data.batching import Row, pad
 from hwft.data.chat import PreferencePair
 from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
-from hwft.objective import Loss, PairSteps, pair_counts
+from hwft.objective import Loss, PairSteps, pair_counts, precompute_reference
 from hwft.methods.dpo import DpoSpec
 from hwft_mlx.losses import dpo_loss, target_logps
 from hwft_mlx.objective import MlxObjective, position_logits, scored_positions
@@ -43,16 +43,11 @@ class Preference(PairSteps, MlxObjective):
 
     def precompute(self, model, batch_size: int) -> None:
         """Reference log-probabilities of every pair under ``model`` as it is now."""
-        was_training = model.training
-        model.eval()
-        pairs = self.batches.rows
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start : start + batch_size]
+        def logps_of(model, chunk):
             ids, scored = pair_arrays(chunk, self.pad_id)
-            chosen, rejected = mx.split(sequence_logps(model, ids, *scored), 2)
-            for pair, c, r in zip(chunk, chosen.tolist(), rejected.tolist(), strict=True):
-                pair.reference_logps = (c, r)
-        model.train(was_training)
+            return mx.stack(mx.split(sequence_logps(model, ids, *scored), 2), axis=1).tolist()
+
+        precompute_reference(model, self.batches.rows, batch_size, logps_of)
 
     def loss(self, model, micro: tuple[list[PreferencePair], int]):
         pairs, step_pairs = micro

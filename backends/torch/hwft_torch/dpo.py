@@ -16,7 +16,7 @@ from hwft.data.chat import PreferencePair
 from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
 from hwft.methods.dpo import DpoSpec
-from hwft.objective import Loss, Objective, PairSteps
+from hwft.objective import Loss, Objective, PairSteps, precompute_reference
 from hwft_torch.losses import dpo_loss, token_logps
 from hwft_torch.modeling import Reference
 
@@ -46,15 +46,10 @@ class Preference(PairSteps, Objective):
     def precompute(self, model, batch_size: int) -> None:
         """Reference log-probabilities of every pair under ``model`` as it is now (before the
         first update the policy is the reference), stored on the pairs."""
-        was_training = model.training
-        model.eval()
-        pairs = self.batches.rows
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start : start + batch_size]
-            chosen, rejected = answer_logps(model, pair_tensors(chunk, self.pad_id, self.device))
-            for pair, c, r in zip(chunk, chosen.tolist(), rejected.tolist(), strict=True):
-                pair.reference_logps = (c, r)
-        model.train(was_training)
+        def logps_of(model, chunk):
+            return torch.stack(answer_logps(model, pair_tensors(chunk, self.pad_id, self.device)), dim=1).tolist()
+
+        precompute_reference(model, self.batches.rows, batch_size, logps_of)
 
     def loss(self, model, micro: tuple[list[PreferencePair], int]) -> Loss:
         pairs, step_pairs = micro

@@ -45,6 +45,8 @@ class Rollouts:
     old_logps: torch.Tensor | None = None  #: (n, C), when num_iterations > 1
     ref_logps: torch.Tensor | None = None  #: (n, C), when beta > 0
     normaliser: float = 1.0  #: over the whole step (see grpo_loss)
+    old_values: torch.Tensor | None = None  #: (n, C), ppo: the value head's at sampling time
+    returns: torch.Tensor | None = None  #: (n, C), ppo: GAE's returns
 
 
 def completion_logps(model, r: Rollouts, temperature: float) -> torch.Tensor:
@@ -107,15 +109,15 @@ class GroupRelative(Objective):
         completion = completion.masked_fill(after, self.pad_id)
         return Rollouts(prompt_ids, prompt_mask, completion, mask, is_eos.any(-1))
 
-    def rollout(self, model, step: int) -> list[Rollouts]:
+    def sample_step(self, model) -> tuple[list[Rollouts], list[Sample]]:
+        """This rank's share of the step's prompts, sampled (eval mode), and the completions as
+        reward functions see them (ppo's rollouts too)."""
         g = self.spec
         was_training = model.training
         model.eval()
         _, micro = self.draw_step(self.accumulation)  # this rank's share of the step's prompts
         batch = [self.generate(model, prompts) for prompts in micro]
         model.train(was_training)
-
-        # Rewards, per completion, then advantages over all ranks (engine-neutral: hwft.rewards).
         samples = []
         for prompts, r in zip(micro, batch, strict=True):
             texts = self.tokenizer.batch_decode(r.completion_ids, skip_special_tokens=True)
@@ -123,6 +125,12 @@ class GroupRelative(Objective):
             repeated = [p for p in prompts for _ in range(g.num_generations)]
             samples += [Sample(p.text, text.strip(), p.reference, n, not done)
                         for p, text, n, done in zip(repeated, texts, lengths, r.finished.tolist(), strict=True)]
+        return batch, samples
+
+    def rollout(self, model, step: int) -> list[Rollouts]:
+        g = self.spec
+        batch, samples = self.sample_step(model)
+        # Rewards, per completion, then advantages over all ranks (engine-neutral: hwft.rewards).
         scored = score_step(samples, g, self.registered, self.collective)
         advantages = torch.tensor(scored.advantages, dtype=torch.float32, device=self.device)
         start = 0

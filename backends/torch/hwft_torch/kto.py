@@ -17,7 +17,7 @@ from hwft.data.chat import FeedbackItem, Tokenized
 from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
 from hwft.methods.kto import KtoSpec, balance_note
-from hwft.objective import FeedbackSteps, Loss, Objective
+from hwft.objective import FeedbackSteps, Loss, Objective, precompute_reference
 from hwft_torch.losses import kto_loss, token_logps
 from hwft_torch.modeling import Reference
 
@@ -48,16 +48,11 @@ class Feedback(FeedbackSteps, Objective):
     def precompute(self, model, batch_size: int) -> None:
         """Reference log-probabilities of every answer and mismatched pair under ``model`` as it
         is now (before the first update the policy is the reference), stored on the items."""
-        was_training = model.training
-        model.eval()
-        items = self.batches.rows
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
+        def logps_of(model, chunk):
             both = summed_logps(model, self.tensors([i.sequence for i in chunk] + [i.mismatched for i in chunk]))
-            own, other = both.chunk(2)
-            for item, a, b in zip(chunk, own.tolist(), other.tolist(), strict=True):
-                item.reference_logps = (a, b)
-        model.train(was_training)
+            return torch.stack(both.chunk(2), dim=1).tolist()
+
+        precompute_reference(model, self.batches.rows, batch_size, logps_of)
 
     def loss(self, model, micro: tuple[list[FeedbackItem], int]) -> Loss:
         items, step_items = micro

@@ -294,3 +294,23 @@ def grpo_loss(
     stats["clipped"] = (region * mask).sum().detach()
     stats["tokens"] = mask.sum().detach()
     return loss, stats
+
+
+def ppo_loss(logps: torch.Tensor, old_logps: torch.Tensor, values: torch.Tensor, old_values: torch.Tensor,
+             returns: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float,
+             cliprange_value: float, vf_coef: float, normaliser: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""The PPO loss of one micro-batch of completion tokens (:mod:`hwft.methods.ppo`): per token
+    :math:`\max(-A\rho, -A\,\mathrm{clip}(\rho, 1-\epsilon, 1+\epsilon)) + c_V\frac12\max((V'-G)^2,
+    (\mathrm{clip}(V', V-\epsilon_V, V+\epsilon_V) - G)^2)`, summed over the real tokens and divided
+    by ``normaliser`` (the optimizer step's completion tokens). Statistics: the summed policy and
+    value terms, the clipped tokens (ratio outside the range, on the side the advantage pushes)
+    and the token count."""
+    mask = mask.to(logps.dtype)
+    ratio = torch.exp(logps - old_logps)
+    policy = torch.max(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange))
+    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    value = 0.5 * torch.max((values - returns) ** 2, (clipped_values - returns) ** 2)
+    loss = ((policy + vf_coef * value) * mask).sum() / normaliser
+    region = ((ratio < 1 - cliprange) & (advantages < 0)) | ((ratio > 1 + cliprange) & (advantages > 0))
+    return loss, {"policy": (policy * mask).sum().detach(), "value": (value * mask).sum().detach(),
+                  "clipped": (region * mask).sum().detach(), "tokens": mask.sum().detach()}

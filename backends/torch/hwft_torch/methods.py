@@ -12,6 +12,7 @@ simpo    :mod:`hwft_torch.simpo`                        ``SimpleMargin``
 kto      :mod:`hwft_torch.kto`                          ``Feedback``
 rm       :mod:`hwft_torch.rm`                           ``RewardModel``
 grpo     :mod:`hwft_torch.grpo`                         ``GroupRelative``
+ppo      :mod:`hwft_torch.ppo`                          ``Proximal``
 =======  =============================================  ==============================
 
 A plugin's method on the torch engine registers an ``Implementation(name, "torch", build)``
@@ -56,4 +57,5 @@ IMPLEMENTATIONS = (
     Implementation("kto", ENGINE, "hwft_torch.kto:build"),
     Implementation("rm", ENGINE, "hwft_torch.rm:build"),
     Implementation("grpo", ENGINE, "hwft_torch.grpo:build"),
+    Implementation("ppo", ENGINE, "hwft_torch.ppo:build"),
 )

@@ -228,5 +228,8 @@ def save_result(model, tokenizer, out_dir: Path, recipe: Recipe, state_dict: dic
     """adapter/ in PEFT's own format, or model/ as HF safetensors; the tokenizer beside it.
     ``state_dict``: the weights gathered from a sharded run (else the model's own)."""
     extra = {"state_dict": state_dict} if state_dict is not None else {}
+    if "v_head" in model._modules and not hasattr(model, "peft_config"):  # ppo's value head: saved apart
+        whole = state_dict if state_dict is not None else model.state_dict()
+        extra = {"state_dict": {k: v for k, v in whole.items() if not k.startswith("v_head.")}}
     model.save_pretrained(out_dir, safe_serialization=True, **extra)
     tokenizer.save_pretrained(out_dir)

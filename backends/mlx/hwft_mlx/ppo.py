@@ -1,0 +1,98 @@
+"""PPO on MLX: rollouts as GRPO's on MLX (:mod:`hwft_mlx.group_relative`, one completion per
+prompt), a value head on the policy's last hidden state, the loss of
+``hwft_torch.losses.ppo_loss`` (:func:`hwft_mlx.losses.ppo_loss`).
+
+The value head (``v_head``, hidden -> 1, zero at the start) is a child of the mlx-lm model, so
+``nn.value_and_grad`` trains it with the rest; it is saved as ``value_head.safetensors`` (TRL's
+``v_head.summary.*`` names) and left out of the saved model. Advantages and returns come from
+:func:`hwft.methods.ppo.rollout_targets`, shared with torch.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from hwft.methods.ppo import PpoSpec, rollout_targets, score_samples
+from hwft.objective import Loss
+from hwft.rewards import ScoredRollouts, write_rollouts
+from hwft_mlx.group_relative import GroupRelative, Rollouts, completion_logps, rollout_arrays
+from hwft_mlx.losses import ppo_loss, target_logps
+from hwft_mlx.modeling import hidden_states, output_logits
+
+
+def policy_outputs(model, r: Rollouts, temperature: float) -> tuple[mx.array, mx.array]:
+    """(n, C) log-probabilities of the completion tokens and the value head's estimates at the
+    positions that predict them."""
+    hidden = hidden_states(model, r.ids, "causal")
+    flat = hidden.reshape(-1, hidden.shape[-1])[r.where]
+    logps = target_logps(output_logits(model, flat), r.targets, temperature)
+    return logps, model.v_head(flat).squeeze(-1).astype(mx.float32)
+
+
+class Proximal(GroupRelative):
+    spec: PpoSpec
+
+    def rollout(self, model, step: int) -> list[Rollouts]:
+        g = self.spec
+        micro, generated, samples = self.sample_step(model)
+        scores, metrics = score_samples(samples, g, self.registered)
+        batch, arrays, start = [], [], 0
+        for prompts, outs in zip(micro, generated, strict=True):
+            r = rollout_arrays([p.input_ids for p in prompts], [c for c, _ in outs], self.pad_id)
+            logps, values = policy_outputs(model, r, g.temperature)
+            r.old_logps, r.old_values = mx.stop_gradient(logps), mx.stop_gradient(values)
+            with self.reference.active() as reference_model:
+                r.ref_logps = mx.stop_gradient(completion_logps(reference_model, r, g.temperature))
+            mx.eval(r.old_logps, r.old_values, r.ref_logps)
+            arrays.append({"scores": np.array(scores[start : start + len(prompts)], dtype=np.float32),
+                           "logps": np.array(r.old_logps), "ref_logps": np.array(r.ref_logps),
+                           "values": np.array(r.old_values), "mask": np.array(r.mask)})
+            start += len(prompts)
+            batch.append(r)
+        tokens = float(sum(a["mask"].sum() for a in arrays))
+        for r, (advantages, returns) in zip(batch, rollout_targets(arrays, g), strict=True):
+            r.advantages, r.returns = mx.array(advantages.astype(np.float32)), mx.array(returns.astype(np.float32))
+            r.normaliser = max(tokens, 1.0)
+        kl = sum(float(((a["logps"] - a["ref_logps"]) * a["mask"]).sum()) for a in arrays) / max(tokens, 1.0)
+        self.note(kl=kl, **metrics)
+        write_rollouts(self.log_path, step, ScoredRollouts(samples, scores, [0.0] * len(samples), metrics))
+        return batch
+
+    def loss(self, model, r: Rollouts):
+        g = self.spec
+        logps, values = policy_outputs(model, r, g.temperature)
+        value, stats = ppo_loss(logps, r.old_logps, values, r.old_values, r.returns, r.advantages, r.mask,
+                                g.cliprange, g.cliprange_value, g.vf_coef, r.normaliser)
+        tokens = mx.maximum(stats["tokens"], 1)
+        return value, {"clip_ratio": stats["clipped"] / tokens, "policy_loss": stats["policy"] / tokens,
+                       "value_loss": stats["value"] / tokens}
+
+    def counts(self, r: Rollouts) -> Loss:
+        trained = int(r.mask.sum().item())
+        return Loss(None, r.prompt_tokens + trained, trained)
+
+    def save_extras(self, folder) -> None:
+        head = self.model.v_head
+        mx.save_safetensors(str(folder / "value_head.safetensors"),
+                            {"v_head.summary.weight": head.weight.astype(mx.float32),
+                             "v_head.summary.bias": head.bias.astype(mx.float32)}, metadata={"format": "pt"})
+
+
+def build(setup) -> Proximal:
+    """ppo on MLX (hwft_mlx.methods.Setup -> the objective): the reference is the model with its
+    adapters off (lora, qlora) or a frozen copy (full), made before the value head joins it."""
+    from hwft.plugins import get_host
+    from hwft_mlx.modeling import Reference
+
+    job, recipe = setup.job, setup.job.recipe
+    reference = Reference(setup.model, adapters=recipe.method.adapter)
+    head = nn.Linear(setup.model.args.hidden_size, 1)
+    head.weight, head.bias = mx.zeros_like(head.weight), mx.zeros_like(head.bias)
+    setup.model.v_head = head
+    rollouts = job.run_dir.path / "rollouts.jsonl" if job.world.main else None
+    objective = Proximal(setup.batches, recipe.method.ppo, recipe.train.gradient_accumulation_steps, setup.tokenizer,
+                         get_host().rewards(), reference, rollouts, setup.stop, setup.collective)
+    objective.model = setup.model
+    return objective

@@ -1,0 +1,106 @@
+"""PPO on the torch engine: rollouts as GRPO's (:mod:`hwft_torch.grpo`, one completion per
+prompt), a value head on the policy's last hidden state, the loss of
+:func:`hwft_torch.losses.ppo_loss`.
+
+Every ``num_iterations`` optimizer steps a rollout batch is sampled; the sampling policy's
+log-probabilities and values and the reference's log-probabilities are kept, and
+:func:`hwft.methods.ppo.rollout_targets` turns them and the scores into whitened advantages and
+returns (engine-neutral, numpy). The value head (``v_head``, hidden -> 1, zero at the start) is a
+submodule of the trained model, so the optimizer steps it with the rest; it is saved as
+``value_head.safetensors`` (TRL's and LLaMA-Factory's ``v_head.summary.*`` names) and left out
+of the saved model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hwft.methods.ppo import PpoSpec, rollout_targets, score_samples
+from hwft.objective import Loss
+from hwft.rewards import ScoredRollouts, write_rollouts
+from hwft_torch.grpo import GroupRelative, Rollouts, completion_logps
+from hwft_torch.losses import ppo_loss, target_logps
+from hwft_torch.modeling import Reference
+
+
+def policy_outputs(model, r: Rollouts, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, C) log-probabilities of the completion tokens and the value head's estimates at the
+    positions that predict them (position ids count real tokens, as generation did)."""
+    input_ids = torch.cat([r.prompt_ids, r.completion_ids], dim=1)
+    attention_mask = torch.cat([r.prompt_mask, r.completion_mask], dim=1)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+                output_hidden_states=True)
+    width = r.completion_ids.shape[1]
+    logps = target_logps(out.logits[:, -width - 1 : -1, :], r.completion_ids, temperature)
+    hidden = out.hidden_states[-1][:, -width - 1 : -1, :]
+    values = model.v_head(hidden.to(model.v_head.weight.dtype)).squeeze(-1).float()
+    return logps, values
+
+
+class Proximal(GroupRelative):
+    """PPO-clip: GRPO's sampling, a learned value baseline instead of group statistics."""
+
+    spec: PpoSpec
+
+    def rollout(self, model, step: int) -> list[Rollouts]:
+        g = self.spec
+        batch, samples = self.sample_step(model)
+        scores, metrics = score_samples(samples, g, self.registered)
+        arrays, start = [], 0
+        for r in batch:
+            n = len(r.completion_ids)
+            with torch.no_grad(), self.autocast():
+                r.old_logps, r.old_values = policy_outputs(model, r, g.temperature)
+                with self.reference.active() as reference_model:
+                    r.ref_logps = completion_logps(reference_model, r, g.temperature)
+            arrays.append({"scores": torch.tensor(scores[start : start + n]).numpy(),
+                           "logps": r.old_logps.float().cpu().numpy(), "ref_logps": r.ref_logps.float().cpu().numpy(),
+                           "values": r.old_values.cpu().numpy(), "mask": r.completion_mask.float().cpu().numpy()})
+            start += n
+        tokens = float(sum(r.completion_mask.sum() for r in batch))
+        for r, (advantages, returns) in zip(batch, rollout_targets(arrays, g), strict=True):
+            r.advantages = torch.tensor(advantages, device=self.device)
+            r.returns = torch.tensor(returns, device=self.device)
+            r.normaliser = max(tokens, 1.0)
+        kl = sum(float(((r.old_logps - r.ref_logps) * r.completion_mask).sum()) for r in batch) / max(tokens, 1.0)
+        self.note(kl=kl, **metrics)
+        write_rollouts(self.log_path, step, ScoredRollouts(samples, scores, [0.0] * len(samples), metrics))
+        return batch
+
+    def loss(self, model, r: Rollouts) -> Loss:
+        g = self.spec
+        logps, values = policy_outputs(model, r, g.temperature)
+        value, stats = ppo_loss(logps, r.old_logps, values, r.old_values, r.returns, r.advantages, r.completion_mask,
+                                g.cliprange, g.cliprange_value, g.vf_coef, r.normaliser)
+        tokens = float(stats["tokens"].clamp(min=1))
+        self.note(clip_ratio=float(stats["clipped"]) / tokens, policy_loss=float(stats["policy"]) / tokens,
+                  value_loss=float(stats["value"]) / tokens)
+        return Loss(value, int(r.prompt_mask.sum()) + int(stats["tokens"]), int(stats["tokens"]))
+
+    def save_extras(self, folder) -> None:
+        from safetensors.torch import save_file
+
+        head = self.value_head
+        save_file({"v_head.summary.weight": head.weight.detach().float().cpu().contiguous(),
+                   "v_head.summary.bias": head.bias.detach().float().cpu().contiguous()},
+                  str(folder / "value_head.safetensors"))
+
+
+def build(setup) -> Proximal:
+    """ppo on the torch engine (hwft_torch.methods.Setup -> the objective): the reference is
+    made before the value head joins the model, which then trains with it."""
+    from hwft.plugins import get_host
+
+    job, recipe = setup.job, setup.job.recipe
+    reference = Reference(setup.model)
+    hidden = setup.model.config.hidden_size
+    head = torch.nn.Linear(hidden, 1).to(setup.device)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    setup.model.add_module("v_head", head)
+    rollouts = job.run_dir.path / "rollouts.jsonl" if job.world.main else None
+    objective = Proximal(setup.batches, recipe.method.ppo, recipe.train.gradient_accumulation_steps, setup.tokenizer,
+                         get_host().rewards(), setup.device, reference, rollouts, setup.autocast, setup.collective)
+    objective.value_head = head
+    return objective
