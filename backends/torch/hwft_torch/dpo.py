@@ -18,7 +18,7 @@ from hwft.distributed import ALONE, Collective
 from hwft.methods.dpo import DpoSpec
 from hwft.objective import Loss, Objective, PairSteps, precompute_reference
 from hwft_torch.losses import dpo_loss, token_logps
-from hwft_torch.modeling import Reference
+from hwft_torch.modeling import Reference, with_reference
 
 
 def pair_tensors(pairs: list[PreferencePair], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -77,13 +77,10 @@ class Preference(PairSteps, Objective):
 def build(setup) -> Preference:
     """dpo on the torch engine (hwft_torch.methods.Setup -> the objective). A continued adapter
     is its own reference: the starting policy, precomputed."""
-    job, recipe = setup.job, setup.job.recipe
-    spec, t = recipe.method.dpo, recipe.train
-    precompute = spec.reference == "precomputed" or bool(recipe.model.adapter)
-    objective = Preference(setup.batches, spec, t.gradient_accumulation_steps, setup.tokenizer.pad_token_id,
-                           setup.device, None if precompute else Reference(setup.model), setup.collective)
-    if precompute:
-        with setup.autocast():
-            objective.precompute(setup.model, t.micro_batch_size)
-        job.log(f"dpo: reference log-probabilities of {len(setup.batches.rows)} pairs precomputed")
-    return objective
+    recipe = setup.job.recipe
+    spec = recipe.method.dpo
+    return with_reference(
+        setup, spec,
+        lambda reference: Preference(setup.batches, spec, recipe.train.gradient_accumulation_steps,
+                                     setup.tokenizer.pad_token_id, setup.device, reference, setup.collective),
+        f"dpo: reference log-probabilities of {len(setup.batches.rows)} pairs")

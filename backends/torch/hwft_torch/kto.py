@@ -19,7 +19,7 @@ from hwft.distributed import ALONE, Collective
 from hwft.methods.kto import KtoSpec, balance_note
 from hwft.objective import FeedbackSteps, Loss, Objective, precompute_reference
 from hwft_torch.losses import kto_loss, token_logps
-from hwft_torch.modeling import Reference
+from hwft_torch.modeling import Reference, with_reference
 
 
 def sequence_tensors(sequences: list[Tokenized], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -82,16 +82,13 @@ def build(setup) -> Feedback:
     """kto on the torch engine (hwft_torch.methods.Setup -> the objective). A continued adapter
     is its own reference: the starting policy, precomputed."""
     job, recipe = setup.job, setup.job.recipe
-    spec, t = recipe.method.kto, recipe.train
+    spec = recipe.method.kto
     items = setup.batches.rows
     note = balance_note(sum(i.desirable for i in items), sum(not i.desirable for i in items), spec)
     if note:
         job.log(note)
-    precompute = spec.reference == "precomputed" or bool(recipe.model.adapter)
-    objective = Feedback(setup.batches, spec, t.gradient_accumulation_steps, setup.tokenizer.pad_token_id,
-                         setup.device, None if precompute else Reference(setup.model), setup.collective)
-    if precompute:
-        with setup.autocast():
-            objective.precompute(setup.model, t.micro_batch_size)
-        job.log(f"kto: reference log-probabilities of {len(items)} answers and their mismatched pairs precomputed")
-    return objective
+    return with_reference(
+        setup, spec,
+        lambda reference: Feedback(setup.batches, spec, recipe.train.gradient_accumulation_steps,
+                                   setup.tokenizer.pad_token_id, setup.device, reference, setup.collective),
+        f"kto: reference log-probabilities of {len(items)} answers and their mismatched pairs")

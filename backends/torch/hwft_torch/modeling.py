@@ -224,6 +224,21 @@ class Reference:
                     yield self.model
 
 
+def with_reference(setup, spec, make, what: str):
+    """The objective ``make(reference)`` of a method with a reference policy (dpo, kto), whose
+    ``spec.reference`` is auto or precomputed: with precomputed, or a continued adapter (its own
+    reference: the starting policy), no reference is held and the objective's ``precompute``
+    runs now; ``what`` names what was precomputed in the run's log."""
+    recipe = setup.job.recipe
+    precompute = spec.reference == "precomputed" or bool(recipe.model.adapter)
+    objective = make(None if precompute else Reference(setup.model))
+    if precompute:
+        with setup.autocast():
+            objective.precompute(setup.model, recipe.train.micro_batch_size)
+        setup.job.log(f"{what} precomputed")
+    return objective
+
+
 def save_result(model, tokenizer, out_dir: Path, recipe: Recipe, state_dict: dict | None = None) -> None:
     """adapter/ in PEFT's own format, or model/ as HF safetensors; the tokenizer beside it.
     ``state_dict``: the weights gathered from a sharded run (else the model's own)."""
