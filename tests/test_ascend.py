@@ -108,7 +108,7 @@ def _batch(tokenizer, layout: str) -> dict:
 def _forward_backward(model, batch):
     model.zero_grad()
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    out = model(**inputs, labels=batch["labels"])
+    out = model(**inputs, labels=batch["labels"], use_cache=False)
     out.loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     return out.logits.detach(), grads

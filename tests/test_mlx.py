@@ -19,6 +19,7 @@ import torch
 
 from tests.conftest import SAMPLE_ROWS, build_tiny_model, write_recipe
 from hwft.testing.cells import cell_recipe, metrics
+from hwft.testing.tiny import fresh_adapter
 
 mx = pytest.importorskip("mlx.core")
 
@@ -73,22 +74,6 @@ def test_the_embedded_model_answers_on_mlx(embedded_dir):
 # Parity with torch: one batch
 
 
-def fresh_adapter(model_dir: Path, out: Path, seed: int = 0) -> Path:
-    """A PEFT adapter (r 8, alpha 16, all linear) with B drawn non-zero, so the LoRA path carries
-    real numbers in both directions."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                           LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.02)
-    model.save_pretrained(out)
-    return out
-
-
 def rows_of(model_dir: Path, packing: bool):
     from transformers import AutoTokenizer
 
@@ -138,7 +123,7 @@ def test_logits_loss_and_gradients_match_torch(family, request, tmp_path):
         torch_model.zero_grad()
         batch = to_tensors(rows, 2, "sdpa", torch.device("cpu"))
         target = batch.pop("labels")
-        torch_loss = causal_lm_loss(torch_model(**batch).logits, target, labels)
+        torch_loss = causal_lm_loss(torch_model(**batch, use_cache=False).logits, target, labels)
         torch_loss.backward()
         value, grads = nn.value_and_grad(mlx_model, lambda m: summed_cross_entropy(m, rows, 2, True) / labels)(mlx_model)
         assert value.item() == pytest.approx(torch_loss.item(), abs=1e-4)

@@ -44,7 +44,7 @@ def cell_recipe(folder: Path, model: Path | str, objective: str, tuning: str, ba
              "micro_batch_size": len(cell.rows), "max_length": 64, "scheduler": "constant", "precision": "fp32",
              "seed": 3}
     train.update(sections.pop("train", {}))
-    recipe = {"model": str(model), "data": {"train": [{"path": data.name}]}, "method": method, "train": train,
+    recipe = {"model": model if isinstance(model, dict) else str(model), "data": {"train": [{"path": data.name}]}, "method": method, "train": train,
               "backend": backend, "output": {"dir": str(folder / "out")}, **dict(cell.recipe)}
     recipe.update(sections)
     path = folder / "recipe.yaml"

@@ -16,8 +16,10 @@ from mlx.optimizers' schedules.
 
 from __future__ import annotations
 
+import json
 import math
 import random
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -46,7 +48,9 @@ from hwft_mlx.modeling import (
     load_model,
     load_peft_adapter,
     architecture,
-    packs,
+    family,
+    ignored_window,
+    packing_problem,
     quantize_base,
     save_full_model,
     save_peft_adapter,
@@ -155,6 +159,29 @@ def prepare_model(job: Job, model_path, dtype: str) -> tuple[nn.Module, str]:
     return model, detail
 
 
+def check_architecture(job: Job, model: nn.Module, model_path, packing: bool) -> None:
+    """What this family's mlx-lm forward can train, refused in one line where the recipe asks
+    for more: packed rows (proven by the family table or at load, hwft_mlx.packing), and rows
+    longer than a sliding window mlx-lm does not apply."""
+    recipe = job.recipe
+    if packing:
+        problem = packing_problem(model)
+        if problem is not None:
+            raise UserError(f"data.packing: mlx-lm's {architecture(model)} cannot pack rows here: {problem}; "
+                            "set data.packing: false")
+        if not family(model).known:
+            job.log(f"packing: mlx-lm's {architecture(model)} is not in hwft's family table; its packed forward "
+                    "matched its own on two examples, so rows pack")
+    config = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
+    window = ignored_window(config)
+    if window is not None and recipe.train.max_length > window:
+        raise UserError(
+            f"train.max_length: {recipe.train.max_length} is longer than {config.get('model_type')}'s sliding window "
+            f"({window} tokens), which mlx-lm's {architecture(model)} does not apply: longer rows would attend "
+            f"farther than the model does. Set train.max_length: {window} or less, or train on torch"
+        )
+
+
 def make_objective(setup: Setup) -> MlxObjective:
     """The recipe's method as this engine implements it (hwft_mlx.methods)."""
     implementation = get_host().methods().implementation(setup.job.recipe.method.objective, ENGINE)
@@ -237,12 +264,7 @@ def train(job: Job) -> Result:
     model, detail = prepare_model(job, model_path, dtype)
     embedding = next(m for _, m in model.named_modules() if isinstance(m, nn.Embedding))
     batches.check_vocabulary(embedding.weight.shape[0], str(model_path))
-    if batches.packing and not packs(model):
-        families = ", ".join(get_host().families().with_path(ENGINE, "mlx_packing"))
-        raise UserError(
-            f"data.packing: the MLX backend packs the {families} families, not mlx-lm's {architecture(model)}; "
-            "set data.packing: false"
-        )
+    check_architecture(job, model, model_path, batches.packing)
     applied = kernels.apply(job, model, job.choice.kernels, kernels.prepare(job, job.choice.kernels),
                             get_host().families().lookup(ENGINE, architecture(model)), recipe.method.tuning)
     for line in applied.lines:

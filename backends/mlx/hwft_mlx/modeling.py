@@ -37,12 +37,13 @@ PEFT_PREFIX = "base_model.model."
 QUANT_GROUP = 64
 
 
-def config_overrides(config: dict) -> dict:
-    """Keys mlx-lm would misread in a transformers-5 config.json, put where it looks.
+def shared_overrides(config: dict) -> dict:
+    """Keys every family's transformers-5 config.json holds where mlx-lm does not look.
 
-    transformers 5 writes ``rope_parameters: {rope_theta, rope_type, ...}`` instead of the
-    top-level ``rope_theta`` / ``rope_scaling`` that mlx-lm's model arguments read; without this
-    mlx-lm silently uses theta 10000 and, for SmolLM2 (theta 100000), produces garbage.
+    transformers 5 writes ``rope_parameters: {rope_theta, rope_type, partial_rotary_factor,
+    ...}`` instead of the top-level ``rope_theta`` / ``rope_scaling`` / ``partial_rotary_factor``
+    that mlx-lm's model arguments read. Without this mlx-lm silently uses theta 10000 (for
+    SmolLM2, theta 100000, that is garbage) or fails on a required argument (glm4).
     """
     rope = config.get("rope_parameters")
     out: dict = {}
@@ -51,8 +52,47 @@ def config_overrides(config: dict) -> dict:
             out["rope_theta"] = rope["rope_theta"]
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind != "default" and config.get("rope_scaling") is None:
-            out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+            out["rope_scaling"] = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+        if config.get("partial_rotary_factor") is None and rope.get("partial_rotary_factor") is not None:
+            out["partial_rotary_factor"] = rope["partial_rotary_factor"]
     return out
+
+
+def mlx_architecture(config: dict) -> str:
+    """The mlx-lm architecture (module under mlx_lm.models) a config loads as, or its
+    model_type where mlx-lm has none (loading then refuses it)."""
+    from mlx_lm.utils import _get_classes
+
+    try:
+        return _get_classes(config)[0].__module__.rsplit(".", 1)[-1]
+    except (KeyError, ValueError):
+        return str(config.get("model_type", ""))
+
+
+def config_overrides(config: dict) -> dict:
+    """What hwft puts over a config.json before mlx-lm reads it: the keys every family shares
+    (:func:`shared_overrides`), then the family's own (``options["config"]`` of its record in
+    :mod:`hwft_mlx.families`)."""
+    from hwft.plugins import get_host
+
+    out = shared_overrides(config)
+    family = get_host().families().lookup("mlx", mlx_architecture(config))
+    translate = family.options.get("config")
+    if translate is not None:
+        out.update(translate({**config, **out}))
+    return out
+
+
+def ignored_window(config: dict) -> int | None:
+    """The sliding window a config sets that mlx-lm's forward does not apply (``options
+    ["window"]`` in hwft_mlx.families), or None: no window, or one mlx-lm applies."""
+    from hwft.plugins import get_host
+
+    window = config.get("sliding_window")
+    if not window or config.get("use_sliding_window") is False:  # Qwen: a window, switched off
+        return None
+    applies = get_host().families().lookup("mlx", mlx_architecture(config)).options.get("window")
+    return None if applies is not None and applies(config) else int(window)
 
 
 def load_model(path: Path, trust_remote_code: bool = False) -> tuple[nn.Module, dict]:
@@ -67,9 +107,34 @@ def load_model(path: Path, trust_remote_code: bool = False) -> tuple[nn.Module, 
         raise ModelError(f"{path} has no model*.safetensors; the MLX backend loads safetensors folders only")
     try:
         model, _ = mlx_load(path, model_config=config_overrides(config), trust_remote_code=trust_remote_code)
-    except ValueError as exc:  # "Model type X not supported." and weight mismatches
-        raise ModelError(f"mlx-lm cannot load {path}: {exc}") from None
+    except (ValueError, TypeError) as exc:  # "Model type X not supported.", weight mismatches, missing args
+        raise ModelError(f"mlx-lm cannot load {path} (model_type {config.get('model_type')}): {exc}") from None
+    if isinstance(config.get("pad_token_id"), int):
+        keep_padding_row(model, config["pad_token_id"])
     return model, config
+
+
+class PaddingEmbedding(nn.Embedding):
+    """nn.Embedding whose row ``padding_idx`` takes no gradient from the lookup, as torch's
+    ``nn.Embedding(padding_idx=...)`` (which every transformers family hwft knows builds with
+    the config's pad_token_id). Where the pad token is also the end-of-turn token (SmolLM2),
+    full tuning would otherwise train its input embedding on MLX and not on torch; with tied
+    embeddings the output layer's share of that row still trains, on both."""
+
+    padding_idx: int = -1
+
+    def __call__(self, x: mx.array) -> mx.array:
+        h = super().__call__(x)
+        return mx.where((x == self.padding_idx)[..., None], mx.stop_gradient(h), h)
+
+
+def keep_padding_row(model: nn.Module, pad_id: int) -> None:
+    """Make the decoder's token embedding a :class:`PaddingEmbedding` of ``pad_id``, in place:
+    its weights and their names stay as they are."""
+    embedding = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if type(embedding) is nn.Embedding and 0 <= pad_id < embedding.weight.shape[0]:
+        embedding.__class__ = PaddingEmbedding
+        embedding.padding_idx = pad_id
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,37 +146,66 @@ def architecture(model: nn.Module) -> str:
     return type(model).__module__.rsplit(".", 1)[-1]
 
 
-def packs(model: nn.Module) -> bool:
-    """Whether :func:`hidden_states` can run this model with a block-diagonal mask: its family
-    has the ``mlx_packing`` path (hwft_mlx.families)."""
+def family(model: nn.Module):
+    """The model's record in the MLX family table (hwft_mlx.families), or the generic one."""
     from hwft.plugins import get_host
 
-    return get_host().families().lookup("mlx", architecture(model)).has("mlx_packing")
+    return get_host().families().lookup("mlx", architecture(model))
 
 
-def hidden_states(model: nn.Module, input_ids: mx.array, mask) -> mx.array:
-    """The decoder's last hidden states, with ``mask`` given to every layer.
+#: id(model) -> None (packs) or why not: the load-time proof of a family the table does not prove.
+_PROOFS: dict[int, str | None] = {}
 
-    ``mask`` is ``"causal"`` or a boolean (batch, 1, L, L) array, True where a query may attend
-    a key. mlx-lm's own model call builds a causal mask over the whole row and takes no position
-    ids, so a packed row's examples would see each other. Here the mask is block-diagonal; the
-    positions still run 0..L-1 over the row instead of restarting per example, which changes
-    nothing, because rotary attention scores depend only on the distance between query and key,
-    and the mask keeps only pairs within one example (the torch engine restarts positions; the
-    parity tests hold the two to the same logits).
-    """
-    inner = model.model
-    h = inner.embed_tokens(input_ids)
-    for layer in inner.layers:
-        h = layer(h, mask, None)
-    return inner.norm(h)
+
+def packing_problem(model: nn.Module) -> str | None:
+    """None where :func:`hidden_states` keeps packed examples apart for this model: its family
+    has the ``mlx_packing`` path (proven by the tests), or the load-time proof
+    (:func:`hwft_mlx.packing.prove`) passed for it. Else why not."""
+    if family(model).has("mlx_packing"):
+        return None
+    if id(model) not in _PROOFS:
+        from hwft_mlx.packing import prove
+
+        embedding = next(m for _, m in model.named_modules() if isinstance(m, nn.Embedding))
+        _PROOFS[id(model)] = prove(model, output_logits, embedding.weight.shape[0], mask_dims(model))
+    return _PROOFS[id(model)]
+
+
+def packs(model: nn.Module) -> bool:
+    """Whether :func:`hidden_states` runs this model (and keeps packed examples apart)."""
+    return packing_problem(model) is None
+
+
+def hidden_states(model: nn.Module, input_ids: mx.array, segments=None) -> mx.array:
+    """The decoder's last hidden states; ``segments`` (batch, L), where rows pack several
+    examples, keeps each example to itself (:mod:`hwft_mlx.packing`). Without it, this is
+    mlx-lm's own forward up to the output layer."""
+    from hwft_mlx.packing import decoder_hidden
+
+    return decoder_hidden(model, input_ids, segments, mask_dims(model))
+
+
+def mask_dims(model: nn.Module) -> int:
+    """The rank of the family's attention scores a packed mask broadcasts against (hwft_mlx.packing.SegmentMask)."""
+    return int(family(model).options.get("mask_dims", 4))
 
 
 def output_logits(model: nn.Module, hidden: mx.array) -> mx.array:
-    """The output layer applied to hidden states (tied embeddings or ``lm_head``)."""
-    if getattr(model.args, "tie_word_embeddings", False) or not hasattr(model, "lm_head"):
-        return model.model.embed_tokens.as_linear(hidden)
-    return model.lm_head(hidden)
+    """The output layer applied to hidden states, as the family's own call applies it: tied
+    embeddings or ``lm_head``, then the family's transform of the logits where it has one
+    (``options["logits"]`` in hwft_mlx.families: Gemma 2's soft-capping, Granite's scaling)."""
+    if "lm_head" in model and not getattr(model.args, "tie_word_embeddings", False):
+        logits = model.lm_head(hidden)
+    else:
+        logits = language_model_of(model).embed_tokens.as_linear(hidden)
+    transform = family(model).options.get("logits")
+    return transform(model, logits) if transform is not None else logits
+
+
+def language_model_of(model: nn.Module) -> nn.Module:
+    from hwft_mlx.packing import language_model
+
+    return language_model(model)
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,14 +36,13 @@ class MlxObjective(Objective):
                 self.note(**{key: v})
 
 
-def attention_mask(rows: list[Row], width: int):
-    """``"causal"`` when no row packs several examples, else the (batch, 1, L, L) boolean
-    block-diagonal causal mask (True = attend), built from :func:`hwft.data.batching.segment_ids`."""
+def packed_segments(rows: list[Row], width: int) -> np.ndarray | None:
+    """None when no row packs several examples, else (batch, width): the example of each
+    position (:func:`hwft.data.batching.segment_ids`), from which :mod:`hwft_mlx.packing`
+    builds each layer's block-diagonal mask."""
     if all(len(r.lengths) == 1 for r in rows):
-        return "causal"
-    seg = np.array(segment_ids(rows, width))
-    same = seg[:, :, None] == seg[:, None, :]
-    return mx.array((same & np.tri(width, dtype=bool))[:, None])
+        return None
+    return np.array(segment_ids(rows, width))
 
 
 def picked_labels(sequences: list[list[int]]) -> list[list[tuple[int, int]]]:
@@ -71,7 +70,7 @@ def summed_cross_entropy(model: nn.Module, rows: list[Row], pad_id: int, fused: 
     width = ids.shape[1]
     where, targets = label_positions(rows, width)
     if packs(model):
-        hidden = hidden_states(model, ids, attention_mask(rows, width))
+        hidden = hidden_states(model, ids, packed_segments(rows, width))
         flat = hidden.reshape(-1, hidden.shape[-1])
         logits = output_logits(model, flat[where]) if fused else output_logits(model, flat)[where]
     else:  # mlx-lm's own call: causal over the row (selection has ensured no packed rows)
@@ -103,7 +102,7 @@ def position_logits(model: nn.Module, ids: mx.array, where: mx.array) -> mx.arra
     if not packs(model):
         logits = model(ids)
         return logits.reshape(-1, logits.shape[-1])[where]
-    hidden = hidden_states(model, ids, "causal")
+    hidden = hidden_states(model, ids)
     return output_logits(model, hidden.reshape(-1, hidden.shape[-1])[where])
 
 

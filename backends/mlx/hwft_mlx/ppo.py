@@ -25,7 +25,7 @@ from hwft_mlx.modeling import hidden_states, output_logits
 def policy_outputs(model, r: Rollouts, temperature: float) -> tuple[mx.array, mx.array]:
     """(n, C) log-probabilities of the completion tokens and the value head's estimates at the
     positions that predict them."""
-    hidden = hidden_states(model, r.ids, "causal")
+    hidden = hidden_states(model, r.ids)
     flat = hidden.reshape(-1, hidden.shape[-1])[r.where]
     logps = target_logps(output_logits(model, flat), r.targets, temperature)
     return logps, model.v_head(flat).squeeze(-1).astype(mx.float32)

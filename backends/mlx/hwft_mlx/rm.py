@@ -24,7 +24,7 @@ from hwft_mlx.objective import MlxObjective
 
 def sequence_rewards(model: nn.Module, ids: list[list[int]], pad_id: int) -> mx.array:
     """One scalar reward per right-padded row of ``ids``."""
-    hidden = hidden_states(model, mx.array(ids), "causal")
+    hidden = hidden_states(model, mx.array(ids))
     width = hidden.shape[1]
     where = mx.array([b * width + t for b, t in enumerate(last_tokens(ids, pad_id))])
     return model.score(hidden.reshape(-1, hidden.shape[-1])[where]).squeeze(-1).astype(mx.float32)

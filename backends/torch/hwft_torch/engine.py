@@ -34,7 +34,9 @@ from hwft_torch.checkpoint import TorchState
 from hwft_torch.modeling import (
     DTYPES,
     attention_implementation,
+    family_attention,
     load_model,
+    model_type_of,
     quantised_linear_count,
     save_result,
 )
@@ -122,6 +124,7 @@ def answer(model, tokenizer, renderer: ChatRenderer, prompt: str, max_new_tokens
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
         synced_gpus=synced,
+        use_cache=True,  # the training model's config has it off (hwft_torch.modeling.load_model)
     )
     model.train(was_training)
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
@@ -234,6 +237,9 @@ def train(job: Job, runtime: DeviceRuntime) -> Result:
     if runtime.before_load:
         runtime.before_load(recipe)
     model = load_model(model_path, recipe, device, tuning, dtype)
+    needed = family_attention(model_type_of(model_path)) if recipe.kernels.attention == "auto" else None
+    if needed is not None:
+        job.log(f"attention: {needed[0]}, not sdpa ({needed[1]})")
     batches.check_vocabulary(model.get_input_embeddings().num_embeddings, str(model_path))
     applied = apply_kernels(job, model, made, tuning, runtime)
     compile_layers_if_wanted(job, model, device, batches.steps)

@@ -29,5 +29,7 @@ FAMILIES = (
     Family("qwen2", ENGINE, "Qwen2, Qwen2.5", LLAMA_LIKE, options={"liger": "qwen2"}, gguf=GgufLayout("QWEN2")),
     Family("qwen3", ENGINE, "Qwen3", LLAMA_LIKE - {"npu_ops"}, options={"liger": "qwen3"}),
     Family("mistral", ENGINE, "Mistral", LLAMA_LIKE, options={"liger": "mistral"}),
+    Family("gemma2", ENGINE, "Gemma 2", LLAMA_LIKE - {"npu_ops"}, attention="eager",
+           options={"liger": "gemma2", "attention_why": "Gemma 2 soft-caps its attention scores, which sdpa cannot"}),
     Family(GENERIC, ENGINE, "any other family transformers loads", frozenset({"fused_projections", "packed_attention"})),
 )

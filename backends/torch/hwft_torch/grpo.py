@@ -100,6 +100,7 @@ class GroupRelative(Objective):
                 input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
                 temperature=g.temperature, top_p=g.top_p, top_k=0, max_new_tokens=g.max_new_tokens,
                 eos_token_id=self.eos_ids, pad_token_id=self.pad_id, synced_gpus=self.synced,
+                use_cache=True,  # the training model's config has it off (hwft_torch.modeling.load_model)
             )
         completion = out[:, prompt_ids.shape[1] :]
         is_eos = torch.isin(completion, torch.tensor(self.eos_ids, device=completion.device))

@@ -9,6 +9,7 @@ merges) onto the full-precision weights.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,10 +56,32 @@ HEADS = {
 }
 
 
-def attention_implementation(recipe: Recipe) -> str:
-    """kernels.attention; auto is sdpa. For methods whose rows may be packed (sft, cpt), sdpa runs
+def family_attention(model_type: str | None) -> tuple[str, str] | None:
+    """(implementation, why) where the family's record (hwft_torch.families) names the
+    attention it needs because sdpa cannot serve it (Gemma 2's soft-capped scores), else None."""
+    from hwft.plugins import get_host
+
+    family = get_host().families().lookup("torch", model_type)
+    if family.attention is None:
+        return None
+    return family.attention, str(family.options.get("attention_why", f"{model_type} needs it"))
+
+
+def model_type_of(path: Path) -> str | None:
+    try:
+        return json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def attention_implementation(recipe: Recipe, model_type: str | None = None) -> str:
+    """kernels.attention; auto is sdpa, or what the model's family needs where sdpa cannot serve
+    it (:func:`family_attention`). For methods whose rows may be packed (sft, cpt), sdpa runs
     once per packed example (:mod:`hwft_torch.packed_attention`), unless data.packing is false."""
     name = "sdpa" if recipe.kernels.attention == "auto" else recipe.kernels.attention
+    needed = family_attention(model_type) if recipe.kernels.attention == "auto" else None
+    if needed is not None:
+        return needed[0]
     if name == "sdpa" and method(recipe.method.objective).packs and recipe.data.packing is not False:
         from hwft_torch.packed_attention import register
 
@@ -96,7 +119,7 @@ def load_model(path: Path, recipe: Recipe, device: torch.device, tuning: str, co
         model = head.auto_class().from_pretrained(
             path,
             dtype=torch.float32,
-            attn_implementation=attention_implementation(recipe),
+            attn_implementation=attention_implementation(recipe, model_type_of(path)),
             trust_remote_code=recipe.model.trust_remote_code,
             local_files_only=True,
             use_safetensors=True,  # never a pickled checkpoint (hwft.models.check_safe_weights)
@@ -117,8 +140,9 @@ def load_model(path: Path, recipe: Recipe, device: torch.device, tuning: str, co
         model.to(device)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if checkpointing:
-        model.config.use_cache = False
+    # No KV cache in a training forward (generation asks for one itself): with one, transformers
+    # would not read packed examples from the position ids (hwft_torch.objective.to_tensors).
+    model.config.use_cache = False
     if tuning in ("lora", "qlora"):
         model = add_lora(model, recipe)
     elif tuning == "freeze":

@@ -7,7 +7,7 @@ from contextlib import nullcontext
 
 import torch
 
-from hwft.data.batching import Row, pad, segment_ids
+from hwft.data.batching import Row, pad
 from hwft.data.chat import IGNORE_INDEX
 from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
@@ -18,28 +18,14 @@ from hwft_torch.modeling import attention_implementation
 from hwft_torch.parallel import sharded
 
 
-def block_causal_mask(rows: list[Row], width: int, dtype: torch.dtype | None) -> torch.Tensor:
-    """(batch, 1, width, width) mask letting each token attend to earlier tokens of its own
-    example only; right padding forms one more block, so no query row is fully masked.
-
-    ``dtype`` None gives a boolean mask (True = attend, as sdpa reads it); a float dtype gives
-    the additive form eager attention adds to its scores (0 or the dtype's minimum).
-    """
-    segments = torch.tensor(segment_ids(rows, width))
-    same = segments[:, :, None] == segments[:, None, :]
-    mask = (same & torch.ones(width, width, dtype=torch.bool).tril())[:, None]
-    if dtype is None:
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
-
-
 def to_tensors(rows: list[Row], pad_id: int, attention: str, device: torch.device) -> dict[str, torch.Tensor]:
     """Model inputs for a micro-batch, keeping attention within each packed example.
 
     flash_attention_2 runs padding-free: all rows are concatenated into one sequence and the
     kernel finds the examples from where ``position_ids`` restart (varlen). Other kernels get
-    right-padded rows and, when a row packs several examples, a block-diagonal causal mask
-    (position ids alone do not isolate examples for sdpa or eager attention).
+    right-padded rows; where a row packs several examples, no attention mask but the position
+    ids, from which transformers builds every layer's block-diagonal mask (the model must be
+    called with ``use_cache=False``).
     """
     if attention == "flash_attention_2":
         flat = {
@@ -50,8 +36,12 @@ def to_tensors(rows: list[Row], pad_id: int, attention: str, device: torch.devic
         return {k: torch.tensor([v], device=device) for k, v in flat.items()}
     batch = {k: torch.tensor(v) for k, v in pad(rows, pad_id).items()}
     if any(len(r.lengths) > 1 for r in rows):
-        width = batch["input_ids"].shape[1]
-        batch["attention_mask"] = block_causal_mask(rows, width, torch.float32 if attention == "eager" else None)
+        # No mask: transformers finds the examples where position_ids restart (masking_utils'
+        # find_packed_sequence_indices, with no cache: call the model with use_cache=False) and
+        # builds each layer's own mask from them: causal within each example, and within the
+        # sliding window on the layers that have one (Mistral, Gemma 2/3), which a single mask
+        # passed in for every layer could not be.
+        del batch["attention_mask"]
     return {k: v.to(device) for k, v in batch.items()}
 
 

@@ -1,0 +1,306 @@
+"""Every model family hwft's tables name, on both engines: a 2-layer, 64-wide model of each
+(hwft.testing.tiny.FAMILIES), random weights.
+
+- MLX reads each family's transformers-5 config as transformers does (the keys hwft translates,
+  and the logits);
+- packed rows keep their examples apart on torch (sdpa, eager, hwft's per-example sdpa) and on
+  MLX (mlx-lm's own forward with hwft's segment mask), sliding windows included;
+- a family outside the MLX table packs after its load-time proof, or is refused in one line;
+- the family matrix: sft on packed rows with LoRA, dpo with LoRA and sft with full tuning, from
+  one recipe on the ``cpu`` and ``mlx`` backends, give the same losses step by step.
+
+Tolerances: fp32 throughout. Logits of one model on two engines differ by float rounding
+(measured at most 7e-7 of the largest logit; allowed 1e-5). Losses over 3 AdamW steps from one
+start (LoRA runs start from one PEFT adapter, since the engines draw different A matrices):
+measured at most 1e-5 apart, allowed 1e-4, because Adam divides each gradient entry by its own
+size and so carries rounding of the gradients into the weights at full size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hwft.testing.cells import cell_recipe, metrics
+from hwft.testing.tiny import FAMILIES, MOE_FAMILIES, build_tiny_model, fresh_adapter
+
+mx = pytest.importorskip("mlx.core")
+
+LOGITS = 1e-5  #: max |MLX - torch| / max |logit|, one model
+LOSSES = 1e-4  #: |MLX - torch| per step, 3 steps from one start
+GRAD_NORM = 1e-3  #: relative, the first step's gradient norm
+#: The least top-k router margin the MoE tests accept: the gap between the k-th and the
+#: (k+1)-th expert's score, in the router's own units; rounding between the engines is ~1e-7.
+ROUTER_MARGIN = 1e-5
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tokenizer_dir):
+    """{family: folder}, each built once, on first use."""
+    root = tmp_path_factory.mktemp("families")
+    built: dict[str, Path] = {}
+
+    def get(family: str, **config) -> Path:
+        key = family + "".join(f"-{k}{v}" for k, v in sorted(config.items()))
+        if key not in built:
+            built[key] = build_tiny_model(family, root / key, tokenizer_dir, **config)
+        return built[key]
+
+    return get
+
+
+def random_ids(length: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, 4000, length)
+
+
+def torch_model(folder: Path, attention: str | None = None):
+    from transformers import AutoModelForCausalLM
+
+    from hwft_torch.modeling import family_attention, model_type_of
+
+    needed = family_attention(model_type_of(folder))
+    name = attention or (needed[0] if needed else "sdpa")
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=name).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# MLX reads each family's config as transformers wrote it
+
+
+#: What hwft's translation must put where mlx-lm reads it (hwft_mlx.families).
+TRANSLATED = {
+    "qwen3_moe": {"num_experts": 4},
+    "glm4": {"partial_rotary_factor": 0.5, "rope_theta": 10000.0},
+    "gemma3_text": {"rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0, "sliding_window_pattern": 2},
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mlx_reads_the_family_as_transformers_does(family, models):
+    from hwft_mlx.modeling import config_overrides, load_model
+
+    folder = models(family)
+    config = json.loads((folder / "config.json").read_text())
+    overrides = config_overrides(config)
+    for key, value in TRANSLATED.get(family, {}).items():
+        assert overrides.get(key) == value, (key, overrides)
+    ids = random_ids(20)[None]  # longer than Gemma 3's sliding window of 8
+    with torch.no_grad():
+        expected = torch_model(folder)(torch.tensor(ids)).logits.numpy()
+    model, _ = load_model(folder)
+    got = np.array(model(mx.array(ids)))
+    assert np.abs(got - expected).max() / np.abs(expected).max() < LOGITS
+
+
+def test_a_gemma3_config_without_a_repeating_pattern_is_refused(models):
+    from hwft.errors import ModelError
+    from hwft_mlx.families import gemma3_text_config
+
+    with pytest.raises(ModelError, match="repeats one sliding/full pattern"):
+        gemma3_text_config({"layer_types": ["sliding_attention", "full_attention", "full_attention"]})
+    with pytest.raises(ModelError, match="needs a full-attention layer"):
+        gemma3_text_config({"layer_types": ["sliding_attention"] * 2})
+
+
+# --------------------------------------------------------------------------------------------
+# Packed rows
+
+
+def packed_rows():
+    """Two rows packing 3 and 2 examples of 6 to 20 tokens (longer than an 8-token window)."""
+    from hwft.data.batching import make_rows
+    from hwft.data.chat import IGNORE_INDEX, Tokenized
+
+    sequences = [random_ids(n, seed).tolist() for seed, n in enumerate((13, 11, 6, 20, 9))]
+    rows = make_rows([Tokenized(s, [IGNORE_INDEX] + s[1:]) for s in sequences], 40, packing=True)
+    assert [r.lengths for r in rows] == [[20, 13, 6], [11, 9]]
+    return rows
+
+
+def examples_of(rows):
+    for b, row in enumerate(rows):
+        start = 0
+        for n in row.lengths:
+            yield b, start, row.input_ids[start : start + n]
+            start += n
+
+
+#: Mistral with an 8-token sliding window (Mistral v0.1's kind), Gemma 3's own window of 8.
+WINDOWED = {"mistral": {"sliding_window": 8}}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_rows_keep_examples_apart_on_torch(family, models):
+    """Every attention path hwft trains with, sliding windows kept inside packed rows."""
+    from hwft_torch.objective import to_tensors
+    from hwft_torch.packed_attention import register
+
+    folder = models(family, **WINDOWED.get(family, {}))
+    rows = packed_rows()
+    paths = ["eager"] if family == "gemma2" else ["sdpa", "eager", register()]
+    for attention in paths:
+        model = torch_model(folder, attention)
+        batch = to_tensors(rows, 2, attention, torch.device("cpu"))
+        batch.pop("labels")
+        with torch.no_grad():
+            packed = model(**batch, use_cache=False).logits
+            for b, start, ids in examples_of(rows):
+                alone = model(torch.tensor([ids])).logits[0]
+                torch.testing.assert_close(packed[b, start : start + len(ids)], alone, atol=1e-5, rtol=0,
+                                           msg=f"{family} {attention}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_rows_keep_examples_apart_on_mlx(family, models):
+    """mlx-lm's own forward with hwft's segment mask (hwft_mlx.packing), and the load-time proof."""
+    from hwft_mlx.modeling import load_model, mask_dims, output_logits, packing_problem
+    from hwft_mlx.objective import packed_segments
+    from hwft_mlx.packing import prove, row_logits
+
+    model, _ = load_model(models(family))
+    assert packing_problem(model) is None
+    assert prove(model, output_logits, 4096, mask_dims(model)) is None  # what a family outside the table passes
+    rows = packed_rows()
+    width = max(len(r.input_ids) for r in rows)
+    ids = mx.array([r.input_ids + [2] * (width - len(r.input_ids)) for r in rows])
+    packed = np.array(row_logits(model, ids, packed_segments(rows, width), output_logits, mask_dims(model)))
+    for b, start, example in examples_of(rows):
+        alone = np.array(model(mx.array([example])))[0]
+        got = packed[b, start : start + len(example)]
+        assert np.abs(got - alone).max() / np.abs(alone).max() < LOGITS, family
+
+
+def write_mlx_recipe(folder: Path, model: Path, **train) -> Path:
+    return cell_recipe(folder, model, "sft", "lora", backend="mlx", train={"max_steps": 2, **train},
+                       data={"train": [{"path": "data.jsonl"}], "packing": True}, eval={"prompts": []})
+
+
+def test_a_family_outside_the_mlx_table_packs_after_its_proof(tmp_path, tokenizer_dir, cli):
+    """Starcoder2 (rotary, not in the table) packs once its proof passes; Cohere, whose own call
+    scales the logits (logit_scale) where hwft's forward does not, is refused in one line."""
+    from hwft.testing.tiny import COMMON
+
+    for family, packs in (("starcoder2", True), ("cohere", False)):
+        folder = tmp_path / family
+        build_tiny_model_of(family, folder, tokenizer_dir, **COMMON)
+        (tmp_path / f"run-{family}").mkdir()
+        code, _, err = cli("train", write_mlx_recipe(tmp_path / f"run-{family}", folder))
+        if packs:
+            assert code == 0, err
+            assert "its packed forward matched its own on two examples, so rows pack" in err
+        else:
+            assert code == 2, err
+            assert "data.packing: mlx-lm's cohere cannot pack rows here: a packed example's logits differ" in err
+            assert "set data.packing: false" in err and "Traceback" not in err
+
+
+def build_tiny_model_of(family: str, out: Path, tokenizer_dir: Path, **config) -> Path:
+    """A tiny model of a family hwft.testing.tiny does not list (transformers' own config)."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hwft.testing.tiny import TOKENIZER_FILES, truncated_tokenizer
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **config)).save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        shutil.copy(tokenizer_dir / name, out / name)
+    whole = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    (out / "tokenizer.json").write_text(json.dumps(truncated_tokenizer(whole, 4096)), encoding="utf-8")
+    return out
+
+
+@pytest.mark.parametrize("family, config", [("mistral", {"sliding_window": 8}), ("gemma2", {"sliding_window": 16})])
+def test_rows_longer_than_a_window_mlx_does_not_apply_are_refused(family, config, models, tmp_path, cli):
+    code, _, err = cli("train", write_mlx_recipe(tmp_path, models(family, **config)))
+    assert code == 2, err
+    window = config["sliding_window"]
+    assert (f"train.max_length: 64 is longer than {family}'s sliding window ({window} tokens), which mlx-lm's "
+            in err and f"Set train.max_length: {window} or less, or train on torch" in err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_gemma2_trains_with_eager_attention_on_torch_and_says_so(models, tmp_path, cli):
+    recipe = cell_recipe(tmp_path, models("gemma2"), "sft", "lora", train={"max_steps": 1}, eval={"prompts": []})
+    code, _, err = cli("train", recipe)
+    assert code == 0, err
+    assert "attention: eager, not sdpa (Gemma 2 soft-caps its attention scores, which sdpa cannot)" in err
+
+
+# --------------------------------------------------------------------------------------------
+# The family matrix: one recipe, both engines, the same losses
+
+
+def router_margins(folder: Path, ids: list[int]) -> float:
+    """The least gap, over tokens and MoE layers, between the k-th and (k+1)-th expert's routing
+    score of the torch model (softmax-ordered logits; DeepSeek-V3: sigmoid plus its bias)."""
+    model = torch_model(folder)
+    k = model.config.num_experts_per_tok
+    gaps = []
+
+    def hook(module, args, _output):
+        logits = args[0].reshape(-1, args[0].shape[-1]).float() @ module.weight.float().T
+        if hasattr(module, "e_score_correction_bias"):
+            logits = logits.sigmoid() + module.e_score_correction_bias
+        top = logits.topk(k + 1, dim=-1).values
+        gaps.append(float((top[:, k - 1] - top[:, k]).min()))
+
+    routers = [m for n, m in model.named_modules() if type(m).__name__.endswith(("TopKRouter", "TopkRouter"))]
+    assert routers, "no router found"
+    handles = [r.register_forward_hook(hook) for r in routers]
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+    for h in handles:
+        h.remove()
+    return min(gaps)
+
+
+def cell_token_ids(folder: Path) -> list[int]:
+    """Every token the sft and dpo cells train on, end to end."""
+    from transformers import AutoTokenizer
+
+    from hwft.testing.cells import CHATS, PAIRS
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in CHATS]
+    texts += [json.dumps(p) for p in PAIRS]
+    return [t for text in texts for t in tokenizer(text)["input_ids"]][:2048]
+
+
+#: LoRA on MoE families: the attention only, for now (the experts and routers are fused
+#: parameters in transformers 5, which PEFT adapts through target_parameters, not Linears).
+MOE_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+CELLS = (("sft", "lora"), ("dpo", "lora"), ("sft", "full"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_both_engines_train_the_family_alike(family, models, tmp_path, cli):
+    folder = models(family)
+    if family in MOE_FAMILIES:
+        margin = router_margins(folder, cell_token_ids(folder))
+        assert margin > ROUTER_MARGIN, f"routing near a tie ({margin:.1e}): pick another seed"
+    start = fresh_adapter(folder, tmp_path / "start",
+                          target_modules=MOE_LORA_TARGETS if family in MOE_FAMILIES else "all-linear")
+    for objective, tuning in CELLS:
+        runs = {}
+        for backend in ("cpu", "mlx"):
+            where = tmp_path / f"{objective}-{tuning}-{backend}"
+            where.mkdir()
+            model = {"name": str(folder), "adapter": str(start)} if tuning == "lora" else folder
+            recipe = cell_recipe(where, model, objective, tuning, backend=backend, train={"max_steps": 3},
+                                 data={"train": [{"path": "data.jsonl"}], "packing": objective == "sft"},
+                                 eval={"prompts": []})
+            code, _, err = cli("train", recipe)
+            assert code == 0, f"{family} {objective}/{tuning} on {backend}: {err[-2000:]}"
+            runs[backend] = metrics(where / "out")
+        cpu, mlx = ([m["loss"] for m in runs[b]] for b in ("cpu", "mlx"))
+        what = f"{family} {objective}/{tuning}: cpu {cpu}, mlx {mlx}"
+        assert max(abs(a - b) for a, b in zip(cpu, mlx, strict=True)) < LOSSES, what
+        assert cpu[-1] < cpu[0], what
+        first = runs["cpu"][0]["grad_norm"], runs["mlx"][0]["grad_norm"]
+        assert abs(first[0] - first[1]) < GRAD_NORM * first[0], (what, first)
