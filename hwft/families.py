@@ -16,7 +16,7 @@ caller writes), never a traceback.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -33,7 +33,16 @@ class GgufLayout:
     #: q and k projections permuted from Hugging Face's half-split rotary layout to GGML's
     #: interleaved one (llama.cpp's converter does this for the llama architecture)
     permute_qk: bool = False
-    rope_dimension_count: bool = False  #: write ``<arch>.rope.dimension_count`` (the head size)
+    #: write ``<arch>.rope.dimension_count``: the rotated part of a head (the head size times
+    #: the config's partial_rotary_factor, where it has one)
+    rope_dimension_count: bool = False
+    #: added to every RMSNorm weight: Gemma's norms scale by (1 + w), llama.cpp's by w
+    norm_offset: float = 0.0
+    #: (GGUF key under ``<arch>.``, the config keys that may hold its value, first found wins):
+    #: the family's own hyperparameters (soft-capping, sliding window, expert counts)
+    metadata: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: config -> why llama.cpp cannot run this model as the architecture, or None
+    check: Callable[[dict], str | None] | None = None
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@
   MLX (mlx-lm's own forward with hwft's segment mask), sliding windows included;
 - a family outside the MLX table packs after its load-time proof, or is refused in one line;
 - the family matrix: sft on packed rows with LoRA, dpo with LoRA and sft with full tuning, from
-  one recipe on the ``cpu`` and ``mlx`` backends, give the same losses step by step.
+  one recipe on the ``cpu`` and ``mlx`` backends, give the same losses step by step, and what
+  they trained exports (peft, hf, mlx) with the trained model's logits;
+- GGUF: each family's export read back through transformers' own GGUF loader.
 
 Tolerances: fp32 throughout. Logits of one model on two engines differ by float rounding
 (measured at most 7e-7 of the largest logit; allowed 1e-5). Losses over 3 AdamW steps from one
@@ -304,3 +306,54 @@ def test_both_engines_train_the_family_alike(family, models, tmp_path, cli):
         assert cpu[-1] < cpu[0], what
         first = runs["cpu"][0]["grad_norm"], runs["mlx"][0]["grad_norm"]
         assert abs(first[0] - first[1]) < GRAD_NORM * first[0], (what, first)
+    # what each engine trained exports, and reloads with the trained model's logits
+    for backend, to in (("cpu", "peft"), ("cpu", "hf"), ("mlx", "mlx")):
+        out = tmp_path / f"export-{backend}-{to}"
+        code, stdout, err = cli("export", tmp_path / f"sft-lora-{backend}" / "out", "--to", to, "--out", out, "--verify")
+        assert code == 0 and json.loads(stdout)["ok"], f"{family} {backend} --to {to}: {err[-1500:]}"
+
+
+# --------------------------------------------------------------------------------------------
+# GGUF, read back through transformers' own GGUF loader
+
+#: transformers' GGUF loader reads some of each architecture's keys and takes its config
+#: class's defaults for the rest. These give the tiny models the values every released
+#: checkpoint of the family has, so that the defaults hold: Qwen3's head size 128 (and
+#: Qwen3-MoE's expert width 768), Gemma's head size 256 with the query scale it implies, Gemma
+#: 3's layer pattern (every 6th layer full; llama.cpp's too) with a window longer than the rows.
+GGUF_SHAPES = {
+    "qwen3": {"head_dim": 128},
+    "qwen3_moe": {"head_dim": 128, "moe_intermediate_size": 768},
+    "gemma2": {"head_dim": 256, "query_pre_attn_scalar": 256},
+    "gemma3_text": {"head_dim": 256, "query_pre_attn_scalar": 256, "layer_types": None, "sliding_window": 512},
+}
+#: q8_0 moves a random tiny MoE's hidden states enough to flip its near-tie routing (measured
+#: 6.8e-2 of the largest logit against the 5e-2 allowed); its f16 export holds to 5e-4.
+GGUF_TYPES = {"qwen3_moe": ("f16",)}
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen3", "qwen3_moe", "phi3", "gemma2", "gemma3_text"])
+def test_gguf_export_reads_back_through_transformers(family, models, tmp_path, cli, capsys):
+    from gguf import GGUFReader
+
+    folder = models(family, **GGUF_SHAPES.get(family, {}))
+    capsys.readouterr()  # what building the model printed
+    for gguf_type in GGUF_TYPES.get(family, ("f16", "q8_0")):
+        out = tmp_path / f"{family}-{gguf_type}.gguf"
+        code, stdout, err = cli("export", folder, "--to", "gguf", "--gguf-type", gguf_type, "--out", out, "--verify")
+        assert code == 0, err
+        report = json.loads(stdout)
+        assert report["ok"] and report["argmax_agreement"] >= 0.9, report
+    fields = GGUFReader(str(out)).fields
+    arch = bytes(fields["general.architecture"].parts[-1]).decode()
+    assert arch == {"mistral": "llama", "qwen3_moe": "qwen3moe", "gemma3_text": "gemma3"}.get(family, family)
+    if family == "qwen3_moe":
+        assert int(fields["qwen3moe.expert_count"].parts[-1][0]) == 4
+        assert "blk.0.ffn_gate_exps.weight" in {t.name for t in GGUFReader(str(out)).tensors}
+    if family == "gemma2":
+        assert float(fields["gemma2.final_logit_softcapping"].parts[-1][0]) == 30.0
+
+
+def test_gguf_refuses_a_gemma3_layer_pattern_llama_cpp_does_not_run(models, tmp_path, cli):
+    code, _, err = cli("export", models("gemma3_text"), "--to", "gguf", "--out", tmp_path / "g.gguf")
+    assert code == 2 and "llama.cpp's gemma3 makes every 6th layer full attention" in err, err

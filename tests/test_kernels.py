@@ -99,8 +99,10 @@ def test_an_unknown_family_is_refused_in_one_line_by_the_gguf_export():
     from hwft.use.gguf_writer import layout_for
 
     layouts = {f.model_type: f.gguf for f in get_host().families().of("torch") if f.gguf}
-    with pytest.raises(UserError, match=r"model_type 'gemma2' is not one hwft writes as GGUF \(llama, qwen2\)"):
-        layout_for({"model_type": "gemma2"}, layouts)
+    with pytest.raises(UserError, match=r"model_type 'starcoder2' is not one hwft writes as GGUF \(gemma2, gemma3_text, "
+                                         r"llama, mistral, phi3, qwen2, qwen3, qwen3_moe\); export --to hf and convert "
+                                         r"with llama.cpp's convert_hf_to_gguf.py"):
+        layout_for({"model_type": "starcoder2"}, layouts)
 
 
 # --- An out-of-tree kernel through the hooks alone ----------------------------------------------

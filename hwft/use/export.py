@@ -91,11 +91,16 @@ def verify(trained: Trained, path: Path, to: str, gguf_type: str = "q8_0") -> di
     session = open_session(trained, "cpu", "fp32")
     ids = session.tokenizer(PROBE)["input_ids"]
     want = session.logits(ids)
-    got = exporter.reload(path, ids, trained)
+    tolerance = exporter.tolerance(ExportOptions(gguf_type=gguf_type))
+    try:
+        got = exporter.reload(path, ids, trained)
+    except Exception as exc:  # noqa: BLE001 - the reader's own failure, reported in one line
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        return {"ok": False, "tolerance": tolerance,
+                "error": f"{path} was written but does not load back for --verify ({type(exc).__name__}: {first})"}
     diff = float(np.abs(got - want).max())
     relative = diff / float(np.abs(want).max())
     agree = float((got.argmax(-1) == want.argmax(-1)).mean())
-    tolerance = exporter.tolerance(ExportOptions(gguf_type=gguf_type))
     return {"max_abs": diff, "relative": relative, "argmax_agreement": agree, "tolerance": tolerance,
             "ok": relative <= tolerance}
 
@@ -112,6 +117,9 @@ def run(args) -> int:
     if args.verify:
         report = verify(trained, path, args.to, args.gguf_type)
         print(json.dumps({"export": str(path), "format": args.to, **report}))
+        if "error" in report:
+            print(f"hwft: error: {report['error']}", file=sys.stderr)
+            return 1
         if not report["ok"]:
             print(f"hwft: error: the export's logits differ from the trained model's by {report['relative']:.2e} "
                   f"of the largest logit (tolerance {report['tolerance']:.0e})", file=sys.stderr)

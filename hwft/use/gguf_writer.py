@@ -1,6 +1,6 @@
 """Writing a merged model as GGUF, for llama.cpp and Ollama, in the layout its family's
-record gives (:class:`hwft.families.GgufLayout`: llama and qwen2 in the torch engine's table,
-hwft_torch.families).
+record gives (:class:`hwft.families.GgufLayout`, in the torch engine's table hwft_torch.families:
+llama, mistral, qwen2, qwen3, qwen3_moe, phi3, gemma2 and gemma3_text).
 
 Written with the ``gguf`` package's ``GGUFWriter`` (llama.cpp's own Python writer), laid out as
 llama.cpp's converter lays these families out:
@@ -12,14 +12,20 @@ llama.cpp's converter lays these families out:
 - tensors renamed by ``gguf.get_tensor_name_map``. Where the layout says ``permute_qk`` (llama), the q and k projections are
   permuted from Hugging Face's half-split rotary layout to GGML's interleaved one:
   ``W.reshape(heads, 2, d/2, dim).swapaxes(1, 2)`` (readers undo it);
-- ``f16``: every matrix in float16, norms and biases in float32; ``q8_0``: every matrix whose rows
-  split into 32-value blocks as 8-bit integers with one float16 scale per block
-  (``gguf.quants.quantize``), the rest as for f16.
+- ``f16``: every matrix in float16, norms, biases and MoE routers in float32 (llama.cpp's
+  converter keeps routers at full precision: rounding them flips which experts a token takes);
+  ``q8_0``: every matrix whose rows split into 32-value blocks as 8-bit integers with one
+  float16 scale per block (``gguf.quants.quantize``), the rest as for f16.
+- per family (its :class:`hwft.families.GgufLayout`): Gemma's norm weights plus one (llama.cpp
+  scales by w where Gemma scales by 1 + w); each MoE layer's experts stacked into one
+  (experts, out, in) tensor per projection; the family's own keys (soft-capping, sliding
+  window, expert counts; the head size where it is not hidden / heads).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -85,13 +91,54 @@ def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def add_value(writer, key: str, value) -> None:
+    """One metadata value under its full key, typed as llama.cpp reads it."""
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    else:
+        raise UserError(f"export gguf: cannot write {key} = {value!r}")
+
+
+#: A per-expert tensor name: ``...experts.<e>.<projection>.weight``.
+_EXPERT = re.compile(r"^(?P<head>.*\.experts)\.(?P<index>\d+)\.(?P<tail>.+)$")
+
+
+def merged_tensors(merged: Path, tied: bool):
+    """(name, fp32 array) of every tensor in the merged folder, with each MoE layer's experts
+    stacked into one (experts, out, in) tensor per projection, named ``...experts.<projection>``
+    as llama.cpp's converter stacks them. The output layer is left out where it is the
+    embedding again (llama.cpp reuses token_embd when output is absent)."""
+    from safetensors import safe_open
+
+    experts: dict[str, dict[int, np.ndarray]] = {}
+    for file in sorted(merged.glob("*.safetensors")):
+        with safe_open(str(file), framework="numpy") as f:  # the merged folder is fp32
+            for key in f.keys():
+                if tied and key == "lm_head.weight":
+                    continue
+                array = f.get_tensor(key).astype(np.float32)
+                match = _EXPERT.match(key)
+                if match:
+                    experts.setdefault(f"{match['head']}.{match['tail']}", {})[int(match["index"])] = array
+                else:
+                    yield key, array
+    for key, by_index in experts.items():
+        if sorted(by_index) != list(range(len(by_index))):
+            raise UserError(f"export gguf: the experts of {key} are not numbered 0..{len(by_index) - 1}")
+        yield key, np.stack([by_index[i] for i in range(len(by_index))])
+
+
 def layout_for(config: dict, layouts: dict[str, GgufLayout]) -> GgufLayout:
     """The GGUF layout of the model whose config.json is ``config``, or a UserError naming the
     families that have one (``layouts``: model_type -> layout, from the family table)."""
     family = config.get("model_type")
     if family not in layouts:
         raise UserError(f"export gguf: model_type {family!r} is not one hwft writes as GGUF "
-                        f"({', '.join(sorted(layouts))}); export --to hf and convert with llama.cpp's converter")
+                        f"({', '.join(sorted(layouts))}); export --to hf and convert with llama.cpp's convert_hf_to_gguf.py")
     return layouts[family]
 
 
@@ -99,11 +146,14 @@ def write_gguf(merged: Path, out_file: Path, gguf_type: str, name: str, layout: 
     """Write the merged HF folder ``merged`` (safetensors, config, tokenizer) as one GGUF file,
     laid out as ``layout`` says."""
     import gguf
-    from safetensors import safe_open
 
     config = json.loads((merged / "config.json").read_text(encoding="utf-8"))
     # transformers 5 writes rope settings as rope_parameters; older folders as rope_theta/rope_scaling.
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if isinstance(rope.get("full_attention"), dict):  # one rotary base per layer type (Gemma 3): the full layers'
+        rope = rope["full_attention"]
+    if layout.check is not None and (problem := layout.check(config)):
+        raise UserError(f"export gguf: {problem}")
     rope_theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise UserError("export gguf: the model scales its rotary embedding (rope_scaling), which hwft does not "
@@ -125,7 +175,16 @@ def write_gguf(merged: Path, out_file: Path, gguf_type: str, name: str, layout: 
     writer.add_rope_freq_base(rope_theta)
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     if layout.rope_dimension_count:
-        writer.add_rope_dimension_count(head_dim)
+        writer.add_rope_dimension_count(int(head_dim * float(config.get("partial_rotary_factor") or
+                                                             rope.get("partial_rotary_factor") or 1.0)))
+    if config.get("head_dim"):  # a head size other than hidden / heads (Qwen3, Gemma)
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    prefix = gguf.MODEL_ARCH_NAMES[arch]
+    for key, sources in layout.metadata:
+        value = next((config[k] for k in sources if config.get(k) is not None), None)
+        if value is not None:
+            add_value(writer, f"{prefix}.{key}", value)
     writer.add_vocab_size(vocab_size)
     qtype = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[gguf_type]
     writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type])
@@ -153,29 +212,26 @@ def write_gguf(merged: Path, out_file: Path, gguf_type: str, name: str, layout: 
 
     names = gguf.get_tensor_name_map(arch, layers)
     tied = config.get("tie_word_embeddings", False)
-    for file in sorted(merged.glob("*.safetensors")):
-        with safe_open(str(file), framework="numpy") as f:  # the merged folder is fp32
-            for key in f.keys():
-                if tied and key == "lm_head.weight":
-                    continue  # the embedding, again: llama.cpp reuses token_embd when output is absent
-                stem, _, suffix = key.rpartition(".")
-                mapped = names.get_name(stem)
-                if mapped is None:
-                    if "rotary_emb" in key:
-                        continue
-                    raise UserError(f"export gguf: no GGUF name for the tensor {key} of {file.name}")
-                array = f.get_tensor(key).astype(np.float32)
-                if layout.permute_qk and stem.endswith("q_proj") and suffix == "weight":
-                    array = _permute(array, heads)
-                elif layout.permute_qk and stem.endswith("k_proj") and suffix == "weight":
-                    array = _permute(array, kv_heads)
-                tensor_name = f"{mapped}.{suffix}"
-                if array.ndim == 1:
-                    writer.add_tensor(tensor_name, array.astype(np.float32))
-                elif qtype == gguf.GGMLQuantizationType.Q8_0 and array.shape[-1] % 32 == 0:
-                    writer.add_tensor(tensor_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
-                else:
-                    writer.add_tensor(tensor_name, array.astype(np.float16))
+    for key, array in merged_tensors(merged, tied):
+        stem, _, suffix = key.rpartition(".")
+        mapped = names.get_name(stem)
+        if mapped is None:
+            if "rotary_emb" in key:
+                continue
+            raise UserError(f"export gguf: no GGUF name for the tensor {key}")
+        if layout.permute_qk and stem.endswith("q_proj") and suffix == "weight":
+            array = _permute(array, heads)
+        elif layout.permute_qk and stem.endswith("k_proj") and suffix == "weight":
+            array = _permute(array, kv_heads)
+        if layout.norm_offset and key.endswith("norm.weight"):
+            array = array + np.float32(layout.norm_offset)
+        tensor_name = f"{mapped}.{suffix}"
+        if array.ndim == 1 or mapped.endswith("ffn_gate_inp"):  # norms, biases and MoE routers stay fp32
+            writer.add_tensor(tensor_name, array.astype(np.float32))
+        elif qtype == gguf.GGMLQuantizationType.Q8_0 and array.shape[-1] % 32 == 0:
+            writer.add_tensor(tensor_name, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(tensor_name, array.astype(np.float16))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -23,13 +23,39 @@ from hwft.families import GENERIC, Family, GgufLayout
 ENGINE = "torch"
 LLAMA_LIKE = frozenset({"fused_projections", "packed_attention", "liger", "npu_ops"})
 
+#: GGUF layouts as llama.cpp's convert_hf_to_gguf.py writes them; ``tests/test_families.py``
+#: reads each back through transformers' own GGUF loader (its inverse transforms).
+LLAMA_GGUF = GgufLayout("LLAMA", permute_qk=True, rope_dimension_count=True)  # Mistral too, as llama.cpp does
+EXPERTS = (("expert_count", ("num_local_experts", "num_experts")), ("expert_used_count", ("num_experts_per_tok",)),
+           ("expert_feed_forward_length", ("moe_intermediate_size",)))
+SLIDING = (("attention.sliding_window", ("sliding_window",)),)
+SOFTCAPS = (("attn_logit_softcapping", ("attn_logit_softcapping",)),
+            ("final_logit_softcapping", ("final_logit_softcapping",)))
+
+def gemma3_pattern(config: dict) -> str | None:
+    """llama.cpp's gemma3 makes every 6th layer a full-attention one (the rest slide); a
+    Gemma 3 whose layer_types differ would attend otherwise there."""
+    kinds = config.get("layer_types")
+    expected = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(len(kinds or []))]
+    if kinds and kinds != expected:
+        return ("llama.cpp's gemma3 makes every 6th layer full attention and the others sliding; this model's "
+                f"layer_types are {kinds}")
+    return None
+
+
 FAMILIES = (
-    Family("llama", ENGINE, "Llama 2/3, SmolLM2", LLAMA_LIKE, options={"liger": "llama"},
-           gguf=GgufLayout("LLAMA", permute_qk=True, rope_dimension_count=True)),
+    Family("llama", ENGINE, "Llama 2/3, SmolLM2", LLAMA_LIKE, options={"liger": "llama"}, gguf=LLAMA_GGUF),
     Family("qwen2", ENGINE, "Qwen2, Qwen2.5", LLAMA_LIKE, options={"liger": "qwen2"}, gguf=GgufLayout("QWEN2")),
-    Family("qwen3", ENGINE, "Qwen3", LLAMA_LIKE - {"npu_ops"}, options={"liger": "qwen3"}),
-    Family("mistral", ENGINE, "Mistral", LLAMA_LIKE, options={"liger": "mistral"}),
-    Family("gemma2", ENGINE, "Gemma 2", LLAMA_LIKE - {"npu_ops"}, attention="eager",
-           options={"liger": "gemma2", "attention_why": "Gemma 2 soft-caps its attention scores, which sdpa cannot"}),
+    Family("qwen3", ENGINE, "Qwen3", LLAMA_LIKE - {"npu_ops"}, options={"liger": "qwen3"}, gguf=GgufLayout("QWEN3")),
+    Family("qwen3_moe", ENGINE, "Qwen3-MoE", frozenset({"fused_projections", "packed_attention", "liger"}),
+           options={"liger": "qwen3_moe"}, gguf=GgufLayout("QWEN3MOE", metadata=EXPERTS)),
+    Family("mistral", ENGINE, "Mistral", LLAMA_LIKE, options={"liger": "mistral"}, gguf=LLAMA_GGUF),
+    Family("phi3", ENGINE, "Phi-3, Phi-4-mini", frozenset({"packed_attention", "liger"}), options={"liger": "phi3"},
+           gguf=GgufLayout("PHI3", rope_dimension_count=True)),
+    Family("gemma2", ENGINE, "Gemma 2", frozenset({"fused_projections", "packed_attention", "liger"}), attention="eager",
+           options={"liger": "gemma2", "attention_why": "Gemma 2 soft-caps its attention scores, which sdpa cannot"},
+           gguf=GgufLayout("GEMMA2", norm_offset=1.0, metadata=SLIDING + SOFTCAPS)),
+    Family("gemma3_text", ENGINE, "Gemma 3 (text)", frozenset({"fused_projections", "packed_attention", "liger"}),
+           options={"liger": "gemma3_text"}, gguf=GgufLayout("GEMMA3", norm_offset=1.0, metadata=SLIDING, check=gemma3_pattern)),
     Family(GENERIC, ENGINE, "any other family transformers loads", frozenset({"fused_projections", "packed_attention"})),
 )
