@@ -306,11 +306,31 @@ def test_both_engines_train_the_family_alike(family, models, tmp_path, cli):
         assert cpu[-1] < cpu[0], what
         first = runs["cpu"][0]["grad_norm"], runs["mlx"][0]["grad_norm"]
         assert abs(first[0] - first[1]) < GRAD_NORM * first[0], (what, first)
+        if family in ("qwen3_moe", "mixtral") and objective == "sft":  # router_aux_loss_coef: in the loss, logged
+            aux = [[m["aux_loss"] for m in runs[b]] for b in ("cpu", "mlx")]
+            assert max(abs(a - b) for a, b in zip(*aux, strict=True)) < LOSSES, (what, aux)
+            assert all(2.0 - 1e-3 < a < 4.0 for a in aux[0]), aux  # k (=2) when balanced, E * k at most
     # what each engine trained exports, and reloads with the trained model's logits
     for backend, to in (("cpu", "peft"), ("cpu", "hf"), ("mlx", "mlx")):
         out = tmp_path / f"export-{backend}-{to}"
         code, stdout, err = cli("export", tmp_path / f"sft-lora-{backend}" / "out", "--to", to, "--out", out, "--verify")
         assert code == 0 and json.loads(stdout)["ok"], f"{family} {backend} --to {to}: {err[-1500:]}"
+
+
+def test_the_mlx_router_loss_equals_transformers():
+    """hwft_mlx.losses.load_balancing_loss against transformers' load_balancing_loss_func (the
+    one Mixtral and Qwen3-MoE train with), padding masked, on random logits of 3 layers."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from hwft_mlx.losses import load_balancing_loss
+
+    rng = np.random.default_rng(0)
+    logits = [rng.normal(0, 1, (2 * 7, 8)).astype(np.float32) for _ in range(3)]
+    mask = (np.arange(7)[None] < np.array([[7], [4]])).astype(np.int64)
+    for k in (1, 2):
+        want = load_balancing_loss_func(tuple(torch.tensor(x) for x in logits), 8, k, torch.tensor(mask))
+        got = load_balancing_loss([mx.array(x.reshape(2, 7, 8)) for x in logits], 8, k, mx.array(mask))
+        assert got.item() == pytest.approx(want.item(), abs=1e-6)
 
 
 # --------------------------------------------------------------------------------------------

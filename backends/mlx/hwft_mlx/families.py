@@ -24,6 +24,8 @@ that mlx-lm picks for its ``model_type``: mistral loads as llama). What a record
 
 - ``options["logits"]``: what the family's own call does to the output layer's logits (Gemma
   2's soft-capping, Granite's scaling), for hwft's forward that runs the output layer itself.
+- ``options["router"]``: the path ending of an MoE family's gate Linears, whose logits the
+  router load-balancing loss is computed from (:mod:`hwft_mlx.router`, :mod:`hwft.router_balance`).
 - ``options["mask_dims"]``: 5 where the family's attention scores are (batch, kv_heads,
   repeats, L, L) rather than (batch, heads, L, L) (mlx-lm's gemma2), so a packed mask gets one
   more axis.
@@ -109,8 +111,8 @@ FAMILIES = (
            options={"window": windows_by_layer_type}),
     Family("qwen2", ENGINE, "Qwen2, Qwen2.5", PACKS),
     Family("qwen3", ENGINE, "Qwen3", PACKS),
-    Family("qwen3_moe", ENGINE, "Qwen3-MoE", PACKS, options={"config": qwen3_moe_config}),
-    Family("mixtral", ENGINE, "Mixtral", PACKS),
+    Family("qwen3_moe", ENGINE, "Qwen3-MoE", PACKS, options={"config": qwen3_moe_config, "router": "mlp.gate"}),
+    Family("mixtral", ENGINE, "Mixtral", PACKS, options={"router": "block_sparse_moe.gate"}),
     Family("gemma2", ENGINE, "Gemma 2 (mlx-lm's has no sliding window)", PACKS,
            options={"logits": softcapped, "mask_dims": 5}),
     Family("gemma3_text", ENGINE, "Gemma 3 (text)", PACKS,

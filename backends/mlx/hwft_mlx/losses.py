@@ -129,3 +129,25 @@ def ppo_loss(logps: mx.array, old_logps: mx.array, values: mx.array, old_values:
     region = ((ratio < 1 - cliprange) & (advantages < 0)) | ((ratio > 1 + cliprange) & (advantages > 0))
     return loss, {"policy": mx.stop_gradient((policy * mask).sum()), "value": mx.stop_gradient((value * mask).sum()),
                   "clipped": mx.stop_gradient((region * mask).sum()), "tokens": mask.sum()}
+
+
+def load_balancing_loss(gate_logits: list[mx.array], experts: int, top_k: int, mask: mx.array | None) -> mx.array:
+    r"""Switch Transformer's load-balancing loss over every MoE layer's router logits
+    (:mod:`hwft.router_balance`): :math:`E \sum_e f_e P_e`, with :math:`f_e` the share of top-k
+    assignments to expert e (no gradient) and :math:`P_e` its mean routing probability, over
+    the real tokens (``mask`` (batch, L): 1 real, 0 padding; None: all). The same number as
+    transformers' ``load_balancing_loss_func`` (tests/test_families.py)."""
+    counts = mx.zeros((experts,), dtype=mx.float32)
+    probs = mx.zeros((experts,), dtype=mx.float32)
+    rows = mx.array(0.0)
+    for logits in gate_logits:
+        z = logits.reshape(-1, experts).astype(mx.float32)
+        weight = mx.ones((z.shape[0],)) if mask is None else mask.reshape(-1).astype(mx.float32)
+        p = mx.softmax(z, axis=-1)
+        top = mx.stop_gradient(mx.argpartition(-p, top_k - 1, axis=-1)[:, :top_k])
+        chosen = (top[:, :, None] == mx.arange(experts)[None, None, :]).astype(mx.float32).sum(axis=1)
+        counts = counts + (chosen * weight[:, None]).sum(axis=0)
+        probs = probs + (p * weight[:, None]).sum(axis=0)
+        rows = rows + weight.sum()
+    return (counts / rows * (probs / rows)).sum() * experts
+

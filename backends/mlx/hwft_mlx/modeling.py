@@ -111,7 +111,30 @@ def load_model(path: Path, trust_remote_code: bool = False) -> tuple[nn.Module, 
         raise ModelError(f"mlx-lm cannot load {path} (model_type {config.get('model_type')}): {exc}") from None
     if isinstance(config.get("pad_token_id"), int):
         keep_padding_row(model, config["pad_token_id"])
+    record_router(model, config)
     return model, config
+
+
+#: id(model) -> the router load-balancing loss its config asks for (hwft.router_balance).
+_BALANCES: dict[int, object] = {}
+
+
+def record_router(model: nn.Module, config: dict) -> None:
+    """Where the config asks for a router load-balancing loss and the family names its gates
+    (``options["router"]`` in hwft_mlx.families), make them record their logits
+    (:mod:`hwft_mlx.router`)."""
+    from hwft.router_balance import router_balance
+    from hwft_mlx import router
+
+    balance = router_balance(config)
+    suffix = family(model).options.get("router")
+    if balance is not None and suffix and router.install(model, suffix):
+        _BALANCES[id(model)] = balance
+
+
+def router_balance_of(model: nn.Module):
+    """The model's hwft.router_balance.RouterBalance, or None."""
+    return _BALANCES.get(id(model))
 
 
 class PaddingEmbedding(nn.Embedding):

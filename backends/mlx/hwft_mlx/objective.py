@@ -18,8 +18,9 @@ from hwft.data.chat import IGNORE_INDEX
 from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
 from hwft.objective import Loss, Objective, sequence_pairs, step_label_count
-from hwft_mlx.losses import cross_entropy_sum
-from hwft_mlx.modeling import hidden_states, output_logits, packs
+from hwft_mlx.losses import cross_entropy_sum, load_balancing_loss
+from hwft_mlx.modeling import hidden_states, output_logits, packs, router_balance_of
+from hwft_mlx.router import recorded_gates
 
 
 class MlxObjective(Objective):
@@ -114,13 +115,24 @@ class LanguageModelling(MlxObjective):
                  collective: Collective = ALONE):
         super().__init__(batches, collective)
         self.accumulation, self.pad_id, self.fused = accumulation, pad_id, fused
+        self.step_micro_batches = accumulation
 
     def step(self, model, step: int) -> list[tuple[list[Row], int]]:
-        return self.step_shares(self.accumulation, step_label_count)
+        micro, mine = self.draw_step(self.accumulation)
+        self.step_micro_batches = len(micro)  # every rank's: the router loss is their mean
+        total = step_label_count(micro)
+        return [(batch, total) for batch in mine]
 
     def loss(self, model, micro: tuple[list[Row], int]):
         rows, num_items = micro
-        return summed_cross_entropy(model, rows, self.pad_id, self.fused) / num_items, {}
+        balance = router_balance_of(model)
+        if balance is None:
+            return summed_cross_entropy(model, rows, self.pad_id, self.fused) / num_items, {}
+        with recorded_gates() as gates:  # hwft.router_balance: L + coefficient * L_aux, L_aux logged
+            value = summed_cross_entropy(model, rows, self.pad_id, self.fused) / num_items
+        real = mx.array(pad(rows, self.pad_id)["attention_mask"])
+        aux = load_balancing_loss(gates, balance.experts, balance.top_k, real)
+        return value + balance.coefficient * aux / self.step_micro_batches, {"aux_loss": aux}
 
     def counts(self, micro: tuple[list[Row], int]) -> Loss:
         rows, _ = micro
@@ -162,5 +174,9 @@ def build(setup) -> LanguageModelling:
     label positions only where the cross_entropy kernel applied."""
     recipe = setup.job.recipe
     fused = setup.kernels is not None and setup.kernels.get("cross_entropy") is not None
+    balance = router_balance_of(setup.model)
+    if balance is not None:
+        setup.job.log(f"moe: router load-balancing loss in the training loss, coefficient {balance.coefficient:g} "
+                      f"({balance.experts} experts, top {balance.top_k}; from the gates' logits); logged as aux_loss")
     return LanguageModelling(setup.batches, recipe.train.gradient_accumulation_steps, setup.tokenizer.pad_token_id,
                              fused, setup.collective)

@@ -86,26 +86,41 @@ class LanguageModelling(Objective):
         super().__init__(batches, collective)
         self.accumulation, self.pad_id, self.attention, self.device = accumulation, pad_id, attention, device
         self.fused = fused
+        self.balance, self.balance_loss = None, None  #: hwft.router_balance, set by build for MoE models
+        self.step_micro_batches = accumulation
         #: (hidden, weight, targets, num_items, dtype) -> loss: hwft's chunked kernel, or the
         #: applied cross_entropy kernel's (Liger's on CUDA and ROCm)
         self.cross_entropy = cross_entropy
 
     def step(self, model, step: int) -> list[tuple[list[Row], int]]:
-        return self.step_shares(self.accumulation, step_label_count)
+        micro, mine = self.draw_step(self.accumulation)
+        self.step_micro_batches = len(micro)  # every rank's: the router loss is their mean
+        total = step_label_count(micro)
+        return [(batch, total) for batch in mine]
 
     def loss(self, model, micro: tuple[list[Row], int]) -> Loss:
         rows, num_items = micro
         tensors = to_tensors(rows, self.pad_id, self.attention, self.device)
         labels = tensors.pop("labels")
+        routed = {"output_router_logits": True} if self.balance is not None else {}
         if self.fused is None:
-            value = causal_lm_loss(model(**tensors, use_cache=False).logits, labels, num_items)
+            out = model(**tensors, use_cache=False, **routed)
+            value = causal_lm_loss(out.logits, labels, num_items)
         else:
             decoder, weight = self.fused
-            hidden = decoder(**tensors, use_cache=False).last_hidden_state
+            out = decoder(**tensors, use_cache=False, **routed)
+            hidden = out.last_hidden_state
             targets = labels[:, 1:]
             keep = targets != IGNORE_INDEX
             dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
             value = self.cross_entropy(hidden[:, :-1][keep], weight, targets[keep], num_items, dtype)
+        if self.balance is not None:  # hwft.router_balance: L + coefficient * L_aux, L_aux logged
+            b = self.balance
+            real = None if self.attention == "flash_attention_2" else \
+                torch.tensor(pad(rows, self.pad_id)["attention_mask"], device=value.device)
+            aux = self.balance_loss(out.router_logits, b.experts, b.top_k, real)
+            value = value + b.coefficient * aux / self.step_micro_batches
+            self.note(aux_loss=float(aux.detach()))
         return Loss(value, sum(len(r.input_ids) for r in rows), sum(r.num_labels for r in rows),
                     sequence_pairs(rows), tuple(i for r in rows for i in r.ids))
 
@@ -151,9 +166,28 @@ def build(setup) -> LanguageModelling:
         if own is not None:
             cross_entropy, name = own, getattr(own, "name", "the device's fused linear cross-entropy")
         job.log(f"kernels: {name} on the label positions (no full logits)")
-    return LanguageModelling(setup.batches, job.recipe.train.gradient_accumulation_steps, setup.tokenizer.pad_token_id,
-                             attention_implementation(job.recipe), setup.device, head, setup.collective,
-                             cross_entropy)
+    objective = LanguageModelling(setup.batches, job.recipe.train.gradient_accumulation_steps,
+                                  setup.tokenizer.pad_token_id, attention_implementation(job.recipe), setup.device, head,
+                                  setup.collective, cross_entropy)
+    balance_router(objective, setup.model, job)
+    return objective
+
+
+def balance_router(objective, model, job: Job) -> None:
+    """Give an MoE model's objective its router load-balancing loss (hwft.router_balance), with
+    transformers' own ``load_balancing_loss_func`` from the model's module."""
+    import sys
+
+    from hwft.router_balance import router_balance
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    balance = router_balance(base.config.to_dict())
+    function = getattr(sys.modules.get(type(base).__module__), "load_balancing_loss_func", None)
+    if balance is None or function is None:
+        return
+    objective.balance, objective.balance_loss = balance, function
+    job.log(f"moe: router load-balancing loss in the training loss, coefficient {balance.coefficient:g} "
+            f"({balance.experts} experts, top {balance.top_k}); logged as aux_loss")
 
 
 @torch.no_grad()
