@@ -274,9 +274,10 @@ def cell_token_ids(folder: Path) -> list[int]:
     return [t for text in texts for t in tokenizer(text)["input_ids"]][:2048]
 
 
-#: LoRA on MoE families: the attention only, for now (the experts and routers are fused
-#: parameters in transformers 5, which PEFT adapts through target_parameters, not Linears).
-MOE_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+#: LoRA targets where all-linear differs between the engines: mlx-lm splits DeepSeek-V3's
+#: kv_b_proj into two per-head layers, so PEFT's LoRA on it has no MLX counterpart. Everywhere
+#: else all-linear, MoE experts and routers included (hwft_mlx.moe_lora), is the same on both.
+LORA_TARGETS = {"deepseek_v3": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj"]}
 CELLS = (("sft", "lora"), ("dpo", "lora"), ("sft", "full"))
 
 
@@ -286,8 +287,9 @@ def test_both_engines_train_the_family_alike(family, models, tmp_path, cli):
     if family in MOE_FAMILIES:
         margin = router_margins(folder, cell_token_ids(folder))
         assert margin > ROUTER_MARGIN, f"routing near a tie ({margin:.1e}): pick another seed"
-    start = fresh_adapter(folder, tmp_path / "start",
-                          target_modules=MOE_LORA_TARGETS if family in MOE_FAMILIES else "all-linear")
+    start = fresh_adapter(folder, tmp_path / "start", target_modules=LORA_TARGETS.get(family, "all-linear"))
+    if family in ("qwen3_moe", "mixtral"):  # PEFT's all-linear: the experts and routers too
+        assert json.loads((start / "adapter_config.json").read_text())["target_parameters"]
     for objective, tuning in CELLS:
         runs = {}
         for backend in ("cpu", "mlx"):
@@ -315,6 +317,50 @@ def test_both_engines_train_the_family_alike(family, models, tmp_path, cli):
         out = tmp_path / f"export-{backend}-{to}"
         code, stdout, err = cli("export", tmp_path / f"sft-lora-{backend}" / "out", "--to", to, "--out", out, "--verify")
         assert code == 0 and json.loads(stdout)["ok"], f"{family} {backend} --to {to}: {err[-1500:]}"
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_adapters_travel_between_peft_and_mlx(family, models, tmp_path):
+    """LoRA on the experts and the router (PEFT's target_parameters; hwft_mlx.moe_lora), both
+    ways: a PEFT adapter put on the MLX model, and one made on MLX loaded by PEFT, give the
+    same logits as the other engine (and not the base model's)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from hwft.recipe import LoraSpec
+    from hwft_mlx.modeling import add_lora, load_model, load_peft_adapter, save_peft_adapter
+
+    folder = models(family)
+    targets = LORA_TARGETS.get(family, "all-linear")
+    ids = random_ids(24)[None]
+    with torch.no_grad():
+        base = torch_model(folder)(torch.tensor(ids)).logits.numpy()
+
+    def peft_logits(adapter):
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), adapter).eval()
+        with torch.no_grad():
+            return model(torch.tensor(ids)).logits.numpy()
+
+    def close(a, b):
+        return np.abs(a - b).max() / np.abs(b).max()
+
+    start = fresh_adapter(folder, tmp_path / "peft", target_modules=targets)
+    mlx_model, _ = load_model(folder)
+    load_peft_adapter(mlx_model, start)
+    assert close(np.array(mlx_model(mx.array(ids))), peft_logits(start)) < LOGITS
+    mlx_model, _ = load_model(folder)  # all-linear everywhere: what MLX adapts, PEFT loads
+    add_lora(mlx_model, LoraSpec(r=8, alpha=16, dropout=0.0, target_modules="all-linear"), seed=0)
+    for _, module in mlx_model.named_modules():  # B drawn non-zero, so the adapter does something
+        for key in ("lora_b", "gate_up_b", "down_b"):
+            if key in module:
+                module[key] = mx.random.normal(module[key].shape) * 0.02
+    save_peft_adapter(mlx_model, tmp_path / "mlx", LoraSpec(r=8, alpha=16), str(folder))
+    theirs = peft_logits(tmp_path / "mlx")
+    assert close(np.array(mlx_model(mx.array(ids))), theirs) < LOGITS
+    assert close(theirs, base) > 1e-2
+    config = json.loads((tmp_path / "mlx" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["gate.weight", "gate_up_proj", "down_proj"]
+    assert not {"gate_proj", "up_proj", "down_proj"} & set(config["target_modules"])  # as PEFT's all-linear
 
 
 def test_the_mlx_router_loss_equals_transformers():

@@ -24,8 +24,10 @@ that mlx-lm picks for its ``model_type``: mistral loads as llama). What a record
 
 - ``options["logits"]``: what the family's own call does to the output layer's logits (Gemma
   2's soft-capping, Granite's scaling), for hwft's forward that runs the output layer itself.
-- ``options["router"]``: the path ending of an MoE family's gate Linears, whose logits the
-  router load-balancing loss is computed from (:mod:`hwft_mlx.router`, :mod:`hwft.router_balance`).
+- ``options["router"]``: the path ending of an MoE family's routers: LoRA adapts them as PEFT
+  does (``target_parameters: gate.weight``; :mod:`hwft_mlx.moe_lora`), and where the config has
+  a router_aux_loss_coef their logits give the load-balancing loss (:mod:`hwft_mlx.router`,
+  :mod:`hwft.router_balance`).
 - ``options["mask_dims"]``: 5 where the family's attention scores are (batch, kv_heads,
   repeats, L, L) rather than (batch, heads, L, L) (mlx-lm's gemma2), so a packed mask gets one
   more axis.
@@ -122,6 +124,6 @@ FAMILIES = (
     Family("granite", ENGINE, "Granite 3", PACKS, options={"logits": granite_scaled}),
     Family("glm4", ENGINE, "GLM-4", PACKS),
     Family("smollm3", ENGINE, "SmolLM3", PACKS),
-    Family("deepseek_v3", ENGINE, "DeepSeek-V3 (MLA attention, MoE)", PACKS),
+    Family("deepseek_v3", ENGINE, "DeepSeek-V3 (MLA attention, MoE)", PACKS, options={"router": "mlp.gate"}),
     Family(GENERIC, ENGINE, "any other family mlx-lm loads (packs after a check at load time)"),
 )

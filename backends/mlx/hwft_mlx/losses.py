@@ -137,6 +137,8 @@ def load_balancing_loss(gate_logits: list[mx.array], experts: int, top_k: int, m
     assignments to expert e (no gradient) and :math:`P_e` its mean routing probability, over
     the real tokens (``mask`` (batch, L): 1 real, 0 padding; None: all). The same number as
     transformers' ``load_balancing_loss_func`` (tests/test_families.py)."""
+    if not gate_logits:
+        return mx.array(0.0)
     counts = mx.zeros((experts,), dtype=mx.float32)
     probs = mx.zeros((experts,), dtype=mx.float32)
     rows = mx.array(0.0)

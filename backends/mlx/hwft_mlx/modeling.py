@@ -24,6 +24,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from hwft import lora_targets
@@ -115,8 +116,9 @@ def load_model(path: Path, trust_remote_code: bool = False) -> tuple[nn.Module, 
     return model, config
 
 
-#: id(model) -> the router load-balancing loss its config asks for (hwft.router_balance).
-_BALANCES: dict[int, object] = {}
+#: The attribute a model keeps the router load-balancing loss its config asks for in
+#: (hwft.router_balance.RouterBalance).
+_BALANCE = "_hwft_router_balance"
 
 
 def record_router(model: nn.Module, config: dict) -> None:
@@ -129,12 +131,20 @@ def record_router(model: nn.Module, config: dict) -> None:
     balance = router_balance(config)
     suffix = family(model).options.get("router")
     if balance is not None and suffix and router.install(model, suffix):
-        _BALANCES[id(model)] = balance
+        object.__setattr__(model, _BALANCE, balance)
+
+
+def refresh_router(model: nn.Module) -> None:
+    """After LoRA wrapped a recording gate: record at the LoRA layer instead (hwft_mlx.router)."""
+    from hwft_mlx import router
+
+    if getattr(model, _BALANCE, None) is not None:
+        router.install(model, family(model).options["router"])
 
 
 def router_balance_of(model: nn.Module):
     """The model's hwft.router_balance.RouterBalance, or None."""
-    return _BALANCES.get(id(model))
+    return getattr(model, _BALANCE, None)
 
 
 class PaddingEmbedding(nn.Embedding):
@@ -176,8 +186,9 @@ def family(model: nn.Module):
     return get_host().families().lookup("mlx", architecture(model))
 
 
-#: id(model) -> None (packs) or why not: the load-time proof of a family the table does not prove.
-_PROOFS: dict[int, str | None] = {}
+#: The attribute a model keeps its load-time packing proof in (None: packs; else why not). On
+#: the model, not in a table by id(): a freed model's id is reused by the next one.
+_PROOF = "_hwft_packing_problem"
 
 
 def packing_problem(model: nn.Module) -> str | None:
@@ -186,12 +197,12 @@ def packing_problem(model: nn.Module) -> str | None:
     (:func:`hwft_mlx.packing.prove`) passed for it. Else why not."""
     if family(model).has("mlx_packing"):
         return None
-    if id(model) not in _PROOFS:
+    if not hasattr(model, _PROOF):
         from hwft_mlx.packing import prove
 
         embedding = next(m for _, m in model.named_modules() if isinstance(m, nn.Embedding))
-        _PROOFS[id(model)] = prove(model, output_logits, embedding.weight.shape[0], mask_dims(model))
-    return _PROOFS[id(model)]
+        object.__setattr__(model, _PROOF, prove(model, output_logits, embedding.weight.shape[0], mask_dims(model)))
+    return getattr(model, _PROOF)
 
 
 def packs(model: nn.Module) -> bool:
@@ -254,14 +265,27 @@ def add_lora(model: nn.Module, spec: LoraSpec, seed: int) -> list[str]:
     returns the wrapped paths."""
     from mlx_lm.tuner.lora import LoRALinear
 
+    from hwft_mlx.moe_lora import MLP_NAMES, is_switch_glu
+
     model.freeze()
     layers = linear_layers(model, spec.target_modules)
+    moe = spec.target_modules == "all-linear" and any(is_switch_glu(m) for _, m in model.named_modules())
+    if moe:  # as PEFT's all-linear on an MoE model: no dense or shared-expert MLP Linears
+        layers = [(path, m) for path, m in layers if path.rsplit(".", 1)[-1] not in MLP_NAMES]
     mx.random.seed(seed)
     scale = lora_scale(spec.alpha, spec.r, spec.rslora)
     model.update_modules(tree_unflatten(
         [(path, LoRALinear.from_base(m, r=spec.r, dropout=spec.dropout, scale=scale)) for path, m in layers]
     ))
-    return [path for path, _ in layers]
+    experts = []
+    if moe:  # as PEFT's all-linear: the experts and routers of MoE layers too
+        from hwft_mlx.moe_lora import wrap_experts, wrap_routers
+
+        experts = wrap_experts(model, spec.r, scale, spec.dropout)
+        router = family(model).options.get("router")
+        experts += wrap_routers(model, router, spec.r, scale) if router else []
+    refresh_router(model)
+    return [path for path, _ in layers] + experts
 
 
 def quantize_base(model: nn.Module, bits: int) -> int:
@@ -280,15 +304,21 @@ def quantize_base(model: nn.Module, bits: int) -> int:
 
 
 def lora_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """LoRA layers whose ``lora_a`` is (in, r) and ``lora_b`` (r, out): mlx-lm's LoRALinear,
+    and hwft's LoRAGate on a router that is not a Linear (hwft_mlx.moe_lora)."""
     from mlx_lm.tuner.lora import LoRALinear
 
-    return ((p, m) for p, m in model.named_modules() if isinstance(m, LoRALinear))
+    from hwft_mlx.moe_lora import LoRAGate
+
+    return ((p, m) for p, m in model.named_modules() if isinstance(m, LoRALinear | LoRAGate))
 
 
 @contextmanager
 def adapters_disabled(model: nn.Module):
     """The base model: every LoRA update scaled by 0 for the duration (the reference policy)."""
-    saved = [(m, m.scale) for _, m in lora_modules(model)]
+    from hwft_mlx.moe_lora import expert_modules
+
+    saved = [(m, m.scale) for _, m in [*lora_modules(model), *expert_modules(model)]]
     for m, _ in saved:
         m.scale = 0.0
     try:
@@ -326,25 +356,65 @@ class Reference:
 # PEFT adapters, both ways
 
 
+def peft_path(path: str) -> str:
+    """An MLX module path as PEFT names it on the transformers 5 model: mlx-lm's
+    ``switch_mlp`` is transformers' ``experts``, and Mixtral's ``block_sparse_moe`` its ``mlp``."""
+    return path.replace(".block_sparse_moe.", ".mlp.").replace(".switch_mlp", ".experts")
+
+
+def mlx_path(path: str, modules: dict) -> str | None:
+    """The MLX module a PEFT path names (:func:`peft_path` inverted), or None."""
+    for candidate in (path, path.replace(".mlp.experts", ".mlp.switch_mlp"),
+                      path.replace(".mlp.experts", ".block_sparse_moe.switch_mlp"),
+                      path.replace(".mlp.gate", ".block_sparse_moe.gate")):
+        if candidate in modules:
+            return candidate
+    return None
+
+
+#: PEFT's rank and alpha patterns for a fused gate/up expert projection: twice the rank, so
+#: that each half keeps r (what PEFT's all-linear writes for MoE models).
+GATE_UP_PATTERN = r".*\.gate_up_proj"
+
+
 def save_peft_adapter(model: nn.Module, out: Path, spec: LoraSpec, base: str) -> None:
     """adapter_config.json + adapter_model.safetensors with PEFT's key names and layout:
     ``lora_A.weight`` is (r, in) and ``lora_B.weight`` (out, r). A reward model's score head is
-    saved beside them as PEFT's SEQ_CLS task saves it (``base_model.model.score.weight``)."""
-    weights, names = {}, set()
+    saved beside them as PEFT's SEQ_CLS task saves it (``base_model.model.score.weight``). MoE
+    routers and experts go in as PEFT 0.21 writes them (``target_parameters``;
+    :mod:`hwft_mlx.moe_lora`)."""
+    from hwft_mlx.moe_lora import expert_modules, to_peft
+
+    weights, names, parameters = {}, set(), []
     scored = "score" in model
     if scored:
         weights[f"{PEFT_PREFIX}score.weight"] = model.score.weight.astype(mx.float32)
+    router = family(model).options.get("router")
     for path, m in lora_modules(model):
-        weights[f"{PEFT_PREFIX}{path}.lora_A.weight"] = m.lora_a.T.astype(mx.float32)
-        weights[f"{PEFT_PREFIX}{path}.lora_B.weight"] = m.lora_b.T.astype(mx.float32)
-        names.add(path.rsplit(".", 1)[-1])
-    r = next(iter(m.lora_a.shape[1] for _, m in lora_modules(model)))
+        key = peft_path(path)
+        weights[f"{PEFT_PREFIX}{key}.lora_A.weight"] = m.lora_a.T.astype(mx.float32)
+        weights[f"{PEFT_PREFIX}{key}.lora_B.weight"] = m.lora_b.T.astype(mx.float32)
+        if router and (path == router or path.endswith("." + router)):
+            parameters = ["gate.weight"]  # the router's weight: a parameter to PEFT, not a Linear
+        else:
+            names.add(path.rsplit(".", 1)[-1])
+    experts = list(expert_modules(model))
+    for path, m in experts:
+        key = f"{PEFT_PREFIX}{peft_path(path)}"
+        for inner, (a, b) in ((".base_layer", to_peft(m.gate_up_a, m.gate_up_b)), ("", to_peft(m.down_a, m.down_b))):
+            weights[f"{key}{inner}.lora_A.weight"] = mx.array(a)
+            weights[f"{key}{inner}.lora_B.weight"] = mx.array(b)
+    ranks = [m.lora_a.shape[1] for _, m in lora_modules(model)] + [m.down_a.shape[1] for _, m in experts]
+    r = int(ranks[0])
     config = {
         "peft_type": "LORA", "task_type": "SEQ_CLS" if scored else "CAUSAL_LM", "base_model_name_or_path": base,
-        "r": int(r), "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
+        "r": r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
         "target_modules": sorted(names), "bias": "none", "use_rslora": spec.rslora, "use_dora": False,
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-        "modules_to_save": SCORE_MODULES if scored else None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
+        "modules_to_save": SCORE_MODULES if scored else None, "layers_to_transform": None,
+        "rank_pattern": {GATE_UP_PATTERN: 2 * r} if experts else {},
+        "alpha_pattern": {GATE_UP_PATTERN: 2 * spec.alpha} if experts else {},
+        "target_parameters": parameters + (["gate_up_proj", "down_proj"] if experts else []) or None,
     }
     out.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(out / "adapter_model.safetensors"), weights, metadata={"format": "pt"})
@@ -362,7 +432,10 @@ def read_peft_adapter(folder: Path) -> tuple[LoraSpec, dict[str, tuple[mx.array,
         raise ModelError(f"model.adapter: {folder} has no adapter_model.safetensors (hwft never reads "
                          "pickled adapter_model.bin); re-save it with safe_serialization=True")
     config = json.loads(config_file.read_text(encoding="utf-8"))
-    unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save") if config.get(k)]
+    r, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
+    moe = {"rank_pattern": {GATE_UP_PATTERN: 2 * r}, "alpha_pattern": {GATE_UP_PATTERN: 2 * alpha}}
+    unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save")
+                   if config.get(k) and config.get(k) != moe.get(k)]  # MoE experts' doubled gate/up rank: read
     if config.get("peft_type", "LORA") != "LORA" or unsupported:
         what = ", ".join(unsupported) or config.get("peft_type")
         raise ModelError(f"model.adapter: {folder} uses {what}, which the MLX backend does not load; "
@@ -373,9 +446,9 @@ def read_peft_adapter(folder: Path) -> tuple[LoraSpec, dict[str, tuple[mx.array,
         if which not in ("A.weight", "B.weight"):
             raise ModelError(f"model.adapter: {weights_file} holds {key}, not a LoRA A/B weight")
         pairs.setdefault(path, {})[which[0]] = value
-    spec = LoraSpec(r=int(config["r"]), alpha=float(config.get("lora_alpha", config["r"])),
+    spec = LoraSpec(r=r, alpha=alpha,
                     dropout=float(config.get("lora_dropout", 0.0)), rslora=bool(config.get("use_rslora")),
-                    target_modules=sorted({p.rsplit(".", 1)[-1] for p in pairs}))
+                    target_modules=sorted({p.rsplit(".", 1)[-1] for p in pairs} - {"base_layer", "experts"}))
     return spec, {p: (w["A"], w["B"]) for p, w in pairs.items()}
 
 
@@ -383,20 +456,48 @@ def load_peft_adapter(model: nn.Module, folder: Path, dropout: float | None = No
     """Freeze the model and put a PEFT adapter's LoRA on it, trainable."""
     from mlx_lm.tuner.lora import LoRALinear
 
+    from hwft_mlx.moe_lora import LoRAGate, LoRASwitchGLU, from_peft, is_router_gate, is_switch_glu
+
     spec, weights = read_peft_adapter(folder)
     modules = dict(model.named_modules())
-    missing = [p for p in weights if p not in modules]
-    if missing:
-        raise ModelError(f"model.adapter: {folder} adapts {missing[0]}, which this model does not have")
-    model.freeze()
+    dropout = spec.dropout if dropout is None else dropout
     scale = lora_scale(spec.alpha, spec.r, spec.rslora)
-    wrapped = []
+    linear, experts = [], {}
     for path, (a, b) in weights.items():
-        lora = LoRALinear.from_base(modules[path], r=a.shape[0], dropout=spec.dropout if dropout is None else dropout,
-                                    scale=scale)
+        # PEFT nests the fused gate/up update (experts.base_layer) inside the down one (experts)
+        block = path.removesuffix(".base_layer") if path.endswith(".experts.base_layer") \
+            else path if path.endswith(".experts") else None
+        where = mlx_path(block or path, modules)
+        if where is None:
+            raise ModelError(f"model.adapter: {folder} adapts {path}, which this model does not have")
+        if block is not None:
+            experts.setdefault(where, []).append((a, b))
+        elif isinstance(modules[where], nn.Linear | nn.QuantizedLinear) or is_router_gate(modules[where]):
+            linear.append((where, a, b))
+        else:
+            raise ModelError(f"model.adapter: {folder} adapts {path}, a {type(modules[where]).__name__} the MLX "
+                             "backend puts no LoRA on")
+    model.freeze()
+    wrapped = []
+    for where, a, b in linear:
+        lora = LoRAGate(modules[where], a.shape[0], scale) if is_router_gate(modules[where]) else \
+            LoRALinear.from_base(modules[where], r=a.shape[0], dropout=dropout, scale=scale)
         lora.lora_a, lora.lora_b = a.T.astype(mx.float32), b.T.astype(mx.float32)
-        wrapped.append((path, lora))
+        wrapped.append((where, lora))
+    for where, pairs in experts.items():
+        glu = modules[where]
+        count, inner, hidden = glu.gate_proj.weight.shape
+        if not is_switch_glu(glu) or len(pairs) != 2:
+            raise ModelError(f"model.adapter: {folder} adapts the experts at {where} in a way hwft does not read")
+        # which pair is which, by shape: gate_up's A reads the hidden size and its B writes 2I
+        pairs.sort(key=lambda ab: not (ab[0].shape[1] == hidden and ab[1].shape[0] == 2 * inner))
+        (gu_a, gu_b), (d_a, d_b) = pairs
+        lora = LoRASwitchGLU(glu, d_a.shape[0] // count, scale, dropout)
+        lora.gate_up_a, lora.gate_up_b = from_peft(np.array(gu_a.astype(mx.float32)), np.array(gu_b.astype(mx.float32)), count)
+        lora.down_a, lora.down_b = from_peft(np.array(d_a.astype(mx.float32)), np.array(d_b.astype(mx.float32)), count)
+        wrapped.append((where, lora))
     model.update_modules(tree_unflatten(wrapped))
+    refresh_router(model)
     return spec
 
 
