@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
 
     env = sub.add_parser("env", help="backends on this machine and what each can do")
     env.add_argument("--json", action="store_true", help=f"machine-readable ({ENV_SCHEMA})")
+    env.add_argument("--families", action="store_true",
+                     help="which model family gets which fast paths on which engine, as a Markdown table")
     env.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
 
     bench = sub.add_parser(
@@ -135,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--to", required=True,
                         help="a registered export format (`hwft plugins` lists them): hf: merged safetensors + "
                         "tokenizer; peft: the adapter; mlx: an mlx-lm folder; gguf: one file for llama.cpp/Ollama "
-                        "(Llama and Qwen2 families)")
+                        "(the families `hwft env --families` marks)")
     export.add_argument("--out", help="where to write (default: RUN/export/FORMAT, RUN/export/model-TYPE.gguf)")
     export.add_argument("--gguf-type", default="q8_0", choices=("f16", "q8_0"), help="GGUF weights (default q8_0)")
     export.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
@@ -256,6 +258,12 @@ def env_report() -> dict:
 
 
 def cmd_env(args) -> int:
+    if args.families:
+        from hwft.families import who_runs_what
+        from hwft.plugins import get_host
+
+        print(who_runs_what(get_host().families()), end="")
+        return 0
     report = env_report()
     if args.json:
         print(json.dumps(report, indent=2))

@@ -122,3 +122,31 @@ def collect_families(pm) -> Families:
 
         impl.function(register=register)
     return Families(records, owners)
+
+
+#: Engines whose tables the who-runs-what table puts side by side, and the model types an MLX
+#: architecture record also serves (mlx-lm loads mistral as llama).
+MLX_ALSO = {"llama": ("mistral",)}
+
+
+def who_runs_what(families: Families) -> str:
+    """A Markdown table: every family a table names, what each engine gives it (fast paths,
+    the attention it needs, GGUF). ``hwft env --families`` prints it; docs/families.md holds it."""
+    torch_rows = {f.model_type: f for f in families.of("torch") if f.model_type != GENERIC}
+    mlx_rows: dict[str, Family] = {}
+    for f in families.of("mlx"):
+        if f.model_type != GENERIC:
+            for model_type in (f.model_type, *MLX_ALSO.get(f.model_type, ())):
+                mlx_rows[model_type] = f
+    lines = ["| family | torch fast paths | torch attention | GGUF | MLX |", "|---|---|---|---|---|"]
+    for model_type in sorted(set(torch_rows) | set(mlx_rows)):
+        t, m = torch_rows.get(model_type), mlx_rows.get(model_type)
+        torch_paths = ", ".join(sorted(t.paths)) if t else "generic: " + ", ".join(
+            sorted(families.lookup("torch", model_type).paths))
+        attention = (t.attention if t and t.attention else "sdpa")
+        gguf = t.gguf.arch.lower() if t and t.gguf else "-"
+        mlx = ", ".join(sorted(m.paths)) if m else "packs after a check at load"
+        if m and m.model_type != model_type:
+            mlx += f" (as {m.model_type})"
+        lines.append(f"| {model_type} | {torch_paths} | {attention} | {gguf} | {mlx} |")
+    return "\n".join(lines) + "\n"

@@ -423,3 +423,75 @@ def test_gguf_export_reads_back_through_transformers(family, models, tmp_path, c
 def test_gguf_refuses_a_gemma3_layer_pattern_llama_cpp_does_not_run(models, tmp_path, cli):
     code, _, err = cli("export", models("gemma3_text"), "--to", "gguf", "--out", tmp_path / "g.gguf")
     assert code == 2 and "llama.cpp's gemma3 makes every 6th layer full attention" in err, err
+
+
+# --------------------------------------------------------------------------------------------
+# Fast paths, from the family table, each with its logits on and off
+
+
+def torch_families_with(path: str) -> list[str]:
+    from hwft.plugins import get_host
+
+    return [f for f in FAMILIES if get_host().families().lookup("torch", f).has(path)]
+
+
+@pytest.mark.parametrize("family", torch_families_with("fused_projections"))
+def test_fused_projections_give_peft_s_logits_and_gradients_in_every_family(family, models):
+    """kernels.fused_projections (hwft_torch.fused_projections) on each family that has the path."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from hwft_torch.compiling import decoder_layers
+    from hwft_torch.fused_projections import fuse_sibling_projections
+
+    folder = models(family)  # built before the seed below, which both copies then start from
+
+    def lora():
+        torch.manual_seed(0)  # the same random adapter (B not zero) in both copies
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                     attn_implementation="eager" if family == "gemma2" else "sdpa")
+        return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+
+    plain, fused = lora(), lora()
+    groups = fuse_sibling_projections(decoder_layers(fused))
+    assert groups >= 2, f"{family}: {groups} sibling groups fused"  # q/k/v in each of the 2 layers at least
+    ids = torch.tensor(random_ids(16)[None])
+    out = {}
+    for label, model in (("plain", plain), ("fused", fused)):
+        logits = model(input_ids=ids, use_cache=False).logits
+        logits.logsumexp(-1).mean().backward()
+        out[label] = logits
+    torch.testing.assert_close(out["fused"], out["plain"], atol=1e-5, rtol=0)
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    for name, p in fused.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name], atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", torch_families_with("liger"))
+def test_liger_gives_the_same_logits_in_every_family(family, models):
+    """Liger's apply_liger_kernel_to_<family> (hwft_torch.liger) on an NVIDIA GPU: logits with it
+    on and off, in fp32 (Triton's kernels round differently from torch's: 1e-4 of the largest)."""
+    import liger_kernel.transformers as lk
+
+    from hwft.plugins import get_host
+
+    target = get_host().families().lookup("torch", family).options["liger"]
+    ids = torch.tensor(random_ids(32)[None], device="cuda")
+    with torch.no_grad():
+        off = torch_model(models(family)).cuda()(ids).logits
+        model = torch_model(models(family)).cuda()
+        getattr(lk, f"apply_liger_kernel_to_{target}")(model=model, cross_entropy=False,
+                                                        fused_linear_cross_entropy=False)
+        on = model(ids).logits
+    assert (on - off).abs().max() / off.abs().max() < 1e-4
+
+
+def test_who_runs_what_is_the_table_in_the_docs():
+    from hwft.families import who_runs_what
+    from hwft.plugins import get_host
+
+    from tests.conftest import REPO
+
+    assert who_runs_what(get_host().families()) in (REPO / "docs" / "families.md").read_text(encoding="utf-8")

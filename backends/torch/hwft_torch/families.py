@@ -22,6 +22,9 @@ from hwft.families import GENERIC, Family, GgufLayout
 
 ENGINE = "torch"
 LLAMA_LIKE = frozenset({"fused_projections", "packed_attention", "liger", "npu_ops"})
+#: What a family gets whose layers name their siblings as Llama does but whose norms, rotary
+#: embedding or MLP are not the shapes torch-npu's fused operators replace.
+TORCH_PATHS = LLAMA_LIKE - {"npu_ops"}
 
 #: GGUF layouts as llama.cpp's convert_hf_to_gguf.py writes them; ``tests/test_families.py``
 #: reads each back through transformers' own GGUF loader (its inverse transforms).
@@ -46,16 +49,24 @@ def gemma3_pattern(config: dict) -> str | None:
 FAMILIES = (
     Family("llama", ENGINE, "Llama 2/3, SmolLM2", LLAMA_LIKE, options={"liger": "llama"}, gguf=LLAMA_GGUF),
     Family("qwen2", ENGINE, "Qwen2, Qwen2.5", LLAMA_LIKE, options={"liger": "qwen2"}, gguf=GgufLayout("QWEN2")),
-    Family("qwen3", ENGINE, "Qwen3", LLAMA_LIKE - {"npu_ops"}, options={"liger": "qwen3"}, gguf=GgufLayout("QWEN3")),
-    Family("qwen3_moe", ENGINE, "Qwen3-MoE", frozenset({"fused_projections", "packed_attention", "liger"}),
+    Family("qwen3", ENGINE, "Qwen3", TORCH_PATHS, options={"liger": "qwen3"}, gguf=GgufLayout("QWEN3")),
+    Family("qwen3_moe", ENGINE, "Qwen3-MoE", TORCH_PATHS,
            options={"liger": "qwen3_moe"}, gguf=GgufLayout("QWEN3MOE", metadata=EXPERTS)),
     Family("mistral", ENGINE, "Mistral", LLAMA_LIKE, options={"liger": "mistral"}, gguf=LLAMA_GGUF),
     Family("phi3", ENGINE, "Phi-3, Phi-4-mini", frozenset({"packed_attention", "liger"}), options={"liger": "phi3"},
            gguf=GgufLayout("PHI3", rope_dimension_count=True)),
-    Family("gemma2", ENGINE, "Gemma 2", frozenset({"fused_projections", "packed_attention", "liger"}), attention="eager",
+    Family("gemma2", ENGINE, "Gemma 2", TORCH_PATHS, attention="eager",
            options={"liger": "gemma2", "attention_why": "Gemma 2 soft-caps its attention scores, which sdpa cannot"},
            gguf=GgufLayout("GEMMA2", norm_offset=1.0, metadata=SLIDING + SOFTCAPS)),
-    Family("gemma3_text", ENGINE, "Gemma 3 (text)", frozenset({"fused_projections", "packed_attention", "liger"}),
+    Family("gemma3_text", ENGINE, "Gemma 3 (text)", TORCH_PATHS,
            options={"liger": "gemma3_text"}, gguf=GgufLayout("GEMMA3", norm_offset=1.0, metadata=SLIDING, check=gemma3_pattern)),
+    Family("mixtral", ENGINE, "Mixtral", TORCH_PATHS, options={"liger": "mixtral"}),
+    Family("olmo2", ENGINE, "OLMo 2", TORCH_PATHS, options={"liger": "olmo2"}),
+    Family("granite", ENGINE, "Granite 3", TORCH_PATHS, options={"liger": "granite"}),
+    Family("glm4", ENGINE, "GLM-4 (q/k/v fuse; its gate/up is one Linear already)", TORCH_PATHS,
+           options={"liger": "glm4"}),
+    Family("smollm3", ENGINE, "SmolLM3", TORCH_PATHS, options={"liger": "smollm3"}),
+    Family("deepseek_v3", ENGINE, "DeepSeek-V3 (MLA attention: no q/k/v siblings to fuse)",
+           frozenset({"packed_attention"})),
     Family(GENERIC, ENGINE, "any other family transformers loads", frozenset({"fused_projections", "packed_attention"})),
 )
