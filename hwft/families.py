@@ -43,6 +43,9 @@ class GgufLayout:
     metadata: tuple[tuple[str, tuple[str, ...]], ...] = ()
     #: config -> why llama.cpp cannot run this model as the architecture, or None
     check: Callable[[dict], str | None] | None = None
+    #: how ``--verify`` reads the file back: "transformers" (its own GGUF loader) or "hwft"
+    #: (hwft_torch.gguf_readback, hwft's inverse of its writer, where transformers reads no such file)
+    readback: str = "transformers"
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@
 - the family matrix: sft on packed rows with LoRA, dpo with LoRA and sft with full tuning, from
   one recipe on the ``cpu`` and ``mlx`` backends, give the same losses step by step, and what
   they trained exports (peft, hf, mlx) with the trained model's logits;
-- GGUF: each family's export read back through transformers' own GGUF loader.
+- GGUF: each family's export read back through transformers' own GGUF loader, or hwft's
+  inverse of its writer where transformers reads no such file.
 
 Tolerances: fp32 throughout. Logits of one model on two engines differ by float rounding
 (measured at most 7e-7 of the largest logit; allowed 1e-5). Losses over 3 AdamW steps from one
@@ -380,7 +381,7 @@ def test_the_mlx_router_loss_equals_transformers():
 
 
 # --------------------------------------------------------------------------------------------
-# GGUF, read back through transformers' own GGUF loader
+# GGUF, read back through transformers' own GGUF loader (or hwft's inverse of its writer)
 
 #: transformers' GGUF loader reads some of each architecture's keys and takes its config
 #: class's defaults for the rest. These give the tiny models the values every released
@@ -388,6 +389,7 @@ def test_the_mlx_router_loss_equals_transformers():
 #: Qwen3-MoE's expert width 768), Gemma's head size 256 with the query scale it implies, Gemma
 #: 3's layer pattern (every 6th layer full; llama.cpp's too) with a window longer than the rows.
 GGUF_SHAPES = {
+    "smollm3": {"no_rope_layers": [1, 1]},  # llama.cpp's pattern: rotary on all but every 4th layer
     "qwen3": {"head_dim": 128},
     "qwen3_moe": {"head_dim": 128, "moe_intermediate_size": 768},
     "gemma2": {"head_dim": 256, "query_pre_attn_scalar": 256},
@@ -398,8 +400,13 @@ GGUF_SHAPES = {
 GGUF_TYPES = {"qwen3_moe": ("f16",)}
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen3", "qwen3_moe", "phi3", "gemma2", "gemma3_text"])
-def test_gguf_export_reads_back_through_transformers(family, models, tmp_path, cli, capsys):
+#: Families transformers' GGUF loader does not read: --verify reads them with hwft's inverse of
+#: its writer (hwft_torch.gguf_readback) and says so.
+HWFT_READBACK = ["mixtral", "olmo2", "granite", "glm4", "smollm3"]
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen3", "qwen3_moe", "phi3", "gemma2", "gemma3_text", *HWFT_READBACK])
+def test_gguf_export_reads_back(family, models, tmp_path, cli, capsys):
     from gguf import GGUFReader
 
     folder = models(family, **GGUF_SHAPES.get(family, {}))
@@ -410,9 +417,16 @@ def test_gguf_export_reads_back_through_transformers(family, models, tmp_path, c
         assert code == 0, err
         report = json.loads(stdout)
         assert report["ok"] and report["argmax_agreement"] >= 0.9, report
+        assert ("with hwft's inverse of its writer" in err) == (family in HWFT_READBACK), err
     fields = GGUFReader(str(out)).fields
     arch = bytes(fields["general.architecture"].parts[-1]).decode()
-    assert arch == {"mistral": "llama", "qwen3_moe": "qwen3moe", "gemma3_text": "gemma3"}.get(family, family)
+    assert arch == {"mistral": "llama", "mixtral": "llama", "qwen3_moe": "qwen3moe",
+                    "gemma3_text": "gemma3"}.get(family, family)
+    if family == "granite":
+        assert float(fields["granite.logit_scale"].parts[-1][0]) == 4.0
+        assert float(fields["granite.attention.scale"].parts[-1][0]) == 0.25
+    if family == "mixtral":
+        assert int(fields["llama.expert_count"].parts[-1][0]) == 4
     if family == "qwen3_moe":
         assert int(fields["qwen3moe.expert_count"].parts[-1][0]) == 4
         assert "blk.0.ffn_gate_exps.weight" in {t.name for t in GGUFReader(str(out)).tensors}
@@ -420,9 +434,13 @@ def test_gguf_export_reads_back_through_transformers(family, models, tmp_path, c
         assert float(fields["gemma2.final_logit_softcapping"].parts[-1][0]) == 30.0
 
 
-def test_gguf_refuses_a_gemma3_layer_pattern_llama_cpp_does_not_run(models, tmp_path, cli):
+def test_gguf_refuses_layer_patterns_llama_cpp_does_not_run(models, tmp_path, cli):
     code, _, err = cli("export", models("gemma3_text"), "--to", "gguf", "--out", tmp_path / "g.gguf")
     assert code == 2 and "llama.cpp's gemma3 makes every 6th layer full attention" in err, err
+    code, _, err = cli("export", models("smollm3"), "--to", "gguf", "--out", tmp_path / "s.gguf")
+    assert code == 2 and "llama.cpp's smollm3 skips rotary embeddings on every 4th layer" in err, err
+    code, _, err = cli("export", models("deepseek_v3"), "--to", "gguf", "--out", tmp_path / "d.gguf")
+    assert code == 2 and "convert_hf_to_gguf.py" in err and not (tmp_path / "d.gguf").exists(), err
 
 
 # --------------------------------------------------------------------------------------------

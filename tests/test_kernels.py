@@ -100,8 +100,8 @@ def test_an_unknown_family_is_refused_in_one_line_by_the_gguf_export():
 
     layouts = {f.model_type: f.gguf for f in get_host().families().of("torch") if f.gguf}
     with pytest.raises(UserError, match=r"model_type 'starcoder2' is not one hwft writes as GGUF \(gemma2, gemma3_text, "
-                                         r"llama, mistral, phi3, qwen2, qwen3, qwen3_moe\); export --to hf and convert "
-                                         r"with llama.cpp's convert_hf_to_gguf.py"):
+                                         r"glm4, granite, llama, mistral, mixtral, olmo2, phi3, qwen2, qwen3, qwen3_moe, "
+                                         r"smollm3\); export --to hf and convert with llama.cpp's convert_hf_to_gguf.py"):
         layout_for({"model_type": "starcoder2"}, layouts)
 
 

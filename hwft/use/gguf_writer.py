@@ -1,6 +1,6 @@
 """Writing a merged model as GGUF, for llama.cpp and Ollama, in the layout its family's
-record gives (:class:`hwft.families.GgufLayout`, in the torch engine's table hwft_torch.families:
-llama, mistral, qwen2, qwen3, qwen3_moe, phi3, gemma2 and gemma3_text).
+record gives (:class:`hwft.families.GgufLayout`, in the torch engine's table hwft_torch.families;
+`hwft env --families` lists them).
 
 Written with the ``gguf`` package's ``GGUFWriter`` (llama.cpp's own Python writer), laid out as
 llama.cpp's converter lays these families out:

@@ -97,9 +97,24 @@ def reload_peft(path: Path, ids: list[int], trained):
 
 
 def reload_gguf(path: Path, ids: list[int], trained):
+    """The GGUF's logits, read back through transformers' own GGUF loader where it reads the
+    architecture, else through hwft's inverse of its writer (hwft.use.gguf_readback), saying so."""
+    import json
+    import sys
+
     import torch
     from transformers import AutoModelForCausalLM
 
+    from hwft.plugins import get_host
+
+    config = json.loads((trained.weights / "config.json").read_text(encoding="utf-8"))
+    layout = get_host().families().lookup("torch", config.get("model_type")).gguf
+    if layout is not None and layout.readback == "hwft":
+        from hwft_torch.gguf_readback import load
+
+        print(f"hwft export: --verify reads {config['model_type']} GGUF back with hwft's inverse of its writer "
+              "(gguf.GGUFReader); transformers' GGUF loader does not read it", file=sys.stderr)
+        return _logits(load(path, config["model_type"], layout), ids)
     os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF reader draws a progress bar
     return _logits(AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32), ids)
 

@@ -32,8 +32,19 @@ LLAMA_GGUF = GgufLayout("LLAMA", permute_qk=True, rope_dimension_count=True)  # 
 EXPERTS = (("expert_count", ("num_local_experts", "num_experts")), ("expert_used_count", ("num_experts_per_tok",)),
            ("expert_feed_forward_length", ("moe_intermediate_size",)))
 SLIDING = (("attention.sliding_window", ("sliding_window",)),)
+GRANITE_SCALES = (("attention.scale", ("attention_multiplier",)), ("embedding_scale", ("embedding_multiplier",)),
+                  ("residual_scale", ("residual_multiplier",)), ("logit_scale", ("logits_scaling",)))
 SOFTCAPS = (("attn_logit_softcapping", ("attn_logit_softcapping",)),
             ("final_logit_softcapping", ("final_logit_softcapping",)))
+
+def smollm3_pattern(config: dict) -> str | None:
+    """llama.cpp's smollm3 leaves out the rotary embedding on every 4th layer (and only there)."""
+    layers = config.get("no_rope_layers")
+    expected = [int((i + 1) % 4 != 0) for i in range(len(layers or []))]
+    if layers and list(layers) != expected:
+        return f"llama.cpp's smollm3 skips rotary embeddings on every 4th layer; this model's no_rope_layers are {layers}"
+    return None
+
 
 def gemma3_pattern(config: dict) -> str | None:
     """llama.cpp's gemma3 makes every 6th layer a full-attention one (the rest slide); a
@@ -60,12 +71,18 @@ FAMILIES = (
            gguf=GgufLayout("GEMMA2", norm_offset=1.0, metadata=SLIDING + SOFTCAPS)),
     Family("gemma3_text", ENGINE, "Gemma 3 (text)", TORCH_PATHS,
            options={"liger": "gemma3_text"}, gguf=GgufLayout("GEMMA3", norm_offset=1.0, metadata=SLIDING, check=gemma3_pattern)),
-    Family("mixtral", ENGINE, "Mixtral", TORCH_PATHS, options={"liger": "mixtral"}),
-    Family("olmo2", ENGINE, "OLMo 2", TORCH_PATHS, options={"liger": "olmo2"}),
-    Family("granite", ENGINE, "Granite 3", TORCH_PATHS, options={"liger": "granite"}),
+    Family("mixtral", ENGINE, "Mixtral", TORCH_PATHS, options={"liger": "mixtral"},
+           gguf=GgufLayout("LLAMA", permute_qk=True, rope_dimension_count=True, metadata=EXPERTS, readback="hwft")),
+    Family("olmo2", ENGINE, "OLMo 2", TORCH_PATHS, options={"liger": "olmo2"},
+           gguf=GgufLayout("OLMO2", readback="hwft")),
+    Family("granite", ENGINE, "Granite 3", TORCH_PATHS, options={"liger": "granite"},
+           gguf=GgufLayout("GRANITE", permute_qk=True, rope_dimension_count=True, metadata=GRANITE_SCALES,
+                           readback="hwft")),
     Family("glm4", ENGINE, "GLM-4 (q/k/v fuse; its gate/up is one Linear already)", TORCH_PATHS,
-           options={"liger": "glm4"}),
-    Family("smollm3", ENGINE, "SmolLM3", TORCH_PATHS, options={"liger": "smollm3"}),
+           options={"liger": "glm4"}, gguf=GgufLayout("GLM4", rope_dimension_count=True, readback="hwft")),
+    Family("smollm3", ENGINE, "SmolLM3", TORCH_PATHS, options={"liger": "smollm3"},
+           gguf=GgufLayout("SMOLLM3", permute_qk=True, rope_dimension_count=True, check=smollm3_pattern,
+                           readback="hwft")),
     Family("deepseek_v3", ENGINE, "DeepSeek-V3 (MLA attention: no q/k/v siblings to fuse)",
            frozenset({"packed_attention"})),
     Family(GENERIC, ENGINE, "any other family transformers loads", frozenset({"fused_projections", "packed_attention"})),
