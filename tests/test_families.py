@@ -364,6 +364,28 @@ def test_moe_adapters_travel_between_peft_and_mlx(family, models, tmp_path):
     assert not {"gate_proj", "up_proj", "down_proj"} & set(config["target_modules"])  # as PEFT's all-linear
 
 
+def test_moe_experts_run_as_one_grouped_matmul_on_torch(models):
+    """The MoE families load with transformers' grouped_mm experts (no loop over the experts in
+    Python), with the logits and gradients of its default loop."""
+    from transformers import AutoModelForCausalLM
+
+    from hwft_torch.modeling import experts_implementation
+
+    ids = torch.tensor(random_ids(32)[None])
+    for family in MOE_FAMILIES:
+        chosen = experts_implementation(family)
+        assert chosen == {"experts_implementation": "grouped_mm"}, family
+        runs = []
+        for kwargs in ({"experts_implementation": "eager"}, chosen):
+            model = AutoModelForCausalLM.from_pretrained(models(family), dtype=torch.float32, **kwargs)
+            logits = model(ids, use_cache=False).logits
+            logits.logsumexp(-1).mean().backward()
+            runs.append((logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+        torch.testing.assert_close(runs[1][0], runs[0][0], atol=1e-5, rtol=0, msg=family)
+        for name, grad in runs[0][1].items():
+            torch.testing.assert_close(runs[1][1][name], grad, atol=1e-5, rtol=1e-4, msg=f"{family} {name}")
+
+
 def test_the_mlx_router_loss_equals_transformers():
     """hwft_mlx.losses.load_balancing_loss against transformers' load_balancing_loss_func (the
     one Mixtral and Qwen3-MoE train with), padding masked, on random logits of 3 layers."""

@@ -34,6 +34,7 @@ from hwft_torch.checkpoint import TorchState
 from hwft_torch.modeling import (
     DTYPES,
     attention_implementation,
+    experts_implementation,
     family_attention,
     load_model,
     model_type_of,
@@ -240,6 +241,8 @@ def train(job: Job, runtime: DeviceRuntime) -> Result:
     needed = family_attention(model_type_of(model_path)) if recipe.kernels.attention == "auto" else None
     if needed is not None:
         job.log(f"attention: {needed[0]}, not sdpa ({needed[1]})")
+    if experts_implementation(model_type_of(model_path)):
+        job.log("moe: every expert's tokens in one grouped matmul (transformers' grouped_mm experts)")
     batches.check_vocabulary(model.get_input_embeddings().num_embeddings, str(model_path))
     applied = apply_kernels(job, model, made, tuning, runtime)
     compile_layers_if_wanted(job, model, device, batches.steps)

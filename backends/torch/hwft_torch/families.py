@@ -9,6 +9,8 @@ Fast paths (``Family.paths``) the torch engine's kernels and loaders ask for:
 - ``packed_attention``: attention goes through transformers' AttentionInterface and takes
   ``position_ids``, so hwft_packed_sdpa can keep a packed row's examples apart;
 - ``liger``: Liger has ``apply_liger_kernel_to_<options["liger"]>`` for the family;
+- ``options["experts"]``: the experts implementation an MoE family loads with (transformers'
+  ``experts_implementation``), where this torch has it;
 - ``npu_ops``: the family's RMSNorm, rotary embedding and gated MLP are the Llama shapes that
   torch-npu's fused operators replace (hwft_ascend.kernels).
 
@@ -34,6 +36,9 @@ EXPERTS = (("expert_count", ("num_local_experts", "num_experts")), ("expert_used
 SLIDING = (("attention.sliding_window", ("sliding_window",)),)
 GRANITE_SCALES = (("attention.scale", ("attention_multiplier",)), ("embedding_scale", ("embedding_multiplier",)),
                   ("residual_scale", ("residual_multiplier",)), ("logit_scale", ("logits_scaling",)))
+#: transformers 5's experts implementation for MoE families: every expert's tokens in one
+#: grouped matmul (torch.nn.functional.grouped_mm), instead of its default loop over the experts.
+GROUPED = "grouped_mm"
 SOFTCAPS = (("attn_logit_softcapping", ("attn_logit_softcapping",)),
             ("final_logit_softcapping", ("final_logit_softcapping",)))
 
@@ -62,7 +67,7 @@ FAMILIES = (
     Family("qwen2", ENGINE, "Qwen2, Qwen2.5", LLAMA_LIKE, options={"liger": "qwen2"}, gguf=GgufLayout("QWEN2")),
     Family("qwen3", ENGINE, "Qwen3", TORCH_PATHS, options={"liger": "qwen3"}, gguf=GgufLayout("QWEN3")),
     Family("qwen3_moe", ENGINE, "Qwen3-MoE", TORCH_PATHS,
-           options={"liger": "qwen3_moe"}, gguf=GgufLayout("QWEN3MOE", metadata=EXPERTS)),
+           options={"liger": "qwen3_moe", "experts": GROUPED}, gguf=GgufLayout("QWEN3MOE", metadata=EXPERTS)),
     Family("mistral", ENGINE, "Mistral", LLAMA_LIKE, options={"liger": "mistral"}, gguf=LLAMA_GGUF),
     Family("phi3", ENGINE, "Phi-3, Phi-4-mini", frozenset({"packed_attention", "liger"}), options={"liger": "phi3"},
            gguf=GgufLayout("PHI3", rope_dimension_count=True)),
@@ -71,7 +76,7 @@ FAMILIES = (
            gguf=GgufLayout("GEMMA2", norm_offset=1.0, metadata=SLIDING + SOFTCAPS)),
     Family("gemma3_text", ENGINE, "Gemma 3 (text)", TORCH_PATHS,
            options={"liger": "gemma3_text"}, gguf=GgufLayout("GEMMA3", norm_offset=1.0, metadata=SLIDING, check=gemma3_pattern)),
-    Family("mixtral", ENGINE, "Mixtral", TORCH_PATHS, options={"liger": "mixtral"},
+    Family("mixtral", ENGINE, "Mixtral", TORCH_PATHS, options={"liger": "mixtral", "experts": GROUPED},
            gguf=GgufLayout("LLAMA", permute_qk=True, rope_dimension_count=True, metadata=EXPERTS, readback="hwft")),
     Family("olmo2", ENGINE, "OLMo 2", TORCH_PATHS, options={"liger": "olmo2"},
            gguf=GgufLayout("OLMO2", readback="hwft")),
@@ -84,6 +89,6 @@ FAMILIES = (
            gguf=GgufLayout("SMOLLM3", permute_qk=True, rope_dimension_count=True, check=smollm3_pattern,
                            readback="hwft")),
     Family("deepseek_v3", ENGINE, "DeepSeek-V3 (MLA attention: no q/k/v siblings to fuse)",
-           frozenset({"packed_attention"})),
+           frozenset({"packed_attention"}), options={"experts": GROUPED}),
     Family(GENERIC, ENGINE, "any other family transformers loads", frozenset({"fused_projections", "packed_attention"})),
 )

@@ -16,7 +16,7 @@ import torch
 
 from hwft.errors import ModelError
 from hwft.inference import Sampling, Session, Trained, pick_token
-from hwft_torch.modeling import DTYPES, HEADS, family_attention, model_type_of
+from hwft_torch.modeling import DTYPES, HEADS, experts_implementation, family_attention, model_type_of
 from hwft_torch.objective import held_out_loss
 
 
@@ -40,6 +40,7 @@ def load_for_inference(trained: Trained, runtime, dtype: torch.dtype):
         model = head.auto_class().from_pretrained(
             trained.weights, dtype=dtype, trust_remote_code=trained.trust_remote_code,
             local_files_only=True, use_safetensors=True, attn_implementation=needed[0] if needed else "sdpa", **head.extra,
+            **experts_implementation(model_type_of(trained.weights)),
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load a {head.what} from {trained.weights}: {exc}") from None

@@ -74,6 +74,17 @@ def model_type_of(path: Path) -> str | None:
         return None
 
 
+def experts_implementation(model_type: str | None) -> dict:
+    """``{"experts_implementation": name}`` where the family's record names one (an MoE
+    family's grouped matmul, hwft_torch.families) and this torch has it; else nothing."""
+    from hwft.plugins import get_host
+
+    name = get_host().families().lookup("torch", model_type).options.get("experts")
+    if name == "grouped_mm" and not (hasattr(torch.nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm")):
+        return {}
+    return {"experts_implementation": name} if name else {}
+
+
 def attention_implementation(recipe: Recipe, model_type: str | None = None) -> str:
     """kernels.attention; auto is sdpa, or what the model's family needs where sdpa cannot serve
     it (:func:`family_attention`). For methods whose rows may be packed (sft, cpt), sdpa runs
@@ -115,6 +126,7 @@ def load_model(path: Path, recipe: Recipe, device: torch.device, tuning: str, co
     extra = dict(head.extra)
     if tuning == "qlora":
         extra.update(quantization_config=quantization_config(recipe, compute_dtype), device_map={"": device})
+    extra.update(experts_implementation(model_type_of(path)))
     try:
         model = head.auto_class().from_pretrained(
             path,
