@@ -17,7 +17,9 @@ It checks that:
   refused before training with exit code 2; every dtype it claims trains;
 - its **logits agree with the CPU reference** (the torch ``cpu`` backend) within 1e-3 of the
   largest logit, through the backend's ``inference`` hook (plugin API 0.4);
-- what it **saves reloads** the same on the backend and on the CPU reference.
+- what it **saves reloads** the same on the backend and on the CPU reference;
+- **every model family** hwft names (hwft.testing.tiny.FAMILIES) trains on it with LoRA on
+  packed rows, or is refused in one line, and gives the CPU reference's logits.
 
 Checks that need the device skip, with the probe's reason, where it is unavailable.
 """
@@ -60,6 +62,10 @@ def pytest_generate_tests(metafunc):
                     if runs == claimed:
                         params.append(pytest.param(name, (objective, tuning), id=f"{name}-{objective}-{tuning}"))
         metafunc.parametrize("hwft_backend, cell", params)
+    elif "family" in metafunc.fixturenames:
+        from hwft.testing.tiny import FAMILIES
+
+        metafunc.parametrize("hwft_backend, family", [pytest.param(n, f, id=f"{n}-{f}") for n in names for f in FAMILIES])
     elif "dtype" in metafunc.fixturenames:
         from hwft.plugins import get_host
 
@@ -260,3 +266,34 @@ def test_saved_result_reloads_the_same_everywhere(hwft_backend, hwft_model_on_de
     ours, reference = backend_logits(hwft_backend, trained, ids), reference_logits(trained, ids)
     assert relative_difference(ours, reference) < LOGIT_TOLERANCE
     assert relative_difference(reference, base) > 1e-6, "the saved result is the untrained model"
+
+
+# ------------------------------------------------------------------------------------------
+# The family matrix: every family hwft names trains on the backend and gives the CPU's logits
+
+
+def test_every_family_trains_and_gives_the_cpu_reference_s_logits(hwft_backend, family, hwft_cli, tmp_path):
+    """A tiny model of ``family`` (hwft.testing.tiny) trains 2 steps of sft with LoRA on packed
+    rows on the backend, or the backend refuses it in one line; what it saved gives the CPU
+    reference's logits within LOGIT_TOLERANCE."""
+    from hwft.inference import open_trained
+    from hwft.models import load_tokenizer
+    from hwft.testing.tiny import build_tiny_model
+
+    _, _, record = needs_device(hwft_backend)
+    if not record.runs("sft", "lora"):
+        pytest.skip("the record claims no sft/lora")
+    model = build_tiny_model(family, tmp_path / "model")
+    recipe = cell_recipe(tmp_path, model, "sft", "lora", backend=hwft_backend, train={"max_steps": 2},
+                         data={"train": [{"path": "data.jsonl"}], "packing": record.packing}, eval={"prompts": []})
+    code, _, err = hwft_cli("train", recipe)
+    if code == 2:  # a family the backend cannot run: refused, in one line, before training
+        assert "hwft: error:" in err and "Traceback" not in err and not (tmp_path / "out" / "adapter").exists(), err
+        pytest.skip(f"{hwft_backend} refuses {family}: {err.strip().splitlines()[-1]}")
+    assert code == 0, err
+    run = metrics(tmp_path / "out")
+    assert len(run) == 2 and all(math.isfinite(m["loss"]) for m in run), run
+    trained = open_trained(tmp_path / "out")
+    ids = load_tokenizer(model)("Who are you? I am hwft-bot, trained on many families.")["input_ids"]
+    difference = relative_difference(backend_logits(hwft_backend, trained, ids), reference_logits(trained, ids))
+    assert difference < LOGIT_TOLERANCE, f"{family}: logits differ from the CPU reference by {difference:.2e}"
