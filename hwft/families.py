@@ -43,6 +43,16 @@ class GgufLayout:
     metadata: tuple[tuple[str, tuple[str, ...]], ...] = ()
     #: config -> why llama.cpp cannot run this model as the architecture, or None
     check: Callable[[dict], str | None] | None = None
+    #: config -> {GGUF key under ``<arch>.``: value} computed from several config keys (DeepSeek's
+    #: MLA sizes); these win over the keys every architecture writes
+    derived: Callable[[dict], dict] | None = None
+    #: (tensor name, array, config) -> [(name, array), ...]: a tensor llama.cpp stores otherwise
+    #: (DeepSeek's kv_b_proj, split in two); None from it: the tensor as it is
+    split: Callable[[str, Any, dict], list | None] | None = None
+    #: the inverses :mod:`hwft_torch.gguf_readback` uses for a family with ``derived`` or ``split``:
+    #: (metadata under ``<arch>.``) -> config keys, and (parameter name, read, config) -> array or None
+    config_back: Callable[[dict], dict] | None = None
+    tensor_back: Callable[[str, Callable, Any], Any] | None = None
     #: how ``--verify`` reads the file back: "transformers" (its own GGUF loader) or "hwft"
     #: (hwft_torch.gguf_readback, hwft's inverse of its writer, where transformers reads no such file)
     readback: str = "transformers"

@@ -164,27 +164,35 @@ def write_gguf(merged: Path, out_file: Path, gguf_type: str, name: str, layout: 
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     vocab_size = config["vocab_size"]
 
-    writer = gguf.GGUFWriter(str(out_file), gguf.MODEL_ARCH_NAMES[arch])
+    prefix = gguf.MODEL_ARCH_NAMES[arch]
+    derived = layout.derived(config) if layout.derived else {}
+
+    def own(key: str) -> bool:  # a key the family derives itself, written below instead
+        return key in derived
+
+    writer = gguf.GGUFWriter(str(out_file), prefix)
     writer.add_name(name)
     writer.add_context_length(config.get("max_position_embeddings", 2048))
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(layers)
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
+    if not own("attention.head_count_kv"):
+        writer.add_head_count_kv(kv_heads)
     writer.add_rope_freq_base(rope_theta)
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
-    if layout.rope_dimension_count:
+    if layout.rope_dimension_count and not own("rope.dimension_count"):
         writer.add_rope_dimension_count(int(head_dim * float(config.get("partial_rotary_factor") or
                                                              rope.get("partial_rotary_factor") or 1.0)))
-    if config.get("head_dim"):  # a head size other than hidden / heads (Qwen3, Gemma)
+    if config.get("head_dim") and not own("attention.key_length"):  # a head size other than hidden / heads
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    prefix = gguf.MODEL_ARCH_NAMES[arch]
     for key, sources in layout.metadata:
         value = next((config[k] for k in sources if config.get(k) is not None), None)
-        if value is not None:
+        if value is not None and not own(key):
             add_value(writer, f"{prefix}.{key}", value)
+    for key, value in derived.items():
+        add_value(writer, f"{prefix}.{key}", value)
     writer.add_vocab_size(vocab_size)
     qtype = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[gguf_type]
     writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type])
@@ -212,7 +220,12 @@ def write_gguf(merged: Path, out_file: Path, gguf_type: str, name: str, layout: 
 
     names = gguf.get_tensor_name_map(arch, layers)
     tied = config.get("tie_word_embeddings", False)
-    for key, array in merged_tensors(merged, tied):
+    def stored(pairs):
+        for key, array in pairs:
+            parts = layout.split(key, array, config) if layout.split else None
+            yield from parts if parts is not None else [(key, array)]
+
+    for key, array in stored(merged_tensors(merged, tied)):
         stem, _, suffix = key.rpartition(".")
         mapped = names.get_name(stem)
         if mapped is None:

@@ -51,6 +51,72 @@ def smollm3_pattern(config: dict) -> str | None:
     return None
 
 
+def deepseek2_metadata(config: dict) -> dict:
+    """DeepSeek-V3's GGUF keys as llama.cpp's deepseek2 reads them: MLA written as MQA with one
+    key/value head of the latent's width (kv_lora_rank + the rotary part), decompressed to the
+    heads' own sizes (the ``_mla`` lengths); the routed and shared experts, sigmoid gating."""
+    rope, latent = config["qk_rope_head_dim"], config["kv_lora_rank"]
+    out = {
+        "attention.head_count_kv": 1, "attention.kv_lora_rank": latent,
+        "attention.key_length": latent + rope, "attention.value_length": latent,
+        "attention.key_length_mla": config["qk_nope_head_dim"] + rope, "attention.value_length_mla": config["v_head_dim"],
+        "rope.dimension_count": rope, "leading_dense_block_count": int(config.get("first_k_dense_replace") or 0),
+        "expert_feed_forward_length": config["moe_intermediate_size"], "expert_count": config["n_routed_experts"],
+        "expert_shared_count": int(config.get("n_shared_experts") or 0),
+        "expert_used_count": config["num_experts_per_tok"], "expert_gating_func": 2,  # gguf.ExpertGatingFuncType.SIGMOID
+        "expert_weights_scale": float(config.get("routed_scaling_factor", 1.0)),
+        "expert_group_count": int(config.get("n_group") or 1), "expert_group_used_count": int(config.get("topk_group") or 1),
+    }
+    if config.get("q_lora_rank"):
+        out["attention.q_lora_rank"] = config["q_lora_rank"]
+    if config.get("norm_topk_prob"):
+        out["expert_weights_norm"] = True
+    return out
+
+
+def deepseek2_split(key: str, array, config: dict):
+    """llama.cpp's MLA split: kv_b_proj (heads * (nope + v), latent) becomes k_b (heads, latent,
+    nope) and v_b (heads, v, latent); the router's correction bias is ``exp_probs_b.bias``."""
+    if key.endswith("self_attn.kv_b_proj.weight"):
+        heads, nope, v = config["num_key_value_heads"], config["qk_nope_head_dim"], config["v_head_dim"]
+        kv_b = array.reshape(heads, nope + v, array.shape[-1])
+        return [(key.replace("kv_b_proj", "k_b_proj"), kv_b[:, :nope].transpose(0, 2, 1).copy()),
+                (key.replace("kv_b_proj", "v_b_proj"), kv_b[:, nope:].copy())]
+    if key.endswith("mlp.gate.e_score_correction_bias"):
+        return [(key.replace("e_score_correction_bias", "e_score_correction.bias"), array)]
+    return None
+
+
+def deepseek2_config_back(meta: dict) -> dict:
+    """:func:`deepseek2_metadata` read back as DeepseekV3Config keys."""
+    rope = int(meta["rope.dimension_count"])
+    return {
+        "num_key_value_heads": None,  # MQA in the file: the model's own heads (set from the head count)
+        "kv_lora_rank": meta["attention.kv_lora_rank"], "q_lora_rank": meta.get("attention.q_lora_rank"),
+        "qk_rope_head_dim": rope, "qk_nope_head_dim": int(meta["attention.key_length_mla"]) - rope,
+        "v_head_dim": meta["attention.value_length_mla"], "head_dim": rope,
+        "first_k_dense_replace": meta["leading_dense_block_count"], "moe_intermediate_size": meta["expert_feed_forward_length"],
+        "n_routed_experts": meta["expert_count"], "n_shared_experts": meta["expert_shared_count"],
+        "num_experts_per_tok": meta["expert_used_count"], "routed_scaling_factor": meta["expert_weights_scale"],
+        "norm_topk_prob": bool(meta.get("expert_weights_norm", False)),
+        "n_group": meta["expert_group_count"], "topk_group": meta["expert_group_used_count"],
+    }
+
+
+def deepseek2_tensor_back(key: str, read, config):
+    """:func:`deepseek2_split` undone for one parameter, or None."""
+    import numpy as np
+
+    if key.endswith("self_attn.kv_b_proj.weight"):
+        k_b = read(key.replace("kv_b_proj", "k_b_proj")).transpose(0, 2, 1)
+        v_b = read(key.replace("kv_b_proj", "v_b_proj"))
+        joined = np.concatenate([k_b, v_b], axis=1)
+        return joined.reshape(-1, joined.shape[-1])
+    if key.endswith("mlp.gate.e_score_correction_bias"):
+        return read(key.replace("e_score_correction_bias", "e_score_correction.bias"))
+    return None
+
+
 def gemma3_pattern(config: dict) -> str | None:
     """llama.cpp's gemma3 makes every 6th layer a full-attention one (the rest slide); a
     Gemma 3 whose layer_types differ would attend otherwise there."""
@@ -89,6 +155,8 @@ FAMILIES = (
            gguf=GgufLayout("SMOLLM3", permute_qk=True, rope_dimension_count=True, check=smollm3_pattern,
                            readback="hwft")),
     Family("deepseek_v3", ENGINE, "DeepSeek-V3 (MLA attention: no q/k/v siblings to fuse)",
-           frozenset({"packed_attention"}), options={"experts": GROUPED}),
+           frozenset({"packed_attention"}), options={"experts": GROUPED},
+           gguf=GgufLayout("DEEPSEEK2", rope_dimension_count=True, derived=deepseek2_metadata, split=deepseek2_split,
+                           config_back=deepseek2_config_back, tensor_back=deepseek2_tensor_back, readback="hwft")),
     Family(GENERIC, ENGINE, "any other family transformers loads", frozenset({"fused_projections", "packed_attention"})),
 )

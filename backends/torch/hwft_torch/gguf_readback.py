@@ -67,6 +67,9 @@ def read_config(reader, model_type: str, layout: GgufLayout) -> dict:
     if rotary and rotary != head_dim:
         rope["partial_rotary_factor"] = rotary / head_dim
     config["rope_parameters"] = rope
+    if layout.config_back is not None:
+        config.update(layout.config_back({k.removeprefix(prefix + "."): v for k, v in meta.items()
+                                          if k.startswith(prefix + ".")}))
     names = {t.name for t in reader.tensors}
     config["tie_word_embeddings"] = "output.weight" not in names
     config["attention_bias"] = "blk.0.attn_q.bias" in names  # llama.cpp reads it off the tensors too
@@ -103,12 +106,24 @@ def load(path: Path, model_type: str, layout: GgufLayout, extra_config: dict | N
         model = AutoModelForCausalLM.from_config(config)
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, layout.arch), config.num_hidden_layers)
     heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
+
+    def read_hf(name: str) -> np.ndarray:
+        """The GGUF tensor a Hugging Face-style name maps to (``...k_b_proj.weight``)."""
+        stem, _, suffix = name.rpartition(".")
+        mapped = names.get_name(stem)
+        if mapped is None:
+            raise UserError(f"--verify: no GGUF name for {name}")
+        return read(f"{mapped}.{suffix}")
+
     state = {}
     for key, parameter in model.state_dict().items():
         if key == "lm_head.weight" and config.tie_word_embeddings:
             continue
         stem, _, suffix = key.rpartition(".")
-        if stem.endswith(".experts") and suffix in ("gate_up_proj", "down_proj"):  # transformers 5's fused experts
+        special = layout.tensor_back(key, read_hf, config) if layout.tensor_back is not None else None
+        if special is not None:
+            array = special
+        elif stem.endswith(".experts") and suffix in ("gate_up_proj", "down_proj"):  # transformers 5's fused experts
             block = names.get_name(f"{stem}.{'gate_proj' if suffix == 'gate_up_proj' else 'down_proj'}")
             if block is None:
                 raise UserError(f"--verify: no GGUF name for the experts of {stem}")
