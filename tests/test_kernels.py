@@ -99,7 +99,7 @@ def test_an_unknown_family_is_refused_in_one_line_by_the_gguf_export():
     from hwft.use.gguf_writer import layout_for
 
     layouts = {f.model_type: f.gguf for f in get_host().families().of("torch") if f.gguf}
-    with pytest.raises(UserError, match=r"model_type 'starcoder2' is not one hwft writes as GGUF \(gemma2, gemma3_text, "
+    with pytest.raises(UserError, match=r"model_type 'starcoder2' is not one hwft writes as GGUF \(deepseek_v3, gemma2, gemma3_text, "
                                          r"glm4, granite, llama, mistral, mixtral, olmo2, phi3, qwen2, qwen3, qwen3_moe, "
                                          r"smollm3\); export --to hf and convert with llama.cpp's convert_hf_to_gguf.py"):
         layout_for({"model_type": "starcoder2"}, layouts)
