@@ -275,10 +275,9 @@ def cell_token_ids(folder: Path) -> list[int]:
     return [t for text in texts for t in tokenizer(text)["input_ids"]][:2048]
 
 
-#: LoRA targets where all-linear differs between the engines: mlx-lm splits DeepSeek-V3's
-#: kv_b_proj into two per-head layers, so PEFT's LoRA on it has no MLX counterpart. Everywhere
-#: else all-linear, MoE experts and routers included (hwft_mlx.moe_lora), is the same on both.
-LORA_TARGETS = {"deepseek_v3": ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "o_proj"]}
+#: LoRA targets: all-linear, as PEFT reads it, in every family: MoE experts and routers
+#: (hwft_mlx.moe_lora) and DeepSeek's kv_b_proj, which mlx-lm holds as two per-head layers.
+LORA_TARGETS: dict[str, list[str]] = {}
 CELLS = (("sft", "lora"), ("dpo", "lora"), ("sft", "full"))
 
 
@@ -289,7 +288,7 @@ def test_both_engines_train_the_family_alike(family, models, tmp_path, cli):
         margin = router_margins(folder, cell_token_ids(folder))
         assert margin > ROUTER_MARGIN, f"routing near a tie ({margin:.1e}): pick another seed"
     start = fresh_adapter(folder, tmp_path / "start", target_modules=LORA_TARGETS.get(family, "all-linear"))
-    if family in ("qwen3_moe", "mixtral"):  # PEFT's all-linear: the experts and routers too
+    if family in MOE_FAMILIES:  # PEFT's all-linear: the experts and routers too
         assert json.loads((start / "adapter_config.json").read_text())["target_parameters"]
     for objective, tuning in CELLS:
         runs = {}

@@ -254,9 +254,12 @@ def linear_layers(model: nn.Module, targets: str | list[str]) -> list[tuple[str,
     """(path, module) of the linear layers LoRA adapts, as :mod:`hwft.lora_targets` reads
     ``targets`` (every Linear but the output layer for all-linear, as PEFT's); an entry that
     names none is refused, naming the model's linear modules."""
+    from hwft_mlx.moe_lora import mla_attentions
+
     linear = [(path, module) for path, module in model.named_modules()
               if isinstance(module, nn.Linear | nn.QuantizedLinear) and path != "lm_head"]
-    lora_targets.check(targets, [path for path, _ in linear])
+    mla = [f"{path}.kv_b_proj" for path, _ in mla_attentions(model)]  # PEFT's name for DeepSeek's two halves
+    lora_targets.check(targets, [path for path, _ in linear] + mla)
     return [(path, module) for path, module in linear if lora_targets.matches(targets, path)]
 
 
@@ -284,6 +287,10 @@ def add_lora(model: nn.Module, spec: LoraSpec, seed: int) -> list[str]:
         experts = wrap_experts(model, spec.r, scale, spec.dropout)
         router = family(model).options.get("router")
         experts += wrap_routers(model, router, spec.r, scale) if router else []
+    if spec.target_modules == "all-linear" or "kv_b_proj" in spec.target_modules:  # DeepSeek's MLA, as PEFT's
+        from hwft_mlx.moe_lora import wrap_mla
+
+        experts += wrap_mla(model, spec.r, scale)
     refresh_router(model)
     return [path for path, _ in layers] + experts
 
@@ -316,9 +323,10 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 @contextmanager
 def adapters_disabled(model: nn.Module):
     """The base model: every LoRA update scaled by 0 for the duration (the reference policy)."""
-    from hwft_mlx.moe_lora import expert_modules
+    from hwft_mlx.moe_lora import LoRAEmbedQ, LoRAUnembedOut, expert_modules
 
-    saved = [(m, m.scale) for _, m in [*lora_modules(model), *expert_modules(model)]]
+    mla = [m for _, m in model.named_modules() if isinstance(m, LoRAEmbedQ | LoRAUnembedOut)]
+    saved = [(m, m.scale) for m in [*(m for _, m in lora_modules(model)), *(m for _, m in expert_modules(model)), *mla]]
     for m, _ in saved:
         m.scale = 0.0
     try:
@@ -383,9 +391,9 @@ def save_peft_adapter(model: nn.Module, out: Path, spec: LoraSpec, base: str) ->
     saved beside them as PEFT's SEQ_CLS task saves it (``base_model.model.score.weight``). MoE
     routers and experts go in as PEFT 0.21 writes them (``target_parameters``;
     :mod:`hwft_mlx.moe_lora`)."""
-    from hwft_mlx.moe_lora import expert_modules, to_peft
+    from hwft_mlx.moe_lora import LoRAEmbedQ, expert_modules, mla_attentions, mla_to_peft, to_peft
 
-    weights, names, parameters = {}, set(), []
+    weights, names, parameters, ranks = {}, set(), [], []
     scored = "score" in model
     if scored:
         weights[f"{PEFT_PREFIX}score.weight"] = model.score.weight.astype(mx.float32)
@@ -398,13 +406,20 @@ def save_peft_adapter(model: nn.Module, out: Path, spec: LoraSpec, base: str) ->
             parameters = ["gate.weight"]  # the router's weight: a parameter to PEFT, not a Linear
         else:
             names.add(path.rsplit(".", 1)[-1])
+    for path, attention in mla_attentions(model):
+        if isinstance(attention.embed_q, LoRAEmbedQ):
+            a, b = mla_to_peft(attention)
+            weights[f"{PEFT_PREFIX}{path}.kv_b_proj.lora_A.weight"] = a
+            weights[f"{PEFT_PREFIX}{path}.kv_b_proj.lora_B.weight"] = b
+            names.add("kv_b_proj")
+            ranks.append(a.shape[0])
     experts = list(expert_modules(model))
     for path, m in experts:
         key = f"{PEFT_PREFIX}{peft_path(path)}"
         for inner, (a, b) in ((".base_layer", to_peft(m.gate_up_a, m.gate_up_b)), ("", to_peft(m.down_a, m.down_b))):
             weights[f"{key}{inner}.lora_A.weight"] = mx.array(a)
             weights[f"{key}{inner}.lora_B.weight"] = mx.array(b)
-    ranks = [m.lora_a.shape[1] for _, m in lora_modules(model)] + [m.down_a.shape[1] for _, m in experts]
+    ranks += [m.lora_a.shape[1] for _, m in lora_modules(model)] + [m.down_a.shape[1] for _, m in experts]
     r = int(ranks[0])
     config = {
         "peft_type": "LORA", "task_type": "SEQ_CLS" if scored else "CAUSAL_LM", "base_model_name_or_path": base,
@@ -456,18 +471,24 @@ def load_peft_adapter(model: nn.Module, folder: Path, dropout: float | None = No
     """Freeze the model and put a PEFT adapter's LoRA on it, trainable."""
     from mlx_lm.tuner.lora import LoRALinear
 
-    from hwft_mlx.moe_lora import LoRAGate, LoRASwitchGLU, from_peft, is_router_gate, is_switch_glu
+    from hwft_mlx.moe_lora import (
+        LoRAGate, LoRASwitchGLU, from_peft, is_router_gate, is_switch_glu, mla_attentions, mla_from_peft,
+    )
 
     spec, weights = read_peft_adapter(folder)
     modules = dict(model.named_modules())
     dropout = spec.dropout if dropout is None else dropout
     scale = lora_scale(spec.alpha, spec.r, spec.rslora)
-    linear, experts = [], {}
+    linear, experts, kv_b = [], {}, []
+    mla = dict(mla_attentions(model))
     for path, (a, b) in weights.items():
         # PEFT nests the fused gate/up update (experts.base_layer) inside the down one (experts)
         block = path.removesuffix(".base_layer") if path.endswith(".experts.base_layer") \
             else path if path.endswith(".experts") else None
         where = mlx_path(block or path, modules)
+        if where is None and path.endswith(".kv_b_proj") and path.rpartition(".")[0] in mla:
+            kv_b.append((path.rpartition(".")[0], a, b))  # DeepSeek's MLA: mlx-lm's two halves
+            continue
         if where is None:
             raise ModelError(f"model.adapter: {folder} adapts {path}, which this model does not have")
         if block is not None:
@@ -497,6 +518,8 @@ def load_peft_adapter(model: nn.Module, folder: Path, dropout: float | None = No
         lora.down_a, lora.down_b = from_peft(np.array(d_a.astype(mx.float32)), np.array(d_b.astype(mx.float32)), count)
         wrapped.append((where, lora))
     model.update_modules(tree_unflatten(wrapped))
+    for where, a, b in kv_b:
+        mla_from_peft(mla[where], a, b, scale)
     refresh_router(model)
     return spec
 

@@ -149,3 +149,76 @@ def from_peft(a: np.ndarray, b: np.ndarray, experts: int) -> tuple[mx.array, mx.
     r = a.shape[0] // experts
     return (mx.array(a.reshape(experts, r, a.shape[1])),
             mx.array(b.reshape(b.shape[0], r, experts).transpose(2, 0, 1)))
+
+
+# DeepSeek's MLA: PEFT's LoRA on kv_b_proj, which mlx-lm keeps as two per-head layers.
+
+class LoRAEmbedQ(nn.Module):
+    """LoRA on the key half of DeepSeek's ``kv_b_proj``, which mlx-lm's deepseek_v3 holds as
+    ``embed_q`` (H, latent, nope): W_k,h + s B_k,h A per head, with A (r, latent) shared with
+    the value half (:class:`LoRAUnembedOut` reads it from here, so it is one parameter)."""
+
+    def __init__(self, base: nn.Module, r: int, scale: float):
+        super().__init__()
+        self.base = base
+        heads, latent, nope = base.weight.shape
+        self.scale = scale
+        bound = 1 / math.sqrt(latent)
+        self.lora_a = mx.random.uniform(-bound, bound, (r, latent))
+        self.lora_b = mx.zeros((heads, nope, r))
+
+    def __call__(self, x: mx.array, transpose: bool = True) -> mx.array:
+        y = self.base(x, transpose=transpose)
+        if transpose:  # a query's nope part into the latent space: q @ (W_k + s B_k A)
+            return y + self.scale * ((x @ self.lora_b) @ self.lora_a)
+        return y + self.scale * ((x @ self.lora_a.T) @ self.lora_b.swapaxes(-1, -2))  # keys from the latent
+
+
+class LoRAUnembedOut(nn.Module):
+    """LoRA on the value half of ``kv_b_proj`` (mlx-lm's ``unembed_out``, (H, v, latent)), with
+    the A of the key half's :class:`LoRAEmbedQ`."""
+
+    def __init__(self, base: nn.Module, keys: LoRAEmbedQ, r: int, scale: float):
+        super().__init__()
+        self.base = base
+        heads, values, _ = base.weight.shape
+        self.scale = scale
+        self.lora_b = mx.zeros((heads, values, r))
+        object.__setattr__(self, "_keys", keys)  # not a child: its A is a parameter once, there
+
+    def __call__(self, x: mx.array, transpose: bool = True) -> mx.array:
+        return self.base(x, transpose=transpose) + self.scale * ((x @ self._keys.lora_a.T) @ self.lora_b.swapaxes(-1, -2))
+
+
+def mla_attentions(model: nn.Module):
+    """(path, module) of every attention that holds DeepSeek's kv_b_proj as mlx-lm's two
+    per-head layers (``embed_q``, ``unembed_out``)."""
+    return [(p, m) for p, m in model.named_modules() if "embed_q" in m and "unembed_out" in m]
+
+
+def wrap_mla(model: nn.Module, r: int, scale: float) -> list[str]:
+    """LoRA on every MLA attention's kv_b_proj (its two halves); returns the kv_b_proj paths."""
+    done = []
+    for path, attention in mla_attentions(model):
+        keys = LoRAEmbedQ(attention.embed_q, r, scale)
+        attention.embed_q = keys
+        attention.unembed_out = LoRAUnembedOut(attention.unembed_out, keys, r, scale)
+        done.append(f"{path}.kv_b_proj")
+    return done
+
+
+def mla_to_peft(attention: nn.Module) -> tuple[mx.array, mx.array]:
+    """PEFT's kv_b_proj lora_A (r, latent) and lora_B (H * (nope + v), r)."""
+    keys, values = attention.embed_q, attention.unembed_out
+    b = mx.concatenate([keys.lora_b, values.lora_b], axis=1)
+    return keys.lora_a.astype(mx.float32), b.reshape(-1, b.shape[-1]).astype(mx.float32)
+
+
+def mla_from_peft(attention: nn.Module, a: mx.array, b: mx.array, scale: float) -> None:
+    """Put a PEFT kv_b_proj adapter on an MLA attention's two halves."""
+    heads, _, nope = attention.embed_q.weight.shape
+    keys = LoRAEmbedQ(attention.embed_q, a.shape[0], scale)
+    values = LoRAUnembedOut(attention.unembed_out, keys, a.shape[0], scale)
+    per_head = b.astype(mx.float32).reshape(heads, -1, a.shape[0])
+    keys.lora_a, keys.lora_b, values.lora_b = a.astype(mx.float32), per_head[:, :nope], per_head[:, nope:]
+    attention.embed_q, attention.unembed_out = keys, values
