@@ -79,6 +79,7 @@ class Objective:
         the normaliser over the whole step (label tokens, pairs) that makes the shares add up."""
         micro, mine = self.draw_step(accumulation)
         total = count(micro)
+        self.step_micro_batches = len(micro)  # every rank's: a per-micro-batch term (the router's) is their mean
         return [(batch, total) for batch in mine]
 
     def epoch(self) -> float:

@@ -9,9 +9,10 @@ Qwen3-MoE train with) pushes back. Over the N real tokens of a micro-batch and a
     P_e = (1/N) * sum over (token, layer) of softmax(router logits)_e
     L_aux = E * sum_e f_e * P_e
 
-It is k when routing is uniform and grows as it concentrates. The step's loss is the language
-model's plus ``router_aux_loss_coef * L_aux``, averaged over the step's micro-batches, and
-``aux_loss`` (L_aux) is logged. Padding is left out of N.
+It is k when routing is uniform and grows as it concentrates. The step's loss is the method's
+(sft, cpt, dpo, orpo, simpo; of the policy's forward) plus ``router_aux_loss_coef * L_aux``,
+averaged over the step's micro-batches, and ``aux_loss`` (L_aux) is logged. Padding is left out
+of N. kto, rm, grpo and ppo do not add it yet.
 
 A model balances this way where its config sets ``router_aux_loss_coef`` above 0. DeepSeek-V3
 balances with a per-expert bias in its routing instead and has no such loss. The torch engine

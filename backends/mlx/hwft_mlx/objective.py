@@ -115,29 +115,40 @@ class LanguageModelling(MlxObjective):
                  collective: Collective = ALONE):
         super().__init__(batches, collective)
         self.accumulation, self.pad_id, self.fused = accumulation, pad_id, fused
-        self.step_micro_batches = accumulation
 
     def step(self, model, step: int) -> list[tuple[list[Row], int]]:
-        micro, mine = self.draw_step(self.accumulation)
-        self.step_micro_batches = len(micro)  # every rank's: the router loss is their mean
-        total = step_label_count(micro)
-        return [(batch, total) for batch in mine]
+        return self.step_shares(self.accumulation, step_label_count)
 
     def loss(self, model, micro: tuple[list[Row], int]):
         rows, num_items = micro
-        balance = router_balance_of(model)
-        if balance is None:
-            return summed_cross_entropy(model, rows, self.pad_id, self.fused) / num_items, {}
-        with recorded_gates() as gates:  # hwft.router_balance: L + coefficient * L_aux, L_aux logged
+        with recorded_gates() as gates:  # an MoE model's router logits (hwft_mlx.router); else none
             value = summed_cross_entropy(model, rows, self.pad_id, self.fused) / num_items
-        real = mx.array(pad(rows, self.pad_id)["attention_mask"])
-        aux = load_balancing_loss(gates, balance.experts, balance.top_k, real)
-        return value + balance.coefficient * aux / self.step_micro_batches, {"aux_loss": aux}
+        term = router_term(self, model, gates, mx.array(pad(rows, self.pad_id)["attention_mask"]))
+        return (value, {}) if term is None else (value + term[0], {"aux_loss": term[1]})
 
     def counts(self, micro: tuple[list[Row], int]) -> Loss:
         rows, _ = micro
         return Loss(None, sum(len(r.input_ids) for r in rows), sum(r.num_labels for r in rows),
                     sequence_pairs(rows), tuple(i for r in rows for i in r.ids))
+
+
+def log_router(setup) -> None:
+    """Say so where the objective adds an MoE router's load-balancing term (hwft.router_balance)."""
+    balance = router_balance_of(setup.model)
+    if balance is not None:
+        setup.job.log(f"moe: router load-balancing loss in the {setup.job.recipe.method.objective} loss, coefficient "
+                      f"{balance.coefficient:g} ({balance.experts} experts, top {balance.top_k}; from the gates' "
+                      "logits); logged as aux_loss")
+
+
+def router_term(objective, model, gates: list[mx.array], mask: mx.array) -> tuple[mx.array, mx.array] | None:
+    """(coefficient * L_aux / the step's micro-batches, L_aux) of an MoE model that balances its
+    router (hwft.router_balance), from the gate logits its policy forward recorded; else None."""
+    balance = router_balance_of(model)
+    if balance is None or not gates:
+        return None
+    aux = load_balancing_loss(gates, balance.experts, balance.top_k, mask)
+    return balance.coefficient * aux / objective.step_micro_batches, aux
 
 
 def held_out_loss(model: nn.Module, rows: list[Row], pad_id: int, batch_size: int = 4) -> float:
@@ -174,9 +185,6 @@ def build(setup) -> LanguageModelling:
     label positions only where the cross_entropy kernel applied."""
     recipe = setup.job.recipe
     fused = setup.kernels is not None and setup.kernels.get("cross_entropy") is not None
-    balance = router_balance_of(setup.model)
-    if balance is not None:
-        setup.job.log(f"moe: router load-balancing loss in the training loss, coefficient {balance.coefficient:g} "
-                      f"({balance.experts} experts, top {balance.top_k}; from the gates' logits); logged as aux_loss")
+    log_router(setup)
     return LanguageModelling(setup.batches, recipe.train.gradient_accumulation_steps, setup.tokenizer.pad_token_id,
                              fused, setup.collective)

@@ -18,7 +18,8 @@ from hwft.distributed import ALONE, Collective
 from hwft.objective import Loss, PairSteps, pair_counts, precompute_reference
 from hwft.methods.dpo import DpoSpec
 from hwft_mlx.losses import dpo_loss, target_logps
-from hwft_mlx.objective import MlxObjective, position_logits, scored_positions
+from hwft_mlx.objective import MlxObjective, log_router, position_logits, router_term, scored_positions
+from hwft_mlx.router import recorded_gates
 
 
 def sequence_logps(model, ids: mx.array, where: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
@@ -33,6 +34,19 @@ def pair_arrays(pairs: list[PreferencePair], pad_id: int) -> tuple[mx.array, tup
     rows = [Row(t.input_ids, t.labels, [len(t.input_ids)]) for t in seqs]
     ids = pad(rows, pad_id)["input_ids"]
     return mx.array(ids), scored_positions([t.labels for t in seqs], len(ids[0]))
+
+
+def real_tokens(pairs: list[PreferencePair], width: int) -> mx.array:
+    """(2 * pairs, width): 1 on the real tokens of the ``[chosen..., rejected...]`` rows."""
+    lengths = mx.array([len(t.input_ids) for t in [p.chosen for p in pairs] + [p.rejected for p in pairs]])
+    return (mx.arange(width)[None] < lengths[:, None]).astype(mx.float32)
+
+
+def with_router_term(objective, model, gates, pairs, value, stats):
+    """The loss and statistics with an MoE policy's router term added (hwft_mlx.objective.router_term)."""
+    width = max(max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in pairs)
+    term = router_term(objective, model, gates, real_tokens(pairs, width))
+    return (value, stats) if term is None else (value + term[0], {**stats, "aux_loss": term[1]})
 
 
 class Preference(PairSteps, MlxObjective):
@@ -52,7 +66,8 @@ class Preference(PairSteps, MlxObjective):
     def loss(self, model, micro: tuple[list[PreferencePair], int]):
         pairs, step_pairs = micro
         ids, scored = pair_arrays(pairs, self.pad_id)
-        chosen, rejected = mx.split(sequence_logps(model, ids, *scored), 2)
+        with recorded_gates() as gates:  # an MoE policy's router logits (hwft.router_balance)
+            chosen, rejected = mx.split(sequence_logps(model, ids, *scored), 2)
         ref = mx.array([p.reference_logps for p in pairs])
         chosen_tokens, rejected_tokens = mx.split(scored[2].sum(-1), 2)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
@@ -62,7 +77,7 @@ class Preference(PairSteps, MlxObjective):
         margins = chosen_rewards - rejected_rewards
         stats = {"rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
                  "rewards/margins": margins, "rewards/accuracy": (margins > 0).astype(mx.float32)}
-        return losses.sum() / step_pairs, stats
+        return with_router_term(self, model, gates, pairs, losses.sum() / step_pairs, stats)
 
     def counts(self, micro: tuple[list[PreferencePair], int]) -> Loss:
         return pair_counts(micro)
@@ -75,5 +90,6 @@ def build(setup) -> Preference:
     objective = Preference(setup.batches, recipe.method.dpo, recipe.train.gradient_accumulation_steps,
                            setup.tokenizer.pad_token_id, setup.collective)
     objective.precompute(setup.model, recipe.train.micro_batch_size)
+    log_router(setup)
     job.log(f"dpo: reference log-probabilities of {len(setup.batches.rows)} pairs precomputed from the starting model")
     return objective

@@ -12,8 +12,9 @@ from hwft.data.chat import PreferencePair
 from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
 from hwft.objective import Loss, PairSteps, pair_counts
-from hwft_mlx.objective import MlxObjective
-from hwft_mlx.preference import pair_arrays, sequence_logps
+from hwft_mlx.objective import MlxObjective, log_router
+from hwft_mlx.preference import pair_arrays, sequence_logps, with_router_term
+from hwft_mlx.router import recorded_gates
 
 
 class ReferenceFree(PairSteps, MlxObjective):
@@ -30,14 +31,15 @@ class ReferenceFree(PairSteps, MlxObjective):
     def loss(self, model, micro: tuple[list[PreferencePair], int]):
         pairs, step_pairs = micro
         ids, scored = pair_arrays(pairs, self.pad_id)
-        chosen, rejected = mx.split(sequence_logps(model, ids, *scored), 2)
+        with recorded_gates() as gates:  # an MoE policy's router logits (hwft.router_balance)
+            chosen, rejected = mx.split(sequence_logps(model, ids, *scored), 2)
         chosen_tokens, rejected_tokens = mx.split(scored[2].sum(-1), 2)
         out = self.pair_loss(chosen / mx.maximum(chosen_tokens, 1), rejected / mx.maximum(rejected_tokens, 1))
         margins = out["chosen_rewards"] - out["rejected_rewards"]
         stats = {"rewards/chosen": out["chosen_rewards"], "rewards/rejected": out["rejected_rewards"],
                  "rewards/margins": margins, "rewards/accuracy": (margins > 0).astype(mx.float32),
                  **{k: out[k] for k in self.extra}}
-        return out["losses"].sum() / step_pairs, stats
+        return with_router_term(self, model, gates, pairs, out["losses"].sum() / step_pairs, stats)
 
     def counts(self, micro: tuple[list[PreferencePair], int]) -> Loss:
         return pair_counts(micro)
@@ -49,6 +51,7 @@ def build_with(objective: type[ReferenceFree], section: str):
 
     def build(setup) -> ReferenceFree:
         recipe = setup.job.recipe
+        log_router(setup)
         return objective(setup.batches, getattr(recipe.method, section), recipe.train.gradient_accumulation_steps,
                          setup.tokenizer.pad_token_id, setup.collective)
 

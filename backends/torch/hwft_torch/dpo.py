@@ -19,6 +19,7 @@ from hwft.methods.dpo import DpoSpec
 from hwft.objective import Loss, Objective, PairSteps, precompute_reference
 from hwft_torch.losses import dpo_loss, token_logps
 from hwft_torch.modeling import Reference, with_reference
+from hwft_torch.objective import RouterBalanced, balance_router
 
 
 def pair_tensors(pairs: list[PreferencePair], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -29,13 +30,17 @@ def pair_tensors(pairs: list[PreferencePair], pad_id: int, device: torch.device)
     return {k: torch.tensor(batch[k], device=device) for k in ("input_ids", "attention_mask", "labels")}
 
 
-def answer_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probabilities of each row's label tokens, split into (chosen, rejected)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return token_logps(logits, batch["labels"]).sum(-1).chunk(2)
+def answer_logps(model, batch: dict[str, torch.Tensor], router: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probabilities of each row's label tokens, split into (chosen, rejected);
+    with ``router`` a list, the forward's router logits are appended to it (an MoE policy)."""
+    routed = {"output_router_logits": True} if router is not None else {}
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **routed)
+    if router is not None:
+        router.append(out.router_logits)
+    return token_logps(out.logits, batch["labels"]).sum(-1).chunk(2)
 
 
-class Preference(PairSteps, Objective):
+class Preference(PairSteps, RouterBalanced, Objective):
     def __init__(self, batches: Batches, spec: DpoSpec, accumulation: int, pad_id: int,
                  device: torch.device, reference: Reference | None, collective: Collective = ALONE):
         super().__init__(batches, collective)
@@ -54,7 +59,8 @@ class Preference(PairSteps, Objective):
     def loss(self, model, micro: tuple[list[PreferencePair], int]) -> Loss:
         pairs, step_pairs = micro
         batch = pair_tensors(pairs, self.pad_id, self.device)
-        chosen, rejected = answer_logps(model, batch)
+        router = [] if self.balance is not None else None
+        chosen, rejected = answer_logps(model, batch, router)
         if self.reference is None:
             ref = torch.tensor([p.reference_logps for p in pairs], device=self.device)
             ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
@@ -70,8 +76,10 @@ class Preference(PairSteps, Objective):
         for c, r, m in zip(chosen_rewards.tolist(), rejected_rewards.tolist(), margins.tolist(), strict=True):
             self.note(**{"rewards/chosen": c, "rewards/rejected": r, "rewards/margins": m,
                          "rewards/accuracy": float(m > 0)})
-        return Loss(losses.sum() / step_pairs, int(batch["attention_mask"].sum()),
-                    int(sum(counts).sum()))
+        value = losses.sum() / step_pairs
+        if router:  # hwft.router_balance, of the policy's forward
+            value = value + self.router_term(router[0], batch["attention_mask"])
+        return Loss(value, int(batch["attention_mask"].sum()), int(sum(counts).sum()))
 
 
 def build(setup) -> Preference:
@@ -79,8 +87,10 @@ def build(setup) -> Preference:
     is its own reference: the starting policy, precomputed."""
     recipe = setup.job.recipe
     spec = recipe.method.dpo
-    return with_reference(
+    objective = with_reference(
         setup, spec,
         lambda reference: Preference(setup.batches, spec, recipe.train.gradient_accumulation_steps,
                                      setup.tokenizer.pad_token_id, setup.device, reference, setup.collective),
         f"dpo: reference log-probabilities of {len(setup.batches.rows)} pairs")
+    balance_router(objective, setup.model, setup.job)
+    return objective

@@ -70,7 +70,23 @@ def output_head(model) -> tuple[torch.nn.Module, torch.Tensor] | str:
     return decoder, head.weight
 
 
-class LanguageModelling(Objective):
+class RouterBalanced:
+    """The router load-balancing term (hwft.router_balance) of an objective whose model is an MoE
+    one that balances so: ``balance`` is set by :func:`balance_router`, and the objective asks
+    its policy forward for ``output_router_logits``."""
+
+    balance = None  #: hwft.router_balance.RouterBalance, or None: no term
+    balance_loss = None  #: transformers' load_balancing_loss_func of the model's family
+
+    def router_term(self, router_logits, mask) -> torch.Tensor:
+        """coefficient * L_aux / the step's micro-batches (so the step adds the mean); L_aux logged."""
+        b = self.balance
+        aux = self.balance_loss(router_logits, b.experts, b.top_k, mask)
+        self.note(aux_loss=float(aux.detach()))
+        return b.coefficient * aux / self.step_micro_batches
+
+
+class LanguageModelling(RouterBalanced, Objective):
     """sft and cpt: next-token cross-entropy on the label tokens of (packed) rows, normalised by
     the step's label tokens.
 
@@ -86,17 +102,13 @@ class LanguageModelling(Objective):
         super().__init__(batches, collective)
         self.accumulation, self.pad_id, self.attention, self.device = accumulation, pad_id, attention, device
         self.fused = fused
-        self.balance, self.balance_loss = None, None  #: hwft.router_balance, set by build for MoE models
         self.step_micro_batches = accumulation
         #: (hidden, weight, targets, num_items, dtype) -> loss: hwft's chunked kernel, or the
         #: applied cross_entropy kernel's (Liger's on CUDA and ROCm)
         self.cross_entropy = cross_entropy
 
     def step(self, model, step: int) -> list[tuple[list[Row], int]]:
-        micro, mine = self.draw_step(self.accumulation)
-        self.step_micro_batches = len(micro)  # every rank's: the router loss is their mean
-        total = step_label_count(micro)
-        return [(batch, total) for batch in mine]
+        return self.step_shares(self.accumulation, step_label_count)
 
     def loss(self, model, micro: tuple[list[Row], int]) -> Loss:
         rows, num_items = micro
@@ -115,12 +127,9 @@ class LanguageModelling(Objective):
             dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
             value = self.cross_entropy(hidden[:, :-1][keep], weight, targets[keep], num_items, dtype)
         if self.balance is not None:  # hwft.router_balance: L + coefficient * L_aux, L_aux logged
-            b = self.balance
             real = None if self.attention == "flash_attention_2" else \
                 torch.tensor(pad(rows, self.pad_id)["attention_mask"], device=value.device)
-            aux = self.balance_loss(out.router_logits, b.experts, b.top_k, real)
-            value = value + b.coefficient * aux / self.step_micro_batches
-            self.note(aux_loss=float(aux.detach()))
+            value = value + self.router_term(out.router_logits, real)
         return Loss(value, sum(len(r.input_ids) for r in rows), sum(r.num_labels for r in rows),
                     sequence_pairs(rows), tuple(i for r in rows for i in r.ids))
 
@@ -186,7 +195,7 @@ def balance_router(objective, model, job: Job) -> None:
     if balance is None or function is None:
         return
     objective.balance, objective.balance_loss = balance, function
-    job.log(f"moe: router load-balancing loss in the training loss, coefficient {balance.coefficient:g} "
+    job.log(f"moe: router load-balancing loss in the {job.recipe.method.objective} loss, coefficient {balance.coefficient:g} "
             f"({balance.experts} experts, top {balance.top_k}); logged as aux_loss")
 
 

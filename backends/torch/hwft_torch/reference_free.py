@@ -13,9 +13,10 @@ from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
 from hwft.objective import Loss, Objective, PairSteps
 from hwft_torch.dpo import answer_logps, pair_tensors
+from hwft_torch.objective import RouterBalanced, balance_router
 
 
-class ReferenceFree(PairSteps, Objective):
+class ReferenceFree(PairSteps, RouterBalanced, Objective):
     """A pair loss of the policy's mean answer log-probabilities (``pair_loss``), averaged over
     the optimizer step's pairs."""
 
@@ -34,7 +35,8 @@ class ReferenceFree(PairSteps, Objective):
     def loss(self, model, micro: tuple[list[PreferencePair], int]) -> Loss:
         pairs, step_pairs = micro
         batch = pair_tensors(pairs, self.pad_id, self.device)
-        chosen, rejected = answer_logps(model, batch)
+        router = [] if self.balance is not None else None
+        chosen, rejected = answer_logps(model, batch, router)
         chosen_tokens, rejected_tokens = (batch["labels"][:, 1:] != -100).sum(-1).float().chunk(2)
         out = self.pair_loss(chosen / chosen_tokens.clamp(min=1), rejected / rejected_tokens.clamp(min=1))
         margins = out["chosen_rewards"] - out["rejected_rewards"]
@@ -43,8 +45,10 @@ class ReferenceFree(PairSteps, Objective):
                    **{k: out[k].tolist() for k in self.extra}}
         for i in range(len(pairs)):
             self.note(**{k: v[i] for k, v in columns.items()})
-        return Loss(out["losses"].sum() / step_pairs, int(batch["attention_mask"].sum()),
-                    int((chosen_tokens + rejected_tokens).sum()))
+        value = out["losses"].sum() / step_pairs
+        if router:  # hwft.router_balance
+            value = value + self.router_term(router[0], batch["attention_mask"])
+        return Loss(value, int(batch["attention_mask"].sum()), int((chosen_tokens + rejected_tokens).sum()))
 
 
 def build_with(objective: type[ReferenceFree], section: str):
@@ -53,7 +57,9 @@ def build_with(objective: type[ReferenceFree], section: str):
 
     def build(setup) -> ReferenceFree:
         recipe = setup.job.recipe
-        return objective(setup.batches, getattr(recipe.method, section), recipe.train.gradient_accumulation_steps,
+        made = objective(setup.batches, getattr(recipe.method, section), recipe.train.gradient_accumulation_steps,
                          setup.tokenizer.pad_token_id, setup.device, setup.collective)
+        balance_router(made, setup.model, setup.job)
+        return made
 
     return build
