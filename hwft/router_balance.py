@@ -10,9 +10,9 @@ Qwen3-MoE train with) pushes back. Over the N real tokens of a micro-batch and a
     L_aux = E * sum_e f_e * P_e
 
 It is k when routing is uniform and grows as it concentrates. The step's loss is the method's
-(sft, cpt, dpo, orpo, simpo; of the policy's forward) plus ``router_aux_loss_coef * L_aux``,
+(sft, cpt, dpo, orpo, simpo, kto; of the policy's forward on the trained answers) plus ``router_aux_loss_coef * L_aux``,
 averaged over the step's micro-batches, and ``aux_loss`` (L_aux) is logged. Padding is left out
-of N. kto, rm, grpo and ppo do not add it yet.
+of N. rm, grpo and ppo do not add it.
 
 A model balances this way where its config sets ``router_aux_loss_coef`` above 0. DeepSeek-V3
 balances with a per-expert bias in its routing instead and has no such loss. The torch engine

@@ -363,6 +363,27 @@ def test_moe_adapters_travel_between_peft_and_mlx(family, models, tmp_path):
     assert not {"gate_proj", "up_proj", "down_proj"} & set(config["target_modules"])  # as PEFT's all-linear
 
 
+@pytest.mark.parametrize("objective", ["orpo", "simpo", "kto"])
+def test_the_router_term_is_in_every_preference_loss_alike(objective, models, tmp_path, cli):
+    """Qwen3-MoE (router_aux_loss_coef 0.01): orpo, simpo and kto add the router's
+    load-balancing term of the policy's forward on both engines, with the same aux_loss."""
+    folder = models("qwen3_moe")
+    start = fresh_adapter(folder, tmp_path / "start")
+    runs = {}
+    for backend in ("cpu", "mlx"):
+        where = tmp_path / backend
+        where.mkdir()
+        recipe = cell_recipe(where, {"name": str(folder), "adapter": str(start)}, objective, "lora", backend=backend,
+                             train={"max_steps": 2}, eval={"prompts": []})
+        code, _, err = cli("train", recipe)
+        assert code == 0, err
+        assert f"moe: router load-balancing loss in the {objective} loss" in err
+        runs[backend] = metrics(where / "out")
+    for key in ("loss", "aux_loss"):
+        cpu, mlx = ([m[key] for m in runs[b]] for b in ("cpu", "mlx"))
+        assert max(abs(a - b) for a, b in zip(cpu, mlx, strict=True)) < LOSSES, (key, cpu, mlx)
+
+
 def test_moe_experts_run_as_one_grouped_matmul_on_torch(models):
     """The MoE families load with transformers' grouped_mm experts (no loop over the experts in
     Python), with the logits and gradients of its default loop."""

@@ -18,7 +18,8 @@ from hwft.distributed import ALONE, Collective
 from hwft.methods.kto import KtoSpec, balance_note
 from hwft.objective import FeedbackSteps, Loss, feedback_counts, precompute_reference
 from hwft_mlx.losses import kto_loss
-from hwft_mlx.objective import MlxObjective, scored_positions
+from hwft_mlx.objective import MlxObjective, log_router, router_term, scored_positions
+from hwft_mlx.router import recorded_gates
 from hwft_mlx.preference import sequence_logps
 
 
@@ -48,7 +49,8 @@ class Feedback(FeedbackSteps, MlxObjective):
 
     def loss(self, model, micro: tuple[list[FeedbackItem], int]):
         items, step_items = micro
-        own, mismatched = both_logps(model, items, self.pad_id)
+        with recorded_gates() as gates:  # an MoE policy's router logits (hwft.router_balance)
+            own, mismatched = both_logps(model, items, self.pad_id)
         ref = mx.array([i.reference_logps for i in items])
         desirable = mx.array([i.desirable for i in items])
         s = self.spec
@@ -59,7 +61,13 @@ class Feedback(FeedbackSteps, MlxObjective):
             index = [n for n, i in enumerate(items) if i.desirable == want]
             if index:
                 stats[key] = mx.take(out["rewards"], mx.array(index))
-        return out["losses"].sum() / step_items, stats
+        # the router term of the answers' rows only (the mismatched ones weigh 0), as torch's and TRL's
+        sequences = [i.sequence for i in items] + [i.mismatched for i in items]
+        width = max(len(t.input_ids) for t in sequences)
+        lengths = mx.array([len(t.input_ids) if n < len(items) else 0 for n, t in enumerate(sequences)])
+        term = router_term(self, model, gates, (mx.arange(width)[None] < lengths[:, None]).astype(mx.float32))
+        value = out["losses"].sum() / step_items
+        return (value, stats) if term is None else (value + term[0], {**stats, "aux_loss": term[1]})
 
     def counts(self, micro: tuple[list[FeedbackItem], int]) -> Loss:
         return feedback_counts(micro)
@@ -79,4 +87,5 @@ def build(setup) -> Feedback:
     objective.precompute(setup.model, recipe.train.micro_batch_size)
     job.log(f"kto: reference log-probabilities of {len(items)} answers and their mismatched pairs precomputed "
             "from the starting model")
+    log_router(setup)
     return objective

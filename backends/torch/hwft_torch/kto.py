@@ -20,6 +20,7 @@ from hwft.methods.kto import KtoSpec, balance_note
 from hwft.objective import FeedbackSteps, Loss, Objective, precompute_reference
 from hwft_torch.losses import kto_loss, token_logps
 from hwft_torch.modeling import Reference, with_reference
+from hwft_torch.objective import RouterBalanced, balance_router
 
 
 def sequence_tensors(sequences: list[Tokenized], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -28,13 +29,17 @@ def sequence_tensors(sequences: list[Tokenized], pad_id: int, device: torch.devi
     return {k: torch.tensor(batch[k], device=device) for k in ("input_ids", "attention_mask", "labels")}
 
 
-def summed_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Each row's summed log-probability of its label tokens."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return token_logps(logits, batch["labels"]).sum(-1)
+def summed_logps(model, batch: dict[str, torch.Tensor], router: list | None = None) -> torch.Tensor:
+    """Each row's summed log-probability of its label tokens; with ``router`` a list, the
+    forward's router logits are appended to it (an MoE policy)."""
+    routed = {"output_router_logits": True} if router is not None else {}
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **routed)
+    if router is not None:
+        router.append(out.router_logits)
+    return token_logps(out.logits, batch["labels"]).sum(-1)
 
 
-class Feedback(FeedbackSteps, Objective):
+class Feedback(FeedbackSteps, RouterBalanced, Objective):
     def __init__(self, batches: Batches, spec: KtoSpec, accumulation: int, pad_id: int,
                  device: torch.device, reference: Reference | None, collective: Collective = ALONE):
         super().__init__(batches, collective)
@@ -58,7 +63,8 @@ class Feedback(FeedbackSteps, Objective):
         items, step_items = micro
         own = self.tensors([i.sequence for i in items])
         other = self.tensors([i.mismatched for i in items])
-        logps = summed_logps(model, own)
+        router = [] if self.balance is not None else None
+        logps = summed_logps(model, own, router)  # the router term is of the answers' forward, as TRL's
         with torch.no_grad():
             mismatched = summed_logps(model, other)
         if self.reference is None:
@@ -75,7 +81,10 @@ class Feedback(FeedbackSteps, Objective):
             self.note(**{"rewards/chosen" if item.desirable else "rewards/rejected": reward})
         self.note(kl=out["kl"].item())
         tokens = int(own["attention_mask"].sum() + other["attention_mask"].sum())
-        return Loss(out["losses"].sum() / step_items, tokens, sum(i.sequence.num_labels for i in items))
+        value = out["losses"].sum() / step_items
+        if router:  # hwft.router_balance
+            value = value + self.router_term(router[0], own["attention_mask"])
+        return Loss(value, tokens, sum(i.sequence.num_labels for i in items))
 
 
 def build(setup) -> Feedback:
@@ -87,8 +96,10 @@ def build(setup) -> Feedback:
     note = balance_note(sum(i.desirable for i in items), sum(not i.desirable for i in items), spec)
     if note:
         job.log(note)
-    return with_reference(
+    objective = with_reference(
         setup, spec,
         lambda reference: Feedback(setup.batches, spec, recipe.train.gradient_accumulation_steps,
                                    setup.tokenizer.pad_token_id, setup.device, reference, setup.collective),
         f"kto: reference log-probabilities of {len(items)} answers and their mismatched pairs")
+    balance_router(objective, setup.model, job)
+    return objective
