@@ -137,10 +137,25 @@ def _run(model_dir, batch, standin=None, kernel_flags=None):
         applied.undo()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.fixture(scope="module")
+def tiny_mistral(tmp_path_factory, tokenizer_dir):
+    from hwft.testing.tiny import build_tiny_model
+
+    return build_tiny_model("mistral", tmp_path_factory.mktemp("tiny-mistral"), tokenizer_dir, seed=2)
+
+
+def families_with_npu_ops() -> list[str]:
+    """The torch families whose record has the npu_ops path (hwft_torch.families)."""
+    from hwft.plugins import get_host
+
+    return get_host().families().with_path("torch", "npu_ops")
+
+
+@pytest.mark.parametrize("family", families_with_npu_ops())
 @pytest.mark.parametrize("layout", ["padded", "packed", "single"])
-def test_fused_kernels_match_the_unpatched_model(family, layout, tiny_llama, tiny_qwen2, tokenizer, monkeypatch):
-    model_dir = {"llama": tiny_llama, "qwen2": tiny_qwen2}[family]
+def test_fused_kernels_match_the_unpatched_model(family, layout, tokenizer, monkeypatch, request):
+    assert set(families_with_npu_ops()) == {"llama", "qwen2", "mistral"}
+    model_dir = request.getfixturevalue(f"tiny_{family}")
     batch = _batch(tokenizer, layout)
     ref_logits, ref_grads = _run(model_dir, batch)
     standin = npu_standin.make()
