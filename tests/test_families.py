@@ -560,3 +560,18 @@ def test_who_runs_what_is_the_table_in_the_docs():
     from tests.conftest import REPO
 
     assert who_runs_what(get_host().families()) in (REPO / "docs" / "families.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "mlx"])
+def test_the_moe_recipe_runs_as_written(backend, models, tmp_path, cli):
+    """configs/moe.yaml on the tiny Qwen3-MoE, as its first line says (model.name=...), 2 steps:
+    the router term logged, the experts and router in the saved PEFT adapter."""
+    from tests.conftest import REPO
+
+    code, _, err = cli("train", REPO / "configs" / "moe.yaml", f"model.name={models('qwen3_moe')}", f"backend={backend}",
+                       "train.max_steps=2", f"output.dir={tmp_path / 'out'}", "eval.prompts=[]")
+    assert code == 0, err
+    assert "moe: router load-balancing loss in the sft loss" in err
+    assert all("aux_loss" in m for m in metrics(tmp_path / "out"))
+    config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert set(config["target_parameters"]) == {"gate.weight", "gate_up_proj", "down_proj"}
