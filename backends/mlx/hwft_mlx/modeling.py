@@ -30,6 +30,26 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from hwft import lora_targets
 from hwft.errors import ModelError
 from hwft.recipe import LoraSpec
+from hwft_mlx import router
+from hwft_mlx.moe_lora import (
+    MLP_NAMES,
+    LoRAEmbedQ,
+    LoRAGate,
+    LoRASwitchGLU,
+    LoRAUnembedOut,
+    expert_modules,
+    from_peft,
+    is_router_gate,
+    is_switch_glu,
+    mla_attentions,
+    mla_from_peft,
+    mla_to_peft,
+    to_peft,
+    wrap_experts,
+    wrap_mla,
+    wrap_routers,
+)
+from hwft_mlx.packing import decoder_hidden, language_model, prove
 
 DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}
 #: PEFT's key prefix for a causal LM's adapter weights.
@@ -126,7 +146,6 @@ def record_router(model: nn.Module, config: dict) -> None:
     (``options["router"]`` in hwft_mlx.families), make them record their logits
     (:mod:`hwft_mlx.router`)."""
     from hwft.router_balance import router_balance
-    from hwft_mlx import router
 
     balance = router_balance(config)
     suffix = family(model).options.get("router")
@@ -136,8 +155,6 @@ def record_router(model: nn.Module, config: dict) -> None:
 
 def refresh_router(model: nn.Module) -> None:
     """After LoRA wrapped a recording gate: record at the LoRA layer instead (hwft_mlx.router)."""
-    from hwft_mlx import router
-
     if getattr(model, _BALANCE, None) is not None:
         router.install(model, family(model).options["router"])
 
@@ -153,7 +170,6 @@ class PaddingEmbedding(nn.Embedding):
     the config's pad_token_id). Where the pad token is also the end-of-turn token (SmolLM2),
     full tuning would otherwise train its input embedding on MLX and not on torch; with tied
     embeddings the output layer's share of that row still trains, on both."""
-
     padding_idx: int = -1
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -198,7 +214,6 @@ def packing_problem(model: nn.Module) -> str | None:
     if family(model).has("mlx_packing"):
         return None
     if not hasattr(model, _PROOF):
-        from hwft_mlx.packing import prove
 
         embedding = next(m for _, m in model.named_modules() if isinstance(m, nn.Embedding))
         object.__setattr__(model, _PROOF, prove(model, output_logits, embedding.weight.shape[0], mask_dims(model)))
@@ -214,8 +229,6 @@ def hidden_states(model: nn.Module, input_ids: mx.array, segments=None) -> mx.ar
     """The decoder's last hidden states; ``segments`` (batch, L), where rows pack several
     examples, keeps each example to itself (:mod:`hwft_mlx.packing`). Without it, this is
     mlx-lm's own forward up to the output layer."""
-    from hwft_mlx.packing import decoder_hidden
-
     return decoder_hidden(model, input_ids, segments, mask_dims(model))
 
 
@@ -231,15 +244,9 @@ def output_logits(model: nn.Module, hidden: mx.array) -> mx.array:
     if "lm_head" in model and not getattr(model.args, "tie_word_embeddings", False):
         logits = model.lm_head(hidden)
     else:
-        logits = language_model_of(model).embed_tokens.as_linear(hidden)
+        logits = language_model(model).embed_tokens.as_linear(hidden)
     transform = family(model).options.get("logits")
     return transform(model, logits) if transform is not None else logits
-
-
-def language_model_of(model: nn.Module) -> nn.Module:
-    from hwft_mlx.packing import language_model
-
-    return language_model(model)
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,8 +261,6 @@ def linear_layers(model: nn.Module, targets: str | list[str]) -> list[tuple[str,
     """(path, module) of the linear layers LoRA adapts, as :mod:`hwft.lora_targets` reads
     ``targets`` (every Linear but the output layer for all-linear, as PEFT's); an entry that
     names none is refused, naming the model's linear modules."""
-    from hwft_mlx.moe_lora import mla_attentions
-
     linear = [(path, module) for path, module in model.named_modules()
               if isinstance(module, nn.Linear | nn.QuantizedLinear) and path != "lm_head"]
     mla = [f"{path}.kv_b_proj" for path, _ in mla_attentions(model)]  # PEFT's name for DeepSeek's two halves
@@ -267,8 +272,6 @@ def add_lora(model: nn.Module, spec: LoraSpec, seed: int) -> list[str]:
     """Freeze the model and wrap the targeted layers in LoRA (A random from ``seed``, B zero);
     returns the wrapped paths."""
     from mlx_lm.tuner.lora import LoRALinear
-
-    from hwft_mlx.moe_lora import MLP_NAMES, is_switch_glu
 
     model.freeze()
     layers = linear_layers(model, spec.target_modules)
@@ -282,13 +285,11 @@ def add_lora(model: nn.Module, spec: LoraSpec, seed: int) -> list[str]:
     ))
     experts = []
     if moe:  # as PEFT's all-linear: the experts and routers of MoE layers too
-        from hwft_mlx.moe_lora import wrap_experts, wrap_routers
 
         experts = wrap_experts(model, spec.r, scale, spec.dropout)
         router = family(model).options.get("router")
         experts += wrap_routers(model, router, spec.r, scale) if router else []
     if spec.target_modules == "all-linear" or "kv_b_proj" in spec.target_modules:  # DeepSeek's MLA, as PEFT's
-        from hwft_mlx.moe_lora import wrap_mla
 
         experts += wrap_mla(model, spec.r, scale)
     refresh_router(model)
@@ -315,16 +316,12 @@ def lora_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     and hwft's LoRAGate on a router that is not a Linear (hwft_mlx.moe_lora)."""
     from mlx_lm.tuner.lora import LoRALinear
 
-    from hwft_mlx.moe_lora import LoRAGate
-
     return ((p, m) for p, m in model.named_modules() if isinstance(m, LoRALinear | LoRAGate))
 
 
 @contextmanager
 def adapters_disabled(model: nn.Module):
     """The base model: every LoRA update scaled by 0 for the duration (the reference policy)."""
-    from hwft_mlx.moe_lora import LoRAEmbedQ, LoRAUnembedOut, expert_modules
-
     mla = [m for _, m in model.named_modules() if isinstance(m, LoRAEmbedQ | LoRAUnembedOut)]
     saved = [(m, m.scale) for m in [*(m for _, m in lora_modules(model)), *(m for _, m in expert_modules(model)), *mla]]
     for m, _ in saved:
@@ -391,8 +388,6 @@ def save_peft_adapter(model: nn.Module, out: Path, spec: LoraSpec, base: str) ->
     saved beside them as PEFT's SEQ_CLS task saves it (``base_model.model.score.weight``). MoE
     routers and experts go in as PEFT 0.21 writes them (``target_parameters``;
     :mod:`hwft_mlx.moe_lora`)."""
-    from hwft_mlx.moe_lora import LoRAEmbedQ, expert_modules, mla_attentions, mla_to_peft, to_peft
-
     weights, names, parameters, ranks = {}, set(), [], []
     scored = "score" in model
     if scored:
@@ -470,10 +465,6 @@ def read_peft_adapter(folder: Path) -> tuple[LoraSpec, dict[str, tuple[mx.array,
 def load_peft_adapter(model: nn.Module, folder: Path, dropout: float | None = None) -> LoraSpec:
     """Freeze the model and put a PEFT adapter's LoRA on it, trainable."""
     from mlx_lm.tuner.lora import LoRALinear
-
-    from hwft_mlx.moe_lora import (
-        LoRAGate, LoRASwitchGLU, from_peft, is_router_gate, is_switch_glu, mla_attentions, mla_from_peft,
-    )
 
     spec, weights = read_peft_adapter(folder)
     modules = dict(model.named_modules())
