@@ -97,8 +97,12 @@ class Objective:
             self.stats[key].append(float(value))
 
     def log_metrics(self) -> dict[str, float]:
-        """The mean of each statistic noted since the last call, over all ranks' notes."""
+        """The mean of each statistic noted since the last call, over all ranks' notes. A rank
+        may not have noted every key (kto's micro-batch of desirable answers only has no
+        rewards/rejected): the keys are agreed first, so every rank sums the same list."""
         keys = sorted(k for k, v in self.stats.items() if v)
+        if self.world.size > 1:
+            keys = sorted({k for rank in self.collective.gather(keys) for k in rank})
         totals = self.collective.sum([x for k in keys for x in (sum(self.stats[k]), len(self.stats[k]))])
         self.stats.clear()
         return {k: totals[2 * i] / max(totals[2 * i + 1], 1) for i, k in enumerate(keys)}

@@ -47,9 +47,14 @@ def parallel_problems(recipe: Recipe) -> list[str]:
     if p.deepspeed_config and p.strategy != "deepspeed":
         out.append(f"parallel.deepspeed_config is set but parallel.strategy is {p.strategy}, not deepspeed")
     if p.strategy in ("fsdp2", "deepspeed"):  # both shard parameters, gradients or optimizer state
-        if recipe.method.tuning == "qlora":
-            out.append(f"method.tuning qlora with parallel.strategy {p.strategy} (quantised weights are not "
-                       "sharded by hwft); use strategy ddp, or tuning lora")
+        # FSDP2 shards bitsandbytes' packed 4-bit weights as any other tensor (each rank keeps
+        # its layers' quantisation state whole); DeepSpeed's partitioning does not know them.
+        if recipe.method.tuning == "qlora" and (p.strategy == "deepspeed" or recipe.method.qlora.bits == 8):
+            why = ("DeepSpeed does not partition bitsandbytes' quantised weights" if p.strategy == "deepspeed"
+                   else "fsdp2 shards 4-bit weights, not LLM.int8's")
+            fix = "use strategy fsdp2 or ddp, or tuning lora" if p.strategy == "deepspeed" else \
+                "use method.qlora.bits 4, or strategy ddp"
+            out.append(f"method.tuning qlora with parallel.strategy {p.strategy} ({why}); {fix}")
         if recipe.train.precision == "fp16":
             out.append(f"train.precision fp16 with parallel.strategy {p.strategy} (no loss scaling across "
                        "shards in hwft); use bf16")

@@ -28,7 +28,7 @@ from tests.conftest import foreign_lines, write_jsonl, write_recipe
 ROWS = [{"messages": [{"role": "user", "content": f"Question {i}?"},
                       {"role": "assistant", "content": f"Answer number {i} is {'x' * (i % 5)}."}]}
         for i in range(16)]
-LR = {"lora": 1e-2, "full": 3e-3}
+LR = {"lora": 1e-2, "qlora": 1e-2, "full": 3e-3}
 LOSS_TOLERANCE = 1e-4
 LOGIT_TOLERANCE = 1e-3
 
@@ -120,12 +120,13 @@ def logits_of(tiny_llama: Path, out: Path):
 STRATEGIES = [
     ("lora", ["parallel.strategy=ddp"]),
     ("full", ["parallel.strategy=fsdp2"]),
+    ("qlora", ["parallel.strategy=fsdp2"]),
     ("lora", ["parallel.strategy=deepspeed", "parallel.zero_stage=2"]),
     ("full", ["parallel.strategy=deepspeed", "parallel.zero_stage=3"]),
 ]
 
 
-@pytest.mark.parametrize("tuning,overrides", STRATEGIES, ids=["ddp", "fsdp2", "zero2", "zero3"])
+@pytest.mark.parametrize("tuning,overrides", STRATEGIES, ids=["ddp", "fsdp2", "fsdp2-qlora", "zero2", "zero3"])
 def test_strategy_matches_one_process(single, tiny_llama, tmp_path, tuning, overrides):
     reference = single(tuning)
     path = recipe(tmp_path, tiny_llama, tuning)
@@ -157,8 +158,8 @@ def test_strategy_matches_one_process(single, tiny_llama, tmp_path, tuning, over
 
     # The sharded run's step-2 checkpoint resumes: DeepSpeed's own under the same strategy and
     # processes; the portable one (ddp, fsdp2) in one process with the same global batch.
-    if strategy == "deepspeed" and "parallel.zero_stage=2" in overrides:
-        return  # zero-3 resumes below; zero-2 is the same DeepSpeed checkpoint path
+    if (strategy == "deepspeed" and "parallel.zero_stage=2" in overrides) or tuning == "qlora":
+        return  # zero-3 resumes below (zero-2 is the same DeepSpeed checkpoint path), fsdp2 with lora
     shutil.rmtree(tmp_path / "out" / ("adapter" if tuning == "lora" else "model"))
     if strategy == "deepspeed":
         resumed = launch(path, *overrides, "train.save_every=2", "--resume")
@@ -335,8 +336,10 @@ def test_dry_run_plans_ddp_for_several_processes(tiny_llama, tmp_path, cli):
 
 @pytest.mark.parametrize("args,message", [
     (["parallel.offload_optimizer=true"], "parallel.offload_optimizer needs strategy deepspeed (ZeRO-Offload), not ddp"),
-    (["parallel.strategy=fsdp2", "parallel.offload_params=true", "method.tuning=qlora"],
-     "method.tuning qlora with parallel.strategy fsdp2"),
+    (["parallel.strategy=fsdp2", "parallel.offload_params=true", "method.tuning=qlora", "method.qlora.bits=8"],
+     "method.tuning qlora with parallel.strategy fsdp2 (fsdp2 shards 4-bit weights, not LLM.int8's)"),
+    (["parallel.strategy=deepspeed", "method.tuning=qlora"],
+     "method.tuning qlora with parallel.strategy deepspeed (DeepSpeed does not partition"),
     (["parallel.deepspeed_config=ds.json"], "parallel.deepspeed_config is set but parallel.strategy is ddp"),
     (["backend=mlx", "parallel.strategy=fsdp2"], "parallel.strategy 'fsdp2' (it has: none, ddp)"),
     (["--nnodes", "2"], "--nnodes > 1 needs --master-addr"),

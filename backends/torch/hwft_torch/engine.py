@@ -219,8 +219,9 @@ def train(job: Job, runtime: DeviceRuntime) -> Result:
     if device.type == "cpu" and (kept := keep_freed_host_memory()):
         job.log(kept)
     collective: Collective = ALONE
+    owns_group = False
     if world.size > 1 or recipe.parallel.strategy != "none":
-        init_process_group(world, job.choice.capability.collective or "gloo", recipe.parallel.timeout, device)
+        owns_group = init_process_group(world, job.choice.capability.collective or "gloo", recipe.parallel.timeout, device)
         collective = TorchCollective(world)
         job.log(f"parallel: {recipe.parallel.strategy} over {world.size} processes "
                 f"({job.choice.capability.collective}), {t.micro_batch_size} x {t.gradient_accumulation_steps} "
@@ -262,6 +263,7 @@ def train(job: Job, runtime: DeviceRuntime) -> Result:
         recipe, model, lambda m: make_optimizer(m, recipe, runtime), lambda o: make_scheduler(o, recipe, steps),
         world, t.max_grad_norm or float("inf"), scaler,
     )
+    strategy.owns_group = owns_group
     model = strategy.model  # sharded in place by fsdp2; the same module otherwise
     synced = sharded(recipe) and world.size > 1
 

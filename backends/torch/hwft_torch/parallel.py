@@ -46,12 +46,13 @@ def sharded(recipe: Recipe) -> bool:
     return p.strategy == "fsdp2" or (p.strategy == "deepspeed" and p.zero_stage == 3)
 
 
-def init_process_group(world: World, collective: str, timeout: int, device: torch.device) -> None:
-    """Join the run's process group (env:// rendezvous, as torchrun and hwft --nproc set it)."""
+def init_process_group(world: World, collective: str, timeout: int, device: torch.device) -> bool:
+    """Join the run's process group (env:// rendezvous, as torchrun and hwft --nproc set it).
+    False where the caller's own group already exists: the run uses it and leaves it standing."""
     import torch.distributed as dist
 
     if dist.is_initialized():
-        return
+        return False
     os.environ.update(torch_rendezvous_env(world))
     if world.size == 1:  # one process running a strategy (e.g. ZeRO offload on one GPU)
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -61,6 +62,7 @@ def init_process_group(world: World, collective: str, timeout: int, device: torc
     kwargs = {"device_id": device} if device.type != "cpu" else {}
     dist.init_process_group(PROCESS_GROUP.get(collective, collective), timeout=datetime.timedelta(seconds=timeout),
                             **kwargs)
+    return True
 
 
 def _free_port() -> int:
@@ -118,6 +120,7 @@ class Single:
 
     name = "none"
     skips_nonfinite = True  #: step() leaves the weights alone when the gradient norm is NaN or Inf
+    owns_group = True  #: close() ends the process group (not one a caller started and keeps)
 
     def __init__(self, model, optimizer, scheduler, world: World, max_norm: float, scaler=None):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
@@ -164,6 +167,9 @@ class Single:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            if not self.owns_group:
+                dist.barrier()
+                return
             # Leave together: a rank that tears its group down while rank 0 is still saving can
             # take gloo's connection threads down mid-use (a clean-clone run saw rank 1 abort
             # with "terminate called without an active exception" after rank 0 saved).
@@ -212,12 +218,18 @@ class FullyShardedDataParallel(Single):
     name = "fsdp2"
 
     def __init__(self, model, optimizer_factory, scheduler_factory, world, max_norm, recipe: Recipe):
-        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard, register_fsdp_forward_method
 
-        offload = {"offload_policy": CPUOffloadPolicy()} if recipe.parallel.offload_params else {}
+        # Pinned host memory exists only beside an accelerator; on the CPU the shards are host memory already.
+        on_host = next(model.parameters()).device.type == "cpu"
+        offload = {"offload_policy": CPUOffloadPolicy(pin_memory=not on_host)} if recipe.parallel.offload_params else {}
         for unit in fsdp_units(model):
             fully_shard(unit, **offload)
         fully_shard(model, **offload)
+        # generate() is a forward too: a PEFT model's generate calls the inner model's forward,
+        # never the root's, so the root's own shards (embeddings, final norm, head) would stay
+        # sharded without FSDP's hooks around it (aten.embedding on a DTensor).
+        register_fsdp_forward_method(model, "generate")
         optimizer = optimizer_factory(model)
         super().__init__(model, optimizer, scheduler_factory(optimizer), world, max_norm)
 
