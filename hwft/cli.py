@@ -51,6 +51,15 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("recipe", help="a LLaMA-Factory training YAML (llamafactory-cli train's file)")
     imp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
 
+    plan = sub.add_parser("plan", help="the memory each device needs under each parallel strategy, before "
+                          "anything loads, and which strategies fit")
+    plan.add_argument("recipe", help="recipe YAML file")
+    plan.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    plan.add_argument("--devices", help="COUNTxSIZE, e.g. 8x80GB or 2x24GB (default: this machine's devices "
+                      "of the recipe's backend)")
+    plan.add_argument("--json", action="store_true", help="machine-readable (hwft.plan/1)")
+    plan.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+
     data = sub.add_parser("data", help="look at a recipe's data")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     inspect = data_sub.add_parser(
@@ -209,6 +218,44 @@ def cmd_import(args) -> int:
         raise RecipeError(f"{path} is not a LLaMA-Factory training recipe (no stage or model_name_or_path); "
                           "hwft train reads it as it is")
     print(llamafactory.translate(raw, path).to_yaml(), end="")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    """hwft plan: the recipe checked as hwft train checks it, its model measured by the chosen
+    backend's engine without its weights (hwft.plan)."""
+    import importlib
+
+    from hwft import plan as memory
+    from hwft.errors import UserError
+    from hwft.recipe import load_recipe
+    from hwft.train import plan_run
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    planned = plan_run(recipe)
+    backend = planned.choice.backend
+    tools = importlib.import_module(backend.bench) if backend.bench else None
+    if tools is None or not hasattr(tools, "memory_shape"):
+        raise UserError(f"hwft plan: backend {backend.name} ({backend.engine} engine) has no memory model; "
+                        "the torch backends (cpu, cuda, rocm, npu) have one")
+    devices = memory.Devices.parse(args.devices) if args.devices else tools.memory_devices(backend.name)
+    if devices is None:
+        raise UserError(f"hwft plan: cannot tell the memory of this machine's {backend.name} devices; "
+                        "give --devices COUNTxSIZE, e.g. 8x80GB")
+    shape = tools.memory_shape(recipe, planned.model, backend.name)
+    def refused(settings: dict) -> str | None:
+        from hwft.select import capability_problems, core_problems
+
+        variant = recipe.model_copy(deep=True)
+        variant.parallel = variant.parallel.model_copy(update={"offload_params": False, "offload_optimizer": False,
+                                                               **settings})
+        problems = core_problems(variant) + [p for p in capability_problems(variant, planned.choice.capability)
+                                             if p.startswith("parallel.")]
+        return "; ".join(problems) or None
+
+    text, data = memory.report(recipe.model.name, shape, devices, recipe.train.optimizer, recipe.method.tuning,
+                               refused)
+    print(json.dumps(data, indent=2) if args.json else text)
     return 0
 
 
@@ -441,7 +488,7 @@ def run_command(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    commands = {"train": cmd_train, "import": cmd_import, "data": cmd_data, "env": cmd_env, "plugins": cmd_plugins, "bench": cmd_bench,
+    commands = {"train": cmd_train, "import": cmd_import, "plan": cmd_plan, "data": cmd_data, "env": cmd_env, "plugins": cmd_plugins, "bench": cmd_bench,
                 "chat": cmd_chat, "serve": cmd_serve, "eval": cmd_eval, "export": cmd_export}
     return guarded(lambda: commands[args.command](args), getattr(args, "debug", False))
 

@@ -18,6 +18,8 @@ import torch
 
 from hwft_torch.objective import held_out_loss
 from hwft_torch.host_memory import cpu_peak_rss
+from hwft_torch.memory_plan import devices as memory_devices
+from hwft_torch.memory_plan import shape as memory_shape  # hwft plan's measurements
 
 #: The baseline's fixed arguments, printed by ``hwft bench`` and stored in its result.
 BASELINE = {
@@ -48,8 +50,8 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
-__all__ = ["BASELINE", "baseline_arm", "device_of", "dtype_named", "held_out_loss", "model_dims",
-           "peak_flops", "process_peak_rss"]
+__all__ = ["BASELINE", "baseline_arm", "device_of", "dtype_named", "held_out_loss", "memory_devices",
+           "memory_shape", "model_dims", "peak_flops", "process_peak_rss"]
 
 
 def device_of(model) -> torch.device:

@@ -44,7 +44,7 @@ from hwft_torch.modeling import (
 from hwft_torch.methods import ENGINE, Setup
 from hwft_torch.objective import held_out_loss
 from hwft_torch.parallel import TorchCollective, init_process_group, make_strategy, sharded
-from hwft_torch.host_memory import keep_freed_host_memory
+from hwft_torch.host_memory import cpu_current_rss, keep_freed_host_memory
 
 if TYPE_CHECKING:  # the runtime calls this loop (DeviceRuntime.train); the loop only reads it
     from hwft_torch.runtime import DeviceRuntime
@@ -238,6 +238,8 @@ def train(job: Job, runtime: DeviceRuntime) -> Result:
     made = kernels.prepare(job, job.choice.kernels)
     if runtime.before_load:
         runtime.before_load(recipe)
+    if device.type == "cpu":  # what the model and its training add to the process (hwft plan's figures)
+        job.results.update(memory_before_load_bytes=cpu_current_rss())
     model = load_model(model_path, recipe, device, tuning, dtype)
     needed = family_attention(model_type_of(model_path)) if recipe.kernels.attention == "auto" else None
     if needed is not None:

@@ -13,6 +13,17 @@ def cpu_peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
+def cpu_current_rss() -> int | None:
+    """The process's resident memory now in bytes (Linux /proc/self/statm); None elsewhere."""
+    import os
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 #: glibc mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
 #: how far the heap grows beyond each request, and how much free top it keeps
