@@ -59,15 +59,19 @@ def launch(recipe_path: Path, *args: str, timeout: int = 240) -> subprocess.Comp
     return done
 
 
-def launch_two_nodes(recipe_path: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    """The multi-node path: ``hwft train RECIPE --nproc 1 --nnodes 2 --node-rank R`` for R = 0
-    and 1, as two machines would run it (torchrun's static rendezvous at --master-addr and
-    --master-port), both on this host. Node 0's output; node 1 reports nothing."""
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def launch_two_nodes(recipe_path: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    """The multi-node path: ``hwft train RECIPE --nproc 1 --nnodes 2 --node-rank R`` for R = 0
+    and 1, as two machines would run it (torchrun's static rendezvous at --master-addr and
+    --master-port), both on this host. Node 0's output; node 1 reports nothing."""
+    port = free_port()
     command = [sys.executable, "-m", "hwft", "train", str(recipe_path), "--nproc", "1", "--nnodes", "2",
                "--master-addr", "127.0.0.1", "--master-port", str(port), *args]
     nodes = [subprocess.Popen([*command, "--node-rank", str(rank)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -75,6 +79,23 @@ def launch_two_nodes(recipe_path: Path, *args: str, timeout: int = 240) -> subpr
     outputs = [node.communicate(timeout=timeout) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
     assert "done: results in" not in outputs[1][0]
+    return subprocess.CompletedProcess(command, 0, *outputs[0])
+
+
+def launch_as_srun(recipe_path: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    """Two tasks as ``srun --ntasks 2 hwft train RECIPE`` starts them: plain ``hwft train`` in
+    each, its rank in SLURM_PROCID, the job's size in SLURM_STEP_NUM_TASKS, rank 0's host in
+    SLURM_LAUNCH_NODE_IPADDR (configs/slurm.sbatch sets MASTER_PORT). Rank 0's output."""
+    port = str(free_port())
+    command = [sys.executable, "-m", "hwft", "train", str(recipe_path), *args]
+    tasks = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=recipe_path.parent,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "SLURM_PROCID": str(rank),
+                                   "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": str(rank),
+                                   "SLURM_LAUNCH_NODE_IPADDR": "127.0.0.1", "MASTER_PORT": port})
+             for rank in (0, 1)]
+    outputs = [task.communicate(timeout=timeout) for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], [err[-2000:] for _, err in outputs]
     return subprocess.CompletedProcess(command, 0, *outputs[0])
 
 
@@ -113,10 +134,9 @@ def logits_of(tiny_llama: Path, out: Path):
         return model.eval()(input_ids=ids).logits
 
 
-# Each strategy in one 2-process run; ddp and zero-2 train LoRA, fsdp2 and zero-3 (the
-# sharded ones) a full model, so that gathering a whole model from shards is tested too. ddp's
-# two processes are two "machines" of one process each on this host (--nnodes 2); --nproc 2
-# starts the others (and the signal tests below).
+# Each strategy in one 2-process run (--nproc 2); ddp and zero-2 train LoRA, fsdp2 and zero-3
+# (the sharded ones) a full model, so that gathering a whole model from shards is tested too;
+# fsdp2 also QLoRA. Two "machines" and srun's tasks are held to ddp's run below.
 STRATEGIES = [
     ("lora", ["parallel.strategy=ddp"]),
     ("full", ["parallel.strategy=fsdp2"]),
@@ -131,7 +151,7 @@ def test_strategy_matches_one_process(single, tiny_llama, tmp_path, tuning, over
     reference = single(tuning)
     path = recipe(tmp_path, tiny_llama, tuning)
     strategy = overrides[0].split("=")[1]
-    done = (launch_two_nodes if strategy == "ddp" else launch)(path, *overrides, "train.save_every=2")
+    done = launch(path, *overrides, "train.save_every=2")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("done: results in") == 1  # rank 0 alone reports
     assert f"parallel: {strategy} over 2 processes (gloo)" in done.stderr
@@ -180,6 +200,38 @@ def test_strategy_matches_one_process(single, tiny_llama, tmp_path, tuning, over
     for a, b in zip(after, ours, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=LOSS_TOLERANCE)
     torch.testing.assert_close(logits_of(tiny_llama, tmp_path / "out"), whole, atol=LOGIT_TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("start", [launch_two_nodes, launch_as_srun], ids=["two-nodes", "srun"])
+def test_several_machines_train_as_one_machine_of_two_processes(tiny_llama, tmp_path, start):
+    """Two nodes of one process each (two launchers on this host, torchrun's static rendezvous at
+    --master-addr:--master-port), or two tasks as srun starts them, train the very steps one node
+    of two processes trains: the same reductions in the same order, so the same losses."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    reference = launch(recipe(one, tiny_llama, "lora"), "parallel.strategy=ddp")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    done = start(recipe(two, tiny_llama, "lora"), "parallel.strategy=ddp")
+    assert done.stdout.count("done: results in") == 1
+    assert "parallel: ddp over 2 processes (gloo)" in done.stderr
+    ours, theirs = read_jsonl(two / "out" / "metrics.jsonl"), read_jsonl(one / "out" / "metrics.jsonl")
+    print(f"{start.__name__}:", [m["loss"] for m in ours])
+    assert [m["step"] for m in ours] == [1, 2, 3, 4]
+    for a, b in zip(ours, theirs, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
+
+
+def test_the_slurm_example_starts_hwft_train_with_srun():
+    """configs/slurm.sbatch is valid bash, names rank 0's host and port, and starts plain
+    ``hwft train`` with srun (the tasks launch_as_srun starts above)."""
+    from tests.conftest import REPO
+
+    script = REPO / "configs" / "slurm.sbatch"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    assert "#SBATCH --nodes=" in text and "export MASTER_ADDR" in text and "export MASTER_PORT" in text
+    assert 'srun --kill-on-bad-exit=1 .venv/bin/hwft train "$recipe" "$@"' in text
 
 
 def test_grpo_scores_all_ranks_rollouts_together(tiny_llama, tmp_path):
@@ -255,9 +307,24 @@ def _kill_rank_mid_run(cmd: list[str], tmp_path: Path, rank_variable: str) -> tu
     return proc.returncode, err, pid
 
 
-def test_mlx_ddp_matches_one_process(tiny_llama, tmp_path):
-    """MLX data parallelism over mx.distributed's ring, started by mlx.launch: the same steps,
-    examples and losses as one MLX process with twice the accumulation."""
+def launch_mlx_hostfile(recipe_path: Path) -> subprocess.CompletedProcess:
+    """``mlx.launch --hostfile hosts.json --backend ring -- python -m hwft train RECIPE``, as a
+    user starts MLX on several Macs, with two hosts that are both 127.0.0.1: mlx.launch runs
+    them here, without ssh."""
+    hosts = recipe_path.parent / "hosts.json"
+    hosts.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
+    return subprocess.run([sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()",
+                           "--hostfile", str(hosts), "--backend", "ring", "--python", sys.executable, "--",
+                           "-m", "hwft", "train", str(recipe_path)],
+                          capture_output=True, text=True, timeout=240, cwd=recipe_path.parent,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("start", ["nproc", "hostfile"])
+def test_mlx_ddp_matches_one_process(tiny_llama, tmp_path, start):
+    """MLX data parallelism over mx.distributed's ring, started by mlx.launch (through
+    ``hwft train --nproc 2``, or by the user with a hostfile): the same steps, examples and
+    losses as one MLX process with twice the accumulation."""
     from hwft import cli
 
     one = tmp_path / "one"
@@ -266,7 +333,8 @@ def test_mlx_ddp_matches_one_process(tiny_llama, tmp_path):
     assert cli.main(["train", str(path), "--quiet"]) == 0
     two = tmp_path / "two"
     two.mkdir()
-    done = launch(recipe(two, tiny_llama, "lora", backend="mlx"))
+    path = recipe(two, tiny_llama, "lora", backend="mlx")
+    done = launch(path) if start == "nproc" else launch_mlx_hostfile(path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "parallel: ddp over 2 processes (mx.distributed ring)" in done.stderr
     ours, theirs = read_jsonl(two / "out" / "metrics.jsonl"), read_jsonl(one / "out" / "metrics.jsonl")
@@ -320,8 +388,8 @@ def test_torchrun_command_lines():
     local = torchrun_args(Launch(nproc=4), ["train", "r.yaml"])
     assert "--standalone" in local and local[-4:] == ["-m", "hwft", "train", "r.yaml"]
     nodes = torchrun_args(Launch(8, 2, 1, "10.0.0.1", 29400), ["train", "r.yaml"])
-    assert nodes[:10] == ["--nproc-per-node", "8", "--nnodes", "2", "--max-restarts", "0",
-                          "--monitor-interval", "0.5", "--node-rank", "1"]
+    assert nodes[:12] == ["--nproc-per-node", "8", "--nnodes", "2", "--max-restarts", "0",
+                          "--monitor-interval", "0.5", "--rdzv-backend", "static", "--node-rank", "1"]
     assert nodes[nodes.index("--master-addr") + 1] == "10.0.0.1" and "--standalone" not in nodes
     # each rank's CPU threads: the cores shared out (torchrun's default, announced, is 1)
     assert [threads_per_rank(n, cores=64) for n in (1, 2, 8, 128)] == [64, 32, 8, 1]

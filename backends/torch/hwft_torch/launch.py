@@ -23,7 +23,10 @@ def torchrun_args(spec: Launch, argv: list[str]) -> list[str]:
     if spec.nnodes == 1 and not spec.master_addr:
         args.append("--standalone")
     else:
-        args += ["--node-rank", str(spec.node_rank), "--master-addr", spec.master_addr or "127.0.0.1",
+        # The static rendezvous: each node's rank is the --node-rank given (c10d's would rank the
+        # nodes by arrival and ignore it).
+        args += ["--rdzv-backend", "static", "--node-rank", str(spec.node_rank),
+                 "--master-addr", spec.master_addr or "127.0.0.1",
                  "--master-port", str(spec.master_port)]
     return [*args, "-m", "hwft", *argv]
 
