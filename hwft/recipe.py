@@ -394,6 +394,11 @@ class ParallelSpec(Section):
     offload_optimizer: bool = Field(False, description="Keep optimizer state in host memory.")
     offload_params: bool = Field(False, description="Keep parameters in host memory.")
     activation_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    sequence_parallel: int = Field(
+        1, ge=1, description="Split each row's tokens over this many ranks (DeepSpeed's Ulysses attention "
+        "over SDPA; torch engine, sft and cpt, unpacked rows): for rows longer than one device holds. The "
+        "processes must be a multiple of it; the model's attention heads must split over it."
+    )
     accelerate_config: str | None = Field(
         None, description="An accelerate config file (accelerate config's YAML), translated into these "
         "settings and the default process counts of --nproc/--nnodes (see hwft/accelerate_config.py)."

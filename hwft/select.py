@@ -46,6 +46,17 @@ def parallel_problems(recipe: Recipe) -> list[str]:
         out.append(f"parallel.offload_params with deepspeed needs zero_stage 3, not {p.zero_stage}")
     if p.deepspeed_config and p.strategy != "deepspeed":
         out.append(f"parallel.deepspeed_config is set but parallel.strategy is {p.strategy}, not deepspeed")
+    if p.sequence_parallel > 1:
+        n = p.sequence_parallel
+        if recipe.method.objective not in ("sft", "cpt"):
+            out.append(f"parallel.sequence_parallel {n} with objective {recipe.method.objective} (sequence "
+                       "parallelism trains sft and cpt); remove it")
+        elif recipe.data.packing is not False:
+            out.append(f"parallel.sequence_parallel {n} with packed rows (not supported yet: each packed example "
+                       "would need its own mask after the all-to-all); set data.packing: false")
+        if p.strategy == "deepspeed":
+            out.append(f"parallel.sequence_parallel {n} with parallel.strategy deepspeed (not wired up); use ddp "
+                       "or fsdp2")
     if p.strategy in ("fsdp2", "deepspeed"):  # both shard parameters, gradients or optimizer state
         # FSDP2 shards bitsandbytes' packed 4-bit weights as any other tensor (each rank keeps
         # its layers' quantisation state whole); DeepSpeed's partitioning does not know them.
@@ -59,6 +70,15 @@ def parallel_problems(recipe: Recipe) -> list[str]:
             out.append(f"train.precision fp16 with parallel.strategy {p.strategy} (no loss scaling across "
                        "shards in hwft); use bf16")
     return out
+
+
+def ranks_problem(recipe: Recipe, world_size: int) -> str | None:
+    """Why ``world_size`` processes cannot run the recipe's sequence parallelism, or None."""
+    n = recipe.parallel.sequence_parallel
+    if n > 1 and world_size % n:
+        return (f"parallel.sequence_parallel {n} needs a multiple of {n} processes, not {world_size} "
+                f"(--nproc {n}, or {n} x the data-parallel replicas)")
+    return None
 
 
 def capability_problems(recipe: Recipe, cap: Capability) -> list[str]:
@@ -93,8 +113,12 @@ def capability_problems(recipe: Recipe, cap: Capability) -> list[str]:
         out.append("train.optimizer 'fused_adamw' (no fused AdamW here; use adamw)")
     if k.compile and not cap.compile:
         out.append("kernels.compile (not supported)")
-    if recipe.parallel.strategy not in cap.parallel:
-        out.append(f"parallel.strategy '{recipe.parallel.strategy}' (it has: {', '.join(cap.parallel)})")
+    strategies = [s for s in cap.parallel if s != "ulysses"]  # ulysses: sequence_parallel, not a strategy
+    if recipe.parallel.strategy not in strategies:
+        out.append(f"parallel.strategy '{recipe.parallel.strategy}' (it has: {', '.join(strategies)})")
+    if recipe.parallel.sequence_parallel > 1 and "ulysses" not in cap.parallel:
+        out.append(f"parallel.sequence_parallel {recipe.parallel.sequence_parallel} (no Ulysses sequence parallelism "
+                   "here: the torch backends have it with DeepSpeed installed)")
     if recipe.data.packing and not cap.packing:
         out.append("data.packing (set data.packing: false)")
     return out

@@ -14,7 +14,7 @@ from hwft.checkpoint import Checkpoint
 from hwft.resume import open_checkpoint
 from hwft.data.loading import TrainData, load_train_data
 from hwft.distributed import Launch, world_from_env
-from hwft.errors import SelectionError, UserError
+from hwft.errors import RecipeError, SelectionError, UserError
 from hwft.job import Job
 from hwft.models import ResolvedModel, check_adapter, check_remote_code, materialise, resolve_model
 from hwft.output import RunDir, check_output_dir
@@ -120,6 +120,10 @@ def launch_run(recipe: Recipe, launch: Launch, worker_argv: list[str], dry_run: 
             f"this process is already rank {world.rank} of {world.size} (started by {world.launcher}); "
             "drop --nproc/--nnodes, the launcher started the processes"
         )
+    from hwft.select import ranks_problem
+
+    if problem := ranks_problem(recipe, launch.world_size):
+        raise RecipeError(problem)
     plan = plan_run(recipe, ranks=launch.world_size, resume=resume)
     backend = plan.choice.backend
     if backend.launch is None:

@@ -28,8 +28,9 @@ from hwft.objective import Objective
 from hwft.plugins import get_host
 from hwft.steplog import StepLog
 from hwft.recipe import Recipe
-from hwft.select import compile_decision
-from hwft_torch import compiling
+from hwft.errors import RecipeError
+from hwft.select import compile_decision, ranks_problem
+from hwft_torch import compiling, sequence_parallel
 from hwft_torch.checkpoint import TorchState
 from hwft_torch.modeling import (
     DTYPES,
@@ -226,6 +227,8 @@ def train(job: Job, runtime: DeviceRuntime) -> Result:
         job.log(f"parallel: {recipe.parallel.strategy} over {world.size} processes "
                 f"({job.choice.capability.collective}), {t.micro_batch_size} x {t.gradient_accumulation_steps} "
                 f"micro-batches per rank and step")
+    if problem := ranks_problem(recipe, world.size):  # ranks started by torchrun or srun themselves
+        raise RecipeError(problem)
     seed_everything(t.seed)
 
     # 1. Tokenizer and data (hwft.job.Job.inputs, the same for every engine).
@@ -240,6 +243,11 @@ def train(job: Job, runtime: DeviceRuntime) -> Result:
         runtime.before_load(recipe)
     if device.type == "cpu":  # what the model and its training add to the process (hwft plan's figures)
         job.results.update(memory_before_load_bytes=cpu_current_rss())
+    spread = recipe.parallel.sequence_parallel
+    if spread > 1:
+        from transformers import AutoConfig
+
+        sequence_parallel.check_model(AutoConfig.from_pretrained(model_path, local_files_only=True), spread)
     model = load_model(model_path, recipe, device, tuning, dtype)
     needed = family_attention(model_type_of(model_path)) if recipe.kernels.attention == "auto" else None
     if needed is not None:
@@ -258,6 +266,12 @@ def train(job: Job, runtime: DeviceRuntime) -> Result:
     def autocast():
         return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
+    undo_ulysses = None
+    if spread > 1:
+        undo_ulysses = sequence_parallel.register(model, spread, t.micro_batch_size)
+        groups = world.size // spread
+        job.log(f"sequence parallel: each row's tokens split over {spread} ranks (DeepSpeed's Ulysses attention "
+                f"over sdpa), {groups} data-parallel {'group' if groups == 1 else 'groups'}")
     objective = make_objective(Setup(job, batches, model, tokenizer, device, autocast, collective, runtime, applied))
     steps = batches.steps
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
@@ -283,6 +297,8 @@ def train(job: Job, runtime: DeviceRuntime) -> Result:
     def close() -> None:
         strategy.close()
         applied.undo()
+        if undo_ulysses:
+            undo_ulysses()
 
     # 3. The loop (hwft.loop): answers (rank 0 alone, unless sharded parameters need every rank
     # in each forward), steps from the checkpoint's on, evaluation, checkpoints, save, plot.

@@ -175,9 +175,15 @@ def build(setup) -> LanguageModelling:
         if own is not None:
             cross_entropy, name = own, getattr(own, "name", "the device's fused linear cross-entropy")
         job.log(f"kernels: {name} on the label positions (no full logits)")
-    objective = LanguageModelling(setup.batches, job.recipe.train.gradient_accumulation_steps,
-                                  setup.tokenizer.pad_token_id, attention_implementation(job.recipe), setup.device, head,
-                                  setup.collective, cross_entropy)
+    args = (setup.batches, job.recipe.train.gradient_accumulation_steps, setup.tokenizer.pad_token_id,
+            attention_implementation(job.recipe), setup.device, head, setup.collective, cross_entropy)
+    n = job.recipe.parallel.sequence_parallel
+    if n > 1:  # each row's tokens over n ranks (hwft_torch.sequence_parallel)
+        from hwft_torch.sequence_parallel import SequenceParallel
+
+        objective = SequenceParallel(*args, n=n, micro_batch_size=job.recipe.train.micro_batch_size)
+    else:
+        objective = LanguageModelling(*args)
     balance_router(objective, setup.model, job)
     return objective
 
