@@ -113,12 +113,12 @@ def capability_problems(recipe: Recipe, cap: Capability) -> list[str]:
         out.append("train.optimizer 'fused_adamw' (no fused AdamW here; use adamw)")
     if k.compile and not cap.compile:
         out.append("kernels.compile (not supported)")
-    strategies = [s for s in cap.parallel if s != "ulysses"]  # ulysses: sequence_parallel, not a strategy
-    if recipe.parallel.strategy not in strategies:
-        out.append(f"parallel.strategy '{recipe.parallel.strategy}' (it has: {', '.join(strategies)})")
-    if recipe.parallel.sequence_parallel > 1 and "ulysses" not in cap.parallel:
+    if recipe.parallel.strategy not in cap.parallel:
+        out.append(f"parallel.strategy '{recipe.parallel.strategy}' (it has: {', '.join(cap.parallel)})")
+    if recipe.parallel.sequence_parallel > 1 and "deepspeed" not in cap.parallel:
+        # DeepSpeed's Ulysses attention (hwft_torch.sequence_parallel): where a backend has DeepSpeed
         out.append(f"parallel.sequence_parallel {recipe.parallel.sequence_parallel} (no Ulysses sequence parallelism "
-                   "here: the torch backends have it with DeepSpeed installed)")
+                   "here: it is DeepSpeed's, on the torch backends with DeepSpeed installed)")
     if recipe.data.packing and not cap.packing:
         out.append("data.packing (set data.packing: false)")
     return out

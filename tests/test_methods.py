@@ -385,7 +385,6 @@ def test_reward_model_refusals(reward_models, tiny_llama, tmp_path, cli):
 @pytest.mark.parametrize("sections, message", [
     ({"method": {"ppo": {"rewards": []}}}, "objective ppo needs at least one reward in method.ppo.rewards"),
     ({"train": {"save_every": 2}}, "train.save_every: ppo runs are not checkpointed yet"),
-    ({"parallel": {"strategy": "ddp"}}, "parallel.strategy ddp: ppo trains in one process for now"),
 ])
 def test_ppo_refusals(tiny_llama, tmp_path, cli, sections, message):
     recipe = cell_recipe(tmp_path, tiny_llama, "ppo", "lora", **sections)

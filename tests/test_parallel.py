@@ -202,16 +202,29 @@ def test_strategy_matches_one_process(single, tiny_llama, tmp_path, tuning, over
     torch.testing.assert_close(logits_of(tiny_llama, tmp_path / "out"), whole, atol=LOGIT_TOLERANCE, rtol=0)
 
 
+@pytest.fixture(scope="module")
+def one_node(tiny_llama, tmp_path_factory):
+    """The reference of the several-machine runs, made on first use: ``--nproc 2`` on one node."""
+    made: list[Path] = []
+
+    def run() -> Path:
+        if not made:
+            folder = tmp_path_factory.mktemp("one-node")
+            done = launch(recipe(folder, tiny_llama, "lora"), "parallel.strategy=ddp")
+            assert done.returncode == 0, done.stderr[-3000:]
+            made.append(folder)
+        return made[0]
+
+    return run
+
+
 @pytest.mark.parametrize("start", [launch_two_nodes, launch_as_srun], ids=["two-nodes", "srun"])
-def test_several_machines_train_as_one_machine_of_two_processes(tiny_llama, tmp_path, start):
+def test_several_machines_train_as_one_machine_of_two_processes(tiny_llama, tmp_path, start, one_node):
     """Two nodes of one process each (two launchers on this host, torchrun's static rendezvous at
     --master-addr:--master-port), or two tasks as srun starts them, train the very steps one node
     of two processes trains: the same reductions in the same order, so the same losses."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    one.mkdir()
+    one, two = one_node(), tmp_path / "two"
     two.mkdir()
-    reference = launch(recipe(one, tiny_llama, "lora"), "parallel.strategy=ddp")
-    assert reference.returncode == 0, reference.stderr[-3000:]
     done = start(recipe(two, tiny_llama, "lora"), "parallel.strategy=ddp")
     assert done.stdout.count("done: results in") == 1
     assert "parallel: ddp over 2 processes (gloo)" in done.stderr
@@ -316,6 +329,66 @@ def test_grpo_scores_all_ranks_rollouts_together(tiny_llama, tmp_path):
     assert len({r["prompt"] for r in rollouts}) == 2
     run = read_jsonl(tmp_path / "out" / "metrics.jsonl")
     assert len(run) == 2 and "reward" in run[0] and run[1]["clip_ratio"] >= 0
+
+
+def test_ppo_whitens_and_normalises_over_every_rank(tiny_llama, tmp_path):
+    """PPO under ddp: each rank samples its share of the prompts; the completions are scored
+    together, the advantages whitened over every rank's tokens and each loss divided by the
+    step's completion tokens, so the value head and policy train as in one process; rank 0
+    writes every rank's rollouts once."""
+    prompts = [{"prompt": f"What is {i} + {i}?", "reference": str(2 * i)} for i in range(1, 5)]
+    write_jsonl(tmp_path / "prompts.jsonl", prompts)
+    path = write_recipe(
+        tmp_path, tiny_llama, data={"train": [{"path": "prompts.jsonl"}]},
+        method={"objective": "ppo", "tuning": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+                "ppo": {"max_new_tokens": 6, "num_iterations": 3, "rewards": ["testing_vowels"]}},
+        train={"lr": 1e-2, "max_steps": 3, "micro_batch_size": 2, "max_length": 64, "precision": "fp32",
+               "seed": 3, "log_every": 1},
+        output={"dir": str(tmp_path / "out"), "plot": False},
+    )
+    done = launch(path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rollouts = read_jsonl(tmp_path / "out" / "rollouts.jsonl")
+    assert len(rollouts) == 4 and {r["step"] for r in rollouts} == {1}  # 2 ranks x 2 prompts, once
+    assert len({r["prompt"] for r in rollouts}) == 4
+    run = read_jsonl(tmp_path / "out" / "metrics.jsonl")
+    assert run[0]["clip_ratio"] == 0 and run[-1]["value_loss"] < run[0]["value_loss"], run
+    assert (tmp_path / "out" / "adapter" / "value_head.safetensors").is_file()
+
+
+def test_whitening_over_ranks_is_whitening_over_the_whole_batch():
+    """hwft.methods.ppo.whiten on two ranks' halves, their sums exchanged as the collective does,
+    gives the one-process whitening."""
+    import threading
+
+    import numpy as np
+
+    from hwft.distributed import Collective, World
+    from hwft.methods.ppo import whiten
+
+    rng = np.random.default_rng(0)
+    xs = [rng.normal(size=(3, 5)) for _ in range(4)]
+    masks = [(rng.random((3, 5)) > 0.3).astype(float) for _ in range(4)]
+    barrier, sums = threading.Barrier(2), {}
+
+    class Pair(Collective):  # the sums two ranks' all_reduce gives, between two threads
+        def sum(self, values):
+            sums[self.world.rank] = values
+            barrier.wait()
+            total = [a + b for a, b in zip(sums[0], sums[1], strict=True)]
+            barrier.wait()
+            return total
+
+    got = {}
+    threads = [threading.Thread(target=lambda r: got.__setitem__(r, whiten(xs[2 * r:2 * r + 2], masks[2 * r:2 * r + 2],
+                                                                         Pair(World(r, 2)))), args=(r,))
+               for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(got[0] + got[1], whiten(xs, masks), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-12)
 
 
 def _rank_pid(tag: str, rank: int, variable: str) -> int | None:

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field, field_validator
 
+from hwft.distributed import ALONE, Collective
 from hwft.errors import RecipeError
 from hwft.methods.grpo import RewardSpec, reward_shorthand
 from hwft.methods.record import Cell, Method
@@ -94,39 +95,52 @@ def gae(rewards: np.ndarray, values: np.ndarray, mask: np.ndarray, gamma: float,
     return advantages * mask, (advantages + values) * mask
 
 
-def whiten(xs: list[np.ndarray], masks: list[np.ndarray]) -> list[np.ndarray]:
+def whiten(xs: list[np.ndarray], masks: list[np.ndarray], collective: Collective = ALONE) -> list[np.ndarray]:
     """(x - mean) / sqrt(var + 1e-8) over the masked entries of all of ``xs`` together (the
-    micro-batches of a rollout batch), the variance with Bessel's correction; 0 where masked."""
+    micro-batches of a rollout batch, on every rank), the variance with Bessel's correction; 0
+    where masked."""
     values = np.concatenate([x[m > 0] for x, m in zip(xs, masks, strict=True)])
-    mean = values.mean()
-    var = ((values - mean) ** 2).sum() / max(len(values) - 1, 1)
+    total, count = collective.sum([float(values.sum()), float(len(values))])
+    mean = total / max(count, 1.0)
+    (squares,) = collective.sum([float(((values - mean) ** 2).sum())])
+    var = squares / max(count - 1, 1.0)
     return [(x - mean) / np.sqrt(var + 1e-8) * m for x, m in zip(xs, masks, strict=True)]
 
 
-def rollout_targets(batch: list[dict], spec: PpoSpec) -> list[tuple[np.ndarray, np.ndarray]]:
+def rollout_targets(batch: list[dict], spec: PpoSpec, collective: Collective = ALONE
+                    ) -> list[tuple[np.ndarray, np.ndarray]]:
     """(whitened advantages, returns) of each micro-batch of a rollout batch, from its
     ``scores`` (n,) and the sampling policy's ``logps``, the reference's ``ref_logps``, the
-    ``values`` and the ``mask``, each (n, T)."""
+    ``values`` and the ``mask``, each (n, T); whitened over every rank's tokens."""
     gaes = [gae(token_rewards(b["scores"], b["logps"], b["ref_logps"], b["mask"], spec.kl_coef),
                 b["values"], b["mask"], spec.gamma, spec.lam) for b in batch]
-    whitened = whiten([a for a, _ in gaes], [b["mask"] for b in batch])
+    whitened = whiten([a for a, _ in gaes], [b["mask"] for b in batch], collective)
     return [(a, r) for a, (_, r) in zip(whitened, gaes, strict=True)]
 
 
-def score_samples(samples: list, spec: PpoSpec, registered: dict) -> tuple[list[float], dict[str, float]]:
-    """Each completion's score (the weighted rewards) and the rollout batch's logged statistics."""
+def score_samples(samples: list, spec: PpoSpec, registered: dict, collective: Collective = ALONE
+                  ) -> tuple[list[float], dict[str, float], list, list[float]]:
+    """This rank's completions' scores (the weighted rewards), the rollout batch's logged
+    statistics, and every rank's completions with their scores (gathered in rank order and
+    scored together, as one process would)."""
     import statistics
+    from dataclasses import asdict
 
-    from hwft.rewards import score
+    from hwft.rewards import Sample, score
 
-    totals, per_function = score(samples, spec.rewards, registered)
+    gathered = collective.gather([asdict(s) for s in samples])
+    everyone = [Sample(**d) for part in gathered for d in part]
+    start = sum(len(part) for part in gathered[: collective.world.rank])
+    totals, per_function = score(everyone, spec.rewards, registered)
+    mine = totals[start : start + len(samples)]
+    samples, totals, per_function = everyone, totals, per_function
     metrics = {"reward": statistics.fmean(totals),
                "reward_std": statistics.pstdev(totals),
                "completion_length": statistics.fmean(s.completion_tokens for s in samples),
                "truncated": sum(s.truncated for s in samples) / len(samples)}
     for name, values in per_function.items():
         metrics[f"rewards/{name}/mean"] = statistics.fmean(values)
-    return totals, metrics
+    return mine, metrics, everyone, totals
 
 
 def check(recipe, host) -> None:
@@ -137,9 +151,6 @@ def check(recipe, host) -> None:
     if recipe.train.save_every:
         raise RecipeError("train.save_every: ppo runs are not checkpointed yet (the value head is not kept in "
                           "checkpoints); remove save_every")
-    if recipe.parallel.strategy != "none":
-        raise RecipeError(f"parallel.strategy {recipe.parallel.strategy}: ppo trains in one process for now "
-                          "(its value head is not synchronised across ranks); use strategy none")
 
 
 PROMPTS = tuple({"prompt": f"What is {i} + {i}?", "reference": str(2 * i)} for i in range(1, 5))

@@ -37,7 +37,7 @@ class Proximal(GroupRelative):
     def rollout(self, model, step: int) -> list[Rollouts]:
         g = self.spec
         micro, generated, samples = self.sample_step(model)
-        scores, metrics = score_samples(samples, g, self.registered)
+        scores, metrics, everyone, every_score = score_samples(samples, g, self.registered, self.collective)
         batch, arrays, start = [], [], 0
         for prompts, outs in zip(micro, generated, strict=True):
             r = rollout_arrays([p.input_ids for p in prompts], [c for c, _ in outs], self.pad_id)
@@ -51,13 +51,14 @@ class Proximal(GroupRelative):
                            "values": np.array(r.old_values), "mask": np.array(r.mask)})
             start += len(prompts)
             batch.append(r)
-        tokens = float(sum(a["mask"].sum() for a in arrays))
-        for r, (advantages, returns) in zip(batch, rollout_targets(arrays, g), strict=True):
+        # The step's completion tokens and KL on every rank: each rank's loss is its share of the step's.
+        tokens, kl_sum = self.collective.sum([float(sum(a["mask"].sum() for a in arrays)),
+                                              sum(float(((a["logps"] - a["ref_logps"]) * a["mask"]).sum()) for a in arrays)])
+        for r, (advantages, returns) in zip(batch, rollout_targets(arrays, g, self.collective), strict=True):
             r.advantages, r.returns = mx.array(advantages.astype(np.float32)), mx.array(returns.astype(np.float32))
             r.normaliser = max(tokens, 1.0)
-        kl = sum(float(((a["logps"] - a["ref_logps"]) * a["mask"]).sum()) for a in arrays) / max(tokens, 1.0)
-        self.note(kl=kl, **metrics)
-        write_rollouts(self.log_path, step, ScoredRollouts(samples, scores, [0.0] * len(samples), metrics))
+        self.note(kl=kl_sum / max(tokens, 1.0), **metrics)  # every rank notes the whole batch's
+        write_rollouts(self.log_path, step, ScoredRollouts(everyone, every_score, [0.0] * len(everyone), metrics))
         return batch
 
     def loss(self, model, r: Rollouts):

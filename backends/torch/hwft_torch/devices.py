@@ -148,14 +148,14 @@ def parse_nvidia_smi(out: str) -> tuple[dict, ...]:
 
 def torch_fields(device_note: str | None = None) -> dict:
     """Capability fields every torch device shares: bitsandbytes QLoRA (:func:`quantised`) and
-    the parallel strategies — DDP and FSDP2 come with torch, DeepSpeed where it is installed, and
-    with it Ulysses sequence parallelism (``ulysses``: parallel.sequence_parallel)."""
+    the parallel strategies — DDP and FSDP2 come with torch, DeepSpeed where it is installed (and
+    with it Ulysses sequence parallelism, parallel.sequence_parallel)."""
     fields = quantised(device_note)
     strategies = ("none", "ddp", "fsdp2")
     if importlib.util.find_spec("deepspeed") is None:
         fields["notes"] = {**fields["notes"], "deepspeed": "DeepSpeed is not installed (pip install deepspeed)"}
     else:
-        strategies += ("deepspeed", "ulysses")  # ulysses: parallel.sequence_parallel, DeepSpeed's attention
+        strategies += ("deepspeed",)
     return {**fields, "parallel": strategies}
 
 

@@ -132,11 +132,14 @@ def answer(model, tokenizer, renderer: ChatRenderer, prompt: str, max_new_tokens
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
-def save(job: Job, strategy, tokenizer, final) -> None:
+def save(job: Job, strategy, tokenizer, final, objective=None) -> None:
     """The result (adapter/ or model/ with the tokenizer), renamed into place by rank 0;
     sharded weights are gathered first (every rank takes part), so a sharded run writes the
-    same adapter/ or model/ a single process does."""
+    same adapter/ or model/ a single process does. What the objective trains beside the model
+    (ppo's value head) is handed to it gathered, for its save_extras."""
     full = strategy.full_state_dict()
+    if full is not None and objective is not None:
+        objective.gathered = {k: v for k, v in full.items() if k.startswith("v_head.")}
     if not job.world.main:
         return
     with job.run_dir.atomic_dir(final) as tmp:
@@ -306,7 +309,7 @@ def train(job: Job, runtime: DeviceRuntime) -> Result:
     return run_steps(job, EngineRun(
         objective=objective, steps=steps, train_step=step,
         state=TorchState(strategy, tokenizer, recipe, device, save_result), strategy=strategy.name,
-        save=lambda out: save(job, strategy, tokenizer, out), tuning=tuning,
+        save=lambda out: save(job, strategy, tokenizer, out, objective), tuning=tuning,
         dtype={v: k for k, v in DTYPES.items()}[dtype], model=model, device=str(device),
         ask=ask if world.main or synced else None, held_out_loss=evaluate if held_out else None,
         held_out_size=len(held_out or []), peak_memory=runtime.peak_memory,

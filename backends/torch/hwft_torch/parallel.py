@@ -225,6 +225,9 @@ class FullyShardedDataParallel(Single):
         offload = {"offload_policy": CPUOffloadPolicy(pin_memory=not on_host)} if recipe.parallel.offload_params else {}
         for unit in fsdp_units(model):
             fully_shard(unit, **offload)
+        if isinstance(getattr(model, "v_head", None), torch.nn.Module):
+            # ppo's value head is called after the model's forward: its own unit, gathered when called
+            fully_shard(model.v_head, **offload)
         fully_shard(model, **offload)
         # generate() is a forward too: a PEFT model's generate calls the inner model's forward,
         # never the root's, so the root's own shards (embeddings, final norm, head) would stay

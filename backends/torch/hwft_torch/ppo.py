@@ -21,6 +21,7 @@ from hwft.rewards import ScoredRollouts, write_rollouts
 from hwft_torch.grpo import GroupRelative, Rollouts, completion_logps
 from hwft_torch.losses import ppo_loss, target_logps
 from hwft_torch.modeling import Reference
+from hwft_torch.parallel import sharded
 
 
 def policy_outputs(model, r: Rollouts, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +47,7 @@ class Proximal(GroupRelative):
     def rollout(self, model, step: int) -> list[Rollouts]:
         g = self.spec
         batch, samples = self.sample_step(model)
-        scores, metrics = score_samples(samples, g, self.registered)
+        scores, metrics, everyone, every_score = score_samples(samples, g, self.registered, self.collective)
         arrays, start = [], 0
         for r in batch:
             n = len(r.completion_ids)
@@ -58,14 +59,15 @@ class Proximal(GroupRelative):
                            "logps": r.old_logps.float().cpu().numpy(), "ref_logps": r.ref_logps.float().cpu().numpy(),
                            "values": r.old_values.cpu().numpy(), "mask": r.completion_mask.float().cpu().numpy()})
             start += n
-        tokens = float(sum(r.completion_mask.sum() for r in batch))
-        for r, (advantages, returns) in zip(batch, rollout_targets(arrays, g), strict=True):
+        # The step's completion tokens and KL on every rank: each rank's loss is its share of the step's.
+        kl_sum = sum(float(((r.old_logps - r.ref_logps) * r.completion_mask).sum()) for r in batch)
+        tokens, kl_sum = self.collective.sum([float(sum(r.completion_mask.sum() for r in batch)), kl_sum])
+        for r, (advantages, returns) in zip(batch, rollout_targets(arrays, g, self.collective), strict=True):
             r.advantages = torch.tensor(advantages, device=self.device)
             r.returns = torch.tensor(returns, device=self.device)
             r.normaliser = max(tokens, 1.0)
-        kl = sum(float(((r.old_logps - r.ref_logps) * r.completion_mask).sum()) for r in batch) / max(tokens, 1.0)
-        self.note(kl=kl, **metrics)
-        write_rollouts(self.log_path, step, ScoredRollouts(samples, scores, [0.0] * len(samples), metrics))
+        self.note(kl=kl_sum / max(tokens, 1.0), **metrics)  # every rank notes the whole batch's
+        write_rollouts(self.log_path, step, ScoredRollouts(everyone, every_score, [0.0] * len(everyone), metrics))
         return batch
 
     def loss(self, model, r: Rollouts) -> Loss:
@@ -82,8 +84,10 @@ class Proximal(GroupRelative):
         from safetensors.torch import save_file
 
         head = self.value_head
-        save_file({"v_head.summary.weight": head.weight.detach().float().cpu().contiguous(),
-                   "v_head.summary.bias": head.bias.detach().float().cpu().contiguous()},
+        gathered = getattr(self, "gathered", None) or {}  # a sharded run's, gathered by the engine's save
+        weight, bias = gathered.get("v_head.weight", head.weight), gathered.get("v_head.bias", head.bias)
+        save_file({"v_head.summary.weight": weight.detach().float().cpu().contiguous(),
+                   "v_head.summary.bias": bias.detach().float().cpu().contiguous()},
                   str(folder / "value_head.safetensors"))
 
 
@@ -101,6 +105,7 @@ def build(setup) -> Proximal:
     setup.model.add_module("v_head", head)
     rollouts = job.run_dir.path / "rollouts.jsonl" if job.world.main else None
     objective = Proximal(setup.batches, recipe.method.ppo, recipe.train.gradient_accumulation_steps, setup.tokenizer,
-                         get_host().rewards(), setup.device, reference, rollouts, setup.autocast, setup.collective)
+                         get_host().rewards(), setup.device, reference, rollouts, setup.autocast, setup.collective,
+                         synced=sharded(recipe))  # sharded parameters: every rank generates in lockstep
     objective.value_head = head
     return objective
