@@ -100,34 +100,29 @@ def rows(shape: Shape, optimizer: str, n: int) -> list[Row]:
     u = 2 * shape.unit_bytes * copies
     a, ac = shape.activation_bytes, shape.checkpointed_activation_bytes
 
-    def row(name, overrides, weights, grads, opt, host=0, needs=1):
-        settings = tuple((k.strip(), _value(v.strip())) for k, v in
-                         (part.split(":") for part in overrides.removeprefix("... ").split(", ")))
-        if overrides.startswith("... "):  # deepspeed's variants
-            settings = (("strategy", "deepspeed"), *settings)
+    def row(name, settings, weights, grads, opt, host=0, needs=1):
+        """``settings``: the row's parallel settings; its overrides text is made from them."""
+        overrides = ", ".join(f"{'parallel.' if i == 0 else ''}{k}: {str(v).lower() if isinstance(v, bool) else v}"
+                              for i, (k, v) in enumerate(settings.items()))
         return Row(name, overrides, int(weights), int(grads), int(opt), a, ac, int(host), needs,
-                   tuple((k.removeprefix("parallel."), v) for k, v in settings))
+                   tuple(settings.items()))
 
     shard = max(n, 1)
+    ds = {"strategy": "deepspeed"}
     return [
-        row("none", "parallel.strategy: none", w, g, o),
-        row("ddp", "parallel.strategy: ddp", w, g, o, needs=2),
-        row("deepspeed zero 1", "parallel.strategy: deepspeed, zero_stage: 1", w, g, o / shard, needs=2),
-        row("deepspeed zero 2", "parallel.strategy: deepspeed, zero_stage: 2", w, g / shard, o / shard, needs=2),
-        row("deepspeed zero 2 + offload_optimizer", "... zero_stage: 2, offload_optimizer: true", w, g / shard, 0,
+        row("none", {"strategy": "none"}, w, g, o),
+        row("ddp", {"strategy": "ddp"}, w, g, o, needs=2),
+        row("deepspeed zero 1", {**ds, "zero_stage": 1}, w, g, o / shard, needs=2),
+        row("deepspeed zero 2", {**ds, "zero_stage": 2}, w, g / shard, o / shard, needs=2),
+        row("deepspeed zero 2 + offload_optimizer", {**ds, "zero_stage": 2, "offload_optimizer": True}, w, g / shard, 0,
             host=o / shard),
-        row("fsdp2", "parallel.strategy: fsdp2", w / shard + u, g / shard, o / shard, needs=2),
-        row("fsdp2 + offload_params", "parallel.strategy: fsdp2, offload_params: true", u, 0, 0,
+        row("fsdp2", {"strategy": "fsdp2"}, w / shard + u, g / shard, o / shard, needs=2),
+        row("fsdp2 + offload_params", {"strategy": "fsdp2", "offload_params": True}, u, 0, 0,
             host=(w + g + o) / shard),
-        row("deepspeed zero 3", "parallel.strategy: deepspeed, zero_stage: 3", w / shard + u, g / shard, o / shard,
-            needs=2),
-        row("deepspeed zero 3 + offload", "... zero_stage: 3, offload_params: true, offload_optimizer: true", u, 0, 0,
-            host=(w + g + o) / shard),
+        row("deepspeed zero 3", {**ds, "zero_stage": 3}, w / shard + u, g / shard, o / shard, needs=2),
+        row("deepspeed zero 3 + offload", {**ds, "zero_stage": 3, "offload_params": True, "offload_optimizer": True},
+            u, 0, 0, host=(w + g + o) / shard),
     ]
-
-
-def _value(text: str):
-    return {"true": True, "false": False}.get(text, int(text) if text.isdigit() else text)
 
 
 def fits(row: Row, devices: Devices, checkpointed: bool = False) -> bool:
