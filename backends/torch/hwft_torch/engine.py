@@ -37,7 +37,9 @@ from hwft_torch.modeling import (
     attention_implementation,
     experts_implementation,
     family_attention,
+    import_model_code,
     load_model,
+    load_skeleton,
     model_type_of,
     quantised_linear_count,
     save_result,
@@ -45,7 +47,13 @@ from hwft_torch.modeling import (
 from hwft_torch.methods import ENGINE, Setup
 from hwft_torch.objective import held_out_loss
 from hwft_torch.parallel import TorchCollective, init_process_group, make_strategy, sharded
-from hwft_torch.host_memory import cpu_current_rss, keep_freed_host_memory
+from hwft_torch.host_memory import (
+    cpu_current_rss,
+    cpu_peak_rss_since_reset,
+    keep_freed_host_memory,
+    map_passing_blocks,
+    reset_peak_rss,
+)
 
 if TYPE_CHECKING:  # the runtime calls this loop (DeviceRuntime.train); the loop only reads it
     from hwft_torch.runtime import DeviceRuntime
@@ -220,8 +228,8 @@ def train(job: Job, runtime: DeviceRuntime) -> Result:
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
     tuning = effective_tuning(job)
     device = runtime.device(world.local_rank)
-    if device.type == "cpu" and (kept := keep_freed_host_memory()):
-        job.log(kept)
+    if device.type == "cpu":
+        map_passing_blocks()  # while loading (hwft_torch.host_memory)
     collective: Collective = ALONE
     owns_group = False
     if world.size > 1 or recipe.parallel.strategy != "none":
@@ -245,13 +253,23 @@ def train(job: Job, runtime: DeviceRuntime) -> Result:
     if runtime.before_load:
         runtime.before_load(recipe)
     if device.type == "cpu":  # what the model and its training add to the process (hwft plan's figures)
+        import_model_code(model_path, recipe, tuning)
         job.results.update(memory_before_load_bytes=cpu_current_rss())
+        reset_peak_rss()
     spread = recipe.parallel.sequence_parallel
     if spread > 1:
         from transformers import AutoConfig
 
         sequence_parallel.check_model(AutoConfig.from_pretrained(model_path, local_files_only=True), spread)
-    model = load_model(model_path, recipe, device, tuning, dtype)
+    # fsdp2 over several ranks: a skeleton now, each rank's shards read once it is sharded.
+    model, weights = (load_skeleton(model_path, recipe, device, tuning, dtype, world)
+                      if recipe.parallel.strategy == "fsdp2" and world.size > 1 else (None, None))
+    if model is not None:
+        job.log("fsdp2: each rank reads only its own shards of the weights (no rank loads the whole model)")
+    else:
+        if weights:
+            job.log(f"fsdp2: each rank loads the whole model, then keeps its shards ({weights})")
+        model, weights = load_model(model_path, recipe, device, tuning, dtype), None
     needed = family_attention(model_type_of(model_path)) if recipe.kernels.attention == "auto" else None
     if needed is not None:
         job.log(f"attention: {needed[0]}, not sdpa ({needed[1]})")
@@ -280,8 +298,14 @@ def train(job: Job, runtime: DeviceRuntime) -> Result:
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     strategy = make_strategy(
         recipe, model, lambda m: make_optimizer(m, recipe, runtime), lambda o: make_scheduler(o, recipe, steps),
-        world, t.max_grad_norm or float("inf"), scaler,
+        world, t.max_grad_norm or float("inf"), scaler, weights,
     )
+    if device.type == "cpu":
+        job.results.update(memory_load_peak_bytes=cpu_peak_rss_since_reset())
+        if weights is not None:
+            job.results.update(memory_shard_bytes=weights.held_bytes)
+        if kept := keep_freed_host_memory():  # for the steps, now that loading's passing blocks are gone
+            job.log(kept)
     strategy.owns_group = owns_group
     model = strategy.model  # sharded in place by fsdp2; the same module otherwise
     synced = sharded(recipe) and world.size > 1

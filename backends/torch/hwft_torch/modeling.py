@@ -126,19 +126,71 @@ def load_model(path: Path, recipe: Recipe, device: torch.device, tuning: str, co
     extra = dict(head.extra)
     if tuning == "qlora":
         extra.update(quantization_config=quantization_config(recipe, compute_dtype), device_map={"": device})
-    extra.update(experts_implementation(model_type_of(path)))
     try:
         model = head.auto_class().from_pretrained(
             path,
             dtype=torch.float32,
-            attn_implementation=attention_implementation(recipe, model_type_of(path)),
             trust_remote_code=recipe.model.trust_remote_code,
             local_files_only=True,
             use_safetensors=True,  # never a pickled checkpoint (hwft.models.check_safe_weights)
-            **extra,
+            **extra, **built_as(path, recipe),
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load a {head.what} from {path}: {exc}") from None
+    if tuning != "qlora":
+        model.to(device)
+    return tune(model, recipe, tuning)
+
+
+def import_model_code(path: Path, recipe: Recipe, tuning: str) -> None:
+    """Import the code that loading the model runs (its transformers modeling module, peft for an
+    adapter) ahead of it, so that the memory measured around the load is the model's, not the
+    ~140 MiB of Python modules the first load would import."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=recipe.model.trust_remote_code)
+        HEADS[method(recipe.method.objective).head].auto_class()._model_mapping[type(config)]
+    except (OSError, ValueError, KeyError):
+        return  # loading itself says what is wrong
+    if tuning in ("lora", "qlora"):
+        import peft  # noqa: F401
+    if recipe.parallel.strategy == "fsdp2":
+        import accelerate  # noqa: F401  (hwft_torch.sharded_loading's skeleton)
+        import torch.distributed.fsdp  # noqa: F401
+
+
+def load_skeleton(path: Path, recipe: Recipe, device: torch.device, tuning: str, compute_dtype: torch.dtype, world):
+    """(the model without its weights, its tuning applied; the weights to read into its FSDP2
+    shards), or (None, why not) where the checkpoint does not match it by name
+    (hwft_torch.sharded_loading)."""
+    from hwft_torch import sharded_loading
+
+    if why := sharded_loading.why_not(recipe, tuning):
+        return None, why
+    head = HEADS[method(recipe.method.objective).head]
+    try:
+        model, weights = sharded_loading.skeleton(path, recipe, head, tuning, compute_dtype, built_as(path, recipe),
+                                                  device, world.rank, world.size)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load a {head.what} from {path}: {exc}") from None
+    if model is None:
+        return None, weights
+    with sharded_loading.adapters_made_for_real(model):
+        model = tune(model, recipe, tuning)
+    return model, weights
+
+
+def built_as(path: Path, recipe: Recipe) -> dict:
+    """How the model class is built for this recipe, whether loaded or a skeleton: its attention
+    and its experts' implementation."""
+    return dict(attn_implementation=attention_implementation(recipe, model_type_of(path)),
+                **experts_implementation(model_type_of(path)))
+
+
+def tune(model, recipe: Recipe, tuning: str):
+    """The loaded (or skeleton) model made ready for its tuning: qlora's k-bit preparation or
+    checkpointing, no KV cache, then the adapter or the frozen layers."""
     checkpointing = recipe.parallel.activation_checkpointing
     if tuning == "qlora":
         from peft import prepare_model_for_kbit_training
@@ -148,10 +200,8 @@ def load_model(path: Path, recipe: Recipe, device: torch.device, tuning: str, co
             model, use_gradient_checkpointing=checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    else:
-        model.to(device)
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # No KV cache in a training forward (generation asks for one itself): with one, transformers
     # would not read packed examples from the position ids (hwft_torch.objective.to_tensors).
     model.config.use_cache = False

@@ -213,15 +213,16 @@ def fsdp_units(model) -> list[torch.nn.Module]:
 class FullyShardedDataParallel(Single):
     """torch FSDP2: each decoder layer's parameters, gradients and optimizer state sharded over
     the ranks (``fully_shard``), all-gathered for its forward and backward and reduce-scattered
-    after; ``offload_params`` keeps the shards in host memory (CPUOffloadPolicy)."""
+    after; ``offload_params`` keeps the shards in host memory (CPUOffloadPolicy). A skeleton
+    (``weights``: hwft_torch.sharded_loading) is sharded first, then each rank reads its shards."""
 
     name = "fsdp2"
 
-    def __init__(self, model, optimizer_factory, scheduler_factory, world, max_norm, recipe: Recipe):
+    def __init__(self, model, optimizer_factory, scheduler_factory, world, max_norm, recipe: Recipe, weights=None):
         from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard, register_fsdp_forward_method
 
         # Pinned host memory exists only beside an accelerator; on the CPU the shards are host memory already.
-        on_host = next(model.parameters()).device.type == "cpu"
+        on_host = (weights.device if weights is not None else next(model.parameters()).device).type == "cpu"
         offload = {"offload_policy": CPUOffloadPolicy(pin_memory=not on_host)} if recipe.parallel.offload_params else {}
         for unit in fsdp_units(model):
             fully_shard(unit, **offload)
@@ -229,6 +230,8 @@ class FullyShardedDataParallel(Single):
             # ppo's value head is called after the model's forward: its own unit, gathered when called
             fully_shard(model.v_head, **offload)
         fully_shard(model, **offload)
+        if weights is not None:
+            weights.fill(model, torch.device("cpu") if recipe.parallel.offload_params else weights.device)
         # generate() is a forward too: a PEFT model's generate calls the inner model's forward,
         # never the root's, so the root's own shards (embeddings, final norm, head) would stay
         # sharded without FSDP's hooks around it (aten.embedding on a DTensor).
@@ -343,11 +346,12 @@ class ZeroRedundancy(Single):
 
 
 def make_strategy(recipe: Recipe, model, make_optimizer, make_scheduler, world: World, max_norm: float,
-                  scaler=None) -> Single:
-    """The recipe's parallel.strategy around ``model`` (optimizer and schedule built on it)."""
+                  scaler=None, weights=None) -> Single:
+    """The recipe's parallel.strategy around ``model`` (optimizer and schedule built on it);
+    ``weights``: a skeleton's, read into its shards (fsdp2)."""
     strategy = recipe.parallel.strategy
     if strategy == "fsdp2":
-        return FullyShardedDataParallel(model, make_optimizer, make_scheduler, world, max_norm, recipe)
+        return FullyShardedDataParallel(model, make_optimizer, make_scheduler, world, max_norm, recipe, weights)
     optimizer = make_optimizer(model)
     scheduler = make_scheduler(optimizer)
     if strategy == "deepspeed":
