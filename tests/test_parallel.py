@@ -644,5 +644,3 @@ def test_sigterm_to_the_launcher_checkpoints_every_rank_then_stops(tiny_llama, t
     (checkpoint,) = (tmp_path / "out" / "checkpoints").glob("step-*")
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and len(state["rng"]) == 2 and (checkpoint / "manifest.json").exists()
-
-
