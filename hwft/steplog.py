@@ -69,6 +69,7 @@ class StepLog:
         interval = max(now - self.last_log, 1e-9)
         self.record = {
             "step": step,
+            "total_steps": self.steps,
             "epoch": self.objective.epoch(),
             "loss": sum(self.losses_since_log) / len(self.losses_since_log),
             "lr": lr,

@@ -51,9 +51,9 @@ class Logger:
 
 
 def numbers(record: dict, prefix: str) -> dict[str, float]:
-    """The finite numbers of a metrics record, keyed ``prefix/key`` (step and epoch aside)."""
+    """The finite numbers of a metrics record, keyed ``prefix/key`` (step and the run's length aside)."""
     return {f"{prefix}/{k}": float(v) for k, v in record.items()
-            if k not in ("step",) and isinstance(v, int | float) and not isinstance(v, bool)
+            if k not in ("step", "total_steps") and isinstance(v, int | float) and not isinstance(v, bool)
             and v == v and abs(v) != float("inf")}
 
 

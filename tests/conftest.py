@@ -37,7 +37,7 @@ def pytest_configure(config):
 #: ci/test.sh take whole modules (--dist loadscope, which keeps a module's shared fixtures on one
 #: worker), so the longest first leaves the short ones to even out the end. On a fresh clone
 #: (CI) Inductor's cache is cold and test_compile is the second longest (213 s there, 50 s warm).
-LONGEST_FIRST = ("test_parallel", "test_recipe_matrix", "test_plan", "test_sharded_loading", "test_compile", "test_conformance", "test_families", "test_processes", "test_use",
+LONGEST_FIRST = ("test_parallel", "test_recipe_matrix", "test_plan", "test_sharded_loading", "test_compile", "test_board", "test_conformance", "test_families", "test_processes", "test_use",
                  "test_resume",
                  "test_bench", "test_methods", "test_mlx", "test_models", "test_faults")
 

@@ -228,3 +228,29 @@ def test_baseline_differences_name_each_setting():
     recipe = Recipe.model_validate({"data": "x.jsonl", "method": {"lora": {"r": 8, "alpha": 32}},
                                     "train": {"lr": 2e-4, "max_length": 512}})
     assert baseline_differences(recipe) == ["method.lora.r 8 (baseline 16)", "train.lr 0.0002 (baseline 1e-4)"]
+
+
+def test_the_board_compares_results_of_several_machines(bench_run, tmp_path):
+    """hwft board's Compare page: every result file in the workspace, whichever machine wrote it
+    (here the same results, and a copy as another machine's), in one table and one chart."""
+    import shutil
+
+    from starlette.testclient import TestClient
+
+    from hwft.board.app import make_app
+    from hwft.board.workspace import Workspace
+
+    out, _ = bench_run
+    shutil.copytree(out, tmp_path / "bench-results")
+    mine = json.loads((tmp_path / "bench-results" / sorted(p.name for p in out.glob("*-hwft-cpu.json"))[0]).read_text())
+    mine["fingerprint"]["device"] = "Other Machine CPU"
+    (tmp_path / "from-elsewhere").mkdir()
+    (tmp_path / "from-elsewhere" / "hwft-cpu.json").write_text(json.dumps(mine))
+    client = TestClient(make_app(Workspace(tmp_path)), base_url="http://127.0.0.1:7860")
+    rows = client.get("/api/bench").json()["results"]
+    labels = [r["label"] for r in rows]
+    assert len(rows) == 4 and "Other Machine CPU / cpu / hwft fp32" in labels
+    assert sum("/ cpu / baseline fp32" in label for label in labels) == 1
+    assert all(r["tokens_per_second"] > 0 and r["hash"] == rows[0]["hash"] for r in rows)
+    chart = client.get("/api/bench/chart.svg")
+    assert chart.headers["content-type"].startswith("image/svg+xml") and "Other Machine CPU" in chart.text

@@ -58,29 +58,41 @@ def table(results: list[BenchResult], with_workload: bool) -> str:
     return "\n".join(lines)
 
 
+#: The charts of a comparison: (file stem, what is measured, its unit).
+CHARTS = (("tokens_per_second", "non-padding tokens/s"), ("peak_memory", "peak memory (GiB)"))
+
+
+def figure(results: list[BenchResult], name: str):
+    """One bar chart of ``name`` (a :data:`CHARTS` stem), one bar per result: hwft in blue, the
+    baseline in grey (hwft bench report's PNG, hwft board's SVG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    unit = dict(CHARTS)[name]
+    values = [r.metrics.tokens_per_second if name == "tokens_per_second" else (r.metrics.peak_memory_bytes or 0) / 2**30
+              for r in results]
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(results) + 1.2))
+    colors = ["tab:blue" if r.arm.kind == "hwft" else "tab:gray" for r in results]
+    ax.barh([label(r) for r in results], values, color=colors)
+    for y, v in enumerate(values):
+        ax.text(v, y, f" {v:.1f}" if name == "tokens_per_second" else f" {v:.2f}", va="center")
+    ax.set_xlabel(unit)
+    ax.invert_yaxis()
+    ax.set_title(f"{unit} ({results[0].workload.recipe.rsplit('/', 1)[-1]})")
+    fig.tight_layout()
+    return fig
+
+
 def charts(results: list[BenchResult], out: Path) -> list[Path]:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return []
     written = []
-    labels = [label(r) for r in results]
-    for name, values, unit in (
-        ("tokens_per_second", [r.metrics.tokens_per_second for r in results], "non-padding tokens/s"),
-        ("peak_memory", [(r.metrics.peak_memory_bytes or 0) / 2**30 for r in results], "peak memory (GiB)"),
-    ):
-        fig, ax = plt.subplots(figsize=(8, 0.6 * len(results) + 1.2))
-        colors = ["tab:blue" if r.arm.kind == "hwft" else "tab:gray" for r in results]
-        ax.barh(labels, values, color=colors)
-        for y, v in enumerate(values):
-            ax.text(v, y, f" {v:.1f}" if name == "tokens_per_second" else f" {v:.2f}", va="center")
-        ax.set_xlabel(unit)
-        ax.invert_yaxis()
-        ax.set_title(f"{unit} ({results[0].workload.recipe.rsplit('/', 1)[-1]})")
-        fig.tight_layout()
+    for name, _ in CHARTS:
+        fig = figure(results, name)
         path = out / f"{name}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)

@@ -89,6 +89,7 @@ def inspect(recipe: Recipe, rows: int = 3, color: bool = False) -> tuple[str, di
             head = f"--- {example.source}{' ' + label if label else ''}: {len(tok.input_ids)} tokens, {tok.num_labels} trained"
             lines += [head, highlight(tokenizer, tok, color)]
             shown.append({"source": example.source, "part": label, "tokens": len(tok.input_ids),
+                          "marked": highlight(tokenizer, tok, False),
                           "trained": tok.num_labels, "text": tokenizer.decode(tok.input_ids),
                           "trained_text": tokenizer.decode([x for x in tok.labels if x != IGNORE_INDEX])})
 
