@@ -600,7 +600,12 @@ def apply_override(raw: dict, assignment: str) -> None:
     parts = [p for p in path.strip().split(".") if p]
     if not parts:
         raise RecipeError(f"override '{assignment}' names no key")
-    value = yaml.safe_load(text) if text.strip() else ""
+    set_key(raw, parts, yaml.safe_load(text) if text.strip() else "")
+
+
+def set_key(raw: dict, parts: list[str], value: Any) -> None:
+    """Set the key at ``parts`` (a.b.c as a list) in place, making the sections on the way and
+    expanding the ``model`` and ``output`` string shorthands."""
     node = raw
     for part in parts[:-1]:
         child = node.get(part)
@@ -618,16 +623,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
-    try:
-        raw = yaml.safe_load(read_text(path, RecipeError))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{path} must hold a mapping of sections (model, data, method, ...)")
+    raw = parse_recipe_text(read_text(path, RecipeError), str(path))
     imported = None
     if llamafactory.looks_like(raw):  # LLaMA-Factory's training YAML, as it is
         imported = llamafactory.translate(raw, path)
@@ -637,6 +633,21 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     recipe = recipe_from_dict(raw, source=str(path), base_dir=path.resolve().parent)
     recipe._imported = imported
     return recipe
+
+
+def parse_recipe_text(text: str, source: str) -> dict:
+    """A recipe file's text as its mapping; a RecipeError names ``source`` and where the YAML breaks."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"{source} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source} must hold a mapping of sections (model, data, method, ...)")
+    return raw
 
 
 def recipe_from_dict(raw: dict, source: str = "<recipe>", base_dir: str | Path = ".") -> Recipe:

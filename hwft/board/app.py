@@ -95,17 +95,10 @@ class Board:
     # -- recipes ------------------------------------------------------------------------------
     def parse(self, text: str, path: str) -> tuple[dict, str | None]:
         """(the recipe mapping, a note) from YAML text; a LLaMA-Factory recipe is translated."""
+        from hwft.recipe import parse_recipe_text
+
         source = self.ws.inside(path, "recipe path") if path else self.ws.root / "recipe.yaml"
-        try:
-            raw = yaml.safe_load(text) if text.strip() else {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise RecipeError(f"{path or 'the recipe'} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise RecipeError(f"{path or 'the recipe'} must hold a mapping of sections (model, data, method, ...)")
+        raw = parse_recipe_text(text, path or "the recipe")
         if llamafactory.looks_like(raw):
             imported = llamafactory.translate(raw, source)
             return imported.recipe, f"imported from LLaMA-Factory: {imported.summary()}"

@@ -113,20 +113,11 @@ def describe(host) -> list[dict]:
 
 
 def set_key(raw: dict, key: str, value: Any) -> dict:
-    """A copy of ``raw`` with ``key`` (dotted) set to ``value``, shorthands expanded as
-    :func:`hwft.recipe.apply_override` expands them."""
+    """A copy of ``raw`` with ``key`` (dotted) set to ``value``, as a CLI override sets it."""
+    from hwft.recipe import set_key as set_in_place
+
     out = copy.deepcopy(raw)
-    node = out
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if isinstance(child, str) and part in {"model", "output"}:
-            child = {"name" if part == "model" else "dir": child}
-        if not isinstance(child, dict):
-            child = {}
-        node[part] = child
-        node = child
-    node[parts[-1]] = value
+    set_in_place(out, key.split("."), value)
     return out
 
 
