@@ -115,6 +115,21 @@ def click(driver, css: str, what: str) -> None:
     wait_for(lambda: driver.find_element(By.CSS_SELECTOR, css).click() or True, 30, what)
 
 
+def type_into(driver, css: str, text: str) -> None:
+    """Replace a field's text as a user does (select all, type, Enter), again if the form was
+    re-rendered meanwhile (clear() would send a change of its own, and the form redraws on it)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    def attempt() -> bool:
+        field = driver.find_element(By.CSS_SELECTOR, css)
+        field.send_keys(Keys.CONTROL, "a")
+        field.send_keys(text + "\n")
+        return True
+
+    wait_for(attempt, 30, css)
+
+
 def settled(driver) -> None:
     """Wait until the page has no request under way (it re-renders the form after each)."""
     wait_for(lambda: not driver.find_element("tag name", "body").get_attribute("data-busy"), 60, "the page to settle")
@@ -143,9 +158,7 @@ def test_build_run_watch_stop_resume_and_chat_in_a_browser(board, browser, works
     wait_for(lambda: "../tiny" in find(By.ID, "recipe-yaml").get_attribute("value"), what="the loaded recipe")
     settled(d)
     assert find(By.ID, "recipe-path").get_attribute("value") == "configs/tiny-board.yaml"
-    lr = find(By.CSS_SELECTOR, '[data-key="train.lr"] input')
-    lr.clear()
-    lr.send_keys("0.004\n")
+    type_into(d, '[data-key="train.lr"] input', "0.004")
     wait_for(lambda: "lr: 0.004" in find(By.ID, "recipe-yaml").get_attribute("value"), what="the form's edit")
     settled(d)
     assert "is valid" in find(By.ID, "recipe-said").text
