@@ -144,8 +144,9 @@ def load_model(path: Path, recipe: Recipe, device: torch.device, tuning: str, co
 
 def import_model_code(path: Path, recipe: Recipe, tuning: str) -> None:
     """Import the code that loading the model runs (its transformers modeling module, peft for an
-    adapter) ahead of it, so that the memory measured around the load is the model's, not the
-    ~140 MiB of Python modules the first load would import."""
+    adapter, the 4-bit quantizers, what fsdp2's sharded loading uses) ahead of it, so that the
+    memory measured around the load is the model's, not the ~140 MiB of Python modules the first
+    load would import, nor the compiler's where a module's bytecode is not written yet."""
     from transformers import AutoConfig
 
     try:
@@ -155,9 +156,15 @@ def import_model_code(path: Path, recipe: Recipe, tuning: str) -> None:
         return  # loading itself says what is wrong
     if tuning in ("lora", "qlora"):
         import peft  # noqa: F401
+    if tuning == "qlora":  # transformers' bitsandbytes quantizer and bitsandbytes' own, imported when first used
+        import bitsandbytes.functional  # noqa: F401
+        import transformers.integrations.bitsandbytes  # noqa: F401
+        import transformers.quantizers.quantizer_bnb_4bit  # noqa: F401
     if recipe.parallel.strategy == "fsdp2":
-        import accelerate  # noqa: F401  (hwft_torch.sharded_loading's skeleton)
+        import accelerate.big_modeling  # noqa: F401  (hwft_torch.sharded_loading's skeleton)
+        import safetensors  # noqa: F401
         import torch.distributed.fsdp  # noqa: F401
+        import torch.distributed.tensor  # noqa: F401
 
 
 def load_skeleton(path: Path, recipe: Recipe, device: torch.device, tuning: str, compute_dtype: torch.dtype, world):
