@@ -93,11 +93,15 @@ class Board:
         self.fields = form.describe(self.host)
 
     # -- recipes ------------------------------------------------------------------------------
+    def source(self, path: str) -> Path:
+        """The recipe file a request names (relative paths in it resolve beside it)."""
+        return self.ws.inside(path, "recipe path") if path else self.ws.root / "recipe.yaml"
+
     def parse(self, text: str, path: str) -> tuple[dict, str | None]:
         """(the recipe mapping, a note) from YAML text; a LLaMA-Factory recipe is translated."""
         from hwft.recipe import parse_recipe_text
 
-        source = self.ws.inside(path, "recipe path") if path else self.ws.root / "recipe.yaml"
+        source = self.source(path)
         raw = parse_recipe_text(text, path or "the recipe")
         if llamafactory.looks_like(raw):
             imported = llamafactory.translate(raw, source)
@@ -106,7 +110,7 @@ class Board:
 
     def state(self, raw: dict, path: str, note: str | None = None) -> dict:
         """The recipe as the page shows it: its YAML, what hwft train says of it, the refused options."""
-        source = self.ws.inside(path, "recipe path") if path else self.ws.root / "recipe.yaml"
+        source = self.source(path)
         error = form.check(raw, self.host, str(path or "the recipe"), source.parent)
         if error is None:
             from hwft.recipe import recipe_from_dict
@@ -125,7 +129,7 @@ class Board:
 
         path = body.get("path") or ""
         raw, _ = self.parse(body.get("yaml", ""), path)
-        source = self.ws.inside(path, "recipe path") if path else self.ws.root / "recipe.yaml"
+        source = self.source(path)
         recipe = recipe_from_dict(raw, source=str(path or "the recipe"), base_dir=source.parent)
         self.ws.check_recipe_paths(recipe)
         return recipe
@@ -190,7 +194,7 @@ def make_app(workspace: Workspace, host: str = "127.0.0.1", token: str | None = 
             if "text" in edit:
                 text = str(edit["text"])
                 if not text.strip():
-                    raw = _removed(raw, key)
+                    raw = form.removed(raw, key)
                     continue
                 try:
                     value = yaml.safe_load(text)
@@ -417,20 +421,6 @@ def make_app(workspace: Workspace, host: str = "127.0.0.1", token: str | None = 
     return Guard(app, host, token)
 
 
-def _removed(raw: dict, key: str) -> dict:
-    import copy
-
-    out = copy.deepcopy(raw)
-    node = out
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.get(part) if isinstance(node, dict) else None
-        if not isinstance(node, dict):
-            return out
-    node.pop(parts[-1], None)
-    return out
-
-
 def serve(workspace: str, runs: str, host: str, port: int, token: str | None, max_upload_mb: int) -> int:
     """Serve until interrupted; children started here are stopped (SIGTERM: a checkpoint) on exit."""
     import uvicorn
@@ -450,7 +440,6 @@ def serve(workspace: str, runs: str, host: str, port: int, token: str | None, ma
         print(f"hwft board: http://{shown}:{bound}{query}  (workspace {ws.root}; runs in {ws.relative(ws.runs)}; "
               "Ctrl-C stops)", file=sys.stderr, flush=True)
 
-    config.callback_notify = None
     original = server.startup
 
     async def startup(sockets=None):

@@ -121,6 +121,19 @@ def set_key(raw: dict, key: str, value: Any) -> dict:
     return out
 
 
+def removed(raw: dict, key: str) -> dict:
+    """A copy of ``raw`` without ``key`` (dotted): the field back to its default."""
+    out = copy.deepcopy(raw)
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            return out
+    node.pop(parts[-1], None)
+    return out
+
+
 def check(raw: dict, host, source: str, base_dir) -> str | None:
     """What ``hwft train`` would refuse this recipe for before reading its data (the schema, the
     backend's capability record, the kernels), as its own message; None if nothing."""

@@ -75,9 +75,8 @@ class Runs:
             old = self.children.get(name)
             if old is not None and old.code is None:
                 raise UserError(f"{name} is already running (pid {old.process.pid}); stop it first")
-            logs = self.ws.state / "logs"
-            logs.mkdir(parents=True, exist_ok=True)
-            log = logs / f"{_slug(name)}{'' if kind == 'train' else '.' + kind}.log"
+            log = self.log_path(name.removesuffix(f":{kind}"), kind)
+            log.parent.mkdir(parents=True, exist_ok=True)
             argv = [sys.executable, "-m", "hwft", *args]
             with log.open("a", encoding="utf-8") as out:
                 out.write(f"$ hwft {' '.join(args)}\n")
@@ -158,9 +157,13 @@ class Runs:
         found |= {n for n, c in self.children.items() if c.kind == "train"}
         return sorted(found)
 
+    def log_path(self, name: str, kind: str = "train") -> Path:
+        """.hwft-board/logs/RUN.log for a run, RUN.KIND.log for its eval or export."""
+        return self.ws.state / "logs" / f"{_slug(name)}{'' if kind == 'train' else '.' + kind}.log"
+
     def log(self, name: str, kind: str = "train", tail: int = 200_000) -> str:
         child = self.children.get(name if kind == "train" else f"{name}:{kind}")
-        path = child.log if child else self.ws.state / "logs" / f"{_slug(name)}{'' if kind == 'train' else '.' + kind}.log"
+        path = child.log if child else self.log_path(name, kind)
         if not path.is_file():
             return ""
         with path.open("rb") as f:
