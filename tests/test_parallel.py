@@ -147,11 +147,14 @@ STRATEGIES = [
 
 
 @pytest.mark.parametrize("tuning,overrides", STRATEGIES, ids=["ddp", "fsdp2", "fsdp2-qlora", "zero2", "zero3"])
-def test_strategy_matches_one_process(single, tiny_llama, tmp_path, tuning, overrides):
+def test_strategy_matches_one_process(single, tiny_llama, tmp_path, tuning, overrides, cli):
     reference = single(tuning)
     path = recipe(tmp_path, tiny_llama, tuning)
     strategy = overrides[0].split("=")[1]
-    done = launch(path, *overrides, "train.save_every=2")
+    # ZeRO-3 answers the recipe's prompts with the model gathered and DeepSpeed's hooks off
+    # (ZeroRedundancy.whole_model): before training, so the steps below also show the hooks back.
+    asks = ['eval.prompts=["Question 3?"]', "eval.max_new_tokens=4"] if "parallel.zero_stage=3" in overrides else []
+    done = launch(path, *overrides, "train.save_every=2", *asks)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("done: results in") == 1  # rank 0 alone reports
     assert f"parallel: {strategy} over 2 processes (gloo)" in done.stderr
@@ -175,6 +178,12 @@ def test_strategy_matches_one_process(single, tiny_llama, tmp_path, tuning, over
 
     whole = logits_of(tiny_llama, tmp_path / "out")
     torch.testing.assert_close(whole, logits_of(tiny_llama, reference), atol=LOGIT_TOLERANCE, rtol=0)
+    if asks:  # the gathered model's greedy answer is the saved result's, in one process
+        said = done.stdout.split("[after training] A: ")[1].splitlines()[0]
+        code, out, err = cli("chat", tmp_path / "out", "--prompt", "Question 3?", "--max-new-tokens", "4",
+                             "--precision", "fp32", "--backend", "cpu")
+        assert code == 0, err
+        assert said.strip() and said.strip() in out, (said, out)
 
     # The sharded run's step-2 checkpoint resumes: DeepSpeed's own under the same strategy and
     # processes; the portable one (ddp, fsdp2) in one process with the same global batch.

@@ -310,8 +310,12 @@ def train(job: Job, runtime: DeviceRuntime) -> Result:
     model = strategy.model  # sharded in place by fsdp2; the same module otherwise
     synced = sharded(recipe) and world.size > 1
 
+    if hasattr(objective, "whole_model"):  # an objective that generates (grpo, ppo) does it as answers do
+        objective.whole_model = strategy.whole_model
+
     def ask(prompt: str) -> str:
-        return answer(model, tokenizer, renderer, prompt, job.recipe.eval.max_new_tokens, device, synced)
+        with strategy.whole_model():
+            return answer(model, tokenizer, renderer, prompt, job.recipe.eval.max_new_tokens, device, synced)
 
     def evaluate() -> float:
         return held_out_loss(model, held_out, tokenizer.pad_token_id, attention_implementation(recipe), device,

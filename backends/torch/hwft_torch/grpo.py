@@ -17,6 +17,8 @@ clipped ratio acts. Every rollout is appended to ``rollouts.jsonl`` in the run f
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +84,8 @@ class GroupRelative(Objective):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = stop_token_ids(tokenizer)
         self.batch: list[Rollouts] = []
+        #: the context rollouts are generated in: the strategy's whole_model (the engine sets it)
+        self.whole_model = nullcontext
 
     def step(self, model, step: int) -> list[Rollouts]:
         if (step - 1) % self.spec.num_iterations == 0:
@@ -117,7 +121,8 @@ class GroupRelative(Objective):
         was_training = model.training
         model.eval()
         _, micro = self.draw_step(self.accumulation)  # this rank's share of the step's prompts
-        batch = [self.generate(model, prompts) for prompts in micro]
+        with self.whole_model():
+            batch = [self.generate(model, prompts) for prompts in micro]
         model.train(was_training)
         samples = []
         for prompts, r in zip(micro, batch, strict=True):

@@ -55,16 +55,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + chunk].to(dtype)
             y = targets[start : start + chunk]
             z = (h @ w.T).float()  # (chunk, vocab) logits, fp32
-            lse = torch.logsumexp(z, dim=-1)
             rows = torch.arange(z.shape[0], device=z.device)
-            total += (lse - z[rows, y]).sum()
-            # d(sum of losses)/dz = softmax(z) - onehot(y), written over z in place
-            g = z.sub_(lse.unsqueeze(-1)).exp_()
+            picked = z[rows, y]
+            # logsumexp as m + log(sum(exp(z - m))), with exp(z - m) written over z in place:
+            # torch.logsumexp would allocate and fill a second chunk of logits for z - m.
+            top = z.amax(dim=-1, keepdim=True)
+            sums = z.sub_(top).exp_().sum(dim=-1, keepdim=True)
+            total += (top.squeeze(-1) + sums.log().squeeze(-1) - picked).sum()
+            # d(sum of losses)/dz = softmax(z) - onehot(y) = exp(z - m) / s - onehot(y)
+            if grad_weight is None:
+                # A frozen output layer needs only dL/dh = (exp(z - m) @ W) / s - W[y]: the
+                # division and the one-hot move onto the (chunk, hidden) product, and no pass
+                # over the (chunk, vocab) block is left.
+                grad = (z.to(dtype) @ w).float().div_(sums).sub_(w[y].float())
+                grad_hidden[start : start + chunk] = grad.to(hidden.dtype)
+                continue
+            g = z.div_(sums)
             g[rows, y] -= 1.0
             g = g.to(dtype)
             grad_hidden[start : start + chunk] = (g @ w).to(hidden.dtype)
-            if grad_weight is not None:
-                grad_weight += (g.T @ h).float()
+            grad_weight += (g.T @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0))
         ctx.weight_grad = grad_weight is not None
         ctx.weight_dtype = weight.dtype

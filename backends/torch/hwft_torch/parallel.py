@@ -22,6 +22,7 @@ A strategy object gives the loop five verbs:
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -131,6 +132,11 @@ class Single:
         """``fn(model, micro)``; ``last``: the step's last micro-batch on this rank, whose
         backward synchronises the gradients."""
         return fn(self.model, micro)
+
+    def whole_model(self):
+        """A context in which ``model`` generates (answers, grpo and ppo rollouts): here the
+        model as it is; ZeRO-3 gathers it once (ZeroRedundancy.whole_model)."""
+        return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
         # The wrappers average gradients over ranks; the step's gradient is their sum.
@@ -334,6 +340,32 @@ class ZeroRedundancy(Single):
         lr = self.lr
         norm = self.engine.get_global_grad_norm()
         return lr, float(norm if norm is not None else 0.0)
+
+    @contextlib.contextmanager
+    def whole_model(self):
+        """ZeRO-3: every parameter gathered once, and DeepSpeed's per-module hooks removed while
+        the model generates, then put back. With the hooks on, each decoder layer of each new
+        token gathered and released its parameters (in Python); the gathered model generates
+        as one process would, as TRL's trainers generate under ZeRO-3 (ds3_gather_for_generation).
+        Each rank holds the whole model for that time: the price of the speed."""
+        if self.stage < 3:
+            yield
+            return
+        import deepspeed
+
+        offload = self.engine.optimizer.parameter_offload
+        with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
+            for param in offload.module.parameters():
+                param.ds_active_sub_modules.clear()
+            for hook in offload.forward_hooks + offload.backward_hooks:
+                hook.remove()
+            offload.forward_hooks, offload.backward_hooks = [], []
+            try:
+                yield
+            finally:
+                # registered again on the root, the hooks also invalidate the recorded order
+                # of parameter fetches, so the next training forward records it anew
+                offload._register_deepspeed_module(offload.module)
 
     def full_state_dict(self) -> dict | None:
         if self.stage < 3:
