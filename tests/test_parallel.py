@@ -461,17 +461,23 @@ def launch_mlx_hostfile(recipe_path: Path) -> subprocess.CompletedProcess:
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+@pytest.fixture(scope="module")
+def mlx_single(tiny_llama, tmp_path_factory) -> Path:
+    """The MLX reference run, made once for both launchers: one process, accumulation 2."""
+    from hwft import cli
+
+    one = tmp_path_factory.mktemp("mlx-one")
+    path = recipe(one, tiny_llama, "lora", backend="mlx", train={"gradient_accumulation_steps": 2})
+    assert cli.main(["train", str(path), "--quiet"]) == 0
+    return one
+
+
 @pytest.mark.parametrize("start", ["nproc", "hostfile"])
-def test_mlx_ddp_matches_one_process(tiny_llama, tmp_path, start):
+def test_mlx_ddp_matches_one_process(tiny_llama, tmp_path, start, mlx_single):
     """MLX data parallelism over mx.distributed's ring, started by mlx.launch (through
     ``hwft train --nproc 2``, or by the user with a hostfile): the same steps, examples and
     losses as one MLX process with twice the accumulation."""
-    from hwft import cli
-
-    one = tmp_path / "one"
-    one.mkdir()
-    path = recipe(one, tiny_llama, "lora", backend="mlx", train={"gradient_accumulation_steps": 2})
-    assert cli.main(["train", str(path), "--quiet"]) == 0
+    one = mlx_single
     two = tmp_path / "two"
     two.mkdir()
     path = recipe(two, tiny_llama, "lora", backend="mlx")
