@@ -18,7 +18,6 @@ clipped ratio acts. Every rollout is appended to ``rollouts.jsonl`` in the run f
 from __future__ import annotations
 
 from contextlib import nullcontext
-
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -9,7 +9,7 @@ is the *sum* of the ranks' gradients. DDP, FSDP2 and DeepSpeed average over rank
 each rank backpropagates ``world_size * loss``; the update is then exactly the single-process
 one with ``world_size`` times the accumulation.
 
-A strategy object gives the loop five verbs:
+A strategy object gives the loop six verbs:
 
     forward(fn, micro, last)  fn(model, micro) -> Loss, run so the wrapper sees the forward;
                           gradients are synchronised in the backward of the step's last one
@@ -17,6 +17,7 @@ A strategy object gives the loop five verbs:
     step()                clip, optimizer and schedule step, zero grads -> (lr, grad norm);
                           a NaN/Inf gradient norm skips the update (skips_nonfinite)
     full_state_dict()     every parameter, gathered on rank 0 (None where model.state_dict() is)
+    whole_model()         the context generation runs in (ZeRO-3: the parameters gathered once)
     model                 what generation, evaluation and saving call
 """
 
