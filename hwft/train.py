@@ -62,6 +62,11 @@ def plan_run(recipe: Recipe, host: PluginHost | None = None, ranks: int | None =
     check_loggers(recipe.output.report_to, host.loggers())
     data = load_train_data(recipe, host.data_formats())
     model = resolve_model(recipe.model.name, recipe.resolve_path("."), recipe.model.revision)
+    if model.kind == "local":
+        # The run names the folder the resolver found: the copies of the recipe in the run's folder
+        # and in each checkpoint, and the recipe a resume is compared with, wherever it is read from.
+        recipe = recipe.model_copy(deep=True)
+        recipe.model.name = str(model.path)
     if model.ready:
         check_remote_code(model.path, recipe.model.trust_remote_code)
     if recipe.model.adapter:
@@ -79,9 +84,6 @@ def plan_run(recipe: Recipe, host: PluginHost | None = None, ranks: int | None =
 def run(plan: Plan, quiet: bool = False, recipe_hint: str = "RECIPE.yaml") -> Job:
     """Create the output folder and let the backend train."""
     recipe = plan.recipe
-    if plan.model.kind == "local":  # the saved recipe names the folder the resolver found
-        recipe = recipe.model_copy(deep=True)
-        recipe.model.name = str(plan.model.path)
     world = world_from_env()
     resume_step = plan.resume.step if plan.resume else None
     run_dir = RunDir(recipe, writes=world.main, resume_step=resume_step, recipe_hint=recipe_hint)

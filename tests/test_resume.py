@@ -356,3 +356,23 @@ def test_resume_is_exact_for_each_engine_and_objective(tmp_path, tiny_llama, cli
     if case == "grpo":  # rollouts of steps 1 and 3, each written once
         steps = [json.loads(x)["step"] for x in (out / "rollouts.jsonl").read_text().splitlines()]
         assert sorted(set(steps)) == [1, 3] and steps.count(3) == steps.count(1)
+
+
+def test_a_run_of_a_model_folder_named_relatively_resumes_from_either_recipe(tiny_llama, tmp_path, cli):
+    """model.name a folder relative to the recipe (``../tiny``): the checkpoint's copy of the
+    recipe names the folder the resolver found, as the run folder's copy does, so both the run
+    folder's recipe.yaml and the original recipe resume the run."""
+    import yaml
+
+    shutil.copytree(tiny_llama, tmp_path / "tiny")
+    (tmp_path / "recipes").mkdir()
+    path = write_recipe(tmp_path / "recipes", "../tiny", train={"max_steps": 4, "save_every": 2})
+    assert cli("train", path, "--quiet")[0] == 0
+    out = tmp_path / "recipes" / "out"
+    for copy in (out / "recipe.yaml", out / "checkpoints" / "step-2" / "recipe.yaml"):
+        assert yaml.safe_load(copy.read_text())["model"]["name"] == str((tmp_path / "tiny").resolve()), copy
+    for recipe in (out / "recipe.yaml", path):
+        shutil.rmtree(out / "checkpoints" / "step-4", ignore_errors=True)
+        code, _, err = cli("train", recipe, "--resume")
+        assert code == 0, err
+        assert f"resumed from {out / 'checkpoints' / 'step-2'}" in err, err
