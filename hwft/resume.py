@@ -89,6 +89,10 @@ def open_checkpoint(recipe, wanted: str, world_size: int) -> Checkpoint:
     except (OSError, ValueError, AssertionError, yaml.YAMLError):
         raise UserError(f"{path}: not a {SCHEMA} checkpoint (trainer_state.json or recipe.yaml unreadable)") from None
     current = yaml.safe_load(recipe.to_yaml())
+    name = (saved.get("model") or {}).get("name")
+    if isinstance(name, str) and not Path(name).is_absolute() and recipe.resolve_path(name).is_dir():
+        # a checkpoint written before runs named their model folder absolutely (hwft.train.plan_run)
+        saved["model"]["name"] = str(recipe.resolve_path(name))
     diffs = recipe_differences(saved, current)
     if diffs:
         shown = ", ".join(f"{k} ({_flat(saved).get(k)!r} -> {_flat(current).get(k)!r})" for k in diffs[:6])
