@@ -111,6 +111,9 @@ def data_digests(recipe) -> list[str]:
     counts in. A dataset moved to another path is the same data; an edited file is not."""
     digests = []
     for spec in recipe.data.train:
+        if spec.random_tokens is not None:  # drawn from train.seed, which a resume keeps
+            digests.append(f"random_tokens:{spec.random_tokens.rows}x{spec.random_tokens.length}")
+            continue
         if not spec.path:
             digests.append(f"registry:{spec.name}")
             continue

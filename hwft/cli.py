@@ -88,7 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--backends", help="comma-separated backends (default: every available one that can run it)")
     bench.add_argument("--steps", type=int, help="timed steps after warmup (default: the recipe's whole run)")
     bench.add_argument("--warmup", type=int, default=2, help="steps run before timing starts (default 2)")
-    bench.add_argument("--baseline", choices=["hf"], help="also run the transformers Trainer + peft baseline")
+    bench.add_argument("--baseline", type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
+                       help="also run the transformers Trainer + peft baselines, comma-separated: hf (SDPA), "
+                       "hf-liger (with Liger's kernels: CUDA, ROCm); settings from the recipe's bench.baseline")
     bench.add_argument("--baseline-bf16", action="store_true", help="also run the baseline's bf16 variant")
     bench.add_argument("--repeat", type=int, default=1,
                        help="rounds of every arm, alternating hwft and baseline; prints the median of the paired "
@@ -267,7 +269,7 @@ def cmd_plan(args) -> int:
                                              if p.startswith("parallel.")]
         return "; ".join(problems) or None
 
-    text, data = memory.report(recipe.model.name, shape, devices, recipe.train.optimizer, recipe.method.tuning,
+    text, data = memory.report(planned.model.name, shape, devices, recipe.train.optimizer, recipe.method.tuning,
                                refused)
     print(json.dumps(data, indent=2) if args.json else text)
     return 0

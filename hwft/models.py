@@ -8,10 +8,16 @@
      or to the working directory;
   3. a hub id (``org/name``) already in the local Hugging Face cache, resolved offline.
 Anything else is a :class:`~hwft.errors.ModelError` that says what was tried.
+
+``model.shape`` (a config.json) turns the resolved model into a *random* one
+(:func:`with_random_weights`): a folder under ``$HWFT_CACHE/shapes`` holding that config and
+model.name's tokenizer, and no weights; the engine builds the model from the config with random
+weights on the device (for benchmarks at sizes whose checkpoint is not on the machine).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import importlib.util
 import os
@@ -46,9 +52,10 @@ EMBEDDED = {
 @dataclass(frozen=True)
 class ResolvedModel:
     name: str  #: as the recipe wrote it
-    kind: str  #: embedded, local or hub-cache
+    kind: str  #: embedded, local, hub-cache or random (model.shape)
     path: Path  #: the HF model folder (for embedded: where the conversion lives)
-    source: Path | None = None  #: the GGUF file, for embedded models
+    source: Path | None = None  #: the GGUF file, for embedded models; the config.json, for random ones
+    tokenizer: ResolvedModel | None = None  #: random: the model whose tokenizer it uses (model.name)
 
     @property
     def ready(self) -> bool:
@@ -173,8 +180,51 @@ def _from_hf_cache(repo_id: str, revision: str | None) -> Path | None:
     return path if (path / "config.json").is_file() else None
 
 
+#: The file that marks a model folder as a shape with random weights (model.shape).
+RANDOM_WEIGHTS = "hwft-random-weights.json"
+#: What a shape folder takes from its tokenizer's model folder: everything but the config and weights.
+_NOT_TOKENIZER = ("config.json", "generation_config.json", "model.safetensors.index.json")
+
+
+def with_random_weights(tokenizer_model: ResolvedModel, shape_file: Path) -> ResolvedModel:
+    """model.shape: a model of the config at ``shape_file`` with random weights, and
+    ``tokenizer_model``'s tokenizer. Cheap; :func:`materialise` makes its folder."""
+    try:
+        config = json.loads(shape_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(f"model.shape: {shape_file} does not exist; give a Hugging Face config.json") from None
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model.shape: {shape_file} is not a JSON file ({exc})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ModelError(f"model.shape: {shape_file} has no model_type; give a Hugging Face config.json "
+                         "(the model's own, as its hub repository has it)")
+    digest = hashlib.sha256(shape_file.read_bytes() + str(tokenizer_model.path).encode()).hexdigest()[:12]
+    return ResolvedModel(f"{tokenizer_model.name} shaped as {shape_file.name}", "random",
+                         cache_root() / "shapes" / f"{shape_file.stem}-{digest}", shape_file, tokenizer_model)
+
+
+def has_random_weights(folder: Path) -> bool:
+    """Whether a model folder is a shape to build with random weights (model.shape)."""
+    return (Path(folder) / RANDOM_WEIGHTS).is_file()
+
+
 def materialise(resolved: ResolvedModel, log=print) -> Path:
-    """The HF model folder, converting an embedded GGUF on first use (atomically)."""
+    """The HF model folder, converting an embedded GGUF on first use (atomically); for a random
+    model (model.shape), its config and tokenizer together."""
+    if resolved.kind == "random" and not resolved.ready:
+        assert resolved.tokenizer is not None and resolved.source is not None
+        tokenizer = materialise_tokenizer(resolved.tokenizer)
+
+        def assemble(tmp: Path) -> None:
+            for f in sorted(tokenizer.iterdir()):
+                if f.is_file() and f.name not in _NOT_TOKENIZER and f.suffix not in (*PICKLED_WEIGHTS, ".safetensors",
+                                                                                      ".gguf"):
+                    shutil.copy2(f, tmp / f.name)
+            shutil.copy2(resolved.source, tmp / "config.json")
+            (tmp / RANDOM_WEIGHTS).write_text(json.dumps(
+                {"shape": str(resolved.source), "tokenizer": str(tokenizer)}, indent=1), encoding="utf-8")
+
+        return _convert_once(resolved.path, assemble, lambda: resolved.ready)
     if resolved.ready or resolved.kind != "embedded":
         return resolved.path
     assert resolved.source is not None

@@ -55,6 +55,25 @@ class ModelSpec(Section):
         description="A PEFT LoRA adapter folder to continue training from (tuning lora or qlora); "
         "its rank and targets replace method.lora's.",
     )
+    shape: str | None = Field(
+        None,
+        description="A Hugging Face config.json (relative to the recipe): train a model of this shape with "
+        "random weights, made on the device, instead of model.name's weights; model.name gives the "
+        "tokenizer only. For benchmarks at real sizes without the checkpoint (configs/bench/); the run "
+        "saves no model anyone can use.",
+    )
+
+    @model_validator(mode="after")
+    def _shape_alone(self) -> ModelSpec:
+        if self.shape and self.adapter:
+            raise ValueError("model.shape builds random weights; an adapter trained on real ones "
+                             "(model.adapter) does not apply to them: remove one")
+        return self
+
+
+class RandomTokens(Section):
+    rows: int = Field(gt=0, description="How many rows.")
+    length: int = Field(gt=1, description="Tokens in each row.")
 
 
 class DatasetSpec(Section):
@@ -62,6 +81,10 @@ class DatasetSpec(Section):
         None, description="A .json, .jsonl or .parquet file, or a folder of them, relative to the recipe."
     )
     name: str | None = Field(None, description="An entry of data.registry (LLaMA-Factory dataset_info.json).")
+    random_tokens: RandomTokens | None = Field(
+        None, description="No file: rows of token ids drawn uniformly from the tokenizer's ordinary "
+        "(not special) tokens, seeded by train.seed; every token a label (cpt). For benchmarks."
+    )
     format: str = Field(
         "auto",
         description="Row shape: auto, alpaca, sharegpt, messages, text, preference or prompt "
@@ -82,8 +105,9 @@ class DatasetSpec(Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
-        if (self.path is None) == (self.name is None):
-            raise ValueError("give either path (a file or folder) or name (a registry entry)")
+        if sum(x is not None for x in (self.path, self.name, self.random_tokens)) != 1:
+            raise ValueError("give one of path (a file or folder), name (a registry entry) or random_tokens "
+                             "({rows, length})")
         return self
 
 
@@ -303,6 +327,12 @@ class TrainSpec(Section):
     precision: Precision = Field(
         "auto", description="auto: bf16 autocast where the device has it, else fp32."
     )
+    frozen_weights: Literal["auto", "fp32", "compute"] = Field(
+        "auto", description="How a lora run stores its frozen linear weights under bf16 or fp16: compute (in "
+        "that dtype: half the memory, the same products, since autocast casts them to it in every "
+        "forward anyway), fp32, or auto: compute on accelerators, fp32 on the CPU. Embeddings, norms "
+        "and the adapter stay fp32; one process or ddp (sharded strategies keep fp32)."
+    )
     log_every: int = Field(1, gt=0, description="Write metrics every N steps.")
     save_every: int | None = Field(
         None, gt=0, description="Write checkpoints/step-N every N steps (weights, optimizer, data position, "
@@ -432,6 +462,26 @@ class EvalSpec(Section):
     max_new_tokens: int = Field(48, gt=0, description="Length limit of those answers.")
 
 
+class BenchBaseline(Section):
+    micro_batch_size: int = Field(4, gt=0, description="The Trainer's per_device_train_batch_size.")
+    gradient_checkpointing: bool = Field(
+        False, description="The Trainer's gradient_checkpointing (non-reentrant), as a user short of memory sets it; "
+        "set parallel.activation_checkpointing alike for the hwft arm."
+    )
+    dtypes: list[Literal["fp32", "bf16"]] = Field(
+        ["fp32"], min_length=1, description="One baseline arm per dtype: fp32, bf16 (the Trainer's bf16=True, "
+        "weights loaded in bf16 where the checkpoint or model.shape's config says bf16). --baseline-bf16 adds bf16."
+    )
+
+
+class BenchSpec(Section):
+    baseline: BenchBaseline = Field(
+        default_factory=BenchBaseline, description="The transformers Trainer + peft arms of `hwft bench --baseline`: "
+        "their settings, written in the recipe and stored in each result. They train on the very rows the hwft arm "
+        "trained on (padded to the longest in each batch)."
+    )
+
+
 class Recipe(Section):
     """A whole recipe. ``model``, ``data`` and ``output`` take plain strings as shorthands."""
 
@@ -447,6 +497,7 @@ class Recipe(Section):
     parallel: ParallelSpec = Field(default_factory=ParallelSpec, description="Multi-process.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Where results go.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Answers to show.")
+    bench: BenchSpec = Field(default_factory=BenchSpec, description="How `hwft bench` runs its baselines.")
 
     #: Folder the recipe file was read from; relative data paths resolve against it.
     _base_dir: str = PrivateAttr(".")

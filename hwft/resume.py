@@ -32,6 +32,8 @@ RESULT_NEUTRAL = (
     "parallel.offload_params",
     "parallel.activation_checkpointing",
     "kernels.compile",
+    "train.frozen_weights",  # the same products either way (hwft_torch.frozen_weights)
+    "bench.",
 )
 
 #: Strategies whose checkpoints are the same portable files (full weights and optimizer state
@@ -101,7 +103,7 @@ def open_checkpoint(recipe, wanted: str, world_size: int) -> Checkpoint:
             f"the result: {shown}{' ...' if len(diffs) > 6 else ''}. Resume with the original values, or "
             "start a new run in another output.dir"
         )
-    changed = [spec.path or spec.name for spec, old, new in
+    changed = [spec.path or spec.name or "random_tokens" for spec, old, new in
                zip(recipe.data.train, state.get("data_digests", []), data_digests(recipe), strict=False) if old != new]
     if changed:
         raise UserError(

@@ -16,7 +16,7 @@ from hwft.data.loading import TrainData, load_train_data
 from hwft.distributed import Launch, world_from_env
 from hwft.errors import RecipeError, SelectionError, UserError
 from hwft.job import Job
-from hwft.models import ResolvedModel, check_adapter, check_remote_code, materialise, resolve_model
+from hwft.models import ResolvedModel, check_adapter, check_remote_code, materialise, resolve_model, with_random_weights
 from hwft.output import RunDir, check_output_dir
 from hwft.plugins import PluginHost, get_host
 from hwft.processes import children_stop_with_this_process
@@ -67,6 +67,11 @@ def plan_run(recipe: Recipe, host: PluginHost | None = None, ranks: int | None =
         # and in each checkpoint, and the recipe a resume is compared with, wherever it is read from.
         recipe = recipe.model_copy(deep=True)
         recipe.model.name = str(model.path)
+    if recipe.model.shape:
+        if recipe.method.tuning == "qlora":
+            raise RecipeError("model.shape builds random weights; method.tuning qlora quantises the weights it loads, "
+                              "and a shape has none to load: use lora, or a real model folder for qlora")
+        model = with_random_weights(model, recipe.resolve_path(recipe.model.shape))
     if model.ready:
         check_remote_code(model.path, recipe.model.trust_remote_code)
     if recipe.model.adapter:

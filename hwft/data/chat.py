@@ -277,10 +277,14 @@ class ChatRenderer:
         return tok
 
     def tokenize_text(self, example: Example, max_length: int) -> list[Tokenized]:
-        """Plain text plus end-of-sequence, every token a label, in chunks of ``max_length``."""
-        ids = list(self.tokenizer(example.text)["input_ids"])
-        if self.tokenizer.eos_token_id is not None and (not ids or ids[-1] != self.tokenizer.eos_token_id):
-            ids.append(self.tokenizer.eos_token_id)
+        """Plain text plus end-of-sequence, every token a label, in chunks of ``max_length``; a
+        row of token ids (the tokens format, data.train random_tokens) as it is."""
+        if example.token_ids is not None:
+            ids = example.token_ids
+        else:
+            ids = list(self.tokenizer(example.text)["input_ids"])
+            if self.tokenizer.eos_token_id is not None and (not ids or ids[-1] != self.tokenizer.eos_token_id):
+                ids.append(self.tokenizer.eos_token_id)
         chunks = []
         for start in range(0, len(ids), max_length):
             piece = ids[start : start + max_length]

@@ -59,6 +59,7 @@ class Example:
     reference: str | None = None
     completion: list[Message] | None = None
     label: bool | None = None
+    token_ids: list[int] | None = None  #: a text example given as token ids already (tokens format)
     source: str = ""  #: "file.jsonl row 12", set by the loader
 
 
@@ -362,6 +363,18 @@ def parse_text(row: dict, mapping: Mapping) -> Example:
     return Example("text", text=text)
 
 
+def parse_tokens(row: dict, mapping: Mapping) -> Example:
+    """tokens: ``{"input_ids": [int, ...]}``, text already tokenized by the model's tokenizer,
+    every token a label (cpt). hwft checks the ids against the model's vocabulary before training."""
+    key = mapping.col("input_ids")
+    ids = row.get(key)
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"field '{key}' must be a list of token ids (integers from 0)")
+    if len(ids) < 2:
+        raise ValueError(f"field '{key}' holds {len(ids)} token(s); a training sequence needs at least 2")
+    return Example("text", token_ids=ids)
+
+
 def _prompt_turns(row: dict, mapping: Mapping) -> list[Message]:
     """The prompt of a preference or prompt-only row, from whichever field it has."""
     for name in ("prompt", "conversations", "messages"):
@@ -504,6 +517,7 @@ BUILTIN_FORMATS = (
     DataFormat("prompt", parse_prompt, _has("prompt"),
                "prompt with an optional reference answer (grpo)", "prompt"),
     DataFormat("text", parse_text, _has("text"), "plain text (cpt)", "text"),
+    DataFormat("tokens", parse_tokens, _has("input_ids"), "input_ids: token ids, tokenized already (cpt)", "text"),
 )
 
 

@@ -80,7 +80,8 @@ def inspect(recipe: Recipe, rows: int = 3, color: bool = False) -> tuple[str, di
     lines = [f"model {model.name} ({model.path}); template: "
              + (recipe.template or ("the tokenizer's own" if template else "none (plain text only)"))]
     for source in data.sources:
-        lines.append(f"{source.label}: {source.path} (format {source.format})")
+        where = source.path or f"{source.random.rows} random rows of {source.random.length} tokens"
+        lines.append(f"{source.label}: {where} (format {source.format})")
     lines.append(f"{data.describe()}" + (" (the first rows of each stream)" if data.streaming else ""))
 
     shown = []

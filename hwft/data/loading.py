@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hwft.data.formats import DataFormat, Example, Mapping
+from hwft.data.random_tokens import ordinary_ids, random_examples
 from hwft.data.reading import iter_rows
 from hwft.data.registry import lookup, read_registry
 from hwft.errors import DataError, RecipeError, did_you_mean
 from hwft.methods import method, registry
-from hwft.recipe import DatasetSpec, Recipe
+from hwft.recipe import DatasetSpec, RandomTokens, Recipe
 
 #: How many rows of a streamed dataset are parsed up front, before any weight loads.
 STREAM_CHECK_ROWS = 64
@@ -39,11 +40,12 @@ class Source:
     """One dataset of the recipe, resolved: where its rows are and how to read them."""
 
     label: str  #: "data.train[0]" or "data.train[1] (identity)"
-    path: Path
+    path: Path | None  #: None for random_tokens
     format: str  #: a format name or "auto"
     mapping: Mapping
     max_samples: int | None
     weight: float | None
+    random: RandomTokens | None = None  #: data.train's random_tokens (hwft.data.random_tokens)
 
 
 def resolve_sources(recipe: Recipe, specs: list[DatasetSpec], split: str = "train") -> list[Source]:
@@ -60,6 +62,8 @@ def resolve_sources(recipe: Recipe, specs: list[DatasetSpec], split: str = "trai
                 Mapping({**entry.columns, **spec.columns}, {**entry.tags, **spec.tags}),
                 spec.max_samples or entry.max_samples, spec.weight,
             ))
+        elif spec.random_tokens is not None:
+            out.append(Source(label, None, "tokens", Mapping(), None, spec.weight, spec.random_tokens))
         else:
             out.append(Source(label, recipe.resolve_path(spec.path), spec.format,
                               Mapping(spec.columns, spec.tags), spec.max_samples, spec.weight))
@@ -161,6 +165,12 @@ def check_settings(recipe: Recipe) -> None:
                           f"stream or {chosen.name} rows; remove it")
     if recipe.train.eval_every and not (recipe.data.eval or recipe.data.val_size):
         raise RecipeError("train.eval_every needs data.eval or data.val_size (the held-out examples to evaluate on)")
+    for split, specs in (("train", recipe.data.train), ("eval", recipe.data.eval)):
+        for i, spec in enumerate(specs):
+            if spec.random_tokens is not None and not chosen.reads("text"):
+                readers = " and ".join(m.name for m in methods if m.reads("text"))
+                raise RecipeError(f"data.{split}[{i}].random_tokens: rows of token ids, every one a label, train "
+                                  f"{readers}; objective {chosen.name} trains on {chosen.kind} rows")
     if recipe.data.packing and not chosen.packs:
         raise RecipeError(
             f"data.packing applies to {which('packs')} rows, not to {chosen.name}; remove it"
@@ -214,6 +224,8 @@ def load_train_data(recipe: Recipe, formats: dict[str, DataFormat]) -> TrainData
     weights = [s.weight for s in sources]
 
     def read(source: Source, streaming: bool = False) -> Iterator[Example]:
+        if source.random is not None:
+            return random_examples(source.random, ordinary_ids(recipe), recipe.train.seed, source.label)
         return read_examples(source, formats, recipe.method.objective, recipe.data.reasoning, streaming)
 
     held_out = [e for s in resolve_sources(recipe, recipe.data.eval, "eval") for e in read(s)]

@@ -29,6 +29,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from hwft import lora_targets
 from hwft.errors import ModelError
+from hwft.models import has_random_weights
 from hwft.recipe import LoraSpec
 from hwft_mlx import router
 from hwft_mlx.moe_lora import (
@@ -117,17 +118,20 @@ def ignored_window(config: dict) -> int | None:
 
 
 def load_model(path: Path, trust_remote_code: bool = False) -> tuple[nn.Module, dict]:
-    """The mlx-lm model of an HF safetensors folder, with its config normalised."""
+    """The mlx-lm model of an HF safetensors folder, with its config normalised; of a model.shape
+    folder (hwft.models.with_random_weights), built with random weights."""
     from mlx_lm.utils import load_model as mlx_load
 
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read {path / 'config.json'}: {exc}") from None
-    if not list(path.glob("model*.safetensors")):
+    random = has_random_weights(path)  # model.shape: mlx's own initialisers, seeded by train.seed
+    if not random and not list(path.glob("model*.safetensors")):
         raise ModelError(f"{path} has no model*.safetensors; the MLX backend loads safetensors folders only")
     try:
-        model, _ = mlx_load(path, model_config=config_overrides(config), trust_remote_code=trust_remote_code)
+        model, _ = mlx_load(path, model_config=config_overrides(config), trust_remote_code=trust_remote_code,
+                            strict=not random)
     except (ValueError, TypeError) as exc:  # "Model type X not supported.", weight mismatches, missing args
         raise ModelError(f"mlx-lm cannot load {path} (model_type {config.get('model_type')}): {exc}") from None
     if isinstance(config.get("pad_token_id"), int):

@@ -30,7 +30,7 @@ from hwft.steplog import StepLog
 from hwft.recipe import Recipe
 from hwft.errors import RecipeError
 from hwft.select import compile_decision, ranks_problem
-from hwft_torch import compiling, sequence_parallel
+from hwft_torch import compiling, frozen_weights, sequence_parallel
 from hwft_torch.checkpoint import TorchState
 from hwft_torch.modeling import (
     DTYPES,
@@ -127,15 +127,16 @@ def answer(model, tokenizer, renderer: ChatRenderer, prompt: str, max_new_tokens
         ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=device)
     else:
         ids = torch.tensor([renderer.prompt_ids(prompt)], device=device)
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
-        synced_gpus=synced,
-        use_cache=True,  # the training model's config has it off (hwft_torch.modeling.load_model)
-    )
+    with frozen_weights.autocast_for(model, ids.device):  # frozen linears stored in bf16 read bf16 inputs
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            synced_gpus=synced,
+            use_cache=True,  # the training model's config has it off (hwft_torch.modeling.load_model)
+        )
     model.train(was_training)
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
@@ -269,7 +270,12 @@ def train(job: Job, runtime: DeviceRuntime) -> Result:
     else:
         if weights:
             job.log(f"fsdp2: each rank loads the whole model, then keeps its shards ({weights})")
-        model, weights = load_model(model_path, recipe, device, tuning, dtype), None
+        frozen = frozen_weights.wanted(recipe, tuning, dtype, device.type)
+        model, weights = load_model(model_path, recipe, device, tuning, dtype, frozen), None
+        if frozen:
+            job.log(f"frozen weights: {frozen_weights.count(model, frozen)} linear layers stored in "
+                    f"{str(frozen).removeprefix('torch.')}, as autocast would cast them in every forward "
+                    "(train.frozen_weights)")
     needed = family_attention(model_type_of(model_path)) if recipe.kernels.attention == "auto" else None
     if needed is not None:
         job.log(f"attention: {needed[0]}, not sdpa ({needed[1]})")

@@ -205,6 +205,8 @@ def model_config(model):
     an embedded GGUF's metadata where the model is not converted yet (no weight is read)."""
     from transformers import AutoConfig
 
+    if model.kind == "random" and not model.ready:  # model.shape, its folder not made yet
+        return AutoConfig.from_pretrained(str(model.source), local_files_only=True)
     if model.ready or model.kind != "embedded":
         return AutoConfig.from_pretrained(model.path, local_files_only=True)
     return AutoConfig.from_pretrained(model.source.parent, gguf_file=model.source.name, local_files_only=True)
@@ -213,6 +215,7 @@ def model_config(model):
 def shape(recipe: Recipe, model, backend: str = "cpu") -> Shape:
     """The recipe's model (``model``: hwft.models.ResolvedModel) measured with fake tensors (see
     the module's doc), computing as it would on ``backend``."""
+    from hwft_torch import frozen_weights
     from hwft_torch.modeling import attention_implementation
 
     config = model_config(model)
@@ -231,6 +234,10 @@ def shape(recipe: Recipe, model, backend: str = "cpu") -> Shape:
                   and ".lora_" not in n and "modules_to_save" not in n]
         count = sum(m.weight.numel() for m in linear)
         weight_bytes += int(quantised_bytes(count, recipe.method.qlora.double_quant)) - count * 4
+    device_type = {"rocm": "cuda"}.get(backend, backend)
+    if stored := frozen_weights.wanted(recipe, recipe.method.tuning, dtype, device_type):  # as the engine stores them
+        weight_bytes -= sum(p.numel() * (4 - stored.itemsize) for layer in frozen_weights.frozen_linears(base)
+                            for p in layer.parameters(recurse=False))
     layers = [m for m in base.modules() if type(m).__name__ in set(getattr(base, "_no_split_modules", None) or ())]
     unit = max((layer_bytes(layer, recipe) for layer in layers), default=0)
     m = method(recipe.method.objective)

@@ -19,6 +19,7 @@ import torch
 
 from hwft import lora_targets
 from hwft.errors import ModelError
+from hwft.models import has_random_weights
 from hwft.methods import method
 from hwft.recipe import Recipe
 
@@ -116,9 +117,15 @@ def quantization_config(recipe: Recipe, compute_dtype: torch.dtype):
     )
 
 
-def load_model(path: Path, recipe: Recipe, device: torch.device, tuning: str, compute_dtype: torch.dtype):
+def load_model(path: Path, recipe: Recipe, device: torch.device, tuning: str, compute_dtype: torch.dtype,
+               frozen: torch.dtype | None = None):
     """The base model (fp32 weights, or quantised for qlora; mixed precision runs under
-    autocast), with its tuning applied. ``tuning`` is the one that runs (after any fallback)."""
+    autocast), with its tuning applied. ``tuning`` is the one that runs (after any fallback).
+    ``frozen``: the dtype its frozen linear weights are stored in (hwft_torch.frozen_weights), cast
+    before the model reaches the device, so the device never holds their fp32 copy."""
+    from hwft_torch import frozen_weights
+
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # hwft draws its own progress
@@ -126,6 +133,22 @@ def load_model(path: Path, recipe: Recipe, device: torch.device, tuning: str, co
     extra = dict(head.extra)
     if tuning == "qlora":
         extra.update(quantization_config=quantization_config(recipe, compute_dtype), device_map={"": device})
+    if has_random_weights(path):  # model.shape: built on the device, seeded by train.seed (engine.seed_everything)
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=recipe.model.trust_remote_code)
+        with torch.device(device):
+            model = head.auto_class().from_config(config, dtype=frozen or torch.float32, **head.extra,
+                                                  **built_as(path, recipe))
+        if frozen:  # random numbers either way: made in the stored dtype, all but the linears back in fp32
+            linears = {id(p) for m in model.modules() if type(m) is torch.nn.Linear for p in m.parameters()}
+            embedded = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+            for p in model.parameters():
+                if id(p) not in linears or id(p) in embedded:
+                    p.data = p.data.float()
+        model = tune(model, recipe, tuning)
+        for p in model.parameters():  # what trains is fp32 whatever it was made in
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+        return model
     try:
         model = head.auto_class().from_pretrained(
             path,
@@ -137,6 +160,10 @@ def load_model(path: Path, recipe: Recipe, device: torch.device, tuning: str, co
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load a {head.what} from {path}: {exc}") from None
+    if frozen:  # tuned and cast where it was loaded, then moved
+        model = tune(model, recipe, tuning)
+        frozen_weights.store(model, frozen)
+        return model.to(device)
     if tuning != "qlora":
         model.to(device)
     return tune(model, recipe, tuning)

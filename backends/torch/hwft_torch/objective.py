@@ -13,6 +13,7 @@ from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
 from hwft.job import Job
 from hwft.objective import Loss, Objective, sequence_pairs, step_label_count
+from hwft_torch import frozen_weights
 from hwft_torch.losses import causal_lm_loss, chunked_cross_entropy, linear_cross_entropy
 from hwft_torch.modeling import attention_implementation
 from hwft_torch.parallel import sharded
@@ -215,6 +216,9 @@ def held_out_loss(model, rows: list[Row], pad_id: int, attention: str, device: t
     than training (``fused`` False: the plain loss, for sharded parameters)."""
     was_training = model.training
     model.eval()
+    if autocast is None:  # frozen linears stored in bf16 (hwft_torch.frozen_weights) read bf16 inputs
+        def autocast():
+            return frozen_weights.autocast_for(model, device)
     head = output_head(model) if fused else "off"
     total, count = 0.0, 0
     ordered = sorted(rows, key=lambda r: len(r.input_ids))

@@ -57,6 +57,8 @@ def why_not(recipe: Recipe, tuning: str) -> str | None:
         return f"method.{recipe.method.objective}.reference precomputed runs the loaded model before sharding"
     if recipe.model.adapter:
         return "model.adapter continues an adapter on the loaded model"
+    if recipe.model.shape:
+        return "model.shape builds random weights, with no checkpoint to read shards of"
     if tuning in ("lora", "qlora") and recipe.method.lora.dora:
         return "method.lora.dora starts each magnitude from its loaded weight's norm"
     return None
