@@ -69,6 +69,7 @@ def test_bench_writes_one_result_per_arm_and_compares_them(bench_run):
         m = r.metrics
         assert m.memory_kind == "process-rss" and m.peak_memory_bytes > 100e6
         assert 0 < m.mfu < 1 and m.peak_source.startswith("measured")
+        assert m.measured_peak_flops == m.peak_flops and m.mfu_of_measured == m.mfu  # no spec sheet for a CPU
         assert m.step_time_median_s <= m.step_time_p90_s
         assert 0 < m.eval_loss < 15 and r.workload.eval_examples == 8
         assert r.fingerprint["backend"] == "cpu" and r.fingerprint["packages"]["torch"]
@@ -139,7 +140,7 @@ def test_repeated_rounds_report_the_median_paired_ratio(bench_run, tmp_path, cli
         files[-1].write_text(json.dumps(result))
     code, stdout, err = cli("bench", "report", *files, "--out", tmp_path / "report")
     assert code == 0, err
-    assert (f"hwft/cpu vs baseline fp32, workload {result['workload']['hash']}, median of 3 paired runs: "
+    assert (f"hwft/cpu vs baseline-hf fp32, workload {result['workload']['hash']}, median of 3 paired runs: "
             "tokens/s x2.10 (range x1.80 to x2.40), peak memory x0.60 (at most x0.70)") in stdout
     assert "Over the paired runs" in (tmp_path / "report" / "report.md").read_text()
 
@@ -202,7 +203,9 @@ def test_model_dims_of_a_lora_model(tiny_llama):
     ("extra", "args", "message"),
     [
         ({"method": {**MATCHING, "objective": "dpo"}, "data": {"train": ["pairs.jsonl"]}}, ["--baseline", "hf"],
-         "--baseline hf trains sft; this recipe's objective is dpo"),
+         "--baseline trains sft or cpt; this recipe's objective is dpo"),
+        ({}, ["--baseline", "hf,hf-liger"], "--baseline hf-liger runs Liger's Triton kernels, on CUDA and ROCm only"),
+        ({}, ["--baseline", "trl"], "--baseline trl: unknown baseline (known: hf, hf-liger)"),
         ({}, ["--backends", "cuda"], "backend 'cuda' is not available here"),
         ({"data": {"train": ["x.jsonl"], "streaming": True}, "train": {"max_steps": 2}}, [],
          "hwft bench reads the data into memory; remove data.streaming"),
@@ -219,6 +222,21 @@ def test_bench_refuses_before_any_arm_runs(tiny_llama, tmp_path, cli, extra, arg
     assert code == 2, err
     assert message in err
     assert not list((tmp_path).glob("res/*.json"))
+
+
+def test_mfu_is_shown_against_the_measured_matmul_rate_too_where_the_peak_is_a_spec_sheet_s():
+    from hwft.bench.runner import mfu_text
+    from hwft.bench.schema import Metrics
+
+    common = dict(tokens_per_second=1.0, label_tokens_per_second=1.0, step_time_median_s=1.0, step_time_p90_s=1.0,
+                  peak_memory_bytes=None, memory_kind="device", loss_last_step=None, eval_loss=None, tokens_total=1,
+                  label_tokens_total=1, padding_fraction=None, model_flops_per_second=4.5e14)
+    h200 = Metrics(**common, peak_flops=989e12, peak_source="spec sheet (H200, bf16, dense)", mfu=4.5e14 / 989e12,
+                   measured_peak_flops=7.9e14, mfu_of_measured=4.5e14 / 7.9e14)
+    assert mfu_text(h200) == "45.5% (57.0% of measured)"
+    cpu = Metrics(**common, peak_flops=1e15, peak_source="measured", mfu=0.45, measured_peak_flops=1e15,
+                  mfu_of_measured=0.45)
+    assert mfu_text(cpu) == "45.0%"
 
 
 def test_baseline_differences_name_each_setting():

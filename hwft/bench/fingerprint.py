@@ -64,6 +64,8 @@ def model_identity(model) -> str:
     """The model by content: the embedded model by its GGUF file, a folder by its config and
     its safetensors weights. Two folders of one shape with different weights (a random stand-in
     for the real model, say) never share a workload hash."""
+    if model.kind == "random" and model.tokenizer is not None:  # model.shape: its config, and whose tokenizer
+        return f"random:{file_digest(Path(model.source))}:{model_identity(model.tokenizer)}"
     if model.kind == "embedded" and model.source is not None and Path(model.source).is_file():
         return f"{model.name}:{file_digest(Path(model.source))}"
     config = model.path / "config.json"
@@ -84,6 +86,8 @@ def workload_hash(recipe, model_id: str, bench: dict) -> str:
     if raw["data"]["registry"]:
         raw["data"]["registry"] = file_digest(recipe.resolve_path(raw["data"]["registry"]))
     raw["model"]["name"] = model_id
+    if raw["model"].get("shape"):
+        raw["model"]["shape"] = file_digest(recipe.resolve_path(raw["model"]["shape"]))
     if raw["model"]["adapter"]:
         raw["model"]["adapter"] = file_digest(recipe.resolve_path(raw["model"]["adapter"]))
     text = json.dumps({"recipe": raw, "bench": bench}, sort_keys=True)

@@ -35,7 +35,7 @@ def load(files: list[str]) -> list[BenchResult]:
 def label(r: BenchResult) -> str:
     f = r.fingerprint
     count = f"{f.get('device_count', 1)}x " if f.get("device_count", 1) > 1 else ""
-    arm = "hwft" if r.arm.kind == "hwft" else "baseline"
+    arm = {"hwft": "hwft", "baseline-hf": "baseline"}.get(r.arm.kind, r.arm.kind)  # baseline-hf-liger as is
     return f"{count}{f.get('device')} / {r.arm.backend} / {arm} {r.arm.dtype}"
 
 
@@ -118,7 +118,7 @@ def report(files: list[str], out: str | None, force: bool) -> int:
             table(results, len(hashes) > 1), ""]
     comparisons = [line for r in results for line in comparison_lines(r)]
     if comparisons:
-        text += ["Against the transformers Trainer + peft baseline:", ""] + [f"- {c}" for c in comparisons] + [""]
+        text += ["Against the transformers Trainer + peft baselines:", ""] + [f"- {c}" for c in comparisons] + [""]
     medians = paired_summary(results)
     if medians:
         text += ["Over the paired runs (each hwft arm against the baseline run right after it):", ""] \

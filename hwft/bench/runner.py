@@ -23,8 +23,10 @@ from hwft.records import PRIORITY_CPU_FALLBACK
 from hwft.select import backend_problems, rank, select_backend
 from hwft.train import plan_run
 
-#: The baseline's fixed arguments that decide what model is trained (hwft_torch.bench.BASELINE).
+#: The baseline's fixed arguments that decide what model is trained (hwft_torch.bench.BASELINE_LORA).
 BASELINE_MODEL = {"r": 16, "alpha": 32, "target_modules": "all-linear", "dropout": 0.0}
+#: The baselines `--baseline` may name (hwft_torch.bench.BASELINES).
+BASELINE_KINDS = ("hf", "hf-liger")
 
 
 def baseline_differences(recipe) -> list[str]:
@@ -39,8 +41,6 @@ def baseline_differences(recipe) -> list[str]:
             out.append(f"method.lora.{key} {have} (baseline {want})")
     if m.lora.dora or m.lora.rslora:
         out.append("method.lora dora/rslora (baseline plain LoRA)")
-    if t.max_length != 512:
-        out.append(f"train.max_length {t.max_length} (baseline 512)")
     if t.lr != 1e-4:
         out.append(f"train.lr {t.lr} (baseline 1e-4)")
     return out
@@ -80,6 +80,7 @@ def run_arm(spec: dict, folder: Path) -> BenchResult:
 
 
 def compare(hwft: BenchResult, base: BenchResult, base_file: str, differences: list[str]) -> Comparison:
+    """hwft's arm against one baseline arm: the ratios, and whether they count."""
     trained = Counter(i for s in hwft.steps for i in s.examples)
     seen = Counter(i for s in base.steps for i in s.examples)
     same = trained == seen and hwft.metrics.tokens_total == base.metrics.tokens_total
@@ -88,12 +89,22 @@ def compare(hwft: BenchResult, base: BenchResult, base_file: str, differences: l
         mem = hwft.metrics.peak_memory_bytes / base.metrics.peak_memory_bytes
     e1, e0 = hwft.metrics.eval_loss, base.metrics.eval_loss
     return Comparison(
-        baseline=base_file, baseline_dtype=base.arm.dtype, same_tokens=same, differences=differences,
+        baseline=base_file, baseline_dtype=base.arm.dtype, baseline_kind=base.arm.kind, same_tokens=same,
+        differences=differences,
         counts=same and not differences,
         tokens_per_second_ratio=hwft.metrics.tokens_per_second / base.metrics.tokens_per_second,
         peak_memory_ratio=mem, eval_loss_hwft=e1, eval_loss_baseline=e0,
         eval_loss_relative_difference=(e1 - e0) / e0 if e1 is not None and e0 else None,
     )
+
+
+def mfu_text(m) -> str:
+    """MFU against the peak, and against the measured matmul rate where the peak is a spec sheet's."""
+    if m.mfu is None:
+        return "-"
+    if m.mfu_of_measured is not None and m.measured_peak_flops != m.peak_flops:
+        return f"{m.mfu:.1%} ({m.mfu_of_measured:.1%} of measured)"
+    return f"{m.mfu:.1%}"
 
 
 def summary_table(results: list[BenchResult]) -> str:
@@ -106,7 +117,7 @@ def summary_table(results: list[BenchResult]) -> str:
         lines.append(
             f"| {r.arm.kind} | {r.arm.backend} | {r.arm.dtype} | {m.tokens_per_second:.1f} | "
             f"{m.step_time_median_s:.2f} | {m.step_time_p90_s:.2f} | {mem} | "
-            f"{f'{m.mfu:.1%}' if m.mfu is not None else '-'} | "
+            f"{mfu_text(m)} | "
             f"{f'{m.loss_last_step:.4f}' if m.loss_last_step is not None else '-'} | "
             f"{f'{m.eval_loss:.4f}' if m.eval_loss is not None else '-'} |"
         )
@@ -123,7 +134,7 @@ def comparison_lines(result: BenchResult) -> list[str]:
         if c.eval_loss_relative_difference is not None:
             ev = (f", eval loss {c.eval_loss_hwft:.4f} vs {c.eval_loss_baseline:.4f} "
                   f"({c.eval_loss_relative_difference:+.2%})")
-        out.append(f"hwft/{result.arm.backend} vs baseline {c.baseline_dtype}: tokens/s x{c.tokens_per_second_ratio:.2f}"
+        out.append(f"hwft/{result.arm.backend} vs {c.baseline_kind} {c.baseline_dtype}: tokens/s x{c.tokens_per_second_ratio:.2f}"
                    f"{mem}{ev} (same tokens: {'yes' if c.same_tokens else 'no'}; ratio {verdict})")
     return out
 
@@ -140,13 +151,13 @@ def paired_summary(results: list[BenchResult]) -> list[str]:
     for r in results:
         for c in r.comparisons:
             if c.counts:
-                groups.setdefault((r.workload.hash, r.arm.backend, c.baseline_dtype), []).append(c)
+                groups.setdefault((r.workload.hash, r.arm.backend, c.baseline_kind, c.baseline_dtype), []).append(c)
     out = []
-    for (digest, backend, dtype), pairs in groups.items():
+    for (digest, backend, kind, dtype), pairs in groups.items():
         if len(pairs) < 2:
             continue
         speed = sorted(c.tokens_per_second_ratio for c in pairs)
-        line = (f"hwft/{backend} vs baseline {dtype}, workload {digest}, median of {len(pairs)} paired runs: "
+        line = (f"hwft/{backend} vs {kind} {dtype}, workload {digest}, median of {len(pairs)} paired runs: "
                 f"tokens/s x{statistics.median(speed):.2f} (range x{speed[0]:.2f} to x{speed[-1]:.2f})")
         memory = [c.peak_memory_ratio for c in pairs if c.peak_memory_ratio]
         if memory:
@@ -159,8 +170,13 @@ def paired_summary(results: list[BenchResult]) -> list[str]:
 
 
 def bench(recipe_path: str, overrides: list[str], backends: list[str] | None, steps: int | None, warmup: int,
-          baseline: str | None, baseline_bf16: bool, out: str, eval_examples: int, repeat: int = 1) -> int:
+          baseline: list[str] | str | None, baseline_bf16: bool, out: str, eval_examples: int, repeat: int = 1) -> int:
     recipe = load_recipe(recipe_path, overrides)
+    kinds = [baseline] if isinstance(baseline, str) else list(baseline or [])
+    for kind in kinds:
+        if kind not in BASELINE_KINDS:
+            raise RecipeError(f"--baseline {kind}: unknown baseline (known: {', '.join(BASELINE_KINDS)})")
+    dtypes = list(dict.fromkeys([*recipe.bench.baseline.dtypes, *(["bf16"] if baseline_bf16 else [])]))
     if recipe.data.streaming:
         raise RecipeError("hwft bench reads the data into memory; remove data.streaming")
     if steps is not None and steps < 1:
@@ -171,18 +187,24 @@ def bench(recipe_path: str, overrides: list[str], backends: list[str] | None, st
     names = choose_backends(recipe, backends)
     host = get_host()
     differences = []
-    if baseline:
+    if kinds:
         if not any(host.backend(n).engine == "torch" for n in names):
-            raise SelectionError("--baseline hf runs on a torch backend (cpu, cuda, rocm, npu); none is among "
-                                 f"{', '.join(names)}")
+            raise SelectionError(f"--baseline {','.join(kinds)} runs on a torch backend (cpu, cuda, rocm, npu); none "
+                                 f"is among {', '.join(names)}")
         if recipe.method.objective not in ("sft", "cpt"):
-            raise RecipeError(f"--baseline hf trains sft; this recipe's objective is {recipe.method.objective}")
+            raise RecipeError(f"--baseline trains sft or cpt; this recipe's objective is {recipe.method.objective}")
         from hwft.bench.worker import bench_tools
 
-        torch_backend = next(host.backend(n) for n in names if host.backend(n).engine == "torch")
-        baseline_args = bench_tools(torch_backend).BASELINE
+        torch_names = [n for n in names if host.backend(n).engine == "torch"]
+        tools = bench_tools(host.backend(torch_names[0]))
+        for kind in kinds:
+            for n in torch_names:
+                if problem := tools.baseline_problem(kind, n):
+                    raise SelectionError(problem)
+            print(f"baseline {kind} (fixed arguments): "
+                  + json.dumps(tools.baseline_arguments(recipe.bench.baseline, recipe.train.max_length, kind)),
+                  file=sys.stderr)
         differences = baseline_differences(recipe)
-        print("baseline (fixed arguments): " + json.dumps(baseline_args), file=sys.stderr)
         if differences:
             print("baseline: the recipe differs from it in " + "; ".join(differences)
                   + " -- ratios will be shown but do not count", file=sys.stderr)
@@ -205,13 +227,12 @@ def bench(recipe_path: str, overrides: list[str], backends: list[str] | None, st
         path = folder / f"{prefix}-hwft-{name}.json"
         hwft = run_arm({**base_spec, "arm": "hwft", "backend": name, "result": str(path)}, folder)
         results.append((path.name, hwft))
-        if baseline and host.backend(name).engine == "torch":
+        if kinds and host.backend(name).engine == "torch":
             examples = [i for s in hwft.steps for i in s.examples]
-            for bf16 in (False, True) if baseline_bf16 else (False,):
-                tag = "bf16" if bf16 else "fp32"
-                bpath = folder / f"{prefix}-baseline-hf-{tag}-{name}.json"
-                base = run_arm({**base_spec, "arm": "baseline-hf", "backend": name, "result": str(bpath),
-                                "bf16": bf16, "examples": examples}, folder)
+            for kind, tag in ((k, d) for k in kinds for d in dtypes):
+                bpath = folder / f"{prefix}-baseline-{kind}-{tag}-{name}.json"
+                base = run_arm({**base_spec, "arm": f"baseline-{kind}", "backend": name, "result": str(bpath),
+                                "bf16": tag == "bf16", "examples": examples}, folder)
                 hwft.comparisons.append(compare(hwft, base, bpath.name, differences))
                 results.append((bpath.name, base))
                 path.write_text(hwft.dump(), encoding="utf-8")  # the comparisons so far

@@ -30,7 +30,8 @@ class Step(Record):
 
 
 class Arm(Record):
-    kind: Literal["hwft", "baseline-hf"] = Field(description="hwft's engine, or the transformers Trainer baseline.")
+    kind: Literal["hwft", "baseline-hf", "baseline-hf-liger"] = Field(
+        description="hwft's engine, or the transformers Trainer baseline (hf-liger: with Liger's kernels).")
     backend: str = Field(description="Backend the arm ran on (cpu, cuda, npu, mlx, ...).")
     engine: str = Field(description="Engine of that backend (torch, mlx).")
     objective: str
@@ -65,11 +66,16 @@ class Metrics(Record):
     peak_flops: float | None = Field(description="The device's peak FLOP/s in the compute dtype.")
     peak_source: str | None = Field(description="Spec sheet, or the measured matmul probe.")
     mfu: float | None = Field(description="model_flops_per_second / peak_flops.")
+    measured_peak_flops: float | None = Field(
+        None, description="The device's matmul FLOP/s in the compute dtype as measured on it (a square matmul, "
+        "best of 4), beside a spec sheet's peak_flops.")
+    mfu_of_measured: float | None = Field(None, description="model_flops_per_second / measured_peak_flops.")
 
 
 class Comparison(Record):
     baseline: str = Field(description="File name of the baseline result.")
     baseline_dtype: str
+    baseline_kind: str = Field("baseline-hf", description="The baseline arm's kind (baseline-hf, baseline-hf-liger).")
     same_tokens: bool = Field(description="Both arms trained on exactly the same sequences (as multisets).")
     differences: list[str] = Field(description="Recipe settings that differ from the baseline's fixed arguments.")
     counts: bool = Field(description="same_tokens and no differences: the ratios count.")

@@ -81,7 +81,8 @@ def bench_tools(backend):
 
 
 def metrics(steps: list[dict], warmup: int, peak_memory: int | None, memory_kind: str, eval_loss,
-            dims: dict | None, tuning: str, reference_forward: bool, peak: tuple | None) -> Metrics:
+            dims: dict | None, tuning: str, reference_forward: bool, peak: tuple | None,
+            measured: float | None = None) -> Metrics:
     timed = steps[warmup:]
     if not timed:
         raise SystemExit(f"hwft bench: {len(steps)} steps ran, none after {warmup} warmup steps; "
@@ -112,6 +113,8 @@ def metrics(steps: list[dict], warmup: int, peak_memory: int | None, memory_kind
         peak_flops=peak_value,
         peak_source=peak_source,
         mfu=flops_per_second / peak_value if flops_per_second and peak_value else None,
+        measured_peak_flops=measured,
+        mfu_of_measured=flops_per_second / measured if flops_per_second and measured else None,
     )
 
 
@@ -156,8 +159,10 @@ def main(spec_path: str) -> int:
             tokenizer, rows = rows_of(train_examples, recipe, model_path)
             trained = [rows[i] for i in spec["examples"]]
             _, eval_rows = rows_of(eval_examples, recipe, model_path) if eval_examples else (None, [])
+            kind = spec["arm"].removeprefix("baseline-")
+            arguments = tools.baseline_arguments(recipe.bench.baseline, recipe.train.max_length, kind)
             out = tools.baseline_run(model_path, tokenizer, trained, eval_rows, spec["backend"], spec["bf16"],
-                                     recipe.train.seed)
+                                     recipe.train.seed, arguments)
             steps, model, dtype, tuning = out["steps"], out["model"], out["dtype"], "lora"
             peak_memory, settings = out["peak_memory"], out["settings"]
         eval_loss = None
@@ -171,6 +176,11 @@ def main(spec_path: str) -> int:
         dims = tools.model_dims(model) if tools else None
         peak = tools.peak_flops(tools.device_of(model), tools.dtype_named(dtype),
                                 device_label(spec["backend"])) if tools else None
+        measured = None  # the matmul probe, where the peak above is a spec sheet's
+        if peak and not peak[1].startswith("measured"):
+            measured = tools.peak_flops(tools.device_of(model), tools.dtype_named(dtype), "")[0]
+        elif peak:
+            measured = peak[0]
     memory_kind = tools.memory_kind(spec["backend"]) if tools else "device"
     result = BenchResult(
         run_id=spec["run_id"],
@@ -183,7 +193,7 @@ def main(spec_path: str) -> int:
                           train_sequences=sum(len(s.get("examples", [])) for s in steps)),
         fingerprint=fingerprint(spec["backend"], host.probe(spec["backend"])),
         metrics=metrics(steps, spec["warmup"], peak_memory, memory_kind, eval_loss, dims, tuning,
-                        reference_forward, peak),
+                        reference_forward, peak, measured),
         steps=[Step(**{k: v for k, v in s.items() if k in Step.model_fields}) for s in steps],
     )
     Path(spec["result"]).write_text(result.dump(), encoding="utf-8")

@@ -1,12 +1,16 @@
 """The torch engine's part of ``hwft bench``: model dimensions for the FLOP model, the device's
 peak FLOP/s, the held-out loss, and the baseline arm a user would otherwise run.
 
-The baseline (``--baseline hf``) is the tutorial path, with its arguments fixed (:data:`BASELINE`):
-transformers ``Trainer`` + peft LoRA r=16, alpha=32 on all linear layers, per-device batch 4,
-lr 1e-4, padding to the longest in the batch with ``DataCollatorForSeq2Seq``, fp32 (or bf16 with
-``--baseline-bf16``), everything else at the libraries' defaults. It trains on the very
-sequences the hwft arm trained on (hwft's tokenisation, truncated at max length), one pass,
-in the Trainer's own shuffled order.
+The baselines (``--baseline hf``, ``--baseline hf-liger``) are the tutorial path, with their
+arguments fixed (:func:`baseline_arguments`, from the recipe's ``bench.baseline``): transformers
+``Trainer`` + peft LoRA r=16, alpha=32 on all linear layers, SDPA attention, lr 1e-4, the recipe's
+baseline micro-batch and gradient checkpointing, padding to the longest in the batch with
+``DataCollatorForSeq2Seq``, fp32 or bf16, everything else at the libraries' defaults; ``hf-liger``
+adds the Trainer's ``use_liger_kernel`` (Liger's Triton kernels: CUDA and ROCm). Each trains on
+the very sequences the hwft arm trained on (hwft's tokenisation, truncated at max length), one
+pass, in the Trainer's own shuffled order. A model.shape is built as the hwft arm builds it:
+from its config on the device, seeded by train.seed, in bf16 for a bf16 arm whose config says
+bf16 (as ``from_pretrained``'s ``dtype="auto"`` loads such a checkpoint), else fp32.
 """
 
 from __future__ import annotations
@@ -21,16 +25,29 @@ from hwft_torch.host_memory import cpu_peak_rss
 from hwft_torch.memory_plan import devices as memory_devices
 from hwft_torch.memory_plan import shape as memory_shape  # hwft plan's measurements
 
-#: The baseline's fixed arguments, printed by ``hwft bench`` and stored in its result.
-BASELINE = {
-    "trainer": "transformers.Trainer",
-    "per_device_train_batch_size": 4,
-    "max_length": 512,
-    "lora": {"r": 16, "lora_alpha": 32, "target_modules": "all-linear", "lora_dropout": 0.0},
-    "learning_rate": 1e-4,
-    "collator": "DataCollatorForSeq2Seq(padding='longest')",
-    "num_train_epochs": 1,
-}
+#: The baseline's model-defining arguments (hwft.bench.runner.BASELINE_MODEL checks the recipe
+#: against them).
+BASELINE_LORA = {"r": 16, "lora_alpha": 32, "target_modules": "all-linear", "lora_dropout": 0.0}
+#: The baselines hwft bench runs: the Trainer's extra arguments for each.
+BASELINES = {"hf": {}, "hf-liger": {"use_liger_kernel": True}}
+
+
+def baseline_arguments(spec, max_length: int, kind: str = "hf") -> dict:
+    """The baseline's fixed arguments (``spec``: the recipe's bench.baseline), printed by
+    ``hwft bench`` and stored in its result."""
+    return {
+        "trainer": "transformers.Trainer",
+        "attn_implementation": "sdpa",
+        "per_device_train_batch_size": spec.micro_batch_size,
+        "gradient_checkpointing": spec.gradient_checkpointing,
+        "max_length": max_length,
+        "lora": BASELINE_LORA,
+        "learning_rate": 1e-4,
+        "collator": "DataCollatorForSeq2Seq(padding='longest')",
+        "num_train_epochs": 1,
+        **BASELINES[kind],
+    }
+
 
 #: Dense (no sparsity) peak FLOP/s from vendors' spec sheets, by device-name fragment and dtype.
 SPEC_SHEET = {
@@ -50,7 +67,7 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
-__all__ = ["BASELINE", "baseline_arm", "device_of", "dtype_named", "held_out_loss", "memory_devices",
+__all__ = ["BASELINES", "baseline_arguments", "baseline_arm", "device_of", "dtype_named", "held_out_loss", "memory_devices",
            "memory_shape", "model_dims", "peak_flops", "process_peak_rss"]
 
 
@@ -120,16 +137,34 @@ def peak_flops(device: torch.device, dtype: torch.dtype, device_name: str = "") 
     return 2 * n**3 / best, f"measured ({n}x{n} {dname} matmul, best of 4)"
 
 
+def baseline_model(model_path: Path, device: torch.device, bf16: bool, seed: int):
+    """The model the baseline trains: the checkpoint as ``from_pretrained`` loads it, or a
+    model.shape built on the device (see the module's doc)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hwft.models import has_random_weights
+
+    if not has_random_weights(model_path):
+        return AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True, attn_implementation="sdpa")
+    config = AutoConfig.from_pretrained(model_path, local_files_only=True)
+    says_bf16 = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", "")).endswith("bfloat16")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if bf16 and says_bf16 else torch.float32,
+                                                attn_implementation="sdpa")
+
+
 def baseline_arm(model_path: Path, tokenizer, train_rows: list, eval_rows: list, device: torch.device,
-                 bf16: bool, seed: int) -> dict:
-    """Train the tutorial baseline on ``train_rows`` (hwft Rows) for one pass; the same result
-    fields the hwft arm reports."""
+                 bf16: bool, seed: int, arguments: dict) -> dict:
+    """Train the tutorial baseline (``arguments``: :func:`baseline_arguments`) on ``train_rows``
+    (hwft Rows) for one pass; the same result fields the hwft arm reports."""
+    import dataclasses
     import os
     import tempfile
+    import warnings
 
     from peft import LoraConfig, get_peft_model
     from transformers import (
-        AutoModelForCausalLM,
         DataCollatorForSeq2Seq,
         PrinterCallback,
         Trainer,
@@ -137,8 +172,8 @@ def baseline_arm(model_path: Path, tokenizer, train_rows: list, eval_rows: list,
         TrainingArguments,
     )
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, local_files_only=True)
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **BASELINE["lora"]))
+    model = baseline_model(model_path, device, bf16, seed)
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **arguments["lora"]))
     features = [{"input_ids": r.input_ids, "attention_mask": [1] * len(r.input_ids), "labels": r.labels,
                  "_id": r.ids[0]} for r in train_rows]
     collate = DataCollatorForSeq2Seq(tokenizer, padding="longest")
@@ -166,11 +201,22 @@ def baseline_arm(model_path: Path, tokenizer, train_rows: list, eval_rows: list,
             self.last = now
 
     with tempfile.TemporaryDirectory() as out:
+        # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing; the device's
+        # own transformers may be older
+        checkpointing = next(n for n in ("activation_checkpointing", "gradient_checkpointing")
+                             if n in {f.name for f in dataclasses.fields(TrainingArguments)})
+        if arguments["gradient_checkpointing"]:
+            extra = {checkpointing: True, f"{checkpointing}_kwargs": {"use_reentrant": False}}
+        else:
+            extra = {}
+        if arguments.get("use_liger_kernel"):
+            extra["use_liger_kernel"] = True
         args = TrainingArguments(
             output_dir=out,
-            per_device_train_batch_size=BASELINE["per_device_train_batch_size"],
-            learning_rate=BASELINE["learning_rate"],
-            num_train_epochs=BASELINE["num_train_epochs"],
+            per_device_train_batch_size=arguments["per_device_train_batch_size"],
+            **extra,
+            learning_rate=arguments["learning_rate"],
+            num_train_epochs=arguments["num_train_epochs"],
             logging_steps=1,
             save_strategy="no",
             report_to="none",
@@ -184,14 +230,16 @@ def baseline_arm(model_path: Path, tokenizer, train_rows: list, eval_rows: list,
         trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=counting_collator,
                           callbacks=[StepClock()])
         trainer.remove_callback(PrinterCallback)  # hwft bench prints its own summary
-        trainer.train()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # transformers' own renames, called from inside it
+            trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     steps = [{"step": i + 1, "seconds": t, "loss": losses[i] if i < len(losses) else None, **b}
              for i, (t, b) in enumerate(zip(times, batches, strict=False))]
     trained = trainer.model
     eval_loss = held_out_loss(trained, eval_rows, tokenizer.pad_token_id, "sdpa", device) if eval_rows else None
     return {"steps": steps, "model": trained, "eval_loss": eval_loss,
-            "dtype": "bf16" if bf16 else "fp32", "settings": {**BASELINE, "bf16": bf16, "seed": seed}}
+            "dtype": "bf16" if bf16 else "fp32", "settings": {**arguments, "bf16": bf16, "seed": seed}}
 
 
 #: The torch device type of each built-in backend; another backend on the torch engine names its
@@ -204,11 +252,24 @@ def memory_kind(backend: str) -> str:
     return "process-rss" if DEVICE_TYPES.get(backend, backend) == "cpu" else "device"
 
 
+def baseline_problem(kind: str, backend: str) -> str | None:
+    """Why the ``kind`` baseline cannot run on ``backend`` (None: it can), before any arm runs."""
+    if kind != "hf-liger":
+        return None
+    import importlib.util
+
+    if DEVICE_TYPES.get(backend, backend) != "cuda":
+        return f"--baseline hf-liger runs Liger's Triton kernels, on CUDA and ROCm only, not on {backend}"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "--baseline hf-liger needs the liger-kernel package (pip install liger-kernel)"
+    return None
+
+
 def baseline_run(model_path: Path, tokenizer, train_rows: list, eval_rows: list, backend: str, bf16: bool,
-                 seed: int) -> dict:
+                 seed: int, arguments: dict) -> dict:
     """The Trainer baseline arm on ``backend``'s device: :func:`baseline_arm`'s fields and its
     peak memory (device memory on CUDA and ROCm, the process's peak RSS elsewhere)."""
     device = torch.device(DEVICE_TYPES.get(backend, backend))
-    out = baseline_arm(model_path, tokenizer, train_rows, eval_rows, device, bf16, seed)
+    out = baseline_arm(model_path, tokenizer, train_rows, eval_rows, device, bf16, seed, arguments)
     out["peak_memory"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else process_peak_rss()
     return out
