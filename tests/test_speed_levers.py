@@ -39,7 +39,7 @@ def test_linear_cross_entropy_equals_the_logits_loss(tiny_llama, tuning):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from hwft_torch.losses import CHUNK_ELEMENTS, causal_lm_loss, linear_cross_entropy
+    from hwft_torch.losses import CHUNK_ELEMENTS, SOFTMAX_ELEMENTS, causal_lm_loss, linear_cross_entropy
     from hwft_torch.objective import output_head
 
     def model(dtype=torch.float32):
@@ -63,12 +63,13 @@ def test_linear_cross_entropy_equals_the_logits_loss(tiny_llama, tuning):
     keep = labels[:, 1:] != -100
     import hwft_torch.losses as losses
 
-    small = 3 * weight.shape[0]  # 3 positions a chunk: several chunks, one of them short
-    losses.CHUNK_ELEMENTS = small
+    # 5 positions a chunk, its softmax 2 positions at a time: several chunks and row blocks, the
+    # last of each short
+    losses.CHUNK_ELEMENTS, losses.SOFTMAX_ELEMENTS = 5 * weight.shape[0], 2 * weight.shape[0]
     try:
         value = linear_cross_entropy(hidden[:, :-1][keep], weight, labels[:, 1:][keep], n)
     finally:
-        losses.CHUNK_ELEMENTS = CHUNK_ELEMENTS
+        losses.CHUNK_ELEMENTS, losses.SOFTMAX_ELEMENTS = CHUNK_ELEMENTS, SOFTMAX_ELEMENTS
     value.backward()
     # The loss: a log-sum-exp over V logits per position (V = 4096, the tiny models'); fp32 sums
     # of V terms are off by about sqrt(V) * u relative (random rounding), ~3.8e-6 of the loss.
@@ -96,18 +97,30 @@ def test_linear_cross_entropy_equals_the_logits_loss(tiny_llama, tuning):
         assert fused.get_input_embeddings().weight.grad.abs().sum() > 0
 
 
-def test_linear_cross_entropy_under_bf16_autocast_is_close():
+@pytest.mark.parametrize("head", ["frozen", "trained"])
+def test_linear_cross_entropy_under_bf16_autocast_is_close(head, monkeypatch):
+    """bf16 logits (the matmul's output rounded to 8 bits of mantissa), the softmax in fp32 over
+    blocks of 3 rows: the loss within 2% of fp32's and the gradients within 2% of their largest
+    element (logits of size ~1 rounded by 2^-9 relative move each softmax term by about that,
+    and the products of bf16 gradients add as much again)."""
+    import hwft_torch.losses as losses
     from hwft_torch.losses import linear_cross_entropy
 
+    monkeypatch.setattr(losses, "SOFTMAX_ELEMENTS", 3 * 500)
     torch.manual_seed(0)
     hidden = torch.randn(40, 32, requires_grad=True)
-    weight = torch.randn(500, 32) * 0.1
+    weight = (torch.randn(500, 32) * 0.1).requires_grad_(head == "trained")
     targets = torch.randint(0, 500, (40,))
     exact = torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="sum") / 40
+    wanted = torch.autograd.grad(exact, [hidden] + [weight] * weight.requires_grad)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         approx = linear_cross_entropy(hidden, weight, targets, 40, torch.bfloat16)
+    got = torch.autograd.grad(approx, [hidden] + [weight] * weight.requires_grad)
     assert approx.dtype == torch.float32
     assert abs(approx.item() - exact.item()) < 0.02 * exact.item()  # bf16 matmul, fp32 softmax
+    for g, w in zip(got, wanted, strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=0, atol=0.02 * w.abs().max().item())
 
 
 def test_model_with_soft_capped_logits_keeps_the_plain_loss():

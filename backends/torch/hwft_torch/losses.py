@@ -31,9 +31,12 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items: int | 
     return total / num_items
 
 
-#: Upper bound on the logits one chunk of :func:`linear_cross_entropy` holds (fp32 elements):
-#: 2**25 is 128 MiB, about 680 positions of a 49k vocabulary.
+#: Upper bound on the logits one chunk of :func:`linear_cross_entropy` holds (elements, in the
+#: compute dtype): 2**25 is 128 MiB in fp32, about 680 positions of a 49k vocabulary.
 CHUNK_ELEMENTS = 2**25
+#: fp32 elements of the rows whose softmax is computed at once within a chunk: 2**20 is 4 MiB,
+#: about 21 positions of a 49k vocabulary.
+SOFTMAX_ELEMENTS = 2**20
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -51,30 +54,43 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # On the CPU the softmax goes a few rows at a time (SOFTMAX_ELEMENTS); an accelerator
+        # takes the whole chunk in one launch per operation.
+        rows_at_once = max(1, SOFTMAX_ELEMENTS // weight.shape[0]) if hidden.device.type == "cpu" else chunk
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk].to(dtype)
             y = targets[start : start + chunk]
-            z = (h @ w.T).float()  # (chunk, vocab) logits, fp32
-            rows = torch.arange(z.shape[0], device=z.device)
-            picked = z[rows, y]
-            # logsumexp as m + log(sum(exp(z - m))), with exp(z - m) written over z in place:
-            # torch.logsumexp would allocate and fill a second chunk of logits for z - m.
-            top = z.amax(dim=-1, keepdim=True)
-            sums = z.sub_(top).exp_().sum(dim=-1, keepdim=True)
-            total += (top.squeeze(-1) + sums.log().squeeze(-1) - picked).sum()
-            # d(sum of losses)/dz = softmax(z) - onehot(y) = exp(z - m) / s - onehot(y)
+            z = h @ w.T  # (chunk, vocab) logits in the compute dtype
+            picked = z[torch.arange(z.shape[0], device=z.device), y].float()
+            sums = torch.empty(z.shape[0], 1, dtype=torch.float32, device=z.device)
+            losses = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
+            # The softmax in fp32, written back over z in its own dtype. On the CPU a whole chunk's
+            # fp32 copy (128 MiB) would be allocated, faulted in and streamed through memory in
+            # every pass, where a few rows' stays in cache.
+            for first in range(0, z.shape[0], rows_at_once):
+                part = slice(first, first + rows_at_once)
+                block = z[part].float()  # z itself where z is fp32
+                # logsumexp as m + log(sum(exp(z - m))), with exp(z - m) written over the block in
+                # place: torch.logsumexp would allocate and fill a second block for z - m.
+                top = block.amax(dim=-1, keepdim=True)
+                sums[part] = block.sub_(top).exp_().sum(dim=-1, keepdim=True)
+                losses[part] = top.squeeze(-1) + sums[part].log().squeeze(-1) - picked[part]
+                if grad_weight is not None:
+                    # d(sum of losses)/dz = softmax(z) - onehot(y) = exp(z - m) / s - onehot(y)
+                    block.div_(sums[part])
+                    block[torch.arange(block.shape[0], device=z.device), y[part]] -= 1.0
+                if block.dtype != z.dtype:
+                    z[part] = block
+            total += losses.sum()
             if grad_weight is None:
                 # A frozen output layer needs only dL/dh = (exp(z - m) @ W) / s - W[y]: the
                 # division and the one-hot move onto the (chunk, hidden) product, and no pass
                 # over the (chunk, vocab) block is left.
-                grad = (z.to(dtype) @ w).float().div_(sums).sub_(w[y].float())
+                grad = (z @ w).float().div_(sums).sub_(w[y].float())
                 grad_hidden[start : start + chunk] = grad.to(hidden.dtype)
                 continue
-            g = z.div_(sums)
-            g[rows, y] -= 1.0
-            g = g.to(dtype)
-            grad_hidden[start : start + chunk] = (g @ w).to(hidden.dtype)
-            grad_weight += (g.T @ h).float()
+            grad_hidden[start : start + chunk] = (z @ w).to(hidden.dtype)
+            grad_weight += (z.T @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight if grad_weight is not None else torch.empty(0))
         ctx.weight_grad = grad_weight is not None
         ctx.weight_dtype = weight.dtype

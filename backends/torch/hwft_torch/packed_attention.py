@@ -7,6 +7,10 @@ blocks. Here each example is its own causal SDPA call. That costs sum_i L_i^2, w
 and the causal kernel skips the upper triangle. It is the same maths: the logits agree within
 float rounding (tests/test_packing.py).
 
+In bf16 on the CPU each example's attention is :mod:`hwft_torch.blocked_attention` (plain
+matmuls in query blocks, which use the CPU's bf16 units), where it keeps its probabilities
+within bounds; otherwise torch's SDPA.
+
 The examples are found where ``position_ids`` restart at 0, the signal flash-attention's varlen
 path reads. Right padding restarts too (hwft.data.batching.pad), so it forms one more segment.
 Anything else takes transformers' own sdpa path with its mask:
@@ -28,6 +32,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from hwft_torch import blocked_attention
 
 NAME = "hwft_packed_sdpa"
 
@@ -79,8 +85,15 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
 
     # Grouped-query attention: SDPA maps the query heads onto the key/value heads itself.
     gqa = heads != key.shape[1]
-    out = torch.cat([
-        F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, dropout_p=dropout, enable_gqa=gqa)
-        for q, k, v in zip(flat(query), flat(key), flat(value), strict=True)
-    ], dim=2)
+    # bf16 on the CPU: plain matmuls in query blocks (hwft_torch.blocked_attention), where torch's
+    # flash kernel gains little from bf16 units; anything else, or an example too long to keep its
+    # probabilities, takes SDPA.
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+
+    def attend(q, k, v):
+        if blocked_attention.serves(dtype, q.device, heads, q.shape[2], dropout):
+            return blocked_attention.causal(q.to(dtype), k.to(dtype), v.to(dtype), scaling)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling, dropout_p=dropout, enable_gqa=gqa)
+
+    out = torch.cat([attend(q, k, v) for q, k, v in zip(flat(query), flat(key), flat(value), strict=True)], dim=2)
     return out.reshape(heads, batch, length, dim).permute(1, 2, 0, 3).contiguous(), None
