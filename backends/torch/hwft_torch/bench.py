@@ -173,7 +173,9 @@ def baseline_arm(model_path: Path, tokenizer, train_rows: list, eval_rows: list,
     )
 
     model = baseline_model(model_path, device, bf16, seed)
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **arguments["lora"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' renames, read by peft
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **arguments["lora"]))
     features = [{"input_ids": r.input_ids, "attention_mask": [1] * len(r.input_ids), "labels": r.labels,
                  "_id": r.ids[0]} for r in train_rows]
     collate = DataCollatorForSeq2Seq(tokenizer, padding="longest")
