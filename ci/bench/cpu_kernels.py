@@ -42,8 +42,7 @@ def attention(length: int, dtype: torch.dtype, block: int | None) -> float:
         if block is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
-            blocked_attention.BLOCK = block
-            out = blocked_attention.causal(q, k, v)
+            out = blocked_attention.causal(q, k, v, block=block)
         out.backward(grad)
 
     return timed(step)
@@ -71,7 +70,6 @@ def main() -> None:
         for length in (64, 128, 256, 512, 1024, 2048):
             row = [attention(length, dtype, None)] + [attention(length, dtype, b) for b in blocks]
             print(f"| {length} | " + " | ".join(f"{t:.2f}" for t in row) + " |", flush=True)
-    blocked_attention.BLOCK = 128
     for dtype in (torch.bfloat16, torch.float32):
         print(f"\ncross-entropy of one chunk ({POSITIONS} x {VOCAB}), {str(dtype).removeprefix('torch.')}: "
               f"{cross_entropy(dtype):.1f} ms", flush=True)

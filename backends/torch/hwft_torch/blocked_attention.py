@@ -60,11 +60,12 @@ def serves(dtype: torch.dtype, device: torch.device, heads: int, length: int, dr
             and heads * length * length <= MAX_KEPT)
 
 
-def causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+def causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None,
+           block: int = BLOCK) -> torch.Tensor:
     """Causal attention of one example: query (1, H, L, D), key and value (1, KV, L, D) with H a
     multiple of KV -> (1, H, L, D), as ``scaled_dot_product_attention(..., is_causal=True,
-    enable_gqa=True)`` gives it."""
-    return _BlockedCausal.apply(query, key, value, query.shape[-1] ** -0.5 if scale is None else scale)
+    enable_gqa=True)`` gives it; ``block`` query rows at a time."""
+    return _BlockedCausal.apply(query, key, value, query.shape[-1] ** -0.5 if scale is None else scale, block)
 
 
 def _upper(n: int) -> torch.Tensor:
@@ -74,14 +75,14 @@ def _upper(n: int) -> torch.Tensor:
     return _UPPER[n]
 
 
-def _blocks(length: int):
-    for start in range(0, length, BLOCK):
-        yield start, min(start + BLOCK, length)
+def _blocks(length: int, rows: int):
+    for start in range(0, length, rows):
+        yield start, min(start + rows, length)
 
 
 class _BlockedCausal(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, key, value, scale):
+    def forward(ctx, query, key, value, scale, rows):
         _, heads, length, dim = query.shape
         groups = key.shape[1]
         g = heads // groups
@@ -90,7 +91,7 @@ class _BlockedCausal(torch.autograd.Function):
         out = query.new_empty(groups, g, length, dim)
         kept = []
         with torch.autocast("cpu", enabled=False):
-            for start, end in _blocks(length):
+            for start, end in _blocks(length, rows):
                 n = end - start
                 qb = (q[:, :, start:end] * scale).reshape(groups, g * n, dim)
                 s = torch.bmm(qb, k[:, :end].transpose(1, 2))                            # (KV, g n, end)
@@ -99,7 +100,7 @@ class _BlockedCausal(torch.autograd.Function):
                 out[:, :, start:end] = torch.bmm(p, v[:, :end]).view(groups, g, n, dim)
                 kept += [qb, p]
         ctx.save_for_backward(key, value, *kept)
-        ctx.scale = scale
+        ctx.scale, ctx.rows = scale, rows
         return out.view(1, heads, length, dim)
 
     @staticmethod
@@ -115,7 +116,7 @@ class _BlockedCausal(torch.autograd.Function):
         dk = torch.zeros(groups, length, dim, dtype=accumulate)
         dv = torch.zeros(groups, length, dim, dtype=accumulate)
         with torch.autocast("cpu", enabled=False):
-            for (start, end), qb, p in zip(_blocks(length), kept[0::2], kept[1::2], strict=True):
+            for (start, end), qb, p in zip(_blocks(length, ctx.rows), kept[0::2], kept[1::2], strict=True):
                 n = end - start
                 dob = do[:, :, start:end].reshape(groups, g * n, dim)
                 dv[:, :end] += torch.bmm(p.transpose(1, 2), dob)
@@ -123,4 +124,4 @@ class _BlockedCausal(torch.autograd.Function):
                 dq[:, :, start:end] = torch.bmm(ds, k[:, :end]).view(groups, g, n, dim).mul_(ctx.scale)
                 dk[:, :end] += torch.bmm(ds.transpose(1, 2), qb)
         return (dq.view(1, heads, length, dim), dk.to(key.dtype).view(key.shape),
-                dv.to(value.dtype).view(value.shape), None)
+                dv.to(value.dtype).view(value.shape), None, None)
