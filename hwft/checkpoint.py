@@ -150,12 +150,24 @@ def verify_manifest(folder: Path) -> None:
     for name, entry in files.items():
         path = folder / name
         if not path.is_file():
-            raise UserError(f"{folder}: {name} is missing; the checkpoint is incomplete, resume from another")
-        if path.stat().st_size != entry.get("bytes") or file_digest(path) != entry.get("sha256"):
+            raise UserError(f"{folder}: {name} is missing; the checkpoint is incomplete. {_another(folder)}")
+        size = path.stat().st_size
+        if size < entry.get("bytes", 0):
+            raise UserError(f"{folder}: {name} differs from what hwft wrote: {size} of its {entry['bytes']} bytes (cut "
+                            f"short by an interrupted copy?); refusing to load the checkpoint. {_another(folder)}")
+        if size != entry.get("bytes") or file_digest(path) != entry.get("sha256"):
             raise UserError(
                 f"{folder}: {name} differs from what hwft wrote (sha256 mismatch); refusing to load the "
-                "checkpoint. Resume from another checkpoints/step-N folder"
+                f"checkpoint. {_another(folder)}"
             )
+
+
+def _another(folder: Path) -> str:
+    """What to resume from instead of the damaged checkpoint ``folder``: the newest other one."""
+    others = [p for _, p in checkpoint_steps(folder.parent.parent) if p.resolve() != folder.resolve()]
+    if not others:
+        return "Resume from another checkpoints/step-N folder, if the run has one"
+    return f"Resume from the one before: --resume {others[-1]}"
 
 
 # ---------------------------------------------------------------------------- tensors to files

@@ -385,9 +385,12 @@ def cmd_chat(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    from hwft.ports import check_bind
     from hwft.use.chat import loaded
     from hwft.use.serve import serve
 
+    if args.port:  # before the model loads (port 0: the system picks a free one)
+        check_bind(args.host, args.port, "hwft serve")
     return serve(loaded(args), args.host, args.port, args.model_name)
 
 
@@ -406,11 +409,15 @@ def cmd_export(args) -> int:
 def cmd_board(args) -> int:
     from hwft.errors import UserError
 
+    from hwft.ports import check_bind
+
     try:
         from hwft.board.app import serve
     except ImportError as exc:
         raise UserError(f"hwft board needs starlette and uvicorn ({exc.name} is missing): pip install 'hwft[board]'") \
             from None
+    if args.port:
+        check_bind(args.host, args.port, "hwft board")
     return serve(args.workspace, args.runs, args.host, args.port, args.token or os.environ.get("HWFT_BOARD_TOKEN"),
                  args.max_upload_mb)
 

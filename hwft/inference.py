@@ -127,7 +127,7 @@ def open_trained(target: str | Path, base: str | None = None, trust_remote_code:
             hint = f"; it has checkpoints: use one, e.g. {checkpoints[-1]}" if checkpoints else ""
             raise ModelError(f"run folder {run} holds no adapter/ or model/ yet (the run has not finished){hint}")
     if path.is_dir() and (path / "adapter_config.json").is_file():
-        check_adapter(path)
+        check_adapter(path, "adapter folder")
         weights = (materialise(resolve_model(base), log=lambda m: None) if base
                    else _base_for_adapter(path, recipe, run))
         check_remote_code(weights, trust_remote_code)

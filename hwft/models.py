@@ -116,8 +116,11 @@ PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def check_safe_weights(folder: Path, what: str) -> None:
-    """Refuse a model or adapter folder whose weights exist only as pickles: loading one can
-    run any code. safetensors (and an embedded GGUF) hold tensors and nothing else."""
+    """Refuse a model or adapter folder whose weights exist only as pickles (loading one can
+    run any code; safetensors, and an embedded GGUF, hold tensors and nothing else), or whose
+    files an interrupted copy cut short (:mod:`hwft.intact`)."""
+    from hwft.intact import check_folder
+
     safe = list(folder.glob("*.safetensors"))
     pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLED_WEIGHTS)
     if pickled and not safe:
@@ -126,6 +129,7 @@ def check_safe_weights(folder: Path, what: str) -> None:
             "since unpickling can run code. Convert it where you trust it: load it and call "
             "save_pretrained(folder, safe_serialization=True)"
         )
+    check_folder(folder, what)
 
 
 def check_remote_code(folder: Path, trusted: bool) -> None:
@@ -147,16 +151,16 @@ def check_remote_code(folder: Path, trusted: bool) -> None:
         )
 
 
-def check_adapter(folder: Path) -> None:
-    """model.adapter: a PEFT adapter folder with safetensors weights."""
+def check_adapter(folder: Path, what: str = "model.adapter:") -> None:
+    """A PEFT adapter folder with whole safetensors weights (``what`` starts the messages)."""
     if not (folder / "adapter_config.json").is_file():
         raise ModelError(
-            f"model.adapter: {folder} is not a PEFT adapter folder (no adapter_config.json); "
+            f"{what} {folder} is not a PEFT adapter folder (no adapter_config.json); "
             "give the adapter/ folder of an earlier run"
         )
-    check_safe_weights(folder, "model.adapter")
+    check_safe_weights(folder, what)
     if not (folder / "adapter_model.safetensors").is_file():
-        raise ModelError(f"model.adapter: {folder} has no adapter_model.safetensors")
+        raise ModelError(f"{what} {folder} has no adapter_model.safetensors")
 
 
 def _hf_cache_dir() -> str:
@@ -291,10 +295,17 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     """The model's tokenizer from its folder (no download); pad falls back to end-of-sequence."""
     from transformers import AutoTokenizer
 
+    from hwft.intact import damaged, json_problem
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load a tokenizer from {path}: {exc}") from None
+    except Exception as exc:  # the tokenizers library raises its own types for a broken file
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json"):
+            if (Path(path) / name).is_file() and (problem := json_problem(Path(path) / name)):
+                raise ModelError(damaged(Path(path), name, problem, "the tokenizer of")) from None
+        if isinstance(exc, OSError | ValueError):
+            raise ModelError(f"cannot load a tokenizer from {path}: {exc}") from None
+        raise
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from hwft.checkpoint import verify_manifest
 from tests.conftest import write_recipe
@@ -220,3 +221,60 @@ def test_a_full_and_a_read_only_disk_for_real(tiny_llama, tmp_path, cli, mounts)
     assert found is not None and found.errno == errno.ENOSPC
     mounts.remount(full, read_only=True)
     assert failed_write(RuntimeError("[save_safetensors] Failed to open file x"), full).errno == errno.EROFS
+
+
+# ---------------------------------------------------------------------------- files cut short, ports taken
+
+
+def cut(path: Path, keep: float = 0.5) -> None:
+    """Leave the first part of ``path``, as an interrupted copy does."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("model.safetensors", "model.safetensors is cut short ("),
+    ("config.json", "config.json is cut short"),
+    ("tokenizer.json", "tokenizer.json is cut short"),
+])
+def test_a_model_folder_cut_short_is_one_line(tiny_llama, tmp_path, cli, name, expected):
+    """A model folder whose weights, config or tokenizer an interrupted copy cut short: one line
+    naming the folder and the file, exit 2, no output folder made."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    cut(model / name)
+    code, _, err = cli("train", write_recipe(tmp_path, model))
+    assert code == 2 and "Traceback" not in err, err
+    assert f"{model}: {expected}" in err and "Copy or download it again" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_cut_short_is_one_line_for_training_and_for_chat(lora_export_run, tmp_path, cli):
+    """The adapter of a finished run cut short: continuing it (model.adapter) and chatting with
+    it each say which file, with exit 2."""
+    adapter = lora_export_run / "adapter"
+    cut(adapter / "adapter_model.safetensors", 0.3)
+    code, _, err = cli("chat", lora_export_run, "--prompt", "hi")
+    assert code == 2 and "Traceback" not in err, err
+    assert f"adapter folder {adapter}: adapter_model.safetensors is cut short" in err, err
+    model = yaml.safe_load((lora_export_run / "recipe.yaml").read_text())["model"]["name"]
+    code, _, err = cli("train", write_recipe(tmp_path, {"name": model, "adapter": str(adapter)}))
+    assert code == 2 and f"model.adapter: {adapter}: adapter_model.safetensors is cut short" in err, err
+
+
+@pytest.mark.parametrize("command", ["serve", "board"])
+def test_a_server_on_a_port_in_use_is_one_line(command, tmp_path, cli):
+    """hwft serve and hwft board on a port something already listens on, or on an address that
+    is not this machine's: one line naming --port or --host, exit 2, before any model loads."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        target = [] if command == "board" else [str(tmp_path / "no-run-yet")]
+        code, _, err = cli(command, *target, "--port", port)
+        assert code == 2 and "Traceback" not in err, err
+        assert f"hwft {command}: port {port} on 127.0.0.1 is already in use" in err and "--port" in err, err
+    code, _, err = cli(command, *target, "--host", "192.0.2.1", "--port", port)  # TEST-NET-1: never this machine's
+    assert code == 2 and f"hwft {command} --host 192.0.2.1: not an address of this machine" in err, err

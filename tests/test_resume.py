@@ -258,6 +258,19 @@ def test_a_checkpoint_hwft_did_not_write_is_never_loaded(tmp_path, uninterrupted
     assert not (tmp_path / "pwned").exists()
 
 
+def test_a_checkpoint_cut_short_names_the_one_before(tmp_path, uninterrupted, cli):
+    """The newest checkpoint's optimizer state cut short (an interrupted copy of the run
+    folder): --resume refuses it in one line and names the intact checkpoint before it."""
+    recipe, out = copy_run(uninterrupted, tmp_path / "run")
+    state = out / "checkpoints" / "step-4" / "optimizer.safetensors"
+    size = state.stat().st_size
+    state.write_bytes(state.read_bytes()[: size // 2])
+    code, _, err = cli("train", recipe, f"output.dir={out}", "--resume")
+    assert code == 2 and "Traceback" not in err, err
+    assert f"optimizer.safetensors differs from what hwft wrote: {size // 2} of its {size} bytes (cut short" in err, err
+    assert f"Resume from the one before: --resume {out / 'checkpoints' / 'step-2'}" in err, err
+
+
 # ---------------------------------------------------------------------------- NaN and memory
 
 

@@ -180,7 +180,13 @@ def make_server(session: Session, host: str = "127.0.0.1", port: int = 8000, mod
             except (BrokenPipeError, ConnectionResetError):  # the client left: stop generating
                 pieces.close()
 
-    return ThreadingHTTPServer((host, port), Handler)
+    try:
+        return ThreadingHTTPServer((host, port), Handler)
+    except OSError as exc:  # taken since hwft.ports.check_bind looked (a race), or port 0 refused
+        from hwft.errors import UserError
+        from hwft.ports import bind_message
+
+        raise UserError(bind_message(exc, host, port, "hwft serve")) from None
 
 
 def serve(session: Session, host: str, port: int, model_name: str) -> int:
