@@ -654,14 +654,20 @@ def apply_override(raw: dict, assignment: str) -> None:
     set_key(raw, parts, yaml.safe_load(text) if text.strip() else "")
 
 
+#: Sections a recipe may write as one value, and the key that value means: ``model: NAME``,
+#: ``data: FILE`` (or a list of files), ``output: DIR``.
+SHORTHANDS = {"model": "name", "data": "train", "output": "dir"}
+
+
 def set_key(raw: dict, parts: list[str], value: Any) -> None:
     """Set the key at ``parts`` (a.b.c as a list) in place, making the sections on the way and
-    expanding the ``model`` and ``output`` string shorthands."""
+    expanding a section's shorthand (``data: FILE`` with ``data.packing=false`` is
+    ``data: {train: FILE, packing: false}``)."""
     node = raw
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1]):
         child = node.get(part)
-        if isinstance(child, str) and part in {"model", "output"}:
-            child = {"name" if part == "model" else "dir": child}
+        if depth == 0 and part in SHORTHANDS and isinstance(child, str | list):
+            child = {SHORTHANDS[part]: child}
         if not isinstance(child, dict):
             child = {}
         node[part] = child

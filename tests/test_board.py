@@ -263,6 +263,21 @@ def recipe_text(workspace) -> str:
     return (workspace / "configs" / "tiny.yaml").read_text()
 
 
+def test_the_board_opens_on_the_quickstart(tmp_path):
+    """In the repository the board opens on configs/quickstart.yaml (whose data is there), not on
+    the first recipe by name (configs/bench.yaml); elsewhere on the first recipe listed."""
+    from hwft.board.workspace import Workspace
+    from tests.conftest import REPO
+
+    repo = Workspace(REPO)
+    recipes = repo.recipes()
+    assert recipes[0] == "configs/bench.yaml" and repo.first_recipe(recipes) == "configs/quickstart.yaml"
+    (tmp_path / "b.yaml").write_text("model: x\n")
+    (tmp_path / "a.yaml").write_text("model: x\n")
+    elsewhere = Workspace(tmp_path)
+    assert elsewhere.first_recipe(elsewhere.recipes()) == "a.yaml"
+
+
 def test_a_page_elsewhere_cannot_reach_the_board(client):
     assert client.get("/api/form").status_code == 200
     # DNS rebinding: a name that resolves to 127.0.0.1 but is not loopback's own

@@ -93,6 +93,13 @@ def test_overrides(tmp_path):
     assert recipe.eval.prompts == ["hi", "there"]
     with pytest.raises(RecipeError, match="did you mean 'train.lr'"):
         load_recipe(path, ["train.lrr=1"])
+    # a key below a shorthand applies to what the shorthand means: data: FILE is data.train: FILE
+    recipe = load_recipe(path, ["data.packing=false", "output.overwrite=true"])
+    assert recipe.data.packing is False and recipe.data.train[0].path == "d.jsonl"
+    listed = _write(tmp_path, "model: smollm2-135m\ndata: [a.jsonl, b.jsonl]\noutput: runs/x\n")
+    recipe = load_recipe(listed, ["data.val_size=2", "output.overwrite=true"])
+    assert [d.path for d in recipe.data.train] == ["a.jsonl", "b.jsonl"] and recipe.data.val_size == 2
+    assert recipe.output.dir == "runs/x" and recipe.output.overwrite
     with pytest.raises(RecipeError, match="not of the form key.path=value"):
         load_recipe(path, ["train.lr"])
 

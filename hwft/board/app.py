@@ -170,7 +170,9 @@ def make_app(workspace: Workspace, host: str = "127.0.0.1", token: str | None = 
         return HTMLResponse((STATIC / "index.html").read_text(encoding="utf-8"))
 
     async def api_form(request: Request):
-        return JSONResponse({"fields": board.fields, "recipes": board.ws.recipes(), "workspace": str(board.ws.root),
+        recipes = board.ws.recipes()
+        return JSONResponse({"fields": board.fields, "recipes": recipes, "start": board.ws.first_recipe(recipes),
+                             "workspace": str(board.ws.root),
                              "runs_dir": board.ws.relative(board.ws.runs)})
 
     async def api_load(request: Request):

@@ -50,6 +50,15 @@ class Workspace:
             found += [self.relative(here / f) for f in sorted(files) if f.endswith((".yaml", ".yml"))]
         return sorted(found, key=lambda p: (not p.startswith("configs/"), p))
 
+    #: The recipe the board opens on where the workspace has it: the README's main job, whose
+    #: data lies in the workspace (configs/ sorted alphabetically starts with bench.yaml, whose
+    #: data a newcomer does not have).
+    START = "configs/quickstart.yaml"
+
+    def first_recipe(self, recipes: list[str]) -> str | None:
+        """The recipe the board loads when it opens: the quickstart, else the first listed."""
+        return self.START if self.START in recipes else (recipes[0] if recipes else None)
+
     def check_recipe_paths(self, recipe) -> None:
         """Every path the recipe names must be inside the workspace."""
         named = [(f"data.train[{i}].path", d.path) for i, d in enumerate(recipe.data.train)]

@@ -164,6 +164,7 @@ async function loadSources() {
   $("#workspace").textContent = `workspace ${data.workspace} · runs in ${data.runs_dir}`;
   const select = $("#recipe-source");
   select.replaceChildren(...data.recipes.map((r) => el("option", { value: r, text: r })));
+  if (data.start) select.value = data.start;
 }
 
 $("#load").addEventListener("click", async () => {
