@@ -10,14 +10,12 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
 
 from hwft import HWFT_PLUGIN_API, __version__
-from hwft.errors import USER_ERROR_EXIT_CODE, RunFailed, UserError
-from hwft.storage import access_error
+from hwft.entry import guarded, start_process
+from hwft.environment import ENV_SCHEMA, env_report
 
 #: Versioned schemas of the --json outputs (documented in the README).
-ENV_SCHEMA = "hwft.env/1"
 PLUGINS_SCHEMA = "hwft.plugins/1"
 
 
@@ -285,41 +283,6 @@ def cmd_data(args) -> int:
     return 0
 
 
-def env_report() -> dict:
-    from hwft.plugins import get_host
-    from hwft.select import rank
-
-    host = get_host()
-    ranked = rank(host)
-    backends = []
-    for name, backend in host.backends.items():
-        avail = host.probe(name)
-        backends.append(
-            {
-                "name": name,
-                "engine": backend.engine,
-                "plugin": host.plugin_of(name),
-                "description": backend.description,
-                "accelerator": backend.accelerator,
-                "priority": avail.priority if avail.priority is not None else backend.priority,
-                "available": avail.available,
-                "reason": avail.reason,
-                "devices": [dict(d) for d in avail.devices],
-                "details": dict(avail.details),
-                "capability": host.capability(name).to_json(),
-            }
-        )
-    return {
-        "schema": ENV_SCHEMA,
-        "hwft_version": __version__,
-        "plugin_api": HWFT_PLUGIN_API,
-        "auto": ranked[0] if ranked else None,
-        "ranking": ranked,
-        "backends": backends,
-        "not_installed": host.not_installed(),
-    }
-
-
 def cmd_env(args) -> int:
     if args.families:
         from hwft.families import who_runs_what
@@ -345,7 +308,8 @@ def cmd_env(args) -> int:
             ("dtypes", ", ".join(cap["dtypes"])),
             ("quantization", ", ".join(cap["quantization"]) or "-"),
             ("attention", ", ".join(cap["attention"])),
-            ("fused kernels", ", ".join(cap["fused_kernels"]) or "-"),
+            ("fused kernels", ", ".join(b["kernels"]) or "-"),
+            ("optimizers", ", ".join(cap["optimizers"])),
             ("compile", "yes" if cap["compile"] else "no"),
             ("collective", cap["collective"] or "-"),
             ("parallel", ", ".join(cap["parallel"])),
@@ -485,15 +449,6 @@ def check_plugin(backend: str | None) -> int:
     return run_child(command, "hwft plugins check")
 
 
-def start_process() -> None:
-    """What every hwft process does first (the CLI, a bench arm's worker)."""
-    from hwft import library_noise
-    from hwft.processes import stop_with_parent
-
-    stop_with_parent()  # a rank or bench arm of a parent hwft process: never outlive it
-    library_noise.quiet()  # DeepSpeed's and bitsandbytes' start-up lines stay out of the log
-
-
 def main(argv: list[str] | None = None) -> int:
     from hwft.distributed import report_exit
 
@@ -526,30 +481,6 @@ def run_command(argv: list[str] | None = None) -> int:
     commands = {"train": cmd_train, "import": cmd_import, "plan": cmd_plan, "data": cmd_data, "env": cmd_env, "plugins": cmd_plugins, "bench": cmd_bench,
                 "board": cmd_board, "chat": cmd_chat, "serve": cmd_serve, "eval": cmd_eval, "export": cmd_export}
     return guarded(lambda: commands[args.command](args), getattr(args, "debug", False))
-
-
-def guarded(command: Callable[[], int], debug: bool = False) -> int:
-    """Run a command as every hwft entry point does (the CLI, a bench arm's worker): a user
-    error or a failed run is one line on stderr and its exit code; ``debug`` re-raises."""
-    try:
-        return command()
-    except UserError as exc:
-        if debug:
-            raise
-        print(f"hwft: error: {exc}", file=sys.stderr)
-        return USER_ERROR_EXIT_CODE
-    except RunFailed as exc:
-        print(f"hwft: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("hwft: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:  # a read or write the storage refused that no command explained
-        error = access_error(exc)
-        if error is None or debug:
-            raise
-        print(f"hwft: error: {error}", file=sys.stderr)
-        return USER_ERROR_EXIT_CODE
 
 
 if __name__ == "__main__":

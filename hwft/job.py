@@ -34,10 +34,8 @@ class Inputs:
 
 @dataclass
 class Result:
-    """What a run produced: an engine fills it in ``job.results`` (plugin API 1.1). A 1.0
-    engine's dict style still works: ``results["model"]``, ``results.get(...)`` and
-    ``results.update(key=value)`` read and set the same fields; keys that are no field are kept
-    in ``extra``."""
+    """What a run produced: an engine fills it in ``job.results`` (the loop, :mod:`hwft.loop`,
+    sets most fields); figures only one engine reports go into ``extra``."""
 
     final_loss: float | None = None  #: the last step's loss
     steps: int = 0  #: optimizer steps of the run
@@ -48,28 +46,9 @@ class Result:
     peak_memory_bytes: int | None = None  #: the engine's peak memory (device, or process RSS on the CPU)
     answers: list[dict] = field(default_factory=list)  #: eval.prompts answered before and after
     eval_loss: float | None = None  #: the last held-out loss (data.eval, data.val_size)
-    extra: dict = field(default_factory=dict)  #: whatever else an engine reported
-
-    def __getitem__(self, key: str) -> Any:
-        if key in self.__dataclass_fields__ and key != "extra":
-            return getattr(self, key)
-        return self.extra[key]
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        self.update(**{key: value})
-
-    def __contains__(self, key: str) -> bool:
-        return (key in self.__dataclass_fields__ and key != "extra") or key in self.extra
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self[key] if key in self else default
-
-    def update(self, values: dict | None = None, **more: Any) -> None:
-        for key, value in {**(values or {}), **more}.items():
-            if key in self.__dataclass_fields__ and key != "extra":
-                setattr(self, key, value)
-            else:
-                self.extra[key] = value
+    #: what else an engine reported (the torch engine on the CPU: memory_before_load_bytes,
+    #: memory_load_peak_bytes, memory_shard_bytes, which hwft plan's tests read)
+    extra: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -15,13 +15,14 @@ path, imported only when a run applies it) in the shape of LLaMA-Factory v1's ke
         def apply(self, model) -> str:         # patch the model; what was done, for the log
         def undo(self) -> None: ...            # optional: put back what apply changed globally
 
-The recipe chooses (:func:`choose`): ``kernels.use`` is ``auto`` (every kernel the backend
-recommends whose modules are installed) or a list of ids; the switches of plugin API 1.0
+The recipe chooses (:func:`choose`): ``kernels.use`` is ``auto`` (every recommended kernel that
+runs on the backend and whose modules are installed) or a list of ids; the recipe's switches
 (``fused_rms_norm``, ``fused_rope``, ``fused_swiglu``, ``fused_cross_entropy``,
-``fused_projections``, ``attention``) stay as aliases: ``true`` (or the attention's name) adds
-the backend's kernel for that slot, ``false`` removes it. A named kernel that cannot run is
-refused before anything loads; a recommended one that does not fit the model is logged and
-skipped.
+``fused_projections``, ``attention``) name a slot: ``true`` (or the attention's name) adds the
+backend's kernel for that slot, ``false`` removes it. A named kernel that cannot run is refused
+before anything loads; a recommended one that does not fit the model is logged and skipped. A
+backend's fused kernels are exactly the kernels registered for it (plugin API 2.0: there is no
+other way to claim or apply one).
 """
 
 from __future__ import annotations
@@ -34,10 +35,9 @@ from typing import Any
 from hwft.errors import UserError, did_you_mean
 from hwft.methods.record import resolve
 
-#: What a kernel can replace: the names ``Capability.fused_kernels`` claimed under API 1.0
-#: (plus the attention slot, chosen by ``kernels.attention``).
+#: What a kernel can replace (the attention slot is chosen by ``kernels.attention``).
 SLOTS = ("rms_norm", "rope", "swiglu", "cross_entropy", "projections", "attention")
-#: kernels.<switch> of API 1.0 -> the slot it switches
+#: kernels.<switch> -> the slot it switches
 SWITCHES = {f"fused_{slot}": slot for slot in SLOTS if slot != "attention"}
 
 
@@ -88,7 +88,7 @@ class Kernels:
         return [k for k in self.by_id.values() if k.runs_on(backend, engine)]
 
     def slots(self, backend: str, engine: str) -> tuple[str, ...]:
-        """The slots some installed kernel fills on ``backend``: what it claims as fused_kernels."""
+        """The slots some installed kernel fills on ``backend``: its fused kernels."""
         return tuple(dict.fromkeys(k.slot for k in self.on(backend, engine) if not k.missing()))
 
     def to_json(self) -> list[dict]:
@@ -112,17 +112,15 @@ class Chosen:
         return next((k for k in self.kernels if k.slot == slot), None)
 
 
-def choose(recipe, backend: str, engine: str, claimed: tuple[str, ...], registry: Kernels) -> tuple[Chosen, list[str]]:
-    """(the kernels ``recipe`` runs on ``backend``, the problems that refuse it). ``claimed`` is
-    the backend's ``Capability.fused_kernels``: auto takes a recommended kernel only for a slot
-    the backend claims. A problem reads as what the backend cannot do: "kernels.use
-    liger_rms_norm (it runs on cuda, rocm)"."""
+def choose(recipe, backend: str, engine: str, registry: Kernels) -> tuple[Chosen, list[str]]:
+    """(the kernels ``recipe`` runs on ``backend``, the problems that refuse it). A problem
+    reads as what the backend cannot do: "kernels.use liger_rms_norm (it runs on cuda, rocm)"."""
     k = recipe.kernels
     here = registry.on(backend, engine)
     problems: list[str] = []
     named: list[Kernel] = []
     if k.use == "auto":
-        picked = [kernel for kernel in here if kernel.recommended and kernel.slot in claimed and not kernel.missing()]
+        picked = [kernel for kernel in here if kernel.recommended and not kernel.missing()]
     else:
         picked = []
         for name in k.use:
@@ -146,9 +144,17 @@ def choose(recipe, backend: str, engine: str, claimed: tuple[str, ...], registry
             picked = [kernel for kernel in picked if kernel.slot != slot]
         elif setting is True and not any(kernel.slot == slot for kernel in picked):
             kernel = next((x for x in here if x.slot == slot and not x.missing()), None)
-            if kernel is not None:  # else: a 1.0 plugin's own claim, applied by its patch_model
+            if kernel is not None:
                 picked.append(kernel)
                 named.append(kernel)
+                continue
+            absent = next((x for x in here if x.slot == slot), None)
+            if absent is not None:
+                problems.append(f"kernels.{switch} ({absent.id} needs {', '.join(absent.missing())}"
+                                f"{': ' + absent.install if absent.install else ''})")
+            else:
+                have = [s for s in registry.slots(backend, engine) if s != "attention"]
+                problems.append(f"kernels.{switch} (it has: {', '.join(have) or 'no fused kernels'})")
     if k.attention not in ("auto", "eager", "sdpa"):
         kernel = next((x for x in here if x.slot == "attention" and x.id == k.attention), None)
         if kernel is not None and kernel not in picked:

@@ -36,10 +36,9 @@ INERT = frozenset((
     "ddp_find_unused_parameters", "flash_attn", "enable_liger_kernel", "use_unsloth", "upcast_layernorm",
 ))
 
-#: The stages and the hwft objective each becomes (dpo: by pref_loss).
-STAGES = {"pt": "cpt", "sft": "sft", "rm": "rm", "kto": "kto", "dpo": "dpo", "ppo": "ppo"}
-PREF_LOSSES = {"sigmoid": ("dpo", {"loss": "sigmoid"}), "ipo": ("dpo", {"loss": "ipo"}),
-               "hinge": ("dpo", {"loss": "hinge"}), "orpo": ("orpo", {}), "simpo": ("simpo", {})}
+#: LLaMA-Factory's pref_loss where a file leaves it out. Which method a stage (and pref_loss)
+#: means, and the keys each method reads, are in the methods' records (Method.llamafactory).
+PREF_LOSS_DEFAULT = "sigmoid"
 
 #: LLaMA-Factory templates that are the model's own chat template (hwft renders with the
 #: tokenizer's) and the built-in ones hwft has by the same name.
@@ -54,7 +53,8 @@ SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant", "c
 OPTIMIZERS = {"adamw_torch": "adamw", "adamw_hf": "adamw", "adamw_torch_fused": "fused_adamw", "sgd": "sgd"}
 TRACKERS = {"tensorboard", "wandb", "mlflow"}
 
-#: Every key :func:`translate` reads (for the refusal's did-you-mean).
+#: Every key :func:`translate` reads for any method (for the refusal's did-you-mean); the
+#: methods' own keys are in their records.
 TRANSLATED = frozenset((
     "model_name_or_path", "adapter_name_or_path", "trust_remote_code", "stage", "do_train", "finetuning_type",
     "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_dora", "use_rslora", "loraplus_lr_ratio",
@@ -63,12 +63,10 @@ TRANSLATED = frozenset((
     "cutoff_len", "max_samples", "val_size", "streaming", "buffer_size", "packing", "train_on_prompt",
     "mask_history", "template", "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
     "gradient_accumulation_steps", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "weight_decay",
-    "max_grad_norm", "optim", "seed", "bf16", "fp16", "pure_bf16", "pref_beta", "pref_loss", "pref_ftx",
-    "simpo_gamma", "dpo_label_smoothing", "kto_chosen_weight", "kto_rejected_weight", "deepspeed", "output_dir",
-    "overwrite_output_dir", "logging_steps", "save_steps", "save_total_limit", "save_strategy", "eval_strategy",
-    "eval_steps", "report_to", "run_name", "resume_from_checkpoint", "do_eval", "do_predict", "reward_model",
-    "gradient_checkpointing", "disable_gradient_checkpointing", "reward_model_type", "ppo_epochs",
-    "max_new_tokens", "top_p", "top_k", "temperature", "do_sample",
+    "max_grad_norm", "optim", "seed", "bf16", "fp16", "pure_bf16", "pref_loss", "pref_ftx", "deepspeed",
+    "output_dir", "overwrite_output_dir", "logging_steps", "save_steps", "save_total_limit", "save_strategy",
+    "eval_strategy", "eval_steps", "report_to", "run_name", "resume_from_checkpoint", "do_eval", "do_predict",
+    "gradient_checkpointing", "disable_gradient_checkpointing",
 ))
 
 
@@ -120,24 +118,84 @@ def _find(path: str, source: Path) -> Path | None:
     return None
 
 
+class File:
+    """The LLaMA-Factory file as a method's translation reads it (hwft.methods.record.LlamaFactoryFile)."""
+
+    def __init__(self, raw: dict, source: Path, translation: Translation):
+        self.raw, self.source, self.translation = raw, source, translation
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.raw.get(key, default)
+
+    def refuse(self, key: str, why: str) -> RecipeError:
+        return RecipeError(f"{self.source}: {key}: {self.raw.get(key)!r} {why}")
+
+    def error(self, text: str) -> RecipeError:
+        return RecipeError(f"{self.source}: {text}")
+
+    def note(self, text: str) -> None:
+        self.translation.notes.append(text)
+
+
+def stages(registry) -> dict[str, list]:
+    """LLaMA-Factory's stages hwft trains, each with the methods (records) it may mean."""
+    out: dict[str, list] = {}
+    for m in registry:
+        if m.llamafactory is not None:
+            out.setdefault(m.llamafactory.stage, []).append(m)
+    return out
+
+
+def default_stage(registry) -> str | None:
+    """The stage a file without one trains (LLaMA-Factory's default, sft)."""
+    return next((m.llamafactory.stage for m in registry if m.llamafactory and m.llamafactory.default), None)
+
+
+def method_keys(registry) -> frozenset[str]:
+    """The LLaMA-Factory keys the registered methods read."""
+    return frozenset(k for m in registry if m.llamafactory for k in (*m.llamafactory.keys, *m.llamafactory.only))
+
+
+def choose_method(file: File, registry):
+    """(the method a file's stage and pref_loss mean, its pref_loss or None)."""
+    named = stages(registry)
+    stage = file.get("stage", default_stage(registry))
+    if stage not in named:
+        raise file.refuse("stage", f"is not a LLaMA-Factory stage hwft trains (it trains: {', '.join(named)})")
+    candidates = named[stage]
+    losses = {loss: m for m in candidates for loss in m.llamafactory.pref_loss}
+    if not losses:
+        if "pref_loss" in file.raw:
+            users = sorted({m.llamafactory.stage for ms in named.values() for m in ms if m.llamafactory.pref_loss})
+            raise file.refuse("pref_loss", f"applies to stage {', '.join(users)}, not {stage}")
+        return candidates[0], None
+    loss = file.get("pref_loss", PREF_LOSS_DEFAULT)
+    if loss not in losses:
+        raise file.refuse("pref_loss", f"has no hwft counterpart (accepted: {', '.join(losses)}; kto_pair: use "
+                          "stage: kto, which trains on single desirable/undesirable answers)")
+    return losses[loss], loss
+
+
 def translate(raw: dict, source: Path) -> Translation:
     """The hwft recipe mapping of a LLaMA-Factory training YAML; a RecipeError names the first
     key (or value) hwft cannot honour."""
+    from hwft.methods import registry as method_registry
+
     where = f"{source}"
     get = raw.get
     t = Translation({}, source, inert=sorted(k for k in raw if k in INERT))
+    file = File(raw, source, t)
+    registry = method_registry()
+    refuse = file.refuse
 
-    def refuse(key: str, why: str) -> RecipeError:
-        return RecipeError(f"{where}: {key}: {get(key)!r} {why}")
-
-    stage = get("stage", "sft")
-    if stage not in STAGES:
-        raise refuse("stage", f"is not a LLaMA-Factory stage hwft trains (it trains: {', '.join(STAGES)})")
-    unknown = sorted(k for k in raw if k not in TRANSLATED and k not in INERT)
+    chosen, loss = choose_method(file, registry)
+    stage = chosen.llamafactory.stage
+    known = TRANSLATED | method_keys(registry)
+    unknown = sorted(k for k in raw if k not in known and k not in INERT)
     if unknown:
         key = unknown[0]
         raise RecipeError(f"{where}: LLaMA-Factory key '{key}' is not one hwft can honour"
-                          f"{did_you_mean(key, sorted(TRANSLATED | INERT))}; remove it (docs/recipes.md "
+                          f"{did_you_mean(key, sorted(known | INERT))}; remove it (docs/recipes.md "
                           "lists the keys hwft translates and those that change nothing)")
 
     if not get("model_name_or_path"):
@@ -149,49 +207,16 @@ def translate(raw: dict, source: Path) -> Translation:
         if get(key):
             raise refuse(key, f"- run `hwft eval` on the result instead of {key}")
 
-    # -- method ---------------------------------------------------------------------------------
-    objective, section = STAGES[stage], {}
-    if stage == "dpo":
-        loss = get("pref_loss", "sigmoid")
-        if loss not in PREF_LOSSES:
-            raise refuse("pref_loss", f"has no hwft counterpart (accepted: {', '.join(PREF_LOSSES)}; kto_pair: "
-                         "use stage: kto, which trains on single desirable/undesirable answers)")
-        objective, section = PREF_LOSSES[loss][0], dict(PREF_LOSSES[loss][1])
-    elif "pref_loss" in raw:
-        raise refuse("pref_loss", f"applies to stage dpo, not {stage}")
-    if objective in ("dpo", "orpo", "simpo", "kto"):
-        section["beta"] = float(get("pref_beta", 0.1))
-    if objective == "simpo":
-        section["gamma"] = float(get("simpo_gamma", 0.5))
-    if objective == "dpo" and get("dpo_label_smoothing"):
-        section["label_smoothing"] = float(get("dpo_label_smoothing"))
-    if objective == "kto":
-        section["desirable_weight"] = float(get("kto_chosen_weight", 1.0))
-        section["undesirable_weight"] = float(get("kto_rejected_weight", 1.0))
+    # -- method: as its record reads the file (Method.llamafactory) ------------------------------
+    objective, lf = chosen.name, chosen.llamafactory
     if get("pref_ftx"):
-        raise refuse("pref_ftx", "- hwft's dpo adds no SFT term; use objective orpo (NLL plus a preference "
-                     "term, pref_loss: orpo) or remove pref_ftx")
-    if objective == "ppo":
-        if not get("reward_model"):
-            raise RecipeError(f"{where}: stage ppo needs reward_model (the folder of a reward model trained with "
-                              "stage rm)")
-        if get("reward_model_type", "lora") not in ("lora", "full"):
-            raise refuse("reward_model_type", "- hwft scores with a local reward model (lora or full), not an API")
-        if get("top_k", 0):
-            raise refuse("top_k", "- hwft samples rollouts with top_p (top_k 0: off)")
-        if get("do_sample", True) is not True:
-            raise refuse("do_sample", "- PPO samples its rollouts")
-        section.update(max_new_tokens=int(get("max_new_tokens", 512)), top_p=float(get("top_p", 1.0)),
-                       temperature=float(get("temperature", 1.0)), num_iterations=int(get("ppo_epochs", 4)),
-                       rewards=[{"name": "reward_model",
-                                 "args": {"path": str(Path(str(get("reward_model"))).expanduser().resolve())}}])
-        t.notes.append("stage ppo: cutoff_len bounds the prompt, so max_length is cutoff_len + max_new_tokens; "
-                       "ppo runs are not checkpointed, so save_steps is left out.")
-    else:
-        for key in ("reward_model", "reward_model_type", "ppo_epochs", "max_new_tokens", "top_p", "top_k",
-                    "temperature", "do_sample"):
-            if key in raw:
-                raise refuse(key, f"is read by stage ppo, not {stage}")
+        raise refuse("pref_ftx", "- hwft's preference methods add no SFT term; use pref_loss: orpo (NLL plus a "
+                     "preference term) or remove pref_ftx")
+    section = lf.section(file, loss) if lf.section else {}
+    for m in registry:
+        others = [k for k in (m.llamafactory.only if m.llamafactory and m is not chosen else ()) if k in raw]
+        if others:
+            raise refuse(others[0], f"is read by stage {m.llamafactory.stage}, not {stage}")
 
     method: dict = {"objective": objective}
     finetuning = get("finetuning_type", "lora")
@@ -301,9 +326,9 @@ def translate(raw: dict, source: Path) -> Translation:
         train["warmup_ratio"] = float(get("warmup_ratio"))
     elif get("warmup_steps"):
         train["warmup_steps"] = int(get("warmup_steps"))
-    if objective == "ppo":
-        train["max_length"] += section["max_new_tokens"]
-    elif get("save_strategy", "steps") == "steps":
+    if lf.train:
+        lf.train(train, section)
+    if get("save_strategy", "steps") == "steps":
         train["save_every"] = int(get("save_steps", 500))
         if get("save_total_limit"):
             train["keep_checkpoints"] = int(get("save_total_limit"))

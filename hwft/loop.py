@@ -123,14 +123,13 @@ def run_steps(job, run: EngineRun):
 
     # The result, what changed, the plot.
     out = job.run_dir.adapter_dir if run.tuning in ADAPTER_TUNINGS else job.run_dir.model_dir
-    run.save(out)
-    if job.world.main:
-        run.objective.save_extras(out)
+    run.save(out)  # with the objective's extras beside the weights (hwft.objective.Extra)
     job.log(f"saved {out}")
     if run.ask:
         job.results.answers += job.show_answers("after", run.ask)
-    job.results.update(final_loss=log.record.get("loss"), steps=steps, output=str(out), model=run.model,
-                       tuning=run.tuning, dtype=run.dtype, peak_memory_bytes=run.peak_memory())
+    results = job.results
+    results.final_loss, results.steps, results.output, results.model = log.record.get("loss"), steps, str(out), run.model
+    results.tuning, results.dtype, results.peak_memory_bytes = run.tuning, run.dtype, run.peak_memory()
     if recipe.output.plot and job.world.main and job.run_dir.plot_loss() is None:
         job.log("loss.png skipped: matplotlib is not installed")
     if run.close:

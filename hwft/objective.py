@@ -11,12 +11,15 @@ gradient accumulation equals one big batch. The engine-specific halves live in e
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 from hwft.data.batching import Row
 from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
+from hwft.extras import Extra
 
 
 @dataclass
@@ -31,6 +34,13 @@ class Loss:
 class Objective:
     """Shared book-keeping: drawing a step's micro-batches and this rank's share of them,
     epochs (items drawn / items per epoch) and logged statistics, reduced over ranks."""
+
+    #: Modules the method trains beside the model (:class:`Extra`); the engine attaches, shards,
+    #: saves and checkpoints them.
+    extras: tuple[Extra, ...] = ()
+    #: The context a method that generates (``Method.generates``) samples in: the engine sets its
+    #: parallel strategy's (ZeRO-3 gathers the weights once for it).
+    whole_model: Callable[[], AbstractContextManager] = nullcontext
 
     def __init__(self, batches: Batches, collective: Collective = ALONE):
         self.batches = batches
@@ -87,10 +97,6 @@ class Objective:
         if self.batches.rows:
             return round(self.drawn / len(self.batches.rows), 4)
         return self.window
-
-    def save_extras(self, folder) -> None:
-        """Write what the method trains beside the model into the saved result ``folder`` (ppo:
-        its value head); called on rank 0 after the result is in place. Most write nothing."""
 
     def note(self, **values: float) -> None:
         for key, value in values.items():

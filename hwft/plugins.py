@@ -44,15 +44,13 @@ class PluginInfo:
 
 
 def api_compatible(plugin_api: str, host_api: str = HWFT_PLUGIN_API) -> bool:
-    """Same major version, and the plugin's minor version no newer than the host's. 1.0 froze
-    0.4 unchanged, so a plugin written for any 0.x loads on every 1.x (plugins/API.md)."""
+    """Same major version, and the plugin's minor version no newer than the host's
+    (plugins/API.md; 2.0 removed what 1.x deprecated, so a 1.x plugin needs the migration there)."""
     try:
         p_major, p_minor = (int(x) for x in str(plugin_api).split(".")[:2])
         h_major, h_minor = (int(x) for x in host_api.split(".")[:2])
     except ValueError:
         return False
-    if p_major == 0 and h_major == 1:
-        return p_minor <= 4
     return p_major == h_major and p_minor <= h_minor
 
 
@@ -112,7 +110,7 @@ class PluginHost:
                 info.error = (
                     f"written for plugin API {api or '(undeclared)'}; this hwft provides "
                     f"plugin API {HWFT_PLUGIN_API} (loads: the same major version with a minor version up to "
-                    f"{HWFT_PLUGIN_API}, or 0.x; see plugins/API.md)"
+                    f"{HWFT_PLUGIN_API}; plugins/API.md says how a 1.x plugin moves to 2.0)"
                 )
                 continue
             try:
@@ -181,14 +179,10 @@ class PluginHost:
 
     def capability(self, name: str) -> Capability:
         """The backend's capability record, its methods narrowed to what its engine implements
-        (hwft.methods.MethodRegistry.effective), its fused kernels widened by the slots of the
-        installed kernels registered for this backend by name (hwft.kernels)."""
+        (hwft.methods.MethodRegistry.effective). The fused kernels it runs are the kernels
+        registered for it (``kernels().slots(name, engine)``)."""
         backend = self.backend(name)
-        record = self.methods().effective(backend.capability(), backend.engine)
-        own = [k.slot for k in self.kernels().on(name, backend.engine)
-               if name in k.backends and k.slot != "attention" and not k.missing()]
-        extra = tuple(s for s in dict.fromkeys(own) if s not in record.fused_kernels)
-        return replace(record, fused_kernels=record.fused_kernels + extra) if extra else record
+        return self.methods().effective(backend.capability(), backend.engine)
 
     def _collected(self, collector: str):
         """What the hooks registered, collected once by ``collector`` ("module:function" taking
@@ -215,21 +209,16 @@ class PluginHost:
         return self._collected("hwft.use.exporters:collect_exporters")
 
     def data_formats(self) -> dict:
-        from hwft.data.formats import collect_formats
-
-        return collect_formats(self.pm)
+        """Row formats by name (hwft.data.formats.DataFormat)."""
+        return self._collected("hwft.data.formats:collect_formats")
 
     def loggers(self) -> dict:
         """Experiment trackers by name (hwft.tracking.Logger)."""
-        from hwft.tracking import collect_loggers
-
-        return collect_loggers(self.pm)
+        return self._collected("hwft.tracking:collect_loggers")
 
     def rewards(self) -> dict:
         """GRPO reward functions by name (hwft.rewards.Reward)."""
-        from hwft.rewards import collect_rewards
-
-        return collect_rewards(self.pm)
+        return self._collected("hwft.rewards:collect_rewards")
 
 
 def _dist_version(name: str) -> str | None:
@@ -241,20 +230,20 @@ def _dist_version(name: str) -> str | None:
 
 _HOST: PluginHost | None = None
 
+#: hwft's own plugins, loaded by module name as entry points are: the host depends on none of
+#: what they register (they may use the host).
+BUILTINS = {"core": "hwft.data.formats", "core-methods": "hwft.methods.builtin", "core-rewards": "hwft.rewards",
+            "core-trackers": "hwft.tracking"}
+
 
 def get_host() -> PluginHost:
     """The process-wide host, built on first use."""
     global _HOST
     if _HOST is None:
-        from hwft import methods, rewards, tracking
-        from hwft.data import formats
-
-        builtins = {"core": formats, "core-methods": methods, "core-rewards": rewards, "core-trackers": tracking}
+        builtins = dict(BUILTINS)
         if os.environ.get("HWFT_TESTING_REWARDS"):  # set by hwft's pytest plugin (hwft.testing)
-            from hwft.testing import rewards as testing_rewards
-
-            builtins["testing-rewards"] = testing_rewards
-        _HOST = PluginHost(builtins=builtins)
+            builtins["testing-rewards"] = "hwft.testing.rewards"
+        _HOST = PluginHost(builtins={name: importlib.import_module(module) for name, module in builtins.items()})
     return _HOST
 
 

@@ -29,6 +29,7 @@ from pydantic import (
 
 from hwft import llamafactory
 from hwft.errors import RecipeError, did_you_mean
+from hwft.methods import DEFAULT
 from hwft.section import Section
 from hwft.textfile import read_text
 
@@ -248,7 +249,7 @@ class MethodSpec(Section):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     objective: str = Field(
-        "sft", description="What the loss is: a registered method (sft, cpt, dpo, orpo, simpo, kto, rm, grpo, ppo, or a plugin's; "
+        DEFAULT, description="What the loss is: a registered method (sft, cpt, dpo, orpo, simpo, kto, rm, grpo, ppo, or a plugin's; "
         "`hwft plugins` lists them)."
     )
     tuning: Tuning = Field("lora", description="Which weights move: full, freeze (some layers, whole), lora or "

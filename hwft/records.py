@@ -52,7 +52,9 @@ class Capability:
     dtypes: tuple[str, ...]  #: fp32, bf16, fp16
     quantization: tuple[str, ...] = ()  #: e.g. bnb-nf4, bnb-int8, mlx-q4
     attention: tuple[str, ...] = ("eager",)  #: kernels.attention values
-    fused_kernels: tuple[str, ...] = ()  #: rms_norm, rope, swiglu, cross_entropy; adamw: train.optimizer fused_adamw
+    #: train.optimizer values: fused_adamw where the device has a fused AdamW kernel. (The fused
+    #: kernels a backend runs are the kernels registered for it: hwft.kernels.)
+    optimizers: tuple[str, ...] = ("adamw", "sgd")
     compile: bool = False  #: kernels.compile
     collective: str | None = None  #: gloo, nccl, rccl, hccl, mlx-ring
     parallel: tuple[str, ...] = ("none",)  #: parallel.strategy values

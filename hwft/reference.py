@@ -94,7 +94,7 @@ def _sections(prefix: str, title: str, model: type[BaseModel], out: list[str]) -
 
 def markdown() -> str:
     """docs/recipe.md: the recipe's sections, then the built-in methods' own sections."""
-    from hwft.methods import BUILTIN
+    from hwft.methods.builtin import BUILTIN
     from hwft.recipe import Recipe
 
     out = [HEADER.rstrip()]

@@ -192,8 +192,9 @@ def collect_rewards(pm: pluggy.PluginManager) -> dict[str, Reward]:
     return found
 
 
-def check_rewards(specs, registered: dict[str, Reward], objective: str = "grpo") -> None:
-    """Refuse unknown reward names before any weight loads."""
+def check_rewards(specs, registered: dict[str, Reward], objective: str) -> None:
+    """Refuse unknown reward names before any weight loads (``objective``: the method whose
+    section, method.<objective>.rewards, names them)."""
     if not specs:
         raise RecipeError(
             f"objective {objective} needs at least one reward in method.{objective}.rewards "
@@ -234,19 +235,6 @@ def score(samples: list[Sample], specs, registered: dict[str, Reward]) -> tuple[
     return total, per_function
 
 
-def advantages(rewards: list[float], group: int, scale: str) -> list[float]:
-    """Group-relative advantages: (R - mean of the group) / (std + 1e-4), the std (with Bessel's
-    correction, as torch.std) of the group, of the whole batch, or none (``scale_rewards``)."""
-    out = []
-    batch_std = statistics.stdev(rewards) if len(rewards) > 1 else 0.0
-    for start in range(0, len(rewards), group):
-        values = rewards[start : start + group]
-        mean = statistics.fmean(values)
-        std = {"group": statistics.stdev(values) if len(values) > 1 else 0.0, "batch": batch_std}.get(scale)
-        out += [(v - mean) if std is None else (v - mean) / (std + 1e-4) for v in values]
-    return out
-
-
 @dataclass
 class ScoredRollouts:
     """One rollout batch, scored: what both engines' GRPO objectives train on and log."""
@@ -255,50 +243,6 @@ class ScoredRollouts:
     rewards: list[float]  #: the weighted total per completion
     advantages: list[float]  #: per completion, see :func:`advantages`
     metrics: dict[str, float]  #: reward, reward_std, frac_reward_zero_std, completion_length, truncated, rewards/<name>/{mean,std}
-
-
-def score_rollouts(samples: list[Sample], spec, registered: dict[str, Reward]) -> ScoredRollouts:
-    """Rewards, advantages and logged statistics of a rollout batch (``samples`` in groups of
-    ``spec.num_generations`` consecutive completions of one prompt)."""
-    group = spec.num_generations
-    totals, per_function = score(samples, spec.rewards, registered)
-    stds = [statistics.stdev(totals[s : s + group]) if group > 1 else 0.0 for s in range(0, len(totals), group)]
-    metrics = {
-        "reward": statistics.fmean(totals),
-        "reward_std": statistics.fmean(stds),
-        "frac_reward_zero_std": sum(s < 1e-6 for s in stds) / len(stds),
-        "completion_length": statistics.fmean(s.completion_tokens for s in samples),
-        "truncated": sum(s.truncated for s in samples) / len(samples),
-    }
-    for name, values in per_function.items():
-        metrics[f"rewards/{name}/mean"] = statistics.fmean(values)
-        metrics[f"rewards/{name}/std"] = statistics.pstdev(values)
-    return ScoredRollouts(samples, totals, advantages(totals, group, spec.scale_rewards), metrics)
-
-
-@dataclass
-class StepRollouts:
-    """A rollout batch scored over all ranks, and what this rank trains with."""
-
-    scored: ScoredRollouts  #: every rank's samples, rewards and advantages, in rank order
-    advantages: list[float]  #: this rank's samples' advantages
-    normaliser: float  #: the grpo_loss denominator over the whole step (all ranks)
-
-
-def score_step(samples: list[Sample], spec, registered: dict[str, Reward],
-               collective: Collective = ALONE) -> StepRollouts:
-    """Score one optimizer step's rollouts as a single process would: every rank's samples are
-    gathered (rank order), rewarded and normalised together (group or batch scale), and the
-    loss normaliser counts the whole step: completion tokens (dapo), completions (grpo), or
-    completions x max_new_tokens (dr_grpo)."""
-    gathered = collective.gather([asdict(s) for s in samples])
-    everyone = [Sample(**d) for part in gathered for d in part]
-    scored = score_rollouts(everyone, spec, registered)
-    start = sum(len(part) for part in gathered[: collective.world.rank])
-    completions = len(everyone)
-    tokens = sum(s.completion_tokens for s in everyone)
-    normaliser = {"dapo": tokens, "grpo": completions, "dr_grpo": completions * spec.max_new_tokens}[spec.loss_type]
-    return StepRollouts(scored, scored.advantages[start : start + len(samples)], max(float(normaliser), 1.0))
 
 
 def write_rollouts(path, step: int, scored: ScoredRollouts) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from hwft.errors import SelectionError
 from hwft.kernels import Chosen, choose
+from hwft.methods import registry as method_registry
 from hwft.plugins import PluginHost
 from hwft.recipe import Recipe
 from hwft.records import Availability, Backend, Capability
@@ -48,9 +49,11 @@ def parallel_problems(recipe: Recipe) -> list[str]:
         out.append(f"parallel.deepspeed_config is set but parallel.strategy is {p.strategy}, not deepspeed")
     if p.sequence_parallel > 1:
         n = p.sequence_parallel
-        if recipe.method.objective not in ("sft", "cpt"):
+        registry = method_registry()
+        if not registry.get(recipe.method.objective).sequence_parallel:
+            able = ", ".join(m.name for m in registry if m.sequence_parallel)
             out.append(f"parallel.sequence_parallel {n} with objective {recipe.method.objective} (sequence "
-                       "parallelism trains sft and cpt); remove it")
+                       f"parallelism trains {able}); remove it")
         elif recipe.data.packing is not False:
             out.append(f"parallel.sequence_parallel {n} with packed rows (not supported yet: each packed example "
                        "would need its own mask after the all-to-all); set data.packing: false")
@@ -105,11 +108,7 @@ def capability_problems(recipe: Recipe, cap: Capability) -> list[str]:
     k = recipe.kernels
     if k.attention != "auto" and k.attention not in cap.attention:
         out.append(f"kernels.attention '{k.attention}' (it has: auto, {', '.join(cap.attention)})")
-    for kernel in ("rms_norm", "rope", "swiglu", "cross_entropy", "projections"):
-        if getattr(k, f"fused_{kernel}") is True and kernel not in cap.fused_kernels:
-            have = ", ".join(cap.fused_kernels) or "no fused kernels"
-            out.append(f"kernels.fused_{kernel} (it has: {have})")
-    if recipe.train.optimizer == "fused_adamw" and "adamw" not in cap.fused_kernels:
+    if recipe.train.optimizer not in cap.optimizers:
         out.append("train.optimizer 'fused_adamw' (no fused AdamW here; use adamw)")
     if k.compile and not cap.compile:
         out.append("kernels.compile (not supported)")
@@ -150,7 +149,7 @@ def compile_decision(setting: bool | None, claimed: bool, accelerator: bool, ste
 def backend_problems(recipe: Recipe, host: PluginHost, name: str) -> tuple[Chosen, list[str]]:
     """(the kernels the recipe would run on backend ``name``, what the backend cannot do)."""
     cap = host.capability(name)
-    chosen, problems = choose(recipe, name, host.backend(name).engine, cap.fused_kernels, host.kernels())
+    chosen, problems = choose(recipe, name, host.backend(name).engine, host.kernels())
     return chosen, capability_problems(recipe, cap) + problems
 
 

@@ -102,9 +102,7 @@ def run(plan: Plan, quiet: bool = False, recipe_hint: str = "RECIPE.yaml") -> Jo
         run_dir.start_tracking(recipe.output.report_to, get_host().loggers(), recipe)
     try:
         with run_dir.writing("the run's files"):  # what no write site named more precisely
-            returned = plan.choice.backend.train(job)
-        if isinstance(returned, dict) and returned is not job.results:  # a 1.0 engine's own dict
-            job.results.update(returned)
+            plan.choice.backend.train(job)  # the engine fills job.results
     except UserError:
         # Refused inside the backend (a model without a chat template, say): leave no
         # half-made folder behind to block the corrected run. Nothing trained is ever removed.

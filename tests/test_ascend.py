@@ -123,7 +123,7 @@ def _run(model_dir, batch, standin=None, kernel_flags=None):
     # the npu backend's kernels as a run chooses and applies them (hwft.kernels), before and after loading
     recipe = recipe_from_dict({"data": "x.jsonl", "kernels": {**kernel_flags, "use": []}})
     host = get_host()
-    chosen, problems = registry.choose(recipe, "npu", "torch", (), host.kernels())  # named ones need no claim
+    chosen, problems = registry.choose(recipe, "npu", "torch", host.kernels())
     assert problems == []
     job = types.SimpleNamespace(recipe=recipe, log=print)
     made = registry.prepare(job, chosen)

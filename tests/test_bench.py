@@ -225,7 +225,7 @@ def test_bench_refuses_before_any_arm_runs(tiny_llama, tmp_path, cli, extra, arg
 
 
 def test_mfu_is_shown_against_the_measured_matmul_rate_too_where_the_peak_is_a_spec_sheet_s():
-    from hwft.bench.runner import mfu_text
+    from hwft.bench.summary import mfu_text
     from hwft.bench.schema import Metrics
 
     common = dict(tokens_per_second=1.0, label_tokens_per_second=1.0, step_time_median_s=1.0, step_time_p90_s=1.0,

@@ -26,15 +26,14 @@ def test_nvidia_smi_rows_carry_the_compute_capability():
 def test_cuda_record_follows_the_device():
     from hwft_torch.devices import cuda_record, parse_nvidia_smi
 
-    hopper = cuda_record(parse_nvidia_smi(H100), flash2=True, flash3=True, liger_kernels=("rms_norm", "rope", "swiglu"))
+    hopper = cuda_record(parse_nvidia_smi(H100), flash2=True, flash3=True)
     assert hopper.dtypes == ("fp32", "bf16", "fp16") and hopper.collective == "nccl"
     assert hopper.attention == ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
-    assert {"rms_norm", "rope", "swiglu", "cross_entropy", "adamw"} <= set(hopper.fused_kernels)
-    ampere = cuda_record(parse_nvidia_smi(A100), flash2=True, flash3=True, liger_kernels=())
+    assert "fused_adamw" in hopper.optimizers
+    ampere = cuda_record(parse_nvidia_smi(A100), flash2=True, flash3=True)
     assert ampere.attention == ("eager", "sdpa", "flash_attention_2")  # flash-attn 3 is Hopper's
-    assert "liger-kernel" in ampere.notes["fused_rms_norm"]
     # a mixed machine is held to its weakest device
-    turing = cuda_record(parse_nvidia_smi(H100 + "\n" + T4), flash2=True, flash3=False, liger_kernels=())
+    turing = cuda_record(parse_nvidia_smi(H100 + "\n" + T4), flash2=True, flash3=False)
     assert turing.dtypes == ("fp32", "fp16") and turing.attention == ("eager", "sdpa")
     assert "7.5 has no bf16" in turing.notes["bf16"] and "needs compute capability 8.0" in turing.notes["flash_attention_2"]
 
@@ -44,13 +43,29 @@ def test_a_turing_record_refuses_bf16_and_flash_attention_naming_what_it_has():
     from hwft.select import capability_problems
     from hwft_torch.devices import cuda_record, parse_nvidia_smi
 
-    record = cuda_record(parse_nvidia_smi(T4), flash2=True, flash3=False, liger_kernels=())
+    record = cuda_record(parse_nvidia_smi(T4), flash2=True, flash3=False)
     recipe = recipe_from_dict({"data": "x.jsonl", "train": {"precision": "bf16"},
-                               "kernels": {"attention": "flash_attention_2", "fused_rms_norm": True}})
+                               "kernels": {"attention": "flash_attention_2"}})
     problems = capability_problems(recipe, record)
     assert "train.precision 'bf16' (it has: fp32, fp16)" in problems
     assert "kernels.attention 'flash_attention_2' (it has: auto, eager, sdpa)" in problems
-    assert any(p.startswith("kernels.fused_rms_norm (it has: cross_entropy, adamw, projections)") for p in problems)
+
+
+def test_a_liger_switch_without_liger_names_what_to_install():
+    """kernels.fused_rms_norm on cuda is Liger's kernel: where liger-kernel is missing the refusal
+    says so and how to install it; on the cpu, which has no kernel for the slot, it names the
+    slots its kernels fill."""
+    from hwft import kernels
+    from hwft.plugins import get_host
+    from hwft.recipe import recipe_from_dict
+
+    host = get_host()
+    recipe = recipe_from_dict({"data": "x.jsonl", "kernels": {"fused_rms_norm": True}})
+    _, problems = kernels.choose(recipe, "cuda", "torch", host.kernels())
+    if host.kernels().by_id["liger_rms_norm"].missing():
+        assert problems == ["kernels.fused_rms_norm (liger_rms_norm needs liger_kernel: pip install liger-kernel)"]
+    assert kernels.choose(recipe, "cpu", "torch", host.kernels())[1] == [
+        "kernels.fused_rms_norm (it has: cross_entropy, projections)"]
 
 
 def test_rocm_record():
@@ -115,7 +130,7 @@ def test_liger_kernels_keep_the_logits(tiny_llama, tokenizer):
     patched = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).cuda()
     recipe = recipe_from_dict({"data": "x.jsonl", "kernels": {"use": ["liger_rms_norm", "liger_rope", "liger_swiglu"]}})
     host = get_host()
-    chosen, problems = kernels.choose(recipe, "cuda", "torch", host.capability("cuda").fused_kernels, host.kernels())
+    chosen, problems = kernels.choose(recipe, "cuda", "torch", host.kernels())
     assert problems == []
     job = SimpleNamespace(recipe=recipe, log=print)
     applied = kernels.apply(job, patched, chosen, kernels.prepare(job, chosen), host.families().lookup("torch", "llama"),

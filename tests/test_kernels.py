@@ -1,5 +1,5 @@
 """The kernel and model-family registries (hwft.kernels, hwft.families): what a recipe's
-``kernels`` section chooses on each backend, the 1.0 switches as aliases, refusals before any
+``kernels`` section chooses on each backend, the switches naming slots, refusals before any
 weight loads, and an out-of-tree kernel (tests/kernel_plugin) that trains through the hooks
 alone and computes what the model computes without it."""
 
@@ -16,21 +16,19 @@ from hwft.recipe import recipe_from_dict
 from tests.conftest import REPO, write_recipe
 
 
-def chosen(backend: str, engine: str = "torch", claimed=None, **kernels):
+def chosen(backend: str, engine: str = "torch", **kernels):
     host = get_host()
     recipe = recipe_from_dict({"data": "x.jsonl", "kernels": kernels})
-    if claimed is None:
-        claimed = host.capability(backend).fused_kernels
-    picked, problems = choose(recipe, backend, engine, claimed, host.kernels())
+    picked, problems = choose(recipe, backend, engine, host.kernels())
     return picked.ids(), sorted(picked.named), problems
 
 
 def test_what_each_backend_takes_by_default_and_the_switches_as_aliases():
     reset_host()
-    # auto: what the backend recommends, for the slots its capability record claims
+    # auto: the recommended kernels registered for the backend, installed
     assert chosen("cpu") == (["hwft_chunked_cross_entropy", "hwft_sibling_projections"], [], [])
     assert chosen("mlx", "mlx") == (["hwft_mlx_label_cross_entropy"], [], [])
-    # the npu recommends none of torch-npu's operators; each switch of API 1.0 names one
+    # the npu recommends none of torch-npu's operators; each switch names one
     assert chosen("npu") == (["hwft_chunked_cross_entropy", "hwft_sibling_projections"], [], [])
     ids, named, problems = chosen("npu", fused_rms_norm=True, fused_rope=True, fused_swiglu=True,
                                   attention="npu_fusion_attention", fused_projections=False)
@@ -45,7 +43,9 @@ def test_what_each_backend_takes_by_default_and_the_switches_as_aliases():
     # only with liger-kernel installed
     liger = get_host().kernels().by_id["liger_fused_linear_cross_entropy"]
     expected = "liger_fused_linear_cross_entropy" if not liger.missing() else "hwft_chunked_cross_entropy"
-    assert chosen("cuda", claimed=("cross_entropy",))[0] == [expected]
+    assert chosen("cuda")[0] == [expected, "hwft_sibling_projections"]
+    # a switch for a slot no kernel here fills names the slots the backend's kernels fill
+    assert chosen("cpu", fused_rope=True)[2] == ["kernels.fused_rope (it has: cross_entropy, projections)"]
 
 
 @pytest.mark.parametrize("kernels, problem", [
@@ -137,7 +137,7 @@ def test_an_out_of_tree_kernel_trains_and_computes_what_the_model_does(vendor_ho
     """torch_rms_norm (a vendor's, on cpu, for llama) by id and by the 1.0 switch: the run logs
     it, and the losses and gradient norms are the unpatched run's (fp32: the same sums in
     another order, within 1e-5); on qwen2, whose row lacks its path, it is refused in one line."""
-    assert "rms_norm" in vendor_host.capability("cpu").fused_kernels  # the slot is claimed through the kernel
+    assert "rms_norm" in vendor_host.kernels().slots("cpu", "torch")  # the cpu's kernels now fill the slot
     runs = {}
     for name, kernels in (("plain", {"use": ["hwft_chunked_cross_entropy"]}),
                           ("by-id", {"use": ["torch_rms_norm", "hwft_chunked_cross_entropy"]}),

@@ -20,7 +20,7 @@ from tests.test_plugins import make_dist, site  # noqa: F401  (site is a fixture
 VOWELS_PLUGIN = """
     import pluggy
     from hwft.testing.rewards import testing_vowels as vowels
-    HWFT_PLUGIN_API = "0.2"
+    HWFT_PLUGIN_API = "2.0"
     hookimpl = pluggy.HookimplMarker("hwft")
     @hookimpl
     def hwft_register_rewards(register):
@@ -50,7 +50,7 @@ def test_qlora_quantises_the_base_and_saves_a_plain_adapter(tiny_llama, tmp_path
 
     recipe = cell_recipe(tmp_path, tiny_llama, "sft", "qlora", eval={"prompts": []})
     job = run(plan_run(load_recipe(recipe)), quiet=True)
-    quantised = job.results["model"].base_model.model
+    quantised = job.results.model.base_model.model
     linear = [m for name, m in quantised.named_modules() if name.endswith("q_proj.base_layer")]
     assert linear and all(isinstance(m, bnb.nn.Linear4bit) for m in linear)
     assert linear[0].weight.quant_type == "nf4" and linear[0].weight.quant_state.nested  # double quant
@@ -80,7 +80,7 @@ def test_qlora_8bit(tiny_llama, tmp_path, cli):
     recipe = cell_recipe(tmp_path, tiny_llama, "sft", "qlora", method={"qlora": {"bits": 8}},
                          train={"max_steps": 2}, eval={"prompts": []})
     job = run(plan_run(load_recipe(recipe)), quiet=True)
-    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in job.results["model"].modules())
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in job.results.model.modules())
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
 
 
@@ -384,7 +384,6 @@ def test_reward_model_refusals(reward_models, tiny_llama, tmp_path, cli):
 
 @pytest.mark.parametrize("sections, message", [
     ({"method": {"ppo": {"rewards": []}}}, "objective ppo needs at least one reward in method.ppo.rewards"),
-    ({"train": {"save_every": 2}}, "train.save_every: ppo runs are not checkpointed yet"),
 ])
 def test_ppo_refusals(tiny_llama, tmp_path, cli, sections, message):
     recipe = cell_recipe(tmp_path, tiny_llama, "ppo", "lora", **sections)

@@ -210,8 +210,9 @@ def test_mlx_losses_hold_to_the_torch_reference():
     logps, old, ref = (rng.normal(-2, 0.3, (4, 5)).astype(np.float32) for _ in range(3))
     adv, mask = rng.normal(0, 1, 4).astype(np.float32), (rng.random((4, 5)) > 0.2).astype(np.float32)
     for kind in ("dapo", "grpo", "dr_grpo"):
-        want, wstats = reference.grpo_loss(*(torch.tensor(x) for x in (logps, old, ref, adv, mask)), 0.04, 0.2, 0.28, kind, 13.0)
-        got, gstats = ours.grpo_loss(*(mx.array(x) for x in (logps, old, ref, adv, mask)), 0.04, 0.2, 0.28, kind, 13.0)
+        want, wstats = reference.grpo_loss(*(torch.tensor(x) for x in (logps, old, ref, adv, mask)), 0.04, 0.2, 0.28, kind == "grpo",
+                                             13.0)
+        got, gstats = ours.grpo_loss(*(mx.array(x) for x in (logps, old, ref, adv, mask)), 0.04, 0.2, 0.28, kind == "grpo", 13.0)
         assert got.item() == pytest.approx(want.item(), abs=1e-6), kind
         assert {k: round(float(v), 4) for k, v in gstats.items()} == {k: round(float(v), 4) for k, v in wstats.items()}
 
@@ -270,7 +271,7 @@ def test_an_mlx_adapter_loads_in_peft(both_engines, tiny_llama):
     peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), adapter).eval()
     with torch.no_grad():
         torch_logits = peft(torch.tensor(IDS)).logits.numpy()
-    mlx_model = both_engines["mlx"].results["model"]
+    mlx_model = both_engines["mlx"].results.model
     mlx_model.eval()
     assert np.abs(np.array(mlx_model(mx.array(IDS))) - torch_logits).max() < 1e-4
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
@@ -282,7 +283,7 @@ def test_a_peft_adapter_loads_in_mlx(both_engines, tiny_llama):
     """adapter/ from the torch engine (peft) loads into the MLX backend with the same logits."""
     from hwft_mlx.modeling import load_model, load_peft_adapter
 
-    torch_model = both_engines["cpu"].results["model"].eval()
+    torch_model = both_engines["cpu"].results.model.eval()
     with torch.no_grad():
         torch_logits = torch_model(torch.tensor(IDS)).logits.numpy()
     mlx_model, _ = load_model(tiny_llama)

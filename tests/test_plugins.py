@@ -106,21 +106,24 @@ def test_broken_plugin_is_reported_not_fatal(site, cli):
 
 
 def test_other_api_version_is_refused_naming_both(site):
-    fake(site, "future", api="2.0")
+    fake(site, "future", api="3.0")
+    fake(site, "older", api="1.1")
     fake(site, "undeclared", api=None)
     host = get_host()
-    future = next(p for p in host.plugins if p.name == "hwft-future")
-    assert future.status == "refused"
-    assert "plugin API 2.0" in future.error and f"plugin API {HWFT_PLUGIN_API}" in future.error
-    assert "future" not in host.backends and "undeclared" not in host.backends
-    assert api_compatible("0.1", "0.3") and not api_compatible("0.4", "0.3")
-    assert not api_compatible("1.0", "0.1") and not api_compatible("garbage")
+    for name, api in (("future", "3.0"), ("older", "1.1")):
+        plugin = next(p for p in host.plugins if p.name == f"hwft-{name}")
+        assert plugin.status == "refused", plugin
+        assert f"plugin API {api}" in plugin.error and f"plugin API {HWFT_PLUGIN_API}" in plugin.error
+    assert "how a 1.x plugin moves to 2.0" in plugin.error
+    assert not {"future", "older", "undeclared"} & set(host.backends)
+    assert api_compatible("2.0", "2.1") and not api_compatible("2.2", "2.1")
+    assert not api_compatible("1.1", "2.0") and not api_compatible("0.4", "2.0") and not api_compatible("garbage")
 
 
 def test_unknown_hook_is_refused(site):
     make_dist(site, "hwft-typo", "fake_typo", """
         import pluggy
-        HWFT_PLUGIN_API = "0.1"
+        HWFT_PLUGIN_API = "2.0"
         hookimpl = pluggy.HookimplMarker("hwft")
         @hookimpl
         def hwft_register_backendz(register):
@@ -200,7 +203,7 @@ def test_env_json_schema(site, cli):
     cpu = by_name["cpu"]
     assert cpu["available"] and cpu["engine"] == "torch" and cpu["priority"] == 100
     assert set(cpu["capability"]) == {
-        "methods", "dtypes", "quantization", "attention", "fused_kernels", "compile",
+        "methods", "dtypes", "quantization", "attention", "optimizers", "compile",
         "collective", "parallel", "packing", "notes", "tunings",
     }
     every = ["full", "lora", "qlora"]
@@ -226,7 +229,7 @@ def test_env_json_schema(site, cli):
 def test_data_format_hook(site, tmp_path):
     make_dist(site, "hwft-qa", "fake_qa", """
         import pluggy
-        HWFT_PLUGIN_API = "0.1"
+        HWFT_PLUGIN_API = "2.0"
         hookimpl = pluggy.HookimplMarker("hwft")
         def parse(row, columns):
             return [{"role": "user", "content": row["q"]}, {"role": "assistant", "content": row["a"]}]

@@ -345,14 +345,21 @@ def method_recipe(folder: Path, model, case: str) -> Path:
         write_jsonl(folder / "pairs.jsonl", PAIRS)
         return write_recipe(folder, model, data={"train": [{"path": "pairs.jsonl"}]}, train=train,
                             method={"objective": "dpo", "tuning": "lora", "lora": lora})
-    write_jsonl(folder / "prompts.jsonl", PROMPTS)  # grpo: each rollout batch serves 2 steps
+    write_jsonl(folder / "prompts.jsonl", PROMPTS)  # grpo, ppo: each rollout batch serves 2 steps
+    if case.endswith("ppo"):  # the value head, ppo's extra module, is in every checkpoint
+        ppo = {"max_new_tokens": 6, "num_iterations": 2,
+               "rewards": [{"name": "length_penalty", "args": {"target": 2, "limit": 6}}]}
+        mlx = case.startswith("mlx")
+        method = {"objective": "ppo", "tuning": "lora" if mlx else "full", "lora": lora, "ppo": ppo}
+        return write_recipe(folder, model, backend="mlx" if mlx else "cpu", data={"train": [{"path": "prompts.jsonl"}]},
+                            train=train, method=method)
     grpo = {"num_generations": 4, "max_new_tokens": 6, "beta": 0.04, "num_iterations": 2,
             "rewards": [{"name": "length_penalty", "args": {"target": 2, "limit": 6}}]}
     return write_recipe(folder, model, data={"train": [{"path": "prompts.jsonl"}]}, train=train,
                         method={"objective": "grpo", "tuning": "lora", "lora": lora, "grpo": grpo})
 
 
-@pytest.mark.parametrize("case", ["mlx-sft", "dpo", "grpo"])
+@pytest.mark.parametrize("case", ["mlx-sft", "dpo", "grpo", "ppo", "mlx-ppo"])
 def test_resume_is_exact_for_each_engine_and_objective(tmp_path, tiny_llama, cli, case):
     if case.startswith("mlx"):
         pytest.importorskip("mlx.core")
@@ -361,10 +368,13 @@ def test_resume_is_exact_for_each_engine_and_objective(tmp_path, tiny_llama, cli
     code, _, err = cli("train", method_recipe(whole, tiny_llama, case))
     assert code == 0, err
     recipe, out = copy_run(whole / "out", tmp_path / "again")
-    (out / "adapter").rename(out / "adapter-before")
+    shutil.rmtree(out / ("model" if case == "ppo" else "adapter"))
     code, _, err = cli("train", recipe, f"output.dir={out}", "--resume", out / "checkpoints" / "step-2")
     assert code == 0 and "(step 2 of 4" in err, err
-    assert adapter_bytes(out) == adapter_bytes(whole / "out")
+    result = "model" if case == "ppo" else "adapter"
+    for name in ("adapter_model.safetensors", "model.safetensors", "value_head.safetensors"):
+        if (whole / "out" / result / name).exists():
+            assert (out / result / name).read_bytes() == (whole / "out" / result / name).read_bytes(), name
     assert losses(out) == losses(whole / "out") and metric_steps(out) == [1, 2, 3, 4]
     if case == "grpo":  # rollouts of steps 1 and 3, each written once
         steps = [json.loads(x)["step"] for x in (out / "rollouts.jsonl").read_text().splitlines()]

@@ -93,7 +93,7 @@ def test_saved_adapter_reloads_through_plain_peft(tiny_llama, tmp_path):
 
     recipe = write_recipe(tmp_path, tiny_llama, train={"max_steps": 4, "lr": 1e-2})
     job = run(plan_run(load_recipe(recipe)), quiet=True)
-    trained = job.results["model"].eval()
+    trained = job.results.model.eval()
     ids = torch.tensor([[1, 4093, 198, 1576, 359, 346, 47, 2, 198, 1, 520, 3531, 198]])
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -188,19 +188,6 @@ def test_logged_loss_averages_the_interval(tiny_llama, tmp_path, cli):
     two = metrics(tmp_path / "b" / "out")
     assert [m["step"] for m in two] == [2, 4]
     assert [m["loss"] for m in two] == pytest.approx([(each[0] + each[1]) / 2, (each[2] + each[3]) / 2], abs=1e-6)
-
-
-def test_a_run_result_is_typed_and_reads_as_the_dict_it_was():
-    """Job.results is a typed Result (plugin API 1.1); a 1.0 engine's dict style reads and sets
-    the same fields, and keys that are no field are kept apart."""
-    from hwft.job import Result
-
-    result = Result()
-    result.update(final_loss=1.5, custom=3)
-    result["model"] = "the model"
-    assert (result.final_loss, result["final_loss"], result.model) == (1.5, 1.5, "the model")
-    assert result.get("custom") == 3 and result.extra == {"custom": 3}
-    assert "steps" in result and "nothing" not in result and result.get("nothing", 0) == 0
 
 
 @pytest.mark.parametrize("backend", ["cpu", "mlx"])

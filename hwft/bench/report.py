@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from hwft.bench.runner import comparison_lines, paired_summary
+from hwft.bench.summary import comparison_lines, paired_summary
 from hwft.bench.schema import SCHEMA, BenchResult
 from hwft.errors import UserError
 

@@ -15,8 +15,10 @@ from pathlib import Path
 
 from hwft.bench.fingerprint import model_identity, workload_hash
 from hwft.bench.schema import BenchResult, Comparison
+from hwft.bench.summary import comparison_lines, paired_summary, summary_table
 from hwft.errors import RecipeError, SelectionError
 from hwft.plugins import get_host
+from hwft.methods import registry as method_registry
 from hwft.processes import run_child
 from hwft.recipe import load_recipe
 from hwft.records import PRIORITY_CPU_FALLBACK
@@ -29,12 +31,19 @@ BASELINE_MODEL = {"r": 16, "alpha": 32, "target_modules": "all-linear", "dropout
 BASELINE_KINDS = ("hf", "hf-liger")
 
 
+def language_modelling() -> list[str]:
+    """The methods a Trainer baseline trains as hwft does: next-token loss on token rows (the
+    methods whose rows pack)."""
+    return [m.name for m in method_registry() if m.packs]
+
+
 def baseline_differences(recipe) -> list[str]:
     """Recipe settings that make the hwft arm train something other than the baseline."""
     m, t = recipe.method, recipe.train
     out = []
-    if m.objective not in ("sft", "cpt") or m.tuning != "lora":
-        out.append(f"method {m.objective}/{m.tuning} (the baseline trains sft/lora)")
+    if m.objective not in language_modelling() or m.tuning != "lora":
+        out.append(f"method {m.objective}/{m.tuning} (the baseline trains {' or '.join(language_modelling())} "
+                   "with lora)")
     for key, want in BASELINE_MODEL.items():
         have = getattr(m.lora, key)
         if have != want:
@@ -98,77 +107,6 @@ def compare(hwft: BenchResult, base: BenchResult, base_file: str, differences: l
     )
 
 
-def mfu_text(m) -> str:
-    """MFU against the peak, and against the measured matmul rate where the peak is a spec sheet's."""
-    if m.mfu is None:
-        return "-"
-    if m.mfu_of_measured is not None and m.measured_peak_flops != m.peak_flops:
-        return f"{m.mfu:.1%} ({m.mfu_of_measured:.1%} of measured)"
-    return f"{m.mfu:.1%}"
-
-
-def summary_table(results: list[BenchResult]) -> str:
-    lines = ["| arm | backend | dtype | tokens/s | step median s | step p90 s | peak memory GiB | MFU | last loss | eval loss |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        m = r.metrics
-        mem = f"{m.peak_memory_bytes / 2**30:.2f} ({'RSS' if m.memory_kind == 'process-rss' else 'device'})" \
-            if m.peak_memory_bytes else "-"
-        lines.append(
-            f"| {r.arm.kind} | {r.arm.backend} | {r.arm.dtype} | {m.tokens_per_second:.1f} | "
-            f"{m.step_time_median_s:.2f} | {m.step_time_p90_s:.2f} | {mem} | "
-            f"{mfu_text(m)} | "
-            f"{f'{m.loss_last_step:.4f}' if m.loss_last_step is not None else '-'} | "
-            f"{f'{m.eval_loss:.4f}' if m.eval_loss is not None else '-'} |"
-        )
-    return "\n".join(lines)
-
-
-def comparison_lines(result: BenchResult) -> list[str]:
-    out = []
-    for c in result.comparisons:
-        verdict = "counts" if c.counts else "does NOT count: " + (
-            "; ".join(c.differences) if c.differences else "the arms trained different tokens")
-        mem = f", peak memory x{c.peak_memory_ratio:.2f}" if c.peak_memory_ratio else ""
-        ev = ""
-        if c.eval_loss_relative_difference is not None:
-            ev = (f", eval loss {c.eval_loss_hwft:.4f} vs {c.eval_loss_baseline:.4f} "
-                  f"({c.eval_loss_relative_difference:+.2%})")
-        out.append(f"hwft/{result.arm.backend} vs {c.baseline_kind} {c.baseline_dtype}: tokens/s x{c.tokens_per_second_ratio:.2f}"
-                   f"{mem}{ev} (same tokens: {'yes' if c.same_tokens else 'no'}; ratio {verdict})")
-    return out
-
-
-def paired_summary(results: list[BenchResult]) -> list[str]:
-    """One line per (workload, backend, baseline dtype) with two or more counted comparisons:
-    the median of the paired ratios and their range.
-
-    Each comparison pairs an hwft arm with the baseline arm run right after it, so a machine
-    whose speed drifts between runs (a shared host) moves both sides of a pair alike; the
-    median over pairs is the figure to quote.
-    """
-    groups: dict[tuple, list[Comparison]] = {}
-    for r in results:
-        for c in r.comparisons:
-            if c.counts:
-                groups.setdefault((r.workload.hash, r.arm.backend, c.baseline_kind, c.baseline_dtype), []).append(c)
-    out = []
-    for (digest, backend, kind, dtype), pairs in groups.items():
-        if len(pairs) < 2:
-            continue
-        speed = sorted(c.tokens_per_second_ratio for c in pairs)
-        line = (f"hwft/{backend} vs {kind} {dtype}, workload {digest}, median of {len(pairs)} paired runs: "
-                f"tokens/s x{statistics.median(speed):.2f} (range x{speed[0]:.2f} to x{speed[-1]:.2f})")
-        memory = [c.peak_memory_ratio for c in pairs if c.peak_memory_ratio]
-        if memory:
-            line += f", peak memory x{statistics.median(memory):.2f} (at most x{max(memory):.2f})"
-        evals = [c.eval_loss_relative_difference for c in pairs if c.eval_loss_relative_difference is not None]
-        if evals:
-            line += f", eval loss {statistics.median(evals):+.2%}"
-        out.append(line)
-    return out
-
-
 def bench(recipe_path: str, overrides: list[str], backends: list[str] | None, steps: int | None, warmup: int,
           baseline: list[str] | str | None, baseline_bf16: bool, out: str, eval_examples: int, repeat: int = 1) -> int:
     recipe = load_recipe(recipe_path, overrides)
@@ -191,8 +129,9 @@ def bench(recipe_path: str, overrides: list[str], backends: list[str] | None, st
         if not any(host.backend(n).engine == "torch" for n in names):
             raise SelectionError(f"--baseline {','.join(kinds)} runs on a torch backend (cpu, cuda, rocm, npu); none "
                                  f"is among {', '.join(names)}")
-        if recipe.method.objective not in ("sft", "cpt"):
-            raise RecipeError(f"--baseline trains sft or cpt; this recipe's objective is {recipe.method.objective}")
+        if recipe.method.objective not in language_modelling():
+            raise RecipeError(f"--baseline trains {' or '.join(language_modelling())}; this recipe's objective is "
+                              f"{recipe.method.objective}")
         from hwft.bench.worker import bench_tools
 
         torch_names = [n for n in names if host.backend(n).engine == "torch"]

@@ -206,7 +206,7 @@ def device_label(backend: str) -> str:
 
 
 if __name__ == "__main__":
-    from hwft.cli import guarded, start_process
+    from hwft.entry import guarded, start_process
 
     start_process()
     sys.exit(guarded(lambda: main(sys.argv[1])))

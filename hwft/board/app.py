@@ -384,7 +384,7 @@ def make_app(workspace: Workspace, host: str = "127.0.0.1", token: str | None = 
         return JSONResponse({"task": child.name})
 
     async def api_env(request: Request):
-        from hwft.cli import env_report
+        from hwft.environment import env_report
 
         report = env_report()
         report["export_formats"] = board.host.exporters().formats()

@@ -26,7 +26,7 @@ from hwft.data.random_tokens import ordinary_ids, random_examples
 from hwft.data.reading import iter_rows
 from hwft.data.registry import lookup, read_registry
 from hwft.errors import DataError, RecipeError, did_you_mean
-from hwft.methods import method, registry
+from hwft.methods import DEFAULT, method, registry
 from hwft.recipe import DatasetSpec, RandomTokens, Recipe
 
 #: How many rows of a streamed dataset are parsed up front, before any weight loads.
@@ -90,7 +90,7 @@ def _strip_think(messages: list | None) -> None:
             m["content"] = THINK.sub("", m["content"])
 
 
-def read_examples(source: Source, formats: dict[str, DataFormat], objective: str = "sft",
+def read_examples(source: Source, formats: dict[str, DataFormat], objective: str = DEFAULT,
                   reasoning: str = "keep", streaming: bool = False) -> Iterator[Example]:
     """Parse a source's rows one by one; the first bad row is an error naming it."""
     trains = method(objective)
@@ -131,7 +131,7 @@ def read_examples(source: Source, formats: dict[str, DataFormat], objective: str
 
 def load_examples(path: Path, format: str = "auto", formats: dict[str, DataFormat] | None = None,
                   columns: dict | None = None, max_samples: int | None = None, tags: dict | None = None,
-                  objective: str = "sft", reasoning: str = "keep") -> list[Example]:
+                  objective: str = DEFAULT, reasoning: str = "keep") -> list[Example]:
     """Every example of one file or folder (a convenience for scripts and tests)."""
     if formats is None:
         from hwft.plugins import get_host

@@ -210,9 +210,10 @@ def feedback_batches(data: TrainData, renderer: ChatRenderer, recipe: Recipe, ra
 
 
 def prompt_items(examples: list[Example], renderer: ChatRenderer, max_prompt_length: int,
-                 objective: str = "grpo") -> tuple[list[Prompt], TokenizeStats]:
+                 objective: str) -> tuple[list[Prompt], TokenizeStats]:
     """Prompt token ids (rendered with the generation prompt); prompts longer than
-    ``max_prompt_length`` are dropped (counted)."""
+    ``max_prompt_length`` are dropped (counted). ``objective``: the method whose section sets
+    max_new_tokens (named in the message)."""
     stats = TokenizeStats()
     prompts = []
     for example in examples:

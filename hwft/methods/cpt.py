@@ -10,7 +10,7 @@ Rows pack, stream, and have a held-out loss, as sft's do.
 
 from __future__ import annotations
 
-from hwft.methods.record import Cell, Method
+from hwft.methods.record import Cell, FromLlamaFactory, Method
 
 TEXTS = tuple({"text": f"Document {i}: the quick brown fox jumps over the lazy dog, again and again."} for i in range(6))
 
@@ -22,5 +22,7 @@ METHOD = Method(
     packs=True,
     streams=True,
     held_out=True,
+    sequence_parallel=True,
+    llamafactory=FromLlamaFactory("pt"),
     cell=Cell(TEXTS),
 )

@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from hwft.methods.record import Cell, Method
+from hwft.methods.record import Cell, FromLlamaFactory, Method
 from hwft.section import Section
 
 
@@ -52,6 +52,14 @@ def invariants(run: list[dict], out: Path) -> None:
     assert run[-1]["rewards/margins"] > 0 and run[-1]["rewards/accuracy"] > 0.5, run[-1]
 
 
+def from_llamafactory(file, pref_loss: str | None) -> dict:
+    """LLaMA-Factory's stage dpo with pref_loss sigmoid, ipo or hinge (its loss here)."""
+    section = {"loss": pref_loss, "beta": float(file.get("pref_beta", 0.1))}
+    if file.get("dpo_label_smoothing"):
+        section["label_smoothing"] = float(file.get("dpo_label_smoothing"))
+    return section
+
+
 METHOD = Method(
     name="dpo",
     description="direct preference optimisation on chosen / rejected pairs",
@@ -61,5 +69,8 @@ METHOD = Method(
     metrics=("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy"),
     headline=(("rewards/margins", "margin"), ("rewards/accuracy", "acc")),
     reference=lambda recipe: recipe.method.dpo.reference != "precomputed",
+    sequences=lambda recipe: 2,  # chosen and rejected
+    llamafactory=FromLlamaFactory("dpo", ("sigmoid", "ipo", "hinge"), ("pref_beta", "dpo_label_smoothing"),
+                                  section=from_llamafactory),
     cell=Cell(PAIRS, {"beta": 0.5}, invariants),
 )

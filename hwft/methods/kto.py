@@ -28,7 +28,7 @@ from typing import Literal
 from pydantic import Field
 
 from hwft.data.formats import Example
-from hwft.methods.record import Cell, Method
+from hwft.methods.record import Cell, FromLlamaFactory, Method
 from hwft.section import Section
 
 
@@ -94,5 +94,11 @@ METHOD = Method(
     metrics=("rewards/chosen", "rewards/rejected", "rewards/margins", "kl"),
     headline=(("rewards/margins", "margin"), ("kl", "kl")),
     reference=lambda recipe: recipe.method.kto.reference != "precomputed",
+    sequences=lambda recipe: 2,  # the answer and its mismatched pair (the KL baseline)
+    llamafactory=FromLlamaFactory("kto", (), ("pref_beta", "kto_chosen_weight", "kto_rejected_weight"),
+                                  section=lambda file, _: {
+                                      "beta": float(file.get("pref_beta", 0.1)),
+                                      "desirable_weight": float(file.get("kto_chosen_weight", 1.0)),
+                                      "undesirable_weight": float(file.get("kto_rejected_weight", 1.0))}),
     cell=Cell(ANSWERS, {"beta": 0.5}, invariants),
 )

@@ -25,7 +25,7 @@ from pathlib import Path
 from pydantic import Field
 
 from hwft.methods.dpo import PAIRS
-from hwft.methods.record import Cell, Method
+from hwft.methods.record import Cell, FromLlamaFactory, Method
 from hwft.section import Section
 
 
@@ -48,5 +48,8 @@ METHOD = Method(
     section=OrpoSpec,
     metrics=("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy", "log_odds", "nll"),
     headline=(("rewards/margins", "margin"), ("log_odds", "log-odds")),
+    sequences=lambda recipe: 2,  # chosen and rejected
+    llamafactory=FromLlamaFactory("dpo", ("orpo",), ("pref_beta",),
+                                  section=lambda file, _: {"beta": float(file.get("pref_beta", 0.1))}),
     cell=Cell(PAIRS, {"beta": 0.5}, invariants),
 )

@@ -34,10 +34,14 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from hwft.distributed import ALONE, Collective
-from hwft.errors import RecipeError
 from hwft.methods.grpo import RewardSpec, reward_shorthand
-from hwft.methods.record import Cell, Method
+from hwft.methods.record import Cell, FromLlamaFactory, Method
+from hwft.extras import Extra
 from hwft.section import Section
+
+#: The value head each engine's ppo objective trains beside the model (its module filled in):
+#: ``model.v_head``, saved as ``value_head.safetensors`` with TRL's and LLaMA-Factory's names.
+VALUE_HEAD = Extra("v_head", None, "value_head.safetensors", "v_head.summary.")
 
 
 class PpoSpec(Section):
@@ -144,13 +148,40 @@ def score_samples(samples: list, spec: PpoSpec, registered: dict, collective: Co
 
 
 def check(recipe, host) -> None:
-    """Rewards are registered and take their args; what ppo does not run yet is refused."""
+    """Rewards are registered and take their args."""
     from hwft.rewards import check_rewards
 
     check_rewards(recipe.method.ppo.rewards, host.rewards(), "ppo")
-    if recipe.train.save_every:
-        raise RecipeError("train.save_every: ppo runs are not checkpointed yet (the value head is not kept in "
-                          "checkpoints); remove save_every")
+
+
+#: LLaMA-Factory's keys that only its stage ppo reads.
+LLAMAFACTORY_KEYS = ("reward_model", "reward_model_type", "ppo_epochs", "max_new_tokens", "top_p", "top_k",
+                     "temperature", "do_sample")
+
+
+def from_llamafactory(file, pref_loss: str | None) -> dict:
+    """LLaMA-Factory's stage ppo: its reward model becomes the reward_model reward; sampling as
+    its generating arguments say."""
+    from pathlib import Path
+
+    if not file.get("reward_model"):
+        raise file.error("stage ppo needs reward_model (the folder of a reward model trained with stage rm)")
+    if file.get("reward_model_type", "lora") not in ("lora", "full"):
+        raise file.refuse("reward_model_type", "- hwft scores with a local reward model (lora or full), not an API")
+    if file.get("top_k", 0):
+        raise file.refuse("top_k", "- hwft samples rollouts with top_p (top_k 0: off)")
+    if file.get("do_sample", True) is not True:
+        raise file.refuse("do_sample", "- PPO samples its rollouts")
+    file.note("stage ppo: cutoff_len bounds the prompt, so max_length is cutoff_len + max_new_tokens.")
+    return {"max_new_tokens": int(file.get("max_new_tokens", 512)), "top_p": float(file.get("top_p", 1.0)),
+            "temperature": float(file.get("temperature", 1.0)), "num_iterations": int(file.get("ppo_epochs", 4)),
+            "rewards": [{"name": "reward_model",
+                         "args": {"path": str(Path(str(file.get("reward_model"))).expanduser().resolve())}}]}
+
+
+def longer_rows(train: dict, section: dict) -> None:
+    """LLaMA-Factory's cutoff_len bounds a ppo prompt; hwft's max_length holds the completion too."""
+    train["max_length"] += section["max_new_tokens"]
 
 
 PROMPTS = tuple({"prompt": f"What is {i} + {i}?", "reference": str(2 * i)} for i in range(1, 5))
@@ -175,5 +206,7 @@ METHOD = Method(
     headline=(("reward", "reward"), ("value_loss", "vf")),
     reference=lambda recipe: True,
     check=check,
+    generates=True,
+    llamafactory=FromLlamaFactory("ppo", (), LLAMAFACTORY_KEYS, LLAMAFACTORY_KEYS, from_llamafactory, longer_rows),
     cell=Cell(PROMPTS, {"max_new_tokens": 6, "num_iterations": 4, "rewards": ["testing_vowels"]}, invariants),
 )

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from importlib import import_module
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from hwft.errors import RecipeError, SelectionError, did_you_mean
 
@@ -44,6 +44,50 @@ class Cell:
     #: broke; the loss falling and the result being saved are checked for every method
     invariants: Callable[[list[dict], Path], None] | None = None
     recipe: Mapping[str, Any] = field(default_factory=dict)  #: other recipe sections to set
+
+
+class LlamaFactoryFile(Protocol):
+    """A LLaMA-Factory training YAML as a method's translation reads it (hwft.llamafactory)."""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The file's value of ``key``, or ``default`` where it has none."""
+
+    def refuse(self, key: str, why: str) -> RecipeError:
+        """The error for a key whose value hwft cannot honour: ``why`` follows the value."""
+
+    def error(self, text: str) -> RecipeError:
+        """An error about the file as a whole (a key it lacks), naming the file."""
+
+    def note(self, text: str) -> None:
+        """A line for the translated recipe's header: how a key was read, where it is not 1:1."""
+
+
+@dataclass(frozen=True)
+class FromLlamaFactory:
+    """What a LLaMA-Factory training YAML means by this method (:mod:`hwft.llamafactory`)."""
+
+    stage: str  #: the ``stage`` that names it: pt, sft, rm, kto, dpo, ppo
+    #: under its stage, the ``pref_loss`` values that mean this method (stage dpo: dpo is sigmoid,
+    #: ipo and hinge; orpo; simpo); () where the stage alone names it
+    pref_loss: tuple[str, ...] = ()
+    #: the LLaMA-Factory keys it reads (beside those every method reads); a key that only other
+    #: methods read is ignored under this one, as LLaMA-Factory ignores it
+    keys: tuple[str, ...] = ()
+    #: keys that are refused under any other method (they would change nothing there, and a
+    #: user who wrote them meant this method)
+    only: tuple[str, ...] = ()
+    #: (file, pref_loss or None) -> its ``method.<name>`` settings, raising file.refuse(...) for a
+    #: value it cannot honour; None: no settings
+    section: Callable[[LlamaFactoryFile, str | None], dict] | None = None
+    #: (the translated ``train`` settings, its section) -> None: what it changes there (ppo:
+    #: max_length is cutoff_len + max_new_tokens)
+    train: Callable[[dict, dict], None] | None = None
+    #: a file without ``stage`` means this method (LLaMA-Factory's default stage)
+    default: bool = False
+
+
+def _one(recipe) -> int:
+    return 1
 
 
 @dataclass(frozen=True)
@@ -77,6 +121,18 @@ class Method:
     #: (recipe, plugin host) -> None, raising a UserError: checks before any weight loads
     check: Callable[[Any, Any], None] | None = None
     cell: Cell | None = None  #: how the conformance suite trains it
+    #: it samples completions while it trains (grpo, ppo): the engine hands its objective the
+    #: parallel strategy's ``whole_model`` context to generate in (ZeRO-3 gathers the weights)
+    generates: bool = False
+    #: its rows may be split over ranks by parallel.sequence_parallel (one sequence per row:
+    #: sft, cpt)
+    sequence_parallel: bool = False
+    #: recipe -> the sequences one item of a micro-batch runs through the model with gradients
+    #: (a preference pair 2, a kto answer with its mismatched pair 2, a grpo prompt its
+    #: num_generations): ``hwft plan`` counts activations by it
+    sequences: Callable[[Any], int] = _one
+    #: what a LLaMA-Factory training YAML calls it; None: LLaMA-Factory has no such stage
+    llamafactory: FromLlamaFactory | None = None
 
     def make_batches(self, data, renderer, recipe, ranks: int = 1, capability=None):
         return resolve(self.batches)(data, renderer, recipe, ranks, capability)
@@ -93,6 +149,10 @@ class Method:
 
     def runs_reference(self, recipe) -> bool:
         return bool(self.reference and self.reference(recipe))
+
+    def rows_per_micro_batch(self, recipe) -> int:
+        """Sequences one micro-batch runs through the model with gradients."""
+        return recipe.train.micro_batch_size * self.sequences(recipe)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from pydantic import Field
 
 from hwft.errors import RecipeError
 from hwft.methods.dpo import PAIRS
-from hwft.methods.record import Cell, Method
+from hwft.methods.record import Cell, FromLlamaFactory, Method
 from hwft.section import Section
 
 
@@ -59,5 +59,7 @@ METHOD = Method(
     metrics=("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy"),
     headline=(("rewards/margins", "margin"), ("rewards/accuracy", "acc")),
     check=check,
+    sequences=lambda recipe: 2,  # chosen and rejected
+    llamafactory=FromLlamaFactory("rm"),
     cell=Cell(PAIRS, {}, invariants),
 )

@@ -11,7 +11,7 @@ held-out loss (data.eval, data.val_size).
 
 from __future__ import annotations
 
-from hwft.methods.record import Cell, Method
+from hwft.methods.record import Cell, FromLlamaFactory, Method
 
 CHATS = (
     {"messages": [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am hwft-bot."}]},
@@ -32,5 +32,7 @@ METHOD = Method(
     packs=True,
     streams=True,
     held_out=True,
+    sequence_parallel=True,
+    llamafactory=FromLlamaFactory("sft", default=True),
     cell=Cell(CHATS),
 )

@@ -20,7 +20,7 @@ from pathlib import Path
 from pydantic import Field
 
 from hwft.methods.dpo import PAIRS
-from hwft.methods.record import Cell, Method
+from hwft.methods.record import Cell, FromLlamaFactory, Method
 from hwft.section import Section
 
 
@@ -46,5 +46,8 @@ METHOD = Method(
     section=SimpoSpec,
     metrics=("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy"),
     headline=(("rewards/margins", "margin"), ("rewards/accuracy", "acc")),
+    sequences=lambda recipe: 2,  # chosen and rejected
+    llamafactory=FromLlamaFactory("dpo", ("simpo",), ("pref_beta", "simpo_gamma"), section=lambda file, _: {
+        "beta": float(file.get("pref_beta", 0.1)), "gamma": float(file.get("simpo_gamma", 0.5))}),
     cell=Cell(PAIRS, {"beta": 2.0, "gamma": 0.5}, invariants),
 )

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pytest
 
+from hwft.methods import DEFAULT
 from hwft.testing.cells import DTYPES, TUNINGS, cell_recipe, methods, metrics
 
 #: Logits of the backend and the CPU reference: max |difference| / max |logit|.
@@ -95,8 +96,8 @@ def needs_device(name: str):
 
 def first_lora_or_full(record) -> tuple[str, str]:
     for tuning in ("lora", "full"):
-        if record.runs("sft", tuning):
-            return "sft", tuning
+        if record.runs(DEFAULT, tuning):
+            return DEFAULT, tuning
     pytest.skip("the record claims neither sft/lora nor sft/full")
 
 
@@ -281,10 +282,10 @@ def test_every_family_trains_and_gives_the_cpu_reference_s_logits(hwft_backend, 
     from hwft.testing.tiny import build_tiny_model
 
     _, _, record = needs_device(hwft_backend)
-    if not record.runs("sft", "lora"):
+    if not record.runs(DEFAULT, "lora"):
         pytest.skip("the record claims no sft/lora")
     model = build_tiny_model(family, tmp_path / "model")
-    recipe = cell_recipe(tmp_path, model, "sft", "lora", backend=hwft_backend, train={"max_steps": 2},
+    recipe = cell_recipe(tmp_path, model, DEFAULT, "lora", backend=hwft_backend, train={"max_steps": 2},
                          data={"train": [{"path": "data.jsonl"}], "packing": record.packing}, eval={"prompts": []})
     code, _, err = hwft_cli("train", recipe)
     if code == 2:  # a family the backend cannot run: refused, in one line, before training

@@ -35,10 +35,11 @@ SCHEMA = "hwft.eval/1"
 def evaluation_examples(trained: Trained, data: list[str] | None) -> tuple[list, str]:
     """(examples, where they came from): --data files, else the run's held-out examples."""
     from hwft.data.loading import load_examples, load_train_data
+    from hwft.methods import DEFAULT
     from hwft.plugins import get_host
 
     formats = get_host().data_formats()
-    objective = trained.recipe.method.objective if trained.recipe is not None else "sft"
+    objective = trained.recipe.method.objective if trained.recipe is not None else DEFAULT
     if data:
         examples = [e for path in data for e in load_examples(Path(path), objective=objective, formats=formats)]
         where = ", ".join(data)

@@ -14,7 +14,7 @@ import pluggy
 from hwft.families import Family
 from hwft.kernels import Kernel
 
-HWFT_PLUGIN_API = "1.1"
+HWFT_PLUGIN_API = "2.0"
 hookimpl = pluggy.HookimplMarker("hwft")
 
 

@@ -17,7 +17,7 @@ from hwft_torch.devices import torch_fields
 from hwft_torch.launch import launch
 from hwft_torch.runtime import DeviceRuntime
 
-HWFT_PLUGIN_API = "1.1"
+HWFT_PLUGIN_API = "2.0"
 hookimpl = pluggy.HookimplMarker("hwft")
 
 
@@ -69,7 +69,7 @@ def capability_npu() -> Capability:
         **torch_fields("bitsandbytes has no Ascend NPU backend in the release hwft pins"),
         dtypes=("fp32", "fp16", *bf16),
         attention=("eager", "sdpa", "npu_fusion_attention"),
-        fused_kernels=("rms_norm", "rope", "swiglu", "cross_entropy", "adamw", "projections"),
+        optimizers=("adamw", "fused_adamw", "sgd"),  # fused_adamw: torch-npu's NpuFusedAdamW
         collective="hccl",
         packing=True,
     )

@@ -55,7 +55,6 @@ def capability() -> Capability:
         dtypes=("fp32", "bf16", "fp16"),
         quantization=QUANTIZATION,
         attention=("sdpa",),  # mx.fast.scaled_dot_product_attention
-        fused_kernels=("cross_entropy",),
         collective="mlx-ring",
         parallel=("none", "ddp"),  # mx.distributed; hwft_mlx.distributed
         packing=True,

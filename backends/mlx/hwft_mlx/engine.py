@@ -32,6 +32,7 @@ from hwft.loop import EngineRun, run_steps
 from hwft.data.chat import ChatRenderer
 from hwft.distributed import ALONE, Collective
 from hwft.errors import UserError
+from hwft.extras import write_extras
 from hwft.job import Job, Result
 from hwft.methods import method
 from hwft.models import stop_token_ids
@@ -188,21 +189,31 @@ def make_objective(setup: Setup) -> MlxObjective:
     return implementation.make(setup)
 
 
-def write_result(job: Job, model, tokenizer, model_path, folder) -> None:
-    """An adapter (PEFT format) or the full model (HF safetensors) with the tokenizer."""
+def write_result(job: Job, model, tokenizer, model_path, folder, extras: tuple = ()) -> None:
+    """An adapter (PEFT format) or the full model (HF safetensors) with the tokenizer, and the
+    method's extras (hwft.objective.Extra) each in its own file."""
     if not job.recipe.method.adapter:
-        save_full_model(model, model_path, folder, tokenizer.pad_token_id)
+        save_full_model(model, model_path, folder, tokenizer.pad_token_id, apart=extras)
     else:
         save_peft_adapter(model, folder, job.recipe.method.lora, str(model_path))
+    write_extras(folder, extras, lambda e: {e.prefix + k: np.array(v.astype(mx.float32))
+                                            for k, v in tree_flatten(e.module.parameters())})
     tokenizer.save_pretrained(folder)
 
 
-def save(job: Job, model, tokenizer, model_path, final) -> None:
+def save(job: Job, model, tokenizer, model_path, final, extras: tuple = ()) -> None:
     """The result, renamed into place by rank 0 (every rank holds the same weights)."""
     if not job.world.main:
         return
     with job.run_dir.atomic_dir(final) as tmp:
-        write_result(job, model, tokenizer, model_path, tmp)
+        write_result(job, model, tokenizer, model_path, tmp, extras)
+
+
+def attach_extras(model: nn.Module, extras: tuple) -> None:
+    """The method's extra modules (hwft.objective.Extra) as children of the model, so
+    ``nn.value_and_grad``, the optimizer and the checkpoints take them with the rest."""
+    for extra in extras:
+        setattr(model, extra.name, extra.module)
 
 
 def add_trees(a, b):
@@ -277,6 +288,7 @@ def train(job: Job) -> Result:
 
     model.train()
     objective = make_objective(Setup(job, batches, model, tokenizer, stop, collective, applied))
+    attach_extras(model, objective.extras)
     steps = batches.steps
     optimizer, schedule = make_optimizer(recipe, steps), make_schedule(recipe, steps)
     value_and_grad = nn.value_and_grad(model, objective.loss)
@@ -292,9 +304,11 @@ def train(job: Job) -> Result:
     # checkpoints, save, plot. Dropout and sampling are seeded as a function of the step.
     return run_steps(job, EngineRun(
         objective=objective, steps=steps, train_step=step,
-        state=MlxState(model, optimizer, lambda folder: write_result(job, model, tokenizer, model_path, folder)),
+        state=MlxState(model, optimizer,
+                       lambda folder: write_result(job, model, tokenizer, model_path, folder, objective.extras)),
         strategy="ddp" if world.size > 1 else "none",
-        save=lambda out: save(job, model, tokenizer, model_path, out), tuning=recipe.method.tuning, dtype=dtype,
+        save=lambda out: save(job, model, tokenizer, model_path, out, objective.extras), tuning=recipe.method.tuning,
+        dtype=dtype,
         model=model, device=f"mlx/{device}", ask=ask if world.main else None,
         held_out_loss=(lambda: held_out_loss(model, held_out, tokenizer.pad_token_id, t.micro_batch_size))
         if held_out else None,

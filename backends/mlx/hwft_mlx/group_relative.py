@@ -21,7 +21,8 @@ from hwft.data.pipeline import Batches
 from hwft.objective import Loss
 from hwft.methods.grpo import GrpoSpec
 from hwft.distributed import ALONE, Collective
-from hwft.rewards import Reward, Sample, score_step, write_rollouts
+from hwft.methods.grpo import score_step
+from hwft.rewards import Reward, Sample, write_rollouts
 from hwft_mlx.losses import grpo_loss, target_logps
 from hwft_mlx.objective import MlxObjective, position_logits
 
@@ -39,11 +40,11 @@ class Rollouts:
     old_logps: mx.array | None = None
     ref_logps: mx.array | None = None
     normaliser: float = 1.0
-    old_values: mx.array | None = None  #: (n, C), ppo: the value head's at sampling time
-    returns: mx.array | None = None  #: (n, C), ppo: GAE's returns
 
 
-def rollout_arrays(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> Rollouts:
+def rollout_arrays(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
+                   kind: type[Rollouts] = Rollouts) -> Rollouts:
+    """The completions of ``prompts`` as one micro-batch of ``kind`` (ppo's keeps values too)."""
     width = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
     longest = max(1, max(len(c) for c in completions))
     ids = np.full((len(prompts), width), pad_id, dtype=np.int32)
@@ -56,8 +57,7 @@ def rollout_arrays(prompts: list[list[int]], completions: list[list[int]], pad_i
         where[i, :n] = i * width + len(p) - 1 + np.arange(n)  # logits at t predict token t + 1
         targets[i, :n] = c
         mask[i, :n] = 1
-    return Rollouts(mx.array(ids), mx.array(where), mx.array(targets), mx.array(mask),
-                    sum(len(p) for p in prompts))
+    return kind(mx.array(ids), mx.array(where), mx.array(targets), mx.array(mask), sum(len(p) for p in prompts))
 
 
 def completion_logps(model, r: Rollouts, temperature: float) -> mx.array:
@@ -138,7 +138,7 @@ class GroupRelative(MlxObjective):
         logps = completion_logps(model, r, g.temperature)
         old = r.old_logps if r.old_logps is not None else mx.stop_gradient(logps)
         value, stats = grpo_loss(logps, old, r.ref_logps, r.advantages, r.mask, g.beta, g.epsilon,
-                                 g.epsilon_high or g.epsilon, g.loss_type, r.normaliser, g.kl_correction)
+                                 g.epsilon_high or g.epsilon, g.per_completion, r.normaliser, g.kl_correction)
         tokens = mx.maximum(stats["tokens"], 1)
         out = {"clip_ratio": stats["clipped"] / tokens}
         if "kl" in stats:

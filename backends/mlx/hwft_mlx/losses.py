@@ -90,10 +90,10 @@ def reward_model_loss(chosen: mx.array, rejected: mx.array, margin: float = 0.0,
 
 
 def grpo_loss(logps: mx.array, old_logps: mx.array, ref_logps: mx.array | None, advantages: mx.array,
-              mask: mx.array, beta: float, epsilon_low: float, epsilon_high: float, loss_type: str,
+              mask: mx.array, beta: float, epsilon_low: float, epsilon_high: float, per_completion: bool,
               normaliser: float, kl_correction: bool = True) -> tuple[mx.array, dict[str, mx.array]]:
     """The GRPO policy loss of one micro-batch and its statistics (``hwft_torch.losses.grpo_loss``:
-    clipped ratio, k3 KL optionally ratio-corrected, dapo / grpo / dr_grpo aggregation)."""
+    clipped ratio, k3 KL optionally ratio-corrected, per token or per completion aggregation)."""
     mask = mask.astype(logps.dtype)
     ratio = mx.exp(logps - old_logps)
     clipped = mx.clip(ratio, 1 - epsilon_low, 1 + epsilon_high)
@@ -105,12 +105,10 @@ def grpo_loss(logps: mx.array, old_logps: mx.array, ref_logps: mx.array | None, 
         kl = mx.exp(diff) - diff - 1
         per_token = per_token + beta * (kl * ratio if kl_correction else kl)
         stats["kl"] = mx.stop_gradient((kl * mask).sum())
-    if loss_type == "grpo":
+    if per_completion:
         loss = ((per_token * mask).sum(-1) / mx.maximum(mask.sum(-1), 1)).sum() / normaliser
-    elif loss_type in ("dapo", "dr_grpo"):
-        loss = (per_token * mask).sum() / normaliser
     else:
-        raise ValueError(f"unknown GRPO loss type '{loss_type}' (dapo, grpo, dr_grpo)")
+        loss = (per_token * mask).sum() / normaliser
     region = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
     stats["clipped"] = mx.stop_gradient((region * mask).sum())
     stats["tokens"] = mask.sum()

@@ -574,12 +574,14 @@ def freeze_layers(model: nn.Module, spec) -> int:
     return len(chosen)
 
 
-def save_full_model(model: nn.Module, source: Path, out: Path, pad_id: int | None = None) -> None:
+def save_full_model(model: nn.Module, source: Path, out: Path, pad_id: int | None = None, apart: tuple = ()) -> None:
     """The model's weights as HF safetensors (mlx-lm keeps HF's names for these families),
     with the source folder's config.json and generation_config.json, for transformers. A reward
     model (a ``score`` head) is saved as its sequence-classification model: no output layer,
-    the config's architecture ``...ForSequenceClassification`` with one label."""
-    weights = {k: v for k, v in tree_flatten(model.parameters()) if not k.startswith("v_head.")}  # ppo's: apart
+    the config's architecture ``...ForSequenceClassification`` with one label. ``apart``: the
+    method's extras (hwft.objective.Extra), saved in their own files, not in the model."""
+    prefixes = tuple(e.prefix for e in apart)
+    weights = {k: v for k, v in tree_flatten(model.parameters()) if not (prefixes and k.startswith(prefixes))}
     scored = "score" in model
     if scored:
         weights.pop("lm_head.weight", None)

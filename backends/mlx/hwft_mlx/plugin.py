@@ -6,7 +6,7 @@ import pluggy
 
 from hwft_mlx import device, families, kernels, methods
 
-HWFT_PLUGIN_API = "1.1"
+HWFT_PLUGIN_API = "2.0"
 hookimpl = pluggy.HookimplMarker("hwft")
 
 

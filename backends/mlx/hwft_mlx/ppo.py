@@ -2,24 +2,35 @@
 prompt), a value head on the policy's last hidden state, the loss of
 ``hwft_torch.losses.ppo_loss`` (:func:`hwft_mlx.losses.ppo_loss`).
 
-The value head (``v_head``, hidden -> 1, zero at the start) is a child of the mlx-lm model, so
-``nn.value_and_grad`` trains it with the rest; it is saved as ``value_head.safetensors`` (TRL's
-``v_head.summary.*`` names) and left out of the saved model. Advantages and returns come from
-:func:`hwft.methods.ppo.rollout_targets`, shared with torch.
+The value head (``v_head``, hidden -> 1, zero at the start) is the objective's extra module
+(:data:`hwft.methods.ppo.VALUE_HEAD`): the engine makes it a child of the mlx-lm model, so
+``nn.value_and_grad`` trains it with the rest, and saves it as ``value_head.safetensors`` (TRL's
+``v_head.summary.*`` names) beside the result and in checkpoints. Advantages and returns come
+from :func:`hwft.methods.ppo.rollout_targets`, shared with torch.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from hwft.methods.ppo import PpoSpec, rollout_targets, score_samples
+from hwft.methods.ppo import VALUE_HEAD, PpoSpec, rollout_targets, score_samples
 from hwft.objective import Loss
 from hwft.rewards import ScoredRollouts, write_rollouts
 from hwft_mlx.group_relative import GroupRelative, Rollouts, completion_logps, rollout_arrays
 from hwft_mlx.losses import ppo_loss, target_logps
 from hwft_mlx.modeling import hidden_states, output_logits
+
+
+@dataclass
+class ValuedRollouts(Rollouts):
+    """GRPO's rollouts with what PPO keeps of the sampling policy besides its log-probabilities."""
+
+    old_values: mx.array | None = None  #: (n, C): the value head's at sampling time
+    returns: mx.array | None = None  #: (n, C): GAE's returns
 
 
 def policy_outputs(model, r: Rollouts, temperature: float) -> tuple[mx.array, mx.array]:
@@ -34,13 +45,13 @@ def policy_outputs(model, r: Rollouts, temperature: float) -> tuple[mx.array, mx
 class Proximal(GroupRelative):
     spec: PpoSpec
 
-    def rollout(self, model, step: int) -> list[Rollouts]:
+    def rollout(self, model, step: int) -> list[ValuedRollouts]:
         g = self.spec
         micro, generated, samples = self.sample_step(model)
         scores, metrics, everyone, every_score = score_samples(samples, g, self.registered, self.collective)
         batch, arrays, start = [], [], 0
         for prompts, outs in zip(micro, generated, strict=True):
-            r = rollout_arrays([p.input_ids for p in prompts], [c for c, _ in outs], self.pad_id)
+            r = rollout_arrays([p.input_ids for p in prompts], [c for c, _ in outs], self.pad_id, ValuedRollouts)
             logps, values = policy_outputs(model, r, g.temperature)
             r.old_logps, r.old_values = mx.stop_gradient(logps), mx.stop_gradient(values)
             with self.reference.active() as reference_model:
@@ -61,7 +72,7 @@ class Proximal(GroupRelative):
         write_rollouts(self.log_path, step, ScoredRollouts(everyone, every_score, [0.0] * len(everyone), metrics))
         return batch
 
-    def loss(self, model, r: Rollouts):
+    def loss(self, model, r: ValuedRollouts):
         g = self.spec
         logps, values = policy_outputs(model, r, g.temperature)
         value, stats = ppo_loss(logps, r.old_logps, values, r.old_values, r.returns, r.advantages, r.mask,
@@ -74,16 +85,10 @@ class Proximal(GroupRelative):
         trained = int(r.mask.sum().item())
         return Loss(None, r.prompt_tokens + trained, trained)
 
-    def save_extras(self, folder) -> None:
-        head = self.model.v_head
-        mx.save_safetensors(str(folder / "value_head.safetensors"),
-                            {"v_head.summary.weight": head.weight.astype(mx.float32),
-                             "v_head.summary.bias": head.bias.astype(mx.float32)}, metadata={"format": "pt"})
-
-
 def build(setup) -> Proximal:
     """ppo on MLX (hwft_mlx.methods.Setup -> the objective): the reference is the model with its
-    adapters off (lora, qlora) or a frozen copy (full), made before the value head joins it."""
+    adapters off (lora, qlora) or a frozen copy (full), made before the value head, the
+    objective's extra, joins it (the engine attaches it)."""
     from hwft.plugins import get_host
     from hwft_mlx.modeling import Reference
 
@@ -91,9 +96,8 @@ def build(setup) -> Proximal:
     reference = Reference(setup.model, adapters=recipe.method.adapter)
     head = nn.Linear(setup.model.args.hidden_size, 1)
     head.weight, head.bias = mx.zeros_like(head.weight), mx.zeros_like(head.bias)
-    setup.model.v_head = head
     rollouts = job.run_dir.path / "rollouts.jsonl" if job.world.main else None
     objective = Proximal(setup.batches, recipe.method.ppo, recipe.train.gradient_accumulation_steps, setup.tokenizer,
                          get_host().rewards(), reference, rollouts, setup.stop, setup.collective)
-    objective.model = setup.model
+    objective.extras = (replace(VALUE_HEAD, module=head),)
     return objective

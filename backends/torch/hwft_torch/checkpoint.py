@@ -17,6 +17,7 @@ import torch
 
 from hwft.checkpoint import Checkpoint, EngineState, join_arrays, split_arrays
 from hwft.errors import UserError
+from hwft.extras import read_extras
 
 
 def _options(strategy, **extra):
@@ -29,9 +30,10 @@ def _options(strategy, **extra):
 class TorchState(EngineState):
     name = "torch"
 
-    def __init__(self, strategy, tokenizer, recipe, device: torch.device, save_result):
+    def __init__(self, strategy, tokenizer, recipe, device: torch.device, save_result, extras: tuple = ()):
         self.strategy, self.tokenizer, self.recipe, self.device = strategy, tokenizer, recipe, device
         self.save_result = save_result
+        self.extras = extras  #: the method's modules beside the model (hwft.objective.Extra), saved as the result saves them
         self.adapter = hasattr(strategy.model, "peft_config")
         self.deepspeed = strategy.name == "deepspeed"
 
@@ -71,7 +73,7 @@ class TorchState(EngineState):
 
         weights, optim = gathered
         out = folder / ("adapter" if self.adapter else "model")
-        self.save_result(self.strategy.model, self.tokenizer, out, self.recipe, weights)
+        self.save_result(self.strategy.model, self.tokenizer, out, self.recipe, weights, self.extras)
         if optim is not None:
             skeleton, tensors = split_arrays(optim, torch.is_tensor, "optimizer")
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, folder / "optimizer.safetensors")
@@ -113,8 +115,11 @@ class TorchState(EngineState):
 
         sub = folder / ("adapter" if self.adapter else "model")
         saved: dict[str, torch.Tensor] = {}
+        extra_files = {e.file for e in self.extras}
         for f in sorted(sub.glob("*.safetensors")):
-            saved.update(load_file(f))
+            if f.name not in extra_files:
+                saved.update(load_file(f))
+        saved.update({k: torch.from_numpy(v) for k, v in read_extras(sub, self.extras).items()})
         model = self.strategy.model
         adapter_name = getattr(model, "active_adapter", "default") if self.adapter else None
         out, missing = {}, []

@@ -18,14 +18,14 @@ from hwft.hardware import cpu_name, host_memory_gb
 from hwft.records import PRIORITY_ACCELERATOR, PRIORITY_CPU, Availability, Backend, Capability
 from hwft_torch import compiling
 from hwft_torch.launch import launch
-from hwft_torch.kernels import LIGER_KERNELS, liger_installed
 from hwft_torch.runtime import CPU, CUDA, cpu_bf16_units
 
 #: Every torch device runs every method the torch engine implements (hwft_torch.methods), with
 #: these tunings; qlora only where bitsandbytes can run (see :func:`tunings`).
 TUNINGS = ("full", "lora", "qlora")
-#: Kernels every torch device runs: the chunked cross-entropy is plain torch.
-FUSED = ("cross_entropy", "adamw", "projections")
+#: train.optimizer values where torch has a fused AdamW kernel (CPU, CUDA, and ROCm through
+#: torch's cuda namespace): adamw takes it too (hwft_torch.engine.make_optimizer).
+TORCH_OPTIMIZERS = ("adamw", "fused_adamw", "sgd")
 #: The torch engine's hwft bench tools (Backend.bench).
 BENCH = "hwft_torch.bench"
 #: bitsandbytes' formats, as Capability.quantization names them.
@@ -164,12 +164,7 @@ def _attention(*extra: str) -> tuple[str, ...]:
     return ("eager", "sdpa", *extra, *flash)
 
 
-def gpu_kernels() -> tuple[str, ...]:
-    """Fused kernels on CUDA and ROCm: hwft's own, plus Liger's where liger-kernel is installed."""
-    return FUSED + (LIGER_KERNELS if liger_installed() else ())
-
-
-def cuda_record(devices: tuple[dict, ...], flash2: bool, flash3: bool, liger_kernels: tuple[str, ...]) -> Capability:
+def cuda_record(devices: tuple[dict, ...], flash2: bool, flash3: bool) -> Capability:
     """The CUDA capability record of these devices (the smallest compute capability decides):
     bf16 from Ampere (8.0); flash-attn 2 from Ampere where installed; flash-attn 3 (its Hopper
     build, ``flash_attn_interface``) on 9.x where installed; SDPA everywhere."""
@@ -186,13 +181,11 @@ def cuda_record(devices: tuple[dict, ...], flash2: bool, flash3: bool, liger_ker
         notes["flash_attention_2"] = f"flash-attn 2 needs compute capability 8.0 (this device: {cc})"
     if flash3 and cc is not None and 9.0 <= cc < 10.0:
         attention.append("flash_attention_3")
-    if not liger_kernels:
-        notes["fused_rms_norm"] = "Liger's kernels are not installed (pip install liger-kernel)"
     fields = torch_fields()
     fields["notes"] = {**fields["notes"], **notes}
     return Capability(
         **fields, dtypes=("fp32", "bf16", "fp16") if bf16 else ("fp32", "fp16"), attention=tuple(attention),
-        fused_kernels=FUSED + liger_kernels, collective="nccl", packing=True, compile=compiling.triton_installed(),
+        optimizers=TORCH_OPTIMIZERS, collective="nccl", packing=True, compile=compiling.triton_installed(),
     )
 
 
@@ -201,7 +194,7 @@ def capability_cpu() -> Capability:
         **torch_fields(),
         dtypes=("fp32", "bf16"),
         attention=("eager", "sdpa"),
-        fused_kernels=FUSED,
+        optimizers=TORCH_OPTIMIZERS,
         collective="gloo",
         packing=True,
         compile=compiling.cpp_compiler() is not None,
@@ -210,8 +203,7 @@ def capability_cpu() -> Capability:
 
 def capability_cuda() -> Capability:
     return cuda_record(probe_cuda().devices, importlib.util.find_spec("flash_attn") is not None,
-                       importlib.util.find_spec("flash_attn_interface") is not None,
-                       LIGER_KERNELS if liger_installed() else ())
+                       importlib.util.find_spec("flash_attn_interface") is not None)
 
 
 def capability_rocm() -> Capability:
@@ -219,7 +211,7 @@ def capability_rocm() -> Capability:
     Kernel) build is installed; bitsandbytes 4-bit from its ROCm build (multi-backend
     bitsandbytes >= 0.45 on supported Instinct and Radeon parts)."""
     return Capability(
-        **torch_fields(), dtypes=("fp32", "bf16", "fp16"), attention=_attention(), fused_kernels=gpu_kernels(),
+        **torch_fields(), dtypes=("fp32", "bf16", "fp16"), attention=_attention(), optimizers=TORCH_OPTIMIZERS,
         collective="rccl", packing=True, compile=compiling.triton_installed(),
     )
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import random
 import warnings
 from contextlib import nullcontext
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -39,14 +38,15 @@ from hwft_torch.modeling import (
     family_attention,
     import_model_code,
     load_model,
-    load_skeleton,
     model_type_of,
     quantised_linear_count,
     save_result,
 )
 from hwft_torch.methods import ENGINE, Setup
 from hwft_torch.objective import held_out_loss
+from hwft_torch.runtime import DeviceRuntime
 from hwft_torch.parallel import TorchCollective, init_process_group, make_strategy, sharded
+from hwft_torch.sharded_loading import load_skeleton
 from hwft_torch.host_memory import (
     cpu_current_rss,
     cpu_peak_rss_since_reset,
@@ -55,8 +55,6 @@ from hwft_torch.host_memory import (
     reset_peak_rss,
 )
 
-if TYPE_CHECKING:  # the runtime calls this loop (DeviceRuntime.train); the loop only reads it
-    from hwft_torch.runtime import DeviceRuntime
 
 
 def seed_everything(seed: int) -> None:
@@ -141,18 +139,22 @@ def answer(model, tokenizer, renderer: ChatRenderer, prompt: str, max_new_tokens
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
-def save(job: Job, strategy, tokenizer, final, objective=None) -> None:
-    """The result (adapter/ or model/ with the tokenizer), renamed into place by rank 0;
-    sharded weights are gathered first (every rank takes part), so a sharded run writes the
-    same adapter/ or model/ a single process does. What the objective trains beside the model
-    (ppo's value head) is handed to it gathered, for its save_extras."""
+def save(job: Job, strategy, tokenizer, final, extras: tuple = ()) -> None:
+    """The result (adapter/ or model/ with the tokenizer, and the method's extras beside it),
+    renamed into place by rank 0; sharded weights are gathered first (every rank takes part),
+    so a sharded run writes the same adapter/ or model/ a single process does."""
     full = strategy.full_state_dict()
-    if full is not None and objective is not None:
-        objective.gathered = {k: v for k, v in full.items() if k.startswith("v_head.")}
     if not job.world.main:
         return
     with job.run_dir.atomic_dir(final) as tmp:
-        save_result(strategy.model, tokenizer, tmp, job.recipe, full)
+        save_result(strategy.model, tokenizer, tmp, job.recipe, full, extras)
+
+
+def attach_extras(model, extras: tuple, device) -> None:
+    """The method's extra modules (hwft.objective.Extra) as children of the model, on its
+    device, so the optimizer, the strategy and the checkpoints take them with the rest."""
+    for extra in extras:
+        model.add_module(extra.name, extra.module.to(device))
 
 
 def effective_tuning(job: Job) -> str:
@@ -167,15 +169,12 @@ def effective_tuning(job: Job) -> str:
     return m.tuning
 
 
-def apply_kernels(job: Job, model, made: dict, tuning: str, runtime: DeviceRuntime):
+def apply_kernels(job: Job, model, made: dict, tuning: str):
     """The recipe's kernels (hwft.kernels: chosen at selection, made before the weights
-    loaded), applied to the loaded model of its family (hwft_torch.families); then a 1.0
-    plugin's own ``DeviceRuntime.patch_model``."""
+    loaded), applied to the loaded model of its family (hwft_torch.families)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     family = get_host().families().lookup(ENGINE, getattr(base.config, "model_type", None))
     applied = kernels.apply(job, model, job.choice.kernels, made, family, tuning)
-    if runtime.patch_model:
-        applied.lines += runtime.patch_model(model, job.recipe) or []
     for line in applied.lines:
         job.log(f"kernels: {line}")
     return applied
@@ -255,7 +254,7 @@ def train(job: Job, runtime: DeviceRuntime) -> Result:
         runtime.before_load(recipe)
     if device.type == "cpu":  # what the model and its training add to the process (hwft plan's figures)
         import_model_code(model_path, recipe, tuning)
-        job.results.update(memory_before_load_bytes=cpu_current_rss())
+        job.results.extra["memory_before_load_bytes"] = cpu_current_rss()
         reset_peak_rss()
     spread = recipe.parallel.sequence_parallel
     if spread > 1:
@@ -282,7 +281,7 @@ def train(job: Job, runtime: DeviceRuntime) -> Result:
     if experts_implementation(model_type_of(model_path)):
         job.log("moe: every expert's tokens in one grouped matmul (transformers' grouped_mm experts)")
     batches.check_vocabulary(model.get_input_embeddings().num_embeddings, str(model_path))
-    applied = apply_kernels(job, model, made, tuning, runtime)
+    applied = apply_kernels(job, model, made, tuning)
     compile_layers_if_wanted(job, model, device, batches.steps)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -300,23 +299,24 @@ def train(job: Job, runtime: DeviceRuntime) -> Result:
         job.log(f"sequence parallel: each row's tokens split over {spread} ranks (DeepSpeed's Ulysses attention "
                 f"over sdpa), {groups} data-parallel {'group' if groups == 1 else 'groups'}")
     objective = make_objective(Setup(job, batches, model, tokenizer, device, autocast, collective, runtime, applied))
+    attach_extras(model, objective.extras, device)
     steps = batches.steps
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     strategy = make_strategy(
         recipe, model, lambda m: make_optimizer(m, recipe, runtime), lambda o: make_scheduler(o, recipe, steps),
-        world, t.max_grad_norm or float("inf"), scaler, weights,
+        world, t.max_grad_norm or float("inf"), scaler, weights, objective.extras,
     )
     if device.type == "cpu":
-        job.results.update(memory_load_peak_bytes=cpu_peak_rss_since_reset())
+        job.results.extra["memory_load_peak_bytes"] = cpu_peak_rss_since_reset()
         if weights is not None:
-            job.results.update(memory_shard_bytes=weights.held_bytes)
+            job.results.extra["memory_shard_bytes"] = weights.held_bytes
         if kept := keep_freed_host_memory():  # for the steps, now that loading's passing blocks are gone
             job.log(kept)
     strategy.owns_group = owns_group
     model = strategy.model  # sharded in place by fsdp2; the same module otherwise
     synced = sharded(recipe) and world.size > 1
 
-    if hasattr(objective, "whole_model"):  # an objective that generates (grpo, ppo) does it as answers do
+    if get_host().methods().get(recipe.method.objective).generates:  # it samples as answers do
         objective.whole_model = strategy.whole_model
 
     def ask(prompt: str) -> str:
@@ -342,8 +342,8 @@ def train(job: Job, runtime: DeviceRuntime) -> Result:
     model.train()
     return run_steps(job, EngineRun(
         objective=objective, steps=steps, train_step=step,
-        state=TorchState(strategy, tokenizer, recipe, device, save_result), strategy=strategy.name,
-        save=lambda out: save(job, strategy, tokenizer, out, objective), tuning=tuning,
+        state=TorchState(strategy, tokenizer, recipe, device, save_result, objective.extras), strategy=strategy.name,
+        save=lambda out: save(job, strategy, tokenizer, out, objective.extras), tuning=tuning,
         dtype={v: k for k, v in DTYPES.items()}[dtype], model=model, device=str(device),
         ask=ask if world.main or synced else None, held_out_loss=evaluate if held_out else None,
         held_out_size=len(held_out or []), peak_memory=runtime.peak_memory,

@@ -17,7 +17,6 @@ clipped ratio acts. Every rollout is appended to ``rollouts.jsonl`` in the run f
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,8 @@ from hwft.data.pipeline import Batches, Prompt
 from hwft.models import stop_token_ids
 from hwft.methods.grpo import GrpoSpec
 from hwft.distributed import ALONE, Collective
-from hwft.rewards import Reward, Sample, score_step, write_rollouts
+from hwft.methods.grpo import score_step
+from hwft.rewards import Reward, Sample, write_rollouts
 from hwft.objective import Loss, Objective
 from hwft_torch.losses import grpo_loss, target_logps
 from hwft_torch.modeling import Reference
@@ -46,8 +46,6 @@ class Rollouts:
     old_logps: torch.Tensor | None = None  #: (n, C), when num_iterations > 1
     ref_logps: torch.Tensor | None = None  #: (n, C), when beta > 0
     normaliser: float = 1.0  #: over the whole step (see grpo_loss)
-    old_values: torch.Tensor | None = None  #: (n, C), ppo: the value head's at sampling time
-    returns: torch.Tensor | None = None  #: (n, C), ppo: GAE's returns
 
 
 def completion_logps(model, r: Rollouts, temperature: float) -> torch.Tensor:
@@ -71,6 +69,8 @@ def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
 
 
 class GroupRelative(Objective):
+    rollouts: type[Rollouts] = Rollouts  #: what a micro-batch of completions is made as (ppo: with values)
+
     def __init__(self, batches: Batches, spec: GrpoSpec, accumulation: int, tokenizer,
                  rewards: dict[str, Reward], device: torch.device, reference: Reference | None,
                  log_path: Path | None, autocast, collective: Collective = ALONE, synced: bool = False):
@@ -83,8 +83,6 @@ class GroupRelative(Objective):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = stop_token_ids(tokenizer)
         self.batch: list[Rollouts] = []
-        #: the context rollouts are generated in: the strategy's whole_model (the engine sets it)
-        self.whole_model = nullcontext
 
     def step(self, model, step: int) -> list[Rollouts]:
         if (step - 1) % self.spec.num_iterations == 0:
@@ -111,7 +109,7 @@ class GroupRelative(Objective):
         after = (is_eos.cumsum(-1) - is_eos.long()) > 0
         mask = (~after).long()
         completion = completion.masked_fill(after, self.pad_id)
-        return Rollouts(prompt_ids, prompt_mask, completion, mask, is_eos.any(-1))
+        return self.rollouts(prompt_ids, prompt_mask, completion, mask, is_eos.any(-1))
 
     def sample_step(self, model) -> tuple[list[Rollouts], list[Sample]]:
         """This rank's share of the step's prompts, sampled (eval mode), and the completions as
@@ -161,7 +159,7 @@ class GroupRelative(Objective):
         old = r.old_logps if r.old_logps is not None else logps.detach()
         value, stats = grpo_loss(
             logps, old, r.ref_logps, r.advantages, r.completion_mask, g.beta, g.epsilon,
-            g.epsilon_high or g.epsilon, g.loss_type, r.normaliser, g.kl_correction,
+            g.epsilon_high or g.epsilon, g.per_completion, r.normaliser, g.kl_correction,
         )
         tokens = float(stats["tokens"].clamp(min=1))
         self.note(clip_ratio=float(stats["clipped"]) / tokens)

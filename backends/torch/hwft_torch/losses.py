@@ -271,7 +271,7 @@ def grpo_loss(
     beta: float,
     epsilon_low: float,
     epsilon_high: float,
-    loss_type: str,
+    per_completion: bool,
     normaliser: float,
     kl_correction: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -290,11 +290,14 @@ def grpo_loss(
     unbiased reverse-KL gradient of DeepSeek-V3.2, TRL's default; it changes the gradient even
     where :math:`\rho = 1`). Log-probabilities use the sampling temperature. Aggregation
     over the step's completions (``normaliser`` is computed over the whole optimizer step, so the
-    micro-batch losses add up to the step's loss however they are split):
+    micro-batch losses add up to the step's loss however they are split; the loss types of
+    :class:`hwft.methods.grpo.GrpoSpec` choose them):
 
-    - ``dapo`` (TRL's default): :math:`\sum_{i,t} \ell_{i,t} / N_{tokens}`, every token equal;
-    - ``grpo``: :math:`\sum_i \frac{1}{|o_i|}\sum_t \ell_{i,t} / N_{completions}`, every completion equal;
-    - ``dr_grpo``: :math:`\sum_{i,t} \ell_{i,t} / (N_{completions} \cdot L_{max})`, no length bias.
+    - ``per_completion`` False: :math:`\sum_{i,t} \ell_{i,t} / N`, every token equal (loss type
+      ``dapo``, TRL's default: :math:`N = N_{tokens}`; ``dr_grpo``: :math:`N = N_{completions}
+      \cdot L_{max}`, no length bias);
+    - ``per_completion`` True: :math:`\sum_i \frac{1}{|o_i|}\sum_t \ell_{i,t} / N_{completions}`,
+      every completion equal (loss type ``grpo``).
 
     With one optimizer step per rollout batch, :math:`\rho = 1` and clipping never acts; it acts
     from the second pass (``num_iterations`` > 1).
@@ -310,12 +313,10 @@ def grpo_loss(
         kl = torch.exp(diff) - diff - 1
         per_token = per_token + beta * (kl * ratio if kl_correction else kl)
         stats["kl"] = (kl * mask).sum().detach()
-    if loss_type == "grpo":
+    if per_completion:
         loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / normaliser
-    elif loss_type in ("dapo", "dr_grpo"):
-        loss = (per_token * mask).sum() / normaliser
     else:
-        raise ValueError(f"unknown GRPO loss type '{loss_type}' (dapo, grpo, dr_grpo)")
+        loss = (per_token * mask).sum() / normaliser
     region = ((ratio < 1 - epsilon_low) & (adv < 0)) | ((ratio > 1 + epsilon_high) & (adv > 0))
     stats["clipped"] = (region * mask).sum().detach()
     stats["tokens"] = mask.sum().detach()

@@ -63,14 +63,10 @@ class LiveBytes(TorchDispatchMode):
 
 
 def rows_per_micro_batch(recipe: Recipe) -> int:
-    """Rows one micro-batch runs through the model with gradients: pairs (dpo, orpo, simpo, rm)
-    and kto's answers with their mismatched pairs twice, grpo's completions per prompt."""
-    m, kind = recipe.method, method(recipe.method.objective).kind
-    if kind in ("preference", "feedback"):
-        return 2 * recipe.train.micro_batch_size
-    if m.objective == "grpo":
-        return recipe.train.micro_batch_size * m.grpo.num_generations
-    return recipe.train.micro_batch_size
+    """Rows one micro-batch runs through the model with gradients, as the method's record
+    counts them (hwft.methods.Method.sequences: a preference pair is two, a grpo prompt its
+    completions)."""
+    return method(recipe.method.objective).rows_per_micro_batch(recipe)
 
 
 def empty_model(recipe: Recipe, config, checkpointing: bool = False):

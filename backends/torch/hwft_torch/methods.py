@@ -4,8 +4,8 @@ implements, one module each (registered through ``hwft_register_method_implement
 =======  =============================================  ==============================
 method   module                                         objective
 =======  =============================================  ==============================
-sft      :mod:`hwft_torch.objective`                    ``LanguageModelling``
-cpt      :mod:`hwft_torch.objective`                    ``LanguageModelling``
+sft      :mod:`hwft_torch.language_modelling`           ``LanguageModelling``
+cpt      :mod:`hwft_torch.language_modelling`           ``LanguageModelling``
 dpo      :mod:`hwft_torch.dpo`                          ``Preference``
 orpo     :mod:`hwft_torch.orpo`                         ``OddsRatio``
 simpo    :mod:`hwft_torch.simpo`                        ``SimpleMargin``
@@ -49,8 +49,8 @@ class Setup:
 
 
 IMPLEMENTATIONS = (
-    Implementation("sft", ENGINE, "hwft_torch.objective:build"),
-    Implementation("cpt", ENGINE, "hwft_torch.objective:build"),
+    Implementation("sft", ENGINE, "hwft_torch.language_modelling:build"),
+    Implementation("cpt", ENGINE, "hwft_torch.language_modelling:build"),
     Implementation("dpo", ENGINE, "hwft_torch.dpo:build"),
     Implementation("orpo", ENGINE, "hwft_torch.orpo:build"),
     Implementation("simpo", ENGINE, "hwft_torch.simpo:build"),

@@ -21,6 +21,7 @@ from hwft import lora_targets
 from hwft.errors import ModelError
 from hwft.models import has_random_weights
 from hwft.methods import method
+from hwft.extras import write_extras
 from hwft.recipe import Recipe
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -194,27 +195,6 @@ def import_model_code(path: Path, recipe: Recipe, tuning: str) -> None:
         import torch.distributed.tensor  # noqa: F401
 
 
-def load_skeleton(path: Path, recipe: Recipe, device: torch.device, tuning: str, compute_dtype: torch.dtype, world):
-    """(the model without its weights, its tuning applied; the weights to read into its FSDP2
-    shards), or (None, why not) where the checkpoint does not match it by name
-    (hwft_torch.sharded_loading)."""
-    from hwft_torch import sharded_loading
-
-    if why := sharded_loading.why_not(recipe, tuning):
-        return None, why
-    head = HEADS[method(recipe.method.objective).head]
-    try:
-        model, weights = sharded_loading.skeleton(path, recipe, head, tuning, compute_dtype, built_as(path, recipe),
-                                                  device, world.rank, world.size)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load a {head.what} from {path}: {exc}") from None
-    if model is None:
-        return None, weights
-    with sharded_loading.adapters_made_for_real(model):
-        model = tune(model, recipe, tuning)
-    return model, weights
-
-
 def built_as(path: Path, recipe: Recipe) -> dict:
     """How the model class is built for this recipe, whether loaded or a skeleton: its attention
     and its experts' implementation."""
@@ -359,12 +339,20 @@ def with_reference(setup, spec, make, what: str):
     return objective
 
 
-def save_result(model, tokenizer, out_dir: Path, recipe: Recipe, state_dict: dict | None = None) -> None:
-    """adapter/ in PEFT's own format, or model/ as HF safetensors; the tokenizer beside it.
+def save_result(model, tokenizer, out_dir: Path, recipe: Recipe, state_dict: dict | None = None,
+                extras: tuple = ()) -> None:
+    """adapter/ in PEFT's own format, or model/ as HF safetensors; the tokenizer beside it; and
+    each of the method's extras (hwft.objective.Extra) in its own file, kept out of the model.
     ``state_dict``: the weights gathered from a sharded run (else the model's own)."""
-    extra = {"state_dict": state_dict} if state_dict is not None else {}
-    if "v_head" in model._modules and not hasattr(model, "peft_config"):  # ppo's value head: saved apart
-        whole = state_dict if state_dict is not None else model.state_dict()
-        extra = {"state_dict": {k: v for k, v in whole.items() if not k.startswith("v_head.")}}
-    model.save_pretrained(out_dir, safe_serialization=True, **extra)
+    whole = state_dict if state_dict is not None else (model.state_dict() if extras else None)
+    if whole is not None and extras:
+        prefixes = tuple(e.prefix for e in extras)
+        apart = {k: v.detach().float().cpu().numpy() for k, v in whole.items() if k.startswith(prefixes)}
+        whole = {k: v for k, v in whole.items() if not k.startswith(prefixes)}
+    if hasattr(model, "peft_config"):  # PEFT picks the adapter's weights out of what it is given
+        model.save_pretrained(out_dir, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
+    else:
+        model.save_pretrained(out_dir, safe_serialization=True, **({"state_dict": whole} if whole is not None else {}))
+    if extras:
+        write_extras(out_dir, extras, lambda e: {k: v for k, v in apart.items() if k.startswith(e.prefix)})
     tokenizer.save_pretrained(out_dir)

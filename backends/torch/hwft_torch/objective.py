@@ -1,5 +1,8 @@
-"""The torch half of the objectives (the shared half is :mod:`hwft.objective`), and the one for
-sft and cpt. The loop (:mod:`hwft_torch.engine`) calls ``loss(model, micro)`` under autocast."""
+"""What the torch engine's objectives share (the engine-neutral half is :mod:`hwft.objective`):
+model inputs of a micro-batch of rows, the output head the fused loss reads, the router's
+load-balancing term, the chunked cross-entropy kernel and the held-out loss. The loop
+(:mod:`hwft_torch.engine`) calls an objective's ``loss(model, micro)`` under autocast; sft's and
+cpt's is :mod:`hwft_torch.language_modelling`."""
 
 from __future__ import annotations
 
@@ -87,54 +90,6 @@ class RouterBalanced:
         return b.coefficient * aux / self.step_micro_batches
 
 
-class LanguageModelling(RouterBalanced, Objective):
-    """sft and cpt: next-token cross-entropy on the label tokens of (packed) rows, normalised by
-    the step's label tokens.
-
-    With ``fused`` (decoder, output weight), the loss is :func:`~hwft_torch.losses.linear_cross_entropy`
-    on the hidden states of the label positions only: no logits for prompts or padding, and
-    never the whole micro-batch's logits at once. Otherwise the model's logits go through
-    :func:`~hwft_torch.losses.causal_lm_loss`. Both compute the same number.
-    """
-
-    def __init__(self, batches: Batches, accumulation: int, pad_id: int, attention: str, device: torch.device,
-                 fused: tuple[torch.nn.Module, torch.Tensor] | None = None, collective: Collective = ALONE,
-                 cross_entropy=linear_cross_entropy):
-        super().__init__(batches, collective)
-        self.accumulation, self.pad_id, self.attention, self.device = accumulation, pad_id, attention, device
-        self.fused = fused
-        self.step_micro_batches = accumulation
-        #: (hidden, weight, targets, num_items, dtype) -> loss: hwft's chunked kernel, or the
-        #: applied cross_entropy kernel's (Liger's on CUDA and ROCm)
-        self.cross_entropy = cross_entropy
-
-    def step(self, model, step: int) -> list[tuple[list[Row], int]]:
-        return self.step_shares(self.accumulation, step_label_count)
-
-    def loss(self, model, micro: tuple[list[Row], int]) -> Loss:
-        rows, num_items = micro
-        tensors = to_tensors(rows, self.pad_id, self.attention, self.device)
-        labels = tensors.pop("labels")
-        routed = {"output_router_logits": True} if self.balance is not None else {}
-        if self.fused is None:
-            out = model(**tensors, use_cache=False, **routed)
-            value = causal_lm_loss(out.logits, labels, num_items)
-        else:
-            decoder, weight = self.fused
-            out = decoder(**tensors, use_cache=False, **routed)
-            hidden = out.last_hidden_state
-            targets = labels[:, 1:]
-            keep = targets != IGNORE_INDEX
-            dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
-            value = self.cross_entropy(hidden[:, :-1][keep], weight, targets[keep], num_items, dtype)
-        if self.balance is not None:  # hwft.router_balance: L + coefficient * L_aux, L_aux logged
-            real = None if self.attention == "flash_attention_2" else \
-                torch.tensor(pad(rows, self.pad_id)["attention_mask"], device=value.device)
-            value = value + self.router_term(out.router_logits, real)
-        return Loss(value, sum(len(r.input_ids) for r in rows), sum(r.num_labels for r in rows),
-                    sequence_pairs(rows), tuple(i for r in rows for i in r.ids))
-
-
 class ChunkedCrossEntropy:
     """Kernel ``hwft_chunked_cross_entropy`` (slot cross_entropy, hwft.kernels): sft and cpt
     take their loss from the decoder's hidden states at the label positions through
@@ -160,33 +115,6 @@ class ChunkedCrossEntropy:
     def loss(self):
         """(hidden, weight, targets, num_items, dtype) -> the mean cross-entropy of the targets."""
         return linear_cross_entropy
-
-
-def build(setup) -> LanguageModelling:
-    """sft and cpt on the torch engine (hwft_torch.methods.Setup -> the objective): the cross-
-    entropy kernel the run applied (kernels slot cross_entropy: hwft's chunked one, or Liger's
-    fused linear cross-entropy on CUDA and ROCm), on the label positions; else the model's logits."""
-    job, runtime = setup.job, setup.runtime
-    kernel = setup.kernels.get("cross_entropy") if setup.kernels is not None else None
-    head, cross_entropy = None, linear_cross_entropy
-    if kernel is not None and kernel.head is not None:
-        head, cross_entropy, name = kernel.head, kernel.loss(), kernel.name
-        # plugin API 1.0: a DeviceRuntime's own fused linear cross-entropy takes the slot's place
-        own = runtime.linear_cross_entropy() if runtime is not None and runtime.linear_cross_entropy else None
-        if own is not None:
-            cross_entropy, name = own, getattr(own, "name", "the device's fused linear cross-entropy")
-        job.log(f"kernels: {name} on the label positions (no full logits)")
-    args = (setup.batches, job.recipe.train.gradient_accumulation_steps, setup.tokenizer.pad_token_id,
-            attention_implementation(job.recipe), setup.device, head, setup.collective, cross_entropy)
-    n = job.recipe.parallel.sequence_parallel
-    if n > 1:  # each row's tokens over n ranks (hwft_torch.sequence_parallel)
-        from hwft_torch.sequence_parallel import SequenceParallel
-
-        objective = SequenceParallel(*args, n=n, micro_batch_size=job.recipe.train.micro_batch_size)
-    else:
-        objective = LanguageModelling(*args)
-    balance_router(objective, setup.model, job)
-    return objective
 
 
 def balance_router(objective, model, job: Job) -> None:

@@ -225,7 +225,8 @@ class FullyShardedDataParallel(Single):
 
     name = "fsdp2"
 
-    def __init__(self, model, optimizer_factory, scheduler_factory, world, max_norm, recipe: Recipe, weights=None):
+    def __init__(self, model, optimizer_factory, scheduler_factory, world, max_norm, recipe: Recipe, weights=None,
+                 extras=()):
         from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard, register_fsdp_forward_method
 
         # Pinned host memory exists only beside an accelerator; on the CPU the shards are host memory already.
@@ -233,9 +234,10 @@ class FullyShardedDataParallel(Single):
         offload = {"offload_policy": CPUOffloadPolicy(pin_memory=not on_host)} if recipe.parallel.offload_params else {}
         for unit in fsdp_units(model):
             fully_shard(unit, **offload)
-        if isinstance(getattr(model, "v_head", None), torch.nn.Module):
-            # ppo's value head is called after the model's forward: its own unit, gathered when called
-            fully_shard(model.v_head, **offload)
+        for extra in extras:
+            # a method's extra module (ppo's value head) is called after the model's forward: its
+            # own unit, gathered when called
+            fully_shard(getattr(model, extra.name), **offload)
         fully_shard(model, **offload)
         if weights is not None:
             weights.fill(model, torch.device("cpu") if recipe.parallel.offload_params else weights.device)
@@ -379,12 +381,14 @@ class ZeroRedundancy(Single):
 
 
 def make_strategy(recipe: Recipe, model, make_optimizer, make_scheduler, world: World, max_norm: float,
-                  scaler=None, weights=None) -> Single:
+                  scaler=None, weights=None, extras=()) -> Single:
     """The recipe's parallel.strategy around ``model`` (optimizer and schedule built on it);
-    ``weights``: a skeleton's, read into its shards (fsdp2)."""
+    ``weights``: a skeleton's, read into its shards (fsdp2); ``extras``: the method's modules
+    attached to the model (hwft.objective.Extra), each its own shard unit under fsdp2."""
     strategy = recipe.parallel.strategy
     if strategy == "fsdp2":
-        return FullyShardedDataParallel(model, make_optimizer, make_scheduler, world, max_norm, recipe, weights)
+        return FullyShardedDataParallel(model, make_optimizer, make_scheduler, world, max_norm, recipe, weights,
+                                        extras)
     optimizer = make_optimizer(model)
     scheduler = make_scheduler(optimizer)
     if strategy == "deepspeed":

@@ -5,23 +5,33 @@ prompt), a value head on the policy's last hidden state, the loss of
 Every ``num_iterations`` optimizer steps a rollout batch is sampled; the sampling policy's
 log-probabilities and values and the reference's log-probabilities are kept, and
 :func:`hwft.methods.ppo.rollout_targets` turns them and the scores into whitened advantages and
-returns (engine-neutral, numpy). The value head (``v_head``, hidden -> 1, zero at the start) is a
-submodule of the trained model, so the optimizer steps it with the rest; it is saved as
-``value_head.safetensors`` (TRL's and LLaMA-Factory's ``v_head.summary.*`` names) and left out
-of the saved model.
+returns (engine-neutral, numpy). The value head (``v_head``, hidden -> 1, zero at the start) is
+the objective's one extra module (:data:`hwft.methods.ppo.VALUE_HEAD`): the engine attaches it
+to the model, so the optimizer steps it with the rest, and saves it as ``value_head.safetensors``
+(TRL's and LLaMA-Factory's ``v_head.summary.*`` names) beside the result and in checkpoints.
 """
 
 from __future__ import annotations
 
 import torch
 
-from hwft.methods.ppo import PpoSpec, rollout_targets, score_samples
+from dataclasses import dataclass, replace
+
+from hwft.methods.ppo import VALUE_HEAD, PpoSpec, rollout_targets, score_samples
 from hwft.objective import Loss
 from hwft.rewards import ScoredRollouts, write_rollouts
 from hwft_torch.grpo import GroupRelative, Rollouts, completion_logps
 from hwft_torch.losses import ppo_loss, target_logps
 from hwft_torch.modeling import Reference
 from hwft_torch.parallel import sharded
+
+
+@dataclass
+class ValuedRollouts(Rollouts):
+    """GRPO's rollouts with what PPO keeps of the sampling policy besides its log-probabilities."""
+
+    old_values: torch.Tensor | None = None  #: (n, C): the value head's at sampling time
+    returns: torch.Tensor | None = None  #: (n, C): GAE's returns
 
 
 def policy_outputs(model, r: Rollouts, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +54,9 @@ class Proximal(GroupRelative):
 
     spec: PpoSpec
 
-    def rollout(self, model, step: int) -> list[Rollouts]:
+    rollouts = ValuedRollouts
+
+    def rollout(self, model, step: int) -> list[ValuedRollouts]:
         g = self.spec
         batch, samples = self.sample_step(model)
         scores, metrics, everyone, every_score = score_samples(samples, g, self.registered, self.collective)
@@ -70,7 +82,7 @@ class Proximal(GroupRelative):
         write_rollouts(self.log_path, step, ScoredRollouts(everyone, every_score, [0.0] * len(everyone), metrics))
         return batch
 
-    def loss(self, model, r: Rollouts) -> Loss:
+    def loss(self, model, r: ValuedRollouts) -> Loss:
         g = self.spec
         logps, values = policy_outputs(model, r, g.temperature)
         value, stats = ppo_loss(logps, r.old_logps, values, r.old_values, r.returns, r.advantages, r.completion_mask,
@@ -80,32 +92,20 @@ class Proximal(GroupRelative):
                   value_loss=float(stats["value"]) / tokens)
         return Loss(value, int(r.prompt_mask.sum()) + int(stats["tokens"]), int(stats["tokens"]))
 
-    def save_extras(self, folder) -> None:
-        from safetensors.torch import save_file
-
-        head = self.value_head
-        gathered = getattr(self, "gathered", None) or {}  # a sharded run's, gathered by the engine's save
-        weight, bias = gathered.get("v_head.weight", head.weight), gathered.get("v_head.bias", head.bias)
-        save_file({"v_head.summary.weight": weight.detach().float().cpu().contiguous(),
-                   "v_head.summary.bias": bias.detach().float().cpu().contiguous()},
-                  str(folder / "value_head.safetensors"))
-
-
 def build(setup) -> Proximal:
     """ppo on the torch engine (hwft_torch.methods.Setup -> the objective): the reference is
-    made before the value head joins the model, which then trains with it."""
+    made from the model as it is; the value head, the objective's extra, joins it after (the
+    engine attaches it)."""
     from hwft.plugins import get_host
 
     job, recipe = setup.job, setup.job.recipe
     reference = Reference(setup.model)
-    hidden = setup.model.config.hidden_size
-    head = torch.nn.Linear(hidden, 1).to(setup.device)
+    head = torch.nn.Linear(setup.model.config.hidden_size, 1)
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
-    setup.model.add_module("v_head", head)
     rollouts = job.run_dir.path / "rollouts.jsonl" if job.world.main else None
     objective = Proximal(setup.batches, recipe.method.ppo, recipe.train.gradient_accumulation_steps, setup.tokenizer,
                          get_host().rewards(), setup.device, reference, rollouts, setup.autocast, setup.collective,
                          synced=sharded(recipe))  # sharded parameters: every rank generates in lockstep
-    objective.value_head = head
+    objective.extras = (replace(VALUE_HEAD, module=head),)
     return objective

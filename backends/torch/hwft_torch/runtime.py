@@ -2,11 +2,12 @@
 
 The engine's loop is the same on every torch device; what differs is collected here: the torch
 device type, whether it computes in bf16, what to do before the model loads (register an
-attention implementation), the optimizer and, for a plugin of API 1.0, how to patch the loaded
-model (since 1.1 kernels are registered, hwft.kernels).
+attention implementation), the optimizer and the peak memory. Fused kernels are registered,
+not patched in here (hwft.kernels).
 A device plugin (``hwft-ascend``, a vendor's package) builds a :class:`DeviceRuntime` and
 registers a Backend whose ``train`` is ``runtime.train``; the engine never imports a device
-plugin. Nothing here imports torch at module import.
+plugin, and this module names the engine's loop rather than importing it (the engine reads a
+runtime; a runtime only hands itself to the engine). Nothing here imports torch at module import.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from hwft.errors import UserError
-from hwft_torch.host_memory import cpu_peak_rss, keep_freed_host_memory  # noqa: F401  (DeviceRuntime's, and API)
+from hwft.methods.record import resolve
+from hwft_torch.host_memory import cpu_peak_rss
 
 
 def _never() -> bool:
@@ -29,14 +31,8 @@ class DeviceRuntime:
     type: str  #: torch device type: cpu, cuda (also ROCm), npu, xpu, ...
     bf16: Callable[[], bool] = _never  #: does the device compute in bf16 (precision: auto)
     before_load: Callable[[Any], None] | None = None  #: (recipe) -> None, before from_pretrained
-    #: (model, recipe) -> kernels applied: a 1.0 plugin's own patches (1.1: register kernels,
-    #: hwft.kernels, which the engine applies before calling this)
-    patch_model: Callable[[Any, Any], list[str]] | None = None
     optimizer: Callable[[list, Any], Any] | None = None  #: (params, recipe) -> optimizer, or None
     peak_memory: Callable[[], int | None] = lambda: None  #: bytes at the high-water mark, or None
-    #: () -> (hidden, weight, targets, num_items, dtype) -> loss: the device's fused linear
-    #: cross-entropy for kernels.fused_cross_entropy, or None for hwft's chunked one
-    linear_cross_entropy: Callable[[], Any] | None = None
 
     def device(self, index: int = 0):
         """The torch device of a process (``index``: its local rank), made current."""
@@ -48,9 +44,8 @@ class DeviceRuntime:
         return torch.device(self.type, index)
 
     def train(self, job):
-        from hwft_torch.engine import train
-
-        return train(job, self)
+        """The Backend.train hook: the torch engine's loop on this device."""
+        return resolve("hwft_torch.engine:train")(job, self)
 
     def inference(self, name: str):
         """The Backend.inference hook of the backend ``name`` on this device family."""
@@ -106,5 +101,5 @@ def _cuda_peak() -> int:
 
 CPU = DeviceRuntime("cpu", bf16=lambda: cpu_bf16_units() is not None, peak_memory=cpu_peak_rss)
 # ROCm builds of torch use the cuda namespace too. Their fused kernels (Liger's) are registered
-# kernels (hwft_torch.kernels), not patches of the runtime.
+# kernels (hwft_torch.kernels).
 CUDA = DeviceRuntime("cuda", bf16=_cuda_bf16, peak_memory=_cuda_peak)

@@ -1,5 +1,6 @@
-"""Sequence parallelism (``parallel.sequence_parallel: N``) for sft and cpt on the torch engine:
-DeepSpeed's Ulysses attention for Hugging Face models (ALST, ``UlyssesSPAttentionHF``) over SDPA.
+"""Sequence parallelism (``parallel.sequence_parallel: N``) on the torch engine: DeepSpeed's
+Ulysses attention for Hugging Face models (ALST, ``UlyssesSPAttentionHF``) over SDPA; the
+objective that splits each row is :class:`hwft_torch.language_modelling.SequenceParallel`.
 
 Each group of N consecutive ranks trains one micro-batch together, every rank a contiguous 1/N
 of its tokens: embeddings, MLPs, norms and the loss run on the rank's own tokens, and in each
@@ -25,12 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from hwft.data.batching import Row, pad
-from hwft.data.chat import IGNORE_INDEX
-from hwft.distributed import World
 from hwft.errors import RecipeError
-from hwft.objective import Loss, sequence_pairs
-from hwft_torch.objective import LanguageModelling
 
 
 def check_model(config, n: int) -> None:
@@ -69,48 +65,3 @@ def register(model, n: int, micro_batch_size: int):
         parallel_state_sp._release_sequence_parallel_groups()
 
     return undo
-
-
-class SequenceParallel(LanguageModelling):
-    """sft and cpt with each micro-batch's tokens split over ``n`` ranks (see the module's doc)."""
-
-    def __init__(self, *args, n: int, micro_batch_size: int, **kwargs):
-        super().__init__(*args, **kwargs)
-        whole = self.collective.world
-        self.n, self.micro_batch_size = n, micro_batch_size
-        self.part = whole.rank % n  #: which 1/n of each row this rank trains
-        # The data ranks: the ranks of one group draw the same micro-batches.
-        self.world = World(whole.rank // n, whole.size // n, whole.local_rank, whole.launcher)
-
-    def split(self, rows: list[Row]) -> dict[str, torch.Tensor]:
-        """This rank's 1/n of the micro-batch: input ids, global position ids, and the labels
-        shifted before the split (each position holds the token it predicts)."""
-        rows = rows + [Row([self.pad_id], [IGNORE_INDEX], [1])] * (self.micro_batch_size - len(rows))
-        batch = pad(rows, self.pad_id)
-        ids, labels = torch.tensor(batch["input_ids"]), torch.tensor(batch["labels"])
-        real = torch.tensor(batch["attention_mask"])
-        width = -(-ids.shape[1] // self.n) * self.n
-        ids = torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=self.pad_id)
-        labels = torch.nn.functional.pad(labels, (0, width - labels.shape[1]), value=IGNORE_INDEX)
-        real = torch.nn.functional.pad(real, (0, width - real.shape[1]), value=0)
-        targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
-        positions = torch.arange(width).expand_as(ids)
-        share = slice(self.part * width // self.n, (self.part + 1) * width // self.n)
-        return {"input_ids": ids[:, share].to(self.device), "position_ids": positions[:, share].to(self.device),
-                "targets": targets[:, share].to(self.device), "real": real[:, share]}
-
-    def loss(self, model, micro: tuple[list[Row], int]) -> Loss:
-        rows, num_items = micro
-        tensors = self.split(rows)
-        targets, real = tensors.pop("targets"), tensors.pop("real")
-        keep = targets != IGNORE_INDEX
-        if self.fused is None:
-            logits = model(**tensors, use_cache=False).logits
-            value = torch.nn.functional.cross_entropy(logits[keep].float(), targets[keep], reduction="sum") / num_items
-        else:
-            decoder, weight = self.fused
-            hidden = decoder(**tensors, use_cache=False).last_hidden_state
-            dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
-            value = self.cross_entropy(hidden[keep], weight, targets[keep], num_items, dtype)
-        ids = tuple(i for r in rows for i in r.ids) if self.part == 0 else ()  # the group's examples, once
-        return Loss(value, int(real.sum()), int(keep.sum()), sequence_pairs(rows) // self.n, ids)

@@ -262,3 +262,23 @@ def adapters_made_for_real(model):
             weight.requires_grad_(stand_in.requires_grad)  # peft (or freeze tuning) froze the stand-in, not the weight
             module._parameters["weight"] = weight
 
+
+def load_skeleton(path: Path, recipe: Recipe, device: torch.device, tuning: str, compute_dtype: torch.dtype, world):
+    """(the model without its weights, its tuning applied; the weights to read into its FSDP2
+    shards), or (None, why not) where the checkpoint does not match it by name
+    (see the module's doc)."""
+    from hwft_torch.modeling import HEADS, built_as, tune
+
+    if why := why_not(recipe, tuning):
+        return None, why
+    head = HEADS[method(recipe.method.objective).head]
+    try:
+        model, weights = skeleton(path, recipe, head, tuning, compute_dtype, built_as(path, recipe),
+                                                  device, world.rank, world.size)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load a {head.what} from {path}: {exc}") from None
+    if model is None:
+        return None, weights
+    with adapters_made_for_real(model):
+        model = tune(model, recipe, tuning)
+    return model, weights

@@ -22,7 +22,7 @@ import pluggy
 
 from hwft.records import PRIORITY_ACCELERATOR, Availability, Backend, Capability
 
-HWFT_PLUGIN_API = "1.0"
+HWFT_PLUGIN_API = "2.0"
 hookimpl = pluggy.HookimplMarker("hwft")
 
 #: bitsandbytes' first release with an XPU backend.
@@ -86,7 +86,7 @@ def capability() -> Capability:
     bf16 = ("bf16",) if avail.details.get("bf16", True) else ()
     return Capability(
         **fields, dtypes=("fp32", *bf16, "fp16"), attention=("eager", "sdpa"),
-        fused_kernels=("cross_entropy", "adamw", "projections"),
+        optimizers=("adamw", "fused_adamw", "sgd"),
         collective=avail.details.get("collective", "xccl"), packing=True,
     )
 

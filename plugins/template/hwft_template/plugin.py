@@ -18,7 +18,7 @@ import pluggy
 from hwft.records import Availability, Backend, Capability
 
 #: The plugin API this module was written for (hwft refuses a plugin of another major version).
-HWFT_PLUGIN_API = "1.0"
+HWFT_PLUGIN_API = "2.0"
 hookimpl = pluggy.HookimplMarker("hwft")
 
 DEVICE = "cpu"

@@ -7,7 +7,7 @@ import pluggy
 from hwft.methods import Implementation
 from hwft_lsft.method import METHOD
 
-HWFT_PLUGIN_API = "1.1"
+HWFT_PLUGIN_API = "2.0"
 hookimpl = pluggy.HookimplMarker("hwft")
 
 
