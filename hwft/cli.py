@@ -19,6 +19,25 @@ from hwft.environment import ENV_SCHEMA, env_report
 PLUGINS_SCHEMA = "hwft.plugins/1"
 
 
+def add_exporter_flags(export: argparse.ArgumentParser) -> None:
+    """Each registered exporter's own settings as ``--<format>-<field>`` (hwft.use.exporters):
+    typed, with the choices and help its Section declares."""
+    import types
+    import typing
+
+    from hwft.plugins import get_host
+
+    for flag, (fmt, name, info) in get_host().exporters().flags().items():
+        annotation = info.annotation
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # X | None: X
+            annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        choices = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
+        kind = type(choices[0]) if choices else (annotation if isinstance(annotation, type) else str)
+        default = "" if info.default is None else f"; default {info.default}"
+        export.add_argument(flag, dest=f"export_{fmt}__{name}", type=kind, choices=choices, default=None,
+                            help=f"--to {fmt}: {info.description or name}{default}")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hwft", description="One fine-tuning recipe, any hardware.")
     parser.add_argument("--version", action="version", version=f"hwft {__version__}")
@@ -148,10 +167,9 @@ def _parser() -> argparse.ArgumentParser:
                         "tokenizer; peft: the adapter; mlx: an mlx-lm folder; gguf: one file for llama.cpp/Ollama "
                         "(the families `hwft env --families` marks)")
     export.add_argument("--out", help="where to write (default: RUN/export/FORMAT, RUN/export/model-TYPE.gguf)")
-    export.add_argument("--gguf-type", default="q8_0", choices=("f16", "q8_0"), help="GGUF weights (default q8_0)")
     export.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                        help="hf/mlx weights' dtype (auto: as loaded, fp32 for the embedded model)")
-    export.add_argument("--mlx-bits", type=int, choices=(4, 8), help="quantise the MLX export (affine)")
+                        help="merged weights' dtype (hf, mlx; auto: as loaded, fp32 for the embedded model)")
+    add_exporter_flags(export)
     export.add_argument("--overwrite", action="store_true", help="replace an existing export")
     export.add_argument("--verify", action="store_true", help="reload the export and compare its logits with "
                         "the trained model's (prints a JSON line; exit 1 beyond tolerance)")

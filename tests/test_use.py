@@ -361,6 +361,53 @@ def test_export_qwen2_full_fine_tune_to_gguf_and_hf(cli, full_run, tmp_path):
     assert bytes(fields["tokenizer.ggml.pre"].parts[-1]).decode() == pre_tokenizer_name(tokenizer)
 
 
+#: An export format of a vendor's: its own setting (level) is declared by its exporter, and the
+#: CLI offers it as --notes-level with the exporter's choices and help.
+NOTES_EXPORTER = """
+    from typing import Literal
+    import pluggy
+    from pydantic import Field
+    from hwft.section import Section
+    from hwft.use.exporters import Exporter
+    HWFT_PLUGIN_API = "2.0"
+    hookimpl = pluggy.HookimplMarker("hwft")
+
+    class NotesOptions(Section):
+        level: Literal[1, 2, 3] = Field(1, description="how much to write")
+
+    def write(trained, staged, options):
+        staged.write_text(f"{trained.label} level {options.settings.level}")
+        return staged
+
+    @hookimpl
+    def hwft_register_exporters(register):
+        register(Exporter("notes", "torch", "a line about the result", write, lambda path, ids, trained: None,
+                          name=lambda options: "notes.txt", single_file=True, options=NotesOptions))
+"""
+
+
+def test_an_exporter_declares_its_own_options(cli, lora_run, tmp_path, monkeypatch, capsys):
+    """A format's settings are its exporter's (hwft.use.exporters.Exporter.options): the CLI's
+    flags come from the registry, gguf's --gguf-type as a vendor's --notes-level."""
+    from tests.test_plugins import make_dist
+
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    make_dist(site, "hwft-notes", "fake_notes", NOTES_EXPORTER)
+    with pytest.raises(SystemExit) as done:  # argparse's --help
+        cli("export", "--help")
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "--notes-level {1,2,3}" in out and "--gguf-type {f16,q8_0}" in out, out
+    assert "--to notes: how much to write; default 1" in " ".join(out.split())
+    code, _, err = cli("export", lora_run, "--to", "notes", "--notes-level", "3", "--out", tmp_path / "n.txt")
+    assert code == 0, err
+    assert (tmp_path / "n.txt").read_text().endswith("level 3")
+    with pytest.raises(SystemExit) as done:
+        cli("export", lora_run, "--to", "notes", "--notes-level", "4", "--out", tmp_path / "m.txt")
+    assert done.value.code == 2 and "argument --notes-level: invalid choice: 4" in capsys.readouterr().err
+
+
 def test_export_refusals(cli, lora_run, full_run, tmp_path):
     code, _, err = cli("export", full_run, "--to", "peft", "--out", tmp_path / "a")
     assert code == 2 and "is a full model, not an adapter; use --to hf" in err

@@ -37,10 +37,25 @@ def exporter_for(trained: Trained, to: str) -> Exporter:
     return host.exporters().get(to, engine)
 
 
-def default_out(trained: Trained, to: str, gguf_type: str) -> Path:
+def default_out(trained: Trained, to: str, options: ExportOptions) -> Path:
     if trained.run is None:
         raise UserError("export: give --out (where to write): the target is not a run folder")
-    return trained.run / "export" / exporter_for(trained, to).default_name(ExportOptions(gguf_type=gguf_type))
+    return trained.run / "export" / exporter_for(trained, to).default_name(options)
+
+
+def options_for(trained: Trained, to: str, given: dict | None = None, dtype: str = "auto") -> ExportOptions:
+    """The options of one export: ``dtype`` and the exporter's own settings from ``given``
+    (field -> value, None where its flag was not given)."""
+    from hwft.plugins import get_host
+
+    exporter = exporter_for(trained, to)
+    return ExportOptions(dtype, get_host().exporters(), exporter.settings(given or {}))
+
+
+def given_settings(args, to: str) -> dict:
+    """The ``--<to>-<field>`` flags of the command line, by field."""
+    prefix = f"export_{to}__"
+    return {key.removeprefix(prefix): value for key, value in vars(args).items() if key.startswith(prefix)}
 
 
 def _fresh(path: Path, overwrite: bool) -> None:
@@ -57,13 +72,11 @@ def _place(tmp: Path, final: Path) -> None:
     tmp.rename(final)
 
 
-def export(trained: Trained, to: str, out: Path, gguf_type: str = "q8_0", dtype: str = "auto",
-           mlx_bits: int | None = None, overwrite: bool = False, log=print) -> Path:
+def export(trained: Trained, to: str, out: Path, options: ExportOptions | None = None, overwrite: bool = False,
+           log=print) -> Path:
     """Write ``trained`` as ``to`` at ``out`` (a folder; a file for single-file formats)."""
-    from hwft.plugins import get_host
-
     exporter = exporter_for(trained, to)
-    options = ExportOptions(gguf_type, dtype, mlx_bits, get_host().exporters())
+    options = options or options_for(trained, to)
     if exporter.needs_adapter and trained.adapter is None:
         raise UserError(f"export --to {to}: {trained.label} is a full model, not an adapter; use --to hf")
     if exporter.single_file and out.suffix != Path(exporter.default_name(options)).suffix:
@@ -76,11 +89,13 @@ def export(trained: Trained, to: str, out: Path, gguf_type: str = "q8_0", dtype:
         _place(staged, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    log(f"hwft export: wrote {out} ({to}{' ' + gguf_type if to == 'gguf' else ''})")
+    settings = " ".join(str(v) for v in (options.settings.model_dump().values() if options.settings else ())
+                        if v is not None)
+    log(f"hwft export: wrote {out} ({to}{' ' + settings if settings else ''})")
     return out
 
 
-def verify(trained: Trained, path: Path, to: str, gguf_type: str = "q8_0") -> dict:
+def verify(trained: Trained, path: Path, to: str, options: ExportOptions | None = None) -> dict:
     """Reload the export and compare its logits on :data:`PROBE` with the trained model's on
     the torch CPU backend: {max_abs, relative, argmax_agreement, tolerance, ok}."""
     import numpy as np
@@ -91,7 +106,7 @@ def verify(trained: Trained, path: Path, to: str, gguf_type: str = "q8_0") -> di
     session = open_session(trained, "cpu", "fp32")
     ids = session.tokenizer(PROBE)["input_ids"]
     want = session.logits(ids)
-    tolerance = exporter.tolerance(ExportOptions(gguf_type=gguf_type))
+    tolerance = exporter.tolerance(options or options_for(trained, to))
     try:
         got = exporter.reload(path, ids, trained)
     except Exception as exc:  # noqa: BLE001 - the reader's own failure, reported in one line
@@ -111,11 +126,11 @@ def run(args) -> int:
         raise UserError(f"{trained.describe()} is a reward model; hwft export writes language models (gguf, mlx, "
                         "merged safetensors). Use the run's model/ or adapter/ folder as it is: transformers loads "
                         "it with AutoModelForSequenceClassification")
-    out = Path(args.out).expanduser() if args.out else default_out(trained, args.to, args.gguf_type)
-    path = export(trained, args.to, out, args.gguf_type, args.dtype, args.mlx_bits, args.overwrite,
-                  log=lambda m: print(m, file=sys.stderr))
+    options = options_for(trained, args.to, given_settings(args, args.to), args.dtype)
+    out = Path(args.out).expanduser() if args.out else default_out(trained, args.to, options)
+    path = export(trained, args.to, out, options, args.overwrite, log=lambda m: print(m, file=sys.stderr))
     if args.verify:
-        report = verify(trained, path, args.to, args.gguf_type)
+        report = verify(trained, path, args.to, options)
         print(json.dumps({"export": str(path), "format": args.to, **report}))
         if "error" in report:
             print(f"hwft: error: {report['error']}", file=sys.stderr)

@@ -4,7 +4,10 @@ peft and gguf by the torch backend, mlx by the MLX backend), exactly as a plugin
 
 An exporter is keyed by (format, engine): ``hwft export`` takes the one on the trained result's
 engine where there is one (so a device plugin on the torch engine exports with no change), else
-any registered one.
+any registered one. An exporter declares its own settings (``Exporter.options``, a
+:class:`hwft.section.Section`) as a method declares its recipe section: each field is the flag
+``--<format>-<field>`` of ``hwft export`` (gguf's ``type`` is ``--gguf-type``), which the CLI
+builds from the registry; the core names no format's options.
 """
 
 from __future__ import annotations
@@ -14,18 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from hwft.errors import UserError, did_you_mean
 from hwft.methods.record import resolve
 
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """The choices of one ``hwft export``."""
+    """The choices of one ``hwft export``: those of every format, and the exporter's own."""
 
-    gguf_type: str = "q8_0"  #: f16 or q8_0 (gguf)
-    dtype: str = "auto"  #: auto, fp32, bf16, fp16 (merged weights)
-    mlx_bits: int | None = None  #: quantise an MLX export to 4 or 8 bits
+    dtype: str = "auto"  #: auto, fp32, bf16, fp16: the dtype of merged weights (hf, mlx)
     exporters: Any = None  #: the :class:`Exporters` registry, for an exporter built on another
+    #: the exporter's own settings (an instance of its ``Exporter.options``), or None
+    settings: Any = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,28 @@ class Exporter:
     name: Callable[[ExportOptions], str] | None = None
     single_file: bool = False  #: the export is one file (gguf) rather than a folder
     needs_adapter: bool = False  #: only an adapter can be exported this way (peft)
+    #: its own settings: a :class:`hwft.section.Section` whose fields (typed, with defaults and
+    #: descriptions) are the ``--<format>-<field>`` flags of ``hwft export``; None: none
+    options: type | None = None
+
+    def flags(self) -> dict[str, tuple[str, Any]]:
+        """``--<format>-<field>`` -> (field, its pydantic FieldInfo), for the CLI."""
+        if self.options is None:
+            return {}
+        return {f"--{self.format}-{name.replace('_', '-')}": (name, info)
+                for name, info in self.options.model_fields.items()}
+
+    def settings(self, given: dict[str, Any]) -> Any:
+        """Its settings from the flags given (field -> value; None: not given), validated; a
+        UserError names the flag."""
+        if self.options is None:
+            return None
+        try:
+            return self.options(**{k: v for k, v in given.items() if v is not None})
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            field = str(error["loc"][0]) if error.get("loc") else ""
+            raise UserError(f"export --{self.format}-{field.replace('_', '-')}: {error['msg']}") from None
 
     def default_name(self, options: ExportOptions) -> str:
         return self.name(options) if self.name else self.format
@@ -68,6 +95,15 @@ class Exporters:
 
     def formats(self) -> list[str]:
         return sorted(self.by_format)
+
+    def flags(self) -> dict[str, tuple[str, str, Any]]:
+        """Every exporter's ``--<format>-<field>`` flag -> (format, field, FieldInfo)."""
+        out: dict[str, tuple[str, str, Any]] = {}
+        for fmt in self.formats():
+            for exporter in self.by_format[fmt].values():
+                for flag, (name, info) in exporter.flags().items():
+                    out.setdefault(flag, (fmt, name, info))
+        return out
 
     def get(self, format: str, engine: str | None = None) -> Exporter:
         """The exporter of ``format``: the one on ``engine`` where there is one, else the first

@@ -10,9 +10,20 @@ import json
 import sys
 from pathlib import Path
 
+from typing import Literal
+
+from pydantic import Field
+
+from hwft.section import Section
 from hwft.use.exporters import Exporter, ExportOptions
 
 ENGINE = "mlx"
+
+
+class MlxOptions(Section):
+    """``hwft export --to mlx``'s own settings (``--mlx-bits``)."""
+
+    bits: Literal[4, 8] | None = Field(None, description="quantise the MLX export to 4 or 8 bits (MLX affine)")
 
 
 def write_mlx(trained, staged: Path, options: ExportOptions) -> Path:
@@ -26,7 +37,8 @@ def write_mlx(trained, staged: Path, options: ExportOptions) -> Path:
     config.update(config_overrides(config))
     (merged / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     with contextlib.redirect_stdout(sys.stderr):  # mlx-lm reports progress on stdout
-        convert(str(merged), str(staged), quantize=options.mlx_bits is not None, q_bits=options.mlx_bits,
+        bits = options.settings.bits
+        convert(str(merged), str(staged), quantize=bits is not None, q_bits=bits,
                 trust_remote_code=trained.trust_remote_code)
     return staged
 
@@ -42,5 +54,5 @@ def reload_mlx(path: Path, ids: list[int], trained):
 
 EXPORTERS = (
     Exporter("mlx", ENGINE, "an mlx-lm model folder, optionally quantised (--mlx-bits)", write_mlx, reload_mlx,
-             tolerance=lambda options: 1e-3),
+             tolerance=lambda options: 1e-3, options=MlxOptions),
 )

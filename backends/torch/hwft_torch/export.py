@@ -17,7 +17,11 @@ import os
 import shutil
 import warnings
 from pathlib import Path
+from typing import Literal
 
+from pydantic import Field
+
+from hwft.section import Section
 from hwft.use.exporters import Exporter, ExportOptions
 
 ENGINE = "torch"
@@ -59,6 +63,12 @@ def write_peft(trained, staged: Path, options: ExportOptions) -> Path:
     return staged
 
 
+class GgufOptions(Section):
+    """``hwft export --to gguf``'s own settings (``--gguf-type``)."""
+
+    type: Literal["f16", "q8_0"] = Field("q8_0", description="GGUF weights: f16, or q8_0 (8-bit, llama.cpp's)")
+
+
 def write_gguf(trained, staged: Path, options: ExportOptions) -> Path:
     """The merged weights as GGUF, in the layout the model's family has in this engine's table
     (hwft_torch.families), refused before merging where it has none."""
@@ -70,7 +80,7 @@ def write_gguf(trained, staged: Path, options: ExportOptions) -> Path:
     layouts = {f.model_type: f.gguf for f in get_host().families().of("torch") if f.gguf is not None}
     layout = layout_for(json.loads((trained.weights / "config.json").read_text(encoding="utf-8")), layouts)
     merged = merge_to_hf(trained, staged.parent / "merged", "fp32")
-    return write(merged, staged, options.gguf_type, staged.stem, layout)
+    return write(merged, staged, options.settings.type, staged.stem, layout)
 
 
 def _logits(model, ids: list[int]):
@@ -128,6 +138,6 @@ EXPORTERS = (
              write_hf, reload_hf),
     Exporter("peft", ENGINE, "the LoRA adapter alone, PEFT's layout", write_peft, reload_peft, needs_adapter=True),
     Exporter("gguf", ENGINE, "one GGUF file, f16 or q8_0 (llama.cpp, Ollama)", write_gguf, reload_gguf,
-             tolerance=lambda options: GGUF_TOLERANCE[options.gguf_type],
-             name=lambda options: f"model-{options.gguf_type}.gguf", single_file=True),
+             tolerance=lambda options: GGUF_TOLERANCE[options.settings.type],
+             name=lambda options: f"model-{options.settings.type}.gguf", single_file=True, options=GgufOptions),
 )
