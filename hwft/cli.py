@@ -417,6 +417,9 @@ def cmd_plugins(args) -> int:
             "plugin_api": HWFT_PLUGIN_API,
             "plugins": [p.to_json() for p in host.plugins],
             "methods": host.methods().to_json(),
+            "data_kinds": host.data_kinds().to_json(),
+            "data_formats": [{"name": f.name, "kind": f.kind, "description": f.description}
+                             for f in host.data_formats().values()],
             "exporters": [{"format": f, "engines": sorted(e)} for f, e in sorted(host.exporters().by_format.items())],
             "kernels": host.kernels().to_json(),
             "families": host.families().to_json(),
@@ -438,7 +441,12 @@ def cmd_plugins(args) -> int:
     for m in host.methods().to_json():
         engines = ", ".join(m["engines"]) or "no engine"
         print(f"  {m['name']:<14}{m['kind']:<12}{engines:<16}{m['description']} [{m['plugin']}]")
-    print("\nkernels (kernels.use; * = auto where the backend claims the slot):")
+    print("\ndata kinds (what a format makes and a method trains on) and the formats that make each:")
+    formats = host.data_formats().values()
+    for k in host.data_kinds().to_json():
+        made = ", ".join(f.name for f in formats if f.kind == k["name"]) or "no format"
+        print(f"  {k['name']:<14}{made:<34}{k['description']} [{k['plugin']}]")
+    print("\nkernels (kernels.use; * = auto, where installed):")
     for k in host.kernels().to_json():
         where = f"{k['engine']}: {', '.join(k['backends']) or 'any'}"
         mark = "*" if k["recommended"] else " "

@@ -18,12 +18,23 @@ def hwft_register_backends(register):
 
 @hookspec
 def hwft_register_data_formats(register):
-    """Register row formats: ``register(name, parse, detect=None, description="", kind=None)``.
+    """Register row formats: ``register(hwft.data.formats.DataFormat(name, kind, parse, detect=None,
+    description=""))``.
 
-    ``parse(row, mapping)`` returns an ``hwft.data.formats.Example`` (or a plain list of
-    ``{role, content}`` messages, taken as a conversation) and raises ``ValueError`` naming the
-    field; ``detect(row, mapping)`` says whether a row looks like this format; ``kind`` is the
-    Example kind it makes (chat, text, preference, prompt). See hwft.data.formats.
+    ``kind`` is the kind of example it makes (hwft.data.kinds); ``parse(row, mapping)`` returns
+    an example of that kind (a chat format may return a plain list of ``{role, content}``
+    messages) and raises ``ValueError`` naming the field; ``detect(row, mapping)`` says whether a
+    row looks like this format. Since plugin API 2.0 a record (0.1-1.1: positional arguments).
+    """
+
+
+@hookspec
+def hwft_register_data_kinds(register):
+    """Register kinds of example: ``register(hwft.data.kinds.DataKind(name, description, example,
+    batches, encode=None, inspect=None))``: its typed example class, how an example renders to
+    token sequences (where it is one), and the batcher that turns a run's examples into
+    micro-batches. A format says which kind it makes; a method which kind it trains on. Since
+    plugin API 2.0.
     """
 
 

@@ -12,7 +12,8 @@ from hwft.checkpoint import Checkpoint
 from hwft.data.batching import Row
 from hwft.data.chat import ChatRenderer
 from hwft.data.loading import TrainData
-from hwft.data.pipeline import Batches, held_out_rows, training_batches
+from hwft.data.kinds.sequences import held_out_rows
+from hwft.data.pipeline import Batches, training_batches
 from hwft.distributed import SINGLE, World
 from hwft.models import ResolvedModel, load_tokenizer, materialise
 from hwft.output import RunDir

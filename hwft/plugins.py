@@ -212,6 +212,10 @@ class PluginHost:
         """Row formats by name (hwft.data.formats.DataFormat)."""
         return self._collected("hwft.data.formats:collect_formats")
 
+    def data_kinds(self):
+        """Every registered kind of example (hwft.data.kinds.DataKinds)."""
+        return self._collected("hwft.data.kinds:collect_kinds")
+
     def loggers(self) -> dict:
         """Experiment trackers by name (hwft.tracking.Logger)."""
         return self._collected("hwft.tracking:collect_loggers")
@@ -232,8 +236,8 @@ _HOST: PluginHost | None = None
 
 #: hwft's own plugins, loaded by module name as entry points are: the host depends on none of
 #: what they register (they may use the host).
-BUILTINS = {"core": "hwft.data.formats", "core-methods": "hwft.methods.builtin", "core-rewards": "hwft.rewards",
-            "core-trackers": "hwft.tracking"}
+BUILTINS = {"core": "hwft.data.formats", "core-kinds": "hwft.data.kinds.builtin", "core-methods": "hwft.methods.builtin",
+            "core-rewards": "hwft.rewards", "core-trackers": "hwft.tracking"}
 
 
 def get_host() -> PluginHost:

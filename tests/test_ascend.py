@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from hwft.data.batching import make_rows
-from hwft.data.chat import ChatRenderer, tokenize_examples
-from hwft.data.formats import Example
+from hwft.data.chat import ChatRenderer
+from hwft.data.kinds.chat import ChatExample
+from hwft.data.kinds.sequences import tokenize_examples
 from hwft.recipe import recipe_from_dict
 from hwft import kernels as registry
 from hwft.plugins import get_host
@@ -96,7 +97,7 @@ def _batch(tokenizer, layout: str) -> dict:
     from hwft_torch.objective import to_tensors
 
     renderer = ChatRenderer(tokenizer, tokenizer.chat_template)
-    examples = [Example("chat", r["messages"], source=str(i)) for i, r in enumerate(SAMPLE_ROWS)]
+    examples = [ChatExample(r["messages"], source=str(i)) for i, r in enumerate(SAMPLE_ROWS)]
     data, _ = tokenize_examples(examples, renderer, 512)
     if layout == "single":  # one unpadded row: the kernel's compressed causal mask
         rows = make_rows(data[:1], 512, packing=False)

@@ -8,8 +8,10 @@ import json
 import pytest
 
 from hwft.data.batching import make_rows, pad
-from hwft.data.chat import IGNORE_INDEX, ChatRenderer, resolve_template, tokenize_examples
-from hwft.data.formats import BUILTIN_FORMATS, Example
+from hwft.data.chat import IGNORE_INDEX, ChatRenderer, resolve_template
+from hwft.data.formats import BUILTIN_FORMATS
+from hwft.data.kinds.chat import ChatExample
+from hwft.data.kinds.sequences import tokenize_examples
 from hwft.data.loading import load_examples, mix
 from hwft.errors import DataError, RecipeError
 from tests.conftest import PEER_DATA, REPO, write_jsonl, write_recipe
@@ -170,7 +172,7 @@ def _segments(tokenizer, tok) -> list[str]:
 
 
 def chat(messages, source):
-    return Example("chat", messages, source=source)
+    return ChatExample(messages, source=source)
 
 
 def _renderer(tokenizer, template=None):

@@ -7,8 +7,12 @@ import json
 
 import pytest
 
-from hwft.data.chat import IGNORE_INDEX, ChatRenderer, TEMPLATES, resolve_template
-from hwft.data.formats import BUILTIN_FORMATS, Example, Mapping, parse_turns
+from hwft.data.chat import IGNORE_INDEX, TEMPLATES, ChatRenderer, TokenizeStats, resolve_template
+from hwft.data.formats import BUILTIN_FORMATS, Mapping, parse_turns
+from hwft.data.kinds.chat import ChatExample
+from hwft.data.kinds.feedback import FeedbackExample, feedback_items
+from hwft.data.kinds.preference import tokenize_pair
+from hwft.data.kinds.text import TextExample, encode as encode_text
 from hwft.data.loading import load_examples
 from hwft.errors import DataError
 from tests.conftest import PEER_DATA, write_jsonl, write_recipe
@@ -227,7 +231,7 @@ def test_multimodal_parts_are_refused():
 def test_preference_pair_shares_prompt_tokens(tokenizer, tmp_path):
     rows = [{"prompt": "Name?", "chosen": "hwft-bot.", "rejected": "No idea."}]
     (example,) = load_examples(write_jsonl(tmp_path / "p.jsonl", rows), "auto", FORMATS, objective="dpo")
-    pair = ChatRenderer(tokenizer, TEMPLATES["chatml"]).tokenize_preference(example)
+    pair = tokenize_pair(ChatRenderer(tokenizer, TEMPLATES["chatml"]), example)
     assert trained_text(tokenizer, pair.chosen) == ["hwft-bot.<|im_end|>"]
     assert trained_text(tokenizer, pair.rejected) == ["No idea.<|im_end|>"]
     assert pair.chosen.input_ids[: pair.prompt_length] == pair.rejected.input_ids[: pair.prompt_length]
@@ -247,7 +251,6 @@ def test_alpaca_preference_and_prompt_rows(tmp_path):
 def test_feedback_rows_in_trl_alpaca_and_conversation_shapes(tokenizer, tmp_path):
     """kto's rows: TRL's unpaired prompt/completion/label, alpaca with a label, and a
     conversation whose last turn is the answer; each tokenised with its mismatched pair."""
-    from hwft.data.pipeline import feedback_items
 
     rows = [{"prompt": "Name?", "completion": "hwft-bot.", "label": True},
             {"instruction": "Add", "input": "2 and 2", "output": "5", "label": 0},
@@ -278,17 +281,16 @@ def test_feedback_refusals(tmp_path, row, message):
 
 
 def test_kto_needs_two_rows(tokenizer):
-    from hwft.data.pipeline import feedback_items
 
-    one = Example("feedback", [{"role": "user", "content": "a"}], completion=[{"role": "assistant", "content": "b"}],
-                  label=True)
+    one = FeedbackExample([{"role": "user", "content": "a"}], completion=[{"role": "assistant", "content": "b"}],
+                          label=True)
     with pytest.raises(DataError, match="kto needs at least 2 feedback rows"):
         feedback_items([one], ChatRenderer(tokenizer, TEMPLATES["chatml"]), 64)
 
 
 def test_text_longer_than_max_length_is_split_not_cut(tokenizer):
     renderer = ChatRenderer(tokenizer, None)
-    chunks = renderer.tokenize_text(Example("text", text="word " * 100), max_length=32)
+    chunks = encode_text(TextExample("word " * 100), renderer, 32, TokenizeStats())
     assert len(chunks) == 4 and all(len(c.input_ids) <= 32 for c in chunks)
     assert chunks[-1].input_ids[-1] == tokenizer.eos_token_id
     assert all(c.labels[0] == IGNORE_INDEX and c.labels[1:] == c.input_ids[1:] for c in chunks)
@@ -337,7 +339,7 @@ def test_registry_num_samples_and_packing_scope(tmp_path, cli, tiny_llama):
 def test_mask_history_and_train_on_prompt(tokenizer, option, expected):
     messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
                 {"role": "user", "content": "And you?"}, {"role": "assistant", "content": "I am hwft-bot."}]
-    tok = ChatRenderer(tokenizer, TEMPLATES["chatml"], **option).tokenize(Example("chat", messages, source="r"))
+    tok = ChatRenderer(tokenizer, TEMPLATES["chatml"], **option).tokenize(ChatExample(messages, source="r"))
     if expected is None:  # every token after the first is a label
         assert tok.labels[1:] == tok.input_ids[1:]
     else:

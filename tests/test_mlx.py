@@ -78,12 +78,13 @@ def rows_of(model_dir: Path, packing: bool):
     from transformers import AutoTokenizer
 
     from hwft.data.batching import make_rows
-    from hwft.data.chat import ChatRenderer, tokenize_examples
-    from hwft.data.formats import Example
+    from hwft.data.chat import ChatRenderer
+    from hwft.data.kinds.chat import ChatExample
+    from hwft.data.kinds.sequences import tokenize_examples
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     renderer = ChatRenderer(tokenizer, tokenizer.chat_template)
-    examples = [Example("chat", r["messages"]) for r in SAMPLE_ROWS]
+    examples = [ChatExample(r["messages"]) for r in SAMPLE_ROWS]
     tokenized, _ = tokenize_examples(examples, renderer, 64)
     return make_rows(tokenized, 128 if packing else 64, packing)
 

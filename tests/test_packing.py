@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from hwft.data.batching import batch_order, efficiency, make_rows, pack_groups
-from hwft.data.chat import IGNORE_INDEX, ChatRenderer, Tokenized, tokenize_examples
-from hwft.data.formats import Example
+from hwft.data.chat import IGNORE_INDEX, ChatRenderer, Tokenized
+from hwft.data.kinds.chat import ChatExample
+from hwft.data.kinds.sequences import tokenize_examples
 from tests.conftest import SAMPLE_ROWS, write_jsonl, write_recipe
 from tests.test_train import metrics, reference_first_loss
 
@@ -51,7 +52,7 @@ def check_packed_logits(model_dir, tokenizer, attention: str, device: str, atol:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attention)
     model = model.to(device).eval()
     renderer = ChatRenderer(tokenizer, tokenizer.chat_template)
-    examples = [Example("chat", r["messages"], source=str(i)) for i, r in enumerate(SAMPLE_ROWS)]
+    examples = [ChatExample(r["messages"], source=str(i)) for i, r in enumerate(SAMPLE_ROWS)]
     data, _ = tokenize_examples(examples, renderer, 512)
     rows = make_rows(data, 160, packing=True)
     assert max(len(r.lengths) for r in rows) >= 3  # really packed
@@ -94,7 +95,7 @@ def _masked_and_packed(tiny_llama, tokenizer, monkeypatch, module, name: str, pa
     from hwft_torch.objective import to_tensors
 
     renderer = ChatRenderer(tokenizer, tokenizer.chat_template)
-    examples = [Example("chat", r["messages"], source=str(i)) for i, r in enumerate(SAMPLE_ROWS)]
+    examples = [ChatExample(r["messages"], source=str(i)) for i, r in enumerate(SAMPLE_ROWS)]
     rows = make_rows(tokenize_examples(examples, renderer, 512)[0], 160, packing=True)
     results = []
     for attention, bf16 in (("sdpa", False), (packed_attention.register(), packed_bf16)):

@@ -229,13 +229,15 @@ def test_env_json_schema(site, cli):
 def test_data_format_hook(site, tmp_path):
     make_dist(site, "hwft-qa", "fake_qa", """
         import pluggy
+        from hwft.data.formats import DataFormat
         HWFT_PLUGIN_API = "2.0"
         hookimpl = pluggy.HookimplMarker("hwft")
         def parse(row, columns):
             return [{"role": "user", "content": row["q"]}, {"role": "assistant", "content": row["a"]}]
         @hookimpl
         def hwft_register_data_formats(register):
-            register("qa", parse, detect=lambda row, mapping: set(row) == {"q", "a"}, description="q/a pairs")
+            register(DataFormat("qa", "chat", parse, detect=lambda row, mapping: set(row) == {"q", "a"},
+                                description="q/a pairs"))
     """)
     from hwft.data.loading import load_examples
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from hwft.data.chat import ChatRenderer
-from hwft.data.formats import Example
+from hwft.data.kinds.feedback import FeedbackExample, feedback_items
+from hwft.data.kinds.preference import PreferenceExample, tokenize_pair
 from hwft.methods.dpo import DpoSpec
 from hwft.methods.grpo import GrpoSpec
 
@@ -42,8 +43,8 @@ def _pairs(tokenizer):
         ("Name a colour.", "Blue.", "A colour is a property of light."),
     ]
     return [
-        renderer.tokenize_preference(Example(
-            "preference", [{"role": "user", "content": q}],
+        tokenize_pair(renderer, PreferenceExample(
+            [{"role": "user", "content": q}],
             chosen=[{"role": "assistant", "content": c}], rejected=[{"role": "assistant", "content": r}],
         ))
         for q, c, r in rows
@@ -250,15 +251,14 @@ def test_simpo_loss_equals_trl(tiny_llama, tokenizer, smoothing):
 def _feedback(tokenizer):
     """Four feedback answers, paired as TRL pairs a micro-batch of four (each prompt with the
     previous row's answer, the first with the last's): hwft's data-time pairing of these rows."""
-    from hwft.data.pipeline import feedback_items
 
     renderer = ChatRenderer(tokenizer, tokenizer.chat_template)
     rows = [("What is the capital of France?", "Paris.", True),
             ("Say hello.", "No.", False),
             ("Name a colour.", "Blue, like the sky at noon.", True),
             ("Count to three.", "Three, two, one, zero.", False)]
-    examples = [Example("feedback", [{"role": "user", "content": q}], completion=[{"role": "assistant", "content": a}],
-                        label=label) for q, a, label in rows]
+    examples = [FeedbackExample([{"role": "user", "content": q}], completion=[{"role": "assistant", "content": a}],
+                                label=label) for q, a, label in rows]
     items, _ = feedback_items(examples, renderer, 512)
     return items
 

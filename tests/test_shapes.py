@@ -72,7 +72,10 @@ def test_the_tokens_format_reads_token_ids_and_names_a_bad_row(tmp_path):
     from hwft.testing.tiny import embedded_tokenizer_dir
 
     renderer = ChatRenderer(load_tokenizer(embedded_tokenizer_dir(), False), None)
-    (chunk,) = renderer.tokenize_text(examples[0], 16)
+    from hwft.data.chat import TokenizeStats
+    from hwft.data.kinds.tokens import encode
+
+    (chunk,) = encode(examples[0], renderer, 16, TokenizeStats())
     assert chunk.input_ids == [5, 6, 7, 8] and chunk.labels == [IGNORE_INDEX, 6, 7, 8]  # as given: no eos added
     for row, field_error in (({"input_ids": [1, "a"]}, "must be a list of token ids"),
                              ({"input_ids": [3]}, r"holds 1 token\(s\)")):

@@ -19,7 +19,8 @@ from hwft.bench.fingerprint import fingerprint
 from hwft.bench.flops import step_flops
 from hwft.bench.schema import Arm, BenchResult, Metrics, Step, Workload
 from hwft.data.batching import make_rows
-from hwft.data.chat import ChatRenderer, tokenize_examples
+from hwft.data.chat import ChatRenderer
+from hwft.data.kinds.sequences import tokenize_examples
 from hwft.data.pipeline import training_batches
 from hwft.errors import RunFailed
 from hwft.models import load_tokenizer, materialise

@@ -37,6 +37,11 @@ class Row:
     ids: list[int] = field(default_factory=list)  #: the examples' indices among the tokenised sequences
 
     @property
+    def sequences(self) -> tuple[Row, ...]:
+        """The token sequences the row runs through the model: itself."""
+        return (self,)
+
+    @property
     def position_ids(self) -> list[int]:
         return [p for n in self.lengths for p in range(n)]
 

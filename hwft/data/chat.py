@@ -1,4 +1,4 @@
-"""Token ids and label masks for every example kind: loss only on what the model should say.
+"""The chat template and label masks: token ids with the loss only on what the model should say.
 
 Conversations are rendered with the chat template (the tokenizer's own, or ``template:``), tool
 definitions passed through the template's ``tools`` argument. Many templates (SmolLM2's among
@@ -15,10 +15,9 @@ the end-of-turn token is what teaches the model to stop. An assistant turn marke
 ``train: False`` (``loss_weight: 0``) is context, not a label; so are all but the last with
 ``mask_history``. ``train_on_prompt`` makes every token a label.
 
-Plain text (cpt) is tokenised with the tokenizer's special tokens plus the end-of-sequence token,
-every token a label; a text longer than ``max_length`` is split into consecutive chunks rather
-than cut. The first label of every sequence is ``IGNORE_INDEX`` (no token predicts it), so that
-sequences can be concatenated (packed) without one predicting the next.
+The first label of every sequence is ``IGNORE_INDEX`` (no token predicts it), so that sequences
+can be concatenated (packed) without one predicting the next. How each kind of example becomes
+sequences is its own module's (hwft.data.kinds); this one renders the turns they hold.
 
 Works with any Hugging Face tokenizer (fast, for offsets); engine-neutral (no torch).
 """
@@ -29,11 +28,16 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from hwft.data.formats import Example, Message
+from typing import Any
+
 from hwft.errors import DataError, RecipeError
 from hwft.textfile import read_text
 
 IGNORE_INDEX = -100
+
+#: One turn: ``{"role": system|user|assistant|tool, "content": str}`` plus, on assistant turns,
+#: optional ``tool_calls`` and ``train: False`` (hwft.data.formats).
+Message = dict[str, Any]
 
 #: Built-in templates for ``template:``; a path to a .jinja file works too.
 TEMPLATES = {
@@ -110,29 +114,6 @@ class Tokenized:
 
 
 @dataclass
-class PreferencePair:
-    """A preference example as two sequences sharing the prompt's tokens."""
-
-    chosen: Tokenized
-    rejected: Tokenized
-    prompt_length: int  #: tokens shared by both, before the answers
-    #: (chosen, rejected) summed log-probabilities under the reference, when precomputed (dpo)
-    reference_logps: tuple[float, float] | None = None
-
-
-@dataclass
-class FeedbackItem:
-    """A feedback example (kto): prompt + its answer, and the same prompt with another row's
-    answer, the mismatched pair KTO's KL baseline is estimated from."""
-
-    sequence: Tokenized  #: the prompt and its own answer, labels on the answer
-    mismatched: Tokenized  #: the prompt and another row's answer, labels on that answer
-    desirable: bool
-    #: (sequence, mismatched) summed log-probabilities under the reference, when precomputed
-    reference_logps: tuple[float, float] | None = None
-
-
-@dataclass
 class TokenizeStats:
     examples: int = 0
     truncated: int = 0  #: conversations cut to max_length
@@ -146,6 +127,14 @@ class TokenizeStats:
         self.tokens += len(tok.input_ids)
         self.label_tokens += tok.num_labels
         self.lengths.append(len(tok.input_ids))
+
+    def count(self, chunks: list[Tokenized]) -> None:
+        """One example's sequences: counted, or the example dropped where it has none."""
+        if not chunks:
+            self.dropped += 1
+        self.examples += bool(chunks)
+        for chunk in chunks:
+            self.add(chunk)
 
     def summary(self, max_length: int) -> str:
         text = (
@@ -206,14 +195,15 @@ class ChatRenderer:
         return {kind for kind, probe in (("definitions", "def"), ("calls", "call"), ("results", "result"))
                 if _PROBE + probe in text}
 
-    def check(self, example: Example) -> None:
-        """Refuse an example the template would render wrongly (silently dropping tools)."""
+    def check(self, example) -> None:
+        """Refuse an example (of a conversational kind: its ``turns()`` and ``tools``) the
+        template would render wrongly (silently dropping tools)."""
         if self.template is None:
             raise RecipeError(
                 f"{example.source} is a conversation, but the model's tokenizer has no chat template; "
                 f"set template: to a built-in ({', '.join(TEMPLATES)}) or a .jinja file"
             )
-        turns = example.messages + (example.chosen or []) + (example.rejected or [])
+        turns = example.turns()
         needs = set()
         if example.tools:
             needs.add("definitions")
@@ -260,7 +250,7 @@ class ChatRenderer:
             labels[0] = IGNORE_INDEX
         return Tokenized(list(enc["input_ids"]), labels)
 
-    def tokenize(self, example: Example, first: int = 0) -> Tokenized:
+    def tokenize(self, example, first: int = 0) -> Tokenized:
         """A conversation with labels on its assistant turns (from message ``first``)."""
         self.check(example)
         text, spans = self.assistant_spans(example.messages, example.tools, example.source, first)
@@ -276,66 +266,11 @@ class ChatRenderer:
             )
         return tok
 
-    def tokenize_text(self, example: Example, max_length: int) -> list[Tokenized]:
-        """Plain text plus end-of-sequence, every token a label, in chunks of ``max_length``; a
-        row of token ids (the tokens format, data.train random_tokens) as it is."""
-        if example.token_ids is not None:
-            ids = example.token_ids
-        else:
-            ids = list(self.tokenizer(example.text)["input_ids"])
-            if self.tokenizer.eos_token_id is not None and (not ids or ids[-1] != self.tokenizer.eos_token_id):
-                ids.append(self.tokenizer.eos_token_id)
-        chunks = []
-        for start in range(0, len(ids), max_length):
-            piece = ids[start : start + max_length]
-            if len(piece) > 1:
-                chunks.append(Tokenized(piece, [IGNORE_INDEX] + piece[1:]))
-        return chunks
-
-    def tokenize_preference(self, example: Example) -> PreferencePair:
-        """Prompt + chosen and prompt + rejected, labels on the answers only."""
-        n = len(example.messages)
-        chosen = self.tokenize(Example("chat", example.messages + example.chosen, example.tools, source=example.source), n)
-        rejected = self.tokenize(Example("chat", example.messages + example.rejected, example.tools, source=example.source), n)
-        shared = 0
-        for a, b in zip(chosen.input_ids, rejected.input_ids):
-            if a != b:
-                break
-            shared += 1
-        return PreferencePair(chosen, rejected, shared)
-
-    def tokenize_answer(self, example: Example, answer: list[Message]) -> Tokenized:
-        """The example's prompt turns followed by ``answer`` (its own completion or another
-        row's), labels on the answer only."""
-        turns = example.messages + answer
-        return self.tokenize(Example("chat", turns, example.tools, source=example.source), len(example.messages))
-
     def prompt_ids(self, prompt: str | list[Message], tools: list[dict] | None = None) -> list[int]:
         """Token ids of a prompt (text or turns), ready for generation."""
         turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         text = self.render(turns, tools, add_generation_prompt=True)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def encode(self, example: Example, max_length: int, stats: TokenizeStats) -> list[Tokenized]:
-        """The training sequences of one chat or text example, truncated or split, counted."""
-        if example.kind == "text":
-            chunks = self.tokenize_text(example, max_length)
-            stats.split += len(chunks) > 1
-        elif example.kind == "chat":
-            tok = self.tokenize(example)
-            if len(tok.input_ids) > max_length:
-                stats.truncated += 1
-                tok = Tokenized(tok.input_ids[:max_length], tok.labels[:max_length])
-            chunks = [tok] if tok.num_labels else []
-        else:
-            raise DataError(f"{example.source}: {example.kind} rows are not token sequences for sft or cpt")
-        if not chunks:
-            stats.dropped += 1
-        stats.examples += bool(chunks)
-        for chunk in chunks:
-            stats.add(chunk)
-        return chunks
-
 
 def empty_error(stats: TokenizeStats, max_length: int) -> DataError:
     return DataError(
@@ -343,15 +278,3 @@ def empty_error(stats: TokenizeStats, max_length: int) -> DataError:
         f"dropped because no label token is within max_length {max_length}; raise "
         "train.max_length or check the data"
     )
-
-
-def tokenize_examples(examples: list[Example], renderer: ChatRenderer,
-                      max_length: int) -> tuple[list[Tokenized], TokenizeStats]:
-    """Tokenise, mask and truncate; examples with nothing left to learn are dropped."""
-    stats = TokenizeStats()
-    out: list[Tokenized] = []
-    for example in examples:
-        out += renderer.encode(example, max_length, stats)
-    if not out:
-        raise empty_error(stats, max_length)
-    return out, stats

@@ -1,20 +1,11 @@
-"""Row formats: each turns one row (a dict) into an :class:`Example` of one of five kinds.
-
-=========== ================================================== ====================
-kind        what it holds                                      built-in methods
-=========== ================================================== ====================
-chat        a conversation ending with the assistant           sft
-text        plain text                                         cpt
-preference  prompt turns + a chosen and a rejected answer      dpo, orpo, simpo
-feedback    prompt turns + one answer, desirable or not        kto
-prompt      prompt turns + an optional reference answer        grpo
-=========== ================================================== ====================
-
-Each method names the kind it trains on (``hwft.methods.Method.kind``).
+"""Row formats: each turns one row (a dict) into an example of the kind its record names (the
+kinds and their typed examples are :mod:`hwft.data.kinds`'; each method names the kind it trains
+on, ``hwft.methods.Method.kind``).
 
 Built-in formats: ``alpaca``, ``sharegpt``, ``messages`` (OpenAI style, tool calls, typed
-content parts, ``loss_weight``), ``text``, ``preference``, ``feedback`` and ``prompt``. They are registered
-through ``hwft_register_data_formats``, the same hook a plugin uses.
+content parts, ``loss_weight``) make chat examples; ``text`` text, ``tokens`` tokens,
+``preference`` preference, ``feedback`` feedback and ``prompt`` prompt examples. They register a
+:class:`DataFormat` record through ``hwft_register_data_formats``, the same hook a plugin uses.
 
 A message is ``{"role": system|user|assistant|tool, "content": str}`` plus, on assistant turns,
 optional ``tool_calls`` (OpenAI shape, ``arguments`` as a dict) and ``train: False`` for a turn
@@ -32,35 +23,22 @@ from __future__ import annotations
 import difflib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pluggy
 
-from hwft.errors import did_you_mean
+from hwft.data.chat import Message
+from hwft.data.kinds import Example
+from hwft.data.kinds.chat import ChatExample
+from hwft.data.kinds.feedback import FeedbackExample
+from hwft.data.kinds.preference import PreferenceExample
+from hwft.data.kinds.prompt import PromptExample
+from hwft.data.kinds.text import TextExample
+from hwft.data.kinds.tokens import TokensExample
+from hwft.errors import UserError, did_you_mean
 
 hookimpl = pluggy.HookimplMarker("hwft")
-
-Message = dict[str, Any]
-
-
-@dataclass
-class Example:
-    """One parsed row. ``messages`` is the conversation (chat) or the prompt turns (preference,
-    feedback, prompt); ``chosen`` / ``rejected`` are the assistant turns that follow the prompt;
-    ``completion`` is a feedback row's answer and ``label`` whether it is desirable."""
-
-    kind: str
-    messages: list[Message] = field(default_factory=list)
-    tools: list[dict] | None = None
-    text: str | None = None
-    chosen: list[Message] | None = None
-    rejected: list[Message] | None = None
-    reference: str | None = None
-    completion: list[Message] | None = None
-    label: bool | None = None
-    token_ids: list[int] | None = None  #: a text example given as token ids already (tokens format)
-    source: str = ""  #: "file.jsonl row 12", set by the loader
 
 
 @dataclass(frozen=True)
@@ -79,11 +57,15 @@ class Mapping:
 
 @dataclass(frozen=True)
 class DataFormat:
-    name: str
-    parse: Callable[[dict, Mapping], Example]  #: (row, mapping) -> Example
+    """A row format, as ``hwft_register_data_formats`` registers it."""
+
+    name: str  #: what a dataset's ``format:`` names
+    kind: str  #: the kind of example it makes (hwft.data.kinds: chat, text, tokens, preference, ...)
+    #: (row, mapping) -> an example of ``kind`` (its Example class; a chat format may return a
+    #: plain list of ``{role, content}`` turns), raising ValueError naming the field
+    parse: Callable[[dict, Mapping], Any]
     detect: Callable[[dict, Mapping], bool] | None = None  #: does this row look like this format?
     description: str = ""
-    kind: str | None = None  #: the kind of Example it makes, if known (detection prefers it)
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,7 +309,7 @@ def parse_alpaca(row: dict, mapping: Mapping) -> Example:
     output = _text(row, mapping.col("output"), True, tuple(mapping.col(f) for f in ALPACA_FIELDS))
     if not output.strip():
         raise ValueError(f"field '{mapping.col('output')}' is empty: the model would learn to answer nothing")
-    return Example("chat", prompt + [{"role": "assistant", "content": output}], _tools(row, mapping))
+    return ChatExample(prompt + [{"role": "assistant", "content": output}], _tools(row, mapping))
 
 
 def _tools(row: dict, mapping: Mapping) -> list[dict] | None:
@@ -345,14 +327,14 @@ def parse_sharegpt(row: dict, mapping: Mapping) -> Example:
     """sharegpt: ``conversations`` of ``{from, value}`` turns (human, gpt, system,
     function_call, observation), optional ``system`` and ``tools``."""
     key, turns = _turns_field(row, mapping, "conversations")
-    return Example("chat", _with_system(_system(row, mapping), _conversation(turns, key)), _tools(row, mapping))
+    return ChatExample(_with_system(_system(row, mapping), _conversation(turns, key)), _tools(row, mapping))
 
 
 def parse_messages(row: dict, mapping: Mapping) -> Example:
     """messages: OpenAI-style ``{role, content}`` turns, with ``tool_calls``, typed content
     parts, ``reasoning_content`` and ``loss_weight``; optional ``tools``."""
     key, turns = _turns_field(row, mapping, "messages")
-    return Example("chat", _with_system(_system(row, mapping), _conversation(turns, key)), _tools(row, mapping))
+    return ChatExample(_with_system(_system(row, mapping), _conversation(turns, key)), _tools(row, mapping))
 
 
 def parse_text(row: dict, mapping: Mapping) -> Example:
@@ -360,7 +342,7 @@ def parse_text(row: dict, mapping: Mapping) -> Example:
     text = _text(row, mapping.col("text"), True, (mapping.col("text"),))
     if not text.strip():
         raise ValueError(f"field '{mapping.col('text')}' is empty")
-    return Example("text", text=text)
+    return TextExample(text)
 
 
 def parse_tokens(row: dict, mapping: Mapping) -> Example:
@@ -372,7 +354,7 @@ def parse_tokens(row: dict, mapping: Mapping) -> Example:
         raise ValueError(f"field '{key}' must be a list of token ids (integers from 0)")
     if len(ids) < 2:
         raise ValueError(f"field '{key}' holds {len(ids)} token(s); a training sequence needs at least 2")
-    return Example("text", token_ids=ids)
+    return TokensExample(ids)
 
 
 def _prompt_turns(row: dict, mapping: Mapping) -> list[Message]:
@@ -427,7 +409,7 @@ def parse_preference(row: dict, mapping: Mapping) -> Example:
         prompt = chosen[:shared]
         if not prompt or prompt[-1]["role"] == "assistant":
             raise ValueError("chosen_messages and rejected_messages must share the prompt turns and differ in the answer")
-        return Example("preference", prompt, _tools(row, mapping), chosen=chosen[shared:], rejected=rejected[shared:])
+        return PreferenceExample(prompt, _tools(row, mapping), chosen=chosen[shared:], rejected=rejected[shared:])
     prompt = _prompt_turns(row, mapping)
     answers = []
     for name in ("chosen", "rejected"):
@@ -437,7 +419,7 @@ def parse_preference(row: dict, mapping: Mapping) -> Example:
         answers.append(_answer(row[key], mapping, key))
     if answers[0] == answers[1]:
         raise ValueError("chosen and rejected are the same answer")
-    return Example("preference", prompt, _tools(row, mapping), chosen=answers[0], rejected=answers[1])
+    return PreferenceExample(prompt, _tools(row, mapping), chosen=answers[0], rejected=answers[1])
 
 
 FEEDBACK_FIELDS = ("prompt", "completion", "messages", "conversations", "instruction", "label")
@@ -469,12 +451,12 @@ def parse_feedback(row: dict, mapping: Mapping) -> Example:
             prompt = turns[:-1]
             if not prompt or prompt[-1]["role"] not in ("user", "tool"):
                 raise ValueError(f"field '{key}': the answer (its last turn) must follow a user or tool turn")
-            return Example("feedback", prompt, _tools(row, mapping), completion=turns[-1:], label=label)
+            return FeedbackExample(prompt, _tools(row, mapping), completion=turns[-1:], label=label)
     prompt = _prompt_turns(row, mapping)
     key = mapping.col("completion" if row.get(mapping.col("completion")) is not None else "output")
     if row.get(key) is None:
         raise _missing(row, mapping.col("completion"), tuple(mapping.col(f) for f in FEEDBACK_FIELDS))
-    return Example("feedback", prompt, _tools(row, mapping), completion=_answer(row[key], mapping, key), label=label)
+    return FeedbackExample(prompt, _tools(row, mapping), completion=_answer(row[key], mapping, key), label=label)
 
 
 REFERENCE_FIELDS = ("reference", "answer", "solution")
@@ -490,7 +472,7 @@ def parse_prompt(row: dict, mapping: Mapping) -> Example:
         if value is not None:
             reference = value if isinstance(value, str) else json.dumps(value)
             break
-    return Example("prompt", prompt, _tools(row, mapping), reference=reference)
+    return PromptExample(prompt, _tools(row, mapping), reference=reference)
 
 
 def _has(*names: str) -> Callable[[dict, Mapping], bool]:
@@ -498,48 +480,59 @@ def _has(*names: str) -> Callable[[dict, Mapping], bool]:
 
 
 BUILTIN_FORMATS = (
-    DataFormat("preference", parse_preference,
+    DataFormat("preference", "preference", parse_preference,
                lambda row, m: _has("chosen", "rejected")(row, m) or "chosen_messages" in row,
-               "prompt + chosen + rejected (alpaca, sharegpt, OpenAI or LLaMA-Factory v1 shape)",
-               "preference"),
-    DataFormat("feedback", parse_feedback,
+               "prompt + chosen + rejected (alpaca, sharegpt, OpenAI or LLaMA-Factory v1 shape)"),
+    DataFormat("feedback", "feedback", parse_feedback,
                lambda row, m: m.present(row, "label") and any(m.present(row, n) for n in
                                                                ("completion", "messages", "conversations", "output")),
-               "prompt + one answer + label: desirable or not (kto; TRL's unpaired shape, LLaMA-Factory's kto_tag)",
-               "feedback"),
-    DataFormat("sharegpt", parse_sharegpt, _has("conversations"),
-               "conversations: [{from, value}] with human/gpt/system/function_call/observation",
-               "chat"),
-    DataFormat("messages", parse_messages, _has("messages"),
-               "OpenAI-style messages: [{role, content}], tool calls, typed parts", "chat"),
-    DataFormat("alpaca", parse_alpaca, _has("instruction"),
-               "instruction / input / output, optional system and history", "chat"),
-    DataFormat("prompt", parse_prompt, _has("prompt"),
-               "prompt with an optional reference answer (grpo)", "prompt"),
-    DataFormat("text", parse_text, _has("text"), "plain text (cpt)", "text"),
-    DataFormat("tokens", parse_tokens, _has("input_ids"), "input_ids: token ids, tokenized already (cpt)", "text"),
+               "prompt + one answer + label: desirable or not (kto; TRL's unpaired shape, LLaMA-Factory's kto_tag)"),
+    DataFormat("sharegpt", "chat", parse_sharegpt, _has("conversations"),
+               "conversations: [{from, value}] with human/gpt/system/function_call/observation"),
+    DataFormat("messages", "chat", parse_messages, _has("messages"),
+               "OpenAI-style messages: [{role, content}], tool calls, typed parts"),
+    DataFormat("alpaca", "chat", parse_alpaca, _has("instruction"),
+               "instruction / input / output, optional system and history"),
+    DataFormat("prompt", "prompt", parse_prompt, _has("prompt"),
+               "prompt with an optional reference answer (grpo)"),
+    DataFormat("text", "text", parse_text, _has("text"), "plain text (cpt)"),
+    DataFormat("tokens", "tokens", parse_tokens, _has("input_ids"), "input_ids: token ids, tokenized already (cpt)"),
 )
 
 
 @hookimpl
 def hwft_register_data_formats(register):
     for fmt in BUILTIN_FORMATS:
-        register(fmt.name, fmt.parse, detect=fmt.detect, description=fmt.description, kind=fmt.kind)
+        register(fmt)
 
 
 def collect_formats(pm: pluggy.PluginManager) -> dict[str, DataFormat]:
-    """Every registered format by name. A plugin's parser may return a plain list of messages
-    (a conversation); it is wrapped as a chat example."""
+    """Every registered format by name. A chat format's parser may return a plain list of
+    messages (a conversation); it is wrapped as a chat example."""
     found: dict[str, DataFormat] = {}
+    owners: dict[str, str] = {}
+    for impl in pm.hook.hwft_register_data_formats.get_hookimpls():
+        plugin = pm.get_name(impl.plugin) or "?"
 
-    def register(name, parse, detect=None, description="", kind=None):
-        def wrapped(row, mapping, _parse=parse):
-            out = _parse(row, mapping)
-            if isinstance(out, list):
-                out = Example("chat", _conversation(out, name))
-            return out
+        def register(fmt: DataFormat, _plugin=plugin) -> None:
+            if not isinstance(fmt, DataFormat):
+                raise UserError(f"plugin {_plugin}: hwft_register_data_formats registered {type(fmt).__name__}, "
+                                "not an hwft.data.formats.DataFormat (plugin API 2.0)")
+            if fmt.name in found:
+                raise UserError(f"data format '{fmt.name}' is registered twice (by plugin '{owners[fmt.name]}' and "
+                                f"by '{_plugin}'); disable one with HWFT_DISABLE_PLUGINS")
 
-        found[name] = DataFormat(name, wrapped, detect, description, kind)
+            def parse(row, mapping, _parse=fmt.parse, _name=fmt.name, _kind=fmt.kind):
+                out = _parse(row, mapping)
+                if isinstance(out, list) and _kind == "chat":
+                    out = ChatExample(_conversation(out, _name))
+                if not isinstance(out, Example) or out.kind != _kind:
+                    got = getattr(out, "kind", None) or type(out).__name__
+                    raise ValueError(f"format {_name} makes {_kind} examples, but its parser returned {got}")
+                return out
 
-    pm.hook.hwft_register_data_formats(register=register)
+            found[fmt.name] = replace(fmt, parse=parse)
+            owners[fmt.name] = _plugin
+
+        impl.function(register=register)
     return found

@@ -11,7 +11,8 @@ import statistics
 
 from hwft.data.batching import Row, batch_order, efficiency, make_rows
 from hwft.data.chat import IGNORE_INDEX, ChatRenderer, TokenizeStats, Tokenized
-from hwft.data.formats import Example
+from hwft.data.kinds import Example, kinds
+from hwft.data.kinds.sequences import encode
 from hwft.data.loading import load_train_data
 from hwft.methods import method
 from hwft.models import load_tokenizer, materialise_tokenizer, resolve_model
@@ -56,15 +57,8 @@ def histogram(lengths: list[int], bins: int = 10, width: int = 40) -> list[str]:
 
 
 def _shown(renderer: ChatRenderer, example: Example, max_length: int) -> list[tuple[str, Tokenized]]:
-    if example.kind == "preference":
-        pair = renderer.tokenize_preference(example)
-        return [("chosen", pair.chosen), ("rejected", pair.rejected)]
-    if example.kind == "feedback":
-        return [("desirable" if example.label else "undesirable", renderer.tokenize_answer(example, example.completion))]
-    if example.kind == "prompt":
-        ids = renderer.prompt_ids(example.messages, example.tools)
-        return [(f"prompt (reference: {example.reference!r})", Tokenized(ids, [IGNORE_INDEX] * len(ids)))]
-    return [("", t) for t in renderer.encode(example, max_length, TokenizeStats())]
+    """What of one example to show, as its kind's record says (a pair's two answers)."""
+    return kinds().of(example).shown(example, renderer, max_length)
 
 
 def inspect(recipe: Recipe, rows: int = 3, color: bool = False) -> tuple[str, dict]:
@@ -97,7 +91,7 @@ def inspect(recipe: Recipe, rows: int = 3, color: bool = False) -> tuple[str, di
     report: dict = {"schema": "hwft.data-inspect/1", "rows": shown, "examples": len(data.examples)}
     if method(recipe.method.objective).packs:
         stats = TokenizeStats()
-        tokenized = [s for e in data.examples for s in renderer.encode(e, t.max_length, stats)]
+        tokenized = [s for e in data.examples for s in encode(e, renderer, t.max_length, stats)]
         lengths = stats.lengths
         lines.append(f"--- {stats.summary(t.max_length)}")
         if lengths:

@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hwft.data.formats import DataFormat, Example, Mapping
+from hwft.data.formats import DataFormat, Mapping
+from hwft.data.kinds import Example
 from hwft.data.random_tokens import ordinary_ids, random_examples
 from hwft.data.reading import iter_rows
 from hwft.data.registry import lookup, read_registry
@@ -121,7 +122,7 @@ def read_examples(source: Source, formats: dict[str, DataFormat], objective: str
                 "set format: or method.objective:"
             )
         if reasoning == "strip":
-            for turns in (example.messages, example.chosen, example.rejected, example.completion):
+            for turns in (getattr(example, name, None) for name in ("messages", "chosen", "rejected", "completion")):
                 _strip_think(turns)
         example.source = where
         for converted in trains.convert(example):
@@ -167,8 +168,8 @@ def check_settings(recipe: Recipe) -> None:
         raise RecipeError("train.eval_every needs data.eval or data.val_size (the held-out examples to evaluate on)")
     for split, specs in (("train", recipe.data.train), ("eval", recipe.data.eval)):
         for i, spec in enumerate(specs):
-            if spec.random_tokens is not None and not chosen.reads("text"):
-                readers = " and ".join(m.name for m in methods if m.reads("text"))
+            if spec.random_tokens is not None and not chosen.reads("tokens"):
+                readers = " and ".join(m.name for m in methods if m.reads("tokens"))
                 raise RecipeError(f"data.{split}[{i}].random_tokens: rows of token ids, every one a label, train "
                                   f"{readers}; objective {chosen.name} trains on {chosen.kind} rows")
     if recipe.data.packing and not chosen.packs:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
-from hwft.data.formats import Example
+from hwft.data.kinds.tokens import TokensExample
 from hwft.recipe import RandomTokens, Recipe
 
 
@@ -36,7 +36,7 @@ def ordinary_ids(recipe: Recipe) -> tuple[int, ...]:
     return _ordinary_ids(str(materialise_tokenizer(model)), recipe.model.trust_remote_code)
 
 
-def random_examples(spec: RandomTokens, ids: tuple[int, ...], seed: int, label: str) -> Iterator[Example]:
+def random_examples(spec: RandomTokens, ids: tuple[int, ...], seed: int, label: str) -> Iterator[TokensExample]:
     rng = random.Random(f"{seed}:random_tokens:{label}")
     for row in range(spec.rows):
-        yield Example("text", token_ids=rng.choices(ids, k=spec.length), source=f"{label} random row {row}")
+        yield TokensExample(rng.choices(ids, k=spec.length), source=f"{label} random row {row}")

@@ -64,7 +64,6 @@ METHOD = Method(
     name="dpo",
     description="direct preference optimisation on chosen / rejected pairs",
     kind="preference",
-    batches="hwft.data.pipeline:preference_batches",
     section=DpoSpec,
     metrics=("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy"),
     headline=(("rewards/margins", "margin"), ("rewards/accuracy", "acc")),

@@ -152,7 +152,6 @@ METHOD = Method(
     name="grpo",
     description="group-relative policy optimisation: sampled completions scored by reward functions",
     kind="prompt",
-    batches="hwft.data.pipeline:prompt_batches",
     section=GrpoSpec,
     metrics=("reward", "reward_std", "completion_length", "clip_ratio", "kl"),
     headline=(("reward", "reward"),),

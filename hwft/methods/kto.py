@@ -10,7 +10,7 @@ the optimizer step's answers.
 The baseline is :math:`z_0 = \max(0, \frac1n\sum_i \log\pi(y'_i|x_i) - \log\pi_{ref}(y'_i|x_i))`
 over the micro-batch's *mismatched* pairs: each prompt :math:`x_i` with another row's answer
 :math:`y'_i`. It is detached: no gradient flows through it. hwft pairs each row with the answer of
-the row before it when the data is prepared (:func:`hwft.data.pipeline.feedback_items`), as
+the row before it when the data is prepared (:func:`hwft.data.kinds.feedback.feedback_items`), as
 LLaMA-Factory does, so a micro-batch of 1 trains; TRL rotates the answers within each
 micro-batch. Preference pairs train too, each as two answers (:func:`unpair`). At the first step the policy is the reference, so :math:`r = z_0 = 0` and every
 answer's loss is :math:`\lambda/2`: the loss is 0.5 with the default weights.
@@ -27,7 +27,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from hwft.data.formats import Example
+from hwft.data.kinds.feedback import FeedbackExample
+from hwft.data.kinds.preference import PreferenceExample
 from hwft.methods.record import Cell, FromLlamaFactory, Method
 from hwft.section import Section
 
@@ -59,10 +60,10 @@ def balance_note(desirable: int, undesirable: int, spec: KtoSpec) -> str | None:
             f"(lambda_D n_D / lambda_U n_U in [1, 4/3]; now {ratio:.2f})")
 
 
-def unpair(example: Example) -> list[Example]:
+def unpair(example: PreferenceExample) -> list[FeedbackExample]:
     """A preference pair as two feedback answers, as TRL unpairs one: the chosen answer
     desirable, the rejected undesirable, both after the same prompt."""
-    return [Example("feedback", example.messages, example.tools, completion=answer, label=label)
+    return [FeedbackExample(example.messages, example.tools, completion=answer, label=label)
             for answer, label in ((example.chosen, True), (example.rejected, False))]
 
 
@@ -89,7 +90,6 @@ METHOD = Method(
     description="Kahneman-Tversky optimisation on answers marked desirable or undesirable",
     kind="feedback",
     converts={"preference": unpair},
-    batches="hwft.data.pipeline:feedback_batches",
     section=KtoSpec,
     metrics=("rewards/chosen", "rewards/rejected", "rewards/margins", "kl"),
     headline=(("rewards/margins", "margin"), ("kl", "kl")),

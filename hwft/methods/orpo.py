@@ -44,7 +44,6 @@ METHOD = Method(
     name="orpo",
     description="odds-ratio preference optimisation: NLL plus an odds-ratio term, no reference model",
     kind="preference",
-    batches="hwft.data.pipeline:preference_batches",
     section=OrpoSpec,
     metrics=("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy", "log_odds", "nll"),
     headline=(("rewards/margins", "margin"), ("log_odds", "log-odds")),

@@ -200,7 +200,6 @@ METHOD = Method(
     name="ppo",
     description="PPO-clip with a value head: sampled completions scored by reward functions or a reward model",
     kind="prompt",
-    batches="hwft.data.pipeline:prompt_batches",
     section=PpoSpec,
     metrics=("reward", "policy_loss", "value_loss", "clip_ratio", "kl", "completion_length"),
     headline=(("reward", "reward"), ("value_loss", "vf")),

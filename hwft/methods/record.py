@@ -1,12 +1,13 @@
 """What a method is to hwft: the record a ``hwft_register_methods`` hook registers, the
 implementations engines register for it, and the registry both end up in.
 
-A method is one module of the core (sft, cpt, dpo, orpo, simpo, kto, rm, grpo and ppo are :mod:`hwft.methods.sft` and its
-siblings; a plugin's is its own module). Its :class:`Method` record says everything the core
-decides about it: the ``method.<name>`` recipe section and its settings, the kind of example it
-trains on (the data formats that make that kind feed it), whether its rows pack, how its
-examples become micro-batches, the metrics it logs and the invariants the conformance suite
-holds a backend to. What the loss *is* on an engine lives in that engine, one module per method,
+A method is one module of the core (sft, cpt, dpo, orpo, simpo, kto, rm, grpo and ppo are
+:mod:`hwft.methods.sft` and its siblings; a plugin's is its own module). Its :class:`Method`
+record says everything the core decides about it: the ``method.<name>`` recipe section and its
+settings, the kind of example it trains on (hwft.data.kinds: the data formats that make that
+kind feed it, and the kind's batcher makes its micro-batches), whether its rows pack, the
+metrics it logs, its traits (whether it generates, runs sequence-parallel, how many sequences an
+item is, what LLaMA-Factory calls it) and the invariants the conformance suite holds a backend to. What the loss *is* on an engine lives in that engine, one module per method,
 registered as an :class:`Implementation` keyed by (method, engine).
 """
 
@@ -96,10 +97,12 @@ class Method:
 
     name: str  #: the method.objective value (sft, cpt, dpo, orpo, simpo, kto, rm, grpo, ppo, or a plugin's)
     description: str  #: one line for `hwft plugins` and the docs
-    kind: str  #: the Example kind it trains on: chat, text, preference, feedback, prompt (hwft.data.formats)
-    #: (TrainData, ChatRenderer, Recipe, ranks, Capability) -> hwft.data.pipeline.Batches: its
-    #: examples tokenised and drawn into micro-batches (or a "module:function" path to that)
-    batches: str | Callable
+    #: the kind of example it trains on (hwft.data.kinds: chat, text, tokens, preference,
+    #: feedback, prompt, or a plugin's); the kind's batcher makes its micro-batches
+    kind: str
+    #: other kinds it trains on as they are, batched by its own kind's batcher (cpt: tokens rows
+    #: with its text rows)
+    also: tuple[str, ...] = ()
     #: other kinds of example it also reads, each with the function (or "module:function" path)
     #: that turns one into examples of its own kind (kto: a preference pair into two answers)
     converts: Mapping[str, str | Callable] = field(default_factory=dict)
@@ -134,16 +137,14 @@ class Method:
     #: what a LLaMA-Factory training YAML calls it; None: LLaMA-Factory has no such stage
     llamafactory: FromLlamaFactory | None = None
 
-    def make_batches(self, data, renderer, recipe, ranks: int = 1, capability=None):
-        return resolve(self.batches)(data, renderer, recipe, ranks, capability)
-
     def reads(self, kind: str) -> bool:
-        """Whether it trains on examples of ``kind``: its own, or one it converts."""
-        return kind == self.kind or kind in self.converts
+        """Whether it trains on examples of ``kind``: its own, one it takes as they are, or one it
+        converts."""
+        return kind == self.kind or kind in self.also or kind in self.converts
 
     def convert(self, example) -> list:
-        """``example`` as examples of this method's kind."""
-        if example.kind == self.kind:
+        """``example`` as examples this method trains on."""
+        if example.kind == self.kind or example.kind in self.also:
             return [example]
         return list(resolve(self.converts[example.kind])(example))
 

@@ -54,7 +54,6 @@ METHOD = Method(
     description="a Bradley-Terry reward model on chosen / rejected pairs: a scalar head, one reward per answer",
     kind="preference",
     head="score",
-    batches="hwft.data.pipeline:preference_batches",
     section=RmSpec,
     metrics=("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy"),
     headline=(("rewards/margins", "margin"), ("rewards/accuracy", "acc")),

@@ -28,7 +28,6 @@ METHOD = Method(
     name="sft",
     description="supervised fine-tuning: cross-entropy on the assistant turns of conversations",
     kind="chat",
-    batches="hwft.data.pipeline:sequence_batches",
     packs=True,
     streams=True,
     held_out=True,

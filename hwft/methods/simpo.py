@@ -42,7 +42,6 @@ METHOD = Method(
     name="simpo",
     description="simple preference optimisation: a length-normalised margin, no reference model",
     kind="preference",
-    batches="hwft.data.pipeline:preference_batches",
     section=SimpoSpec,
     metrics=("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy"),
     headline=(("rewards/margins", "margin"), ("rewards/accuracy", "acc")),

@@ -55,13 +55,9 @@ def evaluation_examples(trained: Trained, data: list[str] | None) -> tuple[list,
 
 
 def prompt_and_reference(example) -> tuple[list[dict], str] | None:
-    """The turns before the last assistant answer and that answer, or a prompt row's reference."""
-    if example.kind == "chat" and example.messages and example.messages[-1]["role"] == "assistant":
-        turns = [{"role": m["role"], "content": m["content"]} for m in example.messages[:-1]]
-        return turns, example.messages[-1].get("content") or ""
-    if example.kind == "prompt" and example.reference:
-        return [{"role": m["role"], "content": m["content"]} for m in example.messages], example.reference
-    return None
+    """The turns before the last assistant answer and that answer, or a prompt row's reference
+    (each kind's example says: ``Example.prompt_and_reference``)."""
+    return example.prompt_and_reference()
 
 
 def normalise(text: str) -> str:
@@ -83,10 +79,13 @@ def score(session: Session, examples: list, max_length: int, max_new_tokens: int
           batch_size: int) -> dict:
     """Loss and perplexity on the examples that have answer tokens; generation metrics on the
     first ``limit`` that have references."""
-    from hwft.data.pipeline import held_out_rows
+    from hwft.data.kinds.sequences import held_out_rows
+
+    from hwft.data.kinds import kinds
 
     out: dict = {}
-    scored = [e for e in examples if e.kind in ("chat", "text")]
+    registry = kinds()
+    scored = [e for e in examples if registry.of(e).sequences]  # the kinds whose examples have labels
     if scored:
         rows = held_out_rows(scored, session.renderer, max_length)
         total, count = session.nll(rows, batch_size)
@@ -103,9 +102,9 @@ def score(session: Session, examples: list, max_length: int, max_new_tokens: int
 
 def pairwise(session: Session, examples: list, max_length: int, batch_size: int) -> dict:
     """A reward model's pairwise accuracy and mean margin on the preference examples."""
-    from hwft.data.pipeline import preference_pairs
+    from hwft.data.kinds.preference import PreferenceExample, preference_pairs
 
-    pairs, _ = preference_pairs([e for e in examples if e.kind == "preference"], session.renderer, max_length)
+    pairs, _ = preference_pairs([e for e in examples if isinstance(e, PreferenceExample)], session.renderer, max_length)
     chosen = session.rewards([p.chosen.input_ids for p in pairs], batch_size)
     rejected = session.rewards([p.rejected.input_ids for p in pairs], batch_size)
     margins = [c - r for c, r in zip(chosen, rejected, strict=True)]

@@ -12,7 +12,8 @@ from __future__ import annotations
 import mlx.core as mx
 
 from hwft.data.batching import Row, pad
-from hwft.data.chat import FeedbackItem, Tokenized
+from hwft.data.chat import Tokenized
+from hwft.data.kinds.feedback import FeedbackItem
 from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
 from hwft.methods.kto import KtoSpec, balance_note

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from hwft.data.chat import PreferencePair
+from hwft.data.kinds.preference import PreferencePair
 from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
 from hwft.objective import Loss, PairSteps, pair_counts

@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from hwft.data.batching import Row, pad
-from hwft.data.chat import PreferencePair
+from hwft.data.kinds.preference import PreferencePair
 from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
 from hwft.methods.rm import RmSpec

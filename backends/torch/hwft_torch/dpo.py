@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from hwft.data.batching import Row, pad
-from hwft.data.chat import PreferencePair
+from hwft.data.kinds.preference import PreferencePair
 from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
 from hwft.methods.dpo import DpoSpec

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from hwft.data.pipeline import Batches, Prompt
+from hwft.data.kinds.prompt import Prompt
+from hwft.data.pipeline import Batches
 from hwft.models import stop_token_ids
 from hwft.methods.grpo import GrpoSpec
 from hwft.distributed import ALONE, Collective

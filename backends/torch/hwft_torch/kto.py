@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from hwft.data.batching import Row, pad
-from hwft.data.chat import FeedbackItem, Tokenized
+from hwft.data.chat import Tokenized
+from hwft.data.kinds.feedback import FeedbackItem
 from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
 from hwft.methods.kto import KtoSpec, balance_note

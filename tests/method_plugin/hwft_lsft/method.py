@@ -49,7 +49,6 @@ METHOD = Method(
     name="lsft",
     description="supervised fine-tuning with label smoothing (hwft-lsft)",
     kind="chat",
-    batches="hwft.data.pipeline:sequence_batches",
     section=LsftSpec,
     packs=True,
     metrics=("nll", "smoothing"),
