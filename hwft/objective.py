@@ -1,11 +1,12 @@
 """What every engine's objectives share: drawing micro-batches, epochs, logged statistics.
 
 An objective turns the data into optimizer steps. An engine's loop calls, for each step,
-``step(model, n)`` for the step's micro-batches, then ``loss(model, micro)`` for each and
-backpropagates it. The micro-batch losses of a step add up to the step's loss: each is
-normalised by a count taken over the whole step (label tokens, pairs, completion tokens), so
-gradient accumulation equals one big batch. The engine-specific halves live in each backend
-(``hwft_torch.objective``, ``hwft_mlx.objective``); this part imports no engine.
+``step(model, n)`` for the step's micro-batches, then ``loss(model, micro) -> Loss`` for each,
+backpropagates ``Loss.value`` and records ``Loss.stats`` (the same shape on every engine:
+:class:`hwft.contract.EngineObjective`). The micro-batch losses of a step add up to the step's
+loss: each is normalised by a count taken over the whole step (label tokens, pairs, completion
+tokens), so gradient accumulation equals one big batch. The engine-specific halves live in each
+backend (``hwft_torch.objective``, ``hwft_mlx.objective``); this part imports no engine.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hwft.data.batching import Row
@@ -24,11 +25,16 @@ from hwft.extras import Extra
 
 @dataclass
 class Loss:
+    """One micro-batch's loss, what it computed, and the statistics it logs."""
+
     value: Any  #: this micro-batch's share of the step's loss (an engine's scalar array)
     tokens: int  #: non-padding tokens computed
     trained: int  #: tokens the loss is taken on
     attended: int = 0  #: causal attention pairs computed, sum over sequences of L(L+1)/2 (FLOP model)
     examples: tuple[int, ...] = ()  #: indices of the sequences trained on (sft, cpt)
+    #: statistics to log (their means are), each an engine scalar or one per item, recorded by
+    #: the loop once the micro-batch is computed (MLX evaluates them with the gradient)
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 class Objective:
@@ -101,6 +107,14 @@ class Objective:
     def note(self, **values: float) -> None:
         for key, value in values.items():
             self.stats[key].append(float(value))
+
+    def record(self, stats: dict[str, Any]) -> None:
+        """Note a computed micro-batch's ``Loss.stats``: one value or one per item (a list, or an
+        engine array the loop has turned into one); means are logged."""
+        for key, value in stats.items():
+            values = value.tolist() if hasattr(value, "tolist") else value
+            for v in values if isinstance(values, list) else [values]:
+                self.note(**{key: v})
 
     def log_metrics(self) -> dict[str, float]:
         """The mean of each statistic noted since the last call, over all ranks' notes. A rank

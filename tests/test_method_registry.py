@@ -123,3 +123,26 @@ def test_the_method_package_touches_nothing_of_hwft():
     for tree in ("hwft", "backends"):
         for path in (REPO / tree).rglob("*.py"):
             assert "lsft" not in path.read_text(encoding="utf-8"), path
+
+
+def test_both_engines_hand_a_method_the_same_setup_and_take_the_same_objective():
+    """The engine contract is one shape (hwft.contract): each engine's Setup has every field of
+    the core's Setup protocol, and every built-in objective on either engine gives
+    ``loss(model, micro) -> Loss`` besides what the core's Objective shares."""
+    import dataclasses
+    import importlib
+
+    from hwft.contract import EngineObjective, Setup
+    from hwft.methods.record import resolve
+
+    wanted = set(Setup.__annotations__)
+    for engine in ("hwft_torch.methods", "hwft_mlx.methods"):
+        setup = resolve(f"{engine}:Setup")
+        assert wanted <= {f.name for f in dataclasses.fields(setup)}, (engine, wanted)
+    protocol = {name for name in dir(EngineObjective) if not name.startswith("_")} | set(EngineObjective.__annotations__)
+    for implementation in get_host().methods().implementations.values():
+        module = importlib.import_module(implementation.build.partition(":")[0])
+        built = [v for v in vars(module).values() if isinstance(v, type) and hasattr(v, "loss") and hasattr(v, "step")]
+        assert built, implementation
+        for cls in built:
+            assert protocol <= set(dir(cls)), (cls, protocol - set(dir(cls)))

@@ -216,6 +216,17 @@ def attach_extras(model: nn.Module, extras: tuple) -> None:
         setattr(model, extra.name, extra.module)
 
 
+def differentiable(objective: MlxObjective):
+    """The objective's ``loss`` as ``nn.value_and_grad`` takes it: (the value to differentiate,
+    the whole Loss, whose statistics and counts ride along)."""
+
+    def value_and_loss(model, micro):
+        loss = objective.loss(model, micro)
+        return loss.value, loss
+
+    return value_and_loss
+
+
 def add_trees(a, b):
     return b if a is None else tree_map(lambda x, y: x + y, a, b)
 
@@ -228,11 +239,11 @@ def train_step(step, objective, model, optimizer, schedule, value_and_grad, coll
     log.begin()
     grads = None
     for micro in objective.step(model, step):
-        (value, stats), micro_grads = value_and_grad(model, micro)
+        (value, loss), micro_grads = value_and_grad(model, micro)
         grads = add_trees(grads, micro_grads)
-        mx.eval(value, grads, stats)
-        objective.after({k: v.tolist() for k, v in stats.items()})
-        log.add(value.item(), objective.counts(micro))
+        mx.eval(value, grads, loss.stats)
+        objective.record(loss.stats)
+        log.add(value.item(), loss)
     if collective.world.size > 1:
         grads = collective.sum_gradients(grads)
     if max_norm:
@@ -291,7 +302,7 @@ def train(job: Job) -> Result:
     attach_extras(model, objective.extras)
     steps = batches.steps
     optimizer, schedule = make_optimizer(recipe, steps), make_schedule(recipe, steps)
-    value_and_grad = nn.value_and_grad(model, objective.loss)
+    value_and_grad = nn.value_and_grad(model, differentiable(objective))
     max_norm = t.max_grad_norm
 
     def ask(prompt: str) -> str:

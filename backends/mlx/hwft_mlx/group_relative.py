@@ -133,7 +133,7 @@ class GroupRelative(MlxObjective):
         write_rollouts(self.log_path, step, scored.scored)
         return batch
 
-    def loss(self, model, r: Rollouts):
+    def forward(self, model, r: Rollouts):
         g = self.spec
         logps = completion_logps(model, r, g.temperature)
         old = r.old_logps if r.old_logps is not None else mx.stop_gradient(logps)

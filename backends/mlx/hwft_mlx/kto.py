@@ -48,7 +48,7 @@ class Feedback(FeedbackSteps, MlxObjective):
         precompute_reference(model, self.batches.rows, batch_size,
                              lambda m, chunk: mx.stack(both_logps(m, chunk, self.pad_id), axis=1).tolist())
 
-    def loss(self, model, micro: tuple[list[FeedbackItem], int]):
+    def forward(self, model, micro: tuple[list[FeedbackItem], int]):
         items, step_items = micro
         with recorded_gates() as gates:  # an MoE policy's router logits (hwft.router_balance)
             own, mismatched = both_logps(model, items, self.pad_id)

@@ -16,32 +16,39 @@ ppo      :mod:`hwft_mlx.ppo`                            ``Proximal``
 =======  =============================================  ==============================
 
 A plugin's method on MLX registers ``Implementation(name, "mlx", build)``; ``build(setup:
-Setup)`` returns a :class:`hwft_mlx.objective.MlxObjective`, whose ``loss(model, micro)`` the
-loop differentiates with ``nn.value_and_grad``.
+Setup)`` returns an objective (:class:`hwft.contract.EngineObjective`, most simply a
+:class:`hwft_mlx.objective.MlxObjective`), whose ``loss(model, micro) -> Loss`` the loop
+differentiates with ``nn.value_and_grad``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hwft.distributed import ALONE, Collective
 from hwft.methods import Implementation
+
+if TYPE_CHECKING:  # for the annotations: registering the implementations imports none of it
+    from hwft.data.pipeline import Batches
+    from hwft.job import Job
+    from hwft.kernels import Applied
 
 ENGINE = "mlx"
 
 
 @dataclass
 class Setup:
-    """What the MLX loop has built when it asks for the method's objective."""
+    """What the MLX loop has built when it asks for the method's objective: a
+    :class:`hwft.contract.Setup` with MLX's own fields."""
 
-    job: Any  #: hwft.job.Job: the recipe (job.recipe), the run folder, the log (job.log)
-    batches: Any  #: hwft.data.pipeline.Batches of the method's kind
+    job: Job  #: the recipe (job.recipe), the run folder, the log (job.log)
+    batches: Batches  #: the micro-batches of the method's kind
     model: Any  #: the mlx-lm model with its tuning (LoRA layers, a quantised base) applied
     tokenizer: Any
     stop: list[int]  #: the token ids that end a generation
     collective: Collective = ALONE  #: sums over ranks
-    kernels: Any = None  #: hwft.kernels.Applied: the kernels applied, by slot
+    kernels: Applied | None = None  #: the kernels applied, by slot
 
 
 IMPLEMENTATIONS = (

@@ -1,13 +1,16 @@
 """The MLX half of the objectives (the shared half is :mod:`hwft.objective`), and the one for
 sft and cpt.
 
-MLX differentiates a function, so an MLX objective splits what the torch one does in one call:
-``loss(model, micro)`` is the traced part, returning the loss and a dict of statistic arrays;
-``counts(micro)`` are the host-side token counts; ``after(stats)`` notes the evaluated
-statistics. The engine runs ``nn.value_and_grad`` over ``loss``.
+An objective's ``loss(model, micro) -> Loss`` has one shape on every engine
+(:class:`hwft.contract.EngineObjective`); on MLX it is the function ``nn.value_and_grad``
+differentiates, its statistics arrays the engine evaluates with the gradient and then records.
+:class:`MlxObjective` builds it from two halves: ``forward(model, micro) -> (value, statistic
+arrays)``, the traced computation, and ``counts(micro) -> Loss``, the host-side token counts.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -24,17 +27,19 @@ from hwft_mlx.router import recorded_gates
 
 
 class MlxObjective(Objective):
-    def loss(self, model: nn.Module, micro) -> tuple[mx.array, dict[str, mx.array]]:
+    def loss(self, model: nn.Module, micro) -> Loss:
+        """The micro-batch's loss, counts and statistics: ``forward``'s value and arrays with
+        ``counts``' numbers."""
+        value, stats = self.forward(model, micro)
+        return replace(self.counts(micro), value=value, stats=stats)
+
+    def forward(self, model: nn.Module, micro) -> tuple[mx.array, dict[str, mx.array]]:
+        """The traced part: the loss and its statistics as arrays (one value, or one per item)."""
         raise NotImplementedError
 
     def counts(self, micro) -> Loss:
+        """The tokens computed and trained (and attended), from the micro-batch's host data."""
         raise NotImplementedError
-
-    def after(self, stats: dict[str, float | list[float]]) -> None:
-        """Note a micro-batch's evaluated statistics, one value or one per item (means are logged)."""
-        for key, value in stats.items():
-            for v in value if isinstance(value, list) else [value]:
-                self.note(**{key: v})
 
 
 def packed_segments(rows: list[Row], width: int) -> np.ndarray | None:
@@ -119,7 +124,7 @@ class LanguageModelling(MlxObjective):
     def step(self, model, step: int) -> list[tuple[list[Row], int]]:
         return self.step_shares(self.accumulation, step_label_count)
 
-    def loss(self, model, micro: tuple[list[Row], int]):
+    def forward(self, model, micro: tuple[list[Row], int]):
         rows, num_items = micro
         with recorded_gates() as gates:  # an MoE model's router logits (hwft_mlx.router); else none
             value = summed_cross_entropy(model, rows, self.pad_id, self.fused) / num_items

@@ -72,7 +72,7 @@ class Proximal(GroupRelative):
         write_rollouts(self.log_path, step, ScoredRollouts(everyone, every_score, [0.0] * len(everyone), metrics))
         return batch
 
-    def loss(self, model, r: ValuedRollouts):
+    def forward(self, model, r: ValuedRollouts):
         g = self.spec
         logps, values = policy_outputs(model, r, g.temperature)
         value, stats = ppo_loss(logps, r.old_logps, values, r.old_values, r.returns, r.advantages, r.mask,

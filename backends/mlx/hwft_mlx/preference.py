@@ -63,7 +63,7 @@ class Preference(PairSteps, MlxObjective):
 
         precompute_reference(model, self.batches.rows, batch_size, logps_of)
 
-    def loss(self, model, micro: tuple[list[PreferencePair], int]):
+    def forward(self, model, micro: tuple[list[PreferencePair], int]):
         pairs, step_pairs = micro
         ids, scored = pair_arrays(pairs, self.pad_id)
         with recorded_gates() as gates:  # an MoE policy's router logits (hwft.router_balance)

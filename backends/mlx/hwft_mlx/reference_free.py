@@ -28,7 +28,7 @@ class ReferenceFree(PairSteps, MlxObjective):
     def pair_loss(self, chosen: mx.array, rejected: mx.array) -> dict[str, mx.array]:
         raise NotImplementedError
 
-    def loss(self, model, micro: tuple[list[PreferencePair], int]):
+    def forward(self, model, micro: tuple[list[PreferencePair], int]):
         pairs, step_pairs = micro
         ids, scored = pair_arrays(pairs, self.pad_id)
         with recorded_gates() as gates:  # an MoE policy's router logits (hwft.router_balance)

@@ -36,7 +36,7 @@ class RewardModel(PairSteps, MlxObjective):
         super().__init__(batches, collective)
         self.spec, self.accumulation, self.pad_id = spec, accumulation, pad_id
 
-    def loss(self, model, micro: tuple[list[PreferencePair], int]):
+    def forward(self, model, micro: tuple[list[PreferencePair], int]):
         pairs, step_pairs = micro
         seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
         ids = pad([Row(t.input_ids, t.labels, [len(t.input_ids)]) for t in seqs], self.pad_id)["input_ids"]

@@ -1,20 +1,26 @@
-"""The torch engine's set-up and step, for every objective and parallel strategy.
+"""The torch engine's set-up and step, for every method and parallel strategy.
 
-join the process group (several ranks) -> load tokenizer -> tokenise the data (rows, pairs or
-prompts) -> load the model and its tuning (full, lora, qlora) and the recipe's kernels -> the
-objective (sft/cpt, dpo, grpo) and its reference -> the strategy (none, ddp, fsdp2, deepspeed)
-with optimizer and schedule -> the core loop (:mod:`hwft.loop`: answers before, each step,
-evaluation, checkpoints and stop signals, save, answers after, loss.png), which calls this
-engine's step: this rank's share of the objective's micro-batches (grpo samples rollouts
-here), forward and loss, backward, then clip and update, logged summed over ranks. The losses
-live in :mod:`hwft_torch.losses`, each with its maths; the strategies in :mod:`hwft_torch.parallel`.
+The set-up runs in named phases (:class:`TorchRun`): start (the device, the process group, the
+seed, the tokenizer and the method's micro-batches) -> load (the model with its tuning: full,
+freeze, lora, qlora; an fsdp2 skeleton whose shards each rank reads) -> fuse (the recipe's
+kernels, torch.compile) -> tune (the method's objective and the modules it trains beside the
+model) -> distribute (the strategy: none, ddp, fsdp2, deepspeed, with optimizer and schedule).
+Then the core loop (:mod:`hwft.loop`: answers before, each step, evaluation, checkpoints and
+stop signals, save, answers after, loss.png) calls this engine's step: this rank's share of the
+objective's micro-batches (a method that generates samples rollouts here), forward and loss,
+backward, then clip and update, logged summed over ranks. The losses live in
+:mod:`hwft_torch.losses` and the methods' own modules, each with its maths; the strategies in
+:mod:`hwft_torch.parallel`.
 """
 
 from __future__ import annotations
 
 import random
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -22,7 +28,7 @@ from hwft import kernels, loraplus
 from hwft.loop import EngineRun, run_steps
 from hwft.data.chat import ChatRenderer
 from hwft.distributed import ALONE, Collective
-from hwft.job import Job, Result
+from hwft.job import Inputs, Job, Result
 from hwft.objective import Objective
 from hwft.plugins import get_host
 from hwft.steplog import StepLog
@@ -45,7 +51,7 @@ from hwft_torch.modeling import (
 from hwft_torch.methods import ENGINE, Setup
 from hwft_torch.objective import held_out_loss
 from hwft_torch.runtime import DeviceRuntime
-from hwft_torch.parallel import TorchCollective, init_process_group, make_strategy, sharded
+from hwft_torch.parallel import Single, TorchCollective, init_process_group, make_strategy, sharded
 from hwft_torch.sharded_loading import load_skeleton
 from hwft_torch.host_memory import (
     cpu_current_rss,
@@ -214,6 +220,7 @@ def train_step(step: int, objective: Objective, model, strategy, log: StepLog, a
         with autocast():
             loss = strategy.forward(objective.loss, micro, last=i == len(micro_batches) - 1)
         strategy.backward(loss.value)
+        objective.record(loss.stats)
         log.add(loss.value.item(), loss)
     lr, grad_norm = strategy.step()
     if device.type != "cpu":
@@ -222,11 +229,46 @@ def train_step(step: int, objective: Objective, model, strategy, log: StepLog, a
     return lr, grad_norm
 
 
-def train(job: Job, runtime: DeviceRuntime) -> Result:
+@dataclass
+class TorchRun:
+    """What the torch engine's set-up builds, phase by phase: :func:`start` (the device, the
+    process group, the data), :func:`load` (the weights with their tuning), :func:`fuse` (the
+    recipe's kernels), :func:`tune` (what trains: the method's objective and its extras) and
+    :func:`distribute` (the parallel strategy with optimizer and schedule)."""
+
+    job: Job
+    runtime: DeviceRuntime
+    device: torch.device
+    collective: Collective
+    owns_group: bool  #: this run started the process group, so the strategy ends it
+    tuning: str  #: the tuning that runs (lora where qlora fell back)
+    dtype: torch.dtype  #: the compute dtype
+    inputs: Inputs
+    model: Any = None
+    weights: Any = None  #: a skeleton's shards, read once fsdp2 has sharded it (hwft_torch.sharded_loading)
+    made: dict = field(default_factory=dict)  #: the chosen kernels' objects (hwft.kernels.prepare)
+    applied: kernels.Applied = field(default_factory=kernels.Applied)
+    objective: Objective | None = None
+    strategy: Single | None = None
+    undo: list[Callable[[], None]] = field(default_factory=list)  #: what close() puts back
+
+    def autocast(self):
+        """The run's compute dtype as a context (none for fp32)."""
+        return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
+
+    def close(self) -> None:
+        self.strategy.close()
+        self.applied.undo()
+        for undo in self.undo:
+            undo()
+
+
+def start(job: Job, runtime: DeviceRuntime) -> TorchRun:
+    """The device, the process group (several ranks, or a strategy that needs one), the seed,
+    and the tokenizer with the method's micro-batches (hwft.job.Job.inputs, alike on every engine)."""
     recipe, t, world = job.recipe, job.recipe.train, job.world
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
-    tuning = effective_tuning(job)
     device = runtime.device(world.local_rank)
     if device.type == "cpu":
         map_passing_blocks()  # while loading (hwft_torch.host_memory)
@@ -241,111 +283,135 @@ def train(job: Job, runtime: DeviceRuntime) -> Result:
     if problem := ranks_problem(recipe, world.size):  # ranks started by torchrun or srun themselves
         raise RecipeError(problem)
     seed_everything(t.seed)
+    return TorchRun(job, runtime, device, collective, owns_group, effective_tuning(job), compute_dtype(recipe, runtime),
+                    job.inputs())
 
-    # 1. Tokenizer and data (hwft.job.Job.inputs, the same for every engine).
-    inputs = job.inputs()
-    model_path, tokenizer, renderer = inputs.model_path, inputs.tokenizer, inputs.renderer
-    batches, held_out = inputs.batches, inputs.held_out
 
-    # 2. Model with its tuning, the objective, then the strategy with optimizer and schedule.
-    dtype = compute_dtype(recipe, runtime)
-    made = kernels.prepare(job, job.choice.kernels)
-    if runtime.before_load:
-        runtime.before_load(recipe)
-    if device.type == "cpu":  # what the model and its training add to the process (hwft plan's figures)
-        import_model_code(model_path, recipe, tuning)
+def load(run: TorchRun) -> None:
+    """The weights with their tuning (full, freeze, lora, qlora): under fsdp2 over several
+    ranks a skeleton whose shards each rank reads once sharded, else the whole model; the
+    kernels' ``before_load`` first, and on the CPU the memory loading takes (hwft plan's figures)."""
+    job, recipe, device, path = run.job, run.job.recipe, run.device, run.inputs.model_path
+    run.made = kernels.prepare(job, job.choice.kernels)
+    if run.runtime.before_load:
+        run.runtime.before_load(recipe)
+    if device.type == "cpu":  # what the model and its training add to the process
+        import_model_code(path, recipe, run.tuning)
         job.results.extra["memory_before_load_bytes"] = cpu_current_rss()
         reset_peak_rss()
-    spread = recipe.parallel.sequence_parallel
-    if spread > 1:
+    if recipe.parallel.sequence_parallel > 1:
         from transformers import AutoConfig
 
-        sequence_parallel.check_model(AutoConfig.from_pretrained(model_path, local_files_only=True), spread)
-    # fsdp2 over several ranks: a skeleton now, each rank's shards read once it is sharded.
-    model, weights = (load_skeleton(model_path, recipe, device, tuning, dtype, world)
-                      if recipe.parallel.strategy == "fsdp2" and world.size > 1 else (None, None))
-    if model is not None:
+        sequence_parallel.check_model(AutoConfig.from_pretrained(path, local_files_only=True),
+                                      recipe.parallel.sequence_parallel)
+    if recipe.parallel.strategy == "fsdp2" and job.world.size > 1:
+        run.model, run.weights = load_skeleton(path, recipe, device, run.tuning, run.dtype, job.world)
+    if run.model is not None:
         job.log("fsdp2: each rank reads only its own shards of the weights (no rank loads the whole model)")
     else:
-        if weights:
-            job.log(f"fsdp2: each rank loads the whole model, then keeps its shards ({weights})")
-        frozen = frozen_weights.wanted(recipe, tuning, dtype, device.type)
-        model, weights = load_model(model_path, recipe, device, tuning, dtype, frozen), None
+        if run.weights:
+            job.log(f"fsdp2: each rank loads the whole model, then keeps its shards ({run.weights})")
+        frozen = frozen_weights.wanted(recipe, run.tuning, run.dtype, device.type)
+        run.model, run.weights = load_model(path, recipe, device, run.tuning, run.dtype, frozen), None
         if frozen:
-            job.log(f"frozen weights: {frozen_weights.count(model, frozen)} linear layers stored in "
+            job.log(f"frozen weights: {frozen_weights.count(run.model, frozen)} linear layers stored in "
                     f"{str(frozen).removeprefix('torch.')}, as autocast would cast them in every forward "
                     "(train.frozen_weights)")
-    needed = family_attention(model_type_of(model_path)) if recipe.kernels.attention == "auto" else None
+    needed = family_attention(model_type_of(path)) if recipe.kernels.attention == "auto" else None
     if needed is not None:
         job.log(f"attention: {needed[0]}, not sdpa ({needed[1]})")
-    if experts_implementation(model_type_of(model_path)):
+    if experts_implementation(model_type_of(path)):
         job.log("moe: every expert's tokens in one grouped matmul (transformers' grouped_mm experts)")
-    batches.check_vocabulary(model.get_input_embeddings().num_embeddings, str(model_path))
-    applied = apply_kernels(job, model, made, tuning)
-    compile_layers_if_wanted(job, model, device, batches.steps)
+    run.inputs.batches.check_vocabulary(run.model.get_input_embeddings().num_embeddings, str(path))
+
+
+def fuse(run: TorchRun) -> None:
+    """The recipe's kernels applied to the loaded model of its family, then torch.compile where
+    it pays (kernels.compile)."""
+    run.applied = apply_kernels(run.job, run.model, run.made, run.tuning)
+    compile_layers_if_wanted(run.job, run.model, run.device, run.inputs.batches.steps)
+
+
+def tune(run: TorchRun) -> None:
+    """What trains: the model's size in the log, Ulysses attention where rows are split over
+    ranks, and the method's objective (this engine's implementation) with its extra modules
+    attached to the model."""
+    job, recipe, model = run.job, run.job.recipe, run.model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    quantised = f", {quantised_linear_count(model)} linear layers {recipe.method.qlora.bits}-bit" if tuning == "qlora" else ""
-    job.log(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained ({tuning}{quantised}), "
-            f"compute {str(dtype).removeprefix('torch.')} on {device}")
-
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-
-    undo_ulysses = None
+    quantised = f", {quantised_linear_count(model)} linear layers {recipe.method.qlora.bits}-bit" \
+        if run.tuning == "qlora" else ""
+    job.log(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained ({run.tuning}{quantised}), "
+            f"compute {str(run.dtype).removeprefix('torch.')} on {run.device}")
+    spread = recipe.parallel.sequence_parallel
     if spread > 1:
-        undo_ulysses = sequence_parallel.register(model, spread, t.micro_batch_size)
-        groups = world.size // spread
+        run.undo.append(sequence_parallel.register(model, spread, recipe.train.micro_batch_size))
+        groups = job.world.size // spread
         job.log(f"sequence parallel: each row's tokens split over {spread} ranks (DeepSpeed's Ulysses attention "
                 f"over sdpa), {groups} data-parallel {'group' if groups == 1 else 'groups'}")
-    objective = make_objective(Setup(job, batches, model, tokenizer, device, autocast, collective, runtime, applied))
-    attach_extras(model, objective.extras, device)
-    steps = batches.steps
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    strategy = make_strategy(
-        recipe, model, lambda m: make_optimizer(m, recipe, runtime), lambda o: make_scheduler(o, recipe, steps),
-        world, t.max_grad_norm or float("inf"), scaler, weights, objective.extras,
+    run.objective = make_objective(Setup(job, run.inputs.batches, model, run.inputs.tokenizer, run.device, run.autocast,
+                                         run.collective, run.runtime, run.applied))
+    attach_extras(model, run.objective.extras, run.device)
+
+
+def distribute(run: TorchRun) -> None:
+    """The parallel strategy around the model (none, ddp, fsdp2, deepspeed) with optimizer and
+    schedule; the objective of a method that generates samples in the strategy's whole model."""
+    job, recipe = run.job, run.job.recipe
+    steps = run.inputs.batches.steps
+    scaler = torch.amp.GradScaler(run.device.type) if run.dtype == torch.float16 else None
+    run.strategy = make_strategy(
+        recipe, run.model, lambda m: make_optimizer(m, recipe, run.runtime), lambda o: make_scheduler(o, recipe, steps),
+        job.world, recipe.train.max_grad_norm or float("inf"), scaler, run.weights, run.objective.extras,
     )
-    if device.type == "cpu":
+    if run.device.type == "cpu":
         job.results.extra["memory_load_peak_bytes"] = cpu_peak_rss_since_reset()
-        if weights is not None:
-            job.results.extra["memory_shard_bytes"] = weights.held_bytes
+        if run.weights is not None:
+            job.results.extra["memory_shard_bytes"] = run.weights.held_bytes
         if kept := keep_freed_host_memory():  # for the steps, now that loading's passing blocks are gone
             job.log(kept)
-    strategy.owns_group = owns_group
-    model = strategy.model  # sharded in place by fsdp2; the same module otherwise
-    synced = sharded(recipe) and world.size > 1
-
+    run.strategy.owns_group = run.owns_group
+    run.model = run.strategy.model  # sharded in place by fsdp2; the same module otherwise
     if get_host().methods().get(recipe.method.objective).generates:  # it samples as answers do
-        objective.whole_model = strategy.whole_model
+        run.objective.whole_model = run.strategy.whole_model
+
+
+def train(job: Job, runtime: DeviceRuntime) -> Result:
+    """The set-up's phases, then the loop written once in the core (hwft.loop)."""
+    run = start(job, runtime)
+    load(run)
+    fuse(run)
+    tune(run)
+    distribute(run)
+    return run_steps(job, engine_run(run))
+
+
+def engine_run(run: TorchRun) -> EngineRun:
+    """What the core loop needs of this run: its step, answers (rank 0 alone, unless sharded
+    parameters need every rank in each forward), held-out loss, checkpoint state and save."""
+    job, recipe, strategy, objective = run.job, run.job.recipe, run.strategy, run.objective
+    model, device, inputs = run.model, run.device, run.inputs
+    synced = sharded(recipe) and job.world.size > 1
 
     def ask(prompt: str) -> str:
         with strategy.whole_model():
-            return answer(model, tokenizer, renderer, prompt, job.recipe.eval.max_new_tokens, device, synced)
+            return answer(model, inputs.tokenizer, inputs.renderer, prompt, recipe.eval.max_new_tokens, device, synced)
 
     def evaluate() -> float:
-        return held_out_loss(model, held_out, tokenizer.pad_token_id, attention_implementation(recipe), device,
-                             t.micro_batch_size, autocast, fused=not sharded(recipe))
+        return held_out_loss(model, inputs.held_out, inputs.tokenizer.pad_token_id, attention_implementation(recipe),
+                             device, recipe.train.micro_batch_size, run.autocast, fused=not sharded(recipe))
 
     def step(n: int, log: StepLog) -> float:
-        _, grad_norm = train_step(n, objective, model, strategy, log, autocast, device)
+        _, grad_norm = train_step(n, objective, model, strategy, log, run.autocast, device)
         return grad_norm if strategy.scaler is None else 0.0  # fp16: the scaler skips a non-finite step
 
-    def close() -> None:
-        strategy.close()
-        applied.undo()
-        if undo_ulysses:
-            undo_ulysses()
-
-    # 3. The loop (hwft.loop): answers (rank 0 alone, unless sharded parameters need every rank
-    # in each forward), steps from the checkpoint's on, evaluation, checkpoints, save, plot.
     model.train()
-    return run_steps(job, EngineRun(
-        objective=objective, steps=steps, train_step=step,
-        state=TorchState(strategy, tokenizer, recipe, device, save_result, objective.extras), strategy=strategy.name,
-        save=lambda out: save(job, strategy, tokenizer, out, objective.extras), tuning=tuning,
-        dtype={v: k for k, v in DTYPES.items()}[dtype], model=model, device=str(device),
-        ask=ask if world.main or synced else None, held_out_loss=evaluate if held_out else None,
-        held_out_size=len(held_out or []), peak_memory=runtime.peak_memory,
-        skips_nonfinite=strategy.skips_nonfinite, close=close,
-    ))
+    return EngineRun(
+        objective=objective, steps=inputs.batches.steps, train_step=step,
+        state=TorchState(strategy, inputs.tokenizer, recipe, device, save_result, objective.extras),
+        strategy=strategy.name, save=lambda out: save(job, strategy, inputs.tokenizer, out, objective.extras),
+        tuning=run.tuning, dtype={v: k for k, v in DTYPES.items()}[run.dtype], model=model, device=str(device),
+        ask=ask if job.world.main or synced else None, held_out_loss=evaluate if inputs.held_out else None,
+        held_out_size=len(inputs.held_out or []), peak_memory=run.runtime.peak_memory,
+        skips_nonfinite=strategy.skips_nonfinite, close=run.close,
+    )

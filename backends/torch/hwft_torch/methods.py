@@ -16,36 +16,47 @@ ppo      :mod:`hwft_torch.ppo`                          ``Proximal``
 =======  =============================================  ==============================
 
 A plugin's method on the torch engine registers an ``Implementation(name, "torch", build)``
-whose ``build(setup: Setup)`` returns an :class:`hwft.objective.Objective`: the loop calls its
-``step(model, n)`` for a step's micro-batches and ``loss(model, micro)`` for each, under
-autocast, and backpropagates ``Loss.value``.
+whose ``build(setup: Setup)`` returns an objective (:class:`hwft.contract.EngineObjective`,
+most simply an :class:`hwft.objective.Objective`): the loop calls its ``step(model, n)`` for a
+step's micro-batches and ``loss(model, micro) -> Loss`` for each, under autocast, and
+backpropagates ``Loss.value``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hwft.distributed import ALONE, Collective
 from hwft.methods import Implementation
+
+if TYPE_CHECKING:  # for the annotations: registering the implementations imports none of it
+    import torch
+
+    from hwft.data.pipeline import Batches
+    from hwft.job import Job
+    from hwft.kernels import Applied
+    from hwft_torch.runtime import DeviceRuntime
 
 ENGINE = "torch"
 
 
 @dataclass
 class Setup:
-    """What the torch loop has built when it asks for the method's objective."""
+    """What the torch loop has built when it asks for the method's objective: a
+    :class:`hwft.contract.Setup` with the torch engine's own fields."""
 
-    job: Any  #: hwft.job.Job: the recipe (job.recipe), the run folder, the log (job.log)
-    batches: Any  #: hwft.data.pipeline.Batches of the method's kind
+    job: Job  #: the recipe (job.recipe), the run folder, the log (job.log)
+    batches: Batches  #: the micro-batches of the method's kind
     model: Any  #: the torch module, with its tuning (peft adapter, quantised base) applied
     tokenizer: Any
-    device: Any  #: torch.device
-    autocast: Callable[[], Any]  #: a context manager factory: the run's compute dtype
+    device: torch.device
+    autocast: Callable[[], AbstractContextManager]  #: a context manager factory: the run's compute dtype
     collective: Collective = ALONE  #: sums over ranks
-    runtime: Any = None  #: hwft_torch.runtime.DeviceRuntime: the device's own settings
-    kernels: Any = None  #: hwft.kernels.Applied: the kernels applied, by slot (``kernels.get("cross_entropy")``)
+    runtime: DeviceRuntime | None = None  #: the device's own settings
+    kernels: Applied | None = None  #: the kernels applied, by slot (``kernels.get("cross_entropy")``)
 
 
 IMPLEMENTATIONS = (
