@@ -14,6 +14,7 @@ import sys
 from hwft import HWFT_PLUGIN_API, __version__
 from hwft.entry import guarded, start_process
 from hwft.environment import ENV_SCHEMA, env_report
+from hwft.errors import UserError
 
 #: Versioned schemas of the --json outputs (documented in the README).
 PLUGINS_SCHEMA = "hwft.plugins/1"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import pluggy
 

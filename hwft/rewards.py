@@ -20,13 +20,11 @@ from __future__ import annotations
 import inspect
 import json
 import re
-import statistics
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import pluggy
 
-from hwft.distributed import ALONE, Collective
 from hwft.errors import RecipeError, did_you_mean
 
 hookimpl = pluggy.HookimplMarker("hwft")
@@ -128,7 +126,7 @@ def reward_model(samples: list[Sample], path: str, backend: str = "auto", batch_
     """The reward a trained reward model (objective rm: its run folder, or the run's adapter/
     or model/, relative to the working directory) gives each completion as the answer to its
     prompt, the conversation rendered with that model's chat template. Loaded once per run."""
-    from hwft.inference import inference_backends, open_session, open_trained
+    from hwft.inference import inference_backends, open_session
     from hwft.plugins import get_host
 
     key = (str(path), backend)

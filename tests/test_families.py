@@ -87,7 +87,7 @@ TRANSLATED = {
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_mlx_reads_the_family_as_transformers_does(family, models):
-    from hwft_mlx.modeling import config_overrides, load_model
+    from hwft_mlx.loading import config_overrides, load_model
 
     folder = models(family)
     config = json.loads((folder / "config.json").read_text())
@@ -163,7 +163,8 @@ def test_packed_rows_keep_examples_apart_on_torch(family, models):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_packed_rows_keep_examples_apart_on_mlx(family, models):
     """mlx-lm's own forward with hwft's segment mask (hwft_mlx.packing), and the load-time proof."""
-    from hwft_mlx.modeling import load_model, mask_dims, output_logits, packing_problem
+    from hwft_mlx.forward import mask_dims, output_logits, packing_problem
+    from hwft_mlx.loading import load_model
     from hwft_mlx.objective import packed_segments
     from hwft_mlx.packing import prove, row_logits
 
@@ -331,7 +332,8 @@ def test_moe_adapters_travel_between_peft_and_mlx(family, models, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from hwft.recipe import LoraSpec
-    from hwft_mlx.modeling import add_lora, load_model, load_peft_adapter, save_peft_adapter
+    from hwft_mlx.adapters import add_lora, load_peft_adapter, save_peft_adapter
+    from hwft_mlx.loading import load_model
 
     folder = models(family)
     targets = LORA_TARGETS.get(family, "all-linear")

@@ -39,7 +39,7 @@ def test_rope_theta_from_transformers5_config_is_normalised(tmp_path, tokenizer_
     from mlx_lm.utils import load_model as mlx_load
     from transformers import AutoModelForCausalLM
 
-    from hwft_mlx.modeling import config_overrides, load_model
+    from hwft_mlx.loading import config_overrides, load_model
 
     folder = build_tiny_model("llama", tmp_path / "m", tokenizer_dir, rope_theta=100000.0)
     config = json.loads((folder / "config.json").read_text())
@@ -61,7 +61,7 @@ def test_the_embedded_model_answers_on_mlx(embedded_dir):
     from hwft.data.chat import ChatRenderer
     from hwft.models import stop_token_ids
     from hwft_mlx.engine import answer
-    from hwft_mlx.modeling import load_model
+    from hwft_mlx.loading import load_model
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
     model, _ = load_model(embedded_dir)
@@ -99,7 +99,8 @@ def test_logits_loss_and_gradients_match_torch(family, request, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from hwft.data.batching import pad
-    from hwft_mlx.modeling import load_model, load_peft_adapter, lora_modules
+    from hwft_mlx.adapters import load_peft_adapter, lora_modules
+    from hwft_mlx.loading import load_model
     from hwft_mlx.objective import summed_cross_entropy
     from hwft_torch.losses import causal_lm_loss
     from hwft_torch.objective import to_tensors
@@ -144,7 +145,8 @@ def test_reward_head_reads_what_transformers_reads(tiny_llama):
     from transformers import AutoModelForSequenceClassification
 
     from hwft.data.batching import pad
-    from hwft_mlx.modeling import add_score_head, load_model
+    from hwft_mlx.heads import add_score_head
+    from hwft_mlx.loading import load_model
     from hwft_mlx.rm import sequence_rewards
 
     torch.manual_seed(0)
@@ -282,7 +284,8 @@ def test_an_mlx_adapter_loads_in_peft(both_engines, tiny_llama):
 
 def test_a_peft_adapter_loads_in_mlx(both_engines, tiny_llama):
     """adapter/ from the torch engine (peft) loads into the MLX backend with the same logits."""
-    from hwft_mlx.modeling import load_model, load_peft_adapter
+    from hwft_mlx.adapters import load_peft_adapter
+    from hwft_mlx.loading import load_model
 
     torch_model = both_engines["cpu"].results.model.eval()
     with torch.no_grad():
@@ -297,7 +300,7 @@ def test_a_full_mlx_model_loads_in_transformers(tiny_qwen2, tmp_path, cli):
     logits MLX gives for it; and it moved away from the base."""
     from transformers import AutoModelForCausalLM
 
-    from hwft_mlx.modeling import load_model
+    from hwft_mlx.loading import load_model
 
     recipe = cell_recipe(tmp_path, tiny_qwen2, "sft", "full", backend="mlx", train={"max_steps": 2})
     code, _, err = cli("train", recipe)
@@ -325,7 +328,8 @@ def test_dora_is_refused_before_any_weight_loads(tiny_llama, tmp_path, cli):
 def test_adapters_the_mlx_backend_cannot_reproduce_are_refused(tiny_llama, tmp_path):
     """A DoRA adapter, and an adapter whose weights are only pickled (adapter_model.bin)."""
     from hwft.errors import ModelError
-    from hwft_mlx.modeling import load_model, load_peft_adapter
+    from hwft_mlx.adapters import load_peft_adapter
+    from hwft_mlx.loading import load_model
 
     adapter = fresh_adapter(tiny_llama, tmp_path / "a")
     model, _ = load_model(tiny_llama)

@@ -7,7 +7,6 @@ asked for, the baseline's conditions), without importing an engine.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from collections import Counter
 from datetime import datetime, timezone

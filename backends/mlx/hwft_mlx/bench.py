@@ -11,7 +11,7 @@ import time
 import mlx.core as mx
 import mlx.nn as nn
 
-from hwft_mlx.modeling import DTYPES
+from hwft_mlx.loading import DTYPES
 from hwft_mlx.objective import held_out_loss as _held_out_loss
 
 DTYPE_NAMES = {mx.float32: "fp32", mx.bfloat16: "bf16", mx.float16: "fp16"}

@@ -41,21 +41,11 @@ from hwft.steplog import StepLog
 from hwft.recipe import Recipe
 from hwft_mlx.checkpoint import MlxState, step_seed
 from hwft_mlx.distributed import join
-from hwft_mlx.modeling import (
-    DTYPES,
-    add_lora,
-    add_score_head,
-    freeze_layers,
-    load_model,
-    load_peft_adapter,
-    architecture,
-    family,
-    ignored_window,
-    packing_problem,
-    quantize_base,
-    save_full_model,
-    save_peft_adapter,
-)
+from hwft_mlx.adapters import add_lora, freeze_layers, load_peft_adapter, quantize_base, save_peft_adapter
+from hwft_mlx.forward import architecture, family, packing_problem
+from hwft_mlx.heads import add_score_head
+from hwft_mlx.loading import DTYPES, ignored_window, load_model
+from hwft_mlx.saving import save_full_model
 from hwft_mlx.methods import ENGINE, Setup
 from hwft_mlx.objective import MlxObjective, held_out_loss
 

@@ -29,7 +29,7 @@ class MlxOptions(Section):
 def write_mlx(trained, staged: Path, options: ExportOptions) -> Path:
     from mlx_lm import convert
 
-    from hwft_mlx.modeling import config_overrides
+    from hwft_mlx.loading import config_overrides
 
     merged = options.exporters.get("hf").make(trained, staged.parent / "merged", options)
     # mlx-lm reads rope_theta at the top of config.json; transformers 5 nests it.

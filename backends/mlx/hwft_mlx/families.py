@@ -9,7 +9,7 @@ that mlx-lm picks for its ``model_type``: mistral loads as llama). What a record
   check passes when the model loads (:func:`hwft_mlx.packing.prove`), and is refused in one line
   where it fails.
 - ``options["config"]``: the family's config.json keys put where mlx-lm's ``ModelArgs`` reads
-  them (:func:`hwft_mlx.modeling.config_overrides` applies them after the keys every family
+  them (:func:`hwft_mlx.loading.config_overrides` applies them after the keys every family
   shares). transformers 5 writes, and mlx-lm 0.32 reads:
 
   ============  ====================================  =====================================
@@ -34,7 +34,7 @@ that mlx-lm picks for its ``model_type``: mistral loads as llama). What a record
 - ``options["window"]``: whether mlx-lm's forward applies the config's sliding window
   (a function of the config). Most of mlx-lm's models have no sliding window: where a config
   sets one (Gemma 2, Mistral v0.1, Qwen with ``use_sliding_window``), rows longer than it are
-  refused (:func:`hwft_mlx.modeling.ignored_window`), since they would attend farther than the
+  refused (:func:`hwft_mlx.loading.ignored_window`), since they would attend farther than the
   model does on torch. Gemma 3 applies its window, and mlx-lm's llama applies one where the
   config lists ``layer_types`` (Ministral).
 

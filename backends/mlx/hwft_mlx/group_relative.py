@@ -154,7 +154,7 @@ def build(setup) -> GroupRelative:
     """grpo on MLX (hwft_mlx.methods.Setup -> the objective): the reference is the model with its
     adapters off (lora, qlora) or a frozen copy (full); rank 0 writes rollouts.jsonl."""
     from hwft.plugins import get_host
-    from hwft_mlx.modeling import Reference
+    from hwft_mlx.adapters import Reference
 
     job, recipe = setup.job, setup.job.recipe
     spec = recipe.method.grpo

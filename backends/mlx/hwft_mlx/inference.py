@@ -1,5 +1,5 @@
 """The MLX engine's :class:`hwft.inference.Session`: mlx-lm's model of the HF folder, with the
-PEFT adapter put on as LoRA layers (:func:`hwft_mlx.modeling.load_peft_adapter`).
+PEFT adapter put on as LoRA layers (:func:`hwft_mlx.adapters.load_peft_adapter`).
 
 Generation is mlx-lm's ``generate_step`` (its KV cache), with hwft's sampler picking each token
 from the logits, so a seed gives the same choice rule as on torch.
@@ -13,7 +13,8 @@ import mlx.core as mx
 import numpy as np
 
 from hwft.inference import Sampling, Session, Trained, pick_token
-from hwft_mlx.modeling import DTYPES, load_model, load_peft_adapter
+from hwft_mlx.adapters import load_peft_adapter
+from hwft_mlx.loading import DTYPES, load_model
 from hwft_mlx.objective import held_out_loss
 
 

@@ -22,7 +22,8 @@ from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
 from hwft.objective import Loss, Objective, sequence_pairs, step_label_count
 from hwft_mlx.losses import cross_entropy_sum, load_balancing_loss
-from hwft_mlx.modeling import hidden_states, output_logits, packs, router_balance_of
+from hwft_mlx.forward import hidden_states, output_logits, packs
+from hwft_mlx.loading import router_balance_of
 from hwft_mlx.router import recorded_gates
 
 

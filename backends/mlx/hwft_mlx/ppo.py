@@ -22,7 +22,7 @@ from hwft.objective import Loss
 from hwft.rewards import ScoredRollouts, write_rollouts
 from hwft_mlx.group_relative import GroupRelative, Rollouts, completion_logps, rollout_arrays
 from hwft_mlx.losses import ppo_loss, target_logps
-from hwft_mlx.modeling import hidden_states, output_logits
+from hwft_mlx.forward import hidden_states, output_logits
 
 
 @dataclass
@@ -90,7 +90,7 @@ def build(setup) -> Proximal:
     adapters off (lora, qlora) or a frozen copy (full), made before the value head, the
     objective's extra, joins it (the engine attaches it)."""
     from hwft.plugins import get_host
-    from hwft_mlx.modeling import Reference
+    from hwft_mlx.adapters import Reference
 
     job, recipe = setup.job, setup.job.recipe
     reference = Reference(setup.model, adapters=recipe.method.adapter)

@@ -1,8 +1,8 @@
 """rm on MLX: a Bradley-Terry reward model (``hwft_torch.losses.reward_model_loss``).
 
-The model is mlx-lm's with a ``score`` head added (:func:`hwft_mlx.modeling.add_score_head`);
+The model is mlx-lm's with a ``score`` head added (:func:`hwft_mlx.heads.add_score_head`);
 a sequence's reward is the head applied to the decoder's last hidden state at its last
-non-padding token (:func:`hwft_mlx.modeling.last_tokens`, where transformers reads it). One
+non-padding token (:func:`hwft_mlx.heads.last_tokens`, where transformers reads it). One
 forward scores a micro-batch's chosen and rejected sequences together, as dpo's.
 """
 
@@ -18,7 +18,8 @@ from hwft.distributed import ALONE, Collective
 from hwft.methods.rm import RmSpec
 from hwft.objective import Loss, PairSteps, pair_counts
 from hwft_mlx.losses import reward_model_loss
-from hwft_mlx.modeling import hidden_states, last_tokens
+from hwft_mlx.forward import hidden_states
+from hwft_mlx.heads import last_tokens
 from hwft_mlx.objective import MlxObjective
 
 

@@ -12,13 +12,9 @@ import torch
 
 from hwft.data.batching import Row, pad
 from hwft.data.chat import IGNORE_INDEX
-from hwft.data.pipeline import Batches
-from hwft.distributed import ALONE, Collective
 from hwft.job import Job
-from hwft.objective import Loss, Objective, sequence_pairs, step_label_count
 from hwft_torch import frozen_weights
 from hwft_torch.losses import causal_lm_loss, chunked_cross_entropy, linear_cross_entropy
-from hwft_torch.modeling import attention_implementation
 from hwft_torch.parallel import sharded
 
 

@@ -1,5 +1,5 @@
-"""Loading a Hugging Face model folder into mlx-lm, its tuning (full, LoRA, QLoRA), and saving
-results in formats the torch side reads: PEFT adapters and HF safetensors.
+"""What trains on MLX and how adapters travel: LoRA, QLoRA and freeze tuning, the reference
+policy with the adapters off, and PEFT adapters both ways.
 
 LoRA follows PEFT's convention on both engines: ``y = W x + s * B A dropout(x)`` with
 ``s = alpha / r`` (rsLoRA: ``alpha / sqrt(r)``), ``A`` uniform in ``±1/sqrt(in)`` (PEFT's
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,9 +28,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from hwft import lora_targets
 from hwft.errors import ModelError
-from hwft.models import has_random_weights
 from hwft.recipe import LoraSpec
-from hwft_mlx import router
 from hwft_mlx.moe_lora import (
     MLP_NAMES,
     LoRAEmbedQ,
@@ -50,212 +47,14 @@ from hwft_mlx.moe_lora import (
     wrap_mla,
     wrap_routers,
 )
-from hwft_mlx.packing import decoder_hidden, language_model, prove
+from hwft_mlx.forward import family
+from hwft_mlx.heads import SCORE_MODULES
+from hwft_mlx.loading import refresh_router
 
-DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}
 #: PEFT's key prefix for a causal LM's adapter weights.
 PEFT_PREFIX = "base_model.model."
 #: Group size of MLX's affine quantisation for qlora.
 QUANT_GROUP = 64
-
-
-def shared_overrides(config: dict) -> dict:
-    """Keys every family's transformers-5 config.json holds where mlx-lm does not look.
-
-    transformers 5 writes ``rope_parameters: {rope_theta, rope_type, partial_rotary_factor,
-    ...}`` instead of the top-level ``rope_theta`` / ``rope_scaling`` / ``partial_rotary_factor``
-    that mlx-lm's model arguments read. Without this mlx-lm silently uses theta 10000 (for
-    SmolLM2, theta 100000, that is garbage) or fails on a required argument (glm4).
-    """
-    rope = config.get("rope_parameters")
-    out: dict = {}
-    if isinstance(rope, dict) and "rope_theta" in rope:  # flat form (not per layer type)
-        if config.get("rope_theta") is None:
-            out["rope_theta"] = rope["rope_theta"]
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind != "default" and config.get("rope_scaling") is None:
-            out["rope_scaling"] = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
-        if config.get("partial_rotary_factor") is None and rope.get("partial_rotary_factor") is not None:
-            out["partial_rotary_factor"] = rope["partial_rotary_factor"]
-    return out
-
-
-def mlx_architecture(config: dict) -> str:
-    """The mlx-lm architecture (module under mlx_lm.models) a config loads as, or its
-    model_type where mlx-lm has none (loading then refuses it)."""
-    from mlx_lm.utils import _get_classes
-
-    try:
-        return _get_classes(config)[0].__module__.rsplit(".", 1)[-1]
-    except (KeyError, ValueError):
-        return str(config.get("model_type", ""))
-
-
-def config_overrides(config: dict) -> dict:
-    """What hwft puts over a config.json before mlx-lm reads it: the keys every family shares
-    (:func:`shared_overrides`), then the family's own (``options["config"]`` of its record in
-    :mod:`hwft_mlx.families`)."""
-    from hwft.plugins import get_host
-
-    out = shared_overrides(config)
-    family = get_host().families().lookup("mlx", mlx_architecture(config))
-    translate = family.options.get("config")
-    if translate is not None:
-        out.update(translate({**config, **out}))
-    return out
-
-
-def ignored_window(config: dict) -> int | None:
-    """The sliding window a config sets that mlx-lm's forward does not apply (``options
-    ["window"]`` in hwft_mlx.families), or None: no window, or one mlx-lm applies."""
-    from hwft.plugins import get_host
-
-    window = config.get("sliding_window")
-    if not window or config.get("use_sliding_window") is False:  # Qwen: a window, switched off
-        return None
-    applies = get_host().families().lookup("mlx", mlx_architecture(config)).options.get("window")
-    return None if applies is not None and applies(config) else int(window)
-
-
-def load_model(path: Path, trust_remote_code: bool = False) -> tuple[nn.Module, dict]:
-    """The mlx-lm model of an HF safetensors folder, with its config normalised; of a model.shape
-    folder (hwft.models.with_random_weights), built with random weights."""
-    from mlx_lm.utils import load_model as mlx_load
-
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read {path / 'config.json'}: {exc}") from None
-    random = has_random_weights(path)  # model.shape: mlx's own initialisers, seeded by train.seed
-    if not random and not list(path.glob("model*.safetensors")):
-        raise ModelError(f"{path} has no model*.safetensors; the MLX backend loads safetensors folders only")
-    try:
-        model, _ = mlx_load(path, model_config=config_overrides(config), trust_remote_code=trust_remote_code,
-                            strict=not random)
-    except (ValueError, TypeError) as exc:  # "Model type X not supported.", weight mismatches, missing args
-        raise ModelError(f"mlx-lm cannot load {path} (model_type {config.get('model_type')}): {exc}") from None
-    if isinstance(config.get("pad_token_id"), int):
-        keep_padding_row(model, config["pad_token_id"])
-    record_router(model, config)
-    return model, config
-
-
-#: The attribute a model keeps the router load-balancing loss its config asks for in
-#: (hwft.router_balance.RouterBalance).
-_BALANCE = "_hwft_router_balance"
-
-
-def record_router(model: nn.Module, config: dict) -> None:
-    """Where the config asks for a router load-balancing loss and the family names its gates
-    (``options["router"]`` in hwft_mlx.families), make them record their logits
-    (:mod:`hwft_mlx.router`)."""
-    from hwft.router_balance import router_balance
-
-    balance = router_balance(config)
-    suffix = family(model).options.get("router")
-    if balance is not None and suffix and router.install(model, suffix):
-        object.__setattr__(model, _BALANCE, balance)
-
-
-def refresh_router(model: nn.Module) -> None:
-    """After LoRA wrapped a recording gate: record at the LoRA layer instead (hwft_mlx.router)."""
-    if getattr(model, _BALANCE, None) is not None:
-        router.install(model, family(model).options["router"])
-
-
-def router_balance_of(model: nn.Module):
-    """The model's hwft.router_balance.RouterBalance, or None."""
-    return getattr(model, _BALANCE, None)
-
-
-class PaddingEmbedding(nn.Embedding):
-    """nn.Embedding whose row ``padding_idx`` takes no gradient from the lookup, as torch's
-    ``nn.Embedding(padding_idx=...)`` (which every transformers family hwft knows builds with
-    the config's pad_token_id). Where the pad token is also the end-of-turn token (SmolLM2),
-    full tuning would otherwise train its input embedding on MLX and not on torch; with tied
-    embeddings the output layer's share of that row still trains, on both."""
-    padding_idx: int = -1
-
-    def __call__(self, x: mx.array) -> mx.array:
-        h = super().__call__(x)
-        return mx.where((x == self.padding_idx)[..., None], mx.stop_gradient(h), h)
-
-
-def keep_padding_row(model: nn.Module, pad_id: int) -> None:
-    """Make the decoder's token embedding a :class:`PaddingEmbedding` of ``pad_id``, in place:
-    its weights and their names stay as they are."""
-    embedding = getattr(getattr(model, "model", None), "embed_tokens", None)
-    if type(embedding) is nn.Embedding and 0 <= pad_id < embedding.weight.shape[0]:
-        embedding.__class__ = PaddingEmbedding
-        embedding.padding_idx = pad_id
-
-
-# --------------------------------------------------------------------------------------------
-# The forward pass hwft trains with
-
-
-def architecture(model: nn.Module) -> str:
-    """The mlx-lm architecture of ``model`` (its module under mlx_lm.models): the MLX family table's key."""
-    return type(model).__module__.rsplit(".", 1)[-1]
-
-
-def family(model: nn.Module):
-    """The model's record in the MLX family table (hwft_mlx.families), or the generic one."""
-    from hwft.plugins import get_host
-
-    return get_host().families().lookup("mlx", architecture(model))
-
-
-#: The attribute a model keeps its load-time packing proof in (None: packs; else why not). On
-#: the model, not in a table by id(): a freed model's id is reused by the next one.
-_PROOF = "_hwft_packing_problem"
-
-
-def packing_problem(model: nn.Module) -> str | None:
-    """None where :func:`hidden_states` keeps packed examples apart for this model: its family
-    has the ``mlx_packing`` path (proven by the tests), or the load-time proof
-    (:func:`hwft_mlx.packing.prove`) passed for it. Else why not."""
-    if family(model).has("mlx_packing"):
-        return None
-    if not hasattr(model, _PROOF):
-
-        embedding = next(m for _, m in model.named_modules() if isinstance(m, nn.Embedding))
-        object.__setattr__(model, _PROOF, prove(model, output_logits, embedding.weight.shape[0], mask_dims(model)))
-    return getattr(model, _PROOF)
-
-
-def packs(model: nn.Module) -> bool:
-    """Whether :func:`hidden_states` runs this model (and keeps packed examples apart)."""
-    return packing_problem(model) is None
-
-
-def hidden_states(model: nn.Module, input_ids: mx.array, segments=None) -> mx.array:
-    """The decoder's last hidden states; ``segments`` (batch, L), where rows pack several
-    examples, keeps each example to itself (:mod:`hwft_mlx.packing`). Without it, this is
-    mlx-lm's own forward up to the output layer."""
-    return decoder_hidden(model, input_ids, segments, mask_dims(model))
-
-
-def mask_dims(model: nn.Module) -> int:
-    """The rank of the family's attention scores a packed mask broadcasts against (hwft_mlx.packing.SegmentMask)."""
-    return int(family(model).options.get("mask_dims", 4))
-
-
-def output_logits(model: nn.Module, hidden: mx.array) -> mx.array:
-    """The output layer applied to hidden states, as the family's own call applies it: tied
-    embeddings or ``lm_head``, then the family's transform of the logits where it has one
-    (``options["logits"]`` in hwft_mlx.families: Gemma 2's soft-capping, Granite's scaling)."""
-    if "lm_head" in model and not getattr(model.args, "tie_word_embeddings", False):
-        logits = model.lm_head(hidden)
-    else:
-        logits = language_model(model).embed_tokens.as_linear(hidden)
-    transform = family(model).options.get("logits")
-    return transform(model, logits) if transform is not None else logits
-
-
-# --------------------------------------------------------------------------------------------
-# Tuning
-
 
 def lora_scale(alpha: float, r: int, rslora: bool) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
@@ -361,8 +160,6 @@ class Reference:
             self.model.update(current)
 
 
-# --------------------------------------------------------------------------------------------
-# PEFT adapters, both ways
 
 
 def peft_path(path: str) -> str:
@@ -519,49 +316,11 @@ def load_peft_adapter(model: nn.Module, folder: Path, dropout: float | None = No
     return spec
 
 
-# --------------------------------------------------------------------------------------------
-# The score head of a reward model (hwft.methods.rm)
-
-#: PEFT's SEQ_CLS task saves these beside the adapter, trained in full (its modules_to_save).
-SCORE_MODULES = ["classifier", "score"]
-
-
-def add_score_head(model: nn.Module, seed: int) -> None:
-    """A new ``score`` layer (hidden -> 1, no bias), initialised as transformers initialises
-    it (normal, std = the config's initializer_range), trainable."""
-    hidden = model.args.hidden_size
-    std = getattr(model.args, "initializer_range", None) or 0.02
-    mx.random.seed(seed)
-    score = nn.Linear(hidden, 1, bias=False)
-    score.weight = mx.random.normal((1, hidden)) * std
-    model.score = score
-
-
-def last_tokens(ids: list[list[int]], pad_id: int) -> list[int]:
-    """Each right-padded row's last position that does not hold ``pad_id``: where transformers'
-    sequence-classification models read their score."""
-    out = []
-    for row in ids:
-        real = [t for t, token in enumerate(row) if token != pad_id]
-        out.append(real[-1] if real else len(row) - 1)
-    return out
-
-
-def score_config(config: dict, pad_id: int) -> dict:
-    """A causal LM's config.json as its sequence-classification model's, one label."""
-    architectures = [a.replace("ForCausalLM", "ForSequenceClassification") for a in config.get("architectures", [])]
-    return {**config, "architectures": architectures, "num_labels": 1, "id2label": {"0": "LABEL_0"},
-            "label2id": {"LABEL_0": 0}, "pad_token_id": pad_id}
-
-
-# --------------------------------------------------------------------------------------------
-# Full models
 
 
 def freeze_layers(model: nn.Module, spec) -> int:
     """freeze tuning (:mod:`hwft.freeze`): every weight frozen but the chosen layers' (spec:
     hwft.recipe.FreezeSpec); returns how many tensors train."""
-    from mlx.utils import tree_flatten
 
     from hwft.freeze import trainable
 
@@ -572,24 +331,3 @@ def freeze_layers(model: nn.Module, spec) -> int:
         owner, _, key = path.rpartition(".")
         modules[owner].unfreeze(recurse=False, keys=[key])
     return len(chosen)
-
-
-def save_full_model(model: nn.Module, source: Path, out: Path, pad_id: int | None = None, apart: tuple = ()) -> None:
-    """The model's weights as HF safetensors (mlx-lm keeps HF's names for these families),
-    with the source folder's config.json and generation_config.json, for transformers. A reward
-    model (a ``score`` head) is saved as its sequence-classification model: no output layer,
-    the config's architecture ``...ForSequenceClassification`` with one label. ``apart``: the
-    method's extras (hwft.objective.Extra), saved in their own files, not in the model."""
-    prefixes = tuple(e.prefix for e in apart)
-    weights = {k: v for k, v in tree_flatten(model.parameters()) if not (prefixes and k.startswith(prefixes))}
-    scored = "score" in model
-    if scored:
-        weights.pop("lm_head.weight", None)
-    out.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt"})
-    for name in ("config.json", "generation_config.json"):
-        if (source / name).is_file():
-            shutil.copy(source / name, out / name)
-    if scored and (source / "config.json").is_file():
-        config = json.loads((source / "config.json").read_text(encoding="utf-8"))
-        (out / "config.json").write_text(json.dumps(score_config(config, pad_id), indent=2), encoding="utf-8")

@@ -1,12 +1,7 @@
-"""The recipe: what to train, never where.
-
-A recipe is YAML validated by the pydantic models below. Every section exists now so that later
-work fills values rather than inventing keys. Unknown keys are errors with a "did you mean";
-values that are valid but not yet implemented are refused by backend selection
-(:mod:`hwft.select`), which names what is missing.
-
-Load with :func:`load_recipe`, which also applies ``key.path=value`` overrides from the CLI.
-"""
+"""The recipe's schema: every section as a typed pydantic model with help text (what to
+train, never where). Unknown keys are errors with a "did you mean"; values that are valid but
+cannot run are refused by backend selection (:mod:`hwft.select`), which names what is missing.
+A method's own section (``method.<name>``) is its record's (hwft.methods)."""
 
 from __future__ import annotations
 
@@ -27,11 +22,8 @@ from pydantic import (
     model_validator,
 )
 
-from hwft import llamafactory
-from hwft.errors import RecipeError, did_you_mean
 from hwft.methods import DEFAULT
 from hwft.section import Section
-from hwft.textfile import read_text
 
 Tuning = Literal["full", "freeze", "lora", "qlora"]
 #: The tunings that train a LoRA adapter (saved as adapter/); full and freeze save model/.
@@ -554,165 +546,3 @@ class Recipe(Section):
         if raw["template"] and raw["template"].endswith(".jinja"):
             raw["template"] = str(self.resolve_path(raw["template"]))
         return yaml.safe_dump(raw, sort_keys=False)
-
-
-# --------------------------------------------------------------------------------------------
-# Loading, overrides and error messages
-
-
-def _section_keys(model: type[BaseModel], loc: tuple) -> list[str]:
-    """Valid keys at a location in the schema (for "did you mean")."""
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(str(part))
-        if field is None and issubclass(model, MethodSpec) and str(part) in MethodSpec.sections():
-            model = MethodSpec.sections()[str(part)]  # a method's own section
-            continue
-        if field is None:
-            break
-        ann = field.annotation
-        sub = getattr(ann, "__args__", (ann,))
-        nested = [a for a in (ann, *sub) if isinstance(a, type) and issubclass(a, BaseModel)]
-        if not nested:
-            for a in sub:  # list[DatasetSpec]
-                for inner in getattr(a, "__args__", ()):
-                    if isinstance(inner, type) and issubclass(inner, BaseModel):
-                        nested.append(inner)
-        if not nested:
-            return []
-        model = nested[0]
-    keys = list(model.model_fields)
-    return keys + list(MethodSpec.sections()) if model is MethodSpec else keys
-
-
-_TYPE_WORDS = {
-    "float_parsing": "a number",
-    "float_type": "a number",
-    "int_parsing": "an integer",
-    "int_type": "an integer",
-    "int_from_float": "an integer",
-    "bool_parsing": "true or false",
-    "bool_type": "true or false",
-    "string_type": "a string",
-    "list_type": "a list",
-    "dict_type": "a mapping",
-    "model_type": "a mapping",
-    "model_attributes_type": "a mapping",
-}
-
-
-def _dotted(loc: tuple) -> str:
-    """('data', 'train', 0, 'path') -> 'data.train[0].path'."""
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text
-
-
-def format_validation_error(err: ValidationError, source: str) -> str:
-    """One readable message for every problem pydantic found, each naming its key."""
-    lines = []
-    for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        # Drop pydantic's union-branch labels such as "str" or "list[...]".
-        loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in {"str", "list"})))
-        key = _dotted(loc) or "(top level)"
-        kind = e["type"]
-        if kind == "extra_forbidden":
-            parent = _dotted(loc[:-1])
-            choices = {f"{parent}.{k}" if parent else k: k for k in _section_keys(Recipe, loc[:-1])}
-            lines.append(f"unknown key '{key}'{did_you_mean(key, choices)}")
-        elif kind == "missing":
-            lines.append(f"missing required key '{key}'")
-        elif kind == "literal_error":
-            expected = e.get("ctx", {}).get("expected", "")
-            lines.append(f"{key}: {e['input']!r} is not allowed; expected one of {expected}")
-        elif kind == "unknown_method":
-            lines.append(f"{key}: {e['msg']}")
-        elif kind == "value_error":
-            lines.append(f"{key}: {e['msg'].removeprefix('Value error, ')}")
-        elif kind in _TYPE_WORDS:
-            lines.append(f"{key}: expected {_TYPE_WORDS[kind]}, got {e['input']!r}")
-        else:
-            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
-    head = f"invalid recipe {source}:"
-    if len(lines) == 1:
-        return f"{head} {lines[0]}"
-    return head + "".join(f"\n  - {line}" for line in lines)
-
-
-def apply_override(raw: dict, assignment: str) -> None:
-    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML."""
-    if "=" not in assignment:
-        raise RecipeError(
-            f"override '{assignment}' is not of the form key.path=value (e.g. train.lr=5e-5)"
-        )
-    path, _, text = assignment.partition("=")
-    parts = [p for p in path.strip().split(".") if p]
-    if not parts:
-        raise RecipeError(f"override '{assignment}' names no key")
-    set_key(raw, parts, yaml.safe_load(text) if text.strip() else "")
-
-
-#: Sections a recipe may write as one value, and the key that value means: ``model: NAME``,
-#: ``data: FILE`` (or a list of files), ``output: DIR``.
-SHORTHANDS = {"model": "name", "data": "train", "output": "dir"}
-
-
-def set_key(raw: dict, parts: list[str], value: Any) -> None:
-    """Set the key at ``parts`` (a.b.c as a list) in place, making the sections on the way and
-    expanding a section's shorthand (``data: FILE`` with ``data.packing=false`` is
-    ``data: {train: FILE, packing: false}``)."""
-    node = raw
-    for depth, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if depth == 0 and part in SHORTHANDS and isinstance(child, str | list):
-            child = {SHORTHANDS[part]: child}
-        if not isinstance(child, dict):
-            child = {}
-        node[part] = child
-        node = child
-    node[parts[-1]] = value
-
-
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe file; raise :class:`RecipeError` on any problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file not found: {path}")
-    raw = parse_recipe_text(read_text(path, RecipeError), str(path))
-    imported = None
-    if llamafactory.looks_like(raw):  # LLaMA-Factory's training YAML, as it is
-        imported = llamafactory.translate(raw, path)
-        raw = imported.recipe
-    for assignment in overrides or []:
-        apply_override(raw, assignment)
-    recipe = recipe_from_dict(raw, source=str(path), base_dir=path.resolve().parent)
-    recipe._imported = imported
-    return recipe
-
-
-def parse_recipe_text(text: str, source: str) -> dict:
-    """A recipe file's text as its mapping; a RecipeError names ``source`` and where the YAML breaks."""
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"{source} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{source} must hold a mapping of sections (model, data, method, ...)")
-    return raw
-
-
-def recipe_from_dict(raw: dict, source: str = "<recipe>", base_dir: str | Path = ".") -> Recipe:
-    """Validate an already-parsed recipe mapping."""
-    try:
-        recipe = Recipe.model_validate(raw)
-    except ValidationError as exc:
-        raise RecipeError(format_validation_error(exc, source)) from None
-    recipe._base_dir = str(base_dir)
-    return recipe

@@ -1,0 +1,150 @@
+"""Loading a Hugging Face model folder into mlx-lm: its transformers-5 config.json put where
+mlx-lm's ``ModelArgs`` reads it (the keys every family shares, then the family record's own:
+hwft_mlx.families), sliding windows mlx-lm would ignore found, the router of an MoE family
+recorded for its load-balancing loss, and the padding row kept out of the gradient."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from hwft.errors import ModelError
+from hwft.models import has_random_weights
+from hwft_mlx import router
+from hwft_mlx.forward import family
+
+DTYPES = {"fp32": mx.float32, "bf16": mx.bfloat16, "fp16": mx.float16}
+
+
+def shared_overrides(config: dict) -> dict:
+    """Keys every family's transformers-5 config.json holds where mlx-lm does not look.
+
+    transformers 5 writes ``rope_parameters: {rope_theta, rope_type, partial_rotary_factor,
+    ...}`` instead of the top-level ``rope_theta`` / ``rope_scaling`` / ``partial_rotary_factor``
+    that mlx-lm's model arguments read. Without this mlx-lm silently uses theta 10000 (for
+    SmolLM2, theta 100000, that is garbage) or fails on a required argument (glm4).
+    """
+    rope = config.get("rope_parameters")
+    out: dict = {}
+    if isinstance(rope, dict) and "rope_theta" in rope:  # flat form (not per layer type)
+        if config.get("rope_theta") is None:
+            out["rope_theta"] = rope["rope_theta"]
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind != "default" and config.get("rope_scaling") is None:
+            out["rope_scaling"] = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+        if config.get("partial_rotary_factor") is None and rope.get("partial_rotary_factor") is not None:
+            out["partial_rotary_factor"] = rope["partial_rotary_factor"]
+    return out
+
+
+def mlx_architecture(config: dict) -> str:
+    """The mlx-lm architecture (module under mlx_lm.models) a config loads as, or its
+    model_type where mlx-lm has none (loading then refuses it)."""
+    from mlx_lm.utils import _get_classes
+
+    try:
+        return _get_classes(config)[0].__module__.rsplit(".", 1)[-1]
+    except (KeyError, ValueError):
+        return str(config.get("model_type", ""))
+
+
+def config_overrides(config: dict) -> dict:
+    """What hwft puts over a config.json before mlx-lm reads it: the keys every family shares
+    (:func:`shared_overrides`), then the family's own (``options["config"]`` of its record in
+    :mod:`hwft_mlx.families`)."""
+    from hwft.plugins import get_host
+
+    out = shared_overrides(config)
+    family = get_host().families().lookup("mlx", mlx_architecture(config))
+    translate = family.options.get("config")
+    if translate is not None:
+        out.update(translate({**config, **out}))
+    return out
+
+
+def ignored_window(config: dict) -> int | None:
+    """The sliding window a config sets that mlx-lm's forward does not apply (``options
+    ["window"]`` in hwft_mlx.families), or None: no window, or one mlx-lm applies."""
+    from hwft.plugins import get_host
+
+    window = config.get("sliding_window")
+    if not window or config.get("use_sliding_window") is False:  # Qwen: a window, switched off
+        return None
+    applies = get_host().families().lookup("mlx", mlx_architecture(config)).options.get("window")
+    return None if applies is not None and applies(config) else int(window)
+
+
+def load_model(path: Path, trust_remote_code: bool = False) -> tuple[nn.Module, dict]:
+    """The mlx-lm model of an HF safetensors folder, with its config normalised; of a model.shape
+    folder (hwft.models.with_random_weights), built with random weights."""
+    from mlx_lm.utils import load_model as mlx_load
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {path / 'config.json'}: {exc}") from None
+    random = has_random_weights(path)  # model.shape: mlx's own initialisers, seeded by train.seed
+    if not random and not list(path.glob("model*.safetensors")):
+        raise ModelError(f"{path} has no model*.safetensors; the MLX backend loads safetensors folders only")
+    try:
+        model, _ = mlx_load(path, model_config=config_overrides(config), trust_remote_code=trust_remote_code,
+                            strict=not random)
+    except (ValueError, TypeError) as exc:  # "Model type X not supported.", weight mismatches, missing args
+        raise ModelError(f"mlx-lm cannot load {path} (model_type {config.get('model_type')}): {exc}") from None
+    if isinstance(config.get("pad_token_id"), int):
+        keep_padding_row(model, config["pad_token_id"])
+    record_router(model, config)
+    return model, config
+
+
+#: The attribute a model keeps the router load-balancing loss its config asks for in
+#: (hwft.router_balance.RouterBalance).
+_BALANCE = "_hwft_router_balance"
+
+
+def record_router(model: nn.Module, config: dict) -> None:
+    """Where the config asks for a router load-balancing loss and the family names its gates
+    (``options["router"]`` in hwft_mlx.families), make them record their logits
+    (:mod:`hwft_mlx.router`)."""
+    from hwft.router_balance import router_balance
+
+    balance = router_balance(config)
+    suffix = family(model).options.get("router")
+    if balance is not None and suffix and router.install(model, suffix):
+        object.__setattr__(model, _BALANCE, balance)
+
+
+def refresh_router(model: nn.Module) -> None:
+    """After LoRA wrapped a recording gate: record at the LoRA layer instead (hwft_mlx.router)."""
+    if getattr(model, _BALANCE, None) is not None:
+        router.install(model, family(model).options["router"])
+
+
+def router_balance_of(model: nn.Module):
+    """The model's hwft.router_balance.RouterBalance, or None."""
+    return getattr(model, _BALANCE, None)
+
+
+class PaddingEmbedding(nn.Embedding):
+    """nn.Embedding whose row ``padding_idx`` takes no gradient from the lookup, as torch's
+    ``nn.Embedding(padding_idx=...)`` (which every transformers family hwft knows builds with
+    the config's pad_token_id). Where the pad token is also the end-of-turn token (SmolLM2),
+    full tuning would otherwise train its input embedding on MLX and not on torch; with tied
+    embeddings the output layer's share of that row still trains, on both."""
+    padding_idx: int = -1
+
+    def __call__(self, x: mx.array) -> mx.array:
+        h = super().__call__(x)
+        return mx.where((x == self.padding_idx)[..., None], mx.stop_gradient(h), h)
+
+
+def keep_padding_row(model: nn.Module, pad_id: int) -> None:
+    """Make the decoder's token embedding a :class:`PaddingEmbedding` of ``pad_id``, in place:
+    its weights and their names stay as they are."""
+    embedding = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if type(embedding) is nn.Embedding and 0 <= pad_id < embedding.weight.shape[0]:
+        embedding.__class__ = PaddingEmbedding
+        embedding.padding_idx = pad_id
