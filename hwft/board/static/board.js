@@ -397,7 +397,7 @@ async function refreshMachine() {
       ["devices", b.devices.map((d) => Object.entries(d).map(([k, v]) => `${k}=${v}`).join(", ")).join("; ") || "-"],
       ["methods", Object.entries(cap.methods).map(([o, t]) => `${o}: ${t.join(", ")}`).join("; ")],
       ["dtypes", cap.dtypes.join(", ")], ["quantization", cap.quantization.join(", ") || "-"],
-      ["attention", cap.attention.join(", ")], ["fused kernels", cap.fused_kernels.join(", ") || "-"],
+      ["attention", cap.attention.join(", ")], ["fused kernels", b.kernels.join(", ") || "-"], ["optimizers", cap.optimizers.join(", ")],
       ["compile", cap.compile ? "yes" : "no"], ["parallel", cap.parallel.join(", ")], ["packing", cap.packing ? "yes" : "no"],
       ...Object.entries(cap.notes).map(([k, v]) => [`no ${k}`, v]), ...Object.entries(b.details).map(([k, v]) => [k, shown(v)]),
     ];
