@@ -22,6 +22,7 @@ working directory, as ``output.dir`` is.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,20 +177,99 @@ def choose_method(file: File, registry):
     return losses[loss], loss
 
 
+#: A key of a LLaMA-Factory file with no default of its own: carried only where the file has it.
+ABSENT = object()
+
+
+@dataclass(frozen=True)
+class Key:
+    """One LLaMA-Factory key carried into one recipe key of a section."""
+
+    lf: str  #: LLaMA-Factory's name
+    ours: str  #: the key in the hwft section
+    convert: Callable[[Any], Any] = lambda v: v  #: its value as hwft's
+    #: LLaMA-Factory's (or transformers') default where the file leaves it out; ABSENT: carried
+    #: only where the file has it
+    default: Any = ABSENT
+    #: LLaMA-Factory value -> hwft's, where only some are honoured (others are refused by name)
+    choices: Mapping[str, str] | None = None
+    falsy: bool = True  #: carry a value that is false (0, "", False) too
+
+    def carry(self, file: File, section: dict) -> None:
+        value = file.get(self.lf, self.default)
+        if value is ABSENT or (not self.falsy and not value):
+            return
+        if self.choices is not None:
+            if value not in self.choices:
+                raise file.refuse(self.lf, f"is not one hwft runs ({', '.join(self.choices)})")
+            value = self.choices[value]
+        section[self.ours] = self.convert(value)
+
+
+def carry(file: File, keys: tuple[Key, ...], section: dict | None = None) -> dict:
+    """``section`` with each of ``keys`` carried from the file, in the table's order."""
+    section = {} if section is None else section
+    for key in keys:
+        key.carry(file, section)
+    return section
+
+
+LORA_KEYS = (Key("lora_dropout", "dropout", float, 0.0),)
+LORA_SWITCHES = (Key("use_dora", "dora", bool, False), Key("use_rslora", "rslora", bool, False),
+                 Key("loraplus_lr_ratio", "loraplus_lr_ratio", float, falsy=False))
+QLORA_KEYS = (Key("quantization_type", "quant_type", str, "nf4"), Key("double_quantization", "double_quant", bool, True))
+FREEZE_KEYS = (Key("freeze_trainable_layers", "trainable_layers", int, 2),)
+DATA_FLAGS = (Key("streaming", "streaming", bool), Key("packing", "packing", bool),
+              Key("train_on_prompt", "train_on_prompt", bool), Key("mask_history", "mask_history", bool),
+              Key("buffer_size", "shuffle_buffer", int, falsy=False))
+#: train: LLaMA-Factory's and transformers' defaults where the file leaves a key out.
+TRAIN_KEYS = (
+    Key("learning_rate", "lr", float, 5e-5), Key("num_train_epochs", "epochs", float, 3.0),
+    Key("per_device_train_batch_size", "micro_batch_size", int, 8),
+    Key("gradient_accumulation_steps", "gradient_accumulation_steps", int, 1),
+    Key("cutoff_len", "max_length", int, 2048), Key("lr_scheduler_type", "scheduler", default="linear", choices=SCHEDULERS),
+    Key("optim", "optimizer", default="adamw_torch", choices=OPTIMIZERS),
+)
+TRAIN_TAIL = (Key("seed", "seed", int, 42), Key("weight_decay", "weight_decay", float, 0.0),
+              Key("max_grad_norm", "max_grad_norm", float, 1.0), Key("logging_steps", "log_every", int, 500))
+OUTPUT_KEYS = (Key("output_dir", "dir", str, "saves"), Key("overwrite_output_dir", "overwrite", bool, False))
+#: Keys refused whatever their stage, with what to do instead.
+REFUSED = {
+    "do_eval": "- run `hwft eval` on the result instead of do_eval",
+    "do_predict": "- run `hwft eval` on the result instead of do_predict",
+    "pref_ftx": "- hwft's preference methods add no SFT term; use pref_loss: orpo (NLL plus a preference term) or "
+                "remove pref_ftx",
+    "resume_from_checkpoint": "- hwft resumes from its own checkpoints: run `hwft train lf.yaml --resume` (the "
+                              "newest in output_dir/checkpoints)",
+}
+
+
 def translate(raw: dict, source: Path) -> Translation:
-    """The hwft recipe mapping of a LLaMA-Factory training YAML; a RecipeError names the first
-    key (or value) hwft cannot honour."""
+    """The hwft recipe mapping of a LLaMA-Factory training YAML, section by section; a
+    RecipeError names the first key (or value) hwft cannot honour."""
     from hwft.methods import registry as method_registry
 
-    where = f"{source}"
-    get = raw.get
     t = Translation({}, source, inert=sorted(k for k in raw if k in INERT))
     file = File(raw, source, t)
     registry = method_registry()
-    refuse = file.refuse
-
     chosen, loss = choose_method(file, registry)
-    stage = chosen.llamafactory.stage
+    check_keys(file, registry, chosen)
+    section = chosen.llamafactory.section(file, loss) if chosen.llamafactory.section else {}
+    model = model_section(file)
+    t.recipe = {"model": model, "data": data_section(file), "method": method_section(file, chosen.name, section)}
+    if (template := template_key(file)) is not None:
+        t.recipe["template"] = template
+    t.recipe["train"] = train_section(file, chosen, section)
+    if parallel := parallel_section(file):
+        t.recipe["parallel"] = parallel
+    t.recipe["output"] = output_section(file)
+    return t
+
+
+def check_keys(file: File, registry, chosen) -> None:
+    """Every key is one hwft translates, or one that changes nothing for it; the file trains;
+    no key refused outright, nor one only another stage reads."""
+    raw, where = file.raw, file.source
     known = TRANSLATED | method_keys(registry)
     unknown = sorted(k for k in raw if k not in known and k not in INERT)
     if unknown:
@@ -197,77 +277,77 @@ def translate(raw: dict, source: Path) -> Translation:
         raise RecipeError(f"{where}: LLaMA-Factory key '{key}' is not one hwft can honour"
                           f"{did_you_mean(key, sorted(known | INERT))}; remove it (docs/recipes.md "
                           "lists the keys hwft translates and those that change nothing)")
-
-    if not get("model_name_or_path"):
-        raise RecipeError(f"{where}: model_name_or_path is required (a local model folder, or a hub id "
-                          "already in the local Hugging Face cache)")
-    if get("do_train", True) is not True:
-        raise refuse("do_train", "- hwft import translates training recipes (evaluate with hwft eval)")
-    for key in ("do_eval", "do_predict"):
-        if get(key):
-            raise refuse(key, f"- run `hwft eval` on the result instead of {key}")
-
-    # -- method: as its record reads the file (Method.llamafactory) ------------------------------
-    objective, lf = chosen.name, chosen.llamafactory
-    if get("pref_ftx"):
-        raise refuse("pref_ftx", "- hwft's preference methods add no SFT term; use pref_loss: orpo (NLL plus a "
-                     "preference term) or remove pref_ftx")
-    section = lf.section(file, loss) if lf.section else {}
+    if not file.get("model_name_or_path"):
+        raise file.error("model_name_or_path is required (a local model folder, or a hub id already in the local "
+                         "Hugging Face cache)")
+    if file.get("do_train", True) is not True:
+        raise file.refuse("do_train", "- hwft import translates training recipes (evaluate with hwft eval)")
+    for key, why in REFUSED.items():
+        if file.get(key):
+            raise file.refuse(key, why)
     for m in registry:
         others = [k for k in (m.llamafactory.only if m.llamafactory and m is not chosen else ()) if k in raw]
         if others:
-            raise refuse(others[0], f"is read by stage {m.llamafactory.stage}, not {stage}")
+            raise file.refuse(others[0], f"is read by stage {m.llamafactory.stage}, not {chosen.llamafactory.stage}")
 
+
+def method_section(file: File, objective: str, section: dict) -> dict:
+    """method: the objective, the tuning (finetuning_type, quantization_bit) and its settings,
+    and the method's own section (its record's translation)."""
+    get = file.get
     method: dict = {"objective": objective}
     finetuning = get("finetuning_type", "lora")
     if finetuning not in ("lora", "full", "freeze"):
-        raise refuse("finetuning_type", "is not one of lora, full, freeze")
+        raise file.refuse("finetuning_type", "is not one of lora, full, freeze")
     bits = get("quantization_bit")
+    method["tuning"] = finetuning
     if bits is not None:
         if finetuning != "lora" or int(bits) not in (4, 8):
-            raise refuse("quantization_bit", "- hwft quantises the base to 4 or 8 bits under LoRA (QLoRA) only")
+            raise file.refuse("quantization_bit", "- hwft quantises the base to 4 or 8 bits under LoRA (QLoRA) only")
         if get("quantization_method", "bnb") != "bnb":
-            raise refuse("quantization_method", "- hwft quantises with bitsandbytes (bnb)")
+            raise file.refuse("quantization_method", "- hwft quantises with bitsandbytes (bnb)")
         method["tuning"] = "qlora"
-        method["qlora"] = {"bits": int(bits), "quant_type": get("quantization_type", "nf4"),
-                           "double_quant": bool(get("double_quantization", True))}
-    else:
-        method["tuning"] = finetuning
+        method["qlora"] = carry(file, QLORA_KEYS, {"bits": int(bits)})
     if finetuning == "lora":
         rank = int(get("lora_rank", 8))
         target = _split(get("lora_target", "all"))
-        method["lora"] = {"r": rank, "alpha": float(get("lora_alpha") or 2 * rank),
-                          "dropout": float(get("lora_dropout", 0.0)),
-                          "target_modules": "all-linear" if target == ["all"] else target,
-                          "dora": bool(get("use_dora", False)), "rslora": bool(get("use_rslora", False))}
-        if get("loraplus_lr_ratio"):
-            method["lora"]["loraplus_lr_ratio"] = float(get("loraplus_lr_ratio"))
+        lora = carry(file, LORA_KEYS, {"r": rank, "alpha": float(get("lora_alpha") or 2 * rank)})
+        lora["target_modules"] = "all-linear" if target == ["all"] else target
+        method["lora"] = carry(file, LORA_SWITCHES, lora)
     if finetuning == "freeze":
         modules = _split(get("freeze_trainable_modules", "all"))
-        method["freeze"] = {"trainable_layers": int(get("freeze_trainable_layers", 2)),
-                            "trainable_modules": "all" if modules == ["all"] else modules,
-                            "extra_modules": _split(get("freeze_extra_modules", ""))}
+        method["freeze"] = carry(file, FREEZE_KEYS, {})
+        method["freeze"].update(trainable_modules="all" if modules == ["all"] else modules,
+                                extra_modules=_split(get("freeze_extra_modules", "")))
     if section:
         method[objective] = section
-    name = str(get("model_name_or_path"))
-    local = Path(name).expanduser()
-    recipe: dict = {"model": {"name": str(local.resolve()) if local.exists() else name,
-                              "trust_remote_code": bool(get("trust_remote_code", False))}}
-    if get("adapter_name_or_path"):
-        adapters = _split(get("adapter_name_or_path"))
-        if len(adapters) > 1:
-            raise refuse("adapter_name_or_path", "- hwft continues one adapter (merge the others first)")
-        recipe["model"]["adapter"] = str(Path(adapters[0]).expanduser().resolve())
+    return method
 
-    # -- data -------------------------------------------------------------------------------------
+
+def model_section(file: File) -> dict:
+    """model: the folder (or hub id), trust_remote_code, and one adapter to continue."""
+    name = str(file.get("model_name_or_path"))
+    local = Path(name).expanduser()
+    model = {"name": str(local.resolve()) if local.exists() else name,
+             "trust_remote_code": bool(file.get("trust_remote_code", False))}
+    if file.get("adapter_name_or_path"):
+        adapters = _split(file.get("adapter_name_or_path"))
+        if len(adapters) > 1:
+            raise file.refuse("adapter_name_or_path", "- hwft continues one adapter (merge the others first)")
+        model["adapter"] = str(Path(adapters[0]).expanduser().resolve())
+    return model
+
+
+def data_section(file: File) -> dict:
+    """data: the datasets named in dataset_dir's dataset_info.json, held-out ones, the flags."""
+    get, source = file.get, file.source
     folder = _find(str(get("dataset_dir", "data")), source)
     if folder is None or not (folder / "dataset_info.json").is_file():
-        raise RecipeError(f"{where}: dataset_dir {get('dataset_dir', 'data')!r} has no dataset_info.json (looked in "
-                          f"the working directory, then beside {source.name}); set dataset_dir to the folder "
-                          "that holds it")
+        raise file.error(f"dataset_dir {get('dataset_dir', 'data')!r} has no dataset_info.json (looked in the working "
+                         f"directory, then beside {source.name}); set dataset_dir to the folder that holds it")
     names = _split(get("dataset", ""))
     if not names:
-        raise RecipeError(f"{where}: dataset names no dataset (entries of {folder / 'dataset_info.json'})")
+        raise file.error(f"dataset names no dataset (entries of {folder / 'dataset_info.json'})")
     limit = get("max_samples")
 
     def entries(chosen: list[str]) -> list[dict]:
@@ -278,91 +358,74 @@ def translate(raw: dict, source: Path) -> Translation:
         data["eval"] = entries(_split(get("eval_dataset")))
     if get("val_size"):
         data["val_size"] = float(get("val_size")) if float(get("val_size")) < 1 else int(get("val_size"))
-    for key, ours in (("streaming", "streaming"), ("packing", "packing"), ("train_on_prompt", "train_on_prompt"),
-                      ("mask_history", "mask_history")):
-        if key in raw:
-            data[ours] = bool(get(key))
-    if get("buffer_size"):
-        data["shuffle_buffer"] = int(get("buffer_size"))
-    recipe["data"] = data
-    recipe["method"] = method
+    return carry(file, DATA_FLAGS, data)
 
-    template = get("template")
-    if template is not None and template not in OWN_TEMPLATES:
-        if template not in BUILTIN_TEMPLATES:
-            raise refuse("template", "is LLaMA-Factory's own prompt format, not a model's chat template; hwft "
-                         "renders conversations with the tokenizer's chat template: remove template (or set "
-                         f"it to one of {', '.join(sorted(OWN_TEMPLATES | set(BUILTIN_TEMPLATES)))}), or give "
-                         "the hwft recipe template: a .jinja file")
-        recipe["template"] = BUILTIN_TEMPLATES[template]
-    elif template is not None:
-        t.notes.append(f"template {template}: the model's own chat template (the tokenizer's).")
 
-    # -- train ------------------------------------------------------------------------------------
-    scheduler = get("lr_scheduler_type", "linear")
-    if scheduler not in SCHEDULERS:
-        raise refuse("lr_scheduler_type", f"is not one hwft runs ({', '.join(SCHEDULERS)})")
-    optimizer = get("optim", "adamw_torch")
-    if optimizer not in OPTIMIZERS:
-        raise refuse("optim", f"is not one hwft runs ({', '.join(OPTIMIZERS)})")
-    if get("bf16") or get("pure_bf16"):
-        precision = "bf16"
-    elif get("fp16"):
-        precision = "fp16"
-    else:
-        precision = "fp32"
-    train: dict = {
-        "lr": float(get("learning_rate", 5e-5)), "epochs": float(get("num_train_epochs", 3.0)),
-        "micro_batch_size": int(get("per_device_train_batch_size", 8)),
-        "gradient_accumulation_steps": int(get("gradient_accumulation_steps", 1)),
-        "max_length": int(get("cutoff_len", 2048)), "scheduler": SCHEDULERS[scheduler],
-        "optimizer": OPTIMIZERS[optimizer], "precision": precision, "seed": int(get("seed", 42)),
-        "weight_decay": float(get("weight_decay", 0.0)), "max_grad_norm": float(get("max_grad_norm", 1.0)),
-        "log_every": int(get("logging_steps", 500)),
-    }
+def template_key(file: File) -> str | None:
+    """template: a built-in hwft has by the same name; a model's own template is the tokenizer's."""
+    template = file.get("template")
+    if template is None:
+        return None
+    if template in OWN_TEMPLATES:
+        file.note(f"template {template}: the model's own chat template (the tokenizer's).")
+        return None
+    if template not in BUILTIN_TEMPLATES:
+        raise file.refuse("template", "is LLaMA-Factory's own prompt format, not a model's chat template; hwft "
+                          "renders conversations with the tokenizer's chat template: remove template (or set "
+                          f"it to one of {', '.join(sorted(OWN_TEMPLATES | set(BUILTIN_TEMPLATES)))}), or give "
+                          "the hwft recipe template: a .jinja file")
+    return BUILTIN_TEMPLATES[template]
+
+
+def train_section(file: File, chosen, section: dict) -> dict:
+    """train: the table's keys, the precision, the schedule's length and warm-up, checkpoints
+    and evaluation, and what the method changes there (Method.llamafactory.train)."""
+    get = file.get
+    train = carry(file, TRAIN_KEYS)
+    train["precision"] = "bf16" if get("bf16") or get("pure_bf16") else "fp16" if get("fp16") else "fp32"
+    carry(file, TRAIN_TAIL, train)
     if get("max_steps") and int(get("max_steps")) > 0:
         train["max_steps"] = int(get("max_steps"))
     if get("warmup_ratio"):
         train["warmup_ratio"] = float(get("warmup_ratio"))
     elif get("warmup_steps"):
         train["warmup_steps"] = int(get("warmup_steps"))
-    if lf.train:
-        lf.train(train, section)
+    if chosen.llamafactory.train:
+        chosen.llamafactory.train(train, section)
     if get("save_strategy", "steps") == "steps":
         train["save_every"] = int(get("save_steps", 500))
         if get("save_total_limit"):
             train["keep_checkpoints"] = int(get("save_total_limit"))
     elif get("save_strategy") != "no":
-        raise refuse("save_strategy", "- hwft checkpoints every save_steps (steps) or not at all (no)")
+        raise file.refuse("save_strategy", "- hwft checkpoints every save_steps (steps) or not at all (no)")
     if get("eval_strategy", "no") == "steps":
         train["eval_every"] = int(get("eval_steps") or get("logging_steps", 500))
     elif get("eval_strategy", "no") != "no":
-        raise refuse("eval_strategy", "- hwft evaluates every eval_steps (steps) or not at all (no)")
-    recipe["train"] = train
+        raise file.refuse("eval_strategy", "- hwft evaluates every eval_steps (steps) or not at all (no)")
+    return train
 
+
+def parallel_section(file: File) -> dict:
+    """parallel: activation checkpointing, and the strategy a deepspeed config file means."""
     parallel: dict = {}
-    if get("gradient_checkpointing") or get("disable_gradient_checkpointing") is False:
+    if file.get("gradient_checkpointing") or file.get("disable_gradient_checkpointing") is False:
         parallel["activation_checkpointing"] = True
-    if get("deepspeed"):
-        parallel.update(_deepspeed(str(get("deepspeed")), source, t))
-    if parallel:
-        recipe["parallel"] = parallel
+    if file.get("deepspeed"):
+        parallel.update(_deepspeed(str(file.get("deepspeed")), file.source, file.translation))
+    return parallel
 
-    output: dict = {"dir": str(get("output_dir", "saves")), "overwrite": bool(get("overwrite_output_dir", False))}
-    trackers = [r for r in _split(get("report_to", "none")) if r not in ("none", "all")]
-    refused = [r for r in trackers if r not in TRACKERS]
-    if refused:
-        raise refuse("report_to", f"- hwft reports to {', '.join(sorted(TRACKERS))} (or a plugin's logger)")
+
+def output_section(file: File) -> dict:
+    """output: the folder, overwrite, the trackers and the run's name."""
+    output = carry(file, OUTPUT_KEYS)
+    trackers = [r for r in _split(file.get("report_to", "none")) if r not in ("none", "all")]
+    if [r for r in trackers if r not in TRACKERS]:
+        raise file.refuse("report_to", f"- hwft reports to {', '.join(sorted(TRACKERS))} (or a plugin's logger)")
     if trackers:
         output["report_to"] = trackers
-    if get("run_name"):
-        output["project"] = str(get("run_name"))
-    recipe["output"] = output
-    if get("resume_from_checkpoint"):
-        raise refuse("resume_from_checkpoint", "- hwft resumes from its own checkpoints: run "
-                     "`hwft train lf.yaml --resume` (the newest in output_dir/checkpoints)")
-    t.recipe = recipe
-    return t
+    if file.get("run_name"):
+        output["project"] = str(file.get("run_name"))
+    return output
 
 
 def _deepspeed(path: str, source: Path, t: Translation) -> dict:
