@@ -1,6 +1,6 @@
 """Typed records that backends hand to hwft through the plugin hooks.
 
-A backend answers four questions (see ARCHITECTURE.md): am I here (:class:`Availability`, from
+A backend answers four questions (docs/architecture.md): am I here (:class:`Availability`, from
 a cheap side-effect-free probe), what can I do (:class:`Capability`), how do I run this recipe
 (``Backend.train``), and how sure is that (selection in :mod:`hwft.select`, by ``priority``).
 """

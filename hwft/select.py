@@ -132,8 +132,8 @@ def compile_decision(setting: bool | None, claimed: bool, accelerator: bool, ste
 
     true and false are the user's; null compiles on the host CPU for runs of
     :data:`COMPILE_AUTO_MIN_STEPS` steps or more, where it was measured to repay its compile time
-    (configs/bench.yaml: a step about 1.15-1.4x faster; compiling about 50 s cold, 15 s from
-    Inductor's cache). On accelerators it stays opt-in until a bench there shows it pays.
+    (configs/bench.yaml; the figures: docs/benchmarks.md). On accelerators it stays opt-in until
+    a bench there shows it pays.
     """
     if setting is not None:
         return setting, f"kernels.compile: {'true' if setting else 'false'}"

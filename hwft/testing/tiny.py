@@ -10,9 +10,9 @@ from pathlib import Path
 
 #: Tokenizer files copied from the embedded model into every tiny model.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-#: The tiny models' vocabulary: SmolLM2's first 4096 tokens. With 49152, the output layer is
-#: most of a tiny model's work (MLX's CPU build multiplies at 2-4 GFLOP/s); with 4096, text
-#: takes about a fifth more tokens (89 for 73 on the cells' chats) and every step a tenth of it.
+#: The tiny models' vocabulary: SmolLM2's first 4096 tokens. With all 49152, the output layer is
+#: most of a tiny model's work (slow on MLX's CPU build); with 4096, text takes about a fifth
+#: more tokens and a step a fraction of the time (docs/benchmarks.md).
 TOKENIZER_SIZE = 4096
 
 

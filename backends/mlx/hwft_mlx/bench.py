@@ -66,7 +66,7 @@ def model_dims(model) -> dict:
 
 def peak_flops(device, dtype, device_name: str = "") -> tuple[float, str]:
     """Measured: the best of 4 rounds of 3 square matmuls, 8192 on Metal, 512 on the CPU build
-    (which multiplies at about 2.4 GFLOP/s on this project's 2-core machine: a 2048 probe took 93 s)."""
+    (which multiplies slowly enough that a 2048 probe takes minutes: docs/benchmarks.md)."""
     n = 512 if device == "cpu" else 8192
     a = mx.random.normal((n, n)).astype(dtype)
     b = mx.random.normal((n, n)).astype(dtype)

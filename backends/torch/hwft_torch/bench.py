@@ -121,8 +121,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype, device_name: str = "") 
     for (fragment, kind), value in SPEC_SHEET.items():
         if kind == dname and fragment in device_name:
             return value, f"spec sheet ({fragment}, {dname}, dense)"
-    # On a CPU with few threads a 1024 matmul already runs at the 2048 one's rate (this project's
-    # 2-core machine: 65 vs 62 GFLOP/s on 1 thread, 118 vs 130 on 2) for an eighth of the work.
+    # On a CPU with few threads a 1024 matmul already runs at the 2048 one's rate, for an eighth
+    # of the work (docs/benchmarks.md).
     n = (1024 if torch.get_num_threads() <= 8 else 2048) if device.type == "cpu" else 8192
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)

@@ -1,10 +1,9 @@
 """Causal attention of one packed example in query blocks of plain matmuls, for bf16 on the CPU.
 
-On a CPU with bf16 units (AVX512-BF16, AMX) a bf16 matmul runs several times faster than fp32
-(about 780 against 180 GFLOP/s on a 2-core Zen 5 AMD EPYC), but torch's CPU flash-attention
-kernel gains almost nothing from bf16: on SmolLM2's shapes (9 query heads, 3 key/value heads,
-head size 64) one 256-token example's forward and backward took 4.26 ms in bf16 and 4.18 in
-fp32. This computes the same attention with torch's batched matmuls instead.
+On a CPU with bf16 units (AVX512-BF16, AMX) a bf16 matmul runs several times faster than fp32,
+but torch's CPU flash-attention kernel gains almost nothing from bf16 (the figures:
+docs/benchmarks.md, "The measurements behind the code"). This computes the same attention with torch's batched
+matmuls instead.
 
 The maths, per key/value head and its ``g`` query heads (grouped-query attention: query head
 ``h`` reads key/value head ``h // g``, SDPA's ``enable_gqa``), with scale ``c`` (1/sqrt(d) unless
@@ -33,19 +32,17 @@ P is kept for the backward: about ``heads * L^2`` bytes per example and layer (h
 matrix, bf16). Above :data:`MAX_KEPT` elements the caller keeps torch's kernel, whose memory
 grows with L only.
 
-Forward and backward of one example on SmolLM2's shapes in bf16, on 2 cores of a Zen 5 EPYC, median
-ms (``ci/bench/cpu_kernels.py``), against torch's flash kernel: 64 tokens 0.34 (1.34), 256
-tokens 2.20 (4.26), 512 tokens 8.36 (21.5), 2048 tokens 52.3 (112.8). In fp32 the flash kernel
-stays: the blocked attention there is faster only from 256 tokens, by less, and not at
-every block size.
+In bf16 it is faster than torch's flash kernel at every length measured; in fp32 the flash
+kernel stays, since the blocked attention there is faster only from 256 tokens, by less, and not
+at every block size (``ci/bench/cpu_kernels.py`` times both; the figures are in docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import torch
 
-#: Query rows per block (per query head): of 32, 64, 128 and 256, 128 was the fastest from 512
-#: tokens on the 2-core EPYC, 64 below (by up to 25%; ci/bench/cpu_kernels.py).
+#: Query rows per block (per query head): of 32, 64, 128 and 256, the fastest on long examples
+#: (ci/bench/cpu_kernels.py; docs/benchmarks.md).
 BLOCK = 128
 #: The largest ``heads * L * L`` an example may keep for its backward (its P: that many bytes).
 MAX_KEPT = 1 << 26

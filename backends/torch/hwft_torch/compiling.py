@@ -14,12 +14,10 @@ reference of DPO and GRPO run with gradients off and take the eager forward, so 
 trigger a compile for every new length of a KV cache. Parameters, state dicts and saved results
 are the model's own: nothing is wrapped.
 
-Measured on the bench workload (configs/bench.yaml: SmolLM2-135M, LoRA r=16 on every linear
-layer, packed rows of 512 tokens) on the 2-core CPU, one process alternating compiled and eager
-steps: compiled steps about 13% faster, peak RSS 3.65 -> 2.7 GiB. Compiling costs about 50 s
-the first time and about 15 s once Inductor's cache (``/tmp/torchinductor_$USER``) holds the
-kernels. That cost is why ``compile: null`` turns it on only for long runs
-(hwft.select.compile_decision).
+On the bench workload (configs/bench.yaml) compiled steps are faster and take less memory, but
+compiling costs tens of seconds the first time and less once Inductor's cache
+(``/tmp/torchinductor_$USER``) holds the kernels (docs/benchmarks.md, "The measurements behind the code"). That cost
+is why ``compile: null`` turns it on only for long runs (hwft.select.compile_decision).
 """
 
 from __future__ import annotations

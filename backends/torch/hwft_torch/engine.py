@@ -105,9 +105,8 @@ def make_optimizer(model, recipe: Recipe, runtime: DeviceRuntime) -> torch.optim
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, weight_decay=t.weight_decay)
     # torch's fused AdamW kernel (CPU, CUDA, ROCm) for adamw too where torch has one: the same
-    # update in one pass over all tensors (on the bench's 4.9M LoRA parameters a CPU step takes
-    # 10 ms instead of 44). fused_adamw on a device with its own (Ascend's NpuFusedAdamW) was
-    # returned above through runtime.optimizer.
+    # update in one pass over all tensors, several times faster (docs/benchmarks.md). fused_adamw
+    # on a device with its own (Ascend's NpuFusedAdamW) was returned above through runtime.optimizer.
     fused = t.optimizer == "fused_adamw" or runtime.type in ("cuda", "cpu")
     return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused)
 

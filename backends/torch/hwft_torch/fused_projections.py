@@ -13,9 +13,9 @@ r-wide A products). For a group of n siblings with frozen weights W_i, biases b_
 
 which is peft's ``W_i x + b_i + s_i B_i A_i x`` for each i, in two matmuls instead of 2n (and
 two for the input's gradient instead of 2n). The frozen weights are concatenated once, and
-each frozen weight becomes a view into it, so no tensor is held twice (on the CPU the freed
-originals leave holes between the other weights that glibc keeps: +0.25 GiB of peak RSS on
-SmolLM2-135M). The A's are concatenated every step (a few KiB) so their gradients flow to
+each frozen weight becomes a view into it, so no tensor is held twice (on the CPU freed
+originals would leave holes between the other weights that glibc keeps, raising the peak RSS:
+docs/benchmarks.md). The A's are concatenated every step (a few KiB) so their gradients flow to
 peft's own parameters: parameter names, saved adapters and optimizer state are unchanged. Parameters must stay where they are afterwards (not
 sharded, cast or moved), hence one process or ddp.
 

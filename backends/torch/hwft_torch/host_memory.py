@@ -55,10 +55,9 @@ def map_passing_blocks() -> bool:
     the system when freed. Loading passes each weight through blocks it frees again (a tensor
     read before it is cast, sliced or quantised; bitsandbytes' temporaries), between which it
     keeps small ones (4-bit quantisation state, a shard). From the heap, the small ones pin the
-    freed space between them. Quantising 84 weights and keeping half of each one's packed bytes
-    and its state (5.6 MiB kept for 512x512 weights, 22.3 MiB for 1024x1024) left 71 and 607 MiB
-    more resident with glibc's default (its mmap threshold rises to the largest block freed), 16
-    and 36 MiB with a 256 KiB threshold, and 5.6 and 21.5 MiB with this one. Each block of 64 KiB
+    freed space between them: with glibc's default (its mmap threshold rises to the largest block
+    freed) loading left many times more resident than it kept, and with this threshold about
+    what it kept (docs/benchmarks.md, "The measurements behind the code"). Each block of 64 KiB
     or more kept while loading holds one of the process's mappings (Linux allows 65,530): a
     70B-class model's shards, adapters and states are a few thousand. The steps' settings
     (:func:`keep_freed_host_memory`) follow once the model is loaded."""
@@ -72,8 +71,8 @@ def keep_freed_host_memory() -> str | None:
     A CPU training step allocates and frees the same activations every step. By default glibc
     serves a block that the heap's free top cannot hold with a fresh mapping (the chunked
     cross-entropy's 128 MiB of logits, for one) and trims the heap's free top, so each step
-    faults much of its memory in again, page by page: about 65,000 page faults a step on the
-    bench workload (``ru_minflt``), some 3% of the step spent in the kernel. No mmap at all
+    faults much of its memory in again, page by page: tens of thousands of page faults a step on
+    the bench workload (``ru_minflt``; docs/benchmarks.md). No mmap at all
     (``M_MMAP_MAX`` 0: every block comes from the heap; the mmap threshold alone cannot rise
     above 32 MiB), a 512 MiB top pad (the heap grows by that much more than asked; untouched
     pages cost no memory) and no trimming let later steps reuse pages already touched: no page

@@ -14,18 +14,16 @@ within bounds; otherwise torch's SDPA.
 The examples are found where ``position_ids`` restart at 0, the signal flash-attention's varlen
 path reads. Right padding restarts too (hwft.data.batching.pad), so it forms one more segment.
 Anything else takes transformers' own sdpa path with its mask:
-- an accelerator (finding the segments would synchronise with the host at every layer; an H100
-  bench ran 3x slower with it);
+- an accelerator (finding the segments would synchronise with the host at every layer, and the
+  small calls are launch-bound: slower, as a bench on an H100 showed);
 - no position ids;
 - a KV cache (generation);
 - a row that does not start at position 0;
 - a sliding-window layer (Mistral, Gemma 2/3) with an example longer than its window.
 
-Measured on SmolLM2-135M with LoRA, 2 rows of 512 tokens, 5 examples each, on the 2-core CPU: a
-training step went from 7.31 s to 6.45 s. Splitting the rows laid end to end (rather than slicing
-each example out of its row) and letting SDPA serve grouped-query heads (``enable_gqa``, rather
-than copying the key/value heads) took one layer's attention, forward and backward, from about
-50 ms to 25 ms (SmolLM2's shapes: 9 query heads, 3 key/value heads).
+The rows are split laid end to end (rather than slicing each example out of its row) and SDPA
+serves grouped-query heads itself (``enable_gqa``, rather than copying the key/value heads):
+each halved a layer's attention time (docs/benchmarks.md, "The measurements behind the code").
 """
 
 from __future__ import annotations
@@ -61,8 +59,8 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     # CPU only: on an accelerator, finding the segments synchronises with the host at every
-    # layer and the small calls are launch-bound (an H100 bench ran 3x slower); the masked call is
-    # one kernel there, and flash-attention's varlen path is the way to skip the masked pairs.
+    # layer and the small calls are launch-bound; the masked call is one kernel there, and
+    # flash-attention's varlen path is the way to skip the masked pairs.
     packed = (query.device.type == "cpu" and position_ids is not None
               and position_ids.shape[-1] == query.shape[2] == key.shape[2]
               and bool((position_ids[..., 0] == 0).all()))

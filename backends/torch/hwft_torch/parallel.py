@@ -178,8 +178,8 @@ class Single:
                 dist.barrier()
                 return
             # Leave together: a rank that tears its group down while rank 0 is still saving can
-            # take gloo's connection threads down mid-use (a clean-clone run saw rank 1 abort
-            # with "terminate called without an active exception" after rank 0 saved).
+            # take gloo's connection threads down mid-use (rank 1 then aborts with "terminate
+            # called without an active exception").
             dist.barrier()
             dist.destroy_process_group()
 
@@ -317,7 +317,7 @@ class ZeroRedundancy(Single):
         super().__init__(model, optimizer, scheduler, world, max_norm)
         if next(model.parameters()).device.type == "cpu":
             # DeepSpeed's CPU accelerator would JIT-compile its shared-memory all-reduce, an
-            # inference kernel (40 s with a C++ compiler, an error without one); training
+            # inference kernel (tens of seconds with a C++ compiler, an error without one); training
             # reduces over gloo, so the kernel is marked unavailable.
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         config = deepspeed_config(recipe, max_norm)
