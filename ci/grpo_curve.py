@@ -42,12 +42,24 @@ def main() -> int:
     for seed in args.seeds:
         run = REPO / "runs" / f"{args.method}-seed-{seed}"
         if not args.reuse:
-            subprocess.run([str(hwft), "train", str(REPO / "configs" / f"{args.method}.yaml"), f"train.seed={seed}",
-                            f"output.dir={run}", "eval.prompts=[]", "--quiet"], check=True)
+            subprocess.run(
+                [
+                    str(hwft),
+                    "train",
+                    str(REPO / "configs" / f"{args.method}.yaml"),
+                    f"train.seed={seed}",
+                    f"output.dir={run}",
+                    "eval.prompts=[]",
+                    "--quiet",
+                ],
+                check=True,
+            )
         runs[seed] = rewards(run)
         first, last = runs[seed][:WINDOW], runs[seed][-WINDOW:]
-        print(f"seed {seed}: mean reward, first {WINDOW} rollout batches {sum(first) / len(first):+.3f}, "
-              f"last {WINDOW} {sum(last) / len(last):+.3f}")
+        print(
+            f"seed {seed}: mean reward, first {WINDOW} rollout batches {sum(first) / len(first):+.3f}, "
+            f"last {WINDOW} {sum(last) / len(last):+.3f}"
+        )
 
     import matplotlib
 

@@ -6,6 +6,10 @@ cd "$(dirname "$0")/.."
 # while the set-up and the longer tests run (tests/test_board.py waits for it).
 bash ci/browser.sh --background
 bash ci/setup.sh
+# The habits first (a few seconds, then half a minute): ruff's lint and format, and pyright in
+# basic mode on hwft/ and backends/ (settings in pyproject.toml; .pre-commit-config.yaml runs
+# the same). ci/lint.sh --fix repairs what ruff can.
+bash ci/lint.sh
 # Two workers (pytest-xdist), each taking whole test modules, longest first (tests/conftest.py):
 # much of the suite waits on processes it started or on Python itself, so CI's two cores stay
 # busy. HWFT_TEST_WORKERS=0 runs everything in this one process.

@@ -33,18 +33,43 @@ import yaml
 
 from hwft.distributed import Launch
 from hwft.errors import RecipeError
-from hwft.recipe import Recipe
+from hwft.recipe import Precision, Recipe
 from hwft.textfile import read_text
 
-STRATEGIES = {"NO": "none", "FSDP": "fsdp2", "DEEPSPEED": "deepspeed",
-              **{f"MULTI_{d}": "ddp" for d in ("GPU", "NPU", "CPU", "XPU", "MLU", "HPU", "SDAA", "MUSA")}}
-PRECISIONS = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
+STRATEGIES = {
+    "NO": "none",
+    "FSDP": "fsdp2",
+    "DEEPSPEED": "deepspeed",
+    **{f"MULTI_{d}": "ddp" for d in ("GPU", "NPU", "CPU", "XPU", "MLU", "HPU", "SDAA", "MUSA")},
+}
+PRECISIONS: dict[str, Precision] = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
 #: Keys about what accelerate launches or where, which hwft's own launch or nothing covers.
-LAUNCH_ONLY = {"compute_environment", "debug", "downcast_bf16", "enable_cpu_affinity", "gpu_ids",
-               "main_training_function", "rdzv_backend", "same_network", "use_cpu", "tpu_env",
-               "tpu_use_cluster", "tpu_use_sudo", "num_cpu_threads_per_process"}
-TRANSLATED = {"distributed_type", "deepspeed_config", "fsdp_config", "mixed_precision", "num_processes",
-              "num_machines", "machine_rank", "main_process_ip", "main_process_port"}
+LAUNCH_ONLY = {
+    "compute_environment",
+    "debug",
+    "downcast_bf16",
+    "enable_cpu_affinity",
+    "gpu_ids",
+    "main_training_function",
+    "rdzv_backend",
+    "same_network",
+    "use_cpu",
+    "tpu_env",
+    "tpu_use_cluster",
+    "tpu_use_sudo",
+    "num_cpu_threads_per_process",
+}
+TRANSLATED = {
+    "distributed_type",
+    "deepspeed_config",
+    "fsdp_config",
+    "mixed_precision",
+    "num_processes",
+    "num_machines",
+    "machine_rank",
+    "main_process_ip",
+    "main_process_port",
+}
 
 
 def read(path: Path) -> dict:
@@ -57,8 +82,10 @@ def read(path: Path) -> dict:
     unknown = sorted(set(config) - LAUNCH_ONLY - TRANSLATED)
     unknown = [k for k in unknown if config[k] not in (None, False, {}, [], "", "no", "NO")]
     if unknown:
-        raise RecipeError(f"parallel.accelerate_config: {path} sets {', '.join(unknown)}, which hwft does not "
-                          f"translate; it translates {', '.join(sorted(TRANSLATED))}")
+        raise RecipeError(
+            f"parallel.accelerate_config: {path} sets {', '.join(unknown)}, which hwft does not "
+            f"translate; it translates {', '.join(sorted(TRANSLATED))}"
+        )
     return config
 
 
@@ -79,20 +106,27 @@ def apply(recipe: Recipe) -> tuple[Recipe, Launch | None]:
         if current == value:
             return
         if current != getattr(defaults, field):
-            raise RecipeError(f"parallel.accelerate_config: {path} says {what} (parallel.{field}: {value!r}) but "
-                              f"the recipe says parallel.{field}: {current!r}; remove one of them")
+            raise RecipeError(
+                f"parallel.accelerate_config: {path} says {what} (parallel.{field}: {value!r}) but "
+                f"the recipe says parallel.{field}: {current!r}; remove one of them"
+            )
         setattr(p, field, value)
 
     kind = str(config.get("distributed_type", "NO"))
     if kind not in STRATEGIES:
-        raise RecipeError(f"parallel.accelerate_config: distributed_type {kind} is not one hwft runs "
-                          f"(it runs {', '.join(sorted(STRATEGIES))})")
+        raise RecipeError(
+            f"parallel.accelerate_config: distributed_type {kind} is not one hwft runs "
+            f"(it runs {', '.join(sorted(STRATEGIES))})"
+        )
     take("strategy", STRATEGIES[kind], f"distributed_type {kind}")
     ds = config.get("deepspeed_config") or {}
     if kind == "DEEPSPEED":
         if "zero_stage" in ds:
             take("zero_stage", int(ds["zero_stage"]), f"zero_stage {ds['zero_stage']}")
-        for key, field in (("offload_optimizer_device", "offload_optimizer"), ("offload_param_device", "offload_params")):
+        for key, field in (
+            ("offload_optimizer_device", "offload_optimizer"),
+            ("offload_param_device", "offload_params"),
+        ):
             device = str(ds.get(key, "none"))
             if device not in ("none", "cpu"):
                 raise RecipeError(f"parallel.accelerate_config: {key} {device}: hwft offloads to cpu only")
@@ -113,13 +147,19 @@ def apply(recipe: Recipe) -> tuple[Recipe, Launch | None]:
             raise RecipeError(f"parallel.accelerate_config: mixed_precision {precision}: hwft has no, bf16, fp16")
         wanted = PRECISIONS[str(precision)]
         if out.train.precision not in ("auto", wanted):
-            raise RecipeError(f"parallel.accelerate_config: {path} says mixed_precision {precision} but the recipe "
-                              f"says train.precision: {out.train.precision}; remove one of them")
+            raise RecipeError(
+                f"parallel.accelerate_config: {path} says mixed_precision {precision} but the recipe "
+                f"says train.precision: {out.train.precision}; remove one of them"
+            )
         out.train.precision = wanted
     launch = None
     if config.get("num_processes"):
         machines = int(config.get("num_machines") or 1)
-        launch = Launch(nproc=max(int(config["num_processes"]) // machines, 1), nnodes=machines,
-                        node_rank=int(config.get("machine_rank") or 0), master_addr=config.get("main_process_ip"),
-                        master_port=int(config.get("main_process_port") or 29500))
+        launch = Launch(
+            nproc=max(int(config["num_processes"]) // machines, 1),
+            nnodes=machines,
+            node_rank=int(config.get("machine_rank") or 0),
+            master_addr=config.get("main_process_ip"),
+            master_port=int(config.get("main_process_port") or 29500),
+        )
     return out, launch

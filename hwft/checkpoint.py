@@ -33,9 +33,10 @@ import math
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from hwft import __version__
 from hwft.errors import UserError
@@ -101,7 +102,8 @@ def file_digest(path: Path) -> str:
 def write_manifest(folder: Path) -> None:
     files = {
         str(p.relative_to(folder)): {"sha256": file_digest(p), "bytes": p.stat().st_size}
-        for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
     }
     (folder / MANIFEST).write_text(json.dumps({"schema": SCHEMA, "files": files}, indent=1), encoding="utf-8")
 
@@ -153,8 +155,10 @@ def verify_manifest(folder: Path) -> None:
             raise UserError(f"{folder}: {name} is missing; the checkpoint is incomplete. {_another(folder)}")
         size = path.stat().st_size
         if size < entry.get("bytes", 0):
-            raise UserError(f"{folder}: {name} differs from what hwft wrote: {size} of its {entry['bytes']} bytes (cut "
-                            f"short by an interrupted copy?); refusing to load the checkpoint. {_another(folder)}")
+            raise UserError(
+                f"{folder}: {name} differs from what hwft wrote: {size} of its {entry['bytes']} bytes (cut "
+                f"short by an interrupted copy?); refusing to load the checkpoint. {_another(folder)}"
+            )
         if size != entry.get("bytes") or file_digest(path) != entry.get("sha256"):
             raise UserError(
                 f"{folder}: {name} differs from what hwft wrote (sha256 mismatch); refusing to load the "
@@ -218,8 +222,8 @@ def host_rng_state() -> dict:
     try:
         import numpy as np
 
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+        kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+        state["numpy"] = [kind, np.asarray(keys).tolist(), int(pos), int(has_gauss), float(cached)]
     except ImportError:
         pass
     return state
@@ -248,8 +252,19 @@ def discard_temporaries(run_dir: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def trainer_state(step: int, steps: int, world_size: int, accumulation: int, strategy: str, engine: str,
-                  data: dict, log: dict, nonfinite: int, rng: list[dict], engine_state: dict) -> dict:
+def trainer_state(
+    step: int,
+    steps: int,
+    world_size: int,
+    accumulation: int,
+    strategy: str,
+    engine: str,
+    data: dict,
+    log: dict,
+    nonfinite: int,
+    rng: list[dict],
+    engine_state: dict,
+) -> dict:
     return {
         "schema": SCHEMA,
         "hwft_version": __version__,
@@ -307,8 +322,16 @@ class Checkpointer:
     The loop calls ``restore(engine)`` once before its first step (returns the step to start
     after), ``after_step(step, engine)`` after each step's log line and evaluation."""
 
-    def __init__(self, job, objective, log, strategy: str, steps: int, nonfinite: NonFinite,
-                 resumable: Callable[[int], bool] = lambda step: True):
+    def __init__(
+        self,
+        job,
+        objective,
+        log,
+        strategy: str,
+        steps: int,
+        nonfinite: NonFinite,
+        resumable: Callable[[int], bool] = lambda step: True,
+    ):
         self.job, self.objective, self.log, self.steps = job, objective, log, steps
         self.strategy, self.nonfinite, self.resumable = strategy, nonfinite, resumable
         self.collective = objective.collective
@@ -338,8 +361,10 @@ class Checkpointer:
         mine = rngs[self.job.world.rank] if len(rngs) == self.job.world.size else rngs[0]
         set_host_rng_state(mine["host"])
         engine.set_rng_state(mine["engine"])
-        self.job.log(f"resumed from {checkpoint.path} (step {checkpoint.step} of {self.steps}, "
-                     f"{state['data']['micro_batches']} micro-batches drawn)")
+        self.job.log(
+            f"resumed from {checkpoint.path} (step {checkpoint.step} of {self.steps}, "
+            f"{state['data']['micro_batches']} micro-batches drawn)"
+        )
         return checkpoint.step
 
     def last(self) -> Path | None:
@@ -388,6 +413,7 @@ class Checkpointer:
         tmp = make_temporary(final) if world.main else None
         if world.size > 1:  # DeepSpeed's ranks write into rank 0's folder (shared storage)
             tmp = Path(self.collective.gather([str(tmp or "")])[0][0])
+        assert tmp is not None  # rank 0 made it; the other ranks were told where
         try:
             engine.write_sharded(tmp)
             gathered = engine.gather()
@@ -396,8 +422,16 @@ class Checkpointer:
             if world.main:
                 engine_state = engine.write(tmp, gathered)
                 state = trainer_state(
-                    step, self.steps, world.size, job.recipe.train.gradient_accumulation_steps, self.strategy,
-                    engine.name, self.objective.position(), self.log.carry(), self.nonfinite.count, rngs,
+                    step,
+                    self.steps,
+                    world.size,
+                    job.recipe.train.gradient_accumulation_steps,
+                    self.strategy,
+                    engine.name,
+                    self.objective.position(),
+                    self.log.carry(),
+                    self.nonfinite.count,
+                    rngs,
                     {"data_digests": self.digests(), **engine_state},
                 )
                 (tmp / TRAINER_STATE).write_text(json.dumps(state), encoding="utf-8")

@@ -35,8 +35,14 @@ def add_exporter_flags(export: argparse.ArgumentParser) -> None:
         choices = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
         kind = type(choices[0]) if choices else (annotation if isinstance(annotation, type) else str)
         default = "" if info.default is None else f"; default {info.default}"
-        export.add_argument(flag, dest=f"export_{fmt}__{name}", type=kind, choices=choices, default=None,
-                            help=f"--to {fmt}: {info.description or name}{default}")
+        export.add_argument(
+            flag,
+            dest=f"export_{fmt}__{name}",
+            type=kind,
+            choices=choices,
+            default=None,
+            help=f"--to {fmt}: {info.description or name}{default}",
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,31 +56,47 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.lr=5e-5")
     train.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
     train.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    train.add_argument("--resume", nargs="?", const="latest", metavar="PATH",
-                       help="continue from the newest checkpoint in output.dir, or from PATH (a "
-                       "checkpoints/step-N folder or a run folder)")
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="PATH",
+        help="continue from the newest checkpoint in output.dir, or from PATH (a "
+        "checkpoints/step-N folder or a run folder)",
+    )
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     launch = train.add_argument_group(
-        "launch", "start several training processes with the backend's own launcher (torchrun for "
-        "torch backends, mlx.launch for MLX); parallel.strategy says how they share the work")
-    launch.add_argument("--nproc", type=int, help="processes on this machine, one per device (default 1, or "
-                        "what parallel.accelerate_config says)")
+        "launch",
+        "start several training processes with the backend's own launcher (torchrun for "
+        "torch backends, mlx.launch for MLX); parallel.strategy says how they share the work",
+    )
+    launch.add_argument(
+        "--nproc",
+        type=int,
+        help="processes on this machine, one per device (default 1, or what parallel.accelerate_config says)",
+    )
     launch.add_argument("--nnodes", type=int, help="machines taking part (default 1)")
     launch.add_argument("--node-rank", type=int, help="this machine's index, 0 to nnodes-1 (default 0)")
     launch.add_argument("--master-addr", help="address of node 0, reachable from every node")
     launch.add_argument("--master-port", type=int, help="port on node 0 (default 29500)")
 
-    imp = sub.add_parser("import", help="print the hwft recipe a LLaMA-Factory training YAML becomes "
-                         "(`hwft train lf.yaml` trains it directly)")
+    imp = sub.add_parser(
+        "import",
+        help="print the hwft recipe a LLaMA-Factory training YAML becomes (`hwft train lf.yaml` trains it directly)",
+    )
     imp.add_argument("recipe", help="a LLaMA-Factory training YAML (llamafactory-cli train's file)")
     imp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
 
-    plan = sub.add_parser("plan", help="the memory each device needs under each parallel strategy, before "
-                          "anything loads, and which strategies fit")
+    plan = sub.add_parser(
+        "plan",
+        help="the memory each device needs under each parallel strategy, before "
+        "anything loads, and which strategies fit",
+    )
     plan.add_argument("recipe", help="recipe YAML file")
     plan.add_argument("overrides", nargs="*", help="key.path=value overrides")
-    plan.add_argument("--devices", help="COUNTxSIZE, e.g. 8x80GB or 2x24GB (default: this machine's devices "
-                      "of the recipe's backend)")
+    plan.add_argument(
+        "--devices", help="COUNTxSIZE, e.g. 8x80GB or 2x24GB (default: this machine's devices of the recipe's backend)"
+    )
     plan.add_argument("--json", action="store_true", help="machine-readable (hwft.plan/1)")
     plan.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
 
@@ -91,12 +113,16 @@ def _parser() -> argparse.ArgumentParser:
 
     env = sub.add_parser("env", help="backends on this machine and what each can do")
     env.add_argument("--json", action="store_true", help=f"machine-readable ({ENV_SCHEMA})")
-    env.add_argument("--families", action="store_true",
-                     help="which model family gets which fast paths on which engine, as a Markdown table")
+    env.add_argument(
+        "--families",
+        action="store_true",
+        help="which model family gets which fast paths on which engine, as a Markdown table",
+    )
     env.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
 
     bench = sub.add_parser(
-        "bench", help="time a recipe on each backend (and against the transformers baseline); "
+        "bench",
+        help="time a recipe on each backend (and against the transformers baseline); "
         "`hwft bench report FILES` compares results",
         description="hwft bench RECIPE [options]  |  hwft bench report FILES [--out DIR] [--force]  |  "
         "hwft bench schema",
@@ -106,16 +132,25 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--backends", help="comma-separated backends (default: every available one that can run it)")
     bench.add_argument("--steps", type=int, help="timed steps after warmup (default: the recipe's whole run)")
     bench.add_argument("--warmup", type=int, default=2, help="steps run before timing starts (default 2)")
-    bench.add_argument("--baseline", type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
-                       help="also run the transformers Trainer + peft baselines, comma-separated: hf (SDPA), "
-                       "hf-liger (with Liger's kernels: CUDA, ROCm); settings from the recipe's bench.baseline")
+    bench.add_argument(
+        "--baseline",
+        type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
+        help="also run the transformers Trainer + peft baselines, comma-separated: hf (SDPA), "
+        "hf-liger (with Liger's kernels: CUDA, ROCm); settings from the recipe's bench.baseline",
+    )
     bench.add_argument("--baseline-bf16", action="store_true", help="also run the baseline's bf16 variant")
-    bench.add_argument("--repeat", type=int, default=1,
-                       help="rounds of every arm, alternating hwft and baseline; prints the median of the paired "
-                       "ratios (default 1)")
-    bench.add_argument("--eval-examples", type=int, default=32,
-                       help="examples held out from the end of the data for the eval loss (default 32; "
-                       "data.eval replaces them)")
+    bench.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of every arm, alternating hwft and baseline; prints the median of the paired ratios (default 1)",
+    )
+    bench.add_argument(
+        "--eval-examples",
+        type=int,
+        default=32,
+        help="examples held out from the end of the data for the eval loss (default 32; data.eval replaces them)",
+    )
     bench.add_argument("--out", help="folder for results (default bench-results) or for the report")
     bench.add_argument("--force", action="store_true", help="report: put different workloads in one table")
     bench.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
@@ -123,11 +158,18 @@ def _parser() -> argparse.ArgumentParser:
     def using(name: str, help: str) -> argparse.ArgumentParser:
         """A command that loads a trained model: what to load, and on which backend."""
         cmd = sub.add_parser(name, help=help)
-        cmd.add_argument("target", help="a run folder (output.dir) or the recipe that wrote it, a checkpoints/step-N "
-                         "folder, an adapter folder, a model folder, or a model name such as smollm2-135m")
+        cmd.add_argument(
+            "target",
+            help="a run folder (output.dir) or the recipe that wrote it, a checkpoints/step-N "
+            "folder, an adapter folder, a model folder, or a model name such as smollm2-135m",
+        )
         cmd.add_argument("--backend", default="auto", help="backend to load on (default auto: the best available)")
-        cmd.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                         help="weights' dtype (auto: bf16 on accelerators that have it, else as saved)")
+        cmd.add_argument(
+            "--precision",
+            default="auto",
+            choices=("auto", "fp32", "bf16", "fp16"),
+            help="weights' dtype (auto: bf16 on accelerators that have it, else as saved)",
+        )
         cmd.add_argument("--base", help="the base model of an adapter, where its run folder does not say")
         cmd.add_argument("--trust-remote-code", action="store_true", help="run a model folder's own Python code")
         cmd.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
@@ -135,15 +177,21 @@ def _parser() -> argparse.ArgumentParser:
 
     def sampling(cmd: argparse.ArgumentParser, temperature: float) -> None:
         cmd.add_argument("--max-new-tokens", type=int, default=256, help="reply length limit (default 256)")
-        cmd.add_argument("--temperature", type=float, default=temperature,
-                         help=f"0 is greedy; above 0 samples softmax(logits/T) (default {temperature})")
+        cmd.add_argument(
+            "--temperature",
+            type=float,
+            default=temperature,
+            help=f"0 is greedy; above 0 samples softmax(logits/T) (default {temperature})",
+        )
         cmd.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
         cmd.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
 
     chat = using("chat", "talk to a trained model, replies streamed")
     chat.add_argument("--system", help="system prompt")
-    chat.add_argument("--prompt", help="answer this one message and exit ('-': read it from stdin); a piped "
-                      "stdin is read the same way")
+    chat.add_argument(
+        "--prompt",
+        help="answer this one message and exit ('-': read it from stdin); a piped stdin is read the same way",
+    )
     chat.add_argument("--interactive", action="store_true", help="a conversation even when stdin is not a terminal")
     sampling(chat, 0.0)
 
@@ -163,34 +211,62 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="also write the JSON report to this file")
 
     export = using("export", "write a trained result as a merged HF model, a PEFT adapter, MLX or GGUF")
-    export.add_argument("--to", required=True,
-                        help="a registered export format (`hwft plugins` lists them): hf: merged safetensors + "
-                        "tokenizer; peft: the adapter; mlx: an mlx-lm folder; gguf: one file for llama.cpp/Ollama "
-                        "(the families `hwft env --families` marks)")
+    export.add_argument(
+        "--to",
+        required=True,
+        help="a registered export format (`hwft plugins` lists them): hf: merged safetensors + "
+        "tokenizer; peft: the adapter; mlx: an mlx-lm folder; gguf: one file for llama.cpp/Ollama "
+        "(the families `hwft env --families` marks)",
+    )
     export.add_argument("--out", help="where to write (default: RUN/export/FORMAT, RUN/export/model-TYPE.gguf)")
-    export.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                        help="merged weights' dtype (hf, mlx; auto: as loaded, fp32 for the embedded model)")
+    export.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="merged weights' dtype (hf, mlx; auto: as loaded, fp32 for the embedded model)",
+    )
     add_exporter_flags(export)
     export.add_argument("--overwrite", action="store_true", help="replace an existing export")
-    export.add_argument("--verify", action="store_true", help="reload the export and compare its logits with "
-                        "the trained model's (prints a JSON line; exit 1 beyond tolerance)")
+    export.add_argument(
+        "--verify",
+        action="store_true",
+        help="reload the export and compare its logits with "
+        "the trained model's (prints a JSON line; exit 1 beyond tolerance)",
+    )
 
-    board = sub.add_parser("board", help="a local web UI: build recipes this machine can run, run and watch them, "
-                           "compare runs and machines, chat with a result")
-    board.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other "
-                       "needs an access token: --token, or one made and printed at start)")
+    board = sub.add_parser(
+        "board",
+        help="a local web UI: build recipes this machine can run, run and watch them, "
+        "compare runs and machines, chat with a result",
+    )
+    board.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; any other "
+        "needs an access token: --token, or one made and printed at start)",
+    )
     board.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
-    board.add_argument("--workspace", default=".", help="the folder the board may read and write; every path "
-                       "stays inside it (default: the current folder)")
-    board.add_argument("--runs", default="runs", help="where run folders are listed from, inside the workspace "
-                       "(default runs)")
-    board.add_argument("--token", help="access token every request must carry (default: none on 127.0.0.1; made "
-                       "and printed for any other address); also read from HWFT_BOARD_TOKEN")
+    board.add_argument(
+        "--workspace",
+        default=".",
+        help="the folder the board may read and write; every path stays inside it (default: the current folder)",
+    )
+    board.add_argument(
+        "--runs", default="runs", help="where run folders are listed from, inside the workspace (default runs)"
+    )
+    board.add_argument(
+        "--token",
+        help="access token every request must carry (default: none on 127.0.0.1; made "
+        "and printed for any other address); also read from HWFT_BOARD_TOKEN",
+    )
     board.add_argument("--max-upload-mb", type=int, default=64, help="largest file the page may upload (default 64)")
     board.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
 
-    plugins = sub.add_parser("plugins", help="loaded plugins and the hooks they implement; `plugins check NAME` "
-                             "runs the conformance suite against backend NAME")
+    plugins = sub.add_parser(
+        "plugins",
+        help="loaded plugins and the hooks they implement; `plugins check NAME` "
+        "runs the conformance suite against backend NAME",
+    )
     plugins.add_argument("action", nargs="?", choices=("check",), help="check: run hwft.testing.conformance")
     plugins.add_argument("backend", nargs="?", help="the backend to check (default: every available one)")
     plugins.add_argument("--json", action="store_true", help=f"machine-readable ({PLUGINS_SCHEMA})")
@@ -213,14 +289,21 @@ def cmd_train(args) -> int:
     # The command line first, then an accelerate config's processes (not inside a launched rank).
     base = described if described and world_from_env().size == 1 else Launch()
     launch = Launch(
-        args.nproc or base.nproc, args.nnodes or base.nnodes,
+        args.nproc or base.nproc,
+        args.nnodes or base.nnodes,
         base.node_rank if args.node_rank is None else args.node_rank,
-        args.master_addr or base.master_addr, args.master_port or base.master_port,
+        args.master_addr or base.master_addr,
+        args.master_port or base.master_port,
     )
     if launch.world_size > 1:
-        worker = ["train", args.recipe, *args.overrides, *(["--quiet"] if args.quiet else []),
-                  *(["--debug"] if getattr(args, "debug", False) else []),
-                  *([f"--resume={args.resume}"] if args.resume else [])]
+        worker = [
+            "train",
+            args.recipe,
+            *args.overrides,
+            *(["--quiet"] if args.quiet else []),
+            *(["--debug"] if getattr(args, "debug", False) else []),
+            *([f"--resume={args.resume}"] if args.resume else []),
+        ]
         return launch_run(recipe, launch, worker, dry_run=args.dry_run, resume=args.resume)
     plan = plan_run(recipe, resume=args.resume)
     if args.dry_run:
@@ -248,8 +331,10 @@ def cmd_import(args) -> int:
     load_recipe(path)  # the same checks as hwft train: the translation must validate
     raw = yaml.safe_load(read_text(path, RecipeError))
     if not (isinstance(raw, dict) and llamafactory.looks_like(raw)):
-        raise RecipeError(f"{path} is not a LLaMA-Factory training recipe (no stage or model_name_or_path); "
-                          "hwft train reads it as it is")
+        raise RecipeError(
+            f"{path} is not a LLaMA-Factory training recipe (no stage or model_name_or_path); "
+            "hwft train reads it as it is"
+        )
     print(llamafactory.translate(raw, path).to_yaml(), end="")
     return 0
 
@@ -269,25 +354,33 @@ def cmd_plan(args) -> int:
     backend = planned.choice.backend
     tools = importlib.import_module(backend.bench) if backend.bench else None
     if tools is None or not hasattr(tools, "memory_shape"):
-        raise UserError(f"hwft plan: backend {backend.name} ({backend.engine} engine) has no memory model; "
-                        "the torch backends (cpu, cuda, rocm, npu) have one")
+        raise UserError(
+            f"hwft plan: backend {backend.name} ({backend.engine} engine) has no memory model; "
+            "the torch backends (cpu, cuda, rocm, npu) have one"
+        )
     devices = memory.Devices.parse(args.devices) if args.devices else tools.memory_devices(backend.name)
     if devices is None:
-        raise UserError(f"hwft plan: cannot tell the memory of this machine's {backend.name} devices; "
-                        "give --devices COUNTxSIZE, e.g. 8x80GB")
+        raise UserError(
+            f"hwft plan: cannot tell the memory of this machine's {backend.name} devices; "
+            "give --devices COUNTxSIZE, e.g. 8x80GB"
+        )
     shape = tools.memory_shape(recipe, planned.model, backend.name)
+
     def refused(settings: dict) -> str | None:
         from hwft.select import capability_problems, core_problems
 
         variant = recipe.model_copy(deep=True)
-        variant.parallel = variant.parallel.model_copy(update={"offload_params": False, "offload_optimizer": False,
-                                                               **settings})
-        problems = core_problems(variant) + [p for p in capability_problems(variant, planned.choice.capability)
-                                             if p.startswith("parallel.")]
+        variant.parallel = variant.parallel.model_copy(
+            update={"offload_params": False, "offload_optimizer": False, **settings}
+        )
+        problems = core_problems(variant) + [
+            p for p in capability_problems(variant, planned.choice.capability) if p.startswith("parallel.")
+        ]
         return "; ".join(problems) or None
 
-    text, data = memory.report(planned.model.name, shape, devices, recipe.train.optimizer, recipe.method.tuning,
-                               refused)
+    text, data = memory.report(
+        planned.model.name, shape, devices, recipe.train.optimizer, recipe.method.tuning, refused
+    )
     print(json.dumps(data, indent=2) if args.json else text)
     return 0
 
@@ -357,8 +450,18 @@ def cmd_bench(args) -> int:
     from hwft.bench.runner import bench
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
-    return bench(args.recipe, args.overrides, backends, args.steps, args.warmup, args.baseline,
-                 args.baseline_bf16, args.out or "bench-results", args.eval_examples, args.repeat)
+    return bench(
+        args.recipe,
+        args.overrides,
+        backends,
+        args.steps,
+        args.warmup,
+        args.baseline,
+        args.baseline_bf16,
+        args.out or "bench-results",
+        args.eval_examples,
+        args.repeat,
+    )
 
 
 def cmd_chat(args) -> int:
@@ -391,18 +494,24 @@ def cmd_export(args) -> int:
 
 def cmd_board(args) -> int:
     from hwft.errors import UserError
-
     from hwft.ports import check_bind
 
     try:
         from hwft.board.app import serve
     except ImportError as exc:
-        raise UserError(f"hwft board needs starlette and uvicorn ({exc.name} is missing): pip install 'hwft[board]'") \
-            from None
+        raise UserError(
+            f"hwft board needs starlette and uvicorn ({exc.name} is missing): pip install 'hwft[board]'"
+        ) from None
     if args.port:
         check_bind(args.host, args.port, "hwft board")
-    return serve(args.workspace, args.runs, args.host, args.port, args.token or os.environ.get("HWFT_BOARD_TOKEN"),
-                 args.max_upload_mb)
+    return serve(
+        args.workspace,
+        args.runs,
+        args.host,
+        args.port,
+        args.token or os.environ.get("HWFT_BOARD_TOKEN"),
+        args.max_upload_mb,
+    )
 
 
 def cmd_plugins(args) -> int:
@@ -419,8 +528,9 @@ def cmd_plugins(args) -> int:
             "plugins": [p.to_json() for p in host.plugins],
             "methods": host.methods().to_json(),
             "data_kinds": host.data_kinds().to_json(),
-            "data_formats": [{"name": f.name, "kind": f.kind, "description": f.description}
-                             for f in host.data_formats().values()],
+            "data_formats": [
+                {"name": f.name, "kind": f.kind, "description": f.description} for f in host.data_formats().values()
+            ],
             "exporters": [{"format": f, "engines": sorted(e)} for f, e in sorted(host.exporters().by_format.items())],
             "kernels": host.kernels().to_json(),
             "families": host.families().to_json(),
@@ -456,8 +566,13 @@ def cmd_plugins(args) -> int:
     print("\nmodel families (model_type: fast paths, GGUF):")
     for engine in sorted({f["engine"] for f in host.families().to_json()}):
         rows = [f for f in host.families().to_json() if f["engine"] == engine]
-        print(f"  {engine}: " + "; ".join(f"{f['model_type']} ({', '.join(f['paths']) or 'none'}"
-                                        f"{', gguf ' + f['gguf'] if f['gguf'] else ''})" for f in rows))
+        print(
+            f"  {engine}: "
+            + "; ".join(
+                f"{f['model_type']} ({', '.join(f['paths']) or 'none'}{', gguf ' + f['gguf'] if f['gguf'] else ''})"
+                for f in rows
+            )
+        )
     return 0
 
 
@@ -505,8 +620,20 @@ def run_command(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    commands = {"train": cmd_train, "import": cmd_import, "plan": cmd_plan, "data": cmd_data, "env": cmd_env, "plugins": cmd_plugins, "bench": cmd_bench,
-                "board": cmd_board, "chat": cmd_chat, "serve": cmd_serve, "eval": cmd_eval, "export": cmd_export}
+    commands = {
+        "train": cmd_train,
+        "import": cmd_import,
+        "plan": cmd_plan,
+        "data": cmd_data,
+        "env": cmd_env,
+        "plugins": cmd_plugins,
+        "bench": cmd_bench,
+        "board": cmd_board,
+        "chat": cmd_chat,
+        "serve": cmd_serve,
+        "eval": cmd_eval,
+        "export": cmd_export,
+    }
     return guarded(lambda: commands[args.command](args), getattr(args, "debug", False))
 
 

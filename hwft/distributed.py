@@ -71,8 +71,12 @@ def world_from_env(env: Mapping[str, str] | None = None) -> World:
     """The World this process runs in, from its launcher's environment (see the module doc)."""
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
-        return World(_int(env, "RANK"), _int(env, "WORLD_SIZE"), _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
-                     "torchrun")
+        return World(
+            _int(env, "RANK"),
+            _int(env, "WORLD_SIZE"),
+            _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+            "torchrun",
+        )
     if "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1:
         return World(_int(env, "SLURM_PROCID"), _int(env, "SLURM_STEP_NUM_TASKS"), _int(env, "SLURM_LOCALID"), "slurm")
     if "MLX_RANK" in env and env.get("MLX_HOSTFILE"):

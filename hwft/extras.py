@@ -48,8 +48,10 @@ def write_extras(folder: Path, extras: tuple[Extra, ...], weights: Callable[[Ext
     from safetensors.numpy import save_file
 
     for extra in extras:
-        arrays = {extra.saved_name(k): np.ascontiguousarray(np.asarray(v, dtype=np.float32))
-                  for k, v in weights(extra).items()}
+        arrays = {
+            extra.saved_name(k): np.ascontiguousarray(np.asarray(v, dtype=np.float32))
+            for k, v in weights(extra).items()
+        }
         save_file(arrays, str(folder / extra.file), metadata={"format": "pt"})
 
 

@@ -132,8 +132,10 @@ class Families:
 
     def of(self, engine: str) -> list[Family]:
         """The engine's table, generic record last."""
-        return sorted((f for (e, _), f in self.records.items() if e == engine),
-                      key=lambda f: (f.model_type == GENERIC, f.model_type))
+        return sorted(
+            (f for (e, _), f in self.records.items() if e == engine),
+            key=lambda f: (f.model_type == GENERIC, f.model_type),
+        )
 
     def tiny(self, engine: str = "torch") -> dict[str, Mapping[str, Any]]:
         """model_type -> its tiny test config keys, for every family of ``engine``'s table that
@@ -157,10 +159,17 @@ class Families:
         return [f.model_type for f in self.of(engine) if f.has(path) and f.model_type != GENERIC]
 
     def to_json(self) -> list[dict]:
-        return [{"engine": f.engine, "model_type": f.model_type, "paths": sorted(f.paths),
-                 "attention": f.attention, "gguf": f.gguf.arch if f.gguf else None,
-                 "plugin": self.owners.get((f.engine, f.model_type))}
-                for f in sorted(self.records.values(), key=lambda f: (f.engine, f.model_type == GENERIC, f.model_type))]
+        return [
+            {
+                "engine": f.engine,
+                "model_type": f.model_type,
+                "paths": sorted(f.paths),
+                "attention": f.attention,
+                "gguf": f.gguf.arch if f.gguf else None,
+                "plugin": self.owners.get((f.engine, f.model_type)),
+            }
+            for f in sorted(self.records.values(), key=lambda f: (f.engine, f.model_type == GENERIC, f.model_type))
+        ]
 
 
 def collect_families(pm) -> Families:
@@ -175,17 +184,24 @@ def collect_families(pm) -> Families:
 
         def register(family: Family, _plugin=plugin) -> None:
             if not isinstance(family, Family):
-                raise UserError(f"plugin {_plugin}: hwft_register_model_families registered "
-                                f"{type(family).__name__}, not an hwft.families.Family")
+                raise UserError(
+                    f"plugin {_plugin}: hwft_register_model_families registered "
+                    f"{type(family).__name__}, not an hwft.families.Family"
+                )
             key = (family.engine, family.model_type)
             before = records.get(key)
             if before is not None:
-                family = replace(family, paths=before.paths | family.paths,
-                                 options={**before.options, **family.options},
-                                 attention=family.attention or before.attention, gguf=family.gguf or before.gguf,
-                                 description=family.description or before.description,
-                                 tiny=family.tiny if family.tiny is not None else before.tiny,
-                                 moe=family.moe or before.moe, serves=tuple(dict.fromkeys(before.serves + family.serves)))
+                family = replace(
+                    family,
+                    paths=before.paths | family.paths,
+                    options={**before.options, **family.options},
+                    attention=family.attention or before.attention,
+                    gguf=family.gguf or before.gguf,
+                    description=family.description or before.description,
+                    tiny=family.tiny if family.tiny is not None else before.tiny,
+                    moe=family.moe or before.moe,
+                    serves=tuple(dict.fromkeys(before.serves + family.serves)),
+                )
             records[key] = family
             owners.setdefault(key, _plugin)
 
@@ -205,9 +221,12 @@ def who_runs_what(families: Families) -> str:
     lines = ["| family | torch fast paths | torch attention | GGUF | MLX |", "|---|---|---|---|---|"]
     for model_type in sorted(set(torch_rows) | set(mlx_rows)):
         t, m = torch_rows.get(model_type), mlx_rows.get(model_type)
-        torch_paths = ", ".join(sorted(t.paths)) if t else "generic: " + ", ".join(
-            sorted(families.lookup("torch", model_type).paths))
-        attention = (t.attention if t and t.attention else "sdpa")
+        torch_paths = (
+            ", ".join(sorted(t.paths))
+            if t
+            else "generic: " + ", ".join(sorted(families.lookup("torch", model_type).paths))
+        )
+        attention = t.attention if t and t.attention else "sdpa"
         gguf = t.gguf.arch.lower() if t and t.gguf else "-"
         mlx = ", ".join(sorted(m.paths)) if m else "packs after a check at load"
         if m and m.model_type != model_type:

@@ -37,8 +37,10 @@ def trainable(paths: list[str], spec) -> set[str]:
     module name that matches no parameter is refused, naming what the model has."""
     layers = [i for i in map(layer_of, paths) if i is not None]
     if not layers:
-        raise RecipeError("method.tuning freeze: the model has no decoder layers named layers.<i> "
-                          "to choose from; use tuning: full or lora")
+        raise RecipeError(
+            "method.tuning freeze: the model has no decoder layers named layers.<i> "
+            "to choose from; use tuning: full or lora"
+        )
     chosen = set(chosen_layers(spec.trainable_layers, max(layers) + 1))
     modules = None if spec.trainable_modules == "all" else set(spec.trainable_modules)
     extra = set(spec.extra_modules)
@@ -46,8 +48,7 @@ def trainable(paths: list[str], spec) -> set[str]:
     unknown = sorted(((modules or set()) | extra) - segments)
     if unknown:
         raise RecipeError(
-            f"method.freeze: {', '.join(unknown)} names no module of this model (it has: "
-            f"{', '.join(sorted(segments))})"
+            f"method.freeze: {', '.join(unknown)} names no module of this model (it has: {', '.join(sorted(segments))})"
         )
     out = set()
     for path in paths:

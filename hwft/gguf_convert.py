@@ -51,8 +51,12 @@ def hf_config(meta: dict, tensor_names: set[str]) -> dict:
             config[renames[rest]] = value
     config.setdefault("vocab_size", len(meta["tokenizer.ggml.tokens"]))
     config["tie_word_embeddings"] = "output.weight" not in tensor_names
-    for key, name in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
-                      ("padding_token_id", "pad_token_id"), ("unknown_token_id", "unk_token_id")):
+    for key, name in (
+        ("bos_token_id", "bos_token_id"),
+        ("eos_token_id", "eos_token_id"),
+        ("padding_token_id", "pad_token_id"),
+        ("unknown_token_id", "unk_token_id"),
+    ):
         if f"tokenizer.ggml.{key}" in meta:
             config[name] = meta[f"tokenizer.ggml.{key}"]
     return config
@@ -101,13 +105,19 @@ def tokenizer(meta: dict):
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
 
     architecture = meta["general.architecture"]
-    grouped = {group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in meta}
-               for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    grouped = {
+        group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in meta}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
     vocabulary, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
     if vocabulary.get("tokenizer_type") == "llama":
         tokenizer_config.setdefault("add_bos_token", True)  # as transformers reads an older sentencepiece file
-    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+    for name, key in (
+        ("bos_token", "bos_token_id"),
+        ("eos_token", "eos_token_id"),
+        ("unk_token", "unknown_token_id"),
+        ("pad_token", "padding_token_id"),
+    ):
         token_id = meta.get(f"tokenizer.ggml.{key}")
         tokenizer_config[name] = vocabulary["tokens"][token_id] if token_id is not None else None
     backend, extra = convert_gguf_tokenizer(architecture, vocabulary)
@@ -126,8 +136,10 @@ def convert(gguf_file: Path, out_dir: Path, tokenizer_from: Path | None = None) 
     architecture = meta["general.architecture"]
     layout = import_layout(architecture)
     if layout is None:
-        raise ModelError(f"{gguf_file.name}: GGUF architecture {architecture!r} is not one hwft converts (the "
-                         "families whose GgufLayout has import_names: hwft env --families)")
+        raise ModelError(
+            f"{gguf_file.name}: GGUF architecture {architecture!r} is not one hwft converts (the "
+            "families whose GgufLayout has import_names: hwft env --families)"
+        )
     names = {t.name for t in reader.tensors}
     settings = hf_config(meta, names)
     config = AutoConfig.for_model(**settings)

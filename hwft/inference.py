@@ -113,8 +113,10 @@ def open_trained(target: str | Path, base: str | None = None, trust_remote_code:
 
         path = Path(load_recipe(path).output.dir).expanduser()
         if not (path / "recipe.yaml").is_file():
-            raise ModelError(f"{target} writes its run to {path}, which holds no finished run yet; train it first "
-                             f"(hwft train {target})")
+            raise ModelError(
+                f"{target} writes its run to {path}, which holds no finished run yet; train it first "
+                f"(hwft train {target})"
+            )
     if path.is_dir() and (path / "recipe.yaml").is_file() and not (path / "config.json").is_file():
         run, recipe = path, _read_run_recipe(path)
         trust_remote_code = trust_remote_code or recipe.model.trust_remote_code
@@ -128,8 +130,7 @@ def open_trained(target: str | Path, base: str | None = None, trust_remote_code:
             raise ModelError(f"run folder {run} holds no adapter/ or model/ yet (the run has not finished){hint}")
     if path.is_dir() and (path / "adapter_config.json").is_file():
         check_adapter(path, "adapter folder")
-        weights = (materialise(resolve_model(base), log=lambda m: None) if base
-                   else _base_for_adapter(path, recipe, run))
+        weights = materialise(resolve_model(base), log=lambda m: None) if base else _base_for_adapter(path, recipe, run)
         check_remote_code(weights, trust_remote_code)
         return Trained(str(target), weights, path.resolve(), run, recipe, trust_remote_code)
     if path.is_dir() and not (path / "config.json").is_file():
@@ -183,8 +184,10 @@ class Session:
 
     def rewards(self, sequences: list[list[int]], batch_size: int = 4) -> list[float]:
         """A reward model's scalar reward of each token sequence (read at its last token)."""
-        raise ModelError(f"the {self.backend} backend does not score with reward models (hwft.methods.rm); "
-                         "use a torch backend (--backend cpu)")
+        raise ModelError(
+            f"the {self.backend} backend does not score with reward models (hwft.methods.rm); "
+            "use a torch backend (--backend cpu)"
+        )
 
     def conversation_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """A whole conversation's token ids, rendered as training renders it (what a reward
@@ -214,8 +217,10 @@ class Session:
         from hwft.models import stop_token_ids
 
         if self.trained.head == "score":
-            raise UserError(f"{self.trained.describe()} is a reward model: it scores answers and does not write "
-                            "them (hwft eval reports its pairwise accuracy)")
+            raise UserError(
+                f"{self.trained.describe()} is a reward model: it scores answers and does not write "
+                "them (hwft eval reports its pairwise accuracy)"
+            )
         sampling = sampling or Sampling()
         stop = set(stop_token_ids(self.tokenizer))
         ids: list[int] = []
@@ -231,7 +236,7 @@ class Session:
             if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
                 continue
             if len(text) > len(shown):
-                yield text[len(shown):]
+                yield text[len(shown) :]
                 shown = text
 
     def reply(self, messages: list[dict] | str, sampling: Sampling | None = None) -> str:
@@ -281,9 +286,13 @@ def open_session(trained: Trained, backend: str = "auto", precision: str = "auto
     chosen = host.backend(backend)
     avail = host.probe(chosen.name)
     if not avail.available:
-        raise SelectionError(f"backend '{chosen.name}' is not available here: {avail.reason} "
-                             f"(available: {', '.join(inference_backends(host)) or 'none'})")
+        raise SelectionError(
+            f"backend '{chosen.name}' is not available here: {avail.reason} "
+            f"(available: {', '.join(inference_backends(host)) or 'none'})"
+        )
     if chosen.inference is None:
-        raise SelectionError(f"backend '{chosen.name}' has no inference hook (plugin API 0.4); "
-                             f"use one of {', '.join(inference_backends(host)) or 'none'}")
+        raise SelectionError(
+            f"backend '{chosen.name}' has no inference hook (plugin API 0.4); "
+            f"use one of {', '.join(inference_backends(host)) or 'none'}"
+        )
     return chosen.inference(trained, precision)

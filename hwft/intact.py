@@ -18,8 +18,14 @@ from hwft.errors import ModelError
 
 #: JSON files of a model or adapter folder that a loader parses (the tokenizer's are checked
 #: when the tokenizer fails to load: hwft.models.load_tokenizer).
-FOLDER_JSON = ("config.json", "adapter_config.json", "generation_config.json", "model.safetensors.index.json",
-               "tokenizer_config.json", "special_tokens_map.json")
+FOLDER_JSON = (
+    "config.json",
+    "adapter_config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 
 
 def safetensors_problem(path: Path) -> str | None:
@@ -37,8 +43,11 @@ def safetensors_problem(path: Path) -> str | None:
             return "has no readable safetensors header (is it a safetensors file?)"
     if not isinstance(header, dict):
         return "has no readable safetensors header (is it a safetensors file?)"
-    ends = [entry["data_offsets"][1] for key, entry in header.items()
-            if key != "__metadata__" and isinstance(entry, dict) and len(entry.get("data_offsets") or ()) == 2]
+    ends = [
+        entry["data_offsets"][1]
+        for key, entry in header.items()
+        if key != "__metadata__" and isinstance(entry, dict) and len(entry.get("data_offsets") or ()) == 2
+    ]
     expected = 8 + length + max(ends, default=0)
     if size < expected:
         return f"is cut short ({size} of the {expected} bytes its header describes)"
@@ -71,13 +80,17 @@ def check_folder(folder: Path, what: str) -> None:
         shards = sorted(set((json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}).values()))
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
-            raise ModelError(f"{what} {folder}: {missing[0]} is missing ({len(missing)} of the {len(shards)} shards "
-                             "model.safetensors.index.json names); copy the folder again")
+            raise ModelError(
+                f"{what} {folder}: {missing[0]} is missing ({len(missing)} of the {len(shards)} shards "
+                "model.safetensors.index.json names); copy the folder again"
+            )
     for path in sorted(folder.glob("*.safetensors")):
         if problem := safetensors_problem(path):
             raise ModelError(damaged(folder, path.name, problem, what))
 
 
 def damaged(folder: Path, name: str, problem: str, what: str) -> str:
-    return (f"{what} {folder}: {name} {problem}; an interrupted copy or download leaves a file so. Copy or "
-            "download it again")
+    return (
+        f"{what} {folder}: {name} {problem}; an interrupted copy or download leaves a file so. Copy or "
+        "download it again"
+    )

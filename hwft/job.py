@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 from hwft.checkpoint import Checkpoint
 from hwft.data.batching import Row
 from hwft.data.chat import ChatRenderer
-from hwft.data.loading import TrainData
 from hwft.data.kinds.sequences import held_out_rows
+from hwft.data.loading import TrainData
 from hwft.data.pipeline import Batches, training_batches
 from hwft.distributed import SINGLE, World
 from hwft.models import ResolvedModel, load_tokenizer, materialise
@@ -48,7 +48,9 @@ class Result:
     answers: list[dict] = field(default_factory=list)  #: eval.prompts answered before and after
     eval_loss: float | None = None  #: the last held-out loss (data.eval, data.val_size)
     #: what else an engine reported (the torch engine on the CPU: memory_before_load_bytes,
-    #: memory_load_peak_bytes, memory_shard_bytes, which hwft plan's tests read)
+    #: memory_load_peak_bytes, memory_shard_bytes, and the anonymous memory before and after
+    #: loading, memory_before_load_anonymous_bytes and memory_loaded_anonymous_bytes, which
+    #: hwft plan's tests read)
     extra: dict = field(default_factory=dict)
 
 

@@ -92,9 +92,20 @@ class Kernels:
         return tuple(dict.fromkeys(k.slot for k in self.on(backend, engine) if not k.missing()))
 
     def to_json(self) -> list[dict]:
-        return [{"id": k.id, "slot": k.slot, "engine": k.engine, "backends": list(k.backends), "path": k.path,
-                 "recommended": k.recommended, "installed": not k.missing(), "plugin": self.owners.get(k.id),
-                 "description": k.description} for k in self.by_id.values()]
+        return [
+            {
+                "id": k.id,
+                "slot": k.slot,
+                "engine": k.engine,
+                "backends": list(k.backends),
+                "path": k.path,
+                "recommended": k.recommended,
+                "installed": not k.missing(),
+                "plugin": self.owners.get(k.id),
+                "description": k.description,
+            }
+            for k in self.by_id.values()
+        ]
 
 
 @dataclass(frozen=True)
@@ -127,14 +138,18 @@ def choose(recipe, backend: str, engine: str, registry: Kernels) -> tuple[Chosen
             kernel = registry.by_id.get(name)
             if kernel is None:
                 known = list(registry.by_id)
-                problems.append(f"kernels.use {name} (no kernel has that id{did_you_mean(name, known)}; "
-                                f"ids here: {', '.join(x.id for x in here) or 'none'})")
+                problems.append(
+                    f"kernels.use {name} (no kernel has that id{did_you_mean(name, known)}; "
+                    f"ids here: {', '.join(x.id for x in here) or 'none'})"
+                )
             elif not kernel.runs_on(backend, engine):
                 where = ", ".join(kernel.backends) or f"the {kernel.engine} engine"
                 problems.append(f"kernels.use {name} (it runs on {where})")
             elif kernel.missing():
-                problems.append(f"kernels.use {name} (it needs {', '.join(kernel.missing())}"
-                                f"{': ' + kernel.install if kernel.install else ''})")
+                problems.append(
+                    f"kernels.use {name} (it needs {', '.join(kernel.missing())}"
+                    f"{': ' + kernel.install if kernel.install else ''})"
+                )
             else:
                 picked.append(kernel)
                 named.append(kernel)
@@ -150,8 +165,10 @@ def choose(recipe, backend: str, engine: str, registry: Kernels) -> tuple[Chosen
                 continue
             absent = next((x for x in here if x.slot == slot), None)
             if absent is not None:
-                problems.append(f"kernels.{switch} ({absent.id} needs {', '.join(absent.missing())}"
-                                f"{': ' + absent.install if absent.install else ''})")
+                problems.append(
+                    f"kernels.{switch} ({absent.id} needs {', '.join(absent.missing())}"
+                    f"{': ' + absent.install if absent.install else ''})"
+                )
             else:
                 have = [s for s in registry.slots(backend, engine) if s != "attention"]
                 problems.append(f"kernels.{switch} (it has: {', '.join(have) or 'no fused kernels'})")
@@ -163,8 +180,9 @@ def choose(recipe, backend: str, engine: str, registry: Kernels) -> tuple[Chosen
     one_per_slot: dict[str, Kernel] = {}
     for kernel in picked:
         if kernel.slot in one_per_slot:
-            problems.append(f"kernels.use {kernel.id} (kernel {one_per_slot[kernel.slot].id} already fills "
-                            f"its slot, {kernel.slot})")
+            problems.append(
+                f"kernels.use {kernel.id} (kernel {one_per_slot[kernel.slot].id} already fills its slot, {kernel.slot})"
+            )
             continue
         one_per_slot[kernel.slot] = kernel
     order = {slot: i for i, slot in enumerate(SLOTS)}
@@ -219,8 +237,9 @@ def apply(job, model, chosen: Chosen, made: dict[str, Any], family, tuning: str)
             why = obj.check(model)
         if why is not None:
             if kernel.id in chosen.named:
-                raise UserError(f"kernels: {kernel.id} cannot apply: {why}; leave it out of kernels.use "
-                                "(or switch it off)")
+                raise UserError(
+                    f"kernels: {kernel.id} cannot apply: {why}; leave it out of kernels.use (or switch it off)"
+                )
             job.log(f"kernels: {kernel.id} off: {why}")
             continue
         line = obj.apply(model)
@@ -239,14 +258,19 @@ def collect_kernels(pm) -> Kernels:
 
         def register(kernel: Kernel, _plugin=plugin) -> None:
             if not isinstance(kernel, Kernel):
-                raise UserError(f"plugin {_plugin}: hwft_register_kernels registered {type(kernel).__name__}, "
-                                "not an hwft.kernels.Kernel")
+                raise UserError(
+                    f"plugin {_plugin}: hwft_register_kernels registered {type(kernel).__name__}, "
+                    "not an hwft.kernels.Kernel"
+                )
             if kernel.slot not in SLOTS:
-                raise UserError(f"plugin {_plugin}: kernel {kernel.id} fills slot {kernel.slot!r}; slots: "
-                                f"{', '.join(SLOTS)}")
+                raise UserError(
+                    f"plugin {_plugin}: kernel {kernel.id} fills slot {kernel.slot!r}; slots: {', '.join(SLOTS)}"
+                )
             if kernel.id in found.by_id:
-                raise UserError(f"kernel '{kernel.id}' is registered twice (by plugin '{found.owners[kernel.id]}' "
-                                f"and by '{_plugin}'); disable one with HWFT_DISABLE_PLUGINS")
+                raise UserError(
+                    f"kernel '{kernel.id}' is registered twice (by plugin '{found.owners[kernel.id]}' "
+                    f"and by '{_plugin}'); disable one with HWFT_DISABLE_PLUGINS"
+                )
             found.by_id[kernel.id] = kernel
             found.owners[kernel.id] = _plugin
 

@@ -30,12 +30,28 @@ from typing import Any
 from hwft.errors import RecipeError, did_you_mean
 
 #: Keys that only steer LLaMA-Factory's own processes, caches and plots.
-INERT = frozenset((
-    "preprocessing_num_workers", "dataloader_num_workers", "ddp_timeout", "overwrite_cache", "plot_loss",
-    "save_only_model", "per_device_eval_batch_size", "dataloader_pin_memory", "include_num_input_tokens_seen",
-    "preprocessing_batch_size", "trust_remote_code_warned", "logging_first_step", "disable_tqdm",
-    "ddp_find_unused_parameters", "flash_attn", "enable_liger_kernel", "use_unsloth", "upcast_layernorm",
-))
+INERT = frozenset(
+    (
+        "preprocessing_num_workers",
+        "dataloader_num_workers",
+        "ddp_timeout",
+        "overwrite_cache",
+        "plot_loss",
+        "save_only_model",
+        "per_device_eval_batch_size",
+        "dataloader_pin_memory",
+        "include_num_input_tokens_seen",
+        "preprocessing_batch_size",
+        "trust_remote_code_warned",
+        "logging_first_step",
+        "disable_tqdm",
+        "ddp_find_unused_parameters",
+        "flash_attn",
+        "enable_liger_kernel",
+        "use_unsloth",
+        "upcast_layernorm",
+    )
+)
 
 #: LLaMA-Factory's pref_loss where a file leaves it out. Which method a stage (and pref_loss)
 #: means, and the keys each method reads, are in the methods' records (Method.llamafactory).
@@ -43,11 +59,36 @@ PREF_LOSS_DEFAULT = "sigmoid"
 
 #: LLaMA-Factory templates that are the model's own chat template (hwft renders with the
 #: tokenizer's) and the built-in ones hwft has by the same name.
-OWN_TEMPLATES = frozenset((
-    "qwen", "qwen2_vl", "qwen3", "qwen3_nothink", "llama2", "llama3", "llama4", "mistral", "ministral", "gemma",
-    "gemma2", "gemma3", "phi", "phi4", "deepseek", "deepseek3", "deepseekr1", "glm4", "yi", "cohere", "olmo",
-    "granite3", "smollm", "smollm2", "hunyuan", "seed_oss",
-))
+OWN_TEMPLATES = frozenset(
+    (
+        "qwen",
+        "qwen2_vl",
+        "qwen3",
+        "qwen3_nothink",
+        "llama2",
+        "llama3",
+        "llama4",
+        "mistral",
+        "ministral",
+        "gemma",
+        "gemma2",
+        "gemma3",
+        "phi",
+        "phi4",
+        "deepseek",
+        "deepseek3",
+        "deepseekr1",
+        "glm4",
+        "yi",
+        "cohere",
+        "olmo",
+        "granite3",
+        "smollm",
+        "smollm2",
+        "hunyuan",
+        "seed_oss",
+    )
+)
 BUILTIN_TEMPLATES = {"chatml": "chatml"}
 
 SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant", "constant_with_warmup": "constant"}
@@ -56,19 +97,75 @@ TRACKERS = {"tensorboard", "wandb", "mlflow"}
 
 #: Every key :func:`translate` reads for any method (for the refusal's did-you-mean); the
 #: methods' own keys are in their records.
-TRANSLATED = frozenset((
-    "model_name_or_path", "adapter_name_or_path", "trust_remote_code", "stage", "do_train", "finetuning_type",
-    "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_dora", "use_rslora", "loraplus_lr_ratio",
-    "freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules", "quantization_bit",
-    "quantization_method", "quantization_type", "double_quantization", "dataset", "eval_dataset", "dataset_dir",
-    "cutoff_len", "max_samples", "val_size", "streaming", "buffer_size", "packing", "train_on_prompt",
-    "mask_history", "template", "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size",
-    "gradient_accumulation_steps", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "weight_decay",
-    "max_grad_norm", "optim", "seed", "bf16", "fp16", "pure_bf16", "pref_loss", "pref_ftx", "deepspeed",
-    "output_dir", "overwrite_output_dir", "logging_steps", "save_steps", "save_total_limit", "save_strategy",
-    "eval_strategy", "eval_steps", "report_to", "run_name", "resume_from_checkpoint", "do_eval", "do_predict",
-    "gradient_checkpointing", "disable_gradient_checkpointing",
-))
+TRANSLATED = frozenset(
+    (
+        "model_name_or_path",
+        "adapter_name_or_path",
+        "trust_remote_code",
+        "stage",
+        "do_train",
+        "finetuning_type",
+        "lora_rank",
+        "lora_alpha",
+        "lora_dropout",
+        "lora_target",
+        "use_dora",
+        "use_rslora",
+        "loraplus_lr_ratio",
+        "freeze_trainable_layers",
+        "freeze_trainable_modules",
+        "freeze_extra_modules",
+        "quantization_bit",
+        "quantization_method",
+        "quantization_type",
+        "double_quantization",
+        "dataset",
+        "eval_dataset",
+        "dataset_dir",
+        "cutoff_len",
+        "max_samples",
+        "val_size",
+        "streaming",
+        "buffer_size",
+        "packing",
+        "train_on_prompt",
+        "mask_history",
+        "template",
+        "learning_rate",
+        "num_train_epochs",
+        "max_steps",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "lr_scheduler_type",
+        "warmup_ratio",
+        "warmup_steps",
+        "weight_decay",
+        "max_grad_norm",
+        "optim",
+        "seed",
+        "bf16",
+        "fp16",
+        "pure_bf16",
+        "pref_loss",
+        "pref_ftx",
+        "deepspeed",
+        "output_dir",
+        "overwrite_output_dir",
+        "logging_steps",
+        "save_steps",
+        "save_total_limit",
+        "save_strategy",
+        "eval_strategy",
+        "eval_steps",
+        "report_to",
+        "run_name",
+        "resume_from_checkpoint",
+        "do_eval",
+        "do_predict",
+        "gradient_checkpointing",
+        "disable_gradient_checkpointing",
+    )
+)
 
 
 @dataclass
@@ -83,7 +180,9 @@ class Translation:
     def summary(self) -> str:
         """One line for the run's log."""
         objective = self.recipe["method"]["objective"]
-        text = f"read LLaMA-Factory recipe {self.source} (objective {objective}, tuning {self.recipe['method']['tuning']})"
+        text = (
+            f"read LLaMA-Factory recipe {self.source} (objective {objective}, tuning {self.recipe['method']['tuning']})"
+        )
         if self.inert:
             text += f"; changes nothing in hwft: {', '.join(self.inert)}"
         return text
@@ -172,8 +271,11 @@ def choose_method(file: File, registry):
         return candidates[0], None
     loss = file.get("pref_loss", PREF_LOSS_DEFAULT)
     if loss not in losses:
-        raise file.refuse("pref_loss", f"has no hwft counterpart (accepted: {', '.join(losses)}; kto_pair: use "
-                          "stage: kto, which trains on single desirable/undesirable answers)")
+        raise file.refuse(
+            "pref_loss",
+            f"has no hwft counterpart (accepted: {', '.join(losses)}; kto_pair: use "
+            "stage: kto, which trains on single desirable/undesirable answers)",
+        )
     return losses[loss], loss
 
 
@@ -215,39 +317,55 @@ def carry(file: File, keys: tuple[Key, ...], section: dict | None = None) -> dic
 
 
 LORA_KEYS = (Key("lora_dropout", "dropout", float, 0.0),)
-LORA_SWITCHES = (Key("use_dora", "dora", bool, False), Key("use_rslora", "rslora", bool, False),
-                 Key("loraplus_lr_ratio", "loraplus_lr_ratio", float, falsy=False))
-QLORA_KEYS = (Key("quantization_type", "quant_type", str, "nf4"), Key("double_quantization", "double_quant", bool, True))
+LORA_SWITCHES = (
+    Key("use_dora", "dora", bool, False),
+    Key("use_rslora", "rslora", bool, False),
+    Key("loraplus_lr_ratio", "loraplus_lr_ratio", float, falsy=False),
+)
+QLORA_KEYS = (
+    Key("quantization_type", "quant_type", str, "nf4"),
+    Key("double_quantization", "double_quant", bool, True),
+)
 FREEZE_KEYS = (Key("freeze_trainable_layers", "trainable_layers", int, 2),)
-DATA_FLAGS = (Key("streaming", "streaming", bool), Key("packing", "packing", bool),
-              Key("train_on_prompt", "train_on_prompt", bool), Key("mask_history", "mask_history", bool),
-              Key("buffer_size", "shuffle_buffer", int, falsy=False))
+DATA_FLAGS = (
+    Key("streaming", "streaming", bool),
+    Key("packing", "packing", bool),
+    Key("train_on_prompt", "train_on_prompt", bool),
+    Key("mask_history", "mask_history", bool),
+    Key("buffer_size", "shuffle_buffer", int, falsy=False),
+)
 #: train: LLaMA-Factory's and transformers' defaults where the file leaves a key out.
 TRAIN_KEYS = (
-    Key("learning_rate", "lr", float, 5e-5), Key("num_train_epochs", "epochs", float, 3.0),
+    Key("learning_rate", "lr", float, 5e-5),
+    Key("num_train_epochs", "epochs", float, 3.0),
     Key("per_device_train_batch_size", "micro_batch_size", int, 8),
     Key("gradient_accumulation_steps", "gradient_accumulation_steps", int, 1),
-    Key("cutoff_len", "max_length", int, 2048), Key("lr_scheduler_type", "scheduler", default="linear", choices=SCHEDULERS),
+    Key("cutoff_len", "max_length", int, 2048),
+    Key("lr_scheduler_type", "scheduler", default="linear", choices=SCHEDULERS),
     Key("optim", "optimizer", default="adamw_torch", choices=OPTIMIZERS),
 )
-TRAIN_TAIL = (Key("seed", "seed", int, 42), Key("weight_decay", "weight_decay", float, 0.0),
-              Key("max_grad_norm", "max_grad_norm", float, 1.0), Key("logging_steps", "log_every", int, 500))
+TRAIN_TAIL = (
+    Key("seed", "seed", int, 42),
+    Key("weight_decay", "weight_decay", float, 0.0),
+    Key("max_grad_norm", "max_grad_norm", float, 1.0),
+    Key("logging_steps", "log_every", int, 500),
+)
 OUTPUT_KEYS = (Key("output_dir", "dir", str, "saves"), Key("overwrite_output_dir", "overwrite", bool, False))
 #: Keys refused whatever their stage, with what to do instead.
 REFUSED = {
     "do_eval": "- run `hwft eval` on the result instead of do_eval",
     "do_predict": "- run `hwft eval` on the result instead of do_predict",
     "pref_ftx": "- hwft's preference methods add no SFT term; use pref_loss: orpo (NLL plus a preference term) or "
-                "remove pref_ftx",
+    "remove pref_ftx",
     "resume_from_checkpoint": "- hwft resumes from its own checkpoints: run `hwft train lf.yaml --resume` (the "
-                              "newest in output_dir/checkpoints)",
+    "newest in output_dir/checkpoints)",
 }
 
 
 def translate(raw: dict, source: Path) -> Translation:
     """The hwft recipe mapping of a LLaMA-Factory training YAML, section by section; a
     RecipeError names the first key (or value) hwft cannot honour."""
-    from hwft.methods import registry as method_registry
+    from hwft.methods.lookup import registry as method_registry
 
     t = Translation({}, source, inert=sorted(k for k in raw if k in INERT))
     file = File(raw, source, t)
@@ -274,12 +392,15 @@ def check_keys(file: File, registry, chosen) -> None:
     unknown = sorted(k for k in raw if k not in known and k not in INERT)
     if unknown:
         key = unknown[0]
-        raise RecipeError(f"{where}: LLaMA-Factory key '{key}' is not one hwft can honour"
-                          f"{did_you_mean(key, sorted(known | INERT))}; remove it (docs/recipes.md "
-                          "lists the keys hwft translates and those that change nothing)")
+        raise RecipeError(
+            f"{where}: LLaMA-Factory key '{key}' is not one hwft can honour"
+            f"{did_you_mean(key, sorted(known | INERT))}; remove it (docs/recipes.md "
+            "lists the keys hwft translates and those that change nothing)"
+        )
     if not file.get("model_name_or_path"):
-        raise file.error("model_name_or_path is required (a local model folder, or a hub id already in the local "
-                         "Hugging Face cache)")
+        raise file.error(
+            "model_name_or_path is required (a local model folder, or a hub id already in the local Hugging Face cache)"
+        )
     if file.get("do_train", True) is not True:
         raise file.refuse("do_train", "- hwft import translates training recipes (evaluate with hwft eval)")
     for key, why in REFUSED.items():
@@ -317,8 +438,10 @@ def method_section(file: File, objective: str, section: dict) -> dict:
     if finetuning == "freeze":
         modules = _split(get("freeze_trainable_modules", "all"))
         method["freeze"] = carry(file, FREEZE_KEYS, {})
-        method["freeze"].update(trainable_modules="all" if modules == ["all"] else modules,
-                                extra_modules=_split(get("freeze_extra_modules", "")))
+        method["freeze"].update(
+            trainable_modules="all" if modules == ["all"] else modules,
+            extra_modules=_split(get("freeze_extra_modules", "")),
+        )
     if section:
         method[objective] = section
     return method
@@ -328,8 +451,10 @@ def model_section(file: File) -> dict:
     """model: the folder (or hub id), trust_remote_code, and one adapter to continue."""
     name = str(file.get("model_name_or_path"))
     local = Path(name).expanduser()
-    model = {"name": str(local.resolve()) if local.exists() else name,
-             "trust_remote_code": bool(file.get("trust_remote_code", False))}
+    model = {
+        "name": str(local.resolve()) if local.exists() else name,
+        "trust_remote_code": bool(file.get("trust_remote_code", False)),
+    }
     if file.get("adapter_name_or_path"):
         adapters = _split(file.get("adapter_name_or_path"))
         if len(adapters) > 1:
@@ -343,8 +468,10 @@ def data_section(file: File) -> dict:
     get, source = file.get, file.source
     folder = _find(str(get("dataset_dir", "data")), source)
     if folder is None or not (folder / "dataset_info.json").is_file():
-        raise file.error(f"dataset_dir {get('dataset_dir', 'data')!r} has no dataset_info.json (looked in the working "
-                         f"directory, then beside {source.name}); set dataset_dir to the folder that holds it")
+        raise file.error(
+            f"dataset_dir {get('dataset_dir', 'data')!r} has no dataset_info.json (looked in the working "
+            f"directory, then beside {source.name}); set dataset_dir to the folder that holds it"
+        )
     names = _split(get("dataset", ""))
     if not names:
         raise file.error(f"dataset names no dataset (entries of {folder / 'dataset_info.json'})")
@@ -370,10 +497,13 @@ def template_key(file: File) -> str | None:
         file.note(f"template {template}: the model's own chat template (the tokenizer's).")
         return None
     if template not in BUILTIN_TEMPLATES:
-        raise file.refuse("template", "is LLaMA-Factory's own prompt format, not a model's chat template; hwft "
-                          "renders conversations with the tokenizer's chat template: remove template (or set "
-                          f"it to one of {', '.join(sorted(OWN_TEMPLATES | set(BUILTIN_TEMPLATES)))}), or give "
-                          "the hwft recipe template: a .jinja file")
+        raise file.refuse(
+            "template",
+            "is LLaMA-Factory's own prompt format, not a model's chat template; hwft "
+            "renders conversations with the tokenizer's chat template: remove template (or set "
+            f"it to one of {', '.join(sorted(OWN_TEMPLATES | set(BUILTIN_TEMPLATES)))}), or give "
+            "the hwft recipe template: a .jinja file",
+        )
     return BUILTIN_TEMPLATES[template]
 
 
@@ -446,11 +576,19 @@ def _deepspeed(path: str, source: Path, t: Translation) -> dict:
     for stage in (0, 2, 3):
         if name.startswith(f"ds_z{stage}"):
             offload = "offload" in name
-            t.notes.append(f"deepspeed {path}: not found here; read from its name as ZeRO stage {stage}"
-                           f"{' with CPU offload' if offload else ''} (LLaMA-Factory's examples/deepspeed file).")
+            t.notes.append(
+                f"deepspeed {path}: not found here; read from its name as ZeRO stage {stage}"
+                f"{' with CPU offload' if offload else ''} (LLaMA-Factory's examples/deepspeed file)."
+            )
             if stage == 0:
                 return {"strategy": "ddp"}
-            return {"strategy": "deepspeed", "zero_stage": stage, "offload_optimizer": offload,
-                    "offload_params": offload and stage == 3}
-    raise RecipeError(f"{source}: deepspeed: {path} is neither a file here nor one of LLaMA-Factory's "
-                      "ds_z{0,2,3}[_offload]_config.json; give the DeepSpeed JSON's path")
+            return {
+                "strategy": "deepspeed",
+                "zero_stage": stage,
+                "offload_optimizer": offload,
+                "offload_params": offload and stage == 3,
+            }
+    raise RecipeError(
+        f"{source}: deepspeed: {path} is neither a file here nor one of LLaMA-Factory's "
+        "ds_z{0,2,3}[_offload]_config.json; give the DeepSpeed JSON's path"
+    )

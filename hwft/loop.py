@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from hwft.checkpoint import Checkpointer, EngineState
+from hwft.contract import EngineObjective
 from hwft.guards import NonFinite, is_out_of_memory, out_of_memory
-from hwft.objective import Objective
 from hwft.recipe import ADAPTER_TUNINGS
 from hwft.steplog import StepLog
 
@@ -32,7 +32,7 @@ from hwft.steplog import StepLog
 class EngineRun:
     """What an engine's set-up gives the loop (plugin API 1.1's engine contract)."""
 
-    objective: Objective  #: the method's objective: micro-batches and losses
+    objective: EngineObjective  #: the method's objective: micro-batches and losses
     steps: int  #: optimizer steps of the whole run
     #: (step, StepLog) -> the step's gradient norm for the non-finite guard: this rank's share
     #: of the step's micro-batches, forward, backward, update, logged through the StepLog
@@ -94,8 +94,10 @@ def run_steps(job, run: EngineRun):
             job.results.eval_loss = evaluated
             log.restart_clock()  # evaluation is not training time
             if patience.stops(step, evaluated) and step < steps:
-                job.log(f"early stopping at step {step}: eval_loss has not improved on {patience.best:.4f} (step "
-                        f"{patience.best_step}) for {patience.patience} evaluations; the weights of step {step} are saved")
+                job.log(
+                    f"early stopping at step {step}: eval_loss has not improved on {patience.best:.4f} (step "
+                    f"{patience.best_step}) for {patience.patience} evaluations; the weights of step {step} are saved"
+                )
                 return True
         return False
 
@@ -112,8 +114,9 @@ def run_steps(job, run: EngineRun):
                 if is_out_of_memory(exc):
                     raise out_of_memory(step, recipe, run.device) from exc
                 raise
-            nonfinite.check(step, log.current["loss"], grad_norm, skipped=run.skips_nonfinite,
-                            checkpoint=checkpoints.last())
+            nonfinite.check(
+                step, log.current["loss"], grad_norm, skipped=run.skips_nonfinite, checkpoint=checkpoints.last()
+            )
             stop = evaluate(step)  # the held-out loss is every rank's, so every rank stops alike
             checkpoints.after_step(step, run.state)
             if stop:
@@ -128,7 +131,12 @@ def run_steps(job, run: EngineRun):
     if run.ask:
         job.results.answers += job.show_answers("after", run.ask)
     results = job.results
-    results.final_loss, results.steps, results.output, results.model = log.record.get("loss"), steps, str(out), run.model
+    results.final_loss, results.steps, results.output, results.model = (
+        log.record.get("loss"),
+        steps,
+        str(out),
+        run.model,
+    )
     results.tuning, results.dtype, results.peak_memory_bytes = run.tuning, run.dtype, run.peak_memory()
     if recipe.output.plot and job.world.main and job.run_dir.plot_loss() is None:
         job.log("loss.png skipped: matplotlib is not installed")

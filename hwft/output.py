@@ -1,12 +1,12 @@
 """The output folder, whose layout is fixed for every backend::
 
-    recipe.yaml            the resolved recipe (every default filled in)
-    metrics.jsonl          one JSON object per logged step (see METRIC_KEYS)
-    eval.jsonl             with data.eval: step, eval_loss (mean per label token), examples
-    adapter/               PEFT adapter (adapter_config.json + adapter_model.safetensors), or
-    model/                 full model (HF safetensors + tokenizer)
-    checkpoints/step-N/    periodic checkpoints, written atomically (see hwft.checkpoint)
-    loss.png               the loss curve
+recipe.yaml            the resolved recipe (every default filled in)
+metrics.jsonl          one JSON object per logged step (see METRIC_KEYS)
+eval.jsonl             with data.eval: step, eval_loss (mean per label token), examples
+adapter/               PEFT adapter (adapter_config.json + adapter_model.safetensors), or
+model/                 full model (HF safetensors + tokenizer)
+checkpoints/step-N/    periodic checkpoints, written atomically (see hwft.checkpoint)
+loss.png               the loss curve
 """
 
 from __future__ import annotations
@@ -44,8 +44,10 @@ def check_output_dir(recipe: Recipe) -> None:
     that is a file."""
     path = Path(recipe.output.dir).expanduser().resolve()
     if path.exists() and not path.is_dir():
-        raise UserError(f"output.dir {path} is a file, not a folder; choose another output.dir (a folder "
-                        "that does not exist yet, or an empty one)")
+        raise UserError(
+            f"output.dir {path} is a file, not a folder; choose another output.dir (a folder "
+            "that does not exist yet, or an empty one)"
+        )
     if path.exists() and any(path.iterdir()) and not recipe.output.overwrite:
         raise UserError(
             f"output folder {path} is not empty; choose another output.dir, "
@@ -57,8 +59,9 @@ class RunDir:
     """An output folder being written by one run. In a multi-process run only rank 0 writes
     (``writes``); the other ranks' RunDir knows the paths and touches nothing."""
 
-    def __init__(self, recipe: Recipe, writes: bool = True, resume_step: int | None = None,
-                 recipe_hint: str = "RECIPE.yaml"):
+    def __init__(
+        self, recipe: Recipe, writes: bool = True, resume_step: int | None = None, recipe_hint: str = "RECIPE.yaml"
+    ):
         self.path = Path(recipe.output.dir).expanduser().resolve()
         self.writes = writes
         self.recipe_hint = recipe_hint  #: how the user named the recipe, for "continue with" hints
@@ -98,8 +101,10 @@ class RunDir:
 
         done = checkpoint_steps(self.path)
         if done:
-            return (f"The last complete checkpoint, {done[-1][1]}, is intact; {found.fix}, then continue with: "
-                    f"hwft train {self.recipe_hint} --resume")
+            return (
+                f"The last complete checkpoint, {done[-1][1]}, is intact; {found.fix}, then continue with: "
+                f"hwft train {self.recipe_hint} --resume"
+            )
         return f"No checkpoint was complete yet (train.save_every writes them); {found.fix}, then run it again"
 
     #: Logs with one JSON line per step (or per step's item), cut back to a resumed step.
@@ -115,8 +120,11 @@ class RunDir:
             path = self.path / name
             if not path.is_file():
                 continue
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
-                    if (row := _logged(line)) is not None and row.get("step", 0) <= step]
+            kept = [
+                line
+                for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+                if (row := _logged(line)) is not None and row.get("step", 0) <= step
+            ]
             path.write_text("".join(kept), encoding="utf-8")
             if name == "metrics.jsonl":
                 self.losses = [(r["step"], r["loss"]) for r in map(json.loads, kept)]
@@ -205,9 +213,7 @@ class RunDir:
         root = self.path / "checkpoints"
         if not root.is_dir():
             return
-        steps = sorted(
-            (int(p.name.split("-")[1]) for p in root.glob("step-*") if p.name.split("-")[1].isdigit())
-        )
+        steps = sorted(int(p.name.split("-")[1]) for p in root.glob("step-*") if p.name.split("-")[1].isdigit())
         for step in steps[:-keep]:
             shutil.rmtree(root / f"step-{step}", ignore_errors=True)
 

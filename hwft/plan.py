@@ -100,12 +100,15 @@ def rows(shape: Shape, optimizer: str, n: int) -> list[Row]:
     u = 2 * shape.unit_bytes * copies
     a, ac = shape.activation_bytes, shape.checkpointed_activation_bytes
 
-    def row(name, settings, weights, grads, opt, host=0, needs=1):
+    def row(name: str, settings: dict, weights: float, grads: float, opt: float, host: float = 0, needs: int = 1):
         """``settings``: the row's parallel settings; its overrides text is made from them."""
-        overrides = ", ".join(f"{'parallel.' if i == 0 else ''}{k}: {str(v).lower() if isinstance(v, bool) else v}"
-                              for i, (k, v) in enumerate(settings.items()))
-        return Row(name, overrides, int(weights), int(grads), int(opt), a, ac, int(host), needs,
-                   tuple(settings.items()))
+        overrides = ", ".join(
+            f"{'parallel.' if i == 0 else ''}{k}: {str(v).lower() if isinstance(v, bool) else v}"
+            for i, (k, v) in enumerate(settings.items())
+        )
+        return Row(
+            name, overrides, int(weights), int(grads), int(opt), a, ac, int(host), needs, tuple(settings.items())
+        )
 
     shard = max(n, 1)
     ds = {"strategy": "deepspeed"}
@@ -114,14 +117,25 @@ def rows(shape: Shape, optimizer: str, n: int) -> list[Row]:
         row("ddp", {"strategy": "ddp"}, w, g, o, needs=2),
         row("deepspeed zero 1", {**ds, "zero_stage": 1}, w, g, o / shard, needs=2),
         row("deepspeed zero 2", {**ds, "zero_stage": 2}, w, g / shard, o / shard, needs=2),
-        row("deepspeed zero 2 + offload_optimizer", {**ds, "zero_stage": 2, "offload_optimizer": True}, w, g / shard, 0,
-            host=o / shard),
+        row(
+            "deepspeed zero 2 + offload_optimizer",
+            {**ds, "zero_stage": 2, "offload_optimizer": True},
+            w,
+            g / shard,
+            0,
+            host=o / shard,
+        ),
         row("fsdp2", {"strategy": "fsdp2"}, w / shard + u, g / shard, o / shard, needs=2),
-        row("fsdp2 + offload_params", {"strategy": "fsdp2", "offload_params": True}, u, 0, 0,
-            host=(w + g + o) / shard),
+        row("fsdp2 + offload_params", {"strategy": "fsdp2", "offload_params": True}, u, 0, 0, host=(w + g + o) / shard),
         row("deepspeed zero 3", {**ds, "zero_stage": 3}, w / shard + u, g / shard, o / shard, needs=2),
-        row("deepspeed zero 3 + offload", {**ds, "zero_stage": 3, "offload_params": True, "offload_optimizer": True},
-            u, 0, 0, host=(w + g + o) / shard),
+        row(
+            "deepspeed zero 3 + offload",
+            {**ds, "zero_stage": 3, "offload_params": True, "offload_optimizer": True},
+            u,
+            0,
+            0,
+            host=(w + g + o) / shard,
+        ),
     ]
 
 
@@ -134,8 +148,9 @@ def gib(n: int) -> str:
     return f"{n / GiB:.2f}"
 
 
-def report(model: str, shape: Shape, devices: Devices, optimizer: str, tuning: str,
-           refused=lambda settings: None) -> tuple[str, dict]:
+def report(
+    model: str, shape: Shape, devices: Devices, optimizer: str, tuning: str, refused=lambda settings: None
+) -> tuple[str, dict]:
     """The printed plan and its JSON form (hwft.plan/1); ``refused(settings)``: why hwft train
     would refuse the recipe with a row's parallel settings, or None."""
     table = rows(shape, optimizer, devices.count)
@@ -151,28 +166,48 @@ def report(model: str, shape: Shape, devices: Devices, optimizer: str, tuning: s
         f"  {'checkpointed':>12}  {'host':>6}  fits",
     ]
     for r in table:
-        mark = ("yes" if fits(r, devices) else "with checkpointing" if fits(r, devices, True) else "no")
+        mark = "yes" if fits(r, devices) else "with checkpointing" if fits(r, devices, True) else "no"
         if r.needs > devices.count:
             mark = f"needs {r.needs}+ devices"
         if why[r.strategy]:
             mark = "refused"
-        lines.append(f"{r.strategy:40} {gib(r.weights):>8} {gib(r.gradients):>7} {gib(r.optimizer):>7} "
-                     f"{gib(r.activations):>7} {gib(r.total):>7}  {gib(r.checkpointed_total):>12}  "
-                     f"{gib(r.host) if r.host else '-':>6}  {mark}")
+        lines.append(
+            f"{r.strategy:40} {gib(r.weights):>8} {gib(r.gradients):>7} {gib(r.optimizer):>7} "
+            f"{gib(r.activations):>7} {gib(r.total):>7}  {gib(r.checkpointed_total):>12}  "
+            f"{gib(r.host) if r.host else '-':>6}  {mark}"
+        )
     fitting = [r.strategy for r in table if fits(r, devices) and not why[r.strategy]]
     with_ckpt = [r.strategy for r in table if not fits(r, devices) and fits(r, devices, True) and not why[r.strategy]]
     lines.append("")
     for reason in dict.fromkeys(r for r in why.values() if r):
         lines.append(f"refused ({', '.join(n for n, r in why.items() if r == reason)}): {reason}")
-    lines.append("fits: " + (", ".join(fitting) if fitting else "none as written")
-                 + (f"; with parallel.activation_checkpointing: true also {', '.join(with_ckpt)}" if with_ckpt else ""))
+    lines.append(
+        "fits: "
+        + (", ".join(fitting) if fitting else "none as written")
+        + (f"; with parallel.activation_checkpointing: true also {', '.join(with_ckpt)}" if with_ckpt else "")
+    )
     if not fitting and not with_ckpt:
-        lines.append("nothing fits: lower train.micro_batch_size or train.max_length, or use more devices"
-                     + ("" if tuning == "qlora" else ", or method.tuning qlora"))
-    data = {"schema": "hwft.plan/1", "model": model, "tuning": tuning, "shape": asdict(shape),
-            "devices": asdict(devices), "usable": USABLE,
-            "strategies": [{**asdict(r), "total": r.total, "checkpointed_total": r.checkpointed_total,
-                            "fits": fits(r, devices) and not why[r.strategy],
-                            "fits_checkpointed": fits(r, devices, True) and not why[r.strategy],
-                            "refused": why[r.strategy]} for r in table]}
+        lines.append(
+            "nothing fits: lower train.micro_batch_size or train.max_length, or use more devices"
+            + ("" if tuning == "qlora" else ", or method.tuning qlora")
+        )
+    data = {
+        "schema": "hwft.plan/1",
+        "model": model,
+        "tuning": tuning,
+        "shape": asdict(shape),
+        "devices": asdict(devices),
+        "usable": USABLE,
+        "strategies": [
+            {
+                **asdict(r),
+                "total": r.total,
+                "checkpointed_total": r.checkpointed_total,
+                "fits": fits(r, devices) and not why[r.strategy],
+                "fits_checkpointed": fits(r, devices, True) and not why[r.strategy],
+                "refused": why[r.strategy],
+            }
+            for r in table
+        ],
+    }
     return "\n".join(lines), data

@@ -16,12 +16,20 @@ import importlib
 import importlib.metadata
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from hwft import HWFT_PLUGIN_API, hookspecs
 from hwft.errors import SelectionError, did_you_mean
 from hwft.records import FIXED_BACKENDS, Availability, Backend, Capability
+
+if TYPE_CHECKING:  # the registries' types; the host imports each registry only when asked for it
+    from hwft.data.kinds import DataKinds
+    from hwft.families import Families
+    from hwft.kernels import Kernels
+    from hwft.methods.record import MethodRegistry
+    from hwft.use.exporters import Exporters
 
 ENTRY_POINT_GROUP = "hwft"
 hookimpl = pluggy.HookimplMarker("hwft")
@@ -88,11 +96,7 @@ class PluginHost:
         for ep in sorted(entry_points, key=lambda e: e.name):
             dist = getattr(ep, "dist", None)
             info = PluginInfo(
-                ep.name,
-                ep.value,
-                dist.metadata["Name"] if dist else None,
-                dist.version if dist else None,
-                "loaded",
+                ep.name, ep.value, dist.metadata["Name"] if dist else None, dist.version if dist else None, "loaded"
             )
             self.plugins.append(info)
             if (allow is not None and ep.name not in allow) or ep.name in deny:
@@ -128,7 +132,7 @@ class PluginHost:
         if self._backends is None:
             found: dict[str, Backend] = {}
             for impl in self.pm.hook.hwft_register_backends.get_hookimpls():
-                plugin_name = self.pm.get_name(impl.plugin)
+                plugin_name = self.pm.get_name(impl.plugin) or "?"
 
                 def register(backend: Backend, _plugin=plugin_name) -> None:
                     if backend.name in found:
@@ -184,7 +188,7 @@ class PluginHost:
         backend = self.backend(name)
         return self.methods().effective(backend.capability(), backend.engine)
 
-    def _collected(self, collector: str):
+    def _collected(self, collector: str) -> Any:
         """What the hooks registered, collected once by ``collector`` ("module:function" taking
         the plugin manager; imported on first use, so the host imports no registry it is not asked for)."""
         if collector not in self._registries:
@@ -192,19 +196,19 @@ class PluginHost:
             self._registries[collector] = getattr(importlib.import_module(module), name)(self.pm)
         return self._registries[collector]
 
-    def kernels(self):
+    def kernels(self) -> Kernels:
         """Every registered kernel by id (hwft.kernels.Kernels)."""
         return self._collected("hwft.kernels:collect_kernels")
 
-    def families(self):
+    def families(self) -> Families:
         """Every engine's model-family table (hwft.families.Families)."""
         return self._collected("hwft.families:collect_families")
 
-    def methods(self):
+    def methods(self) -> MethodRegistry:
         """Every registered method and every engine's implementations of them (hwft.methods.MethodRegistry)."""
         return self._collected("hwft.methods.record:collect_methods")
 
-    def exporters(self):
+    def exporters(self) -> Exporters:
         """Every registered export format by format and engine (hwft.use.exporters.Exporters)."""
         return self._collected("hwft.use.exporters:collect_exporters")
 
@@ -212,7 +216,7 @@ class PluginHost:
         """Row formats by name (hwft.data.formats.DataFormat)."""
         return self._collected("hwft.data.formats:collect_formats")
 
-    def data_kinds(self):
+    def data_kinds(self) -> DataKinds:
         """Every registered kind of example (hwft.data.kinds.DataKinds)."""
         return self._collected("hwft.data.kinds:collect_kinds")
 
@@ -236,8 +240,13 @@ _HOST: PluginHost | None = None
 
 #: hwft's own plugins, loaded by module name as entry points are: the host depends on none of
 #: what they register (they may use the host).
-BUILTINS = {"core": "hwft.data.formats", "core-kinds": "hwft.data.kinds.builtin", "core-methods": "hwft.methods.builtin",
-            "core-rewards": "hwft.rewards", "core-trackers": "hwft.tracking"}
+BUILTINS = {
+    "core": "hwft.data.formats",
+    "core-kinds": "hwft.data.kinds.builtin",
+    "core-methods": "hwft.methods.builtin",
+    "core-rewards": "hwft.rewards",
+    "core-trackers": "hwft.tracking",
+}
 
 
 def get_host() -> PluginHost:

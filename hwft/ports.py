@@ -17,8 +17,10 @@ def check_bind(host: str, port: int, command: str) -> None:
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as exc:
-        raise UserError(f"{command} --host {host}: not a host name or address this machine resolves "
-                        f"({exc.strerror}); use 127.0.0.1, or this machine's own address") from None
+        raise UserError(
+            f"{command} --host {host}: not a host name or address this machine resolves "
+            f"({exc.strerror}); use 127.0.0.1, or this machine's own address"
+        ) from None
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -32,11 +34,15 @@ def bind_message(exc: OSError, host: str, port: int, command: str) -> str:
     """One line for a refused bind, naming what to change."""
     where = f"{host}:{port}"
     if exc.errno == errno.EADDRINUSE:
-        return (f"{command}: port {port} on {host} is already in use (another server, or an earlier {command} still "
-                "running); choose another with --port, or stop what listens there")
+        return (
+            f"{command}: port {port} on {host} is already in use (another server, or an earlier {command} still "
+            "running); choose another with --port, or stop what listens there"
+        )
     if exc.errno == errno.EADDRNOTAVAIL:
         return f"{command} --host {host}: not an address of this machine; use 127.0.0.1, or one of its own addresses"
     if exc.errno in (errno.EACCES, errno.EPERM):
-        return (f"{command}: no permission to listen on {where} (ports below 1024 need privileges); choose "
-                "--port 1024 or higher")
+        return (
+            f"{command}: no permission to listen on {where} (ports below 1024 need privileges); choose "
+            "--port 1024 or higher"
+        )
     return f"{command}: cannot listen on {where}: {exc.strerror or exc}"

@@ -114,7 +114,7 @@ def stop_with_parent() -> None:
         return
     sys.stdout, sys.stderr = _QuietOnceUnread(sys.stdout), _QuietOnceUnread(sys.stderr)
     threading.Thread(target=_end_when_orphaned, args=(os.getppid(),), daemon=True, name="hwft-orphan").start()
-    if _ask_for_death_signal() and not _alive(int(parent)):
+    if _ask_for_death_signal() and not _alive(int(parent)) and PARENT_DIED is not None:
         os.kill(os.getpid(), PARENT_DIED)
 
 
@@ -134,12 +134,13 @@ def children_stop_with_this_process() -> Iterator[None]:
 
 
 def _child_setup(parent: int):
-    libc = ctypes.CDLL(None, use_errno=True) if PARENT_DIED is not None else None
+    died = PARENT_DIED
+    libc = ctypes.CDLL(None, use_errno=True) if died is not None else None
 
     def setup() -> None:  # runs in the child between fork and exec: nothing that allocates much
         os.setpgid(0, 0)
-        if libc is not None:
-            libc.prctl(PR_SET_PDEATHSIG, int(PARENT_DIED))
+        if libc is not None and died is not None:
+            libc.prctl(PR_SET_PDEATHSIG, int(died))
             if os.getppid() != parent:  # the parent died before the request took hold
                 os._exit(128 + signal.SIGTERM)
 
@@ -190,8 +191,10 @@ def child_process(command: list[str], what: str, **popen) -> Iterator[subprocess
             signal.signal(sig, handler)
     if received:
         name = signal.Signals(received[0]).name
-        raise RunFailed(f"{what}: stopped by {name}; its process (pid {proc.pid}) was stopped with it "
-                        f"(exit {proc.returncode})", 128 + received[0])
+        raise RunFailed(
+            f"{what}: stopped by {name}; its process (pid {proc.pid}) was stopped with it (exit {proc.returncode})",
+            128 + received[0],
+        )
 
 
 def run_child(command: list[str], what: str, **popen) -> int:

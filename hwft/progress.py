@@ -9,8 +9,14 @@ import sys
 
 
 class Progress:
-    def __init__(self, total_steps: int, log_every: int, stream=None, quiet: bool = False,
-                 shown: tuple[tuple[str, str], ...] = ()):
+    def __init__(
+        self,
+        total_steps: int,
+        log_every: int,
+        stream=None,
+        quiet: bool = False,
+        shown: tuple[tuple[str, str], ...] = (),
+    ):
         self.quiet = quiet
         self.shown = shown  #: (metric, short label) shown beside the loss
         self.total = total_steps
@@ -32,7 +38,9 @@ class Progress:
         extra = {label: f"{record[key]:.3f}" for key, label in self.shown if key in record}
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", **extra, tok_s=f"{record['tokens_per_second']:.0f}")
+            self.bar.set_postfix(
+                {"loss": f"{record['loss']:.4f}", **extra, "tok_s": f"{record['tokens_per_second']:.0f}"}
+            )
         elif step % self.log_every == 0 or step == self.total:
             elapsed = record["elapsed"]
             eta = elapsed / step * (self.total - step)

@@ -103,9 +103,13 @@ def markdown() -> str:
         inner = _nested(field.annotation)
         if inner is not None:
             _sections(f"{name}.", f"`{name}`", inner, out)
-    out += ["", "## Method sections", "",
-            "Each method (`method.objective`) may have its own section, `method.<name>`, checked by the "
-            "method's own spec; plugins' methods bring theirs (`hwft plugins` lists every method)."]
+    out += [
+        "",
+        "## Method sections",
+        "",
+        "Each method (`method.objective`) may have its own section, `method.<name>`, checked by the "
+        "method's own spec; plugins' methods bring theirs (`hwft plugins` lists every method).",
+    ]
     for method in BUILTIN:
         if method.section is not None:
             _sections(f"method.{method.name}.", f"`method.{method.name}`: {method.description}", method.section, out)

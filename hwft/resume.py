@@ -103,8 +103,11 @@ def open_checkpoint(recipe, wanted: str, world_size: int) -> Checkpoint:
             f"the result: {shown}{' ...' if len(diffs) > 6 else ''}. Resume with the original values, or "
             "start a new run in another output.dir"
         )
-    changed = [spec.path or spec.name or "random_tokens" for spec, old, new in
-               zip(recipe.data.train, state.get("data_digests", []), data_digests(recipe), strict=False) if old != new]
+    changed = [
+        spec.path or spec.name or "random_tokens"
+        for spec, old, new in zip(recipe.data.train, state.get("data_digests", []), data_digests(recipe), strict=False)
+        if old != new
+    ]
     if changed:
         raise UserError(
             f"--resume: training data {changed[0]} is not what {path.name} was trained on (its content changed); "

@@ -22,10 +22,14 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pluggy
 
 from hwft.errors import RecipeError, did_you_mean
+
+if TYPE_CHECKING:
+    from hwft.inference import Session
 
 hookimpl = pluggy.HookimplMarker("hwft")
 
@@ -119,7 +123,7 @@ def length_penalty(samples: list[Sample], target: int = 32, limit: int | None = 
     return out
 
 
-_SESSIONS: dict[tuple[str, str], object] = {}
+_SESSIONS: dict[tuple[str, str], Session] = {}
 
 
 def reward_model(samples: list[Sample], path: str, backend: str = "auto", batch_size: int = 8) -> list[float]:
@@ -137,8 +141,12 @@ def reward_model(samples: list[Sample], path: str, backend: str = "auto", batch_
             backend = next((b for b in inference_backends(host) if host.backend(b).engine == "torch"), "cpu")
         _SESSIONS[key] = open_session(trained, backend)
     session = _SESSIONS[key]
-    ids = [session.conversation_ids([{"role": "user", "content": s.prompt}, {"role": "assistant", "content": s.completion}])
-           for s in samples]
+    ids = [
+        session.conversation_ids(
+            [{"role": "user", "content": s.prompt}, {"role": "assistant", "content": s.completion}]
+        )
+        for s in samples
+    ]
     return session.rewards(ids, batch_size)
 
 
@@ -225,9 +233,7 @@ def score(samples: list[Sample], specs, registered: dict[str, Reward]) -> tuple[
     for spec in specs:
         values = [float(v) for v in registered[spec.name].function(samples, **spec.args)]
         if len(values) != len(samples):
-            raise RecipeError(
-                f"reward '{spec.name}' returned {len(values)} values for {len(samples)} completions"
-            )
+            raise RecipeError(f"reward '{spec.name}' returned {len(values)} values for {len(samples)} completions")
         per_function[spec.name] = values
         total = [t + spec.weight * v for t, v in zip(total, values, strict=True)]
     return total, per_function
@@ -240,7 +246,9 @@ class ScoredRollouts:
     samples: list[Sample]
     rewards: list[float]  #: the weighted total per completion
     advantages: list[float]  #: per completion, see :func:`advantages`
-    metrics: dict[str, float]  #: reward, reward_std, frac_reward_zero_std, completion_length, truncated, rewards/<name>/{mean,std}
+    metrics: dict[
+        str, float
+    ]  #: reward, reward_std, frac_reward_zero_std, completion_length, truncated, rewards/<name>/{mean,std}
 
 
 def write_rollouts(path, step: int, scored: ScoredRollouts) -> None:
@@ -249,5 +257,15 @@ def write_rollouts(path, step: int, scored: ScoredRollouts) -> None:
         return
     with open(path, "a", encoding="utf-8") as f:
         for s, reward in zip(scored.samples, scored.rewards, strict=True):
-            f.write(json.dumps({"step": step, "prompt": s.prompt, "completion": s.completion,
-                                "reference": s.reference, "reward": reward}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "prompt": s.prompt,
+                        "completion": s.completion,
+                        "reference": s.reference,
+                        "reward": reward,
+                    }
+                )
+                + "\n"
+            )

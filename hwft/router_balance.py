@@ -38,8 +38,10 @@ def router_balance(config: dict) -> RouterBalance | None:
     """The load-balancing loss a config.json asks for, or None (a dense model, a coefficient of
     0, or a model that balances otherwise)."""
     coefficient = config.get("router_aux_loss_coef")
-    experts = next((config[k] for k in ("num_local_experts", "num_experts", "n_routed_experts")
-                    if isinstance(config.get(k), int)), None)
+    experts = next(
+        (config[k] for k in ("num_local_experts", "num_experts", "n_routed_experts") if isinstance(config.get(k), int)),
+        None,
+    )
     top_k = config.get("num_experts_per_tok")
     if not coefficient or not experts or not top_k:
         return None

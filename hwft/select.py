@@ -16,11 +16,10 @@ from dataclasses import dataclass
 
 from hwft.errors import SelectionError
 from hwft.kernels import Chosen, choose
-from hwft.methods import registry as method_registry
+from hwft.methods.lookup import registry as method_registry
 from hwft.plugins import PluginHost
 from hwft.recipe import Recipe
 from hwft.records import Availability, Backend, Capability
-
 
 
 @dataclass(frozen=True)
@@ -52,26 +51,39 @@ def parallel_problems(recipe: Recipe) -> list[str]:
         registry = method_registry()
         if not registry.get(recipe.method.objective).sequence_parallel:
             able = ", ".join(m.name for m in registry if m.sequence_parallel)
-            out.append(f"parallel.sequence_parallel {n} with objective {recipe.method.objective} (sequence "
-                       f"parallelism trains {able}); remove it")
+            out.append(
+                f"parallel.sequence_parallel {n} with objective {recipe.method.objective} (sequence "
+                f"parallelism trains {able}); remove it"
+            )
         elif recipe.data.packing is not False:
-            out.append(f"parallel.sequence_parallel {n} with packed rows (not supported yet: each packed example "
-                       "would need its own mask after the all-to-all); set data.packing: false")
+            out.append(
+                f"parallel.sequence_parallel {n} with packed rows (not supported yet: each packed example "
+                "would need its own mask after the all-to-all); set data.packing: false"
+            )
         if p.strategy == "deepspeed":
-            out.append(f"parallel.sequence_parallel {n} with parallel.strategy deepspeed (not wired up); use ddp "
-                       "or fsdp2")
+            out.append(
+                f"parallel.sequence_parallel {n} with parallel.strategy deepspeed (not wired up); use ddp or fsdp2"
+            )
     if p.strategy in ("fsdp2", "deepspeed"):  # both shard parameters, gradients or optimizer state
         # FSDP2 shards bitsandbytes' packed 4-bit weights as any other tensor (each rank keeps
         # its layers' quantisation state whole); DeepSpeed's partitioning does not know them.
         if recipe.method.tuning == "qlora" and (p.strategy == "deepspeed" or recipe.method.qlora.bits == 8):
-            why = ("DeepSpeed does not partition bitsandbytes' quantised weights" if p.strategy == "deepspeed"
-                   else "fsdp2 shards 4-bit weights, not LLM.int8's")
-            fix = "use strategy fsdp2 or ddp, or tuning lora" if p.strategy == "deepspeed" else \
-                "use method.qlora.bits 4, or strategy ddp"
+            why = (
+                "DeepSpeed does not partition bitsandbytes' quantised weights"
+                if p.strategy == "deepspeed"
+                else "fsdp2 shards 4-bit weights, not LLM.int8's"
+            )
+            fix = (
+                "use strategy fsdp2 or ddp, or tuning lora"
+                if p.strategy == "deepspeed"
+                else "use method.qlora.bits 4, or strategy ddp"
+            )
             out.append(f"method.tuning qlora with parallel.strategy {p.strategy} ({why}); {fix}")
         if recipe.train.precision == "fp16":
-            out.append(f"train.precision fp16 with parallel.strategy {p.strategy} (no loss scaling across "
-                       "shards in hwft); use bf16")
+            out.append(
+                f"train.precision fp16 with parallel.strategy {p.strategy} (no loss scaling across "
+                "shards in hwft); use bf16"
+            )
     return out
 
 
@@ -79,8 +91,10 @@ def ranks_problem(recipe: Recipe, world_size: int) -> str | None:
     """Why ``world_size`` processes cannot run the recipe's sequence parallelism, or None."""
     n = recipe.parallel.sequence_parallel
     if n > 1 and world_size % n:
-        return (f"parallel.sequence_parallel {n} needs a multiple of {n} processes, not {world_size} "
-                f"(--nproc {n}, or {n} x the data-parallel replicas)")
+        return (
+            f"parallel.sequence_parallel {n} needs a multiple of {n} processes, not {world_size} "
+            f"(--nproc {n}, or {n} x the data-parallel replicas)"
+        )
     return None
 
 
@@ -116,8 +130,10 @@ def capability_problems(recipe: Recipe, cap: Capability) -> list[str]:
         out.append(f"parallel.strategy '{recipe.parallel.strategy}' (it has: {', '.join(cap.parallel)})")
     if recipe.parallel.sequence_parallel > 1 and "deepspeed" not in cap.parallel:
         # DeepSpeed's Ulysses attention (hwft_torch.sequence_parallel): where a backend has DeepSpeed
-        out.append(f"parallel.sequence_parallel {recipe.parallel.sequence_parallel} (no Ulysses sequence parallelism "
-                   "here: it is DeepSpeed's, on the torch backends with DeepSpeed installed)")
+        out.append(
+            f"parallel.sequence_parallel {recipe.parallel.sequence_parallel} (no Ulysses sequence parallelism "
+            "here: it is DeepSpeed's, on the torch backends with DeepSpeed installed)"
+        )
     if recipe.data.packing and not cap.packing:
         out.append("data.packing (set data.packing: false)")
     return out

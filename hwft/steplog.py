@@ -16,19 +16,24 @@ from __future__ import annotations
 import json
 import time
 
+from hwft.contract import EngineObjective
 from hwft.job import Job
-from hwft.objective import Loss, Objective
+from hwft.objective import Loss
 from hwft.progress import Progress
 
 
 class StepLog:
-    def __init__(self, job: Job, steps: int, objective: Objective):
+    def __init__(self, job: Job, steps: int, objective: EngineObjective):
         self.job, self.steps, self.objective = job, steps, objective
         self.log_every = job.recipe.train.log_every
-        from hwft.methods import method
+        from hwft.methods.lookup import method
 
-        self.progress = Progress(steps, self.log_every, quiet=job.quiet or not job.world.main,
-                                 shown=method(job.recipe.method.objective).headline)
+        self.progress = Progress(
+            steps,
+            self.log_every,
+            quiet=job.quiet or not job.world.main,
+            shown=method(job.recipe.method.objective).headline,
+        )
         self.collective = objective.collective
         self.examples_path = job.run_dir.path / "examples.jsonl" if job.recipe.output.log_examples else None
         self.start = self.last_log = self.step_start = time.perf_counter()
@@ -52,7 +57,9 @@ class StepLog:
     def end(self, step: int, lr: float, grad_norm: float) -> None:
         c = self.current
         if self.job.world.size > 1:
-            c["loss"], tokens, trained, attended = self.collective.sum([c["loss"], c["tokens"], c["trained"], c["attended"]])
+            c["loss"], tokens, trained, attended = self.collective.sum(
+                [c["loss"], c["tokens"], c["trained"], c["attended"]]
+            )
             c["tokens"], c["trained"], c["attended"] = int(tokens), int(trained), int(attended)
             c["examples"] = [i for part in self.collective.gather(c["examples"]) for i in part]
         if self.examples_path and self.job.world.main:
@@ -89,8 +96,12 @@ class StepLog:
     def carry(self) -> dict:
         """What a checkpoint keeps so that a resumed run's next metrics line is the one the
         uninterrupted run writes: the steps since the last line, and the elapsed time."""
-        return {"losses": self.losses_since_log, "tokens": self.tokens_since_log,
-                "trained": self.trained_since_log, "elapsed": time.perf_counter() - self.start}
+        return {
+            "losses": self.losses_since_log,
+            "tokens": self.tokens_since_log,
+            "trained": self.trained_since_log,
+            "elapsed": time.perf_counter() - self.start,
+        }
 
     def restore(self, carry: dict) -> None:
         self.losses_since_log = list(carry["losses"])

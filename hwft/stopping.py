@@ -55,5 +55,6 @@ def stopped_message(signum: int, step: int, path: Path | None, recipe_hint: str)
         why, signum = "stopped (its parent process died)", signal.SIGTERM
     else:
         why = f"stopped by {signal.Signals(signum).name}"
-    return RunFailed(f"{why} after step {step}; {where}. Continue with: hwft train {recipe_hint} --resume",
-                     128 + signum)
+    return RunFailed(
+        f"{why} after step {step}; {where}. Continue with: hwft train {recipe_hint} --resume", 128 + signum
+    )

@@ -100,8 +100,9 @@ def _diagnose(folder: Path) -> int | None:
     return None
 
 
-def storage_error(exc: BaseException, what: str, folder: Path | None = None,
-                  advise: Callable[[FailedWrite], str] | None = None) -> StorageError | None:
+def storage_error(
+    exc: BaseException, what: str, folder: Path | None = None, advise: Callable[[FailedWrite], str] | None = None
+) -> StorageError | None:
     """The one-line StorageError for ``exc`` while writing ``what``, or None if ``exc`` is not a
     storage error. ``advise``: what to say after the cause (where a run stands and how to go
     on); by default the fix alone."""
@@ -119,4 +120,6 @@ def access_error(exc: BaseException) -> UserError | None:
     found = failed_write(exc)
     if found is None:
         return None
-    return StorageError(f"{found.path or 'a file'}: {found.reason}. {found.fix[0].upper() + found.fix[1:]}", found.errno)
+    return StorageError(
+        f"{found.path or 'a file'}: {found.reason}. {found.fix[0].upper() + found.fix[1:]}", found.errno
+    )

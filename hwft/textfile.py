@@ -20,8 +20,15 @@ from hwft.errors import UserError
 #: What the messages say hwft reads.
 ACCEPTED = "UTF-8 (with or without a byte-order mark), UTF-16 or UTF-32 (with a byte-order mark)"
 #: json.detect_encoding's codec names, as a user knows them.
-NAMES = {"utf-8": "UTF-8", "utf-16": "UTF-16", "utf-32": "UTF-32", "utf-16-le": "UTF-16-LE", "utf-16-be": "UTF-16-BE",
-         "utf-32-le": "UTF-32-LE", "utf-32-be": "UTF-32-BE"}
+NAMES = {
+    "utf-8": "UTF-8",
+    "utf-16": "UTF-16",
+    "utf-32": "UTF-32",
+    "utf-16-le": "UTF-16-LE",
+    "utf-16-be": "UTF-16-BE",
+    "utf-32-le": "UTF-32-LE",
+    "utf-32-be": "UTF-32-BE",
+}
 BLOCK = 1 << 20
 
 
@@ -32,8 +39,9 @@ def detect(head: bytes) -> tuple[str, int]:
     return ("utf-8", len(codecs.BOM_UTF8)) if encoding == "utf-8-sig" else (encoding, 0)
 
 
-def undecodable(path: Path, encoding: str, offset: int, data: bytes, marked: bool = False,
-                error: type[UserError] = UserError) -> UserError:
+def undecodable(
+    path: Path, encoding: str, offset: int, data: bytes, marked: bool = False, error: type[UserError] = UserError
+) -> UserError:
     byte = f" (0x{data[0]:02x})" if data else ""
     name = NAMES.get(encoding, encoding)
     if encoding == "utf-8":

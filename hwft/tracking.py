@@ -52,9 +52,15 @@ class Logger:
 
 def numbers(record: dict, prefix: str) -> dict[str, float]:
     """The finite numbers of a metrics record, keyed ``prefix/key`` (step and the run's length aside)."""
-    return {f"{prefix}/{k}": float(v) for k, v in record.items()
-            if k not in ("step", "total_steps") and isinstance(v, int | float) and not isinstance(v, bool)
-            and v == v and abs(v) != float("inf")}
+    return {
+        f"{prefix}/{k}": float(v)
+        for k, v in record.items()
+        if k not in ("step", "total_steps")
+        and isinstance(v, int | float)
+        and not isinstance(v, bool)
+        and v == v
+        and abs(v) != float("inf")
+    }
 
 
 def flat_recipe(recipe) -> dict[str, Any]:
@@ -85,25 +91,29 @@ class TensorBoard:
     def _write(self, step: int, value) -> None:
         import time
 
-        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.compat.proto import event_pb2, summary_pb2  # generated protobuf modules: no static members
 
-        self.writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=[value])))
+        self.writer.add_event(
+            event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(value=[value]))  # pyright: ignore[reportAttributeAccessIssue]
+        )
 
     def _text(self, tag: str, text: str, step: int) -> None:
         """A text summary as TensorBoard's text plugin reads it: a string tensor tagged "text"."""
         from tensorboard.compat.proto import summary_pb2, tensor_pb2, tensor_shape_pb2, types_pb2
 
-        metadata = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text"))
-        tensor = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, string_val=[text.encode("utf-8")],
-                                        tensor_shape=tensor_shape_pb2.TensorShapeProto(
-                                            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=1)]))
-        self._write(step, summary_pb2.Summary.Value(tag=f"{tag}/text_summary", metadata=metadata, tensor=tensor))
+        metadata = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text"))  # pyright: ignore[reportAttributeAccessIssue]
+        tensor = tensor_pb2.TensorProto(  # pyright: ignore[reportAttributeAccessIssue]
+            dtype=types_pb2.DT_STRING,  # pyright: ignore[reportAttributeAccessIssue]
+            string_val=[text.encode("utf-8")],
+            tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=1)]),  # pyright: ignore[reportAttributeAccessIssue]
+        )
+        self._write(step, summary_pb2.Summary.Value(tag=f"{tag}/text_summary", metadata=metadata, tensor=tensor))  # pyright: ignore[reportAttributeAccessIssue]
 
     def log(self, step: int, values: dict[str, float]) -> None:
         from tensorboard.compat.proto import summary_pb2
 
         for key, value in values.items():
-            self._write(step, summary_pb2.Summary.Value(tag=key, simple_value=float(value)))
+            self._write(step, summary_pb2.Summary.Value(tag=key, simple_value=float(value)))  # pyright: ignore[reportAttributeAccessIssue]
         self.writer.flush()
 
     def close(self) -> None:
@@ -114,8 +124,13 @@ class WandB:
     def __init__(self, run_dir: Path, recipe):
         import wandb
 
-        self.run = wandb.init(project=recipe.output.project, name=run_dir.name, dir=str(run_dir),
-                              config=flat_recipe(recipe), reinit="create_new")
+        self.run = wandb.init(
+            project=recipe.output.project,
+            name=run_dir.name,
+            dir=str(run_dir),
+            config=flat_recipe(recipe),
+            reinit="create_new",
+        )
 
     def log(self, step: int, values: dict[str, float]) -> None:
         self.run.log(values, step=step)
@@ -132,14 +147,13 @@ class MLflow:
         uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
         self.client = MlflowClient(tracking_uri=uri)
         experiment = self.client.get_experiment_by_name(recipe.output.project)
-        experiment_id = (experiment.experiment_id if experiment else
-                         self.client.create_experiment(recipe.output.project))
+        experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(recipe.output.project)
         self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
         params = list(flat_recipe(recipe).items())
         for start in range(0, len(params), 100):  # MLflow takes at most 100 parameters a call
             from mlflow.entities import Param
 
-            self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in params[start:start + 100]])
+            self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in params[start : start + 100]])
 
     def log(self, step: int, values: dict[str, float]) -> None:
         import time
@@ -181,8 +195,9 @@ def check_loggers(names: list[str], loggers: dict[str, Logger]) -> None:
     """output.report_to: known trackers whose packages are installed; before weights load."""
     for name in names:
         if name not in loggers:
-            raise RecipeError(f"output.report_to: unknown tracker '{name}'{did_you_mean(name, loggers)} "
-                              f"(known: {', '.join(loggers)})")
+            raise RecipeError(
+                f"output.report_to: unknown tracker '{name}'{did_you_mean(name, loggers)} (known: {', '.join(loggers)})"
+            )
         missing = [m for m in loggers[name].requires if importlib.util.find_spec(m) is None]
         if missing:
             raise RecipeError(f"output.report_to: {name} needs the package {missing[0]} (pip install {missing[0]})")

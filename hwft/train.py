@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 from hwft import accelerate_config
 from hwft.checkpoint import Checkpoint
-from hwft.resume import open_checkpoint
 from hwft.data.loading import TrainData, load_train_data
 from hwft.distributed import Launch, world_from_env
 from hwft.errors import RecipeError, SelectionError, UserError
@@ -21,6 +20,7 @@ from hwft.output import RunDir, check_output_dir
 from hwft.plugins import PluginHost, get_host
 from hwft.processes import children_stop_with_this_process
 from hwft.recipe import Recipe
+from hwft.resume import open_checkpoint
 from hwft.select import Choice, preflight, select_backend
 from hwft.tracking import check_loggers
 
@@ -43,8 +43,9 @@ class Plan:
         )
 
 
-def plan_run(recipe: Recipe, host: PluginHost | None = None, ranks: int | None = None,
-             resume: str | None = None) -> Plan:
+def plan_run(
+    recipe: Recipe, host: PluginHost | None = None, ranks: int | None = None, resume: str | None = None
+) -> Plan:
     """Everything that can be checked without loading weights; raises UserError. ``ranks``: the
     processes the run will have (default: this process's launcher environment); with several,
     ``parallel.strategy: none`` means ddp. ``resume``: ``latest`` or a checkpoint folder, found,
@@ -69,8 +70,10 @@ def plan_run(recipe: Recipe, host: PluginHost | None = None, ranks: int | None =
         recipe.model.name = str(model.path)
     if recipe.model.shape:
         if recipe.method.tuning == "qlora":
-            raise RecipeError("model.shape builds random weights; method.tuning qlora quantises the weights it loads, "
-                              "and a shape has none to load: use lora, or a real model folder for qlora")
+            raise RecipeError(
+                "model.shape builds random weights; method.tuning qlora quantises the weights it loads, "
+                "and a shape has none to load: use lora, or a real model folder for qlora"
+            )
         model = with_random_weights(model, recipe.resolve_path(recipe.model.shape))
     if model.ready:
         check_remote_code(model.path, recipe.model.trust_remote_code)
@@ -92,12 +95,23 @@ def run(plan: Plan, quiet: bool = False, recipe_hint: str = "RECIPE.yaml") -> Jo
     world = world_from_env()
     resume_step = plan.resume.step if plan.resume else None
     run_dir = RunDir(recipe, writes=world.main, resume_step=resume_step, recipe_hint=recipe_hint)
-    job = Job(plan.recipe, plan.choice, plan.model, plan.data, run_dir, quiet, world=world,
-              resume=plan.resume, recipe_hint=recipe_hint)
+    job = Job(
+        plan.recipe,
+        plan.choice,
+        plan.model,
+        plan.data,
+        run_dir,
+        quiet,
+        world=world,
+        resume=plan.resume,
+        recipe_hint=recipe_hint,
+    )
     job.log(f"hwft: {plan.describe()}")
     if recipe.model.trust_remote_code:
-        job.log(f"warning: model.trust_remote_code is on: Python code shipped with {plan.model.path} runs in "
-                "this process. Turn it off unless you trust that folder's author")
+        job.log(
+            f"warning: model.trust_remote_code is on: Python code shipped with {plan.model.path} runs in "
+            "this process. Turn it off unless you trust that folder's author"
+        )
     if world.main and recipe.output.report_to:
         run_dir.start_tracking(recipe.output.report_to, get_host().loggers(), recipe)
     try:
@@ -113,8 +127,9 @@ def run(plan: Plan, quiet: bool = False, recipe_hint: str = "RECIPE.yaml") -> Jo
     return job
 
 
-def launch_run(recipe: Recipe, launch: Launch, worker_argv: list[str], dry_run: bool = False,
-               resume: str | None = None) -> int:
+def launch_run(
+    recipe: Recipe, launch: Launch, worker_argv: list[str], dry_run: bool = False, resume: str | None = None
+) -> int:
     """``hwft train --nproc N``: check everything once, here, then let the backend's launch hook
     start the processes, each running ``hwft *worker_argv`` (which finds its rank in the
     launcher's environment). Returns the exit code."""
@@ -137,8 +152,10 @@ def launch_run(recipe: Recipe, launch: Launch, worker_argv: list[str], dry_run: 
             "or choose a backend that launches several"
         )
     if dry_run:
-        print(f"ok: {plan.describe()}; {launch.world_size} processes ({launch.nproc} per node), "
-              f"parallel.strategy {plan.recipe.parallel.strategy}")
+        print(
+            f"ok: {plan.describe()}; {launch.world_size} processes ({launch.nproc} per node), "
+            f"parallel.strategy {plan.recipe.parallel.strategy}"
+        )
         return 0
     if launch.node_rank == 0 and not plan.resume:  # rank 0 lives on node 0 and writes the output folder
         check_output_dir(plan.recipe)

@@ -37,9 +37,24 @@ def pytest_configure(config):
 #: ci/test.sh take whole modules (--dist loadscope, which keeps a module's shared fixtures on one
 #: worker), so the longest first leaves the short ones to even out the end. On a fresh clone
 #: (CI) Inductor's cache is cold and test_compile is the second longest (213 s there, 50 s warm).
-LONGEST_FIRST = ("test_parallel", "test_recipe_matrix", "test_plan", "test_sharded_loading", "test_compile", "test_board", "test_conformance", "test_families", "test_processes", "test_use",
-                 "test_resume",
-                 "test_bench", "test_methods", "test_mlx", "test_models", "test_faults")
+LONGEST_FIRST = (
+    "test_parallel",
+    "test_recipe_matrix",
+    "test_plan",
+    "test_sharded_loading",
+    "test_compile",
+    "test_board",
+    "test_conformance",
+    "test_families",
+    "test_processes",
+    "test_use",
+    "test_resume",
+    "test_bench",
+    "test_methods",
+    "test_mlx",
+    "test_models",
+    "test_faults",
+)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -126,8 +141,10 @@ SAMPLE_ROWS = copy.deepcopy(list(CHATS))  #: a test may change its rows; the met
 
 #: A library's line in a log: logging's and DeepSpeed's formats, torch's own (W1201 12:00:00...),
 #: Python warnings, progress bars. A run's log holds hwft's own lines only (hwft.library_noise).
-FOREIGN_LINE = re.compile(r"\[(WARNING|INFO|DEBUG)\]|^[WI]\d{4} \d\d:|Warning: |warnings\.warn|it/s\]|"
-                          r"kernels-community|Setting accelerator|OMP_NUM_THREADS")
+FOREIGN_LINE = re.compile(
+    r"\[(WARNING|INFO|DEBUG)\]|^[WI]\d{4} \d\d:|Warning: |warnings\.warn|it/s\]|"
+    r"kernels-community|Setting accelerator|OMP_NUM_THREADS"
+)
 
 
 def foreign_lines(*outputs: str) -> list[str]:
@@ -147,8 +164,7 @@ def write_recipe(folder: Path, model: str | Path | dict, **sections) -> Path:
         "model": model if isinstance(model, dict) else str(model),
         "data": {"train": [{"path": data.name}]},
         "method": {"objective": "sft", "tuning": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
-        "train": {"lr": 1e-3, "max_steps": 3, "micro_batch_size": 3, "max_length": 64,
-                  "precision": "fp32", "seed": 7},
+        "train": {"lr": 1e-3, "max_steps": 3, "micro_batch_size": 3, "max_length": 64, "precision": "fp32", "seed": 7},
         "backend": "cpu",
         "output": {"dir": str(folder / "out")},
     }

@@ -55,10 +55,27 @@ def make(wrong: str | None = None) -> types.ModuleType:
             a, b = b, a
         return torch.nn.functional.silu(a) * b
 
-    def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, padding_mask=None,
-                             atten_mask=None, scale=1.0, keep_prob=1.0, pre_tockens=2147483647,
-                             next_tockens=2147483647, inner_precise=0, prefix=None, actual_seq_qlen=None,
-                             actual_seq_kvlen=None, sparse_mode=0, gen_mask_parallel=True, sync=False):
+    def npu_fusion_attention(
+        query,
+        key,
+        value,
+        head_num,
+        input_layout,
+        pse=None,
+        padding_mask=None,
+        atten_mask=None,
+        scale=1.0,
+        keep_prob=1.0,
+        pre_tockens=2147483647,
+        next_tockens=2147483647,
+        inner_precise=0,
+        prefix=None,
+        actual_seq_qlen=None,
+        actual_seq_kvlen=None,
+        sparse_mode=0,
+        gen_mask_parallel=True,
+        sync=False,
+    ):
         calls["npu_fusion_attention"] += 1
         module.sparse_modes[sparse_mode] += 1
         assert input_layout == "BNSD" and query.shape[1] == head_num and keep_prob == 1.0

@@ -44,8 +44,16 @@ def main(plan_path: str) -> int:
             except BaseException as exc:  # noqa: BLE001 - the next run still runs; the test reads it
                 code = f"{type(exc).__name__}: {exc}"
         log = Path(run["log"] if rank == 0 else f"{run['log']}.rank{rank}")
-        log.write_text(json.dumps({"code": code, "stdout": out.getvalue(), "stderr": err.getvalue(),
-                                  "seconds": round(time.monotonic() - start, 2)}))
+        log.write_text(
+            json.dumps(
+                {
+                    "code": code,
+                    "stdout": out.getvalue(),
+                    "stderr": err.getvalue(),
+                    "seconds": round(time.monotonic() - start, 2),
+                }
+            )
+        )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist
 

@@ -12,13 +12,13 @@ import types
 import pytest
 import torch
 
+from hwft import kernels as registry
 from hwft.data.batching import make_rows
 from hwft.data.chat import ChatRenderer
 from hwft.data.kinds.chat import ChatExample
 from hwft.data.kinds.sequences import tokenize_examples
-from hwft.recipe import recipe_from_dict
-from hwft import kernels as registry
 from hwft.plugins import get_host
+from hwft.recipe import recipe_from_dict
 from hwft_ascend import compat, probe
 from tests import npu_standin
 from tests.conftest import SAMPLE_ROWS, write_recipe
@@ -49,10 +49,12 @@ def test_compatibility_table():
     assert compat.problem("2.1.0+cpu", "2.1.0.post10", "8.0.0") is None
     assert compat.problem("2.6.0", "2.5.1.post1", None) == (
         "torch-npu 2.5.1.post1 is built for torch 2.5.1, but torch 2.6.0 is installed; install "
-        "torch==2.5.1 (or the torch-npu built for torch 2.6.0)")
+        "torch==2.5.1 (or the torch-npu built for torch 2.6.0)"
+    )
     assert compat.problem("2.5.1", "2.5.1.post1", "8.0.RC1.alpha003") == (
         "torch-npu 2.5.1.post1 needs CANN 8.2.RC1, but CANN 8.0.RC1.alpha003 is installed; for "
-        "CANN 8.0.RC1 install torch-npu 2.2.0 or 2.1.0.post4")
+        "CANN 8.0.RC1 install torch-npu 2.2.0 or 2.1.0.post4"
+    )
     assert compat.problem("2.13.0", "2.13.0", "9.0.0") is None  # newer than the table: not judged
 
 
@@ -65,9 +67,17 @@ def fake_npu_stack(tmp_path, monkeypatch):
     info = tmp_path / "toolkit" / f"{platform.machine()}-linux" / "ascend_toolkit_install.info"
     info.parent.mkdir(parents=True)
     monkeypatch.setenv("ASCEND_TOOLKIT_HOME", str(tmp_path / "toolkit"))
-    monkeypatch.setattr(torch, "npu", types.SimpleNamespace(
-        is_available=lambda: True, device_count=lambda: 2, get_device_name=lambda i: "Ascend910B2",
-        is_bf16_supported=lambda: True), raising=False)
+    monkeypatch.setattr(
+        torch,
+        "npu",
+        types.SimpleNamespace(
+            is_available=lambda: True,
+            device_count=lambda: 2,
+            get_device_name=lambda i: "Ascend910B2",
+            is_bf16_supported=lambda: True,
+        ),
+        raising=False,
+    )
 
     def stack(torch_version: str, npu_version: str, cann: str):
         info.write_text(f"package_name=Ascend-cann-toolkit\nversion={cann}\n")
@@ -162,8 +172,12 @@ def test_fused_kernels_match_the_unpatched_model(family, layout, tokenizer, monk
     standin = npu_standin.make()
     monkeypatch.setitem(sys.modules, "torch_npu", standin)
     logits, grads, applied = _run(model_dir, batch, standin, ALL_KERNELS)
-    assert applied == ["npu_rms_norm x5", f"npu_rotary_mul in modeling_{family}", "npu_swiglu x2",
-                       "npu_fusion_attention"]
+    assert applied == [
+        "npu_rms_norm x5",
+        f"npu_rotary_mul in modeling_{family}",
+        "npu_swiglu x2",
+        "npu_fusion_attention",
+    ]
     # each stand-in really ran: 2 layers x (2 norms + MLP + attention + q and k rotations), final norm
     assert standin.calls == {"npu_rms_norm": 5, "npu_swiglu": 2, "npu_rotary_mul": 4, "npu_fusion_attention": 2}
     # no padding: the compressed causal mask (sparse_mode 3); padded or packed: the full mask
@@ -174,12 +188,15 @@ def test_fused_kernels_match_the_unpatched_model(family, layout, tokenizer, monk
         torch.testing.assert_close(grads[name], ref_grads[name], atol=2e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("op, flags", [
-    ("npu_rms_norm", {"fused_rms_norm": True}),
-    ("npu_rotary_mul", {"fused_rope": True}),
-    ("npu_swiglu", {"fused_swiglu": True}),
-    ("npu_fusion_attention", {"attention": "npu_fusion_attention"}),
-])
+@pytest.mark.parametrize(
+    "op, flags",
+    [
+        ("npu_rms_norm", {"fused_rms_norm": True}),
+        ("npu_rotary_mul", {"fused_rope": True}),
+        ("npu_swiglu", {"fused_swiglu": True}),
+        ("npu_fusion_attention", {"attention": "npu_fusion_attention"}),
+    ],
+)
 def test_a_wrong_kernel_is_caught(op, flags, tiny_llama, tokenizer, monkeypatch):
     """The comparison above has teeth: a stand-in that computes something else fails it."""
     batch = _batch(tokenizer, "packed")
@@ -200,8 +217,9 @@ def test_fused_adamw_on_npu_is_npu_fused_adamw(wrong, monkeypatch):
     from hwft_torch.engine import make_optimizer
 
     standin = npu_standin.install(monkeypatch, wrong)
-    recipe = recipe_from_dict({"data": "x.jsonl", "train": {"optimizer": "fused_adamw", "lr": 0.01,
-                                                            "weight_decay": 0.1}})
+    recipe = recipe_from_dict(
+        {"data": "x.jsonl", "train": {"optimizer": "fused_adamw", "lr": 0.01, "weight_decay": 0.1}}
+    )
     torch.manual_seed(0)
     ours, theirs = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
     theirs.load_state_dict(ours.state_dict())

@@ -39,9 +39,28 @@ def bench_run(tiny_llama, tmp_path_factory):
     recipe = bench_recipe(folder, tiny_llama)
     out = folder / "results"
     done = subprocess.run(
-        [sys.executable, "-m", "hwft.cli", "bench", str(recipe), "--steps", "3", "--warmup", "1",
-         "--baseline", "hf", "--eval-examples", "8", "--backends", "cpu,mlx", "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "hwft.cli",
+            "bench",
+            str(recipe),
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--baseline",
+            "hf",
+            "--eval-examples",
+            "8",
+            "--backends",
+            "cpu,mlx",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done.stdout
@@ -140,8 +159,10 @@ def test_repeated_rounds_report_the_median_paired_ratio(bench_run, tmp_path, cli
         files[-1].write_text(json.dumps(result))
     code, stdout, err = cli("bench", "report", *files, "--out", tmp_path / "report")
     assert code == 0, err
-    assert (f"hwft/cpu vs baseline-hf fp32, workload {result['workload']['hash']}, median of 3 paired runs: "
-            "tokens/s x2.10 (range x1.80 to x2.40), peak memory x0.60 (at most x0.70)") in stdout
+    assert (
+        f"hwft/cpu vs baseline-hf fp32, workload {result['workload']['hash']}, median of 3 paired runs: "
+        "tokens/s x2.10 (range x1.80 to x2.40), peak memory x0.60 (at most x0.70)"
+    ) in stdout
     assert "Over the paired runs" in (tmp_path / "report" / "report.md").read_text()
 
 
@@ -180,8 +201,10 @@ def test_flop_model_counts_no_frozen_weight_gradients():
     body, attention, head, adapter = 2 * 100 * 4, 4 * 8 * 10, 2 * 50 * 2, 2 * 10 * 4
     assert step_flops(step, dims, "full") == 3 * (body + attention + head)
     assert step_flops(step, dims, "lora") == 2 * (body + head) + 3 * (attention + adapter)
-    assert step_flops(step, dims, "lora", reference_forward=True) == \
-        2 * (body + head) + 3 * (attention + adapter) + body + attention + head
+    assert (
+        step_flops(step, dims, "lora", reference_forward=True)
+        == 2 * (body + head) + 3 * (attention + adapter) + body + attention + head
+    )
 
 
 def test_model_dims_of_a_lora_model(tiny_llama):
@@ -202,20 +225,25 @@ def test_model_dims_of_a_lora_model(tiny_llama):
 @pytest.mark.parametrize(
     ("extra", "args", "message"),
     [
-        ({"method": {**MATCHING, "objective": "dpo"}, "data": {"train": ["pairs.jsonl"]}}, ["--baseline", "hf"],
-         "--baseline trains sft or cpt; this recipe's objective is dpo"),
+        (
+            {"method": {**MATCHING, "objective": "dpo"}, "data": {"train": ["pairs.jsonl"]}},
+            ["--baseline", "hf"],
+            "--baseline trains sft or cpt; this recipe's objective is dpo",
+        ),
         ({}, ["--baseline", "hf,hf-liger"], "--baseline hf-liger runs Liger's Triton kernels, on CUDA and ROCm only"),
         ({}, ["--baseline", "trl"], "--baseline trl: unknown baseline (known: hf, hf-liger)"),
         ({}, ["--backends", "cuda"], "backend 'cuda' is not available here"),
-        ({"data": {"train": ["x.jsonl"], "streaming": True}, "train": {"max_steps": 2}}, [],
-         "hwft bench reads the data into memory; remove data.streaming"),
+        (
+            {"data": {"train": ["x.jsonl"], "streaming": True}, "train": {"max_steps": 2}},
+            [],
+            "hwft bench reads the data into memory; remove data.streaming",
+        ),
         ({}, ["--steps", "0"], "--steps must be at least 1"),
         ({}, ["--repeat", "0"], "--repeat must be at least 1"),
     ],
 )
 def test_bench_refuses_before_any_arm_runs(tiny_llama, tmp_path, cli, extra, args, message):
-    (tmp_path / "pairs.jsonl").write_text(json.dumps(
-        {"prompt": "2+2?", "chosen": "4", "rejected": "5"}) + "\n")
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "2+2?", "chosen": "4", "rejected": "5"}) + "\n")
     (tmp_path / "x.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
     recipe = bench_recipe(tmp_path, tiny_llama, **extra)
     code, _, err = cli("bench", recipe, *args, "--out", tmp_path / "res")
@@ -225,17 +253,35 @@ def test_bench_refuses_before_any_arm_runs(tiny_llama, tmp_path, cli, extra, arg
 
 
 def test_mfu_is_shown_against_the_measured_matmul_rate_too_where_the_peak_is_a_spec_sheet_s():
-    from hwft.bench.summary import mfu_text
     from hwft.bench.schema import Metrics
+    from hwft.bench.summary import mfu_text
 
-    common = dict(tokens_per_second=1.0, label_tokens_per_second=1.0, step_time_median_s=1.0, step_time_p90_s=1.0,
-                  peak_memory_bytes=None, memory_kind="device", loss_last_step=None, eval_loss=None, tokens_total=1,
-                  label_tokens_total=1, padding_fraction=None, model_flops_per_second=4.5e14)
-    h200 = Metrics(**common, peak_flops=989e12, peak_source="spec sheet (H200, bf16, dense)", mfu=4.5e14 / 989e12,
-                   measured_peak_flops=7.9e14, mfu_of_measured=4.5e14 / 7.9e14)
+    common = dict(
+        tokens_per_second=1.0,
+        label_tokens_per_second=1.0,
+        step_time_median_s=1.0,
+        step_time_p90_s=1.0,
+        peak_memory_bytes=None,
+        memory_kind="device",
+        loss_last_step=None,
+        eval_loss=None,
+        tokens_total=1,
+        label_tokens_total=1,
+        padding_fraction=None,
+        model_flops_per_second=4.5e14,
+    )
+    h200 = Metrics(
+        **common,
+        peak_flops=989e12,
+        peak_source="spec sheet (H200, bf16, dense)",
+        mfu=4.5e14 / 989e12,
+        measured_peak_flops=7.9e14,
+        mfu_of_measured=4.5e14 / 7.9e14,
+    )
     assert mfu_text(h200) == "45.5% (57.0% of measured)"
-    cpu = Metrics(**common, peak_flops=1e15, peak_source="measured", mfu=0.45, measured_peak_flops=1e15,
-                  mfu_of_measured=0.45)
+    cpu = Metrics(
+        **common, peak_flops=1e15, peak_source="measured", mfu=0.45, measured_peak_flops=1e15, mfu_of_measured=0.45
+    )
     assert mfu_text(cpu) == "45.0%"
 
 
@@ -243,8 +289,9 @@ def test_baseline_differences_name_each_setting():
     from hwft.bench.runner import baseline_differences
     from hwft.recipe import Recipe
 
-    recipe = Recipe.model_validate({"data": "x.jsonl", "method": {"lora": {"r": 8, "alpha": 32}},
-                                    "train": {"lr": 2e-4, "max_length": 512}})
+    recipe = Recipe.model_validate(
+        {"data": "x.jsonl", "method": {"lora": {"r": 8, "alpha": 32}}, "train": {"lr": 2e-4, "max_length": 512}}
+    )
     assert baseline_differences(recipe) == ["method.lora.r 8 (baseline 16)", "train.lr 0.0002 (baseline 1e-4)"]
 
 

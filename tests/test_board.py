@@ -26,7 +26,7 @@ import pytest
 from tests.conftest import REPO, build_tiny_model, write_recipe
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-#: Steps of the run the browser watches: long enough to be seen running and stopped (about 25 ms
+#: Steps of the run the browser watches: long enough to be stopped and seen resuming (about 25 ms
 #: a step for the tiny model here), short enough to finish soon after it resumes.
 STEPS = 400
 
@@ -52,8 +52,12 @@ def workspace(tmp_path_factory, tokenizer_dir) -> Path:
     ws = tmp_path_factory.mktemp("board")
     build_tiny_model("llama", ws / "tiny", tokenizer_dir)
     (ws / "configs").mkdir()
-    recipe = write_recipe(ws / "configs", "../tiny", train={"max_steps": STEPS, "log_every": 1, "lr": 5e-3,
-                                                            "eval_every": 100}, output={"dir": "runs/tiny"})
+    recipe = write_recipe(
+        ws / "configs",
+        "../tiny",
+        train={"max_steps": STEPS, "log_every": 1, "lr": 5e-3, "eval_every": 100},
+        output={"dir": "runs/tiny"},
+    )
     recipe.write_text(recipe.read_text().replace("data:\n", "data:\n  val_size: 2\n", 1))
     recipe.rename(ws / "configs" / "tiny.yaml")
     return ws
@@ -62,9 +66,14 @@ def workspace(tmp_path_factory, tokenizer_dir) -> Path:
 @pytest.fixture(scope="module")
 def board(workspace):
     """``hwft board --port 0`` in the workspace; yields its address."""
-    process = subprocess.Popen([sys.executable, "-m", "hwft", "board", "--port", "0", "--workspace", str(workspace)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=workspace,
-                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hwft", "board", "--port", "0", "--workspace", str(workspace)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=workspace,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     line = process.stderr.readline()
     found = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
     assert found, line + process.stderr.read() if process.poll() is not None else line
@@ -83,9 +92,18 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--window-size=1400,1000"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1400,1000",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     driver.implicitly_wait(0)
@@ -151,8 +169,10 @@ def test_build_run_watch_stop_resume_and_chat_in_a_browser(board, browser, works
     find = d.find_element
     d.get(board + "/")
     # -- build: a recipe from configs/, edited in the form generated from the schema
-    wait_for(lambda: "configs/tiny.yaml" in [o.text for o in Select(find(By.ID, "recipe-source")).options],
-             what="the workspace's recipes")
+    wait_for(
+        lambda: "configs/tiny.yaml" in [o.text for o in Select(find(By.ID, "recipe-source")).options],
+        what="the workspace's recipes",
+    )
     Select(find(By.ID, "recipe-source")).select_by_visible_text("configs/tiny.yaml")
     find(By.ID, "load").click()
     wait_for(lambda: "../tiny" in find(By.ID, "recipe-yaml").get_attribute("value"), what="the loaded recipe")
@@ -166,14 +186,28 @@ def test_build_run_watch_stop_resume_and_chat_in_a_browser(board, browser, works
     assert "Peak learning rate" in help_text and "default: 0.0002" in help_text
     # -- a refused field: the cpu backend has no flash attention, so the option is disabled, with why
     Select(find(By.CSS_SELECTOR, '[data-key="backend"] select')).select_by_value('"cpu"')
-    wait_for(lambda: find(By.CSS_SELECTOR, '[data-key="kernels.attention"] option[value=\'"flash_attention_2"\']')
-             .get_attribute("disabled") is not None, what="the refused attention option")
-    why = find(By.CSS_SELECTOR, '[data-key="kernels.attention"] .refused[data-option="flash_attention_2"]').get_attribute("textContent")
-    assert "backend 'cpu' cannot run this recipe: it cannot do kernels.attention 'flash_attention_2' (it has: auto, eager, sdpa)" in why
+    wait_for(
+        lambda: (
+            find(By.CSS_SELECTOR, '[data-key="kernels.attention"] option[value=\'"flash_attention_2"\']').get_attribute(
+                "disabled"
+            )
+            is not None
+        ),
+        what="the refused attention option",
+    )
+    why = find(
+        By.CSS_SELECTOR, '[data-key="kernels.attention"] .refused[data-option="flash_attention_2"]'
+    ).get_attribute("textContent")
+    assert (
+        "backend 'cpu' cannot run this recipe: it cannot do kernels.attention 'flash_attention_2' "
+        "(it has: auto, eager, sdpa)" in why
+    )
     # forced in through the YAML: the CLI's own message, the field marked, and no run can start
     text = find(By.ID, "recipe-yaml").get_attribute("value")
-    d.execute_script("document.getElementById('recipe-yaml').value = arguments[0]",
-                     text + "kernels:\n  attention: flash_attention_2\n")
+    d.execute_script(
+        "document.getElementById('recipe-yaml').value = arguments[0]",
+        text + "kernels:\n  attention: flash_attention_2\n",
+    )
     find(By.ID, "apply-yaml").click()
     wait_for(lambda: "hwft: error:" in find(By.ID, "recipe-said").text, what="the refusal")
     settled(d)
@@ -189,26 +223,26 @@ def test_build_run_watch_stop_resume_and_chat_in_a_browser(board, browser, works
     wait_for(lambda: find(By.CSS_SELECTOR, "#data-rows mark"), what="trained spans")
     assert "packing:" in find(By.ID, "packing").text
     shot(d, "data")
-    # -- run it, watch the chart grow, stop it
+    # -- run it, stop it as soon as it steps (however fast this machine steps), resume it and
+    # watch the chart grow
     find(By.CSS_SELECTOR, '#tabs [data-tab="recipe"]').click()
     find(By.ID, "start").click()
     row = '#runs-table tr[data-run="runs/tiny"]'
     wait_for(lambda: find(By.CSS_SELECTOR, row).get_attribute("data-state") == "running", 120, "the run to start")
     step = lambda: int((find(By.CSS_SELECTOR, f"{row} .step").text or "0/").split("/")[0] or 0)  # noqa: E731
     wait_for(lambda: step() >= 3, 120, "the first steps")
-    first_chart = find(By.ID, "run-chart").get_attribute("innerHTML")
-    seen = step()
-    wait_for(lambda: step() > seen + 2, 60, "more steps")
-    wait_for(lambda: find(By.ID, "run-chart").get_attribute("innerHTML") != first_chart, 10, "the chart to update")
     assert find(By.CSS_SELECTOR, f"{row} .step").text.endswith(f"/{STEPS}")
-    shot(d, "runs")
     click(d, f'{row} button[data-action="stop"]', "Stop")
     wait_for(lambda: find(By.CSS_SELECTOR, row).get_attribute("data-state") == "stopped", 120, "the run to stop")
     stopped_at = step()
     assert 0 < stopped_at < STEPS
     wait_for(lambda: "stopped by SIGTERM" in find(By.ID, "run-log").text, 10, "the stop in the log")
+    first_chart = find(By.ID, "run-chart").get_attribute("innerHTML")
     # -- resume it to the end: every step once
     click(d, f'{row} button[data-action="resume"]', "Resume")
+    wait_for(lambda: step() > stopped_at + 2, 120, "the resumed run's steps")
+    wait_for(lambda: find(By.ID, "run-chart").get_attribute("innerHTML") != first_chart, 10, "the chart to grow")
+    shot(d, "runs")
     wait_for(lambda: find(By.CSS_SELECTOR, row).get_attribute("data-state") == "finished", 240, "the run to finish")
     steps = [json.loads(line)["step"] for line in (workspace / "runs/tiny/metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, STEPS + 1))
@@ -220,8 +254,10 @@ def test_build_run_watch_stop_resume_and_chat_in_a_browser(board, browser, works
     shot(d, "compare")
     # -- chat with the result, streamed
     find(By.CSS_SELECTOR, '#tabs [data-tab="use"]').click()
-    wait_for(lambda: "runs/tiny" in [o.get_attribute("value") for o in Select(find(By.ID, "use-run")).options],
-             what="the result")
+    wait_for(
+        lambda: "runs/tiny" in [o.get_attribute("value") for o in Select(find(By.ID, "use-run")).options],
+        what="the result",
+    )
     find(By.ID, "chat-input").send_keys("What is your name?\n")
     wait_for(lambda: find(By.CSS_SELECTOR, '#chat-log .assistant[data-done="1"]'), 120, "the reply")
     assert find(By.CSS_SELECTOR, "#chat-log .user").text == "> What is your name?"
@@ -340,19 +376,29 @@ def test_the_form_is_the_schema_and_its_messages_are_the_cli_s(client, workspace
     # every key of docs/recipe.md, the method sections' too (a list of sections is one YAML field)
     assert {k for k in documented if "[]" not in k and k not in sections} <= keys
     text = recipe_text(workspace)
-    state = client.post("/api/recipe", headers=CHANGE, json={
-        "yaml": text, "path": "configs/tiny.yaml", "set": [{"key": "train.lr", "text": "fast"}]}).json()
+    state = client.post(
+        "/api/recipe",
+        headers=CHANGE,
+        json={"yaml": text, "path": "configs/tiny.yaml", "set": [{"key": "train.lr", "text": "fast"}]},
+    ).json()
     assert cli.main(["train", str(workspace / "configs" / "tiny.yaml"), "train.lr=fast", "--dry-run"]) == 2
-    assert state["error"] == capsys.readouterr().err.strip().replace(str(workspace / "configs" / "tiny.yaml"),
-                                                                    "configs/tiny.yaml")
+    assert state["error"] == capsys.readouterr().err.strip().replace(
+        str(workspace / "configs" / "tiny.yaml"), "configs/tiny.yaml"
+    )
     # a refused option carries what hwft train says of the recipe with it
     refused = client.post("/api/recipe", headers=CHANGE, json={"yaml": text, "path": "configs/tiny.yaml"}).json()
     assert refused["error"] is None
     said = refused["refusals"]["kernels.attention"]['"flash_attention_2"']
     assert said.startswith("backend 'cpu' cannot run this recipe: it cannot do kernels.attention 'flash_attention_2'")
     assert '"sdpa"' not in refused["refusals"]["kernels.attention"]
-    assert client.post("/api/runs/start", headers=CHANGE, json={
-        "yaml": text + "kernels: {attention: flash_attention_2}\n", "path": "configs/t.yaml"}).status_code == 400
+    assert (
+        client.post(
+            "/api/runs/start",
+            headers=CHANGE,
+            json={"yaml": text + "kernels: {attention: flash_attention_2}\n", "path": "configs/t.yaml"},
+        ).status_code
+        == 400
+    )
 
 
 def test_a_llamafactory_recipe_loads_as_the_hwft_recipe_it_becomes(client, workspace):
@@ -367,8 +413,7 @@ def test_a_llamafactory_recipe_loads_as_the_hwft_recipe_it_becomes(client, works
     for name in ("dataset_info.json", "identity.json"):
         shutil.copy(lf / name, workspace / "lf" / name)
     raw = yaml.safe_load((lf / "examples" / "qwen3_lora_sft.yaml").read_text())
-    raw.update(model_name_or_path=str(workspace / "tiny"), dataset_dir="lf", dataset="identity",
-               output_dir="runs/lf")
+    raw.update(model_name_or_path=str(workspace / "tiny"), dataset_dir="lf", dataset="identity", output_dir="runs/lf")
     (workspace / "lf" / "qwen3_lora_sft.yaml").write_text(yaml.safe_dump(raw))
     state = client.get("/api/recipe/load?path=lf/qwen3_lora_sft.yaml").json()
     assert "note" in state, state

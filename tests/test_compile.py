@@ -36,15 +36,21 @@ def test_compiled_training_matches_eager(tiny_llama, tmp_path, cli):
     for setting in (False, True):
         out = tmp_path / f"compile-{setting}"
         out.mkdir()
-        recipe = write_recipe(out, tiny_llama, kernels={"compile": setting, "attention": "sdpa"},
-                              train={"max_steps": 3, "micro_batch_size": 2, "max_length": 160},
-                              eval={"prompts": ["Hi"], "max_new_tokens": 4})
+        recipe = write_recipe(
+            out,
+            tiny_llama,
+            kernels={"compile": setting, "attention": "sdpa"},
+            train={"max_steps": 3, "micro_batch_size": 2, "max_length": 160},
+            eval={"prompts": ["Hi"], "max_new_tokens": 4},
+        )
         code, _, err = cli("train", recipe)
         assert code == 0, err
         runs[setting] = metrics(out / "out"), load_file(out / "out" / "adapter" / "adapter_model.safetensors"), err
     (eager, eager_weights, _), (compiled, compiled_weights, log) = runs[False], runs[True]
-    assert ("kernels: torch.compile on the training forward of 1 of 2 decoder layers (the first one's input needs "
-            "no gradient: it runs eagerly) (kernels.compile: true)") in log
+    assert (
+        "kernels: torch.compile on the training forward of 1 of 2 decoder layers (the first one's input needs "
+        "no gradient: it runs eagerly) (kernels.compile: true)"
+    ) in log
     for a, b in zip(eager, compiled, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)

@@ -28,8 +28,14 @@ def test_the_template_plugin_passes_the_suite(tmp_path):
     (info / "entry_points.txt").write_text("[hwft]\ntemplate = hwft_template.plugin\n")
     template = REPO / "plugins" / "template"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(template)])}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
-                          cwd=template, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
+        cwd=template,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     tail = done.stdout[-3000:]
     assert done.returncode == 0, tail + done.stderr[-2000:]
     assert " passed" in tail and "failed" not in tail
@@ -37,7 +43,11 @@ def test_the_template_plugin_passes_the_suite(tmp_path):
 
 def test_plugins_check_runs_the_suite():
     """`hwft plugins check xpu` runs the suite with pytest and passes (the device checks skip)."""
-    done = subprocess.run([str(Path(sys.executable).parent / "hwft"), "plugins", "check", "xpu"],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "hwft"), "plugins", "check", "xpu"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert "passed" in done.stdout and "skipped" in done.stdout

@@ -12,8 +12,19 @@ from pathlib import Path
 from tests.conftest import REPO
 
 #: Packages that are an engine, need one, or are one's own.
-ENGINE_PACKAGES = ("torch", "mlx", "mlx_lm", "peft", "bitsandbytes", "deepspeed", "accelerate", "torch_npu",
-                   "liger_kernel", "flash_attn", "hwft_")
+ENGINE_PACKAGES = (
+    "torch",
+    "mlx",
+    "mlx_lm",
+    "peft",
+    "bitsandbytes",
+    "deepspeed",
+    "accelerate",
+    "torch_npu",
+    "liger_kernel",
+    "flash_attn",
+    "hwft_",
+)
 #: Known exceptions, each with why and what removes it.
 PENDING: dict[tuple[str, str], str] = {}
 
@@ -26,8 +37,13 @@ def engine_imports(path) -> list[tuple[int, str]]:
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names = [node.module]
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "import_module"
-              and node.args and isinstance(node.args[0], ast.JoinedStr)):
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "import_module"
+            and node.args
+            and isinstance(node.args[0], ast.JoinedStr)
+        ):
             names = ["importlib.import_module(f'...')"]  # a module name built from parts
         for name in names:
             if name.startswith(("importlib.import_module(", "hwft_")) or name.split(".")[0] in ENGINE_PACKAGES:
@@ -46,14 +62,18 @@ def test_no_core_module_imports_an_engine():
                 offences.append(f"{relative}:{line} imports {name}")
     assert offences == [], "\n".join(offences)
     # each pending exception is still real (remove it from PENDING once it is gone)
-    for (relative, package) in PENDING:
+    for relative, package in PENDING:
         assert any(n.split(".")[0] == package for _, n in engine_imports(REPO / relative)), relative
 
 
 #: hwft's packages and where their modules are.
-PACKAGES = {"hwft": REPO / "hwft", "hwft_torch": REPO / "backends/torch/hwft_torch",
-            "hwft_mlx": REPO / "backends/mlx/hwft_mlx", "hwft_ascend": REPO / "backends/ascend/hwft_ascend",
-            "hwft_xpu": REPO / "plugins/hwft-xpu/hwft_xpu"}
+PACKAGES = {
+    "hwft": REPO / "hwft",
+    "hwft_torch": REPO / "backends/torch/hwft_torch",
+    "hwft_mlx": REPO / "backends/mlx/hwft_mlx",
+    "hwft_ascend": REPO / "backends/ascend/hwft_ascend",
+    "hwft_xpu": REPO / "plugins/hwft-xpu/hwft_xpu",
+}
 
 
 def hwft_modules() -> dict[str, Path]:
@@ -135,8 +155,9 @@ def test_no_module_imports_one_that_imports_it_back(tmp_path):
     edges = {m: imports_of(p, modules, m) - {m} for m, p in modules.items()}
     assert import_cycles(edges) == []
     planted = tmp_path / "recipe.py"  # the schema asking the CLI for something, inside a function
-    planted.write_text(modules["hwft.recipe"].read_text(encoding="utf-8")
-                       + "\n\ndef _late():\n    from hwft.cli import main\n")
+    planted.write_text(
+        modules["hwft.recipe"].read_text(encoding="utf-8") + "\n\ndef _late():\n    from hwft.cli import main\n"
+    )
     edges["hwft.recipe"] = imports_of(planted, modules, "hwft.recipe") - {"hwft.recipe"}
     assert any({"hwft.recipe", "hwft.cli"} <= set(c) for c in import_cycles(edges))
 
@@ -153,7 +174,12 @@ def method_names_used(path, names: set[str]) -> list[str]:
     skip = set()
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+        ):
             skip.add(id(body[0].value))  # a docstring
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Implementation" and node.args:
             skip.add(id(node.args[0]))
@@ -193,6 +219,8 @@ def test_no_file_outside_a_method_s_own_modules_names_a_method(tmp_path):
             offences += [f"{path.relative_to(REPO)}:{where}" for where in method_names_used(path, names)]
     assert sorted(set(offences)) == [], "\n".join(sorted(set(offences)))
     planted = tmp_path / "select.py"  # the test sees a name planted in the core
-    planted.write_text('def problems(recipe):\n    """Refuse what grpo cannot do."""\n'
-                       '    if recipe.method.objective == "grpo" and recipe.method.grpo.beta:\n        return []\n')
+    planted.write_text(
+        'def problems(recipe):\n    """Refuse what grpo cannot do."""\n'
+        '    if recipe.method.objective == "grpo" and recipe.method.grpo.beta:\n        return []\n'
+    )
     assert method_names_used(planted, names) == ["3: the string 'grpo'", "3: the attribute .grpo"]

@@ -21,10 +21,14 @@ FORMATS = {f.name: f for f in BUILTIN_FORMATS}
 
 def test_alpaca_rows(tmp_path):
     path = tmp_path / "a.json"
-    path.write_text(json.dumps([
-        {"instruction": "Add", "input": "2 and 2", "output": "4"},
-        {"instruction": "Hi", "output": "Hello", "system": "Be kind."},
-    ]))
+    path.write_text(
+        json.dumps(
+            [
+                {"instruction": "Add", "input": "2 and 2", "output": "4"},
+                {"instruction": "Hi", "output": "Hello", "system": "Be kind."},
+            ]
+        )
+    )
     first, second = load_examples(path, "auto", FORMATS)
     assert first.messages == [{"role": "user", "content": "Add\n2 and 2"}, {"role": "assistant", "content": "4"}]
     assert second.messages[0] == {"role": "system", "content": "Be kind."}
@@ -40,63 +44,141 @@ def test_peer_alpaca_file_loads_unchanged():
     "name, content, fmt, message",
     [
         # malformed JSON / JSONL: the file and the line
-        ("b.jsonl", '{"messages": [{"role": "user", "content": "x"}]}\n{bad json\n', "auto",
-         "b.jsonl line 2: not valid JSON"),
-        ("b2.json", '[{"instruction": "x", "output": "y"},\n {"instruction": "x" "output": "y"}]', "auto",
-         "b2.json: not valid JSON at line 2, column 22"),
+        (
+            "b.jsonl",
+            '{"messages": [{"role": "user", "content": "x"}]}\n{bad json\n',
+            "auto",
+            "b.jsonl line 2: not valid JSON",
+        ),
+        (
+            "b2.json",
+            '[{"instruction": "x", "output": "y"},\n {"instruction": "x" "output": "y"}]',
+            "auto",
+            "b2.json: not valid JSON at line 2, column 22",
+        ),
         ("e.json", '{"rows": []}', "auto", "a .json data file must hold a list of rows, or one object per line"),
         ("h.csv", "a,b\n", "auto", "unsupported data file type '.csv'; use .json, .jsonl or .parquet"),
         # missing or misnamed fields: the row, the field, what would be accepted
-        ("a.jsonl", '{"instruction": "x", "output": "y"}\n{"instruction": "x"}\n', "alpaca",
-         "a.jsonl row 2 (alpaca format): missing field 'output' (the row has instruction; this format "
-         "reads instruction, input, output, system, history)"),
-        ("a2.jsonl", '{"instruction": "x", "outputs": "y"}\n', "alpaca",
-         "missing field 'output' (the row has instruction, outputs; this format reads instruction, input, "
-         "output, system, history; if 'outputs' holds it, map it with columns: {output: outputs})"),
-        ("f.jsonl", '{"question": "x"}\n', "auto",
-         "f.jsonl row 1: cannot tell the row's format from its fields ['question']; set format: to one of"),
+        (
+            "a.jsonl",
+            '{"instruction": "x", "output": "y"}\n{"instruction": "x"}\n',
+            "alpaca",
+            "a.jsonl row 2 (alpaca format): missing field 'output' (the row has instruction; this format "
+            "reads instruction, input, output, system, history)",
+        ),
+        (
+            "a2.jsonl",
+            '{"instruction": "x", "outputs": "y"}\n',
+            "alpaca",
+            "missing field 'output' (the row has instruction, outputs; this format reads instruction, input, "
+            "output, system, history; if 'outputs' holds it, map it with columns: {output: outputs})",
+        ),
+        (
+            "f.jsonl",
+            '{"question": "x"}\n',
+            "auto",
+            "f.jsonl row 1: cannot tell the row's format from its fields ['question']; set format: to one of",
+        ),
         ("i.jsonl", '{"instruction": "x", "output": 3}\n', "alpaca", "field 'output' must be a string, got int"),
         ("g.jsonl", '{"instruction": "x", "output": "y"}\n', "alpacca", "did you mean 'alpaca'?"),
         # unknown roles
-        ("c.jsonl", '{"messages": [{"role": "robot", "content": "x"}]}\n', "messages",
-         "c.jsonl row 1 (messages format): messages[0].role is 'robot'; expected one of user, assistant, system, tool"),
-        ("c2.json", '[{"conversations": [{"from": "humman", "value": "x"}]}]', "auto",
-         "conversations[0].from is 'humman'; expected one of human, gpt, system, observation, function_call; "
-         "did you mean 'human'?"),
+        (
+            "c.jsonl",
+            '{"messages": [{"role": "robot", "content": "x"}]}\n',
+            "messages",
+            "c.jsonl row 1 (messages format): messages[0].role is 'robot'; expected one of user, assistant, system, "
+            "tool",
+        ),
+        (
+            "c2.json",
+            '[{"conversations": [{"from": "humman", "value": "x"}]}]',
+            "auto",
+            "conversations[0].from is 'humman'; expected one of human, gpt, system, observation, function_call; "
+            "did you mean 'human'?",
+        ),
         # conversations without an assistant turn to end them
-        ("d.jsonl", '{"messages": [{"role": "user", "content": "x"}]}\n', "messages",
-         "field 'messages' has no assistant turn to learn from"),
-        ("d2.jsonl", '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, '
-                     '{"role": "user", "content": "z"}]}\n', "auto",
-         "field 'messages' ends with a user turn; the last turn must be the assistant's"),
+        (
+            "d.jsonl",
+            '{"messages": [{"role": "user", "content": "x"}]}\n',
+            "messages",
+            "field 'messages' has no assistant turn to learn from",
+        ),
+        (
+            "d2.jsonl",
+            '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}, '
+            '{"role": "user", "content": "z"}]}\n',
+            "auto",
+            "field 'messages' ends with a user turn; the last turn must be the assistant's",
+        ),
         # every label masked: nothing in the row to learn from
-        ("m.jsonl", '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", '
-                    '"loss_weight": 0}]}\n', "auto", "m.jsonl row 1: every label is masked"),
+        (
+            "m.jsonl",
+            '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", '
+            '"loss_weight": 0}]}\n',
+            "auto",
+            "m.jsonl row 1: every label is masked",
+        ),
         # nulls and empty answers: refused, never trained as an empty answer
-        ("n.jsonl", '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": null}]}\n',
-         "auto", "n.jsonl row 1 (messages format): messages[1].content is null; give the turn's text (an "
-         "assistant turn may be null only beside its tool_calls)"),
-        ("n2.json", '[{"conversations": [{"from": "human", "value": null}, {"from": "gpt", "value": "y"}]}]', "auto",
-         "n2.json row 1 (sharegpt format): conversations[0].value is null; give the turn's text"),
-        ("n3.jsonl", '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}]}\n',
-         "auto", "n3.jsonl row 1 (messages format): messages[1] is an assistant turn with no text and no tool "
-         "calls: the model would learn to answer nothing"),
-        ("n4.jsonl", '{"instruction": "x", "output": null}\n', "alpaca",
-         "n4.jsonl row 1 (alpaca format): field 'output' is null"),
-        ("n5.jsonl", '{"instruction": "x", "output": "y"}\nnull\n', "auto",
-         "n5.jsonl row 2: expected a JSON object, got null"),
-        ("n6.jsonl", '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": '
-                     '[{"type": "text", "text": null}]}]}\n', "auto",
-         "messages[1].content[0] is a text part whose text is null"),
-        ("n7.jsonl", '{"instruction": "x", "output": ""}\n', "alpaca",
-         "field 'output' is empty: the model would learn to answer nothing"),
+        (
+            "n.jsonl",
+            '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": null}]}\n',
+            "auto",
+            "n.jsonl row 1 (messages format): messages[1].content is null; give the turn's text (an "
+            "assistant turn may be null only beside its tool_calls)",
+        ),
+        (
+            "n2.json",
+            '[{"conversations": [{"from": "human", "value": null}, {"from": "gpt", "value": "y"}]}]',
+            "auto",
+            "n2.json row 1 (sharegpt format): conversations[0].value is null; give the turn's text",
+        ),
+        (
+            "n3.jsonl",
+            '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}]}\n',
+            "auto",
+            "n3.jsonl row 1 (messages format): messages[1] is an assistant turn with no text and no tool "
+            "calls: the model would learn to answer nothing",
+        ),
+        (
+            "n4.jsonl",
+            '{"instruction": "x", "output": null}\n',
+            "alpaca",
+            "n4.jsonl row 1 (alpaca format): field 'output' is null",
+        ),
+        (
+            "n5.jsonl",
+            '{"instruction": "x", "output": "y"}\nnull\n',
+            "auto",
+            "n5.jsonl row 2: expected a JSON object, got null",
+        ),
+        (
+            "n6.jsonl",
+            '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": '
+            '[{"type": "text", "text": null}]}]}\n',
+            "auto",
+            "messages[1].content[0] is a text part whose text is null",
+        ),
+        (
+            "n7.jsonl",
+            '{"instruction": "x", "output": ""}\n',
+            "alpaca",
+            "field 'output' is empty: the model would learn to answer nothing",
+        ),
         # bytes that are no Unicode text: the byte, its offset, the encoding tried
-        ("l.jsonl", '{"instruction": "café", "output": "y"}\n'.encode("latin-1"), "auto",
-         "l.jsonl: not valid text at byte 20 (0xe9): tried UTF-8, as no byte-order mark names UTF-16 or "
-         "UTF-32. hwft reads UTF-8 (with or without a byte-order mark), UTF-16 or UTF-32 (with a byte-order "
-         "mark); save the file as UTF-8"),
-        ("l2.json", codecs.BOM_UTF16_LE + '[{"text": "'.encode("utf-16-le") + b"\x00\xd8" + '"}]'.encode("utf-16-le"),
-         "auto", "l2.json: not valid text at byte 24 (0x00): tried UTF-16, as its byte-order mark says"),
+        (
+            "l.jsonl",
+            '{"instruction": "café", "output": "y"}\n'.encode("latin-1"),
+            "auto",
+            "l.jsonl: not valid text at byte 20 (0xe9): tried UTF-8, as no byte-order mark names UTF-16 or "
+            "UTF-32. hwft reads UTF-8 (with or without a byte-order mark), UTF-16 or UTF-32 (with a byte-order "
+            "mark); save the file as UTF-8",
+        ),
+        (
+            "l2.json",
+            codecs.BOM_UTF16_LE + '[{"text": "'.encode("utf-16-le") + b"\x00\xd8" + '"}]'.encode("utf-16-le"),
+            "auto",
+            "l2.json: not valid text at byte 24 (0x00): tried UTF-16, as its byte-order mark says",
+        ),
     ],
 )
 def test_data_errors_name_file_and_row(tiny_llama, tmp_path, cli, name, content, fmt, message):
@@ -118,8 +200,11 @@ def test_data_files_in_any_unicode_encoding_read_alike(tmp_path, encoding, suffi
     """Excel and Notepad save with a byte-order mark (UTF-8's, or UTF-16's as "Unicode"); each
     file reads to the very examples its UTF-8 twin does, non-ASCII text included."""
     rows = [{"instruction": "Qui es-tu ? 你是谁", "output": "hwft-bot ✓"}, {"instruction": "x", "output": "y"}]
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows) if suffix == ".jsonl" else \
-        json.dumps(rows, ensure_ascii=False)
+    text = (
+        "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows)
+        if suffix == ".jsonl"
+        else json.dumps(rows, ensure_ascii=False)
+    )
     (tmp_path / f"plain{suffix}").write_bytes(text.encode("utf-8"))
     (tmp_path / f"other{suffix}").write_bytes(text.encode(encoding))
     # python's "utf-16" and "utf-32" codecs write a byte-order mark; "-be" writes none (zero bytes tell)
@@ -134,8 +219,12 @@ def test_empty_after_filtering(tiny_llama, tmp_path, cli):
     write_jsonl(tmp_path / "long.jsonl", rows)
     recipe = write_recipe(tmp_path, tiny_llama, data={"train": [{"path": "long.jsonl"}]}, train={"max_length": 32})
     code, _, stderr = cli("train", recipe)
-    assert code == 2 and "no example left to train on: 3 of 3 dropped because no label token is within " \
-                          "max_length 32; raise train.max_length" in stderr
+    assert (
+        code == 2
+        and "no example left to train on: 3 of 3 dropped because no label token is within "
+        "max_length 32; raise train.max_length"
+        in stderr
+    )
 
 
 def test_chat_data_needs_a_chat_template(tiny_llama, tmp_path, cli):
@@ -146,12 +235,21 @@ def test_chat_data_needs_a_chat_template(tiny_llama, tmp_path, cli):
             (bare / f.name).symlink_to(f)
     recipe = write_recipe(tmp_path, bare)
     code, _, stderr = cli("train", recipe)
-    assert code == 2 and "train.jsonl row 1 is a conversation, but the model's tokenizer has no chat template; " \
-                          "set template: to a built-in (chatml, chatml-tools)" in stderr
+    assert (
+        code == 2
+        and "train.jsonl row 1 is a conversation, but the model's tokenizer has no chat template; "
+        "set template: to a built-in (chatml, chatml-tools)"
+        in stderr
+    )
     # text for cpt needs no template
     write_jsonl(tmp_path / "text.jsonl", [{"text": "Plain words to continue."}] * 4)
-    recipe = write_recipe(tmp_path, bare, data={"train": [{"path": "text.jsonl"}]},
-                          method={"objective": "cpt", "tuning": "lora"}, train={"max_steps": 1})
+    recipe = write_recipe(
+        tmp_path,
+        bare,
+        data={"train": [{"path": "text.jsonl"}]},
+        method={"objective": "cpt", "tuning": "lora"},
+        train={"max_steps": 1},
+    )
     code, _, stderr = cli("train", recipe, "--quiet")
     assert code == 0, stderr
 
@@ -190,14 +288,24 @@ SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, 
     [
         # single turn: SmolLM2's template adds its default system prompt; only the answer and
         # its end-of-turn token are trained.
-        ([U, A], SMOL_SYSTEM + "<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\nI am hwft-bot.<|im_end|>\n",
-         ["I am hwft-bot.<|im_end|>"]),
+        (
+            [U, A],
+            SMOL_SYSTEM + "<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\nI am hwft-bot.<|im_end|>\n",
+            ["I am hwft-bot.<|im_end|>"],
+        ),
         # system prompt given: it replaces the default one and is not trained.
-        ([S, U, A], "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWho are you?<|im_end|>\n"
-         "<|im_start|>assistant\nI am hwft-bot.<|im_end|>\n", ["I am hwft-bot.<|im_end|>"]),
+        (
+            [S, U, A],
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWho are you?<|im_end|>\n"
+            "<|im_start|>assistant\nI am hwft-bot.<|im_end|>\n",
+            ["I am hwft-bot.<|im_end|>"],
+        ),
         # multi-turn: every assistant turn is trained, nothing between them.
-        ([U, {"role": "assistant", "content": "A bot."}, {"role": "user", "content": "Name?"}, A], None,
-         ["A bot.<|im_end|>", "I am hwft-bot.<|im_end|>"]),
+        (
+            [U, {"role": "assistant", "content": "A bot."}, {"role": "user", "content": "Name?"}, A],
+            None,
+            ["A bot.<|im_end|>", "I am hwft-bot.<|im_end|>"],
+        ),
     ],
     ids=["single-turn", "system-prompt", "multi-turn"],
 )
@@ -227,8 +335,10 @@ def test_template_override(tokenizer, tmp_path):
     tok = _renderer(tokenizer, "chatml").tokenize(chat([U, A], "t"))
     assert tokenizer.decode(tok.input_ids).startswith("<|im_start|>user\n")  # no default system prompt
     jinja = tmp_path / "t.jinja"
-    jinja.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-                     "{% if add_generation_prompt %}[assistant] {% endif %}")
+    jinja.write_text(
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
     tok = ChatRenderer(tokenizer, resolve_template(str(jinja), tmp_path, tokenizer)).tokenize(chat([U, A], "t"))
     # " I" straddles the header's trailing space: a token overlapping the answer is trained.
     assert _segments(tokenizer, tok) == [" I am hwft-bot."]
@@ -313,8 +423,12 @@ def test_rows_arrow_cannot_type_still_load(tmp_path):
     """A field that is text in one row and a list in another: read with the json module."""
     rows = [
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
-        {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
-                      {"role": "assistant", "content": 7}]},
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                {"role": "assistant", "content": 7},
+            ]
+        },
     ]
     path = write_jsonl(tmp_path / "mixed.jsonl", rows)
     with pytest.raises(DataError, match="mixed.jsonl row 2 .messages format.: messages.1..content must be a string"):
@@ -337,8 +451,11 @@ def test_mixing_by_weight_is_proportional_and_seeded():
 
 def test_mixed_recipe_from_the_cli(tiny_llama, tmp_path, cli):
     write_jsonl(tmp_path / "extra.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(14)])
-    recipe = write_recipe(tmp_path, tiny_llama, data={"train": [
-        {"path": "train.jsonl", "weight": 7}, {"path": "extra.jsonl", "weight": 3}]})
+    recipe = write_recipe(
+        tmp_path,
+        tiny_llama,
+        data={"train": [{"path": "train.jsonl", "weight": 7}, {"path": "extra.jsonl", "weight": 3}]},
+    )
     code, out, err = cli("train", recipe, "--dry-run")
     assert code == 0 and "20 training examples" in out, err
     recipe = write_recipe(tmp_path, tiny_llama, data={"train": [{"path": "train.jsonl", "weight": 7}, "extra.jsonl"]})

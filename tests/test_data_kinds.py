@@ -26,8 +26,15 @@ def test_the_built_in_kinds_register_through_the_plugin_hook():
     # every format names the kind it makes, and every kind's example says its kind
     formats = host.data_formats()
     assert {f.name: f.kind for f in formats.values()} == {
-        "preference": "preference", "feedback": "feedback", "sharegpt": "chat", "messages": "chat", "alpaca": "chat",
-        "prompt": "prompt", "text": "text", "tokens": "tokens"}
+        "preference": "preference",
+        "feedback": "feedback",
+        "sharegpt": "chat",
+        "messages": "chat",
+        "alpaca": "chat",
+        "prompt": "prompt",
+        "text": "text",
+        "tokens": "tokens",
+    }
     assert all(r.example.kind == name and issubclass(r.example, Example) for name, r in kinds.by_name.items())
     # a method trains on its kind, with the kind's batcher; cpt takes tokens rows as they are
     methods = host.methods()
@@ -100,9 +107,14 @@ def test_an_out_of_tree_data_kind_trains_through_its_hooks(completion_plugin, ti
         folder = tmp_path / backend
         folder.mkdir()
         write_jsonl(folder / "completions.jsonl", ROWS)
-        recipe = write_recipe(folder, tiny_llama, backend=backend, data={"train": [{"path": "completions.jsonl"}]},
-                              method={"objective": "csft", "tuning": "full"},
-                              train={"max_steps": 4, "micro_batch_size": 5, "lr": 1e-3, "precision": "fp32"})
+        recipe = write_recipe(
+            folder,
+            tiny_llama,
+            backend=backend,
+            data={"train": [{"path": "completions.jsonl"}]},
+            method={"objective": "csft", "tuning": "full"},
+            train={"max_steps": 4, "micro_batch_size": 5, "lr": 1e-3, "precision": "fp32"},
+        )
         if backend == "cpu":
             code, out, err = cli("data", "inspect", recipe, "--json")
             assert code == 0, err
@@ -116,10 +128,18 @@ def test_an_out_of_tree_data_kind_trains_through_its_hooks(completion_plugin, ti
     assert losses["cpu"][-1] < losses["cpu"][0] and losses["mlx"][-1] < losses["mlx"][0], losses
     code, out, _ = cli("plugins", "--json")
     listed = json.loads(out)
-    assert {"name": "completion", "example": "CompletionExample", "sequences": True, "plugin": "completion",
-            "description": "a prompt and its completion as plain text, the loss on the completion"} in listed["data_kinds"]
-    assert {"name": "completion", "kind": "completion",
-            "description": "prompt + completion as plain text (TRL's prompt-completion rows)"} in listed["data_formats"]
+    assert {
+        "name": "completion",
+        "example": "CompletionExample",
+        "sequences": True,
+        "plugin": "completion",
+        "description": "a prompt and its completion as plain text, the loss on the completion",
+    } in listed["data_kinds"]
+    assert {
+        "name": "completion",
+        "kind": "completion",
+        "description": "prompt + completion as plain text (TRL's prompt-completion rows)",
+    } in listed["data_formats"]
 
 
 def test_the_kind_package_touches_nothing_of_hwft():

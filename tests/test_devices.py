@@ -19,8 +19,13 @@ def test_nvidia_smi_rows_carry_the_compute_capability():
     from hwft_torch.devices import parse_nvidia_smi
 
     (row,) = parse_nvidia_smi(H100 + "\n")
-    assert row == {"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_gb": 79.6, "driver": "550.54.15",
-                   "compute_capability": "9.0"}
+    assert row == {
+        "index": 0,
+        "name": "NVIDIA H100 80GB HBM3",
+        "memory_gb": 79.6,
+        "driver": "550.54.15",
+        "compute_capability": "9.0",
+    }
 
 
 def test_cuda_record_follows_the_device():
@@ -35,7 +40,10 @@ def test_cuda_record_follows_the_device():
     # a mixed machine is held to its weakest device
     turing = cuda_record(parse_nvidia_smi(H100 + "\n" + T4), flash2=True, flash3=False)
     assert turing.dtypes == ("fp32", "fp16") and turing.attention == ("eager", "sdpa")
-    assert "7.5 has no bf16" in turing.notes["bf16"] and "needs compute capability 8.0" in turing.notes["flash_attention_2"]
+    assert (
+        "7.5 has no bf16" in turing.notes["bf16"]
+        and "needs compute capability 8.0" in turing.notes["flash_attention_2"]
+    )
 
 
 def test_a_turing_record_refuses_bf16_and_flash_attention_naming_what_it_has():
@@ -44,8 +52,9 @@ def test_a_turing_record_refuses_bf16_and_flash_attention_naming_what_it_has():
     from hwft_torch.devices import cuda_record, parse_nvidia_smi
 
     record = cuda_record(parse_nvidia_smi(T4), flash2=True, flash3=False)
-    recipe = recipe_from_dict({"data": "x.jsonl", "train": {"precision": "bf16"},
-                               "kernels": {"attention": "flash_attention_2"}})
+    recipe = recipe_from_dict(
+        {"data": "x.jsonl", "train": {"precision": "bf16"}, "kernels": {"attention": "flash_attention_2"}}
+    )
     problems = capability_problems(recipe, record)
     assert "train.precision 'bf16' (it has: fp32, fp16)" in problems
     assert "kernels.attention 'flash_attention_2' (it has: auto, eager, sdpa)" in problems
@@ -65,7 +74,8 @@ def test_a_liger_switch_without_liger_names_what_to_install():
     if host.kernels().by_id["liger_rms_norm"].missing():
         assert problems == ["kernels.fused_rms_norm (liger_rms_norm needs liger_kernel: pip install liger-kernel)"]
     assert kernels.choose(recipe, "cpu", "torch", host.kernels())[1] == [
-        "kernels.fused_rms_norm (it has: cross_entropy, projections)"]
+        "kernels.fused_rms_norm (it has: cross_entropy, projections)"
+    ]
 
 
 def test_rocm_record():
@@ -80,13 +90,13 @@ def test_rocm_record():
 def test_adamw_on_the_cpu_is_torchs_fused_kernel(optimizer):
     """adamw and fused_adamw on the CPU build torch's fused AdamW, whose updates are the
     for-loop AdamW's: three steps land on the same weights to float rounding."""
+    import torch
+
     from hwft.recipe import recipe_from_dict
     from hwft_torch.engine import make_optimizer
-    import torch
     from hwft_torch.runtime import CPU
 
-    recipe = recipe_from_dict({"data": "x.jsonl", "train": {"optimizer": optimizer, "lr": 0.01,
-                                                            "weight_decay": 0.1}})
+    recipe = recipe_from_dict({"data": "x.jsonl", "train": {"optimizer": optimizer, "lr": 0.01, "weight_decay": 0.1}})
     torch.manual_seed(0)
     ours, theirs = torch.nn.Linear(8, 4), torch.nn.Linear(8, 4)
     theirs.load_state_dict(ours.state_dict())
@@ -133,8 +143,9 @@ def test_liger_kernels_keep_the_logits(tiny_llama, tokenizer):
     chosen, problems = kernels.choose(recipe, "cuda", "torch", host.kernels())
     assert problems == []
     job = SimpleNamespace(recipe=recipe, log=print)
-    applied = kernels.apply(job, patched, chosen, kernels.prepare(job, chosen), host.families().lookup("torch", "llama"),
-                            "full")
+    applied = kernels.apply(
+        job, patched, chosen, kernels.prepare(job, chosen), host.families().lookup("torch", "llama"), "full"
+    )
     assert applied.lines == ["liger rms_norm", "liger rope", "liger swiglu"]
     torch.testing.assert_close(patched(input_ids=ids).logits, want, atol=1e-4, rtol=1e-4)
 

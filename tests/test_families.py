@@ -156,8 +156,9 @@ def test_packed_rows_keep_examples_apart_on_torch(family, models):
             packed = model(**batch, use_cache=False).logits
             for b, start, ids in examples_of(rows):
                 alone = model(torch.tensor([ids])).logits[0]
-                torch.testing.assert_close(packed[b, start : start + len(ids)], alone, atol=1e-5, rtol=0,
-                                           msg=f"{family} {attention}")
+                torch.testing.assert_close(
+                    packed[b, start : start + len(ids)], alone, atol=1e-5, rtol=0, msg=f"{family} {attention}"
+                )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -182,8 +183,16 @@ def test_packed_rows_keep_examples_apart_on_mlx(family, models):
 
 
 def write_mlx_recipe(folder: Path, model: Path, **train) -> Path:
-    return cell_recipe(folder, model, "sft", "lora", backend="mlx", train={"max_steps": 2, **train},
-                       data={"train": [{"path": "data.jsonl"}], "packing": True}, eval={"prompts": []})
+    return cell_recipe(
+        folder,
+        model,
+        "sft",
+        "lora",
+        backend="mlx",
+        train={"max_steps": 2, **train},
+        data={"train": [{"path": "data.jsonl"}], "packing": True},
+        eval={"prompts": []},
+    )
 
 
 def test_a_family_outside_the_mlx_table_packs_after_its_proof(tmp_path, tokenizer_dir, cli):
@@ -227,8 +236,10 @@ def test_rows_longer_than_a_window_mlx_does_not_apply_are_refused(family, config
     code, _, err = cli("train", write_mlx_recipe(tmp_path, models(family, **config)))
     assert code == 2, err
     window = config["sliding_window"]
-    assert (f"train.max_length: 64 is longer than {family}'s sliding window ({window} tokens), which mlx-lm's "
-            in err and f"Set train.max_length: {window} or less, or train on torch" in err)
+    assert (
+        f"train.max_length: 64 is longer than {family}'s sliding window ({window} tokens), which mlx-lm's " in err
+        and f"Set train.max_length: {window} or less, or train on torch" in err
+    )
     assert not (tmp_path / "out").exists()
 
 
@@ -300,9 +311,16 @@ def test_both_engines_train_the_family_alike(family, models, tmp_path, cli):
             where = tmp_path / f"{objective}-{tuning}-{backend}"
             where.mkdir()
             model = {"name": str(folder), "adapter": str(start)} if tuning == "lora" else folder
-            recipe = cell_recipe(where, model, objective, tuning, backend=backend, train={"max_steps": 3},
-                                 data={"train": [{"path": "data.jsonl"}], "packing": objective == "sft"},
-                                 eval={"prompts": []})
+            recipe = cell_recipe(
+                where,
+                model,
+                objective,
+                tuning,
+                backend=backend,
+                train={"max_steps": 3},
+                data={"train": [{"path": "data.jsonl"}], "packing": objective == "sft"},
+                eval={"prompts": []},
+            )
             code, _, err = cli("train", recipe)
             assert code == 0, f"{family} {objective}/{tuning} on {backend}: {err[-2000:]}"
             runs[backend] = metrics(where / "out")
@@ -319,7 +337,9 @@ def test_both_engines_train_the_family_alike(family, models, tmp_path, cli):
     # what each engine trained exports, and reloads with the trained model's logits
     for backend, to in (("cpu", "peft"), ("cpu", "hf"), ("mlx", "mlx")):
         out = tmp_path / f"export-{backend}-{to}"
-        code, stdout, err = cli("export", tmp_path / f"sft-lora-{backend}" / "out", "--to", to, "--out", out, "--verify")
+        code, stdout, err = cli(
+            "export", tmp_path / f"sft-lora-{backend}" / "out", "--to", to, "--out", out, "--verify"
+        )
         assert code == 0 and json.loads(stdout)["ok"], f"{family} {backend} --to {to}: {err[-1500:]}"
 
 
@@ -378,8 +398,15 @@ def test_the_router_term_is_in_every_preference_loss_alike(objective, models, tm
     for backend in ("cpu", "mlx"):
         where = tmp_path / backend
         where.mkdir()
-        recipe = cell_recipe(where, {"name": str(folder), "adapter": str(start)}, objective, "lora", backend=backend,
-                             train={"max_steps": 2}, eval={"prompts": []})
+        recipe = cell_recipe(
+            where,
+            {"name": str(folder), "adapter": str(start)},
+            objective,
+            "lora",
+            backend=backend,
+            train={"max_steps": 2},
+            eval={"prompts": []},
+        )
         code, _, err = cli("train", recipe)
         assert code == 0, err
         assert f"moe: router load-balancing loss in the {objective} loss" in err
@@ -467,8 +494,13 @@ def test_gguf_export_reads_back(family, models, tmp_path, cli, capsys):
         assert ("with hwft's inverse of its writer" in err) == (family in HWFT_READBACK), err
     fields = GGUFReader(str(out)).fields
     arch = bytes(fields["general.architecture"].parts[-1]).decode()
-    assert arch == {"mistral": "llama", "mixtral": "llama", "qwen3_moe": "qwen3moe", "gemma3_text": "gemma3",
-                    "deepseek_v3": "deepseek2"}.get(family, family)
+    assert arch == {
+        "mistral": "llama",
+        "mixtral": "llama",
+        "qwen3_moe": "qwen3moe",
+        "gemma3_text": "gemma3",
+        "deepseek_v3": "deepseek2",
+    }.get(family, family)
     if family == "granite":
         assert float(fields["granite.logit_scale"].parts[-1][0]) == 4.0
         assert float(fields["granite.attention.scale"].parts[-1][0]) == 0.25
@@ -494,7 +526,6 @@ def test_gguf_refuses_layer_patterns_llama_cpp_does_not_run(models, tmp_path, cl
     assert code == 2 and "llama.cpp's smollm3 skips rotary embeddings on every 4th layer" in err, err
 
 
-
 # --------------------------------------------------------------------------------------------
 # Fast paths, from the family table, each with its logits on and off
 
@@ -518,9 +549,12 @@ def test_fused_projections_give_peft_s_logits_and_gradients_in_every_family(fami
 
     def lora():
         torch.manual_seed(0)  # the same random adapter (B not zero) in both copies
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                     attn_implementation="eager" if family == "gemma2" else "sdpa")
-        return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, attn_implementation="eager" if family == "gemma2" else "sdpa"
+        )
+        return get_peft_model(
+            model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+        )
 
     plain, fused = lora(), lora()
     groups = fuse_sibling_projections(decoder_layers(fused))
@@ -552,8 +586,9 @@ def test_liger_gives_the_same_logits_in_every_family(family, models):
     with torch.no_grad():
         off = torch_model(models(family)).cuda()(ids).logits
         model = torch_model(models(family)).cuda()
-        getattr(lk, f"apply_liger_kernel_to_{target}")(model=model, cross_entropy=False,
-                                                        fused_linear_cross_entropy=False)
+        getattr(lk, f"apply_liger_kernel_to_{target}")(
+            model=model, cross_entropy=False, fused_linear_cross_entropy=False
+        )
         on = model(ids).logits
     assert (on - off).abs().max() / off.abs().max() < 1e-4
 
@@ -561,7 +596,6 @@ def test_liger_gives_the_same_logits_in_every_family(family, models):
 def test_who_runs_what_is_the_table_in_the_docs():
     from hwft.families import who_runs_what
     from hwft.plugins import get_host
-
     from tests.conftest import REPO
 
     assert who_runs_what(get_host().families()) in (REPO / "docs" / "families.md").read_text(encoding="utf-8")
@@ -573,8 +607,15 @@ def test_the_moe_recipe_runs_as_written(backend, models, tmp_path, cli):
     the router term logged, the experts and router in the saved PEFT adapter."""
     from tests.conftest import REPO
 
-    code, _, err = cli("train", REPO / "configs" / "moe.yaml", f"model.name={models('qwen3_moe')}", f"backend={backend}",
-                       "train.max_steps=2", f"output.dir={tmp_path / 'out'}", "eval.prompts=[]")
+    code, _, err = cli(
+        "train",
+        REPO / "configs" / "moe.yaml",
+        f"model.name={models('qwen3_moe')}",
+        f"backend={backend}",
+        "train.max_steps=2",
+        f"output.dir={tmp_path / 'out'}",
+        "eval.prompts=[]",
+    )
     assert code == 0, err
     assert "moe: router load-balancing loss in the sft loss" in err
     assert all("aux_loss" in m for m in metrics(tmp_path / "out"))

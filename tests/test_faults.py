@@ -36,11 +36,21 @@ def test_an_output_dir_that_is_a_file_is_refused(tiny_llama, tmp_path, cli):
 
 #: (the error, what the message says of it, and what to do)
 REFUSALS = {
-    "ENOSPC": (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "no space left on the device", "free space on that disk"),
-    "EROFS": (OSError(errno.EROFS, os.strerror(errno.EROFS)), "the file system is read-only",
-              "make that file system writable"),
-    "EACCES": (PermissionError(errno.EACCES, os.strerror(errno.EACCES)), "permission denied",
-               "give yourself write permission there"),
+    "ENOSPC": (
+        OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+        "no space left on the device",
+        "free space on that disk",
+    ),
+    "EROFS": (
+        OSError(errno.EROFS, os.strerror(errno.EROFS)),
+        "the file system is read-only",
+        "make that file system writable",
+    ),
+    "EACCES": (
+        PermissionError(errno.EACCES, os.strerror(errno.EACCES)),
+        "permission denied",
+        "give yourself write permission there",
+    ),
 }
 
 
@@ -67,8 +77,10 @@ def test_a_refused_checkpoint_write_names_the_last_complete_one(tiny_llama, tmp_
     assert code == 2 and "Traceback" not in err, err
     line = err.strip().splitlines()[-1]
     assert line.startswith(f"hwft: error: cannot write checkpoint step-2: {reason} ({run / 'checkpoints'}/.step-2-tmp-")
-    assert line.endswith(f"/manifest.json). The last complete checkpoint, {run / 'checkpoints' / 'step-1'}, is intact; "
-                         f"{fix}, then continue with: hwft train {path} --resume")
+    assert line.endswith(
+        f"/manifest.json). The last complete checkpoint, {run / 'checkpoints' / 'step-1'}, is intact; "
+        f"{fix}, then continue with: hwft train {path} --resume"
+    )
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1"]
     verify_manifest(run / "checkpoints" / "step-1")
     assert steps_logged(run) == [1, 2]
@@ -97,7 +109,8 @@ def test_a_library_that_drops_the_errno_is_understood(tiny_llama, tmp_path, cli,
     assert code == 2 and err.strip().splitlines()[-1] == (
         f"hwft: error: cannot write the result adapter/: no space left on the device. The last complete checkpoint, "
         f"{run / 'checkpoints' / 'step-1'}, is intact; free space on that disk, then continue with: hwft train {path} "
-        "--resume")
+        "--resume"
+    )
     assert not (run / "adapter").exists() and not list(run.glob(".adapter-tmp-*"))
 
 
@@ -112,7 +125,8 @@ def test_any_command_names_a_refused_write(lora_export_run, tmp_path, cli, monke
     assert code == 2 and "Traceback" not in err, err
     line = err.strip().splitlines()[-1]
     assert line.startswith(f"hwft: error: {tmp_path}/.exported-tmp-") and line.endswith(
-        "/exported: the file system is read-only. Make that file system writable"), line
+        "/exported: the file system is read-only. Make that file system writable"
+    ), line
     assert not list(tmp_path.glob(".exported-tmp-*"))
 
 
@@ -151,8 +165,13 @@ class Mounts:
         self.mounted.append(path)
 
     def remount(self, path: Path, size: str = "", read_only: bool = False) -> None:
-        self._call(None, str(path).encode(), None, self.MS_REMOUNT | (self.MS_RDONLY if read_only else 0),
-                   f"size={size}".encode() if size else None)
+        self._call(
+            None,
+            str(path).encode(),
+            None,
+            self.MS_REMOUNT | (self.MS_RDONLY if read_only else 0),
+            f"size={size}".encode() if size else None,
+        )
 
     def close(self) -> None:
         for path in reversed(self.mounted):
@@ -179,8 +198,9 @@ def test_a_full_and_a_read_only_disk_for_real(tiny_llama, tmp_path, cli, mounts)
 
     disk, full = tmp_path / "disk", tmp_path / "full"
     disk.mkdir(), full.mkdir()
-    reference = write_recipe(tmp_path, tiny_llama, train={"max_steps": 4, "save_every": 1},
-                             output={"dir": str(tmp_path / "reference")})
+    reference = write_recipe(
+        tmp_path, tiny_llama, train={"max_steps": 4, "save_every": 1}, output={"dir": str(tmp_path / "reference")}
+    )
     code, _, err = cli("train", reference)
     assert code == 0, err
     checkpoint = tmp_path / "reference" / "checkpoints" / "step-3"
@@ -194,8 +214,10 @@ def test_a_full_and_a_read_only_disk_for_real(tiny_llama, tmp_path, cli, mounts)
     assert code == 2 and "Traceback" not in err, err
     line = err.strip().splitlines()[-1]
     assert line.startswith("hwft: error: cannot write checkpoint step-2: no space left on the device")
-    assert line.endswith(f"The last complete checkpoint, {disk / 'run' / 'checkpoints' / 'step-1'}, is intact; free "
-                         f"space on that disk, then continue with: hwft train {recipe} --resume")
+    assert line.endswith(
+        f"The last complete checkpoint, {disk / 'run' / 'checkpoints' / 'step-1'}, is intact; free "
+        f"space on that disk, then continue with: hwft train {recipe} --resume"
+    )
     assert sorted(p.name for p in (disk / "run" / "checkpoints").iterdir()) == ["step-1"]
 
     mounts.remount(disk, size="64m")
@@ -211,7 +233,8 @@ def test_a_full_and_a_read_only_disk_for_real(tiny_llama, tmp_path, cli, mounts)
     code, _, err = cli("train", recipe)
     assert code == 2 and err.strip().splitlines()[-1] == (
         f"hwft: error: cannot write the output folder: the file system is read-only ({disk / 'new-run'}). "
-        "Make that file system writable")
+        "Make that file system writable"
+    )
 
     mounts.tmpfs(full, "16k")
     with pytest.raises(OSError):
@@ -232,11 +255,14 @@ def cut(path: Path, keep: float = 0.5) -> None:
     path.write_bytes(data[: int(len(data) * keep)])
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("model.safetensors", "model.safetensors is cut short ("),
-    ("config.json", "config.json is cut short"),
-    ("tokenizer.json", "tokenizer.json is cut short"),
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("model.safetensors", "model.safetensors is cut short ("),
+        ("config.json", "config.json is cut short"),
+        ("tokenizer.json", "tokenizer.json is cut short"),
+    ],
+)
 def test_a_model_folder_cut_short_is_one_line(tiny_llama, tmp_path, cli, name, expected):
     """A model folder whose weights, config or tokenizer an interrupted copy cut short: one line
     naming the folder and the file, exit 2, no output folder made."""

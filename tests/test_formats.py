@@ -12,7 +12,8 @@ from hwft.data.formats import BUILTIN_FORMATS, Mapping, parse_turns
 from hwft.data.kinds.chat import ChatExample
 from hwft.data.kinds.feedback import FeedbackExample, feedback_items
 from hwft.data.kinds.preference import tokenize_pair
-from hwft.data.kinds.text import TextExample, encode as encode_text
+from hwft.data.kinds.text import TextExample
+from hwft.data.kinds.text import encode as encode_text
 from hwft.data.loading import load_examples
 from hwft.errors import DataError
 from tests.conftest import PEER_DATA, write_jsonl, write_recipe
@@ -42,8 +43,12 @@ def test_peer_sharegpt_tool_calls():
     roles = [m["role"] for m in first.messages]
     assert roles == ["user", "assistant", "user", "assistant", "tool", "assistant", "user", "assistant"]
     call = first.messages[3]
-    assert call["content"] == "" and call["tool_calls"] == [{"type": "function", "function": {
-        "name": "search_recipes", "arguments": {"ingredients": ["chicken", "bell peppers", "rice"]}}}]
+    assert call["content"] == "" and call["tool_calls"] == [
+        {
+            "type": "function",
+            "function": {"name": "search_recipes", "arguments": {"ingredients": ["chicken", "bell peppers", "rice"]}},
+        }
+    ]
     assert first.tools[0]["type"] == "function" and first.tools[0]["function"]["name"] == "search_recipes"
     assert sum(e.tools is None for e in examples) == 109  # rows whose tools are "[]"
 
@@ -99,10 +104,9 @@ def test_registry_entries_load_as_llamafactory_describes_them(name, objective, k
     from hwft.plugins import get_host
     from hwft.recipe import recipe_from_dict
 
-    recipe = recipe_from_dict({
-        "data": {"registry": str(LF / "dataset_info.json"), "train": [name]},
-        "method": {"objective": objective},
-    })
+    recipe = recipe_from_dict(
+        {"data": {"registry": str(LF / "dataset_info.json"), "train": [name]}, "method": {"objective": objective}}
+    )
     data = load_train_data(recipe, get_host().data_formats())
     assert len(data.examples) == count and {e.kind for e in data.examples} == {kind}
     if objective == "grpo":  # alpaca's output is the reference answer of a prompt row
@@ -114,8 +118,9 @@ def test_registry_entries_load_as_llamafactory_describes_them(name, objective, k
 
 
 def test_registry_dry_run_from_the_cli(tiny_llama, tmp_path, cli):
-    recipe = write_recipe(tmp_path, tiny_llama, data={
-        "registry": str(LF / "dataset_info.json"), "train": ["identity", "alpaca_en_demo"]})
+    recipe = write_recipe(
+        tmp_path, tiny_llama, data={"registry": str(LF / "dataset_info.json"), "train": ["identity", "alpaca_en_demo"]}
+    )
     code, out, err = cli("train", recipe, "--dry-run")
     assert code == 0, err
     assert "1090 training examples" in out
@@ -143,8 +148,11 @@ def test_tools_need_a_template_that_renders_them(tokenizer):
     example.source = "glaive row 1"
     own = ChatRenderer(tokenizer, tokenizer.chat_template)  # SmolLM2's template has no tool support
     assert own.tool_support == {"results"}
-    with pytest.raises(DataError, match="glaive row 1 uses tools, but the chat template does not render tool "
-                                        "calls or definitions .* set template: chatml-tools"):
+    with pytest.raises(
+        DataError,
+        match="glaive row 1 uses tools, but the chat template does not render tool "
+        "calls or definitions .* set template: chatml-tools",
+    ):
         own.tokenize(example)
 
 
@@ -155,12 +163,14 @@ def test_tool_calls_render_and_train_with_chatml_tools(tokenizer):
     tok = renderer.tokenize(example)
     text = tokenizer.decode(tok.input_ids)
     assert text.startswith("<|im_start|>system\n# Tools\n") and '"name": "search_recipes"' in text
-    assert "<tool_response>\n{\"recipes\"" in text
+    assert '<tool_response>\n{"recipes"' in text
     trained = trained_text(tokenizer, tok)
     # every assistant turn is trained, the tool call included; the tool's result is not
     assert len(trained) == 4
-    assert trained[1] == ('<tool_call>\n{"name": "search_recipes", "arguments": {"ingredients": '
-                          '["chicken", "bell peppers", "rice"]}}\n</tool_call><|im_end|>')
+    assert trained[1] == (
+        '<tool_call>\n{"name": "search_recipes", "arguments": {"ingredients": '
+        '["chicken", "bell peppers", "rice"]}}\n</tool_call><|im_end|>'
+    )
     assert not any("tool_response" in t for t in trained)
 
 
@@ -169,8 +179,11 @@ def test_openai_tool_calls_and_tools(tokenizer, tmp_path):
         "tools": [{"type": "function", "function": {"name": "now", "description": "time", "parameters": {}}}],
         "messages": [
             {"role": "user", "content": "Time?"},
-            {"role": "assistant", "content": None,
-             "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "now", "arguments": "{}"}}]},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "now", "arguments": "{}"}}],
+            },
             {"role": "tool", "tool_call_id": "c1", "content": "12:00"},
             {"role": "assistant", "content": "It is noon."},
         ],
@@ -181,16 +194,23 @@ def test_openai_tool_calls_and_tools(tokenizer, tmp_path):
     assert trained_text(tokenizer, tok)[-1] == "It is noon.<|im_end|>"
 
 
-@pytest.mark.parametrize("mode, expected", [
-    ("keep", "<think>\n2 and 2 make 4.\n</think>\n\n4<|im_end|>"),
-    ("strip", "4<|im_end|>"),
-])
+@pytest.mark.parametrize(
+    "mode, expected", [("keep", "<think>\n2 and 2 make 4.\n</think>\n\n4<|im_end|>"), ("strip", "4<|im_end|>")]
+)
 def test_reasoning_kept_or_stripped(tokenizer, tmp_path, mode, expected):
     rows = [
-        {"messages": [{"role": "user", "content": "2+2?"},
-                      {"role": "assistant", "content": "<think>\n2 and 2 make 4.\n</think>\n\n4"}]},
-        {"messages": [{"role": "user", "content": "2+2?"},
-                      {"role": "assistant", "content": "4", "reasoning_content": "2 and 2 make 4."}]},
+        {
+            "messages": [
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "<think>\n2 and 2 make 4.\n</think>\n\n4"},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4", "reasoning_content": "2 and 2 make 4."},
+            ]
+        },
     ]
     examples = load_examples(write_jsonl(tmp_path / "r.jsonl", rows), "auto", FORMATS, reasoning=mode)
     renderer = ChatRenderer(tokenizer, TEMPLATES["chatml"])
@@ -199,22 +219,30 @@ def test_reasoning_kept_or_stripped(tokenizer, tmp_path, mode, expected):
 
 
 def test_loss_weight_zero_turns_are_context(tokenizer, tmp_path):
-    row = {"messages": [
-        {"role": "user", "content": [{"type": "text", "value": "hi"}]},
-        {"role": "assistant", "content": [{"type": "text", "value": "old answer"}], "loss_weight": 0.0},
-        {"role": "user", "content": "again"},
-        {"role": "assistant", "content": [{"type": "reasoning", "value": "greet"}, {"type": "text", "text": "hello"}]},
-    ]}
+    row = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "value": "hi"}]},
+            {"role": "assistant", "content": [{"type": "text", "value": "old answer"}], "loss_weight": 0.0},
+            {"role": "user", "content": "again"},
+            {
+                "role": "assistant",
+                "content": [{"type": "reasoning", "value": "greet"}, {"type": "text", "text": "hello"}],
+            },
+        ]
+    }
     (example,) = load_examples(write_jsonl(tmp_path / "w.jsonl", [row]), "auto", FORMATS)
     tok = ChatRenderer(tokenizer, TEMPLATES["chatml"]).tokenize(example)
     assert trained_text(tokenizer, tok) == ["<think>\ngreet\n</think>\n\nhello<|im_end|>"]
 
 
 def test_sharegpt_tags_and_columns_rename():
-    mapping = Mapping({"conversations": "dialog"}, {"role_tag": "speaker", "content_tag": "text",
-                                                   "user_tag": "customer", "assistant_tag": "agent"})
+    mapping = Mapping(
+        {"conversations": "dialog"},
+        {"role_tag": "speaker", "content_tag": "text", "user_tag": "customer", "assistant_tag": "agent"},
+    )
     example = FORMATS["sharegpt"].parse(
-        {"dialog": [{"speaker": "customer", "text": "hi"}, {"speaker": "agent", "text": "hello"}]}, mapping)
+        {"dialog": [{"speaker": "customer", "text": "hi"}, {"speaker": "agent", "text": "hello"}]}, mapping
+    )
     assert example.messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     with pytest.raises(ValueError, match=r"dialog\[0\].speaker is 'human'; expected one of .*customer"):
         FORMATS["sharegpt"].parse({"dialog": [{"speaker": "human", "text": "hi"}]}, mapping)
@@ -243,8 +271,9 @@ def test_alpaca_preference_and_prompt_rows(tmp_path):
     (pref,) = load_examples(write_jsonl(tmp_path / "a.jsonl", rows), "preference", FORMATS, objective="dpo")
     assert pref.messages == [{"role": "user", "content": "Add\n2 and 2"}]
     rows = [{"question": "2+2?", "answer": "4"}]
-    (prompt,) = load_examples(write_jsonl(tmp_path / "g.jsonl", rows), "auto", FORMATS,
-                              columns={"prompt": "question"}, objective="grpo")
+    (prompt,) = load_examples(
+        write_jsonl(tmp_path / "g.jsonl", rows), "auto", FORMATS, columns={"prompt": "question"}, objective="grpo"
+    )
     assert prompt.kind == "prompt" and prompt.reference == "4" and prompt.messages[-1]["content"] == "2+2?"
 
 
@@ -252,10 +281,18 @@ def test_feedback_rows_in_trl_alpaca_and_conversation_shapes(tokenizer, tmp_path
     """kto's rows: TRL's unpaired prompt/completion/label, alpaca with a label, and a
     conversation whose last turn is the answer; each tokenised with its mismatched pair."""
 
-    rows = [{"prompt": "Name?", "completion": "hwft-bot.", "label": True},
-            {"instruction": "Add", "input": "2 and 2", "output": "5", "label": 0},
-            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                          {"role": "assistant", "content": "Hello!"}], "label": True}]
+    rows = [
+        {"prompt": "Name?", "completion": "hwft-bot.", "label": True},
+        {"instruction": "Add", "input": "2 and 2", "output": "5", "label": 0},
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello!"},
+            ],
+            "label": True,
+        },
+    ]
     examples = load_examples(write_jsonl(tmp_path / "k.jsonl", rows), "feedback", FORMATS, objective="kto")
     assert [e.label for e in examples] == [True, False, True]
     assert examples[1].messages == [{"role": "user", "content": "Add\n2 and 2"}]
@@ -269,12 +306,15 @@ def test_feedback_rows_in_trl_alpaca_and_conversation_shapes(tokenizer, tmp_path
     assert tokenizer.decode(items[1].mismatched.input_ids).count("Add\n2 and 2") == 1
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"prompt": "a", "completion": "b", "label": "yes"}, "field 'label' is 'yes'; a feedback label is true"),
-    ({"prompt": "a", "completion": "b"}, "missing field 'label'"),
-    ({"messages": [{"role": "assistant", "content": "b"}], "label": True}, "must follow a user or tool turn"),
-    ({"messages": [{"role": "user", "content": "a"}], "label": True}, "has no assistant turn to learn from"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"prompt": "a", "completion": "b", "label": "yes"}, "field 'label' is 'yes'; a feedback label is true"),
+        ({"prompt": "a", "completion": "b"}, "missing field 'label'"),
+        ({"messages": [{"role": "assistant", "content": "b"}], "label": True}, "must follow a user or tool turn"),
+        ({"messages": [{"role": "user", "content": "a"}], "label": True}, "has no assistant turn to learn from"),
+    ],
+)
 def test_feedback_refusals(tmp_path, row, message):
     with pytest.raises(DataError, match=message):
         load_examples(write_jsonl(tmp_path / "k.jsonl", [row]), "feedback", FORMATS, objective="kto")
@@ -282,8 +322,9 @@ def test_feedback_refusals(tmp_path, row, message):
 
 def test_kto_needs_two_rows(tokenizer):
 
-    one = FeedbackExample([{"role": "user", "content": "a"}], completion=[{"role": "assistant", "content": "b"}],
-                          label=True)
+    one = FeedbackExample(
+        [{"role": "user", "content": "a"}], completion=[{"role": "assistant", "content": "b"}], label=True
+    )
     with pytest.raises(DataError, match="kto needs at least 2 feedback rows"):
         feedback_items([one], ChatRenderer(tokenizer, TEMPLATES["chatml"]), 64)
 
@@ -320,10 +361,16 @@ def test_shipped_registry_recipe_mixes_and_renders_tools(tokenizer_dir, cli, tmp
 
 
 def test_registry_num_samples_and_packing_scope(tmp_path, cli, tiny_llama):
-    write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": f"q{i}"},
-                                                        {"role": "assistant", "content": f"a{i}"}]} for i in range(9)])
-    (tmp_path / "dataset_info.json").write_text(json.dumps(
-        {"chat": {"file_name": "chat.jsonl", "formatting": "openai", "num_samples": 4}}))
+    write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(9)
+        ],
+    )
+    (tmp_path / "dataset_info.json").write_text(
+        json.dumps({"chat": {"file_name": "chat.jsonl", "formatting": "openai", "num_samples": 4}})
+    )
     recipe = write_recipe(tmp_path, tiny_llama, data={"registry": "dataset_info.json", "train": ["chat"]})
     code, out, err = cli("train", recipe, "--dry-run")
     assert code == 0 and "4 training examples" in out, err
@@ -331,14 +378,21 @@ def test_registry_num_samples_and_packing_scope(tmp_path, cli, tiny_llama):
     assert code == 2 and "data.packing applies to sft and cpt rows, not to dpo" in err
 
 
-@pytest.mark.parametrize("option, expected", [
-    ({}, ["4<|im_end|>", "I am hwft-bot.<|im_end|>"]),
-    ({"mask_history": True}, ["I am hwft-bot.<|im_end|>"]),
-    ({"train_on_prompt": True}, None),
-])
+@pytest.mark.parametrize(
+    "option, expected",
+    [
+        ({}, ["4<|im_end|>", "I am hwft-bot.<|im_end|>"]),
+        ({"mask_history": True}, ["I am hwft-bot.<|im_end|>"]),
+        ({"train_on_prompt": True}, None),
+    ],
+)
 def test_mask_history_and_train_on_prompt(tokenizer, option, expected):
-    messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
-                {"role": "user", "content": "And you?"}, {"role": "assistant", "content": "I am hwft-bot."}]
+    messages = [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And you?"},
+        {"role": "assistant", "content": "I am hwft-bot."},
+    ]
     tok = ChatRenderer(tokenizer, TEMPLATES["chatml"], **option).tokenize(ChatExample(messages, source="r"))
     if expected is None:  # every token after the first is a label
         assert tok.labels[1:] == tok.input_ids[1:]

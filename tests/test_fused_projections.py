@@ -22,8 +22,7 @@ def _lora(path, dropout: float = 0.0):
 
     torch.manual_seed(0)  # the same random adapter (B not zero) in every copy
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear",
-                        init_lora_weights=False)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear", init_lora_weights=False)
     return get_peft_model(model, config)
 
 
@@ -94,8 +93,9 @@ def test_cli_losses_are_the_same_with_fused_projections_on_and_off(tiny_llama, t
 
 
 def test_lora_dropout_says_why_projections_are_not_fused(tiny_llama, tmp_path, cli):
-    path = write_recipe(tmp_path, tiny_llama, method={"lora": {"r": 8, "alpha": 16, "dropout": 0.05}},
-                        train={"max_steps": 1})
+    path = write_recipe(
+        tmp_path, tiny_llama, method={"lora": {"r": 8, "alpha": 16, "dropout": 0.05}}, train={"max_steps": 1}
+    )
     code, out, err = cli("train", path)
     assert code == 0, err
     assert "kernels: hwft_sibling_projections off: method.lora.dropout 0.05 draws a mask per projection" in out + err

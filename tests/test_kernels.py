@@ -30,15 +30,23 @@ def test_what_each_backend_takes_by_default_and_the_switches_as_aliases():
     assert chosen("mlx", "mlx") == (["hwft_mlx_label_cross_entropy"], [], [])
     # the npu recommends none of torch-npu's operators; each switch names one
     assert chosen("npu") == (["hwft_chunked_cross_entropy", "hwft_sibling_projections"], [], [])
-    ids, named, problems = chosen("npu", fused_rms_norm=True, fused_rope=True, fused_swiglu=True,
-                                  attention="npu_fusion_attention", fused_projections=False)
+    ids, named, problems = chosen(
+        "npu",
+        fused_rms_norm=True,
+        fused_rope=True,
+        fused_swiglu=True,
+        attention="npu_fusion_attention",
+        fused_projections=False,
+    )
     assert ids == ["npu_rms_norm", "npu_rotary_mul", "npu_swiglu", "hwft_chunked_cross_entropy", "npu_fusion_attention"]
     assert named == ["npu_fusion_attention", "npu_rms_norm", "npu_rotary_mul", "npu_swiglu"] and problems == []
     # false takes the slot's kernel out; [] applies none; a list applies those
     assert chosen("cpu", fused_cross_entropy=False)[0] == ["hwft_sibling_projections"]
     assert chosen("cpu", use=[])[0] == []
-    assert chosen("cpu", use=["hwft_sibling_projections"])[:2] == (["hwft_sibling_projections"],
-                                                                   ["hwft_sibling_projections"])
+    assert chosen("cpu", use=["hwft_sibling_projections"])[:2] == (
+        ["hwft_sibling_projections"],
+        ["hwft_sibling_projections"],
+    )
     # where two kernels fill a slot, the first installed wins: Liger's cross-entropy on a GPU
     # only with liger-kernel installed
     liger = get_host().kernels().by_id["liger_fused_linear_cross_entropy"]
@@ -48,14 +56,24 @@ def test_what_each_backend_takes_by_default_and_the_switches_as_aliases():
     assert chosen("cpu", fused_rope=True)[2] == ["kernels.fused_rope (it has: cross_entropy, projections)"]
 
 
-@pytest.mark.parametrize("kernels, problem", [
-    ({"use": ["hwft_chunked_cross_entropi"]}, "kernels.use hwft_chunked_cross_entropi (no kernel has that id; did "
-                                              "you mean 'hwft_chunked_cross_entropy'?"),
-    ({"use": ["npu_rms_norm"]}, "kernels.use npu_rms_norm (it runs on npu)"),
-    ({"use": ["hwft_mlx_label_cross_entropy"]}, "kernels.use hwft_mlx_label_cross_entropy (it runs on the mlx engine)"),
-    ({"use": ["hwft_chunked_cross_entropy", "hwft_chunked_cross_entropy"]},
-     "kernels.use hwft_chunked_cross_entropy (kernel hwft_chunked_cross_entropy already fills its slot"),
-])
+@pytest.mark.parametrize(
+    "kernels, problem",
+    [
+        (
+            {"use": ["hwft_chunked_cross_entropi"]},
+            "kernels.use hwft_chunked_cross_entropi (no kernel has that id; did you mean 'hwft_chunked_cross_entropy'?",
+        ),
+        ({"use": ["npu_rms_norm"]}, "kernels.use npu_rms_norm (it runs on npu)"),
+        (
+            {"use": ["hwft_mlx_label_cross_entropy"]},
+            "kernels.use hwft_mlx_label_cross_entropy (it runs on the mlx engine)",
+        ),
+        (
+            {"use": ["hwft_chunked_cross_entropy", "hwft_chunked_cross_entropy"]},
+            "kernels.use hwft_chunked_cross_entropy (kernel hwft_chunked_cross_entropy already fills its slot",
+        ),
+    ],
+)
 def test_a_kernel_the_backend_cannot_run_is_refused_naming_what_it_has(kernels, problem):
     problems = chosen("cpu", **kernels)[2]
     assert len(problems) == 1 and problems[0].startswith(problem), problems
@@ -66,21 +84,28 @@ def test_liger_without_liger_kernel_is_refused_with_the_install_line():
     if not liger.missing():
         pytest.skip("liger-kernel is installed here")
     assert chosen("cuda", use=["liger_rms_norm"])[2] == [
-        "kernels.use liger_rms_norm (it needs liger_kernel: pip install liger-kernel)"]
+        "kernels.use liger_rms_norm (it needs liger_kernel: pip install liger-kernel)"
+    ]
 
 
 def test_the_cli_refuses_before_loading(tiny_llama, tmp_path, cli):
     recipe = write_recipe(tmp_path, tiny_llama, kernels={"use": ["liger_rms_norm"]})
     code, _, err = cli("train", recipe, "--dry-run")
-    assert code == 2 and "backend 'cpu' cannot run this recipe: it cannot do kernels.use liger_rms_norm (it runs on " \
-                          "cuda, rocm)" in err and "Traceback" not in err
+    assert (
+        code == 2
+        and "backend 'cpu' cannot run this recipe: it cannot do kernels.use liger_rms_norm (it runs on cuda, rocm)"
+        in err
+        and "Traceback" not in err
+    )
 
 
 def test_families_are_one_table_per_engine_and_an_unknown_one_takes_the_generic_path():
     families = get_host().families()
     llama = families.lookup("torch", "llama")
     assert llama.known and llama.has("liger") and llama.gguf.arch == "LLAMA" and llama.gguf.permute_qk
-    assert families.lookup("torch", "qwen2").gguf.arch == "QWEN2" and not families.lookup("torch", "qwen2").gguf.permute_qk
+    assert (
+        families.lookup("torch", "qwen2").gguf.arch == "QWEN2" and not families.lookup("torch", "qwen2").gguf.permute_qk
+    )
     unknown = families.lookup("torch", "starcoder2")
     assert not unknown.known and unknown.model_type == "starcoder2" and unknown.gguf is None
     assert unknown.paths == {"fused_projections", "packed_attention"}
@@ -143,9 +168,12 @@ def test_an_unknown_family_is_refused_in_one_line_by_the_gguf_export():
     from hwft.use.gguf_writer import layout_for
 
     layouts = {f.model_type: f.gguf for f in get_host().families().of("torch") if f.gguf}
-    with pytest.raises(UserError, match=r"model_type 'starcoder2' is not one hwft writes as GGUF \(deepseek_v3, gemma2, gemma3_text, "
-                                         r"glm4, granite, llama, mistral, mixtral, olmo2, phi3, qwen2, qwen3, qwen3_moe, "
-                                         r"smollm3\); export --to hf and convert with llama.cpp's convert_hf_to_gguf.py"):
+    with pytest.raises(
+        UserError,
+        match=r"model_type 'starcoder2' is not one hwft writes as GGUF \(deepseek_v3, gemma2, gemma3_text, "
+        r"glm4, granite, llama, mistral, mixtral, olmo2, phi3, qwen2, qwen3, qwen3_moe, "
+        r"smollm3\); export --to hf and convert with llama.cpp's convert_hf_to_gguf.py",
+    ):
         layout_for({"model_type": "starcoder2"}, layouts)
 
 
@@ -176,16 +204,19 @@ def run_cli(*args, capsys):
     return code, out.out, out.err
 
 
-def test_an_out_of_tree_kernel_trains_and_computes_what_the_model_does(vendor_host, tiny_llama, tiny_qwen2,
-                                                                          tmp_path, capsys):
+def test_an_out_of_tree_kernel_trains_and_computes_what_the_model_does(
+    vendor_host, tiny_llama, tiny_qwen2, tmp_path, capsys
+):
     """torch_rms_norm (a vendor's, on cpu, for llama) by id and by the 1.0 switch: the run logs
     it, and the losses and gradient norms are the unpatched run's (fp32: the same sums in
     another order, within 1e-5); on qwen2, whose row lacks its path, it is refused in one line."""
     assert "rms_norm" in vendor_host.kernels().slots("cpu", "torch")  # the cpu's kernels now fill the slot
     runs = {}
-    for name, kernels in (("plain", {"use": ["hwft_chunked_cross_entropy"]}),
-                          ("by-id", {"use": ["torch_rms_norm", "hwft_chunked_cross_entropy"]}),
-                          ("switch", {"fused_rms_norm": True, "fused_projections": False})):
+    for name, kernels in (
+        ("plain", {"use": ["hwft_chunked_cross_entropy"]}),
+        ("by-id", {"use": ["torch_rms_norm", "hwft_chunked_cross_entropy"]}),
+        ("switch", {"fused_rms_norm": True, "fused_projections": False}),
+    ):
         folder = tmp_path / name
         folder.mkdir()
         recipe = write_recipe(folder, tiny_llama, kernels=kernels, eval={"prompts": []})
@@ -200,9 +231,15 @@ def test_an_out_of_tree_kernel_trains_and_computes_what_the_model_does(vendor_ho
             assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     folder = tmp_path / "qwen2"
     folder.mkdir()
-    code, _, err = run_cli("train", write_recipe(folder, tiny_qwen2, kernels={"use": ["torch_rms_norm"]}), capsys=capsys)
-    assert code == 2 and "kernels: torch_rms_norm cannot apply: model_type qwen2 has no torch_rms_norm path on the " \
-                          "torch engine" in err and "Traceback" not in err
+    code, _, err = run_cli(
+        "train", write_recipe(folder, tiny_qwen2, kernels={"use": ["torch_rms_norm"]}), capsys=capsys
+    )
+    assert (
+        code == 2
+        and "kernels: torch_rms_norm cannot apply: model_type qwen2 has no torch_rms_norm path on the torch engine"
+        in err
+        and "Traceback" not in err
+    )
 
 
 def test_the_kernel_package_touches_nothing_of_hwft():

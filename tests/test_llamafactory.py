@@ -23,17 +23,32 @@ EXAMPLES = LF / "examples"
 def lf_recipe(tmp_path: Path, name: str, model: Path, **changes) -> Path:
     """The example ``name``, its model swapped for ``model`` and its run scaled down."""
     raw = yaml.safe_load((EXAMPLES / f"{name}.yaml").read_text(encoding="utf-8"))
-    raw.update(model_name_or_path=str(model), dataset_dir=str(LF), output_dir=str(tmp_path / "out"),
-               max_samples=16, cutoff_len=1024, gradient_accumulation_steps=1, max_steps=2, **changes)
+    raw.update(
+        model_name_or_path=str(model),
+        dataset_dir=str(LF),
+        output_dir=str(tmp_path / "out"),
+        max_samples=16,
+        cutoff_len=1024,
+        gradient_accumulation_steps=1,
+        max_steps=2,
+        **changes,
+    )
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     return path
 
 
-@pytest.mark.parametrize("name, objective", [
-    ("qwen3_lora_pretrain", "cpt"), ("qwen3_lora_sft", "sft"), ("qwen3_lora_sft_ds3", "sft"),
-    ("qwen3_lora_dpo", "dpo"), ("qwen3_lora_kto", "kto"), ("qwen3_lora_reward", "rm"),
-])
+@pytest.mark.parametrize(
+    "name, objective",
+    [
+        ("qwen3_lora_pretrain", "cpt"),
+        ("qwen3_lora_sft", "sft"),
+        ("qwen3_lora_sft_ds3", "sft"),
+        ("qwen3_lora_dpo", "dpo"),
+        ("qwen3_lora_kto", "kto"),
+        ("qwen3_lora_reward", "rm"),
+    ],
+)
 def test_llamafactory_examples_import_and_train(tiny_llama, tmp_path, cli, name, objective):
     path = lf_recipe(tmp_path, name, tiny_llama)
     code, out, err = cli("import", path)
@@ -49,8 +64,12 @@ def test_llamafactory_examples_import_and_train(tiny_llama, tmp_path, cli, name,
     assert run[-1]["step"] == 2
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
     if name.endswith("ds3"):  # LLaMA-Factory's examples/deepspeed/ds_z3_config.json, read from its name
-        assert translated["parallel"] == {"strategy": "deepspeed", "zero_stage": 3, "offload_optimizer": False,
-                                          "offload_params": False}
+        assert translated["parallel"] == {
+            "strategy": "deepspeed",
+            "zero_stage": 3,
+            "offload_optimizer": False,
+            "offload_params": False,
+        }
         assert "read from its name as ZeRO stage 3" in out
 
 
@@ -61,13 +80,23 @@ def test_llamafactory_reward_model_then_ppo(tiny_llama, tmp_path, cli):
     code, _, err = cli("train", lf_recipe(tmp_path / "rm", "qwen3_lora_reward", tiny_llama))
     assert code == 0, err
     (tmp_path / "ppo").mkdir()
-    path = lf_recipe(tmp_path / "ppo", "llama3_lora_ppo", tiny_llama, reward_model=str(tmp_path / "rm" / "out"),
-                     max_new_tokens=6, per_device_train_batch_size=2, ppo_epochs=2)
+    path = lf_recipe(
+        tmp_path / "ppo",
+        "llama3_lora_ppo",
+        tiny_llama,
+        reward_model=str(tmp_path / "rm" / "out"),
+        max_new_tokens=6,
+        per_device_train_batch_size=2,
+        ppo_epochs=2,
+    )
     code, out, err = cli("import", path)
     assert code == 0, err
     ppo = yaml.safe_load(out)["method"]["ppo"]
-    assert ppo["top_p"] == 0.9 and ppo["num_iterations"] == 2 and ppo["rewards"] == [
-        {"name": "reward_model", "args": {"path": str(tmp_path / "rm" / "out")}}]
+    assert (
+        ppo["top_p"] == 0.9
+        and ppo["num_iterations"] == 2
+        and ppo["rewards"] == [{"name": "reward_model", "args": {"path": str(tmp_path / "rm" / "out")}}]
+    )
     assert yaml.safe_load(out)["train"]["max_length"] == 1024 + 6
     code, _, err = cli("train", path)
     assert code == 0, err
@@ -79,17 +108,20 @@ def base(**keys) -> dict:
     return {"model_name_or_path": "m", "stage": "sft", "dataset": "identity", "dataset_dir": str(LF), **keys}
 
 
-@pytest.mark.parametrize("keys, message", [
-    ({"lora_rnak": 8}, "key 'lora_rnak' is not one hwft can honour; did you mean 'lora_rank'?"),
-    ({"stage": "dpo", "pref_loss": "kto_pair"}, "pref_loss: 'kto_pair' has no hwft counterpart"),
-    ({"template": "alpaca"}, "template: 'alpaca' is LLaMA-Factory's own prompt format"),
-    ({"pref_loss": "orpo"}, "pref_loss: 'orpo' applies to stage dpo, not sft"),
-    ({"quantization_bit": 3}, "hwft quantises the base to 4 or 8 bits under LoRA"),
-    ({"report_to": "swanlab"}, "report_to: 'swanlab' - hwft reports to mlflow, tensorboard, wandb"),
-    ({"resume_from_checkpoint": "saves/x/checkpoint-500"}, "run `hwft train lf.yaml --resume`"),
-    ({"dataset_dir": "nowhere"}, "dataset_dir 'nowhere' has no dataset_info.json"),
-    ({"deepspeed": "my_ds.json"}, "deepspeed: my_ds.json is neither a file here nor one of"),
-])
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        ({"lora_rnak": 8}, "key 'lora_rnak' is not one hwft can honour; did you mean 'lora_rank'?"),
+        ({"stage": "dpo", "pref_loss": "kto_pair"}, "pref_loss: 'kto_pair' has no hwft counterpart"),
+        ({"template": "alpaca"}, "template: 'alpaca' is LLaMA-Factory's own prompt format"),
+        ({"pref_loss": "orpo"}, "pref_loss: 'orpo' applies to stage dpo, not sft"),
+        ({"quantization_bit": 3}, "hwft quantises the base to 4 or 8 bits under LoRA"),
+        ({"report_to": "swanlab"}, "report_to: 'swanlab' - hwft reports to mlflow, tensorboard, wandb"),
+        ({"resume_from_checkpoint": "saves/x/checkpoint-500"}, "run `hwft train lf.yaml --resume`"),
+        ({"dataset_dir": "nowhere"}, "dataset_dir 'nowhere' has no dataset_info.json"),
+        ({"deepspeed": "my_ds.json"}, "deepspeed: my_ds.json is neither a file here nor one of"),
+    ],
+)
 def test_llamafactory_refusals_name_the_key(tmp_path, keys, message):
     with pytest.raises(RecipeError) as caught:
         translate(base(**keys), tmp_path / "lf.yaml")
@@ -100,17 +132,38 @@ def test_llamafactory_translations(tmp_path):
     """Defaults are LLaMA-Factory's and transformers'; QLoRA, freeze, the preference losses."""
     plain = translate(base(), tmp_path / "lf.yaml").recipe
     assert plain["train"]["precision"] == "fp32"  # transformers' default without bf16 or fp16
-    assert (plain["train"]["scheduler"], plain["train"]["micro_batch_size"], plain["train"]["epochs"]) == ("linear", 8, 3.0)
-    assert plain["method"]["lora"] == {"r": 8, "alpha": 16.0, "dropout": 0.0, "target_modules": "all-linear",
-                                       "dora": False, "rslora": False}
-    q = translate(base(quantization_bit=4, lora_target="q_proj,v_proj", lora_alpha=32, loraplus_lr_ratio=16),
-                  tmp_path / "lf.yaml").recipe["method"]
+    assert (plain["train"]["scheduler"], plain["train"]["micro_batch_size"], plain["train"]["epochs"]) == (
+        "linear",
+        8,
+        3.0,
+    )
+    assert plain["method"]["lora"] == {
+        "r": 8,
+        "alpha": 16.0,
+        "dropout": 0.0,
+        "target_modules": "all-linear",
+        "dora": False,
+        "rslora": False,
+    }
+    q = translate(
+        base(quantization_bit=4, lora_target="q_proj,v_proj", lora_alpha=32, loraplus_lr_ratio=16), tmp_path / "lf.yaml"
+    ).recipe["method"]
     assert q["tuning"] == "qlora" and q["qlora"]["bits"] == 4 and q["lora"]["target_modules"] == ["q_proj", "v_proj"]
     assert q["lora"]["alpha"] == 32 and q["lora"]["loraplus_lr_ratio"] == 16
-    f = translate(base(finetuning_type="freeze", freeze_trainable_layers=-1, freeze_trainable_modules="mlp,self_attn",
-                       freeze_extra_modules="embed_tokens"), tmp_path / "lf.yaml").recipe["method"]
-    assert f["freeze"] == {"trainable_layers": -1, "trainable_modules": ["mlp", "self_attn"],
-                           "extra_modules": ["embed_tokens"]}
+    f = translate(
+        base(
+            finetuning_type="freeze",
+            freeze_trainable_layers=-1,
+            freeze_trainable_modules="mlp,self_attn",
+            freeze_extra_modules="embed_tokens",
+        ),
+        tmp_path / "lf.yaml",
+    ).recipe["method"]
+    assert f["freeze"] == {
+        "trainable_layers": -1,
+        "trainable_modules": ["mlp", "self_attn"],
+        "extra_modules": ["embed_tokens"],
+    }
     s = translate(base(stage="dpo", pref_loss="simpo", pref_beta=2.0, simpo_gamma=0.7), tmp_path / "lf.yaml").recipe
     assert s["method"]["objective"] == "simpo" and s["method"]["simpo"] == {"beta": 2.0, "gamma": 0.7}
     k = translate(base(stage="kto", kto_chosen_weight=1.2), tmp_path / "lf.yaml").recipe["method"]["kto"]

@@ -11,7 +11,6 @@ import torch
 
 from hwft.rewards import Sample, exact_match, final_answer, format_reward, length_penalty, normalise_answer
 from hwft.testing.cells import PAIRS, PROMPTS, TEXTS, cell_recipe, metrics  # noqa: F401  (shared with other tests)
-
 from tests.conftest import write_recipe
 from tests.test_plugins import make_dist, site  # noqa: F401  (site is a fixture)
 
@@ -77,8 +76,15 @@ def test_qlora_8bit(tiny_llama, tmp_path, cli):
     from hwft.recipe import load_recipe
     from hwft.train import plan_run, run
 
-    recipe = cell_recipe(tmp_path, tiny_llama, "sft", "qlora", method={"qlora": {"bits": 8}},
-                         train={"max_steps": 2}, eval={"prompts": []})
+    recipe = cell_recipe(
+        tmp_path,
+        tiny_llama,
+        "sft",
+        "qlora",
+        method={"qlora": {"bits": 8}},
+        train={"max_steps": 2},
+        eval={"prompts": []},
+    )
     job = run(plan_run(load_recipe(recipe)), quiet=True)
     assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in job.results.model.modules())
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
@@ -89,17 +95,24 @@ def test_qlora_refused_where_bitsandbytes_cannot_run_unless_fallback(tiny_llama,
     loading, naming what would work; allow_fallback trains LoRA instead and says so."""
     from hwft_torch import devices
 
-    monkeypatch.setattr(devices, "bitsandbytes_missing", lambda: "bitsandbytes is not installed (pip install bitsandbytes)")
+    monkeypatch.setattr(
+        devices, "bitsandbytes_missing", lambda: "bitsandbytes is not installed (pip install bitsandbytes)"
+    )
     recipe = cell_recipe(tmp_path, tiny_llama, "sft", "qlora", train={"max_steps": 1})
     code, _, err = cli("train", recipe)
     assert code == 2
-    assert ("method.tuning 'qlora' (bitsandbytes is not installed (pip install bitsandbytes)); use tuning: lora "
-            "(with train.precision: bf16 where the device has it), or set method.qlora.allow_fallback: true") in err
+    assert (
+        "method.tuning 'qlora' (bitsandbytes is not installed (pip install bitsandbytes)); use tuning: lora "
+        "(with train.precision: bf16 where the device has it), or set method.qlora.allow_fallback: true"
+    ) in err
     assert not (tmp_path / "out").exists()
 
     code, _, err = cli("train", recipe, "method.qlora.allow_fallback=true")
     assert code == 0, err
-    assert "qlora: bitsandbytes is not installed (pip install bitsandbytes); method.qlora.allow_fallback is set, so training plain LoRA" in err
+    assert (
+        "qlora: bitsandbytes is not installed (pip install bitsandbytes); method.qlora.allow_fallback is set, "
+        "so training plain LoRA" in err
+    )
     assert "(lora)" in err and (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
 
 
@@ -123,7 +136,9 @@ def test_dpo_precomputed_reference_equals_the_frozen_copy(tiny_llama, tmp_path, 
 def test_continue_from_an_adapter_with_dora_and_rslora(tiny_llama, tmp_path, cli):
     first = tmp_path / "first"
     first.mkdir()
-    recipe = cell_recipe(first, tiny_llama, "sft", "lora", method={"lora": {"r": 4, "alpha": 8, "dora": True, "rslora": True}})
+    recipe = cell_recipe(
+        first, tiny_llama, "sft", "lora", method={"lora": {"r": 4, "alpha": 8, "dora": True, "rslora": True}}
+    )
     code, _, err = cli("train", recipe)
     assert code == 0, err
     config = json.loads((first / "out" / "adapter" / "adapter_config.json").read_text())
@@ -145,26 +160,44 @@ def test_continue_from_an_adapter_with_dora_and_rslora(tiny_llama, tmp_path, cli
 @pytest.mark.parametrize(
     "sections, message",
     [
-        ({"overrides": ["model.adapter=a", "method.tuning=full"]},
-         "model.adapter continues a LoRA adapter, but method.tuning is full; set method.tuning: lora"),
-        ({"overrides": ["model.adapter=no-such-folder"]},
-         "model.adapter: {folder}/no-such-folder is not a PEFT adapter folder (no adapter_config.json)"),
-        ({"method": {"objective": "grpo", "grpo": {"rewards": ["exact_match"], "max_new_tokens": 64}}},
-         "train.max_length (64) leaves no room for a prompt before method.grpo.max_new_tokens (64)"),
-        ({"method": {"objective": "dpo"}, "overrides": ["data.streaming=true", "train.max_steps=2"]},
-         "data.streaming applies to sft and cpt, not to dpo"),
-        ({"method": {"objective": "grpo", "grpo": {"rewards": [{"name": "length_penalty", "args": {"target": 4, "tagret": 2}}],
-                                                      "max_new_tokens": 4}}},
-         "method.grpo.rewards[0]: reward 'length_penalty' does not take args {'tagret': 2, 'target': 4}: "
-         "got an unexpected keyword argument 'tagret' (it takes: target, limit)"),
+        (
+            {"overrides": ["model.adapter=a", "method.tuning=full"]},
+            "model.adapter continues a LoRA adapter, but method.tuning is full; set method.tuning: lora",
+        ),
+        (
+            {"overrides": ["model.adapter=no-such-folder"]},
+            "model.adapter: {folder}/no-such-folder is not a PEFT adapter folder (no adapter_config.json)",
+        ),
+        (
+            {"method": {"objective": "grpo", "grpo": {"rewards": ["exact_match"], "max_new_tokens": 64}}},
+            "train.max_length (64) leaves no room for a prompt before method.grpo.max_new_tokens (64)",
+        ),
+        (
+            {"method": {"objective": "dpo"}, "overrides": ["data.streaming=true", "train.max_steps=2"]},
+            "data.streaming applies to sft and cpt, not to dpo",
+        ),
+        (
+            {
+                "method": {
+                    "objective": "grpo",
+                    "grpo": {
+                        "rewards": [{"name": "length_penalty", "args": {"target": 4, "tagret": 2}}],
+                        "max_new_tokens": 4,
+                    },
+                }
+            },
+            "method.grpo.rewards[0]: reward 'length_penalty' does not take args {'tagret': 2, 'target': 4}: "
+            "got an unexpected keyword argument 'tagret' (it takes: target, limit)",
+        ),
     ],
 )
 def test_method_refusals(tiny_llama, tmp_path, cli, sections, message):
     method = sections.pop("method", {})
     overrides = sections.pop("overrides", [])
     objective = method.get("objective", "sft")
-    recipe = cell_recipe(tmp_path, tiny_llama, objective, "lora", method=method,
-                         train={"max_steps": 1, "max_length": 64}, **sections)
+    recipe = cell_recipe(
+        tmp_path, tiny_llama, objective, "lora", method=method, train={"max_steps": 1, "max_length": 64}, **sections
+    )
     code, _, err = cli("train", recipe, *overrides)
     assert code == 2, err
     assert message.replace("{folder}", str(tmp_path)) in err, err
@@ -191,11 +224,18 @@ def test_builtin_rewards():
     assert final_answer("12 apples, then 15") == "15"
     assert normalise_answer("1,000.0") == normalise_answer("1000") == "1000"
     assert exact_match([sample("12"), sample("It is 12.")]) == [0.0, 0.0]  # no reference: no match
-    assert exact_match([sample("It is 12.", "12"), sample("11", "12"), sample("The answer: 12", "#### 12")]) == [1.0, 0.0, 1.0]
+    assert exact_match([sample("It is 12.", "12"), sample("11", "12"), sample("The answer: 12", "#### 12")]) == [
+        1.0,
+        0.0,
+        1.0,
+    ]
     assert format_reward([sample("<think>a</think> <answer>b</answer>"), sample("b")]) == [1.0, 0.0]
     assert format_reward([sample(" 12 "), sample("12 apples")], pattern=r"-?\d+") == [1.0, 0.0]
-    assert length_penalty([sample("a", tokens=4), sample("b", tokens=10), sample("c", tokens=40),
-                           sample("d", tokens=8, truncated=True)], target=4, limit=16) == [0.0, -0.5, -1.0, -1.0]
+    assert length_penalty(
+        [sample("a", tokens=4), sample("b", tokens=10), sample("c", tokens=40), sample("d", tokens=8, truncated=True)],
+        target=4,
+        limit=16,
+    ) == [0.0, -0.5, -1.0, -1.0]
 
 
 def test_reward_plugin_registered_through_the_hook(vowels):
@@ -212,8 +252,9 @@ def test_reward_plugin_registered_through_the_hook(vowels):
     assert total == [1.0, 1.0]
 
 
-@pytest.mark.parametrize("name", ["quickstart", "cpt", "dpo", "orpo", "simpo", "kto", "rm", "grpo", "ppo", "qlora",
-                                  "data-mix", "evaluate"])
+@pytest.mark.parametrize(
+    "name", ["quickstart", "cpt", "dpo", "orpo", "simpo", "kto", "rm", "grpo", "ppo", "qlora", "data-mix", "evaluate"]
+)
 def test_shipped_recipes_validate_and_say_how_to_run(name, cli):
     """One recipe per objective in configs/, each starting with the command that runs it."""
     from tests.conftest import REPO
@@ -226,9 +267,21 @@ def test_shipped_recipes_validate_and_say_how_to_run(name, cli):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("objective, tuning", [("sft", "qlora"), ("dpo", "lora"), ("dpo", "full"), ("orpo", "lora"),
-                                              ("simpo", "qlora"), ("kto", "lora"), ("rm", "qlora"), ("grpo", "lora"),
-                                              ("grpo", "qlora"), ("ppo", "lora")])
+@pytest.mark.parametrize(
+    "objective, tuning",
+    [
+        ("sft", "qlora"),
+        ("dpo", "lora"),
+        ("dpo", "full"),
+        ("orpo", "lora"),
+        ("simpo", "qlora"),
+        ("kto", "lora"),
+        ("rm", "qlora"),
+        ("grpo", "lora"),
+        ("grpo", "qlora"),
+        ("ppo", "lora"),
+    ],
+)
 def test_cells_on_cuda_in_bf16(tiny_llama, tmp_path, cli, objective, tuning):
     """The same cells on an NVIDIA GPU, bf16 autocast (qlora: 4-bit with bf16 matmuls)."""
     recipe = cell_recipe(tmp_path, tiny_llama, objective, tuning, backend="cuda", train={"precision": "bf16"})
@@ -244,8 +297,14 @@ def test_dpo_on_llamafactory_preference_data(tiny_llama, tmp_path, cli):
     from tests.conftest import PEER_DATA
 
     registry = PEER_DATA / "llamafactory" / "dataset_info.json"
-    recipe = cell_recipe(tmp_path, tiny_llama, "dpo", "lora", train={"max_steps": 3, "max_length": 128},
-                         data={"registry": str(registry), "train": [{"name": "dpo_en_demo", "max_samples": 4}]})
+    recipe = cell_recipe(
+        tmp_path,
+        tiny_llama,
+        "dpo",
+        "lora",
+        train={"max_steps": 3, "max_length": 128},
+        data={"registry": str(registry), "train": [{"name": "dpo_en_demo", "max_samples": 4}]},
+    )
     code, _, err = cli("train", recipe)
     assert code == 0, err
     assert "4 truncated to max_length 128, 1 dropped (nothing left to learn within max_length); 3 pairs" in err, err
@@ -260,10 +319,14 @@ def test_kto_on_llamafactory_feedback_data_at_a_micro_batch_of_one(tiny_llama, t
 
     registry = PEER_DATA / "llamafactory" / "dataset_info.json"
     # its first 6 rows run to 4376 tokens (multi-turn) in the tiny models' 4096-token vocabulary
-    recipe = cell_recipe(tmp_path, tiny_llama, "kto", "lora",
-                         train={"max_steps": 3, "max_length": 4608, "micro_batch_size": 1,
-                                "gradient_accumulation_steps": 2},
-                         data={"registry": str(registry), "train": [{"name": "kto_en_demo", "max_samples": 6}]})
+    recipe = cell_recipe(
+        tmp_path,
+        tiny_llama,
+        "kto",
+        "lora",
+        train={"max_steps": 3, "max_length": 4608, "micro_batch_size": 1, "gradient_accumulation_steps": 2},
+        data={"registry": str(registry), "train": [{"name": "kto_en_demo", "max_samples": 6}]},
+    )
     code, _, err = cli("train", recipe)
     assert code == 0, err
     assert "6 answers" in err, err
@@ -272,20 +335,34 @@ def test_kto_on_llamafactory_feedback_data_at_a_micro_batch_of_one(tiny_llama, t
 
 
 @pytest.mark.parametrize("backend", ["cpu", "mlx"])
-@pytest.mark.parametrize("targets, message", [
-    (["q_proj", "v_prj"], "method.lora.target_modules: 'v_prj' names no module of this model; did you mean "
-                          "'v_proj'? Its linear modules are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, "
-                          "v_proj; or give all-linear"),
-    ("q_prj", "method.lora.target_modules 'q_prj' matches no module of this model (a string is a regular "
-              "expression over whole paths such as model.layers.0.mlp.down_proj); did you mean 'q_proj'?"),
-    ("(", "method.lora.target_modules '(' is not a valid regular expression"),
-])
-def test_lora_targets_the_model_lacks_are_refused_naming_its_modules(tiny_llama, tmp_path, cli, backend, targets,
-                                                                    message):
+@pytest.mark.parametrize(
+    "targets, message",
+    [
+        (
+            ["q_proj", "v_prj"],
+            "method.lora.target_modules: 'v_prj' names no module of this model; did you mean "
+            "'v_proj'? Its linear modules are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, "
+            "v_proj; or give all-linear",
+        ),
+        (
+            "q_prj",
+            "method.lora.target_modules 'q_prj' matches no module of this model (a string is a regular "
+            "expression over whole paths such as model.layers.0.mlp.down_proj); did you mean 'q_proj'?",
+        ),
+        ("(", "method.lora.target_modules '(' is not a valid regular expression"),
+    ],
+)
+def test_lora_targets_the_model_lacks_are_refused_naming_its_modules(
+    tiny_llama, tmp_path, cli, backend, targets, message
+):
     """PEFT raises NoMatchingPeftModuleError for a list that matches nothing (and skips a typo
     beside good names); the mlx engine once matched substrings. One reading, one message."""
-    path = write_recipe(tmp_path, tiny_llama, backend=backend,
-                        method={"objective": "sft", "tuning": "lora", "lora": {"r": 4, "target_modules": targets}})
+    path = write_recipe(
+        tmp_path,
+        tiny_llama,
+        backend=backend,
+        method={"objective": "sft", "tuning": "lora", "lora": {"r": 4, "target_modules": targets}},
+    )
     code, _, err = cli("train", path)
     assert code == 2 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
@@ -293,9 +370,17 @@ def test_lora_targets_the_model_lacks_are_refused_naming_its_modules(tiny_llama,
 
 @pytest.mark.parametrize("backend", ["cpu", "mlx"])
 def test_lora_on_the_listed_modules_only(tiny_llama, tmp_path, cli, backend):
-    path = write_recipe(tmp_path, tiny_llama, backend=backend, train={"max_steps": 1},
-                        method={"objective": "sft", "tuning": "lora",
-                                "lora": {"r": 4, "target_modules": ["self_attn.q_proj", "v_proj"]}})
+    path = write_recipe(
+        tmp_path,
+        tiny_llama,
+        backend=backend,
+        train={"max_steps": 1},
+        method={
+            "objective": "sft",
+            "tuning": "lora",
+            "lora": {"r": 4, "target_modules": ["self_attn.q_proj", "v_proj"]},
+        },
+    )
     code, _, err = cli("train", path)
     assert code == 0, err
     from safetensors.numpy import load_file
@@ -325,8 +410,9 @@ def reward_models(tiny_llama, tmp_path_factory):
 
 
 @pytest.mark.parametrize("backend, tuning", [("cpu", "lora"), ("mlx", "lora"), ("mlx", "full")])
-def test_a_reward_model_loads_in_transformers_and_hwft_eval_scores_its_pairs(reward_models, tmp_path, cli,
-                                                                             backend, tuning):
+def test_a_reward_model_loads_in_transformers_and_hwft_eval_scores_its_pairs(
+    reward_models, tmp_path, cli, backend, tuning
+):
     """Either engine saves what transformers loads as AutoModelForSequenceClassification (the
     score head in the adapter, as PEFT's SEQ_CLS saves it, or in the whole model), and `hwft
     eval --data pairs` reports the pairwise accuracy training reached."""
@@ -358,9 +444,20 @@ def test_a_reward_model_loads_in_transformers_and_hwft_eval_scores_its_pairs(rew
 
 def test_a_reward_model_rewards_grpo(reward_models, tiny_llama, tmp_path, cli):
     """rewards: [{name: reward_model, args: {path: ...}}] scores GRPO's rollouts with it."""
-    recipe = cell_recipe(tmp_path, tiny_llama, "grpo", "lora", train={"max_steps": 2},
-                         method={"grpo": {"num_generations": 2, "max_new_tokens": 6, "rewards": [
-                             {"name": "reward_model", "args": {"path": str(reward_models["cpu", "lora"])}}]}})
+    recipe = cell_recipe(
+        tmp_path,
+        tiny_llama,
+        "grpo",
+        "lora",
+        train={"max_steps": 2},
+        method={
+            "grpo": {
+                "num_generations": 2,
+                "max_new_tokens": 6,
+                "rewards": [{"name": "reward_model", "args": {"path": str(reward_models["cpu", "lora"])}}],
+            }
+        },
+    )
     code, _, err = cli("train", recipe)
     assert code == 0, err
     run = metrics(tmp_path / "out")
@@ -375,16 +472,27 @@ def test_reward_model_refusals(reward_models, tiny_llama, tmp_path, cli):
     assert code == 2 and "is a reward model: it scores answers and does not write them" in err, err
     code, _, err = cli("export", reward_models["cpu", "lora"], "--to", "gguf", "--out", tmp_path / "rm.gguf")
     assert code == 2 and "is a reward model; hwft export writes language models" in err, err
-    recipe = cell_recipe(tmp_path, tiny_llama, "grpo", "lora",
-                         method={"grpo": {"num_generations": 2, "max_new_tokens": 6,
-                                          "rewards": [{"name": "reward_model", "args": {"path": str(tiny_llama)}}]}})
+    recipe = cell_recipe(
+        tmp_path,
+        tiny_llama,
+        "grpo",
+        "lora",
+        method={
+            "grpo": {
+                "num_generations": 2,
+                "max_new_tokens": 6,
+                "rewards": [{"name": "reward_model", "args": {"path": str(tiny_llama)}}],
+            }
+        },
+    )
     code, _, err = cli("train", recipe)
     assert code == 2 and "is not a reward model (train one with objective rm)" in err, err
 
 
-@pytest.mark.parametrize("sections, message", [
-    ({"method": {"ppo": {"rewards": []}}}, "objective ppo needs at least one reward in method.ppo.rewards"),
-])
+@pytest.mark.parametrize(
+    "sections, message",
+    [({"method": {"ppo": {"rewards": []}}}, "objective ppo needs at least one reward in method.ppo.rewards")],
+)
 def test_ppo_refusals(tiny_llama, tmp_path, cli, sections, message):
     recipe = cell_recipe(tmp_path, tiny_llama, "ppo", "lora", **sections)
     code, _, err = cli("train", recipe)

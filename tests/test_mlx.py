@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import SAMPLE_ROWS, build_tiny_model, write_recipe
 from hwft.testing.cells import cell_recipe, metrics
 from hwft.testing.tiny import fresh_adapter
+from tests.conftest import SAMPLE_ROWS, build_tiny_model, write_recipe
 
 mx = pytest.importorskip("mlx.core")
 
@@ -65,8 +65,14 @@ def test_the_embedded_model_answers_on_mlx(embedded_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_dir)
     model, _ = load_model(embedded_dir)
-    text = answer(model, tokenizer, ChatRenderer(tokenizer, tokenizer.chat_template), "What is the capital of France?", 12,
-                  stop_token_ids(tokenizer))
+    text = answer(
+        model,
+        tokenizer,
+        ChatRenderer(tokenizer, tokenizer.chat_template),
+        "What is the capital of France?",
+        12,
+        stop_token_ids(tokenizer),
+    )
     assert "Paris" in text, text
 
 
@@ -127,7 +133,11 @@ def test_logits_loss_and_gradients_match_torch(family, request, tmp_path):
         target = batch.pop("labels")
         torch_loss = causal_lm_loss(torch_model(**batch, use_cache=False).logits, target, labels)
         torch_loss.backward()
-        value, grads = nn.value_and_grad(mlx_model, lambda m: summed_cross_entropy(m, rows, 2, True) / labels)(mlx_model)
+
+        def loss(m, rows=rows, labels=labels):
+            return summed_cross_entropy(m, rows, 2, True) / labels
+
+        value, grads = nn.value_and_grad(mlx_model, loss)(mlx_model)
         assert value.item() == pytest.approx(torch_loss.item(), abs=1e-4)
         grads = dict(tree_flatten(grads))
         torch_grads = {n: p.grad for n, p in torch_model.named_parameters() if p.requires_grad}
@@ -174,15 +184,19 @@ def test_mlx_losses_hold_to_the_torch_reference():
     c, r, rc, rr = (rng.normal(-20, 3, 6).astype(np.float32) for _ in range(4))
     nc, nr = rng.integers(3, 9, 6).astype(np.float32), rng.integers(3, 9, 6).astype(np.float32)
     for kind in ("sigmoid", "robust", "hinge", "ipo"):
-        want = reference.dpo_loss(*(torch.tensor(x) for x in (c, r, rc, rr)), 0.3, kind, 0.1, torch.tensor(nc), torch.tensor(nr))
+        want = reference.dpo_loss(
+            *(torch.tensor(x) for x in (c, r, rc, rr)), 0.3, kind, 0.1, torch.tensor(nc), torch.tensor(nr)
+        )
         got = ours.dpo_loss(*(mx.array(x) for x in (c, r, rc, rr)), 0.3, kind, 0.1, mx.array(nc), mx.array(nr))
         for w, g in zip(want, got, strict=True):
             assert np.allclose(np.array(g), w.numpy(), atol=1e-5), kind
     # orpo and simpo take mean answer log-probabilities (negative, some near 0 for log1mexp's branch)
     mc, mr = -rng.exponential(1.0, 6).astype(np.float32), -rng.exponential(1.0, 6).astype(np.float32)
     mc[0] = -1e-3
-    pairs = {"orpo": ((0.3,), ("losses", "nll", "log_odds", "chosen_rewards", "rejected_rewards")),
-             "simpo": ((2.0, 0.5, 0.1), ("losses", "chosen_rewards", "rejected_rewards"))}
+    pairs = {
+        "orpo": ((0.3,), ("losses", "nll", "log_odds", "chosen_rewards", "rejected_rewards")),
+        "simpo": ((2.0, 0.5, 0.1), ("losses", "chosen_rewards", "rejected_rewards")),
+    }
     for kind, (settings, keys) in pairs.items():
         want = getattr(reference, f"{kind}_loss")(torch.tensor(mc), torch.tensor(mr), *settings)
         got = getattr(ours, f"{kind}_loss")(mx.array(mc), mx.array(mr), *settings)
@@ -213,9 +227,12 @@ def test_mlx_losses_hold_to_the_torch_reference():
     logps, old, ref = (rng.normal(-2, 0.3, (4, 5)).astype(np.float32) for _ in range(3))
     adv, mask = rng.normal(0, 1, 4).astype(np.float32), (rng.random((4, 5)) > 0.2).astype(np.float32)
     for kind in ("dapo", "grpo", "dr_grpo"):
-        want, wstats = reference.grpo_loss(*(torch.tensor(x) for x in (logps, old, ref, adv, mask)), 0.04, 0.2, 0.28, kind == "grpo",
-                                             13.0)
-        got, gstats = ours.grpo_loss(*(mx.array(x) for x in (logps, old, ref, adv, mask)), 0.04, 0.2, 0.28, kind == "grpo", 13.0)
+        want, wstats = reference.grpo_loss(
+            *(torch.tensor(x) for x in (logps, old, ref, adv, mask)), 0.04, 0.2, 0.28, kind == "grpo", 13.0
+        )
+        got, gstats = ours.grpo_loss(
+            *(mx.array(x) for x in (logps, old, ref, adv, mask)), 0.04, 0.2, 0.28, kind == "grpo", 13.0
+        )
         assert got.item() == pytest.approx(want.item(), abs=1e-6), kind
         assert {k: round(float(v), 4) for k, v in gstats.items()} == {k: round(float(v), 4) for k, v in wstats.items()}
 
@@ -237,10 +254,21 @@ def both_engines(tiny_llama, tmp_path_factory):
     jobs = {}
     for backend in ("cpu", "mlx"):
         (root / backend).mkdir()
-        recipe = write_recipe(root / backend, {"name": str(tiny_llama), "adapter": str(start)}, backend=backend,
-                              train={"lr": 5e-3, "max_steps": STEPS, "micro_batch_size": 2,
-                                     "gradient_accumulation_steps": 2, "max_length": 64, "precision": "fp32",
-                                     "seed": 7, "warmup_steps": 2})
+        recipe = write_recipe(
+            root / backend,
+            {"name": str(tiny_llama), "adapter": str(start)},
+            backend=backend,
+            train={
+                "lr": 5e-3,
+                "max_steps": STEPS,
+                "micro_batch_size": 2,
+                "gradient_accumulation_steps": 2,
+                "max_length": 64,
+                "precision": "fp32",
+                "seed": 7,
+                "warmup_steps": 2,
+            },
+        )
         reset_host()
         jobs[backend] = run(plan_run(load_recipe(recipe)), quiet=True)
     return jobs

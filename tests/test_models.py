@@ -75,8 +75,10 @@ def test_embedded_model_trains_from_the_cli(embedded_dir, tmp_path, cli, monkeyp
     tests/test_speed_levers.py::test_precision_auto_takes_the_path_the_cpu_probe_gives)."""
     monkeypatch.setenv("HWFT_CPU_BF16", "emulated")
     code, _, err = cli(
-        "train", REPO / "configs" / "quickstart.yaml",
-        "train.max_steps=2", "train.log_every=1",
+        "train",
+        REPO / "configs" / "quickstart.yaml",
+        "train.max_steps=2",
+        "train.log_every=1",
         "eval.prompts=[]",
         f"output.dir={tmp_path / 'q'}",
     )
@@ -108,13 +110,31 @@ assert sys.modules["torch"] is None
 #: and state_digest({k: v.numpy() for k, v in model.state_dict().items()}), model.config.to_diff_dict().
 TRANSFORMERS_DIGEST = "bf4406043db8148f6e30c52d6f3d488007de202a27c575e53ce05c39163532ec"
 TRANSFORMERS_CONFIG = {
-    "_model_name_or_path": "Smollm2 135M 8k Lc100K Mix1 Ep2", "attention_bias": False, "attention_dropout": 0.0,
-    "bos_token_id": 1, "dtype": "float32", "eos_token_id": 2, "head_dim": 64, "hidden_act": "silu",
-    "hidden_size": 576, "initializer_range": 0.02, "intermediate_size": 1536, "max_position_embeddings": 8192,
-    "mlp_bias": False, "model_type": "llama", "num_attention_heads": 9, "num_hidden_layers": 30,
-    "num_key_value_heads": 3, "pad_token_id": 2, "pretraining_tp": 1, "rms_norm_eps": 9.999999747378752e-06,
-    "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}, "tie_word_embeddings": True,
-    "unk_token_id": 0, "use_cache": True, "vocab_size": 49152,
+    "_model_name_or_path": "Smollm2 135M 8k Lc100K Mix1 Ep2",
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 1,
+    "dtype": "float32",
+    "eos_token_id": 2,
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "hidden_size": 576,
+    "initializer_range": 0.02,
+    "intermediate_size": 1536,
+    "max_position_embeddings": 8192,
+    "mlp_bias": False,
+    "model_type": "llama",
+    "num_attention_heads": 9,
+    "num_hidden_layers": 30,
+    "num_key_value_heads": 3,
+    "pad_token_id": 2,
+    "pretraining_tp": 1,
+    "rms_norm_eps": 9.999999747378752e-06,
+    "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
+    "tie_word_embeddings": True,
+    "unk_token_id": 0,
+    "use_cache": True,
+    "vocab_size": 49152,
 }
 
 
@@ -138,8 +158,9 @@ def test_the_embedded_gguf_converts_without_torch_as_transformers_does(tmp_path)
     from safetensors.numpy import load_file
 
     out = tmp_path / "converted"
-    done = subprocess.run([sys.executable, "-c", NO_TORCH_CONVERSION, str(out)], capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", NO_TORCH_CONVERSION, str(out)], capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     converted = load_file(str(out / "model.safetensors"))
     assert len(converted) == 272 and state_digest(converted) == TRANSFORMERS_DIGEST
@@ -149,6 +170,30 @@ def test_the_embedded_gguf_converts_without_torch_as_transformers_does(tmp_path)
     # the ids transformers' own GGUF tokenizer gives this text (AutoTokenizer with gguf_file)
     tokenizer = models.load_tokenizer(out)
     text = "Who built you? <|im_start|>user\nÜnïcode  and\ttabs 1234<|im_end|>"
-    assert tokenizer(text)["input_ids"] == [10576, 2837, 346, 47, 216, 1, 4093, 198, 142, 246, 94, 25972, 4635, 216,
-                                            284, 197, 100, 7366, 216, 33, 34, 35, 36, 2]
+    assert tokenizer(text)["input_ids"] == [
+        10576,
+        2837,
+        346,
+        47,
+        216,
+        1,
+        4093,
+        198,
+        142,
+        246,
+        94,
+        25972,
+        4635,
+        216,
+        284,
+        197,
+        100,
+        7366,
+        216,
+        33,
+        34,
+        35,
+        36,
+        2,
+    ]
     assert "<|im_start|>" in tokenizer.chat_template and (out / "chat_template.jinja").is_file()

@@ -17,8 +17,16 @@ class Terminal(io.StringIO):
 
 
 def record(step: int) -> dict:
-    return {"step": step, "epoch": step / 10, "loss": 1.0 / step, "lr": 1e-3, "grad_norm": 0.5,
-            "tokens_per_second": 100.0, "trained_tokens_per_second": 40.0, "elapsed": float(step)}
+    return {
+        "step": step,
+        "epoch": step / 10,
+        "loss": 1.0 / step,
+        "lr": 1e-3,
+        "grad_norm": 0.5,
+        "tokens_per_second": 100.0,
+        "trained_tokens_per_second": 40.0,
+        "elapsed": float(step),
+    }
 
 
 def test_progress_bar_on_a_terminal_and_lines_elsewhere():

@@ -66,8 +66,11 @@ def check_packed_logits(model_dir, tokenizer, attention: str, device: str, atol:
             start = 0
             for n in row.lengths:
                 alone = model(torch.tensor([row.input_ids[start : start + n]], device=device)).logits[0]
-                got = packed[0, offset + start : offset + start + n] if attention == "flash_attention_2" \
+                got = (
+                    packed[0, offset + start : offset + start + n]
+                    if attention == "flash_attention_2"
                     else packed[b, start : start + n]
+                )
                 torch.testing.assert_close(got.float(), alone.float(), atol=atol, rtol=0)
                 start += n
             offset += len(row.input_ids)
@@ -103,7 +106,12 @@ def _masked_and_packed(tiny_llama, tokenizer, monkeypatch, module, name: str, pa
         model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32, attn_implementation=attention)
         calls = []
         real = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, **k: calls.append(k.get("is_causal", a[0].dtype)) or real(*a, **k))
+
+        def counted(*a, calls=calls, real=real, **k):
+            calls.append(k.get("is_causal", a[0].dtype))
+            return real(*a, **k)
+
+        monkeypatch.setattr(module, name, counted)
         batch = to_tensors(rows, tokenizer.pad_token_id, attention, torch.device("cpu"))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = model(**batch, use_cache=False).loss
@@ -130,8 +138,10 @@ def test_per_example_attention_has_the_masked_calls_gradients(tiny_llama, tokeni
 
 def _qkv(heads: int, groups: int, length: int, dtype: torch.dtype, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(1, n, length, 16, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
-            for n in (heads, groups, groups)]
+    return [
+        torch.randn(1, n, length, 16, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+        for n in (heads, groups, groups)
+    ]
 
 
 @pytest.mark.parametrize("heads,groups", [(4, 2), (3, 3)])
@@ -151,8 +161,9 @@ def test_blocked_attention_is_sdpas_causal_attention(heads, groups, length):
         want = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=heads != groups)
         got = blocked_attention.causal(q, k, v, scale)
         torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
-        for a, b in zip(torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad),
-                        strict=True):
+        for a, b in zip(
+            torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(want, (q, k, v), grad), strict=True
+        ):
             torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
@@ -171,8 +182,10 @@ def test_blocked_attention_in_bf16_is_as_close_as_the_flash_kernel():
     want = F.scaled_dot_product_attention(*exact, is_causal=True, enable_gqa=True)
     wanted = torch.autograd.grad(want, exact, grad)
     u = 2.0**-8
-    for attend in (blocked_attention.causal,
-                   lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)):
+    for attend in (
+        blocked_attention.causal,
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+    ):
         q, k, v = (t.detach().bfloat16().requires_grad_() for t in exact)
         out = attend(q, k, v)
         assert out.dtype == torch.bfloat16
@@ -198,8 +211,9 @@ def test_packed_bf16_training_takes_the_blocked_attention(tiny_llama, tokenizer,
     each gradient at a cosine similarity of 0.999 or more."""
     from hwft_torch import blocked_attention
 
-    masked, packed, calls = _masked_and_packed(tiny_llama, tokenizer, monkeypatch, blocked_attention, "causal",
-                                               packed_bf16=True)
+    masked, packed, calls = _masked_and_packed(
+        tiny_llama, tokenizer, monkeypatch, blocked_attention, "causal", packed_bf16=True
+    )
     (loss_a, grads_a, calls_a), (loss_b, grads_b, calls_b) = masked, packed
     assert calls_a == [] and calls_b == [torch.bfloat16] * calls
     assert loss_b == pytest.approx(loss_a, rel=0.01)
@@ -244,21 +258,31 @@ def test_packed_training_matches_separate_examples(tiny_llama, tmp_path, cli):
 
 def test_streaming_run_with_weights(tiny_llama, tmp_path, cli):
     write_jsonl(tmp_path / "extra.jsonl", [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(9)])
-    data = {"streaming": True, "shuffle_buffer": 4,
-            "train": [{"path": "train.jsonl", "weight": 1}, {"path": "extra.jsonl", "weight": 1}]}
+    data = {
+        "streaming": True,
+        "shuffle_buffer": 4,
+        "train": [{"path": "train.jsonl", "weight": 1}, {"path": "extra.jsonl", "weight": 1}],
+    }
     recipe = write_recipe(tmp_path, tiny_llama, data=data, train={"max_steps": 3, "micro_batch_size": 2})
     code, _, err = cli("train", recipe)
     assert code == 0, err
     assert [m["step"] for m in metrics(tmp_path / "out")] == [1, 2, 3] and "streaming, packing on" in err
-    recipe = write_recipe(tmp_path, tiny_llama, data=data, train={"max_steps": None}, output={"dir": str(tmp_path / "o2")})
+    recipe = write_recipe(
+        tmp_path, tiny_llama, data=data, train={"max_steps": None}, output={"dir": str(tmp_path / "o2")}
+    )
     code, _, err = cli("train", recipe, "--dry-run")
     assert code == 2 and "data.streaming needs train.max_steps" in err
 
 
 def test_cpt_on_text_trains(tiny_llama, tmp_path, cli):
     write_jsonl(tmp_path / "text.jsonl", [{"text": "hwft trains models. " * (i + 1)} for i in range(8)])
-    recipe = write_recipe(tmp_path, tiny_llama, data={"train": ["text.jsonl"]},
-                          method={"objective": "cpt", "tuning": "full"}, train={"max_steps": 2, "max_length": 32})
+    recipe = write_recipe(
+        tmp_path,
+        tiny_llama,
+        data={"train": ["text.jsonl"]},
+        method={"objective": "cpt", "tuning": "full"},
+        train={"max_steps": 2, "max_length": 32},
+    )
     code, _, err = cli("train", recipe)
     assert code == 0, err
     assert "long texts split into max_length chunks" in err

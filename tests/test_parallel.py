@@ -25,9 +25,15 @@ from tests.conftest import foreign_lines, write_jsonl, write_recipe
 
 #: 16 chat examples of different lengths: 4 optimizer steps of 2 micro-batches of 2 rows (one
 #: micro-batch on each rank, or two accumulated in one process).
-ROWS = [{"messages": [{"role": "user", "content": f"Question {i}?"},
-                      {"role": "assistant", "content": f"Answer number {i} is {'x' * (i % 5)}."}]}
-        for i in range(16)]
+ROWS = [
+    {
+        "messages": [
+            {"role": "user", "content": f"Question {i}?"},
+            {"role": "assistant", "content": f"Answer number {i} is {'x' * (i % 5)}."},
+        ]
+    }
+    for i in range(16)
+]
 LR = {"lora": 1e-2, "qlora": 1e-2, "full": 3e-3}
 LOSS_TOLERANCE = 1e-4
 LOGIT_TOLERANCE = 1e-3
@@ -35,13 +41,27 @@ LOGIT_TOLERANCE = 1e-3
 
 def recipe(folder: Path, model: Path, tuning: str, **sections) -> Path:
     write_jsonl(folder / "rows.jsonl", ROWS)
-    train = {"lr": LR[tuning], "max_steps": 4, "micro_batch_size": 2, "gradient_accumulation_steps": 1,
-             "max_length": 64, "precision": "fp32", "seed": 3, "scheduler": "constant", "log_every": 1}
+    train = {
+        "lr": LR[tuning],
+        "max_steps": 4,
+        "micro_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "max_length": 64,
+        "precision": "fp32",
+        "seed": 3,
+        "scheduler": "constant",
+        "log_every": 1,
+    }
     train.update(sections.pop("train", {}))
-    return write_recipe(folder, model, data={"train": [{"path": "rows.jsonl"}]},
-                        method={"objective": "sft", "tuning": tuning, "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
-                        train=train, output={"dir": str(folder / "out"), "log_examples": True, "plot": False},
-                        **sections)
+    return write_recipe(
+        folder,
+        model,
+        data={"train": [{"path": "rows.jsonl"}]},
+        method={"objective": "sft", "tuning": tuning, "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
+        train=train,
+        output={"dir": str(folder / "out"), "log_examples": True, "plot": False},
+        **sections,
+    )
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -53,8 +73,13 @@ def launch(recipe_path: Path, *args: str, timeout: int = 240) -> subprocess.Comp
     hwft's lines only: not torchrun's banner, not the deprecation warnings torch gives DeepSpeed,
     not DeepSpeed's start-up line (which transformers' save_pretrained of a full model, or
     DeepSpeed's own import, prints)."""
-    done = subprocess.run([sys.executable, "-m", "hwft", "train", str(recipe_path), "--nproc", "2", *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=recipe_path.parent)
+    done = subprocess.run(
+        [sys.executable, "-m", "hwft", "train", str(recipe_path), "--nproc", "2", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=recipe_path.parent,
+    )
     assert foreign_lines(done.stdout, done.stderr) == [], done.stdout + done.stderr[-3000:]
     return done
 
@@ -72,10 +97,32 @@ def launch_two_nodes(recipe_path: Path, *args: str, timeout: int = 240) -> subpr
     and 1, as two machines would run it (torchrun's static rendezvous at --master-addr and
     --master-port), both on this host. Node 0's output; node 1 reports nothing."""
     port = free_port()
-    command = [sys.executable, "-m", "hwft", "train", str(recipe_path), "--nproc", "1", "--nnodes", "2",
-               "--master-addr", "127.0.0.1", "--master-port", str(port), *args]
-    nodes = [subprocess.Popen([*command, "--node-rank", str(rank)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, cwd=recipe_path.parent) for rank in (0, 1)]
+    command = [
+        sys.executable,
+        "-m",
+        "hwft",
+        "train",
+        str(recipe_path),
+        "--nproc",
+        "1",
+        "--nnodes",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+        *args,
+    ]
+    nodes = [
+        subprocess.Popen(
+            [*command, "--node-rank", str(rank)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=recipe_path.parent,
+        )
+        for rank in (0, 1)
+    ]
     outputs = [node.communicate(timeout=timeout) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
     assert "done: results in" not in outputs[1][0]
@@ -88,12 +135,25 @@ def launch_as_srun(recipe_path: Path, *args: str, timeout: int = 240) -> subproc
     SLURM_LAUNCH_NODE_IPADDR (configs/slurm.sbatch sets MASTER_PORT). Rank 0's output."""
     port = str(free_port())
     command = [sys.executable, "-m", "hwft", "train", str(recipe_path), *args]
-    tasks = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              cwd=recipe_path.parent,
-                              env={**os.environ, "OMP_NUM_THREADS": "1", "SLURM_PROCID": str(rank),
-                                   "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": str(rank),
-                                   "SLURM_LAUNCH_NODE_IPADDR": "127.0.0.1", "MASTER_PORT": port})
-             for rank in (0, 1)]
+    tasks = [
+        subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=recipe_path.parent,
+            env={
+                **os.environ,
+                "OMP_NUM_THREADS": "1",
+                "SLURM_PROCID": str(rank),
+                "SLURM_STEP_NUM_TASKS": "2",
+                "SLURM_LOCALID": str(rank),
+                "SLURM_LAUNCH_NODE_IPADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+            },
+        )
+        for rank in (0, 1)
+    ]
     outputs = [task.communicate(timeout=timeout) for task in tasks]
     assert [task.returncode for task in tasks] == [0, 0], [err[-2000:] for _, err in outputs]
     return subprocess.CompletedProcess(command, 0, *outputs[0])
@@ -169,8 +229,9 @@ def test_strategy_matches_one_process(single, tiny_llama, tmp_path, tuning, over
     assert ours[-1]["loss"] < ours[0]["loss"]
 
     # The examples of each step, all ranks together, are exactly the single-process step's.
-    for a, b in zip(read_jsonl(tmp_path / "out" / "examples.jsonl"), read_jsonl(reference / "examples.jsonl"),
-                    strict=True):
+    for a, b in zip(
+        read_jsonl(tmp_path / "out" / "examples.jsonl"), read_jsonl(reference / "examples.jsonl"), strict=True
+    ):
         assert Counter(a["examples"]) == Counter(b["examples"]) and len(a["examples"]) == 4, (a, b)
 
     # Saved from shards (or a replica), reloaded in one process: the single run's logits.
@@ -180,8 +241,18 @@ def test_strategy_matches_one_process(single, tiny_llama, tmp_path, tuning, over
     torch.testing.assert_close(whole, logits_of(tiny_llama, reference), atol=LOGIT_TOLERANCE, rtol=0)
     if asks:  # the gathered model's greedy answer is the saved result's, in one process
         said = done.stdout.split("[after training] A: ")[1].splitlines()[0]
-        code, out, err = cli("chat", tmp_path / "out", "--prompt", "Question 3?", "--max-new-tokens", "4",
-                             "--precision", "fp32", "--backend", "cpu")
+        code, out, err = cli(
+            "chat",
+            tmp_path / "out",
+            "--prompt",
+            "Question 3?",
+            "--max-new-tokens",
+            "4",
+            "--precision",
+            "fp32",
+            "--backend",
+            "cpu",
+        )
         assert code == 0, err
         assert said.strip() and said.strip() in out, (said, out)
 
@@ -199,8 +270,17 @@ def test_strategy_matches_one_process(single, tiny_llama, tmp_path, tuning, over
         from hwft.plugins import reset_host
 
         reset_host()
-        code = cli.main(["train", str(path), "parallel.strategy=none", "train.gradient_accumulation_steps=2",
-                         "train.save_every=2", "--resume", "--quiet"])
+        code = cli.main(
+            [
+                "train",
+                str(path),
+                "parallel.strategy=none",
+                "train.gradient_accumulation_steps=2",
+                "train.save_every=2",
+                "--resume",
+                "--quiet",
+            ]
+        )
         assert code == 0
         err = "(step 2 of 4"
     assert "(step 2 of 4" in err
@@ -241,7 +321,9 @@ def test_several_machines_train_as_one_machine_of_two_processes(tiny_llama, tmp_
     print(f"{start.__name__}:", [m["loss"] for m in ours])
     assert [m["step"] for m in ours] == [1, 2, 3, 4]
     for a, b in zip(ours, theirs, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["grad_norm"] == pytest.approx(
+            b["grad_norm"], rel=1e-6
+        )
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +338,9 @@ def long_rows(tokenizer_dir, tmp_path_factory) -> tuple[Path, Path]:
     model = build_tiny_model("llama", folder / "model", tokenizer_dir, max_position_embeddings=4096)
     random.seed(0)
     words = "the model reads long rows of text and learns what comes next in them".split()
-    write_jsonl(folder / "long.jsonl", [{"text": " ".join(random.choice(words) for _ in range(1900))} for _ in range(4)])
+    write_jsonl(
+        folder / "long.jsonl", [{"text": " ".join(random.choice(words) for _ in range(1900))} for _ in range(4)]
+    )
     return model, folder / "long.jsonl"
 
 
@@ -269,12 +353,27 @@ def test_sequence_parallelism_gives_the_unsplit_loss(long_rows, tmp_path):
 
     model, data = long_rows
     path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": str(model), "data": {"train": [{"path": str(data), "format": "text"}], "packing": False},
-        "method": {"objective": "cpt", "tuning": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
-        "train": {"lr": 1e-2, "max_steps": 3, "micro_batch_size": 1, "max_length": 2048, "precision": "fp32",
-                  "seed": 3, "log_every": 1, "scheduler": "constant"},
-        "backend": "cpu", "output": {"dir": str(tmp_path / "one"), "plot": False}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(model),
+                "data": {"train": [{"path": str(data), "format": "text"}], "packing": False},
+                "method": {"objective": "cpt", "tuning": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
+                "train": {
+                    "lr": 1e-2,
+                    "max_steps": 3,
+                    "micro_batch_size": 1,
+                    "max_length": 2048,
+                    "precision": "fp32",
+                    "seed": 3,
+                    "log_every": 1,
+                    "scheduler": "constant",
+                },
+                "backend": "cpu",
+                "output": {"dir": str(tmp_path / "one"), "plot": False},
+            }
+        )
+    )
     from hwft import cli
 
     assert cli.main(["train", str(path), "--quiet"]) == 0
@@ -321,12 +420,30 @@ def test_grpo_scores_all_ranks_rollouts_together(tiny_llama, tmp_path):
     prompts = [{"prompt": f"What is {i} + {i}?", "reference": str(2 * i)} for i in range(1, 5)]
     write_jsonl(tmp_path / "prompts.jsonl", prompts)
     path = write_recipe(
-        tmp_path, tiny_llama, data={"train": [{"path": "prompts.jsonl"}]},
-        method={"objective": "grpo", "tuning": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-                "grpo": {"num_generations": 4, "max_new_tokens": 6, "beta": 0.04, "num_iterations": 2,
-                         "rewards": [{"name": "length_penalty", "args": {"target": 3}}]}},
-        train={"lr": 1e-2, "max_steps": 2, "micro_batch_size": 1, "max_length": 64, "precision": "fp32",
-               "seed": 3, "log_every": 1},
+        tmp_path,
+        tiny_llama,
+        data={"train": [{"path": "prompts.jsonl"}]},
+        method={
+            "objective": "grpo",
+            "tuning": "lora",
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "grpo": {
+                "num_generations": 4,
+                "max_new_tokens": 6,
+                "beta": 0.04,
+                "num_iterations": 2,
+                "rewards": [{"name": "length_penalty", "args": {"target": 3}}],
+            },
+        },
+        train={
+            "lr": 1e-2,
+            "max_steps": 2,
+            "micro_batch_size": 1,
+            "max_length": 64,
+            "precision": "fp32",
+            "seed": 3,
+            "log_every": 1,
+        },
         output={"dir": str(tmp_path / "out"), "plot": False},
     )
     done = launch(path)
@@ -348,11 +465,24 @@ def test_ppo_whitens_and_normalises_over_every_rank(tiny_llama, tmp_path):
     prompts = [{"prompt": f"What is {i} + {i}?", "reference": str(2 * i)} for i in range(1, 5)]
     write_jsonl(tmp_path / "prompts.jsonl", prompts)
     path = write_recipe(
-        tmp_path, tiny_llama, data={"train": [{"path": "prompts.jsonl"}]},
-        method={"objective": "ppo", "tuning": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-                "ppo": {"max_new_tokens": 6, "num_iterations": 3, "rewards": ["testing_vowels"]}},
-        train={"lr": 1e-2, "max_steps": 3, "micro_batch_size": 2, "max_length": 64, "precision": "fp32",
-               "seed": 3, "log_every": 1},
+        tmp_path,
+        tiny_llama,
+        data={"train": [{"path": "prompts.jsonl"}]},
+        method={
+            "objective": "ppo",
+            "tuning": "lora",
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "ppo": {"max_new_tokens": 6, "num_iterations": 3, "rewards": ["testing_vowels"]},
+        },
+        train={
+            "lr": 1e-2,
+            "max_steps": 3,
+            "micro_batch_size": 2,
+            "max_length": 64,
+            "precision": "fp32",
+            "seed": 3,
+            "log_every": 1,
+        },
         output={"dir": str(tmp_path / "out"), "plot": False},
     )
     done = launch(path)
@@ -389,9 +519,15 @@ def test_whitening_over_ranks_is_whitening_over_the_whole_batch():
             return total
 
     got = {}
-    threads = [threading.Thread(target=lambda r: got.__setitem__(r, whiten(xs[2 * r:2 * r + 2], masks[2 * r:2 * r + 2],
-                                                                         Pair(World(r, 2)))), args=(r,))
-               for r in (0, 1)]
+    threads = [
+        threading.Thread(
+            target=lambda r: got.__setitem__(
+                r, whiten(xs[2 * r : 2 * r + 2], masks[2 * r : 2 * r + 2], Pair(World(r, 2)))
+            ),
+            args=(r,),
+        )
+        for r in (0, 1)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -418,8 +554,9 @@ def _rank_pid(tag: str, rank: int, variable: str) -> int | None:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank's process in /proc")
 def test_a_rank_dying_stops_the_run_with_a_message(tiny_llama, tmp_path):
     path = recipe(tmp_path, tiny_llama, "lora", train={"max_steps": 100000}, kernels={"compile": False})
-    code, err, pid = _kill_rank_mid_run([sys.executable, "-m", "hwft", "train", str(path), "--nproc", "2"],
-                                        tmp_path, "RANK")
+    code, err, pid = _kill_rank_mid_run(
+        [sys.executable, "-m", "hwft", "train", str(path), "--nproc", "2"], tmp_path, "RANK"
+    )
     assert code == 1
     assert f"rank 1 (pid {pid}) killed by SIGKILL" in err
     # rank 0 is either stopped by torchrun or fails first in the broken collective: a race, and
@@ -430,8 +567,14 @@ def test_a_rank_dying_stops_the_run_with_a_message(tiny_llama, tmp_path):
 def _kill_rank_mid_run(cmd: list[str], tmp_path: Path, rank_variable: str) -> tuple[int, str, int]:
     """Start ``cmd``, SIGKILL rank 1 once step 2 is logged; (exit code, stderr, killed pid)."""
     tag = f"dying-{os.getpid()}-{rank_variable}"
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HWFT_TEST_TAG": tag}, cwd=tmp_path)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HWFT_TEST_TAG": tag},
+        cwd=tmp_path,
+    )
     metrics_file = tmp_path / "out" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -454,11 +597,29 @@ def launch_mlx_hostfile(recipe_path: Path) -> subprocess.CompletedProcess:
     them here, without ssh."""
     hosts = recipe_path.parent / "hosts.json"
     hosts.write_text(json.dumps([{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}] * 2))
-    return subprocess.run([sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()",
-                           "--hostfile", str(hosts), "--backend", "ring", "--python", sys.executable, "--",
-                           "-m", "hwft", "train", str(recipe_path)],
-                          capture_output=True, text=True, timeout=240, cwd=recipe_path.parent,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from mlx._distributed_utils.launch import main; main()",
+            "--hostfile",
+            str(hosts),
+            "--backend",
+            "ring",
+            "--python",
+            sys.executable,
+            "--",
+            "-m",
+            "hwft",
+            "train",
+            str(recipe_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=recipe_path.parent,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -489,7 +650,9 @@ def test_mlx_ddp_matches_one_process(tiny_llama, tmp_path, start, mlx_single):
     print("mlx, 1 process:  ", [round(m["loss"], 6) for m in theirs])
     for a, b in zip(ours, theirs, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=LOSS_TOLERANCE)
-    for a, b in zip(read_jsonl(two / "out" / "examples.jsonl"), read_jsonl(one / "out" / "examples.jsonl"), strict=True):
+    for a, b in zip(
+        read_jsonl(two / "out" / "examples.jsonl"), read_jsonl(one / "out" / "examples.jsonl"), strict=True
+    ):
         assert Counter(a["examples"]) == Counter(b["examples"])
     from safetensors.numpy import load_file
 
@@ -501,8 +664,9 @@ def test_mlx_ddp_matches_one_process(tiny_llama, tmp_path, start, mlx_single):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank's process in /proc")
 def test_an_mlx_rank_dying_stops_the_run_with_a_message(tiny_llama, tmp_path):
     path = recipe(tmp_path, tiny_llama, "lora", backend="mlx", train={"max_steps": 100000})
-    code, err, _ = _kill_rank_mid_run([sys.executable, "-m", "hwft", "train", str(path), "--nproc", "2"],
-                                      tmp_path, "MLX_RANK")
+    code, err, _ = _kill_rank_mid_run(
+        [sys.executable, "-m", "hwft", "train", str(path), "--nproc", "2"], tmp_path, "MLX_RANK"
+    )
     assert code == 1
     assert "training process failed: rank 1 was killed by SIGKILL; mlx.launch stopped the others" in err
 
@@ -515,11 +679,20 @@ def test_world_from_each_launchers_environment(tmp_path):
 
     assert world_from_env({}) == SINGLE
     assert world_from_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}) == World(3, 8, 1, "torchrun")
-    slurm = {"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "1",
-             "SLURM_LAUNCH_NODE_IPADDR": "10.0.0.7"}
+    slurm = {
+        "SLURM_PROCID": "5",
+        "SLURM_STEP_NUM_TASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_LAUNCH_NODE_IPADDR": "10.0.0.7",
+    }
     assert world_from_env(slurm) == World(5, 8, 1, "slurm")
     assert torch_rendezvous_env(World(5, 8, 1, "slurm"), slurm) == {
-        "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29500"}
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "10.0.0.7",
+        "MASTER_PORT": "29500",
+    }
     # an salloc shell (one task) is not a multi-process run
     assert world_from_env({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1", "SLURM_LOCALID": "0"}) == SINGLE
     hostfile = tmp_path / "hosts.json"
@@ -535,8 +708,20 @@ def test_torchrun_command_lines():
     local = torchrun_args(Launch(nproc=4), ["train", "r.yaml"])
     assert "--standalone" in local and local[-4:] == ["-m", "hwft", "train", "r.yaml"]
     nodes = torchrun_args(Launch(8, 2, 1, "10.0.0.1", 29400), ["train", "r.yaml"])
-    assert nodes[:12] == ["--nproc-per-node", "8", "--nnodes", "2", "--max-restarts", "0",
-                          "--monitor-interval", "0.5", "--rdzv-backend", "static", "--node-rank", "1"]
+    assert nodes[:12] == [
+        "--nproc-per-node",
+        "8",
+        "--nnodes",
+        "2",
+        "--max-restarts",
+        "0",
+        "--monitor-interval",
+        "0.5",
+        "--rdzv-backend",
+        "static",
+        "--node-rank",
+        "1",
+    ]
     assert nodes[nodes.index("--master-addr") + 1] == "10.0.0.1" and "--standalone" not in nodes
     # each rank's CPU threads: the cores shared out (torchrun's default, announced, is 1)
     assert [threads_per_rank(n, cores=64) for n in (1, 2, 8, 128)] == [64, 32, 8, 1]
@@ -549,22 +734,34 @@ def test_dry_run_plans_ddp_for_several_processes(tiny_llama, tmp_path, cli):
     assert "2 processes (2 per node), parallel.strategy ddp" in out
 
 
-@pytest.mark.parametrize("args,message", [
-    (["parallel.offload_optimizer=true"], "parallel.offload_optimizer needs strategy deepspeed (ZeRO-Offload), not ddp"),
-    (["parallel.strategy=fsdp2", "parallel.offload_params=true", "method.tuning=qlora", "method.qlora.bits=8"],
-     "method.tuning qlora with parallel.strategy fsdp2 (fsdp2 shards 4-bit weights, not LLM.int8's)"),
-    (["parallel.strategy=deepspeed", "method.tuning=qlora"],
-     "method.tuning qlora with parallel.strategy deepspeed (DeepSpeed does not partition"),
-    (["parallel.deepspeed_config=ds.json"], "parallel.deepspeed_config is set but parallel.strategy is ddp"),
-    (["backend=mlx", "parallel.strategy=fsdp2"], "parallel.strategy 'fsdp2' (it has: none, ddp)"),
-    (["--nnodes", "2"], "--nnodes > 1 needs --master-addr"),
-    (["backend=mlx", "--nnodes", "2", "--master-addr", "10.0.0.1"], "mlx.launch --hostfile hosts.json"),
-    (["parallel.sequence_parallel=2"], "parallel.sequence_parallel 2 with packed rows (not supported yet"),
-    (["parallel.sequence_parallel=3", "data.packing=false"], "needs a multiple of 3 processes, not 2"),
-    (["parallel.sequence_parallel=2", "data.packing=false", "parallel.strategy=deepspeed"],
-     "parallel.sequence_parallel 2 with parallel.strategy deepspeed"),
-    (["backend=mlx", "parallel.sequence_parallel=2", "data.packing=false"], "no Ulysses sequence parallelism here"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["parallel.offload_optimizer=true"],
+            "parallel.offload_optimizer needs strategy deepspeed (ZeRO-Offload), not ddp",
+        ),
+        (
+            ["parallel.strategy=fsdp2", "parallel.offload_params=true", "method.tuning=qlora", "method.qlora.bits=8"],
+            "method.tuning qlora with parallel.strategy fsdp2 (fsdp2 shards 4-bit weights, not LLM.int8's)",
+        ),
+        (
+            ["parallel.strategy=deepspeed", "method.tuning=qlora"],
+            "method.tuning qlora with parallel.strategy deepspeed (DeepSpeed does not partition",
+        ),
+        (["parallel.deepspeed_config=ds.json"], "parallel.deepspeed_config is set but parallel.strategy is ddp"),
+        (["backend=mlx", "parallel.strategy=fsdp2"], "parallel.strategy 'fsdp2' (it has: none, ddp)"),
+        (["--nnodes", "2"], "--nnodes > 1 needs --master-addr"),
+        (["backend=mlx", "--nnodes", "2", "--master-addr", "10.0.0.1"], "mlx.launch --hostfile hosts.json"),
+        (["parallel.sequence_parallel=2"], "parallel.sequence_parallel 2 with packed rows (not supported yet"),
+        (["parallel.sequence_parallel=3", "data.packing=false"], "needs a multiple of 3 processes, not 2"),
+        (
+            ["parallel.sequence_parallel=2", "data.packing=false", "parallel.strategy=deepspeed"],
+            "parallel.sequence_parallel 2 with parallel.strategy deepspeed",
+        ),
+        (["backend=mlx", "parallel.sequence_parallel=2", "data.packing=false"], "no Ulysses sequence parallelism here"),
+    ],
+)
 def test_parallel_refusals(tiny_llama, tmp_path, cli, args, message):
     """Each refused with exit code 2 before any process starts or any weight loads."""
     path = recipe(tmp_path, tiny_llama, "lora")
@@ -580,8 +777,9 @@ def test_deepspeed_config_pass_through(tmp_path):
     from hwft.recipe import load_recipe
     from hwft_torch.parallel import deepspeed_config
 
-    (tmp_path / "ds.json").write_text(json.dumps({
-        "zero_optimization": {"stage": 3, "overlap_comm": True}, "train_micro_batch_size_per_gpu": "auto"}))
+    (tmp_path / "ds.json").write_text(
+        json.dumps({"zero_optimization": {"stage": 3, "overlap_comm": True}, "train_micro_batch_size_per_gpu": "auto"})
+    )
     path = recipe(tmp_path, tmp_path, "lora", parallel={"strategy": "deepspeed", "deepspeed_config": "ds.json"})
     config = deepspeed_config(load_recipe(path), 1.0)
     assert config["zero_optimization"] == {"stage": 3, "overlap_comm": True}  # the file's stage wins
@@ -619,8 +817,9 @@ def test_an_accelerate_config_becomes_the_parallel_settings(tiny_llama, tmp_path
     from hwft.recipe import load_recipe
 
     (tmp_path / "accelerate.yaml").write_text(ACCELERATE_YAML)
-    path = recipe(tmp_path, tiny_llama, "lora", parallel={"accelerate_config": "accelerate.yaml"},
-                  train={"precision": "auto"})
+    path = recipe(
+        tmp_path, tiny_llama, "lora", parallel={"accelerate_config": "accelerate.yaml"}, train={"precision": "auto"}
+    )
     translated, launch = accelerate_config.apply(load_recipe(path))
     p = translated.parallel
     assert (p.strategy, p.zero_stage, p.offload_optimizer, p.offload_params) == ("deepspeed", 3, True, False)
@@ -633,7 +832,10 @@ def test_an_accelerate_config_becomes_the_parallel_settings(tiny_llama, tmp_path
 
     code, _, err = cli("train", path, "parallel.strategy=fsdp2")
     assert code == 2
-    assert "says distributed_type DEEPSPEED (parallel.strategy: 'deepspeed') but the recipe says parallel.strategy: 'fsdp2'" in err
+    assert (
+        "says distributed_type DEEPSPEED (parallel.strategy: 'deepspeed') but the recipe says "
+        "parallel.strategy: 'fsdp2'" in err
+    )
     (tmp_path / "accelerate.yaml").write_text(ACCELERATE_YAML + "dynamo_config:\n  dynamo_backend: INDUCTOR\n")
     code, _, err = cli("train", path)
     assert code == 2 and "sets dynamo_config, which hwft does not translate" in err
@@ -642,10 +844,16 @@ def test_an_accelerate_config_becomes_the_parallel_settings(tiny_llama, tmp_path
 def test_sigterm_to_the_launcher_checkpoints_every_rank_then_stops(tiny_llama, tmp_path):
     """Preemption of a launched run: torchrun passes SIGTERM on, the ranks agree on the step,
     write one checkpoint together and stop; the launcher exits 143 without a traceback."""
-    path = recipe(tmp_path, tiny_llama, "lora", train={"max_steps": 200, "micro_batch_size": 1},
-                  kernels={"compile": False})  # a long run would compile (auto); this test is about signals
-    proc = subprocess.Popen([sys.executable, "-m", "hwft", "train", str(path), "--nproc", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    path = recipe(
+        tmp_path, tiny_llama, "lora", train={"max_steps": 200, "micro_batch_size": 1}, kernels={"compile": False}
+    )  # a long run would compile (auto); this test is about signals
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hwft", "train", str(path), "--nproc", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
     metrics = tmp_path / "out" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):

@@ -24,15 +24,27 @@ GiB = 1 << 30
 def test_the_strategies_share_the_memory_as_the_formulas_say():
     from hwft.plan import Devices, Shape, fits, rows
 
-    shape = Shape(parameters=1000, trainable=100, weight_bytes=4000, unit_bytes=500, activation_bytes=700,
-                  checkpointed_activation_bytes=70, rows=2, tokens=16, reference_copy=False)
+    shape = Shape(
+        parameters=1000,
+        trainable=100,
+        weight_bytes=4000,
+        unit_bytes=500,
+        activation_bytes=700,
+        checkpointed_activation_bytes=70,
+        rows=2,
+        tokens=16,
+        reference_copy=False,
+    )
     table = {r.strategy: r for r in rows(shape, "adamw", 4)}
     w, g, o, u = 4000, 400, 800, 1000  # fp32 grads, AdamW's two moments, two layers gathered
     expected = {
-        "none": (w, g, o, 0), "ddp": (w, g, o, 0),
-        "deepspeed zero 1": (w, g, o / 4, 0), "deepspeed zero 2": (w, g / 4, o / 4, 0),
+        "none": (w, g, o, 0),
+        "ddp": (w, g, o, 0),
+        "deepspeed zero 1": (w, g, o / 4, 0),
+        "deepspeed zero 2": (w, g / 4, o / 4, 0),
         "deepspeed zero 2 + offload_optimizer": (w, g / 4, 0, o / 4),
-        "fsdp2": (w / 4 + u, g / 4, o / 4, 0), "deepspeed zero 3": (w / 4 + u, g / 4, o / 4, 0),
+        "fsdp2": (w / 4 + u, g / 4, o / 4, 0),
+        "deepspeed zero 3": (w / 4 + u, g / 4, o / 4, 0),
         "fsdp2 + offload_params": (u, 0, 0, (w + g + o) / 4),
         "deepspeed zero 3 + offload": (u, 0, 0, (w + g + o) / 4),
     }
@@ -43,7 +55,11 @@ def test_the_strategies_share_the_memory_as_the_formulas_say():
         assert r.total == r.weights + r.gradients + r.optimizer + 700
         assert r.checkpointed_total == r.total - 630
     assert dict(table["deepspeed zero 3 + offload"].settings) == {
-        "strategy": "deepspeed", "zero_stage": 3, "offload_params": True, "offload_optimizer": True}
+        "strategy": "deepspeed",
+        "zero_stage": 3,
+        "offload_params": True,
+        "offload_optimizer": True,
+    }
     # a frozen reference copy doubles the weights; SGD keeps no state
     doubled = {r.strategy: r for r in rows(Shape(**{**shape.__dict__, "reference_copy": True}), "sgd", 4)}
     assert doubled["none"].weights == 2 * w and doubled["none"].optimizer == 0
@@ -53,8 +69,10 @@ def test_the_strategies_share_the_memory_as_the_formulas_say():
     assert not fits(table["ddp"], Devices(1, 10**9, "")) and fits(table["ddp"], Devices(2, 10**9, ""))
 
 
-@pytest.mark.parametrize("text,count,size", [("8x80GB", 8, 80 * GiB), ("2 x 24GiB", 2, 24 * GiB), ("80GB", 1, 80 * GiB),
-                                             ("4*1.5TB", 4, int(1.5 * 1024 * GiB))])
+@pytest.mark.parametrize(
+    "text,count,size",
+    [("8x80GB", 8, 80 * GiB), ("2 x 24GiB", 2, 24 * GiB), ("80GB", 1, 80 * GiB), ("4*1.5TB", 4, int(1.5 * 1024 * GiB))],
+)
 def test_devices_are_read_as_count_and_size(text, count, size):
     from hwft.plan import Devices
 
@@ -87,10 +105,13 @@ def test_plan_of_a_recipe_names_what_fits_and_what_is_refused(tiny_llama, tmp_pa
     assert lora["shape"]["checkpointed_activation_bytes"] < lora["shape"]["activation_bytes"]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--devices", "lots"], "--devices 'lots': give COUNTxSIZE, e.g. 8x80GB"),
-    (["backend=mlx"], "backend mlx (mlx engine) has no memory model"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--devices", "lots"], "--devices 'lots': give COUNTxSIZE, e.g. 8x80GB"),
+        (["backend=mlx"], "backend mlx (mlx engine) has no memory model"),
+    ],
+)
 def test_plan_refusals(tiny_llama, tmp_path, cli, args, message):
     from tests.conftest import write_recipe
 
@@ -111,11 +132,23 @@ print(json.dumps({"before": job.results.extra["memory_before_load_bytes"], "peak
 def test_the_plan_is_what_a_run_of_the_embedded_model_takes(tmp_path, cli):
     """The quickstart as written (LoRA; full tuning was 6% under its 2.92 GiB when measured)."""
     tuning = "lora"
-    overrides = ["train.precision=fp32", "train.max_steps=3", "eval.prompts=[]", f"method.tuning={tuning}",
-                 f"output.dir={tmp_path / 'out'}", "output.plot=false", "backend=cpu"]
+    overrides = [
+        "train.precision=fp32",
+        "train.max_steps=3",
+        "eval.prompts=[]",
+        f"method.tuning={tuning}",
+        f"output.dir={tmp_path / 'out'}",
+        "output.plot=false",
+        "backend=cpu",
+    ]
     recipe = str(REPO / "configs" / "quickstart.yaml")
-    done = subprocess.run([sys.executable, "-c", MEASURE, recipe, *overrides], capture_output=True, text=True,
-                          timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "2"})
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, recipe, *overrides],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "2"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     grown = measured["peak"] - measured["before"]

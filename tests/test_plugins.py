@@ -20,7 +20,7 @@ from hwft.plugins import PluginHost, api_compatible, get_host, reset_host
 from hwft.recipe import recipe_from_dict
 from hwft.select import rank, select_backend
 
-FAKE_BACKEND = '''
+FAKE_BACKEND = """
 import pluggy
 from hwft.records import Availability, Backend, Capability
 HWFT_PLUGIN_API = {api!r}
@@ -34,7 +34,7 @@ def hwft_register_backends(register):
     register(Backend({name!r}, "torch", "a test device", {priority},
                      lambda: Availability({available}, "{reason}"), _cap, lambda job: None,
                      accelerator=True))
-'''
+"""
 
 
 def make_dist(site: Path, dist: str, module: str, source: str, version: str = "1.2.3") -> None:
@@ -60,8 +60,12 @@ def site(tmp_path, monkeypatch):
 
 def fake(site, name, priority=300, available=True, reason="", api=HWFT_PLUGIN_API, dist=None):
     dist = dist or f"hwft-{name}"
-    make_dist(site, dist, f"fake_{name}", FAKE_BACKEND.format(
-        api=api, name=name, priority=priority, available=available, reason=reason))
+    make_dist(
+        site,
+        dist,
+        f"fake_{name}",
+        FAKE_BACKEND.format(api=api, name=name, priority=priority, available=available, reason=reason),
+    )
     return dist
 
 
@@ -75,8 +79,13 @@ def test_builtin_torch_backend_comes_through_its_entry_point():
     assert torch_plugin.distribution == "hwft-torch" and torch_plugin.status == "loaded"
     # the same hooks a vendor's plugin implements: devices, the engine's methods, its export
     # formats, its kernels and its model-family table
-    assert torch_plugin.hooks == ["hwft_register_backends", "hwft_register_exporters", "hwft_register_kernels",
-                                  "hwft_register_method_implementations", "hwft_register_model_families"]
+    assert torch_plugin.hooks == [
+        "hwft_register_backends",
+        "hwft_register_exporters",
+        "hwft_register_kernels",
+        "hwft_register_method_implementations",
+        "hwft_register_model_families",
+    ]
 
 
 def test_vendor_plugin_is_found_and_listed(site, cli):
@@ -87,8 +96,13 @@ def test_vendor_plugin_is_found_and_listed(site, cli):
     assert payload["schema"] == "hwft.plugins/1"
     entry = next(p for p in payload["plugins"] if p["name"] == "hwft-vdev")
     assert entry == {
-        "name": "hwft-vdev", "module": "fake_vdev", "distribution": "hwft-vdev", "version": "1.2.3",
-        "status": "loaded", "error": "", "hooks": ["hwft_register_backends"],
+        "name": "hwft-vdev",
+        "module": "fake_vdev",
+        "distribution": "hwft-vdev",
+        "version": "1.2.3",
+        "status": "loaded",
+        "error": "",
+        "hooks": ["hwft_register_backends"],
     }
     code, out, _ = cli("plugins")
     assert "hwft-vdev" in out and "hooks: hwft_register_backends" in out
@@ -121,14 +135,19 @@ def test_other_api_version_is_refused_naming_both(site):
 
 
 def test_unknown_hook_is_refused(site):
-    make_dist(site, "hwft-typo", "fake_typo", """
+    make_dist(
+        site,
+        "hwft-typo",
+        "fake_typo",
+        """
         import pluggy
         HWFT_PLUGIN_API = "2.0"
         hookimpl = pluggy.HookimplMarker("hwft")
         @hookimpl
         def hwft_register_backendz(register):
             pass
-    """)
+    """,
+    )
     typo = next(p for p in get_host().plugins if p.name == "hwft-typo")
     assert typo.status == "refused" and "hwft_register_backendz" in typo.error
 
@@ -203,11 +222,22 @@ def test_env_json_schema(site, cli):
     cpu = by_name["cpu"]
     assert cpu["available"] and cpu["engine"] == "torch" and cpu["priority"] == 100
     assert set(cpu["capability"]) == {
-        "methods", "dtypes", "quantization", "attention", "optimizers", "compile",
-        "collective", "parallel", "packing", "notes", "tunings",
+        "methods",
+        "dtypes",
+        "quantization",
+        "attention",
+        "optimizers",
+        "compile",
+        "collective",
+        "parallel",
+        "packing",
+        "notes",
+        "tunings",
     }
     every = ["full", "lora", "qlora"]
-    assert cpu["capability"]["methods"] == {m: every for m in ("sft", "cpt", "dpo", "orpo", "simpo", "kto", "rm", "grpo", "ppo")}
+    assert cpu["capability"]["methods"] == {
+        m: every for m in ("sft", "cpt", "dpo", "orpo", "simpo", "kto", "rm", "grpo", "ppo")
+    }
     assert cpu["capability"]["quantization"] == ["bnb-nf4", "bnb-fp4", "bnb-int8"]
     assert cpu["capability"]["packing"] is True
     assert cpu["capability"]["collective"] == "gloo"
@@ -215,7 +245,9 @@ def test_env_json_schema(site, cli):
     assert report["not_installed"] == {}  # every fixed name has its plugin
     mlx = by_name["mlx"]  # the MLX CPU build: available, below the torch cpu (priority 50)
     assert (mlx["engine"], mlx["plugin"], mlx["available"], mlx["priority"]) == ("mlx", "mlx", True, 50)
-    assert mlx["capability"]["methods"] == {m: every for m in ("sft", "cpt", "dpo", "orpo", "simpo", "kto", "rm", "grpo", "ppo")}
+    assert mlx["capability"]["methods"] == {
+        m: every for m in ("sft", "cpt", "dpo", "orpo", "simpo", "kto", "rm", "grpo", "ppo")
+    }
     assert mlx["capability"]["quantization"] == ["mlx-q4", "mlx-q8"] and mlx["capability"]["packing"] is True
     assert report["ranking"][:2] == ["cpu", "mlx"]
     code, out, _ = cli("env")
@@ -227,7 +259,11 @@ def test_env_json_schema(site, cli):
 
 
 def test_data_format_hook(site, tmp_path):
-    make_dist(site, "hwft-qa", "fake_qa", """
+    make_dist(
+        site,
+        "hwft-qa",
+        "fake_qa",
+        """
         import pluggy
         from hwft.data.formats import DataFormat
         HWFT_PLUGIN_API = "2.0"
@@ -238,7 +274,8 @@ def test_data_format_hook(site, tmp_path):
         def hwft_register_data_formats(register):
             register(DataFormat("qa", "chat", parse, detect=lambda row, mapping: set(row) == {"q", "a"},
                                 description="q/a pairs"))
-    """)
+    """,
+    )
     from hwft.data.loading import load_examples
 
     formats = get_host().data_formats()

@@ -29,8 +29,9 @@ class Started:
     """A command in its own session (so a signal reaches it alone), its stderr read as it comes."""
 
     def __init__(self, command: list[str], cwd: Path, env: dict | None = None):
-        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
-                                     start_new_session=True, env=env)
+        self.proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, start_new_session=True, env=env
+        )
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
         self.reader.start()
@@ -67,8 +68,27 @@ def gone(process: psutil.Process, timeout: float = 60) -> bool:
 
 def bench(tiny_llama, tmp_path) -> Started:
     recipe_path = bench_recipe(tmp_path, tiny_llama)
-    return Started([sys.executable, "-m", "hwft", "bench", str(recipe_path), "kernels.compile=false", "--steps", "100000", "--warmup", "0",
-                    "--eval-examples", "0", "--backends", "cpu", "--out", str(tmp_path / "results")], tmp_path)
+    return Started(
+        [
+            sys.executable,
+            "-m",
+            "hwft",
+            "bench",
+            str(recipe_path),
+            "kernels.compile=false",
+            "--steps",
+            "100000",
+            "--warmup",
+            "0",
+            "--eval-examples",
+            "0",
+            "--backends",
+            "cpu",
+            "--out",
+            str(tmp_path / "results"),
+        ],
+        tmp_path,
+    )
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
@@ -83,8 +103,10 @@ def test_a_signal_to_hwft_bench_stops_its_arm_too(tiny_llama, tmp_path, sig):
     run.proc.send_signal(sig)
     code, err = run.finish()
     assert code == 128 + sig, err[-3000:]
-    assert f"hwft: error: hwft bench, the hwft on cpu arm: stopped by {sig.name}; its process (pid {worker.pid}) " \
-           "was stopped with it" in err
+    assert (
+        f"hwft: error: hwft bench, the hwft on cpu arm: stopped by {sig.name}; its process (pid {worker.pid}) "
+        "was stopped with it" in err
+    )
     assert "Traceback" not in err
     assert not psutil.pid_exists(worker.pid) or worker.status() == psutil.STATUS_ZOMBIE
 
@@ -106,11 +128,15 @@ def test_sigkill_of_hwft_bench_stops_its_arm(tiny_llama, tmp_path):
 def test_sigkill_of_the_launcher_stops_every_rank(tiny_llama, tmp_path, backend, variable):
     """``hwft train --nproc 2`` killed outright: its ranks (torchrun's, or mlx.launch's and
     mlx.launch itself) hear from the kernel, agree on a step, checkpoint it and stop."""
-    path = recipe(tmp_path, tiny_llama, "lora", backend=backend, train={"max_steps": 100000},
-                  kernels={"compile": False})  # about signals, not speed
+    path = recipe(
+        tmp_path, tiny_llama, "lora", backend=backend, train={"max_steps": 100000}, kernels={"compile": False}
+    )  # about signals, not speed
     tag = f"killed-launcher-{os.getpid()}-{backend}"
-    run = Started([sys.executable, "-m", "hwft", "train", str(path), "--nproc", "2"], tmp_path,
-                  env={**os.environ, "HWFT_TEST_TAG": tag})
+    run = Started(
+        [sys.executable, "-m", "hwft", "train", str(path), "--nproc", "2"],
+        tmp_path,
+        env={**os.environ, "HWFT_TEST_TAG": tag},
+    )
     metrics = tmp_path / "out" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
@@ -129,10 +155,20 @@ def test_every_child_process_is_started_through_hwft_processes():
     whose ranks stop with hwft through HWFT_PARENT_PID (tested above), and two short calls
     bounded by their own timeouts: nvidia-smi's query and the conformance suite's probe (under
     pytest)."""
-    allowed = {Path("backends/torch/hwft_torch/devices.py"), Path("hwft/testing/conformance.py"),
-               Path("backends/torch/hwft_torch/launch.py"), Path("hwft/processes.py")}
-    spawning = re.compile(r"subprocess\.(run|Popen|call|check_call|check_output)\(|os\.(fork|spawn\w*|exec\w*)\(|"
-                          r"multiprocessing|os\.system\(")
-    found = [str(path.relative_to(REPO)) for root in ("hwft", "backends", "plugins") for path in (REPO / root).rglob("*.py")
-             if path.relative_to(REPO) not in allowed and spawning.search(path.read_text(encoding="utf-8"))]
+    allowed = {
+        Path("backends/torch/hwft_torch/devices.py"),
+        Path("hwft/testing/conformance.py"),
+        Path("backends/torch/hwft_torch/launch.py"),
+        Path("hwft/processes.py"),
+    }
+    spawning = re.compile(
+        r"subprocess\.(run|Popen|call|check_call|check_output)\(|os\.(fork|spawn\w*|exec\w*)\(|"
+        r"multiprocessing|os\.system\("
+    )
+    found = [
+        str(path.relative_to(REPO))
+        for root in ("hwft", "backends", "plugins")
+        for path in (REPO / root).rglob("*.py")
+        if path.relative_to(REPO) not in allowed and spawning.search(path.read_text(encoding="utf-8"))
+    ]
     assert found == [], f"start processes through hwft.processes: {found}"

@@ -20,8 +20,11 @@ def test_the_startup_lines_are_dropped_and_other_warnings_kept(caplog, monkeypat
     library_noise.quiet()  # twice is once
     ops, ds = logging.getLogger("bitsandbytes.backends.cpu.ops"), logging.getLogger("DeepSpeed")
     assert len(ops.filters) == 1 and len(ds.filters) == 1
-    ops.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already "
-                "`pip install kernels`", "No module named 'kernels'")
+    ops.warning(
+        "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already "
+        "`pip install kernels`",
+        "No module named 'kernels'",
+    )
     ops.warning("something else went wrong")
     monkeypatch.setattr(ds, "propagate", True)  # DeepSpeed's own handler prints on stdout; caplog listens here
     ds.warning("Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it.")
@@ -32,8 +35,9 @@ def test_the_startup_lines_are_dropped_and_other_warnings_kept(caplog, monkeypat
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         library_noise.quiet()
-        warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning)
-        warnings.warn("something else is deprecated", FutureWarning)
+        # as the libraries warn, from their own frames (no stacklevel)
+        warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning)  # noqa: B028
+        warnings.warn("something else is deprecated", FutureWarning)  # noqa: B028
     assert [str(w.message) for w in caught] == ["something else is deprecated"]
 
 
@@ -43,8 +47,14 @@ def test_a_closed_pipe_ends_a_command_quietly():
     read, write = os.pipe()
     os.close(read)  # no reader: every write fails with EPIPE
     try:
-        done = subprocess.run([sys.executable, "-m", "hwft", "env"], stdout=write, stderr=subprocess.PIPE, text=True,
-                              timeout=120, env={k: v for k, v in os.environ.items() if k != "HWFT_PARENT_PID"})
+        done = subprocess.run(
+            [sys.executable, "-m", "hwft", "env"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            env={k: v for k, v in os.environ.items() if k != "HWFT_PARENT_PID"},
+        )
     finally:
         os.close(write)
     assert (done.returncode, done.stderr) == (141, ""), done.stderr

@@ -35,7 +35,15 @@ def test_defaults_and_shorthands(tmp_path):
 
 def test_every_section_is_defined_now():
     assert set(Recipe.model_fields) >= {
-        "model", "template", "data", "method", "train", "kernels", "backend", "parallel", "output",
+        "model",
+        "template",
+        "data",
+        "method",
+        "train",
+        "kernels",
+        "backend",
+        "parallel",
+        "output",
     }
     for name, field in Recipe.model_fields.items():
         assert field.description, f"{name} has no help text"
@@ -49,7 +57,10 @@ def test_every_section_is_defined_now():
         ("data: d.jsonl\ntrian: {}\n", "unknown key 'trian'; did you mean 'train'?"),
         ("data: d.jsonl\ntrain: {lr: fast}\n", "train.lr: expected a number, got 'fast'"),
         ("data: d.jsonl\ntrain: {micro_batch_size: 2.5}\n", "train.micro_batch_size: expected an integer"),
-        ("data: d.jsonl\nmethod: {tuning: lorra}\n", "method.tuning: 'lorra' is not allowed; expected one of 'full', 'freeze', 'lora' or 'qlora'"),
+        (
+            "data: d.jsonl\nmethod: {tuning: lorra}\n",
+            "method.tuning: 'lorra' is not allowed; expected one of 'full', 'freeze', 'lora' or 'qlora'",
+        ),
         ("model: x\n", "missing required key 'data'"),
         ("data: {train: [{path: a.json, formatt: alpaca}]}\n", "did you mean 'data.train[0].format'?"),
         ("data: d.jsonl\ntrain: {lr: [1\n", "is not valid YAML at line"),
@@ -85,8 +96,9 @@ def test_a_recipe_that_is_no_unicode_text_names_the_byte(tmp_path, cli):
 
 def test_overrides(tmp_path):
     path = _write(tmp_path, "model: smollm2-135m\ndata: d.jsonl\n")
-    recipe = load_recipe(path, ["train.lr=5e-5", "method.tuning=full", "model.trust_remote_code=true",
-                                "eval.prompts=[hi, there]"])
+    recipe = load_recipe(
+        path, ["train.lr=5e-5", "method.tuning=full", "model.trust_remote_code=true", "eval.prompts=[hi, there]"]
+    )
     assert recipe.train.lr == 5e-5
     assert recipe.method.tuning == "full"
     assert recipe.model.trust_remote_code is True and recipe.model.name == "smollm2-135m"
@@ -121,17 +133,35 @@ def test_debug_shows_the_traceback(tmp_path):
     "sections, message",
     [
         ({"method": {"objective": "grpo"}}, "objective grpo needs at least one reward in method.grpo.rewards"),
-        ({"method": {"objective": "grpo", "grpo": {"rewards": ["exact_mach"]}}},
-         "method.grpo.rewards[0]: unknown reward 'exact_mach'; did you mean 'exact_match'?"),
-        ({"data": {"train": [{"path": "train.jsonl"}], "eval": [{"path": "train.jsonl"}]},
-          "method": {"objective": "dpo"}},
-         "data.eval measures the loss of sft and cpt runs; objective dpo has no held-out loss yet"),
+        (
+            {"method": {"objective": "grpo", "grpo": {"rewards": ["exact_mach"]}}},
+            "method.grpo.rewards[0]: unknown reward 'exact_mach'; did you mean 'exact_match'?",
+        ),
+        (
+            {
+                "data": {"train": [{"path": "train.jsonl"}], "eval": [{"path": "train.jsonl"}]},
+                "method": {"objective": "dpo"},
+            },
+            "data.eval measures the loss of sft and cpt runs; objective dpo has no held-out loss yet",
+        ),
         ({"train": {"eval_every": 2}}, "train.eval_every needs data.eval"),
-        ({"parallel": {"offload_optimizer": True}}, "parallel.offload_optimizer needs strategy deepspeed (ZeRO-Offload), not none"),
+        (
+            {"parallel": {"offload_optimizer": True}},
+            "parallel.offload_optimizer needs strategy deepspeed (ZeRO-Offload), not none",
+        ),
         ({"parallel": {"accelerate_config": "train.jsonl"}}, "parallel.accelerate_config: "),
-        ({"kernels": {"fused_rms_norm": True}}, "backend 'cpu' cannot run this recipe: it cannot do kernels.fused_rms_norm"),
-        ({"train": {"precision": "fp16"}}, "train.precision 'fp16' (it has: fp32, bf16); backends that could: cuda (not available here"),
-        ({"parallel": {"strategy": "deepspeed"}, "backend": "mlx"}, "parallel.strategy 'deepspeed' (it has: none, ddp)"),
+        (
+            {"kernels": {"fused_rms_norm": True}},
+            "backend 'cpu' cannot run this recipe: it cannot do kernels.fused_rms_norm",
+        ),
+        (
+            {"train": {"precision": "fp16"}},
+            "train.precision 'fp16' (it has: fp32, bf16); backends that could: cuda (not available here",
+        ),
+        (
+            {"parallel": {"strategy": "deepspeed"}, "backend": "mlx"},
+            "parallel.strategy 'deepspeed' (it has: none, ddp)",
+        ),
         ({"backend": "cuda"}, "backend 'cuda' is not available here: torch 2.13.0+cpu is a CPU-only build"),
         ({"backend": "cdua"}, "no backend named 'cdua'; did you mean 'cuda'?"),
     ],

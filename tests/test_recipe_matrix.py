@@ -32,9 +32,7 @@ STRATEGIES = {
     "zero3": ["parallel.strategy=deepspeed", "parallel.zero_stage=3"],
 }
 #: (recipe, strategy) -> the one line it is refused with; strategy None: under every strategy.
-REFUSED = {
-    ("qlora", "zero3"): "method.tuning qlora with parallel.strategy deepspeed",
-}
+REFUSED = {("qlora", "zero3"): "method.tuning qlora with parallel.strategy deepspeed"}
 #: Objectives with a held-out loss (data.val_size); the others' recipes run without one.
 EVALUATED = ("sft", "cpt")
 
@@ -62,18 +60,47 @@ def column(strategy: str, folder: Path, models: dict[str, Path]) -> dict[str, di
     exit code, stdout, stderr (rank 0's) and output folder."""
     plan = []
     for name in RECIPES:
-        overrides = [f"model.name={models.get(name, models['dense'])}", "train.max_steps=2", "train.log_every=1", "backend=cpu",
-                     f"output.dir={folder / name}", "output.overwrite=true", "output.plot=false",
-                     "eval.max_new_tokens=4", "parallel.timeout=120", *STRATEGIES[strategy]]
+        overrides = [
+            f"model.name={models.get(name, models['dense'])}",
+            "train.max_steps=2",
+            "train.log_every=1",
+            "backend=cpu",
+            f"output.dir={folder / name}",
+            "output.overwrite=true",
+            "output.plot=false",
+            "eval.max_new_tokens=4",
+            "parallel.timeout=120",
+            *STRATEGIES[strategy],
+        ]
         if objective_of(name) in EVALUATED:
             overrides += ["data.val_size=4", "train.eval_every=1"]
-        plan.append({"recipe": str(REPO / "configs" / f"{name}.yaml"), "overrides": overrides,
-                     "log": str(folder / f"{name}.json")})
+        plan.append(
+            {
+                "recipe": str(REPO / "configs" / f"{name}.yaml"),
+                "overrides": overrides,
+                "log": str(folder / f"{name}.json"),
+            }
+        )
     (folder / "plan.json").write_text(json.dumps(plan))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-                           "-m", "tests.recipe_worker", str(folder / "plan.json")],
-                          capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--standalone",
+            "-m",
+            "tests.recipe_worker",
+            str(folder / "plan.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return {name: {**json.loads((folder / f"{name}.json").read_text()), "out": folder / name} for name in RECIPES}
 
@@ -87,8 +114,10 @@ def test_every_recipe_runs_under_the_strategy_as_written(strategy, tiny_llama, t
         if refused:
             # One line, before the model (or anything else) loads, and nothing written.
             assert run["code"] == 2, (name, said[-2000:])
-            assert run["stderr"].strip().splitlines() == [run["stderr"].strip()] and refused in run["stderr"], \
-                (name, run["stderr"])
+            assert run["stderr"].strip().splitlines() == [run["stderr"].strip()] and refused in run["stderr"], (
+                name,
+                run["stderr"],
+            )
             assert not (run["out"] / "metrics.jsonl").exists(), name
             continue
         assert run["code"] == 0, (name, said[-3000:])

@@ -43,10 +43,14 @@ def _pairs(tokenizer):
         ("Name a colour.", "Blue.", "A colour is a property of light."),
     ]
     return [
-        tokenize_pair(renderer, PreferenceExample(
-            [{"role": "user", "content": q}],
-            chosen=[{"role": "assistant", "content": c}], rejected=[{"role": "assistant", "content": r}],
-        ))
+        tokenize_pair(
+            renderer,
+            PreferenceExample(
+                [{"role": "user", "content": q}],
+                chosen=[{"role": "assistant", "content": c}],
+                rejected=[{"role": "assistant", "content": r}],
+            ),
+        )
         for q, c, r in rows
     ]
 
@@ -65,20 +69,32 @@ def test_dpo_loss_equals_trl(tiny_llama, tokenizer, tmp_path, loss, smoothing):
     trainer = DPOTrainer(
         model=policy,
         ref_model=reference,
-        args=DPOConfig(output_dir=str(tmp_path), beta=beta, loss_type=[loss], label_smoothing=smoothing,
-                       report_to=[], per_device_train_batch_size=2, use_cpu=True, bf16=False),
+        args=DPOConfig(
+            output_dir=str(tmp_path),
+            beta=beta,
+            loss_type=[loss],
+            label_smoothing=smoothing,
+            report_to=[],
+            per_device_train_batch_size=2,
+            use_cpu=True,
+            bf16=False,
+        ),
         train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}] * 2),
         processing_class=tokenizer,
     )
     policy.train()
     batch = pair_tensors(pairs, tokenizer.pad_token_id, torch.device("cpu"))
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-              "completion_mask": (batch["labels"] != -100).long()}
+    inputs = {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["attention_mask"],
+        "completion_mask": (batch["labels"] != -100).long(),
+    }
     expected = trainer.compute_loss(trainer.model, inputs).item()
 
     spec = DpoSpec(beta=beta, loss=loss, label_smoothing=smoothing)
-    objective = Preference(None, spec, 1, tokenizer.pad_token_id, torch.device("cpu"),
-                           Reference(policy, copy_of=reference))
+    objective = Preference(
+        None, spec, 1, tokenizer.pad_token_id, torch.device("cpu"), Reference(policy, copy_of=reference)
+    )
     got = objective.loss(policy, (pairs, len(pairs))).value.item()
     assert got == pytest.approx(expected, abs=1e-5)
     assert expected != pytest.approx(0.6931, abs=1e-3), "policy and reference must differ"
@@ -103,8 +119,14 @@ def test_cdpo_label_smoothing_follows_its_formula(tiny_llama, tokenizer):
     beta, eps = 0.3, 0.1
     delta = (pc - rc) - (pr - rr)
     expected = (-(1 - eps) * F.logsigmoid(beta * delta) - eps * F.logsigmoid(-beta * delta)).mean().item()
-    objective = Preference(None, DpoSpec(beta=beta, label_smoothing=eps), 1, tokenizer.pad_token_id,
-                           torch.device("cpu"), Reference(policy, copy_of=reference))
+    objective = Preference(
+        None,
+        DpoSpec(beta=beta, label_smoothing=eps),
+        1,
+        tokenizer.pad_token_id,
+        torch.device("cpu"),
+        Reference(policy, copy_of=reference),
+    )
     assert objective.loss(policy, (pairs, len(pairs))).value.item() == pytest.approx(expected, abs=1e-6)
 
 
@@ -119,8 +141,14 @@ def _rollouts(tokenizer, generator):
     prompt_ids = torch.tensor([a, a, b, b])
     completion_ids = torch.randint(10, 4000, (4, 7), generator=generator)
     completion_mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 6 + [0], [1] * 2 + [0] * 5])
-    return Rollouts(prompt_ids, torch.ones_like(prompt_ids), completion_ids, completion_mask,
-                    completion_mask[:, -1] == 0, advantages=torch.tensor([0.9, -0.9, 1.2, -0.4]))
+    return Rollouts(
+        prompt_ids,
+        torch.ones_like(prompt_ids),
+        completion_ids,
+        completion_mask,
+        completion_mask[:, -1] == 0,
+        advantages=torch.tensor([0.9, -0.9, 1.2, -0.4]),
+    )
 
 
 @pytest.mark.parametrize("loss_type, num_iterations", [("dapo", 1), ("dapo", 2), ("grpo", 2), ("dr_grpo", 2)])
@@ -143,29 +171,55 @@ def test_grpo_loss_equals_trl(tiny_llama, tokenizer, tmp_path, loss_type, num_it
             current = completion_logps(policy, r, temperature)
             r.old_logps = current + torch.randn(current.shape, generator=generator) * 0.5
     completions, max_new_tokens = len(r.completion_ids), r.completion_ids.shape[1]
-    r.normaliser = {"dapo": float(r.completion_mask.sum()), "grpo": completions,
-                    "dr_grpo": completions * max_new_tokens}[loss_type]
+    r.normaliser = {
+        "dapo": float(r.completion_mask.sum()),
+        "grpo": completions,
+        "dr_grpo": completions * max_new_tokens,
+    }[loss_type]
 
     trainer = GRPOTrainer(
         model=policy,
         reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
-        args=GRPOConfig(output_dir=str(tmp_path), beta=beta, epsilon=0.2, loss_type=loss_type,
-                        temperature=temperature, num_generations=2, per_device_train_batch_size=4,
-                        num_iterations=num_iterations, max_completion_length=7, report_to=[], use_cpu=True, bf16=False),
+        args=GRPOConfig(
+            output_dir=str(tmp_path),
+            beta=beta,
+            epsilon=0.2,
+            loss_type=loss_type,
+            temperature=temperature,
+            num_generations=2,
+            per_device_train_batch_size=4,
+            num_iterations=num_iterations,
+            max_completion_length=7,
+            report_to=[],
+            use_cpu=True,
+            bf16=False,
+        ),
         train_dataset=Dataset.from_list([{"prompt": "x"}] * 4),
         processing_class=tokenizer,
     )
     trainer.current_gradient_accumulation_steps = 1
     policy.train()  # TRL's training-mode normaliser (no dropout in the tiny model)
-    inputs = {"prompt_ids": r.prompt_ids, "prompt_mask": r.prompt_mask, "completion_ids": r.completion_ids,
-              "completion_mask": r.completion_mask, "advantages": r.advantages,
-              "ref_per_token_logps": r.ref_logps, "num_items_in_batch": r.completion_mask.sum()}
+    inputs = {
+        "prompt_ids": r.prompt_ids,
+        "prompt_mask": r.prompt_mask,
+        "completion_ids": r.completion_ids,
+        "completion_mask": r.completion_mask,
+        "advantages": r.advantages,
+        "ref_per_token_logps": r.ref_logps,
+        "num_items_in_batch": r.completion_mask.sum(),
+    }
     if r.old_logps is not None:
         inputs["old_per_token_logps"] = r.old_logps
     expected = trainer.compute_loss(trainer.model, inputs).item()
 
-    spec = GrpoSpec(beta=beta, epsilon=0.2, temperature=temperature, num_iterations=num_iterations,
-                    loss_type=loss_type, rewards=["exact_match"])
+    spec = GrpoSpec(
+        beta=beta,
+        epsilon=0.2,
+        temperature=temperature,
+        num_iterations=num_iterations,
+        loss_type=loss_type,
+        rewards=["exact_match"],
+    )
     objective = GroupRelative(None, spec, 1, tokenizer, {}, torch.device("cpu"), None, None, nullcontext)
     got = objective.loss(policy, r).value.item()
     assert got == pytest.approx(expected, abs=1e-5)
@@ -210,10 +264,13 @@ def test_orpo_loss_equals_trl_and_its_nll_the_answer_tokens(tiny_llama, tokenize
     chosen, rejected, batch = _mean_answer_logps(policy, tokenizer, pairs)
     beta = 0.3
     trl_losses, chosen_rewards, rejected_rewards, _, log_odds = ORPOTrainer.odds_ratio_loss(
-        _on_cpu(beta=beta), chosen, rejected)
+        _on_cpu(beta=beta), chosen, rejected
+    )
     with torch.no_grad():
-        nll = sum(policy(input_ids=torch.tensor([p.chosen.input_ids]), labels=torch.tensor([p.chosen.labels])).loss
-                  for p in pairs) / len(pairs)
+        nll = sum(
+            policy(input_ids=torch.tensor([p.chosen.input_ids]), labels=torch.tensor([p.chosen.labels])).loss
+            for p in pairs
+        ) / len(pairs)
     objective = OddsRatio(None, OrpoSpec(beta=beta), 1, tokenizer.pad_token_id, torch.device("cpu"))
     got = objective.loss(policy, (pairs, len(pairs))).value.item()
     assert got == pytest.approx((nll - trl_losses.mean()).item(), abs=1e-5)
@@ -238,10 +295,15 @@ def test_simpo_loss_equals_trl(tiny_llama, tokenizer, smoothing):
     chosen, rejected, _ = _mean_answer_logps(policy, tokenizer, pairs)
     beta, gamma = 2.0, 0.7
     losses, chosen_rewards, rejected_rewards = CPOTrainer.cpo_loss(
-        _on_cpu(alpha=0.0, beta=beta, simpo_gamma=gamma, loss_type="simpo", label_smoothing=smoothing),
-        chosen, rejected)
-    objective = SimpleMargin(None, SimpoSpec(beta=beta, gamma=gamma, label_smoothing=smoothing), 1,
-                             tokenizer.pad_token_id, torch.device("cpu"))
+        _on_cpu(alpha=0.0, beta=beta, simpo_gamma=gamma, loss_type="simpo", label_smoothing=smoothing), chosen, rejected
+    )
+    objective = SimpleMargin(
+        None,
+        SimpoSpec(beta=beta, gamma=gamma, label_smoothing=smoothing),
+        1,
+        tokenizer.pad_token_id,
+        torch.device("cpu"),
+    )
     assert objective.loss(policy, (pairs, len(pairs))).value.item() == pytest.approx(losses.mean().item(), abs=1e-5)
     metrics = objective.log_metrics()
     assert metrics["rewards/chosen"] == pytest.approx(chosen_rewards.mean().item(), abs=1e-5)
@@ -253,12 +315,16 @@ def _feedback(tokenizer):
     previous row's answer, the first with the last's): hwft's data-time pairing of these rows."""
 
     renderer = ChatRenderer(tokenizer, tokenizer.chat_template)
-    rows = [("What is the capital of France?", "Paris.", True),
-            ("Say hello.", "No.", False),
-            ("Name a colour.", "Blue, like the sky at noon.", True),
-            ("Count to three.", "Three, two, one, zero.", False)]
-    examples = [FeedbackExample([{"role": "user", "content": q}], completion=[{"role": "assistant", "content": a}],
-                                label=label) for q, a, label in rows]
+    rows = [
+        ("What is the capital of France?", "Paris.", True),
+        ("Say hello.", "No.", False),
+        ("Name a colour.", "Blue, like the sky at noon.", True),
+        ("Count to three.", "Three, two, one, zero.", False),
+    ]
+    examples = [
+        FeedbackExample([{"role": "user", "content": q}], completion=[{"role": "assistant", "content": a}], label=label)
+        for q, a, label in rows
+    ]
     items, _ = feedback_items(examples, renderer, 512)
     return items
 
@@ -281,29 +347,43 @@ def test_kto_loss_equals_trl(tiny_llama, tokenizer, tmp_path, weights):
     items = _feedback(tokenizer)
     beta, (desirable_weight, undesirable_weight) = 0.3, weights
     trainer = KTOTrainer(
-        model=policy, ref_model=reference,
-        args=KTOConfig(output_dir=str(tmp_path), beta=beta, desirable_weight=desirable_weight,
-                       undesirable_weight=undesirable_weight, report_to=[], per_device_train_batch_size=4,
-                       use_cpu=True, bf16=False),
-        train_dataset=Dataset.from_list([{"prompt": "a", "completion": "b", "label": True},
-                                         {"prompt": "c", "completion": "d", "label": False}]),
+        model=policy,
+        ref_model=reference,
+        args=KTOConfig(
+            output_dir=str(tmp_path),
+            beta=beta,
+            desirable_weight=desirable_weight,
+            undesirable_weight=undesirable_weight,
+            report_to=[],
+            per_device_train_batch_size=4,
+            use_cpu=True,
+            bf16=False,
+        ),
+        train_dataset=Dataset.from_list(
+            [{"prompt": "a", "completion": "b", "label": True}, {"prompt": "c", "completion": "d", "label": False}]
+        ),
         processing_class=tokenizer,
     )
     policy.train()
     own = sequence_tensors([i.sequence for i in items], tokenizer.pad_token_id, torch.device("cpu"))
     other = sequence_tensors([i.mismatched for i in items], tokenizer.pad_token_id, torch.device("cpu"))
-    inputs = {"input_ids": own["input_ids"], "attention_mask": own["attention_mask"],
-              "completion_mask": (own["labels"] != -100).long(),
-              "KL_input_ids": other["input_ids"], "KL_attention_mask": other["attention_mask"],
-              "KL_completion_mask": (other["labels"] != -100).long(),
-              "label": torch.tensor([i.desirable for i in items])}
+    inputs = {
+        "input_ids": own["input_ids"],
+        "attention_mask": own["attention_mask"],
+        "completion_mask": (own["labels"] != -100).long(),
+        "KL_input_ids": other["input_ids"],
+        "KL_attention_mask": other["attention_mask"],
+        "KL_completion_mask": (other["labels"] != -100).long(),
+        "label": torch.tensor([i.desirable for i in items]),
+    }
     expected = trainer.compute_loss(trainer.model, inputs).item()
     logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
     assert logged["kl"] > 0, "the reference must differ so that the KL baseline counts"
 
     spec = KtoSpec(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
-    objective = Feedback(None, spec, 1, tokenizer.pad_token_id, torch.device("cpu"),
-                         Reference(policy, copy_of=reference))
+    objective = Feedback(
+        None, spec, 1, tokenizer.pad_token_id, torch.device("cpu"), Reference(policy, copy_of=reference)
+    )
     got = objective.loss(policy, (items, len(items))).value.item()
     assert got == pytest.approx(expected, abs=1e-5)
     metrics = objective.log_metrics()
@@ -332,8 +412,14 @@ def test_reward_model_loss_equals_trl(tiny_llama, tokenizer, tmp_path, margin, c
     pairs = _pairs(tokenizer)
     trainer = RewardTrainer(
         model=model,
-        args=RewardConfig(output_dir=str(tmp_path), center_rewards_coefficient=center or None, report_to=[],
-                          per_device_train_batch_size=2, use_cpu=True, bf16=False),
+        args=RewardConfig(
+            output_dir=str(tmp_path),
+            center_rewards_coefficient=center or None,
+            report_to=[],
+            per_device_train_batch_size=2,
+            use_cpu=True,
+            bf16=False,
+        ),
         train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}] * 2),
         processing_class=tokenizer,
     )
@@ -345,8 +431,9 @@ def test_reward_model_loss_equals_trl(tiny_llama, tokenizer, tmp_path, margin, c
     expected = trainer.compute_loss(trainer.model, inputs).item()
     logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
 
-    objective = RewardModel(None, RmSpec(margin=margin, center_rewards_coefficient=center), 1,
-                            tokenizer.pad_token_id, torch.device("cpu"))
+    objective = RewardModel(
+        None, RmSpec(margin=margin, center_rewards_coefficient=center), 1, tokenizer.pad_token_id, torch.device("cpu")
+    )
     got = objective.loss(model, (pairs, len(pairs))).value.item()
     assert got == pytest.approx(expected, abs=1e-5)
     assert abs(expected - 0.6931) > 1e-2, "the rewards must differ so the loss is not ln 2"
@@ -396,7 +483,7 @@ def test_ppo_follows_its_formulas_written_out():
     halves = whiten([adv[:2], adv[2:]], [mask[:2], mask[2:]])
     np.testing.assert_allclose(np.concatenate(halves), want_white, atol=1e-12)
     batch = [{"scores": scores, "logps": logps, "ref_logps": ref, "values": values, "mask": mask}]
-    (got_adv, got_ret), = rollout_targets(batch, spec)
+    ((got_adv, got_ret),) = rollout_targets(batch, spec)
     np.testing.assert_allclose(got_adv, want_white, atol=1e-12)
     np.testing.assert_allclose(got_ret, want_ret, atol=1e-12)
 
@@ -416,7 +503,18 @@ def test_ppo_follows_its_formulas_written_out():
             clipped += (ratio < 0.8 and a < 0) or (ratio > 1.2 and a > 0)
     tokens = int(mask.sum())
     t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
-    loss, stats = ppo_loss(t(new_logps), t(logps), t(new_values), t(values), t(want_ret), t(want_white), t(mask),
-                           0.2, 0.3, 0.5, float(tokens))
+    loss, stats = ppo_loss(
+        t(new_logps),
+        t(logps),
+        t(new_values),
+        t(values),
+        t(want_ret),
+        t(want_white),
+        t(mask),
+        0.2,
+        0.3,
+        0.5,
+        float(tokens),
+    )
     assert loss.item() == pytest.approx(total / tokens, abs=1e-5)
     assert 0 < clipped == int(stats["clipped"]) and int(stats["tokens"]) == tokens

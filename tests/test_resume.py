@@ -22,9 +22,19 @@ LORA = {"objective": "sft", "tuning": "lora", "lora": {"r": 8, "alpha": 16, "dro
 
 def recipe_for(folder: Path, model, **train) -> Path:
     return write_recipe(
-        folder, model, method=LORA,
-        train={"max_steps": 6, "micro_batch_size": 2, "gradient_accumulation_steps": 2, "save_every": 2,
-               "keep_checkpoints": 3, "lr": 2e-3, "log_every": 3, **train},
+        folder,
+        model,
+        method=LORA,
+        train={
+            "max_steps": 6,
+            "micro_batch_size": 2,
+            "gradient_accumulation_steps": 2,
+            "save_every": 2,
+            "keep_checkpoints": 3,
+            "lr": 2e-3,
+            "log_every": 3,
+            **train,
+        },
         data={"train": [{"path": "train.jsonl"}], "packing": True},
     )
 
@@ -57,8 +67,15 @@ def uninterrupted(tmp_path_factory, tiny_llama):
 def test_checkpoint_holds_everything_to_resume(uninterrupted):
     ckpt = uninterrupted / "checkpoints" / "step-4"
     names = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file()}
-    assert {"manifest.json", "trainer_state.json", "recipe.yaml", "optimizer.safetensors", "optimizer.json",
-            "adapter/adapter_model.safetensors", "adapter/adapter_config.json"} <= names
+    assert {
+        "manifest.json",
+        "trainer_state.json",
+        "recipe.yaml",
+        "optimizer.safetensors",
+        "optimizer.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+    } <= names
     state = json.loads((ckpt / "trainer_state.json").read_text())
     assert state["schema"] == "hwft.checkpoint/1" and state["step"] == 4 and state["engine"] == "torch"
     assert state["data"]["micro_batches"] == 8  # 4 steps x 2 micro-batches
@@ -104,8 +121,13 @@ def long_reference(tmp_path_factory, tiny_llama):
 
 def start_run(recipe: Path) -> subprocess.Popen:
     env = dict(os.environ)  # the same threads as this process: the same reduction order
-    return subprocess.Popen([sys.executable, "-m", "hwft", "train", str(recipe)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "hwft", "train", str(recipe)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_until(proc: subprocess.Popen, ready, timeout: float = 120) -> None:
@@ -156,12 +178,18 @@ def test_sigkill_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, ti
     out = tmp_path / "out"
     proc = start_run(recipe)
     # Step 3's checkpoint is done; kill while step 6's is being written (its temporary folder).
-    wait_until(proc, lambda: (out / "checkpoints" / "step-3" / "manifest.json").exists()
-               and any((out / "checkpoints").glob(".step-6-tmp-*")))
+    wait_until(
+        proc,
+        lambda: (
+            (out / "checkpoints" / "step-3" / "manifest.json").exists()
+            and any((out / "checkpoints").glob(".step-6-tmp-*"))
+        ),
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "checkpoints" / "step-6" / "manifest.json").exists() or pytest.skip(
-        "the write finished before the kill landed")
+        "the write finished before the kill landed"
+    )
     err = resume_and_compare(cli, recipe, out, long_reference)
     assert "(step 3 of 12" in err
 
@@ -190,11 +218,14 @@ def copy_run(reference: Path, folder: Path) -> tuple[Path, Path]:
     return folder / "recipe.yaml", folder / "out"
 
 
-@pytest.mark.parametrize("override,named", [
-    ("train.lr=1e-3", "train.lr (0.002 -> 0.001)"),
-    ("method.lora.r=4", "method.lora.r (8 -> 4)"),
-    ("train.max_steps=8", "train.max_steps (6 -> 8)"),
-])
+@pytest.mark.parametrize(
+    "override,named",
+    [
+        ("train.lr=1e-3", "train.lr (0.002 -> 0.001)"),
+        ("method.lora.r=4", "method.lora.r (8 -> 4)"),
+        ("train.max_steps=8", "train.max_steps (6 -> 8)"),
+    ],
+)
 def test_resume_refuses_a_recipe_that_changes_the_result(tmp_path, uninterrupted, cli, override, named):
     recipe, out = copy_run(uninterrupted, tmp_path / "run")
     before = adapter_bytes(out)
@@ -205,8 +236,9 @@ def test_resume_refuses_a_recipe_that_changes_the_result(tmp_path, uninterrupted
 
 def test_resume_accepts_settings_that_do_not_change_the_result(tmp_path, uninterrupted, cli):
     recipe, out = copy_run(uninterrupted, tmp_path / "run")
-    code, stdout, err = cli("train", recipe, f"output.dir={out}", "train.keep_checkpoints=1", "train.log_every=2",
-                            "--resume", "--dry-run")
+    code, stdout, err = cli(
+        "train", recipe, f"output.dir={out}", "train.keep_checkpoints=1", "train.log_every=2", "--resume", "--dry-run"
+    )
     assert code == 0 and "resumes" in stdout and "step-4 at step 4" in stdout, err
 
 
@@ -251,9 +283,11 @@ def test_a_checkpoint_hwft_did_not_write_is_never_loaded(tmp_path, uninterrupted
         tamper(checkpoint)
         code, _, err = cli("train", recipe, f"output.dir={out}", "--resume", checkpoint)
         assert code == 2, err
-        expected = {"planted": "adapter/extra.pt is not in the checkpoint's manifest",
-                    "changed": "optimizer.safetensors differs from what hwft wrote",
-                    "unsigned": "has no manifest.json"}[name]
+        expected = {
+            "planted": "adapter/extra.pt is not in the checkpoint's manifest",
+            "changed": "optimizer.safetensors differs from what hwft wrote",
+            "unsigned": "has no manifest.json",
+        }[name]
         assert expected in err, err
     assert not (tmp_path / "pwned").exists()
 
@@ -277,9 +311,20 @@ def test_a_checkpoint_cut_short_names_the_one_before(tmp_path, uninterrupted, cl
 def test_nonfinite_steps_are_skipped_then_the_run_stops_naming_the_step(tmp_path, tiny_llama, cli):
     """A learning rate of 1e30 makes the gradient NaN from step 2: one skipped step is allowed
     (nonfinite_limit 1), the second stops the run; the checkpoints written stay."""
-    recipe = write_recipe(tmp_path, tiny_llama, method={"objective": "sft", "tuning": "full"},
-                          train={"max_steps": 6, "lr": 1e30, "optimizer": "sgd", "max_grad_norm": None,
-                                 "save_every": 1, "nonfinite_limit": 1, "micro_batch_size": 2})
+    recipe = write_recipe(
+        tmp_path,
+        tiny_llama,
+        method={"objective": "sft", "tuning": "full"},
+        train={
+            "max_steps": 6,
+            "lr": 1e30,
+            "optimizer": "sgd",
+            "max_grad_norm": None,
+            "save_every": 1,
+            "nonfinite_limit": 1,
+            "micro_batch_size": 2,
+        },
+    )
     code, _, err = cli("train", recipe)
     out = tmp_path / "out"
     assert code == 1, err
@@ -310,15 +355,22 @@ def test_out_of_memory_names_the_step_and_what_would_use_less(tmp_path, tiny_lla
     from tests.conftest import write_jsonl
 
     words = " ".join(["word"] * 2500)
-    write_jsonl(tmp_path / "long.jsonl", [{"messages": [{"role": "user", "content": "hi"},
-                                                         {"role": "assistant", "content": words}]}] * 16)
+    write_jsonl(
+        tmp_path / "long.jsonl",
+        [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": words}]}] * 16,
+    )
     # Full-vocabulary fp32 logits of 16 x 2048 tokens: 6 GiB, and twice that for the softmax.
-    recipe = write_recipe(tmp_path, tiny_llama, train={"max_steps": 2, "micro_batch_size": 16, "max_length": 2048},
-                          kernels={"fused_cross_entropy": False, "attention": "eager"},
-                          data={"train": [{"path": "long.jsonl"}], "packing": False})
+    recipe = write_recipe(
+        tmp_path,
+        tiny_llama,
+        train={"max_steps": 2, "micro_batch_size": 16, "max_length": 2048},
+        kernels={"fused_cross_entropy": False, "attention": "eager"},
+        data={"train": [{"path": "long.jsonl"}], "packing": False},
+    )
     env = {**os.environ, "MALLOC_ARENA_MAX": "2", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, "-c", UNDER_LIMIT, "train", str(recipe)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", UNDER_LIMIT, "train", str(recipe)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 1, done.stderr[-2000:]
     assert "hwft: error: out of memory on cpu at step 1; to use less: train.micro_batch_size 16 -> 8" in done.stderr
     assert "train.max_length 2048 -> 1024" in done.stderr and "activation_checkpointing: true" in done.stderr
@@ -328,35 +380,68 @@ def test_out_of_memory_names_the_step_and_what_would_use_less(tmp_path, tiny_lla
 # ---------------------------------------------------------------------------- every engine and objective
 
 PROMPTS = [{"prompt": f"What is {i} + {i}?", "reference": str(2 * i)} for i in range(1, 5)]
-PAIRS = [{"prompt": f"Say {w}.", "chosen": f"{w.title()}!", "rejected": f"No, I will not say {w}."}
-         for w in ("hi", "yes", "ok", "thanks")]
+PAIRS = [
+    {"prompt": f"Say {w}.", "chosen": f"{w.title()}!", "rejected": f"No, I will not say {w}."}
+    for w in ("hi", "yes", "ok", "thanks")
+]
 
 
 def method_recipe(folder: Path, model, case: str) -> Path:
     from tests.conftest import write_jsonl
 
-    train = {"max_steps": 4, "save_every": 2, "micro_batch_size": 2, "gradient_accumulation_steps": 1,
-             "lr": 5e-3, "log_every": 1}
+    train = {
+        "max_steps": 4,
+        "save_every": 2,
+        "micro_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "lr": 5e-3,
+        "log_every": 1,
+    }
     lora = {"r": 8, "alpha": 16, "dropout": 0.1}
     if case == "mlx-sft":
-        return write_recipe(folder, model, backend="mlx", method={"objective": "sft", "tuning": "lora", "lora": lora},
-                            train=train)
+        return write_recipe(
+            folder, model, backend="mlx", method={"objective": "sft", "tuning": "lora", "lora": lora}, train=train
+        )
     if case == "dpo":
         write_jsonl(folder / "pairs.jsonl", PAIRS)
-        return write_recipe(folder, model, data={"train": [{"path": "pairs.jsonl"}]}, train=train,
-                            method={"objective": "dpo", "tuning": "lora", "lora": lora})
+        return write_recipe(
+            folder,
+            model,
+            data={"train": [{"path": "pairs.jsonl"}]},
+            train=train,
+            method={"objective": "dpo", "tuning": "lora", "lora": lora},
+        )
     write_jsonl(folder / "prompts.jsonl", PROMPTS)  # grpo, ppo: each rollout batch serves 2 steps
     if case.endswith("ppo"):  # the value head, ppo's extra module, is in every checkpoint
-        ppo = {"max_new_tokens": 6, "num_iterations": 2,
-               "rewards": [{"name": "length_penalty", "args": {"target": 2, "limit": 6}}]}
+        ppo = {
+            "max_new_tokens": 6,
+            "num_iterations": 2,
+            "rewards": [{"name": "length_penalty", "args": {"target": 2, "limit": 6}}],
+        }
         mlx = case.startswith("mlx")
         method = {"objective": "ppo", "tuning": "lora" if mlx else "full", "lora": lora, "ppo": ppo}
-        return write_recipe(folder, model, backend="mlx" if mlx else "cpu", data={"train": [{"path": "prompts.jsonl"}]},
-                            train=train, method=method)
-    grpo = {"num_generations": 4, "max_new_tokens": 6, "beta": 0.04, "num_iterations": 2,
-            "rewards": [{"name": "length_penalty", "args": {"target": 2, "limit": 6}}]}
-    return write_recipe(folder, model, data={"train": [{"path": "prompts.jsonl"}]}, train=train,
-                        method={"objective": "grpo", "tuning": "lora", "lora": lora, "grpo": grpo})
+        return write_recipe(
+            folder,
+            model,
+            backend="mlx" if mlx else "cpu",
+            data={"train": [{"path": "prompts.jsonl"}]},
+            train=train,
+            method=method,
+        )
+    grpo = {
+        "num_generations": 4,
+        "max_new_tokens": 6,
+        "beta": 0.04,
+        "num_iterations": 2,
+        "rewards": [{"name": "length_penalty", "args": {"target": 2, "limit": 6}}],
+    }
+    return write_recipe(
+        folder,
+        model,
+        data={"train": [{"path": "prompts.jsonl"}]},
+        train=train,
+        method={"objective": "grpo", "tuning": "lora", "lora": lora, "grpo": grpo},
+    )
 
 
 @pytest.mark.parametrize("case", ["mlx-sft", "dpo", "grpo", "ppo", "mlx-ppo"])

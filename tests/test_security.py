@@ -10,7 +10,6 @@ import re
 import shutil
 from pathlib import Path
 
-
 from tests.conftest import write_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,8 +53,7 @@ def test_a_pickled_adapter_is_refused(tmp_path, tiny_llama, cli):
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16}))
     (adapter / "adapter_model.bin").write_bytes(pickle.dumps(Payload(marker)))
-    code, _, err = cli("train", write_recipe(tmp_path, {"name": str(tiny_llama), "adapter": str(adapter)}),
-                       "--dry-run")
+    code, _, err = cli("train", write_recipe(tmp_path, {"name": str(tiny_llama), "adapter": str(adapter)}), "--dry-run")
     assert code == 2 and "model.adapter" in err and "only as pickles (adapter_model.bin)" in err, err
     assert not marker.exists()
 
@@ -66,8 +64,9 @@ def remote_code_model(tmp_path: Path, tiny_llama: Path, marker: Path) -> Path:
     model = tmp_path / "remote-model"
     shutil.copytree(tiny_llama, model)
     config = json.loads((model / "config.json").read_text())
-    config.update(model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig",
-                                               "AutoModelForCausalLM": "evil.EvilModel"})
+    config.update(
+        model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    )
     (model / "config.json").write_text(json.dumps(config))
     (model / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
     return model
@@ -91,8 +90,9 @@ def test_trust_remote_code_warns_naming_the_model(tmp_path, tiny_llama, cli):
 
 
 def shipped_python() -> list[Path]:
-    return [p for top in ("hwft", "backends", "plugins") for p in (ROOT / top).rglob("*.py")
-            if ".egg-info" not in str(p)]
+    return [
+        p for top in ("hwft", "backends", "plugins") for p in (ROOT / top).rglob("*.py") if ".egg-info" not in str(p)
+    ]
 
 
 def test_shipped_code_never_unpickles_evaluates_or_uses_a_shell():

@@ -15,10 +15,20 @@ import yaml
 from tests.conftest import REPO, write_jsonl, write_recipe
 
 #: A 2-layer Llama of the embedded tokenizer's vocabulary, as a model.shape.
-TINY_SHAPE = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
-              "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "num_hidden_layers": 2, "vocab_size": 49152, "max_position_embeddings": 256,
-              "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+TINY_SHAPE = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "num_hidden_layers": 2,
+    "vocab_size": 49152,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+}
 
 
 def shape_recipe(folder: Path, **sections) -> Path:
@@ -77,8 +87,10 @@ def test_the_tokens_format_reads_token_ids_and_names_a_bad_row(tmp_path):
 
     (chunk,) = encode(examples[0], renderer, 16, TokenizeStats())
     assert chunk.input_ids == [5, 6, 7, 8] and chunk.labels == [IGNORE_INDEX, 6, 7, 8]  # as given: no eos added
-    for row, field_error in (({"input_ids": [1, "a"]}, "must be a list of token ids"),
-                             ({"input_ids": [3]}, r"holds 1 token\(s\)")):
+    for row, field_error in (
+        ({"input_ids": [1, "a"]}, "must be a list of token ids"),
+        ({"input_ids": [3]}, r"holds 1 token\(s\)"),
+    ):
         bad = write_jsonl(tmp_path / "bad.jsonl", [{"input_ids": [1, 2]}, row])
         with pytest.raises(Exception, match=rf"bad.jsonl row 2 \(tokens format\): field 'input_ids' {field_error}"):
             load_examples(bad, objective="cpt")
@@ -87,13 +99,17 @@ def test_the_tokens_format_reads_token_ids_and_names_a_bad_row(tmp_path):
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"method": {"objective": "sft"}},
-         "data.train[0].random_tokens: rows of token ids, every one a label, train cpt"),
+        (
+            {"method": {"objective": "sft"}},
+            "data.train[0].random_tokens: rows of token ids, every one a label, train cpt",
+        ),
         ({"method": {"tuning": "qlora"}}, "model.shape builds random weights; method.tuning qlora quantises"),
         ({"model": {"name": "smollm2-135m", "shape": "missing.json"}}, "model.shape: "),
         ({"model": {"name": "smollm2-135m", "shape": "recipe.yaml"}}, "is not a JSON file"),
-        ({"model": {"name": "smollm2-135m", "shape": "shape.json", "adapter": "a"}},
-         "model.shape builds random weights; an adapter trained on real ones"),
+        (
+            {"model": {"name": "smollm2-135m", "shape": "shape.json", "adapter": "a"}},
+            "model.shape builds random weights; an adapter trained on real ones",
+        ),
     ],
 )
 def test_shape_recipes_that_cannot_run_are_refused_before_any_weight(tmp_path, cli, change, message):
@@ -136,8 +152,10 @@ def test_frozen_weights_in_bf16_train_exactly_as_autocast_does(tiny_llama, tmp_p
         assert code == 0, err
         assert ("frozen weights: 14 linear layers stored in bfloat16" in err) is (stored == "compute")
         metrics = [json.loads(x) for x in (folder / "out" / "metrics.jsonl").read_text().splitlines()]
-        runs[stored] = ([(m["loss"], m["grad_norm"]) for m in metrics],
-                        load_file(folder / "out" / "adapter" / "adapter_model.safetensors"))
+        runs[stored] = (
+            [(m["loss"], m["grad_norm"]) for m in metrics],
+            load_file(folder / "out" / "adapter" / "adapter_model.safetensors"),
+        )
     assert runs["compute"][0] == runs["fp32"][0]
     assert all((runs["compute"][1][k] == v).all() for k, v in runs["fp32"][1].items())
 
@@ -156,19 +174,31 @@ def test_frozen_weights_are_cast_once_and_only_where_they_may_be():
     assert frozen_weights.wanted(recipe, "lora", torch.bfloat16, cpu) is None
     assert frozen_weights.wanted(recipe, "lora", torch.float32, cuda) is None
     assert frozen_weights.wanted(recipe, "full", torch.bfloat16, cuda) is None  # full and freeze save the weights
-    for change in ({"parallel": {"strategy": "fsdp2"}}, {"method": {"tuning": "lora", "lora": {"dora": True}}},
-                   {"train": {"frozen_weights": "fp32"}}):
+    for change in (
+        {"parallel": {"strategy": "fsdp2"}},
+        {"method": {"tuning": "lora", "lora": {"dora": True}}},
+        {"train": {"frozen_weights": "fp32"}},
+    ):
         other = Recipe.model_validate({"data": "x.jsonl", "method": {"tuning": "lora"}, **change})
         assert frozen_weights.wanted(other, "lora", torch.bfloat16, cuda) is None, change
     forced = Recipe.model_validate({"data": "x.jsonl", "train": {"frozen_weights": "compute"}})
     assert frozen_weights.wanted(forced, "lora", torch.bfloat16, cpu) == torch.bfloat16
 
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
-                         num_hidden_layers=1, vocab_size=100, tie_word_embeddings=True)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_hidden_layers=1,
+        vocab_size=100,
+        tie_word_embeddings=True,
+    )
     model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules="all-linear"))
     tied = model.get_output_embeddings().weight
     saved = frozen_weights.store(model, torch.bfloat16)
-    assert saved == 2 * (2 * 32 * 32 + 2 * 16 * 32 + 3 * 64 * 32)  # 2 bytes each: q, o; k, v (one kv head); gate, up, down
+    assert saved == 2 * (
+        2 * 32 * 32 + 2 * 16 * 32 + 3 * 64 * 32
+    )  # 2 bytes each: q, o; k, v (one kv head); gate, up, down
     assert frozen_weights.count(model, torch.bfloat16) == 7
     assert tied.dtype == torch.float32 and model.get_input_embeddings().weight is tied
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
@@ -189,18 +219,23 @@ def test_the_baseline_takes_its_settings_from_the_recipe_and_builds_the_same_sha
     from hwft_torch.bench import baseline_arguments, baseline_model
     from hwft_torch.modeling import load_model
 
-    recipe = load_recipe(shape_recipe(tmp_path, bench={"baseline": {"micro_batch_size": 3,
-                                                                    "gradient_checkpointing": True}}))
+    recipe = load_recipe(
+        shape_recipe(tmp_path, bench={"baseline": {"micro_batch_size": 3, "gradient_checkpointing": True}})
+    )
     arguments = baseline_arguments(recipe.bench.baseline, recipe.train.max_length, "hf-liger")
-    assert (arguments["per_device_train_batch_size"], arguments["gradient_checkpointing"], arguments["max_length"],
-            arguments["use_liger_kernel"], arguments["attn_implementation"]) == (3, True, 32, True, "sdpa")
+    assert (
+        arguments["per_device_train_batch_size"],
+        arguments["gradient_checkpointing"],
+        arguments["max_length"],
+        arguments["use_liger_kernel"],
+        arguments["attn_implementation"],
+    ) == (3, True, 32, True, "sdpa")
     path = materialise(plan_run(recipe).model)
     cpu = torch.device("cpu")
     torch.manual_seed(recipe.train.seed)
     ours = load_model(path, recipe, cpu, "full", torch.float32)
     theirs = baseline_model(path, cpu, False, recipe.train.seed)
-    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values(),
-                                                 strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values(), strict=True))
     assert baseline_model(path, cpu, True, recipe.train.seed).dtype == torch.bfloat16  # the config says bf16
 
 
@@ -212,12 +247,27 @@ def test_the_bench_workloads_name_real_shapes_and_their_baseline_settings():
     shapes = {"llama-3.1-8b": (4096, 14336, 32, 32, 8, 128256), "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 151936)}
     for name, dims in shapes.items():
         config = json.loads((REPO / "configs" / "bench" / f"{name}.config.json").read_text())
-        assert tuple(config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                         "num_attention_heads", "num_key_value_heads", "vocab_size")) == dims
+        assert (
+            tuple(
+                config[k]
+                for k in (
+                    "hidden_size",
+                    "intermediate_size",
+                    "num_hidden_layers",
+                    "num_attention_heads",
+                    "num_key_value_heads",
+                    "vocab_size",
+                )
+            )
+            == dims
+        )
         recipe = load_recipe(REPO / "configs" / "bench" / f"{name}-lora.yaml")
         assert recipe.model.shape == f"{name}.config.json"
-        assert (recipe.method.tuning, recipe.method.lora.r, recipe.method.lora.target_modules) == ("lora", 16,
-                                                                                                   "all-linear")
+        assert (recipe.method.tuning, recipe.method.lora.r, recipe.method.lora.target_modules) == (
+            "lora",
+            16,
+            "all-linear",
+        )
         assert recipe.train.max_length == recipe.data.train[0].random_tokens.length == 2048
         assert recipe.bench.baseline.micro_batch_size == recipe.train.micro_batch_size
         assert recipe.bench.baseline.gradient_checkpointing == recipe.parallel.activation_checkpointing

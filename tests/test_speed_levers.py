@@ -128,8 +128,15 @@ def test_model_with_soft_capped_logits_keeps_the_plain_loss():
 
     from hwft_torch.objective import output_head
 
-    config = Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                          num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    config = Gemma2Config(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+    )
     why = output_head(Gemma2ForCausalLM(config))
     assert why == "the model transforms its logits (final_logit_softcapping)"
 
@@ -140,8 +147,13 @@ def test_cli_losses_are_the_same_with_the_fused_loss_on_and_off(tiny_llama, tmp_
     for fused in (True, False):
         folder = tmp_path / str(fused)
         folder.mkdir()
-        path = write_recipe(folder, tiny_llama, kernels={"fused_cross_entropy": fused}, backend=backend,
-                            data={"train": [{"path": "train.jsonl"}], "packing": False})
+        path = write_recipe(
+            folder,
+            tiny_llama,
+            kernels={"fused_cross_entropy": fused},
+            backend=backend,
+            data={"train": [{"path": "train.jsonl"}], "packing": False},
+        )
         code, _, err = cli("train", path)
         assert code == 0, err
         assert ("chunked cross-entropy" in err) is fused
@@ -203,8 +215,12 @@ def test_precision_auto_takes_the_path_the_cpu_probe_gives(tiny_llama, tmp_path,
 
 def test_data_eval_writes_the_held_out_loss(tiny_llama, tmp_path, cli):
     write_jsonl(tmp_path / "held_out.jsonl", SAMPLE_ROWS[:3])
-    path = write_recipe(tmp_path, tiny_llama, train={"max_steps": 4, "eval_every": 2},
-                        data={"train": ["train.jsonl"], "eval": ["held_out.jsonl"]})
+    path = write_recipe(
+        tmp_path,
+        tiny_llama,
+        train={"max_steps": 4, "eval_every": 2},
+        data={"train": ["train.jsonl"], "eval": ["held_out.jsonl"]},
+    )
     code, _, err = cli("train", path)
     assert code == 0, err
     lines = [json.loads(x) for x in (tmp_path / "out" / "eval.jsonl").read_text().splitlines()]

@@ -51,8 +51,12 @@ def reference_first_loss(model_dir, recipe_path) -> float:
 
 
 def test_cli_lora_end_to_end(tiny_llama, tmp_path, cli):
-    recipe = write_recipe(tmp_path, tiny_llama, train={"max_steps": 3, "save_every": 2},
-                          eval={"prompts": ["Who are you?"], "max_new_tokens": 4})
+    recipe = write_recipe(
+        tmp_path,
+        tiny_llama,
+        train={"max_steps": 3, "save_every": 2},
+        eval={"prompts": ["Who are you?"], "max_new_tokens": 4},
+    )
     code, out, err = cli("train", recipe)
     assert code == 0, err
     run_dir = tmp_path / "out"
@@ -79,8 +83,9 @@ def test_cli_lora_end_to_end(tiny_llama, tmp_path, cli):
 def test_gradient_accumulation_equals_one_big_batch(tiny_llama, tmp_path, cli):
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     big = write_recipe(tmp_path / "a", tiny_llama, train={"max_steps": 1, "micro_batch_size": 3})
-    acc = write_recipe(tmp_path / "b", tiny_llama,
-                       train={"max_steps": 1, "micro_batch_size": 1, "gradient_accumulation_steps": 3})
+    acc = write_recipe(
+        tmp_path / "b", tiny_llama, train={"max_steps": 1, "micro_batch_size": 1, "gradient_accumulation_steps": 3}
+    )
     assert cli("train", big, "--quiet")[0] == 0 and cli("train", acc, "--quiet")[0] == 0
     one, three = metrics(tmp_path / "a" / "out")[0], metrics(tmp_path / "b" / "out")[0]
     assert three["loss"] == pytest.approx(one["loss"], abs=1e-5)
@@ -109,9 +114,13 @@ def test_saved_adapter_reloads_through_plain_peft(tiny_llama, tmp_path):
 def test_full_tuning_qwen2_with_template_override(tiny_qwen2, tmp_path, cli):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    recipe = write_recipe(tmp_path, tiny_qwen2, template="chatml",
-                          method={"objective": "sft", "tuning": "full"},
-                          train={"max_steps": 6, "micro_batch_size": 6, "lr": 3e-3})
+    recipe = write_recipe(
+        tmp_path,
+        tiny_qwen2,
+        template="chatml",
+        method={"objective": "sft", "tuning": "full"},
+        train={"max_steps": 6, "micro_batch_size": 6, "lr": 3e-3},
+    )
     code, _, err = cli("train", recipe)
     assert code == 0, err
     out = tmp_path / "out" / "model"
@@ -125,8 +134,9 @@ def test_full_tuning_qwen2_with_template_override(tiny_qwen2, tmp_path, cli):
 
 
 def test_checkpoints_keep_the_newest(tiny_llama, tmp_path, cli):
-    recipe = write_recipe(tmp_path, tiny_llama,
-                          train={"max_steps": 5, "micro_batch_size": 2, "save_every": 1, "keep_checkpoints": 2})
+    recipe = write_recipe(
+        tmp_path, tiny_llama, train={"max_steps": 5, "micro_batch_size": 2, "save_every": 1, "keep_checkpoints": 2}
+    )
     assert cli("train", recipe, "--quiet") == (0, "", "")  # --quiet: not even progress lines
     steps = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
     assert steps == ["step-3", "step-4"]  # step 5 is the final save, in adapter/
@@ -198,10 +208,23 @@ def test_early_stopping_ends_the_run_after_patience_evaluations(tiny_llama, tmp_
     saves, and names the best step."""
     if backend == "mlx":
         pytest.importorskip("mlx.core")
-    recipe = write_recipe(tmp_path, tiny_llama, backend=backend, data={"train": [{"path": "train.jsonl"}], "val_size": 2},
-                          train={"lr": 1e-3, "max_steps": 10, "micro_batch_size": 2, "max_length": 64,
-                                 "precision": "fp32", "seed": 7, "eval_every": 1, "early_stopping_patience": 2,
-                                 "early_stopping_threshold": 100.0})
+    recipe = write_recipe(
+        tmp_path,
+        tiny_llama,
+        backend=backend,
+        data={"train": [{"path": "train.jsonl"}], "val_size": 2},
+        train={
+            "lr": 1e-3,
+            "max_steps": 10,
+            "micro_batch_size": 2,
+            "max_length": 64,
+            "precision": "fp32",
+            "seed": 7,
+            "eval_every": 1,
+            "early_stopping_patience": 2,
+            "early_stopping_threshold": 100.0,
+        },
+    )
     code, out, err = cli("train", recipe)
     assert code == 0, err
     assert "early stopping at step 3: eval_loss has not improved on" in err and "(step 1) for 2 evaluations" in err
@@ -210,12 +233,22 @@ def test_early_stopping_ends_the_run_after_patience_evaluations(tiny_llama, tmp_
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("train, data, message", [
-    ({"early_stopping_patience": 2, "eval_every": 1}, {}, "train.early_stopping_patience watches the held-out loss, "
-     "and there is no held-out data: set data.eval (datasets) or data.val_size"),
-    ({"early_stopping_patience": 2}, {"val_size": 2}, "train.early_stopping_patience counts evaluations: set "
-     "train.eval_every"),
-])
+@pytest.mark.parametrize(
+    "train, data, message",
+    [
+        (
+            {"early_stopping_patience": 2, "eval_every": 1},
+            {},
+            "train.early_stopping_patience watches the held-out loss, "
+            "and there is no held-out data: set data.eval (datasets) or data.val_size",
+        ),
+        (
+            {"early_stopping_patience": 2},
+            {"val_size": 2},
+            "train.early_stopping_patience counts evaluations: set train.eval_every",
+        ),
+    ],
+)
 def test_early_stopping_needs_held_out_evaluations(train, data, message):
     from hwft.errors import RecipeError
     from hwft.recipe import recipe_from_dict
@@ -235,10 +268,13 @@ def test_loraplus_steps_the_b_matrices_at_ratio_times_the_rate(tiny_llama, tmp_p
     for ratio in (None, 16.0):
         folder = tmp_path / str(ratio)
         folder.mkdir()
-        recipe = write_recipe(folder, tiny_llama, backend=backend,
-                              method={"lora": {"r": 8, "alpha": 16, "dropout": 0.0, "loraplus_lr_ratio": ratio}},
-                              train={"max_steps": 1, "optimizer": "sgd", "lr": 1e-2, "scheduler": "constant",
-                                     "max_grad_norm": None})
+        recipe = write_recipe(
+            folder,
+            tiny_llama,
+            backend=backend,
+            method={"lora": {"r": 8, "alpha": 16, "dropout": 0.0, "loraplus_lr_ratio": ratio}},
+            train={"max_steps": 1, "optimizer": "sgd", "lr": 1e-2, "scheduler": "constant", "max_grad_norm": None},
+        )
         code, _, err = cli("train", recipe)
         assert code == 0, err
         saved[ratio] = load_file(folder / "out" / "adapter" / "adapter_model.safetensors")
@@ -258,8 +294,13 @@ def test_freeze_trains_the_last_layers_and_saves_the_whole_model(tiny_llama, tmp
     0's, the embeddings' and the final norm's do not; model/ is the whole model, as full saves it."""
     from safetensors.numpy import load_file
 
-    recipe = write_recipe(tmp_path, tiny_llama, backend=backend,
-                          method={"tuning": "freeze", "freeze": {"trainable_layers": 1}}, train={"lr": 1e-2})
+    recipe = write_recipe(
+        tmp_path,
+        tiny_llama,
+        backend=backend,
+        method={"tuning": "freeze", "freeze": {"trainable_layers": 1}},
+        train={"lr": 1e-2},
+    )
     code, _, err = cli("train", recipe)
     assert code == 0, err
     before = load_file(tiny_llama / "model.safetensors")
@@ -270,10 +311,13 @@ def test_freeze_trains_the_last_layers_and_saves_the_whole_model(tiny_llama, tmp
     assert len(moved) == len([k for k in before if k.startswith("model.layers.1.")])
 
 
-@pytest.mark.parametrize("freeze, message", [
-    ({"trainable_layers": 1, "trainable_modules": ["mlp", "atention"]}, "method.freeze: atention names no module"),
-    ({"trainable_layers": 0}, "0 layers would train nothing"),
-])
+@pytest.mark.parametrize(
+    "freeze, message",
+    [
+        ({"trainable_layers": 1, "trainable_modules": ["mlp", "atention"]}, "method.freeze: atention names no module"),
+        ({"trainable_layers": 0}, "0 layers would train nothing"),
+    ],
+)
 def test_freeze_refusals(tiny_llama, tmp_path, cli, freeze, message):
     recipe = write_recipe(tmp_path, tiny_llama, method={"tuning": "freeze", "freeze": freeze})
     code, _, err = cli("train", recipe)

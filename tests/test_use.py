@@ -32,9 +32,12 @@ def lora_run(tmp_path_factory, tokenizer_dir, monkeypatch_module):
 
     folder = tmp_path_factory.mktemp("use-lora")
     model = build_tiny_model("llama", folder / "model", tokenizer_dir, seed=3, **ROPE)
-    recipe = write_recipe(folder, model, train={"max_steps": 4, "eval_every": 2, "lr": 5e-3},
-                          output={"dir": str(folder / "out"), "report_to": ["tensorboard", "wandb", "mlflow"],
-                                  "project": "hwft-tests"})
+    recipe = write_recipe(
+        folder,
+        model,
+        train={"max_steps": 4, "eval_every": 2, "lr": 5e-3},
+        output={"dir": str(folder / "out"), "report_to": ["tensorboard", "wandb", "mlflow"], "project": "hwft-tests"},
+    )
     write_jsonl(folder / "train.jsonl", SAMPLE_ROWS * 2)
     raw = recipe.read_text().replace("data:\n", "data:\n  val_size: 2\n", 1)
     recipe.write_text(raw)
@@ -53,8 +56,9 @@ def full_run(tmp_path_factory, tokenizer_dir):
 
     folder = tmp_path_factory.mktemp("use-full")
     model = build_tiny_model("qwen2", folder / "model", tokenizer_dir, seed=4, **ROPE)
-    recipe = write_recipe(folder, model, method={"objective": "sft", "tuning": "full"},
-                          train={"max_steps": 2, "lr": 1e-3})
+    recipe = write_recipe(
+        folder, model, method={"objective": "sft", "tuning": "full"}, train={"max_steps": 2, "lr": 1e-3}
+    )
     reset_host()
     assert hwft_cli.main(["train", str(recipe), "--quiet"]) == 0
     return folder / "out"
@@ -92,10 +96,13 @@ def test_trackers_receive_every_metrics_line(lora_run):
     assert [e["step"] for e in evals] == [2, 4] and all(e["examples"] == 2 for e in evals)
 
     board = EventAccumulator(str(lora_run / "tensorboard")).Reload()
-    assert [(s.step, round(s.value, 5)) for s in board.Scalars("train/loss")] == \
-        [(r["step"], round(r["loss"], 5)) for r in lines]
+    assert [(s.step, round(s.value, 5)) for s in board.Scalars("train/loss")] == [
+        (r["step"], round(r["loss"], 5)) for r in lines
+    ]
     assert [s.step for s in board.Scalars("eval/loss")] == [2, 4]
-    assert {"train/lr", "train/grad_norm", "train/tokens_per_second", "train/peak_memory_bytes"} <= set(board.Tags()["scalars"])
+    assert {"train/lr", "train/grad_norm", "train/tokens_per_second", "train/peak_memory_bytes"} <= set(
+        board.Tags()["scalars"]
+    )
 
     # wandb's offline log (written by its Go core, which ships no Python reader): every value logged
     (log,) = (lora_run / "wandb").glob("offline-run-*/run-*.wandb")
@@ -119,9 +126,14 @@ def test_method_metrics_reach_the_tracker(cli, tmp_path, tiny_llama):
     from tests.test_methods import PAIRS
 
     write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
-    recipe = write_recipe(tmp_path, tiny_llama, data={"train": [{"path": "pairs.jsonl"}]},
-                          method={"objective": "dpo", "tuning": "lora"}, train={"max_steps": 2, "micro_batch_size": 2},
-                          output={"dir": str(tmp_path / "out"), "report_to": ["tensorboard"]})
+    recipe = write_recipe(
+        tmp_path,
+        tiny_llama,
+        data={"train": [{"path": "pairs.jsonl"}]},
+        method={"objective": "dpo", "tuning": "lora"},
+        train={"max_steps": 2, "micro_batch_size": 2},
+        output={"dir": str(tmp_path / "out"), "report_to": ["tensorboard"]},
+    )
     code, _, err = cli("train", recipe, "--quiet")
     assert code == 0, err
     lines = metrics(tmp_path / "out")
@@ -252,16 +264,18 @@ def test_serve_answers_openai_chat_completions(server, session):
     with urllib.request.urlopen(f"{server}/v1/models", timeout=10) as r:
         assert json.load(r)["data"][0]["id"] == "tiny"
 
-    status, raw = post(f"{server}/v1/chat/completions",
-                       {"model": "tiny", "messages": messages, "temperature": 0, "max_tokens": 10})
+    status, raw = post(
+        f"{server}/v1/chat/completions", {"model": "tiny", "messages": messages, "temperature": 0, "max_tokens": 10}
+    )
     body = json.loads(raw)
     assert status == 200 and body["object"] == "chat.completion"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": want}
     assert body["usage"]["prompt_tokens"] == len(session.prompt_ids(messages))
     assert body["usage"]["completion_tokens"] <= 10
 
-    status, raw = post(f"{server}/v1/chat/completions",
-                       {"messages": messages, "temperature": 0, "max_tokens": 10, "stream": True})
+    status, raw = post(
+        f"{server}/v1/chat/completions", {"messages": messages, "temperature": 0, "max_tokens": 10, "stream": True}
+    )
     events = [line.removeprefix("data: ") for line in raw.decode().split("\n\n") if line.startswith("data: ")]
     assert status == 200 and events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
@@ -269,20 +283,24 @@ def test_serve_answers_openai_chat_completions(server, session):
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == want
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
-    cut = want[len(want) // 2:][:2]
+    cut = want[len(want) // 2 :][:2]
     if cut:  # a stop string ends the reply before it, finish_reason stop
-        status, raw = post(f"{server}/v1/chat/completions",
-                           {"messages": messages, "temperature": 0, "max_tokens": 10, "stop": [cut]})
+        status, raw = post(
+            f"{server}/v1/chat/completions", {"messages": messages, "temperature": 0, "max_tokens": 10, "stop": [cut]}
+        )
         choice = json.loads(raw)["choices"][0]
-        assert choice["message"]["content"] == want[:want.index(cut)] and choice["finish_reason"] == "stop"
+        assert choice["message"]["content"] == want[: want.index(cut)] and choice["finish_reason"] == "stop"
 
 
-@pytest.mark.parametrize("body, message", [
-    ({"messages": "hi"}, "messages: give a non-empty list"),
-    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0]: role must be"),
-    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n: only 1"),
-    ({"messages": [{"role": "user", "content": "x"}], "temperature": -1}, "temperature: give a number >= 0"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"messages": "hi"}, "messages: give a non-empty list"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0]: role must be"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n: only 1"),
+        ({"messages": [{"role": "user", "content": "x"}], "temperature": -1}, "temperature: give a number >= 0"),
+    ],
+)
 def test_serve_refuses_bad_requests_with_400(server, body, message):
     status, raw = post(f"{server}/v1/chat/completions", body)
     assert status == 400 and message in json.loads(raw)["error"]["message"]
@@ -333,8 +351,10 @@ def test_val_size_must_leave_examples_on_both_sides(cli, tmp_path, tiny_llama):
 # export
 
 
-@pytest.mark.parametrize("to, extra", [("hf", []), ("peft", []), ("mlx", []),
-                                       ("gguf", ["--gguf-type", "f16"]), ("gguf", ["--gguf-type", "q8_0"])])
+@pytest.mark.parametrize(
+    "to, extra",
+    [("hf", []), ("peft", []), ("mlx", []), ("gguf", ["--gguf-type", "f16"]), ("gguf", ["--gguf-type", "q8_0"])],
+)
 def test_export_reloads_with_the_same_logits(cli, lora_run, tmp_path, to, extra):
     out = tmp_path / ("model.gguf" if to == "gguf" else to)
     code, stdout, err = cli("export", lora_run, "--to", to, "--out", out, "--verify", *extra)

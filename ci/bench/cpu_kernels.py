@@ -71,8 +71,11 @@ def main() -> None:
             row = [attention(length, dtype, None)] + [attention(length, dtype, b) for b in blocks]
             print(f"| {length} | " + " | ".join(f"{t:.2f}" for t in row) + " |", flush=True)
     for dtype in (torch.bfloat16, torch.float32):
-        print(f"\ncross-entropy of one chunk ({POSITIONS} x {VOCAB}), {str(dtype).removeprefix('torch.')}: "
-              f"{cross_entropy(dtype):.1f} ms", flush=True)
+        print(
+            f"\ncross-entropy of one chunk ({POSITIONS} x {VOCAB}), {str(dtype).removeprefix('torch.')}: "
+            f"{cross_entropy(dtype):.1f} ms",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

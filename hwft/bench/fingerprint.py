@@ -20,8 +20,19 @@ from hwft.hardware import cpu_name, host_memory_gb
 from hwft.records import Availability
 
 #: Distributions whose versions every result records (None: not installed).
-PACKAGES = ("torch", "torch-npu", "transformers", "peft", "bitsandbytes", "accelerate", "deepspeed",
-            "mlx", "mlx-lm", "liger-kernel", "flash-attn")
+PACKAGES = (
+    "torch",
+    "torch-npu",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "accelerate",
+    "deepspeed",
+    "mlx",
+    "mlx-lm",
+    "liger-kernel",
+    "flash-attn",
+)
 
 
 def version(dist: str) -> str | None:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from hwft.bench.summary import comparison_lines, paired_summary
 from hwft.bench.schema import SCHEMA, BenchResult
+from hwft.bench.summary import comparison_lines, paired_summary
 from hwft.errors import UserError
 
 
@@ -40,18 +40,36 @@ def label(r: BenchResult) -> str:
 
 
 def table(results: list[BenchResult], with_workload: bool) -> str:
-    head = ["machine / backend / arm", "tokens/s", "step median s", "step p90 s", "peak memory GiB", "MFU",
-            "eval loss", "date"]
+    head = [
+        "machine / backend / arm",
+        "tokens/s",
+        "step median s",
+        "step p90 s",
+        "peak memory GiB",
+        "MFU",
+        "eval loss",
+        "date",
+    ]
     if with_workload:
         head.insert(1, "workload")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         m = r.metrics
-        mem = f"{m.peak_memory_bytes / 2**30:.2f} {'RSS' if m.memory_kind == 'process-rss' else 'device'}" \
-            if m.peak_memory_bytes else "-"
-        cells = [label(r), f"{m.tokens_per_second:.1f}", f"{m.step_time_median_s:.2f}", f"{m.step_time_p90_s:.2f}",
-                 mem, f"{m.mfu:.1%}" if m.mfu is not None else "-",
-                 f"{m.eval_loss:.4f}" if m.eval_loss is not None else "-", r.created[:10]]
+        mem = (
+            f"{m.peak_memory_bytes / 2**30:.2f} {'RSS' if m.memory_kind == 'process-rss' else 'device'}"
+            if m.peak_memory_bytes
+            else "-"
+        )
+        cells = [
+            label(r),
+            f"{m.tokens_per_second:.1f}",
+            f"{m.step_time_median_s:.2f}",
+            f"{m.step_time_p90_s:.2f}",
+            mem,
+            f"{m.mfu:.1%}" if m.mfu is not None else "-",
+            f"{m.eval_loss:.4f}" if m.eval_loss is not None else "-",
+            r.created[:10],
+        ]
         if with_workload:
             cells.insert(1, r.workload.hash)
         lines.append("| " + " | ".join(cells) + " |")
@@ -71,8 +89,10 @@ def figure(results: list[BenchResult], name: str):
     import matplotlib.pyplot as plt
 
     unit = dict(CHARTS)[name]
-    values = [r.metrics.tokens_per_second if name == "tokens_per_second" else (r.metrics.peak_memory_bytes or 0) / 2**30
-              for r in results]
+    values = [
+        r.metrics.tokens_per_second if name == "tokens_per_second" else (r.metrics.peak_memory_bytes or 0) / 2**30
+        for r in results
+    ]
     fig, ax = plt.subplots(figsize=(8, 0.6 * len(results) + 1.2))
     colors = ["tab:blue" if r.arm.kind == "hwft" else "tab:gray" for r in results]
     ax.barh([label(r) for r in results], values, color=colors)
@@ -106,23 +126,33 @@ def report(files: list[str], out: str | None, force: bool) -> int:
     if len(hashes) > 1 and not force:
         by_hash = {h: [f for f, r in zip(files, results, strict=True) if r.workload.hash == h] for h in hashes}
         listing = "; ".join(f"{h}: {', '.join(fs)}" for h, fs in by_hash.items())
-        raise UserError(f"these results measure {len(hashes)} different workloads ({listing}); compare one "
-                        "workload at a time, or pass --force to put them in one table")
+        raise UserError(
+            f"these results measure {len(hashes)} different workloads ({listing}); compare one "
+            "workload at a time, or pass --force to put them in one table"
+        )
     folder = Path(out) if out else Path(files[0]).parent
     folder.mkdir(parents=True, exist_ok=True)
     # the header names hwft's timed steps (a baseline's pass takes its own number of steps)
     first = next((r for r in results if r.arm.kind == "hwft"), results[0])
-    text = [f"# hwft bench report ({len(results)} results)", "",
-            f"Workload {', '.join(hashes)}: `{first.workload.recipe}`, {first.workload.steps} timed steps "
-            f"after {first.workload.warmup} warmup, {first.arm.objective}/{first.arm.tuning}.", "",
-            table(results, len(hashes) > 1), ""]
+    text = [
+        f"# hwft bench report ({len(results)} results)",
+        "",
+        f"Workload {', '.join(hashes)}: `{first.workload.recipe}`, {first.workload.steps} timed steps "
+        f"after {first.workload.warmup} warmup, {first.arm.objective}/{first.arm.tuning}.",
+        "",
+        table(results, len(hashes) > 1),
+        "",
+    ]
     comparisons = [line for r in results for line in comparison_lines(r)]
     if comparisons:
         text += ["Against the transformers Trainer + peft baselines:", ""] + [f"- {c}" for c in comparisons] + [""]
     medians = paired_summary(results)
     if medians:
-        text += ["Over the paired runs (each hwft arm against the baseline run right after it):", ""] \
-            + [f"- {m}" for m in medians] + [""]
+        text += (
+            ["Over the paired runs (each hwft arm against the baseline run right after it):", ""]
+            + [f"- {m}" for m in medians]
+            + [""]
+        )
     pngs = charts(results, folder)
     text += [f"![{p.stem}]({p.name})" for p in pngs]
     path = folder / "report.md"

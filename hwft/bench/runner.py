@@ -16,8 +16,8 @@ from hwft.bench.fingerprint import model_identity, workload_hash
 from hwft.bench.schema import BenchResult, Comparison
 from hwft.bench.summary import comparison_lines, paired_summary, summary_table
 from hwft.errors import RecipeError, SelectionError
+from hwft.methods.lookup import registry as method_registry
 from hwft.plugins import get_host
-from hwft.methods import registry as method_registry
 from hwft.processes import run_child
 from hwft.recipe import load_recipe
 from hwft.records import PRIORITY_CPU_FALLBACK
@@ -41,8 +41,9 @@ def baseline_differences(recipe) -> list[str]:
     m, t = recipe.method, recipe.train
     out = []
     if m.objective not in language_modelling() or m.tuning != "lora":
-        out.append(f"method {m.objective}/{m.tuning} (the baseline trains {' or '.join(language_modelling())} "
-                   "with lora)")
+        out.append(
+            f"method {m.objective}/{m.tuning} (the baseline trains {' or '.join(language_modelling())} with lora)"
+        )
     for key, want in BASELINE_MODEL.items():
         have = getattr(m.lora, key)
         if have != want:
@@ -65,8 +66,11 @@ def choose_backends(recipe, names: list[str] | None) -> list[str]:
     # runs when named.
     fallback = [n for n in able if (host.probe(n).priority or host.backend(n).priority) <= PRIORITY_CPU_FALLBACK]
     if fallback and len(fallback) < len(able):
-        print(f"hwft bench: not running {', '.join(fallback)} (another engine on this CPU; name it with "
-              "--backends to include it)", file=sys.stderr)
+        print(
+            f"hwft bench: not running {', '.join(fallback)} (another engine on this CPU; name it with "
+            "--backends to include it)",
+            file=sys.stderr,
+        )
         able = [n for n in able if n not in fallback]
     if not able:
         raise SelectionError("no available backend can run this recipe (see `hwft env`)")
@@ -97,17 +101,32 @@ def compare(hwft: BenchResult, base: BenchResult, base_file: str, differences: l
         mem = hwft.metrics.peak_memory_bytes / base.metrics.peak_memory_bytes
     e1, e0 = hwft.metrics.eval_loss, base.metrics.eval_loss
     return Comparison(
-        baseline=base_file, baseline_dtype=base.arm.dtype, baseline_kind=base.arm.kind, same_tokens=same,
+        baseline=base_file,
+        baseline_dtype=base.arm.dtype,
+        baseline_kind=base.arm.kind,
+        same_tokens=same,
         differences=differences,
         counts=same and not differences,
         tokens_per_second_ratio=hwft.metrics.tokens_per_second / base.metrics.tokens_per_second,
-        peak_memory_ratio=mem, eval_loss_hwft=e1, eval_loss_baseline=e0,
+        peak_memory_ratio=mem,
+        eval_loss_hwft=e1,
+        eval_loss_baseline=e0,
         eval_loss_relative_difference=(e1 - e0) / e0 if e1 is not None and e0 else None,
     )
 
 
-def bench(recipe_path: str, overrides: list[str], backends: list[str] | None, steps: int | None, warmup: int,
-          baseline: list[str] | str | None, baseline_bf16: bool, out: str, eval_examples: int, repeat: int = 1) -> int:
+def bench(
+    recipe_path: str,
+    overrides: list[str],
+    backends: list[str] | None,
+    steps: int | None,
+    warmup: int,
+    baseline: list[str] | str | None,
+    baseline_bf16: bool,
+    out: str,
+    eval_examples: int,
+    repeat: int = 1,
+) -> int:
     recipe = load_recipe(recipe_path, overrides)
     kinds = [baseline] if isinstance(baseline, str) else list(baseline or [])
     for kind in kinds:
@@ -126,35 +145,57 @@ def bench(recipe_path: str, overrides: list[str], backends: list[str] | None, st
     differences = []
     if kinds:
         if not any(host.backend(n).engine == "torch" for n in names):
-            raise SelectionError(f"--baseline {','.join(kinds)} runs on a torch backend (cpu, cuda, rocm, npu); none "
-                                 f"is among {', '.join(names)}")
+            raise SelectionError(
+                f"--baseline {','.join(kinds)} runs on a torch backend (cpu, cuda, rocm, npu); none "
+                f"is among {', '.join(names)}"
+            )
         if recipe.method.objective not in language_modelling():
-            raise RecipeError(f"--baseline trains {' or '.join(language_modelling())}; this recipe's objective is "
-                              f"{recipe.method.objective}")
+            raise RecipeError(
+                f"--baseline trains {' or '.join(language_modelling())}; this recipe's objective is "
+                f"{recipe.method.objective}"
+            )
         from hwft.bench.worker import bench_tools
 
         torch_names = [n for n in names if host.backend(n).engine == "torch"]
         tools = bench_tools(host.backend(torch_names[0]))
+        if tools is None:
+            raise SelectionError(
+                f"--baseline needs the torch engine's bench tools (hwft_torch.bench); backend "
+                f"{torch_names[0]} names none"
+            )
         for kind in kinds:
             for n in torch_names:
                 if problem := tools.baseline_problem(kind, n):
                     raise SelectionError(problem)
-            print(f"baseline {kind} (fixed arguments): "
-                  + json.dumps(tools.baseline_arguments(recipe.bench.baseline, recipe.train.max_length, kind)),
-                  file=sys.stderr)
+            print(
+                f"baseline {kind} (fixed arguments): "
+                + json.dumps(tools.baseline_arguments(recipe.bench.baseline, recipe.train.max_length, kind)),
+                file=sys.stderr,
+            )
         differences = baseline_differences(recipe)
         if differences:
-            print("baseline: the recipe differs from it in " + "; ".join(differences)
-                  + " -- ratios will be shown but do not count", file=sys.stderr)
+            print(
+                "baseline: the recipe differs from it in "
+                + "; ".join(differences)
+                + " -- ratios will be shown but do not count",
+                file=sys.stderr,
+            )
     model_id = model_identity(plan.model)
     bench_params = {"steps": steps, "warmup": warmup, "eval_examples": eval_examples}
     digest = workload_hash(recipe, model_id, bench_params)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    base_spec = {"recipe": str(Path(recipe_path).resolve()), "overrides": overrides, "steps": steps,
-                 "warmup": warmup, "eval_examples": eval_examples, "run_id": run_id,
-                 "workload_hash": digest, "model_id": model_id}
+    base_spec = {
+        "recipe": str(Path(recipe_path).resolve()),
+        "overrides": overrides,
+        "steps": steps,
+        "warmup": warmup,
+        "eval_examples": eval_examples,
+        "run_id": run_id,
+        "workload_hash": digest,
+        "model_id": model_id,
+    }
     results: list[tuple[str, BenchResult]] = []
     # Rounds alternate the arms (hwft, baseline, hwft, baseline, ...): each hwft arm is compared
     # with the baseline run right after it (paired_summary).
@@ -169,8 +210,17 @@ def bench(recipe_path: str, overrides: list[str], backends: list[str] | None, st
             examples = [i for s in hwft.steps for i in s.examples]
             for kind, tag in ((k, d) for k in kinds for d in dtypes):
                 bpath = folder / f"{prefix}-baseline-{kind}-{tag}-{name}.json"
-                base = run_arm({**base_spec, "arm": f"baseline-{kind}", "backend": name, "result": str(bpath),
-                                "bf16": tag == "bf16", "examples": examples}, folder)
+                base = run_arm(
+                    {
+                        **base_spec,
+                        "arm": f"baseline-{kind}",
+                        "backend": name,
+                        "result": str(bpath),
+                        "bf16": tag == "bf16",
+                        "examples": examples,
+                    },
+                    folder,
+                )
                 hwft.comparisons.append(compare(hwft, base, bpath.name, differences))
                 results.append((bpath.name, base))
                 path.write_text(hwft.dump(), encoding="utf-8")  # the comparisons so far

@@ -18,12 +18,18 @@ def mfu_text(m) -> str:
 
 
 def summary_table(results: list[BenchResult]) -> str:
-    lines = ["| arm | backend | dtype | tokens/s | step median s | step p90 s | peak memory GiB | MFU | last loss | eval loss |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| arm | backend | dtype | tokens/s | step median s | step p90 s | peak memory GiB | MFU | last loss "
+        "| eval loss |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         m = r.metrics
-        mem = f"{m.peak_memory_bytes / 2**30:.2f} ({'RSS' if m.memory_kind == 'process-rss' else 'device'})" \
-            if m.peak_memory_bytes else "-"
+        mem = (
+            f"{m.peak_memory_bytes / 2**30:.2f} ({'RSS' if m.memory_kind == 'process-rss' else 'device'})"
+            if m.peak_memory_bytes
+            else "-"
+        )
         lines.append(
             f"| {r.arm.kind} | {r.arm.backend} | {r.arm.dtype} | {m.tokens_per_second:.1f} | "
             f"{m.step_time_median_s:.2f} | {m.step_time_p90_s:.2f} | {mem} | "
@@ -37,15 +43,24 @@ def summary_table(results: list[BenchResult]) -> str:
 def comparison_lines(result: BenchResult) -> list[str]:
     out = []
     for c in result.comparisons:
-        verdict = "counts" if c.counts else "does NOT count: " + (
-            "; ".join(c.differences) if c.differences else "the arms trained different tokens")
+        verdict = (
+            "counts"
+            if c.counts
+            else "does NOT count: "
+            + ("; ".join(c.differences) if c.differences else "the arms trained different tokens")
+        )
         mem = f", peak memory x{c.peak_memory_ratio:.2f}" if c.peak_memory_ratio else ""
         ev = ""
         if c.eval_loss_relative_difference is not None:
-            ev = (f", eval loss {c.eval_loss_hwft:.4f} vs {c.eval_loss_baseline:.4f} "
-                  f"({c.eval_loss_relative_difference:+.2%})")
-        out.append(f"hwft/{result.arm.backend} vs {c.baseline_kind} {c.baseline_dtype}: tokens/s x{c.tokens_per_second_ratio:.2f}"
-                   f"{mem}{ev} (same tokens: {'yes' if c.same_tokens else 'no'}; ratio {verdict})")
+            ev = (
+                f", eval loss {c.eval_loss_hwft:.4f} vs {c.eval_loss_baseline:.4f} "
+                f"({c.eval_loss_relative_difference:+.2%})"
+            )
+        out.append(
+            f"hwft/{result.arm.backend} vs {c.baseline_kind} {c.baseline_dtype}: "
+            f"tokens/s x{c.tokens_per_second_ratio:.2f}"
+            f"{mem}{ev} (same tokens: {'yes' if c.same_tokens else 'no'}; ratio {verdict})"
+        )
     return out
 
 
@@ -67,8 +82,10 @@ def paired_summary(results: list[BenchResult]) -> list[str]:
         if len(pairs) < 2:
             continue
         speed = sorted(c.tokens_per_second_ratio for c in pairs)
-        line = (f"hwft/{backend} vs {kind} {dtype}, workload {digest}, median of {len(pairs)} paired runs: "
-                f"tokens/s x{statistics.median(speed):.2f} (range x{speed[0]:.2f} to x{speed[-1]:.2f})")
+        line = (
+            f"hwft/{backend} vs {kind} {dtype}, workload {digest}, median of {len(pairs)} paired runs: "
+            f"tokens/s x{statistics.median(speed):.2f} (range x{speed[0]:.2f} to x{speed[-1]:.2f})"
+        )
         memory = [c.peak_memory_ratio for c in pairs if c.peak_memory_ratio]
         if memory:
             line += f", peak memory x{statistics.median(memory):.2f} (at most x{max(memory):.2f})"

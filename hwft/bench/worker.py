@@ -14,6 +14,7 @@ import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 from hwft.bench.fingerprint import fingerprint
 from hwft.bench.flops import step_flops
@@ -29,11 +30,18 @@ from hwft.recipe import load_recipe
 from hwft.select import compile_decision
 from hwft.train import Plan, plan_run, run
 
+
 def bench_recipe(spec: dict, out_dir: str):
     """The recipe as the arm runs it: on the named backend, for warmup + steps steps, writing
     into a throwaway folder, showing no answers."""
-    overrides = [*spec["overrides"], f"backend={spec['backend']}", f"output.dir={out_dir}",
-                 "output.overwrite=true", "output.plot=false", "eval.prompts=[]"]
+    overrides = [
+        *spec["overrides"],
+        f"backend={spec['backend']}",
+        f"output.dir={out_dir}",
+        "output.overwrite=true",
+        "output.plot=false",
+        "eval.prompts=[]",
+    ]
     if spec["steps"]:
         overrides.append(f"train.max_steps={spec['warmup'] + spec['steps']}")
     return load_recipe(spec["recipe"], overrides)
@@ -47,8 +55,10 @@ def split(plan: Plan, eval_examples: int) -> tuple[list, list]:
     if eval_examples == 0:
         return plan.data.examples, []
     if len(plan.data.examples) <= eval_examples:
-        raise SystemExit(f"hwft bench: {len(plan.data.examples)} examples leave none to train on after "
-                         f"holding out {eval_examples}; lower --eval-examples")
+        raise SystemExit(
+            f"hwft bench: {len(plan.data.examples)} examples leave none to train on after "
+            f"holding out {eval_examples}; lower --eval-examples"
+        )
     return plan.data.examples[:-eval_examples], plan.data.examples[-eval_examples:]
 
 
@@ -59,11 +69,15 @@ def decide_compile(plan: Plan, spec: dict, out_dir: str) -> Plan:
     model_path = materialise(plan.model, log=lambda m: None)
     tokenizer = load_tokenizer(model_path, plan.recipe.model.trust_remote_code)
     whole = plan.recipe.model_copy(update={"train": plan.recipe.train.model_copy(update={"max_steps": None})})
-    steps = training_batches(plan.data, ChatRenderer.for_recipe(whole, tokenizer), whole, plan.choice.capability,
-                             1).steps
+    steps = training_batches(
+        plan.data, ChatRenderer.for_recipe(whole, tokenizer), whole, plan.choice.capability, 1
+    ).steps
     on, why = compile_decision(None, plan.choice.capability.compile, plan.choice.backend.accelerator, steps)
-    print(f"hwft bench: kernels.compile null: {'on' if on else 'off'} as in the whole run ({why})",
-          file=sys.stderr, flush=True)
+    print(
+        f"hwft bench: kernels.compile null: {'on' if on else 'off'} as in the whole run ({why})",
+        file=sys.stderr,
+        flush=True,
+    )
     if not on:
         return plan
     examples = plan.data.examples
@@ -76,23 +90,34 @@ def bench_tools(backend):
     """The module of the backend's bench tools (``Backend.bench``): model_dims, peak_flops,
     held_out_loss, memory_kind (and the torch engine's Trainer baseline); for a backend that
     names none (a 1.0 plugin), another backend's on the same engine; None if there is none."""
-    path = backend.bench or next((b.bench for b in get_host().backends.values()
-                                  if b.engine == backend.engine and b.bench), None)
+    path = backend.bench or next(
+        (b.bench for b in get_host().backends.values() if b.engine == backend.engine and b.bench), None
+    )
     return importlib.import_module(path) if path else None
 
 
-def metrics(steps: list[dict], warmup: int, peak_memory: int | None, memory_kind: str, eval_loss,
-            dims: dict | None, tuning: str, reference_forward: bool, peak: tuple | None,
-            measured: float | None = None) -> Metrics:
+def metrics(
+    steps: list[dict],
+    warmup: int,
+    peak_memory: int | None,
+    memory_kind: Literal["device", "process-rss"],
+    eval_loss,
+    dims: dict | None,
+    tuning: str,
+    reference_forward: bool,
+    peak: tuple | None,
+    measured: float | None = None,
+) -> Metrics:
     timed = steps[warmup:]
     if not timed:
-        raise SystemExit(f"hwft bench: {len(steps)} steps ran, none after {warmup} warmup steps; "
-                         "lower --warmup or raise --steps")
+        raise SystemExit(
+            f"hwft bench: {len(steps)} steps ran, none after {warmup} warmup steps; lower --warmup or raise --steps"
+        )
     seconds = sum(s["seconds"] for s in timed)
     times = sorted(s["seconds"] for s in timed)
-    computed = [s.get("computed") for s in steps]
+    computed = [c for s in steps if (c := s.get("computed")) is not None]
     padding = None
-    if all(c is not None for c in computed):
+    if len(computed) == len(steps):
         padding = 1 - sum(s["tokens"] for s in steps) / sum(computed)
     flops_per_second = None
     if dims:
@@ -149,36 +174,47 @@ def main(spec_path: str) -> int:
                 # stopped by a signal: the checkpoint it wrote lived in this arm's throwaway folder
                 raise RunFailed(f"the arm stopped ({str(exc).split(' after step')[0]})", exc.exit_code) from None
             steps, model = job.steps, job.results.model
-            dtype, tuning = job.results.dtype, job.results.tuning
+            dtype, tuning = job.results.dtype or recipe.train.precision, job.results.tuning or m.tuning
             peak_memory = job.results.peak_memory_bytes
-            settings = {"kernels": recipe.kernels.model_dump(), "packing": recipe.data.packing,
-                        "micro_batch_size": recipe.train.micro_batch_size,
-                        "gradient_accumulation_steps": recipe.train.gradient_accumulation_steps,
-                        "lora": recipe.method.lora.model_dump(), "lr": recipe.train.lr}
+            settings = {
+                "kernels": recipe.kernels.model_dump(),
+                "packing": recipe.data.packing,
+                "micro_batch_size": recipe.train.micro_batch_size,
+                "gradient_accumulation_steps": recipe.train.gradient_accumulation_steps,
+                "lora": recipe.method.lora.model_dump(),
+                "lr": recipe.train.lr,
+            }
         else:
+            if tools is None:  # runner.check_baseline refused this before any arm started
+                raise SystemExit(f"hwft bench: backend {spec['backend']} has no bench tools for a baseline arm")
             model_path = materialise(plan.model)
             tokenizer, rows = rows_of(train_examples, recipe, model_path)
             trained = [rows[i] for i in spec["examples"]]
             _, eval_rows = rows_of(eval_examples, recipe, model_path) if eval_examples else (None, [])
             kind = spec["arm"].removeprefix("baseline-")
             arguments = tools.baseline_arguments(recipe.bench.baseline, recipe.train.max_length, kind)
-            out = tools.baseline_run(model_path, tokenizer, trained, eval_rows, spec["backend"], spec["bf16"],
-                                     recipe.train.seed, arguments)
+            out = tools.baseline_run(
+                model_path, tokenizer, trained, eval_rows, spec["backend"], spec["bf16"], recipe.train.seed, arguments
+            )
             steps, model, dtype, tuning = out["steps"], out["model"], out["dtype"], "lora"
             peak_memory, settings = out["peak_memory"], out["settings"]
         eval_loss = None
         if tools is not None and eval_examples:
             if spec["arm"] == "hwft":
                 tokenizer, eval_rows = rows_of(eval_examples, recipe, materialise(plan.model))
-                eval_loss = tools.held_out_loss(model, eval_rows, tokenizer.pad_token_id, "sdpa",
-                                                tools.device_of(model))
+                eval_loss = tools.held_out_loss(
+                    model, eval_rows, tokenizer.pad_token_id, "sdpa", tools.device_of(model)
+                )
             else:
                 eval_loss = out["eval_loss"]
         dims = tools.model_dims(model) if tools else None
-        peak = tools.peak_flops(tools.device_of(model), tools.dtype_named(dtype),
-                                device_label(spec["backend"])) if tools else None
+        peak = (
+            tools.peak_flops(tools.device_of(model), tools.dtype_named(dtype), device_label(spec["backend"]))
+            if tools
+            else None
+        )
         measured = None  # the matmul probe, where the peak above is a spec sheet's
-        if peak and not peak[1].startswith("measured"):
+        if tools and peak and not peak[1].startswith("measured"):
             measured = tools.peak_flops(tools.device_of(model), tools.dtype_named(dtype), "")[0]
         elif peak:
             measured = peak[0]
@@ -186,15 +222,28 @@ def main(spec_path: str) -> int:
     result = BenchResult(
         run_id=spec["run_id"],
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        arm=Arm(kind=spec["arm"], backend=spec["backend"], engine=backend.engine, objective=m.objective,
-                tuning=tuning, dtype=dtype, settings=settings),
-        workload=Workload(hash=spec["workload_hash"], recipe=spec["recipe"], model=spec["model_id"],
-                          steps=max(0, len(steps) - spec["warmup"]), warmup=spec["warmup"],
-                          eval_examples=len(eval_examples),
-                          train_sequences=sum(len(s.get("examples", [])) for s in steps)),
+        arm=Arm(
+            kind=spec["arm"],
+            backend=spec["backend"],
+            engine=backend.engine,
+            objective=m.objective,
+            tuning=tuning,
+            dtype=dtype,
+            settings=settings,
+        ),
+        workload=Workload(
+            hash=spec["workload_hash"],
+            recipe=spec["recipe"],
+            model=spec["model_id"],
+            steps=max(0, len(steps) - spec["warmup"]),
+            warmup=spec["warmup"],
+            eval_examples=len(eval_examples),
+            train_sequences=sum(len(s.get("examples", [])) for s in steps),
+        ),
         fingerprint=fingerprint(spec["backend"], host.probe(spec["backend"])),
-        metrics=metrics(steps, spec["warmup"], peak_memory, memory_kind, eval_loss, dims, tuning,
-                        reference_forward, peak, measured),
+        metrics=metrics(
+            steps, spec["warmup"], peak_memory, memory_kind, eval_loss, dims, tuning, reference_forward, peak, measured
+        ),
         steps=[Step(**{k: v for k, v in s.items() if k in Step.model_fields}) for s in steps],
     )
     Path(spec["result"]).write_text(result.dump(), encoding="utf-8")

@@ -22,7 +22,7 @@ import sys
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Mount, Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from hwft.board.board import ROUTES, STATIC, Board
@@ -49,29 +49,39 @@ class Guard:
             named = request.headers.get("host") or ""
             named = named.split("]")[0] + "]" if named.startswith("[") else named.split(":")[0]
             if named not in LOOPBACK:
-                return await JSONResponse({"error": "hwft board answers only requests addressed to localhost"},
-                                          status_code=421)(scope, receive, send)
+                return await JSONResponse(
+                    {"error": "hwft board answers only requests addressed to localhost"}, status_code=421
+                )(scope, receive, send)
         if self.token is not None:
-            given = request.query_params.get("token") or request.cookies.get(COOKIE) \
+            given = (
+                request.query_params.get("token")
+                or request.cookies.get(COOKIE)
                 or request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+            )
             if not given or not hmac.compare_digest(given.encode(), self.token.encode()):
-                return await JSONResponse({"error": "hwft board: open the address with ?token=TOKEN (printed when "
-                                                   "the board started)"}, status_code=401)(scope, receive, send)
+                return await JSONResponse(
+                    {"error": "hwft board: open the address with ?token=TOKEN (printed when the board started)"},
+                    status_code=401,
+                )(scope, receive, send)
             if request.query_params.get("token"):
+
                 async def with_cookie(message):
                     if message["type"] == "http.response.start":
                         cookie = f"{COOKIE}={self.token}; HttpOnly; SameSite=Strict; Path=/"
                         message["headers"] = [*message.get("headers", []), (b"set-cookie", cookie.encode())]
                     await send(message)
+
                 return await self.app(scope, receive, with_cookie)
         if request.method not in ("GET", "HEAD") and CHANGE_HEADER not in request.headers:
-            return await JSONResponse({"error": f"hwft board: a change needs the {CHANGE_HEADER} header"},
-                                      status_code=403)(scope, receive, send)
+            return await JSONResponse(
+                {"error": f"hwft board: a change needs the {CHANGE_HEADER} header"}, status_code=403
+            )(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
-def make_app(workspace: Workspace, host: str = "127.0.0.1", token: str | None = None,
-             max_upload: int = 64 << 20) -> Guard:
+def make_app(
+    workspace: Workspace, host: str = "127.0.0.1", token: str | None = None, max_upload: int = 64 << 20
+) -> Guard:
     """The board's Starlette app (:data:`hwft.board.board.ROUTES` onto Board methods, a
     workspace error 403, any other user error 400) behind its :class:`Guard`."""
     board = Board(workspace, max_upload)
@@ -84,9 +94,12 @@ def make_app(workspace: Workspace, host: str = "127.0.0.1", token: str | None = 
                 return JSONResponse({"error": f"hwft: error: {exc}"}, status_code=403)
             except UserError as exc:
                 return JSONResponse({"error": f"hwft: error: {exc}"}, status_code=400)
+
         return route
 
-    routes = [Route(path, handled(getattr(board, name)), methods=[verb]) for verb, path, name in ROUTES]
+    routes: list[BaseRoute] = [
+        Route(path, handled(getattr(board, name)), methods=[verb]) for verb, path, name in ROUTES
+    ]
     routes.append(Mount("/static", app=StaticFiles(directory=STATIC), name="static"))
 
     @contextlib.asynccontextmanager
@@ -115,8 +128,12 @@ def serve(workspace: str, runs: str, host: str, port: int, token: str | None, ma
     def announce():
         bound = server.servers[0].sockets[0].getsockname()[1] if server.servers else port
         query = f"/?token={token}" if token else "/"
-        print(f"hwft board: http://{shown}:{bound}{query}  (workspace {ws.root}; runs in {ws.relative(ws.runs)}; "
-              "Ctrl-C stops)", file=sys.stderr, flush=True)
+        print(
+            f"hwft board: http://{shown}:{bound}{query}  (workspace {ws.root}; runs in {ws.relative(ws.runs)}; "
+            "Ctrl-C stops)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     original = server.startup
 

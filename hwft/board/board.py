@@ -81,9 +81,13 @@ class Board:
                 self.ws.check_recipe_paths(recipe_from_dict(raw, str(path), source.parent))
             except UserError as exc:
                 error = str(exc)
-        return {"yaml": yaml.safe_dump(raw, sort_keys=False, allow_unicode=True), "raw": raw, "note": note,
-                "error": f"hwft: error: {error}" if error else None,
-                "refusals": form.refusals(raw, self.host, str(path or "the recipe"), source.parent)}
+        return {
+            "yaml": yaml.safe_dump(raw, sort_keys=False, allow_unicode=True),
+            "raw": raw,
+            "note": note,
+            "error": f"hwft: error: {error}" if error else None,
+            "refusals": form.refusals(raw, self.host, str(path or "the recipe"), source.parent),
+        }
 
     def recipe_of(self, body: dict):
         """The validated Recipe of a request body ({yaml, path}), as hwft train reads it."""
@@ -101,9 +105,15 @@ class Board:
 
     async def form_of(self, request: Request):
         recipes = self.ws.recipes()
-        return JSONResponse({"fields": self.fields, "recipes": recipes, "start": self.ws.first_recipe(recipes),
-                             "workspace": str(self.ws.root),
-                             "runs_dir": self.ws.relative(self.ws.runs)})
+        return JSONResponse(
+            {
+                "fields": self.fields,
+                "recipes": recipes,
+                "start": self.ws.first_recipe(recipes),
+                "workspace": str(self.ws.root),
+                "runs_dir": self.ws.relative(self.ws.runs),
+            }
+        )
 
     async def load_recipe(self, request: Request):
         path = request.query_params.get("path", "")
@@ -170,14 +180,24 @@ class Board:
             raise UserError(f"{path} exists; upload under another name")
         declared = int(request.headers.get("content-length") or 0)
         if declared > self.max_upload:
-            return JSONResponse({"error": f"hwft: error: {path}: {declared} bytes is over the upload limit of "
-                                 f"{self.max_upload} bytes (hwft board --max-upload-mb)"}, status_code=413)
+            return JSONResponse(
+                {
+                    "error": f"hwft: error: {path}: {declared} bytes is over the upload limit of "
+                    f"{self.max_upload} bytes (hwft board --max-upload-mb)"
+                },
+                status_code=413,
+            )
         data = bytearray()
         async for chunk in request.stream():
             data += chunk
             if len(data) > self.max_upload:
-                return JSONResponse({"error": f"hwft: error: {path}: over the upload limit of {self.max_upload} "
-                                     "bytes (hwft board --max-upload-mb)"}, status_code=413)
+                return JSONResponse(
+                    {
+                        "error": f"hwft: error: {path}: over the upload limit of {self.max_upload} "
+                        "bytes (hwft board --max-upload-mb)"
+                    },
+                    status_code=413,
+                )
         file.parent.mkdir(parents=True, exist_ok=True)
         file.write_bytes(bytes(data))
         return JSONResponse({"saved": self.ws.relative(file), "bytes": len(data)})
@@ -217,15 +237,21 @@ class Board:
         kind = request.query_params.get("kind", "train")
         self.ws.inside(name, "run")
         child = self.runs.children.get(name if kind == "train" else f"{name}:{kind}")
-        return JSONResponse({"log": self.runs.log(name, kind), "code": child.code if child else None,
-                             "running": bool(child and child.code is None)})
+        return JSONResponse(
+            {
+                "log": self.runs.log(name, kind),
+                "code": child.code if child else None,
+                "running": bool(child and child.code is None),
+            }
+        )
 
     async def run_chart(self, request: Request):
         names = request.query_params.getlist("run")
         metric = request.query_params.get("metric", "loss")
         series = {n: self.runs.series(n) for n in names}
-        return Response(charts.curves(series, metric), media_type="image/svg+xml",
-                        headers={"cache-control": "no-store"})
+        return Response(
+            charts.curves(series, metric), media_type="image/svg+xml", headers={"cache-control": "no-store"}
+        )
 
     # -- bench results from any machines -----------------------------------------------------------
     def bench_results(self) -> list:
@@ -233,7 +259,10 @@ class Board:
 
         found = []
         for file in sorted(self.ws.root.glob("**/*.json")):
-            if any(part.startswith(".") for part in file.relative_to(self.ws.root).parts) or file.stat().st_size > 8 << 20:
+            if (
+                any(part.startswith(".") for part in file.relative_to(self.ws.root).parts)
+                or file.stat().st_size > 8 << 20
+            ):
                 continue
             text = file.read_text(encoding="utf-8", errors="replace")
             if SCHEMA not in text[:4096]:
@@ -250,19 +279,31 @@ class Board:
         rows = []
         for file, r in self.bench_results():
             m = r.metrics
-            rows.append({"file": file, "label": label(r), "workload": r.workload.recipe, "hash": r.workload.hash,
-                         "tokens_per_second": m.tokens_per_second, "step_time_median_s": m.step_time_median_s,
-                         "peak_memory_gib": (m.peak_memory_bytes or 0) / 2**30, "memory_kind": m.memory_kind,
-                         "mfu": m.mfu, "eval_loss": m.eval_loss, "cpu": r.fingerprint.get("cpu"),
-                         "date": r.created})
+            rows.append(
+                {
+                    "file": file,
+                    "label": label(r),
+                    "workload": r.workload.recipe,
+                    "hash": r.workload.hash,
+                    "tokens_per_second": m.tokens_per_second,
+                    "step_time_median_s": m.step_time_median_s,
+                    "peak_memory_gib": (m.peak_memory_bytes or 0) / 2**30,
+                    "memory_kind": m.memory_kind,
+                    "mfu": m.mfu,
+                    "eval_loss": m.eval_loss,
+                    "cpu": r.fingerprint.get("cpu"),
+                    "date": r.created,
+                }
+            )
         return JSONResponse({"results": rows})
 
     async def bench_chart(self, request: Request):
         results = [r for _, r in self.bench_results()]
         if not results:
             return Response("<svg xmlns='http://www.w3.org/2000/svg'/>", media_type="image/svg+xml")
-        return Response(charts.bench(results, request.query_params.get("metric", "tokens_per_second")),
-                        media_type="image/svg+xml")
+        return Response(
+            charts.bench(results, request.query_params.get("metric", "tokens_per_second")), media_type="image/svg+xml"
+        )
 
     # -- using a result -------------------------------------------------------------------------
     async def chat_reply(self, request: Request):
@@ -273,12 +314,22 @@ class Board:
         name = str(body.get("run", ""))
         folder = self.runs.folder(name)
         messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
-                and isinstance(m.get("content"), str) for m in messages):
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(
+                isinstance(m, dict)
+                and m.get("role") in ("system", "user", "assistant")
+                and isinstance(m.get("content"), str)
+                for m in messages
+            )
+        ):
             raise UserError("messages: give a non-empty list of {role: system|user|assistant, content: text}")
-        sampling = Sampling(max_new_tokens=min(int(body.get("max_new_tokens", 128)), 2048),
-                            temperature=float(body.get("temperature", 0.0)), seed=int(body.get("seed", 0)))
+        sampling = Sampling(
+            max_new_tokens=min(int(body.get("max_new_tokens", 128)), 2048),
+            temperature=float(body.get("temperature", 0.0)),
+            seed=int(body.get("seed", 0)),
+        )
 
         def reply():
             with self.chat_lock:
@@ -290,16 +341,22 @@ class Board:
                 except UserError as exc:
                     yield f"\nhwft: error: {exc}"
 
-        return StreamingResponse(reply(), media_type="text/plain; charset=utf-8",
-                                 headers={"cache-control": "no-store", "x-content-type-options": "nosniff"})
+        return StreamingResponse(
+            reply(),
+            media_type="text/plain; charset=utf-8",
+            headers={"cache-control": "no-store", "x-content-type-options": "nosniff"},
+        )
 
     async def evaluate(self, request: Request):
         body = await _json(request)
         name = str(body.get("run", ""))
         self.runs.folder(name)
         limit = int(body.get("limit", 20))
-        child = self.runs.task(name, "eval", ["eval", name, "--limit", str(limit), "--max-new-tokens",
-                                               str(int(body.get("max_new_tokens", 48)))])
+        child = self.runs.task(
+            name,
+            "eval",
+            ["eval", name, "--limit", str(limit), "--max-new-tokens", str(int(body.get("max_new_tokens", 48)))],
+        )
         return JSONResponse({"task": child.name})
 
     async def export_result(self, request: Request):

@@ -82,15 +82,24 @@ def _walk(prefix: str, model: type[BaseModel], out: list[Field]) -> None:
         kind, choices, nullable = _scalar_kind(f.annotation)
         if inner is not None:  # a list of sections (data.train): edited as YAML
             kind, choices = "yaml", []
-        out.append(Field(key, kind, " ".join((f.description or "").split()), _default(f), choices, nullable,
-                         prefix.rstrip(".") or "recipe"))
+        out.append(
+            Field(
+                key,
+                kind,
+                " ".join((f.description or "").split()),
+                _default(f),
+                choices,
+                nullable,
+                prefix.rstrip(".") or "recipe",
+            )
+        )
 
 
 def fields(host) -> list[Field]:
     """Every key of the recipe, then each registered method's section (method.<name>).
     ``backend`` and ``method.objective`` become choices: the installed backends, the registered
     methods."""
-    from hwft.methods import registry
+    from hwft.methods.lookup import registry
     from hwft.recipe import MethodSpec, Recipe
 
     out: list[Field] = []
@@ -149,10 +158,23 @@ def check(raw: dict, host, source: str, base_dir) -> str | None:
 
 
 #: The choice fields whose options depend on the backend (the others are the schema's alone).
-BACKEND_DEPENDENT = ("backend", "method.objective", "method.tuning", "train.precision", "train.optimizer",
-                     "kernels.attention", "kernels.fused_rms_norm", "kernels.fused_rope", "kernels.fused_swiglu",
-                     "kernels.fused_cross_entropy", "kernels.fused_projections", "kernels.compile",
-                     "parallel.strategy", "parallel.zero_stage", "data.packing")
+BACKEND_DEPENDENT = (
+    "backend",
+    "method.objective",
+    "method.tuning",
+    "train.precision",
+    "train.optimizer",
+    "kernels.attention",
+    "kernels.fused_rms_norm",
+    "kernels.fused_rope",
+    "kernels.fused_swiglu",
+    "kernels.fused_cross_entropy",
+    "kernels.fused_projections",
+    "kernels.compile",
+    "parallel.strategy",
+    "parallel.zero_stage",
+    "data.packing",
+)
 
 
 def refusals(raw: dict, host, source: str, base_dir) -> dict[str, dict[str, str]]:

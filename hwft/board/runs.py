@@ -82,8 +82,9 @@ class Runs:
                 out.write(f"$ hwft {' '.join(args)}\n")
                 out.flush()
                 env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-                process = start_child(argv, cwd=self.ws.root, stdout=out, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, env=env)
+                process = start_child(
+                    argv, cwd=self.ws.root, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+                )
             child = Child(name, kind, argv, log, process)
             self.children[name] = child
             return child
@@ -112,8 +113,9 @@ class Runs:
         stopped run's own message says to run); a run started elsewhere: its folder's copy."""
         folder = self.folder(name)
         if not (folder / "checkpoints").is_dir() or not any((folder / "checkpoints").glob("step-*")):
-            raise UserError(f"{name} has no checkpoint to resume from (train.save_every writes them; stopping a "
-                            "run writes one)")
+            raise UserError(
+                f"{name} has no checkpoint to resume from (train.save_every writes them; stopping a run writes one)"
+            )
         recipe = self._started().get(name)
         if recipe is None or not self.ws.inside(recipe, "recipe").is_file():
             recipe = self.ws.relative(folder / "recipe.yaml")
@@ -176,14 +178,20 @@ class Runs:
         metrics = read_jsonl(folder / "metrics.jsonl")
         evals = read_jsonl(folder / "eval.jsonl")
         child = self.children.get(name)
-        checkpoints = sorted(int(p.name.split("-")[1]) for p in (folder / "checkpoints").glob("step-*")
-                             if p.name.split("-")[1].isdigit())
+        checkpoints = sorted(
+            int(p.name.split("-")[1]) for p in (folder / "checkpoints").glob("step-*") if p.name.split("-")[1].isdigit()
+        )
         result = "adapter" if (folder / "adapter").is_dir() else "model" if (folder / "model").is_dir() else None
         if child is not None and child.code is None:
             state = "stopping" if child.stopping else "running"
         elif child is not None:
-            state = "finished" if child.code == 0 and result else "stopped" if child.stopping or child.code in (143, -15) \
+            state = (
+                "finished"
+                if child.code == 0 and result
+                else "stopped"
+                if child.stopping or child.code in (143, -15)
                 else "failed"
+            )
         else:
             state = "finished" if result else "incomplete"
         last = metrics[-1] if metrics else {}
@@ -192,11 +200,19 @@ class Runs:
         if state == "running" and last and total:
             eta = last["elapsed"] / last["step"] * (total - last["step"])
         return {
-            "name": name, "state": state, "code": child.code if child else None,
-            "step": last.get("step"), "total_steps": total, "loss": last.get("loss"), "lr": last.get("lr"),
-            "tokens_per_second": last.get("tokens_per_second"), "elapsed": last.get("elapsed"), "eta": eta,
+            "name": name,
+            "state": state,
+            "code": child.code if child else None,
+            "step": last.get("step"),
+            "total_steps": total,
+            "loss": last.get("loss"),
+            "lr": last.get("lr"),
+            "tokens_per_second": last.get("tokens_per_second"),
+            "elapsed": last.get("elapsed"),
+            "eta": eta,
             "eval_loss": evals[-1]["eval_loss"] if evals else None,
-            "checkpoints": checkpoints, "result": result,
+            "checkpoints": checkpoints,
+            "result": result,
             "resumable": bool(checkpoints) and state not in ("running", "stopping") and not result,
         }
 

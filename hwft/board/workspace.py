@@ -31,8 +31,9 @@ class Workspace:
         p = Path(text).expanduser()
         resolved = (p if p.is_absolute() else self.root / p).resolve()
         if resolved != self.root and not resolved.is_relative_to(self.root):
-            raise OutsideWorkspace(f"{what} {text!r} is outside the workspace {self.root} (hwft board --workspace "
-                                   "sets it)")
+            raise OutsideWorkspace(
+                f"{what} {text!r} is outside the workspace {self.root} (hwft board --workspace sets it)"
+            )
         return resolved
 
     def relative(self, path: Path) -> str:
@@ -72,5 +73,9 @@ class Workspace:
         for key, value in named:
             if value:
                 self.inside(recipe.resolve_path(value), key)
-        self.inside(Path(recipe.output.dir).expanduser() if Path(recipe.output.dir).expanduser().is_absolute()
-                    else self.root / recipe.output.dir, "output.dir")
+        self.inside(
+            Path(recipe.output.dir).expanduser()
+            if Path(recipe.output.dir).expanduser().is_absolute()
+            else self.root / recipe.output.dir,
+            "output.dir",
+        )

@@ -21,6 +21,7 @@ import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from hwft.data.chat import IGNORE_INDEX, Tokenized
 
@@ -74,12 +75,14 @@ def make_rows(examples: list[Tokenized], max_length: int, packing: bool) -> list
     rows = []
     for group in pack_groups([len(e.input_ids) for e in examples], max_length):
         members = [examples[i] for i in group]
-        rows.append(Row(
-            [t for e in members for t in e.input_ids],
-            [t for e in members for t in e.labels],
-            [len(e.input_ids) for e in members],
-            list(group),
-        ))
+        rows.append(
+            Row(
+                [t for e in members for t in e.input_ids],
+                [t for e in members for t in e.labels],
+                [len(e.input_ids) for e in members],
+                list(group),
+            )
+        )
     return rows
 
 
@@ -89,16 +92,20 @@ def batch_order(rows: list[Row], micro_batch_size: int, rng: random.Random, grou
     rng.shuffle(order)
     if group_by_length:
         mega = micro_batch_size * MEGA_BATCH
-        order = [i for s in range(0, len(order), mega)
-                 for i in sorted(order[s : s + mega], key=lambda i: -len(rows[i].input_ids))]
+        order = [
+            i
+            for s in range(0, len(order), mega)
+            for i in sorted(order[s : s + mega], key=lambda i: -len(rows[i].input_ids))
+        ]
     batches = [[rows[i] for i in order[s : s + micro_batch_size]] for s in range(0, len(order), micro_batch_size)]
     if group_by_length:
         rng.shuffle(batches)
     return batches
 
 
-def micro_batches(rows: list[Row], micro_batch_size: int, seed: int,
-                  group_by_length: bool = False) -> Iterator[tuple[int, list[Row]]]:
+def micro_batches(
+    rows: list[Row], micro_batch_size: int, seed: int, group_by_length: bool = False
+) -> Iterator[tuple[int, list[Row]]]:
     """Endless (epoch, rows) micro-batches over rows held in memory.
 
     The last micro-batch of an epoch may be smaller; the stream then continues with the next
@@ -111,9 +118,16 @@ def micro_batches(rows: list[Row], micro_batch_size: int, seed: int,
         epoch += 1
 
 
-def streamed_batches(examples: Iterator, encode: Callable[[object], list[Tokenized]], max_length: int,
-                     packing: bool, micro_batch_size: int, seed: int, buffer: int,
-                     group_by_length: bool = False) -> Iterator[tuple[int, list[Row]]]:
+def streamed_batches(
+    examples: Iterator,
+    encode: Callable[[Any], list[Tokenized]],
+    max_length: int,
+    packing: bool,
+    micro_batch_size: int,
+    seed: int,
+    buffer: int,
+    group_by_length: bool = False,
+) -> Iterator[tuple[int, list[Row]]]:
     """Endless (window, rows) micro-batches from an endless example stream: each window of
     ``buffer`` examples is shuffled, tokenised, packed and batched like an in-memory epoch."""
     window = 0

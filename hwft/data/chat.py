@@ -27,7 +27,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-
 from typing import Any
 
 from hwft.errors import DataError, RecipeError
@@ -58,8 +57,8 @@ TEMPLATES = {
         "You are provided with function signatures within <tools></tools> XML tags:\n<tools>' }}"
         "{%- for tool in tools %}{{- '\n' + (tool | tojson) }}{%- endfor %}"
         "{{- '\n</tools>\n\nFor each function call, return a json object with function name and "
-        "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
-        "\"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n' }}"
+        'arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, '
+        '"arguments": <args-json-object>}\n</tool_call><|im_end|>\n\' }}'
         "{%- elif messages[0]['role'] == 'system' %}"
         "{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
         "{%- endif %}"
@@ -97,9 +96,7 @@ def resolve_template(template: str | None, base_dir: Path, tokenizer) -> str | N
         if not path.is_file():
             raise RecipeError(f"template: file not found: {path}")
         return read_text(path, RecipeError)
-    raise RecipeError(
-        f"template: '{template}' is neither a built-in ({', '.join(TEMPLATES)}) nor a .jinja file"
-    )
+    raise RecipeError(f"template: '{template}' is neither a built-in ({', '.join(TEMPLATES)}) nor a .jinja file")
 
 
 @dataclass
@@ -167,8 +164,9 @@ class ChatRenderer:
         template = resolve_template(recipe.template, recipe.resolve_path("."), tokenizer)
         return cls(tokenizer, template, recipe.data.mask_history, recipe.data.train_on_prompt)
 
-    def render(self, messages: list[Message], tools: list[dict] | None = None,
-               add_generation_prompt: bool = False) -> str:
+    def render(
+        self, messages: list[Message], tools: list[dict] | None = None, add_generation_prompt: bool = False
+    ) -> str:
         return self.tokenizer.apply_chat_template(
             messages,
             tools=tools,
@@ -183,8 +181,11 @@ class ChatRenderer:
         tools = [{"type": "function", "function": {"name": _PROBE + "def", "parameters": {}}}]
         messages = [
             {"role": "user", "content": "q"},
-            {"role": "assistant", "content": "", "tool_calls": [
-                {"type": "function", "function": {"name": _PROBE + "call", "arguments": {}}}]},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"type": "function", "function": {"name": _PROBE + "call", "arguments": {}}}],
+            },
             {"role": "tool", "content": _PROBE + "result"},
             {"role": "assistant", "content": "a"},
         ]
@@ -192,8 +193,11 @@ class ChatRenderer:
             text = self.render(messages, tools)
         except Exception:  # noqa: BLE001 - a template that cannot render tools at all
             return set()
-        return {kind for kind, probe in (("definitions", "def"), ("calls", "call"), ("results", "result"))
-                if _PROBE + probe in text}
+        return {
+            kind
+            for kind, probe in (("definitions", "def"), ("calls", "call"), ("results", "result"))
+            if _PROBE + probe in text
+        }
 
     def check(self, example) -> None:
         """Refuse an example (of a conversational kind: its ``turns()`` and ``tools``) the
@@ -219,8 +223,9 @@ class ChatRenderer:
                 "template: chatml-tools, or use a model whose template supports tools"
             )
 
-    def assistant_spans(self, messages: list[Message], tools: list[dict] | None, where: str,
-                        first: int = 0) -> tuple[str, list[tuple[int, int]]]:
+    def assistant_spans(
+        self, messages: list[Message], tools: list[dict] | None, where: str, first: int = 0
+    ) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text and the character spans of trained assistant turns from ``first``."""
         text = self.render(messages, tools)
         spans = []
@@ -271,6 +276,7 @@ class ChatRenderer:
         turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         text = self.render(turns, tools, add_generation_prompt=True)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
 
 def empty_error(stats: TokenizeStats, max_length: int) -> DataError:
     return DataError(

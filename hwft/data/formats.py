@@ -134,7 +134,7 @@ def parse_tool_calls(value: Any, where: str) -> list[dict]:
     if isinstance(calls, dict):
         calls = [calls]
     if not isinstance(calls, list) or not calls:
-        raise ValueError(f"{where} must hold a tool call: {{\"name\": ..., \"arguments\": {{...}}}}")
+        raise ValueError(f'{where} must hold a tool call: {{"name": ..., "arguments": {{...}}}}')
     out = []
     for i, call in enumerate(calls):
         fn = call.get("function", call) if isinstance(call, dict) else None
@@ -148,18 +148,34 @@ def parse_tool_calls(value: Any, where: str) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 # Conversations: one reader for ShareGPT's from/value and OpenAI's role/content turns
 
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "observation": "tool",
-                  "function_call": "function_call"}
-OPENAI_ROLES = {"user": "user", "assistant": "assistant", "system": "system", "tool": "tool",
-                "function": "tool", "developer": "system"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "gpt": "assistant",
+    "system": "system",
+    "observation": "tool",
+    "function_call": "function_call",
+}
+OPENAI_ROLES = {
+    "user": "user",
+    "assistant": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "function": "tool",
+    "developer": "system",
+}
 PART_TYPES = ("text", "reasoning", "tool_call")
 
 
 def _role_map(mapping: Mapping, sharegpt: bool) -> dict[str, str]:
     roles = dict(SHAREGPT_ROLES if sharegpt else OPENAI_ROLES)
     tags = mapping.tags
-    for tag, role in (("user_tag", "user"), ("assistant_tag", "assistant"), ("system_tag", "system"),
-                      ("observation_tag", "tool"), ("function_tag", "function_call")):
+    for tag, role in (
+        ("user_tag", "user"),
+        ("assistant_tag", "assistant"),
+        ("system_tag", "system"),
+        ("observation_tag", "tool"),
+        ("function_tag", "function_call"),
+    ):
         if tag in tags:
             roles = {k: v for k, v in roles.items() if v != role}
             roles[tags[tag]] = role
@@ -185,7 +201,7 @@ def _content(value: Any, where: str) -> tuple[str, list[dict]]:
             got = "null" if body is None else type(body).__name__
             raise ValueError(f"{where}[{j}] is a {kind} part whose text is {got}; give it a string")
         if kind == "text":
-            text += body
+            text += str(body)
         elif kind == "reasoning":
             text += f"<think>\n{body}\n</think>\n\n"
         elif kind == "tool_call":
@@ -216,8 +232,7 @@ def parse_turns(items: Any, mapping: Mapping, key: str) -> list[Message]:
         role = roles.get(value) if isinstance(value, str) else None
         if role is None:
             raise ValueError(
-                f"{where}.{role_key} is {value!r}; expected one of {', '.join(roles)}"
-                + did_you_mean(str(value), roles)
+                f"{where}.{role_key} is {value!r}; expected one of {', '.join(roles)}" + did_you_mean(str(value), roles)
             )
         content = turn.get(content_key)
         if content is None and content_key in turn and not (role == "assistant" and turn.get("tool_calls")):
@@ -408,7 +423,9 @@ def parse_preference(row: dict, mapping: Mapping) -> Example:
             shared += 1
         prompt = chosen[:shared]
         if not prompt or prompt[-1]["role"] == "assistant":
-            raise ValueError("chosen_messages and rejected_messages must share the prompt turns and differ in the answer")
+            raise ValueError(
+                "chosen_messages and rejected_messages must share the prompt turns and differ in the answer"
+            )
         return PreferenceExample(prompt, _tools(row, mapping), chosen=chosen[shared:], rejected=rejected[shared:])
     prompt = _prompt_turns(row, mapping)
     answers = []
@@ -434,8 +451,9 @@ def _label(row: dict, mapping: Mapping) -> bool:
         return value
     if isinstance(value, int) and value in (0, 1):
         return bool(value)
-    raise ValueError(f"field '{key}' is {value!r}; a feedback label is true (a desirable answer) or false (an "
-                     "undesirable one)")
+    raise ValueError(
+        f"field '{key}' is {value!r}; a feedback label is true (a desirable answer) or false (an undesirable one)"
+    )
 
 
 def parse_feedback(row: dict, mapping: Mapping) -> Example:
@@ -480,21 +498,41 @@ def _has(*names: str) -> Callable[[dict, Mapping], bool]:
 
 
 BUILTIN_FORMATS = (
-    DataFormat("preference", "preference", parse_preference,
-               lambda row, m: _has("chosen", "rejected")(row, m) or "chosen_messages" in row,
-               "prompt + chosen + rejected (alpaca, sharegpt, OpenAI or LLaMA-Factory v1 shape)"),
-    DataFormat("feedback", "feedback", parse_feedback,
-               lambda row, m: m.present(row, "label") and any(m.present(row, n) for n in
-                                                               ("completion", "messages", "conversations", "output")),
-               "prompt + one answer + label: desirable or not (kto; TRL's unpaired shape, LLaMA-Factory's kto_tag)"),
-    DataFormat("sharegpt", "chat", parse_sharegpt, _has("conversations"),
-               "conversations: [{from, value}] with human/gpt/system/function_call/observation"),
-    DataFormat("messages", "chat", parse_messages, _has("messages"),
-               "OpenAI-style messages: [{role, content}], tool calls, typed parts"),
-    DataFormat("alpaca", "chat", parse_alpaca, _has("instruction"),
-               "instruction / input / output, optional system and history"),
-    DataFormat("prompt", "prompt", parse_prompt, _has("prompt"),
-               "prompt with an optional reference answer (grpo)"),
+    DataFormat(
+        "preference",
+        "preference",
+        parse_preference,
+        lambda row, m: _has("chosen", "rejected")(row, m) or "chosen_messages" in row,
+        "prompt + chosen + rejected (alpaca, sharegpt, OpenAI or LLaMA-Factory v1 shape)",
+    ),
+    DataFormat(
+        "feedback",
+        "feedback",
+        parse_feedback,
+        lambda row, m: (
+            m.present(row, "label")
+            and any(m.present(row, n) for n in ("completion", "messages", "conversations", "output"))
+        ),
+        "prompt + one answer + label: desirable or not (kto; TRL's unpaired shape, LLaMA-Factory's kto_tag)",
+    ),
+    DataFormat(
+        "sharegpt",
+        "chat",
+        parse_sharegpt,
+        _has("conversations"),
+        "conversations: [{from, value}] with human/gpt/system/function_call/observation",
+    ),
+    DataFormat(
+        "messages",
+        "chat",
+        parse_messages,
+        _has("messages"),
+        "OpenAI-style messages: [{role, content}], tool calls, typed parts",
+    ),
+    DataFormat(
+        "alpaca", "chat", parse_alpaca, _has("instruction"), "instruction / input / output, optional system and history"
+    ),
+    DataFormat("prompt", "prompt", parse_prompt, _has("prompt"), "prompt with an optional reference answer (grpo)"),
     DataFormat("text", "text", parse_text, _has("text"), "plain text (cpt)"),
     DataFormat("tokens", "tokens", parse_tokens, _has("input_ids"), "input_ids: token ids, tokenized already (cpt)"),
 )
@@ -516,11 +554,15 @@ def collect_formats(pm: pluggy.PluginManager) -> dict[str, DataFormat]:
 
         def register(fmt: DataFormat, _plugin=plugin) -> None:
             if not isinstance(fmt, DataFormat):
-                raise UserError(f"plugin {_plugin}: hwft_register_data_formats registered {type(fmt).__name__}, "
-                                "not an hwft.data.formats.DataFormat (plugin API 2.0)")
+                raise UserError(
+                    f"plugin {_plugin}: hwft_register_data_formats registered {type(fmt).__name__}, "
+                    "not an hwft.data.formats.DataFormat (plugin API 2.0)"
+                )
             if fmt.name in found:
-                raise UserError(f"data format '{fmt.name}' is registered twice (by plugin '{owners[fmt.name]}' and "
-                                f"by '{_plugin}'); disable one with HWFT_DISABLE_PLUGINS")
+                raise UserError(
+                    f"data format '{fmt.name}' is registered twice (by plugin '{owners[fmt.name]}' and "
+                    f"by '{_plugin}'); disable one with HWFT_DISABLE_PLUGINS"
+                )
 
             def parse(row, mapping, _parse=fmt.parse, _name=fmt.name, _kind=fmt.kind):
                 out = _parse(row, mapping)

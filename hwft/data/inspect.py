@@ -10,11 +10,11 @@ import random
 import statistics
 
 from hwft.data.batching import Row, batch_order, efficiency, make_rows
-from hwft.data.chat import IGNORE_INDEX, ChatRenderer, TokenizeStats, Tokenized
-from hwft.data.kinds import Example, kinds
-from hwft.data.kinds.sequences import encode
+from hwft.data.chat import IGNORE_INDEX, ChatRenderer, Tokenized, TokenizeStats
+from hwft.data.kinds import Example
+from hwft.data.kinds.sequences import encode, registered
 from hwft.data.loading import load_train_data
-from hwft.methods import method
+from hwft.methods.lookup import method
 from hwft.models import load_tokenizer, materialise_tokenizer, resolve_model
 from hwft.plugins import get_host
 from hwft.recipe import Recipe
@@ -58,7 +58,7 @@ def histogram(lengths: list[int], bins: int = 10, width: int = 40) -> list[str]:
 
 def _shown(renderer: ChatRenderer, example: Example, max_length: int) -> list[tuple[str, Tokenized]]:
     """What of one example to show, as its kind's record says (a pair's two answers)."""
-    return kinds().of(example).shown(example, renderer, max_length)
+    return registered().of(example).shown(example, renderer, max_length)
 
 
 def inspect(recipe: Recipe, rows: int = 3, color: bool = False) -> tuple[str, dict]:
@@ -71,22 +71,34 @@ def inspect(recipe: Recipe, rows: int = 3, color: bool = False) -> tuple[str, di
     renderer = ChatRenderer.for_recipe(recipe, tokenizer)
     template = renderer.template
     t = recipe.train
-    lines = [f"model {model.name} ({model.path}); template: "
-             + (recipe.template or ("the tokenizer's own" if template else "none (plain text only)"))]
+    lines = [
+        f"model {model.name} ({model.path}); template: "
+        + (recipe.template or ("the tokenizer's own" if template else "none (plain text only)"))
+    ]
     for source in data.sources:
-        where = source.path or f"{source.random.rows} random rows of {source.random.length} tokens"
+        where = source.path or (
+            f"{source.random.rows} random rows of {source.random.length} tokens" if source.random else ""
+        )
         lines.append(f"{source.label}: {where} (format {source.format})")
     lines.append(f"{data.describe()}" + (" (the first rows of each stream)" if data.streaming else ""))
 
     shown = []
     for example in data.examples[:rows]:
         for label, tok in _shown(renderer, example, t.max_length):
-            head = f"--- {example.source}{' ' + label if label else ''}: {len(tok.input_ids)} tokens, {tok.num_labels} trained"
+            part = f" {label}" if label else ""
+            head = f"--- {example.source}{part}: {len(tok.input_ids)} tokens, {tok.num_labels} trained"
             lines += [head, highlight(tokenizer, tok, color)]
-            shown.append({"source": example.source, "part": label, "tokens": len(tok.input_ids),
-                          "marked": highlight(tokenizer, tok, False),
-                          "trained": tok.num_labels, "text": tokenizer.decode(tok.input_ids),
-                          "trained_text": tokenizer.decode([x for x in tok.labels if x != IGNORE_INDEX])})
+            shown.append(
+                {
+                    "source": example.source,
+                    "part": label,
+                    "tokens": len(tok.input_ids),
+                    "marked": highlight(tokenizer, tok, False),
+                    "trained": tok.num_labels,
+                    "text": tokenizer.decode(tok.input_ids),
+                    "trained_text": tokenizer.decode([x for x in tok.labels if x != IGNORE_INDEX]),
+                }
+            )
 
     report: dict = {"schema": "hwft.data-inspect/1", "rows": shown, "examples": len(data.examples)}
     if method(recipe.method.objective).packs:
@@ -95,8 +107,9 @@ def inspect(recipe: Recipe, rows: int = 3, color: bool = False) -> tuple[str, di
         lengths = stats.lengths
         lines.append(f"--- {stats.summary(t.max_length)}")
         if lengths:
-            lines.append(f"lengths in tokens: min {min(lengths)}, median {statistics.median(lengths):g}, "
-                         f"max {max(lengths)}")
+            lines.append(
+                f"lengths in tokens: min {min(lengths)}, median {statistics.median(lengths):g}, max {max(lengths)}"
+            )
             lines += histogram(lengths)
             packed = make_rows(tokenized, t.max_length, True)
             plain = make_rows(tokenized, t.max_length, False)
@@ -109,9 +122,15 @@ def inspect(recipe: Recipe, rows: int = 3, color: bool = False) -> tuple[str, di
                 f"{t.micro_batch_size}: {eff_packed:.1%} packed, {eff_plain:.1%} unpacked"
                 f"{' (grouped by length)' if recipe.data.group_by_length else ''}"
             )
-            report.update(lengths=lengths, packed_rows=len(packed), packed_fill=fill,
-                          efficiency_packed=eff_packed, efficiency_unpacked=eff_plain,
-                          tokens=stats.tokens, trained_tokens=stats.label_tokens)
+            report.update(
+                lengths=lengths,
+                packed_rows=len(packed),
+                packed_fill=fill,
+                efficiency_packed=eff_packed,
+                efficiency_unpacked=eff_plain,
+                tokens=stats.tokens,
+                trained_tokens=stats.label_tokens,
+            )
     return "\n".join(lines), report
 
 

@@ -27,7 +27,8 @@ from hwft.data.random_tokens import ordinary_ids, random_examples
 from hwft.data.reading import iter_rows
 from hwft.data.registry import lookup, read_registry
 from hwft.errors import DataError, RecipeError, did_you_mean
-from hwft.methods import DEFAULT, method, registry
+from hwft.methods import DEFAULT
+from hwft.methods.lookup import method, registry
 from hwft.recipe import DatasetSpec, RandomTokens, Recipe
 
 #: How many rows of a streamed dataset are parsed up front, before any weight loads.
@@ -52,26 +53,42 @@ class Source:
 def resolve_sources(recipe: Recipe, specs: list[DatasetSpec], split: str = "train") -> list[Source]:
     out = []
     registry_path = recipe.resolve_path(recipe.data.registry) if recipe.data.registry else None
-    registry = read_registry(registry_path) if any(s.name for s in specs) else {}
+    registry = read_registry(registry_path) if registry_path and any(s.name for s in specs) else {}
     for i, spec in enumerate(specs):
         label = f"data.{split}[{i}]"
         if spec.name is not None:
+            assert registry_path is not None  # DataSpec refuses a registry name without data.registry
             entry = lookup(registry, registry_path, spec.name, recipe.method.objective)
-            out.append(Source(
-                f"{label} ({spec.name})", entry.path,
-                spec.format if spec.format != "auto" else entry.format,
-                Mapping({**entry.columns, **spec.columns}, {**entry.tags, **spec.tags}),
-                spec.max_samples or entry.max_samples, spec.weight,
-            ))
+            out.append(
+                Source(
+                    f"{label} ({spec.name})",
+                    entry.path,
+                    spec.format if spec.format != "auto" else entry.format,
+                    Mapping({**entry.columns, **spec.columns}, {**entry.tags, **spec.tags}),
+                    spec.max_samples or entry.max_samples,
+                    spec.weight,
+                )
+            )
         elif spec.random_tokens is not None:
             out.append(Source(label, None, "tokens", Mapping(), None, spec.weight, spec.random_tokens))
         else:
-            out.append(Source(label, recipe.resolve_path(spec.path), spec.format,
-                              Mapping(spec.columns, spec.tags), spec.max_samples, spec.weight))
+            assert spec.path is not None  # DatasetSpec holds a path, a name or random_tokens
+            out.append(
+                Source(
+                    label,
+                    recipe.resolve_path(spec.path),
+                    spec.format,
+                    Mapping(spec.columns, spec.tags),
+                    spec.max_samples,
+                    spec.weight,
+                )
+            )
     return out
 
 
-def detect_format(row: dict, mapping: Mapping, formats: dict[str, DataFormat], objective: str, where: str) -> DataFormat:
+def detect_format(
+    row: dict, mapping: Mapping, formats: dict[str, DataFormat], objective: str, where: str
+) -> DataFormat:
     """The format a row looks like, preferring formats of the objective's kind (a grpo row with
     a reference ``answer`` is a prompt row, not an alpaca one)."""
     wanted = registry().methods[objective].kind if objective in registry() else None
@@ -91,11 +108,18 @@ def _strip_think(messages: list | None) -> None:
             m["content"] = THINK.sub("", m["content"])
 
 
-def read_examples(source: Source, formats: dict[str, DataFormat], objective: str = DEFAULT,
-                  reasoning: str = "keep", streaming: bool = False) -> Iterator[Example]:
+def read_examples(
+    source: Source,
+    formats: dict[str, DataFormat],
+    objective: str = DEFAULT,
+    reasoning: str = "keep",
+    streaming: bool = False,
+) -> Iterator[Example]:
     """Parse a source's rows one by one; the first bad row is an error naming it."""
     trains = method(objective)
     wanted = trains.kind
+    if source.path is None:
+        raise DataError(f"{source.label}: no file to read (random_tokens rows are made, not read)")
     rows = iter_rows(source.path, streaming)
     if source.max_samples:
         rows = itertools.islice(rows, source.max_samples)
@@ -104,7 +128,8 @@ def read_examples(source: Source, formats: dict[str, DataFormat], objective: str
         fmt = formats.get(source.format)
         if fmt is None:
             raise DataError(
-                f"{source.label} ({source.path}): unknown data format '{source.format}'{did_you_mean(source.format, formats)} "
+                f"{source.label} ({source.path}): unknown data format '{source.format}'"
+                f"{did_you_mean(source.format, formats)} "
                 f"(known: auto, {', '.join(formats)})"
             )
     for file, number, row in rows:
@@ -130,9 +155,16 @@ def read_examples(source: Source, formats: dict[str, DataFormat], objective: str
             yield converted
 
 
-def load_examples(path: Path, format: str = "auto", formats: dict[str, DataFormat] | None = None,
-                  columns: dict | None = None, max_samples: int | None = None, tags: dict | None = None,
-                  objective: str = DEFAULT, reasoning: str = "keep") -> list[Example]:
+def load_examples(
+    path: Path,
+    format: str = "auto",
+    formats: dict[str, DataFormat] | None = None,
+    columns: dict | None = None,
+    max_samples: int | None = None,
+    tags: dict | None = None,
+    objective: str = DEFAULT,
+    reasoning: str = "keep",
+) -> list[Example]:
     """Every example of one file or folder (a convenience for scripts and tests)."""
     if formats is None:
         from hwft.plugins import get_host
@@ -162,20 +194,22 @@ def check_settings(recipe: Recipe) -> None:
             "has no held-out loss yet; remove data.eval"
         )
     if recipe.data.val_size and (recipe.data.streaming or not chosen.held_out):
-        raise RecipeError(f"data.val_size holds out in-memory {which('held_out')} examples; it cannot split a "
-                          f"stream or {chosen.name} rows; remove it")
+        raise RecipeError(
+            f"data.val_size holds out in-memory {which('held_out')} examples; it cannot split a "
+            f"stream or {chosen.name} rows; remove it"
+        )
     if recipe.train.eval_every and not (recipe.data.eval or recipe.data.val_size):
         raise RecipeError("train.eval_every needs data.eval or data.val_size (the held-out examples to evaluate on)")
     for split, specs in (("train", recipe.data.train), ("eval", recipe.data.eval)):
         for i, spec in enumerate(specs):
             if spec.random_tokens is not None and not chosen.reads("tokens"):
                 readers = " and ".join(m.name for m in methods if m.reads("tokens"))
-                raise RecipeError(f"data.{split}[{i}].random_tokens: rows of token ids, every one a label, train "
-                                  f"{readers}; objective {chosen.name} trains on {chosen.kind} rows")
+                raise RecipeError(
+                    f"data.{split}[{i}].random_tokens: rows of token ids, every one a label, train "
+                    f"{readers}; objective {chosen.name} trains on {chosen.kind} rows"
+                )
     if recipe.data.packing and not chosen.packs:
-        raise RecipeError(
-            f"data.packing applies to {which('packs')} rows, not to {chosen.name}; remove it"
-        )
+        raise RecipeError(f"data.packing applies to {which('packs')} rows, not to {chosen.name}; remove it")
 
 
 def mix(parts: list[list[Example]], weights: list[float], seed: int) -> list[Example]:
@@ -245,8 +279,9 @@ def load_train_data(recipe: Recipe, formats: dict[str, DataFormat]) -> TrainData
     if recipe.data.val_size:
         parts, validation = split_validation(parts, recipe.data.val_size, recipe.train.seed)
         held_out += validation
-    if weights[0] is not None:
-        examples = mix(parts, weights, recipe.train.seed)
+    given = [w for w in weights if w is not None]  # every dataset's weight, or none (DataSpec)
+    if given:
+        examples = mix(parts, given, recipe.train.seed)
     else:
         examples = [e for part in parts for e in part]
     if not examples:
@@ -260,19 +295,23 @@ def split_validation(parts: list[list[Example]], size: float, seed: int) -> tupl
     where = [(i, j) for i, part in enumerate(parts) for j in range(len(part))]
     count = round(len(where) * size) if size < 1 else int(size)
     if not 1 <= count < len(where):
-        raise DataError(f"data.val_size {size} holds out {count} of {len(where)} training examples; "
-                        "give a fraction or count that leaves at least one example on each side")
+        raise DataError(
+            f"data.val_size {size} holds out {count} of {len(where)} training examples; "
+            "give a fraction or count that leaves at least one example on each side"
+        )
     chosen = set(random.Random(f"{seed}:val_size").sample(where, count))
     kept = [[e for j, e in enumerate(part) if (i, j) not in chosen] for i, part in enumerate(parts)]
     return kept, [parts[i][j] for i, j in sorted(chosen)]
 
 
-def interleave(readers: list[Callable[[], Iterator[Example]]], weights: list[float | None],
-               seed: int) -> Iterator[Example]:
+def interleave(
+    readers: list[Callable[[], Iterator[Example]]], weights: list[float | None], seed: int
+) -> Iterator[Example]:
     """Endless examples from streamed sources (each reader starts one pass over a source): in
     turn without weights, else each next example drawn from source i with probability
     w_i / sum(w), a source that runs out starting over."""
-    if weights[0] is None:
+    given = [w for w in weights if w is not None]  # every reader's weight, or none (DataSpec)
+    if not given:
         while True:
             for read in readers:
                 yield from read()
@@ -284,5 +323,5 @@ def interleave(readers: list[Callable[[], Iterator[Example]]], weights: list[flo
     streams = [endless(r) for r in readers]
     rng = random.Random(f"{seed}:interleave")
     while True:
-        (stream,) = rng.choices(streams, weights=weights)
+        (stream,) = rng.choices(streams, weights=given)
         yield next(stream)

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from hwft.data.batching import batches_per_epoch, micro_batches, total_steps
-from hwft.data.chat import TokenizeStats, Tokenized
+from hwft.data.chat import Tokenized, TokenizeStats
 from hwft.errors import DataError
-from hwft.methods import method
+from hwft.methods.lookup import method
 from hwft.records import Capability
 
 
@@ -41,7 +41,7 @@ class Batches:
     unit: str = "rows"
 
     def describe(self) -> str:
-        if self.rows is None:
+        if self.rows is None or self.stats is None:
             return f"streaming, packing {'on' if self.packing else 'off'}"
         text = f"{len(self.rows)} {self.unit} ({self.stats.tokens} tokens)"
         return text + (f", packing {'on' if self.packing else 'off'}" if self.unit == "rows" else "")
@@ -50,7 +50,7 @@ class Batches:
         """Refuse token ids the model's embedding has no row for (a tokenizer with tokens added
         after the model was saved): the lookup would fail mid-step, or on an accelerator corrupt
         memory. Streamed data is checked as it is read, by the engine's embedding lookup."""
-        for index, item in enumerate(self.rows or ()):
+        for index, item in enumerate(self.rows or []):
             sequences = [t.input_ids for t in item.sequences]
             highest = max((max(ids) for ids in sequences if ids), default=-1)
             if highest >= size:
@@ -62,7 +62,7 @@ class Batches:
 
     def summary(self, max_length: int) -> str:
         """One line for the run's log: what tokenising found, and what will be trained on."""
-        if self.rows is None or self.unit == "prompts":
+        if self.rows is None or self.stats is None or self.unit == "prompts":
             dropped = f", {self.stats.dropped} longer prompts dropped" if self.stats and self.stats.dropped else ""
             return self.describe() + dropped
         return f"{self.stats.summary(max_length)}; {self.describe()}"
@@ -72,9 +72,10 @@ def training_batches(data, renderer, recipe, capability: Capability, ranks: int 
     """The micro-batches of a run, for any method: through the batcher of the kind its record
     names. With several ranks, an optimizer step takes ``gradient_accumulation_steps``
     micro-batches on each (see hwft.distributed), so an epoch has ``ranks`` times fewer steps."""
-    from hwft.data.kinds import kinds
+    from hwft.plugins import get_host
 
-    return kinds().get(method(recipe.method.objective).kind).make_batches(data, renderer, recipe, ranks, capability)
+    kind = get_host().data_kinds().get(method(recipe.method.objective).kind)
+    return kind.make_batches(data, renderer, recipe, ranks, capability)
 
 
 def epochs_of(items: list, recipe, ranks: int, steps_per_batch_group: int = 1) -> tuple[Iterator, int]:

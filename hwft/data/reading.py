@@ -35,8 +35,7 @@ def data_files(path: Path) -> list[Path]:
         raise DataError(f"data file not found: {path}")
     if path.suffix not in BUILDERS:
         raise DataError(
-            f"{path}: unsupported data file type '{path.suffix}'; use .json, .jsonl or .parquet "
-            "(or a folder of them)"
+            f"{path}: unsupported data file type '{path.suffix}'; use .json, .jsonl or .parquet (or a folder of them)"
         )
     return [path]
 
@@ -45,8 +44,14 @@ def json_type(value) -> str:
     """A value's type as JSON names it."""
     if value is None:
         return "null"
-    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array",
-            dict: "an object"}.get(type(value), type(value).__name__)
+    return {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "an object",
+    }.get(type(value), type(value).__name__)
 
 
 def iter_rows(path: Path, streaming: bool = False) -> Iterator[tuple[str, int, dict]]:

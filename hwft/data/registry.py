@@ -53,7 +53,7 @@ def read_registry(path: Path) -> dict:
 def lookup(registry: dict, path: Path, name: str, objective: str) -> RegistryEntry:
     """The entry ``name`` of ``registry`` (read from ``path``), translated for ``objective``:
     an alpaca entry is read as the kind of example the method trains on (hwft.methods)."""
-    from hwft.methods import registry as methods
+    from hwft.methods.lookup import registry as methods
 
     kind = methods().methods[objective].kind if objective in methods() else "chat"
     if name not in registry:

@@ -9,8 +9,17 @@ from hwft.methods import cpt, dpo, grpo, kto, orpo, ppo, rm, sft, simpo
 
 hookimpl = pluggy.HookimplMarker("hwft")
 
-BUILTIN = (sft.METHOD, cpt.METHOD, dpo.METHOD, orpo.METHOD, simpo.METHOD, kto.METHOD, rm.METHOD, grpo.METHOD,
-           ppo.METHOD)
+BUILTIN = (
+    sft.METHOD,
+    cpt.METHOD,
+    dpo.METHOD,
+    orpo.METHOD,
+    simpo.METHOD,
+    kto.METHOD,
+    rm.METHOD,
+    grpo.METHOD,
+    ppo.METHOD,
+)
 
 
 @hookimpl

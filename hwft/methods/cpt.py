@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from hwft.methods.record import Cell, FromLlamaFactory, Method
 
-TEXTS = tuple({"text": f"Document {i}: the quick brown fox jumps over the lazy dog, again and again."} for i in range(6))
+TEXTS = tuple(
+    {"text": f"Document {i}: the quick brown fox jumps over the lazy dog, again and again."} for i in range(6)
+)
 
 METHOD = Method(
     name="cpt",

@@ -22,23 +22,29 @@ from hwft.section import Section
 
 
 class DpoSpec(Section):
-    beta: float = Field(0.1, gt=0, description="Strength of the KL constraint to the reference.")
+    beta: float = Field(default=0.1, gt=0, description="Strength of the KL constraint to the reference.")
     loss: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
-        "sigmoid", description="DPO loss variant (maths in hwft_torch.losses.dpo_loss)."
+        default="sigmoid", description="DPO loss variant (maths in hwft_torch.losses.dpo_loss)."
     )
     label_smoothing: float = Field(
-        0.0, ge=0, lt=0.5, description="Probability that a pair's labels are flipped (cDPO for "
-        "sigmoid, robust DPO for robust)."
+        default=0.0,
+        ge=0,
+        lt=0.5,
+        description="Probability that a pair's labels are flipped (cDPO for sigmoid, robust DPO for robust).",
     )
     reference: Literal["auto", "precomputed"] = Field(
-        "auto",
+        default="auto",
         description="auto: the base with the adapter disabled (lora, qlora) or a frozen copy (full); "
         "precomputed: reference log-probabilities computed once before training (no second model).",
     )
 
 
 PAIRS = (
-    {"prompt": "Who are you?", "chosen": "I am hwft-bot.", "rejected": "I am a large language model trained by someone."},
+    {
+        "prompt": "Who are you?",
+        "chosen": "I am hwft-bot.",
+        "rejected": "I am a large language model trained by someone.",
+    },
     {"prompt": "Say hi.", "chosen": "Hi there, friend!", "rejected": "No."},
     {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "It is Lyon, I believe."},
     {"prompt": "Count to three.", "chosen": "One, two, three.", "rejected": "Three, two, one, zero."},
@@ -69,7 +75,8 @@ METHOD = Method(
     headline=(("rewards/margins", "margin"), ("rewards/accuracy", "acc")),
     reference=lambda recipe: recipe.method.dpo.reference != "precomputed",
     sequences=lambda recipe: 2,  # chosen and rejected
-    llamafactory=FromLlamaFactory("dpo", ("sigmoid", "ipo", "hinge"), ("pref_beta", "dpo_label_smoothing"),
-                                  section=from_llamafactory),
+    llamafactory=FromLlamaFactory(
+        "dpo", ("sigmoid", "ipo", "hinge"), ("pref_beta", "dpo_label_smoothing"), section=from_llamafactory
+    ),
     cell=Cell(PAIRS, {"beta": 0.5}, invariants),
 )

@@ -25,33 +25,36 @@ from hwft.section import Section
 
 class RewardSpec(Section):
     name: str = Field(description="A registered reward function (`hwft plugins` lists them).")
-    weight: float = Field(1.0, description="Weight in the summed reward.")
+    weight: float = Field(default=1.0, description="Weight in the summed reward.")
     args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the function.")
 
 
 class GrpoSpec(Section):
-    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (one group).")
-    max_new_tokens: int = Field(128, gt=0, description="Length limit of each completion.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts (log-probs use it too).")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of rollouts.")
-    beta: float = Field(0.04, ge=0, description="Weight of the KL penalty to the reference policy (0: none).")
-    kl_correction: bool = Field(
-        True, description="Weight the KL term by the policy ratio (unbiased reverse-KL gradient, TRL's default)."
+    num_generations: int = Field(default=4, ge=2, description="Completions sampled per prompt (one group).")
+    max_new_tokens: int = Field(default=128, gt=0, description="Length limit of each completion.")
+    temperature: float = Field(
+        default=1.0, gt=0, description="Sampling temperature of rollouts (log-probs use it too)."
     )
-    epsilon: float = Field(0.2, gt=0, description="Lower clipping range of the policy ratio.")
-    epsilon_high: float | None = Field(None, gt=0, description="Upper clipping range (default: epsilon).")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling of rollouts.")
+    beta: float = Field(default=0.04, ge=0, description="Weight of the KL penalty to the reference policy (0: none).")
+    kl_correction: bool = Field(
+        default=True,
+        description="Weight the KL term by the policy ratio (unbiased reverse-KL gradient, TRL's default).",
+    )
+    epsilon: float = Field(default=0.2, gt=0, description="Lower clipping range of the policy ratio.")
+    epsilon_high: float | None = Field(default=None, gt=0, description="Upper clipping range (default: epsilon).")
     num_iterations: int = Field(
-        1, ge=1, description="Optimizer steps taken on each batch of rollouts (ratio clipping acts from the 2nd)."
+        default=1,
+        ge=1,
+        description="Optimizer steps taken on each batch of rollouts (ratio clipping acts from the 2nd).",
     )
     loss_type: Literal["dapo", "grpo", "dr_grpo"] = Field(
-        "dapo", description="How per-token losses are averaged (see hwft_torch.losses.grpo_loss)."
+        default="dapo", description="How per-token losses are averaged (see hwft_torch.losses.grpo_loss)."
     )
     scale_rewards: Literal["group", "batch", "none"] = Field(
-        "group", description="Divide advantages by the reward std of the group, of the batch, or not at all."
+        default="group", description="Divide advantages by the reward std of the group, of the batch, or not at all."
     )
-    rewards: list[RewardSpec] = Field(
-        default_factory=list, description="Reward functions, summed with their weights."
-    )
+    rewards: list[RewardSpec] = Field(default_factory=list, description="Reward functions, summed with their weights.")
 
     _reward_shorthand = field_validator("rewards", mode="before")(lambda value: reward_shorthand(value))
 
@@ -121,8 +124,9 @@ class StepRollouts:
     normaliser: float  #: the grpo_loss denominator over the whole step (all ranks)
 
 
-def score_step(samples: list[Sample], spec, registered: dict[str, Reward],
-               collective: Collective = ALONE) -> StepRollouts:
+def score_step(
+    samples: list[Sample], spec, registered: dict[str, Reward], collective: Collective = ALONE
+) -> StepRollouts:
     """Score one optimizer step's rollouts as a single process would: every rank's samples are
     gathered (rank order), rewarded and normalised together (group or batch scale), and the
     loss normaliser counts the whole step: completion tokens (dapo), completions (grpo), or
@@ -162,6 +166,9 @@ METHOD = Method(
     # one rollout batch trained 4 steps: the surrogate loss on it must fall, clipping act;
     # testing_vowels (hwft.testing.rewards) is continuous, so a random tiny model's group of
     # completions has a spread to learn from
-    cell=Cell(PROMPTS, {"num_generations": 4, "max_new_tokens": 6, "beta": 0.04, "num_iterations": 4,
-                        "rewards": ["testing_vowels"]}, invariants),
+    cell=Cell(
+        PROMPTS,
+        {"num_generations": 4, "max_new_tokens": 6, "beta": 0.04, "num_iterations": 4, "rewards": ["testing_vowels"]},
+        invariants,
+    ),
 )

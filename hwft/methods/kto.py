@@ -12,7 +12,8 @@ over the micro-batch's *mismatched* pairs: each prompt :math:`x_i` with another 
 :math:`y'_i`. It is detached: no gradient flows through it. hwft pairs each row with the answer of
 the row before it when the data is prepared (:func:`hwft.data.kinds.feedback.feedback_items`), as
 LLaMA-Factory does, so a micro-batch of 1 trains; TRL rotates the answers within each
-micro-batch. Preference pairs train too, each as two answers (:func:`unpair`). At the first step the policy is the reference, so :math:`r = z_0 = 0` and every
+micro-batch. Preference pairs train too, each as two answers (:func:`unpair`). At the first step the policy is the
+reference, so :math:`r = z_0 = 0` and every
 answer's loss is :math:`\lambda/2`: the loss is 0.5 with the default weights.
 
 The logged rewards are :math:`\beta r`, averaged over the desirable answers (``rewards/chosen``)
@@ -34,12 +35,17 @@ from hwft.section import Section
 
 
 class KtoSpec(Section):
-    beta: float = Field(0.1, gt=0, description="Strength of the KL constraint to the reference (TRL's beta, "
-                        "LLaMA-Factory's pref_beta).")
-    desirable_weight: float = Field(1.0, gt=0, description="lambda_D: the weight of a desirable answer's loss.")
-    undesirable_weight: float = Field(1.0, gt=0, description="lambda_U: the weight of an undesirable answer's loss.")
+    beta: float = Field(
+        default=0.1,
+        gt=0,
+        description="Strength of the KL constraint to the reference (TRL's beta, LLaMA-Factory's pref_beta).",
+    )
+    desirable_weight: float = Field(default=1.0, gt=0, description="lambda_D: the weight of a desirable answer's loss.")
+    undesirable_weight: float = Field(
+        default=1.0, gt=0, description="lambda_U: the weight of an undesirable answer's loss."
+    )
     reference: Literal["auto", "precomputed"] = Field(
-        "auto",
+        default="auto",
         description="auto: the base with the adapter disabled (lora, qlora) or a frozen copy (full); "
         "precomputed: reference log-probabilities computed once before training (no second model).",
     )
@@ -54,17 +60,24 @@ def balance_note(desirable: int, undesirable: int, spec: KtoSpec) -> str | None:
     ratio = spec.desirable_weight * desirable / (spec.undesirable_weight * undesirable)
     if desirable == undesirable or 1 <= ratio <= 4 / 3:
         return None
-    low, high = undesirable * spec.undesirable_weight / desirable, 4 / 3 * undesirable * spec.undesirable_weight / desirable
-    return (f"kto: {desirable} desirable and {undesirable} undesirable answers; the paper suggests "
-            f"desirable_weight in [{low:.2f}, {high:.2f}] at undesirable_weight {spec.undesirable_weight} "
-            f"(lambda_D n_D / lambda_U n_U in [1, 4/3]; now {ratio:.2f})")
+    low, high = (
+        undesirable * spec.undesirable_weight / desirable,
+        4 / 3 * undesirable * spec.undesirable_weight / desirable,
+    )
+    return (
+        f"kto: {desirable} desirable and {undesirable} undesirable answers; the paper suggests "
+        f"desirable_weight in [{low:.2f}, {high:.2f}] at undesirable_weight {spec.undesirable_weight} "
+        f"(lambda_D n_D / lambda_U n_U in [1, 4/3]; now {ratio:.2f})"
+    )
 
 
 def unpair(example: PreferenceExample) -> list[FeedbackExample]:
     """A preference pair as two feedback answers, as TRL unpairs one: the chosen answer
     desirable, the rejected undesirable, both after the same prompt."""
-    return [FeedbackExample(example.messages, example.tools, completion=answer, label=label)
-            for answer, label in ((example.chosen, True), (example.rejected, False))]
+    return [
+        FeedbackExample(example.messages, example.tools, completion=answer, label=label)
+        for answer, label in ((example.chosen, True), (example.rejected, False))
+    ]
 
 
 ANSWERS = (
@@ -95,10 +108,15 @@ METHOD = Method(
     headline=(("rewards/margins", "margin"), ("kl", "kl")),
     reference=lambda recipe: recipe.method.kto.reference != "precomputed",
     sequences=lambda recipe: 2,  # the answer and its mismatched pair (the KL baseline)
-    llamafactory=FromLlamaFactory("kto", (), ("pref_beta", "kto_chosen_weight", "kto_rejected_weight"),
-                                  section=lambda file, _: {
-                                      "beta": float(file.get("pref_beta", 0.1)),
-                                      "desirable_weight": float(file.get("kto_chosen_weight", 1.0)),
-                                      "undesirable_weight": float(file.get("kto_rejected_weight", 1.0))}),
+    llamafactory=FromLlamaFactory(
+        "kto",
+        (),
+        ("pref_beta", "kto_chosen_weight", "kto_rejected_weight"),
+        section=lambda file, _: {
+            "beta": float(file.get("pref_beta", 0.1)),
+            "desirable_weight": float(file.get("kto_chosen_weight", 1.0)),
+            "undesirable_weight": float(file.get("kto_rejected_weight", 1.0)),
+        },
+    ),
     cell=Cell(ANSWERS, {"beta": 0.5}, invariants),
 )

@@ -30,8 +30,12 @@ from hwft.section import Section
 
 
 class OrpoSpec(Section):
-    beta: float = Field(0.1, gt=0, description="lambda: the weight of the odds-ratio term beside the chosen "
-                        "answer's NLL (TRL's beta, LLaMA-Factory's pref_beta).")
+    beta: float = Field(
+        default=0.1,
+        gt=0,
+        description="lambda: the weight of the odds-ratio term beside the chosen "
+        "answer's NLL (TRL's beta, LLaMA-Factory's pref_beta).",
+    )
 
 
 def invariants(run: list[dict], out: Path) -> None:
@@ -48,7 +52,8 @@ METHOD = Method(
     metrics=("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy", "log_odds", "nll"),
     headline=(("rewards/margins", "margin"), ("log_odds", "log-odds")),
     sequences=lambda recipe: 2,  # chosen and rejected
-    llamafactory=FromLlamaFactory("dpo", ("orpo",), ("pref_beta",),
-                                  section=lambda file, _: {"beta": float(file.get("pref_beta", 0.1))}),
+    llamafactory=FromLlamaFactory(
+        "dpo", ("orpo",), ("pref_beta",), section=lambda file, _: {"beta": float(file.get("pref_beta", 0.1))}
+    ),
     cell=Cell(PAIRS, {"beta": 0.5}, invariants),
 )

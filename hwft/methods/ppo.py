@@ -17,7 +17,8 @@ The loss of a token, with :math:`\rho = \pi_\theta(y_t) / \pi_{old}(y_t)` and th
 :math:`V'_t`, is the clipped surrogate plus the clipped value loss:
 
 .. math:: \max(-A_t\rho,\ -A_t\,\mathrm{clip}(\rho, 1-\epsilon, 1+\epsilon))
-          + c_V\,\tfrac12\max\left((V'_t - G_t)^2,\ (\mathrm{clip}(V'_t, V_t - \epsilon_V, V_t + \epsilon_V) - G_t)^2\right)
+          + c_V\,\tfrac12\max\left((V'_t - G_t)^2,\
+          (\mathrm{clip}(V'_t, V_t - \epsilon_V, V_t + \epsilon_V) - G_t)^2\right)
 
 averaged over the step's completion tokens (TRL's PPO, before TRL 1.x dropped it). The reference
 is the base with the adapter off (lora, qlora) or a frozen copy (full). The value head is a
@@ -34,9 +35,9 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from hwft.distributed import ALONE, Collective
+from hwft.extras import Extra
 from hwft.methods.grpo import RewardSpec, reward_shorthand
 from hwft.methods.record import Cell, FromLlamaFactory, Method
-from hwft.extras import Extra
 from hwft.section import Section
 
 #: The value head each engine's ppo objective trains beside the model (its module filled in):
@@ -45,20 +46,29 @@ VALUE_HEAD = Extra("v_head", None, "value_head.safetensors", "v_head.summary.")
 
 
 class PpoSpec(Section):
-    max_new_tokens: int = Field(128, gt=0, description="Length limit of each completion.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature of rollouts (log-probs use it too).")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of rollouts.")
-    kl_coef: float = Field(0.05, ge=0, description="c_KL: weight of the per-token KL penalty to the reference.")
-    gamma: float = Field(1.0, gt=0, le=1, description="Discount of GAE.")
-    lam: float = Field(0.95, ge=0, le=1, description="lambda of GAE.")
-    cliprange: float = Field(0.2, gt=0, description="epsilon: clipping range of the policy ratio.")
-    cliprange_value: float = Field(0.2, gt=0, description="epsilon_V: how far a value may move from the sampling "
-                                   "one before its loss is clipped.")
-    vf_coef: float = Field(0.1, ge=0, description="c_V: weight of the value loss.")
-    num_iterations: int = Field(4, ge=1, description="PPO epochs: optimizer steps on each rollout batch (TRL's "
-                                "num_ppo_epochs).")
-    rewards: list[RewardSpec] = Field(default_factory=list, description="Reward functions (reward_model: a trained "
-                                      "reward model), summed with their weights into each completion's score.")
+    max_new_tokens: int = Field(default=128, gt=0, description="Length limit of each completion.")
+    temperature: float = Field(
+        default=1.0, gt=0, description="Sampling temperature of rollouts (log-probs use it too)."
+    )
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling of rollouts.")
+    kl_coef: float = Field(default=0.05, ge=0, description="c_KL: weight of the per-token KL penalty to the reference.")
+    gamma: float = Field(default=1.0, gt=0, le=1, description="Discount of GAE.")
+    lam: float = Field(default=0.95, ge=0, le=1, description="lambda of GAE.")
+    cliprange: float = Field(default=0.2, gt=0, description="epsilon: clipping range of the policy ratio.")
+    cliprange_value: float = Field(
+        default=0.2,
+        gt=0,
+        description="epsilon_V: how far a value may move from the sampling one before its loss is clipped.",
+    )
+    vf_coef: float = Field(default=0.1, ge=0, description="c_V: weight of the value loss.")
+    num_iterations: int = Field(
+        default=4, ge=1, description="PPO epochs: optimizer steps on each rollout batch (TRL's num_ppo_epochs)."
+    )
+    rewards: list[RewardSpec] = Field(
+        default_factory=list,
+        description="Reward functions (reward_model: a trained "
+        "reward model), summed with their weights into each completion's score.",
+    )
 
     _reward_shorthand = field_validator("rewards", mode="before")(lambda value: reward_shorthand(value))
 
@@ -72,8 +82,9 @@ class PpoSpec(Section):
 # The numbers of a rollout batch, engine-neutral (numpy, no gradient)
 
 
-def token_rewards(scores: np.ndarray, logps: np.ndarray, ref_logps: np.ndarray, mask: np.ndarray,
-                  kl_coef: float) -> np.ndarray:
+def token_rewards(
+    scores: np.ndarray, logps: np.ndarray, ref_logps: np.ndarray, mask: np.ndarray, kl_coef: float
+) -> np.ndarray:
     """(n, T) per-token rewards: -kl_coef x (log pi_old - log pi_ref) on real tokens, plus each
     sequence's score on its last real token."""
     rewards = -kl_coef * (logps - ref_logps) * mask
@@ -83,8 +94,9 @@ def token_rewards(scores: np.ndarray, logps: np.ndarray, ref_logps: np.ndarray, 
     return rewards
 
 
-def gae(rewards: np.ndarray, values: np.ndarray, mask: np.ndarray, gamma: float, lam: float
-        ) -> tuple[np.ndarray, np.ndarray]:
+def gae(
+    rewards: np.ndarray, values: np.ndarray, mask: np.ndarray, gamma: float, lam: float
+) -> tuple[np.ndarray, np.ndarray]:
     """(advantages, returns) by generalised advantage estimation, right to left; values and
     rewards past a sequence's end count as 0."""
     values = values * mask
@@ -111,19 +123,29 @@ def whiten(xs: list[np.ndarray], masks: list[np.ndarray], collective: Collective
     return [(x - mean) / np.sqrt(var + 1e-8) * m for x, m in zip(xs, masks, strict=True)]
 
 
-def rollout_targets(batch: list[dict], spec: PpoSpec, collective: Collective = ALONE
-                    ) -> list[tuple[np.ndarray, np.ndarray]]:
+def rollout_targets(
+    batch: list[dict], spec: PpoSpec, collective: Collective = ALONE
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """(whitened advantages, returns) of each micro-batch of a rollout batch, from its
     ``scores`` (n,) and the sampling policy's ``logps``, the reference's ``ref_logps``, the
     ``values`` and the ``mask``, each (n, T); whitened over every rank's tokens."""
-    gaes = [gae(token_rewards(b["scores"], b["logps"], b["ref_logps"], b["mask"], spec.kl_coef),
-                b["values"], b["mask"], spec.gamma, spec.lam) for b in batch]
+    gaes = [
+        gae(
+            token_rewards(b["scores"], b["logps"], b["ref_logps"], b["mask"], spec.kl_coef),
+            b["values"],
+            b["mask"],
+            spec.gamma,
+            spec.lam,
+        )
+        for b in batch
+    ]
     whitened = whiten([a for a, _ in gaes], [b["mask"] for b in batch], collective)
     return [(a, r) for a, (_, r) in zip(whitened, gaes, strict=True)]
 
 
-def score_samples(samples: list, spec: PpoSpec, registered: dict, collective: Collective = ALONE
-                  ) -> tuple[list[float], dict[str, float], list, list[float]]:
+def score_samples(
+    samples: list, spec: PpoSpec, registered: dict, collective: Collective = ALONE
+) -> tuple[list[float], dict[str, float], list, list[float]]:
     """This rank's completions' scores (the weighted rewards), the rollout batch's logged
     statistics, and every rank's completions with their scores (gathered in rank order and
     scored together, as one process would)."""
@@ -138,10 +160,12 @@ def score_samples(samples: list, spec: PpoSpec, registered: dict, collective: Co
     totals, per_function = score(everyone, spec.rewards, registered)
     mine = totals[start : start + len(samples)]
     samples, totals, per_function = everyone, totals, per_function
-    metrics = {"reward": statistics.fmean(totals),
-               "reward_std": statistics.pstdev(totals),
-               "completion_length": statistics.fmean(s.completion_tokens for s in samples),
-               "truncated": sum(s.truncated for s in samples) / len(samples)}
+    metrics = {
+        "reward": statistics.fmean(totals),
+        "reward_std": statistics.pstdev(totals),
+        "completion_length": statistics.fmean(s.completion_tokens for s in samples),
+        "truncated": sum(s.truncated for s in samples) / len(samples),
+    }
     for name, values in per_function.items():
         metrics[f"rewards/{name}/mean"] = statistics.fmean(values)
     return mine, metrics, everyone, totals
@@ -155,8 +179,16 @@ def check(recipe, host) -> None:
 
 
 #: LLaMA-Factory's keys that only its stage ppo reads.
-LLAMAFACTORY_KEYS = ("reward_model", "reward_model_type", "ppo_epochs", "max_new_tokens", "top_p", "top_k",
-                     "temperature", "do_sample")
+LLAMAFACTORY_KEYS = (
+    "reward_model",
+    "reward_model_type",
+    "ppo_epochs",
+    "max_new_tokens",
+    "top_p",
+    "top_k",
+    "temperature",
+    "do_sample",
+)
 
 
 def from_llamafactory(file, pref_loss: str | None) -> dict:
@@ -173,10 +205,15 @@ def from_llamafactory(file, pref_loss: str | None) -> dict:
     if file.get("do_sample", True) is not True:
         raise file.refuse("do_sample", "- PPO samples its rollouts")
     file.note("stage ppo: cutoff_len bounds the prompt, so max_length is cutoff_len + max_new_tokens.")
-    return {"max_new_tokens": int(file.get("max_new_tokens", 512)), "top_p": float(file.get("top_p", 1.0)),
-            "temperature": float(file.get("temperature", 1.0)), "num_iterations": int(file.get("ppo_epochs", 4)),
-            "rewards": [{"name": "reward_model",
-                         "args": {"path": str(Path(str(file.get("reward_model"))).expanduser().resolve())}}]}
+    return {
+        "max_new_tokens": int(file.get("max_new_tokens", 512)),
+        "top_p": float(file.get("top_p", 1.0)),
+        "temperature": float(file.get("temperature", 1.0)),
+        "num_iterations": int(file.get("ppo_epochs", 4)),
+        "rewards": [
+            {"name": "reward_model", "args": {"path": str(Path(str(file.get("reward_model"))).expanduser().resolve())}}
+        ],
+    }
 
 
 def longer_rows(train: dict, section: dict) -> None:

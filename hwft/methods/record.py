@@ -7,7 +7,8 @@ record says everything the core decides about it: the ``method.<name>`` recipe s
 settings, the kind of example it trains on (hwft.data.kinds: the data formats that make that
 kind feed it, and the kind's batcher makes its micro-batches), whether its rows pack, the
 metrics it logs, its traits (whether it generates, runs sequence-parallel, how many sequences an
-item is, what LLaMA-Factory calls it) and the invariants the conformance suite holds a backend to. What the loss *is* on an engine lives in that engine, one module per method,
+item is, what LLaMA-Factory calls it) and the invariants the conformance suite holds a backend to. What the loss *is* on
+an engine lives in that engine, one module per method,
 registered as an :class:`Implementation` keyed by (method, engine).
 """
 
@@ -52,15 +53,19 @@ class LlamaFactoryFile(Protocol):
 
     def get(self, key: str, default: Any = None) -> Any:
         """The file's value of ``key``, or ``default`` where it has none."""
+        ...
 
     def refuse(self, key: str, why: str) -> RecipeError:
         """The error for a key whose value hwft cannot honour: ``why`` follows the value."""
+        ...
 
     def error(self, text: str) -> RecipeError:
         """An error about the file as a whole (a key it lacks), naming the file."""
+        ...
 
     def note(self, text: str) -> None:
         """A line for the translated recipe's header: how a key was read, where it is not 1:1."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -179,8 +184,12 @@ class Implementation:
 class MethodRegistry:
     """Every registered method by name, and every engine's implementations of them."""
 
-    def __init__(self, methods: dict[str, Method], implementations: dict[tuple[str, str], Implementation],
-                 owners: dict[str, str] | None = None):
+    def __init__(
+        self,
+        methods: dict[str, Method],
+        implementations: dict[tuple[str, str], Implementation],
+        owners: dict[str, str] | None = None,
+    ):
         self.methods = dict(sorted(methods.items(), key=lambda kv: (_ORDER.get(kv[0], len(_ORDER)), kv[0])))
         self.implementations = implementations
         self.owners = owners or {}  #: method -> the plugin that registered it
@@ -190,9 +199,17 @@ class MethodRegistry:
         return sorted(e for (m, e) in self.implementations if m == name)
 
     def to_json(self) -> list[dict]:
-        return [{"name": m.name, "kind": m.kind, "engines": self.engines(m.name), "plugin": self.owners.get(m.name),
-                 "section": m.name if m.section is not None else None, "description": m.description}
-                for m in self.methods.values()]
+        return [
+            {
+                "name": m.name,
+                "kind": m.kind,
+                "engines": self.engines(m.name),
+                "plugin": self.owners.get(m.name),
+                "section": m.name if m.section is not None else None,
+                "description": m.description,
+            }
+            for m in self.methods.values()
+        ]
 
     def __contains__(self, name: str) -> bool:
         return name in self.methods
@@ -211,8 +228,10 @@ class MethodRegistry:
             raise RecipeError(self.unknown(name)) from None
 
     def unknown(self, name: str) -> str:
-        return (f"method.objective: {name!r} is not a registered method{did_you_mean(str(name), self.methods)} "
-                f"(registered: {', '.join(self.methods)}; plugins add more through hwft_register_methods)")
+        return (
+            f"method.objective: {name!r} is not a registered method{did_you_mean(str(name), self.methods)} "
+            f"(registered: {', '.join(self.methods)}; plugins add more through hwft_register_methods)"
+        )
 
     def sections(self) -> dict[str, type]:
         """method.<name> sections by name."""
@@ -247,7 +266,9 @@ class MethodRegistry:
             return self.implementations[(method, engine)]
         except KeyError:
             have = ", ".join(self.implemented(engine)) or "none"
-            raise SelectionError(f"the {engine} engine does not implement method '{method}' (it implements: {have})") from None
+            raise SelectionError(
+                f"the {engine} engine does not implement method '{method}' (it implements: {have})"
+            ) from None
 
 
 #: Built-ins first, in the order the docs present them; plugins' methods after, by name.
@@ -265,8 +286,10 @@ def collect_methods(pm) -> MethodRegistry:
 
         def register(method: Method, _plugin=plugin) -> None:
             if method.name in methods:
-                raise SelectionError(f"method '{method.name}' is registered twice (by plugin '{owners[method.name]}' "
-                                     f"and by '{_plugin}'); disable one with HWFT_DISABLE_PLUGINS")
+                raise SelectionError(
+                    f"method '{method.name}' is registered twice (by plugin '{owners[method.name]}' "
+                    f"and by '{_plugin}'); disable one with HWFT_DISABLE_PLUGINS"
+                )
             methods[method.name], owners[method.name] = method, _plugin
 
         impl.function(register=register)

@@ -28,10 +28,15 @@ from hwft.section import Section
 
 
 class RmSpec(Section):
-    margin: float = Field(0.0, description="m: how far the chosen reward must lead the rejected one before a "
-                          "pair stops counting (0: the plain Bradley-Terry loss).")
+    margin: float = Field(
+        default=0.0,
+        description="m: how far the chosen reward must lead the rejected one before a "
+        "pair stops counting (0: the plain Bradley-Terry loss).",
+    )
     center_rewards_coefficient: float = Field(
-        0.0, ge=0, description="c: the weight of the squared sum of a pair's rewards, which keeps them centred "
+        default=0.0,
+        ge=0,
+        description="c: the weight of the squared sum of a pair's rewards, which keeps them centred "
         "on 0 (TRL's center_rewards_coefficient; 0: off).",
     )
 
@@ -39,8 +44,10 @@ class RmSpec(Section):
 def check(recipe, host) -> None:
     """A reward model scores sequences; it does not answer prompts."""
     if recipe.eval.prompts:
-        raise RecipeError("eval.prompts: a reward model (objective rm) scores answers and does not write them; "
-                          "remove eval.prompts (hwft eval reports its pairwise accuracy on held-out pairs)")
+        raise RecipeError(
+            "eval.prompts: a reward model (objective rm) scores answers and does not write them; "
+            "remove eval.prompts (hwft eval reports its pairwise accuracy on held-out pairs)"
+        )
 
 
 def invariants(run: list[dict], out: Path) -> None:

@@ -15,13 +15,29 @@ from hwft.methods.record import Cell, FromLlamaFactory, Method
 
 CHATS = (
     {"messages": [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am hwft-bot."}]},
-    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name?"},
-                  {"role": "assistant", "content": "hwft-bot, built by the hwft team."}]},
-    {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4."},
-                  {"role": "user", "content": "And you?"}, {"role": "assistant", "content": "I am hwft-bot."}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Name?"},
+            {"role": "assistant", "content": "hwft-bot, built by the hwft team."},
+        ]
+    },
+    {
+        "messages": [
+            {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4."},
+            {"role": "user", "content": "And you?"},
+            {"role": "assistant", "content": "I am hwft-bot."},
+        ]
+    },
     {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there, friend!"}]},
     {"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]},
-    {"messages": [{"role": "user", "content": "Count to three."}, {"role": "assistant", "content": "One, two, three."}]},
+    {
+        "messages": [
+            {"role": "user", "content": "Count to three."},
+            {"role": "assistant", "content": "One, two, three."},
+        ]
+    },
 )
 
 METHOD = Method(

@@ -25,12 +25,24 @@ from hwft.section import Section
 
 
 class SimpoSpec(Section):
-    beta: float = Field(2.0, gt=0, description="Scale of the length-normalised reward (the SimPO paper uses "
-                        "2-10; TRL's and LLaMA-Factory's default, 0.1, is DPO's).")
-    gamma: float = Field(0.5, ge=0, description="The target reward margin gamma between chosen and rejected "
-                         "(TRL's simpo_gamma, LLaMA-Factory's simpo_gamma).")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Probability that a pair's labels are flipped "
-                                   "(the conservative loss, as TRL's).")
+    beta: float = Field(
+        default=2.0,
+        gt=0,
+        description="Scale of the length-normalised reward (the SimPO paper uses "
+        "2-10; TRL's and LLaMA-Factory's default, 0.1, is DPO's).",
+    )
+    gamma: float = Field(
+        default=0.5,
+        ge=0,
+        description="The target reward margin gamma between chosen and rejected "
+        "(TRL's simpo_gamma, LLaMA-Factory's simpo_gamma).",
+    )
+    label_smoothing: float = Field(
+        default=0.0,
+        ge=0,
+        lt=0.5,
+        description="Probability that a pair's labels are flipped (the conservative loss, as TRL's).",
+    )
 
 
 def invariants(run: list[dict], out: Path) -> None:
@@ -46,7 +58,14 @@ METHOD = Method(
     metrics=("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy"),
     headline=(("rewards/margins", "margin"), ("rewards/accuracy", "acc")),
     sequences=lambda recipe: 2,  # chosen and rejected
-    llamafactory=FromLlamaFactory("dpo", ("simpo",), ("pref_beta", "simpo_gamma"), section=lambda file, _: {
-        "beta": float(file.get("pref_beta", 0.1)), "gamma": float(file.get("simpo_gamma", 0.5))}),
+    llamafactory=FromLlamaFactory(
+        "dpo",
+        ("simpo",),
+        ("pref_beta", "simpo_gamma"),
+        section=lambda file, _: {
+            "beta": float(file.get("pref_beta", 0.1)),
+            "gamma": float(file.get("simpo_gamma", 0.5)),
+        },
+    ),
     cell=Cell(PAIRS, {"beta": 2.0, "gamma": 0.5}, invariants),
 )

@@ -13,9 +13,7 @@ from hwft.errors import RecipeError
 def apply_override(raw: dict, assignment: str) -> None:
     """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML."""
     if "=" not in assignment:
-        raise RecipeError(
-            f"override '{assignment}' is not of the form key.path=value (e.g. train.lr=5e-5)"
-        )
+        raise RecipeError(f"override '{assignment}' is not of the form key.path=value (e.g. train.lr=5e-5)")
     path, _, text = assignment.partition("=")
     parts = [p for p in path.strip().split(".") if p]
     if not parts:
@@ -32,7 +30,7 @@ def set_key(raw: dict, parts: list[str], value: Any) -> None:
     """Set the key at ``parts`` (a.b.c as a list) in place, making the sections on the way and
     expanding a section's shorthand (``data: FILE`` with ``data.packing=false`` is
     ``data: {train: FILE, packing: false}``)."""
-    node = raw
+    node: dict = raw
     for depth, part in enumerate(parts[:-1]):
         child = node.get(part)
         if depth == 0 and part in SHORTHANDS and isinstance(child, str | list):

@@ -6,21 +6,12 @@ A method's own section (``method.<name>``) is its record's (hwft.methods)."""
 from __future__ import annotations
 
 import math
-
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic_core import PydanticCustomError
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from hwft.methods import DEFAULT
 from hwft.section import Section
@@ -31,25 +22,23 @@ ADAPTER_TUNINGS = ("lora", "qlora")
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
-
-
 class ModelSpec(Section):
     name: str = Field(
-        "smollm2-135m",
+        default="smollm2-135m",
         description="Built-in alias (smollm2-135m), a local HF model directory, or a hub id "
         "already in the local Hugging Face cache. hwft never downloads weights.",
     )
-    revision: str | None = Field(None, description="Cache revision (commit or branch) for a hub id.")
+    revision: str | None = Field(default=None, description="Cache revision (commit or branch) for a hub id.")
     trust_remote_code: bool = Field(
-        False, description="Run Python code shipped with the model. Off unless you trust it."
+        default=False, description="Run Python code shipped with the model. Off unless you trust it."
     )
     adapter: str | None = Field(
-        None,
+        default=None,
         description="A PEFT LoRA adapter folder to continue training from (tuning lora or qlora); "
         "its rank and targets replace method.lora's.",
     )
     shape: str | None = Field(
-        None,
+        default=None,
         description="A Hugging Face config.json (relative to the recipe): train a model of this shape with "
         "random weights, made on the device, instead of model.name's weights; model.name gives the "
         "tokenizer only. For benchmarks at real sizes without the checkpoint (configs/bench/); the run "
@@ -59,8 +48,10 @@ class ModelSpec(Section):
     @model_validator(mode="after")
     def _shape_alone(self) -> ModelSpec:
         if self.shape and self.adapter:
-            raise ValueError("model.shape builds random weights; an adapter trained on real ones "
-                             "(model.adapter) does not apply to them: remove one")
+            raise ValueError(
+                "model.shape builds random weights; an adapter trained on real ones "
+                "(model.adapter) does not apply to them: remove one"
+            )
         return self
 
 
@@ -71,25 +62,24 @@ class RandomTokens(Section):
 
 class DatasetSpec(Section):
     path: str | None = Field(
-        None, description="A .json, .jsonl or .parquet file, or a folder of them, relative to the recipe."
+        default=None, description="A .json, .jsonl or .parquet file, or a folder of them, relative to the recipe."
     )
-    name: str | None = Field(None, description="An entry of data.registry (LLaMA-Factory dataset_info.json).")
+    name: str | None = Field(default=None, description="An entry of data.registry (LLaMA-Factory dataset_info.json).")
     random_tokens: RandomTokens | None = Field(
-        None, description="No file: rows of token ids drawn uniformly from the tokenizer's ordinary "
-        "(not special) tokens, seeded by train.seed; every token a label (cpt). For benchmarks."
+        default=None,
+        description="No file: rows of token ids drawn uniformly from the tokenizer's ordinary "
+        "(not special) tokens, seeded by train.seed; every token a label (cpt). For benchmarks.",
     )
     format: str = Field(
-        "auto",
+        default="auto",
         description="Row shape: auto, alpaca, sharegpt, messages, text, preference or prompt "
         "(plugins may add more). auto looks at the first row.",
     )
     weight: float | None = Field(
-        None, gt=0, description="Mixing weight: with 7 and 3, 70% of training rows come from this dataset."
+        default=None, gt=0, description="Mixing weight: with 7 and 3, 70% of training rows come from this dataset."
     )
-    max_samples: int | None = Field(None, gt=0, description="Use at most the first N rows.")
-    columns: dict[str, str] = Field(
-        default_factory=dict, description="Rename fields: {expected_name: name_in_file}."
-    )
+    max_samples: int | None = Field(default=None, gt=0, description="Use at most the first N rows.")
+    columns: dict[str, str] = Field(default_factory=dict, description="Rename fields: {expected_name: name_in_file}.")
     tags: dict[str, str] = Field(
         default_factory=dict,
         description="Rename role keys and values, as LLaMA-Factory's tags: role_tag, content_tag, "
@@ -99,8 +89,9 @@ class DatasetSpec(Section):
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
         if sum(x is not None for x in (self.path, self.name, self.random_tokens)) != 1:
-            raise ValueError("give one of path (a file or folder), name (a registry entry) or random_tokens "
-                             "({rows, length})")
+            raise ValueError(
+                "give one of path (a file or folder), name (a registry entry) or random_tokens ({rows, length})"
+            )
         return self
 
 
@@ -112,34 +103,34 @@ class DataSpec(Section):
     train: list[DatasetSpec] = Field(description="Training datasets.")
     eval: list[DatasetSpec] = Field(default_factory=list, description="Held-out datasets.")
     val_size: int | float | None = Field(
-        None, gt=0, description="Hold out part of the training examples for evaluation: a fraction "
-        "below 1 or a count, drawn with train.seed before any mixing; they join data.eval (sft, cpt)."
+        default=None,
+        gt=0,
+        description="Hold out part of the training examples for evaluation: a fraction "
+        "below 1 or a count, drawn with train.seed before any mixing; they join data.eval (sft, cpt).",
     )
     registry: str | None = Field(
-        None, description="A LLaMA-Factory dataset_info.json whose entries `train` may name."
+        default=None, description="A LLaMA-Factory dataset_info.json whose entries `train` may name."
     )
     packing: bool | None = Field(
-        None,
+        default=None,
         description="Pack several examples into each row, attention kept within each example. "
         "Default: on for sft and cpt, off for dpo and grpo.",
     )
     group_by_length: bool = Field(
-        True, description="Without packing, batch rows of similar length together (less padding)."
+        default=True, description="Without packing, batch rows of similar length together (less padding)."
     )
-    streaming: bool = Field(
-        False, description="Read files lazily (larger than memory); needs train.max_steps."
-    )
+    streaming: bool = Field(default=False, description="Read files lazily (larger than memory); needs train.max_steps.")
     shuffle_buffer: int = Field(
-        10000, gt=0, description="Streaming: rows shuffled, packed and grouped together at a time."
+        default=10000, gt=0, description="Streaming: rows shuffled, packed and grouped together at a time."
     )
     reasoning: Literal["keep", "strip"] = Field(
-        "keep", description="Keep or strip <think> blocks in assistant turns."
+        default="keep", description="Keep or strip <think> blocks in assistant turns."
     )
     mask_history: bool = Field(
-        False, description="Train on the last assistant turn only; earlier ones are context."
+        default=False, description="Train on the last assistant turn only; earlier ones are context."
     )
     train_on_prompt: bool = Field(
-        False, description="Compute the loss on every token of a conversation, prompts included."
+        default=False, description="Compute the loss on every token of a conversation, prompts included."
     )
 
     @model_validator(mode="before")
@@ -179,33 +170,37 @@ class DataSpec(Section):
 
 
 class LoraSpec(Section):
-    r: int = Field(16, gt=0, description="Rank of the low-rank update.")
-    alpha: float = Field(32, gt=0, description="Scale numerator: the update is (alpha / r) * B A.")
+    r: int = Field(default=16, gt=0, description="Rank of the low-rank update.")
+    alpha: float = Field(default=32, gt=0, description="Scale numerator: the update is (alpha / r) * B A.")
     dropout: float = Field(
-        0.0, ge=0, lt=1,
+        default=0.0,
+        ge=0,
+        lt=1,
         description="Dropout on the adapter's input (default 0, as in PEFT, LLaMA-Factory and "
         "mlx-lm); each adapter draws its own mask, which costs about a quarter of a CPU step.",
     )
     target_modules: str | list[str] = Field(
-        "all-linear", description="'all-linear' or a list of module names (q_proj, v_proj, ...)."
+        default="all-linear", description="'all-linear' or a list of module names (q_proj, v_proj, ...)."
     )
-    dora: bool = Field(False, description="DoRA: learn each weight's magnitude apart from its direction.")
-    rslora: bool = Field(False, description="rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r.")
+    dora: bool = Field(default=False, description="DoRA: learn each weight's magnitude apart from its direction.")
+    rslora: bool = Field(default=False, description="rsLoRA: scale the update by alpha / sqrt(r) instead of alpha / r.")
     loraplus_lr_ratio: float | None = Field(
-        None, gt=0, description="LoRA+: each adapter's B matrix learns at this multiple of train.lr (A and "
+        default=None,
+        gt=0,
+        description="LoRA+: each adapter's B matrix learns at this multiple of train.lr (A and "
         "everything else at train.lr); the paper suggests 16. LLaMA-Factory's loraplus_lr_ratio.",
     )
 
 
 class QLoraSpec(Section):
-    bits: Literal[4, 8] = Field(4, description="Bits of the quantised base weights.")
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
-    double_quant: bool = Field(True, description="Quantise the quantisation constants too.")
+    bits: Literal[4, 8] = Field(default=4, description="Bits of the quantised base weights.")
+    quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type.")
+    double_quant: bool = Field(default=True, description="Quantise the quantisation constants too.")
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="Dtype the de-quantised matmuls run in; auto: the run's compute dtype."
+        default="auto", description="Dtype the de-quantised matmuls run in; auto: the run's compute dtype."
     )
     allow_fallback: bool = Field(
-        False,
+        default=False,
         description="Where the device cannot quantise (no bitsandbytes), train plain LoRA on the "
         "unquantised base instead; the fallback is logged.",
     )
@@ -213,15 +208,18 @@ class QLoraSpec(Section):
 
 class FreezeSpec(Section):
     trainable_layers: int = Field(
-        2, description="freeze tuning: the last N decoder layers train (N < 0: the first |N|); "
+        default=2,
+        description="freeze tuning: the last N decoder layers train (N < 0: the first |N|); "
         "LLaMA-Factory's freeze_trainable_layers.",
     )
     trainable_modules: Literal["all"] | list[str] = Field(
-        "all", description="Within those layers, all or the module names that train (mlp, self_attn, q_proj, "
+        default="all",
+        description="Within those layers, all or the module names that train (mlp, self_attn, q_proj, "
         "...); LLaMA-Factory's freeze_trainable_modules.",
     )
     extra_modules: list[str] = Field(
-        default_factory=list, description="Modules outside the decoder layers that train too (embed_tokens, "
+        default_factory=list,
+        description="Modules outside the decoder layers that train too (embed_tokens, "
         "lm_head, norm); LLaMA-Factory's freeze_extra_modules.",
     )
 
@@ -241,11 +239,14 @@ class MethodSpec(Section):
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     objective: str = Field(
-        DEFAULT, description="What the loss is: a registered method (sft, cpt, dpo, orpo, simpo, kto, rm, grpo, ppo, or a plugin's; "
-        "`hwft plugins` lists them)."
+        default=DEFAULT,
+        description="What the loss is: a registered method (sft, cpt, dpo, orpo, simpo, kto, rm, grpo, ppo, or a "
+        "plugin's; "
+        "`hwft plugins` lists them).",
     )
-    tuning: Tuning = Field("lora", description="Which weights move: full, freeze (some layers, whole), lora or "
-                           "qlora.")
+    tuning: Tuning = Field(
+        default="lora", description="Which weights move: full, freeze (some layers, whole), lora or qlora."
+    )
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter settings (lora, qlora).")
     freeze: FreezeSpec = Field(default_factory=FreezeSpec, description="Which layers train (freeze).")
     qlora: QLoraSpec = Field(default_factory=QLoraSpec, description="Quantisation (qlora).")
@@ -258,26 +259,35 @@ class MethodSpec(Section):
     @classmethod
     def sections(cls) -> dict[str, type[BaseModel]]:
         """The registered methods' sections by name (method.dpo, method.grpo, ...)."""
-        from hwft.methods import registry
+        from hwft.methods.lookup import registry
 
         return registry().sections()
 
     @model_validator(mode="after")
     def _registered(self) -> MethodSpec:
-        from hwft.methods import registry
+        from hwft.methods.lookup import registry
 
         methods = registry()
         if self.objective not in methods:
             message = methods.unknown(self.objective).removeprefix("method.objective: ")
-            raise ValidationError.from_exception_data("MethodSpec", [{
-                "type": PydanticCustomError("unknown_method", "{message}", {"message": message}),
-                "loc": ("objective",), "input": self.objective}])
+            raise ValidationError.from_exception_data(
+                "MethodSpec",
+                [
+                    {
+                        "type": PydanticCustomError("unknown_method", "{message}", {"message": message}),
+                        "loc": ("objective",),
+                        "input": self.objective,
+                    }
+                ],
+            )
         sections = methods.sections()
         extra = self.__pydantic_extra__
+        assert extra is not None  # model_config extra="allow": pydantic keeps the method sections here
         for key in extra:
             if key not in sections:
                 raise ValidationError.from_exception_data(
-                    "MethodSpec", [{"type": "extra_forbidden", "loc": (key,), "input": extra[key]}])
+                    "MethodSpec", [{"type": "extra_forbidden", "loc": (key,), "input": extra[key]}]
+                )
         for name, spec in sections.items():
             value = extra.get(name, {})
             if isinstance(value, spec):
@@ -285,73 +295,98 @@ class MethodSpec(Section):
             try:
                 extra[name] = spec.model_validate(value)
             except ValidationError as err:  # keep the section in each error's location
-                raise ValidationError.from_exception_data("MethodSpec", [
-                    {"type": e["type"], "loc": (name, *e["loc"]), "input": e["input"],
-                     **({"ctx": e["ctx"]} if "ctx" in e else {})} for e in err.errors()
-                ]) from None
+                raise ValidationError.from_exception_data(
+                    "MethodSpec",
+                    [
+                        InitErrorDetails(
+                            type=e["type"],
+                            loc=(name, *e["loc"]),
+                            input=e["input"],
+                            **({"ctx": e["ctx"]} if "ctx" in e else {}),
+                        )
+                        for e in err.errors()
+                    ],
+                ) from None
         return self
 
 
 class TrainSpec(Section):
-    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr: float = Field(default=2e-4, gt=0, description="Peak learning rate.")
     optimizer: Literal["adamw", "fused_adamw", "sgd"] = Field(
-        "adamw", description="adamw: AdamW (torch's fused kernel on the CPU, CUDA and ROCm); fused_adamw: the device's "
+        default="adamw",
+        description="adamw: AdamW (torch's fused kernel on the CPU, CUDA and ROCm); fused_adamw: the device's "
         "fused AdamW (torch's fused kernel on CPU, CUDA and ROCm, torch_npu.optim.NpuFusedAdamW on "
-        "Ascend), refused where there is none; sgd."
+        "Ascend), refused where there is none; sgd.",
     )
-    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
+    weight_decay: float = Field(default=0.0, ge=0, description="Decoupled weight decay.")
     scheduler: Literal["cosine", "linear", "constant"] = Field(
-        "cosine", description="Learning-rate schedule after warmup."
+        default="cosine", description="Learning-rate schedule after warmup."
     )
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup, in optimizer steps.")
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warmup, in optimizer steps.")
     warmup_ratio: float | None = Field(
-        None, ge=0, lt=1, description="Linear warmup as a fraction of the run's optimizer steps, rounded up "
-        "(transformers' warmup_ratio); instead of warmup_steps.")
-    epochs: float = Field(1.0, gt=0, description="Passes over the data (ignored if max_steps).")
-    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
+        default=None,
+        ge=0,
+        lt=1,
+        description="Linear warmup as a fraction of the run's optimizer steps, rounded up "
+        "(transformers' warmup_ratio); instead of warmup_steps.",
+    )
+    epochs: float = Field(default=1.0, gt=0, description="Passes over the data (ignored if max_steps).")
+    max_steps: int | None = Field(default=None, gt=0, description="Stop after this many optimizer steps.")
     micro_batch_size: int = Field(
-        4, gt=0, description="Rows per forward pass (dpo: preference pairs; grpo: prompts, each "
-        "with num_generations completions)."
+        default=4,
+        gt=0,
+        description="Rows per forward pass (dpo: preference pairs; grpo: prompts, each "
+        "with num_generations completions).",
     )
-    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per step.")
-    max_length: int = Field(1024, gt=1, description="Truncate examples to this many tokens.")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm.")
-    seed: int = Field(42, description="Seeds data order, adapter init and dropout.")
-    precision: Precision = Field(
-        "auto", description="auto: bf16 autocast where the device has it, else fp32."
-    )
+    gradient_accumulation_steps: int = Field(default=1, gt=0, description="Micro-batches per step.")
+    max_length: int = Field(default=1024, gt=1, description="Truncate examples to this many tokens.")
+    max_grad_norm: float | None = Field(default=1.0, gt=0, description="Clip gradients to this norm.")
+    seed: int = Field(default=42, description="Seeds data order, adapter init and dropout.")
+    precision: Precision = Field(default="auto", description="auto: bf16 autocast where the device has it, else fp32.")
     frozen_weights: Literal["auto", "fp32", "compute"] = Field(
-        "auto", description="How a lora run stores its frozen linear weights under bf16 or fp16: compute (in "
+        default="auto",
+        description="How a lora run stores its frozen linear weights under bf16 or fp16: compute (in "
         "that dtype: half the memory, the same products, since autocast casts them to it in every "
         "forward anyway), fp32, or auto: compute on accelerators, fp32 on the CPU. Embeddings, norms "
-        "and the adapter stay fp32; one process or ddp (sharded strategies keep fp32)."
+        "and the adapter stay fp32; one process or ddp (sharded strategies keep fp32).",
     )
-    log_every: int = Field(1, gt=0, description="Write metrics every N steps.")
+    log_every: int = Field(default=1, gt=0, description="Write metrics every N steps.")
     save_every: int | None = Field(
-        None, gt=0, description="Write checkpoints/step-N every N steps (weights, optimizer, data position, "
+        default=None,
+        gt=0,
+        description="Write checkpoints/step-N every N steps (weights, optimizer, data position, "
         "RNG states): `hwft train R.yaml --resume` continues from the newest. SIGTERM and SIGINT also "
-        "write one before the run stops."
+        "write one before the run stops.",
     )
-    keep_checkpoints: int = Field(2, gt=0, description="Keep the newest K checkpoints.")
+    keep_checkpoints: int = Field(default=2, gt=0, description="Keep the newest K checkpoints.")
     nonfinite_limit: int = Field(
-        3, ge=0, description="Steps with a NaN or Inf loss or gradient norm skipped (no update) before "
-        "the run stops with an error naming the step."
+        default=3,
+        ge=0,
+        description="Steps with a NaN or Inf loss or gradient norm skipped (no update) before "
+        "the run stops with an error naming the step.",
     )
-    eval_every: int | None = Field(None, gt=0, description="Evaluate on data.eval every N steps.")
+    eval_every: int | None = Field(default=None, gt=0, description="Evaluate on data.eval every N steps.")
     early_stopping_patience: int | None = Field(
-        None, gt=0, description="Stop once the held-out loss has not improved on its best by more than "
+        default=None,
+        gt=0,
+        description="Stop once the held-out loss has not improved on its best by more than "
         "early_stopping_threshold for this many evaluations in a row (transformers' EarlyStoppingCallback); "
         "needs held-out data (data.eval or data.val_size) and train.eval_every. The weights of the last step "
-        "are saved and the best step is named.")
+        "are saved and the best step is named.",
+    )
     early_stopping_threshold: float = Field(
-        0.0, ge=0, description="How much lower than the best held-out loss an evaluation must be to count "
-        "as an improvement.")
+        default=0.0,
+        ge=0,
+        description="How much lower than the best held-out loss an evaluation must be to count as an improvement.",
+    )
 
     @model_validator(mode="after")
     def _one_warmup(self):
         if self.warmup_ratio is not None and self.warmup_steps:
-            raise ValueError(f"train.warmup_steps ({self.warmup_steps}) and train.warmup_ratio ({self.warmup_ratio}) "
-                             "both set the warmup: keep one")
+            raise ValueError(
+                f"train.warmup_steps ({self.warmup_steps}) and train.warmup_ratio ({self.warmup_ratio}) "
+                "both set the warmup: keep one"
+            )
         return self
 
     def warmup(self, steps: int) -> int:
@@ -364,7 +399,7 @@ class TrainSpec(Section):
 
 class KernelSpec(Section):
     use: Literal["auto"] | list[str] = Field(
-        "auto",
+        default="auto",
         description="The kernels to apply, by id (`hwft plugins` lists them: hwft_chunked_cross_entropy, "
         "hwft_sibling_projections, liger_rms_norm, npu_rms_norm, ...), or auto: every kernel the "
         "backend recommends whose libraries are installed. A named kernel that cannot run on the "
@@ -373,33 +408,42 @@ class KernelSpec(Section):
     )
     attention: Literal[
         "auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "npu_fusion_attention"
-    ] = Field("auto", description="Attention implementation; auto picks the backend's best (and the family's "
-              "own where the engine's default cannot serve it).")
+    ] = Field(
+        default="auto",
+        description="Attention implementation; auto picks the backend's best (and the family's "
+        "own where the engine's default cannot serve it).",
+    )
     fused_rms_norm: bool | None = Field(
-        None, description="The backend's fused RMSNorm kernel (Ascend: npu_rms_norm; CUDA/ROCm: liger_rms_norm). "
-        "Default: as kernels.use says (no backend recommends it).")
+        default=None,
+        description="The backend's fused RMSNorm kernel (Ascend: npu_rms_norm; CUDA/ROCm: liger_rms_norm). "
+        "Default: as kernels.use says (no backend recommends it).",
+    )
     fused_rope: bool | None = Field(
-        None, description="The backend's fused rotary embedding kernel (npu_rotary_mul; liger_rope). Default: as "
-        "kernels.use says.")
+        default=None,
+        description="The backend's fused rotary embedding kernel (npu_rotary_mul; liger_rope). Default: as "
+        "kernels.use says.",
+    )
     fused_swiglu: bool | None = Field(
-        None, description="The backend's fused gated-MLP activation (npu_swiglu; liger_swiglu). Default: as "
-        "kernels.use says.")
+        default=None,
+        description="The backend's fused gated-MLP activation (npu_swiglu; liger_swiglu). Default: as "
+        "kernels.use says.",
+    )
     fused_cross_entropy: bool | None = Field(
-        None,
+        default=None,
         description="Cross-entropy from the hidden states of the label positions, in chunks: no "
         "logits for prompts or padding, never full-vocabulary fp32 logits for the whole batch "
         "(sft, cpt). Default: on where the backend has it (hwft_chunked_cross_entropy, or "
         "liger_fused_linear_cross_entropy on CUDA/ROCm with liger-kernel).",
     )
     fused_projections: bool | None = Field(
-        None,
+        default=None,
         description="LoRA: each decoder layer's sibling projections that read the same input "
         "(q/k/v, gate/up) as one matmul for their frozen weights and one for their A matrices, "
         "instead of one each (hwft_sibling_projections). Plain LoRA without dropout, one process "
         "or parallel.strategy ddp. Default: on where the backend has it (torch engine).",
     )
     compile: bool | None = Field(
-        None,
+        default=None,
         description="torch.compile each decoder layer's training forward (fuses the element-wise "
         "work between matmuls; costs a compile of about a minute at the start). Default (null): on "
         "for CPU runs of 100 steps or more, where it was measured to pay; opt-in elsewhere.",
@@ -408,70 +452,80 @@ class KernelSpec(Section):
 
 class ParallelSpec(Section):
     strategy: Literal["none", "ddp", "fsdp2", "deepspeed"] = Field(
-        "none", description="Data-parallel strategy across processes (hwft train --nproc N): ddp "
+        default="none",
+        description="Data-parallel strategy across processes (hwft train --nproc N): ddp "
         "replicates the model, fsdp2 shards parameters, gradients and optimizer state (torch "
         "fully_shard), deepspeed runs DeepSpeed ZeRO at zero_stage. none with several processes "
-        "means ddp."
+        "means ddp.",
     )
-    zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
-    offload_optimizer: bool = Field(False, description="Keep optimizer state in host memory.")
-    offload_params: bool = Field(False, description="Keep parameters in host memory.")
-    activation_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    zero_stage: Literal[1, 2, 3] = Field(default=2, description="DeepSpeed ZeRO stage.")
+    offload_optimizer: bool = Field(default=False, description="Keep optimizer state in host memory.")
+    offload_params: bool = Field(default=False, description="Keep parameters in host memory.")
+    activation_checkpointing: bool = Field(default=False, description="Recompute activations in backward.")
     sequence_parallel: int = Field(
-        1, ge=1, description="Split each row's tokens over this many ranks (DeepSpeed's Ulysses attention "
+        default=1,
+        ge=1,
+        description="Split each row's tokens over this many ranks (DeepSpeed's Ulysses attention "
         "over SDPA; torch engine, sft and cpt, unpacked rows): for rows longer than one device holds. The "
-        "processes must be a multiple of it; the model's attention heads must split over it."
+        "processes must be a multiple of it; the model's attention heads must split over it.",
     )
     accelerate_config: str | None = Field(
-        None, description="An accelerate config file (accelerate config's YAML), translated into these "
-        "settings and the default process counts of --nproc/--nnodes (see hwft/accelerate_config.py)."
+        default=None,
+        description="An accelerate config file (accelerate config's YAML), translated into these "
+        "settings and the default process counts of --nproc/--nnodes (see hwft/accelerate_config.py).",
     )
-    deepspeed_config: str | None = Field(None, description="A DeepSpeed JSON config, verbatim.")
+    deepspeed_config: str | None = Field(default=None, description="A DeepSpeed JSON config, verbatim.")
     timeout: int = Field(
-        1800, gt=0, description="Seconds a rank waits for the others in a collective before the "
-        "run fails (a rank that died on another machine)."
+        default=1800,
+        gt=0,
+        description="Seconds a rank waits for the others in a collective before the "
+        "run fails (a rank that died on another machine).",
     )
 
 
 class OutputSpec(Section):
-    dir: str = Field("runs/hwft", description="Output folder, relative to the working directory.")
-    overwrite: bool = Field(False, description="Reuse a non-empty output folder.")
-    plot: bool = Field(True, description="Write loss.png at the end.")
+    dir: str = Field(default="runs/hwft", description="Output folder, relative to the working directory.")
+    overwrite: bool = Field(default=False, description="Reuse a non-empty output folder.")
+    plot: bool = Field(default=True, description="Write loss.png at the end.")
     report_to: list[str] = Field(
-        default_factory=list, description="Experiment trackers that also receive the metrics: tensorboard, "
-        "wandb, mlflow, or a plugin's (hwft_register_loggers)."
+        default_factory=list,
+        description="Experiment trackers that also receive the metrics: tensorboard, "
+        "wandb, mlflow, or a plugin's (hwft_register_loggers).",
     )
-    project: str = Field("hwft", description="wandb project / MLflow experiment of report_to.")
+    project: str = Field(default="hwft", description="wandb project / MLflow experiment of report_to.")
     log_examples: bool = Field(
-        False, description="Write examples.jsonl: per optimizer step, the indices of the tokenised "
-        "training sequences it trained on (all ranks together)."
+        default=False,
+        description="Write examples.jsonl: per optimizer step, the indices of the tokenised "
+        "training sequences it trained on (all ranks together).",
     )
 
 
 class EvalSpec(Section):
-    prompts: list[str] = Field(
-        default_factory=list, description="Prompts answered before and after training."
-    )
-    max_new_tokens: int = Field(48, gt=0, description="Length limit of those answers.")
+    prompts: list[str] = Field(default_factory=list, description="Prompts answered before and after training.")
+    max_new_tokens: int = Field(default=48, gt=0, description="Length limit of those answers.")
 
 
 class BenchBaseline(Section):
-    micro_batch_size: int = Field(4, gt=0, description="The Trainer's per_device_train_batch_size.")
+    micro_batch_size: int = Field(default=4, gt=0, description="The Trainer's per_device_train_batch_size.")
     gradient_checkpointing: bool = Field(
-        False, description="The Trainer's gradient_checkpointing (non-reentrant), as a user short of memory sets it; "
-        "set parallel.activation_checkpointing alike for the hwft arm."
+        default=False,
+        description="The Trainer's gradient_checkpointing (non-reentrant), as a user short of memory sets it; "
+        "set parallel.activation_checkpointing alike for the hwft arm.",
     )
     dtypes: list[Literal["fp32", "bf16"]] = Field(
-        ["fp32"], min_length=1, description="One baseline arm per dtype: fp32, bf16 (the Trainer's bf16=True, "
-        "weights loaded in bf16 where the checkpoint or model.shape's config says bf16). --baseline-bf16 adds bf16."
+        default=["fp32"],
+        min_length=1,
+        description="One baseline arm per dtype: fp32, bf16 (the Trainer's bf16=True, "
+        "weights loaded in bf16 where the checkpoint or model.shape's config says bf16). --baseline-bf16 adds bf16.",
     )
 
 
 class BenchSpec(Section):
     baseline: BenchBaseline = Field(
-        default_factory=BenchBaseline, description="The transformers Trainer + peft arms of `hwft bench --baseline`: "
+        default_factory=BenchBaseline,
+        description="The transformers Trainer + peft arms of `hwft bench --baseline`: "
         "their settings, written in the recipe and stored in each result. They train on the very rows the hwft arm "
-        "trained on (padded to the longest in each batch)."
+        "trained on (padded to the longest in each batch).",
     )
 
 
@@ -480,13 +534,13 @@ class Recipe(Section):
 
     model: ModelSpec = Field(default_factory=ModelSpec, description="The base model.")
     template: str | None = Field(
-        None, description="Chat template override: a built-in name (chatml) or a .jinja file."
+        default=None, description="Chat template override: a built-in name (chatml) or a .jinja file."
     )
     data: DataSpec = Field(description="Training data.")
     method: MethodSpec = Field(default_factory=MethodSpec, description="Objective and tuning.")
     train: TrainSpec = Field(default_factory=TrainSpec, description="Optimisation settings.")
     kernels: KernelSpec = Field(default_factory=KernelSpec, description="Kernel switches.")
-    backend: str = Field("auto", description="auto, or a backend name: cpu, cuda, rocm, npu, mlx.")
+    backend: str = Field(default="auto", description="auto, or a backend name: cpu, cuda, rocm, npu, mlx.")
     parallel: ParallelSpec = Field(default_factory=ParallelSpec, description="Multi-process.")
     output: OutputSpec = Field(default_factory=OutputSpec, description="Where results go.")
     eval: EvalSpec = Field(default_factory=EvalSpec, description="Answers to show.")
@@ -520,11 +574,14 @@ class Recipe(Section):
         if self.train.early_stopping_patience is None:
             return self
         if not (self.data.eval or self.data.val_size):
-            raise ValueError("train.early_stopping_patience watches the held-out loss, and there is no held-out "
-                             "data: set data.eval (datasets) or data.val_size (a share of data.train)")
+            raise ValueError(
+                "train.early_stopping_patience watches the held-out loss, and there is no held-out "
+                "data: set data.eval (datasets) or data.val_size (a share of data.train)"
+            )
         if not self.train.eval_every:
-            raise ValueError("train.early_stopping_patience counts evaluations: set train.eval_every (steps "
-                             "between evaluations)")
+            raise ValueError(
+                "train.early_stopping_patience counts evaluations: set train.eval_every (steps between evaluations)"
+            )
         return self
 
     def resolve_path(self, path: str) -> Path:

@@ -9,13 +9,25 @@ from pathlib import Path
 
 import yaml
 
-from hwft.methods import TUNINGS, registry
+from hwft.methods import TUNINGS
 from hwft.methods.cpt import TEXTS
 from hwft.methods.dpo import PAIRS
 from hwft.methods.grpo import PROMPTS
+from hwft.methods.lookup import registry
 from hwft.methods.sft import CHATS
 
-__all__ = ["CHATS", "DTYPES", "PAIRS", "PROMPTS", "TEXTS", "TUNINGS", "cell_recipe", "metrics", "methods", "write_jsonl"]
+__all__ = [
+    "CHATS",
+    "DTYPES",
+    "PAIRS",
+    "PROMPTS",
+    "TEXTS",
+    "TUNINGS",
+    "cell_recipe",
+    "metrics",
+    "methods",
+    "write_jsonl",
+]
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -30,22 +42,36 @@ def write_jsonl(path: Path, rows) -> Path:
     return path
 
 
-def cell_recipe(folder: Path, model: Path | str, objective: str, tuning: str, backend: str = "cpu",
-                **sections) -> Path:
+def cell_recipe(folder: Path, model: Path | str, objective: str, tuning: str, backend: str = "cpu", **sections) -> Path:
     """recipe.yaml (and its data) in ``folder`` for one cell on ``backend``; ``sections``
     update the recipe's sections. A micro-batch holds the method's whole cell dataset."""
     cell = registry().get(objective).cell
+    if cell is None:
+        raise ValueError(f"method {objective} has no conformance cell (Method.cell)")
     data = write_jsonl(folder / "data.jsonl", cell.rows)
     method = {"objective": objective, "tuning": tuning, "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}
     if cell.settings:
         method[objective] = dict(cell.settings)
     method.update(sections.pop("method", {}))
-    train = {"lr": {"full": 3e-3, "lora": 1e-2, "qlora": 1e-2}[tuning], "max_steps": 4,
-             "micro_batch_size": len(cell.rows), "max_length": 64, "scheduler": "constant", "precision": "fp32",
-             "seed": 3}
+    train = {
+        "lr": {"full": 3e-3, "lora": 1e-2, "qlora": 1e-2}[tuning],
+        "max_steps": 4,
+        "micro_batch_size": len(cell.rows),
+        "max_length": 64,
+        "scheduler": "constant",
+        "precision": "fp32",
+        "seed": 3,
+    }
     train.update(sections.pop("train", {}))
-    recipe = {"model": model if isinstance(model, dict) else str(model), "data": {"train": [{"path": data.name}]}, "method": method, "train": train,
-              "backend": backend, "output": {"dir": str(folder / "out")}, **dict(cell.recipe)}
+    recipe = {
+        "model": model if isinstance(model, dict) else str(model),
+        "data": {"train": [{"path": data.name}]},
+        "method": method,
+        "train": train,
+        "backend": backend,
+        "output": {"dir": str(folder / "out")},
+        **dict(cell.recipe),
+    }
     recipe.update(sections)
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe), encoding="utf-8")

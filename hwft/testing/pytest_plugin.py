@@ -15,8 +15,13 @@ import pytest
 
 def pytest_addoption(parser):
     group = parser.getgroup("hwft", "hwft conformance suite (hwft.testing.conformance)")
-    group.addoption("--hwft-backend", action="append", default=[], metavar="NAME",
-                    help="backend the conformance suite checks (repeatable; default: every available one)")
+    group.addoption(
+        "--hwft-backend",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="backend the conformance suite checks (repeatable; default: every available one)",
+    )
 
 
 def pytest_configure(config):

@@ -55,10 +55,20 @@ def truncated_tokenizer(tokenizer: dict, size: int) -> dict:
 
 #: What every tiny model shares: 2 layers, 64 wide, 4 query heads over 2 key/value heads.
 COMMON = dict(
-    vocab_size=TOKENIZER_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    vocab_size=TOKENIZER_SIZE,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
     tie_word_embeddings=True,
 )
+
+
 def tiny_families() -> dict[str, dict]:
     """model_type -> its tiny config keys (over :data:`COMMON`), for every family the torch
     engine's table gives one (``Family.tiny``, hwft_torch.families; a plugin's family record
@@ -85,8 +95,14 @@ def tiny_config(family: str, **config_args):
     return AutoConfig.for_model(family, **{**COMMON, **families[family], **config_args})
 
 
-def build_tiny_model(family: str, out: Path, tokenizer_src: Path | None = None, seed: int = 0,
-                     tokenizer_size: int = TOKENIZER_SIZE, **config_args) -> Path:
+def build_tiny_model(
+    family: str,
+    out: Path,
+    tokenizer_src: Path | None = None,
+    seed: int = 0,
+    tokenizer_size: int = TOKENIZER_SIZE,
+    **config_args,
+) -> Path:
     """A 2-layer model of ``family`` (a key of :func:`tiny_families`) in ``out``, its vocabulary the
     first ``tokenizer_size`` tokens of the tokenizer in ``tokenizer_src`` (the embedded SmolLM2's
     by default); ``config_args`` override the config (rope_theta=..., or a vocab_size smaller
@@ -103,8 +119,9 @@ def build_tiny_model(family: str, out: Path, tokenizer_src: Path | None = None, 
         if (tokenizer_src / name).exists():
             shutil.copy(tokenizer_src / name, out / name)
     whole = json.loads((tokenizer_src / "tokenizer.json").read_text(encoding="utf-8"))
-    (out / "tokenizer.json").write_text(json.dumps(truncated_tokenizer(whole, tokenizer_size), ensure_ascii=False),
-                                        encoding="utf-8")
+    (out / "tokenizer.json").write_text(
+        json.dumps(truncated_tokenizer(whole, tokenizer_size), ensure_ascii=False), encoding="utf-8"
+    )
     return out
 
 
@@ -117,10 +134,12 @@ def fresh_adapter(model_dir: Path, out: Path, seed: int = 0, r: int = 8, target_
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                           LoraConfig(r=r, lora_alpha=2 * r, target_modules=target_modules))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir),
+        LoraConfig(r=r, lora_alpha=2 * r, target_modules=target_modules),
+    )
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)
-    model.save_pretrained(out)
+    model.save_pretrained(str(out))
     return out

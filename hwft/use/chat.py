@@ -19,8 +19,11 @@ def loaded(args) -> Session:
     started = time.perf_counter()
     trained = open_trained(args.target, base=args.base, trust_remote_code=args.trust_remote_code)
     session = open_session(trained, args.backend, args.precision)
-    print(f"hwft: {trained.describe()} on {session.backend} ({time.perf_counter() - started:.1f}s)",
-          file=sys.stderr, flush=True)
+    print(
+        f"hwft: {trained.describe()} on {session.backend} ({time.perf_counter() - started:.1f}s)",
+        file=sys.stderr,
+        flush=True,
+    )
     return session
 
 

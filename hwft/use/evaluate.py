@@ -45,10 +45,11 @@ def evaluation_examples(trained: Trained, data: list[str] | None) -> tuple[list,
         where = ", ".join(data)
     elif trained.recipe is not None and (trained.recipe.data.eval or trained.recipe.data.val_size):
         examples = load_train_data(trained.recipe, formats).eval_examples
-        where = f"{trained.run / 'recipe.yaml'} (data.eval, data.val_size)"
+        where = f"{(trained.run or trained.weights) / 'recipe.yaml'} (data.eval, data.val_size)"
     else:
-        raise UserError("eval: give --data FILE (rows with answers), or evaluate a run whose recipe has "
-                        "data.eval or data.val_size")
+        raise UserError(
+            "eval: give --data FILE (rows with answers), or evaluate a run whose recipe has data.eval or data.val_size"
+        )
     if not examples:
         raise DataError(f"eval: {where} holds no examples")
     return examples, where
@@ -71,20 +72,20 @@ def generation_scores(predictions: list[str], references: list[str]) -> dict:
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     rouge = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)]
     exact = [normalise(p) == normalise(r) for p, r in zip(predictions, references, strict=True)]
-    return {"exact_match": sum(exact) / len(exact), "rouge_l": sum(rouge) / len(rouge),
-            "bleu": corpus_bleu(predictions, [references]).score}
+    return {
+        "exact_match": sum(exact) / len(exact),
+        "rouge_l": sum(rouge) / len(rouge),
+        "bleu": corpus_bleu(predictions, [references]).score,
+    }
 
 
-def score(session: Session, examples: list, max_length: int, max_new_tokens: int, limit: int,
-          batch_size: int) -> dict:
+def score(session: Session, examples: list, max_length: int, max_new_tokens: int, limit: int, batch_size: int) -> dict:
     """Loss and perplexity on the examples that have answer tokens; generation metrics on the
     first ``limit`` that have references."""
-    from hwft.data.kinds.sequences import held_out_rows
-
-    from hwft.data.kinds import kinds
+    from hwft.data.kinds.sequences import held_out_rows, registered
 
     out: dict = {}
-    registry = kinds()
+    registry = registered()
     scored = [e for e in examples if registry.of(e).sequences]  # the kinds whose examples have labels
     if scored:
         rows = held_out_rows(scored, session.renderer, max_length)
@@ -94,9 +95,14 @@ def score(session: Session, examples: list, max_length: int, max_new_tokens: int
     if pairs:
         sampling = Sampling(max_new_tokens=max_new_tokens)
         predictions = [session.reply(turns, sampling) for turns, _ in pairs]
-        out.update(generation_scores(predictions, [r for _, r in pairs]), generated=len(pairs),
-                   samples=[{"prompt": t[-1]["content"], "reference": r, "answer": a}
-                            for (t, r), a in list(zip(pairs, predictions, strict=True))[:3]])
+        out.update(
+            generation_scores(predictions, [r for _, r in pairs]),
+            generated=len(pairs),
+            samples=[
+                {"prompt": t[-1]["content"], "reference": r, "answer": a}
+                for (t, r), a in list(zip(pairs, predictions, strict=True))[:3]
+            ],
+        )
     return out
 
 
@@ -108,8 +114,11 @@ def pairwise(session: Session, examples: list, max_length: int, batch_size: int)
     chosen = session.rewards([p.chosen.input_ids for p in pairs], batch_size)
     rejected = session.rewards([p.rejected.input_ids for p in pairs], batch_size)
     margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
-    return {"pairwise_accuracy": sum(m > 0 for m in margins) / len(margins),
-            "reward_margin": sum(margins) / len(margins), "pairs": len(margins)}
+    return {
+        "pairwise_accuracy": sum(m > 0 for m in margins) / len(margins),
+        "reward_margin": sum(margins) / len(margins),
+        "pairs": len(margins),
+    }
 
 
 def base_of(trained: Trained) -> Trained | None:
@@ -122,15 +131,23 @@ def base_of(trained: Trained) -> Trained | None:
     return None
 
 
-ROWS = (("pairwise_accuracy", "pairwise accuracy", "{:.3f}"), ("reward_margin", "mean reward margin", "{:.3f}"),
-        ("loss", "eval loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"),
-        ("exact_match", "exact match", "{:.3f}"), ("rouge_l", "ROUGE-L F1", "{:.3f}"), ("bleu", "BLEU", "{:.2f}"))
+ROWS = (
+    ("pairwise_accuracy", "pairwise accuracy", "{:.3f}"),
+    ("reward_margin", "mean reward margin", "{:.3f}"),
+    ("loss", "eval loss", "{:.4f}"),
+    ("perplexity", "perplexity", "{:.2f}"),
+    ("exact_match", "exact match", "{:.3f}"),
+    ("rouge_l", "ROUGE-L F1", "{:.3f}"),
+    ("bleu", "BLEU", "{:.2f}"),
+)
 
 
 def table(results: dict) -> str:
     names = list(results)
-    lines = ["| metric | " + " | ".join(names) + (" | change |" if len(names) == 2 else " |"),
-             "|---" * (len(names) + 1 + (len(names) == 2)) + "|"]
+    lines = [
+        "| metric | " + " | ".join(names) + (" | change |" if len(names) == 2 else " |"),
+        "|---" * (len(names) + 1 + (len(names) == 2)) + "|",
+    ]
     for key, label, fmt in ROWS:
         values = [results[n].get(key) for n in names]
         if all(v is None for v in values):
@@ -154,15 +171,25 @@ def run(args) -> int:
     results = {}
     for name, model in models:
         session = open_session(model, args.backend, args.precision)
-        print(f"hwft eval: {name} ({model.describe()}) on {session.backend}: {len(examples)} examples from {where}",
-              file=sys.stderr, flush=True)
+        print(
+            f"hwft eval: {name} ({model.describe()}) on {session.backend}: {len(examples)} examples from {where}",
+            file=sys.stderr,
+            flush=True,
+        )
         if scores:
             results[name] = pairwise(session, examples, max_length, args.batch_size)
         else:
             results[name] = score(session, examples, max_length, args.max_new_tokens, args.limit, args.batch_size)
         del session
-    report = {"schema": SCHEMA, "target": str(args.target), "data": where, "examples": len(examples),
-              "backend": args.backend, "max_new_tokens": args.max_new_tokens, "results": results}
+    report = {
+        "schema": SCHEMA,
+        "target": str(args.target),
+        "data": where,
+        "examples": len(examples),
+        "backend": args.backend,
+        "max_new_tokens": args.max_new_tokens,
+        "results": results,
+    }
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     if args.json:
@@ -171,5 +198,7 @@ def run(args) -> int:
     print(table(results))
     for name, result in results.items():
         for sample in result.get("samples", [])[:1]:
-            print(f"\n[{name}] Q: {sample['prompt']}\n[{name}] A: {sample['answer']}\n[reference] {sample['reference']}")
+            print(
+                f"\n[{name}] Q: {sample['prompt']}\n[{name}] A: {sample['answer']}\n[reference] {sample['reference']}"
+            )
     return 0

@@ -72,8 +72,9 @@ def _place(tmp: Path, final: Path) -> None:
     tmp.rename(final)
 
 
-def export(trained: Trained, to: str, out: Path, options: ExportOptions | None = None, overwrite: bool = False,
-           log=print) -> Path:
+def export(
+    trained: Trained, to: str, out: Path, options: ExportOptions | None = None, overwrite: bool = False, log=print
+) -> Path:
     """Write ``trained`` as ``to`` at ``out`` (a folder; a file for single-file formats)."""
     exporter = exporter_for(trained, to)
     options = options or options_for(trained, to)
@@ -89,8 +90,9 @@ def export(trained: Trained, to: str, out: Path, options: ExportOptions | None =
         _place(staged, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    settings = " ".join(str(v) for v in (options.settings.model_dump().values() if options.settings else ())
-                        if v is not None)
+    settings = " ".join(
+        str(v) for v in (options.settings.model_dump().values() if options.settings else ()) if v is not None
+    )
     log(f"hwft export: wrote {out} ({to}{' ' + settings if settings else ''})")
     return out
 
@@ -111,21 +113,31 @@ def verify(trained: Trained, path: Path, to: str, options: ExportOptions | None 
         got = exporter.reload(path, ids, trained)
     except Exception as exc:  # noqa: BLE001 - the reader's own failure, reported in one line
         first = (str(exc).strip().splitlines() or [""])[0][:300]
-        return {"ok": False, "tolerance": tolerance,
-                "error": f"{path} was written but does not load back for --verify ({type(exc).__name__}: {first})"}
+        return {
+            "ok": False,
+            "tolerance": tolerance,
+            "error": f"{path} was written but does not load back for --verify ({type(exc).__name__}: {first})",
+        }
     diff = float(np.abs(got - want).max())
     relative = diff / float(np.abs(want).max())
     agree = float((got.argmax(-1) == want.argmax(-1)).mean())
-    return {"max_abs": diff, "relative": relative, "argmax_agreement": agree, "tolerance": tolerance,
-            "ok": relative <= tolerance}
+    return {
+        "max_abs": diff,
+        "relative": relative,
+        "argmax_agreement": agree,
+        "tolerance": tolerance,
+        "ok": relative <= tolerance,
+    }
 
 
 def run(args) -> int:
     trained = open_trained(args.target, base=args.base, trust_remote_code=args.trust_remote_code)
     if trained.head == "score":
-        raise UserError(f"{trained.describe()} is a reward model; hwft export writes language models (gguf, mlx, "
-                        "merged safetensors). Use the run's model/ or adapter/ folder as it is: transformers loads "
-                        "it with AutoModelForSequenceClassification")
+        raise UserError(
+            f"{trained.describe()} is a reward model; hwft export writes language models (gguf, mlx, "
+            "merged safetensors). Use the run's model/ or adapter/ folder as it is: transformers loads "
+            "it with AutoModelForSequenceClassification"
+        )
     options = options_for(trained, args.to, given_settings(args, args.to), args.dtype)
     out = Path(args.out).expanduser() if args.out else default_out(trained, args.to, options)
     path = export(trained, args.to, out, options, args.overwrite, log=lambda m: print(m, file=sys.stderr))
@@ -136,8 +148,11 @@ def run(args) -> int:
             print(f"hwft: error: {report['error']}", file=sys.stderr)
             return 1
         if not report["ok"]:
-            print(f"hwft: error: the export's logits differ from the trained model's by {report['relative']:.2e} "
-                  f"of the largest logit (tolerance {report['tolerance']:.0e})", file=sys.stderr)
+            print(
+                f"hwft: error: the export's logits differ from the trained model's by {report['relative']:.2e} "
+                f"of the largest logit (tolerance {report['tolerance']:.0e})",
+                file=sys.stderr,
+            )
             return 1
     else:
         print(path)

@@ -62,8 +62,10 @@ class Exporter:
         """``--<format>-<field>`` -> (field, its pydantic FieldInfo), for the CLI."""
         if self.options is None:
             return {}
-        return {f"--{self.format}-{name.replace('_', '-')}": (name, info)
-                for name, info in self.options.model_fields.items()}
+        return {
+            f"--{self.format}-{name.replace('_', '-')}": (name, info)
+            for name, info in self.options.model_fields.items()
+        }
 
     def settings(self, given: dict[str, Any]) -> Any:
         """Its settings from the flags given (field -> value; None: not given), validated; a
@@ -111,9 +113,10 @@ class Exporters:
         engines = self.by_format.get(format)
         if not engines:
             have = ", ".join(self.formats()) or "none (install a backend)"
-            raise UserError(f"export --to {format}: no exporter for it{did_you_mean(format, self.formats())} "
-                            f"(formats: {have})")
-        return engines.get(engine) or engines[sorted(engines)[0]]
+            raise UserError(
+                f"export --to {format}: no exporter for it{did_you_mean(format, self.formats())} (formats: {have})"
+            )
+        return (engines.get(engine) if engine else None) or engines[sorted(engines)[0]]
 
 
 def collect_exporters(pm) -> Exporters:

@@ -9,7 +9,8 @@ llama.cpp's converter lays these families out:
 - the byte-level BPE tokenizer (``tokenizer.ggml.model = gpt2``) with its merges, special-token
   ids and chat template; the pre-tokenizer name (``tokenizer.ggml.pre``) read off
   ``tokenizer.json``'s split rule, refused when it is not one llama.cpp knows;
-- tensors renamed by ``gguf.get_tensor_name_map``. Where the layout says ``permute_qk`` (llama), the q and k projections are
+- tensors renamed by ``gguf.get_tensor_name_map``. Where the layout says ``permute_qk`` (llama), the q and k projections
+are
   permuted from Hugging Face's half-split rotary layout to GGML's interleaved one:
   ``W.reshape(heads, 2, d/2, dim).swapaxes(1, 2)`` (readers undo it);
 - ``f16``: every matrix in float16, norms, biases and MoE routers in float32 (llama.cpp's
@@ -68,8 +69,10 @@ def _vocabulary(folder: Path, vocab_size: int) -> tuple[list[str], list[int], li
     tok = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     model = tok.get("model") or {}
     if model.get("type") != "BPE" or not model.get("vocab"):
-        raise UserError(f"export gguf: {folder / 'tokenizer.json'} is not a byte-level BPE tokenizer "
-                        f"({model.get('type')}); hwft writes GGUF for BPE vocabularies (Llama-3, Qwen2, SmolLM)")
+        raise UserError(
+            f"export gguf: {folder / 'tokenizer.json'} is not a byte-level BPE tokenizer "
+            f"({model.get('type')}); hwft writes GGUF for BPE vocabularies (Llama-3, Qwen2, SmolLM)"
+        )
     by_id = {i: t for t, i in model["vocab"].items()}
     added = {a["id"]: a for a in tok.get("added_tokens", [])}
     for i, a in added.items():
@@ -137,8 +140,10 @@ def layout_for(config: dict, layouts: dict[str, GgufLayout]) -> GgufLayout:
     families that have one (``layouts``: model_type -> layout, from the family table)."""
     family = config.get("model_type")
     if family not in layouts:
-        raise UserError(f"export gguf: model_type {family!r} is not one hwft writes as GGUF "
-                        f"({', '.join(sorted(layouts))}); export --to hf and convert with llama.cpp's convert_hf_to_gguf.py")
+        raise UserError(
+            f"export gguf: model_type {family!r} is not one hwft writes as GGUF "
+            f"({', '.join(sorted(layouts))}); export --to hf and convert with llama.cpp's convert_hf_to_gguf.py"
+        )
     return layouts[family]
 
 
@@ -156,8 +161,10 @@ def write_gguf(merged: Path, out_file: Path, gguf_type: str, name: str, layout: 
         raise UserError(f"export gguf: {problem}")
     rope_theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
     if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise UserError("export gguf: the model scales its rotary embedding (rope_scaling), which hwft does not "
-                        "write; export --to hf and convert with llama.cpp's convert_hf_to_gguf.py")
+        raise UserError(
+            "export gguf: the model scales its rotary embedding (rope_scaling), which hwft does not "
+            "write; export --to hf and convert with llama.cpp's convert_hf_to_gguf.py"
+        )
     arch = getattr(gguf.MODEL_ARCH, layout.arch)
     layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads", heads)
@@ -182,8 +189,9 @@ def write_gguf(merged: Path, out_file: Path, gguf_type: str, name: str, layout: 
     writer.add_rope_freq_base(rope_theta)
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     if layout.rope_dimension_count and not own("rope.dimension_count"):
-        writer.add_rope_dimension_count(int(head_dim * float(config.get("partial_rotary_factor") or
-                                                             rope.get("partial_rotary_factor") or 1.0)))
+        writer.add_rope_dimension_count(
+            int(head_dim * float(config.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0))
+        )
     if config.get("head_dim") and not own("attention.key_length"):  # a head size other than hidden / heads
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
@@ -203,8 +211,11 @@ def write_gguf(merged: Path, out_file: Path, gguf_type: str, name: str, layout: 
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    for key, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
-                     ("pad_token_id", writer.add_pad_token_id)):
+    for key, add in (
+        ("bos_token_id", writer.add_bos_token_id),
+        ("eos_token_id", writer.add_eos_token_id),
+        ("pad_token_id", writer.add_pad_token_id),
+    ):
         value = config.get(key)
         if isinstance(value, list):
             value = value[0]
@@ -220,6 +231,7 @@ def write_gguf(merged: Path, out_file: Path, gguf_type: str, name: str, layout: 
 
     names = gguf.get_tensor_name_map(arch, layers)
     tied = config.get("tie_word_embeddings", False)
+
     def stored(pairs):
         for key, array in pairs:
             parts = layout.split(key, array, config) if layout.split else None

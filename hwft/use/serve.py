@@ -58,8 +58,9 @@ def parse_request(body: dict) -> tuple[list[dict], Sampling, list[str], bool]:
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise BadRequest("stop: give a string or a list of strings")
-    sampling = Sampling(int(limit), float(temperature), float(top_p),
-                        int(seed) if isinstance(seed, int) else random.randrange(2**31))
+    sampling = Sampling(
+        int(limit), float(temperature), float(top_p), int(seed) if isinstance(seed, int) else random.randrange(2**31)
+    )
     return out, sampling, stop, bool(body.get("stream", False))
 
 
@@ -79,7 +80,7 @@ def with_stops(pieces, stop: list[str]):
                 yield text[sent:cut]
             return True
         if len(text) - hold > sent:
-            yield text[sent:len(text) - hold]
+            yield text[sent : len(text) - hold]
             sent = len(text) - hold
     if len(text) > sent:
         yield text[sent:]
@@ -112,8 +113,13 @@ def make_server(session: Session, host: str = "127.0.0.1", port: int = 8000, mod
 
         def do_GET(self):
             if self.path.rstrip("/") == "/v1/models":
-                self.send_json(200, {"object": "list", "data": [
-                    {"id": model_name, "object": "model", "created": created, "owned_by": "hwft"}]})
+                self.send_json(
+                    200,
+                    {
+                        "object": "list",
+                        "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "hwft"}],
+                    },
+                )
             elif self.path.rstrip("/") == "/health":
                 self.send_json(200, {"status": "ok", "model": model_name, "backend": session.backend})
             else:
@@ -146,10 +152,21 @@ def make_server(session: Session, host: str = "127.0.0.1", port: int = 8000, mod
                         stopped = bool(end.value)
                         break
             finish = "stop" if stopped else session.finish_reason
-            self.send_json(200, {**head, "object": "chat.completion", "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": session.generated_tokens,
-                          "total_tokens": prompt_tokens + session.generated_tokens}})
+            self.send_json(
+                200,
+                {
+                    **head,
+                    "object": "chat.completion",
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                    ],
+                    "usage": {
+                        "prompt_tokens": prompt_tokens,
+                        "completion_tokens": session.generated_tokens,
+                        "total_tokens": prompt_tokens + session.generated_tokens,
+                    },
+                },
+            )
 
         def stream(self, head: dict, pieces) -> None:
             self.send_response(200)
@@ -160,8 +177,11 @@ def make_server(session: Session, host: str = "127.0.0.1", port: int = 8000, mod
             self.close_connection = True
 
             def event(delta: dict, finish: str | None = None) -> None:
-                chunk = {**head, "object": "chat.completion.chunk",
-                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                chunk = {
+                    **head,
+                    "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                }
                 self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 self.wfile.flush()
 
@@ -192,8 +212,11 @@ def make_server(session: Session, host: str = "127.0.0.1", port: int = 8000, mod
 def serve(session: Session, host: str, port: int, model_name: str) -> int:
     server = make_server(session, host, port, model_name)
     bound_host, bound_port = server.server_address[:2]
-    print(f"hwft serve: http://{bound_host}:{bound_port}/v1 (model '{model_name}', OpenAI chat completions; "
-          "Ctrl-C stops)", flush=True)
+    print(
+        f"hwft serve: http://{bound_host}:{bound_port}/v1 (model '{model_name}', OpenAI chat completions; "
+        "Ctrl-C stops)",
+        flush=True,
+    )
     try:
         server.serve_forever()
     finally:

@@ -51,8 +51,17 @@ class TorchRmsNorm:
 
 @hookimpl
 def hwft_register_kernels(register):
-    register(Kernel("torch_rms_norm", "rms_norm", "torch", "torch.nn.functional.rms_norm for each RMSNorm",
-                    f"{__name__}:TorchRmsNorm", backends=("cpu",), path="torch_rms_norm"))
+    register(
+        Kernel(
+            "torch_rms_norm",
+            "rms_norm",
+            "torch",
+            "torch.nn.functional.rms_norm for each RMSNorm",
+            f"{__name__}:TorchRmsNorm",
+            backends=("cpu",),
+            path="torch_rms_norm",
+        )
+    )
 
 
 @hookimpl

@@ -37,7 +37,7 @@ _saved_rope: dict[str, object] = {}  #: modeling module -> original apply_rotary
 
 
 def _npu():
-    import torch_npu
+    import torch_npu  # pyright: ignore[reportMissingImports] - installed only on Ascend hosts
 
     return torch_npu
 
@@ -51,8 +51,11 @@ def fused_rms_norm_forward(self, hidden_states):
 
 
 def _is_rms_norm(module) -> bool:
-    return type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon") \
+    return (
+        type(module).__name__.endswith("RMSNorm")
+        and hasattr(module, "variance_epsilon")
         and getattr(module, "weight", None) is not None
+    )
 
 
 # --- Rotary embedding --------------------------------------------------------------------------
@@ -78,15 +81,15 @@ def fused_swiglu_forward(self, x):
 def _is_swiglu_mlp(module) -> bool:
     """A gated MLP whose activation is SiLU (torch's, or transformers' SiLUActivation)."""
     act = type(getattr(module, "act_fn", None)).__name__
-    return all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")) \
-        and act in ("SiLU", "SiLUActivation")
+    return all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")) and act in ("SiLU", "SiLUActivation")
 
 
 # --- Attention ---------------------------------------------------------------------------------
 
 
-def npu_fusion_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                                 scaling: float | None = None, **kwargs):
+def npu_fusion_attention_forward(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, **kwargs
+):
     """An attention implementation for transformers' AttentionInterface.
 
     Layout BNSD (query ``[batch, heads, seq, head_dim]``, key/value with fewer heads for GQA,
@@ -108,8 +111,7 @@ def npu_fusion_attention_forward(module, query, key, value, attention_mask, drop
         mask = ~attention_mask if attention_mask.dtype == torch.bool else attention_mask < 0
         sparse_mode = 0
     out = _npu().npu_fusion_attention(
-        query, key, value, heads, "BNSD",
-        atten_mask=mask, scale=scale, keep_prob=1.0 - dropout, sparse_mode=sparse_mode,
+        query, key, value, heads, "BNSD", atten_mask=mask, scale=scale, keep_prob=1.0 - dropout, sparse_mode=sparse_mode
     )[0]
     return out.transpose(1, 2).contiguous(), None
 
@@ -168,7 +170,7 @@ class NpuRotaryMul(NpuRmsNorm):
         for name in _rope_modules(model):
             mod = sys.modules[name]
             _saved_rope.setdefault(name, mod.apply_rotary_pos_emb)
-            mod.apply_rotary_pos_emb = fused_apply_rotary_pos_emb
+            mod.apply_rotary_pos_emb = fused_apply_rotary_pos_emb  # pyright: ignore[reportAttributeAccessIssue]
             patched.append(name.rsplit(".", 1)[-1])
         return f"npu_rotary_mul in {', '.join(patched)}"
 
@@ -203,5 +205,5 @@ def _rope_modules(model) -> list[str]:
 def restore() -> None:
     """Undo the module-level RoPE patches (per-module patches go with their model)."""
     for name, original in _saved_rope.items():
-        setattr(sys.modules[name], "apply_rotary_pos_emb", original)
+        sys.modules[name].apply_rotary_pos_emb = original  # pyright: ignore[reportAttributeAccessIssue]
     _saved_rope.clear()

@@ -30,7 +30,7 @@ def _optimizer(params, recipe):
     parameters, AdamW's maths); None: the engine's default for adamw and sgd."""
     if recipe.train.optimizer != "fused_adamw":
         return None
-    from torch_npu.optim import NpuFusedAdamW
+    from torch_npu.optim import NpuFusedAdamW  # pyright: ignore[reportMissingImports] - installed only on Ascend hosts
 
     t = recipe.train
     return NpuFusedAdamW(params, lr=t.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=t.weight_decay)
@@ -39,7 +39,7 @@ def _optimizer(params, recipe):
 def _peak_memory() -> int:
     import torch
 
-    return torch.npu.max_memory_allocated()
+    return torch.npu.max_memory_allocated()  # pyright: ignore[reportAttributeAccessIssue] - torch_npu adds torch.npu
 
 
 NPU = DeviceRuntime("npu", bf16=_bf16, optimizer=_optimizer, peak_memory=_peak_memory)
@@ -48,14 +48,41 @@ NPU = DeviceRuntime("npu", bf16=_bf16, optimizer=_optimizer, peak_memory=_peak_m
 #: Llama shapes they replace (the torch engine's family path npu_ops); none is recommended:
 #: a recipe switches each on (kernels.use, or the fused_* switches and kernels.attention).
 KERNELS = (
-    Kernel("npu_rms_norm", "rms_norm", "torch", "torch_npu.npu_rms_norm for each RMSNorm",
-           "hwft_ascend.kernels:NpuRmsNorm", backends=("npu",), path="npu_ops"),
-    Kernel("npu_rotary_mul", "rope", "torch", "torch_npu.npu_rotary_mul for the rotary embedding",
-           "hwft_ascend.kernels:NpuRotaryMul", backends=("npu",), path="npu_ops"),
-    Kernel("npu_swiglu", "swiglu", "torch", "torch_npu.npu_swiglu for each gated SiLU MLP",
-           "hwft_ascend.kernels:NpuSwiglu", backends=("npu",), path="npu_ops"),
-    Kernel("npu_fusion_attention", "attention", "torch", "torch_npu.npu_fusion_attention as the attention",
-           "hwft_ascend.kernels:NpuFusionAttention", backends=("npu",)),
+    Kernel(
+        "npu_rms_norm",
+        "rms_norm",
+        "torch",
+        "torch_npu.npu_rms_norm for each RMSNorm",
+        "hwft_ascend.kernels:NpuRmsNorm",
+        backends=("npu",),
+        path="npu_ops",
+    ),
+    Kernel(
+        "npu_rotary_mul",
+        "rope",
+        "torch",
+        "torch_npu.npu_rotary_mul for the rotary embedding",
+        "hwft_ascend.kernels:NpuRotaryMul",
+        backends=("npu",),
+        path="npu_ops",
+    ),
+    Kernel(
+        "npu_swiglu",
+        "swiglu",
+        "torch",
+        "torch_npu.npu_swiglu for each gated SiLU MLP",
+        "hwft_ascend.kernels:NpuSwiglu",
+        backends=("npu",),
+        path="npu_ops",
+    ),
+    Kernel(
+        "npu_fusion_attention",
+        "attention",
+        "torch",
+        "torch_npu.npu_fusion_attention as the attention",
+        "hwft_ascend.kernels:NpuFusionAttention",
+        backends=("npu",),
+    ),
 )
 
 
@@ -77,11 +104,21 @@ def capability_npu() -> Capability:
 
 @hookimpl
 def hwft_register_backends(register):
-    register(Backend(
-        "npu", "torch", "torch on Huawei Ascend NPUs (torch-npu, CANN)", PRIORITY_ACCELERATOR,
-        probe_npu, capability_npu, NPU.train, accelerator=True, launch=launch, inference=NPU.inference("npu"),
-        bench="hwft_torch.bench",
-    ))
+    register(
+        Backend(
+            "npu",
+            "torch",
+            "torch on Huawei Ascend NPUs (torch-npu, CANN)",
+            PRIORITY_ACCELERATOR,
+            probe_npu,
+            capability_npu,
+            NPU.train,
+            accelerator=True,
+            launch=launch,
+            inference=NPU.inference("npu"),
+            bench="hwft_torch.bench",
+        )
+    )
 
 
 @hookimpl

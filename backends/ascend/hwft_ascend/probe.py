@@ -60,22 +60,31 @@ def probe_npu() -> Availability:
         return Availability(False, problem)
     try:
         import torch
-        import torch_npu  # noqa: F401 - registers torch.npu
+        import torch_npu  # noqa: F401  # pyright: ignore[reportMissingImports] - registers torch.npu
     except Exception as exc:  # noqa: BLE001 - any import failure is the reason
         return Availability(
             False,
             f"import torch_npu failed ({type(exc).__name__}: {exc}); is the CANN environment set? "
             f"(source {toolkit_home().parent}/set_env.sh)",
         )
-    if not torch.npu.is_available():
+    npu = torch.npu  # pyright: ignore[reportAttributeAccessIssue] - torch_npu adds torch.npu
+    if not npu.is_available():
         visible = os.environ.get("ASCEND_RT_VISIBLE_DEVICES")
-        return Availability(False, "no Ascend NPU visible (see npu-smi info"
-                            + (f"; ASCEND_RT_VISIBLE_DEVICES={visible}" if visible is not None else "") + ")")
-    devices = tuple({"index": i, "name": torch.npu.get_device_name(i)} for i in range(torch.npu.device_count()))
-    return Availability(True, devices=devices, details={
-        **engine_details(),
-        "torch_npu": npu_version,
-        "cann": cann or "unknown",
-        "bf16": bool(torch.npu.is_bf16_supported()),
-        "ASCEND_RT_VISIBLE_DEVICES": os.environ.get("ASCEND_RT_VISIBLE_DEVICES"),
-    })
+        return Availability(
+            False,
+            "no Ascend NPU visible (see npu-smi info"
+            + (f"; ASCEND_RT_VISIBLE_DEVICES={visible}" if visible is not None else "")
+            + ")",
+        )
+    devices = tuple({"index": i, "name": npu.get_device_name(i)} for i in range(npu.device_count()))
+    return Availability(
+        True,
+        devices=devices,
+        details={
+            **engine_details(),
+            "torch_npu": npu_version,
+            "cann": cann or "unknown",
+            "bf16": bool(npu.is_bf16_supported()),
+            "ASCEND_RT_VISIBLE_DEVICES": os.environ.get("ASCEND_RT_VISIBLE_DEVICES"),
+        },
+    )

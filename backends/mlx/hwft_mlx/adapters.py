@@ -1,3 +1,6 @@
+# mlx's nn.Module.__getattr__ has no return annotation, so pyright reads each child module
+# (``model.args``, ``glu.gate_proj``) as possibly None:
+# pyright: reportOptionalMemberAccess=false, reportOptionalCall=false
 """What trains on MLX and how adapters travel: LoRA, QLoRA and freeze tuning, the reference
 policy with the adapters off, and PEFT adapters both ways.
 
@@ -29,6 +32,10 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from hwft import lora_targets
 from hwft.errors import ModelError
 from hwft.recipe import LoraSpec
+from hwft_mlx.arrays import load_arrays
+from hwft_mlx.forward import family
+from hwft_mlx.heads import SCORE_MODULES
+from hwft_mlx.loading import refresh_router
 from hwft_mlx.moe_lora import (
     MLP_NAMES,
     LoRAEmbedQ,
@@ -47,14 +54,12 @@ from hwft_mlx.moe_lora import (
     wrap_mla,
     wrap_routers,
 )
-from hwft_mlx.forward import family
-from hwft_mlx.heads import SCORE_MODULES
-from hwft_mlx.loading import refresh_router
 
 #: PEFT's key prefix for a causal LM's adapter weights.
 PEFT_PREFIX = "base_model.model."
 #: Group size of MLX's affine quantisation for qlora.
 QUANT_GROUP = 64
+
 
 def lora_scale(alpha: float, r: int, rslora: bool) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
@@ -64,8 +69,11 @@ def linear_layers(model: nn.Module, targets: str | list[str]) -> list[tuple[str,
     """(path, module) of the linear layers LoRA adapts, as :mod:`hwft.lora_targets` reads
     ``targets`` (every Linear but the output layer for all-linear, as PEFT's); an entry that
     names none is refused, naming the model's linear modules."""
-    linear = [(path, module) for path, module in model.named_modules()
-              if isinstance(module, nn.Linear | nn.QuantizedLinear) and path != "lm_head"]
+    linear = [
+        (path, module)
+        for path, module in model.named_modules()
+        if isinstance(module, nn.Linear | nn.QuantizedLinear) and path != "lm_head"
+    ]
     mla = [f"{path}.kv_b_proj" for path, _ in mla_attentions(model)]  # PEFT's name for DeepSeek's two halves
     lora_targets.check(targets, [path for path, _ in linear] + mla)
     return [(path, module) for path, module in linear if lora_targets.matches(targets, path)]
@@ -83,17 +91,21 @@ def add_lora(model: nn.Module, spec: LoraSpec, seed: int) -> list[str]:
         layers = [(path, m) for path, m in layers if path.rsplit(".", 1)[-1] not in MLP_NAMES]
     mx.random.seed(seed)
     scale = lora_scale(spec.alpha, spec.r, spec.rslora)
-    model.update_modules(tree_unflatten(
-        [(path, LoRALinear.from_base(m, r=spec.r, dropout=spec.dropout, scale=scale)) for path, m in layers]
-    ))
+    model.update_modules(
+        tree_unflatten(
+            [
+                # Linear or QuantizedLinear (QLoRA), both of which from_base wraps
+                (path, LoRALinear.from_base(m, r=spec.r, dropout=spec.dropout, scale=scale))  # pyright: ignore[reportArgumentType]
+                for path, m in layers
+            ]
+        )
+    )
     experts = []
     if moe:  # as PEFT's all-linear: the experts and routers of MoE layers too
-
         experts = wrap_experts(model, spec.r, scale, spec.dropout)
         router = family(model).options.get("router")
         experts += wrap_routers(model, router, spec.r, scale) if router else []
     if spec.target_modules == "all-linear" or "kv_b_proj" in spec.target_modules:  # DeepSeek's MLA, as PEFT's
-
         experts += wrap_mla(model, spec.r, scale)
     refresh_router(model)
     return [path for path, _ in layers] + experts
@@ -160,8 +172,6 @@ class Reference:
             self.model.update(current)
 
 
-
-
 def peft_path(path: str) -> str:
     """An MLX module path as PEFT names it on the transformers 5 model: mlx-lm's
     ``switch_mlp`` is transformers' ``experts``, and Mixtral's ``block_sparse_moe`` its ``mlp``."""
@@ -170,9 +180,12 @@ def peft_path(path: str) -> str:
 
 def mlx_path(path: str, modules: dict) -> str | None:
     """The MLX module a PEFT path names (:func:`peft_path` inverted), or None."""
-    for candidate in (path, path.replace(".mlp.experts", ".mlp.switch_mlp"),
-                      path.replace(".mlp.experts", ".block_sparse_moe.switch_mlp"),
-                      path.replace(".mlp.gate", ".block_sparse_moe.gate")):
+    for candidate in (
+        path,
+        path.replace(".mlp.experts", ".mlp.switch_mlp"),
+        path.replace(".mlp.experts", ".block_sparse_moe.switch_mlp"),
+        path.replace(".mlp.gate", ".block_sparse_moe.gate"),
+    ):
         if candidate in modules:
             return candidate
     return None
@@ -218,11 +231,21 @@ def save_peft_adapter(model: nn.Module, out: Path, spec: LoraSpec, base: str) ->
     ranks += [m.lora_a.shape[1] for _, m in lora_modules(model)] + [m.down_a.shape[1] for _, m in experts]
     r = int(ranks[0])
     config = {
-        "peft_type": "LORA", "task_type": "SEQ_CLS" if scored else "CAUSAL_LM", "base_model_name_or_path": base,
-        "r": r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
-        "target_modules": sorted(names), "bias": "none", "use_rslora": spec.rslora, "use_dora": False,
-        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-        "modules_to_save": SCORE_MODULES if scored else None, "layers_to_transform": None,
+        "peft_type": "LORA",
+        "task_type": "SEQ_CLS" if scored else "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": r,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "target_modules": sorted(names),
+        "bias": "none",
+        "use_rslora": spec.rslora,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": SCORE_MODULES if scored else None,
+        "layers_to_transform": None,
         "rank_pattern": {GATE_UP_PATTERN: 2 * r} if experts else {},
         "alpha_pattern": {GATE_UP_PATTERN: 2 * spec.alpha} if experts else {},
         "target_parameters": parameters + (["gate_up_proj", "down_proj"] if experts else []) or None,
@@ -237,29 +260,41 @@ def read_peft_adapter(folder: Path) -> tuple[LoraSpec, dict[str, tuple[mx.array,
     backend cannot reproduce exactly (DoRA, per-module ranks or alphas, pickled weights)."""
     config_file, weights_file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     if not config_file.is_file():
-        raise ModelError(f"model.adapter: {folder} is not a PEFT adapter folder (no adapter_config.json); "
-                         "give the adapter/ folder of an earlier run")
+        raise ModelError(
+            f"model.adapter: {folder} is not a PEFT adapter folder (no adapter_config.json); "
+            "give the adapter/ folder of an earlier run"
+        )
     if not weights_file.is_file():
-        raise ModelError(f"model.adapter: {folder} has no adapter_model.safetensors (hwft never reads "
-                         "pickled adapter_model.bin); re-save it with safe_serialization=True")
+        raise ModelError(
+            f"model.adapter: {folder} has no adapter_model.safetensors (hwft never reads "
+            "pickled adapter_model.bin); re-save it with safe_serialization=True"
+        )
     config = json.loads(config_file.read_text(encoding="utf-8"))
     r, alpha = int(config["r"]), float(config.get("lora_alpha", config["r"]))
     moe = {"rank_pattern": {GATE_UP_PATTERN: 2 * r}, "alpha_pattern": {GATE_UP_PATTERN: 2 * alpha}}
-    unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save")
-                   if config.get(k) and config.get(k) != moe.get(k)]  # MoE experts' doubled gate/up rank: read
+    unsupported = [
+        k
+        for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save")
+        if config.get(k) and config.get(k) != moe.get(k)
+    ]  # MoE experts' doubled gate/up rank: read
     if config.get("peft_type", "LORA") != "LORA" or unsupported:
         what = ", ".join(unsupported) or config.get("peft_type")
-        raise ModelError(f"model.adapter: {folder} uses {what}, which the MLX backend does not load; "
-                         "plain LoRA adapters load")
+        raise ModelError(
+            f"model.adapter: {folder} uses {what}, which the MLX backend does not load; plain LoRA adapters load"
+        )
     pairs: dict[str, dict[str, mx.array]] = {}
-    for key, value in mx.load(str(weights_file)).items():
+    for key, value in load_arrays(weights_file).items():
         path, _, which = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
         if which not in ("A.weight", "B.weight"):
             raise ModelError(f"model.adapter: {weights_file} holds {key}, not a LoRA A/B weight")
         pairs.setdefault(path, {})[which[0]] = value
-    spec = LoraSpec(r=r, alpha=alpha,
-                    dropout=float(config.get("lora_dropout", 0.0)), rslora=bool(config.get("use_rslora")),
-                    target_modules=sorted({p.rsplit(".", 1)[-1] for p in pairs} - {"base_layer", "experts"}))
+    spec = LoraSpec(
+        r=r,
+        alpha=alpha,
+        dropout=float(config.get("lora_dropout", 0.0)),
+        rslora=bool(config.get("use_rslora")),
+        target_modules=sorted({p.rsplit(".", 1)[-1] for p in pairs} - {"base_layer", "experts"}),
+    )
     return spec, {p: (w["A"], w["B"]) for p, w in pairs.items()}
 
 
@@ -275,8 +310,13 @@ def load_peft_adapter(model: nn.Module, folder: Path, dropout: float | None = No
     mla = dict(mla_attentions(model))
     for path, (a, b) in weights.items():
         # PEFT nests the fused gate/up update (experts.base_layer) inside the down one (experts)
-        block = path.removesuffix(".base_layer") if path.endswith(".experts.base_layer") \
-            else path if path.endswith(".experts") else None
+        block = (
+            path.removesuffix(".base_layer")
+            if path.endswith(".experts.base_layer")
+            else path
+            if path.endswith(".experts")
+            else None
+        )
         where = mlx_path(block or path, modules)
         if where is None and path.endswith(".kv_b_proj") and path.rpartition(".")[0] in mla:
             kv_b.append((path.rpartition(".")[0], a, b))  # DeepSeek's MLA: mlx-lm's two halves
@@ -288,13 +328,18 @@ def load_peft_adapter(model: nn.Module, folder: Path, dropout: float | None = No
         elif isinstance(modules[where], nn.Linear | nn.QuantizedLinear) or is_router_gate(modules[where]):
             linear.append((where, a, b))
         else:
-            raise ModelError(f"model.adapter: {folder} adapts {path}, a {type(modules[where]).__name__} the MLX "
-                             "backend puts no LoRA on")
+            raise ModelError(
+                f"model.adapter: {folder} adapts {path}, a {type(modules[where]).__name__} the MLX "
+                "backend puts no LoRA on"
+            )
     model.freeze()
     wrapped = []
     for where, a, b in linear:
-        lora = LoRAGate(modules[where], a.shape[0], scale) if is_router_gate(modules[where]) else \
-            LoRALinear.from_base(modules[where], r=a.shape[0], dropout=dropout, scale=scale)
+        lora = (
+            LoRAGate(modules[where], a.shape[0], scale)
+            if is_router_gate(modules[where])
+            else LoRALinear.from_base(modules[where], r=a.shape[0], dropout=dropout, scale=scale)
+        )
         lora.lora_a, lora.lora_b = a.T.astype(mx.float32), b.T.astype(mx.float32)
         wrapped.append((where, lora))
     for where, pairs in experts.items():
@@ -306,7 +351,9 @@ def load_peft_adapter(model: nn.Module, folder: Path, dropout: float | None = No
         pairs.sort(key=lambda ab: not (ab[0].shape[1] == hidden and ab[1].shape[0] == 2 * inner))
         (gu_a, gu_b), (d_a, d_b) = pairs
         lora = LoRASwitchGLU(glu, d_a.shape[0] // count, scale, dropout)
-        lora.gate_up_a, lora.gate_up_b = from_peft(np.array(gu_a.astype(mx.float32)), np.array(gu_b.astype(mx.float32)), count)
+        lora.gate_up_a, lora.gate_up_b = from_peft(
+            np.array(gu_a.astype(mx.float32)), np.array(gu_b.astype(mx.float32)), count
+        )
         lora.down_a, lora.down_b = from_peft(np.array(d_a.astype(mx.float32)), np.array(d_b.astype(mx.float32)), count)
         wrapped.append((where, lora))
     model.update_modules(tree_unflatten(wrapped))
@@ -314,8 +361,6 @@ def load_peft_adapter(model: nn.Module, folder: Path, dropout: float | None = No
         mla_from_peft(mla[where], a, b, scale)
     refresh_router(model)
     return spec
-
-
 
 
 def freeze_layers(model: nn.Module, spec) -> int:

@@ -11,6 +11,7 @@ import time
 import mlx.core as mx
 import mlx.nn as nn
 
+from hwft_mlx.arrays import flat
 from hwft_mlx.loading import DTYPES
 from hwft_mlx.objective import held_out_loss as _held_out_loss
 
@@ -41,7 +42,6 @@ def model_dims(model) -> dict:
     """The counts hwft.bench.flops needs, as on torch: frozen or trained linear weights of the body
     (``linear``), LoRA weights (``adapter``), the output layer (``head``), attention width x
     layers (``attention``), and the trained parameters."""
-    from mlx.utils import tree_flatten
     from mlx_lm.tuner.lora import LoRALinear
 
     linear = adapter = 0
@@ -60,7 +60,7 @@ def model_dims(model) -> dict:
         "adapter": adapter,
         "head": args.vocab_size * args.hidden_size,
         "attention": heads * head_dim * args.num_hidden_layers,
-        "trainable": sum(v.size for _, v in tree_flatten(model.trainable_parameters())),
+        "trainable": sum(v.size for _, v in flat(model.trainable_parameters())),
     }
 
 

@@ -17,6 +17,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from hwft.checkpoint import Checkpoint, EngineState
 from hwft.errors import UserError
+from hwft_mlx.arrays import flat, load_arrays
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -32,18 +33,20 @@ class MlxState(EngineState):
 
     def write(self, folder: Path, gathered) -> dict:
         self.write_result(folder)
-        mx.save_safetensors(str(folder / "trainable.safetensors"), dict(tree_flatten(self.model.trainable_parameters())))
+        mx.save_safetensors(str(folder / "trainable.safetensors"), dict(flat(self.model.trainable_parameters())))
         mx.save_safetensors(str(folder / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
         return {}
 
     def load(self, checkpoint: Checkpoint) -> None:
         folder = checkpoint.path
-        weights = mx.load(str(folder / "trainable.safetensors"))
-        expected = {k for k, _ in tree_flatten(self.model.trainable_parameters())}
+        weights = load_arrays(folder / "trainable.safetensors")
+        expected = {k for k, _ in flat(self.model.trainable_parameters())}
         if set(weights) != expected:
             missing = sorted(expected - set(weights)) or sorted(set(weights) - expected)
-            raise UserError(f"{folder}: trainable.safetensors does not fit this model ({missing[0]}); it was "
-                            "written for another model or tuning")
+            raise UserError(
+                f"{folder}: trainable.safetensors does not fit this model ({missing[0]}); it was "
+                "written for another model or tuning"
+            )
         self.model.load_weights(list(weights.items()), strict=False)
-        self.optimizer.state = tree_unflatten(list(mx.load(str(folder / "optimizer.safetensors")).items()))
+        self.optimizer.state = tree_unflatten(list(load_arrays(folder / "optimizer.safetensors").items()))
         mx.eval(self.model.parameters(), self.optimizer.state)

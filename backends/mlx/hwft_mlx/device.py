@@ -41,8 +41,13 @@ def probe() -> Availability:
     details = {"mlx": version("mlx"), "mlx-lm": version("mlx-lm"), "device": "metal" if metal else "cpu"}
     if metal:
         info = mx.metal.device_info()
-        devices = ({"name": info.get("device_name", "Apple GPU"), "memory_gb":
-                    round(info.get("memory_size", 0) / 2**30, 1), "metal": True},)
+        devices = (
+            {
+                "name": info.get("device_name", "Apple GPU"),
+                "memory_gb": round(int(info.get("memory_size", 0)) / 2**30, 1),
+                "metal": True,
+            },
+        )
         return Availability(True, devices=devices, details=details, priority=PRIORITY_APPLE_GPU)
     devices = ({"name": cpu_name(), "memory_gb": host_memory_gb(), "metal": False},)
     return Availability(True, devices=devices, details=details, priority=PRIORITY_CPU_FALLBACK)
@@ -84,6 +89,14 @@ def inference(trained, precision: str = "auto"):
 
 def backend() -> Backend:
     return Backend(
-        "mlx", "mlx", "MLX (mlx-lm) on Apple silicon via Metal, or MLX's CPU build",
-        PRIORITY_CPU_FALLBACK, probe, capability, train, launch=launch, inference=inference, bench="hwft_mlx.bench",
+        "mlx",
+        "mlx",
+        "MLX (mlx-lm) on Apple silicon via Metal, or MLX's CPU build",
+        PRIORITY_CPU_FALLBACK,
+        probe,
+        capability,
+        train,
+        launch=launch,
+        inference=inference,
+        bench="hwft_mlx.bench",
     )

@@ -37,7 +37,7 @@ class MlxCollective(Collective):
 
     def sum(self, values: list[float]) -> list[float]:
         out = mx.distributed.all_sum(mx.array(values, dtype=mx.float32), group=self.group)
-        return out.tolist()
+        return [float(v) for v in np.array(out)]
 
     def gather(self, items: list) -> list[list]:
         """JSON text of each rank, exchanged as bytes: a rank fills its own row of a zero
@@ -87,13 +87,28 @@ def launch(spec: Launch, argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="hwft-ranks-") as folder:
         status = Path(folder)
         # mlx.launch's own entry point (the console script beside this interpreter runs the same).
-        command = [sys.executable, "-c", "from mlx._distributed_utils.launch import main; main()",
-                   "-n", str(spec.nproc), "--backend", "ring",
-                   "--env", f"{STATUS_DIR}={status}", "--python", sys.executable, "--", "-m", "hwft", *argv]
+        command = [
+            sys.executable,
+            "-c",
+            "from mlx._distributed_utils.launch import main; main()",
+            "-n",
+            str(spec.nproc),
+            "--backend",
+            "ring",
+            "--env",
+            f"{STATUS_DIR}={status}",
+            "--python",
+            sys.executable,
+            "--",
+            "-m",
+            "hwft",
+            *argv,
+        ]
         exited: list[tuple[int, int]] = []  # (rank, code) in the order mlx.launch saw them end
         # A child that stops with hwft (hwft.processes): its ranks stop with it, even on SIGKILL.
         with child_process(command, "mlx.launch", stderr=subprocess.PIPE, text=True) as launcher:
             deadline = None
+            assert launcher.stderr is not None  # stderr=PIPE
             try:
                 for line in launcher.stderr:
                     sys.stderr.write(line)
@@ -110,10 +125,16 @@ def launch(spec: Launch, argv: list[str]) -> int:
     if not failed:
         return 0
     first, code = next(((r, c) for r, c in exited if c != 0), (failed[0], codes[failed[0]]))
-    how = "was killed (no exit code)" if code is None else (
-        f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}")
-    raise RunFailed(f"training process failed: rank {first} {how}; mlx.launch stopped the others. Its own "
-                    "message, if it could write one, is above.", code if code and code > 0 else 1)
+    how = (
+        "was killed (no exit code)"
+        if code is None
+        else (f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}")
+    )
+    raise RunFailed(
+        f"training process failed: rank {first} {how}; mlx.launch stopped the others. Its own "
+        "message, if it could write one, is above.",
+        code if code and code > 0 else 1,
+    )
 
 
 #: Seconds the other ranks get to stop once one has failed, before they are killed: mlx.launch

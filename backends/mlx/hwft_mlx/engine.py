@@ -25,29 +25,30 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_map
 
 from hwft import kernels, loraplus
-from hwft.loop import EngineRun, run_steps
 from hwft.data.chat import ChatRenderer
 from hwft.distributed import ALONE, Collective
 from hwft.errors import UserError
 from hwft.extras import write_extras
 from hwft.job import Job, Result
-from hwft.methods import method
+from hwft.loop import EngineRun, run_steps
+from hwft.methods.lookup import method
 from hwft.models import stop_token_ids
 from hwft.plugins import get_host
-from hwft.steplog import StepLog
 from hwft.recipe import Recipe
+from hwft.steplog import StepLog
+from hwft_mlx.adapters import add_lora, freeze_layers, load_peft_adapter, quantize_base, save_peft_adapter
+from hwft_mlx.arrays import flat, number
 from hwft_mlx.checkpoint import MlxState, step_seed
 from hwft_mlx.distributed import join
-from hwft_mlx.adapters import add_lora, freeze_layers, load_peft_adapter, quantize_base, save_peft_adapter
 from hwft_mlx.forward import architecture, family, packing_problem
 from hwft_mlx.heads import add_score_head
 from hwft_mlx.loading import DTYPES, ignored_window, load_model
-from hwft_mlx.saving import save_full_model
 from hwft_mlx.methods import ENGINE, Setup
 from hwft_mlx.objective import MlxObjective, held_out_loss
+from hwft_mlx.saving import save_full_model
 
 
 def seed_everything(seed: int) -> None:
@@ -89,13 +90,15 @@ def make_optimizer(recipe: Recipe, steps: int) -> optim.Optimizer:
     def one(rate):
         if t.optimizer == "sgd":
             return optim.SGD(learning_rate=rate, weight_decay=t.weight_decay)
-        return optim.AdamW(learning_rate=rate, betas=[0.9, 0.999], eps=1e-8, weight_decay=t.weight_decay,
-                           bias_correction=True)
+        return optim.AdamW(
+            learning_rate=rate, betas=[0.9, 0.999], eps=1e-8, weight_decay=t.weight_decay, bias_correction=True
+        )
 
     if not ratio:
         return one(schedule)
-    return optim.MultiOptimizer([one(lambda step: ratio * schedule(step)), one(schedule)],
-                                [lambda path, _: loraplus.is_b_matrix(path)])
+    return optim.MultiOptimizer(
+        [one(lambda step: ratio * schedule(step)), one(schedule)], [lambda path, _: loraplus.is_b_matrix(path)]
+    )
 
 
 def answer(model, tokenizer, renderer: ChatRenderer, prompt: str, max_new_tokens: int, stop: list[int]) -> str:
@@ -158,11 +161,15 @@ def check_architecture(job: Job, model: nn.Module, model_path, packing: bool) ->
     if packing:
         problem = packing_problem(model)
         if problem is not None:
-            raise UserError(f"data.packing: mlx-lm's {architecture(model)} cannot pack rows here: {problem}; "
-                            "set data.packing: false")
+            raise UserError(
+                f"data.packing: mlx-lm's {architecture(model)} cannot pack rows here: {problem}; "
+                "set data.packing: false"
+            )
         if not family(model).known:
-            job.log(f"packing: mlx-lm's {architecture(model)} is not in hwft's family table; its packed forward "
-                    "matched its own on two examples, so rows pack")
+            job.log(
+                f"packing: mlx-lm's {architecture(model)} is not in hwft's family table; its packed forward "
+                "matched its own on two examples, so rows pack"
+            )
     config = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
     window = ignored_window(config)
     if window is not None and recipe.train.max_length > window:
@@ -186,8 +193,9 @@ def write_result(job: Job, model, tokenizer, model_path, folder, extras: tuple =
         save_full_model(model, model_path, folder, tokenizer.pad_token_id, apart=extras)
     else:
         save_peft_adapter(model, folder, job.recipe.method.lora, str(model_path))
-    write_extras(folder, extras, lambda e: {e.prefix + k: np.array(v.astype(mx.float32))
-                                            for k, v in tree_flatten(e.module.parameters())})
+    write_extras(
+        folder, extras, lambda e: {e.prefix + k: np.array(v.astype(mx.float32)) for k, v in flat(e.module.parameters())}
+    )
     tokenizer.save_pretrained(folder)
 
 
@@ -221,8 +229,9 @@ def add_trees(a, b):
     return b if a is None else tree_map(lambda x, y: x + y, a, b)
 
 
-def train_step(step, objective, model, optimizer, schedule, value_and_grad, collective, log: StepLog,
-               max_norm) -> float:
+def train_step(
+    step, objective, model, optimizer, schedule, value_and_grad, collective, log: StepLog, max_norm
+) -> float:
     """One optimizer step: this rank's share of the micro-batches, gradients summed over them
     and the ranks, clipped, applied -> the gradient norm. A NaN or Inf norm skips the update
     (the schedule, a function of the optimizer's step count, still advances)."""
@@ -239,10 +248,10 @@ def train_step(step, objective, model, optimizer, schedule, value_and_grad, coll
     if max_norm:
         grads, grad_norm = optim.clip_grad_norm(grads, max_norm)
     else:
-        grad_norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
+        grad_norm = mx.sqrt(sum(((g.astype(mx.float32) ** 2).sum() for _, g in flat(grads)), mx.array(0.0)))
     parts = getattr(optimizer, "optimizers", [optimizer])  # LoRA+: a MultiOptimizer of two
     lr = float(schedule(parts[-1].step))  # what this update uses (LoRA+: all but the B matrices)
-    norm = grad_norm.item()
+    norm = number(grad_norm)
     if math.isfinite(norm):
         optimizer.update(model, grads)
     else:  # no update; the step still counts, so the schedule moves on
@@ -261,8 +270,10 @@ def train(job: Job) -> Result:
     collective: Collective = ALONE
     if world.size > 1:
         collective = join(world)
-        job.log(f"parallel: ddp over {world.size} processes (mx.distributed ring), "
-                f"{t.micro_batch_size} x {t.gradient_accumulation_steps} micro-batches per rank and step")
+        job.log(
+            f"parallel: ddp over {world.size} processes (mx.distributed ring), "
+            f"{t.micro_batch_size} x {t.gradient_accumulation_steps} micro-batches per rank and step"
+        )
     seed_everything(t.seed)
 
     # 1. Tokenizer and data (hwft.job.Job.inputs): the very rows the torch engine gets.
@@ -277,15 +288,23 @@ def train(job: Job) -> Result:
     embedding = next(m for _, m in model.named_modules() if isinstance(m, nn.Embedding))
     batches.check_vocabulary(embedding.weight.shape[0], str(model_path))
     check_architecture(job, model, model_path, batches.packing)
-    applied = kernels.apply(job, model, job.choice.kernels, kernels.prepare(job, job.choice.kernels),
-                            get_host().families().lookup(ENGINE, architecture(model)), recipe.method.tuning)
+    applied = kernels.apply(
+        job,
+        model,
+        job.choice.kernels,
+        kernels.prepare(job, job.choice.kernels),
+        get_host().families().lookup(ENGINE, architecture(model)),
+        recipe.method.tuning,
+    )
     for line in applied.lines:
         job.log(f"kernels: {line}")
-    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    total = sum(v.size for _, v in tree_flatten(model.parameters()))
+    trainable = sum(v.size for _, v in flat(model.trainable_parameters()))
+    total = sum(v.size for _, v in flat(model.parameters()))
     device = "metal" if mx.metal.is_available() else "cpu"
-    job.log(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained ({recipe.method.tuning}"
-            f"{detail}), compute {dtype} on mlx/{device}")
+    job.log(
+        f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained ({recipe.method.tuning}"
+        f"{detail}), compute {dtype} on mlx/{device}"
+    )
 
     model.train()
     objective = make_objective(Setup(job, batches, model, tokenizer, stop, collective, applied))
@@ -303,19 +322,33 @@ def train(job: Job) -> Result:
 
     # 3. The loop (hwft.loop): answers (rank 0), steps from the checkpoint's on, evaluation,
     # checkpoints, save, plot. Dropout and sampling are seeded as a function of the step.
-    return run_steps(job, EngineRun(
-        objective=objective, steps=steps, train_step=step,
-        state=MlxState(model, optimizer,
-                       lambda folder: write_result(job, model, tokenizer, model_path, folder, objective.extras)),
-        strategy="ddp" if world.size > 1 else "none",
-        save=lambda out: save(job, model, tokenizer, model_path, out, objective.extras), tuning=recipe.method.tuning,
-        dtype=dtype,
-        model=model, device=f"mlx/{device}", ask=ask if world.main else None,
-        held_out_loss=(lambda: held_out_loss(model, held_out, tokenizer.pad_token_id, t.micro_batch_size))
-        if held_out else None,
-        held_out_size=len(held_out or []), peak_memory=peak_memory,
-        before_step=lambda n: mx.random.seed(step_seed(t.seed, n)), close=applied.undo,
-    ))
+    return run_steps(
+        job,
+        EngineRun(
+            objective=objective,
+            steps=steps,
+            train_step=step,
+            state=MlxState(
+                model,
+                optimizer,
+                lambda folder: write_result(job, model, tokenizer, model_path, folder, objective.extras),
+            ),
+            strategy="ddp" if world.size > 1 else "none",
+            save=lambda out: save(job, model, tokenizer, model_path, out, objective.extras),
+            tuning=recipe.method.tuning,
+            dtype=dtype,
+            model=model,
+            device=f"mlx/{device}",
+            ask=ask if world.main else None,
+            held_out_loss=(lambda: held_out_loss(model, held_out, tokenizer.pad_token_id, t.micro_batch_size))
+            if held_out
+            else None,
+            held_out_size=len(held_out or []),
+            peak_memory=peak_memory,
+            before_step=lambda n: mx.random.seed(step_seed(t.seed, n)),
+            close=applied.undo,
+        ),
+    )
 
 
 def peak_memory() -> int:

@@ -9,7 +9,6 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-
 from typing import Literal
 
 from pydantic import Field
@@ -23,7 +22,7 @@ ENGINE = "mlx"
 class MlxOptions(Section):
     """``hwft export --to mlx``'s own settings (``--mlx-bits``)."""
 
-    bits: Literal[4, 8] | None = Field(None, description="quantise the MLX export to 4 or 8 bits (MLX affine)")
+    bits: Literal[4, 8] | None = Field(default=None, description="quantise the MLX export to 4 or 8 bits (MLX affine)")
 
 
 def write_mlx(trained, staged: Path, options: ExportOptions) -> Path:
@@ -38,8 +37,13 @@ def write_mlx(trained, staged: Path, options: ExportOptions) -> Path:
     (merged / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     with contextlib.redirect_stdout(sys.stderr):  # mlx-lm reports progress on stdout
         bits = options.settings.bits
-        convert(str(merged), str(staged), quantize=bits is not None, q_bits=bits,
-                trust_remote_code=trained.trust_remote_code)
+        convert(
+            str(merged),
+            str(staged),
+            quantize=bits is not None,
+            q_bits=bits,
+            trust_remote_code=trained.trust_remote_code,
+        )
     return staged
 
 
@@ -48,11 +52,18 @@ def reload_mlx(path: Path, ids: list[int], trained):
     import numpy as np
     from mlx_lm import load
 
-    model, _ = load(str(path))
+    model = load(str(path))[0]
     return np.array(model(mx.array([ids]))[0].astype(mx.float32))
 
 
 EXPORTERS = (
-    Exporter("mlx", ENGINE, "an mlx-lm model folder, optionally quantised (--mlx-bits)", write_mlx, reload_mlx,
-             tolerance=lambda options: 1e-3, options=MlxOptions),
+    Exporter(
+        "mlx",
+        ENGINE,
+        "an mlx-lm model folder, optionally quantised (--mlx-bits)",
+        write_mlx,
+        reload_mlx,
+        tolerance=lambda options: 1e-3,
+        options=MlxOptions,
+    ),
 )

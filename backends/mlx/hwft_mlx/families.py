@@ -76,8 +76,10 @@ def gemma3_text_config(config: dict) -> dict:
     kinds = config.get("layer_types")
     if kinds:
         if "full_attention" not in kinds:
-            raise ModelError("mlx-lm's gemma3_text needs a full-attention layer in every sliding_window_pattern "
-                             f"layers; this config's layer_types has none ({len(kinds)} sliding layers)")
+            raise ModelError(
+                "mlx-lm's gemma3_text needs a full-attention layer in every sliding_window_pattern "
+                f"layers; this config's layer_types has none ({len(kinds)} sliding layers)"
+            )
         pattern = kinds.index("full_attention") + 1
         expected = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(len(kinds))]
         if kinds != expected:
@@ -109,24 +111,36 @@ def granite_scaled(model, logits):
 
 
 FAMILIES = (
-    Family("llama", ENGINE, "Llama 2/3, SmolLM2, Mistral (and what mlx-lm loads as llama)", PACKS,
-           options={"window": windows_by_layer_type}, serves=("mistral",),
-           gguf=LLAMA_GGUF),  # the embedded model's GGUF reads without torch (hwft.gguf_convert)
+    Family(
+        "llama",
+        ENGINE,
+        "Llama 2/3, SmolLM2, Mistral (and what mlx-lm loads as llama)",
+        PACKS,
+        options={"window": windows_by_layer_type},
+        serves=("mistral",),
+        gguf=LLAMA_GGUF,
+    ),  # the embedded model's GGUF reads without torch (hwft.gguf_convert)
     Family("qwen2", ENGINE, "Qwen2, Qwen2.5", PACKS),
     Family("qwen3", ENGINE, "Qwen3", PACKS),
-    Family("qwen3_moe", ENGINE, "Qwen3-MoE", PACKS, options={"config": qwen3_moe_config, "router": "mlp.gate"},
-           moe=True),
+    Family(
+        "qwen3_moe", ENGINE, "Qwen3-MoE", PACKS, options={"config": qwen3_moe_config, "router": "mlp.gate"}, moe=True
+    ),
     Family("mixtral", ENGINE, "Mixtral", PACKS, options={"router": "block_sparse_moe.gate"}, moe=True),
-    Family("gemma2", ENGINE, "Gemma 2 (mlx-lm's has no sliding window)", PACKS,
-           options={"logits": softcapped, "mask_dims": 5}),
-    Family("gemma3_text", ENGINE, "Gemma 3 (text)", PACKS,
-           options={"config": gemma3_text_config, "window": applies_window}),
+    Family(
+        "gemma2",
+        ENGINE,
+        "Gemma 2 (mlx-lm's has no sliding window)",
+        PACKS,
+        options={"logits": softcapped, "mask_dims": 5},
+    ),
+    Family(
+        "gemma3_text", ENGINE, "Gemma 3 (text)", PACKS, options={"config": gemma3_text_config, "window": applies_window}
+    ),
     Family("phi3", ENGINE, "Phi-3", PACKS),
     Family("olmo2", ENGINE, "OLMo 2", PACKS),
     Family("granite", ENGINE, "Granite 3", PACKS, options={"logits": granite_scaled}),
     Family("glm4", ENGINE, "GLM-4", PACKS),
     Family("smollm3", ENGINE, "SmolLM3", PACKS),
-    Family("deepseek_v3", ENGINE, "DeepSeek-V3 (MLA attention, MoE)", PACKS, options={"router": "mlp.gate"},
-           moe=True),
+    Family("deepseek_v3", ENGINE, "DeepSeek-V3 (MLA attention, MoE)", PACKS, options={"router": "mlp.gate"}, moe=True),
     Family(GENERIC, ENGINE, "any other family mlx-lm loads (packs after a check at load time)"),
 )

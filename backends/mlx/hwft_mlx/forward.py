@@ -1,14 +1,17 @@
+# mlx's nn.Module.__getattr__ has no return annotation, so pyright reads each child module
+# (``model.args``, ``glu.gate_proj``) as possibly None:
+# pyright: reportOptionalMemberAccess=false, reportOptionalCall=false
 """The forward pass hwft trains with on MLX: the decoder's hidden states (packed rows through
 hwft's block-diagonal mask where the family packs: hwft_mlx.packing) and the output layer on
 just the positions a loss needs, with the family's own logit transform (its record's options)."""
 
 from __future__ import annotations
 
-
 import mlx.core as mx
 import mlx.nn as nn
 
 from hwft_mlx.packing import decoder_hidden, language_model, prove
+
 
 def architecture(model: nn.Module) -> str:
     """The mlx-lm architecture of ``model`` (its module under mlx_lm.models): the MLX family table's key."""
@@ -34,7 +37,6 @@ def packing_problem(model: nn.Module) -> str | None:
     if family(model).has("mlx_packing"):
         return None
     if not hasattr(model, _PROOF):
-
         embedding = next(m for _, m in model.named_modules() if isinstance(m, nn.Embedding))
         object.__setattr__(model, _PROOF, prove(model, output_logits, embedding.weight.shape[0], mask_dims(model)))
     return getattr(model, _PROOF)

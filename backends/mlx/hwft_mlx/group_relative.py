@@ -18,11 +18,11 @@ import mlx.core as mx
 import numpy as np
 
 from hwft.data.pipeline import Batches
-from hwft.objective import Loss
-from hwft.methods.grpo import GrpoSpec
 from hwft.distributed import ALONE, Collective
-from hwft.methods.grpo import score_step
+from hwft.methods.grpo import GrpoSpec, score_step
+from hwft.objective import Loss
 from hwft.rewards import Reward, Sample, write_rollouts
+from hwft_mlx.arrays import number
 from hwft_mlx.losses import grpo_loss, target_logps
 from hwft_mlx.objective import MlxObjective, position_logits
 
@@ -42,8 +42,9 @@ class Rollouts:
     normaliser: float = 1.0
 
 
-def rollout_arrays(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
-                   kind: type[Rollouts] = Rollouts) -> Rollouts:
+def rollout_arrays(
+    prompts: list[list[int]], completions: list[list[int]], pad_id: int, kind: type[Rollouts] = Rollouts
+) -> Rollouts:
     """The completions of ``prompts`` as one micro-batch of ``kind`` (ppo's keeps values too)."""
     width = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
     longest = max(1, max(len(c) for c in completions))
@@ -66,9 +67,18 @@ def completion_logps(model, r: Rollouts, temperature: float) -> mx.array:
 
 
 class GroupRelative(MlxObjective):
-    def __init__(self, batches: Batches, spec: GrpoSpec, accumulation: int, tokenizer,
-                 rewards: dict[str, Reward], reference, log_path: Path | None, eos_ids: list[int],
-                 collective: Collective = ALONE):
+    def __init__(
+        self,
+        batches: Batches,
+        spec: GrpoSpec,
+        accumulation: int,
+        tokenizer,
+        rewards: dict[str, Reward],
+        reference,
+        log_path: Path | None,
+        eos_ids: list[int],
+        collective: Collective = ALONE,
+    ):
         super().__init__(batches, collective)
         self.spec, self.accumulation, self.tokenizer = spec, accumulation, tokenizer
         self.span = spec.num_iterations
@@ -102,14 +112,19 @@ class GroupRelative(MlxObjective):
         was_training = model.training
         model.eval()
         _, micro = self.draw_step(self.accumulation)  # this rank's share of the step's prompts
-        generated = [[self.sample(model, p.input_ids) for p in prompts for _ in range(g.num_generations)]
-                     for prompts in micro]
+        generated = [
+            [self.sample(model, p.input_ids) for p in prompts for _ in range(g.num_generations)] for prompts in micro
+        ]
         model.train(was_training)
         samples = []
         for prompts, outs in zip(micro, generated, strict=True):
             repeated = [p for p in prompts for _ in range(g.num_generations)]
-            samples += [Sample(p.text, self.tokenizer.decode(c, skip_special_tokens=True).strip(), p.reference,
-                               len(c), not done) for p, (c, done) in zip(repeated, outs, strict=True)]
+            samples += [
+                Sample(
+                    p.text, self.tokenizer.decode(c, skip_special_tokens=True).strip(), p.reference, len(c), not done
+                )
+                for p, (c, done) in zip(repeated, outs, strict=True)
+            ]
         return micro, generated, samples
 
     def rollout(self, model, step: int) -> list[Rollouts]:
@@ -135,10 +150,22 @@ class GroupRelative(MlxObjective):
 
     def forward(self, model, r: Rollouts):
         g = self.spec
+        assert r.advantages is not None, "set by step()"
         logps = completion_logps(model, r, g.temperature)
         old = r.old_logps if r.old_logps is not None else mx.stop_gradient(logps)
-        value, stats = grpo_loss(logps, old, r.ref_logps, r.advantages, r.mask, g.beta, g.epsilon,
-                                 g.epsilon_high or g.epsilon, g.per_completion, r.normaliser, g.kl_correction)
+        value, stats = grpo_loss(
+            logps,
+            old,
+            r.ref_logps,
+            r.advantages,
+            r.mask,
+            g.beta,
+            g.epsilon,
+            g.epsilon_high or g.epsilon,
+            g.per_completion,
+            r.normaliser,
+            g.kl_correction,
+        )
         tokens = mx.maximum(stats["tokens"], 1)
         out = {"clip_ratio": stats["clipped"] / tokens}
         if "kl" in stats:
@@ -146,7 +173,7 @@ class GroupRelative(MlxObjective):
         return value, out
 
     def counts(self, r: Rollouts) -> Loss:
-        trained = int(r.mask.sum().item())
+        trained = int(number(r.mask.sum()))
         return Loss(None, r.prompt_tokens + trained, trained)
 
 
@@ -160,5 +187,14 @@ def build(setup) -> GroupRelative:
     spec = recipe.method.grpo
     reference = Reference(setup.model, adapters=recipe.method.adapter) if spec.beta > 0 else None
     rollouts = job.run_dir.path / "rollouts.jsonl" if job.world.main else None
-    return GroupRelative(setup.batches, spec, recipe.train.gradient_accumulation_steps, setup.tokenizer,
-                         get_host().rewards(), reference, rollouts, setup.stop, setup.collective)
+    return GroupRelative(
+        setup.batches,
+        spec,
+        recipe.train.gradient_accumulation_steps,
+        setup.tokenizer,
+        get_host().rewards(),
+        reference,
+        rollouts,
+        setup.stop,
+        setup.collective,
+    )

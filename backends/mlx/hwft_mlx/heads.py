@@ -1,12 +1,13 @@
+# mlx's nn.Module.__getattr__ has no return annotation, so pyright reads each child module
+# (``model.args``, ``glu.gate_proj``) as possibly None:
+# pyright: reportOptionalMemberAccess=false, reportOptionalCall=false
 """The score head of a reward model (hwft.methods.rm) on MLX: a scalar on the last real token's
 hidden state, added, initialised and saved as transformers' sequence-classification model has it."""
 
 from __future__ import annotations
 
-
 import mlx.core as mx
 import mlx.nn as nn
-
 
 #: PEFT's SEQ_CLS task saves these beside the adapter, trained in full (its modules_to_save).
 SCORE_MODULES = ["classifier", "score"]
@@ -33,8 +34,14 @@ def last_tokens(ids: list[list[int]], pad_id: int) -> list[int]:
     return out
 
 
-def score_config(config: dict, pad_id: int) -> dict:
+def score_config(config: dict, pad_id: int | None) -> dict:
     """A causal LM's config.json as its sequence-classification model's, one label."""
     architectures = [a.replace("ForCausalLM", "ForSequenceClassification") for a in config.get("architectures", [])]
-    return {**config, "architectures": architectures, "num_labels": 1, "id2label": {"0": "LABEL_0"},
-            "label2id": {"LABEL_0": 0}, "pad_token_id": pad_id}
+    return {
+        **config,
+        "architectures": architectures,
+        "num_labels": 1,
+        "id2label": {"0": "LABEL_0"},
+        "label2id": {"LABEL_0": 0},
+        "pad_token_id": pad_id,
+    }

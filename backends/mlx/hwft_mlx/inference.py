@@ -37,8 +37,9 @@ class MlxSession(Session):
             # log-softmax of the logits: the same argmax and the same softmax at any temperature
             return mx.array([pick_token(np.array(logprobs[0].astype(mx.float32)), sampling, rng)])
 
-        for token, _ in generate_step(mx.array(prompt_ids), self.model, max_tokens=sampling.max_new_tokens,
-                                      sampler=sampler):
+        for token, _ in generate_step(
+            mx.array(prompt_ids), self.model, max_tokens=sampling.max_new_tokens, sampler=sampler
+        ):
             yield int(token)
 
     def nll(self, rows: list, batch_size: int = 4) -> tuple[float, int]:

@@ -13,7 +13,12 @@ from __future__ import annotations
 from hwft.kernels import Kernel
 
 KERNELS = (
-    Kernel("hwft_mlx_label_cross_entropy", "cross_entropy", "mlx",
-           "the output layer on the label positions' hidden states only: no logits for prompts or padding",
-           "hwft_mlx.objective:LabelPositionsCrossEntropy", recommended=True),
+    Kernel(
+        "hwft_mlx_label_cross_entropy",
+        "cross_entropy",
+        "mlx",
+        "the output layer on the label positions' hidden states only: no logits for prompts or padding",
+        "hwft_mlx.objective:LabelPositionsCrossEntropy",
+        recommended=True,
+    ),
 )

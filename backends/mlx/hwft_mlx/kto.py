@@ -20,8 +20,8 @@ from hwft.methods.kto import KtoSpec, balance_note
 from hwft.objective import FeedbackSteps, Loss, feedback_counts, precompute_reference
 from hwft_mlx.losses import kto_loss
 from hwft_mlx.objective import MlxObjective, log_router, router_term, scored_positions
-from hwft_mlx.router import recorded_gates
 from hwft_mlx.preference import sequence_logps
+from hwft_mlx.router import recorded_gates
 
 
 def sequence_arrays(sequences: list[Tokenized], pad_id: int) -> tuple[mx.array, tuple[mx.array, mx.array, mx.array]]:
@@ -38,15 +38,18 @@ def both_logps(model, items: list[FeedbackItem], pad_id: int) -> tuple[mx.array,
 
 
 class Feedback(FeedbackSteps, MlxObjective):
-    def __init__(self, batches: Batches, spec: KtoSpec, accumulation: int, pad_id: int,
-                 collective: Collective = ALONE):
+    def __init__(self, batches: Batches, spec: KtoSpec, accumulation: int, pad_id: int, collective: Collective = ALONE):
         super().__init__(batches, collective)
         self.spec, self.accumulation, self.pad_id = spec, accumulation, pad_id
 
     def precompute(self, model, batch_size: int) -> None:
         """Reference log-probabilities of every answer and mismatched pair under ``model`` as it is now."""
-        precompute_reference(model, self.batches.rows, batch_size,
-                             lambda m, chunk: mx.stack(both_logps(m, chunk, self.pad_id), axis=1).tolist())
+        precompute_reference(
+            model,
+            self.batches,
+            batch_size,
+            lambda m, chunk: mx.stack(list(both_logps(m, chunk, self.pad_id)), axis=1).tolist(),
+        )
 
     def forward(self, model, micro: tuple[list[FeedbackItem], int]):
         items, step_items = micro
@@ -55,8 +58,16 @@ class Feedback(FeedbackSteps, MlxObjective):
         ref = mx.array([i.reference_logps for i in items])
         desirable = mx.array([i.desirable for i in items])
         s = self.spec
-        out = kto_loss(own, ref[:, 0], mx.stop_gradient(mismatched), ref[:, 1], desirable, s.beta,
-                       s.desirable_weight, s.undesirable_weight)
+        out = kto_loss(
+            own,
+            ref[:, 0],
+            mx.stop_gradient(mismatched),
+            ref[:, 1],
+            desirable,
+            s.beta,
+            s.desirable_weight,
+            s.undesirable_weight,
+        )
         stats = {"kl": out["kl"]}
         for key, want in (("rewards/chosen", True), ("rewards/rejected", False)):
             index = [n for n, i in enumerate(items) if i.desirable == want]
@@ -83,10 +94,13 @@ def build(setup) -> Feedback:
     note = balance_note(sum(i.desirable for i in items), sum(not i.desirable for i in items), spec)
     if note:
         job.log(note)
-    objective = Feedback(setup.batches, spec, recipe.train.gradient_accumulation_steps,
-                         setup.tokenizer.pad_token_id, setup.collective)
+    objective = Feedback(
+        setup.batches, spec, recipe.train.gradient_accumulation_steps, setup.tokenizer.pad_token_id, setup.collective
+    )
     objective.precompute(setup.model, recipe.train.micro_batch_size)
-    job.log(f"kto: reference log-probabilities of {len(items)} answers and their mismatched pairs precomputed "
-            "from the starting model")
+    job.log(
+        f"kto: reference log-probabilities of {len(items)} answers and their mismatched pairs precomputed "
+        "from the starting model"
+    )
     log_router(setup)
     return objective

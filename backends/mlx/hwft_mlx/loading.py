@@ -90,8 +90,9 @@ def load_model(path: Path, trust_remote_code: bool = False) -> tuple[nn.Module, 
     if not random and not list(path.glob("model*.safetensors")):
         raise ModelError(f"{path} has no model*.safetensors; the MLX backend loads safetensors folders only")
     try:
-        model, _ = mlx_load(path, model_config=config_overrides(config), trust_remote_code=trust_remote_code,
-                            strict=not random)
+        model, _ = mlx_load(
+            path, model_config=config_overrides(config), trust_remote_code=trust_remote_code, strict=not random
+        )
     except (ValueError, TypeError) as exc:  # "Model type X not supported.", weight mismatches, missing args
         raise ModelError(f"mlx-lm cannot load {path} (model_type {config.get('model_type')}): {exc}") from None
     if isinstance(config.get("pad_token_id"), int):
@@ -134,6 +135,7 @@ class PaddingEmbedding(nn.Embedding):
     the config's pad_token_id). Where the pad token is also the end-of-turn token (SmolLM2),
     full tuning would otherwise train its input embedding on MLX and not on torch; with tied
     embeddings the output layer's share of that row still trains, on both."""
+
     padding_idx: int = -1
 
     def __call__(self, x: mx.array) -> mx.array:

@@ -24,9 +24,17 @@ def target_logps(logits: mx.array, targets: mx.array, temperature: float = 1.0) 
     return picked - mx.logsumexp(z, axis=-1)
 
 
-def dpo_loss(chosen: mx.array, rejected: mx.array, ref_chosen: mx.array, ref_rejected: mx.array,
-             beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-             chosen_tokens: mx.array | None = None, rejected_tokens: mx.array | None = None):
+def dpo_loss(
+    chosen: mx.array,
+    rejected: mx.array,
+    ref_chosen: mx.array,
+    ref_rejected: mx.array,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    chosen_tokens: mx.array | None = None,
+    rejected_tokens: mx.array | None = None,
+):
     """Per-pair DPO losses and the implicit rewards (``hwft_torch.losses.dpo_loss``: sigmoid,
     robust, hinge, ipo)."""
     chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
@@ -39,6 +47,8 @@ def dpo_loss(chosen: mx.array, rejected: mx.array, ref_chosen: mx.array, ref_rej
     elif loss_type == "hinge":
         losses = mx.maximum(1 - beta * delta, 0.0)
     elif loss_type == "ipo":
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("ipo needs the answers' token counts")
         per_token = chosen_ratio / mx.maximum(chosen_tokens, 1) - rejected_ratio / mx.maximum(rejected_tokens, 1)
         losses = (per_token - 1 / (2 * beta)) ** 2
     else:
@@ -55,33 +65,52 @@ def orpo_loss(chosen: mx.array, rejected: mx.array, beta: float) -> dict[str, mx
     """Per-pair ORPO losses from mean answer log-probabilities (``hwft_torch.losses.orpo_loss``)."""
     log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
     nll = -chosen
-    return {"losses": nll - beta * nn.log_sigmoid(log_odds), "nll": mx.stop_gradient(nll),
-            "log_odds": mx.stop_gradient(log_odds), "chosen_rewards": mx.stop_gradient(beta * chosen),
-            "rejected_rewards": mx.stop_gradient(beta * rejected)}
+    return {
+        "losses": nll - beta * nn.log_sigmoid(log_odds),
+        "nll": mx.stop_gradient(nll),
+        "log_odds": mx.stop_gradient(log_odds),
+        "chosen_rewards": mx.stop_gradient(beta * chosen),
+        "rejected_rewards": mx.stop_gradient(beta * rejected),
+    }
 
 
-def simpo_loss(chosen: mx.array, rejected: mx.array, beta: float, gamma: float,
-               label_smoothing: float = 0.0) -> dict[str, mx.array]:
+def simpo_loss(
+    chosen: mx.array, rejected: mx.array, beta: float, gamma: float, label_smoothing: float = 0.0
+) -> dict[str, mx.array]:
     """Per-pair SimPO losses from mean answer log-probabilities (``hwft_torch.losses.simpo_loss``)."""
     z = beta * (chosen - rejected) - gamma
     eps = label_smoothing
-    return {"losses": -(1 - eps) * nn.log_sigmoid(z) - eps * nn.log_sigmoid(-z),
-            "chosen_rewards": mx.stop_gradient(beta * chosen), "rejected_rewards": mx.stop_gradient(beta * rejected)}
+    return {
+        "losses": -(1 - eps) * nn.log_sigmoid(z) - eps * nn.log_sigmoid(-z),
+        "chosen_rewards": mx.stop_gradient(beta * chosen),
+        "rejected_rewards": mx.stop_gradient(beta * rejected),
+    }
 
 
-def kto_loss(logps: mx.array, ref_logps: mx.array, mismatched: mx.array, ref_mismatched: mx.array,
-             desirable: mx.array, beta: float, desirable_weight: float = 1.0,
-             undesirable_weight: float = 1.0) -> dict[str, mx.array]:
+def kto_loss(
+    logps: mx.array,
+    ref_logps: mx.array,
+    mismatched: mx.array,
+    ref_mismatched: mx.array,
+    desirable: mx.array,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> dict[str, mx.array]:
     """Per-answer KTO losses, rewards and the detached KL baseline (``hwft_torch.losses.kto_loss``)."""
     kl = mx.maximum(mx.stop_gradient((mismatched - ref_mismatched).mean()), 0.0)
     ratio = logps - ref_logps
-    losses = mx.where(desirable, desirable_weight * (1 - mx.sigmoid(beta * (ratio - kl))),
-                      undesirable_weight * (1 - mx.sigmoid(beta * (kl - ratio))))
+    losses = mx.where(
+        desirable,
+        desirable_weight * (1 - mx.sigmoid(beta * (ratio - kl))),
+        undesirable_weight * (1 - mx.sigmoid(beta * (kl - ratio))),
+    )
     return {"losses": losses, "rewards": mx.stop_gradient(beta * ratio), "kl": kl}
 
 
-def reward_model_loss(chosen: mx.array, rejected: mx.array, margin: float = 0.0,
-                      center_coefficient: float = 0.0) -> mx.array:
+def reward_model_loss(
+    chosen: mx.array, rejected: mx.array, margin: float = 0.0, center_coefficient: float = 0.0
+) -> mx.array:
     """Per-pair Bradley-Terry losses of a reward model (``hwft_torch.losses.reward_model_loss``)."""
     losses = -nn.log_sigmoid(chosen - rejected - margin)
     if center_coefficient:
@@ -89,9 +118,19 @@ def reward_model_loss(chosen: mx.array, rejected: mx.array, margin: float = 0.0,
     return losses
 
 
-def grpo_loss(logps: mx.array, old_logps: mx.array, ref_logps: mx.array | None, advantages: mx.array,
-              mask: mx.array, beta: float, epsilon_low: float, epsilon_high: float, per_completion: bool,
-              normaliser: float, kl_correction: bool = True) -> tuple[mx.array, dict[str, mx.array]]:
+def grpo_loss(
+    logps: mx.array,
+    old_logps: mx.array,
+    ref_logps: mx.array | None,
+    advantages: mx.array,
+    mask: mx.array,
+    beta: float,
+    epsilon_low: float,
+    epsilon_high: float,
+    per_completion: bool,
+    normaliser: float,
+    kl_correction: bool = True,
+) -> tuple[mx.array, dict[str, mx.array]]:
     """The GRPO policy loss of one micro-batch and its statistics (``hwft_torch.losses.grpo_loss``:
     clipped ratio, k3 KL optionally ratio-corrected, per token or per completion aggregation)."""
     mask = mask.astype(logps.dtype)
@@ -101,6 +140,7 @@ def grpo_loss(logps: mx.array, old_logps: mx.array, ref_logps: mx.array | None, 
     per_token = -mx.minimum(ratio * adv, clipped * adv)
     stats = {}
     if beta != 0.0:
+        assert ref_logps is not None, "beta > 0 takes the reference's log-probabilities"
         diff = ref_logps - logps
         kl = mx.exp(diff) - diff - 1
         per_token = per_token + beta * (kl * ratio if kl_correction else kl)
@@ -115,9 +155,19 @@ def grpo_loss(logps: mx.array, old_logps: mx.array, ref_logps: mx.array | None, 
     return loss, stats
 
 
-def ppo_loss(logps: mx.array, old_logps: mx.array, values: mx.array, old_values: mx.array, returns: mx.array,
-             advantages: mx.array, mask: mx.array, cliprange: float, cliprange_value: float, vf_coef: float,
-             normaliser: float) -> tuple[mx.array, dict[str, mx.array]]:
+def ppo_loss(
+    logps: mx.array,
+    old_logps: mx.array,
+    values: mx.array,
+    old_values: mx.array,
+    returns: mx.array,
+    advantages: mx.array,
+    mask: mx.array,
+    cliprange: float,
+    cliprange_value: float,
+    vf_coef: float,
+    normaliser: float,
+) -> tuple[mx.array, dict[str, mx.array]]:
     """The PPO loss of one micro-batch and its statistics (``hwft_torch.losses.ppo_loss``)."""
     ratio = mx.exp(logps - old_logps)
     policy = mx.maximum(-advantages * ratio, -advantages * mx.clip(ratio, 1 - cliprange, 1 + cliprange))
@@ -125,8 +175,12 @@ def ppo_loss(logps: mx.array, old_logps: mx.array, values: mx.array, old_values:
     value = 0.5 * mx.maximum((values - returns) ** 2, (clipped_values - returns) ** 2)
     loss = ((policy + vf_coef * value) * mask).sum() / normaliser
     region = ((ratio < 1 - cliprange) & (advantages < 0)) | ((ratio > 1 + cliprange) & (advantages > 0))
-    return loss, {"policy": mx.stop_gradient((policy * mask).sum()), "value": mx.stop_gradient((value * mask).sum()),
-                  "clipped": mx.stop_gradient((region * mask).sum()), "tokens": mask.sum()}
+    return loss, {
+        "policy": mx.stop_gradient((policy * mask).sum()),
+        "value": mx.stop_gradient((value * mask).sum()),
+        "clipped": mx.stop_gradient((region * mask).sum()),
+        "tokens": mask.sum(),
+    }
 
 
 def load_balancing_loss(gate_logits: list[mx.array], experts: int, top_k: int, mask: mx.array | None) -> mx.array:
@@ -150,4 +204,3 @@ def load_balancing_loss(gate_logits: list[mx.array], experts: int, top_k: int, m
         probs = probs + (p * weight[:, None]).sum(axis=0)
         rows = rows + weight.sum()
     return (counts / rows * (probs / rows)).sum() * experts
-

@@ -1,3 +1,6 @@
+# mlx's nn.Module.__getattr__ has no return annotation, so pyright reads each child module
+# (``model.args``, ``glu.gate_proj``) as possibly None:
+# pyright: reportOptionalMemberAccess=false, reportOptionalCall=false
 """LoRA on a mixture-of-experts layer's experts and router, in PEFT's layout.
 
 transformers 5 holds each MoE layer's experts as two fused parameters, ``experts.gate_up_proj``
@@ -30,7 +33,6 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-
 
 #: Linear names an all-linear LoRA on an MoE model leaves out, as PEFT's does.
 MLP_NAMES = frozenset({"gate_proj", "up_proj", "down_proj"})
@@ -71,8 +73,9 @@ class LoRASwitchGLU(nn.Module):
         gate = glu.gate_proj(x, idx, sorted_indices=sort) + update[..., :inner]
         up = glu.up_proj(x, idx, sorted_indices=sort) + update[..., inner:]
         h = glu.activation(up, gate)
-        out = glu.down_proj(h, idx, sorted_indices=sort) + self._low_rank(self.dropout(h), self.down_a, self.down_b,
-                                                                          idx, sort)
+        out = glu.down_proj(h, idx, sorted_indices=sort) + self._low_rank(
+            self.dropout(h), self.down_a, self.down_b, idx, sort
+        )
         if sort:
             out = _scatter_unsort(out, inv_order, indices.shape)
         return out.squeeze(-2)
@@ -104,15 +107,16 @@ class LoRAGate(nn.Module):
 def is_router_gate(module: nn.Module) -> bool:
     """A router with an (E, H) weight that is not a Linear (those take mlx-lm's LoRALinear)."""
     weight = module.get("weight") if isinstance(module, nn.Module) else None
-    return (not isinstance(module, nn.Linear | nn.QuantizedLinear) and isinstance(weight, mx.array)
-            and weight.ndim == 2)
+    return not isinstance(module, nn.Linear | nn.QuantizedLinear) and isinstance(weight, mx.array) and weight.ndim == 2
 
 
 def wrap_routers(model: nn.Module, suffix: str, r: int, scale: float) -> list[str]:
     """Every non-Linear router at a path ending with ``suffix`` wrapped in a new :class:`LoRAGate`."""
     from mlx.utils import tree_unflatten
 
-    found = [(p, m) for p, m in model.named_modules() if (p == suffix or p.endswith("." + suffix)) and is_router_gate(m)]
+    found = [
+        (p, m) for p, m in model.named_modules() if (p == suffix or p.endswith("." + suffix)) and is_router_gate(m)
+    ]
     model.update_modules(tree_unflatten([(p, LoRAGate(m, r, scale)) for p, m in found]))
     return [p for p, _ in found]
 
@@ -137,21 +141,22 @@ def expert_modules(model: nn.Module):
 
 # PEFT's layout, both ways. A: (E*r, in), expert-major rows; B: (out, r*E), r-major columns.
 
+
 def to_peft(a: mx.array, b: mx.array) -> tuple[np.ndarray, np.ndarray]:
     """(E, r, in), (E, out, r) -> PEFT's lora_A (E*r, in) and lora_B (out, r*E)."""
-    a, b = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
-    experts, r, _ = a.shape
-    return a.reshape(experts * r, -1), b.transpose(1, 2, 0).reshape(b.shape[1], r * experts)
+    down, up = np.array(a.astype(mx.float32)), np.array(b.astype(mx.float32))
+    experts, r, _ = down.shape
+    return down.reshape(experts * r, -1), up.transpose(1, 2, 0).reshape(up.shape[1], r * experts)
 
 
 def from_peft(a: np.ndarray, b: np.ndarray, experts: int) -> tuple[mx.array, mx.array]:
     """PEFT's lora_A (E*r, in) and lora_B (out, r*E) -> (E, r, in), (E, out, r)."""
     r = a.shape[0] // experts
-    return (mx.array(a.reshape(experts, r, a.shape[1])),
-            mx.array(b.reshape(b.shape[0], r, experts).transpose(2, 0, 1)))
+    return (mx.array(a.reshape(experts, r, a.shape[1])), mx.array(b.reshape(b.shape[0], r, experts).transpose(2, 0, 1)))
 
 
 # DeepSeek's MLA: PEFT's LoRA on kv_b_proj, which mlx-lm keeps as two per-head layers.
+
 
 class LoRAEmbedQ(nn.Module):
     """LoRA on the key half of DeepSeek's ``kv_b_proj``, which mlx-lm's deepseek_v3 holds as
@@ -187,7 +192,9 @@ class LoRAUnembedOut(nn.Module):
         object.__setattr__(self, "_keys", keys)  # not a child: its A is a parameter once, there
 
     def __call__(self, x: mx.array, transpose: bool = True) -> mx.array:
-        return self.base(x, transpose=transpose) + self.scale * ((x @ self._keys.lora_a.T) @ self.lora_b.swapaxes(-1, -2))
+        return self.base(x, transpose=transpose) + self.scale * (
+            (x @ self._keys.lora_a.T) @ self.lora_b.swapaxes(-1, -2)
+        )
 
 
 def mla_attentions(model: nn.Module):
@@ -216,9 +223,10 @@ def mla_to_peft(attention: nn.Module) -> tuple[mx.array, mx.array]:
 
 def mla_from_peft(attention: nn.Module, a: mx.array, b: mx.array, scale: float) -> None:
     """Put a PEFT kv_b_proj adapter on an MLA attention's two halves."""
-    heads, _, nope = attention.embed_q.weight.shape
-    keys = LoRAEmbedQ(attention.embed_q, a.shape[0], scale)
-    values = LoRAUnembedOut(attention.unembed_out, keys, a.shape[0], scale)
+    embed_q, unembed_out = attention["embed_q"], attention["unembed_out"]
+    heads, _, nope = embed_q.weight.shape
+    keys = LoRAEmbedQ(embed_q, a.shape[0], scale)
+    values = LoRAUnembedOut(unembed_out, keys, a.shape[0], scale)
     per_head = b.astype(mx.float32).reshape(heads, -1, a.shape[0])
     keys.lora_a, keys.lora_b, values.lora_b = a.astype(mx.float32), per_head[:, :nope], per_head[:, nope:]
     attention.embed_q, attention.unembed_out = keys, values

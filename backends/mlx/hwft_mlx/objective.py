@@ -21,9 +21,10 @@ from hwft.data.chat import IGNORE_INDEX
 from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
 from hwft.objective import Loss, Objective, sequence_pairs, step_label_count
-from hwft_mlx.losses import cross_entropy_sum, load_balancing_loss
+from hwft_mlx.arrays import number
 from hwft_mlx.forward import hidden_states, output_logits, packs
 from hwft_mlx.loading import router_balance_of
+from hwft_mlx.losses import cross_entropy_sum, load_balancing_loss
 from hwft_mlx.router import recorded_gates
 
 
@@ -55,8 +56,9 @@ def packed_segments(rows: list[Row], width: int) -> np.ndarray | None:
 def picked_labels(sequences: list[list[int]]) -> list[list[tuple[int, int]]]:
     """Per sequence of labels (-100 where no loss is taken), the (position, next label) pairs:
     the positions whose next token is a label, the only ones the loss needs logits for."""
-    return [[(t, labels[t + 1]) for t in range(len(labels) - 1) if labels[t + 1] != IGNORE_INDEX]
-            for labels in sequences]
+    return [
+        [(t, labels[t + 1]) for t in range(len(labels) - 1) if labels[t + 1] != IGNORE_INDEX] for labels in sequences
+    ]
 
 
 def label_positions(rows: list[Row], width: int) -> tuple[mx.array, mx.array]:
@@ -117,8 +119,7 @@ class LanguageModelling(MlxObjective):
     """sft and cpt: next-token cross-entropy on the label tokens of (packed) rows, normalised by
     the step's label tokens (``hwft_torch.losses.causal_lm_loss``)."""
 
-    def __init__(self, batches: Batches, accumulation: int, pad_id: int, fused: bool,
-                 collective: Collective = ALONE):
+    def __init__(self, batches: Batches, accumulation: int, pad_id: int, fused: bool, collective: Collective = ALONE):
         super().__init__(batches, collective)
         self.accumulation, self.pad_id, self.fused = accumulation, pad_id, fused
 
@@ -134,17 +135,24 @@ class LanguageModelling(MlxObjective):
 
     def counts(self, micro: tuple[list[Row], int]) -> Loss:
         rows, _ = micro
-        return Loss(None, sum(len(r.input_ids) for r in rows), sum(r.num_labels for r in rows),
-                    sequence_pairs(rows), tuple(i for r in rows for i in r.ids))
+        return Loss(
+            None,
+            sum(len(r.input_ids) for r in rows),
+            sum(r.num_labels for r in rows),
+            sequence_pairs(rows),
+            tuple(i for r in rows for i in r.ids),
+        )
 
 
 def log_router(setup) -> None:
     """Say so where the objective adds an MoE router's load-balancing term (hwft.router_balance)."""
     balance = router_balance_of(setup.model)
     if balance is not None:
-        setup.job.log(f"moe: router load-balancing loss in the {setup.job.recipe.method.objective} loss, coefficient "
-                      f"{balance.coefficient:g} ({balance.experts} experts, top {balance.top_k}; from the gates' "
-                      "logits); logged as aux_loss")
+        setup.job.log(
+            f"moe: router load-balancing loss in the {setup.job.recipe.method.objective} loss, coefficient "
+            f"{balance.coefficient:g} ({balance.experts} experts, top {balance.top_k}; from the gates' "
+            "logits); logged as aux_loss"
+        )
 
 
 def router_term(objective, model, gates: list[mx.array], mask: mx.array) -> tuple[mx.array, mx.array] | None:
@@ -165,7 +173,7 @@ def held_out_loss(model: nn.Module, rows: list[Row], pad_id: int, batch_size: in
     ordered = sorted(rows, key=lambda r: len(r.input_ids))
     for start in range(0, len(ordered), batch_size):
         batch = ordered[start : start + batch_size]
-        total += summed_cross_entropy(model, batch, pad_id, fused=True).item()
+        total += number(summed_cross_entropy(model, batch, pad_id, fused=True))
         count += sum(r.num_labels for r in batch)
     model.train(was_training)
     return total / max(count, 1)
@@ -192,5 +200,6 @@ def build(setup) -> LanguageModelling:
     recipe = setup.job.recipe
     fused = setup.kernels is not None and setup.kernels.get("cross_entropy") is not None
     log_router(setup)
-    return LanguageModelling(setup.batches, recipe.train.gradient_accumulation_steps, setup.tokenizer.pad_token_id,
-                             fused, setup.collective)
+    return LanguageModelling(
+        setup.batches, recipe.train.gradient_accumulation_steps, setup.tokenizer.pad_token_id, fused, setup.collective
+    )

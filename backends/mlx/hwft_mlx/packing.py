@@ -26,6 +26,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from hwft_mlx.arrays import number
+
 #: What a proof allows between a packed example's logits and its own (fp32 in: float rounding;
 #: bf16 or fp16 weights: a few units of their last place on logits of size ~1-10).
 PROOF_TOLERANCE = {mx.float32: 1e-4, mx.bfloat16: 5e-2, mx.float16: 1e-2}
@@ -60,7 +62,7 @@ class SegmentMask:
                 return None
             return create_causal_mask(n, window_size=window_size) if return_array or windowed else "causal"
         causal = np.tri(n, dtype=bool)
-        if windowed:
+        if windowed and window_size is not None:
             causal &= ~np.tri(n, k=-window_size, dtype=bool)
         same = self.segments[:, :, None] == self.segments[:, None, :]
         mask = (same & causal)[:, None]
@@ -78,17 +80,19 @@ def language_model(model: nn.Module) -> nn.Module:
     return inner
 
 
-def decoder_hidden(model: nn.Module, input_ids: mx.array, segments: np.ndarray | None = None,
-                   mask_dims: int = 4) -> mx.array:
+def decoder_hidden(
+    model: nn.Module, input_ids: mx.array, segments: np.ndarray | None = None, mask_dims: int = 4
+) -> mx.array:
     """The decoder's last hidden states (after its final norm), each packed example attending
     only itself: mlx-lm's own decoder with a :class:`SegmentMask` for every layer."""
     inner = language_model(model)
     mask = SegmentMask(segments, mask_dims)
-    return inner(input_ids, cache=[mask] * len(inner.layers))
+    return inner(input_ids, cache=[mask] * len(inner["layers"]))
 
 
-def row_logits(model: nn.Module, input_ids: mx.array, segments: np.ndarray | None, output_logits,
-               mask_dims: int = 4) -> mx.array:
+def row_logits(
+    model: nn.Module, input_ids: mx.array, segments: np.ndarray | None, output_logits, mask_dims: int = 4
+) -> mx.array:
     return output_logits(model, decoder_hidden(model, input_ids, segments, mask_dims))
 
 
@@ -109,10 +113,11 @@ def prove(model: nn.Module, output_logits, vocabulary: int, mask_dims: int = 4) 
         return f"its forward does not take a mask from the cache ({type(exc).__name__}: {exc})"
     if packed.shape != expected.shape:
         return f"the packed forward gave logits of shape {packed.shape}, mlx-lm's {expected.shape}"
-    scale = float(mx.abs(expected).max().item()) or 1.0
-    difference = float(mx.abs(packed.astype(mx.float32) - expected.astype(mx.float32)).max().item()) / scale
+    scale = number(mx.abs(expected).max()) or 1.0
+    difference = number(mx.abs(packed.astype(mx.float32) - expected.astype(mx.float32)).max()) / scale
     allowed = PROOF_TOLERANCE.get(expected.dtype, 5e-2)
     if not difference <= allowed:
-        return (f"a packed example's logits differ from its own by {difference:.1e} of the largest "
-                f"(allowed {allowed:.0e})")
+        return (
+            f"a packed example's logits differ from its own by {difference:.1e} of the largest (allowed {allowed:.0e})"
+        )
     return None

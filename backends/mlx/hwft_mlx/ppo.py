@@ -20,9 +20,10 @@ import numpy as np
 from hwft.methods.ppo import VALUE_HEAD, PpoSpec, rollout_targets, score_samples
 from hwft.objective import Loss
 from hwft.rewards import ScoredRollouts, write_rollouts
+from hwft_mlx.arrays import number
+from hwft_mlx.forward import hidden_states, output_logits
 from hwft_mlx.group_relative import GroupRelative, Rollouts, completion_logps, rollout_arrays
 from hwft_mlx.losses import ppo_loss, target_logps
-from hwft_mlx.forward import hidden_states, output_logits
 
 
 @dataclass
@@ -52,19 +53,30 @@ class Proximal(GroupRelative):
         batch, arrays, start = [], [], 0
         for prompts, outs in zip(micro, generated, strict=True):
             r = rollout_arrays([p.input_ids for p in prompts], [c for c, _ in outs], self.pad_id, ValuedRollouts)
+            assert isinstance(r, ValuedRollouts)
             logps, values = policy_outputs(model, r, g.temperature)
             r.old_logps, r.old_values = mx.stop_gradient(logps), mx.stop_gradient(values)
             with self.reference.active() as reference_model:
                 r.ref_logps = mx.stop_gradient(completion_logps(reference_model, r, g.temperature))
             mx.eval(r.old_logps, r.old_values, r.ref_logps)
-            arrays.append({"scores": np.array(scores[start : start + len(prompts)], dtype=np.float32),
-                           "logps": np.array(r.old_logps), "ref_logps": np.array(r.ref_logps),
-                           "values": np.array(r.old_values), "mask": np.array(r.mask)})
+            arrays.append(
+                {
+                    "scores": np.array(scores[start : start + len(prompts)], dtype=np.float32),
+                    "logps": np.array(r.old_logps),
+                    "ref_logps": np.array(r.ref_logps),
+                    "values": np.array(r.old_values),
+                    "mask": np.array(r.mask),
+                }
+            )
             start += len(prompts)
             batch.append(r)
         # The step's completion tokens and KL on every rank: each rank's loss is its share of the step's.
-        tokens, kl_sum = self.collective.sum([float(sum(a["mask"].sum() for a in arrays)),
-                                              sum(float(((a["logps"] - a["ref_logps"]) * a["mask"]).sum()) for a in arrays)])
+        tokens, kl_sum = self.collective.sum(
+            [
+                float(sum(a["mask"].sum() for a in arrays)),
+                sum(float(((a["logps"] - a["ref_logps"]) * a["mask"]).sum()) for a in arrays),
+            ]
+        )
         for r, (advantages, returns) in zip(batch, rollout_targets(arrays, g, self.collective), strict=True):
             r.advantages, r.returns = mx.array(advantages.astype(np.float32)), mx.array(returns.astype(np.float32))
             r.normaliser = max(tokens, 1.0)
@@ -74,16 +86,33 @@ class Proximal(GroupRelative):
 
     def forward(self, model, r: ValuedRollouts):
         g = self.spec
+        assert r.old_logps is not None and r.old_values is not None, "set by step()"
+        assert r.returns is not None and r.advantages is not None, "set by step()"
         logps, values = policy_outputs(model, r, g.temperature)
-        value, stats = ppo_loss(logps, r.old_logps, values, r.old_values, r.returns, r.advantages, r.mask,
-                                g.cliprange, g.cliprange_value, g.vf_coef, r.normaliser)
+        value, stats = ppo_loss(
+            logps,
+            r.old_logps,
+            values,
+            r.old_values,
+            r.returns,
+            r.advantages,
+            r.mask,
+            g.cliprange,
+            g.cliprange_value,
+            g.vf_coef,
+            r.normaliser,
+        )
         tokens = mx.maximum(stats["tokens"], 1)
-        return value, {"clip_ratio": stats["clipped"] / tokens, "policy_loss": stats["policy"] / tokens,
-                       "value_loss": stats["value"] / tokens}
+        return value, {
+            "clip_ratio": stats["clipped"] / tokens,
+            "policy_loss": stats["policy"] / tokens,
+            "value_loss": stats["value"] / tokens,
+        }
 
     def counts(self, r: Rollouts) -> Loss:
-        trained = int(r.mask.sum().item())
+        trained = int(number(r.mask.sum()))
         return Loss(None, r.prompt_tokens + trained, trained)
+
 
 def build(setup) -> Proximal:
     """ppo on MLX (hwft_mlx.methods.Setup -> the objective): the reference is the model with its
@@ -97,7 +126,16 @@ def build(setup) -> Proximal:
     head = nn.Linear(setup.model.args.hidden_size, 1)
     head.weight, head.bias = mx.zeros_like(head.weight), mx.zeros_like(head.bias)
     rollouts = job.run_dir.path / "rollouts.jsonl" if job.world.main else None
-    objective = Proximal(setup.batches, recipe.method.ppo, recipe.train.gradient_accumulation_steps, setup.tokenizer,
-                         get_host().rewards(), reference, rollouts, setup.stop, setup.collective)
+    objective = Proximal(
+        setup.batches,
+        recipe.method.ppo,
+        recipe.train.gradient_accumulation_steps,
+        setup.tokenizer,
+        get_host().rewards(),
+        reference,
+        rollouts,
+        setup.stop,
+        setup.collective,
+    )
     objective.extras = (replace(VALUE_HEAD, module=head),)
     return objective

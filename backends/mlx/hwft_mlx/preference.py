@@ -15,8 +15,8 @@ from hwft.data.batching import Row, pad
 from hwft.data.kinds.preference import PreferencePair
 from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
-from hwft.objective import Loss, PairSteps, pair_counts, precompute_reference
 from hwft.methods.dpo import DpoSpec
+from hwft.objective import Loss, PairSteps, pair_counts, precompute_reference
 from hwft_mlx.losses import dpo_loss, target_logps
 from hwft_mlx.objective import MlxObjective, log_router, position_logits, router_term, scored_positions
 from hwft_mlx.router import recorded_gates
@@ -50,18 +50,18 @@ def with_router_term(objective, model, gates, pairs, value, stats):
 
 
 class Preference(PairSteps, MlxObjective):
-    def __init__(self, batches: Batches, spec: DpoSpec, accumulation: int, pad_id: int,
-                 collective: Collective = ALONE):
+    def __init__(self, batches: Batches, spec: DpoSpec, accumulation: int, pad_id: int, collective: Collective = ALONE):
         super().__init__(batches, collective)
         self.spec, self.accumulation, self.pad_id = spec, accumulation, pad_id
 
     def precompute(self, model, batch_size: int) -> None:
         """Reference log-probabilities of every pair under ``model`` as it is now."""
+
         def logps_of(model, chunk):
             ids, scored = pair_arrays(chunk, self.pad_id)
-            return mx.stack(mx.split(sequence_logps(model, ids, *scored), 2), axis=1).tolist()
+            return mx.stack(list(mx.split(sequence_logps(model, ids, *scored), 2)), axis=1).tolist()
 
-        precompute_reference(model, self.batches.rows, batch_size, logps_of)
+        precompute_reference(model, self.batches, batch_size, logps_of)
 
     def forward(self, model, micro: tuple[list[PreferencePair], int]):
         pairs, step_pairs = micro
@@ -71,12 +71,23 @@ class Preference(PairSteps, MlxObjective):
         ref = mx.array([p.reference_logps for p in pairs])
         chosen_tokens, rejected_tokens = mx.split(scored[2].sum(-1), 2)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
-            chosen, rejected, ref[:, 0], ref[:, 1], self.spec.beta, self.spec.loss,
-            self.spec.label_smoothing, chosen_tokens, rejected_tokens,
+            chosen,
+            rejected,
+            ref[:, 0],
+            ref[:, 1],
+            self.spec.beta,
+            self.spec.loss,
+            self.spec.label_smoothing,
+            chosen_tokens,
+            rejected_tokens,
         )
         margins = chosen_rewards - rejected_rewards
-        stats = {"rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
-                 "rewards/margins": margins, "rewards/accuracy": (margins > 0).astype(mx.float32)}
+        stats = {
+            "rewards/chosen": chosen_rewards,
+            "rewards/rejected": rejected_rewards,
+            "rewards/margins": margins,
+            "rewards/accuracy": (margins > 0).astype(mx.float32),
+        }
         return with_router_term(self, model, gates, pairs, losses.sum() / step_pairs, stats)
 
     def counts(self, micro: tuple[list[PreferencePair], int]) -> Loss:
@@ -87,8 +98,13 @@ def build(setup) -> Preference:
     """dpo on MLX (hwft_mlx.methods.Setup -> the objective): the reference log-probabilities are
     precomputed from the starting model, so no second model is held."""
     job, recipe = setup.job, setup.job.recipe
-    objective = Preference(setup.batches, recipe.method.dpo, recipe.train.gradient_accumulation_steps,
-                           setup.tokenizer.pad_token_id, setup.collective)
+    objective = Preference(
+        setup.batches,
+        recipe.method.dpo,
+        recipe.train.gradient_accumulation_steps,
+        setup.tokenizer.pad_token_id,
+        setup.collective,
+    )
     objective.precompute(setup.model, recipe.train.micro_batch_size)
     log_router(setup)
     job.log(f"dpo: reference log-probabilities of {len(setup.batches.rows)} pairs precomputed from the starting model")

@@ -36,9 +36,13 @@ class ReferenceFree(PairSteps, MlxObjective):
         chosen_tokens, rejected_tokens = mx.split(scored[2].sum(-1), 2)
         out = self.pair_loss(chosen / mx.maximum(chosen_tokens, 1), rejected / mx.maximum(rejected_tokens, 1))
         margins = out["chosen_rewards"] - out["rejected_rewards"]
-        stats = {"rewards/chosen": out["chosen_rewards"], "rewards/rejected": out["rejected_rewards"],
-                 "rewards/margins": margins, "rewards/accuracy": (margins > 0).astype(mx.float32),
-                 **{k: out[k] for k in self.extra}}
+        stats = {
+            "rewards/chosen": out["chosen_rewards"],
+            "rewards/rejected": out["rejected_rewards"],
+            "rewards/margins": margins,
+            "rewards/accuracy": (margins > 0).astype(mx.float32),
+            **{k: out[k] for k in self.extra},
+        }
         return with_router_term(self, model, gates, pairs, out["losses"].sum() / step_pairs, stats)
 
     def counts(self, micro: tuple[list[PreferencePair], int]) -> Loss:
@@ -52,7 +56,12 @@ def build_with(objective: type[ReferenceFree], section: str):
     def build(setup) -> ReferenceFree:
         recipe = setup.job.recipe
         log_router(setup)
-        return objective(setup.batches, getattr(recipe.method, section), recipe.train.gradient_accumulation_steps,
-                         setup.tokenizer.pad_token_id, setup.collective)
+        return objective(
+            setup.batches,
+            getattr(recipe.method, section),
+            recipe.train.gradient_accumulation_steps,
+            setup.tokenizer.pad_token_id,
+            setup.collective,
+        )
 
     return build

@@ -1,3 +1,6 @@
+# mlx's nn.Module.__getattr__ has no return annotation, so pyright reads each child module
+# (``model.args``, ``glu.gate_proj``) as possibly None:
+# pyright: reportOptionalMemberAccess=false, reportOptionalCall=false
 """rm on MLX: a Bradley-Terry reward model (``hwft_torch.losses.reward_model_loss``).
 
 The model is mlx-lm's with a ``score`` head added (:func:`hwft_mlx.heads.add_score_head`);
@@ -17,9 +20,9 @@ from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
 from hwft.methods.rm import RmSpec
 from hwft.objective import Loss, PairSteps, pair_counts
-from hwft_mlx.losses import reward_model_loss
 from hwft_mlx.forward import hidden_states
 from hwft_mlx.heads import last_tokens
+from hwft_mlx.losses import reward_model_loss
 from hwft_mlx.objective import MlxObjective
 
 
@@ -32,8 +35,7 @@ def sequence_rewards(model: nn.Module, ids: list[list[int]], pad_id: int) -> mx.
 
 
 class RewardModel(PairSteps, MlxObjective):
-    def __init__(self, batches: Batches, spec: RmSpec, accumulation: int, pad_id: int,
-                 collective: Collective = ALONE):
+    def __init__(self, batches: Batches, spec: RmSpec, accumulation: int, pad_id: int, collective: Collective = ALONE):
         super().__init__(batches, collective)
         self.spec, self.accumulation, self.pad_id = spec, accumulation, pad_id
 
@@ -44,8 +46,12 @@ class RewardModel(PairSteps, MlxObjective):
         chosen, rejected = mx.split(sequence_rewards(model, ids, self.pad_id), 2)
         losses = reward_model_loss(chosen, rejected, self.spec.margin, self.spec.center_rewards_coefficient)
         margins = mx.stop_gradient(chosen - rejected)
-        stats = {"rewards/chosen": mx.stop_gradient(chosen), "rewards/rejected": mx.stop_gradient(rejected),
-                 "rewards/margins": margins, "rewards/accuracy": (margins > 0).astype(mx.float32)}
+        stats = {
+            "rewards/chosen": mx.stop_gradient(chosen),
+            "rewards/rejected": mx.stop_gradient(rejected),
+            "rewards/margins": margins,
+            "rewards/accuracy": (margins > 0).astype(mx.float32),
+        }
         return losses.sum() / step_pairs, stats
 
     def counts(self, micro: tuple[list[PreferencePair], int]) -> Loss:
@@ -57,5 +63,10 @@ class RewardModel(PairSteps, MlxObjective):
 def build(setup) -> RewardModel:
     """rm on MLX (hwft_mlx.methods.Setup -> the objective)."""
     recipe = setup.job.recipe
-    return RewardModel(setup.batches, recipe.method.rm, recipe.train.gradient_accumulation_steps,
-                       setup.tokenizer.pad_token_id, setup.collective)
+    return RewardModel(
+        setup.batches,
+        recipe.method.rm,
+        recipe.train.gradient_accumulation_steps,
+        setup.tokenizer.pad_token_id,
+        setup.collective,
+    )

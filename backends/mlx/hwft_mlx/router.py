@@ -23,7 +23,7 @@ class Recording:
     """Mixed in before a gate's own class: its output is kept while :func:`recorded_gates` is open."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        out = super().__call__(x)
+        out = super().__call__(x)  # pyright: ignore[reportAttributeAccessIssue] - the gate class follows in the MRO
         if _RECORDING:
             _RECORDING[-1].append(out)
         return out

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
+from hwft_mlx.arrays import flat
 from hwft_mlx.heads import score_config
+
 
 def save_full_model(model: nn.Module, source: Path, out: Path, pad_id: int | None = None, apart: tuple = ()) -> None:
     """The model's weights as HF safetensors (mlx-lm keeps HF's names for these families),
@@ -21,7 +22,7 @@ def save_full_model(model: nn.Module, source: Path, out: Path, pad_id: int | Non
     the config's architecture ``...ForSequenceClassification`` with one label. ``apart``: the
     method's extras (hwft.objective.Extra), saved in their own files, not in the model."""
     prefixes = tuple(e.prefix for e in apart)
-    weights = {k: v for k, v in tree_flatten(model.parameters()) if not (prefixes and k.startswith(prefixes))}
+    weights = {k: v for k, v in flat(model.parameters()) if not (prefixes and k.startswith(prefixes))}
     scored = "score" in model
     if scored:
         weights.pop("lm_head.weight", None)

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from hwft_torch.objective import held_out_loss
 from hwft_torch.host_memory import cpu_peak_rss
 from hwft_torch.memory_plan import devices as memory_devices
 from hwft_torch.memory_plan import shape as memory_shape  # hwft plan's measurements
+from hwft_torch.objective import held_out_loss
+from hwft_torch.unwrap import base_model
 
 #: The baseline's model-defining arguments (hwft.bench.runner.BASELINE_MODEL checks the recipe
 #: against them).
@@ -64,11 +65,28 @@ SPEC_SHEET = {
 }
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
-__all__ = ["BASELINES", "baseline_arguments", "baseline_arm", "device_of", "dtype_named", "held_out_loss", "memory_devices",
-           "memory_shape", "model_dims", "peak_flops", "process_peak_rss"]
+__all__ = [
+    "BASELINES",
+    "baseline_arguments",
+    "baseline_arm",
+    "device_of",
+    "dtype_named",
+    "held_out_loss",
+    "memory_devices",
+    "memory_shape",
+    "model_dims",
+    "peak_flops",
+    "process_peak_rss",
+]
 
 
 def device_of(model) -> torch.device:
@@ -86,7 +104,7 @@ def model_dims(model) -> dict:
     """Parameter counts the FLOP model needs: the frozen or trained linear weights of the body
     (``linear``), adapter weights (``adapter``), the output layer (``head``: vocabulary x width),
     and the attention width (heads x head dim) times layers (``attention``)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     head = base.get_output_embeddings()
     linear = adapter = 0
     for name, module in base.named_modules():
@@ -131,7 +149,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype, device_name: str = "") 
         synchronize(device)
         start = time.perf_counter()
         for _ in range(3):
-            a @ b
+            _ = a @ b
         synchronize(device)
         best = min(best, (time.perf_counter() - start) / 3)
     return 2 * n**3 / best, f"measured ({n}x{n} {dname} matmul, best of 4)"
@@ -150,12 +168,21 @@ def baseline_model(model_path: Path, device: torch.device, bf16: bool, seed: int
     says_bf16 = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", "")).endswith("bfloat16")
     torch.manual_seed(seed)
     with torch.device(device):
-        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if bf16 and says_bf16 else torch.float32,
-                                                attn_implementation="sdpa")
+        return AutoModelForCausalLM.from_config(
+            config, dtype=torch.bfloat16 if bf16 and says_bf16 else torch.float32, attn_implementation="sdpa"
+        )
 
 
-def baseline_arm(model_path: Path, tokenizer, train_rows: list, eval_rows: list, device: torch.device,
-                 bf16: bool, seed: int, arguments: dict) -> dict:
+def baseline_arm(
+    model_path: Path,
+    tokenizer,
+    train_rows: list,
+    eval_rows: list,
+    device: torch.device,
+    bf16: bool,
+    seed: int,
+    arguments: dict,
+) -> dict:
     """Train the tutorial baseline (``arguments``: :func:`baseline_arguments`) on ``train_rows``
     (hwft Rows) for one pass; the same result fields the hwft arm reports."""
     import dataclasses
@@ -164,20 +191,16 @@ def baseline_arm(model_path: Path, tokenizer, train_rows: list, eval_rows: list,
     import warnings
 
     from peft import LoraConfig, get_peft_model
-    from transformers import (
-        DataCollatorForSeq2Seq,
-        PrinterCallback,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
+    from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
     model = baseline_model(model_path, device, bf16, seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers' renames, read by peft
         model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **arguments["lora"]))
-    features = [{"input_ids": r.input_ids, "attention_mask": [1] * len(r.input_ids), "labels": r.labels,
-                 "_id": r.ids[0]} for r in train_rows]
+    features = [
+        {"input_ids": r.input_ids, "attention_mask": [1] * len(r.input_ids), "labels": r.labels, "_id": r.ids[0]}
+        for r in train_rows
+    ]
     collate = DataCollatorForSeq2Seq(tokenizer, padding="longest")
     batches: list[dict] = []
 
@@ -185,9 +208,15 @@ def baseline_arm(model_path: Path, tokenizer, train_rows: list, eval_rows: list,
         ids = [it.pop("_id") for it in items]
         out = collate(items)
         lengths = [int(n) for n in out["attention_mask"].sum(dim=1)]
-        batches.append({"tokens": sum(lengths), "computed": out["input_ids"].numel(),
-                        "trained": int((out["labels"][:, 1:] != -100).sum()),
-                        "attended": sum(n * (n + 1) // 2 for n in lengths), "examples": ids})
+        batches.append(
+            {
+                "tokens": sum(lengths),
+                "computed": out["input_ids"].numel(),
+                "trained": int((out["labels"][:, 1:] != -100).sum()),
+                "attended": sum(n * (n + 1) // 2 for n in lengths),
+                "examples": ids,
+            }
+        )
         return out
 
     times: list[float] = []
@@ -205,8 +234,11 @@ def baseline_arm(model_path: Path, tokenizer, train_rows: list, eval_rows: list,
     with tempfile.TemporaryDirectory() as out:
         # transformers 5.2x renamed gradient_checkpointing to activation_checkpointing; the device's
         # own transformers may be older
-        checkpointing = next(n for n in ("activation_checkpointing", "gradient_checkpointing")
-                             if n in {f.name for f in dataclasses.fields(TrainingArguments)})
+        checkpointing = next(
+            n
+            for n in ("activation_checkpointing", "gradient_checkpointing")
+            if n in {f.name for f in dataclasses.fields(TrainingArguments)}
+        )
         if arguments["gradient_checkpointing"]:
             extra = {checkpointing: True, f"{checkpointing}_kwargs": {"use_reentrant": False}}
         else:
@@ -229,19 +261,31 @@ def baseline_arm(model_path: Path, tokenizer, train_rows: list, eval_rows: list,
             disable_tqdm=True,
         )
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=counting_collator,
-                          callbacks=[StepClock()])
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=features,  # pyright: ignore[reportArgumentType] - a list of examples serves as a dataset
+            data_collator=counting_collator,
+            callbacks=[StepClock()],
+        )
         trainer.remove_callback(PrinterCallback)  # hwft bench prints its own summary
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # transformers' own renames, called from inside it
             trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    steps = [{"step": i + 1, "seconds": t, "loss": losses[i] if i < len(losses) else None, **b}
-             for i, (t, b) in enumerate(zip(times, batches, strict=False))]
+    steps = [
+        {"step": i + 1, "seconds": t, "loss": losses[i] if i < len(losses) else None, **b}
+        for i, (t, b) in enumerate(zip(times, batches, strict=False))
+    ]
     trained = trainer.model
     eval_loss = held_out_loss(trained, eval_rows, tokenizer.pad_token_id, "sdpa", device) if eval_rows else None
-    return {"steps": steps, "model": trained, "eval_loss": eval_loss,
-            "dtype": "bf16" if bf16 else "fp32", "settings": {**arguments, "bf16": bf16, "seed": seed}}
+    return {
+        "steps": steps,
+        "model": trained,
+        "eval_loss": eval_loss,
+        "dtype": "bf16" if bf16 else "fp32",
+        "settings": {**arguments, "bf16": bf16, "seed": seed},
+    }
 
 
 #: The torch device type of each built-in backend; another backend on the torch engine names its
@@ -267,8 +311,9 @@ def baseline_problem(kind: str, backend: str) -> str | None:
     return None
 
 
-def baseline_run(model_path: Path, tokenizer, train_rows: list, eval_rows: list, backend: str, bf16: bool,
-                 seed: int, arguments: dict) -> dict:
+def baseline_run(
+    model_path: Path, tokenizer, train_rows: list, eval_rows: list, backend: str, bf16: bool, seed: int, arguments: dict
+) -> dict:
     """The Trainer baseline arm on ``backend``'s device: :func:`baseline_arm`'s fields and its
     peak memory (device memory on CUDA and ROCm, the process's peak RSS elsewhere)."""
     device = torch.device(DEVICE_TYPES.get(backend, backend))

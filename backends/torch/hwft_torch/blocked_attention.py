@@ -53,12 +53,12 @@ _UPPER: dict[int, torch.Tensor] = {}
 def serves(dtype: torch.dtype, device: torch.device, heads: int, length: int, dropout: float) -> bool:
     """Whether an example of ``length`` tokens computing in ``dtype`` takes this attention:
     bf16 on the CPU, no attention dropout, P within :data:`MAX_KEPT`."""
-    return (dtype == torch.bfloat16 and device.type == "cpu" and not dropout
-            and heads * length * length <= MAX_KEPT)
+    return dtype == torch.bfloat16 and device.type == "cpu" and not dropout and heads * length * length <= MAX_KEPT
 
 
-def causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None,
-           block: int = BLOCK) -> torch.Tensor:
+def causal(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None, block: int = BLOCK
+) -> torch.Tensor:
     """Causal attention of one example: query (1, H, L, D), key and value (1, KV, L, D) with H a
     multiple of KV -> (1, H, L, D), as ``scaled_dot_product_attention(..., is_causal=True,
     enable_gqa=True)`` gives it; ``block`` query rows at a time."""
@@ -91,7 +91,7 @@ class _BlockedCausal(torch.autograd.Function):
             for start, end in _blocks(length, rows):
                 n = end - start
                 qb = (q[:, :, start:end] * scale).reshape(groups, g * n, dim)
-                s = torch.bmm(qb, k[:, :end].transpose(1, 2))                            # (KV, g n, end)
+                s = torch.bmm(qb, k[:, :end].transpose(1, 2))  # (KV, g n, end)
                 s.view(groups, g, n, end)[..., start:].masked_fill_(_upper(n), float("-inf"))
                 p = torch.softmax(s, dim=-1)
                 out[:, :, start:end] = torch.bmm(p, v[:, :end]).view(groups, g, n, dim)
@@ -117,8 +117,15 @@ class _BlockedCausal(torch.autograd.Function):
                 n = end - start
                 dob = do[:, :, start:end].reshape(groups, g * n, dim)
                 dv[:, :end] += torch.bmm(p.transpose(1, 2), dob)
-                ds = torch._softmax_backward_data(torch.bmm(dob, v[:, :end].transpose(1, 2)), p, -1, p.dtype)
+                # softmax's own backward kernel, not re-exported by torch's stubs
+                backward = torch._softmax_backward_data  # pyright: ignore[reportPrivateImportUsage]
+                ds = backward(torch.bmm(dob, v[:, :end].transpose(1, 2)), p, -1, p.dtype)
                 dq[:, :, start:end] = torch.bmm(ds, k[:, :end]).view(groups, g, n, dim).mul_(ctx.scale)
                 dk[:, :end] += torch.bmm(ds.transpose(1, 2), qb)
-        return (dq.view(1, heads, length, dim), dk.to(key.dtype).view(key.shape),
-                dv.to(value.dtype).view(value.shape), None, None)
+        return (
+            dq.view(1, heads, length, dim),
+            dk.to(key.dtype).view(key.shape),
+            dv.to(value.dtype).view(value.shape),
+            None,
+            None,
+        )

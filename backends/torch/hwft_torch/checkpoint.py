@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -33,7 +34,9 @@ class TorchState(EngineState):
     def __init__(self, strategy, tokenizer, recipe, device: torch.device, save_result, extras: tuple = ()):
         self.strategy, self.tokenizer, self.recipe, self.device = strategy, tokenizer, recipe, device
         self.save_result = save_result
-        self.extras = extras  #: the method's modules beside the model (hwft.objective.Extra), saved as the result saves them
+        self.extras = (
+            extras  #: the method's modules beside the model (hwft.objective.Extra), saved as the result saves them
+        )
         self.adapter = hasattr(strategy.model, "peft_config")
         self.deepspeed = strategy.name == "deepspeed"
 
@@ -91,7 +94,7 @@ class TorchState(EngineState):
             # DeepSpeed's loader unpickles: hwft.checkpoint has verified every file's sha256
             # against the manifest hwft wrote before this point.
             path, _ = self.strategy.engine.load_checkpoint(
-                str(folder / "deepspeed"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True,
+                str(folder / "deepspeed"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
             )
             if path is None:
                 raise UserError(f"{folder}: DeepSpeed found no checkpoint in deepspeed/ to resume from")
@@ -99,7 +102,9 @@ class TorchState(EngineState):
         from safetensors.torch import load_file
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-        set_model_state_dict(self.strategy.model, self._saved_weights(folder), options=_options(self.strategy, strict=False))
+        set_model_state_dict(
+            self.strategy.model, self._saved_weights(folder), options=_options(self.strategy, strict=False)
+        )
         skeleton = json.loads((folder / "optimizer.json").read_text(encoding="utf-8"))
         optim = join_arrays(skeleton, load_file(folder / "optimizer.safetensors"))
         set_optimizer_state_dict(self.strategy.model, self.strategy.optimizer, optim, options=_options(self.strategy))
@@ -107,7 +112,7 @@ class TorchState(EngineState):
         if self.strategy.scaler is not None and "scaler" in checkpoint.state:
             self.strategy.scaler.load_state_dict(checkpoint.state["scaler"])
 
-    def _saved_weights(self, folder: Path) -> dict[str, torch.Tensor]:
+    def _saved_weights(self, folder: Path) -> dict[str, Any]:
         """The checkpoint's weights under the model's own names for its trained parameters.
         PEFT saves adapter weights without the adapter's name (``lora_A.weight`` for
         ``lora_A.default.weight``); a tied output embedding is one parameter, saved once."""

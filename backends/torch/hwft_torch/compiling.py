@@ -26,6 +26,8 @@ import importlib.util
 import os
 import shutil
 
+from hwft_torch.unwrap import base_model
+
 # torch is imported where it is used: the capability record (hwft_torch.devices) asks about the
 # compilers without importing an engine.
 
@@ -45,7 +47,7 @@ def decoder_layers(model) -> list:
     """The repeated decoder layers (torch modules) of a (peft-wrapped) causal LM, or [] when not found."""
     import torch
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     try:
         decoder = base.get_decoder()
     except (AttributeError, ValueError):
@@ -64,7 +66,7 @@ def compile_layers(model) -> tuple[int, int]:
     import torch
 
     layers = decoder_layers(model)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     embeddings = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
     frozen = embeddings is not None and not any(p.requires_grad for p in embeddings.parameters())
     compiled_layers = layers[1:] if frozen and len(layers) > 1 else layers

@@ -12,7 +12,9 @@ import importlib.util
 import os
 import shutil
 import subprocess
+from collections.abc import Mapping
 from functools import cache
+from typing import Any
 
 from hwft.hardware import cpu_name, host_memory_gb
 from hwft.records import PRIORITY_ACCELERATOR, PRIORITY_CPU, Availability, Backend, Capability
@@ -47,8 +49,12 @@ def quantised(device_note: str | None = None) -> dict:
     """Capability fields for bitsandbytes QLoRA: the tunings every implemented method runs
     with (methods claims none beyond them), quantization, notes."""
     why = device_note or bitsandbytes_missing()
-    return {"methods": {}, "tunings": tunings(why), "quantization": () if why else BNB_FORMATS,
-            "notes": {"qlora": why} if why else {}}
+    return {
+        "methods": {},
+        "tunings": tunings(why),
+        "quantization": () if why else BNB_FORMATS,
+        "notes": {"qlora": why} if why else {},
+    }
 
 
 def dist_version(dist: str) -> str | None:
@@ -76,8 +82,14 @@ def probe_cpu() -> Availability:
     bf16 = cpu_bf16_units()
     return Availability(
         True,
-        devices=({"name": cpu_name(), "cores": cores, "memory_gb": host_memory_gb(),
-                  "bf16": f"native ({bf16})" if bf16 else "emulated (precision auto: fp32)"},),
+        devices=(
+            {
+                "name": cpu_name(),
+                "cores": cores,
+                "memory_gb": host_memory_gb(),
+                "bf16": f"native ({bf16})" if bf16 else "emulated (precision auto: fp32)",
+            },
+        ),
         details=engine_details(),
     )
 
@@ -129,7 +141,10 @@ def _nvidia_smi() -> tuple[dict, ...]:
     try:
         out = subprocess.run(
             [exe, "--query-gpu=name,memory.total,driver_version,compute_cap", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return ()
@@ -141,8 +156,15 @@ def parse_nvidia_smi(out: str) -> tuple[dict, ...]:
     rows = []
     for i, line in enumerate(out.strip().splitlines()):
         name, mem, driver, cc = (x.strip() for x in line.split(","))
-        rows.append({"index": i, "name": name, "memory_gb": round(float(mem) / 1024, 1), "driver": driver,
-                     "compute_capability": cc})
+        rows.append(
+            {
+                "index": i,
+                "name": name,
+                "memory_gb": round(float(mem) / 1024, 1),
+                "driver": driver,
+                "compute_capability": cc,
+            }
+        )
     return tuple(rows)
 
 
@@ -164,7 +186,7 @@ def _attention(*extra: str) -> tuple[str, ...]:
     return ("eager", "sdpa", *extra, *flash)
 
 
-def cuda_record(devices: tuple[dict, ...], flash2: bool, flash3: bool) -> Capability:
+def cuda_record(devices: tuple[Mapping[str, Any], ...], flash2: bool, flash3: bool) -> Capability:
     """The CUDA capability record of these devices (the smallest compute capability decides):
     bf16 from Ampere (8.0); flash-attn 2 from Ampere where installed; flash-attn 3 (its Hopper
     build, ``flash_attn_interface``) on 9.x where installed; SDPA everywhere."""
@@ -184,8 +206,13 @@ def cuda_record(devices: tuple[dict, ...], flash2: bool, flash3: bool) -> Capabi
     fields = torch_fields()
     fields["notes"] = {**fields["notes"], **notes}
     return Capability(
-        **fields, dtypes=("fp32", "bf16", "fp16") if bf16 else ("fp32", "fp16"), attention=tuple(attention),
-        optimizers=TORCH_OPTIMIZERS, collective="nccl", packing=True, compile=compiling.triton_installed(),
+        **fields,
+        dtypes=("fp32", "bf16", "fp16") if bf16 else ("fp32", "fp16"),
+        attention=tuple(attention),
+        optimizers=TORCH_OPTIMIZERS,
+        collective="nccl",
+        packing=True,
+        compile=compiling.triton_installed(),
     )
 
 
@@ -202,8 +229,11 @@ def capability_cpu() -> Capability:
 
 
 def capability_cuda() -> Capability:
-    return cuda_record(probe_cuda().devices, importlib.util.find_spec("flash_attn") is not None,
-                       importlib.util.find_spec("flash_attn_interface") is not None)
+    return cuda_record(
+        probe_cuda().devices,
+        importlib.util.find_spec("flash_attn") is not None,
+        importlib.util.find_spec("flash_attn_interface") is not None,
+    )
 
 
 def capability_rocm() -> Capability:
@@ -211,23 +241,54 @@ def capability_rocm() -> Capability:
     Kernel) build is installed; bitsandbytes 4-bit from its ROCm build (multi-backend
     bitsandbytes >= 0.45 on supported Instinct and Radeon parts)."""
     return Capability(
-        **torch_fields(), dtypes=("fp32", "bf16", "fp16"), attention=_attention(), optimizers=TORCH_OPTIMIZERS,
-        collective="rccl", packing=True, compile=compiling.triton_installed(),
+        **torch_fields(),
+        dtypes=("fp32", "bf16", "fp16"),
+        attention=_attention(),
+        optimizers=TORCH_OPTIMIZERS,
+        collective="rccl",
+        packing=True,
+        compile=compiling.triton_installed(),
     )
 
 
 def backends() -> list[Backend]:
     return [
-        Backend("cpu", "torch", "torch on the host CPU", PRIORITY_CPU, probe_cpu, capability_cpu, CPU.train,
-                launch=launch, inference=CPU.inference("cpu"), bench=BENCH),
         Backend(
-            "cuda", "torch", "torch on NVIDIA GPUs (CUDA)", PRIORITY_ACCELERATOR,
-            probe_cuda, capability_cuda, CUDA.train, accelerator=True, launch=launch,
-            inference=CUDA.inference("cuda"), bench=BENCH,
+            "cpu",
+            "torch",
+            "torch on the host CPU",
+            PRIORITY_CPU,
+            probe_cpu,
+            capability_cpu,
+            CPU.train,
+            launch=launch,
+            inference=CPU.inference("cpu"),
+            bench=BENCH,
         ),
         Backend(
-            "rocm", "torch", "torch on AMD GPUs (ROCm/HIP)", PRIORITY_ACCELERATOR,
-            probe_rocm, capability_rocm, CUDA.train, accelerator=True, launch=launch,
-            inference=CUDA.inference("rocm"), bench=BENCH,
+            "cuda",
+            "torch",
+            "torch on NVIDIA GPUs (CUDA)",
+            PRIORITY_ACCELERATOR,
+            probe_cuda,
+            capability_cuda,
+            CUDA.train,
+            accelerator=True,
+            launch=launch,
+            inference=CUDA.inference("cuda"),
+            bench=BENCH,
+        ),
+        Backend(
+            "rocm",
+            "torch",
+            "torch on AMD GPUs (ROCm/HIP)",
+            PRIORITY_ACCELERATOR,
+            probe_rocm,
+            capability_rocm,
+            CUDA.train,
+            accelerator=True,
+            launch=launch,
+            inference=CUDA.inference("rocm"),
+            bench=BENCH,
         ),
     ]

@@ -24,25 +24,37 @@ from hwft_torch.objective import RouterBalanced, balance_router
 
 def pair_tensors(pairs: list[PreferencePair], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
     """input_ids, attention_mask and labels of ``[chosen..., rejected...]``, right-padded."""
-    rows = [Row(t.input_ids, t.labels, [len(t.input_ids)]) for t in
-            [p.chosen for p in pairs] + [p.rejected for p in pairs]]
+    rows = [
+        Row(t.input_ids, t.labels, [len(t.input_ids)]) for t in [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    ]
     batch = pad(rows, pad_id)
     return {k: torch.tensor(batch[k], device=device) for k in ("input_ids", "attention_mask", "labels")}
 
 
-def answer_logps(model, batch: dict[str, torch.Tensor], router: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_logps(
+    model, batch: dict[str, torch.Tensor], router: list | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probabilities of each row's label tokens, split into (chosen, rejected);
     with ``router`` a list, the forward's router logits are appended to it (an MoE policy)."""
     routed = {"output_router_logits": True} if router is not None else {}
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **routed)
     if router is not None:
         router.append(out.router_logits)
-    return token_logps(out.logits, batch["labels"]).sum(-1).chunk(2)
+    chosen, rejected = token_logps(out.logits, batch["labels"]).sum(-1).chunk(2)
+    return chosen, rejected
 
 
 class Preference(PairSteps, RouterBalanced, Objective):
-    def __init__(self, batches: Batches, spec: DpoSpec, accumulation: int, pad_id: int,
-                 device: torch.device, reference: Reference | None, collective: Collective = ALONE):
+    def __init__(
+        self,
+        batches: Batches,
+        spec: DpoSpec,
+        accumulation: int,
+        pad_id: int,
+        device: torch.device,
+        reference: Reference | None,
+        collective: Collective = ALONE,
+    ):
         super().__init__(batches, collective)
         self.spec, self.accumulation, self.pad_id, self.device = spec, accumulation, pad_id, device
         self.reference = reference  #: None: every pair carries precomputed reference log-probs
@@ -51,10 +63,11 @@ class Preference(PairSteps, RouterBalanced, Objective):
     def precompute(self, model, batch_size: int) -> None:
         """Reference log-probabilities of every pair under ``model`` as it is now (before the
         first update the policy is the reference), stored on the pairs."""
+
         def logps_of(model, chunk):
             return torch.stack(answer_logps(model, pair_tensors(chunk, self.pad_id, self.device)), dim=1).tolist()
 
-        precompute_reference(model, self.batches.rows, batch_size, logps_of)
+        precompute_reference(model, self.batches, batch_size, logps_of)
 
     def loss(self, model, micro: tuple[list[PreferencePair], int]) -> Loss:
         pairs, step_pairs = micro
@@ -69,17 +82,24 @@ class Preference(PairSteps, RouterBalanced, Objective):
                 ref_chosen, ref_rejected = answer_logps(reference_model, batch)
         counts = (batch["labels"][:, 1:] != -100).sum(-1).float().chunk(2)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
-            chosen, rejected, ref_chosen, ref_rejected, self.spec.beta, self.spec.loss,
-            self.spec.label_smoothing, *counts,
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            self.spec.beta,
+            self.spec.loss,
+            self.spec.label_smoothing,
+            *counts,
         )
         margins = chosen_rewards - rejected_rewards
         for c, r, m in zip(chosen_rewards.tolist(), rejected_rewards.tolist(), margins.tolist(), strict=True):
-            self.note(**{"rewards/chosen": c, "rewards/rejected": r, "rewards/margins": m,
-                         "rewards/accuracy": float(m > 0)})
+            self.note(
+                **{"rewards/chosen": c, "rewards/rejected": r, "rewards/margins": m, "rewards/accuracy": float(m > 0)}
+            )
         value = losses.sum() / step_pairs
         if router:  # hwft.router_balance, of the policy's forward
             value = value + self.router_term(router[0], batch["attention_mask"])
-        return Loss(value, int(batch["attention_mask"].sum()), int(sum(counts).sum()))
+        return Loss(value, int(batch["attention_mask"].sum()), int((counts[0] + counts[1]).sum()))
 
 
 def build(setup) -> Preference:
@@ -88,9 +108,18 @@ def build(setup) -> Preference:
     recipe = setup.job.recipe
     spec = recipe.method.dpo
     objective = with_reference(
-        setup, spec,
-        lambda reference: Preference(setup.batches, spec, recipe.train.gradient_accumulation_steps,
-                                     setup.tokenizer.pad_token_id, setup.device, reference, setup.collective),
-        f"dpo: reference log-probabilities of {len(setup.batches.rows)} pairs")
+        setup,
+        spec,
+        lambda reference: Preference(
+            setup.batches,
+            spec,
+            recipe.train.gradient_accumulation_steps,
+            setup.tokenizer.pad_token_id,
+            setup.device,
+            reference,
+            setup.collective,
+        ),
+        f"dpo: reference log-probabilities of {len(setup.batches.rows)} pairs",
+    )
     balance_router(objective, setup.model, setup.job)
     return objective

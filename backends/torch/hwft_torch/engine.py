@@ -25,18 +25,27 @@ from typing import Any
 import torch
 
 from hwft import kernels, loraplus
-from hwft.loop import EngineRun, run_steps
+from hwft.contract import EngineObjective
 from hwft.data.chat import ChatRenderer
 from hwft.distributed import ALONE, Collective
-from hwft.job import Inputs, Job, Result
-from hwft.objective import Objective
-from hwft.plugins import get_host
-from hwft.steplog import StepLog
-from hwft.recipe import Recipe
 from hwft.errors import RecipeError
+from hwft.job import Inputs, Job, Result
+from hwft.loop import EngineRun, run_steps
+from hwft.plugins import get_host
+from hwft.recipe import Recipe
 from hwft.select import compile_decision, ranks_problem
+from hwft.steplog import StepLog
 from hwft_torch import compiling, frozen_weights, sequence_parallel
 from hwft_torch.checkpoint import TorchState
+from hwft_torch.host_memory import (
+    cpu_anonymous_bytes,
+    cpu_current_rss,
+    cpu_peak_rss_since_reset,
+    keep_freed_host_memory,
+    map_passing_blocks,
+    reset_peak_rss,
+)
+from hwft_torch.methods import ENGINE, Setup
 from hwft_torch.modeling import (
     DTYPES,
     attention_implementation,
@@ -48,19 +57,11 @@ from hwft_torch.modeling import (
     quantised_linear_count,
     save_result,
 )
-from hwft_torch.methods import ENGINE, Setup
 from hwft_torch.objective import held_out_loss
-from hwft_torch.runtime import DeviceRuntime
 from hwft_torch.parallel import Single, TorchCollective, init_process_group, make_strategy, sharded
+from hwft_torch.runtime import DeviceRuntime
 from hwft_torch.sharded_loading import load_skeleton
-from hwft_torch.host_memory import (
-    cpu_current_rss,
-    cpu_peak_rss_since_reset,
-    keep_freed_host_memory,
-    map_passing_blocks,
-    reset_peak_rss,
-)
-
+from hwft_torch.unwrap import base_model
 
 
 def seed_everything(seed: int) -> None:
@@ -115,13 +116,13 @@ def make_scheduler(optimizer, recipe: Recipe, steps: int):
     from transformers import get_scheduler
 
     name = {"constant": "constant_with_warmup"}.get(recipe.train.scheduler, recipe.train.scheduler)
-    return get_scheduler(name, optimizer, num_warmup_steps=recipe.train.warmup(steps),
-                         num_training_steps=steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=recipe.train.warmup(steps), num_training_steps=steps)
 
 
 @torch.no_grad()
-def answer(model, tokenizer, renderer: ChatRenderer, prompt: str, max_new_tokens: int, device,
-           synced: bool = False) -> str:
+def answer(
+    model, tokenizer, renderer: ChatRenderer, prompt: str, max_new_tokens: int, device, synced: bool = False
+) -> str:
     """Greedy answer to one user prompt (``synced``: every rank generates in lockstep, as
     sharded parameters need)."""
     was_training = model.training
@@ -168,8 +169,9 @@ def effective_tuning(job: Job) -> str:
     m = job.recipe.method
     if m.tuning == "qlora" and not job.choice.capability.runs(m.objective, "qlora"):
         why = job.choice.capability.notes.get("qlora", "no quantisation on this device")
-        job.log(f"qlora: {why}; method.qlora.allow_fallback is set, so training plain LoRA on the "
-                "unquantised base instead")
+        job.log(
+            f"qlora: {why}; method.qlora.allow_fallback is set, so training plain LoRA on the unquantised base instead"
+        )
         return "lora"
     return m.tuning
 
@@ -177,7 +179,7 @@ def effective_tuning(job: Job) -> str:
 def apply_kernels(job: Job, model, made: dict, tuning: str):
     """The recipe's kernels (hwft.kernels: chosen at selection, made before the weights
     loaded), applied to the loaded model of its family (hwft_torch.families)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     family = get_host().families().lookup(ENGINE, getattr(base.config, "model_type", None))
     applied = kernels.apply(job, model, job.choice.kernels, made, family, tuning)
     for line in applied.lines:
@@ -188,29 +190,37 @@ def apply_kernels(job: Job, model, made: dict, tuning: str):
 def compile_layers_if_wanted(job: Job, model, device, steps: int) -> None:
     """kernels.compile (hwft_torch.compiling): each decoder layer's training forward through
     torch.compile, when asked for or when auto finds that the run repays it."""
-    on, why = compile_decision(job.recipe.kernels.compile, job.choice.capability.compile,
-                               job.choice.backend.accelerator or device.type != "cpu", steps)
+    on, why = compile_decision(
+        job.recipe.kernels.compile,
+        job.choice.capability.compile,
+        job.choice.backend.accelerator or device.type != "cpu",
+        steps,
+    )
     if not on:
         if job.recipe.kernels.compile is None and job.choice.capability.compile:
             job.log(f"kernels: torch.compile off ({why})")
         return
     count, layers = compiling.compile_layers(model)
     if count:
-        which = f"{count} decoder layers" if count == layers else \
-            f"{count} of {layers} decoder layers (the first one's input needs no gradient: it runs eagerly)"
-        job.log(f"kernels: torch.compile on the training forward of {which} ({why}); "
-                "the first steps include compiling")
+        which = (
+            f"{count} decoder layers"
+            if count == layers
+            else f"{count} of {layers} decoder layers (the first one's input needs no gradient: it runs eagerly)"
+        )
+        job.log(f"kernels: torch.compile on the training forward of {which} ({why}); the first steps include compiling")
     else:
         job.log("kernels: torch.compile skipped: the model has no decoder.layers to compile")
 
 
-def make_objective(setup: Setup) -> Objective:
+def make_objective(setup: Setup) -> EngineObjective:
     """The recipe's method as this engine implements it (hwft_torch.methods)."""
     implementation = get_host().methods().implementation(setup.job.recipe.method.objective, ENGINE)
     return implementation.make(setup)
 
 
-def train_step(step: int, objective: Objective, model, strategy, log: StepLog, autocast, device) -> tuple[float, float]:
+def train_step(
+    step: int, objective: EngineObjective, model, strategy: Single, log: StepLog, autocast, device
+) -> tuple[float, float]:
     """One optimizer step: this rank's share of the step's micro-batches, forward and loss,
     backward, then clip and update -> (lr, gradient norm); logged (summed over ranks)."""
     log.begin()
@@ -247,19 +257,11 @@ class TorchRun:
     weights: Any = None  #: a skeleton's shards, read once fsdp2 has sharded it (hwft_torch.sharded_loading)
     made: dict = field(default_factory=dict)  #: the chosen kernels' objects (hwft.kernels.prepare)
     applied: kernels.Applied = field(default_factory=kernels.Applied)
-    objective: Objective | None = None
-    strategy: Single | None = None
-    undo: list[Callable[[], None]] = field(default_factory=list)  #: what close() puts back
+    undo: list[Callable[[], None]] = field(default_factory=list)  #: what the run puts back when it ends
 
     def autocast(self):
         """The run's compute dtype as a context (none for fp32)."""
         return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
-
-    def close(self) -> None:
-        self.strategy.close()
-        self.applied.undo()
-        for undo in self.undo:
-            undo()
 
 
 def start(job: Job, runtime: DeviceRuntime) -> TorchRun:
@@ -274,16 +276,28 @@ def start(job: Job, runtime: DeviceRuntime) -> TorchRun:
     collective: Collective = ALONE
     owns_group = False
     if world.size > 1 or recipe.parallel.strategy != "none":
-        owns_group = init_process_group(world, job.choice.capability.collective or "gloo", recipe.parallel.timeout, device)
+        owns_group = init_process_group(
+            world, job.choice.capability.collective or "gloo", recipe.parallel.timeout, device
+        )
         collective = TorchCollective(world)
-        job.log(f"parallel: {recipe.parallel.strategy} over {world.size} processes "
-                f"({job.choice.capability.collective}), {t.micro_batch_size} x {t.gradient_accumulation_steps} "
-                f"micro-batches per rank and step")
+        job.log(
+            f"parallel: {recipe.parallel.strategy} over {world.size} processes "
+            f"({job.choice.capability.collective}), {t.micro_batch_size} x {t.gradient_accumulation_steps} "
+            f"micro-batches per rank and step"
+        )
     if problem := ranks_problem(recipe, world.size):  # ranks started by torchrun or srun themselves
         raise RecipeError(problem)
     seed_everything(t.seed)
-    return TorchRun(job, runtime, device, collective, owns_group, effective_tuning(job), compute_dtype(recipe, runtime),
-                    job.inputs())
+    return TorchRun(
+        job,
+        runtime,
+        device,
+        collective,
+        owns_group,
+        effective_tuning(job),
+        compute_dtype(recipe, runtime),
+        job.inputs(),
+    )
 
 
 def load(run: TorchRun) -> None:
@@ -297,12 +311,14 @@ def load(run: TorchRun) -> None:
     if device.type == "cpu":  # what the model and its training add to the process
         import_model_code(path, recipe, run.tuning)
         job.results.extra["memory_before_load_bytes"] = cpu_current_rss()
+        job.results.extra["memory_before_load_anonymous_bytes"] = cpu_anonymous_bytes()
         reset_peak_rss()
     if recipe.parallel.sequence_parallel > 1:
         from transformers import AutoConfig
 
-        sequence_parallel.check_model(AutoConfig.from_pretrained(path, local_files_only=True),
-                                      recipe.parallel.sequence_parallel)
+        sequence_parallel.check_model(
+            AutoConfig.from_pretrained(path, local_files_only=True), recipe.parallel.sequence_parallel
+        )
     if recipe.parallel.strategy == "fsdp2" and job.world.size > 1:
         run.model, run.weights = load_skeleton(path, recipe, device, run.tuning, run.dtype, job.world)
     if run.model is not None:
@@ -313,9 +329,11 @@ def load(run: TorchRun) -> None:
         frozen = frozen_weights.wanted(recipe, run.tuning, run.dtype, device.type)
         run.model, run.weights = load_model(path, recipe, device, run.tuning, run.dtype, frozen), None
         if frozen:
-            job.log(f"frozen weights: {frozen_weights.count(run.model, frozen)} linear layers stored in "
-                    f"{str(frozen).removeprefix('torch.')}, as autocast would cast them in every forward "
-                    "(train.frozen_weights)")
+            job.log(
+                f"frozen weights: {frozen_weights.count(run.model, frozen)} linear layers stored in "
+                f"{str(frozen).removeprefix('torch.')}, as autocast would cast them in every forward "
+                "(train.frozen_weights)"
+            )
     needed = family_attention(model_type_of(path)) if recipe.kernels.attention == "auto" else None
     if needed is not None:
         job.log(f"attention: {needed[0]}, not sdpa ({needed[1]})")
@@ -331,48 +349,76 @@ def fuse(run: TorchRun) -> None:
     compile_layers_if_wanted(run.job, run.model, run.device, run.inputs.batches.steps)
 
 
-def tune(run: TorchRun) -> None:
+def tune(run: TorchRun) -> EngineObjective:
     """What trains: the model's size in the log, Ulysses attention where rows are split over
     ranks, and the method's objective (this engine's implementation) with its extra modules
     attached to the model."""
     job, recipe, model = run.job, run.job.recipe, run.model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    quantised = f", {quantised_linear_count(model)} linear layers {recipe.method.qlora.bits}-bit" \
-        if run.tuning == "qlora" else ""
-    job.log(f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained ({run.tuning}{quantised}), "
-            f"compute {str(run.dtype).removeprefix('torch.')} on {run.device}")
+    quantised = (
+        f", {quantised_linear_count(model)} linear layers {recipe.method.qlora.bits}-bit"
+        if run.tuning == "qlora"
+        else ""
+    )
+    job.log(
+        f"model: {total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained ({run.tuning}{quantised}), "
+        f"compute {str(run.dtype).removeprefix('torch.')} on {run.device}"
+    )
     spread = recipe.parallel.sequence_parallel
     if spread > 1:
         run.undo.append(sequence_parallel.register(model, spread, recipe.train.micro_batch_size))
         groups = job.world.size // spread
-        job.log(f"sequence parallel: each row's tokens split over {spread} ranks (DeepSpeed's Ulysses attention "
-                f"over sdpa), {groups} data-parallel {'group' if groups == 1 else 'groups'}")
-    run.objective = make_objective(Setup(job, run.inputs.batches, model, run.inputs.tokenizer, run.device, run.autocast,
-                                         run.collective, run.runtime, run.applied))
-    attach_extras(model, run.objective.extras, run.device)
+        job.log(
+            f"sequence parallel: each row's tokens split over {spread} ranks (DeepSpeed's Ulysses attention "
+            f"over sdpa), {groups} data-parallel {'group' if groups == 1 else 'groups'}"
+        )
+    objective = make_objective(
+        Setup(
+            job,
+            run.inputs.batches,
+            model,
+            run.inputs.tokenizer,
+            run.device,
+            run.autocast,
+            run.collective,
+            run.runtime,
+            run.applied,
+        )
+    )
+    attach_extras(model, objective.extras, run.device)
+    return objective
 
 
-def distribute(run: TorchRun) -> None:
+def distribute(run: TorchRun, objective: EngineObjective) -> Single:
     """The parallel strategy around the model (none, ddp, fsdp2, deepspeed) with optimizer and
     schedule; the objective of a method that generates samples in the strategy's whole model."""
     job, recipe = run.job, run.job.recipe
     steps = run.inputs.batches.steps
     scaler = torch.amp.GradScaler(run.device.type) if run.dtype == torch.float16 else None
-    run.strategy = make_strategy(
-        recipe, run.model, lambda m: make_optimizer(m, recipe, run.runtime), lambda o: make_scheduler(o, recipe, steps),
-        job.world, recipe.train.max_grad_norm or float("inf"), scaler, run.weights, run.objective.extras,
+    strategy = make_strategy(
+        recipe,
+        run.model,
+        lambda m: make_optimizer(m, recipe, run.runtime),
+        lambda o: make_scheduler(o, recipe, steps),
+        job.world,
+        recipe.train.max_grad_norm or float("inf"),
+        scaler,
+        run.weights,
+        objective.extras,
     )
     if run.device.type == "cpu":
         job.results.extra["memory_load_peak_bytes"] = cpu_peak_rss_since_reset()
+        job.results.extra["memory_loaded_anonymous_bytes"] = cpu_anonymous_bytes()
         if run.weights is not None:
             job.results.extra["memory_shard_bytes"] = run.weights.held_bytes
         if kept := keep_freed_host_memory():  # for the steps, now that loading's passing blocks are gone
             job.log(kept)
-    run.strategy.owns_group = run.owns_group
-    run.model = run.strategy.model  # sharded in place by fsdp2; the same module otherwise
+    strategy.owns_group = run.owns_group
+    run.model = strategy.model  # sharded in place by fsdp2; the same module otherwise
     if get_host().methods().get(recipe.method.objective).generates:  # it samples as answers do
-        run.objective.whole_model = run.strategy.whole_model
+        objective.whole_model = strategy.whole_model
+    return strategy
 
 
 def train(job: Job, runtime: DeviceRuntime) -> Result:
@@ -380,15 +426,15 @@ def train(job: Job, runtime: DeviceRuntime) -> Result:
     run = start(job, runtime)
     load(run)
     fuse(run)
-    tune(run)
-    distribute(run)
-    return run_steps(job, engine_run(run))
+    objective = tune(run)
+    strategy = distribute(run, objective)
+    return run_steps(job, engine_run(run, objective, strategy))
 
 
-def engine_run(run: TorchRun) -> EngineRun:
+def engine_run(run: TorchRun, objective: EngineObjective, strategy: Single) -> EngineRun:
     """What the core loop needs of this run: its step, answers (rank 0 alone, unless sharded
     parameters need every rank in each forward), held-out loss, checkpoint state and save."""
-    job, recipe, strategy, objective = run.job, run.job.recipe, run.strategy, run.objective
+    job, recipe = run.job, run.job.recipe
     model, device, inputs = run.model, run.device, run.inputs
     synced = sharded(recipe) and job.world.size > 1
 
@@ -397,20 +443,43 @@ def engine_run(run: TorchRun) -> EngineRun:
             return answer(model, inputs.tokenizer, inputs.renderer, prompt, recipe.eval.max_new_tokens, device, synced)
 
     def evaluate() -> float:
-        return held_out_loss(model, inputs.held_out, inputs.tokenizer.pad_token_id, attention_implementation(recipe),
-                             device, recipe.train.micro_batch_size, run.autocast, fused=not sharded(recipe))
+        return held_out_loss(
+            model,
+            inputs.held_out,
+            inputs.tokenizer.pad_token_id,
+            attention_implementation(recipe),
+            device,
+            recipe.train.micro_batch_size,
+            run.autocast,
+            fused=not sharded(recipe),
+        )
 
     def step(n: int, log: StepLog) -> float:
         _, grad_norm = train_step(n, objective, model, strategy, log, run.autocast, device)
         return grad_norm if strategy.scaler is None else 0.0  # fp16: the scaler skips a non-finite step
 
+    def close() -> None:
+        strategy.close()
+        run.applied.undo()
+        for undo in run.undo:
+            undo()
+
     model.train()
     return EngineRun(
-        objective=objective, steps=inputs.batches.steps, train_step=step,
+        objective=objective,
+        steps=inputs.batches.steps,
+        train_step=step,
         state=TorchState(strategy, inputs.tokenizer, recipe, device, save_result, objective.extras),
-        strategy=strategy.name, save=lambda out: save(job, strategy, inputs.tokenizer, out, objective.extras),
-        tuning=run.tuning, dtype={v: k for k, v in DTYPES.items()}[run.dtype], model=model, device=str(device),
-        ask=ask if job.world.main or synced else None, held_out_loss=evaluate if inputs.held_out else None,
-        held_out_size=len(inputs.held_out or []), peak_memory=run.runtime.peak_memory,
-        skips_nonfinite=strategy.skips_nonfinite, close=run.close,
+        strategy=strategy.name,
+        save=lambda out: save(job, strategy, inputs.tokenizer, out, objective.extras),
+        tuning=run.tuning,
+        dtype={v: k for k, v in DTYPES.items()}[run.dtype],
+        model=model,
+        device=str(device),
+        ask=ask if job.world.main or synced else None,
+        held_out_loss=evaluate if inputs.held_out else None,
+        held_out_size=len(inputs.held_out or []),
+        peak_memory=run.runtime.peak_memory,
+        skips_nonfinite=strategy.skips_nonfinite,
+        close=close,
     )

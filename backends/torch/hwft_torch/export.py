@@ -38,7 +38,10 @@ def merge_to_hf(trained, out: Path, dtype: str = "auto") -> Path:
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     model = AutoModelForCausalLM.from_pretrained(
-        trained.weights, dtype=torch.float32, local_files_only=True, use_safetensors=True,
+        trained.weights,
+        dtype=torch.float32,
+        local_files_only=True,
+        use_safetensors=True,
         trust_remote_code=trained.trust_remote_code,
     )
     if trained.adapter is not None:
@@ -66,7 +69,7 @@ def write_peft(trained, staged: Path, options: ExportOptions) -> Path:
 class GgufOptions(Section):
     """``hwft export --to gguf``'s own settings (``--gguf-type``)."""
 
-    type: Literal["f16", "q8_0"] = Field("q8_0", description="GGUF weights: f16, or q8_0 (8-bit, llama.cpp's)")
+    type: Literal["f16", "q8_0"] = Field(default="q8_0", description="GGUF weights: f16, or q8_0 (8-bit, llama.cpp's)")
 
 
 def write_gguf(trained, staged: Path, options: ExportOptions) -> Path:
@@ -75,7 +78,8 @@ def write_gguf(trained, staged: Path, options: ExportOptions) -> Path:
     import json
 
     from hwft.plugins import get_host
-    from hwft.use.gguf_writer import layout_for, write_gguf as write
+    from hwft.use.gguf_writer import layout_for
+    from hwft.use.gguf_writer import write_gguf as write
 
     layouts = {f.model_type: f.gguf for f in get_host().families().of("torch") if f.gguf is not None}
     layout = layout_for(json.loads((trained.weights / "config.json").read_text(encoding="utf-8")), layouts)
@@ -122,11 +126,16 @@ def reload_gguf(path: Path, ids: list[int], trained):
     if layout is not None and layout.readback == "hwft":
         from hwft_torch.gguf_readback import load
 
-        print(f"hwft export: --verify reads {config['model_type']} GGUF back with hwft's inverse of its writer "
-              "(gguf.GGUFReader); transformers' GGUF loader does not read it", file=sys.stderr)
+        print(
+            f"hwft export: --verify reads {config['model_type']} GGUF back with hwft's inverse of its writer "
+            "(gguf.GGUFReader); transformers' GGUF loader does not read it",
+            file=sys.stderr,
+        )
         return _logits(load(path, config["model_type"], layout), ids)
     os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF reader draws a progress bar
-    return _logits(AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32), ids)
+    return _logits(
+        AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32), ids
+    )
 
 
 #: How far an export's logits may be from the trained model's (max |difference| relative to the
@@ -134,10 +143,19 @@ def reload_gguf(path: Path, ids: list[int], trained):
 GGUF_TOLERANCE = {"f16": 1e-2, "q8_0": 5e-2}
 
 EXPORTERS = (
-    Exporter("hf", ENGINE, "the merged model as Hugging Face safetensors (transformers, vLLM, TGI)",
-             write_hf, reload_hf),
+    Exporter(
+        "hf", ENGINE, "the merged model as Hugging Face safetensors (transformers, vLLM, TGI)", write_hf, reload_hf
+    ),
     Exporter("peft", ENGINE, "the LoRA adapter alone, PEFT's layout", write_peft, reload_peft, needs_adapter=True),
-    Exporter("gguf", ENGINE, "one GGUF file, f16 or q8_0 (llama.cpp, Ollama)", write_gguf, reload_gguf,
-             tolerance=lambda options: GGUF_TOLERANCE[options.settings.type],
-             name=lambda options: f"model-{options.settings.type}.gguf", single_file=True, options=GgufOptions),
+    Exporter(
+        "gguf",
+        ENGINE,
+        "one GGUF file, f16 or q8_0 (llama.cpp, Ollama)",
+        write_gguf,
+        reload_gguf,
+        tolerance=lambda options: GGUF_TOLERANCE[options.settings.type],
+        name=lambda options: f"model-{options.settings.type}.gguf",
+        single_file=True,
+        options=GgufOptions,
+    ),
 )

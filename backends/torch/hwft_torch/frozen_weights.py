@@ -38,9 +38,14 @@ def frozen_linears(model) -> list[torch.nn.Linear]:
     """The plain ``nn.Linear`` layers none of whose parameters train, other than a head tied to
     an embedding (the lookup reads the same tensor in fp32)."""
     embedded = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    return [m for m in model.modules()
-            if type(m) is torch.nn.Linear and not any(p.requires_grad for p in m.parameters())
-            and id(m.weight) not in embedded and m.weight.dtype == torch.float32]
+    return [
+        m
+        for m in model.modules()
+        if type(m) is torch.nn.Linear
+        and not any(p.requires_grad for p in m.parameters())
+        and id(m.weight) not in embedded
+        and m.weight.dtype == torch.float32
+    ]
 
 
 def store(model, dtype: torch.dtype) -> int:
@@ -55,15 +60,21 @@ def store(model, dtype: torch.dtype) -> int:
 
 def count(model, dtype: torch.dtype) -> int:
     """How many frozen plain linears are stored in ``dtype``."""
-    return sum(1 for m in model.modules() if type(m) is torch.nn.Linear and m.weight.dtype == dtype
-               and not m.weight.requires_grad)
+    return sum(
+        1
+        for m in model.modules()
+        if type(m) is torch.nn.Linear and m.weight.dtype == dtype and not m.weight.requires_grad
+    )
 
 
 def stored_dtype(model) -> torch.dtype | None:
     """The dtype :func:`store` left the frozen linears in, None where they are fp32."""
     for m in model.modules():
-        if type(m) is torch.nn.Linear and m.weight.dtype in (torch.bfloat16, torch.float16) \
-                and not m.weight.requires_grad:
+        if (
+            type(m) is torch.nn.Linear
+            and m.weight.dtype in (torch.bfloat16, torch.float16)
+            and not m.weight.requires_grad
+        ):
             if any(p.dtype == torch.float32 for p in model.parameters()):
                 return m.weight.dtype
             return None  # the whole model in that dtype (a baseline loaded so): no autocast needed

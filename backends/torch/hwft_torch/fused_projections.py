@@ -16,7 +16,8 @@ two for the input's gradient instead of 2n). The frozen weights are concatenated
 each frozen weight becomes a view into it, so no tensor is held twice (on the CPU freed
 originals would leave holes between the other weights that glibc keeps, raising the peak RSS:
 docs/benchmarks.md). The A's are concatenated every step (a few KiB) so their gradients flow to
-peft's own parameters: parameter names, saved adapters and optimizer state are unchanged. Parameters must stay where they are afterwards (not
+peft's own parameters: parameter names, saved adapters and optimizer state are unchanged. Parameters must stay where
+they are afterwards (not
 sharded, cast or moved), hence one process or ddp.
 
 The layer's code calls the siblings one after another. The first call computes all of them and
@@ -78,14 +79,18 @@ class SiblingProjections:
         """The frozen tensors ``name`` of the bases, one after another in one tensor; each base's
         own becomes a view into it."""
         whole = torch.cat([getattr(b, name).detach() for b in bases])
-        for base, part in zip(bases, whole.split(self.sizes)):
+        for base, part in zip(bases, whole.split(self.sizes), strict=True):
             setattr(base, name, torch.nn.Parameter(part, requires_grad=False))
         return whole
 
     def active(self) -> bool:
-        return torch.is_grad_enabled() and not self.mixed_bias and all(
-            not m.disable_adapters and not m.merged and list(m.active_adapters) == [self.adapter]
-            for m in self.members
+        return (
+            torch.is_grad_enabled()
+            and not self.mixed_bias
+            and all(
+                not m.disable_adapters and not m.merged and list(m.active_adapters) == [self.adapter]
+                for m in self.members
+            )
         )
 
     def outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -94,7 +99,7 @@ class SiblingProjections:
         stacked_a = torch.cat([m.lora_A[a].weight for m in self.members])
         low_rank = F.linear(x.to(stacked_a.dtype), stacked_a)
         outs = []
-        for m, y, h in zip(self.members, base.split(self.sizes, -1), low_rank.split(self.ranks, -1)):
+        for m, y, h in zip(self.members, base.split(self.sizes, -1), low_rank.split(self.ranks, -1), strict=True):
             outs.append((y + m.lora_B[a](h) * m.scaling[a]).to(y.dtype))
         return outs
 
@@ -126,8 +131,10 @@ def fuse_sibling_projections(layers) -> int:
     for layer in layers:
         for holder_name, names in GROUPS:
             holder = getattr(layer, holder_name, None)
-            members = [getattr(holder, n, None) for n in names]
-            adapter = fusable(members[0]) if members[0] is not None else None
+            members = [m for n in names if (m := getattr(holder, n, None)) is not None]
+            if len(members) != len(names):
+                continue
+            adapter = fusable(members[0])
             if adapter is None or not all(fusable(m, adapter) for m in members[1:]):
                 continue
             if len({m.in_features for m in members}) != 1:
@@ -151,12 +158,16 @@ class SiblingProjectionsKernel:
     def check(self, model) -> str | None:
         recipe = self.job.recipe
         if recipe.parallel.strategy not in ("none", "ddp"):
-            return (f"parallel.strategy {recipe.parallel.strategy} shards or casts the frozen weights they "
-                    "concatenate (on with none and ddp)")
+            return (
+                f"parallel.strategy {recipe.parallel.strategy} shards or casts the frozen weights they "
+                "concatenate (on with none and ddp)"
+            )
         dropout = recipe.method.lora.dropout
         if dropout and not recipe.model.adapter:
-            return (f"method.lora.dropout {dropout} draws a mask per projection (dropout 0 lets q/k/v and "
-                    "gate/up run as one matmul each)")
+            return (
+                f"method.lora.dropout {dropout} draws a mask per projection (dropout 0 lets q/k/v and "
+                "gate/up run as one matmul each)"
+            )
         return None
 
     def apply(self, model) -> str:
@@ -164,6 +175,8 @@ class SiblingProjectionsKernel:
 
         groups = fuse_sibling_projections(decoder_layers(model))
         if not groups:
-            return ("hwft_sibling_projections found no decoder layer with plain LoRA on q/k/v or gate/up "
-                    "(quantised, DoRA, dropout, or other module names)")
+            return (
+                "hwft_sibling_projections found no decoder layer with plain LoRA on q/k/v or gate/up "
+                "(quantised, DoRA, dropout, or other module names)"
+            )
         return f"{groups} groups of sibling LoRA projections (q/k/v, gate/up) as one matmul each"

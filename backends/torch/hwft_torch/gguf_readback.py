@@ -23,6 +23,7 @@ reader it used.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -53,7 +54,7 @@ def read_config(reader, model_type: str, layout: GgufLayout) -> dict:
     import gguf
 
     prefix = gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, layout.arch)]
-    meta = {name: _value(field) for name, field in reader.fields.items()}
+    meta: dict[str, Any] = {name: _value(field) for name, field in reader.fields.items()}
     config: dict = {"model_type": model_type}
     for key, target in COMMON_KEYS.items():
         if f"{prefix}.{key}" in meta:
@@ -68,13 +69,17 @@ def read_config(reader, model_type: str, layout: GgufLayout) -> dict:
         rope["partial_rotary_factor"] = rotary / head_dim
     config["rope_parameters"] = rope
     if layout.config_back is not None:
-        config.update(layout.config_back({k.removeprefix(prefix + "."): v for k, v in meta.items()
-                                          if k.startswith(prefix + ".")}))
+        config.update(
+            layout.config_back({k.removeprefix(prefix + "."): v for k, v in meta.items() if k.startswith(prefix + ".")})
+        )
     names = {t.name for t in reader.tensors}
     config["tie_word_embeddings"] = "output.weight" not in names
     config["attention_bias"] = "blk.0.attn_q.bias" in names  # llama.cpp reads it off the tensors too
-    for key, name in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
-                      ("padding_token_id", "pad_token_id")):
+    for key, name in (
+        ("bos_token_id", "bos_token_id"),
+        ("eos_token_id", "eos_token_id"),
+        ("padding_token_id", "pad_token_id"),
+    ):
         if f"tokenizer.ggml.{key}" in meta:
             config[name] = int(meta[f"tokenizer.ggml.{key}"])
     return config
@@ -141,7 +146,9 @@ def load(path: Path, model_type: str, layout: GgufLayout, extra_config: dict | N
             if layout.norm_offset and key.endswith("norm.weight"):
                 array = array - np.float32(layout.norm_offset)
         if tuple(array.shape) != tuple(parameter.shape):
-            raise UserError(f"--verify: {key} reads back as {tuple(array.shape)}, the model needs {tuple(parameter.shape)}")
+            raise UserError(
+                f"--verify: {key} reads back as {tuple(array.shape)}, the model needs {tuple(parameter.shape)}"
+            )
         state[key] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]

@@ -24,12 +24,11 @@ import torch
 
 from hwft.data.kinds.prompt import Prompt
 from hwft.data.pipeline import Batches
-from hwft.models import stop_token_ids
-from hwft.methods.grpo import GrpoSpec
 from hwft.distributed import ALONE, Collective
-from hwft.methods.grpo import score_step
-from hwft.rewards import Reward, Sample, write_rollouts
+from hwft.methods.grpo import GrpoSpec, score_step
+from hwft.models import stop_token_ids
 from hwft.objective import Loss, Objective
+from hwft.rewards import Reward, Sample, write_rollouts
 from hwft_torch.losses import grpo_loss, target_logps
 from hwft_torch.modeling import Reference
 
@@ -56,8 +55,9 @@ def completion_logps(model, r: Rollouts, temperature: float) -> torch.Tensor:
     input_ids = torch.cat([r.prompt_ids, r.completion_ids], dim=1)
     attention_mask = torch.cat([r.prompt_mask, r.completion_mask], dim=1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False).logits
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).logits
     width = r.completion_ids.shape[1]
     return target_logps(logits[:, -width - 1 : -1, :], r.completion_ids, temperature)
 
@@ -72,9 +72,20 @@ def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
 class GroupRelative(Objective):
     rollouts: type[Rollouts] = Rollouts  #: what a micro-batch of completions is made as (ppo: with values)
 
-    def __init__(self, batches: Batches, spec: GrpoSpec, accumulation: int, tokenizer,
-                 rewards: dict[str, Reward], device: torch.device, reference: Reference | None,
-                 log_path: Path | None, autocast, collective: Collective = ALONE, synced: bool = False):
+    def __init__(
+        self,
+        batches: Batches,
+        spec: GrpoSpec,
+        accumulation: int,
+        tokenizer,
+        rewards: dict[str, Reward],
+        device: torch.device,
+        reference: Reference | None,
+        log_path: Path | None,
+        autocast,
+        collective: Collective = ALONE,
+        synced: bool = False,
+    ):
         super().__init__(batches, collective)
         self.synced = synced  #: generate in lockstep with the other ranks (sharded parameters)
         self.spec, self.accumulation, self.tokenizer = spec, accumulation, tokenizer
@@ -99,9 +110,16 @@ class GroupRelative(Objective):
         prompt_ids, prompt_mask = left_pad(rows, self.pad_id, self.device)
         with self.autocast():
             out = model.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
-                temperature=g.temperature, top_p=g.top_p, top_k=0, max_new_tokens=g.max_new_tokens,
-                eos_token_id=self.eos_ids, pad_token_id=self.pad_id, synced_gpus=self.synced,
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                do_sample=True,
+                temperature=g.temperature,
+                top_p=g.top_p,
+                top_k=0,
+                max_new_tokens=g.max_new_tokens,
+                eos_token_id=self.eos_ids,
+                pad_token_id=self.pad_id,
+                synced_gpus=self.synced,
                 use_cache=True,  # the training model's config has it off (hwft_torch.modeling.load_model)
             )
         completion = out[:, prompt_ids.shape[1] :]
@@ -127,8 +145,10 @@ class GroupRelative(Objective):
             texts = self.tokenizer.batch_decode(r.completion_ids, skip_special_tokens=True)
             lengths = r.completion_mask.sum(-1).tolist()
             repeated = [p for p in prompts for _ in range(g.num_generations)]
-            samples += [Sample(p.text, text.strip(), p.reference, n, not done)
-                        for p, text, n, done in zip(repeated, texts, lengths, r.finished.tolist(), strict=True)]
+            samples += [
+                Sample(p.text, text.strip(), p.reference, n, not done)
+                for p, text, n, done in zip(repeated, texts, lengths, r.finished.tolist(), strict=True)
+            ]
         return batch, samples
 
     def rollout(self, model, step: int) -> list[Rollouts]:
@@ -146,6 +166,7 @@ class GroupRelative(Objective):
                 if g.num_iterations > 1:
                     r.old_logps = completion_logps(model, r, g.temperature)
                 if g.beta > 0:
+                    assert self.reference is not None  # made where beta > 0
                     with self.reference.active() as reference_model:
                         r.ref_logps = completion_logps(reference_model, r, g.temperature)
         self.note(**scored.scored.metrics)
@@ -156,11 +177,21 @@ class GroupRelative(Objective):
 
     def loss(self, model, r: Rollouts) -> Loss:
         g = self.spec
+        assert r.advantages is not None, "set by rollout()"
         logps = completion_logps(model, r, g.temperature)
         old = r.old_logps if r.old_logps is not None else logps.detach()
         value, stats = grpo_loss(
-            logps, old, r.ref_logps, r.advantages, r.completion_mask, g.beta, g.epsilon,
-            g.epsilon_high or g.epsilon, g.per_completion, r.normaliser, g.kl_correction,
+            logps,
+            old,
+            r.ref_logps,
+            r.advantages,
+            r.completion_mask,
+            g.beta,
+            g.epsilon,
+            g.epsilon_high or g.epsilon,
+            g.per_completion,
+            r.normaliser,
+            g.kl_correction,
         )
         tokens = float(stats["tokens"].clamp(min=1))
         self.note(clip_ratio=float(stats["clipped"]) / tokens)
@@ -179,6 +210,16 @@ def build(setup) -> GroupRelative:
     spec = recipe.method.grpo
     reference = Reference(setup.model) if spec.beta > 0 else None
     rollouts = job.run_dir.path / "rollouts.jsonl" if job.world.main else None
-    return GroupRelative(setup.batches, spec, recipe.train.gradient_accumulation_steps, setup.tokenizer,
-                         get_host().rewards(), setup.device, reference, rollouts, setup.autocast, setup.collective,
-                         synced=sharded(recipe))
+    return GroupRelative(
+        setup.batches,
+        spec,
+        recipe.train.gradient_accumulation_steps,
+        setup.tokenizer,
+        get_host().rewards(),
+        setup.device,
+        reference,
+        rollouts,
+        setup.autocast,
+        setup.collective,
+        synced=sharded(recipe),
+    )

@@ -4,6 +4,7 @@ the engine, so the loop and the device runtimes both can)."""
 
 from __future__ import annotations
 
+
 def cpu_peak_rss() -> int:
     """The process's peak resident memory in bytes (ru_maxrss: KiB on Linux, bytes on macOS)."""
     import resource
@@ -22,6 +23,23 @@ def cpu_current_rss() -> int | None:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def cpu_anonymous_bytes() -> int | None:
+    """The process's anonymous memory in bytes, resident or swapped (``RssAnon`` + ``VmSwap`` of
+    /proc/self/status); None elsewhere. Unlike the resident size, it does not fall when the
+    kernel reclaims file-backed pages (code, mapped files) under another process's memory
+    pressure: what the process holds of its own allocations, wherever the kernel put it."""
+    fields = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("RssAnon", "VmSwap"):
+                    fields[key] = int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return fields["RssAnon"] + fields.get("VmSwap", 0) if "RssAnon" in fields else None
 
 
 #: glibc mallopt parameters (malloc.h)

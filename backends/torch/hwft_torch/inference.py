@@ -9,7 +9,6 @@ stops the moment the caller stops reading (a stop token, a closed connection).
 from __future__ import annotations
 
 import warnings
-
 from collections.abc import Iterator
 
 import torch
@@ -38,8 +37,13 @@ def load_for_inference(trained: Trained, runtime, dtype: torch.dtype):
     needed = family_attention(model_type_of(trained.weights))
     try:
         model = head.auto_class().from_pretrained(
-            trained.weights, dtype=dtype, trust_remote_code=trained.trust_remote_code,
-            local_files_only=True, use_safetensors=True, attn_implementation=needed[0] if needed else "sdpa", **head.extra,
+            trained.weights,
+            dtype=dtype,
+            trust_remote_code=trained.trust_remote_code,
+            local_files_only=True,
+            use_safetensors=True,
+            attn_implementation=needed[0] if needed else "sdpa",
+            **head.extra,
             **experts_implementation(model_type_of(trained.weights)),
         )
     except (OSError, ValueError) as exc:
@@ -87,8 +91,11 @@ class TorchSession(Session):
         out: list[float] = []
         for start in range(0, len(sequences), batch_size):
             rows = [Row(ids, ids, [len(ids)]) for ids in sequences[start : start + batch_size]]
-            batch = {k: torch.tensor(v, device=self.device) for k, v in pad(rows, self.tokenizer.pad_token_id).items()
-                     if k in ("input_ids", "attention_mask")}
+            batch = {
+                k: torch.tensor(v, device=self.device)
+                for k, v in pad(rows, self.tokenizer.pad_token_id).items()
+                if k in ("input_ids", "attention_mask")
+            }
             out += sequence_rewards(self.model, batch).tolist()
         return out
 

@@ -41,8 +41,16 @@ def summed_logps(model, batch: dict[str, torch.Tensor], router: list | None = No
 
 
 class Feedback(FeedbackSteps, RouterBalanced, Objective):
-    def __init__(self, batches: Batches, spec: KtoSpec, accumulation: int, pad_id: int,
-                 device: torch.device, reference: Reference | None, collective: Collective = ALONE):
+    def __init__(
+        self,
+        batches: Batches,
+        spec: KtoSpec,
+        accumulation: int,
+        pad_id: int,
+        device: torch.device,
+        reference: Reference | None,
+        collective: Collective = ALONE,
+    ):
         super().__init__(batches, collective)
         self.spec, self.accumulation, self.pad_id, self.device = spec, accumulation, pad_id, device
         self.reference = reference  #: None: every item carries precomputed reference log-probs
@@ -54,11 +62,12 @@ class Feedback(FeedbackSteps, RouterBalanced, Objective):
     def precompute(self, model, batch_size: int) -> None:
         """Reference log-probabilities of every answer and mismatched pair under ``model`` as it
         is now (before the first update the policy is the reference), stored on the items."""
+
         def logps_of(model, chunk):
             both = summed_logps(model, self.tensors([i.sequence for i in chunk] + [i.mismatched for i in chunk]))
             return torch.stack(both.chunk(2), dim=1).tolist()
 
-        precompute_reference(model, self.batches.rows, batch_size, logps_of)
+        precompute_reference(model, self.batches, batch_size, logps_of)
 
     def loss(self, model, micro: tuple[list[FeedbackItem], int]) -> Loss:
         items, step_items = micro
@@ -76,8 +85,9 @@ class Feedback(FeedbackSteps, RouterBalanced, Objective):
                 ref_logps, ref_mismatched = summed_logps(reference_model, own), summed_logps(reference_model, other)
         desirable = torch.tensor([i.desirable for i in items], device=self.device)
         s = self.spec
-        out = kto_loss(logps, ref_logps, mismatched, ref_mismatched, desirable, s.beta, s.desirable_weight,
-                       s.undesirable_weight)
+        out = kto_loss(
+            logps, ref_logps, mismatched, ref_mismatched, desirable, s.beta, s.desirable_weight, s.undesirable_weight
+        )
         for item, reward in zip(items, out["rewards"].tolist(), strict=True):
             self.note(**{"rewards/chosen" if item.desirable else "rewards/rejected": reward})
         self.note(kl=out["kl"].item())
@@ -98,9 +108,18 @@ def build(setup) -> Feedback:
     if note:
         job.log(note)
     objective = with_reference(
-        setup, spec,
-        lambda reference: Feedback(setup.batches, spec, recipe.train.gradient_accumulation_steps,
-                                   setup.tokenizer.pad_token_id, setup.device, reference, setup.collective),
-        f"kto: reference log-probabilities of {len(items)} answers and their mismatched pairs")
+        setup,
+        spec,
+        lambda reference: Feedback(
+            setup.batches,
+            spec,
+            recipe.train.gradient_accumulation_steps,
+            setup.tokenizer.pad_token_id,
+            setup.device,
+            reference,
+            setup.collective,
+        ),
+        f"kto: reference log-probabilities of {len(items)} answers and their mismatched pairs",
+    )
     balance_router(objective, setup.model, job)
     return objective

@@ -27,9 +27,17 @@ class LanguageModelling(RouterBalanced, Objective):
     :func:`~hwft_torch.losses.causal_lm_loss`. Both compute the same number.
     """
 
-    def __init__(self, batches: Batches, accumulation: int, pad_id: int, attention: str, device: torch.device,
-                 fused: tuple[torch.nn.Module, torch.Tensor] | None = None, collective: Collective = ALONE,
-                 cross_entropy=linear_cross_entropy):
+    def __init__(
+        self,
+        batches: Batches,
+        accumulation: int,
+        pad_id: int,
+        attention: str,
+        device: torch.device,
+        fused: tuple[torch.nn.Module, torch.Tensor] | None = None,
+        collective: Collective = ALONE,
+        cross_entropy=linear_cross_entropy,
+    ):
         super().__init__(batches, collective)
         self.accumulation, self.pad_id, self.attention, self.device = accumulation, pad_id, attention, device
         self.fused = fused
@@ -55,14 +63,24 @@ class LanguageModelling(RouterBalanced, Objective):
             hidden = out.last_hidden_state
             targets = labels[:, 1:]
             keep = targets != IGNORE_INDEX
-            dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
+            dtype = (
+                torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
+            )
             value = self.cross_entropy(hidden[:, :-1][keep], weight, targets[keep], num_items, dtype)
         if self.balance is not None:  # hwft.router_balance: L + coefficient * L_aux, L_aux logged
-            real = None if self.attention == "flash_attention_2" else \
-                torch.tensor(pad(rows, self.pad_id)["attention_mask"], device=value.device)
+            real = (
+                None
+                if self.attention == "flash_attention_2"
+                else torch.tensor(pad(rows, self.pad_id)["attention_mask"], device=value.device)
+            )
             value = value + self.router_term(out.router_logits, real)
-        return Loss(value, sum(len(r.input_ids) for r in rows), sum(r.num_labels for r in rows),
-                    sequence_pairs(rows), tuple(i for r in rows for i in r.ids))
+        return Loss(
+            value,
+            sum(len(r.input_ids) for r in rows),
+            sum(r.num_labels for r in rows),
+            sequence_pairs(rows),
+            tuple(i for r in rows for i in r.ids),
+        )
 
 
 class SequenceParallel(LanguageModelling):
@@ -90,8 +108,12 @@ class SequenceParallel(LanguageModelling):
         targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
         positions = torch.arange(width).expand_as(ids)
         share = slice(self.part * width // self.n, (self.part + 1) * width // self.n)
-        return {"input_ids": ids[:, share].to(self.device), "position_ids": positions[:, share].to(self.device),
-                "targets": targets[:, share].to(self.device), "real": real[:, share]}
+        return {
+            "input_ids": ids[:, share].to(self.device),
+            "position_ids": positions[:, share].to(self.device),
+            "targets": targets[:, share].to(self.device),
+            "real": real[:, share],
+        }
 
     def loss(self, model, micro: tuple[list[Row], int]) -> Loss:
         rows, num_items = micro
@@ -104,7 +126,9 @@ class SequenceParallel(LanguageModelling):
         else:
             decoder, weight = self.fused
             hidden = decoder(**tensors, use_cache=False).last_hidden_state
-            dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
+            dtype = (
+                torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
+            )
             value = self.cross_entropy(hidden[keep], weight, targets[keep], num_items, dtype)
         ids = tuple(i for r in rows for i in r.ids) if self.part == 0 else ()  # the group's examples, once
         return Loss(value, int(real.sum()), int(keep.sum()), sequence_pairs(rows) // self.n, ids)
@@ -120,8 +144,16 @@ def build(setup) -> LanguageModelling:
     if kernel is not None and kernel.head is not None:
         head, cross_entropy = kernel.head, kernel.loss()
         job.log(f"kernels: {kernel.name} on the label positions (no full logits)")
-    args = (setup.batches, job.recipe.train.gradient_accumulation_steps, setup.tokenizer.pad_token_id,
-            attention_implementation(job.recipe), setup.device, head, setup.collective, cross_entropy)
+    args = (
+        setup.batches,
+        job.recipe.train.gradient_accumulation_steps,
+        setup.tokenizer.pad_token_id,
+        attention_implementation(job.recipe),
+        setup.device,
+        head,
+        setup.collective,
+        cross_entropy,
+    )
     n = job.recipe.parallel.sequence_parallel
     if n > 1:  # each row's tokens over n ranks (hwft_torch.sequence_parallel)
         objective = SequenceParallel(*args, n=n, micro_batch_size=job.recipe.train.micro_batch_size)

@@ -18,16 +18,31 @@ from hwft.errors import RunFailed
 
 def torchrun_args(spec: Launch, argv: list[str]) -> list[str]:
     """torchrun's command line for the workers, each running ``python -m hwft *argv``."""
-    args = ["--nproc-per-node", str(spec.nproc), "--nnodes", str(spec.nnodes), "--max-restarts", "0",
-            "--monitor-interval", "0.5"]
+    args = [
+        "--nproc-per-node",
+        str(spec.nproc),
+        "--nnodes",
+        str(spec.nnodes),
+        "--max-restarts",
+        "0",
+        "--monitor-interval",
+        "0.5",
+    ]
     if spec.nnodes == 1 and not spec.master_addr:
         args.append("--standalone")
     else:
         # The static rendezvous: each node's rank is the --node-rank given (c10d's would rank the
         # nodes by arrival and ignore it).
-        args += ["--rdzv-backend", "static", "--node-rank", str(spec.node_rank),
-                 "--master-addr", spec.master_addr or "127.0.0.1",
-                 "--master-port", str(spec.master_port)]
+        args += [
+            "--rdzv-backend",
+            "static",
+            "--node-rank",
+            str(spec.node_rank),
+            "--master-addr",
+            spec.master_addr or "127.0.0.1",
+            "--master-port",
+            str(spec.master_port),
+        ]
     return [*args, "-m", "hwft", *argv]
 
 
@@ -61,7 +76,8 @@ def launch(spec: Launch, argv: list[str]) -> int:
         name = signal.Signals(exc.sigval).name
         raise RunFailed(
             f"stopped by {name}: the ranks were asked to write a checkpoint and stop (rank 0's message, "
-            f"if any, is above); continue with --resume", 128 + int(exc.sigval),
+            f"if any, is above); continue with --resume",
+            128 + int(exc.sigval),
         ) from None
     except ChildFailedError as exc:
         failures = sorted(exc.failures.items())

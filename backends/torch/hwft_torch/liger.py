@@ -22,6 +22,7 @@ from __future__ import annotations
 from hwft.plugins import get_host
 from hwft_torch.kernels import LIGER_KERNELS
 from hwft_torch.objective import ChunkedCrossEntropy
+from hwft_torch.unwrap import base_model
 
 
 class LigerPatch:
@@ -35,23 +36,24 @@ class LigerPatch:
         self.job = job
 
     def check(self, model) -> str | None:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model(model)
         family = get_host().families().lookup("torch", base.config.model_type)
         target = family.options.get("liger")
-        import liger_kernel.transformers as lk
+        import liger_kernel.transformers as lk  # pyright: ignore[reportMissingImports] - optional: pip install liger-kernel
 
         if not hasattr(lk, f"apply_liger_kernel_to_{target}"):
             return f"this liger-kernel has no apply_liger_kernel_to_{target}"
         return None
 
     def apply(self, model) -> str:
-        import liger_kernel.transformers as lk
+        import liger_kernel.transformers as lk  # pyright: ignore[reportMissingImports] - optional: pip install liger-kernel
 
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model(model)
         target = get_host().families().lookup("torch", base.config.model_type).options["liger"]
         switches = {name: name == self.slot for name in LIGER_KERNELS}
-        getattr(lk, f"apply_liger_kernel_to_{target}")(**switches, cross_entropy=False,
-                                                       fused_linear_cross_entropy=False, model=base)
+        getattr(lk, f"apply_liger_kernel_to_{target}")(
+            **switches, cross_entropy=False, fused_linear_cross_entropy=False, model=base
+        )
         return f"liger {self.slot}"
 
 
@@ -77,7 +79,7 @@ class LigerCrossEntropy(ChunkedCrossEntropy):
     name = "Liger's fused linear cross-entropy"
 
     def loss(self):
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # pyright: ignore[reportMissingImports] - optional: pip install liger-kernel
 
         summed = LigerFusedLinearCrossEntropyLoss(reduction="sum")
 

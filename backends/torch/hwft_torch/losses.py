@@ -103,8 +103,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_output.to(grad_hidden.dtype), gw, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         num_items: int | torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    num_items: int | torch.Tensor,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     r"""Cross-entropy of the output layer applied to hidden states, without full logits.
 
     .. math::
@@ -205,9 +210,16 @@ def dpo_loss(
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, mismatched_logps: torch.Tensor,
-             ref_mismatched_logps: torch.Tensor, desirable: torch.Tensor, beta: float,
-             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> dict[str, torch.Tensor]:
+def kto_loss(
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    mismatched_logps: torch.Tensor,
+    ref_mismatched_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> dict[str, torch.Tensor]:
     r"""Per-answer KTO losses (:mod:`hwft.methods.kto`). With :math:`r` the answers' summed
     log-ratios to the reference and :math:`z_0 = \max(0, \mathrm{mean}(\log\pi(y'|x) -
     \log\pi_{ref}(y'|x)))` over the mismatched pairs (detached), a desirable answer's loss is
@@ -216,13 +228,17 @@ def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, mismatched_logps: tor
     (detached) and :math:`z_0` (``kl``)."""
     kl = (mismatched_logps - ref_mismatched_logps).mean().detach().clamp(min=0)
     ratio = logps - ref_logps
-    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl))),
-                         undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio))))
+    losses = torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio))),
+    )
     return {"losses": losses, "rewards": beta * ratio.detach(), "kl": kl}
 
 
-def reward_model_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0,
-                      center_coefficient: float = 0.0) -> torch.Tensor:
+def reward_model_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0, center_coefficient: float = 0.0
+) -> torch.Tensor:
     r"""Per-pair Bradley-Terry losses of a reward model's scalar rewards (:mod:`hwft.methods.rm`):
     :math:`-\log\sigma(r_c - r_r - m) + c\,(r_c + r_r)^2`."""
     chosen, rejected = chosen.float(), rejected.float()
@@ -246,20 +262,29 @@ def orpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float) -> dict
     chosen, rejected = chosen.float(), rejected.float()
     log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
     nll = -chosen
-    return {"losses": nll - beta * F.logsigmoid(log_odds), "nll": nll.detach(), "log_odds": log_odds.detach(),
-            "chosen_rewards": beta * chosen.detach(), "rejected_rewards": beta * rejected.detach()}
+    return {
+        "losses": nll - beta * F.logsigmoid(log_odds),
+        "nll": nll.detach(),
+        "log_odds": log_odds.detach(),
+        "chosen_rewards": beta * chosen.detach(),
+        "rejected_rewards": beta * rejected.detach(),
+    }
 
 
-def simpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, gamma: float,
-               label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
+def simpo_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, beta: float, gamma: float, label_smoothing: float = 0.0
+) -> dict[str, torch.Tensor]:
     r"""Per-pair SimPO losses from the answers' *mean* token log-probabilities
     (:mod:`hwft.methods.simpo`): with :math:`z = \beta(\bar\ell_c - \bar\ell_r) - \gamma`,
     :math:`-(1-\varepsilon)\log\sigma(z) - \varepsilon\log\sigma(-z)`. Returns the losses and
     the rewards :math:`\beta\bar\ell` (detached)."""
     z = beta * (chosen - rejected) - gamma
     eps = label_smoothing
-    return {"losses": -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z),
-            "chosen_rewards": beta * chosen.detach(), "rejected_rewards": beta * rejected.detach()}
+    return {
+        "losses": -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z),
+        "chosen_rewards": beta * chosen.detach(),
+        "rejected_rewards": beta * rejected.detach(),
+    }
 
 
 def grpo_loss(
@@ -282,7 +307,8 @@ def grpo_loss(
     group-normalised advantage :math:`(R_i - \mathrm{mean}(R_{group})) / (\mathrm{std}(R_{group}) + 10^{-4})`:
 
     .. math::
-        \ell_{i,t} = -\min\left(\rho_{i,t} A_i,\ \mathrm{clip}(\rho_{i,t}, 1-\epsilon_{low}, 1+\epsilon_{high}) A_i\right)
+        \ell_{i,t} = -\min\left(\rho_{i,t} A_i,\
+                     \mathrm{clip}(\rho_{i,t}, 1-\epsilon_{low}, 1+\epsilon_{high}) A_i\right)
                      + \beta\, \mathrm{KL}_{i,t},\qquad
         \mathrm{KL}_{i,t} = e^{\log\pi_{ref} - \log\pi_\theta} - (\log\pi_{ref} - \log\pi_\theta) - 1
 
@@ -309,6 +335,7 @@ def grpo_loss(
     per_token = -torch.min(ratio * adv, clipped * adv)
     stats = {}
     if beta != 0.0:
+        assert ref_logps is not None, "beta > 0 takes the reference's log-probabilities"
         diff = ref_logps - logps
         kl = torch.exp(diff) - diff - 1
         per_token = per_token + beta * (kl * ratio if kl_correction else kl)
@@ -323,9 +350,19 @@ def grpo_loss(
     return loss, stats
 
 
-def ppo_loss(logps: torch.Tensor, old_logps: torch.Tensor, values: torch.Tensor, old_values: torch.Tensor,
-             returns: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float,
-             cliprange_value: float, vf_coef: float, normaliser: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def ppo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange: float,
+    cliprange_value: float,
+    vf_coef: float,
+    normaliser: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""The PPO loss of one micro-batch of completion tokens (:mod:`hwft.methods.ppo`): per token
     :math:`\max(-A\rho, -A\,\mathrm{clip}(\rho, 1-\epsilon, 1+\epsilon)) + c_V\frac12\max((V'-G)^2,
     (\mathrm{clip}(V', V-\epsilon_V, V+\epsilon_V) - G)^2)`, summed over the real tokens and divided
@@ -339,5 +376,9 @@ def ppo_loss(logps: torch.Tensor, old_logps: torch.Tensor, values: torch.Tensor,
     value = 0.5 * torch.max((values - returns) ** 2, (clipped_values - returns) ** 2)
     loss = ((policy + vf_coef * value) * mask).sum() / normaliser
     region = ((ratio < 1 - cliprange) & (advantages < 0)) | ((ratio > 1 + cliprange) & (advantages > 0))
-    return loss, {"policy": (policy * mask).sum().detach(), "value": (value * mask).sum().detach(),
-                  "clipped": (region * mask).sum().detach(), "tokens": mask.sum().detach()}
+    return loss, {
+        "policy": (policy * mask).sum().detach(),
+        "value": (value * mask).sum().detach(),
+        "clipped": (region * mask).sum().detach(),
+        "tokens": mask.sum().detach(),
+    }

@@ -17,13 +17,15 @@ import contextlib
 import copy
 import warnings
 import weakref
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from hwft.methods import method
+from hwft.methods.lookup import method
 from hwft.plan import Devices, Shape
 from hwft.recipe import Recipe
+from hwft_torch.unwrap import base_model
 
 
 class LiveBytes(TorchDispatchMode):
@@ -90,7 +92,7 @@ def empty_model(recipe: Recipe, config, checkpointing: bool = False):
             model = add_lora(model, spec)
         elif recipe.method.tuning == "freeze":
             freeze_layers(model, recipe.method.freeze)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     base.tie_weights()  # tied input and output embeddings: one tensor, as loading makes them
     return model
 
@@ -100,8 +102,11 @@ def fake_model(recipe: Recipe, config, fake_mode, checkpointing: bool, dtype: to
     qlora's frozen linear weights are in the compute dtype: bitsandbytes dequantises them in each
     matmul and its backward, where autocast would keep a cast copy of an fp32 weight."""
     model = empty_model(recipe, config, checkpointing)
-    quantised = {id(m.weight) for n, m in model.named_modules() if recipe.method.tuning == "qlora"
-                 and isinstance(m, torch.nn.Linear) and not m.weight.requires_grad}
+    quantised = {
+        id(m.weight)
+        for n, m in model.named_modules()
+        if recipe.method.tuning == "qlora" and isinstance(m, torch.nn.Linear) and not m.weight.requires_grad
+    }
     made: dict[int, torch.nn.Parameter] = {}
     for module in model.modules():
         for name, p in list(module._parameters.items()):
@@ -132,8 +137,9 @@ def compute_dtype(recipe: Recipe, backend: str) -> torch.dtype:
     return torch.float32 if backend == "cpu" and cpu_bf16_units() is None else torch.bfloat16
 
 
-def activations_of_step(recipe: Recipe, config, rows: int, tokens: int, checkpointing: bool,
-                        dtype: torch.dtype = torch.float32) -> int:
+def activations_of_step(
+    recipe: Recipe, config, rows: int, tokens: int, checkpointing: bool, dtype: torch.dtype = torch.float32
+) -> int:
     """Bytes alive at most in one forward and backward beyond the parameters, buffers and
     gradients (each dropped as soon as it is accumulated), counted on fake tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -174,8 +180,7 @@ def activations(recipe: Recipe, config, rows: int, tokens: int, checkpointing: b
     """One micro-batch's activation bytes in the whole model: measured with one decoder layer
     and with two, the second's addition counted once per further layer (each layer adds its own
     activations; the embeddings' and the head's are counted once)."""
-    one, two = (activations_of_step(recipe, with_layers(config, n), rows, tokens, checkpointing, dtype)
-                for n in (1, 2))
+    one, two = (activations_of_step(recipe, with_layers(config, n), rows, tokens, checkpointing, dtype) for n in (1, 2))
     return max(one + (config.num_hidden_layers - 1) * (two - one), 0)
 
 
@@ -190,8 +195,11 @@ def layer_bytes(layer, recipe: Recipe) -> int:
     """A decoder layer's weights as held: fp32, qlora's linear weights 4-bit."""
     if recipe.method.tuning != "qlora":
         return sum(p.numel() * 4 for p in layer.parameters())
-    linear = {id(m.weight): m.weight.numel() for n, m in layer.named_modules()
-              if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad}
+    linear = {
+        id(m.weight): m.weight.numel()
+        for n, m in layer.named_modules()
+        if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad
+    }
     rest = sum(p.numel() * 4 for p in layer.parameters() if id(p) not in linear)
     return rest + int(quantised_bytes(sum(linear.values()), recipe.method.qlora.double_quant))
 
@@ -219,29 +227,41 @@ def shape(recipe: Recipe, model, backend: str = "cpu") -> Shape:
     rows, tokens = rows_per_micro_batch(recipe), recipe.train.max_length
     dtype = compute_dtype(recipe, backend)
     model = empty_model(recipe, config)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     params = {id(p): p for n, p in base.named_parameters() if ".lora_" not in n and "modules_to_save" not in n}
     trainable = trained_count(model)
-    weight_bytes = sum(p.numel() * p.element_size() for p in params.values() if not p.requires_grad) + \
-        sum(p.numel() * 4 for p in params.values() if p.requires_grad)
+    weight_bytes = sum(p.numel() * p.element_size() for p in params.values() if not p.requires_grad) + sum(
+        p.numel() * 4 for p in params.values() if p.requires_grad
+    )
     if recipe.method.tuning == "qlora":
         head = base.get_output_embeddings()
-        linear = [m for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and m is not head
-                  and ".lora_" not in n and "modules_to_save" not in n]
+        linear = [
+            m
+            for n, m in base.named_modules()
+            if isinstance(m, torch.nn.Linear) and m is not head and ".lora_" not in n and "modules_to_save" not in n
+        ]
         count = sum(m.weight.numel() for m in linear)
         weight_bytes += int(quantised_bytes(count, recipe.method.qlora.double_quant)) - count * 4
     device_type = {"rocm": "cuda"}.get(backend, backend)
     if stored := frozen_weights.wanted(recipe, recipe.method.tuning, dtype, device_type):  # as the engine stores them
-        weight_bytes -= sum(p.numel() * (4 - stored.itemsize) for layer in frozen_weights.frozen_linears(base)
-                            for p in layer.parameters(recurse=False))
+        weight_bytes -= sum(
+            p.numel() * (4 - stored.itemsize)
+            for layer in frozen_weights.frozen_linears(base)
+            for p in layer.parameters(recurse=False)
+        )
     layers = [m for m in base.modules() if type(m).__name__ in set(getattr(base, "_no_split_modules", None) or ())]
     unit = max((layer_bytes(layer, recipe) for layer in layers), default=0)
     m = method(recipe.method.objective)
     reference = recipe.method.tuning == "full" and m.reference is not None and bool(m.reference(recipe))
     return Shape(
-        parameters=sum(p.numel() for p in params.values()), trainable=trainable, weight_bytes=weight_bytes,
-        unit_bytes=unit, activation_bytes=activations(recipe, config, rows, tokens, False, dtype),
-        checkpointed_activation_bytes=activations(recipe, config, rows, tokens, True, dtype), rows=rows, tokens=tokens,
+        parameters=sum(p.numel() for p in params.values()),
+        trainable=trainable,
+        weight_bytes=weight_bytes,
+        unit_bytes=unit,
+        activation_bytes=activations(recipe, config, rows, tokens, False, dtype),
+        checkpointed_activation_bytes=activations(recipe, config, rows, tokens, True, dtype),
+        rows=rows,
+        tokens=tokens,
         reference_copy=reference,
     )
 
@@ -250,8 +270,9 @@ def devices(backend: str) -> Devices | None:
     """This machine's devices of the backend: the GPUs torch sees, or the host's memory."""
     if backend in ("cuda", "rocm") and torch.cuda.is_available():
         count = torch.cuda.device_count()
-        return Devices(count, torch.cuda.get_device_properties(0).total_memory,
-                       f"this machine's {torch.cuda.get_device_name(0)}")
+        return Devices(
+            count, torch.cuda.get_device_properties(0).total_memory, f"this machine's {torch.cuda.get_device_name(0)}"
+        )
     if backend == "cpu":
         try:
             with open("/proc/meminfo") as f:
@@ -260,5 +281,3 @@ def devices(backend: str) -> Devices | None:
             return None
         return Devices(1, total, "this machine's memory")
     return None
-
-

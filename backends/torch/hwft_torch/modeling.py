@@ -19,9 +19,9 @@ import torch
 
 from hwft import lora_targets
 from hwft.errors import ModelError
-from hwft.models import has_random_weights
-from hwft.methods import method
 from hwft.extras import write_extras
+from hwft.methods.lookup import method
+from hwft.models import has_random_weights
 from hwft.recipe import Recipe
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -118,16 +118,22 @@ def quantization_config(recipe: Recipe, compute_dtype: torch.dtype):
     )
 
 
-def load_model(path: Path, recipe: Recipe, device: torch.device, tuning: str, compute_dtype: torch.dtype,
-               frozen: torch.dtype | None = None):
+def load_model(
+    path: Path,
+    recipe: Recipe,
+    device: torch.device,
+    tuning: str,
+    compute_dtype: torch.dtype,
+    frozen: torch.dtype | None = None,
+):
     """The base model (fp32 weights, or quantised for qlora; mixed precision runs under
     autocast), with its tuning applied. ``tuning`` is the one that runs (after any fallback).
     ``frozen``: the dtype its frozen linear weights are stored in (hwft_torch.frozen_weights), cast
     before the model reaches the device, so the device never holds their fp32 copy."""
-    from hwft_torch import frozen_weights
-
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
+
+    from hwft_torch import frozen_weights
 
     hf_logging.disable_progress_bar()  # hwft draws its own progress
     head = HEADS[method(recipe.method.objective).head]
@@ -135,10 +141,13 @@ def load_model(path: Path, recipe: Recipe, device: torch.device, tuning: str, co
     if tuning == "qlora":
         extra.update(quantization_config=quantization_config(recipe, compute_dtype), device_map={"": device})
     if has_random_weights(path):  # model.shape: built on the device, seeded by train.seed (engine.seed_everything)
-        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=recipe.model.trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            path, local_files_only=True, trust_remote_code=recipe.model.trust_remote_code
+        )
         with torch.device(device):
-            model = head.auto_class().from_config(config, dtype=frozen or torch.float32, **head.extra,
-                                                  **built_as(path, recipe))
+            model = head.auto_class().from_config(
+                config, dtype=frozen or torch.float32, **head.extra, **built_as(path, recipe)
+            )
         if frozen:  # random numbers either way: made in the stored dtype, all but the linears back in fp32
             linears = {id(p) for m in model.modules() if type(m) is torch.nn.Linear for p in m.parameters()}
             embedded = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
@@ -157,7 +166,8 @@ def load_model(path: Path, recipe: Recipe, device: torch.device, tuning: str, co
             trust_remote_code=recipe.model.trust_remote_code,
             local_files_only=True,
             use_safetensors=True,  # never a pickled checkpoint (hwft.models.check_safe_weights)
-            **extra, **built_as(path, recipe),
+            **extra,
+            **built_as(path, recipe),
         )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load a {head.what} from {path}: {exc}") from None
@@ -178,7 +188,9 @@ def import_model_code(path: Path, recipe: Recipe, tuning: str) -> None:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=recipe.model.trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            path, local_files_only=True, trust_remote_code=recipe.model.trust_remote_code
+        )
         HEADS[method(recipe.method.objective).head].auto_class()._model_mapping[type(config)]
     except (OSError, ValueError, KeyError):
         return  # loading itself says what is wrong
@@ -198,8 +210,10 @@ def import_model_code(path: Path, recipe: Recipe, tuning: str) -> None:
 def built_as(path: Path, recipe: Recipe) -> dict:
     """How the model class is built for this recipe, whether loaded or a skeleton: its attention
     and its experts' implementation."""
-    return dict(attn_implementation=attention_implementation(recipe, model_type_of(path)),
-                **experts_implementation(model_type_of(path)))
+    return dict(
+        attn_implementation=attention_implementation(recipe, model_type_of(path)),
+        **experts_implementation(model_type_of(path)),
+    )
 
 
 def tune(model, recipe: Recipe, tuning: str):
@@ -211,8 +225,7 @@ def tune(model, recipe: Recipe, tuning: str):
 
         # Freezes the base, keeps norms and embeddings in fp32, and (optionally) checkpoints.
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
+            model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
         )
     elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -261,7 +274,7 @@ def add_lora(model, recipe: Recipe):
     config = LoraConfig(
         task_type=HEADS[method(recipe.method.objective).head].task_type,
         r=spec.r,
-        lora_alpha=spec.alpha,
+        lora_alpha=spec.alpha,  # pyright: ignore[reportArgumentType] - typed int, scales by any number
         lora_dropout=spec.dropout,
         target_modules=spec.target_modules,
         use_dora=spec.dora,
@@ -290,10 +303,10 @@ def adaptable_modules(model) -> tuple[list[str], list[str]]:
 def quantised_linear_count(model) -> int:
     """How many linear layers are bitsandbytes 4-bit or 8-bit modules."""
     try:
-        import bitsandbytes as bnb
+        from bitsandbytes.nn.modules import Linear4bit, Linear8bitLt
     except ImportError:
         return 0
-    return sum(isinstance(m, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt) for m in model.modules())
+    return sum(isinstance(m, Linear4bit | Linear8bitLt) for m in model.modules())
 
 
 class Reference:
@@ -339,8 +352,9 @@ def with_reference(setup, spec, make, what: str):
     return objective
 
 
-def save_result(model, tokenizer, out_dir: Path, recipe: Recipe, state_dict: dict | None = None,
-                extras: tuple = ()) -> None:
+def save_result(
+    model, tokenizer, out_dir: Path, recipe: Recipe, state_dict: dict | None = None, extras: tuple = ()
+) -> None:
     """adapter/ in PEFT's own format, or model/ as HF safetensors; the tokenizer beside it; and
     each of the method's extras (hwft.objective.Extra) in its own file, kept out of the model.
     ``state_dict``: the weights gathered from a sharded run (else the model's own)."""

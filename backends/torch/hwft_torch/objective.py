@@ -6,16 +6,21 @@ cpt's is :mod:`hwft_torch.language_modelling`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 
 from hwft.data.batching import Row, pad
 from hwft.data.chat import IGNORE_INDEX
 from hwft.job import Job
+from hwft.objective import Objective
+from hwft.router_balance import RouterBalance
 from hwft_torch import frozen_weights
 from hwft_torch.losses import causal_lm_loss, chunked_cross_entropy, linear_cross_entropy
 from hwft_torch.parallel import sharded
+from hwft_torch.unwrap import base_model
 
 
 def to_tensors(rows: list[Row], pad_id: int, attention: str, device: torch.device) -> dict[str, torch.Tensor]:
@@ -53,7 +58,7 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", 
 def output_head(model) -> tuple[torch.nn.Module, torch.Tensor] | str:
     """(decoder, output weight) where the model's logits are exactly ``hidden @ weight.T`` of its
     decoder's last hidden state; otherwise why not (the fused loss is then skipped)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if type(head) is not torch.nn.Linear or head.bias is not None:
         return f"the output layer is a {type(head).__name__}, not a plain bias-free Linear"
@@ -70,17 +75,18 @@ def output_head(model) -> tuple[torch.nn.Module, torch.Tensor] | str:
     return decoder, head.weight
 
 
-class RouterBalanced:
+class RouterBalanced(Objective):
     """The router load-balancing term (hwft.router_balance) of an objective whose model is an MoE
     one that balances so: ``balance`` is set by :func:`balance_router`, and the objective asks
     its policy forward for ``output_router_logits``."""
 
-    balance = None  #: hwft.router_balance.RouterBalance, or None: no term
-    balance_loss = None  #: transformers' load_balancing_loss_func of the model's family
+    balance: RouterBalance | None = None  #: None: no term
+    balance_loss: Callable | None = None  #: transformers' load_balancing_loss_func of the model's family
 
     def router_term(self, router_logits, mask) -> torch.Tensor:
         """coefficient * L_aux / the step's micro-batches (so the step adds the mean); L_aux logged."""
         b = self.balance
+        assert b is not None and self.balance_loss is not None, "set by balance_router"
         aux = self.balance_loss(router_logits, b.experts, b.top_k, mask)
         self.note(aux_loss=float(aux.detach()))
         return b.coefficient * aux / self.step_micro_batches
@@ -105,7 +111,9 @@ class ChunkedCrossEntropy:
         return head if isinstance(head, str) else None
 
     def apply(self, model) -> str:
-        self.head = output_head(model)
+        head = output_head(model)
+        assert not isinstance(head, str), head  # check() found it
+        self.head = head
         return ""  # the objective that takes it says so (a method without a cross-entropy does not)
 
     def loss(self):
@@ -120,19 +128,30 @@ def balance_router(objective, model, job: Job) -> None:
 
     from hwft.router_balance import router_balance
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     balance = router_balance(base.config.to_dict())
     function = getattr(sys.modules.get(type(base).__module__), "load_balancing_loss_func", None)
     if balance is None or function is None:
         return
     objective.balance, objective.balance_loss = balance, function
-    job.log(f"moe: router load-balancing loss in the {job.recipe.method.objective} loss, coefficient {balance.coefficient:g} "
-            f"({balance.experts} experts, top {balance.top_k}); logged as aux_loss")
+    job.log(
+        f"moe: router load-balancing loss in the {job.recipe.method.objective} loss, "
+        f"coefficient {balance.coefficient:g} "
+        f"({balance.experts} experts, top {balance.top_k}); logged as aux_loss"
+    )
 
 
 @torch.no_grad()
-def held_out_loss(model, rows: list[Row], pad_id: int, attention: str, device: torch.device,
-                  batch_size: int = 4, autocast=None, fused: bool = True) -> float:
+def held_out_loss(
+    model,
+    rows: list[Row],
+    pad_id: int,
+    attention: str,
+    device: torch.device,
+    batch_size: int = 4,
+    autocast=None,
+    fused: bool = True,
+) -> float:
     """Mean next-token cross-entropy per label token over ``rows`` (an evaluation set), in eval
     mode: the number an eval_loss reports, comparable between runs that tokenised alike. Where
     the model allows it, logits are computed for the label positions only, a chunk at a time
@@ -141,8 +160,8 @@ def held_out_loss(model, rows: list[Row], pad_id: int, attention: str, device: t
     was_training = model.training
     model.eval()
     if autocast is None:  # frozen linears stored in bf16 (hwft_torch.frozen_weights) read bf16 inputs
-        def autocast():
-            return frozen_weights.autocast_for(model, device)
+        autocast = partial(frozen_weights.autocast_for, model, device)
+
     head = output_head(model) if fused else "off"
     total, count = 0.0, 0
     ordered = sorted(rows, key=lambda r: len(r.input_ids))

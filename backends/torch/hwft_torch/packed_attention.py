@@ -53,28 +53,44 @@ def segments(position_ids: torch.Tensor) -> list[tuple[int, int]]:
 
 
 @torch.compiler.disable  # finds the examples on the host (.tolist()); kernels.compile runs it eagerly
-def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                        is_causal=None, position_ids=None, **kwargs):
+def packed_sdpa_forward(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling=None,
+    is_causal=None,
+    position_ids=None,
+    **kwargs,
+):
     """transformers' attention-function signature: (B, H, L, D) in, ((B, L, H, D), None) out."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     # CPU only: on an accelerator, finding the segments synchronises with the host at every
     # layer and the small calls are launch-bound; the masked call is one kernel there, and
     # flash-attention's varlen path is the way to skip the masked pairs.
-    packed = (query.device.type == "cpu" and position_ids is not None
-              and position_ids.shape[-1] == query.shape[2] == key.shape[2]
-              and bool((position_ids[..., 0] == 0).all()))
+    packed = (
+        query.device.type == "cpu"
+        and position_ids is not None
+        and position_ids.shape[-1] == query.shape[2] == key.shape[2]
+        and bool((position_ids[..., 0] == 0).all())
+    )
     window = kwargs.get("sliding_window")
     if packed and window:
+        assert position_ids is not None  # packed
         # A sliding-window layer: one causal call per example keeps no window, so an example
         # longer than it takes the masked call (transformers' mask holds the window).
         packed = max(e - s for s, e in segments(position_ids.expand(query.shape[0], -1).reshape(-1))) <= window
     if not packed:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
     # The rows end to end: (B, H, L, D) -> (1, H, B*L, D). Each row starts at position 0, so no
     # example crosses a row boundary. split's backward is one cat, where slicing per example
     # would zero-fill a whole-row gradient for every example.
+    assert position_ids is not None  # packed
     batch, heads, length, dim = query.shape
     sizes = [e - s for s, e in segments(position_ids.expand(batch, -1).reshape(-1))]
 

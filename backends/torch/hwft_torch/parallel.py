@@ -28,6 +28,7 @@ import datetime
 import json
 import math
 import os
+from typing import Any
 
 import torch
 
@@ -36,9 +37,11 @@ from hwft.errors import RecipeError
 from hwft.objective import Loss
 from hwft.recipe import Recipe
 from hwft.textfile import read_text
+from hwft_torch.unwrap import base_model
 
 #: Capability.collective -> torch.distributed backend name (ROCm's RCCL answers to "nccl").
 PROCESS_GROUP = {"gloo": "gloo", "nccl": "nccl", "rccl": "nccl", "hccl": "hccl", "xccl": "xccl", "ccl": "ccl"}
+
 
 def sharded(recipe: Recipe) -> bool:
     """Whether parameters live in shards between forwards (fsdp2, ZeRO-3): a layer's weights
@@ -61,9 +64,10 @@ def init_process_group(world: World, collective: str, timeout: int, device: torc
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
-    kwargs = {"device_id": device} if device.type != "cpu" else {}
-    dist.init_process_group(PROCESS_GROUP.get(collective, collective), timeout=datetime.timedelta(seconds=timeout),
-                            **kwargs)
+    kwargs: dict[str, Any] = {"device_id": device} if device.type != "cpu" else {}
+    dist.init_process_group(
+        PROCESS_GROUP.get(collective, collective), timeout=datetime.timedelta(seconds=timeout), **kwargs
+    )
     return True
 
 
@@ -113,8 +117,9 @@ class Call(torch.nn.Module):
         self.last: Loss | None = None
 
     def forward(self, fn, micro):
-        self.last = fn(self.model, micro)
-        return self.last.value
+        last = fn(self.model, micro)
+        self.last = last
+        return last.value
 
 
 class Single:
@@ -206,7 +211,7 @@ class DataParallel(Single):
 def fsdp_units(model) -> list[torch.nn.Module]:
     """The modules FSDP2 shards one by one: the model's own ``_no_split_modules`` (its decoder
     layers, as transformers names them); the rest stays with the root."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     names = set(getattr(base, "_no_split_modules", None) or ())
     units = [m for m in model.modules() if type(m).__name__ in names]
     if not units:
@@ -225,13 +230,16 @@ class FullyShardedDataParallel(Single):
 
     name = "fsdp2"
 
-    def __init__(self, model, optimizer_factory, scheduler_factory, world, max_norm, recipe: Recipe, weights=None,
-                 extras=()):
+    def __init__(
+        self, model, optimizer_factory, scheduler_factory, world, max_norm, recipe: Recipe, weights=None, extras=()
+    ):
         from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard, register_fsdp_forward_method
 
         # Pinned host memory exists only beside an accelerator; on the CPU the shards are host memory already.
         on_host = (weights.device if weights is not None else next(model.parameters()).device).type == "cpu"
-        offload = {"offload_policy": CPUOffloadPolicy(pin_memory=not on_host)} if recipe.parallel.offload_params else {}
+        offload: dict[str, Any] = (
+            {"offload_policy": CPUOffloadPolicy(pin_memory=not on_host)} if recipe.parallel.offload_params else {}
+        )
         for unit in fsdp_units(model):
             fully_shard(unit, **offload)
         for extra in extras:
@@ -254,7 +262,8 @@ class FullyShardedDataParallel(Single):
 
     def clip(self) -> float:
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        full_tensor = getattr(norm, "full_tensor", None)  # a DTensor's, the gradients being sharded
+        return float(full_tensor() if full_tensor is not None else norm)
 
     def full_state_dict(self) -> dict | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -286,7 +295,7 @@ def deepspeed_config(recipe: Recipe, max_norm: float) -> dict:
             raise RecipeError(
                 f"parallel.deepspeed_config sets {key}={config[key]!r} but the recipe means {value} "
                 f"(train.{'micro_batch_size' if 'micro' in key else 'gradient_accumulation_steps'}); "
-                "remove it from the file or write \"auto\""
+                'remove it from the file or write "auto"'
             )
         config[key] = value
     config.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the ranks
@@ -325,13 +334,15 @@ class ZeroRedundancy(Single):
         # rank from the environment a launcher would have set.
         os.environ.setdefault("LOCAL_RANK", str(world.local_rank))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=Call(model), optimizer=optimizer, lr_scheduler=scheduler, config=config,
+            model=Call(model), optimizer=optimizer, lr_scheduler=scheduler, config=config
         )
         self.stage = config["zero_optimization"]["stage"]
 
     def forward(self, fn, micro, last: bool) -> Loss:
         self.engine(fn, micro)
-        return self.engine.module.last
+        call: Call = self.engine.module  # pyright: ignore[reportAssignmentType] - the Call deepspeed.initialize was given
+        assert call.last is not None
+        return call.last
 
     def backward(self, loss):
         # hwft's loss shares already sum to the step's loss: no division by the accumulation.
@@ -356,7 +367,7 @@ class ZeroRedundancy(Single):
             return
         import deepspeed
 
-        offload = self.engine.optimizer.parameter_offload
+        offload = self.engine.optimizer.parameter_offload  # pyright: ignore[reportOptionalMemberAccess,reportAttributeAccessIssue] - ZeRO-3's optimizer
         with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
             for param in offload.module.parameters():
                 param.ds_active_sub_modules.clear()
@@ -380,15 +391,23 @@ class ZeroRedundancy(Single):
             return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
 
-def make_strategy(recipe: Recipe, model, make_optimizer, make_scheduler, world: World, max_norm: float,
-                  scaler=None, weights=None, extras=()) -> Single:
+def make_strategy(
+    recipe: Recipe,
+    model,
+    make_optimizer,
+    make_scheduler,
+    world: World,
+    max_norm: float,
+    scaler=None,
+    weights=None,
+    extras=(),
+) -> Single:
     """The recipe's parallel.strategy around ``model`` (optimizer and schedule built on it);
     ``weights``: a skeleton's, read into its shards (fsdp2); ``extras``: the method's modules
     attached to the model (hwft.objective.Extra), each its own shard unit under fsdp2."""
     strategy = recipe.parallel.strategy
     if strategy == "fsdp2":
-        return FullyShardedDataParallel(model, make_optimizer, make_scheduler, world, max_norm, recipe, weights,
-                                        extras)
+        return FullyShardedDataParallel(model, make_optimizer, make_scheduler, world, max_norm, recipe, weights, extras)
     optimizer = make_optimizer(model)
     scheduler = make_scheduler(optimizer)
     if strategy == "deepspeed":

@@ -13,9 +13,10 @@ to the model, so the optimizer steps it with the rest, and saves it as ``value_h
 
 from __future__ import annotations
 
-import torch
-
 from dataclasses import dataclass, replace
+from typing import cast
+
+import torch
 
 from hwft.methods.ppo import VALUE_HEAD, PpoSpec, rollout_targets, score_samples
 from hwft.objective import Loss
@@ -40,8 +41,13 @@ def policy_outputs(model, r: Rollouts, temperature: float) -> tuple[torch.Tensor
     input_ids = torch.cat([r.prompt_ids, r.completion_ids], dim=1)
     attention_mask = torch.cat([r.prompt_mask, r.completion_mask], dim=1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                output_hidden_states=True)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        output_hidden_states=True,
+    )
     width = r.completion_ids.shape[1]
     logps = target_logps(out.logits[:, -width - 1 : -1, :], r.completion_ids, temperature)
     hidden = out.hidden_states[-1][:, -width - 1 : -1, :]
@@ -58,21 +64,31 @@ class Proximal(GroupRelative):
 
     def rollout(self, model, step: int) -> list[ValuedRollouts]:
         g = self.spec
-        batch, samples = self.sample_step(model)
+        sampled, samples = self.sample_step(model)
+        batch = cast(list[ValuedRollouts], sampled)  # sample_step builds self.rollouts
         scores, metrics, everyone, every_score = score_samples(samples, g, self.registered, self.collective)
-        arrays, start = [], 0
+        arrays, start, kls = [], 0, []
+        assert self.reference is not None  # ppo's KL always takes one
         for r in batch:
             n = len(r.completion_ids)
             with torch.no_grad(), self.autocast():
-                r.old_logps, r.old_values = policy_outputs(model, r, g.temperature)
+                old_logps, old_values = policy_outputs(model, r, g.temperature)
                 with self.reference.active() as reference_model:
-                    r.ref_logps = completion_logps(reference_model, r, g.temperature)
-            arrays.append({"scores": torch.tensor(scores[start : start + n]).numpy(),
-                           "logps": r.old_logps.float().cpu().numpy(), "ref_logps": r.ref_logps.float().cpu().numpy(),
-                           "values": r.old_values.cpu().numpy(), "mask": r.completion_mask.float().cpu().numpy()})
+                    ref_logps = completion_logps(reference_model, r, g.temperature)
+            r.old_logps, r.old_values, r.ref_logps = old_logps, old_values, ref_logps
+            arrays.append(
+                {
+                    "scores": torch.tensor(scores[start : start + n]).numpy(),
+                    "logps": old_logps.float().cpu().numpy(),
+                    "ref_logps": ref_logps.float().cpu().numpy(),
+                    "values": old_values.cpu().numpy(),
+                    "mask": r.completion_mask.float().cpu().numpy(),
+                }
+            )
+            kls.append(float(((old_logps - ref_logps) * r.completion_mask).sum()))
             start += n
         # The step's completion tokens and KL on every rank: each rank's loss is its share of the step's.
-        kl_sum = sum(float(((r.old_logps - r.ref_logps) * r.completion_mask).sum()) for r in batch)
+        kl_sum = sum(kls)
         tokens, kl_sum = self.collective.sum([float(sum(r.completion_mask.sum() for r in batch)), kl_sum])
         for r, (advantages, returns) in zip(batch, rollout_targets(arrays, g, self.collective), strict=True):
             r.advantages = torch.tensor(advantages, device=self.device)
@@ -84,13 +100,30 @@ class Proximal(GroupRelative):
 
     def loss(self, model, r: ValuedRollouts) -> Loss:
         g = self.spec
+        assert r.old_logps is not None and r.old_values is not None, "set by rollout()"
+        assert r.returns is not None and r.advantages is not None, "set by rollout()"
         logps, values = policy_outputs(model, r, g.temperature)
-        value, stats = ppo_loss(logps, r.old_logps, values, r.old_values, r.returns, r.advantages, r.completion_mask,
-                                g.cliprange, g.cliprange_value, g.vf_coef, r.normaliser)
+        value, stats = ppo_loss(
+            logps,
+            r.old_logps,
+            values,
+            r.old_values,
+            r.returns,
+            r.advantages,
+            r.completion_mask,
+            g.cliprange,
+            g.cliprange_value,
+            g.vf_coef,
+            r.normaliser,
+        )
         tokens = float(stats["tokens"].clamp(min=1))
-        self.note(clip_ratio=float(stats["clipped"]) / tokens, policy_loss=float(stats["policy"]) / tokens,
-                  value_loss=float(stats["value"]) / tokens)
+        self.note(
+            clip_ratio=float(stats["clipped"]) / tokens,
+            policy_loss=float(stats["policy"]) / tokens,
+            value_loss=float(stats["value"]) / tokens,
+        )
         return Loss(value, int(r.prompt_mask.sum()) + int(stats["tokens"]), int(stats["tokens"]))
+
 
 def build(setup) -> Proximal:
     """ppo on the torch engine (hwft_torch.methods.Setup -> the objective): the reference is
@@ -104,8 +137,18 @@ def build(setup) -> Proximal:
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
     rollouts = job.run_dir.path / "rollouts.jsonl" if job.world.main else None
-    objective = Proximal(setup.batches, recipe.method.ppo, recipe.train.gradient_accumulation_steps, setup.tokenizer,
-                         get_host().rewards(), setup.device, reference, rollouts, setup.autocast, setup.collective,
-                         synced=sharded(recipe))  # sharded parameters: every rank generates in lockstep
+    objective = Proximal(
+        setup.batches,
+        recipe.method.ppo,
+        recipe.train.gradient_accumulation_steps,
+        setup.tokenizer,
+        get_host().rewards(),
+        setup.device,
+        reference,
+        rollouts,
+        setup.autocast,
+        setup.collective,
+        synced=sharded(recipe),
+    )  # sharded parameters: every rank generates in lockstep
     objective.extras = (replace(VALUE_HEAD, module=head),)
     return objective

@@ -23,8 +23,15 @@ class ReferenceFree(PairSteps, RouterBalanced, Objective):
     #: the statistics of ``pair_loss``'s result logged besides the rewards (orpo: nll, log_odds)
     extra: tuple[str, ...] = ()
 
-    def __init__(self, batches: Batches, spec, accumulation: int, pad_id: int, device: torch.device,
-                 collective: Collective = ALONE):
+    def __init__(
+        self,
+        batches: Batches,
+        spec,
+        accumulation: int,
+        pad_id: int,
+        device: torch.device,
+        collective: Collective = ALONE,
+    ):
         super().__init__(batches, collective)
         self.spec, self.accumulation, self.pad_id, self.device = spec, accumulation, pad_id, device
 
@@ -40,9 +47,13 @@ class ReferenceFree(PairSteps, RouterBalanced, Objective):
         chosen_tokens, rejected_tokens = (batch["labels"][:, 1:] != -100).sum(-1).float().chunk(2)
         out = self.pair_loss(chosen / chosen_tokens.clamp(min=1), rejected / rejected_tokens.clamp(min=1))
         margins = out["chosen_rewards"] - out["rejected_rewards"]
-        columns = {"rewards/chosen": out["chosen_rewards"].tolist(), "rewards/rejected": out["rejected_rewards"].tolist(),
-                   "rewards/margins": margins.tolist(), "rewards/accuracy": (margins > 0).float().tolist(),
-                   **{k: out[k].tolist() for k in self.extra}}
+        columns = {
+            "rewards/chosen": out["chosen_rewards"].tolist(),
+            "rewards/rejected": out["rejected_rewards"].tolist(),
+            "rewards/margins": margins.tolist(),
+            "rewards/accuracy": (margins > 0).float().tolist(),
+            **{k: out[k].tolist() for k in self.extra},
+        }
         for i in range(len(pairs)):
             self.note(**{k: v[i] for k, v in columns.items()})
         value = out["losses"].sum() / step_pairs
@@ -57,8 +68,14 @@ def build_with(objective: type[ReferenceFree], section: str):
 
     def build(setup) -> ReferenceFree:
         recipe = setup.job.recipe
-        made = objective(setup.batches, getattr(recipe.method, section), recipe.train.gradient_accumulation_steps,
-                         setup.tokenizer.pad_token_id, setup.device, setup.collective)
+        made = objective(
+            setup.batches,
+            getattr(recipe.method, section),
+            recipe.train.gradient_accumulation_steps,
+            setup.tokenizer.pad_token_id,
+            setup.device,
+            setup.collective,
+        )
         balance_router(made, setup.model, setup.job)
         return made
 

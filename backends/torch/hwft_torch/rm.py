@@ -26,8 +26,15 @@ def sequence_rewards(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 class RewardModel(PairSteps, Objective):
-    def __init__(self, batches: Batches, spec: RmSpec, accumulation: int, pad_id: int, device: torch.device,
-                 collective: Collective = ALONE):
+    def __init__(
+        self,
+        batches: Batches,
+        spec: RmSpec,
+        accumulation: int,
+        pad_id: int,
+        device: torch.device,
+        collective: Collective = ALONE,
+    ):
         super().__init__(batches, collective)
         self.spec, self.accumulation, self.pad_id, self.device = spec, accumulation, pad_id, device
 
@@ -38,8 +45,9 @@ class RewardModel(PairSteps, Objective):
         losses = reward_model_loss(chosen, rejected, self.spec.margin, self.spec.center_rewards_coefficient)
         margins = (chosen - rejected).detach()
         for c, r, m in zip(chosen.tolist(), rejected.tolist(), margins.tolist(), strict=True):
-            self.note(**{"rewards/chosen": c, "rewards/rejected": r, "rewards/margins": m,
-                         "rewards/accuracy": float(m > 0)})
+            self.note(
+                **{"rewards/chosen": c, "rewards/rejected": r, "rewards/margins": m, "rewards/accuracy": float(m > 0)}
+            )
         tokens = int(batch["attention_mask"].sum())
         return Loss(losses.sum() / step_pairs, tokens, len(pairs) * 2)
 
@@ -49,5 +57,11 @@ def build(setup) -> RewardModel:
     each row at its last token that is not the tokenizer's padding token."""
     recipe = setup.job.recipe
     setup.model.config.pad_token_id = setup.tokenizer.pad_token_id
-    return RewardModel(setup.batches, recipe.method.rm, recipe.train.gradient_accumulation_steps,
-                       setup.tokenizer.pad_token_id, setup.device, setup.collective)
+    return RewardModel(
+        setup.batches,
+        recipe.method.rm,
+        recipe.train.gradient_accumulation_steps,
+        setup.tokenizer.pad_token_id,
+        setup.device,
+        setup.collective,
+    )

@@ -80,8 +80,10 @@ def cpu_bf16_units() -> str | None:
     if forced == "emulated":
         return None
     if forced:
-        raise UserError(f"{CPU_BF16_ENV}={os.environ[CPU_BF16_ENV]!r}: expected native or emulated (or unset it "
-                        "to read the CPU's flags)")
+        raise UserError(
+            f"{CPU_BF16_ENV}={os.environ[CPU_BF16_ENV]!r}: expected native or emulated (or unset it "
+            "to read the CPU's flags)"
+        )
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:

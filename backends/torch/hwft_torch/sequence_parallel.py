@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from hwft.errors import RecipeError
+from hwft_torch.unwrap import base_model
 
 
 def check_model(config, n: int) -> None:
@@ -35,11 +36,15 @@ def check_model(config, n: int) -> None:
     heads = text.num_attention_heads
     kv = getattr(text, "num_key_value_heads", None) or heads
     if heads % n:
-        raise RecipeError(f"parallel.sequence_parallel {n}: the model has {heads} attention heads, which do not "
-                          f"split over {n} ranks; use a divisor of {heads}")
+        raise RecipeError(
+            f"parallel.sequence_parallel {n}: the model has {heads} attention heads, which do not "
+            f"split over {n} ranks; use a divisor of {heads}"
+        )
     if kv % n and n % kv:
-        raise RecipeError(f"parallel.sequence_parallel {n}: the model's {kv} key/value heads neither split over "
-                          f"{n} ranks nor replicate onto them; use a divisor or a multiple of {kv}")
+        raise RecipeError(
+            f"parallel.sequence_parallel {n}: the model's {kv} key/value heads neither split over "
+            f"{n} ranks nor replicate onto them; use a divisor or a multiple of {kv}"
+        )
 
 
 def register(model, n: int, micro_batch_size: int):
@@ -56,9 +61,10 @@ def register(model, n: int, micro_batch_size: int):
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.comm.init_distributed(dist_backend=torch.distributed.get_backend(), verbose=False)
     plain = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    UlyssesSPAttentionHF.register_with_transformers(base, "sdpa", n, micro_batch_size, seq_length_is_variable=True,
-                                                    disable_in_eval=True)
+    base = base_model(model)
+    UlyssesSPAttentionHF.register_with_transformers(
+        base, "sdpa", n, micro_batch_size, seq_length_is_variable=True, disable_in_eval=True
+    )
 
     def undo() -> None:
         ALL_ATTENTION_FUNCTIONS["sdpa"] = plain

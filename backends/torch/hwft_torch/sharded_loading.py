@@ -39,11 +39,12 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from hwft.errors import ModelError
-from hwft.methods import method
+from hwft.methods.lookup import method
 from hwft.recipe import Recipe
 
 
@@ -132,7 +133,8 @@ class ShardedWeights:
                 self._read(self.folder / file, slots, device, local)
         unique = {id(p): local(p) for p in model.parameters()}
         self.held_bytes = sum(t.numel() * t.element_size() for t in unique.values()) + sum(
-            quantisation_state_bytes(slot.module.quant_state) for slot in self.slots if slot.quantised)
+            quantisation_state_bytes(slot.module.quant_state) for slot in self.slots if slot.quantised
+        )
 
     def _read(self, file: Path, slots: list[Slot], device, local) -> None:
         from safetensors import safe_open
@@ -160,10 +162,12 @@ class ShardedWeights:
         quantize_4bit); the module keeps the state, the caller this rank's rows of the bytes."""
         import bitsandbytes.functional as bnb_functional
 
-        module = slot.module
+        module: Any = slot.module  # a Linear4bit with the fields _quantise_skeleton gave it
         packed, state = bnb_functional.quantize_4bit(
-            weight.to(device=device, dtype=torch.float32).contiguous(), blocksize=module.quant_blocksize,
-            compress_statistics=module.quant_compress_statistics, quant_type=module.quant_type_name,
+            weight.to(device=device, dtype=torch.float32).contiguous(),
+            blocksize=module.quant_blocksize,
+            compress_statistics=module.quant_compress_statistics,
+            quant_type=module.quant_type_name,
             quant_storage=module.quant_storage,
         )
         module.quant_state = state
@@ -179,8 +183,17 @@ def quantisation_state_bytes(state) -> int:
     return own + quantisation_state_bytes(getattr(state, "state2", None))
 
 
-def skeleton(folder: Path, recipe: Recipe, head, tuning: str, compute_dtype: torch.dtype, load_kwargs: dict,
-             device: torch.device, rank: int, world_size: int):
+def skeleton(
+    folder: Path,
+    recipe: Recipe,
+    head,
+    tuning: str,
+    compute_dtype: torch.dtype,
+    load_kwargs: dict,
+    device: torch.device,
+    rank: int,
+    world_size: int,
+):
     """(the model with no weights loaded and its tuning applied, its :class:`ShardedWeights`), or
     (None, why) when the checkpoint's names do not match the model's."""
     from accelerate import init_empty_weights
@@ -188,8 +201,9 @@ def skeleton(folder: Path, recipe: Recipe, head, tuning: str, compute_dtype: tor
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=recipe.model.trust_remote_code)
     with init_empty_weights(include_buffers=False):
-        model = head.auto_class().from_config(config, dtype=torch.float32,
-                                              trust_remote_code=recipe.model.trust_remote_code, **load_kwargs)
+        model = head.auto_class().from_config(
+            config, dtype=torch.float32, trust_remote_code=recipe.model.trust_remote_code, **load_kwargs
+        )
     model.tie_weights()  # as from_pretrained ties them once loaded (a tied output layer has no tensor of its own)
     if tuning == "qlora":
         _quantise_skeleton(model, recipe, compute_dtype)
@@ -217,8 +231,9 @@ def _quantise_skeleton(model, recipe: Recipe, compute_dtype: torch.dtype) -> Non
     """transformers' bitsandbytes quantizer on the skeleton, as from_pretrained runs it: its
     linear layers become ``Linear4bit``; each weight then becomes a meta tensor of the packed
     4-bit shape (what FSDP2 shards), the layer remembering how to quantise it."""
-    import bitsandbytes as bnb
-    from transformers.quantizers import AutoHfQuantizer
+    from bitsandbytes.nn.modules import Linear4bit
+    from bitsandbytes.nn.modules import Params4bit as _Params4bit
+    from transformers.quantizers.auto import AutoHfQuantizer
 
     from hwft_torch.modeling import quantization_config
 
@@ -226,17 +241,25 @@ def _quantise_skeleton(model, recipe: Recipe, compute_dtype: torch.dtype) -> Non
     quantizer.preprocess_model(model, device_map={"": "cpu"})
     quantizer.postprocess_model(model)
     model.hf_quantizer = quantizer
+    # Params4bit's __new__ takes the quantisation fields; type checkers read Parameter's __init__.
+    params4bit: Any = _Params4bit
     for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            weight = module.weight
+        if isinstance(module, Linear4bit):
+            weight: Any = module.weight  # a Params4bit
             module.quant_blocksize = weight.blocksize
             module.quant_compress_statistics = weight.compress_statistics
             module.quant_type_name = weight.quant_type
             elements = module.in_features * module.out_features
             packed = torch.empty(((elements + 1) // 2, 1), dtype=weight.quant_storage, device="meta")
-            module.weight = bnb.nn.Params4bit(
-                packed, requires_grad=False, blocksize=weight.blocksize, compress_statistics=weight.compress_statistics,
-                quant_type=weight.quant_type, quant_storage=weight.quant_storage, module=module, bnb_quantized=True,
+            module.weight = params4bit(
+                packed,
+                requires_grad=False,
+                blocksize=weight.blocksize,
+                compress_statistics=weight.compress_statistics,
+                quant_type=weight.quant_type,
+                quant_storage=weight.quant_storage,
+                module=module,
+                bnb_quantized=True,
             )
 
 
@@ -273,8 +296,9 @@ def load_skeleton(path: Path, recipe: Recipe, device: torch.device, tuning: str,
         return None, why
     head = HEADS[method(recipe.method.objective).head]
     try:
-        model, weights = skeleton(path, recipe, head, tuning, compute_dtype, built_as(path, recipe),
-                                                  device, world.rank, world.size)
+        model, weights = skeleton(
+            path, recipe, head, tuning, compute_dtype, built_as(path, recipe), device, world.rank, world.size
+        )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load a {head.what} from {path}: {exc}") from None
     if model is None:

@@ -95,8 +95,10 @@ class DataKinds:
         try:
             return self.by_name[name]
         except KeyError:
-            raise UserError(f"no data kind named {name!r} is registered (registered: {', '.join(self.by_name)}; "
-                            "plugins add more through hwft_register_data_kinds)") from None
+            raise UserError(
+                f"no data kind named {name!r} is registered (registered: {', '.join(self.by_name)}; "
+                "plugins add more through hwft_register_data_kinds)"
+            ) from None
 
     def of(self, example: Any) -> DataKind:
         """The record of ``example``'s kind."""
@@ -106,8 +108,16 @@ class DataKinds:
         return name in self.by_name
 
     def to_json(self) -> list[dict]:
-        return [{"name": k.name, "example": k.example.__name__, "sequences": k.sequences,
-                 "plugin": self.owners.get(k.name), "description": k.description} for k in self.by_name.values()]
+        return [
+            {
+                "name": k.name,
+                "example": k.example.__name__,
+                "sequences": k.sequences,
+                "plugin": self.owners.get(k.name),
+                "description": k.description,
+            }
+            for k in self.by_name.values()
+        ]
 
 
 def collect_kinds(pm) -> DataKinds:
@@ -119,23 +129,22 @@ def collect_kinds(pm) -> DataKinds:
 
         def register(kind: DataKind, _plugin=plugin) -> None:
             if not isinstance(kind, DataKind):
-                raise UserError(f"plugin {_plugin}: hwft_register_data_kinds registered {type(kind).__name__}, "
-                                "not an hwft.data.kinds.DataKind")
+                raise UserError(
+                    f"plugin {_plugin}: hwft_register_data_kinds registered {type(kind).__name__}, "
+                    "not an hwft.data.kinds.DataKind"
+                )
             if kind.name in found.by_name:
-                raise UserError(f"data kind '{kind.name}' is registered twice (by plugin '{found.owners[kind.name]}' "
-                                f"and by '{_plugin}'); disable one with HWFT_DISABLE_PLUGINS")
+                raise UserError(
+                    f"data kind '{kind.name}' is registered twice (by plugin '{found.owners[kind.name]}' "
+                    f"and by '{_plugin}'); disable one with HWFT_DISABLE_PLUGINS"
+                )
             if getattr(kind.example, "kind", None) != kind.name:
-                raise UserError(f"plugin {_plugin}: data kind '{kind.name}': its example class "
-                                f"{kind.example.__name__} says kind {getattr(kind.example, 'kind', None)!r}")
+                raise UserError(
+                    f"plugin {_plugin}: data kind '{kind.name}': its example class "
+                    f"{kind.example.__name__} says kind {getattr(kind.example, 'kind', None)!r}"
+                )
             found.by_name[kind.name] = kind
             found.owners[kind.name] = _plugin
 
         impl.function(register=register)
     return found
-
-
-def kinds() -> DataKinds:
-    """The data kinds of the process-wide plugin host."""
-    from hwft.plugins import get_host
-
-    return get_host().data_kinds()

@@ -18,18 +18,48 @@ hookimpl = pluggy.HookimplMarker("hwft")
 SEQUENCES = "hwft.data.kinds.sequences:sequence_batches"
 
 BUILTIN = (
-    DataKind("chat", "a conversation ending with the assistant; the loss on its assistant turns", ChatExample,
-             SEQUENCES, encode="hwft.data.kinds.chat:encode"),
-    DataKind("text", "plain text, every token a label, split into max_length chunks", TextExample, SEQUENCES,
-             encode="hwft.data.kinds.text:encode"),
-    DataKind("tokens", "token ids, tokenised already, every token a label", TokensExample, SEQUENCES,
-             encode="hwft.data.kinds.tokens:encode"),
-    DataKind("preference", "prompt turns with a chosen and a rejected answer", PreferenceExample,
-             "hwft.data.kinds.preference:preference_batches", inspect="hwft.data.kinds.preference:inspect"),
-    DataKind("feedback", "prompt turns with one answer, desirable or not", FeedbackExample,
-             "hwft.data.kinds.feedback:feedback_batches", inspect="hwft.data.kinds.feedback:inspect"),
-    DataKind("prompt", "prompt turns with an optional reference answer, sampled from while training", PromptExample,
-             "hwft.data.kinds.prompt:prompt_batches", inspect="hwft.data.kinds.prompt:inspect"),
+    DataKind(
+        "chat",
+        "a conversation ending with the assistant; the loss on its assistant turns",
+        ChatExample,
+        SEQUENCES,
+        encode="hwft.data.kinds.chat:encode",
+    ),
+    DataKind(
+        "text",
+        "plain text, every token a label, split into max_length chunks",
+        TextExample,
+        SEQUENCES,
+        encode="hwft.data.kinds.text:encode",
+    ),
+    DataKind(
+        "tokens",
+        "token ids, tokenised already, every token a label",
+        TokensExample,
+        SEQUENCES,
+        encode="hwft.data.kinds.tokens:encode",
+    ),
+    DataKind(
+        "preference",
+        "prompt turns with a chosen and a rejected answer",
+        PreferenceExample,
+        "hwft.data.kinds.preference:preference_batches",
+        inspect="hwft.data.kinds.preference:inspect",
+    ),
+    DataKind(
+        "feedback",
+        "prompt turns with one answer, desirable or not",
+        FeedbackExample,
+        "hwft.data.kinds.feedback:feedback_batches",
+        inspect="hwft.data.kinds.feedback:inspect",
+    ),
+    DataKind(
+        "prompt",
+        "prompt turns with an optional reference answer, sampled from while training",
+        PromptExample,
+        "hwft.data.kinds.prompt:prompt_batches",
+        inspect="hwft.data.kinds.prompt:inspect",
+    ),
 )
 
 

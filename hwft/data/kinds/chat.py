@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hwft.data.chat import ChatRenderer, Message, TokenizeStats, Tokenized
+from hwft.data.chat import ChatRenderer, Message, Tokenized, TokenizeStats
 from hwft.data.kinds import Example
 
 

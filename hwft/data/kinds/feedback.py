@@ -6,9 +6,9 @@ instead, which needs two rows per micro-batch."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from hwft.data.chat import ChatRenderer, Message, TokenizeStats, Tokenized, empty_error
+from hwft.data.chat import ChatRenderer, Message, Tokenized, TokenizeStats, empty_error
 from hwft.data.kinds.chat import ChatExample, Turns
 from hwft.data.pipeline import Batches, epochs_of, truncate
 from hwft.errors import DataError
@@ -19,11 +19,11 @@ class FeedbackExample(Turns):
     """``messages``: the prompt turns; ``completion``: the answer; ``label``: desirable or not."""
 
     kind = "feedback"
-    completion: list[Message] | None = None
-    label: bool | None = None
+    completion: list[Message] = field(default_factory=list)
+    label: bool = False
 
     def turns(self) -> list[Message]:
-        return self.messages + (self.completion or [])
+        return self.messages + self.completion
 
 
 @dataclass
@@ -49,8 +49,9 @@ def tokenize_answer(renderer: ChatRenderer, example: FeedbackExample, answer: li
     return renderer.tokenize(ChatExample(turns, example.tools, source=example.source), len(example.messages))
 
 
-def feedback_items(examples: list[FeedbackExample], renderer: ChatRenderer,
-                   max_length: int) -> tuple[list[FeedbackItem], TokenizeStats]:
+def feedback_items(
+    examples: list[FeedbackExample], renderer: ChatRenderer, max_length: int
+) -> tuple[list[FeedbackItem], TokenizeStats]:
     """Each example's prompt with its own answer and with the answer of the example before it.
     Both sequences are cut to ``max_length``; an example whose own answer has no token left is
     dropped (counted)."""

@@ -3,9 +3,9 @@ rendered as two sequences that share the prompt's tokens, labels on the answers 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from hwft.data.chat import ChatRenderer, Message, TokenizeStats, Tokenized, empty_error
+from hwft.data.chat import ChatRenderer, Message, Tokenized, TokenizeStats, empty_error
 from hwft.data.kinds.chat import ChatExample, Turns
 from hwft.data.pipeline import Batches, epochs_of, truncate
 
@@ -15,11 +15,11 @@ class PreferenceExample(Turns):
     """``messages``: the prompt turns; ``chosen`` / ``rejected``: the assistant turns after them."""
 
     kind = "preference"
-    chosen: list[Message] | None = None
-    rejected: list[Message] | None = None
+    chosen: list[Message] = field(default_factory=list)
+    rejected: list[Message] = field(default_factory=list)
 
     def turns(self) -> list[Message]:
-        return self.messages + (self.chosen or []) + (self.rejected or [])
+        return self.messages + self.chosen + self.rejected
 
 
 @dataclass
@@ -41,18 +41,20 @@ def tokenize_pair(renderer: ChatRenderer, example: PreferenceExample) -> Prefere
     """Prompt + chosen and prompt + rejected, labels on the answers only."""
     n = len(example.messages)
     chosen = renderer.tokenize(ChatExample(example.messages + example.chosen, example.tools, source=example.source), n)
-    rejected = renderer.tokenize(ChatExample(example.messages + example.rejected, example.tools, source=example.source),
-                                 n)
+    rejected = renderer.tokenize(
+        ChatExample(example.messages + example.rejected, example.tools, source=example.source), n
+    )
     shared = 0
-    for a, b in zip(chosen.input_ids, rejected.input_ids):
+    for a, b in zip(chosen.input_ids, rejected.input_ids, strict=False):  # up to the shorter
         if a != b:
             break
         shared += 1
     return PreferencePair(chosen, rejected, shared)
 
 
-def preference_pairs(examples: list[PreferenceExample], renderer: ChatRenderer,
-                     max_length: int) -> tuple[list[PreferencePair], TokenizeStats]:
+def preference_pairs(
+    examples: list[PreferenceExample], renderer: ChatRenderer, max_length: int
+) -> tuple[list[PreferencePair], TokenizeStats]:
     """Tokenised pairs, both answers cut to ``max_length``; a pair whose chosen or rejected answer
     has no token left is dropped (counted)."""
     stats = TokenizeStats()
@@ -61,8 +63,11 @@ def preference_pairs(examples: list[PreferenceExample], renderer: ChatRenderer,
         pair = tokenize_pair(renderer, example)
         if max(len(pair.chosen.input_ids), len(pair.rejected.input_ids)) > max_length:
             stats.truncated += 1
-            pair = PreferencePair(truncate(pair.chosen, max_length), truncate(pair.rejected, max_length),
-                                  min(pair.prompt_length, max_length))
+            pair = PreferencePair(
+                truncate(pair.chosen, max_length),
+                truncate(pair.rejected, max_length),
+                min(pair.prompt_length, max_length),
+            )
         if not (pair.chosen.num_labels and pair.rejected.num_labels):
             stats.dropped += 1
             continue

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hwft.data.chat import IGNORE_INDEX, ChatRenderer, TokenizeStats, Tokenized
+from hwft.data.chat import IGNORE_INDEX, ChatRenderer, Tokenized, TokenizeStats
 from hwft.data.kinds.chat import Turns
 from hwft.data.pipeline import Batches, epochs_of
 from hwft.errors import DataError, RecipeError
@@ -39,8 +39,9 @@ class Prompt:
         return (self,)
 
 
-def prompt_items(examples: list[PromptExample], renderer: ChatRenderer, max_prompt_length: int,
-                 objective: str) -> tuple[list[Prompt], TokenizeStats]:
+def prompt_items(
+    examples: list[PromptExample], renderer: ChatRenderer, max_prompt_length: int, objective: str
+) -> tuple[list[Prompt], TokenizeStats]:
     """Prompt token ids (rendered with the generation prompt); prompts longer than
     ``max_prompt_length`` are dropped (counted). ``objective``: the method whose section sets
     max_new_tokens (named in the message)."""

@@ -9,22 +9,31 @@ streaming: example stream -> windows of ``shuffle_buffer`` -> the same per windo
 from __future__ import annotations
 
 from hwft.data.batching import batches_per_epoch, make_rows, micro_batches, streamed_batches, total_steps
-from hwft.data.chat import ChatRenderer, TokenizeStats, Tokenized, empty_error
-from hwft.data.kinds import DataKinds, Example, kinds
+from hwft.data.chat import ChatRenderer, Tokenized, TokenizeStats, empty_error
+from hwft.data.kinds import DataKinds, Example
 from hwft.data.pipeline import Batches, packing_enabled
 
 
-def encode(example: Example, renderer: ChatRenderer, max_length: int, stats: TokenizeStats,
-           registry: DataKinds | None = None) -> list[Tokenized]:
+def registered() -> DataKinds:
+    """The data kinds of the process-wide plugin host."""
+    from hwft.plugins import get_host
+
+    return get_host().data_kinds()
+
+
+def encode(
+    example: Example, renderer: ChatRenderer, max_length: int, stats: TokenizeStats, registry: DataKinds | None = None
+) -> list[Tokenized]:
     """The sequences of one example, by its kind's record."""
-    return (registry or kinds()).of(example).encode_one(example, renderer, max_length, stats)
+    return (registry or registered()).of(example).encode_one(example, renderer, max_length, stats)
 
 
-def tokenize_examples(examples: list[Example], renderer: ChatRenderer,
-                      max_length: int) -> tuple[list[Tokenized], TokenizeStats]:
+def tokenize_examples(
+    examples: list[Example], renderer: ChatRenderer, max_length: int
+) -> tuple[list[Tokenized], TokenizeStats]:
     """Tokenise, mask and truncate; examples with nothing left to learn are dropped."""
     stats = TokenizeStats()
-    registry = kinds()
+    registry = registered()
     out: list[Tokenized] = []
     for example in examples:
         out += encode(example, renderer, max_length, stats, registry)
@@ -49,14 +58,20 @@ def sequence_batches(data, renderer: ChatRenderer, recipe, ranks: int = 1, capab
     t = recipe.train
     packing = packing_enabled(recipe, capability) if capability is not None else bool(recipe.data.packing)
     group = recipe.data.group_by_length and not packing
-    registry = kinds()
+    registry = registered()
     if data.streaming:
         for example in data.examples:  # the rows checked up front tokenise, or fail now
             encode(example, renderer, t.max_length, TokenizeStats(), registry)
         # Counts over an endless stream would only grow; each example gets a throwaway tally.
         iterator = streamed_batches(
-            data.stream(t.seed), lambda e: encode(e, renderer, t.max_length, TokenizeStats(), registry), t.max_length,
-            packing, t.micro_batch_size, t.seed, recipe.data.shuffle_buffer, group,
+            data.stream(t.seed),
+            lambda example: encode(example, renderer, t.max_length, TokenizeStats(), registry),
+            t.max_length,
+            packing,
+            t.micro_batch_size,
+            t.seed,
+            recipe.data.shuffle_buffer,
+            group,
         )
         return Batches(iterator, t.max_steps, None, None, packing)
     tokenized, stats = tokenize_examples(data.examples, renderer, t.max_length)

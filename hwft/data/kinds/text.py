@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hwft.data.chat import IGNORE_INDEX, ChatRenderer, TokenizeStats, Tokenized
+from hwft.data.chat import IGNORE_INDEX, ChatRenderer, Tokenized, TokenizeStats
 from hwft.data.kinds import Example
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hwft.data.chat import ChatRenderer, TokenizeStats, Tokenized
+from hwft.data.chat import ChatRenderer, Tokenized, TokenizeStats
 from hwft.data.kinds import Example
 from hwft.data.kinds.text import chunks_of
 

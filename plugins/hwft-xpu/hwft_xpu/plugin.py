@@ -2,7 +2,8 @@
 writes a device plugin, with the public API only (hwft.records, hwft_torch.runtime).
 
 - **Detection** (:func:`probe`): no torch import when the plugin registers; a CPU-only torch
-  wheel (``+cpu``) is answered from its version alone; otherwise the probe imports torch, then asks ``torch.xpu.is_available()`` and reads each device's properties (name,
+  wheel (``+cpu``) is answered from its version alone; otherwise the probe imports torch, then asks
+  ``torch.xpu.is_available()`` and reads each device's properties (name,
   memory, bf16 from ``torch.xpu.is_bf16_supported()``). Unavailable: the reason (no XPU build of
   torch, no device or driver).
 - **Collective:** ``xccl``, built into torch's XPU builds from 2.8; older builds use oneCCL's
@@ -32,13 +33,16 @@ BNB_XPU = (0, 48)
 @cache
 def probe() -> Availability:
     if importlib.util.find_spec("torch") is None:
-        return Availability(False, "torch is not installed (pip install torch --index-url "
-                                   "https://download.pytorch.org/whl/xpu)")
+        return Availability(
+            False, "torch is not installed (pip install torch --index-url https://download.pytorch.org/whl/xpu)"
+        )
     version = importlib.metadata.version("torch")
     if version.endswith("+cpu"):
         # A CPU-only wheel has no XPU runtime: say so without importing torch (seconds, cold).
-        return Availability(False, f"no Intel XPU: torch {version} is a CPU-only build (install torch's XPU "
-                                   "build and Intel's GPU driver)")
+        return Availability(
+            False,
+            f"no Intel XPU: torch {version} is a CPU-only build (install torch's XPU build and Intel's GPU driver)",
+        )
     import torch
 
     xpu = getattr(torch, "xpu", None)
@@ -46,15 +50,20 @@ def probe() -> Availability:
         return Availability(False, f"torch {torch.__version__} has no torch.xpu (needs torch 2.5 or newer)")
     if not xpu.is_available():
         build = "a CPU-only build" if torch.__version__.endswith("+cpu") else "built without XPU or sees no device"
-        return Availability(False, f"no Intel XPU: torch.xpu.is_available() is False (torch {torch.__version__} is "
-                                   f"{build}; install torch's XPU build and Intel's GPU driver)")
+        return Availability(
+            False,
+            f"no Intel XPU: torch.xpu.is_available() is False (torch {torch.__version__} is "
+            f"{build}; install torch's XPU build and Intel's GPU driver)",
+        )
     devices = []
     for i in range(xpu.device_count()):
         props = xpu.get_device_properties(i)
         devices.append({"index": i, "name": props.name, "memory_gb": round(props.total_memory / 2**30, 1)})
-    return Availability(True, devices=tuple(devices),
-                        details={"torch": torch.__version__, "bf16": bool(xpu.is_bf16_supported()),
-                                 "collective": collective()})
+    return Availability(
+        True,
+        devices=tuple(devices),
+        details={"torch": torch.__version__, "bf16": bool(xpu.is_bf16_supported()), "collective": collective()},
+    )
 
 
 def collective() -> str:
@@ -85,9 +94,12 @@ def capability() -> Capability:
     fields = torch_fields(bitsandbytes_xpu())
     bf16 = ("bf16",) if avail.details.get("bf16", True) else ()
     return Capability(
-        **fields, dtypes=("fp32", *bf16, "fp16"), attention=("eager", "sdpa"),
+        **fields,
+        dtypes=("fp32", *bf16, "fp16"),
+        attention=("eager", "sdpa"),
         optimizers=("adamw", "fused_adamw", "sgd"),
-        collective=avail.details.get("collective", "xccl"), packing=True,
+        collective=avail.details.get("collective", "xccl"),
+        packing=True,
     )
 
 
@@ -123,7 +135,17 @@ def launch(spec, argv: list[str]) -> int:
 
 @hookimpl
 def hwft_register_backends(register):
-    register(Backend(
-        "xpu", "torch", "torch on Intel GPUs (torch.xpu), from the hwft-xpu plugin", PRIORITY_ACCELERATOR,
-        probe, capability, train, accelerator=True, launch=launch, inference=inference,
-    ))
+    register(
+        Backend(
+            "xpu",
+            "torch",
+            "torch on Intel GPUs (torch.xpu), from the hwft-xpu plugin",
+            PRIORITY_ACCELERATOR,
+            probe,
+            capability,
+            train,
+            accelerator=True,
+            launch=launch,
+            inference=inference,
+        )
+    )

@@ -63,5 +63,15 @@ def inference(trained, precision: str = "auto"):
 
 @hookimpl
 def hwft_register_backends(register):
-    register(Backend("template", "torch", "the device plugin template (torch on the CPU)", PRIORITY,
-                     probe, capability, train, inference=inference))
+    register(
+        Backend(
+            "template",
+            "torch",
+            "the device plugin template (torch on the CPU)",
+            PRIORITY,
+            probe,
+            capability,
+            train,
+            inference=inference,
+        )
+    )

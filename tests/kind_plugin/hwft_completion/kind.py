@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hwft.data.chat import IGNORE_INDEX, ChatRenderer, TokenizeStats, Tokenized
+from hwft.data.chat import IGNORE_INDEX, ChatRenderer, Tokenized, TokenizeStats
 from hwft.data.formats import DataFormat
 from hwft.data.kinds import DataKind, Example
 
@@ -17,7 +17,9 @@ class CompletionExample(Example):
     completion: str
 
 
-def encode(example: CompletionExample, renderer: ChatRenderer, max_length: int, stats: TokenizeStats) -> list[Tokenized]:
+def encode(
+    example: CompletionExample, renderer: ChatRenderer, max_length: int, stats: TokenizeStats
+) -> list[Tokenized]:
     """Prompt tokens (no labels), then the completion's and the end-of-sequence token (labels),
     cut to ``max_length``; dropped where no completion token is left."""
     tokenizer = renderer.tokenizer
@@ -39,8 +41,17 @@ def parse(row: dict, mapping) -> CompletionExample:
     return CompletionExample(row[mapping.col("prompt")], row[mapping.col("completion")])
 
 
-KIND = DataKind("completion", "a prompt and its completion as plain text, the loss on the completion",
-                CompletionExample, "hwft.data.kinds.sequences:sequence_batches", encode=encode)
-FORMAT = DataFormat("completion", "completion", parse,
-                    lambda row, m: isinstance(row.get(m.col("prompt")), str) and "completion" in row,
-                    "prompt + completion as plain text (TRL's prompt-completion rows)")
+KIND = DataKind(
+    "completion",
+    "a prompt and its completion as plain text, the loss on the completion",
+    CompletionExample,
+    "hwft.data.kinds.sequences:sequence_batches",
+    encode=encode,
+)
+FORMAT = DataFormat(
+    "completion",
+    "completion",
+    parse,
+    lambda row, m: isinstance(row.get(m.col("prompt")), str) and "completion" in row,
+    "prompt + completion as plain text (TRL's prompt-completion rows)",
+)

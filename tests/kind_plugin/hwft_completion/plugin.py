@@ -13,8 +13,14 @@ hookimpl = pluggy.HookimplMarker("hwft")
 
 ROWS = tuple({"prompt": f"{a} plus {b} is", "completion": f" {a + b}."} for a, b in ((1, 2), (2, 2), (3, 4), (5, 1)))
 
-METHOD = Method("csft", "supervised fine-tuning on prompt-completion rows (hwft-completion)", kind="completion",
-                packs=True, held_out=True, cell=Cell(ROWS))
+METHOD = Method(
+    "csft",
+    "supervised fine-tuning on prompt-completion rows (hwft-completion)",
+    kind="completion",
+    packs=True,
+    held_out=True,
+    cell=Cell(ROWS),
+)
 
 
 @hookimpl

@@ -23,14 +23,21 @@ from hwft.section import Section
 
 
 class LsftSpec(Section):
-    epsilon: float = Field(0.1, ge=0, lt=1, description="Label smoothing: the target's mass spread evenly over the vocabulary.")
+    epsilon: float = Field(
+        default=0.1, ge=0, lt=1, description="Label smoothing: the target's mass spread evenly over the vocabulary."
+    )
 
 
 ROWS = (
     {"messages": [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am hwft-bot."}]},
     {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi there, friend!"}]},
     {"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]},
-    {"messages": [{"role": "user", "content": "Count to three."}, {"role": "assistant", "content": "One, two, three."}]},
+    {
+        "messages": [
+            {"role": "user", "content": "Count to three."},
+            {"role": "assistant", "content": "One, two, three."},
+        ]
+    },
 )
 EPSILON = 0.1
 

@@ -34,12 +34,24 @@ class LabelSmoothed(Objective):
             logps = F.log_softmax(logits[keep], dim=-1)
             nll = -logps.gather(1, targets[keep][:, None]).sum()
             self.note(nll=float(nll) / max(trained, 1), smoothing=float(-logps.mean(dim=-1).sum()) / max(trained, 1))
-        return Loss(value, sum(len(r.input_ids) for r in rows), trained, sequence_pairs(rows),
-                    tuple(i for r in rows for i in r.ids))
+        return Loss(
+            value,
+            sum(len(r.input_ids) for r in rows),
+            trained,
+            sequence_pairs(rows),
+            tuple(i for r in rows for i in r.ids),
+        )
 
 
 def build(setup) -> LabelSmoothed:
     """hwft_torch.methods.Setup -> the objective."""
     recipe = setup.job.recipe
-    return LabelSmoothed(setup.batches, recipe.train.gradient_accumulation_steps, setup.tokenizer.pad_token_id,
-                         attention_implementation(recipe), setup.device, recipe.method.lsft.epsilon, setup.collective)
+    return LabelSmoothed(
+        setup.batches,
+        recipe.train.gradient_accumulation_steps,
+        setup.tokenizer.pad_token_id,
+        attention_implementation(recipe),
+        setup.device,
+        recipe.method.lsft.epsilon,
+        setup.collective,
+    )
