@@ -6,10 +6,12 @@ cd "$(dirname "$0")/.."
 # while the set-up and the longer tests run (tests/test_board.py waits for it).
 bash ci/browser.sh --background
 bash ci/setup.sh
-# The habits first (a few seconds, then half a minute): ruff's lint and format, and pyright in
-# basic mode on hwft/ and backends/ (settings in pyproject.toml; .pre-commit-config.yaml runs
-# the same). ci/lint.sh --fix repairs what ruff can.
-bash ci/lint.sh
+# The habits: ruff's lint and format, and pyright in basic mode on hwft/ and backends/ (settings
+# in pyproject.toml; .pre-commit-config.yaml runs the same; ci/lint.sh --fix repairs what ruff
+# can). Beside the tests rather than before them: pyright's half minute of one core overlaps the
+# workers' start. Its outcome is reported, and decides, after the tests.
+bash ci/lint.sh > .venv/lint.log 2>&1 &
+lint=$!
 # Two workers (pytest-xdist), each taking whole test modules, longest first (tests/conftest.py):
 # much of the suite waits on processes it started or on Python itself, so CI's two cores stay
 # busy. HWFT_TEST_WORKERS=0 runs everything in this one process.
@@ -22,5 +24,14 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 # peft and the rest from source again, about 4 s of each one's start (a 2-step tiny run: 15 s
 # with it, 10 s without).
 unset PYTHONDONTWRITEBYTECODE
-exec .venv/bin/python -m pytest -q -p no:cacheprovider -n "${HWFT_TEST_WORKERS:-2}" --dist loadscope \
-    --no-loadscope-reorder "$@"
+status=0
+.venv/bin/python -m pytest -q -p no:cacheprovider -n "${HWFT_TEST_WORKERS:-2}" --dist loadscope \
+    --no-loadscope-reorder "$@" || status=$?
+if wait "$lint"; then
+    tail -n 1 .venv/lint.log
+else
+    cat .venv/lint.log
+    echo "ci/lint.sh failed: ruff or pyright found the problems above (bash ci/lint.sh --fix repairs ruff's)" >&2
+    status=$((status == 0 ? 1 : status))
+fi
+exit "$status"
