@@ -96,6 +96,29 @@ class GroupRelative(Objective):
         self.eos_ids = stop_token_ids(tokenizer)
         self.batch: list[Rollouts] = []
 
+    @classmethod
+    def from_setup(cls, setup, spec, reference: Reference | None):
+        """The objective on what the torch engine's loop prepared (hwft_torch.methods.Setup):
+        the registered rewards, rollouts.jsonl written by rank 0, and sharded parameters
+        generating in lockstep on every rank."""
+        from hwft.plugins import get_host
+        from hwft_torch.parallel import sharded
+
+        job, recipe = setup.job, setup.job.recipe
+        return cls(
+            setup.batches,
+            spec,
+            recipe.train.gradient_accumulation_steps,
+            setup.tokenizer,
+            get_host().rewards(),
+            setup.device,
+            reference,
+            job.run_dir.path / "rollouts.jsonl" if job.world.main else None,
+            setup.autocast,
+            setup.collective,
+            synced=sharded(recipe),
+        )
+
     def step(self, model, step: int) -> list[Rollouts]:
         if (step - 1) % self.spec.num_iterations == 0:
             self.batch = self.rollout(model, step)
@@ -201,25 +224,7 @@ class GroupRelative(Objective):
 
 
 def build(setup) -> GroupRelative:
-    """grpo on the torch engine (hwft_torch.methods.Setup -> the objective): rollouts written to
-    rollouts.jsonl by rank 0; sharded parameters generate in lockstep on every rank."""
-    from hwft.plugins import get_host
-    from hwft_torch.parallel import sharded
-
-    job, recipe = setup.job, setup.job.recipe
-    spec = recipe.method.grpo
-    reference = Reference(setup.model) if spec.beta > 0 else None
-    rollouts = job.run_dir.path / "rollouts.jsonl" if job.world.main else None
-    return GroupRelative(
-        setup.batches,
-        spec,
-        recipe.train.gradient_accumulation_steps,
-        setup.tokenizer,
-        get_host().rewards(),
-        setup.device,
-        reference,
-        rollouts,
-        setup.autocast,
-        setup.collective,
-        synced=sharded(recipe),
-    )
+    """grpo on the torch engine (hwft_torch.methods.Setup -> the objective): a frozen reference
+    where beta > 0."""
+    spec = setup.job.recipe.method.grpo
+    return GroupRelative.from_setup(setup, spec, Reference(setup.model) if spec.beta > 0 else None)

@@ -24,7 +24,6 @@ from hwft.rewards import ScoredRollouts, write_rollouts
 from hwft_torch.grpo import GroupRelative, Rollouts, completion_logps
 from hwft_torch.losses import ppo_loss, target_logps
 from hwft_torch.modeling import Reference
-from hwft_torch.parallel import sharded
 
 
 @dataclass
@@ -129,26 +128,10 @@ def build(setup) -> Proximal:
     """ppo on the torch engine (hwft_torch.methods.Setup -> the objective): the reference is
     made from the model as it is; the value head, the objective's extra, joins it after (the
     engine attaches it)."""
-    from hwft.plugins import get_host
-
-    job, recipe = setup.job, setup.job.recipe
     reference = Reference(setup.model)
     head = torch.nn.Linear(setup.model.config.hidden_size, 1)
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
-    rollouts = job.run_dir.path / "rollouts.jsonl" if job.world.main else None
-    objective = Proximal(
-        setup.batches,
-        recipe.method.ppo,
-        recipe.train.gradient_accumulation_steps,
-        setup.tokenizer,
-        get_host().rewards(),
-        setup.device,
-        reference,
-        rollouts,
-        setup.autocast,
-        setup.collective,
-        synced=sharded(recipe),
-    )  # sharded parameters: every rank generates in lockstep
+    objective = Proximal.from_setup(setup, setup.job.recipe.method.ppo, reference)
     objective.extras = (replace(VALUE_HEAD, module=head),)
     return objective
