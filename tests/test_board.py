@@ -125,6 +125,12 @@ def wait_for(condition, timeout: float = 60, what: str = "the page"):
     raise AssertionError(f"timed out waiting for {what} ({last!r})")
 
 
+def read(value, what: str = "the page"):
+    """Read what the page may be re-rendering (the runs table redraws every 1.5 s): again on a
+    stale element."""
+    return wait_for(lambda: [value()], 10, what)[0]
+
+
 def click(driver, css: str, what: str) -> None:
     """Click what the page may be re-rendering (the runs table redraws every 1.5 s): again on a
     stale element."""
@@ -231,10 +237,10 @@ def test_build_run_watch_stop_resume_and_chat_in_a_browser(board, browser, works
     wait_for(lambda: find(By.CSS_SELECTOR, row).get_attribute("data-state") == "running", 120, "the run to start")
     step = lambda: int((find(By.CSS_SELECTOR, f"{row} .step").text or "0/").split("/")[0] or 0)  # noqa: E731
     wait_for(lambda: step() >= 3, 120, "the first steps")
-    assert find(By.CSS_SELECTOR, f"{row} .step").text.endswith(f"/{STEPS}")
+    assert read(lambda: find(By.CSS_SELECTOR, f"{row} .step").text, "the step").endswith(f"/{STEPS}")
     click(d, f'{row} button[data-action="stop"]', "Stop")
     wait_for(lambda: find(By.CSS_SELECTOR, row).get_attribute("data-state") == "stopped", 120, "the run to stop")
-    stopped_at = step()
+    stopped_at = read(step, "the step")
     assert 0 < stopped_at < STEPS
     wait_for(lambda: "stopped by SIGTERM" in find(By.ID, "run-log").text, 10, "the stop in the log")
     first_chart = find(By.ID, "run-chart").get_attribute("innerHTML")
@@ -273,8 +279,10 @@ def test_build_run_watch_stop_resume_and_chat_in_a_browser(board, browser, works
     wait_for(lambda: find(By.ID, "task-log").get_attribute("data-code") == "0", 120, "the eval")
     assert re.search(r"\| metric \| base \| fine-tuned \|", find(By.ID, "task-log").text), find(By.ID, "task-log").text
     find(By.CSS_SELECTOR, '#tabs [data-tab="machine"]').click()
-    wait_for(lambda: find(By.CSS_SELECTOR, '#machine table[data-backend="cpu"]'), what="the machine page")
-    assert "sft:" in find(By.CSS_SELECTOR, '#machine table[data-backend="cpu"]').text
+    # the page may redraw the table between finding it and reading it: read it inside the wait
+    wait_for(
+        lambda: "sft:" in find(By.CSS_SELECTOR, '#machine table[data-backend="cpu"]').text, what="the machine page"
+    )
     shot(d, "machine")
 
 
