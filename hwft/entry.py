@@ -3,8 +3,11 @@ and a command run so that a user error or a failed run is one line and its exit 
 
 from __future__ import annotations
 
+import os
 import sys
+import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 from hwft.errors import USER_ERROR_EXIT_CODE, RunFailed, UserError
 from hwft.storage import access_error
@@ -35,9 +38,42 @@ def guarded(command: Callable[[], int], debug: bool = False) -> int:
     except KeyboardInterrupt:
         print("hwft: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # a read or write the storage refused that no command explained
-        error = access_error(exc)
-        if error is None or debug:
+    except BrokenPipeError:  # `hwft env | head`: the caller says nothing more
+        raise
+    except Exception as exc:
+        if debug:
             raise
-        print(f"hwft: error: {error}", file=sys.stderr)
-        return USER_ERROR_EXIT_CODE
+        error = access_error(exc)  # a read or write the storage refused that no command explained
+        if error is not None:
+            print(f"hwft: error: {error}", file=sys.stderr)
+            return USER_ERROR_EXIT_CODE
+        if os.environ.get("HWFT_TRACEBACKS") == "1":
+            traceback.print_exc()
+        print(f"hwft: error: {failure(exc)}", file=sys.stderr)
+        return FAILURE_EXIT_CODE
+
+
+#: The exit code of a failure that is not the user's (a library's exception hwft did not expect).
+FAILURE_EXIT_CODE = 1
+
+
+def failure(exc: BaseException) -> str:
+    """One line for an exception no part of hwft explained: what it is, where it was raised (the
+    module and line of the deepest frame, usually a library's), and how to see the rest.
+
+    ``--debug`` re-raises it with its traceback; ``HWFT_TRACEBACKS=1`` prints the traceback
+    before this line (the test suite sets it, so a failing test shows where)."""
+    message = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {message[0]}" if message else type(exc).__name__
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = ""
+    if frames:
+        last = frames[-1]
+        parts = Path(last.filename).parts
+        cut = next((i for i in range(len(parts) - 1, -1, -1) if parts[i] in ("site-packages", "dist-packages")), None)
+        shown = "/".join(parts[cut + 1 :]) if cut is not None else "/".join(parts[-3:])
+        where = f" (raised in {shown}:{last.lineno})"
+    return (
+        f"an unexpected failure, not a problem hwft found in your input: {text[:400]}{where}; "
+        "--debug shows the traceback"
+    )

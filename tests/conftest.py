@@ -13,6 +13,9 @@ import yaml
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# A failure hwft did not foresee is one line for a user (hwft.entry.failure); in the suite its
+# traceback is printed too, so that a failing test shows where.
+os.environ["HWFT_TRACEBACKS"] = "1"
 
 REPO = Path(__file__).resolve().parents[1]
 PEER_DATA = REPO.parent / "shared" / "peer-data"
