@@ -8,6 +8,9 @@ import json
 import shutil
 from pathlib import Path
 
+from hwft.shrink import COMMON as SHRUNK_COMMON
+from hwft.shrink import shrink
+
 #: Tokenizer files copied from the embedded model into every tiny model.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 #: The tiny models' vocabulary: SmolLM2's first 4096 tokens. With all 49152, the output layer is
@@ -53,20 +56,9 @@ def truncated_tokenizer(tokenizer: dict, size: int) -> dict:
     return {**tokenizer, "model": {**model, "vocab": vocab, "merges": merges}}
 
 
-#: What every tiny model shares: 2 layers, 64 wide, 4 query heads over 2 key/value heads.
-COMMON = dict(
-    vocab_size=TOKENIZER_SIZE,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=2,
-    tie_word_embeddings=True,
-)
+#: What every tiny model shares (hwft.shrink): 2 layers, 64 wide, 4 query heads over 2 key/value
+#: heads, the tokenizer's first TOKENIZER_SIZE ids.
+COMMON = {**SHRUNK_COMMON, "vocab_size": TOKENIZER_SIZE, "tie_word_embeddings": True}
 
 
 def tiny_families() -> dict[str, dict]:
@@ -85,14 +77,29 @@ def moe_families() -> list[str]:
     return [f for f in get_host().families().moe("torch") if f in tiny_families()]
 
 
-def tiny_config(family: str, **config_args):
-    """The transformers config of a tiny ``family`` model (a key of :func:`tiny_families`)."""
+def generic_tiny(family: str) -> dict:
+    """Tiny config keys for a model type no family record gives them for: a small model of its
+    default config (:func:`hwft.shrink.shrink`: two layers, each of a different kind where the
+    config lists a kind per layer)."""
     from transformers import AutoConfig
 
+    defaults = AutoConfig.for_model(family).to_dict()
+    return {**shrink(defaults), "tie_word_embeddings": bool(defaults.get("tie_word_embeddings", True))}
+
+
+def tiny_config(family: str, **config_args):
+    """The transformers config of a tiny ``family`` model: the family record's tiny keys (a key
+    of :func:`tiny_families`), else :func:`generic_tiny`'s for any model type transformers knows."""
+    from transformers import CONFIG_MAPPING, AutoConfig
+
     families = tiny_families()
-    if family not in families:
-        raise ValueError(f"no tiny {family} model; hwft.testing.tiny builds {', '.join(families)}")
-    return AutoConfig.for_model(family, **{**COMMON, **families[family], **config_args})
+    if family in families:
+        keys = families[family]
+    elif family in CONFIG_MAPPING:
+        keys = generic_tiny(family)
+    else:
+        raise ValueError(f"no tiny {family} model: transformers knows no such model type")
+    return AutoConfig.for_model(family, **{**COMMON, **keys, **config_args})
 
 
 def build_tiny_model(
@@ -103,7 +110,7 @@ def build_tiny_model(
     tokenizer_size: int = TOKENIZER_SIZE,
     **config_args,
 ) -> Path:
-    """A 2-layer model of ``family`` (a key of :func:`tiny_families`) in ``out``, its vocabulary the
+    """A 2-layer model of ``family`` (any model type :func:`tiny_config` knows) in ``out``, its vocabulary the
     first ``tokenizer_size`` tokens of the tokenizer in ``tokenizer_src`` (the embedded SmolLM2's
     by default); ``config_args`` override the config (rope_theta=..., or a vocab_size smaller
     than the tokenizer's, say)."""

@@ -30,7 +30,7 @@ from mlx.utils import tree_map
 from hwft import kernels, loraplus
 from hwft.data.chat import ChatRenderer
 from hwft.distributed import ALONE, Collective
-from hwft.errors import UserError
+from hwft.errors import ModelError, UserError
 from hwft.extras import write_extras
 from hwft.job import Job, Result
 from hwft.loop import EngineRun, run_steps
@@ -128,7 +128,21 @@ def prepare_model(job: Job, model_path, dtype: str) -> tuple[nn.Module, str]:
     """The model with its tuning: frozen base + LoRA (a new adapter or model.adapter), the
     base quantised first for qlora, every weight trainable (full), or some layers' (freeze)."""
     recipe, m = job.recipe, job.recipe.method
-    model, _ = load_model(model_path, recipe.model.trust_remote_code)
+    model, config = load_model(model_path, recipe.model.trust_remote_code)
+    if not family(model).known:
+        from hwft_mlx.agreement import agreement_problem
+
+        problem = agreement_problem(config)
+        if problem is not None:
+            raise ModelError(
+                f"{config.get('model_type')} is not in hwft's MLX family table, and mlx-lm's {architecture(model)} "
+                f"does not compute what transformers does: {problem}. "
+                "Train it on a torch backend (cpu, cuda, rocm, npu)"
+            )
+        job.log(
+            f"model: {config.get('model_type')} is not in hwft's MLX family table; mlx-lm's {architecture(model)} "
+            "gave transformers' logits on a small model of its config"
+        )
     if dtype != "fp32":
         model.set_dtype(DTYPES[dtype])
     detail = ""

@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from hwft.errors import ModelError
 from hwft.section import Section
 from hwft.use.exporters import Exporter, ExportOptions
 
@@ -33,18 +34,44 @@ def write_mlx(trained, staged: Path, options: ExportOptions) -> Path:
     merged = options.exporters.get("hf").make(trained, staged.parent / "merged", options)
     # mlx-lm reads rope_theta at the top of config.json; transformers 5 nests it.
     config = json.loads((merged / "config.json").read_text(encoding="utf-8"))
+    refuse_unproven(config)
     config.update(config_overrides(config))
     (merged / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     with contextlib.redirect_stdout(sys.stderr):  # mlx-lm reports progress on stdout
         bits = options.settings.bits
-        convert(
-            str(merged),
-            str(staged),
-            quantize=bits is not None,
-            q_bits=bits,
-            trust_remote_code=trained.trust_remote_code,
-        )
+        try:
+            convert(
+                str(merged),
+                str(staged),
+                quantize=bits is not None,
+                q_bits=bits,
+                trust_remote_code=trained.trust_remote_code,
+            )
+        except (TypeError, ValueError, KeyError) as exc:  # a config or weights mlx-lm's module does not take
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(
+                f"export mlx: mlx-lm cannot convert this {config.get('model_type')} model ({reason}); "
+                "export --to hf or peft instead"
+            ) from None
     return staged
+
+
+def refuse_unproven(config: dict) -> None:
+    """A family outside the MLX table exports only where mlx-lm computes what transformers does
+    (hwft_mlx.agreement): else one line, before anything is written."""
+    from hwft.plugins import get_host
+    from hwft_mlx.agreement import agreement_problem
+    from hwft_mlx.loading import mlx_architecture
+
+    architecture = mlx_architecture(config)
+    if get_host().families().lookup("mlx", architecture).known:
+        return
+    problem = agreement_problem(config)
+    if problem is not None:
+        raise ModelError(
+            f"export mlx: {config.get('model_type')} is not in hwft's MLX family table, and mlx-lm's {architecture} "
+            f"does not compute what transformers does: {problem}; export --to hf or peft instead"
+        )
 
 
 def reload_mlx(path: Path, ids: list[int], trained):

@@ -29,6 +29,8 @@ def shared_overrides(config: dict) -> dict:
     """
     rope = config.get("rope_parameters")
     out: dict = {}
+    if isinstance(rope, dict) and isinstance(rope.get("full_attention"), dict):  # one per layer type (OLMo 3)
+        rope = rope["full_attention"]  # what mlx-lm's single rope_theta means; a family record may say more
     if isinstance(rope, dict) and "rope_theta" in rope:  # flat form (not per layer type)
         if config.get("rope_theta") is None:
             out["rope_theta"] = rope["rope_theta"]
@@ -40,6 +42,75 @@ def shared_overrides(config: dict) -> dict:
     return out
 
 
+#: Names one quantity goes by across transformers' configs (as config.json holds them) and
+#: mlx-lm's ``ModelArgs``: a field mlx-lm reads that the config lacks takes the first of its
+#: group the config has. (transformers' own ``attribute_map`` of the family's config class is
+#: read too: GPT-2's ``n_embd`` is its ``hidden_size``.)
+SYNONYMS = (
+    ("max_position_embeddings", "n_positions", "n_ctx", "seq_length", "max_seq_len"),
+    ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"),
+    ("num_experts_per_tok", "moe_topk", "moe_k", "top_k"),
+    ("moe_intermediate_size", "expert_intermediate_size"),
+    ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "norm_epsilon"),
+    ("hidden_size", "n_embd", "d_model"),
+    ("num_hidden_layers", "n_layer", "n_layers"),
+    ("num_attention_heads", "n_head", "n_heads"),
+    ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "multi_query_group_num"),
+    ("intermediate_size", "n_inner", "ffn_hidden_size"),
+)
+
+
+def synonym_overrides(config: dict) -> dict:
+    """The fields of the mlx-lm ``ModelArgs`` this config loads with that the config lacks, each
+    from the key transformers keeps the same quantity under (:data:`SYNONYMS`, the config
+    class's ``attribute_map``), and ``head_dim`` from the widths where mlx-lm requires it.
+    Without this mlx-lm either refuses the config (a required field missing: GPT-2's ``n_ctx``)
+    or, worse, takes its own default for a field with one (Qwen3-MoE's expert count)."""
+    import dataclasses
+
+    from mlx_lm.utils import _get_classes
+
+    try:
+        args_class = _get_classes(config)[1]
+        fields = dataclasses.fields(args_class)
+    except (KeyError, ValueError, TypeError, SystemExit):  # SystemExit: a module that needs a package (olmo)
+        return {}
+    aliases: dict[str, list[str]] = {}
+    for group in SYNONYMS:
+        for name in group:
+            aliases.setdefault(name, []).extend(other for other in group if other != name)
+    try:
+        from transformers import AutoConfig
+
+        attribute_map = dict(getattr(AutoConfig.for_model(config["model_type"]), "attribute_map", {}) or {})
+    except (ImportError, KeyError, ValueError):
+        attribute_map = {}
+    for canonical, own in attribute_map.items():
+        aliases.setdefault(canonical, []).insert(0, own)
+        aliases.setdefault(own, []).insert(0, canonical)
+    out: dict = {}
+    for f in fields:
+        if config.get(f.name) is not None:
+            continue
+        found = next((config[a] for a in aliases.get(f.name, ()) if config.get(a) is not None), None)
+        if found is not None:
+            out[f.name] = found
+    required = {f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    for f in fields:  # a required field typed Optional that the config leaves out: None (Exaone 4's rope_scaling)
+        if f.name in required and f.name not in config and f.name not in out and "Optional" in str(f.type):
+            out[f.name] = None
+    if "rotary_dim" in required and config.get("rotary_dim") is None:  # MiniMax: the rotated part of a head
+        head = config.get("head_dim") or (config.get("hidden_size", 0) // max(1, config.get("num_attention_heads", 1)))
+        rope = config["rope_parameters"] if isinstance(config.get("rope_parameters"), dict) else {}
+        factor = config.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0
+        out["rotary_dim"] = int(head * factor)
+    if "head_dim" in required and "head_dim" not in out and config.get("head_dim") is None:
+        width, heads = config.get("hidden_size") or out.get("hidden_size"), config.get("num_attention_heads")
+        if width and heads:
+            out["head_dim"] = width // heads
+    return out
+
+
 def mlx_architecture(config: dict) -> str:
     """The mlx-lm architecture (module under mlx_lm.models) a config loads as, or its
     model_type where mlx-lm has none (loading then refuses it)."""
@@ -47,17 +118,19 @@ def mlx_architecture(config: dict) -> str:
 
     try:
         return _get_classes(config)[0].__module__.rsplit(".", 1)[-1]
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, SystemExit):  # SystemExit: mlx-lm's olmo exits where ai2-olmo is missing
         return str(config.get("model_type", ""))
 
 
 def config_overrides(config: dict) -> dict:
     """What hwft puts over a config.json before mlx-lm reads it: the keys every family shares
-    (:func:`shared_overrides`), then the family's own (``options["config"]`` of its record in
+    (:func:`shared_overrides`), the fields mlx-lm reads under other names
+    (:func:`synonym_overrides`), then the family's own (``options["config"]`` of its record in
     :mod:`hwft_mlx.families`)."""
     from hwft.plugins import get_host
 
     out = shared_overrides(config)
+    out.update(synonym_overrides({**config, **out}))
     family = get_host().families().lookup("mlx", mlx_architecture(config))
     translate = family.options.get("config")
     if translate is not None:
@@ -93,8 +166,17 @@ def load_model(path: Path, trust_remote_code: bool = False) -> tuple[nn.Module, 
         model, _ = mlx_load(
             path, model_config=config_overrides(config), trust_remote_code=trust_remote_code, strict=not random
         )
-    except (ValueError, TypeError) as exc:  # "Model type X not supported.", weight mismatches, missing args
-        raise ModelError(f"mlx-lm cannot load {path} (model_type {config.get('model_type')}): {exc}") from None
+    except SystemExit:  # mlx-lm's olmo module exits on import where the package it needs is missing
+        raise ModelError(
+            f"mlx-lm cannot load {path} (model_type {config.get('model_type')}): its module for it stopped on "
+            "import, needing a package this install lacks (mlx-lm printed which above)"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - "Model type X not supported.", weights, args: mlx-lm's words, one line
+        lines = [line.strip().rstrip(",.") for line in str(exc).strip().splitlines() if line.strip()]
+        reason = lines[0] if lines else type(exc).__name__
+        if len(lines) > 1:  # weight names, one per line after the count: the first few, on the one line
+            reason += " " + ", ".join(lines[1:4]) + (", ..." if len(lines) > 4 else "")
+        raise ModelError(f"mlx-lm cannot load {path} (model_type {config.get('model_type')}): {reason}") from None
     if isinstance(config.get("pad_token_id"), int):
         keep_padding_row(model, config["pad_token_id"])
     record_router(model, config)

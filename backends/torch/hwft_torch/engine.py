@@ -337,9 +337,37 @@ def load(run: TorchRun) -> None:
     needed = family_attention(model_type_of(path)) if recipe.kernels.attention == "auto" else None
     if needed is not None:
         job.log(f"attention: {needed[0]}, not sdpa ({needed[1]})")
+    prove_packing(run)
     if experts_implementation(model_type_of(path)):
         job.log("moe: every expert's tokens in one grouped matmul (transformers' grouped_mm experts)")
     run.inputs.batches.check_vocabulary(run.model.get_input_embeddings().num_embeddings, str(path))
+
+
+def prove_packing(run: TorchRun) -> None:
+    """A family outside the torch table packs rows only after the load-time proof
+    (:mod:`hwft_torch.packing_proof`); refused in one line where it fails. flash-attention's
+    varlen path keeps examples apart by itself, and no rows pack where the method or the recipe
+    packs none."""
+    from hwft.methods.lookup import method
+
+    job, recipe = run.job, run.job.recipe
+    model_type = model_type_of(run.inputs.model_path)
+    if get_host().families().lookup("torch", model_type).known or recipe.kernels.attention == "flash_attention_2":
+        return
+    if not method(recipe.method.objective).packs or recipe.data.packing is False:
+        return
+    from hwft_torch.packing_proof import packing_problem
+
+    problem = packing_problem(run.model, run.model.get_input_embeddings().num_embeddings)
+    if problem is not None:
+        raise RecipeError(
+            f"data.packing: transformers' {model_type} cannot keep packed examples apart here: {problem}; "
+            "set data.packing: false"
+        )
+    job.log(
+        f"packing: {model_type} is not in hwft's family table; its packed forward matched each example's own, "
+        "so rows pack"
+    )
 
 
 def fuse(run: TorchRun) -> None:

@@ -133,9 +133,22 @@ def reload_gguf(path: Path, ids: list[int], trained):
         )
         return _logits(load(path, config["model_type"], layout), ids)
     os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF reader draws a progress bar
-    return _logits(
-        AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32), ids
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    except RuntimeError as exc:
+        if layout is None or "mismatched" not in str(exc):
+            raise
+        # transformers' GGUF loader takes some config keys from its defaults (a Qwen3 head size
+        # other than 128): read the file with hwft's inverse instead, saying so
+        from hwft_torch.gguf_readback import load
+
+        print(
+            f"hwft export: --verify reads this {config['model_type']} GGUF back with hwft's inverse of its writer: "
+            "transformers' GGUF loader does not read every key of it (its shapes came out otherwise)",
+            file=sys.stderr,
+        )
+        return _logits(load(path, config["model_type"], layout), ids)
+    return _logits(model, ids)
 
 
 #: How far an export's logits may be from the trained model's (max |difference| relative to the

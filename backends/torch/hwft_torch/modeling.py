@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from hwft import lora_targets
-from hwft.errors import ModelError
+from hwft.errors import ModelError, RecipeError
 from hwft.extras import write_extras
 from hwft.methods.lookup import method
 from hwft.models import has_random_weights
@@ -60,13 +60,30 @@ HEADS = {
 
 def family_attention(model_type: str | None) -> tuple[str, str] | None:
     """(implementation, why) where the family's record (hwft_torch.families) names the
-    attention it needs because sdpa cannot serve it (Gemma 2's soft-capped scores), else None."""
+    attention it needs because sdpa cannot serve it (Gemma 2's soft-capped scores), or a
+    family without a record is one whose transformers class has no sdpa path (eager), else None."""
     from hwft.plugins import get_host
 
     family = get_host().families().lookup("torch", model_type)
     if family.attention is None:
-        return None
+        return None if family.known or supports_sdpa(model_type) else ("eager", f"{model_type} has no sdpa path")
     return family.attention, str(family.options.get("attention_why", f"{model_type} needs it"))
+
+
+def supports_sdpa(model_type: str | None) -> bool:
+    """Whether transformers' causal-LM class of ``model_type`` runs torch's SDPA (its
+    ``_supports_sdpa``, which transformers checks when it loads the model); True where the
+    class is not found, so that loading says what it says."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type or "")
+    try:
+        import transformers
+
+        cls = getattr(transformers, name) if isinstance(name, str) else None
+    except (AttributeError, ImportError):
+        cls = None
+    return cls is None or bool(getattr(cls, "_supports_sdpa", True))
 
 
 def model_type_of(path: Path) -> str | None:
@@ -271,6 +288,7 @@ def add_lora(model, recipe: Recipe):
             raise ModelError(f"model.adapter: cannot load {folder} onto this model: {exc}") from None
     spec = recipe.method.lora
     lora_targets.check(spec.target_modules, *adaptable_modules(model))
+    skipped = linears_peft_leaves_out(model) if spec.target_modules == "all-linear" else []
     config = LoraConfig(
         task_type=HEADS[method(recipe.method.objective).head].task_type,
         r=spec.r,
@@ -279,8 +297,15 @@ def add_lora(model, recipe: Recipe):
         target_modules=spec.target_modules,
         use_dora=spec.dora,
         use_rslora=spec.rslora,
+        exclude_modules=skipped or None,
     )
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:  # PEFT's own refusal: Mamba's out_proj and conv1d, say
+        raise RecipeError(
+            f"method.lora.target_modules: PEFT cannot adapt what {spec.target_modules!r} names in this model: "
+            f"{str(exc).strip().splitlines()[0]}"
+        ) from None
 
 
 def adaptable_modules(model) -> tuple[list[str], list[str]]:
@@ -298,6 +323,39 @@ def adaptable_modules(model) -> tuple[list[str], list[str]]:
         elif isinstance(module, torch.nn.Embedding):
             others.append(path)
     return linear, others
+
+
+def linears_computing_otherwise(model) -> list[str]:
+    """Module paths of the model's own Linear subclasses that override ``forward`` (Llama 4's
+    router returns its scores and its logits): Linears to PEFT's all-linear, but LoRA's wrapper
+    adds its update to one output tensor, so they are left out of it."""
+    return [
+        path
+        for path, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and type(module).forward is not torch.nn.Linear.forward
+        and type(module).__module__.startswith("transformers.")
+    ]
+
+
+def linears_peft_leaves_out(model) -> list[str]:
+    """What all-linear leaves out beyond the output layer: :func:`linears_computing_otherwise`,
+    and the layers PEFT's own check refuses LoRA on for this model (the out_proj of Mamba's
+    mixers, whose fused kernels bypass LoRA's wrapper), so that all-linear adapts the rest."""
+    skipped = linears_computing_otherwise(model)
+    try:  # PEFT's rule, read from PEFT rather than copied (a private helper: absent, nothing more is skipped)
+        from peft import LoraConfig
+        from peft.tuners.tuners_utils import _check_lora_target_modules_mamba
+    except ImportError:
+        return skipped
+    probe = LoraConfig(target_modules="all-linear")
+    for path, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and path not in skipped:
+            try:
+                _check_lora_target_modules_mamba(probe, model, path.rsplit(".", 1)[-1])
+            except ValueError:
+                skipped.append(path)
+    return skipped
 
 
 def quantised_linear_count(model) -> int:
