@@ -42,6 +42,9 @@ class GgufLayout:
     rope_dimension_count: bool = False
     #: added to every RMSNorm weight: Gemma's norms scale by (1 + w), llama.cpp's by w
     norm_offset: float = 0.0
+    #: the family's norms: "rms" (RMSNorm: ``attention.layer_norm_rms_epsilon``) or "layer"
+    #: (LayerNorm with a bias: ``attention.layer_norm_epsilon``, StarCoder2's and StableLM's)
+    norm: str = "rms"
     #: (GGUF key under ``<arch>.``, the config keys that may hold its value, first found wins):
     #: the family's own hyperparameters (soft-capping, sliding window, expert counts)
     metadata: tuple[tuple[str, tuple[str, ...]], ...] = ()

@@ -127,13 +127,13 @@ def test_mlx_trains_a_family_outside_its_table_only_after_agreeing_with_transfor
 
 
 def test_torch_packs_a_family_outside_its_table_only_after_its_proof(tmp_path, tokenizer_dir, cli):
-    """Starcoder2's packed rows give each example its own logits: it packs, and says so. Mamba's
+    """Helium's packed rows give each example its own logits: it packs, and says so. Mamba's
     state runs on across a packed row (there is no attention to mask): refused in one line,
     and it trains with packing off."""
     from hwft.testing.tiny import build_tiny_model
     from tests.conftest import write_recipe
 
-    for model_type, packs in (("starcoder2", True), ("mamba", False)):
+    for model_type, packs in (("helium", True), ("mamba", False)):
         folder = tmp_path / model_type
         model = build_tiny_model(model_type, folder / "model", tokenizer_dir)
         recipe = write_recipe(
@@ -147,7 +147,7 @@ def test_torch_packs_a_family_outside_its_table_only_after_its_proof(tmp_path, t
         code, _, err = cli("train", recipe)
         if packs:
             assert code == 0, err
-            assert "packing: starcoder2 is not in hwft's family table; its packed forward matched" in err
+            assert "packing: helium is not in hwft's family table; its packed forward matched" in err
             continue
         assert code == 2, err
         (line,) = [line for line in err.splitlines() if line.startswith("hwft: error")]
@@ -177,3 +177,25 @@ def test_a_failure_hwft_did_not_foresee_is_one_line_with_its_cause(capsys, monke
     assert "Traceback (most recent call last)" in capsys.readouterr().err
     with pytest.raises(RuntimeError):
         guarded(broken, debug=True)
+
+
+@pytest.mark.parametrize("model_type", ["starcoder2", "stablelm", "nemotron"])
+def test_a_gguf_layout_row_reads_back_through_transformers_own_loader(model_type, tmp_path, tokenizer_dir, cli):
+    """The families whose torch row exists for their GGUF layout (LayerNorm's epsilon key,
+    Nemotron's norms stored plus one, a partial rotary width): two LoRA steps, merged, written
+    as f16 GGUF, and read back by transformers' GGUF loader (its own inverse of llama.cpp's
+    converter) with the trained model's logits. Measured within 5e-4 of the largest logit here;
+    f16 rounding allows 1e-2 (hwft_torch.export.GGUF_TOLERANCE)."""
+    from hwft.testing.tiny import build_tiny_model
+    from tests.conftest import write_recipe
+
+    model = build_tiny_model(model_type, tmp_path / "model", tokenizer_dir)
+    recipe = write_recipe(tmp_path, model, train={"max_steps": 2}, output={"plot": False})
+    code, _, err = cli("train", recipe, "--quiet")
+    assert code == 0, err
+    code, out, err = cli(
+        "export", tmp_path / "out", "--to", "gguf", "--gguf-type", "f16", "--verify", "--out", tmp_path / "gguf"
+    )
+    assert code == 0 and '"ok": true' in out, err[-2000:]
+    assert "hwft's inverse" not in err  # transformers' own loader read it
+    assert json.loads(out.strip().splitlines()[-1])["relative"] < 2e-3

@@ -187,7 +187,11 @@ def write_gguf(merged: Path, out_file: Path, gguf_type: str, name: str, layout: 
     if not own("attention.head_count_kv"):
         writer.add_head_count_kv(kv_heads)
     writer.add_rope_freq_base(rope_theta)
-    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    if layout.norm == "layer":
+        eps = next((config[k] for k in ("norm_epsilon", "layer_norm_eps", "layer_norm_epsilon") if k in config), 1e-5)
+        writer.add_layer_norm_eps(float(eps))
+    else:
+        writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", config.get("norm_eps", 1e-6))))
     if layout.rope_dimension_count and not own("rope.dimension_count"):
         writer.add_rope_dimension_count(
             int(head_dim * float(config.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 1.0))

@@ -24,6 +24,9 @@ from hwft.families import GENERIC, LLAMA_GGUF, Family, GgufLayout
 
 ENGINE = "torch"
 LLAMA_LIKE = frozenset({"fused_projections", "packed_attention", "liger", "npu_ops"})
+#: The paths that check the model themselves: what the generic record gives, and the families
+#: with a row only for their GGUF layout.
+GENERIC_PATHS = frozenset({"fused_projections", "packed_attention"})
 #: What a family gets whose layers name their siblings as Llama does but whose norms, rotary
 #: embedding or MLP are not the shapes torch-npu's fused operators replace.
 TORCH_PATHS = LLAMA_LIKE - {"npu_ops"}
@@ -332,6 +335,25 @@ FAMILIES = (
         },
     ),
     Family(
-        GENERIC, ENGINE, "any other family transformers loads", frozenset({"fused_projections", "packed_attention"})
+        "starcoder2",
+        ENGINE,
+        "StarCoder2 (LayerNorm, GELU MLP)",
+        GENERIC_PATHS,
+        gguf=GgufLayout("STARCODER2", norm="layer"),
     ),
+    Family(
+        "stablelm",
+        ENGINE,
+        "StableLM 2 (LayerNorm, partial rotary embedding)",
+        GENERIC_PATHS,
+        gguf=GgufLayout("STABLELM", norm="layer", rope_dimension_count=True),
+    ),
+    Family(
+        "nemotron",
+        ENGINE,
+        "Nemotron (LayerNorm1P: llama.cpp stores its norms' weights plus one; partial rotary embedding)",
+        GENERIC_PATHS,
+        gguf=GgufLayout("NEMOTRON", norm_offset=1.0, rope_dimension_count=True),
+    ),
+    Family(GENERIC, ENGINE, "any other family transformers loads", GENERIC_PATHS),
 )
