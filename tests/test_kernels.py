@@ -106,8 +106,8 @@ def test_families_are_one_table_per_engine_and_an_unknown_one_takes_the_generic_
     assert (
         families.lookup("torch", "qwen2").gguf.arch == "QWEN2" and not families.lookup("torch", "qwen2").gguf.permute_qk
     )
-    unknown = families.lookup("torch", "starcoder2")
-    assert not unknown.known and unknown.model_type == "starcoder2" and unknown.gguf is None
+    unknown = families.lookup("torch", "helium")
+    assert not unknown.known and unknown.model_type == "helium" and unknown.gguf is None
     assert unknown.paths == {"fused_projections", "packed_attention"}
     assert families.lookup("torch", "gemma2").attention == "eager"
     from hwft.testing.tiny import tiny_families
@@ -170,11 +170,11 @@ def test_an_unknown_family_is_refused_in_one_line_by_the_gguf_export():
     layouts = {f.model_type: f.gguf for f in get_host().families().of("torch") if f.gguf}
     with pytest.raises(
         UserError,
-        match=r"model_type 'starcoder2' is not one hwft writes as GGUF \(deepseek_v3, gemma2, gemma3_text, "
-        r"glm4, granite, llama, mistral, mixtral, olmo2, phi3, qwen2, qwen3, qwen3_moe, "
-        r"smollm3\); export --to hf and convert with llama.cpp's convert_hf_to_gguf.py",
+        match=r"model_type 'helium' is not one hwft writes as GGUF \(deepseek_v3, gemma2, gemma3_text, "
+        r"glm4, granite, llama, mistral, mixtral, nemotron, olmo2, phi3, qwen2, qwen3, qwen3_moe, "
+        r"smollm3, stablelm, starcoder2\); export --to hf and convert with llama.cpp's convert_hf_to_gguf.py",
     ):
-        layout_for({"model_type": "starcoder2"}, layouts)
+        layout_for({"model_type": "helium"}, layouts)
 
 
 # --- An out-of-tree kernel through the hooks alone ----------------------------------------------
