@@ -137,4 +137,8 @@ def shrink(config: dict, layers: int = 2) -> dict:
     ):
         if config.get(expand) and config.get(heads) and out.get(width, config.get(width)):
             out[heads] = int(config[expand]) * out["hidden_size"] // int(out.get(width) or config[width])
+    if config.get("mamba_d_ssm") and "mamba_n_heads" in out:  # Falcon-H1 states the product too
+        out["mamba_d_ssm"] = out["mamba_n_heads"] * int(out.get("mamba_d_head") or config["mamba_d_head"])
+    if isinstance(config.get("block_types"), list) and config["block_types"]:  # a cycle (RecurrentGemma): one of it
+        out["num_hidden_layers"] = max(out["num_hidden_layers"], len(config["block_types"]))
     return out
