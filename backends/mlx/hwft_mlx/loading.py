@@ -57,6 +57,8 @@ SYNONYMS = (
     ("num_attention_heads", "n_head", "n_heads"),
     ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "multi_query_group_num"),
     ("intermediate_size", "n_inner", "ffn_hidden_size"),
+    ("rope_theta", "rotary_emb_base"),
+    ("partial_rotary_factor", "rotary_pct"),
 )
 
 
@@ -96,8 +98,10 @@ def synonym_overrides(config: dict) -> dict:
         if found is not None:
             out[f.name] = found
     required = {f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-    for f in fields:  # a required field typed Optional that the config leaves out: None (Exaone 4's rope_scaling)
-        if f.name in required and f.name not in config and f.name not in out and "Optional" in str(f.type):
+    for f in fields:  # a required field the config has no value for: None (Exaone 4's rope_scaling), which
+        # mlx-lm's module either takes as "none" or fails on; a family outside the MLX table trains
+        # only once a small model of it gives transformers' logits (hwft_mlx.agreement)
+        if f.name in required and config.get(f.name) is None and f.name not in out:
             out[f.name] = None
     if "rotary_dim" in required and config.get("rotary_dim") is None:  # MiniMax: the rotated part of a head
         head = config.get("head_dim") or (config.get("hidden_size", 0) // max(1, config.get("num_attention_heads", 1)))
