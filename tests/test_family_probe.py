@@ -199,3 +199,31 @@ def test_a_gguf_layout_row_reads_back_through_transformers_own_loader(model_type
     assert code == 0 and '"ok": true' in out, err[-2000:]
     assert "hwft's inverse" not in err  # transformers' own loader read it
     assert json.loads(out.strip().splitlines()[-1])["relative"] < 2e-3
+
+
+def test_fsdp2_refuses_to_pack_a_family_it_cannot_prove(tmp_path, tokenizer_dir):
+    """Under fsdp2 over 2 ranks each rank reads only its shards, so there is no whole model to run
+    the packing proof on: a family outside the table is refused in one line naming the ways on,
+    by both ranks alike, before a step."""
+    import subprocess
+    import sys
+
+    from hwft.testing.tiny import build_tiny_model
+    from tests.conftest import write_recipe
+
+    model = build_tiny_model("helium", tmp_path / "model", tokenizer_dir)
+    recipe = write_recipe(tmp_path, model, data={"packing": True}, train={"max_steps": 1}, output={"plot": False})
+    done = subprocess.run(
+        [sys.executable, "-m", "hwft", "train", str(recipe), "--nproc", "2", "parallel.strategy=fsdp2"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert (
+        "hwft: error: data.packing: helium is not in hwft's family table, and its packing is proven on the whole "
+        "model, which no fsdp2 rank holds here; set data.packing: false, or parallel.strategy: ddp"
+    ) in done.stderr
+    assert "Traceback" not in done.stderr and "step 1/" not in done.stderr

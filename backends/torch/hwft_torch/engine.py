@@ -321,7 +321,8 @@ def load(run: TorchRun) -> None:
         )
     if recipe.parallel.strategy == "fsdp2" and job.world.size > 1:
         run.model, run.weights = load_skeleton(path, recipe, device, run.tuning, run.dtype, job.world)
-    if run.model is not None:
+    skeleton = run.model is not None
+    if skeleton:
         job.log("fsdp2: each rank reads only its own shards of the weights (no rank loads the whole model)")
     else:
         if run.weights:
@@ -337,17 +338,18 @@ def load(run: TorchRun) -> None:
     needed = family_attention(model_type_of(path)) if recipe.kernels.attention == "auto" else None
     if needed is not None:
         job.log(f"attention: {needed[0]}, not sdpa ({needed[1]})")
-    prove_packing(run)
+    prove_packing(run, whole=not skeleton)
     if experts_implementation(model_type_of(path)):
         job.log("moe: every expert's tokens in one grouped matmul (transformers' grouped_mm experts)")
     run.inputs.batches.check_vocabulary(run.model.get_input_embeddings().num_embeddings, str(path))
 
 
-def prove_packing(run: TorchRun) -> None:
+def prove_packing(run: TorchRun, whole: bool = True) -> None:
     """A family outside the torch table packs rows only after the load-time proof
     (:mod:`hwft_torch.packing_proof`); refused in one line where it fails. flash-attention's
     varlen path keeps examples apart by itself, and no rows pack where the method or the recipe
-    packs none."""
+    packs none. Where each fsdp2 rank loaded only its shards (``whole`` False) there is no whole
+    model to run the proof on: packing is refused for such a family, with the way on."""
     from hwft.methods.lookup import method
 
     job, recipe = run.job, run.job.recipe
@@ -358,6 +360,12 @@ def prove_packing(run: TorchRun) -> None:
         return
     from hwft_torch.packing_proof import packing_problem
 
+    if not whole:
+        raise RecipeError(
+            f"data.packing: {model_type} is not in hwft's family table, and its packing is proven on the whole "
+            "model, which no fsdp2 rank holds here; set data.packing: false, or parallel.strategy: ddp (each rank "
+            "holds the whole model and proves it)"
+        )
     problem = packing_problem(run.model, run.model.get_input_embeddings().num_embeddings)
     if problem is not None:
         raise RecipeError(
