@@ -84,7 +84,21 @@ def generic_tiny(family: str) -> dict:
     from transformers import AutoConfig
 
     defaults = AutoConfig.for_model(family).to_dict()
-    return {**shrink(defaults), "tie_word_embeddings": bool(defaults.get("tie_word_embeddings", True))}
+    keys = {**shrink(defaults), "tie_word_embeddings": bool(defaults.get("tie_word_embeddings", True))}
+    # keys a default config leaves None that its own model cannot be built without (dots1's
+    # expert count, Hunyuan's head size): a real checkpoint has them, a tiny one takes these
+    keys.update({k: v for k, v in UNSET_IN_DEFAULTS.items() if k in defaults and defaults[k] is None})
+    return keys
+
+
+#: Values for keys transformers' default config of some family leaves None (see generic_tiny).
+UNSET_IN_DEFAULTS = {
+    "n_routed_experts": 4,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "head_dim": 16,
+}
 
 
 def tiny_config(family: str, **config_args):
