@@ -98,11 +98,6 @@ def synonym_overrides(config: dict) -> dict:
         if found is not None:
             out[f.name] = found
     required = {f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-    for f in fields:  # a required field the config has no value for: None (Exaone 4's rope_scaling), which
-        # mlx-lm's module either takes as "none" or fails on; a family outside the MLX table trains
-        # only once a small model of it gives transformers' logits (hwft_mlx.agreement)
-        if f.name in required and config.get(f.name) is None and f.name not in out:
-            out[f.name] = None
     if "rotary_dim" in required and config.get("rotary_dim") is None:  # MiniMax: the rotated part of a head
         head = config.get("head_dim") or (config.get("hidden_size", 0) // max(1, config.get("num_attention_heads", 1)))
         rope = config["rope_parameters"] if isinstance(config.get("rope_parameters"), dict) else {}
@@ -112,6 +107,11 @@ def synonym_overrides(config: dict) -> dict:
         width, heads = config.get("hidden_size") or out.get("hidden_size"), config.get("num_attention_heads")
         if width and heads:
             out["head_dim"] = width // heads
+    for f in fields:  # a required field the config has no value for: None (Exaone 4's rope_scaling), which
+        # mlx-lm's module either takes as "none" or fails on; a family outside the MLX table trains
+        # only once a small model of it gives transformers' logits (hwft_mlx.agreement)
+        if f.name in required and config.get(f.name) is None and f.name not in out:
+            out[f.name] = None
     return out
 
 
