@@ -139,6 +139,9 @@ def shrink(config: dict, layers: int = 2) -> dict:
             out[heads] = int(config[expand]) * out["hidden_size"] // int(out.get(width) or config[width])
     if config.get("mamba_d_ssm") and "mamba_n_heads" in out:  # Falcon-H1 states the product too
         out["mamba_d_ssm"] = out["mamba_n_heads"] * int(out.get("mamba_d_head") or config["mamba_d_head"])
+    kinds = out.get("layer_types")
+    if config.get("full_attention_interval") and isinstance(kinds, list) and "full_attention" in kinds:
+        out["full_attention_interval"] = kinds.index("full_attention") + 1  # where a config states it twice
     if isinstance(config.get("block_types"), list) and config["block_types"]:  # a cycle (RecurrentGemma): one of it
         out["num_hidden_layers"] = max(out["num_hidden_layers"], len(config["block_types"]))
     return out

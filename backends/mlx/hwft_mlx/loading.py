@@ -29,6 +29,12 @@ def shared_overrides(config: dict) -> dict:
     """
     rope = config.get("rope_parameters")
     out: dict = {}
+    kinds = config.get("layer_types")
+    if config.get("full_attention_interval") is None and isinstance(kinds, list) and "full_attention" in kinds:
+        # Qwen3-Next/3.5: transformers 5 lists each layer's kind; mlx-lm reads one full layer every N
+        interval = kinds.index("full_attention") + 1
+        if kinds == ["full_attention" if (i + 1) % interval == 0 else kinds[0] for i in range(len(kinds))]:
+            out["full_attention_interval"] = interval
     if isinstance(rope, dict) and isinstance(rope.get("full_attention"), dict):  # one per layer type (OLMo 3)
         rope = rope["full_attention"]  # what mlx-lm's single rope_theta means; a family record may say more
     if isinstance(rope, dict) and "rope_theta" in rope:  # flat form (not per layer type)
@@ -110,9 +116,23 @@ def synonym_overrides(config: dict) -> dict:
     for f in fields:  # a required field the config has no value for: None (Exaone 4's rope_scaling), which
         # mlx-lm's module either takes as "none" or fails on; a family outside the MLX table trains
         # only once a small model of it gives transformers' logits (hwft_mlx.agreement)
-        if f.name in required and config.get(f.name) is None and f.name not in out:
-            out[f.name] = None
+        if f.name in required and config.get(f.name) is None and f.name not in out and not f.name.endswith("_config"):
+            out[f.name] = None  # (not a nested config: a flat one is the text config, Qwen3.5's from_dict reads)
     return out
+
+
+def text_only_type(config: dict) -> dict:
+    """``{"model_type": X}`` for a text-only save of a vision-language family (transformers'
+    ``X_text``: Qwen3.5's language model alone, as the torch engine trains and exports it) where
+    mlx-lm has no module of that name but has one for ``X`` (whose arguments take the text config);
+    else nothing. The proof against transformers (hwft_mlx.agreement) still decides."""
+    import importlib.util
+
+    model_type = str(config.get("model_type", ""))
+    base = model_type.removesuffix("_text")
+    if base == model_type or importlib.util.find_spec(f"mlx_lm.models.{model_type}") is not None:
+        return {}
+    return {"model_type": base} if importlib.util.find_spec(f"mlx_lm.models.{base}") is not None else {}
 
 
 def mlx_architecture(config: dict) -> str:
@@ -121,7 +141,7 @@ def mlx_architecture(config: dict) -> str:
     from mlx_lm.utils import _get_classes
 
     try:
-        return _get_classes(config)[0].__module__.rsplit(".", 1)[-1]
+        return _get_classes({**config, **text_only_type(config)})[0].__module__.rsplit(".", 1)[-1]
     except (KeyError, ValueError, SystemExit):  # SystemExit: mlx-lm's olmo exits where ai2-olmo is missing
         return str(config.get("model_type", ""))
 
@@ -133,7 +153,7 @@ def config_overrides(config: dict) -> dict:
     :mod:`hwft_mlx.families`)."""
     from hwft.plugins import get_host
 
-    out = shared_overrides(config)
+    out = {**text_only_type(config), **shared_overrides(config)}
     out.update(synonym_overrides({**config, **out}))
     family = get_host().families().lookup("mlx", mlx_architecture(config))
     translate = family.options.get("config")
