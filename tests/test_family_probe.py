@@ -2,7 +2,7 @@
 each trains on both engines and exports, or is refused in one line, and never fails with a
 traceback or a weight's bare name.
 
-The whole enumeration takes about half an hour on 2 cores, too long for CI: its recorded
+The whole enumeration takes about 8 minutes on 2 cores (--jobs 2), too long for CI: its recorded
 results (docs/family-probe.json, rendered as the table in docs/families.md) are held here to
 a rotating sample of families probed afresh (two a run, chosen by the ISO week, or named in
 HWFT_FAMILY_SAMPLE), and the generic paths each have a test of their own below:
