@@ -40,6 +40,19 @@ def agreement_problem(config: dict) -> str | None:
     return _PROVEN[key]
 
 
+def disagreement(config: dict, architecture: str) -> str | None:
+    """None where mlx-lm's ``architecture`` agrees with transformers on a small model of
+    ``config`` (:func:`agreement_problem`); else the refusal's words, which the MLX engine and
+    ``--to mlx`` each end with the way on."""
+    problem = agreement_problem(config)
+    if problem is None:
+        return None
+    return (
+        f"{config.get('model_type')} is not in hwft's MLX family table, and mlx-lm's {architecture} "
+        f"does not compute what transformers does: {problem}"
+    )
+
+
 def _prove(config: dict) -> str | None:
     try:
         import torch

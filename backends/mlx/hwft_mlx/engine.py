@@ -130,15 +130,11 @@ def prepare_model(job: Job, model_path, dtype: str) -> tuple[nn.Module, str]:
     recipe, m = job.recipe, job.recipe.method
     model, config = load_model(model_path, recipe.model.trust_remote_code)
     if not family(model).known:
-        from hwft_mlx.agreement import agreement_problem
+        from hwft_mlx.agreement import disagreement
 
-        problem = agreement_problem(config)
-        if problem is not None:
-            raise ModelError(
-                f"{config.get('model_type')} is not in hwft's MLX family table, and mlx-lm's {architecture(model)} "
-                f"does not compute what transformers does: {problem}. "
-                "Train it on a torch backend (cpu, cuda, rocm, npu)"
-            )
+        refusal = disagreement(config, architecture(model))
+        if refusal is not None:
+            raise ModelError(f"{refusal}. Train it on a torch backend (cpu, cuda, rocm, npu)")
         job.log(
             f"model: {config.get('model_type')} is not in hwft's MLX family table; mlx-lm's {architecture(model)} "
             "gave transformers' logits on a small model of its config"

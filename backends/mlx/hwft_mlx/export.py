@@ -60,18 +60,15 @@ def refuse_unproven(config: dict) -> None:
     """A family outside the MLX table exports only where mlx-lm computes what transformers does
     (hwft_mlx.agreement): else one line, before anything is written."""
     from hwft.plugins import get_host
-    from hwft_mlx.agreement import agreement_problem
+    from hwft_mlx.agreement import disagreement
     from hwft_mlx.loading import mlx_architecture
 
     architecture = mlx_architecture(config)
     if get_host().families().lookup("mlx", architecture).known:
         return
-    problem = agreement_problem(config)
-    if problem is not None:
-        raise ModelError(
-            f"export mlx: {config.get('model_type')} is not in hwft's MLX family table, and mlx-lm's {architecture} "
-            f"does not compute what transformers does: {problem}; export --to hf or peft instead"
-        )
+    refusal = disagreement(config, architecture)
+    if refusal is not None:
+        raise ModelError(f"export mlx: {refusal}; export --to hf or peft instead")
 
 
 def reload_mlx(path: Path, ids: list[int], trained):
