@@ -1,17 +1,20 @@
-"""Scale-out on the torch engine: DDP, FSDP2 and DeepSpeed ZeRO 2/3, launched by the real
-``hwft train --nproc 2`` (torchrun's machinery, gloo on this CPU), held to a single process.
+"""Scale-out launched as a user launches it: the real ``hwft train --nproc 2`` (torchrun's
+machinery, gloo on this CPU), two "machines", srun's tasks, sequence parallelism, GRPO's and
+PPO's statistics over every rank, a rank dying, SIGTERM to the launcher, and MLX's ddp held to
+one process.
 
 The promise: 2 processes x ``gradient_accumulation_steps: 1`` train exactly the optimizer steps
 one process trains with accumulation 2 — the same examples in each step and the same loss
 curve (tolerance 1e-4 on losses near 10: only the order of floating-point sums differs) — and
-the result saved from shards reloads in one process with the same logits (1e-3).
+the result saved from shards reloads in one process with the same logits (1e-3). Each torch
+strategy (ddp, fsdp2, DeepSpeed ZeRO 2/3) is held to it in tests/test_recipe_matrix.py, inside
+the matrix's one launch; the helpers here (ROWS, recipe) make its runs.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -157,138 +160,6 @@ def launch_as_srun(recipe_path: Path, *args: str, timeout: int = 240) -> subproc
     outputs = [task.communicate(timeout=timeout) for task in tasks]
     assert [task.returncode for task in tasks] == [0, 0], [err[-2000:] for _, err in outputs]
     return subprocess.CompletedProcess(command, 0, *outputs[0])
-
-
-@pytest.fixture(scope="module")
-def single(tiny_llama, tmp_path_factory):
-    """The reference runs, one per tuning, made on first use: one process with accumulation 2
-    (the same global batch as 2 ranks x 1)."""
-    from hwft import cli
-
-    runs: dict[str, Path] = {}
-
-    def run(tuning: str) -> Path:
-        if tuning not in runs:
-            folder = tmp_path_factory.mktemp(f"single-{tuning}")
-            path = recipe(folder, tiny_llama, tuning, train={"gradient_accumulation_steps": 2})
-            assert cli.main(["train", str(path), "--quiet"]) == 0
-            runs[tuning] = folder / "out"
-        return runs[tuning]
-
-    return run
-
-
-def logits_of(tiny_llama: Path, out: Path):
-    """Logits of the saved result on a fixed batch, loaded as a user would in one process."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    if (out / "adapter").is_dir():
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), out / "adapter")
-    else:
-        model = AutoModelForCausalLM.from_pretrained(out / "model")
-    ids = torch.arange(10, 42).reshape(2, 16)
-    with torch.no_grad():
-        return model.eval()(input_ids=ids).logits
-
-
-# Each strategy in one 2-process run (--nproc 2); ddp and zero-2 train LoRA, fsdp2 and zero-3
-# (the sharded ones) a full model, so that gathering a whole model from shards is tested too;
-# fsdp2 also QLoRA. Two "machines" and srun's tasks are held to ddp's run below.
-STRATEGIES = [
-    ("lora", ["parallel.strategy=ddp"]),
-    ("full", ["parallel.strategy=fsdp2"]),
-    ("qlora", ["parallel.strategy=fsdp2"]),
-    ("lora", ["parallel.strategy=deepspeed", "parallel.zero_stage=2"]),
-    ("full", ["parallel.strategy=deepspeed", "parallel.zero_stage=3"]),
-]
-
-
-@pytest.mark.parametrize("tuning,overrides", STRATEGIES, ids=["ddp", "fsdp2", "fsdp2-qlora", "zero2", "zero3"])
-def test_strategy_matches_one_process(single, tiny_llama, tmp_path, tuning, overrides, cli):
-    reference = single(tuning)
-    path = recipe(tmp_path, tiny_llama, tuning)
-    strategy = overrides[0].split("=")[1]
-    # ZeRO-3 answers the recipe's prompts with the model gathered and DeepSpeed's hooks off
-    # (ZeroRedundancy.whole_model): before training, so the steps below also show the hooks back.
-    asks = ['eval.prompts=["Question 3?"]', "eval.max_new_tokens=4"] if "parallel.zero_stage=3" in overrides else []
-    done = launch(path, *overrides, "train.save_every=2", *asks)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("done: results in") == 1  # rank 0 alone reports
-    assert f"parallel: {strategy} over 2 processes (gloo)" in done.stderr
-
-    ours, theirs = read_jsonl(tmp_path / "out" / "metrics.jsonl"), read_jsonl(reference / "metrics.jsonl")
-    print(f"{strategy} losses:", [round(m["loss"], 6) for m in ours])
-    print("one process:  ", [round(m["loss"], 6) for m in theirs])
-    assert [m["step"] for m in ours] == [1, 2, 3, 4]
-    for a, b in zip(ours, theirs, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], abs=LOSS_TOLERANCE)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3)
-    assert ours[-1]["loss"] < ours[0]["loss"]
-
-    # The examples of each step, all ranks together, are exactly the single-process step's.
-    for a, b in zip(
-        read_jsonl(tmp_path / "out" / "examples.jsonl"), read_jsonl(reference / "examples.jsonl"), strict=True
-    ):
-        assert Counter(a["examples"]) == Counter(b["examples"]) and len(a["examples"]) == 4, (a, b)
-
-    # Saved from shards (or a replica), reloaded in one process: the single run's logits.
-    import torch
-
-    whole = logits_of(tiny_llama, tmp_path / "out")
-    torch.testing.assert_close(whole, logits_of(tiny_llama, reference), atol=LOGIT_TOLERANCE, rtol=0)
-    if asks:  # the gathered model's greedy answer is the saved result's, in one process
-        said = done.stdout.split("[after training] A: ")[1].splitlines()[0]
-        code, out, err = cli(
-            "chat",
-            tmp_path / "out",
-            "--prompt",
-            "Question 3?",
-            "--max-new-tokens",
-            "4",
-            "--precision",
-            "fp32",
-            "--backend",
-            "cpu",
-        )
-        assert code == 0, err
-        assert said.strip() and said.strip() in out, (said, out)
-
-    # The sharded run's step-2 checkpoint resumes: DeepSpeed's own under the same strategy and
-    # processes; the portable one (ddp, fsdp2) in one process with the same global batch.
-    if (strategy == "deepspeed" and "parallel.zero_stage=2" in overrides) or tuning == "qlora":
-        return  # zero-3 resumes below (zero-2 is the same DeepSpeed checkpoint path), fsdp2 with lora
-    shutil.rmtree(tmp_path / "out" / ("adapter" if tuning == "lora" else "model"))
-    if strategy == "deepspeed":
-        resumed = launch(path, *overrides, "train.save_every=2", "--resume")
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
-        err = resumed.stderr
-    else:
-        from hwft import cli
-        from hwft.plugins import reset_host
-
-        reset_host()
-        code = cli.main(
-            [
-                "train",
-                str(path),
-                "parallel.strategy=none",
-                "train.gradient_accumulation_steps=2",
-                "train.save_every=2",
-                "--resume",
-                "--quiet",
-            ]
-        )
-        assert code == 0
-        err = "(step 2 of 4"
-    assert "(step 2 of 4" in err
-    after = read_jsonl(tmp_path / "out" / "metrics.jsonl")
-    assert [m["step"] for m in after] == [1, 2, 3, 4]
-    for a, b in zip(after, ours, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], abs=LOSS_TOLERANCE)
-    torch.testing.assert_close(logits_of(tiny_llama, tmp_path / "out"), whole, atol=LOGIT_TOLERANCE, rtol=0)
 
 
 @pytest.fixture(scope="module")
