@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from hwft import accelerate_config
 from hwft.checkpoint import Checkpoint
 from hwft.data.loading import TrainData, load_train_data
+from hwft.data.media import refuse_media
 from hwft.distributed import Launch, world_from_env
 from hwft.errors import RecipeError, SelectionError, UserError
 from hwft.job import Job
@@ -62,6 +63,8 @@ def plan_run(
         chosen.check(recipe, host)
     check_loggers(recipe.output.report_to, host.loggers())
     data = load_train_data(recipe, host.data_formats())
+    for example in [*data.examples, *data.eval_examples]:
+        refuse_media(example)
     model = resolve_model(recipe.model.name, recipe.resolve_path("."), recipe.model.revision)
     if model.kind == "local":
         # The run names the folder the resolver found: the copies of the recipe in the run's folder

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from hwft.data.chat import IGNORE_INDEX, TEMPLATES, ChatRenderer, TokenizeStats, resolve_template
-from hwft.data.formats import BUILTIN_FORMATS, Mapping, parse_turns
+from hwft.data.formats import BUILTIN_FORMATS, Mapping
 from hwft.data.kinds.chat import ChatExample
 from hwft.data.kinds.feedback import FeedbackExample, feedback_items
 from hwft.data.kinds.preference import tokenize_pair
@@ -131,7 +131,6 @@ def test_registry_dry_run_from_the_cli(tiny_llama, tmp_path, cli):
     [
         ("alpaca_en", "lives on a hub (hf_hub_url: llamafactory/alpaca_en); hwft never downloads data"),
         ("idenity", "no dataset named 'idenity'; did you mean 'identity'?"),
-        ("mllm_demo", "has images (hwft trains text-only models)"),
     ],
 )
 def test_registry_refusals(tiny_llama, tmp_path, cli, name, message):
@@ -246,11 +245,6 @@ def test_sharegpt_tags_and_columns_rename():
     assert example.messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     with pytest.raises(ValueError, match=r"dialog\[0\].speaker is 'human'; expected one of .*customer"):
         FORMATS["sharegpt"].parse({"dialog": [{"speaker": "human", "text": "hi"}]}, mapping)
-
-
-def test_multimodal_parts_are_refused():
-    with pytest.raises(ValueError, match="content part of type 'image_url'; accepted: text, reasoning, tool_call"):
-        parse_turns([{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], Mapping(), "messages")
 
 
 # --- Preference and prompt rows, tokenised for the methods that consume them ------------------

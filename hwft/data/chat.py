@@ -29,6 +29,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from hwft.data.media import refuse_media
 from hwft.errors import DataError, RecipeError
 from hwft.textfile import read_text
 
@@ -207,6 +208,7 @@ class ChatRenderer:
                 f"{example.source} is a conversation, but the model's tokenizer has no chat template; "
                 f"set template: to a built-in ({', '.join(TEMPLATES)}) or a .jinja file"
             )
+        refuse_media(example)
         turns = example.turns()
         needs = set()
         if example.tools:

@@ -36,6 +36,8 @@ from hwft.data.kinds.preference import PreferenceExample
 from hwft.data.kinds.prompt import PromptExample
 from hwft.data.kinds.text import TextExample
 from hwft.data.kinds.tokens import TokensExample
+from hwft.data.media import PART_TYPES as MEDIA_PARTS
+from hwft.data.media import PLACEHOLDERS, Media, from_part
 from hwft.errors import UserError, did_you_mean
 
 hookimpl = pluggy.HookimplMarker("hwft")
@@ -182,15 +184,16 @@ def _role_map(mapping: Mapping, sharegpt: bool) -> dict[str, str]:
     return roles
 
 
-def _content(value: Any, where: str) -> tuple[str, list[dict]]:
-    """Text of a turn, and tool calls found in typed content parts."""
+def _content(value: Any, where: str) -> tuple[str, list[dict], list[Media]]:
+    """Text of a turn, tool calls found in typed content parts, and its images, videos and
+    audio (each part's placeholder stands where the part stood: hwft.data.media)."""
     if value is None:
-        return "", []
+        return "", [], []
     if isinstance(value, str):
-        return value, []
+        return value, [], []
     if not isinstance(value, list):
         raise ValueError(f"{where} must be a string or a list of typed parts")
-    text, calls = "", []
+    text, calls, media = "", [], []
     for j, part in enumerate(value):
         if isinstance(part, str):
             text += part
@@ -206,12 +209,15 @@ def _content(value: Any, where: str) -> tuple[str, list[dict]]:
             text += f"<think>\n{body}\n</think>\n\n"
         elif kind == "tool_call":
             calls += parse_tool_calls(body, f"{where}[{j}]")
+        elif kind in MEDIA_PARTS:
+            found = from_part(part, f"{where}[{j}]")
+            media.append(found)
+            text += PLACEHOLDERS[found.kind]
         else:
             raise ValueError(
-                f"{where}[{j}] is a content part of type {kind!r}; accepted: {', '.join(PART_TYPES)} "
-                "(hwft trains text-only models)"
+                f"{where}[{j}] is a content part of type {kind!r}; accepted: {', '.join((*PART_TYPES, *MEDIA_PARTS))}"
             )
-    return text, calls
+    return text, calls, media
 
 
 def parse_turns(items: Any, mapping: Mapping, key: str) -> list[Message]:
@@ -240,7 +246,7 @@ def parse_turns(items: Any, mapping: Mapping, key: str) -> list[Message]:
                 f"{where}.{content_key} is null; give the turn's text"
                 + (" (an assistant turn may be null only beside its tool_calls)" if role == "assistant" else "")
             )
-        text, calls = _content(content, f"{where}.{content_key}")
+        text, calls, media = _content(content, f"{where}.{content_key}")
         if role == "function_call":
             role, calls, text = "assistant", calls + parse_tool_calls(text, f"{where}.{content_key}"), ""
         if turn.get("tool_calls"):
@@ -254,6 +260,8 @@ def parse_turns(items: Any, mapping: Mapping, key: str) -> list[Message]:
             message["tool_calls"] = calls
         if role == "system" and i != 0:
             raise ValueError(f"{where} is a system turn; only the first turn may be one")
+        if media:  # gathered into the example's media by hwft.data.media.attach_media
+            message["media"] = media
         if role == "assistant" and turn.get("loss_weight") == 0:
             message["train"] = False
         elif role == "assistant" and not text.strip() and not calls:

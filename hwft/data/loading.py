@@ -23,6 +23,8 @@ from pathlib import Path
 
 from hwft.data.formats import DataFormat, Mapping
 from hwft.data.kinds import Example
+from hwft.data.kinds.chat import Turns
+from hwft.data.media import attach_media, locate
 from hwft.data.random_tokens import ordinary_ids, random_examples
 from hwft.data.reading import iter_rows
 from hwft.data.registry import lookup, read_registry
@@ -48,6 +50,9 @@ class Source:
     max_samples: int | None
     weight: float | None
     random: RandomTokens | None = None  #: data.train's random_tokens (hwft.data.random_tokens)
+    #: where a row's image, video and audio paths are relative to: the registry's folder
+    #: (LLaMA-Factory's dataset_dir) for a registry entry, else the data file's folder
+    media_dir: Path | None = None
 
 
 def resolve_sources(recipe: Recipe, specs: list[DatasetSpec], split: str = "train") -> list[Source]:
@@ -67,6 +72,7 @@ def resolve_sources(recipe: Recipe, specs: list[DatasetSpec], split: str = "trai
                     Mapping({**entry.columns, **spec.columns}, {**entry.tags, **spec.tags}),
                     spec.max_samples or entry.max_samples,
                     spec.weight,
+                    media_dir=registry_path.parent,
                 )
             )
         elif spec.random_tokens is not None:
@@ -138,8 +144,13 @@ def read_examples(
             fmt = detect_format(row, source.mapping, formats, objective, where)
         try:
             example = fmt.parse(row, source.mapping)
+            if isinstance(example, Turns):
+                attach_media(example, row, source.mapping)
         except ValueError as exc:
             raise DataError(f"{where} ({fmt.name} format): {exc}") from None
+        if isinstance(example, Turns) and example.media:
+            folder = source.media_dir or (source.path.parent if source.path.is_file() else source.path)
+            locate(example.media, folder, where)
         if not trains.reads(example.kind):
             raise DataError(
                 f"{where}: a {example.kind} row ({fmt.name} format), but objective '{objective}' trains "

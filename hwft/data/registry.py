@@ -7,7 +7,8 @@ and ``num_samples`` are honoured. LLaMA-Factory's column names are translated to
 (``prompt`` -> ``instruction``, ``query`` -> ``input``, ``response`` -> ``output``, and for
 sharegpt ``messages`` -> ``conversations``); a ``kto_tag`` column makes the entry feedback rows
 (kto), its values the ``label``. Entries that live on a hub are refused, since hwft never
-downloads data; so are multimodal columns, which no hwft objective reads.
+downloads data. The ``images``, ``videos`` and ``audios`` columns are read as they are, their
+paths relative to the registry's folder (LLaMA-Factory's ``dataset_dir``): hwft.data.media.
 """
 
 from __future__ import annotations
@@ -20,11 +21,6 @@ from hwft.errors import DataError, did_you_mean
 from hwft.textfile import read_text
 
 HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name")
-UNSUPPORTED_COLUMNS = {
-    "images": "images (hwft trains text-only models)",
-    "videos": "videos (hwft trains text-only models)",
-    "audios": "audio (hwft trains text-only models)",
-}
 ALPACA_NAMES = {"prompt": "instruction", "query": "input", "response": "output"}
 
 
@@ -71,9 +67,6 @@ def lookup(registry: dict, path: Path, name: str, objective: str) -> RegistryEnt
             "the entry a file_name (a file or folder next to dataset_info.json)"
         )
     columns = dict(entry.get("columns") or {})
-    for key, what in UNSUPPORTED_COLUMNS.items():
-        if key in columns:
-            raise DataError(f"{where} has {what}; remove the '{key}' column to train on its text")
     formatting = entry.get("formatting", "alpaca")
     if formatting not in ("alpaca", "sharegpt", "openai"):
         raise DataError(f"{where}: formatting '{formatting}' is not one of alpaca, sharegpt, openai")

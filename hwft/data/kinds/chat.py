@@ -4,7 +4,7 @@ data.train_on_prompt: every token; a turn with ``train: False`` is context only)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hwft.data.chat import ChatRenderer, Message, Tokenized, TokenizeStats
 from hwft.data.kinds import Example
@@ -16,6 +16,9 @@ class Turns(Example):
 
     messages: list[Message]  #: the conversation (chat), or the turns before the answer(s)
     tools: list[dict] | None = None  #: tool definitions, OpenAI's function shape
+    #: images, videos and audio clips (hwft.data.media), in the order of their placeholders
+    #: (<image>, <video>, <audio>) in the turns' text
+    media: list = field(default_factory=list, kw_only=True)
 
     def turns(self) -> list[Message]:
         """Every turn the example renders (the chat template must render them all)."""

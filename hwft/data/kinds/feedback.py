@@ -46,7 +46,9 @@ def tokenize_answer(renderer: ChatRenderer, example: FeedbackExample, answer: li
     """The example's prompt turns followed by ``answer`` (its own completion or another row's),
     labels on the answer only."""
     turns = example.messages + answer
-    return renderer.tokenize(ChatExample(turns, example.tools, source=example.source), len(example.messages))
+    return renderer.tokenize(
+        ChatExample(turns, example.tools, source=example.source, media=example.media), len(example.messages)
+    )
 
 
 def feedback_items(

@@ -40,9 +40,11 @@ class PreferencePair:
 def tokenize_pair(renderer: ChatRenderer, example: PreferenceExample) -> PreferencePair:
     """Prompt + chosen and prompt + rejected, labels on the answers only."""
     n = len(example.messages)
-    chosen = renderer.tokenize(ChatExample(example.messages + example.chosen, example.tools, source=example.source), n)
-    rejected = renderer.tokenize(
-        ChatExample(example.messages + example.rejected, example.tools, source=example.source), n
+    chosen, rejected = (
+        renderer.tokenize(
+            ChatExample(example.messages + answer, example.tools, source=example.source, media=example.media), n
+        )
+        for answer in (example.chosen, example.rejected)
     )
     shared = 0
     for a, b in zip(chosen.input_ids, rejected.input_ids, strict=False):  # up to the shorter
