@@ -50,6 +50,11 @@ INERT = frozenset(
         "enable_liger_kernel",
         "use_unsloth",
         "upcast_layernorm",
+        # How LLaMA-Factory samples videos: hwft refuses video rows (hwft.vision feeds images).
+        "video_max_pixels",
+        "video_min_pixels",
+        "video_fps",
+        "video_maxlen",
     )
 )
 
@@ -63,6 +68,8 @@ OWN_TEMPLATES = frozenset(
     (
         "qwen",
         "qwen2_vl",
+        "qwen3_vl",
+        "qwen3_vl_nothink",
         "qwen3",
         "qwen3_nothink",
         "llama2",
@@ -131,6 +138,11 @@ TRANSLATED = frozenset(
         "train_on_prompt",
         "mask_history",
         "template",
+        "image_max_pixels",
+        "image_min_pixels",
+        "freeze_vision_tower",
+        "freeze_multi_modal_projector",
+        "freeze_language_model",
         "learning_rate",
         "num_train_epochs",
         "max_steps",
@@ -333,6 +345,8 @@ DATA_FLAGS = (
     Key("train_on_prompt", "train_on_prompt", bool),
     Key("mask_history", "mask_history", bool),
     Key("buffer_size", "shuffle_buffer", int, falsy=False),
+    Key("image_max_pixels", "image_max_pixels", int),
+    Key("image_min_pixels", "image_min_pixels", int),
 )
 #: train: LLaMA-Factory's and transformers' defaults where the file leaves a key out.
 TRAIN_KEYS = (
@@ -442,6 +456,17 @@ def method_section(file: File, objective: str, section: dict) -> dict:
             trainable_modules="all" if modules == ["all"] else modules,
             extra_modules=_split(get("freeze_extra_modules", "")),
         )
+    vision = {
+        ours: bool(get(theirs))
+        for theirs, ours in (
+            ("freeze_vision_tower", "freeze_tower"),
+            ("freeze_multi_modal_projector", "freeze_projector"),
+            ("freeze_language_model", "freeze_language_model"),
+        )
+        if get(theirs) is not None
+    }
+    if vision:
+        method["vision"] = vision
     if section:
         method[objective] = section
     return method

@@ -59,6 +59,8 @@ class Capability:
     collective: str | None = None  #: gloo, nccl, rccl, hccl, mlx-ring
     parallel: tuple[str, ...] = ("none",)  #: parallel.strategy values
     packing: bool = False  #: honours data.packing without cross-example attention
+    #: media kinds (image, video, audio) the engine feeds a vision-language model (hwft.vision)
+    media: tuple[str, ...] = ()
     #: why something is missing, by recipe value (e.g. {"qlora": "bitsandbytes is not installed"})
     notes: Mapping[str, str] = field(default_factory=dict)
     #: every method the backend's engine implements (hwft.methods), with these tunings; () runs

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from hwft import accelerate_config
 from hwft.checkpoint import Checkpoint
 from hwft.data.loading import TrainData, load_train_data
-from hwft.data.media import refuse_media
 from hwft.distributed import Launch, world_from_env
 from hwft.errors import RecipeError, SelectionError, UserError
 from hwft.job import Job
@@ -24,6 +23,7 @@ from hwft.recipe import Recipe
 from hwft.resume import open_checkpoint
 from hwft.select import Choice, preflight, select_backend
 from hwft.tracking import check_loggers
+from hwft.vision import check_media
 
 
 @dataclass
@@ -63,8 +63,6 @@ def plan_run(
         chosen.check(recipe, host)
     check_loggers(recipe.output.report_to, host.loggers())
     data = load_train_data(recipe, host.data_formats())
-    for example in [*data.examples, *data.eval_examples]:
-        refuse_media(example)
     model = resolve_model(recipe.model.name, recipe.resolve_path("."), recipe.model.revision)
     if model.kind == "local":
         # The run names the folder the resolver found: the copies of the recipe in the run's folder
@@ -83,6 +81,7 @@ def plan_run(
     if recipe.model.adapter:
         check_adapter(recipe.resolve_path(recipe.model.adapter))
     choice = select_backend(recipe, host)
+    check_media([*data.examples, *data.eval_examples], model, choice.capability, choice.backend.name)
     checkpoint = open_checkpoint(recipe, resume, ranks) if resume else None
     if checkpoint and checkpoint.state["engine"] != choice.backend.engine:
         raise UserError(

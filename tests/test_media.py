@@ -1,7 +1,8 @@
 """Images, video and audio in rows (hwft.data.media): LLaMA-Factory's columns and OpenAI's content
 parts read as they are, from the real demo files in ../shared/peer-data; each bad input refused
-in one line naming the file and row. No model is fed media yet: a row with media is refused in
-one line at the dry run, rather than trained on its text with the placeholders in it."""
+in one line naming the file and row. Where nothing feeds them to the model, a row with media is
+refused in one line rather than used as text with its placeholders in it (tests/test_vision.py:
+the models that are fed images)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from hwft.data.kinds.preference import tokenize_pair
 from hwft.data.loading import load_examples
 from hwft.data.media import Media, open_image
 from hwft.errors import DataError
-from tests.conftest import PEER_DATA, write_jsonl, write_recipe
+from tests.conftest import PEER_DATA, write_jsonl
 
 LF = PEER_DATA / "llamafactory"
 FORMATS = {f.name: f for f in BUILTIN_FORMATS}
@@ -56,18 +57,6 @@ def test_llamafactory_demo_rows_read_with_their_files(name, kinds):
         assert first.messages[0]["content"] == "<image>Who are they?"
         image = open_image(first.media[0], "row 1")
         assert image.mode == "RGB" and min(image.size) > 100
-
-
-def test_a_registry_entry_with_images_reaches_the_dry_run_and_is_refused_in_one_line(tiny_llama, tmp_path, cli):
-    """mllm_demo through dataset_info.json (paths relative to its folder, LLaMA-Factory's
-    dataset_dir): read whole, then refused, naming the row, because no model is fed images yet."""
-    recipe = write_recipe(
-        tmp_path, tiny_llama, data={"registry": str(LF / "dataset_info.json"), "train": ["mllm_demo"]}
-    )
-    code, out, err = cli("train", recipe, "--dry-run")
-    assert code == 2 and out == ""
-    assert err.strip().splitlines() == [err.strip()]
-    assert "mllm_demo.json row 1 has 2 images, but hwft feeds models text only" in err
 
 
 def test_openai_content_parts_become_placeholders_and_media():
@@ -173,5 +162,5 @@ def test_preference_rows_keep_their_images(tokenizer, tmp_path):
     (example,) = load_examples(write_jsonl(tmp_path / "p.jsonl", rows), "auto", FORMATS, objective="dpo")
     assert [m.path for m in example.media] == [tmp_path / "a.png"]
     example.source = "p.jsonl row 1"
-    with pytest.raises(DataError, match="p.jsonl row 1 has 1 image, but hwft feeds models text only"):
+    with pytest.raises(DataError, match="p.jsonl row 1 has 1 image, but they are not fed to the model here"):
         tokenize_pair(ChatRenderer(tokenizer, tokenizer.chat_template), example)

@@ -36,6 +36,10 @@ class Row:
     labels: list[int]
     lengths: list[int]  #: the examples' lengths, in order; they sum to len(input_ids)
     ids: list[int] = field(default_factory=list)  #: the examples' indices among the tokenised sequences
+    #: the model inputs beside the tokens of a row's one example (an image row's pixels:
+    #: Tokenized.inputs); such rows never pack
+    inputs: dict | None = None
+    token_inputs: dict | None = None  #: its per-token inputs (Tokenized.token_inputs), padded with 0
 
     @property
     def sequences(self) -> tuple[Row, ...]:
@@ -71,7 +75,10 @@ def pack_groups(lengths: list[int], capacity: int) -> list[list[int]]:
 
 def make_rows(examples: list[Tokenized], max_length: int, packing: bool) -> list[Row]:
     if not packing:
-        return [Row(e.input_ids, e.labels, [len(e.input_ids)], [i]) for i, e in enumerate(examples)]
+        return [
+            Row(e.input_ids, e.labels, [len(e.input_ids)], [i], e.inputs, e.token_inputs)
+            for i, e in enumerate(examples)
+        ]
     rows = []
     for group in pack_groups([len(e.input_ids) for e in examples], max_length):
         members = [examples[i] for i in group]

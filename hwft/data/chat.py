@@ -104,6 +104,12 @@ def resolve_template(template: str | None, base_dir: Path, tokenizer) -> str | N
 class Tokenized:
     input_ids: list[int]
     labels: list[int]  #: ``labels[0]`` is always IGNORE_INDEX
+    #: what else the model's forward takes with these tokens: an image row's pixels and grid
+    #: (hwft.vision), as arrays whose first dimension concatenates over a batch; None for text
+    inputs: dict | None = None
+    #: inputs with one value per token (Qwen-VL's mm_token_type_ids: 0 text, 1 image), padded
+    #: with 0 beside the token ids; None for text
+    token_inputs: dict | None = None
 
     @property
     def num_labels(self) -> int:
@@ -158,6 +164,9 @@ class ChatRenderer:
         self.template = template
         self.mask_history = mask_history
         self.train_on_prompt = train_on_prompt
+        #: the model's image processor and family record (hwft.vision.VisionInputs) where the run
+        #: feeds it images; None: rows with media are refused
+        self.vision: Any = None
 
     @classmethod
     def for_recipe(cls, recipe, tokenizer) -> ChatRenderer:
@@ -208,7 +217,8 @@ class ChatRenderer:
                 f"{example.source} is a conversation, but the model's tokenizer has no chat template; "
                 f"set template: to a built-in ({', '.join(TEMPLATES)}) or a .jinja file"
             )
-        refuse_media(example)
+        if self.vision is None:
+            refuse_media(example)
         turns = example.turns()
         needs = set()
         if example.tools:
@@ -247,7 +257,7 @@ class ChatRenderer:
                 spans.append((len(prefix), end))
         return text, spans
 
-    def _encode(self, text: str, spans: list[tuple[int, int]]) -> Tokenized:
+    def encode_text(self, text: str, spans: list[tuple[int, int]]) -> Tokenized:
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         labels = []
         for token, (start, end) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
@@ -257,15 +267,27 @@ class ChatRenderer:
             labels[0] = IGNORE_INDEX
         return Tokenized(list(enc["input_ids"]), labels)
 
-    def tokenize(self, example, first: int = 0) -> Tokenized:
-        """A conversation with labels on its assistant turns (from message ``first``)."""
-        self.check(example)
-        text, spans = self.assistant_spans(example.messages, example.tools, example.source, first)
+    def label_spans(
+        self, messages: list[Message], tools: list[dict] | None, where: str, first: int = 0
+    ) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered text and the character spans trained on: the assistant turns from
+        ``first`` (data.mask_history: the last; data.train_on_prompt: all the text)."""
+        text, spans = self.assistant_spans(messages, tools, where, first)
         if spans and first == 0 and self.mask_history:
             spans = spans[-1:]
         if spans and first == 0 and self.train_on_prompt:
             spans = [(0, len(text))]
-        tok = self._encode(text, spans)
+        return text, spans
+
+    def tokenize(self, example, first: int = 0) -> Tokenized:
+        """A conversation with labels on its assistant turns (from message ``first``); one with
+        images through the model's vision record (hwft.vision)."""
+        self.check(example)
+        if getattr(example, "media", None):
+            assert self.vision is not None, "check() refused media without a vision record"
+            tok = self.vision.tokenize(self, example, first)
+        else:
+            tok = self.encode_text(*self.label_spans(example.messages, example.tools, example.source, first))
         if tok.num_labels == 0:
             raise DataError(
                 f"{example.source}: every label is masked: no assistant turn has text to learn "

@@ -187,13 +187,14 @@ def described(media: list[Media]) -> str:
 
 
 def refuse_media(example) -> None:
-    """No model is fed images, video or audio yet: a row that has them is refused in one line,
-    at the dry run (hwft.train.plan_run) and where a renderer meets it."""
+    """A row with media where nothing feeds them to the model (a renderer without the model's
+    vision record: hwft.vision) is refused in one line, rather than used as text with its
+    placeholders in it."""
     if getattr(example, "media", None):
         from hwft.errors import DataError
 
         raise DataError(
-            f"{example.source} has {described(example.media)}, but hwft feeds models text only "
-            "(training on images, video and audio is not built yet); leave the row's media and "
-            "its <image>/<video>/<audio> placeholders out to train on its text"
+            f"{example.source} has {described(example.media)}, but they are not fed to the model here: hwft "
+            "trains on images with a vision-language model of hwft.vision's table on the torch engine; leave the "
+            "row's media and its <image>/<video>/<audio> placeholders out to use its text"
         )

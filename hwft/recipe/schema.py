@@ -132,6 +132,17 @@ class DataSpec(Section):
     train_on_prompt: bool = Field(
         default=False, description="Compute the loss on every token of a conversation, prompts included."
     )
+    image_max_pixels: int | None = Field(
+        default=None,
+        gt=0,
+        description="Images with more pixels are scaled down to about this many (LLaMA-Factory's "
+        "image_max_pixels); default: the model's image processor's own.",
+    )
+    image_min_pixels: int | None = Field(
+        default=None,
+        gt=0,
+        description="Images with fewer pixels are scaled up to about this many (LLaMA-Factory's image_min_pixels).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -231,6 +242,19 @@ class FreezeSpec(Section):
         return value
 
 
+class VisionSpec(Section):
+    """Which parts of a vision-language model train (LLaMA-Factory's freeze_vision_tower,
+    freeze_multi_modal_projector and freeze_language_model, with their defaults). Under lora
+    and qlora, all-linear adapts the parts that train; under full and freeze, the frozen parts'
+    weights keep requires_grad off."""
+
+    freeze_tower: bool = Field(default=True, description="Keep the vision tower (the image encoder) frozen.")
+    freeze_projector: bool = Field(
+        default=True, description="Keep the projector (vision features into the language model's embeddings) frozen."
+    )
+    freeze_language_model: bool = Field(default=False, description="Keep the language model frozen.")
+
+
 class MethodSpec(Section):
     """What the loss is and which weights move. Every registered method (hwft.methods) has its
     own section here, ``method.<name>``, validated by its own spec and filled with its defaults
@@ -250,6 +274,9 @@ class MethodSpec(Section):
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter settings (lora, qlora).")
     freeze: FreezeSpec = Field(default_factory=FreezeSpec, description="Which layers train (freeze).")
     qlora: QLoraSpec = Field(default_factory=QLoraSpec, description="Quantisation (qlora).")
+    vision: VisionSpec = Field(
+        default_factory=VisionSpec, description="What trains of a vision-language model (hwft.vision)."
+    )
 
     @property
     def adapter(self) -> bool:

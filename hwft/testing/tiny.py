@@ -164,3 +164,94 @@ def fresh_adapter(model_dir: Path, out: Path, seed: int = 0, r: int = 8, target_
             torch.nn.init.normal_(p, std=0.02)
     model.save_pretrained(str(out))
     return out
+
+
+#: The tokens a Qwen VL tokenizer holds for its images and videos, added to the tiny vocabulary.
+QWEN_VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+#: Tiny vision-language configs: 2 text layers of COMMON's shapes and a 1-block vision tower;
+#: the image processor caps an image at 16 of its 28x28 merged patches (hwft.vision).
+TINY_VISION = {
+    "qwen2_vl": {
+        "vision_config": {"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2},
+        "text_rope": {"rope_type": "default", "mrope_section": [2, 3, 3]},
+    },
+    "qwen2_5_vl": {
+        "vision_config": {
+            "depth": 1,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "fullatt_block_indexes": [0],
+            "window_size": 56,
+        },
+        "text_rope": {"rope_type": "default", "mrope_section": [2, 3, 3]},
+    },
+    "qwen3_vl": {
+        "vision_config": {
+            "depth": 1,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "num_position_embeddings": 64,
+            "deepstack_visual_indexes": [0],
+        },
+        "text_rope": {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+        "text": {"head_dim": 16},
+        "processor": {"patch_size": 16},  # Qwen3-VL's patches are 16 pixels wide
+    },
+}
+
+
+def build_tiny_vision_model(
+    family: str, out: Path, tokenizer_src: Path | None = None, seed: int = 0, max_pixels: int = 28 * 28 * 16
+) -> Path:
+    """A vision-language model of ``family`` (a key of TINY_VISION) with random weights in
+    ``out``: 2 text layers of 64 wide over the embedded SmolLM2's first 4096 tokens plus the
+    family's image tokens, a 1-block vision tower, and its image processor's config (images
+    scaled to at most ``max_pixels``)."""
+    import importlib
+
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
+
+    from hwft import vision
+
+    tokenizer_src = tokenizer_src or embedded_tokenizer_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_src / name).exists():
+            shutil.copy(tokenizer_src / name, out / name)
+    whole = json.loads((tokenizer_src / "tokenizer.json").read_text(encoding="utf-8"))
+    (out / "tokenizer.json").write_text(
+        json.dumps(truncated_tokenizer(whole, TOKENIZER_SIZE), ensure_ascii=False), encoding="utf-8"
+    )
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_VISION_TOKENS)})  # pyright: ignore[reportArgumentType]
+    tokenizer.save_pretrained(out)
+    ids = dict(zip(QWEN_VISION_TOKENS, tokenizer.convert_tokens_to_ids(list(QWEN_VISION_TOKENS)), strict=True))
+    shape = TINY_VISION[family]
+    text = {
+        **{k: v for k, v in COMMON.items() if k != "tie_word_embeddings"},
+        "vocab_size": len(tokenizer),
+        "rope_parameters": {**shape["text_rope"], "rope_theta": 10000.0},
+        "max_position_embeddings": 2048,
+        **shape.get("text", {}),
+    }
+    config = AutoConfig.for_model(
+        family,
+        text_config=text,
+        vision_config=shape["vision_config"],
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    AutoModelForImageTextToText.from_config(config).save_pretrained(out)
+    module, name = vision.FAMILIES[family].image_processor.split(":")
+    processor = getattr(importlib.import_module(module), name)
+    processor(max_pixels=max_pixels, min_pixels=28 * 28, **shape.get("processor", {})).save_pretrained(out)
+    return out

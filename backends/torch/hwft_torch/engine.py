@@ -356,8 +356,8 @@ def prove_packing(run: TorchRun, whole: bool = True) -> None:
     model_type = model_type_of(run.inputs.model_path)
     if get_host().families().lookup("torch", model_type).known or recipe.kernels.attention == "flash_attention_2":
         return
-    if not method(recipe.method.objective).packs or recipe.data.packing is False:
-        return
+    if not method(recipe.method.objective).packs or recipe.data.packing is False or not run.inputs.batches.packing:
+        return  # nothing packs: the method's rows, the recipe, or the data (image rows: hwft.vision)
     from hwft_torch.packing_proof import packing_problem
 
     if not whole:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from hwft import lora_targets
+from hwft import lora_targets, vision
 from hwft.errors import ModelError, RecipeError
 from hwft.extras import write_extras
 from hwft.methods.lookup import method
@@ -49,6 +49,15 @@ def _sequence_score():
 
     return AutoModelForSequenceClassification
 
+
+def _image_text_to_text():
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText
+
+
+#: A vision-language family's (hwft.vision) next-token model: its language model, vision tower and projector.
+IMAGE_TEXT_TO_TEXT = Head(_image_text_to_text, "CAUSAL_LM", "vision-language model")
 
 #: causal_lm: next-token logits; score: one scalar per sequence (a reward model). PEFT's SEQ_CLS
 #: task trains and saves the new ``score`` head beside the adapter (its modules_to_save).
@@ -154,6 +163,8 @@ def load_model(
 
     hf_logging.disable_progress_bar()  # hwft draws its own progress
     head = HEADS[method(recipe.method.objective).head]
+    if head is HEADS["causal_lm"] and vision.family_of(path) is not None:
+        head = IMAGE_TEXT_TO_TEXT  # the whole vision-language model: its tower reads the rows' images
     extra = dict(head.extra)
     if tuning == "qlora":
         extra.update(quantization_config=quantization_config(recipe, compute_dtype), device_map={"": device})
@@ -253,6 +264,8 @@ def tune(model, recipe: Recipe, tuning: str):
         model = add_lora(model, recipe)
     elif tuning == "freeze":
         freeze_layers(model, recipe.method.freeze)
+    if tuning in ("full", "freeze"):
+        freeze_vision_parts(model, recipe.method.vision)
     return model
 
 
@@ -288,7 +301,11 @@ def add_lora(model, recipe: Recipe):
             raise ModelError(f"model.adapter: cannot load {folder} onto this model: {exc}") from None
     spec = recipe.method.lora
     lora_targets.check(spec.target_modules, *adaptable_modules(model))
-    skipped = linears_peft_leaves_out(model) if spec.target_modules == "all-linear" else []
+    skipped = (
+        linears_peft_leaves_out(model) + vision_linears(model, recipe.method.vision)
+        if spec.target_modules == "all-linear"
+        else []
+    )
     config = LoraConfig(
         task_type=HEADS[method(recipe.method.objective).head].task_type,
         r=spec.r,
@@ -336,6 +353,36 @@ def linears_computing_otherwise(model) -> list[str]:
         and type(module).forward is not torch.nn.Linear.forward
         and type(module).__module__.startswith("transformers.")
     ]
+
+
+def vision_linears(model, spec) -> list[str]:
+    """The linear layers of the parts of a vision-language model that method.vision keeps frozen
+    (by default its vision tower and projector, as LLaMA-Factory's freeze_vision_tower and
+    freeze_multi_modal_projector): all-linear leaves them out."""
+    family = vision.FAMILIES.get(getattr(getattr(model, "config", None), "model_type", "") or "")
+    if family is None:
+        return []
+    frozen = vision.frozen_parts(spec)
+    return [
+        path
+        for path, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and vision.part_of(family, path) in frozen
+    ]
+
+
+def freeze_vision_parts(model, spec) -> int:
+    """full and freeze tuning of a vision-language model: the parts method.vision keeps frozen
+    lose their gradients; returns how many tensors that froze."""
+    family = vision.FAMILIES.get(getattr(getattr(model, "config", None), "model_type", "") or "")
+    if family is None:
+        return 0
+    frozen = vision.frozen_parts(spec)
+    count = 0
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and vision.part_of(family, name) in frozen:
+            parameter.requires_grad_(False)
+            count += 1
+    return count
 
 
 def linears_peft_leaves_out(model) -> list[str]:

@@ -32,7 +32,7 @@ def to_tensors(rows: list[Row], pad_id: int, attention: str, device: torch.devic
     ids, from which transformers builds every layer's block-diagonal mask (the model must be
     called with ``use_cache=False``).
     """
-    if attention == "flash_attention_2":
+    if attention == "flash_attention_2" and not any(r.inputs for r in rows):
         flat = {
             "input_ids": [t for r in rows for t in r.input_ids],
             "labels": [t for r in rows for t in r.labels],
@@ -40,6 +40,17 @@ def to_tensors(rows: list[Row], pad_id: int, attention: str, device: torch.devic
         }
         return {k: torch.tensor([v], device=device) for k, v in flat.items()}
     batch = {k: torch.tensor(v) for k, v in pad(rows, pad_id).items()}
+    media = [r.inputs for r in rows if r.inputs]
+    if media:
+        # Image rows (hwft.vision; never packed): their pixels and grids, concatenated over the
+        # micro-batch as the processor would have; the model places each row's tokens itself
+        # (Qwen's 3-D mRoPE from the image grids), so no position ids.
+        del batch["position_ids"]
+        batch.update({key: torch.cat([torch.as_tensor(m[key]) for m in media]) for key in media[0]})
+        width = batch["input_ids"].shape[1]
+        for key in next((r.token_inputs for r in rows if r.token_inputs), {}):  # a text row's: all 0
+            values = [(r.token_inputs or {}).get(key, [0] * len(r.input_ids)) for r in rows]
+            batch[key] = torch.tensor([v + [0] * (width - len(v)) for v in values])
     if any(len(r.lengths) > 1 for r in rows):
         # No mask: transformers finds the examples where position_ids restart (masking_utils'
         # find_packed_sequence_indices, with no cache: call the model with use_cache=False) and
@@ -67,7 +78,10 @@ def output_head(model) -> tuple[torch.nn.Module, torch.Tensor] | str:
         if getattr(config, attr, None) not in (None, 1, 1.0):
             return f"the model transforms its logits ({attr})"
     try:
-        decoder = base.get_decoder()
+        # A vision-language model's decoder is its multimodal backbone (``model``): it merges
+        # the images' features into the token embeddings; its get_decoder() is the language
+        # model alone, which takes no pixels.
+        decoder = base.model if getattr(base.config, "vision_config", None) is not None else base.get_decoder()
     except (AttributeError, ValueError):
         decoder = None
     if decoder is None or decoder is base:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from hwft.data.chat import ChatRenderer, Message, Tokenized, TokenizeStats
 from hwft.data.kinds import Example
+from hwft.errors import DataError
 
 
 @dataclass
@@ -42,6 +43,12 @@ def encode(example: ChatExample, renderer: ChatRenderer, max_length: int, stats:
     """The conversation's one sequence, cut to ``max_length`` (counted); none where no label
     token is left."""
     tok = renderer.tokenize(example)
+    if len(tok.input_ids) > max_length and tok.inputs is not None:
+        raise DataError(
+            f"{example.source} is {len(tok.input_ids)} tokens with its images, over train.max_length "
+            f"{max_length}, and an image's tokens cannot be cut; raise train.max_length, or lower "
+            "data.image_max_pixels"
+        )
     if len(tok.input_ids) > max_length:
         stats.truncated += 1
         tok = Tokenized(tok.input_ids[:max_length], tok.labels[:max_length])

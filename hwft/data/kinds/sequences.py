@@ -12,6 +12,7 @@ from hwft.data.batching import batches_per_epoch, make_rows, micro_batches, stre
 from hwft.data.chat import ChatRenderer, Tokenized, TokenizeStats, empty_error
 from hwft.data.kinds import DataKinds, Example
 from hwft.data.pipeline import Batches, packing_enabled
+from hwft.errors import DataError
 
 
 def registered() -> DataKinds:
@@ -57,6 +58,16 @@ def sequence_batches(data, renderer: ChatRenderer, recipe, ranks: int = 1, capab
     hwft.distributed), so an epoch has ``ranks`` times fewer steps."""
     t = recipe.train
     packing = packing_enabled(recipe, capability) if capability is not None else bool(recipe.data.packing)
+    if any(getattr(e, "media", None) for e in data.examples):
+        # Rows with images do not pack yet (each image row keeps the model's own positions:
+        # Qwen's 3-D mRoPE); the run goes unpacked, text rows too.
+        if recipe.data.packing:
+            first = next(e for e in data.examples if getattr(e, "media", None))
+            raise DataError(
+                f"data.packing: true, but {first.source} has images, and rows with images do not pack yet; "
+                "set data.packing: false (or leave it unset)"
+            )
+        packing = False
     group = recipe.data.group_by_length and not packing
     registry = registered()
     if data.streaming:

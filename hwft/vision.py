@@ -1,0 +1,230 @@
+"""Vision-language families: what a row's images become for the model, one record each.
+
+A :class:`VisionFamily` says, for one ``model_type``, which image processor of transformers
+reads its images (the PIL one: it needs no torchvision), the text one image stands as in the
+chat template's output before it is expanded (Qwen's ``<|vision_start|><|image_pad|>
+<|vision_end|>``), the token the expansion repeats, how many tokens an image becomes, which of
+the processor's outputs the model's forward takes, and where its vision tower is (LoRA's
+``all-linear`` leaves it out, as LLaMA-Factory's ``freeze_vision_tower`` does by default).
+
+How a row with images renders (:func:`tokenize`), for the chat kind and the kinds built on it:
+each ``<image>`` of the turns becomes the family's placeholder, the chat template renders the
+turns as text (the label spans found as for any row: hwft.data.chat), each image's placeholder
+token is repeated as many times as the image has tokens, and the text is tokenised. The image
+tokens never count as labels. The pixels travel with the sequence (``Tokenized.inputs``) to the
+engine, which hands them to the model's forward beside the token ids.
+
+The engine that feeds images says so in its capability (``Capability.media``); a row with
+media for a model or an engine that is not fed them is refused in one line at the dry run
+(:func:`check_media`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hwft.errors import DataError
+
+
+def qwen_tokens(outputs: dict, index: int, merge: int) -> int:
+    """Qwen2-VL's count: the image's patch grid (t, h, w) merged ``merge x merge`` at a time."""
+    t, h, w = (int(x) for x in outputs["image_grid_thw"][index])
+    return t * h * w // (merge * merge)
+
+
+@dataclass(frozen=True)
+class VisionFamily:
+    """One vision-language family: how its images become tokens and model inputs."""
+
+    model_type: str
+    description: str
+    #: transformers' image processor class (its PIL backend: no torchvision), "module:Class"
+    image_processor: str
+    placeholder: str  #: the text one image stands as before expansion, inside the template's output
+    image_token: str  #: the token the expansion repeats, once per image token
+    #: (processor outputs, image index, processor) -> how many tokens that image becomes
+    tokens: Callable[[dict, int, Any], int]
+    inputs: tuple[str, ...]  #: processor outputs the model's forward takes, concatenated over a batch
+    vision_modules: tuple[str, ...]  #: module-path parts of the vision tower and its projector
+    projector_modules: tuple[str, ...]  #: module-path parts, inside those, of the projector
+    kinds: tuple[str, ...] = ("image",)  #: media kinds hwft feeds it
+    #: a per-token input marking each token's modality (0 text, 1 image), by its name; None: none
+    token_types: str | None = None
+
+
+QWEN_VL = dict(
+    image_processor="transformers.models.qwen2_vl:Qwen2VLImageProcessorPil",
+    placeholder="<|vision_start|><|image_pad|><|vision_end|>",
+    image_token="<|image_pad|>",
+    tokens=lambda outputs, index, processor: qwen_tokens(outputs, index, processor.merge_size),
+    inputs=("pixel_values", "image_grid_thw"),
+    token_types="mm_token_type_ids",
+    vision_modules=("visual",),
+    projector_modules=("merger", "deepstack_merger_list"),
+)
+
+FAMILIES: dict[str, VisionFamily] = {
+    f.model_type: f
+    for f in (
+        VisionFamily("qwen2_vl", "Qwen2-VL", **QWEN_VL),  # pyright: ignore[reportArgumentType]
+        VisionFamily("qwen2_5_vl", "Qwen2.5-VL", **QWEN_VL),  # pyright: ignore[reportArgumentType]
+        VisionFamily("qwen3_vl", "Qwen3-VL", **QWEN_VL),  # pyright: ignore[reportArgumentType]
+    )
+}
+
+
+def model_type(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
+def family_of(folder: Path) -> VisionFamily | None:
+    return FAMILIES.get(model_type(folder) or "")
+
+
+def check_media(examples, model, capability, backend: str) -> None:
+    """Refuse, in one line naming the first row, media that this model on this backend is not
+    fed: a family not in the table, a kind the family is not fed, an engine that feeds none."""
+    from hwft.data.media import described
+
+    first = next((e for e in examples if getattr(e, "media", None)), None)
+    if first is None:
+        return
+    family = family_of(model.path) if model.ready else None
+    kinds = {m.kind for e in examples for m in getattr(e, "media", None) or []}
+    if family is None:
+        kind = model_type(model.path) if model.ready else None
+        raise DataError(
+            f"{first.source} has {described(first.media)}, but the model ({kind or model.path}) is not a "
+            f"vision-language family hwft feeds images ({', '.join(FAMILIES)}); give such a checkpoint, "
+            "or leave the rows' media and their <image>/<video>/<audio> placeholders out to train on the text"
+        )
+    unfed = sorted(kinds - set(family.kinds))
+    if unfed:
+        row = next(e for e in examples if any(m.kind in unfed for m in getattr(e, "media", None) or []))
+        raise DataError(
+            f"{row.source} has {described(row.media)}: hwft feeds {family.description} "
+            f"{' and '.join(k + 's' for k in family.kinds)} only, not {' or '.join(unfed)}; leave those out"
+        )
+    missing = sorted(kinds - set(getattr(capability, "media", ())))
+    if missing:
+        raise DataError(
+            f"{first.source} has {described(first.media)}, but backend {backend}'s engine does not feed "
+            f"{' or '.join(k + 's' for k in missing)} to a model yet; train these rows with backend=cpu "
+            "(or cuda, rocm: the torch engine)"
+        )
+
+
+class VisionInputs:
+    """A model's image processor and family record: what :func:`tokenize` needs."""
+
+    def __init__(
+        self, family: VisionFamily, folder: Path, max_pixels: int | None = None, min_pixels: int | None = None
+    ):
+        import importlib
+
+        module, name = family.image_processor.split(":")
+        cls = getattr(importlib.import_module(module), name)
+        overrides = {k: v for k, v in (("max_pixels", max_pixels), ("min_pixels", min_pixels)) if v is not None}
+        try:
+            self.processor = cls.from_pretrained(folder, local_files_only=True, **overrides)
+        except OSError:  # no preprocessor_config.json: the family's defaults
+            self.processor = cls(**overrides)
+        self.family = family
+
+    @classmethod
+    def for_model(
+        cls, folder: Path, max_pixels: int | None = None, min_pixels: int | None = None
+    ) -> VisionInputs | None:
+        """The model's, where it is a vision-language family of the table; else None."""
+        family = family_of(folder)
+        return None if family is None else cls(family, folder, max_pixels, min_pixels)
+
+    def tokenize(self, renderer, example, first: int):
+        return tokenize(renderer, example, first)
+
+
+def tokenize(renderer, example, first: int):
+    """A conversation with images: the token sequence (each image's tokens in place, none of
+    them a label), labels on the assistant turns, and the pixels in ``inputs``."""
+    from hwft.data.chat import IGNORE_INDEX
+    from hwft.data.media import PLACEHOLDERS, open_image
+
+    vision: VisionInputs = renderer.vision
+    family = vision.family
+    images = [open_image(m, example.source) for m in example.media]
+    outputs = vision.processor(images=images, return_tensors="np")
+    counts = [family.tokens(outputs, i, vision.processor) for i in range(len(images))]
+    messages = [
+        {**m, "content": m["content"].replace(PLACEHOLDERS["image"], family.placeholder)}
+        if isinstance(m.get("content"), str)
+        else m
+        for m in example.messages
+    ]
+    text, spans = renderer.label_spans(messages, example.tools, example.source, first)
+    text, spans = expand(text, spans, family.image_token, counts, example.source)
+    tok = renderer.encode_text(text, spans)
+    image_id = renderer.tokenizer.convert_tokens_to_ids(family.image_token)
+    found = sum(1 for t in tok.input_ids if t == image_id)
+    if found != sum(counts):
+        raise DataError(
+            f"{example.source}: its {len(images)} images should be {sum(counts)} {family.image_token} tokens, "
+            f"but the chat template and tokenizer give {found}; the model's tokenizer must hold "
+            f"{family.image_token} as one token"
+        )
+    tok.labels = [IGNORE_INDEX if t == image_id else label for t, label in zip(tok.input_ids, tok.labels, strict=True)]
+    tok.inputs = {key: outputs[key] for key in family.inputs}
+    if family.token_types:
+        tok.token_inputs = {family.token_types: [int(t == image_id) for t in tok.input_ids]}
+    return tok
+
+
+def expand(
+    text: str, spans: list[tuple[int, int]], token: str, counts: list[int], where: str
+) -> tuple[str, list[tuple[int, int]]]:
+    """``text`` with the i-th ``token`` repeated ``counts[i]`` times, and the label spans moved
+    past what was inserted before them."""
+    pieces = text.split(token)
+    if len(pieces) - 1 != len(counts):
+        raise DataError(
+            f"{where}: the chat template's text holds {len(pieces) - 1} {token} for {len(counts)} images "
+            "(a template that drops or repeats a turn's text cannot carry its images)"
+        )
+    out, shifts, position = [pieces[0]], [], len(pieces[0])
+    for count, piece in zip(counts, pieces[1:], strict=True):
+        shifts.append((position, (count - 1) * len(token)))
+        out.append(token * count + piece)
+        position += len(token) + len(piece)
+
+    def moved(at: int) -> int:
+        return at + sum(extra for where_, extra in shifts if where_ < at)
+
+    return "".join(out), [(moved(s), moved(e)) for s, e in spans]
+
+
+def part_of(family: VisionFamily, path: str) -> str:
+    """Which part of the model a parameter or module path is in: tower, projector or language
+    (the language model, its embeddings and output layer)."""
+    parts = path.split(".")
+    if not any(p in parts for p in family.vision_modules):
+        return "language"
+    return "projector" if any(p in parts for p in family.projector_modules) else "tower"
+
+
+def frozen_parts(spec) -> set[str]:
+    """The parts method.vision keeps frozen."""
+    return {
+        part
+        for part, frozen in (
+            ("tower", spec.freeze_tower),
+            ("projector", spec.freeze_projector),
+            ("language", spec.freeze_language_model),
+        )
+        if frozen
+    }

@@ -1,0 +1,195 @@
+"""Vision-language models on the torch engine (hwft.vision): LLaMA-Factory's image rows train a
+tiny Qwen2-VL and Qwen2.5-VL through the real CLI; the image tokens are counted as transformers'
+processor counts them and never trained on; the vision tower stays frozen under LoRA; a row
+with images for a text-only model, or on MLX, is refused in one line at the dry run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hwft.data.chat import IGNORE_INDEX, ChatRenderer
+from hwft.data.formats import BUILTIN_FORMATS
+from hwft.data.loading import load_examples
+from tests.conftest import PEER_DATA, write_recipe
+
+LF = PEER_DATA / "llamafactory"
+FORMATS = {f.name: f for f in BUILTIN_FORMATS}
+
+
+@pytest.fixture(scope="module")
+def tiny_vl(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    from hwft.testing.tiny import build_tiny_vision_model
+
+    made: dict[str, Path] = {}
+
+    def build(family: str) -> Path:
+        if family not in made:
+            made[family] = build_tiny_vision_model(family, tmp_path_factory.mktemp(family), tokenizer_dir)
+        return made[family]
+
+    return build  # type: ignore[return-value]
+
+
+def test_an_image_row_renders_with_the_processors_token_count(tiny_vl):
+    """mllm_demo's first row (two images): each image becomes grid_t*grid_h*grid_w/merge^2
+    <|image_pad|> tokens, the count Qwen2-VL's own processor expands to; none is a label; the
+    assistant answers are the labels, as for a text row."""
+    from transformers import AutoTokenizer
+
+    from hwft.vision import VisionInputs
+
+    model = tiny_vl("qwen2_vl")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    renderer = ChatRenderer(tokenizer, tokenizer.chat_template)
+    renderer.vision = VisionInputs.for_model(model)
+    example = next(iter(load_examples(LF / "mllm_demo.json", "messages", FORMATS)))
+    example.source = "mllm_demo.json row 1"
+    tok = renderer.tokenize(example)
+    grid = tok.inputs["image_grid_thw"]
+    assert grid.shape == (2, 3)
+    per_image = [int(t * h * w) // 4 for t, h, w in grid]
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert tok.input_ids.count(pad) == sum(per_image) and all(n > 0 for n in per_image)
+    assert all(label == IGNORE_INDEX for t, label in zip(tok.input_ids, tok.labels, strict=True) if t == pad)
+    trained = tokenizer.decode([t for t, label in zip(tok.input_ids, tok.labels, strict=True) if label != IGNORE_INDEX])
+    assert "Kane and Gretzka" in trained and "celebrating" in trained and "Who are they" not in trained
+    # Qwen2-VL's pixel rows: one per patch, 3 channels x temporal 2 x 14 x 14 values each.
+    assert tok.inputs["pixel_values"].shape == (int(sum(t * h * w for t, h, w in grid)), 3 * 2 * 14 * 14)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_image_rows_train_a_vision_language_model_from_the_cli(family, tiny_vl, tmp_path, cli):
+    """LLaMA-Factory's mllm_demo with identity's text rows, through its dataset_info.json, LoRA
+    sft for 3 steps: the loss falls, packing goes off for the image rows, and the adapter holds
+    the language model's layers only (the vision tower frozen)."""
+    model = tiny_vl(family)
+    recipe = write_recipe(
+        tmp_path,
+        model,
+        data={"registry": str(LF / "dataset_info.json"), "train": ["mllm_demo", "identity"]},
+        train={"max_steps": 3, "micro_batch_size": 2, "max_length": 512, "lr": 5e-3, "log_every": 1},
+    )
+    code, out, err = cli("train", recipe)
+    assert code == 0, err[-3000:]
+    assert "packing off" in err
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(0 < loss < 20 for loss in losses)
+    config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert config["exclude_modules"] and all("visual" in m for m in config["exclude_modules"])
+    from safetensors.torch import load_file
+
+    names = list(load_file(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
+    assert names and not any("visual" in n for n in names) and any("language_model" in n for n in names)
+
+
+def test_a_text_only_model_refuses_image_rows_in_one_line(tiny_llama, tmp_path, cli):
+    recipe = write_recipe(
+        tmp_path, tiny_llama, data={"registry": str(LF / "dataset_info.json"), "train": ["mllm_demo"]}
+    )
+    code, out, err = cli("train", recipe, "--dry-run")
+    assert code == 2 and err.strip().splitlines() == [err.strip()]
+    assert "mllm_demo.json row 1 has 2 images, but the model (llama) is not a vision-language family" in err
+    assert "qwen2_vl" in err
+
+
+def test_video_rows_and_mlx_are_refused_in_one_line(tiny_vl, tmp_path, cli):
+    model = tiny_vl("qwen2_vl")
+    video = write_recipe(
+        tmp_path, model, data={"registry": str(LF / "dataset_info.json"), "train": ["mllm_video_demo"]}
+    )
+    code, _, err = cli("train", video, "--dry-run")
+    assert code == 2 and "mllm_video_demo.json row 1 has 1 video: hwft feeds Qwen2-VL images only, not video" in err
+    images = write_recipe(tmp_path, model, data={"registry": str(LF / "dataset_info.json"), "train": ["mllm_demo"]})
+    code, _, err = cli("train", images, "backend=mlx", "--dry-run")
+    assert code == 2 and "but backend mlx's engine does not feed images to a model yet" in err
+
+
+def test_the_first_loss_is_transformers_own_on_the_row_and_its_image(tiny_vl, tmp_path, cli):
+    """One image row, one step (fp32; LoRA's B starts at zero): hwft's loss is the one
+    transformers' Qwen2-VL computes from the same ids, pixels and labels (1e-5, the order of the
+    sums), and the pixels matter: blank ones give another loss."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    from hwft.vision import VisionInputs
+
+    model_dir = tiny_vl("qwen2_vl")
+    recipe = write_recipe(
+        tmp_path,
+        model_dir,
+        data={"train": [{"path": str(LF / "mllm_demo.json"), "format": "messages", "max_samples": 1}]},
+        train={"max_steps": 1, "micro_batch_size": 1, "max_length": 512, "log_every": 1},
+    )
+    code, _, err = cli("train", recipe)
+    assert code == 0, err[-3000:]
+    (ours,) = [json.loads(line)["loss"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    renderer = ChatRenderer(tokenizer, tokenizer.chat_template)
+    renderer.vision = VisionInputs.for_model(model_dir)
+    example = next(iter(load_examples(LF / "mllm_demo.json", "messages", FORMATS)))
+    example.source = "row 1"
+    tok = renderer.tokenize(example)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    inputs = {
+        "input_ids": torch.tensor([tok.input_ids]),
+        "labels": torch.tensor([tok.labels]),
+        "image_grid_thw": torch.as_tensor(tok.inputs["image_grid_thw"]),
+        "mm_token_type_ids": torch.tensor([tok.token_inputs["mm_token_type_ids"]]),
+    }
+    pixels = torch.as_tensor(tok.inputs["pixel_values"])
+    with torch.no_grad():
+        theirs = float(model(**inputs, pixel_values=pixels).loss)
+        blank = float(model(**inputs, pixel_values=torch.zeros_like(pixels)).loss)
+    assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-5)
+    assert abs(blank - theirs) > 1e-4
+
+
+@pytest.mark.parametrize("name", ["qwen3vl_lora_sft", "qwen3vl_full_sft"])
+def test_llamafactorys_qwen3vl_recipes_train_as_they_are(name, tiny_vl, tmp_path, cli, capsys):
+    """LLaMA-Factory's own Qwen3-VL recipes (mllm_demo with identity and alpaca_en_demo), a tiny
+    Qwen3-VL swapped in and the run scaled down: they import and train. The full recipe's
+    freeze_vision_tower and freeze_multi_modal_projector leave the vision side as it was; its
+    ZeRO-3 config runs in one process."""
+    import yaml
+    from safetensors.torch import load_file
+
+    model = tiny_vl("qwen3_vl")
+    capsys.readouterr()  # what building it printed (DeepSpeed's start-up line) is not the command's
+    raw = yaml.safe_load((LF / "examples" / f"{name}.yaml").read_text(encoding="utf-8"))
+    raw.update(
+        model_name_or_path=str(model),
+        dataset_dir=str(LF),
+        output_dir=str(tmp_path / "out"),
+        max_samples=16,
+        cutoff_len=1024,
+        gradient_accumulation_steps=1,
+        max_steps=2,
+    )
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    code, out, err = cli("import", path)
+    assert code == 0, err
+    translated = yaml.safe_load(out)
+    assert translated["data"]["image_max_pixels"] == 262144
+    if name == "qwen3vl_full_sft":
+        assert translated["method"]["vision"] == {
+            "freeze_tower": True,
+            "freeze_projector": True,
+            "freeze_language_model": False,
+        }
+    code, _, err = cli("train", path)
+    assert code == 0, err[-3000:]
+    steps = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1]["step"] == 2
+    if name == "qwen3vl_full_sft":
+        before, after = (
+            load_file(model / "model.safetensors"),
+            load_file(tmp_path / "out" / "model" / "model.safetensors"),
+        )
+        moved = {n for n in before if not (before[n].float() == after[n].float()).all()}
+        assert moved and all("visual" not in n for n in moved), sorted(moved)[:5]
+        assert any("language_model" in n for n in moved)
