@@ -231,9 +231,11 @@ def test_env_json_schema(site, cli):
         "collective",
         "parallel",
         "packing",
+        "media",
         "notes",
         "tunings",
     }
+    assert cpu["capability"]["media"] == ["image"]  # hwft.vision's image rows
     every = ["full", "lora", "qlora"]
     assert cpu["capability"]["methods"] == {
         m: every for m in ("sft", "cpt", "dpo", "orpo", "simpo", "kto", "rm", "grpo", "ppo")
