@@ -44,27 +44,49 @@ class VisionFamily:
     description: str
     #: transformers' image processor class (its PIL backend: no torchvision), "module:Class"
     image_processor: str
-    placeholder: str  #: the text one image stands as before expansion, inside the template's output
-    image_token: str  #: the token the expansion repeats, once per image token
-    #: (processor outputs, image index, processor) -> how many tokens that image becomes
-    tokens: Callable[[dict, int, Any], int]
+    placeholder: str  #: the text one ``<image>`` becomes before the chat template renders the turns
+    expands: str  #: the token of the rendered text that stands for one image until it is expanded
+    image_token: str  #: the token an image's features fill, ``tokens`` of them per image
+    #: (processor outputs, image index, processor, model config) -> how many tokens that image becomes
+    tokens: Callable[[dict, int, Any, dict], int]
     inputs: tuple[str, ...]  #: processor outputs the model's forward takes, concatenated over a batch
     vision_modules: tuple[str, ...]  #: module-path parts of the vision tower and its projector
-    projector_modules: tuple[str, ...]  #: module-path parts, inside those, of the projector
+    projector_modules: tuple[str, ...]  #: module-path parts, among those, of the projector
     kinds: tuple[str, ...] = ("image",)  #: media kinds hwft feeds it
-    #: a per-token input marking each token's modality (0 text, 1 image), by its name; None: none
+    #: a per-token input marking the image tokens (1; text 0), by the name the forward takes it; None: none
     token_types: str | None = None
+    #: what ``expands`` becomes for an image of n tokens (default: ``image_token`` n times)
+    expansion: Callable[[int], str] | None = None
+
+    def expanded(self, n: int) -> str:
+        return self.expansion(n) if self.expansion else self.image_token * n
 
 
 QWEN_VL = dict(
     image_processor="transformers.models.qwen2_vl:Qwen2VLImageProcessorPil",
     placeholder="<|vision_start|><|image_pad|><|vision_end|>",
+    expands="<|image_pad|>",
     image_token="<|image_pad|>",
-    tokens=lambda outputs, index, processor: qwen_tokens(outputs, index, processor.merge_size),
+    tokens=lambda outputs, index, processor, config: qwen_tokens(outputs, index, processor.merge_size),
     inputs=("pixel_values", "image_grid_thw"),
     token_types="mm_token_type_ids",
     vision_modules=("visual",),
     projector_modules=("merger", "deepstack_merger_list"),
+)
+#: Gemma 3 (4B and up): each image a fixed number of soft tokens (mm_tokens_per_image, 256 in
+#: the released checkpoints) between its begin and end tokens, as Gemma3Processor writes it; the
+#: image tokens attend to each other both ways in training (token_type_ids).
+GEMMA3 = dict(
+    image_processor="transformers.models.gemma3:Gemma3ImageProcessorPil",
+    placeholder="<start_of_image>",
+    expands="<start_of_image>",
+    image_token="<image_soft_token>",
+    tokens=lambda outputs, index, processor, config: int(config.get("mm_tokens_per_image", 256)),
+    inputs=("pixel_values",),
+    token_types="token_type_ids",
+    vision_modules=("vision_tower", "multi_modal_projector"),
+    projector_modules=("multi_modal_projector",),
+    expansion=lambda n: f"\n\n<start_of_image>{'<image_soft_token>' * n}<end_of_image>\n\n",
 )
 
 FAMILIES: dict[str, VisionFamily] = {
@@ -73,6 +95,7 @@ FAMILIES: dict[str, VisionFamily] = {
         VisionFamily("qwen2_vl", "Qwen2-VL", **QWEN_VL),  # pyright: ignore[reportArgumentType]
         VisionFamily("qwen2_5_vl", "Qwen2.5-VL", **QWEN_VL),  # pyright: ignore[reportArgumentType]
         VisionFamily("qwen3_vl", "Qwen3-VL", **QWEN_VL),  # pyright: ignore[reportArgumentType]
+        VisionFamily("gemma3", "Gemma 3", **GEMMA3),  # pyright: ignore[reportArgumentType]
     )
 }
 
@@ -137,6 +160,7 @@ class VisionInputs:
         except OSError:  # no preprocessor_config.json: the family's defaults
             self.processor = cls(**overrides)
         self.family = family
+        self.config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
 
     @classmethod
     def for_model(
@@ -160,7 +184,7 @@ def tokenize(renderer, example, first: int):
     family = vision.family
     images = [open_image(m, example.source) for m in example.media]
     outputs = vision.processor(images=images, return_tensors="np")
-    counts = [family.tokens(outputs, i, vision.processor) for i in range(len(images))]
+    counts = [family.tokens(outputs, i, vision.processor, vision.config) for i in range(len(images))]
     messages = [
         {**m, "content": m["content"].replace(PLACEHOLDERS["image"], family.placeholder)}
         if isinstance(m.get("content"), str)
@@ -168,7 +192,7 @@ def tokenize(renderer, example, first: int):
         for m in example.messages
     ]
     text, spans = renderer.label_spans(messages, example.tools, example.source, first)
-    text, spans = expand(text, spans, family.image_token, counts, example.source)
+    text, spans = expand(text, spans, family, counts, example.source)
     tok = renderer.encode_text(text, spans)
     image_id = renderer.tokenizer.convert_tokens_to_ids(family.image_token)
     found = sum(1 for t in tok.input_ids if t == image_id)
@@ -186,21 +210,23 @@ def tokenize(renderer, example, first: int):
 
 
 def expand(
-    text: str, spans: list[tuple[int, int]], token: str, counts: list[int], where: str
+    text: str, spans: list[tuple[int, int]], family: VisionFamily, counts: list[int], where: str
 ) -> tuple[str, list[tuple[int, int]]]:
-    """``text`` with the i-th ``token`` repeated ``counts[i]`` times, and the label spans moved
-    past what was inserted before them."""
-    pieces = text.split(token)
+    """``text`` with the i-th ``family.expands`` made the text of an image of ``counts[i]``
+    tokens, and the label spans moved past what was inserted before them."""
+    mark = family.expands
+    pieces = text.split(mark)
     if len(pieces) - 1 != len(counts):
         raise DataError(
-            f"{where}: the chat template's text holds {len(pieces) - 1} {token} for {len(counts)} images "
+            f"{where}: the chat template's text holds {len(pieces) - 1} {mark} for {len(counts)} images "
             "(a template that drops or repeats a turn's text cannot carry its images)"
         )
     out, shifts, position = [pieces[0]], [], len(pieces[0])
     for count, piece in zip(counts, pieces[1:], strict=True):
-        shifts.append((position, (count - 1) * len(token)))
-        out.append(token * count + piece)
-        position += len(token) + len(piece)
+        image = family.expanded(count)
+        shifts.append((position, len(image) - len(mark)))
+        out.append(image + piece)
+        position += len(mark) + len(piece)
 
     def moved(at: int) -> int:
         return at + sum(extra for where_, extra in shifts if where_ < at)

@@ -1,5 +1,6 @@
 """Vision-language models on the torch engine (hwft.vision): LLaMA-Factory's image rows train a
-tiny Qwen2-VL and Qwen2.5-VL through the real CLI; the image tokens are counted as transformers'
+tiny Qwen2-VL, Qwen2.5-VL and Gemma 3 through the real CLI (and Qwen3-VL through LLaMA-Factory's
+own recipes); the image tokens are counted as transformers'
 processor counts them and never trained on; the vision tower stays frozen under LoRA; a row
 with images for a text-only model, or on MLX, is refused in one line at the dry run."""
 
@@ -60,7 +61,7 @@ def test_an_image_row_renders_with_the_processors_token_count(tiny_vl):
     assert tok.inputs["pixel_values"].shape == (int(sum(t * h * w for t, h, w in grid)), 3 * 2 * 14 * 14)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "gemma3"])
 def test_image_rows_train_a_vision_language_model_from_the_cli(family, tiny_vl, tmp_path, cli):
     """LLaMA-Factory's mllm_demo with identity's text rows, through its dataset_info.json, LoRA
     sft for 3 steps: the loss falls, packing goes off for the image rows, and the adapter holds
@@ -78,11 +79,14 @@ def test_image_rows_train_a_vision_language_model_from_the_cli(family, tiny_vl, 
     losses = [json.loads(line)["loss"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and all(0 < loss < 20 for loss in losses)
     config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
-    assert config["exclude_modules"] and all("visual" in m for m in config["exclude_modules"])
+    assert config["exclude_modules"] and all(
+        any(v in m for v in ("visual", "vision_tower", "multi_modal_projector")) for m in config["exclude_modules"]
+    )
     from safetensors.torch import load_file
 
     names = list(load_file(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
-    assert names and not any("visual" in n for n in names) and any("language_model" in n for n in names)
+    vision_side = ("visual", "vision_tower", "multi_modal_projector")
+    assert names and not any(v in n for n in names for v in vision_side) and any("language_model" in n for n in names)
 
 
 def test_a_text_only_model_refuses_image_rows_in_one_line(tiny_llama, tmp_path, cli):
@@ -107,16 +111,17 @@ def test_video_rows_and_mlx_are_refused_in_one_line(tiny_vl, tmp_path, cli):
     assert code == 2 and "but backend mlx's engine does not feed images to a model yet" in err
 
 
-def test_the_first_loss_is_transformers_own_on_the_row_and_its_image(tiny_vl, tmp_path, cli):
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+def test_the_first_loss_is_transformers_own_on_the_row_and_its_image(family, tiny_vl, tmp_path, cli):
     """One image row, one step (fp32; LoRA's B starts at zero): hwft's loss is the one
-    transformers' Qwen2-VL computes from the same ids, pixels and labels (1e-5, the order of the
-    sums), and the pixels matter: blank ones give another loss."""
+    transformers' model computes from the same ids, pixels, token types and labels (1e-5, the
+    order of the sums), and the pixels matter: blank ones give another loss."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     from hwft.vision import VisionInputs
 
-    model_dir = tiny_vl("qwen2_vl")
+    model_dir = tiny_vl(family)
     recipe = write_recipe(
         tmp_path,
         model_dir,
@@ -137,8 +142,8 @@ def test_the_first_loss_is_transformers_own_on_the_row_and_its_image(tiny_vl, tm
     inputs = {
         "input_ids": torch.tensor([tok.input_ids]),
         "labels": torch.tensor([tok.labels]),
-        "image_grid_thw": torch.as_tensor(tok.inputs["image_grid_thw"]),
-        "mm_token_type_ids": torch.tensor([tok.token_inputs["mm_token_type_ids"]]),
+        **{k: torch.as_tensor(v) for k, v in tok.inputs.items() if k != "pixel_values"},
+        **{k: torch.tensor([v]) for k, v in (tok.token_inputs or {}).items()},
     }
     pixels = torch.as_tensor(tok.inputs["pixel_values"])
     with torch.no_grad():

@@ -168,15 +168,63 @@ def fresh_adapter(model_dir: Path, out: Path, seed: int = 0, r: int = 8, target_
 
 #: The tokens a Qwen VL tokenizer holds for its images and videos, added to the tiny vocabulary.
 QWEN_VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
-#: Tiny vision-language configs: 2 text layers of COMMON's shapes and a 1-block vision tower;
-#: the image processor caps an image at 16 of its 28x28 merged patches (hwft.vision).
-TINY_VISION = {
-    "qwen2_vl": {
-        "vision_config": {"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2},
-        "text_rope": {"rope_type": "default", "mrope_section": [2, 3, 3]},
-    },
-    "qwen2_5_vl": {
+GEMMA3_VISION_TOKENS = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
+
+
+def _qwen_vl(vision: dict, rope: dict, text: dict | None = None) -> dict:
+    """A tiny Qwen VL shape: its vision tower, its text rotary settings, Qwen's image tokens."""
+
+    def config(ids: dict, vocab: int) -> dict:
+        return {
+            "text_config": {
+                **{k: v for k, v in COMMON.items() if k != "tie_word_embeddings"},
+                "vocab_size": vocab,
+                "rope_parameters": {**rope, "rope_theta": 10000.0},
+                "max_position_embeddings": 2048,
+                **(text or {}),
+            },
+            "vision_config": vision,
+            "image_token_id": ids["<|image_pad|>"],
+            "video_token_id": ids["<|video_pad|>"],
+            "vision_start_token_id": ids["<|vision_start|>"],
+            "vision_end_token_id": ids["<|vision_end|>"],
+            "tie_word_embeddings": True,
+        }
+
+    return {"tokens": QWEN_VISION_TOKENS, "config": config}
+
+
+def _gemma3(ids: dict, vocab: int) -> dict:
+    """A tiny Gemma 3: gemma3_text's tiny config, a 1-layer SigLIP on 32-pixel images of 8-pixel
+    patches (16 patches, pooled into 4 image tokens)."""
+    return {
+        "text_config": {**tiny_config("gemma3_text", vocab_size=vocab).to_dict(), "vocab_size": vocab},
         "vision_config": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        "mm_tokens_per_image": 4,
+        "boi_token_index": ids["<start_of_image>"],
+        "eoi_token_index": ids["<end_of_image>"],
+        "image_token_index": ids["<image_soft_token>"],
+        "tie_word_embeddings": True,
+    }
+
+
+#: Tiny vision-language models (hwft.vision's families): 2 text layers of COMMON's shapes and a
+#: 1-block vision tower; the tokens the family's tokenizer holds for images, added to the tiny
+#: vocabulary; the image processor's settings (Qwen's cap an image at 16 merged patches).
+TINY_VISION = {
+    "qwen2_vl": _qwen_vl(
+        {"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2},
+        {"rope_type": "default", "mrope_section": [2, 3, 3]},
+    ),
+    "qwen2_5_vl": _qwen_vl(
+        {
             "depth": 1,
             "hidden_size": 32,
             "intermediate_size": 64,
@@ -185,32 +233,33 @@ TINY_VISION = {
             "fullatt_block_indexes": [0],
             "window_size": 56,
         },
-        "text_rope": {"rope_type": "default", "mrope_section": [2, 3, 3]},
-    },
+        {"rope_type": "default", "mrope_section": [2, 3, 3]},
+    ),
     "qwen3_vl": {
-        "vision_config": {
-            "depth": 1,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 64,
-            "num_position_embeddings": 64,
-            "deepstack_visual_indexes": [0],
-        },
-        "text_rope": {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
-        "text": {"head_dim": 16},
+        **_qwen_vl(
+            {
+                "depth": 1,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_heads": 2,
+                "out_hidden_size": 64,
+                "num_position_embeddings": 64,
+                "deepstack_visual_indexes": [0],
+            },
+            {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+            {"head_dim": 16},
+        ),
         "processor": {"patch_size": 16},  # Qwen3-VL's patches are 16 pixels wide
     },
+    "gemma3": {"tokens": GEMMA3_VISION_TOKENS, "config": _gemma3, "processor": {"size": {"height": 32, "width": 32}}},
 }
+QWEN_PIXELS = {"max_pixels": 28 * 28 * 16, "min_pixels": 28 * 28}
 
 
-def build_tiny_vision_model(
-    family: str, out: Path, tokenizer_src: Path | None = None, seed: int = 0, max_pixels: int = 28 * 28 * 16
-) -> Path:
+def build_tiny_vision_model(family: str, out: Path, tokenizer_src: Path | None = None, seed: int = 0) -> Path:
     """A vision-language model of ``family`` (a key of TINY_VISION) with random weights in
-    ``out``: 2 text layers of 64 wide over the embedded SmolLM2's first 4096 tokens plus the
-    family's image tokens, a 1-block vision tower, and its image processor's config (images
-    scaled to at most ``max_pixels``)."""
+    ``out``: 2 text layers over the embedded SmolLM2's first 4096 tokens plus the family's image
+    tokens, a 1-block vision tower, and its image processor's config."""
     import importlib
 
     import torch
@@ -218,6 +267,7 @@ def build_tiny_vision_model(
 
     from hwft import vision
 
+    shape = TINY_VISION[family]
     tokenizer_src = tokenizer_src or embedded_tokenizer_dir()
     out.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
@@ -228,30 +278,22 @@ def build_tiny_vision_model(
         json.dumps(truncated_tokenizer(whole, TOKENIZER_SIZE), ensure_ascii=False), encoding="utf-8"
     )
     tokenizer = AutoTokenizer.from_pretrained(out)
-    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_VISION_TOKENS)})  # pyright: ignore[reportArgumentType]
+    tokenizer.add_special_tokens({"additional_special_tokens": list(shape["tokens"])})  # pyright: ignore[reportArgumentType]
     tokenizer.save_pretrained(out)
-    ids = dict(zip(QWEN_VISION_TOKENS, tokenizer.convert_tokens_to_ids(list(QWEN_VISION_TOKENS)), strict=True))
-    shape = TINY_VISION[family]
-    text = {
-        **{k: v for k, v in COMMON.items() if k != "tie_word_embeddings"},
-        "vocab_size": len(tokenizer),
-        "rope_parameters": {**shape["text_rope"], "rope_theta": 10000.0},
-        "max_position_embeddings": 2048,
-        **shape.get("text", {}),
-    }
-    config = AutoConfig.for_model(
-        family,
-        text_config=text,
-        vision_config=shape["vision_config"],
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
-    )
+    ids = dict(zip(shape["tokens"], tokenizer.convert_tokens_to_ids(list(shape["tokens"])), strict=True))
+    config = AutoConfig.for_model(family, **shape["config"](ids, len(tokenizer)))
     torch.manual_seed(seed)
-    AutoModelForImageTextToText.from_config(config).save_pretrained(out)
+    model = AutoModelForImageTextToText.from_config(config)
+    for path, parameter in model.named_parameters():
+        # A projector made all zeros (Gemma 3's mm_input_projection_weight) would give every image
+        # the same features, and a test could not tell an image from another.
+        if vision.part_of(vision.FAMILIES[family], path) == "projector" and not parameter.detach().any():
+            torch.nn.init.normal_(parameter, std=0.02)
+    model.save_pretrained(out)
     module, name = vision.FAMILIES[family].image_processor.split(":")
     processor = getattr(importlib.import_module(module), name)
-    processor(max_pixels=max_pixels, min_pixels=28 * 28, **shape.get("processor", {})).save_pretrained(out)
+    settings = shape.get("processor", {})
+    if family.startswith("qwen"):
+        settings = {**QWEN_PIXELS, **settings}
+    processor(**settings).save_pretrained(out)
     return out
