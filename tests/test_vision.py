@@ -198,3 +198,19 @@ def test_llamafactorys_qwen3vl_recipes_train_as_they_are(name, tiny_vl, tmp_path
         moved = {n for n in before if not (before[n].float() == after[n].float()).all()}
         assert moved and all("visual" not in n for n in moved), sorted(moved)[:5]
         assert any("language_model" in n for n in moved)
+
+
+def test_data_inspect_shows_what_each_image_became(tiny_vl, tmp_path, cli):
+    model = tiny_vl("qwen2_vl")
+    recipe = write_recipe(
+        tmp_path,
+        model,
+        data={"registry": str(LF / "dataset_info.json"), "train": ["mllm_demo"]},
+        train={"max_length": 512},
+    )
+    code, out, err = cli("data", "inspect", recipe, "--rows", "1")
+    assert code == 0, err
+    head = next(line for line in out.splitlines() if line.startswith("--- ") and "mllm_demo.json row 1" in line)
+    counts = head.split("; 2 images of ")[1].removesuffix(" tokens").split(", ")
+    assert len(counts) == 2 and all(int(n) > 0 for n in counts)
+    assert f"<|vision_start|><|image_pad|>x{counts[0]}<|vision_end|>Who are they?" in out

@@ -7,6 +7,7 @@ counts, a histogram of lengths, and how well rows fill with and without packing.
 from __future__ import annotations
 
 import random
+import re
 import statistics
 
 from hwft.data.batching import Row, batch_order, efficiency, make_rows
@@ -18,6 +19,7 @@ from hwft.methods.lookup import method
 from hwft.models import load_tokenizer, materialise_tokenizer, resolve_model
 from hwft.plugins import get_host
 from hwft.recipe import Recipe
+from hwft.vision import VisionInputs
 
 GREEN, RESET = "\033[32m", "\033[0m"
 
@@ -69,6 +71,8 @@ def inspect(recipe: Recipe, rows: int = 3, color: bool = False) -> tuple[str, di
     # the tokenizer is all it needs: the embedded model's converts alone, in seconds
     tokenizer = load_tokenizer(materialise_tokenizer(model), recipe.model.trust_remote_code)
     renderer = ChatRenderer.for_recipe(recipe, tokenizer)
+    if model.ready:  # a vision-language model's image processor: how many tokens each image becomes
+        renderer.vision = VisionInputs.for_model(model.path, recipe.data.image_max_pixels, recipe.data.image_min_pixels)
     template = renderer.template
     t = recipe.train
     lines = [
@@ -87,7 +91,10 @@ def inspect(recipe: Recipe, rows: int = 3, color: bool = False) -> tuple[str, di
         for label, tok in _shown(renderer, example, t.max_length):
             part = f" {label}" if label else ""
             head = f"--- {example.source}{part}: {len(tok.input_ids)} tokens, {tok.num_labels} trained"
-            lines += [head, highlight(tokenizer, tok, color)]
+            images = image_tokens(renderer, tok)
+            if images:
+                head += f"; {len(images)} image{'s' * (len(images) != 1)} of {', '.join(map(str, images))} tokens"
+            lines += [head, collapsed(renderer, highlight(tokenizer, tok, color))]
             shown.append(
                 {
                     "source": example.source,
@@ -97,6 +104,7 @@ def inspect(recipe: Recipe, rows: int = 3, color: bool = False) -> tuple[str, di
                     "trained": tok.num_labels,
                     "text": tokenizer.decode(tok.input_ids),
                     "trained_text": tokenizer.decode([x for x in tok.labels if x != IGNORE_INDEX]),
+                    "image_tokens": images,
                 }
             )
 
@@ -132,6 +140,31 @@ def inspect(recipe: Recipe, rows: int = 3, color: bool = False) -> tuple[str, di
                 trained_tokens=stats.label_tokens,
             )
     return "\n".join(lines), report
+
+
+def image_tokens(renderer: ChatRenderer, tok: Tokenized) -> list[int]:
+    """How many tokens each image of a row became: the runs of its family's image token."""
+    if renderer.vision is None or tok.inputs is None:
+        return []
+    image_id = renderer.tokenizer.convert_tokens_to_ids(renderer.vision.family.image_token)
+    runs: list[int] = []
+    previous = None
+    for token in tok.input_ids:
+        if token == image_id:
+            if previous == image_id:
+                runs[-1] += 1
+            else:
+                runs.append(1)
+        previous = token
+    return runs
+
+
+def collapsed(renderer: ChatRenderer, text: str) -> str:
+    """The row's text with each image's run of image tokens written once, with its count."""
+    if renderer.vision is None:
+        return text
+    token = renderer.vision.family.image_token
+    return re.sub(f"(?:{re.escape(token)})+", lambda m: f"{token}x{len(m.group(0)) // len(token)}", text)
 
 
 def _efficiency(rows: list[Row], micro_batch_size: int, group: bool, seed: int) -> float:
