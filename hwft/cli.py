@@ -192,6 +192,13 @@ def _parser() -> argparse.ArgumentParser:
         "--prompt",
         help="answer this one message and exit ('-': read it from stdin); a piped stdin is read the same way",
     )
+    chat.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        help="an image for --prompt (a file, or a data: URL; repeat for several): where the prompt's <image> "
+        "placeholders stand, else before its text; a vision-language model of hwft.vision's table",
+    )
     chat.add_argument("--interactive", action="store_true", help="a conversation even when stdin is not a terminal")
     sampling(chat, 0.0)
 

@@ -165,13 +165,16 @@ class Session:
         self.tokenizer = load_tokenizer(trained.tokenizer_dir, trained.trust_remote_code)
         template = resolve_template(trained.template, trained.run or Path.cwd(), self.tokenizer)
         self.renderer = ChatRenderer(self.tokenizer, template)
+        self.vision = None  #: the model's image processor (hwft.vision), loaded with the first image
         self.finish_reason = "stop"  #: of the last reply: stop (a stop token) or length
         self.generated_tokens = 0  #: of the last reply
 
     # -- what an engine implements ------------------------------------------------------------
-    def tokens(self, prompt_ids: list[int], sampling: Sampling) -> Iterator[int]:
+    def tokens(self, prompt_ids: list[int], sampling: Sampling, extras: dict | None = None) -> Iterator[int]:
         """Token ids generated after ``prompt_ids``, one at a time, until max_new_tokens (the
-        caller stops earlier at a stop token)."""
+        caller stops earlier at a stop token). ``extras``: what the forward takes beside the
+        prompt's ids (an image prompt's pixels: hwft.vision.prompt); an engine that cannot
+        take them refuses."""
         raise NotImplementedError
 
     def nll(self, rows: list, batch_size: int = 4) -> tuple[float, int]:
@@ -212,8 +215,24 @@ class Session:
 
         return np.random.default_rng(sampling.seed)
 
-    def stream(self, messages: list[dict] | str, sampling: Sampling | None = None) -> Iterator[str]:
-        """The reply as text pieces, as soon as they decode (a piece never ends mid-character)."""
+    def image_prompt(self, messages: list[dict], media: list) -> tuple[list[int], dict]:
+        """The prompt ids of a conversation with images, and their pixels (hwft.vision)."""
+        from hwft import vision
+
+        if self.vision is None:
+            self.vision = vision.VisionInputs.for_model(self.trained.weights)
+        if self.vision is None:
+            raise UserError(
+                f"{self.trained.describe()} is not a vision-language model of hwft's table "
+                f"({', '.join(vision.FAMILIES)}): it reads no images; leave --image out"
+            )
+        return vision.prompt(self.vision, self.renderer, messages, media, "the prompt")
+
+    def stream(
+        self, messages: list[dict] | str, sampling: Sampling | None = None, media: list | None = None
+    ) -> Iterator[str]:
+        """The reply as text pieces, as soon as they decode (a piece never ends mid-character);
+        ``media``: the images of the messages' <image> placeholders (hwft.data.media.Media)."""
         from hwft.models import stop_token_ids
 
         if self.trained.head == "score":
@@ -226,7 +245,12 @@ class Session:
         ids: list[int] = []
         shown = ""
         self.finish_reason, self.generated_tokens = "length", 0
-        for token in self.tokens(self.prompt_ids(messages), sampling):
+        if media:
+            assert not isinstance(messages, str), "images come with turns"
+            prompt, extras = self.image_prompt(messages, media)
+        else:
+            prompt, extras = self.prompt_ids(messages), None
+        for token in self.tokens(prompt, sampling, extras):
             if token in stop:
                 self.finish_reason = "stop"
                 break
@@ -239,8 +263,8 @@ class Session:
                 yield text[len(shown) :]
                 shown = text
 
-    def reply(self, messages: list[dict] | str, sampling: Sampling | None = None) -> str:
-        return "".join(self.stream(messages, sampling)).strip()
+    def reply(self, messages: list[dict] | str, sampling: Sampling | None = None, media: list | None = None) -> str:
+        return "".join(self.stream(messages, sampling, media)).strip()
 
 
 def pick_token(logits, sampling: Sampling, rng) -> int:

@@ -209,6 +209,28 @@ def tokenize(renderer, example, first: int):
     return tok
 
 
+def prompt(vision: VisionInputs, renderer, messages: list[dict], media: list, where: str) -> tuple[list[int], dict]:
+    """A conversation with images, rendered up to where the assistant speaks: its token ids and
+    what the model's forward takes beside them (pixels, grid, token types as one row)."""
+    from hwft.data.media import PLACEHOLDERS, check_placeholders, open_image
+
+    family = vision.family
+    check_placeholders([m.get("content") or "" for m in messages], media)
+    images = [open_image(m, where) for m in media]
+    outputs = vision.processor(images=images, return_tensors="np")
+    counts = [family.tokens(outputs, i, vision.processor, vision.config) for i in range(len(images))]
+    turns = [
+        {**m, "content": (m.get("content") or "").replace(PLACEHOLDERS["image"], family.placeholder)} for m in messages
+    ]
+    text, _ = expand(renderer.render(turns, add_generation_prompt=True), [], family, counts, where)
+    ids = list(renderer.tokenizer(text, add_special_tokens=False)["input_ids"])
+    extras = {key: outputs[key] for key in family.inputs}
+    if family.token_types:
+        image_id = renderer.tokenizer.convert_tokens_to_ids(family.image_token)
+        extras[family.token_types] = [[int(t == image_id) for t in ids]]
+    return ids, extras
+
+
 def expand(
     text: str, spans: list[tuple[int, int]], family: VisionFamily, counts: list[int], where: str
 ) -> tuple[str, list[tuple[int, int]]]:

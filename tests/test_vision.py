@@ -214,3 +214,47 @@ def test_data_inspect_shows_what_each_image_became(tiny_vl, tmp_path, cli):
     counts = head.split("; 2 images of ")[1].removesuffix(" tokens").split(", ")
     assert len(counts) == 2 and all(int(n) > 0 for n in counts)
     assert f"<|vision_start|><|image_pad|>x{counts[0]}<|vision_end|>Who are they?" in out
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+def test_chat_answers_about_an_image_as_transformers_generates(family, tiny_vl, cli, capsys):
+    """`hwft chat MODEL --image F --prompt Q`: the greedy reply is the one transformers' generate
+    gives from the same prompt ids and pixels (its own KV cache and positions)."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    from hwft import vision
+    from hwft.data.media import Media
+
+    model_dir = tiny_vl(family)
+    capsys.readouterr()
+    image = LF / "mllm_demo_data" / "1.jpg"
+    code, out, err = cli(
+        "chat", model_dir, "--image", image, "--prompt", "Who are they?", "--max-new-tokens", "6", "--precision", "fp32"
+    )
+    assert code == 0, err
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    inputs = vision.VisionInputs.for_model(model_dir)
+    renderer = ChatRenderer(tokenizer, tokenizer.chat_template)
+    ids, extras = vision.prompt(
+        inputs,
+        renderer,
+        [{"role": "user", "content": "<image>Who are they?"}],
+        [Media("image", "1.jpg", path=image)],
+        "q",
+    )
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        made = model.generate(
+            input_ids=torch.tensor([ids]),
+            **{k: torch.as_tensor(v) for k, v in extras.items()},
+            max_new_tokens=6,
+            do_sample=False,
+        )
+    theirs = tokenizer.decode(made[0, len(ids) :], skip_special_tokens=True)
+    assert out == theirs + "\n" and len(theirs) >= 6, (out, theirs)  # the tiny Qwen2-VL says 6 newlines
+
+
+def test_chat_refuses_an_image_for_a_text_only_model(tiny_llama, cli):
+    code, _, err = cli("chat", tiny_llama, "--image", LF / "mllm_demo_data" / "1.jpg", "--prompt", "Who?")
+    assert code == 2 and "is not a vision-language model of hwft's table" in err and "leave --image out" in err

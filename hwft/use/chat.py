@@ -31,11 +31,11 @@ def sampling_of(args) -> Sampling:
     return Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
 
 
-def say(session: Session, messages: list[dict], sampling: Sampling, out=None) -> str:
+def say(session: Session, messages: list[dict], sampling: Sampling, out=None, media: list | None = None) -> str:
     """Stream one reply to ``out`` (stdout) and return it."""
     out = out or sys.stdout
     pieces = []
-    for piece in session.stream(messages, sampling):
+    for piece in session.stream(messages, sampling, media):
         out.write(piece)
         out.flush()
         pieces.append(piece)
@@ -44,7 +44,29 @@ def say(session: Session, messages: list[dict], sampling: Sampling, out=None) ->
     return "".join(pieces).strip()
 
 
+def images_of(paths: list[str], text: str) -> tuple[str, list]:
+    """--image files (relative to the working directory) and the prompt with one <image> for
+    each: where the text has its own placeholders, or before the text."""
+    from pathlib import Path
+
+    from hwft.data.media import PLACEHOLDERS, from_reference, locate
+    from hwft.errors import UserError
+
+    try:
+        media = [from_reference("image", path, f"--image {path}") for path in paths]
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    locate(media, Path.cwd(), "--image")
+    if PLACEHOLDERS["image"] not in text:
+        text = PLACEHOLDERS["image"] * len(media) + text
+    return text, media
+
+
 def chat(args) -> int:
+    if args.image and args.prompt is None:
+        from hwft.errors import UserError
+
+        raise UserError("--image goes with --prompt (one question about the images); add --prompt TEXT")
     session = loaded(args)
     sampling = sampling_of(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -53,7 +75,8 @@ def chat(args) -> int:
         prompt = "-"
     if prompt is not None:
         text = sys.stdin.read() if prompt == "-" else prompt
-        say(session, [*system, {"role": "user", "content": text.strip()}], sampling)
+        text, media = images_of(args.image, text.strip()) if args.image else (text.strip(), None)
+        say(session, [*system, {"role": "user", "content": text}], sampling, media=media)
         return 0
     print(f"hwft chat: {HELP}", file=sys.stderr)
     history: list[dict] = []

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import mlx.core as mx
 import numpy as np
 
+from hwft.errors import UserError
 from hwft.inference import Sampling, Session, Trained, pick_token
 from hwft_mlx.adapters import load_peft_adapter
 from hwft_mlx.loading import DTYPES, load_model
@@ -28,8 +29,13 @@ class MlxSession(Session):
             load_peft_adapter(self.model, trained.adapter, dropout=0.0)
         self.model.eval()
 
-    def tokens(self, prompt_ids: list[int], sampling: Sampling) -> Iterator[int]:
+    def tokens(self, prompt_ids: list[int], sampling: Sampling, extras: dict | None = None) -> Iterator[int]:
         from mlx_lm.generate import generate_step
+
+        if extras:
+            raise UserError(
+                "the MLX engine does not feed images to a model yet (hwft.vision); answer with --backend cpu"
+            )
 
         rng = self.rng(sampling)
 

@@ -13,9 +13,17 @@ from collections.abc import Iterator
 
 import torch
 
+from hwft import vision
 from hwft.errors import ModelError
 from hwft.inference import Sampling, Session, Trained, pick_token
-from hwft_torch.modeling import DTYPES, HEADS, experts_implementation, family_attention, model_type_of
+from hwft_torch.modeling import (
+    DTYPES,
+    HEADS,
+    IMAGE_TEXT_TO_TEXT,
+    experts_implementation,
+    family_attention,
+    model_type_of,
+)
 from hwft_torch.objective import held_out_loss
 
 
@@ -34,6 +42,8 @@ def load_for_inference(trained: Trained, runtime, dtype: torch.dtype):
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     head = HEADS[trained.head]
+    if head is HEADS["causal_lm"] and vision.family_of(trained.weights) is not None:
+        head = IMAGE_TEXT_TO_TEXT  # the vision tower reads the prompt's images
     needed = family_attention(model_type_of(trained.weights))
     try:
         model = head.auto_class().from_pretrained(
@@ -63,12 +73,19 @@ class TorchSession(Session):
         self.device = next(self.model.parameters()).device
 
     @torch.no_grad()
-    def tokens(self, prompt_ids: list[int], sampling: Sampling) -> Iterator[int]:
+    def tokens(self, prompt_ids: list[int], sampling: Sampling, extras: dict | None = None) -> Iterator[int]:
         rng = self.rng(sampling)
         ids = torch.tensor([prompt_ids], device=self.device)
         cache = None
+        # An image prompt's pixels, grid and token types go with the prompt's forward only: the
+        # cache holds what they made.
+        first = {
+            k: torch.as_tensor(v, device=self.device).to(self.dtype if k == "pixel_values" else torch.long)
+            for k, v in (extras or {}).items()
+        }
         for _ in range(sampling.max_new_tokens):
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
+            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, **first)
+            first = {}
             cache = out.past_key_values
             token = pick_token(out.logits[0, -1].float().cpu().numpy(), sampling, rng)
             yield token
