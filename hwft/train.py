@@ -81,7 +81,9 @@ def plan_run(
     if recipe.model.adapter:
         check_adapter(recipe.resolve_path(recipe.model.adapter))
     choice = select_backend(recipe, host)
-    check_media([*data.examples, *data.eval_examples], model, choice.capability, choice.backend.name)
+    check_media(
+        [*data.examples, *data.eval_examples], model, choice.capability, choice.backend.name, recipe.method.objective
+    )
     checkpoint = open_checkpoint(recipe, resume, ranks) if resume else None
     if checkpoint and checkpoint.state["engine"] != choice.backend.engine:
         raise UserError(

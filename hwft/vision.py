@@ -111,14 +111,28 @@ def family_of(folder: Path) -> VisionFamily | None:
     return FAMILIES.get(model_type(folder) or "")
 
 
-def check_media(examples, model, capability, backend: str) -> None:
+#: The data kinds whose rows carry images to the model: conversations (sft) and preference
+#: pairs (dpo, orpo, simpo), with a next-token head.
+FED_KINDS = ("chat", "preference")
+
+
+def check_media(examples, model, capability, backend: str, objective: str = "sft") -> None:
     """Refuse, in one line naming the first row, media that this model on this backend is not
-    fed: a family not in the table, a kind the family is not fed, an engine that feeds none."""
+    fed: a method that does not feed them, a family not in the table, a kind the family is not
+    fed, an engine that feeds none."""
     from hwft.data.media import described
+    from hwft.methods.lookup import method
 
     first = next((e for e in examples if getattr(e, "media", None)), None)
     if first is None:
         return
+    trains = method(objective)
+    if trains.kind not in FED_KINDS or trains.head != "causal_lm":
+        raise DataError(
+            f"{first.source} has {described(first.media)}, but method.objective {objective} does not feed "
+            "images to the model yet (sft, dpo, orpo and simpo do); leave the rows' media and their "
+            "placeholders out to train on the text"
+        )
     family = family_of(model.path) if model.ready else None
     kinds = {m.kind for e in examples for m in getattr(e, "media", None) or []}
     if family is None:

@@ -258,3 +258,85 @@ def test_chat_answers_about_an_image_as_transformers_generates(family, tiny_vl, 
 def test_chat_refuses_an_image_for_a_text_only_model(tiny_llama, cli):
     code, _, err = cli("chat", tiny_llama, "--image", LF / "mllm_demo_data" / "1.jpg", "--prompt", "Who?")
     assert code == 2 and "is not a vision-language model of hwft's table" in err and "leave --image out" in err
+
+
+def test_llamafactorys_qwen3vl_dpo_recipe_trains_on_image_preference_rows(tiny_vl, tmp_path, cli, capsys):
+    """qwen3vl_lora_dpo.yaml as it is, its rlhf_v (on the hub) replaced by preference rows over
+    the demo images in LLaMA-Factory's ranking shape: the first step's loss is -log sigmoid(0)
+    (the policy is the reference while LoRA's B is zero: 1e-5), and the pairs' images reach both
+    forwards (a pair's two sequences each carry them)."""
+    import math
+
+    import yaml
+
+    model = tiny_vl("qwen3_vl")
+    capsys.readouterr()
+    rows = [
+        {
+            "conversations": [{"from": "human", "value": f"<image>{question}"}],
+            "chosen": {"from": "gpt", "value": good},
+            "rejected": {"from": "gpt", "value": bad},
+            "images": [str(LF / "mllm_demo_data" / f"{n}.jpg")],
+        }
+        for n, question, good, bad in [
+            (1, "Who are they?", "Two footballers celebrating.", "A cat."),
+            (2, "What is he doing?", "Sliding on his knees.", "Sleeping."),
+            (3, "Who is speaking?", "An astronaut.", "Nobody."),
+            (1, "Where are they?", "On a football pitch.", "In a kitchen."),
+        ]
+    ]
+    (tmp_path / "rlhf_v.json").write_text(json.dumps(rows), encoding="utf-8")
+    (tmp_path / "dataset_info.json").write_text(
+        json.dumps(
+            {
+                "rlhf_v": {
+                    "file_name": "rlhf_v.json",
+                    "formatting": "sharegpt",
+                    "ranking": True,
+                    "columns": {
+                        "messages": "conversations",
+                        "chosen": "chosen",
+                        "rejected": "rejected",
+                        "images": "images",
+                    },
+                }
+            }
+        ),
+        encoding="utf-8",
+    )
+    raw = yaml.safe_load((LF / "examples" / "qwen3vl_lora_dpo.yaml").read_text(encoding="utf-8"))
+    raw.update(
+        model_name_or_path=str(model),
+        dataset_dir=str(tmp_path),
+        output_dir=str(tmp_path / "out"),
+        cutoff_len=1024,
+        gradient_accumulation_steps=1,
+        per_device_train_batch_size=2,
+        max_steps=2,
+        bf16=False,
+        logging_steps=1,
+    )
+    path = tmp_path / "dpo.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    code, _, err = cli("train", path)
+    assert code == 0, err[-3000:]
+    steps = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2]
+    assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_methods_that_do_not_feed_images_refuse_them_in_one_line(tiny_vl, tmp_path, cli, capsys):
+    """kto (which unpairs preference rows, images kept) refuses image rows at the dry run."""
+    model = tiny_vl("qwen2_vl")
+    capsys.readouterr()
+    row = {
+        "prompt": "<image>Who?",
+        "chosen": "Kane.",
+        "rejected": "A cat.",
+        "images": [str(LF / "mllm_demo_data" / "1.jpg")],
+    }
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(row) + "\n", encoding="utf-8")
+    recipe = write_recipe(tmp_path, model, data={"train": [{"path": "pairs.jsonl"}]}, method={"objective": "kto"})
+    code, _, err = cli("train", recipe, "--dry-run")
+    assert code == 2 and err.strip().splitlines() == [err.strip()]
+    assert "pairs.jsonl row 1 has 1 image, but method.objective kto does not feed images to the model yet" in err

@@ -75,7 +75,7 @@ def unpair(example: PreferenceExample) -> list[FeedbackExample]:
     """A preference pair as two feedback answers, as TRL unpairs one: the chosen answer
     desirable, the rejected undesirable, both after the same prompt."""
     return [
-        FeedbackExample(example.messages, example.tools, completion=answer, label=label)
+        FeedbackExample(example.messages, example.tools, completion=answer, label=label, media=example.media)
         for answer, label in ((example.chosen, True), (example.rejected, False))
     ]
 

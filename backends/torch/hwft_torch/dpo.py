@@ -19,16 +19,24 @@ from hwft.methods.dpo import DpoSpec
 from hwft.objective import Loss, Objective, PairSteps, precompute_reference
 from hwft_torch.losses import dpo_loss, token_logps
 from hwft_torch.modeling import Reference, with_reference
-from hwft_torch.objective import RouterBalanced, balance_router
+from hwft_torch.objective import RouterBalanced, balance_router, media_tensors
 
 
 def pair_tensors(pairs: list[PreferencePair], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """input_ids, attention_mask and labels of ``[chosen..., rejected...]``, right-padded."""
+    """input_ids, attention_mask and labels of ``[chosen..., rejected...]``, right-padded; with
+    image prompts (hwft.vision) their pixels too, each sequence's in the same order."""
     rows = [
-        Row(t.input_ids, t.labels, [len(t.input_ids)]) for t in [p.chosen for p in pairs] + [p.rejected for p in pairs]
+        Row(t.input_ids, t.labels, [len(t.input_ids)], inputs=t.inputs, token_inputs=t.token_inputs)
+        for t in [p.chosen for p in pairs] + [p.rejected for p in pairs]
     ]
-    batch = pad(rows, pad_id)
-    return {k: torch.tensor(batch[k], device=device) for k in ("input_ids", "attention_mask", "labels")}
+    batch = {k: torch.tensor(v) for k, v in pad(rows, pad_id).items() if k in ("input_ids", "attention_mask", "labels")}
+    batch.update(media_tensors(rows, batch["input_ids"].shape[1]))
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What of a pair batch the forward takes: all but the labels."""
+    return {k: v for k, v in batch.items() if k != "labels"}
 
 
 def answer_logps(
@@ -37,7 +45,7 @@ def answer_logps(
     """Summed log-probabilities of each row's label tokens, split into (chosen, rejected);
     with ``router`` a list, the forward's router logits are appended to it (an MoE policy)."""
     routed = {"output_router_logits": True} if router is not None else {}
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **routed)
+    out = model(**model_inputs(batch), use_cache=False, **routed)
     if router is not None:
         router.append(out.router_logits)
     chosen, rejected = token_logps(out.logits, batch["labels"]).sum(-1).chunk(2)

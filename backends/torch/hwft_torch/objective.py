@@ -40,17 +40,11 @@ def to_tensors(rows: list[Row], pad_id: int, attention: str, device: torch.devic
         }
         return {k: torch.tensor([v], device=device) for k, v in flat.items()}
     batch = {k: torch.tensor(v) for k, v in pad(rows, pad_id).items()}
-    media = [r.inputs for r in rows if r.inputs]
-    if media:
-        # Image rows (hwft.vision; never packed): their pixels and grids, concatenated over the
-        # micro-batch as the processor would have; the model places each row's tokens itself
+    if any(r.inputs for r in rows):
+        # Image rows (hwft.vision; never packed): the model places each row's tokens itself
         # (Qwen's 3-D mRoPE from the image grids), so no position ids.
         del batch["position_ids"]
-        batch.update({key: torch.cat([torch.as_tensor(m[key]) for m in media]) for key in media[0]})
-        width = batch["input_ids"].shape[1]
-        for key in next((r.token_inputs for r in rows if r.token_inputs), {}):  # a text row's: all 0
-            values = [(r.token_inputs or {}).get(key, [0] * len(r.input_ids)) for r in rows]
-            batch[key] = torch.tensor([v + [0] * (width - len(v)) for v in values])
+        batch.update(media_tensors(rows, batch["input_ids"].shape[1]))
     if any(len(r.lengths) > 1 for r in rows):
         # No mask: transformers finds the examples where position_ids restart (masking_utils'
         # find_packed_sequence_indices, with no cache: call the model with use_cache=False) and
@@ -59,6 +53,20 @@ def to_tensors(rows: list[Row], pad_id: int, attention: str, device: torch.devic
         # passed in for every layer could not be.
         del batch["attention_mask"]
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def media_tensors(rows: list[Row], width: int) -> dict[str, torch.Tensor]:
+    """What the forward takes beside the ids of rows with images (hwft.vision): each input
+    concatenated over the rows in their order, as the processor would have for the batch, and
+    the per-token inputs right-padded to ``width`` (a text row's: all 0)."""
+    media = [r.inputs for r in rows if r.inputs]
+    if not media:
+        return {}
+    out = {key: torch.cat([torch.as_tensor(m[key]) for m in media]) for key in media[0]}
+    for key in next((r.token_inputs for r in rows if r.token_inputs), {}):
+        values = [(r.token_inputs or {}).get(key, [0] * len(r.input_ids)) for r in rows]
+        out[key] = torch.tensor([v + [0] * (width - len(v)) for v in values])
+    return out
 
 
 #: Config attributes that change logits after the output layer (soft-capping, scaling): a

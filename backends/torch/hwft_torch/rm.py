@@ -15,13 +15,13 @@ from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
 from hwft.methods.rm import RmSpec
 from hwft.objective import Loss, Objective, PairSteps
-from hwft_torch.dpo import pair_tensors
+from hwft_torch.dpo import model_inputs, pair_tensors
 from hwft_torch.losses import reward_model_loss
 
 
 def sequence_rewards(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """One scalar reward per row."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    out = model(**model_inputs(batch), use_cache=False)
     return out.logits.squeeze(-1).float()
 
 
