@@ -340,3 +340,33 @@ def test_methods_that_do_not_feed_images_refuse_them_in_one_line(tiny_vl, tmp_pa
     code, _, err = cli("train", recipe, "--dry-run")
     assert code == 2 and err.strip().splitlines() == [err.strip()]
     assert "pairs.jsonl row 1 has 1 image, but method.objective kto does not feed images to the model yet" in err
+
+
+def test_a_vision_language_run_exports_and_the_export_answers_about_images(tiny_vl, tmp_path, cli, capsys):
+    """--to hf merges the adapter into the whole vision-language model (its image processor's
+    settings beside it) and verifies; the export answers about an image as the run does;
+    --to peft verifies; --to mlx is refused in one line (mlx-lm reads text models only)."""
+    model = tiny_vl("qwen2_vl")
+    capsys.readouterr()
+    recipe = write_recipe(
+        tmp_path,
+        model,
+        data={"train": [{"path": str(LF / "mllm_demo.json"), "format": "messages"}]},
+        train={"max_steps": 2, "micro_batch_size": 2, "max_length": 512, "lr": 1e-2},
+    )
+    code, _, err = cli("train", recipe)
+    assert code == 0, err[-3000:]
+    run = tmp_path / "out"
+    for to in ("hf", "peft"):
+        code, out, err = cli("export", run, "--to", to, "--verify", "--out", tmp_path / to)
+        assert code == 0 and '"ok": true' in out, err[-2000:]
+    assert (tmp_path / "hf" / "preprocessor_config.json").is_file()
+    question = ["--image", LF / "mllm_demo_data" / "2.jpg", "--prompt", "Who is he?", "--max-new-tokens", "5"]
+    answers = []
+    for target in (run, tmp_path / "hf"):
+        code, out, err = cli("chat", target, *question, "--precision", "fp32")
+        assert code == 0, err
+        answers.append(out)
+    assert answers[0] == answers[1]
+    code, _, err = cli("export", run, "--to", "mlx", "--out", tmp_path / "mlx")
+    assert code == 2 and "export mlx: Qwen2-VL is a vision-language model, and mlx-lm reads text models only" in err

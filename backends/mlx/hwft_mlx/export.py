@@ -29,7 +29,15 @@ class MlxOptions(Section):
 def write_mlx(trained, staged: Path, options: ExportOptions) -> Path:
     from mlx_lm import convert
 
+    from hwft import vision
     from hwft_mlx.loading import config_overrides
+
+    family = vision.family_of(Path(trained.weights))
+    if family is not None:
+        raise ModelError(
+            f"export mlx: {family.description} is a vision-language model, and mlx-lm reads text models only; "
+            "export --to hf (mlx-vlm converts that folder) or peft instead"
+        )
 
     merged = options.exporters.get("hf").make(trained, staged.parent / "merged", options)
     # mlx-lm reads rope_theta at the top of config.json; transformers 5 nests it.

@@ -21,23 +21,36 @@ from typing import Literal
 
 from pydantic import Field
 
+from hwft import vision
 from hwft.section import Section
 from hwft.use.exporters import Exporter, ExportOptions
 
 ENGINE = "torch"
 
 
+def model_class(weights: Path):
+    """transformers' class of the base model: a vision-language family's image-text-to-text
+    model (hwft.vision: its vision tower travels with it), else the causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if vision.family_of(weights) is not None else AutoModelForCausalLM
+
+
+#: What a vision-language model's folder holds for its processor besides the tokenizer.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
+
+
 def merge_to_hf(trained, out: Path, dtype: str = "auto") -> Path:
-    """The merged model as an HF safetensors folder with tokenizer (torch and peft)."""
+    """The merged model as an HF safetensors folder with tokenizer (torch and peft), and a
+    vision-language model's image processor settings."""
     import torch
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     from hwft.models import load_tokenizer
 
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-    model = AutoModelForCausalLM.from_pretrained(
+    model = model_class(trained.weights).from_pretrained(
         trained.weights,
         dtype=torch.float32,
         local_files_only=True,
@@ -54,6 +67,9 @@ def merge_to_hf(trained, out: Path, dtype: str = "auto") -> Path:
     model.config._name_or_path = out.name
     model.save_pretrained(out, safe_serialization=True)
     load_tokenizer(trained.tokenizer_dir, trained.trust_remote_code).save_pretrained(out)
+    for name in PROCESSOR_FILES:
+        if (Path(trained.weights) / name).is_file():
+            shutil.copy(Path(trained.weights) / name, out / name)
     return out
 
 
@@ -96,17 +112,15 @@ def _logits(model, ids: list[int]):
 
 def reload_hf(path: Path, ids: list[int], trained):
     import torch
-    from transformers import AutoModelForCausalLM
 
-    return _logits(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True), ids)
+    return _logits(model_class(path).from_pretrained(path, dtype=torch.float32, local_files_only=True), ids)
 
 
 def reload_peft(path: Path, ids: list[int], trained):
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(trained.weights, dtype=torch.float32, local_files_only=True)
+    base = model_class(trained.weights).from_pretrained(trained.weights, dtype=torch.float32, local_files_only=True)
     return _logits(PeftModel.from_pretrained(base, path), ids)
 
 
