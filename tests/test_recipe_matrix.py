@@ -80,6 +80,14 @@ def tiny_moe(tmp_path_factory, tokenizer_dir) -> Path:
     return build_tiny_model("qwen3_moe", tmp_path_factory.mktemp("tiny-moe"), tokenizer_dir)
 
 
+@pytest.fixture(scope="module")
+def tiny_vision(tmp_path_factory, tokenizer_dir) -> Path:
+    """configs/vision.yaml's model, small: a tiny Qwen2-VL (hwft.vision)."""
+    from hwft.testing.tiny import build_tiny_vision_model
+
+    return build_tiny_vision_model("qwen2_vl", tmp_path_factory.mktemp("tiny-vision"), tokenizer_dir)
+
+
 def column(strategy: str, folder: Path, models: dict[str, Path]) -> list[dict]:
     """Every recipe under ``strategy``: the plan's runs, each with its output in ``folder/NAME``."""
     plan = []
@@ -155,7 +163,7 @@ def launch(plan: list[dict], folder: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def matrix(tiny_llama, tiny_moe, tmp_path_factory) -> Path:
+def matrix(tiny_llama, tiny_moe, tiny_vision, tmp_path_factory) -> Path:
     """The one launch, made on first use: the columns (folder ``STRATEGY/``) and the held runs
     (``held-ID/``), strategy by strategy (ddp, fsdp2, then DeepSpeed), in one folder."""
     folder = tmp_path_factory.mktemp("matrix")
@@ -166,7 +174,7 @@ def matrix(tiny_llama, tiny_moe, tmp_path_factory) -> Path:
                 (folder / f"held-{name}").mkdir()
                 plan += held(name, folder / f"held-{name}", tiny_llama)
         (folder / strategy).mkdir()
-        plan += column(strategy, folder / strategy, {"dense": tiny_llama, "moe": tiny_moe})
+        plan += column(strategy, folder / strategy, {"dense": tiny_llama, "moe": tiny_moe, "vision": tiny_vision})
     launch(plan, folder)
     return folder
 

@@ -370,3 +370,25 @@ def test_a_vision_language_run_exports_and_the_export_answers_about_images(tiny_
     assert answers[0] == answers[1]
     code, _, err = cli("export", run, "--to", "mlx", "--out", tmp_path / "mlx")
     assert code == 2 and "export mlx: Qwen2-VL is a vision-language model, and mlx-lm reads text models only" in err
+
+
+def test_the_demo_model_is_smollm2_on_text(tmp_path, capsys):
+    """hwft.vision_demo's assembled model (configs/vision.yaml's): on text it computes what the
+    embedded SmolLM2-135M-Instruct computes (logits within 1e-4 of values up to ~30: fp32 sums in
+    another order), its zero q/k/v biases and Qwen2-VL's 3-D rotary embedding notwithstanding."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+
+    from hwft.models import materialise, resolve_model
+    from hwft.vision_demo import assemble
+
+    smol = materialise(resolve_model("smollm2-135m"))
+    folder = assemble(tmp_path / "demo")
+    tokenizer = AutoTokenizer.from_pretrained(smol)
+    ids = torch.tensor([tokenizer("The capital of France is Paris, and the capital of Italy is")["input_ids"]])
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(smol).eval()(input_ids=ids).logits
+        ours = AutoModelForImageTextToText.from_pretrained(folder).eval()(input_ids=ids).logits
+    assert ours.shape[-1] == theirs.shape[-1] + 4  # Qwen's four vision tokens
+    torch.testing.assert_close(ours[..., : theirs.shape[-1]], theirs, atol=1e-4, rtol=0)
+    assert (folder / "preprocessor_config.json").is_file()

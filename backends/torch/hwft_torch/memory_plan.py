@@ -17,6 +17,7 @@ import contextlib
 import copy
 import warnings
 import weakref
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -75,9 +76,9 @@ def empty_model(recipe: Recipe, config, checkpointing: bool = False):
     """The recipe's model and tuning on the meta device (real buffers: rotary tables)."""
     from accelerate import init_empty_weights
 
-    from hwft_torch.modeling import HEADS, add_lora, freeze_layers
+    from hwft_torch.modeling import add_lora, freeze_layers, head_of
 
-    head = HEADS[method(recipe.method.objective).head]
+    head = head_of(recipe, Path("."), getattr(config, "model_type", None))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers' renames of gradient checkpointing
         with init_empty_weights(include_buffers=False):

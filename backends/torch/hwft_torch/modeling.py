@@ -59,6 +59,16 @@ def _image_text_to_text():
 #: A vision-language family's (hwft.vision) next-token model: its language model, vision tower and projector.
 IMAGE_TEXT_TO_TEXT = Head(_image_text_to_text, "CAUSAL_LM", "vision-language model")
 
+
+def head_of(recipe: Recipe, path: Path, model_type: str | None = None) -> Head:
+    """How the model a recipe trains loads: its method's head (hwft.methods.Method.head), a
+    vision-language family's whole image-text-to-text model for a next-token head (its tower
+    reads the rows' images: hwft.vision). ``model_type`` where there is no folder to read."""
+    head = HEADS[method(recipe.method.objective).head]
+    family = vision.FAMILIES.get(model_type or "") if model_type else vision.family_of(path)
+    return IMAGE_TEXT_TO_TEXT if head is HEADS["causal_lm"] and family is not None else head
+
+
 #: causal_lm: next-token logits; score: one scalar per sequence (a reward model). PEFT's SEQ_CLS
 #: task trains and saves the new ``score`` head beside the adapter (its modules_to_save).
 HEADS = {
@@ -162,9 +172,7 @@ def load_model(
     from hwft_torch import frozen_weights
 
     hf_logging.disable_progress_bar()  # hwft draws its own progress
-    head = HEADS[method(recipe.method.objective).head]
-    if head is HEADS["causal_lm"] and vision.family_of(path) is not None:
-        head = IMAGE_TEXT_TO_TEXT  # the whole vision-language model: its tower reads the rows' images
+    head = head_of(recipe, path)
     extra = dict(head.extra)
     if tuning == "qlora":
         extra.update(quantization_config=quantization_config(recipe, compute_dtype), device_map={"": device})
@@ -219,7 +227,7 @@ def import_model_code(path: Path, recipe: Recipe, tuning: str) -> None:
         config = AutoConfig.from_pretrained(
             path, local_files_only=True, trust_remote_code=recipe.model.trust_remote_code
         )
-        HEADS[method(recipe.method.objective).head].auto_class()._model_mapping[type(config)]
+        head_of(recipe, path).auto_class()._model_mapping[type(config)]
     except (OSError, ValueError, KeyError):
         return  # loading itself says what is wrong
     if tuning in ("lora", "qlora"):

@@ -290,11 +290,11 @@ def load_skeleton(path: Path, recipe: Recipe, device: torch.device, tuning: str,
     """(the model without its weights, its tuning applied; the weights to read into its FSDP2
     shards), or (None, why not) where the checkpoint does not match it by name
     (see the module's doc)."""
-    from hwft_torch.modeling import HEADS, built_as, tune
+    from hwft_torch.modeling import built_as, head_of, tune
 
     if why := why_not(recipe, tuning):
         return None, why
-    head = HEADS[method(recipe.method.objective).head]
+    head = head_of(recipe, path)
     try:
         model, weights = skeleton(
             path, recipe, head, tuning, compute_dtype, built_as(path, recipe), device, world.rank, world.size
