@@ -392,3 +392,19 @@ def test_the_demo_model_is_smollm2_on_text(tmp_path, capsys):
     assert ours.shape[-1] == theirs.shape[-1] + 4  # Qwen's four vision tokens
     torch.testing.assert_close(ours[..., : theirs.shape[-1]], theirs, atol=1e-4, rtol=0)
     assert (folder / "preprocessor_config.json").is_file()
+
+
+def test_plan_counts_the_vision_tower(tiny_vl, tmp_path, cli, capsys):
+    """hwft plan of a vision-language recipe: every parameter, the vision tower's too (the
+    activations are measured on the decoder layers, as for a text model)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    model = tiny_vl("qwen2_vl")
+    capsys.readouterr()
+    recipe = write_recipe(tmp_path, model, data={"train": [{"path": str(LF / "mllm_demo.json"), "format": "messages"}]})
+    code, out, err = cli("plan", recipe, "--devices", "1x16GB", "--json")
+    assert code == 0, err
+    plan = json.loads(out)
+    whole = sum(p.numel() for p in AutoModelForImageTextToText.from_pretrained(model, dtype=torch.float32).parameters())
+    assert plan["shape"]["parameters"] == whole, (plan["shape"], whole)

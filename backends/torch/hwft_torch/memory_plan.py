@@ -166,14 +166,21 @@ def activations_of_step(
     return live.peak - before
 
 
+def text_part(config):
+    """The config of the decoder layers: a vision-language model's text config, else itself."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def with_layers(config, n: int):
-    """A copy of ``config`` with its first ``n`` decoder layers (per-layer lists cut alike)."""
-    layers = config.num_hidden_layers
+    """A copy of ``config`` with its first ``n`` decoder layers (per-layer lists cut alike; a
+    vision-language model's in its text config, the vision tower whole)."""
+    layers = text_part(config).num_hidden_layers
     cut = copy.deepcopy(config)
-    for key, value in vars(config).items():
+    text = text_part(cut)
+    for key, value in vars(text_part(config)).items():
         if isinstance(value, list) and len(value) == layers:
-            setattr(cut, key, value[:n])
-    cut.num_hidden_layers = n
+            setattr(text, key, value[:n])
+    text.num_hidden_layers = n
     return cut
 
 
@@ -182,7 +189,7 @@ def activations(recipe: Recipe, config, rows: int, tokens: int, checkpointing: b
     and with two, the second's addition counted once per further layer (each layer adds its own
     activations; the embeddings' and the head's are counted once)."""
     one, two = (activations_of_step(recipe, with_layers(config, n), rows, tokens, checkpointing, dtype) for n in (1, 2))
-    return max(one + (config.num_hidden_layers - 1) * (two - one), 0)
+    return max(one + (text_part(config).num_hidden_layers - 1) * (two - one), 0)
 
 
 def quantised_bytes(count: int, double_quant: bool) -> float:
