@@ -215,8 +215,13 @@ class Session:
 
         return np.random.default_rng(sampling.seed)
 
-    def image_prompt(self, messages: list[dict], media: list) -> tuple[list[int], dict]:
-        """The prompt ids of a conversation with images, and their pixels (hwft.vision)."""
+    #: whether the engine's forward takes images (hwft.vision): the torch session's does
+    feeds_images = False
+
+    def feed_images(self):
+        """The model's image processor and family record, also given to the renderer (so rows
+        with images render with their image tokens); refused in one line where the model reads
+        no images or the engine feeds none."""
         from hwft import vision
 
         if self.vision is None:
@@ -224,9 +229,18 @@ class Session:
         if self.vision is None:
             raise UserError(
                 f"{self.trained.describe()} is not a vision-language model of hwft's table "
-                f"({', '.join(vision.FAMILIES)}): it reads no images; leave --image out"
+                f"({', '.join(vision.FAMILIES)}): it reads no images; leave the images out"
             )
-        return vision.prompt(self.vision, self.renderer, messages, media, "the prompt")
+        if not self.feeds_images:
+            raise UserError(f"the {self.backend} backend does not feed images to a model yet; use --backend cpu")
+        self.renderer.vision = self.vision
+        return self.vision
+
+    def image_prompt(self, messages: list[dict], media: list) -> tuple[list[int], dict]:
+        """The prompt ids of a conversation with images, and their pixels (hwft.vision)."""
+        from hwft import vision
+
+        return vision.prompt(self.feed_images(), self.renderer, messages, media, "the prompt")
 
     def stream(
         self, messages: list[dict] | str, sampling: Sampling | None = None, media: list | None = None

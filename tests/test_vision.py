@@ -408,3 +408,32 @@ def test_plan_counts_the_vision_tower(tiny_vl, tmp_path, cli, capsys):
     plan = json.loads(out)
     whole = sum(p.numel() for p in AutoModelForImageTextToText.from_pretrained(model, dtype=torch.float32).parameters())
     assert plan["shape"]["parameters"] == whole, (plan["shape"], whole)
+
+
+def test_eval_scores_image_rows_with_their_images(tiny_vl, tmp_path, cli, capsys):
+    """hwft eval on image rows: the base model's held-out loss with the images in is the loss
+    the first training step reports on the same rows (before its update: 1e-5), and answers are
+    generated from the images; MLX refuses in one line."""
+    model = tiny_vl("qwen2_vl")
+    capsys.readouterr()
+    rows = json.loads((LF / "mllm_demo.json").read_text(encoding="utf-8"))[:2]
+    for row in rows:
+        row["images"] = [str(LF / image) for image in row["images"]]
+    data = tmp_path / "two.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    recipe = write_recipe(
+        tmp_path,
+        model,
+        data={"train": [{"path": str(data), "format": "messages"}]},
+        train={"max_steps": 1, "micro_batch_size": 2, "max_length": 512},
+    )
+    code, _, err = cli("train", recipe)
+    assert code == 0, err[-2000:]
+    (first,) = [json.loads(line)["loss"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    code, out, err = cli("eval", tmp_path / "out", "--data", data, "--max-new-tokens", "4", "--json")
+    assert code == 0, err[-2000:]
+    results = json.loads(out)["results"]
+    assert results["base"]["loss"] == pytest.approx(first, rel=1e-5)
+    assert all(r["generated"] == 2 for r in results.values())
+    code, _, err = cli("eval", tmp_path / "out", "--data", data, "--backend", "mlx")
+    assert code == 2 and "the mlx backend does not feed images to a model yet" in err

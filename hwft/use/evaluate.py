@@ -86,15 +86,18 @@ def score(session: Session, examples: list, max_length: int, max_new_tokens: int
 
     out: dict = {}
     registry = registered()
+    if any(getattr(e, "media", None) for e in examples):
+        session.feed_images()  # rows with images render with their image tokens, and the pixels go along
     scored = [e for e in examples if registry.of(e).sequences]  # the kinds whose examples have labels
     if scored:
         rows = held_out_rows(scored, session.renderer, max_length)
         total, count = session.nll(rows, batch_size)
         out.update(loss=total / count, perplexity=math.exp(min(total / count, 700)), loss_tokens=count)
-    pairs = [p for p in map(prompt_and_reference, examples) if p is not None][:limit]
+    asked = [(e, p) for e in examples if (p := prompt_and_reference(e)) is not None][:limit]
+    pairs = [p for _, p in asked]
     if pairs:
         sampling = Sampling(max_new_tokens=max_new_tokens)
-        predictions = [session.reply(turns, sampling) for turns, _ in pairs]
+        predictions = [session.reply(turns, sampling, getattr(e, "media", None) or None) for e, (turns, _) in asked]
         out.update(
             generation_scores(predictions, [r for _, r in pairs]),
             generated=len(pairs),

@@ -66,6 +66,8 @@ def load_for_inference(trained: Trained, runtime, dtype: torch.dtype):
 
 
 class TorchSession(Session):
+    feeds_images = True  # hwft.vision: its forward takes a prompt's or a row's pixels
+
     def __init__(self, trained: Trained, backend: str, runtime, precision: str = "auto"):
         super().__init__(trained, backend)
         self.dtype = inference_dtype(precision, runtime)
