@@ -257,7 +257,7 @@ def test_chat_answers_about_an_image_as_transformers_generates(family, tiny_vl, 
 
 def test_chat_refuses_an_image_for_a_text_only_model(tiny_llama, cli):
     code, _, err = cli("chat", tiny_llama, "--image", LF / "mllm_demo_data" / "1.jpg", "--prompt", "Who?")
-    assert code == 2 and "is not a vision-language model of hwft's table" in err and "leave --image out" in err
+    assert code == 2 and "is not a vision-language model of hwft's table" in err and "leave the images out" in err
 
 
 def test_llamafactorys_qwen3vl_dpo_recipe_trains_on_image_preference_rows(tiny_vl, tmp_path, cli, capsys):
