@@ -206,6 +206,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     serve.add_argument("--model-name", default="hwft", help="the model id clients name (default hwft)")
+    serve.add_argument(
+        "--images-from",
+        help="a folder whose images requests may name by path in image_url parts (default: data: URLs only)",
+    )
 
     evaluate = using("eval", "loss, perplexity and answer quality (exact match, ROUGE-L, BLEU), base vs fine-tuned")
     evaluate.add_argument("--data", nargs="+", help="evaluation files (default: the run's data.eval and data.val_size)")
@@ -484,7 +488,7 @@ def cmd_serve(args) -> int:
 
     if args.port:  # before the model loads (port 0: the system picks a free one)
         check_bind(args.host, args.port, "hwft serve")
-    return serve(loaded(args), args.host, args.port, args.model_name)
+    return serve(loaded(args), args.host, args.port, args.model_name, args.images_from)
 
 
 def cmd_eval(args) -> int:

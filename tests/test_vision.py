@@ -437,3 +437,58 @@ def test_eval_scores_image_rows_with_their_images(tiny_vl, tmp_path, cli, capsys
     assert all(r["generated"] == 2 for r in results.values())
     code, _, err = cli("eval", tmp_path / "out", "--data", data, "--backend", "mlx")
     assert code == 2 and "the mlx backend does not feed images to a model yet" in err
+
+
+def test_serve_answers_image_url_parts(tiny_vl, capsys):
+    """hwft serve: an image_url part as a data: URL is answered as chat answers the same image;
+    a local path only under --images-from (and not outside it); an http URL is refused with 400;
+    a text-only model refuses images with 400."""
+    import base64
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from hwft.data.media import Media
+    from hwft.inference import Sampling, open_session, open_trained
+    from hwft.use.serve import make_server
+
+    model = tiny_vl("gemma3")  # its tiny replies are words (the tiny Qwen2-VL's are newlines)
+    capsys.readouterr()
+    session = open_session(open_trained(str(model)), "cpu", "fp32")
+    image = LF / "mllm_demo_data" / "1.jpg"
+    want = session.reply(
+        [{"role": "user", "content": "<image>Who are they?"}],
+        Sampling(max_new_tokens=6),
+        [Media("image", "1.jpg", path=image)],
+    )
+    httpd = make_server(session, "127.0.0.1", 0, "tiny", images_from=image.parent)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/v1/chat/completions"
+
+    def ask(ref: str) -> tuple[int, dict]:
+        parts = [{"type": "image_url", "image_url": {"url": ref}}, {"type": "text", "text": "Who are they?"}]
+        body = {"messages": [{"role": "user", "content": parts}], "temperature": 0, "max_tokens": 6}
+        request = urllib.request.Request(
+            url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.load(response)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.load(exc)
+
+    try:
+        inline = "data:image/jpeg;base64," + base64.b64encode(image.read_bytes()).decode()
+        for ref in (inline, "1.jpg"):
+            status, body = ask(ref)
+            assert status == 200, body
+            assert body["choices"][0]["message"]["content"].strip() == want and want
+        for ref, said in (
+            ("../identity.json", "no image ../identity.json under"),
+            ("https://example.com/a.jpg", "hwft never fetches data"),
+        ):
+            status, body = ask(ref)
+            assert status == 400 and said in body["error"]["message"], body
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

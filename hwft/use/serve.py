@@ -2,7 +2,9 @@
 
 Routes: ``GET /v1/models``, ``POST /v1/chat/completions`` (``stream: true`` sends server-sent
 events, ``data: {chunk}`` lines ending with ``data: [DONE]``, as OpenAI's clients read them) and
-``GET /health``. Requests take ``messages`` (string content, or a list of text parts),
+``GET /health``. Requests take ``messages`` (string content, or a list of text parts and, for
+a vision-language model (hwft.vision), ``image_url`` parts: a ``data:`` URL, or a local path
+only under the folder ``--images-from`` names; hwft never fetches a URL),
 ``max_tokens`` / ``max_completion_tokens``, ``temperature`` (OpenAI's default 1.0), ``top_p``,
 ``seed`` and ``stop`` (strings). One model answers one request at a time (a lock); the
 standard library's threading HTTP server keeps other connections waiting, not refused.
@@ -16,6 +18,7 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 from hwft.inference import Sampling, Session
 
@@ -27,22 +30,53 @@ class BadRequest(ValueError):
     """A request the endpoint refuses with 400 and this message."""
 
 
-def parse_request(body: dict) -> tuple[list[dict], Sampling, list[str], bool]:
-    """(messages, sampling, stop strings, stream) from an OpenAI chat-completions body."""
+def image_part(part: dict, where: str, images_from: Path | None):
+    """The image of an ``image_url`` part: inline data, or a file under ``images_from``."""
+    from hwft.data.media import from_part
+
+    try:
+        image = from_part(part, where)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    if image.data is not None:
+        return image
+    if images_from is None:
+        raise BadRequest(
+            f"{where}: a local image path ({image.given}); this server reads images sent inline as data: URLs, "
+            "and local files only under the folder hwft serve --images-from names"
+        )
+    path = (images_from / Path(image.given.removeprefix("file://"))).resolve()
+    if not path.is_relative_to(images_from.resolve()) or not path.is_file():
+        raise BadRequest(f"{where}: no image {image.given} under {images_from}")
+    image.path = path
+    return image
+
+
+def parse_request(body: dict, images_from: Path | None = None) -> tuple[list[dict], Sampling, list[str], bool, list]:
+    """(messages, sampling, stop strings, stream, images) from an OpenAI chat-completions body;
+    an ``image_url`` part becomes an <image> placeholder where it stands and an image."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages: give a non-empty list of {role, content}")
-    out = []
+    out, images = [], []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
             raise BadRequest(f"messages[{i}]: role must be system, developer, user or assistant")
         content = m.get("content")
-        if isinstance(content, list):  # [{"type": "text", "text": ...}]
-            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                raise BadRequest(f"messages[{i}].content: only text parts are supported")
-            content = "".join(str(p.get("text", "")) for p in content)
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, {"type": "image_url", ...}]
+            text = ""
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text":
+                    text += str(part.get("text", ""))
+                elif kind == "image_url":
+                    images.append(image_part(part, f"messages[{i}].content[{j}]", images_from))
+                    text += "<image>"
+                else:
+                    raise BadRequest(f"messages[{i}].content[{j}]: only text and image_url parts are supported")
+            content = text
         if not isinstance(content, str):
             raise BadRequest(f"messages[{i}].content: give a string")
         out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
@@ -61,7 +95,7 @@ def parse_request(body: dict) -> tuple[list[dict], Sampling, list[str], bool]:
     sampling = Sampling(
         int(limit), float(temperature), float(top_p), int(seed) if isinstance(seed, int) else random.randrange(2**31)
     )
-    return out, sampling, stop, bool(body.get("stream", False))
+    return out, sampling, stop, bool(body.get("stream", False)), images
 
 
 def with_stops(pieces, stop: list[str]):
@@ -87,7 +121,13 @@ def with_stops(pieces, stop: list[str]):
     return False
 
 
-def make_server(session: Session, host: str = "127.0.0.1", port: int = 8000, model_name: str = "hwft"):
+def make_server(
+    session: Session,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str = "hwft",
+    images_from: Path | None = None,
+):
     """A ThreadingHTTPServer bound to (host, port) answering with ``session``; ``port`` 0
     picks a free one (``server.server_address``)."""
     lock = threading.Lock()
@@ -132,15 +172,20 @@ def make_server(session: Session, host: str = "127.0.0.1", port: int = 8000, mod
             try:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length) or b"null")
-                messages, sampling, stop, stream = parse_request(body)
+                messages, sampling, stop, stream, images = parse_request(body, images_from)
             except (ValueError, BadRequest) as exc:  # JSONDecodeError is a ValueError
                 self.error(400, str(exc) if isinstance(exc, BadRequest) else f"the body is not JSON: {exc}")
                 return
             ident = f"chatcmpl-{uuid.uuid4().hex[:24]}"
             head = {"id": ident, "created": int(time.time()), "model": model_name}
             with lock:
-                prompt_tokens = len(session.prompt_ids(messages))
-                pieces = with_stops(session.stream(messages, sampling), stop)
+                try:
+                    prompt = session.image_prompt(messages, images)[0] if images else session.prompt_ids(messages)
+                except UserError as exc:  # a model or engine that reads no images; an image that does not decode
+                    self.error(400, str(exc))
+                    return
+                prompt_tokens = len(prompt)
+                pieces = with_stops(session.stream(messages, sampling, images or None), stop)
                 if stream:
                     self.stream(head, pieces)
                     return
@@ -209,8 +254,8 @@ def make_server(session: Session, host: str = "127.0.0.1", port: int = 8000, mod
         raise UserError(bind_message(exc, host, port, "hwft serve")) from None
 
 
-def serve(session: Session, host: str, port: int, model_name: str) -> int:
-    server = make_server(session, host, port, model_name)
+def serve(session: Session, host: str, port: int, model_name: str, images_from: str | None = None) -> int:
+    server = make_server(session, host, port, model_name, Path(images_from) if images_from else None)
     bound_host, bound_port = server.server_address[:2]
     print(
         f"hwft serve: http://{bound_host}:{bound_port}/v1 (model '{model_name}', OpenAI chat completions; "
