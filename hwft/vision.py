@@ -116,22 +116,26 @@ def family_of(folder: Path) -> VisionFamily | None:
 FED_KINDS = ("chat", "preference")
 
 
-def check_media(examples, model, capability, backend: str, objective: str = "sft") -> None:
+def check_media(examples, model, capability, backend: str, objective: str) -> None:
     """Refuse, in one line naming the first row, media that this model on this backend is not
     fed: a method that does not feed them, a family not in the table, a kind the family is not
     fed, an engine that feeds none."""
     from hwft.data.media import described
-    from hwft.methods.lookup import method
+    from hwft.methods.lookup import method, registry
 
     first = next((e for e in examples if getattr(e, "media", None)), None)
     if first is None:
         return
-    trains = method(objective)
-    if trains.kind not in FED_KINDS or trains.head != "causal_lm":
+
+    def feeds(m) -> bool:
+        return m.kind in FED_KINDS and m.head == "causal_lm"
+
+    if not feeds(method(objective)):
+        fed = ", ".join(name for name, m in registry().methods.items() if feeds(m))
         raise DataError(
             f"{first.source} has {described(first.media)}, but method.objective {objective} does not feed "
-            "images to the model yet (sft, dpo, orpo and simpo do); leave the rows' media and their "
-            "placeholders out to train on the text"
+            f"images to the model yet ({fed} do); leave the rows' media and their placeholders out to train "
+            "on the text"
         )
     family = family_of(model.path) if model.ready else None
     kinds = {m.kind for e in examples for m in getattr(e, "media", None) or []}

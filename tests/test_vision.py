@@ -373,14 +373,14 @@ def test_a_vision_language_run_exports_and_the_export_answers_about_images(tiny_
 
 
 def test_the_demo_model_is_smollm2_on_text(tmp_path, capsys):
-    """hwft.vision_demo's assembled model (configs/vision.yaml's): on text it computes what the
+    """hwft_torch.vision_demo's assembled model (configs/vision.yaml's): on text it computes what the
     embedded SmolLM2-135M-Instruct computes (logits within 1e-4 of values up to ~30: fp32 sums in
     another order), its zero q/k/v biases and Qwen2-VL's 3-D rotary embedding notwithstanding."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     from hwft.models import materialise, resolve_model
-    from hwft.vision_demo import assemble
+    from hwft_torch.vision_demo import assemble
 
     smol = materialise(resolve_model("smollm2-135m"))
     folder = assemble(tmp_path / "demo")

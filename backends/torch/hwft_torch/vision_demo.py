@@ -1,7 +1,7 @@
 """A small vision-language model to try image rows on a CPU: the embedded SmolLM2-135M-Instruct
 as the language model of a Qwen2-VL, under a small vision tower of random weights.
 
-    .venv/bin/python -m hwft.vision_demo runs/smollm2-vl      # assembles it (seconds)
+    .venv/bin/python -m hwft_torch.vision_demo runs/smollm2-vl      # assembles it (seconds)
     .venv/bin/hwft train configs/vision.yaml                  # trains it on mllm_demo
 
 No small vision-language model's weights are on these machines, and hwft never downloads any.
@@ -102,7 +102,9 @@ def assemble(out: Path, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hwft.vision_demo", description=(__doc__ or "").splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m hwft_torch.vision_demo", description=(__doc__ or "").splitlines()[0]
+    )
     parser.add_argument("out", type=Path, help="the folder to write the model to")
     args = parser.parse_args(argv)
     assemble(args.out)
