@@ -24,14 +24,16 @@ def lf_recipe(tmp_path: Path, name: str, model: Path, **changes) -> Path:
     """The example ``name``, its model swapped for ``model`` and its run scaled down."""
     raw = yaml.safe_load((EXAMPLES / f"{name}.yaml").read_text(encoding="utf-8"))
     raw.update(
-        model_name_or_path=str(model),
-        dataset_dir=str(LF),
-        output_dir=str(tmp_path / "out"),
-        max_samples=16,
-        cutoff_len=1024,
-        gradient_accumulation_steps=1,
-        max_steps=2,
-        **changes,
+        {
+            "model_name_or_path": str(model),
+            "dataset_dir": str(LF),
+            "output_dir": str(tmp_path / "out"),
+            "max_samples": 16,
+            "cutoff_len": 1024,
+            "gradient_accumulation_steps": 1,
+            "max_steps": 2,
+            **changes,
+        }
     )
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")

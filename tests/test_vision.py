@@ -15,6 +15,7 @@ from hwft.data.chat import IGNORE_INDEX, ChatRenderer
 from hwft.data.formats import BUILTIN_FORMATS
 from hwft.data.loading import load_examples
 from tests.conftest import PEER_DATA, write_recipe
+from tests.test_llamafactory import lf_recipe
 
 LF = PEER_DATA / "llamafactory"
 FORMATS = {f.name: f for f in BUILTIN_FORMATS}
@@ -164,18 +165,7 @@ def test_llamafactorys_qwen3vl_recipes_train_as_they_are(name, tiny_vl, tmp_path
 
     model = tiny_vl("qwen3_vl")
     capsys.readouterr()  # what building it printed (DeepSpeed's start-up line) is not the command's
-    raw = yaml.safe_load((LF / "examples" / f"{name}.yaml").read_text(encoding="utf-8"))
-    raw.update(
-        model_name_or_path=str(model),
-        dataset_dir=str(LF),
-        output_dir=str(tmp_path / "out"),
-        max_samples=16,
-        cutoff_len=1024,
-        gradient_accumulation_steps=1,
-        max_steps=2,
-    )
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    path = lf_recipe(tmp_path, name, model)
     code, out, err = cli("import", path)
     assert code == 0, err
     translated = yaml.safe_load(out)
@@ -267,8 +257,6 @@ def test_llamafactorys_qwen3vl_dpo_recipe_trains_on_image_preference_rows(tiny_v
     forwards (a pair's two sequences each carry them)."""
     import math
 
-    import yaml
-
     model = tiny_vl("qwen3_vl")
     capsys.readouterr()
     rows = [
@@ -304,20 +292,15 @@ def test_llamafactorys_qwen3vl_dpo_recipe_trains_on_image_preference_rows(tiny_v
         ),
         encoding="utf-8",
     )
-    raw = yaml.safe_load((LF / "examples" / "qwen3vl_lora_dpo.yaml").read_text(encoding="utf-8"))
-    raw.update(
-        model_name_or_path=str(model),
+    path = lf_recipe(
+        tmp_path,
+        "qwen3vl_lora_dpo",
+        model,
         dataset_dir=str(tmp_path),
-        output_dir=str(tmp_path / "out"),
-        cutoff_len=1024,
-        gradient_accumulation_steps=1,
         per_device_train_batch_size=2,
-        max_steps=2,
         bf16=False,
         logging_steps=1,
     )
-    path = tmp_path / "dpo.yaml"
-    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     code, _, err = cli("train", path)
     assert code == 0, err[-3000:]
     steps = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]

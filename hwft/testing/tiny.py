@@ -136,14 +136,19 @@ def build_tiny_model(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(out)
+    write_tokenizer(tokenizer_src, out, tokenizer_size)
+    return out
+
+
+def write_tokenizer(tokenizer_src: Path, out: Path, size: int) -> None:
+    """The tokenizer of ``tokenizer_src`` in ``out``, its vocabulary cut to the first ``size`` tokens."""
     for name in TOKENIZER_FILES:
         if (tokenizer_src / name).exists():
             shutil.copy(tokenizer_src / name, out / name)
     whole = json.loads((tokenizer_src / "tokenizer.json").read_text(encoding="utf-8"))
     (out / "tokenizer.json").write_text(
-        json.dumps(truncated_tokenizer(whole, tokenizer_size), ensure_ascii=False), encoding="utf-8"
+        json.dumps(truncated_tokenizer(whole, size), ensure_ascii=False), encoding="utf-8"
     )
-    return out
 
 
 def fresh_adapter(model_dir: Path, out: Path, seed: int = 0, r: int = 8, target_modules="all-linear") -> Path:
@@ -270,13 +275,7 @@ def build_tiny_vision_model(family: str, out: Path, tokenizer_src: Path | None =
     shape = TINY_VISION[family]
     tokenizer_src = tokenizer_src or embedded_tokenizer_dir()
     out.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (tokenizer_src / name).exists():
-            shutil.copy(tokenizer_src / name, out / name)
-    whole = json.loads((tokenizer_src / "tokenizer.json").read_text(encoding="utf-8"))
-    (out / "tokenizer.json").write_text(
-        json.dumps(truncated_tokenizer(whole, TOKENIZER_SIZE), ensure_ascii=False), encoding="utf-8"
-    )
+    write_tokenizer(tokenizer_src, out, TOKENIZER_SIZE)
     tokenizer = AutoTokenizer.from_pretrained(out)
     tokenizer.add_special_tokens({"additional_special_tokens": list(shape["tokens"])})  # pyright: ignore[reportArgumentType]
     tokenizer.save_pretrained(out)

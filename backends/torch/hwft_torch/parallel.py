@@ -318,6 +318,22 @@ class ZeroRedundancy(Single):
     (fp32 weights under autocast), so the numbers match the other strategies."""
 
     name = "deepspeed"
+
+    def close(self) -> None:
+        """Leave the group as every strategy does; where the group goes with it, DeepSpeed also
+        forgets the groups it cached from it, so that a later run in the same process (a second
+        ``hwft train`` called from Python) starts afresh instead of on a destroyed group."""
+        owned = self.owns_group
+        super().close()
+        if owned:
+            from deepspeed.utils import groups
+
+            for name, value in vars(groups).items():
+                if name.startswith("_") and name.endswith(("GROUP", "GROUP_RANKS")) and isinstance(value, dict):
+                    value.clear()
+                elif name.startswith("_") and name.endswith("GROUP"):
+                    setattr(groups, name, None)
+
     skips_nonfinite = False  # DeepSpeed has stepped inside backward() already
 
     def __init__(self, model, optimizer, scheduler, world, max_norm, recipe: Recipe):
