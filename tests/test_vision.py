@@ -35,21 +35,25 @@ def tiny_vl(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
     return build  # type: ignore[return-value]
 
 
-def test_an_image_row_renders_with_the_processors_token_count(tiny_vl):
-    """mllm_demo's first row (two images): each image becomes grid_t*grid_h*grid_w/merge^2
-    <|image_pad|> tokens, the count Qwen2-VL's own processor expands to; none is a label; the
-    assistant answers are the labels, as for a text row."""
+def first_demo_row(model: Path):
+    """The model's tokenizer, and mllm_demo's first row (two images) rendered as training renders it."""
     from transformers import AutoTokenizer
 
     from hwft.vision import VisionInputs
 
-    model = tiny_vl("qwen2_vl")
     tokenizer = AutoTokenizer.from_pretrained(model)
     renderer = ChatRenderer(tokenizer, tokenizer.chat_template)
     renderer.vision = VisionInputs.for_model(model)
     example = next(iter(load_examples(LF / "mllm_demo.json", "messages", FORMATS)))
     example.source = "mllm_demo.json row 1"
-    tok = renderer.tokenize(example)
+    return tokenizer, renderer.tokenize(example)
+
+
+def test_an_image_row_renders_with_the_processors_token_count(tiny_vl):
+    """mllm_demo's first row (two images): each image becomes grid_t*grid_h*grid_w/merge^2
+    <|image_pad|> tokens, the count Qwen2-VL's own processor expands to; none is a label; the
+    assistant answers are the labels, as for a text row."""
+    tokenizer, tok = first_demo_row(tiny_vl("qwen2_vl"))
     grid = tok.inputs["image_grid_thw"]
     assert grid.shape == (2, 3)
     per_image = [int(t * h * w) // 4 for t, h, w in grid]
@@ -118,9 +122,7 @@ def test_the_first_loss_is_transformers_own_on_the_row_and_its_image(family, tin
     transformers' model computes from the same ids, pixels, token types and labels (1e-5, the
     order of the sums), and the pixels matter: blank ones give another loss."""
     import torch
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
-
-    from hwft.vision import VisionInputs
+    from transformers import AutoModelForImageTextToText
 
     model_dir = tiny_vl(family)
     recipe = write_recipe(
@@ -133,12 +135,7 @@ def test_the_first_loss_is_transformers_own_on_the_row_and_its_image(family, tin
     assert code == 0, err[-3000:]
     (ours,) = [json.loads(line)["loss"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    renderer = ChatRenderer(tokenizer, tokenizer.chat_template)
-    renderer.vision = VisionInputs.for_model(model_dir)
-    example = next(iter(load_examples(LF / "mllm_demo.json", "messages", FORMATS)))
-    example.source = "row 1"
-    tok = renderer.tokenize(example)
+    _, tok = first_demo_row(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
     inputs = {
         "input_ids": torch.tensor([tok.input_ids]),
