@@ -743,9 +743,14 @@ def test_sigterm_to_the_launcher_checkpoints_every_rank_then_stops(tiny_llama, t
 def test_two_deepspeed_runs_in_one_process(tiny_llama, tmp_path, cli):
     """A second ZeRO-3 run in the same Python process starts afresh: DeepSpeed forgets the groups
     it cached from the first run's process group, which that run tore down (else: 'Group ... is not
-    registered')."""
+    registered'); and the run leaves the rendezvous variables as it found them (else a process
+    started later, an mlx.launch rank say, reads RANK=0 WORLD_SIZE=1 as its own world)."""
+    from hwft_torch.parallel import RENDEZVOUS
+
+    before = {key: os.environ.get(key) for key in RENDEZVOUS}
     for n in (1, 2):
         (tmp_path / f"run{n}").mkdir()
         path = recipe(tmp_path / f"run{n}", tiny_llama, "full", train={"max_steps": 1})
         code, _, err = cli("train", path, "parallel.strategy=deepspeed", "parallel.zero_stage=3")
         assert code == 0, err[-2000:]
+        assert {key: os.environ.get(key) for key in RENDEZVOUS} == before

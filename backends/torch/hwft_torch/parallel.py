@@ -51,6 +51,12 @@ def sharded(recipe: Recipe) -> bool:
     return p.strategy == "fsdp2" or (p.strategy == "deepspeed" and p.zero_stage == 3)
 
 
+#: The rendezvous variables a run may set in its own environment, and their values before it
+#: did (:func:`restore_environment` puts them back when the run leaves the group it made).
+RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_before: dict[str, str | None] = {}
+
+
 def init_process_group(world: World, collective: str, timeout: int, device: torch.device) -> bool:
     """Join the run's process group (env:// rendezvous, as torchrun and hwft --nproc set it).
     False where the caller's own group already exists: the run uses it and leaves it standing."""
@@ -58,6 +64,8 @@ def init_process_group(world: World, collective: str, timeout: int, device: torc
 
     if dist.is_initialized():
         return False
+    _before.clear()
+    _before.update({key: os.environ.get(key) for key in RENDEZVOUS})
     os.environ.update(torch_rendezvous_env(world))
     if world.size == 1:  # one process running a strategy (e.g. ZeRO offload on one GPU)
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -69,6 +77,18 @@ def init_process_group(world: World, collective: str, timeout: int, device: torc
         PROCESS_GROUP.get(collective, collective), timeout=datetime.timedelta(seconds=timeout), **kwargs
     )
     return True
+
+
+def restore_environment() -> None:
+    """The rendezvous variables as they were before :func:`init_process_group`: a one-process run
+    sets RANK=0 and WORLD_SIZE=1, which a process started afterwards (a later ``hwft train
+    --nproc 2`` from the same Python process) would inherit and read as its own world."""
+    for key, value in _before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _before.clear()
 
 
 def _free_port() -> int:
@@ -187,6 +207,7 @@ class Single:
             # called without an active exception").
             dist.barrier()
             dist.destroy_process_group()
+            restore_environment()
 
 
 class DataParallel(Single):
