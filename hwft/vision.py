@@ -89,13 +89,34 @@ GEMMA3 = dict(
     expansion=lambda n: f"\n\n<start_of_image>{'<image_soft_token>' * n}<end_of_image>\n\n",
 )
 
+#: Gemma 4: each image as many soft tokens as its aspect-preserving resize gives (up to the
+#: processor's max_soft_tokens, 280 in the released checkpoints) between <|image> and <image|>,
+#: as Gemma4Processor writes it; patch positions travel beside the pixels, and the image tokens
+#: are marked (mm_token_type_ids) for the layers that let an image's tokens see each other. The
+#: audio tower of the small checkpoints is left out of LoRA as the vision tower is.
+GEMMA4 = dict(
+    image_processor="transformers.models.gemma4:Gemma4ImageProcessorPil",
+    placeholder="<|image|>",
+    expands="<|image|>",
+    image_token="<|image|>",
+    tokens=lambda outputs, index, processor, config: int(outputs["num_soft_tokens_per_image"][index]),
+    inputs=("pixel_values", "image_position_ids"),
+    token_types="mm_token_type_ids",
+    vision_modules=("vision_tower", "embed_vision", "audio_tower", "embed_audio"),
+    projector_modules=("embed_vision", "embed_audio"),
+    expansion=lambda n: f"<|image>{'<|image|>' * n}<image|>",
+)
+
 FAMILIES: dict[str, VisionFamily] = {
     f.model_type: f
     for f in (
         VisionFamily("qwen2_vl", "Qwen2-VL", **QWEN_VL),  # pyright: ignore[reportArgumentType]
         VisionFamily("qwen2_5_vl", "Qwen2.5-VL", **QWEN_VL),  # pyright: ignore[reportArgumentType]
         VisionFamily("qwen3_vl", "Qwen3-VL", **QWEN_VL),  # pyright: ignore[reportArgumentType]
+        VisionFamily("qwen3_5", "Qwen3.5", **QWEN_VL),  # pyright: ignore[reportArgumentType]
+        VisionFamily("qwen3_5_moe", "Qwen3.5 MoE", **QWEN_VL),  # pyright: ignore[reportArgumentType]
         VisionFamily("gemma3", "Gemma 3", **GEMMA3),  # pyright: ignore[reportArgumentType]
+        VisionFamily("gemma4", "Gemma 4", **GEMMA4),  # pyright: ignore[reportArgumentType]
     )
 }
 

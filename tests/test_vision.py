@@ -1,6 +1,6 @@
 """Vision-language models on the torch engine (hwft.vision): LLaMA-Factory's image rows train a
-tiny Qwen2-VL, Qwen2.5-VL and Gemma 3 through the real CLI (and Qwen3-VL through LLaMA-Factory's
-own recipes); the image tokens are counted as transformers'
+tiny Qwen2-VL, Qwen2.5-VL, Qwen3.5 (dense and MoE), Gemma 3 and Gemma 4 through the real CLI (and
+Qwen3-VL through LLaMA-Factory's own recipes), each first loss transformers' own; the image tokens are counted as transformers'
 processor counts them and never trained on; the vision tower stays frozen under LoRA; a row
 with images for a text-only model, or on MLX, is refused in one line at the dry run."""
 
@@ -66,7 +66,7 @@ def test_an_image_row_renders_with_the_processors_token_count(tiny_vl):
     assert tok.inputs["pixel_values"].shape == (int(sum(t * h * w for t, h, w in grid)), 3 * 2 * 14 * 14)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_5", "gemma3", "gemma4"])
 def test_image_rows_train_a_vision_language_model_from_the_cli(family, tiny_vl, tmp_path, cli):
     """LLaMA-Factory's mllm_demo with identity's text rows, through its dataset_info.json, LoRA
     sft for 3 steps: the loss falls, packing goes off for the image rows, and the adapter holds
@@ -83,14 +83,14 @@ def test_image_rows_train_a_vision_language_model_from_the_cli(family, tiny_vl, 
     assert "packing off" in err
     losses = [json.loads(line)["loss"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and all(0 < loss < 20 for loss in losses)
+    from hwft.vision import FAMILIES
+
+    vision_side = FAMILIES[family].vision_modules
     config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
-    assert config["exclude_modules"] and all(
-        any(v in m for v in ("visual", "vision_tower", "multi_modal_projector")) for m in config["exclude_modules"]
-    )
+    assert config["exclude_modules"] and all(any(v in m for v in vision_side) for m in config["exclude_modules"])
     from safetensors.torch import load_file
 
     names = list(load_file(tmp_path / "out" / "adapter" / "adapter_model.safetensors"))
-    vision_side = ("visual", "vision_tower", "multi_modal_projector")
     assert names and not any(v in n for n in names for v in vision_side) and any("language_model" in n for n in names)
 
 
@@ -116,7 +116,7 @@ def test_video_rows_and_mlx_are_refused_in_one_line(tiny_vl, tmp_path, cli):
     assert code == 2 and "but backend mlx's engine does not feed images to a model yet" in err
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_5", "qwen3_5_moe", "gemma3", "gemma4"])
 def test_the_first_loss_is_transformers_own_on_the_row_and_its_image(family, tiny_vl, tmp_path, cli):
     """One image row, one step (fp32; LoRA's B starts at zero): hwft's loss is the one
     transformers' model computes from the same ids, pixels, token types and labels (1e-5, the
@@ -203,7 +203,7 @@ def test_data_inspect_shows_what_each_image_became(tiny_vl, tmp_path, cli):
     assert f"<|vision_start|><|image_pad|>x{counts[0]}<|vision_end|>Who are they?" in out
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_5", "gemma3", "gemma4"])
 def test_chat_answers_about_an_image_as_transformers_generates(family, tiny_vl, cli, capsys):
     """`hwft chat MODEL --image F --prompt Q`: the greedy reply is the one transformers' generate
     gives from the same prompt ids and pixels (its own KV cache and positions)."""

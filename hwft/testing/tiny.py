@@ -199,6 +199,29 @@ def _qwen_vl(vision: dict, rope: dict, text: dict | None = None) -> dict:
     return {"tokens": QWEN_VISION_TOKENS, "config": config}
 
 
+def _qwen3_5(text: dict | None = None) -> dict:
+    """A tiny Qwen3.5 (``text``: its mixture-of-experts keys): Qwen3-VL's tower without deepstack,
+    a Gated DeltaNet layer and a full-attention one, half of each head rotated (the released ones rotate a quarter)."""
+    vision = {
+        "depth": 1,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": 64,
+        "num_position_embeddings": 64,
+    }
+    rope = {"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True, "partial_rotary_factor": 0.5}
+    hybrid = {
+        "head_dim": 16,
+        "layer_types": ["linear_attention", "full_attention"],
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "linear_key_head_dim": 16,
+        "linear_value_head_dim": 16,
+    }
+    return {**_qwen_vl(vision, rope, {**hybrid, **(text or {})}), "processor": {"patch_size": 16}}
+
+
 def _gemma3(ids: dict, vocab: int) -> dict:
     """A tiny Gemma 3: gemma3_text's tiny config, a 1-layer SigLIP on 32-pixel images of 8-pixel
     patches (16 patches, pooled into 4 image tokens)."""
@@ -216,6 +239,43 @@ def _gemma3(ids: dict, vocab: int) -> dict:
         "boi_token_index": ids["<start_of_image>"],
         "eoi_token_index": ids["<end_of_image>"],
         "image_token_index": ids["<image_soft_token>"],
+        "tie_word_embeddings": True,
+    }
+
+
+GEMMA4_VISION_TOKENS = ("<|image>", "<image|>", "<|image|>", "<|video|>", "<|audio>", "<audio|>", "<|audio|>")
+
+
+def _gemma4(ids: dict, vocab: int) -> dict:
+    """A tiny Gemma 4: gemma4_text's tiny config, its image tokens seeing each other both ways,
+    and a 1-layer vision encoder on 4-pixel patches pooled 3 x 3 (an image of up to 70 soft
+    tokens, the smallest budget the processor takes)."""
+    return {
+        "text_config": {
+            **tiny_config("gemma4_text", vocab_size=vocab).to_dict(),
+            "vocab_size": vocab,
+            "vocab_size_per_layer_input": vocab,  # the image tokens have per-layer inputs too
+            "use_bidirectional_attention": "vision",
+        },
+        "vision_config": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "patch_size": 4,
+            "pooling_kernel_size": 3,
+            "position_embedding_size": 256,
+        },
+        "audio_config": None,
+        "boi_token_id": ids["<|image>"],
+        "eoi_token_id": ids["<image|>"],
+        "image_token_id": ids["<|image|>"],
+        "video_token_id": ids["<|video|>"],
+        "boa_token_id": ids["<|audio>"],
+        "eoa_token_index": ids["<audio|>"],
+        "audio_token_id": ids["<|audio|>"],
         "tie_word_embeddings": True,
     }
 
@@ -256,7 +316,19 @@ TINY_VISION = {
         ),
         "processor": {"patch_size": 16},  # Qwen3-VL's patches are 16 pixels wide
     },
+    # Qwen3.5: Qwen3-VL's tower (no deepstack) over the hybrid text model, a linear-attention
+    # (Gated DeltaNet) layer and a full one, rotating part of each head as the released ones do
+    "qwen3_5": _qwen3_5(),
+    # Qwen3.5's mixture of experts (35B-A3B and up): the same, with 4 experts of which 2 route
+    "qwen3_5_moe": _qwen3_5(
+        {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32}
+    ),
     "gemma3": {"tokens": GEMMA3_VISION_TOKENS, "config": _gemma3, "processor": {"size": {"height": 32, "width": 32}}},
+    "gemma4": {
+        "tokens": GEMMA4_VISION_TOKENS,
+        "config": _gemma4,
+        "processor": {"patch_size": 4, "max_soft_tokens": 70},
+    },
 }
 QWEN_PIXELS = {"max_pixels": 28 * 28 * 16, "min_pixels": 28 * 28}
 
