@@ -1,8 +1,9 @@
 """Vision-language models on the torch engine (hwft.vision): LLaMA-Factory's image rows train a
 tiny Qwen2-VL, Qwen2.5-VL, Qwen3.5 (dense and MoE), Gemma 3 and Gemma 4 through the real CLI (and
-Qwen3-VL through LLaMA-Factory's own recipes), each first loss transformers' own; the image tokens are counted as transformers'
-processor counts them and never trained on; the vision tower stays frozen under LoRA; a row
-with images for a text-only model, or on MLX, is refused in one line at the dry run."""
+Qwen3-VL through LLaMA-Factory's own recipes), each first loss transformers' own; the image
+tokens are counted as transformers' processor counts them and never trained on; the vision
+tower stays frozen under LoRA; a row with images for a text-only model, or on MLX, is refused
+in one line at the dry run."""
 
 from __future__ import annotations
 
