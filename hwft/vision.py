@@ -22,6 +22,7 @@ media for a model or an engine that is not fed them is refused in one line at th
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,11 +56,15 @@ class VisionFamily:
     kinds: tuple[str, ...] = ("image",)  #: media kinds hwft feeds it
     #: a per-token input marking the image tokens (1; text 0), by the name the forward takes it; None: none
     token_types: str | None = None
-    #: what ``expands`` becomes for an image of n tokens (default: ``image_token`` n times)
-    expansion: Callable[[int], str] | None = None
+    #: what ``expands`` becomes for an image of n tokens, from (n, processor outputs, image index,
+    #: processor, model config) (default: ``image_token`` n times)
+    expansion: Callable[[int, dict, int, Any, dict], str] | None = None
+    #: the keyword arguments the family's processor call takes from the model config (Pixtral's
+    #: images are cut to the merged patch, patch_size x spatial_merge_size)
+    call: Callable[[dict], dict] | None = None
 
-    def expanded(self, n: int) -> str:
-        return self.expansion(n) if self.expansion else self.image_token * n
+    def expanded(self, n: int, outputs: dict, index: int, processor, config: dict) -> str:
+        return self.expansion(n, outputs, index, processor, config) if self.expansion else self.image_token * n
 
 
 QWEN_VL = dict(
@@ -86,7 +91,7 @@ GEMMA3 = dict(
     token_types="token_type_ids",
     vision_modules=("vision_tower", "multi_modal_projector"),
     projector_modules=("multi_modal_projector",),
-    expansion=lambda n: f"\n\n<start_of_image>{'<image_soft_token>' * n}<end_of_image>\n\n",
+    expansion=lambda n, *_: f"\n\n<start_of_image>{'<image_soft_token>' * n}<end_of_image>\n\n",
 )
 
 #: Gemma 4: each image as many soft tokens as its aspect-preserving resize gives (up to the
@@ -104,7 +109,47 @@ GEMMA4 = dict(
     token_types="mm_token_type_ids",
     vision_modules=("vision_tower", "embed_vision", "audio_tower", "embed_audio"),
     projector_modules=("embed_vision", "embed_audio"),
-    expansion=lambda n: f"<|image>{'<|image|>' * n}<image|>",
+    expansion=lambda n, *_: f"<|image>{'<|image|>' * n}<image|>",
+)
+
+
+def pixtral_patch(config: dict) -> int:
+    """Pixtral's merged patch: the tower's patch times Mistral 3's spatial merge (28 pixels)."""
+    return int(config["vision_config"].get("patch_size", 14)) * int(config.get("spatial_merge_size", 2))
+
+
+def pixtral_call(config: dict) -> dict:
+    """The processor call's patch: the merged one."""
+    return {"patch_size": pixtral_patch(config)}
+
+
+def pixtral_grid(outputs: dict, index: int, config: dict) -> tuple[int, int]:
+    """(rows, columns) of merged patches of image ``index`` as the processor resized it."""
+    height, width = (int(x) for x in outputs["image_sizes"][index])
+    return height // pixtral_patch(config), width // pixtral_patch(config)
+
+
+def pixtral_text(n: int, outputs: dict, index: int, processor, config: dict) -> str:
+    """A Pixtral image as PixtralProcessor writes it: each row of [IMG] tokens ends with
+    [IMG_BREAK], the last one with [IMG_END]."""
+    rows, columns = pixtral_grid(outputs, index, config)
+    return ("[IMG]" * columns + "[IMG_BREAK]") * (rows - 1) + "[IMG]" * columns + "[IMG_END]"
+
+
+#: Mistral 3 (Mistral Small 3.1 and up, Ministral 3, Magistral): Pixtral's tower reads each image
+#: at its own size (its longest edge up to the processor's), padded to the batch's largest with
+#: the sizes beside it; its merged patches become [IMG] tokens row by row.
+MISTRAL3 = dict(
+    image_processor="transformers.models.pixtral:PixtralImageProcessorPil",
+    placeholder="[IMG]",
+    expands="[IMG]",
+    image_token="[IMG]",
+    tokens=lambda outputs, index, processor, config: math.prod(pixtral_grid(outputs, index, config)),
+    inputs=("pixel_values", "image_sizes"),
+    vision_modules=("vision_tower", "multi_modal_projector"),
+    projector_modules=("multi_modal_projector",),
+    expansion=pixtral_text,
+    call=pixtral_call,
 )
 
 FAMILIES: dict[str, VisionFamily] = {
@@ -117,6 +162,7 @@ FAMILIES: dict[str, VisionFamily] = {
         VisionFamily("qwen3_5_moe", "Qwen3.5 MoE", **QWEN_VL),  # pyright: ignore[reportArgumentType]
         VisionFamily("gemma3", "Gemma 3", **GEMMA3),  # pyright: ignore[reportArgumentType]
         VisionFamily("gemma4", "Gemma 4", **GEMMA4),  # pyright: ignore[reportArgumentType]
+        VisionFamily("mistral3", "Mistral 3", **MISTRAL3),  # pyright: ignore[reportArgumentType]
     )
 }
 
@@ -212,6 +258,15 @@ class VisionInputs:
     def tokenize(self, renderer, example, first: int):
         return tokenize(renderer, example, first)
 
+    def read(self, images: list) -> tuple[dict, list[int], list[str]]:
+        """The processor's outputs for ``images``, how many image tokens each becomes, and the
+        text each stands as in the sequence."""
+        family, processor, config = self.family, self.processor, self.config
+        outputs = processor(images=images, return_tensors="np", **(family.call(config) if family.call else {}))
+        counts = [family.tokens(outputs, i, processor, config) for i in range(len(images))]
+        texts = [family.expanded(n, outputs, i, processor, config) for i, n in enumerate(counts)]
+        return outputs, counts, texts
+
 
 def tokenize(renderer, example, first: int):
     """A conversation with images: the token sequence (each image's tokens in place, none of
@@ -222,8 +277,7 @@ def tokenize(renderer, example, first: int):
     vision: VisionInputs = renderer.vision
     family = vision.family
     images = [open_image(m, example.source) for m in example.media]
-    outputs = vision.processor(images=images, return_tensors="np")
-    counts = [family.tokens(outputs, i, vision.processor, vision.config) for i in range(len(images))]
+    outputs, counts, texts = vision.read(images)
     messages = [
         {**m, "content": m["content"].replace(PLACEHOLDERS["image"], family.placeholder)}
         if isinstance(m.get("content"), str)
@@ -231,7 +285,7 @@ def tokenize(renderer, example, first: int):
         for m in example.messages
     ]
     text, spans = renderer.label_spans(messages, example.tools, example.source, first)
-    text, spans = expand(text, spans, family, counts, example.source)
+    text, spans = expand(text, spans, family, texts, example.source)
     tok = renderer.encode_text(text, spans)
     image_id = renderer.tokenizer.convert_tokens_to_ids(family.image_token)
     found = sum(1 for t in tok.input_ids if t == image_id)
@@ -256,12 +310,11 @@ def prompt(vision: VisionInputs, renderer, messages: list[dict], media: list, wh
     family = vision.family
     check_placeholders([m.get("content") or "" for m in messages], media)
     images = [open_image(m, where) for m in media]
-    outputs = vision.processor(images=images, return_tensors="np")
-    counts = [family.tokens(outputs, i, vision.processor, vision.config) for i in range(len(images))]
+    outputs, _, texts = vision.read(images)
     turns = [
         {**m, "content": (m.get("content") or "").replace(PLACEHOLDERS["image"], family.placeholder)} for m in messages
     ]
-    text, _ = expand(renderer.render(turns, add_generation_prompt=True), [], family, counts, where)
+    text, _ = expand(renderer.render(turns, add_generation_prompt=True), [], family, texts, where)
     ids = list(renderer.tokenizer(text, add_special_tokens=False)["input_ids"])
     extras = {key: outputs[key] for key in family.inputs}
     if family.token_types:
@@ -271,20 +324,19 @@ def prompt(vision: VisionInputs, renderer, messages: list[dict], media: list, wh
 
 
 def expand(
-    text: str, spans: list[tuple[int, int]], family: VisionFamily, counts: list[int], where: str
+    text: str, spans: list[tuple[int, int]], family: VisionFamily, images: list[str], where: str
 ) -> tuple[str, list[tuple[int, int]]]:
-    """``text`` with the i-th ``family.expands`` made the text of an image of ``counts[i]``
-    tokens, and the label spans moved past what was inserted before them."""
+    """``text`` with the i-th ``family.expands`` made ``images[i]`` (the image's own text), and
+    the label spans moved past what was inserted before them."""
     mark = family.expands
     pieces = text.split(mark)
-    if len(pieces) - 1 != len(counts):
+    if len(pieces) - 1 != len(images):
         raise DataError(
-            f"{where}: the chat template's text holds {len(pieces) - 1} {mark} for {len(counts)} images "
+            f"{where}: the chat template's text holds {len(pieces) - 1} {mark} for {len(images)} images "
             "(a template that drops or repeats a turn's text cannot carry its images)"
         )
     out, shifts, position = [pieces[0]], [], len(pieces[0])
-    for count, piece in zip(counts, pieces[1:], strict=True):
-        image = family.expanded(count)
+    for image, piece in zip(images, pieces[1:], strict=True):
         shifts.append((position, len(image) - len(mark)))
         out.append(image + piece)
         position += len(mark) + len(piece)

@@ -280,6 +280,29 @@ def _gemma4(ids: dict, vocab: int) -> dict:
     }
 
 
+MISTRAL3_VISION_TOKENS = ("[IMG]", "[IMG_BREAK]", "[IMG_END]")
+
+
+def _mistral3(ids: dict, vocab: int) -> dict:
+    """A tiny Mistral 3: mistral's tiny config, a 1-layer Pixtral tower on 4-pixel patches merged
+    2 x 2 (images at most 64 pixels on their longest edge: 8 x 8 merged patches)."""
+    return {
+        "text_config": {**tiny_config("mistral", vocab_size=vocab).to_dict(), "vocab_size": vocab},
+        "vision_config": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "head_dim": 16,
+            "patch_size": 4,
+            "image_size": 64,
+        },
+        "spatial_merge_size": 2,
+        "image_token_index": ids["[IMG]"],
+        "tie_word_embeddings": True,
+    }
+
+
 #: Tiny vision-language models (hwft.vision's families): 2 text layers of COMMON's shapes and a
 #: 1-block vision tower; the tokens the family's tokenizer holds for images, added to the tiny
 #: vocabulary; the image processor's settings (Qwen's cap an image at 16 merged patches).
@@ -324,6 +347,11 @@ TINY_VISION = {
         {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32}
     ),
     "gemma3": {"tokens": GEMMA3_VISION_TOKENS, "config": _gemma3, "processor": {"size": {"height": 32, "width": 32}}},
+    "mistral3": {
+        "tokens": MISTRAL3_VISION_TOKENS,
+        "config": _mistral3,
+        "processor": {"patch_size": {"height": 4, "width": 4}, "size": {"longest_edge": 64}},
+    },
     "gemma4": {
         "tokens": GEMMA4_VISION_TOKENS,
         "config": _gemma4,

@@ -57,15 +57,28 @@ def to_tensors(rows: list[Row], pad_id: int, attention: str, device: torch.devic
 
 def media_tensors(rows: list[Row], width: int) -> dict[str, torch.Tensor]:
     """What the forward takes beside the ids of rows with images (hwft.vision): each input
-    concatenated over the rows in their order, as the processor would have for the batch, and
-    the per-token inputs right-padded to ``width`` (a text row's: all 0)."""
+    concatenated over the rows in their order, as the processor would have for the batch (rows
+    whose images differ in size zero-padded at the end of each dimension to the largest, as
+    Pixtral's processor pads a batch), and the per-token inputs right-padded to ``width`` (a
+    text row's: all 0)."""
     media = [r.inputs for r in rows if r.inputs]
     if not media:
         return {}
-    out = {key: torch.cat([torch.as_tensor(m[key]) for m in media]) for key in media[0]}
+    out = {key: torch.cat(padded_to_largest([torch.as_tensor(m[key]) for m in media])) for key in media[0]}
     for key in next((r.token_inputs for r in rows if r.token_inputs), {}):
         values = [(r.token_inputs or {}).get(key, [0] * len(r.input_ids)) for r in rows]
         out[key] = torch.tensor([v + [0] * (width - len(v)) for v in values])
+    return out
+
+
+def padded_to_largest(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` zero-padded at the end of every dimension but the first to the largest size
+    among them (unchanged where they agree already)."""
+    largest = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    out = []
+    for t in tensors:
+        pad = [p for d in reversed(range(1, t.dim())) for p in (0, largest[d - 1] - t.shape[d])]
+        out.append(torch.nn.functional.pad(t, pad) if any(pad) else t)
     return out
 
 
