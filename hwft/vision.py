@@ -152,6 +152,53 @@ MISTRAL3 = dict(
     call=pixtral_call,
 )
 
+
+def smolvlm_seq(config: dict) -> int:
+    """SmolVLM's tokens per tile: the tower's patches, pixel-shuffled scale_factor^2 into one."""
+    tower = config["vision_config"]
+    return (int(tower.get("image_size", 512)) // int(tower.get("patch_size", 16))) ** 2 // int(
+        config.get("scale_factor", 2)
+    ) ** 2
+
+
+def smolvlm_grid(outputs: dict, index: int) -> tuple[int, int]:
+    """(rows, columns) of the tiles image ``index`` was split into (0, 0: not split)."""
+    return int(outputs["rows"][0][index]), int(outputs["cols"][0][index])
+
+
+def smolvlm_tokens(outputs: dict, index: int, processor, config: dict) -> int:
+    rows, columns = smolvlm_grid(outputs, index)
+    return (rows * columns + 1) * smolvlm_seq(config)  # the tiles, and the whole image shrunk
+
+
+def smolvlm_text(n: int, outputs: dict, index: int, processor, config: dict) -> str:
+    """A SmolVLM image as SmolVLMProcessor writes it (transformers' own function): each tile's
+    tokens after its <row_r_col_c>, then the whole image's after <global-img>."""
+    from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+
+    rows, columns = smolvlm_grid(outputs, index)
+    return get_image_prompt_string(
+        rows, columns, smolvlm_seq(config), "<fake_token_around_image>", "<image>", "<global-img>"
+    )
+
+
+#: SmolVLM (SmolVLM2 too): each image split into tiles of the tower's size plus the whole image
+#: shrunk to one, each read as image_seq_len tokens; a row's tiles travel as one stack with a
+#: mask of their pixels, and a batch's stacks are zero-padded to the most tiles, as the
+#: processor pads a batch (the model drops all-zero tiles).
+SMOLVLM = dict(
+    image_processor="transformers.models.smolvlm:SmolVLMImageProcessorPil",
+    placeholder="<image>",
+    expands="<image>",
+    image_token="<image>",
+    tokens=smolvlm_tokens,
+    inputs=("pixel_values", "pixel_attention_mask"),
+    vision_modules=("vision_model", "connector"),
+    projector_modules=("connector",),
+    expansion=smolvlm_text,
+    call=lambda config: {"return_row_col_info": True},
+)
+
 FAMILIES: dict[str, VisionFamily] = {
     f.model_type: f
     for f in (
@@ -163,6 +210,7 @@ FAMILIES: dict[str, VisionFamily] = {
         VisionFamily("gemma3", "Gemma 3", **GEMMA3),  # pyright: ignore[reportArgumentType]
         VisionFamily("gemma4", "Gemma 4", **GEMMA4),  # pyright: ignore[reportArgumentType]
         VisionFamily("mistral3", "Mistral 3", **MISTRAL3),  # pyright: ignore[reportArgumentType]
+        VisionFamily("smolvlm", "SmolVLM", **SMOLVLM),  # pyright: ignore[reportArgumentType]
     )
 }
 

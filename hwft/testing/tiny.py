@@ -303,6 +303,33 @@ def _mistral3(ids: dict, vocab: int) -> dict:
     }
 
 
+SMOLVLM_VISION_TOKENS = (
+    "<image>",
+    "<fake_token_around_image>",
+    "<global-img>",
+    *(f"<row_{r}_col_{c}>" for r in range(1, 5) for c in range(1, 5)),
+)
+
+
+def _smolvlm(ids: dict, vocab: int) -> dict:
+    """A tiny SmolVLM: llama's tiny config under a 1-layer tower of 16-pixel tiles in 4-pixel
+    patches, pixel-shuffled 2 x 2 (4 tokens a tile); images of up to 32 pixels split 2 x 2."""
+    return {
+        "text_config": {**tiny_config("llama", vocab_size=vocab).to_dict(), "vocab_size": vocab},
+        "vision_config": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 16,
+            "patch_size": 4,
+        },
+        "scale_factor": 2,
+        "image_token_id": ids["<image>"],
+        "tie_word_embeddings": True,
+    }
+
+
 #: Tiny vision-language models (hwft.vision's families): 2 text layers of COMMON's shapes and a
 #: 1-block vision tower; the tokens the family's tokenizer holds for images, added to the tiny
 #: vocabulary; the image processor's settings (Qwen's cap an image at 16 merged patches).
@@ -351,6 +378,11 @@ TINY_VISION = {
         "tokens": MISTRAL3_VISION_TOKENS,
         "config": _mistral3,
         "processor": {"patch_size": {"height": 4, "width": 4}, "size": {"longest_edge": 64}},
+    },
+    "smolvlm": {
+        "tokens": SMOLVLM_VISION_TOKENS,
+        "config": _smolvlm,
+        "processor": {"size": {"longest_edge": 32}, "max_image_size": {"longest_edge": 16}},
     },
     "gemma4": {
         "tokens": GEMMA4_VISION_TOKENS,
