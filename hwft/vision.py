@@ -59,6 +59,9 @@ class VisionFamily:
     #: what ``expands`` becomes for an image of n tokens, from (n, processor outputs, image index,
     #: processor, model config) (default: ``image_token`` n times)
     expansion: Callable[[int, dict, int, Any, dict], str] | None = None
+    #: its forward works out the positions itself from the ids, the image grid and the mask
+    #: (Qwen's 3-D mRoPE): a caller passes none, where for other families it counts real tokens
+    own_positions: bool = False
     #: the keyword arguments the family's processor call takes from the model config (Pixtral's
     #: images are cut to the merged patch, patch_size x spatial_merge_size)
     call: Callable[[dict], dict] | None = None
@@ -77,6 +80,7 @@ QWEN_VL = dict(
     token_types="mm_token_type_ids",
     vision_modules=("visual",),
     projector_modules=("merger", "deepstack_merger_list"),
+    own_positions=True,
 )
 #: Gemma 3 (4B and up): each image a fixed number of soft tokens (mm_tokens_per_image, 256 in
 #: the released checkpoints) between its begin and end tokens, as Gemma3Processor writes it; the
@@ -226,11 +230,6 @@ def family_of(folder: Path) -> VisionFamily | None:
     return FAMILIES.get(model_type(folder) or "")
 
 
-#: The data kinds whose rows carry images to the model: conversations (sft) and preference
-#: pairs (dpo, orpo, simpo), with a next-token head.
-FED_KINDS = ("chat", "preference")
-
-
 def check_media(examples, model, capability, backend: str, objective: str) -> None:
     """Refuse, in one line naming the first row, media that this model on this backend is not
     fed: a method that does not feed them, a family not in the table, a kind the family is not
@@ -242,11 +241,8 @@ def check_media(examples, model, capability, backend: str, objective: str) -> No
     if first is None:
         return
 
-    def feeds(m) -> bool:
-        return m.kind in FED_KINDS and m.head == "causal_lm"
-
-    if not feeds(method(objective)):
-        fed = ", ".join(name for name, m in registry().methods.items() if feeds(m))
+    if not method(objective).media:
+        fed = ", ".join(name for name, m in registry().methods.items() if m.media)
         raise DataError(
             f"{first.source} has {described(first.media)}, but method.objective {objective} does not feed "
             f"images to the model yet ({fed} do); leave the rows' media and their placeholders out to train "
@@ -353,6 +349,16 @@ def tokenize(renderer, example, first: int):
 def prompt(vision: VisionInputs, renderer, messages: list[dict], media: list, where: str) -> tuple[list[int], dict]:
     """A conversation with images, rendered up to where the assistant speaks: its token ids and
     what the model's forward takes beside them (pixels, grid, token types as one row)."""
+    ids, inputs, token_inputs = prompt_inputs(vision, renderer, messages, media, where)
+    return ids, {**inputs, **{key: [values] for key, values in token_inputs.items()}}
+
+
+def prompt_inputs(
+    vision: VisionInputs, renderer, messages: list[dict], media: list, where: str
+) -> tuple[list[int], dict, dict[str, list[int]]]:
+    """(token ids up to where the assistant speaks, the processor outputs the forward takes,
+    the per-token inputs over those ids) of a conversation with images: an image prompt to
+    generate from."""
     from hwft.data.media import PLACEHOLDERS, check_placeholders, open_image
 
     family = vision.family
@@ -364,11 +370,12 @@ def prompt(vision: VisionInputs, renderer, messages: list[dict], media: list, wh
     ]
     text, _ = expand(renderer.render(turns, add_generation_prompt=True), [], family, texts, where)
     ids = list(renderer.tokenizer(text, add_special_tokens=False)["input_ids"])
-    extras = {key: outputs[key] for key in family.inputs}
+    inputs = {key: outputs[key] for key in family.inputs}
+    token_inputs = {}
     if family.token_types:
         image_id = renderer.tokenizer.convert_tokens_to_ids(family.image_token)
-        extras[family.token_types] = [[int(t == image_id) for t in ids]]
-    return ids, extras
+        token_inputs[family.token_types] = [int(t == image_id) for t in ids]
+    return ids, inputs, token_inputs
 
 
 def expand(

@@ -19,6 +19,7 @@ from tests.conftest import PEER_DATA, REPO, write_recipe
 from tests.test_llamafactory import lf_recipe
 
 LF = PEER_DATA / "llamafactory"
+SHAPES = REPO / "configs" / "data" / "shapes"  #: the vision demo's pictures
 FORMATS = {f.name: f for f in BUILTIN_FORMATS}
 
 
@@ -110,7 +111,7 @@ def test_rows_of_images_of_other_sizes_batch_as_the_processor_batches_them(famil
     vision = VisionInputs.for_model(tiny_vl(family))
     assert vision is not None
     photo = Image.open(LF / "mllm_demo_data" / "1.jpg").convert("RGB")
-    square = Image.open(REPO / "configs" / "data" / "shapes" / "blue_square.png").convert("RGB")
+    square = Image.open(SHAPES / "blue_square.png").convert("RGB")
     rows = [[photo, square], [photo]]
     keys = vision.family.inputs
     alone = [vision.read(images)[0] for images in rows]
@@ -500,3 +501,95 @@ def test_serve_answers_image_url_parts(tiny_vl, capsys):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3"])
+def test_grpo_rollouts_of_image_prompts_are_scored_as_transformers_scores_them(family, tiny_vl):
+    """GRPO's rollouts from two image prompts of different lengths (left-padded together, each
+    sampled twice with its picture in view): the log-probabilities its loss takes of each
+    completion are the ones transformers' model gives that prompt and completion alone, with
+    the prompt's own image (fp32, 1e-5): the pixels, the token types and the positions (Qwen's
+    3-D ones over the image grid, worked out by the model from the mask) line up under padding."""
+    import contextlib
+
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    from hwft import vision
+    from hwft.data.kinds.prompt import Prompt
+    from hwft.data.media import Media
+    from hwft.methods.grpo import GrpoSpec
+    from hwft_torch.grpo import GroupRelative, completion_logps, own_positions
+    from hwft_torch.losses import target_logps
+
+    model_dir = tiny_vl(family)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    renderer = ChatRenderer(tokenizer, tokenizer.chat_template)
+    inputs = vision.VisionInputs.for_model(model_dir)
+    prompts = []
+    asked = (("<image>Colour?", "blue_square"), ("<image>Name the colour of this shape in one word.", "red_circle"))
+    for text, name in asked:
+        media = [Media("image", f"{name}.png", path=SHAPES / f"{name}.png")]
+        turns = [{"role": "user", "content": text}]
+        ids, extras, per_token = vision.prompt_inputs(inputs, renderer, turns, media, name)
+        prompts.append(Prompt(ids, text, None, extras, per_token))
+    assert len(prompts[0].input_ids) != len(prompts[1].input_ids)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    torch.manual_seed(0)
+    spec = GrpoSpec(num_generations=2, max_new_tokens=6, temperature=1.0)
+    objective = GroupRelative(
+        None,
+        spec,
+        1,
+        tokenizer,
+        {},
+        torch.device("cpu"),
+        None,
+        None,
+        contextlib.nullcontext,  # type: ignore[arg-type]
+        own_positions=own_positions(model),
+    )
+    r = objective.generate(model, prompts)
+    with torch.no_grad():
+        ours = completion_logps(model, r, spec.temperature)
+    for i, prompt in enumerate(p for p in prompts for _ in range(spec.num_generations)):
+        n = int(r.completion_mask[i].sum())
+        completion = r.completion_ids[i, :n].tolist()
+        ids = torch.tensor([prompt.input_ids + completion])
+        given = {k: torch.as_tensor(v) for k, v in (prompt.inputs or {}).items()}
+        given |= {k: torch.tensor([v + [0] * n]) for k, v in (prompt.token_inputs or {}).items()}
+        with torch.no_grad():
+            logits = model(input_ids=ids, **given).logits
+        theirs = target_logps(logits[:, -n - 1 : -1, :], torch.tensor([completion]), spec.temperature)[0]
+        assert torch.allclose(ours[i, :n], theirs, atol=1e-5), (i, ours[i, :n], theirs)
+
+
+def test_grpo_trains_on_image_prompts_from_the_cli(tiny_vl, tmp_path, cli):
+    """`hwft train` with method grpo on rows of a prompt, its picture and the colour to name:
+    two steps with a reference (beta > 0: its forward sees the pictures too); every completion
+    is in rollouts.jsonl with its prompt."""
+    rows = [
+        {"prompt": "<image>What colour is the shape?", "images": [f"{name}.png"], "answer": name.split("_")[0]}
+        for name in ("blue_square", "green_triangle", "red_circle", "yellow_circle")
+    ]
+    data = tmp_path / "shapes.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name in ("blue_square", "green_triangle", "red_circle", "yellow_circle"):
+        (tmp_path / f"{name}.png").write_bytes((SHAPES / f"{name}.png").read_bytes())
+    recipe = write_recipe(
+        tmp_path,
+        tiny_vl("qwen2_vl"),
+        data={"train": [{"path": str(data), "format": "prompt"}]},
+        method={
+            "objective": "grpo",
+            "tuning": "lora",
+            "grpo": {"rewards": ["testing_vowels"], "num_generations": 2, "max_new_tokens": 8, "beta": 0.04},
+        },
+        train={"max_steps": 2, "micro_batch_size": 2, "max_length": 512, "log_every": 1},
+    )
+    code, _, err = cli("train", recipe)
+    assert code == 0, err[-3000:]
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and all("reward" in m and "kl" in m for m in metrics), metrics
+    rollouts = [json.loads(line) for line in (tmp_path / "out" / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rollouts) == 2 * 2 * 2 and all(r["prompt"] == "<image>What colour is the shape?" for r in rollouts)

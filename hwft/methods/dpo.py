@@ -70,6 +70,7 @@ METHOD = Method(
     name="dpo",
     description="direct preference optimisation on chosen / rejected pairs",
     kind="preference",
+    media=True,
     section=DpoSpec,
     metrics=("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy"),
     headline=(("rewards/margins", "margin"), ("rewards/accuracy", "acc")),

@@ -156,6 +156,7 @@ METHOD = Method(
     name="grpo",
     description="group-relative policy optimisation: sampled completions scored by reward functions",
     kind="prompt",
+    media=True,
     section=GrpoSpec,
     metrics=("reward", "reward_std", "completion_length", "clip_ratio", "kl"),
     headline=(("reward", "reward"),),

@@ -48,6 +48,7 @@ METHOD = Method(
     name="orpo",
     description="odds-ratio preference optimisation: NLL plus an odds-ratio term, no reference model",
     kind="preference",
+    media=True,
     section=OrpoSpec,
     metrics=("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy", "log_odds", "nll"),
     headline=(("rewards/margins", "margin"), ("log_odds", "log-odds")),

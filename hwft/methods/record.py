@@ -129,6 +129,9 @@ class Method:
     #: (recipe, plugin host) -> None, raising a UserError: checks before any weight loads
     check: Callable[[Any, Any], None] | None = None
     cell: Cell | None = None  #: how the conformance suite trains it
+    #: its rows may carry images that the engine feeds the model beside the tokens (hwft.vision):
+    #: sft's conversations, dpo/orpo/simpo's pairs with image prompts, grpo's image prompts
+    media: bool = False
     #: it samples completions while it trains (grpo, ppo): the engine hands its objective the
     #: parallel strategy's ``whole_model`` context to generate in (ZeRO-3 gathers the weights)
     generates: bool = False

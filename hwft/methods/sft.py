@@ -44,6 +44,7 @@ METHOD = Method(
     name="sft",
     description="supervised fine-tuning: cross-entropy on the assistant turns of conversations",
     kind="chat",
+    media=True,
     packs=True,
     streams=True,
     held_out=True,

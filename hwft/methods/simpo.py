@@ -54,6 +54,7 @@ METHOD = Method(
     name="simpo",
     description="simple preference optimisation: a length-normalised margin, no reference model",
     kind="preference",
+    media=True,
     section=SimpoSpec,
     metrics=("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy"),
     headline=(("rewards/margins", "margin"), ("rewards/accuracy", "acc")),

@@ -17,7 +17,7 @@ clipped ratio acts. Every rollout is appended to ``rollouts.jsonl`` in the run f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from hwft.objective import Loss, Objective
 from hwft.rewards import Reward, Sample, write_rollouts
 from hwft_torch.losses import grpo_loss, target_logps
 from hwft_torch.modeling import Reference
+from hwft_torch.objective import media_tensors
 
 
 @dataclass
@@ -46,20 +47,35 @@ class Rollouts:
     old_logps: torch.Tensor | None = None  #: (n, C), when num_iterations > 1
     ref_logps: torch.Tensor | None = None  #: (n, C), when beta > 0
     normaliser: float = 1.0  #: over the whole step (see grpo_loss)
+    #: image prompts' inputs beside the ids of prompt and completion (pixels, grids, per-token
+    #: inputs over both: hwft.vision), as the forward takes them
+    inputs: dict = field(default_factory=dict)
+    positions: bool = True  #: pass position ids counting real tokens (not where the model works out its own)
 
 
 def completion_logps(model, r: Rollouts, temperature: float) -> torch.Tensor:
     """Per-token log-probabilities of the completion tokens, (n, C), at ``temperature``.
 
-    Position ids count real tokens only, as generation did, so left padding changes nothing."""
+    Position ids count real tokens only, as generation did, so left padding changes nothing
+    (a family that works out its own from the mask, Qwen's mRoPE over image prompts, is given
+    none); image prompts' pixels go with the ids."""
     input_ids = torch.cat([r.prompt_ids, r.completion_ids], dim=1)
     attention_mask = torch.cat([r.prompt_mask, r.completion_mask], dim=1)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).logits
+    extra = dict(r.inputs)
+    if r.positions:
+        extra["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits
     width = r.completion_ids.shape[1]
     return target_logps(logits[:, -width - 1 : -1, :], r.completion_ids, temperature)
+
+
+def own_positions(model) -> bool:
+    """Whether the model is a vision-language family whose forward works out the positions of an
+    image prompt itself (hwft.vision.VisionFamily.own_positions)."""
+    from hwft.vision import FAMILIES
+
+    family = FAMILIES.get(getattr(model.config, "model_type", ""))
+    return family is not None and family.own_positions
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,6 +101,7 @@ class GroupRelative(Objective):
         autocast,
         collective: Collective = ALONE,
         synced: bool = False,
+        own_positions: bool = False,
     ):
         super().__init__(batches, collective)
         self.synced = synced  #: generate in lockstep with the other ranks (sharded parameters)
@@ -95,6 +112,8 @@ class GroupRelative(Objective):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = stop_token_ids(tokenizer)
         self.batch: list[Rollouts] = []
+        #: the model is a vision-language family whose forward works out its own positions (hwft.vision)
+        self.own_positions = own_positions
 
     @classmethod
     def from_setup(cls, setup, spec, reference: Reference | None):
@@ -117,6 +136,7 @@ class GroupRelative(Objective):
             setup.autocast,
             setup.collective,
             synced=sharded(recipe),
+            own_positions=own_positions(setup.model),
         )
 
     def step(self, model, step: int) -> list[Rollouts]:
@@ -129,12 +149,14 @@ class GroupRelative(Objective):
     @torch.no_grad()
     def generate(self, model, prompts: list[Prompt]) -> Rollouts:
         g = self.spec
-        rows = [p.input_ids for p in prompts for _ in range(g.num_generations)]
-        prompt_ids, prompt_mask = left_pad(rows, self.pad_id, self.device)
+        repeated = [p for p in prompts for _ in range(g.num_generations)]
+        prompt_ids, prompt_mask = left_pad([p.input_ids for p in repeated], self.pad_id, self.device)
+        media = {k: v.to(self.device) for k, v in media_tensors(repeated, prompt_ids.shape[1], left=True).items()}
         with self.autocast():
             out = model.generate(
                 input_ids=prompt_ids,
                 attention_mask=prompt_mask,
+                **media,
                 do_sample=True,
                 temperature=g.temperature,
                 top_p=g.top_p,
@@ -151,7 +173,16 @@ class GroupRelative(Objective):
         after = (is_eos.cumsum(-1) - is_eos.long()) > 0
         mask = (~after).long()
         completion = completion.masked_fill(after, self.pad_id)
-        return self.rollouts(prompt_ids, prompt_mask, completion, mask, is_eos.any(-1))
+        # The per-token inputs span the completion too (0: text), for the log-probabilities' forward.
+        per_token = set(next((p.token_inputs for p in repeated if p.token_inputs), {}))
+        whole = {
+            k: torch.cat([v, v.new_zeros(len(v), completion.shape[1])], dim=1) if k in per_token else v
+            for k, v in media.items()
+        }
+        positions = not (media and self.own_positions)
+        return self.rollouts(
+            prompt_ids, prompt_mask, completion, mask, is_eos.any(-1), inputs=whole, positions=positions
+        )
 
     def sample_step(self, model) -> tuple[list[Rollouts], list[Sample]]:
         """This rank's share of the step's prompts, sampled (eval mode), and the completions as

@@ -55,19 +55,20 @@ def to_tensors(rows: list[Row], pad_id: int, attention: str, device: torch.devic
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def media_tensors(rows: list[Row], width: int) -> dict[str, torch.Tensor]:
+def media_tensors(rows: list, width: int, left: bool = False) -> dict[str, torch.Tensor]:
     """What the forward takes beside the ids of rows with images (hwft.vision): each input
     concatenated over the rows in their order, as the processor would have for the batch (rows
     whose images differ in size zero-padded at the end of each dimension to the largest, as
-    Pixtral's processor pads a batch), and the per-token inputs right-padded to ``width`` (a
-    text row's: all 0)."""
+    Pixtral's processor pads a batch), and the per-token inputs padded to ``width`` with 0 (a
+    text row's: all 0), on the right, or on the ``left`` as prompts to generate from are.
+    ``rows``: anything with ``input_ids``, ``inputs`` and ``token_inputs`` (a Row, a Prompt)."""
     media = [r.inputs for r in rows if r.inputs]
     if not media:
         return {}
     out = {key: torch.cat(padded_to_largest([torch.as_tensor(m[key]) for m in media])) for key in media[0]}
     for key in next((r.token_inputs for r in rows if r.token_inputs), {}):
         values = [(r.token_inputs or {}).get(key, [0] * len(r.input_ids)) for r in rows]
-        out[key] = torch.tensor([v + [0] * (width - len(v)) for v in values])
+        out[key] = torch.tensor([[0] * (width - len(v)) + v if left else v + [0] * (width - len(v)) for v in values])
     return out
 
 

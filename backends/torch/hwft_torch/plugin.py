@@ -6,7 +6,7 @@ import pluggy
 
 from hwft_torch import devices, families, kernels, methods
 
-HWFT_PLUGIN_API = "2.1"
+HWFT_PLUGIN_API = "2.2"
 hookimpl = pluggy.HookimplMarker("hwft")
 
 

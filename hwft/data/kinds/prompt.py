@@ -33,6 +33,10 @@ class Prompt:
     input_ids: list[int]
     text: str  #: the last user turn
     reference: str | None  #: the row's reference answer, if any
+    #: an image prompt's processor outputs the forward takes beside the ids (hwft.vision), and
+    #: its per-token inputs over ``input_ids``
+    inputs: dict | None = None
+    token_inputs: dict[str, list[int]] | None = None
 
     @property
     def sequences(self) -> tuple[Prompt, ...]:
@@ -49,7 +53,15 @@ def prompt_items(
     prompts = []
     for example in examples:
         renderer.check(example)
-        ids = renderer.prompt_ids(example.messages, example.tools)
+        inputs = token_inputs = None
+        if example.media:  # renderer.check refused them where the model reads no images
+            from hwft.vision import prompt_inputs
+
+            ids, inputs, token_inputs = prompt_inputs(
+                renderer.vision, renderer, example.messages, example.media, example.source
+            )
+        else:
+            ids = renderer.prompt_ids(example.messages, example.tools)
         if len(ids) > max_prompt_length:
             stats.dropped += 1
             continue
@@ -57,7 +69,7 @@ def prompt_items(
         stats.examples += 1
         stats.tokens += len(ids)
         stats.lengths.append(len(ids))
-        prompts.append(Prompt(ids, users[-1] if users else "", example.reference))
+        prompts.append(Prompt(ids, users[-1] if users else "", example.reference, inputs, token_inputs))
     if not prompts:
         raise DataError(
             f"no prompt left to train on: all {stats.dropped} are longer than train.max_length minus "
