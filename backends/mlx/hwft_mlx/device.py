@@ -14,6 +14,7 @@ from functools import cache
 
 from hwft.hardware import cpu_name, host_memory_gb
 from hwft.records import PRIORITY_APPLE_GPU, PRIORITY_CPU_FALLBACK, Availability, Backend, Capability
+from hwft_mlx.media import MEDIA_DATA_KINDS, MEDIA_FAMILIES
 
 #: Every method the MLX engine implements (hwft_mlx.methods) runs with these tunings.
 TUNINGS = ("full", "lora", "qlora")
@@ -63,9 +64,15 @@ def capability() -> Capability:
         collective="mlx-ring",
         parallel=("none", "ddp"),  # mx.distributed; hwft_mlx.distributed
         packing=True,
+        media=("image",) if importlib.util.find_spec("mlx_vlm") is not None else (),
+        media_families=MEDIA_FAMILIES,
+        media_data_kinds=MEDIA_DATA_KINDS,
         # packing: llama, qwen2 and qwen3 families (hwft's forward with a block-diagonal mask);
         # qlora: MLX's affine quantisation of the base (group size 64), not bitsandbytes' NF4.
-        notes={"dora": "the MLX backend has no DoRA (method.lora.dora)"},
+        notes={
+            "dora": "the MLX backend has no DoRA (method.lora.dora)",
+            "image": "images reach a vision-language model on MLX through mlx-vlm (pip install mlx-vlm)",
+        },
     )
 
 

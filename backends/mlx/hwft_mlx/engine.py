@@ -34,11 +34,12 @@ from hwft.errors import ModelError, UserError
 from hwft.extras import write_extras
 from hwft.job import Job, Result
 from hwft.loop import EngineRun, run_steps
-from hwft.methods.lookup import method
+from hwft.methods.lookup import method, registry
 from hwft.models import stop_token_ids
 from hwft.plugins import get_host
 from hwft.recipe import Recipe
 from hwft.steplog import StepLog
+from hwft_mlx import vision
 from hwft_mlx.adapters import add_lora, freeze_layers, load_peft_adapter, quantize_base, save_peft_adapter
 from hwft_mlx.arrays import flat, number
 from hwft_mlx.checkpoint import MlxState, step_seed
@@ -46,6 +47,7 @@ from hwft_mlx.distributed import join
 from hwft_mlx.forward import architecture, family, packing_problem
 from hwft_mlx.heads import add_score_head
 from hwft_mlx.loading import DTYPES, ignored_window, load_model
+from hwft_mlx.media import MEDIA_DATA_KINDS, is_vision
 from hwft_mlx.methods import ENGINE, Setup
 from hwft_mlx.objective import MlxObjective, held_out_loss
 from hwft_mlx.saving import save_full_model
@@ -109,7 +111,8 @@ def answer(model, tokenizer, renderer: ChatRenderer, prompt: str, max_new_tokens
     was_training = model.training
     model.eval()
     tokens = []
-    for token, _ in generate_step(mx.array(ids), model, max_tokens=max_new_tokens):
+    generator = vision.TextModel(model) if is_vision(model) else model
+    for token, _ in generate_step(mx.array(ids), generator, max_tokens=max_new_tokens):  # pyright: ignore[reportArgumentType]
         if int(token) in stop:
             break
         tokens.append(int(token))
@@ -118,16 +121,22 @@ def answer(model, tokenizer, renderer: ChatRenderer, prompt: str, max_new_tokens
 
 
 def refuse_early(job: Job) -> None:
-    """What the MLX backend cannot do, refused before any weight loads."""
+    """What the MLX backend cannot do, refused before any weight loads or row is read."""
     m = job.recipe.method
     if m.adapter and m.lora.dora and not job.recipe.model.adapter:
         raise UserError("method.lora.dora: the MLX backend has no DoRA; set dora: false, or run on a torch backend")
+    config = read_config(job.model.path) if job.model.ready else {}
+    if vision.wanted(config):
+        refuse_for_vision(job, config)
 
 
 def prepare_model(job: Job, model_path, dtype: str) -> tuple[nn.Module, str]:
     """The model with its tuning: frozen base + LoRA (a new adapter or model.adapter), the
     base quantised first for qlora, every weight trainable (full), or some layers' (freeze)."""
     recipe, m = job.recipe, job.recipe.method
+    config = read_config(model_path)
+    if vision.wanted(config):
+        return prepare_vision_model(job, model_path, config, dtype)
     model, config = load_model(model_path, recipe.model.trust_remote_code)
     if not family(model).known:
         from hwft_mlx.agreement import disagreement
@@ -163,6 +172,52 @@ def prepare_model(job: Job, model_path, dtype: str) -> tuple[nn.Module, str]:
     return model, detail
 
 
+def refuse_for_vision(job: Job, config: dict) -> None:
+    """What the MLX engine does not do with a vision-language model yet (it trains a new LoRA
+    adapter on the language model with sft), refused in one line."""
+    recipe, m = job.recipe, job.recipe.method
+    kind = config.get("model_type")
+    if method(m.objective).kind not in MEDIA_DATA_KINDS:
+        fed = ", ".join(name for name, r in registry().methods.items() if r.kind in MEDIA_DATA_KINDS and r.media)
+        raise UserError(
+            f"method.objective {m.objective}: the MLX engine trains a vision-language model ({kind}) with "
+            f"{fed} only; train it with backend=cpu (or cuda, rocm: the torch engine)"
+        )
+    spec = m.vision
+    settings = {
+        "freeze_tower": not spec.freeze_tower,
+        "freeze_projector": not spec.freeze_projector,
+        "freeze_language_model": spec.freeze_language_model,
+    }
+    other = [name for name, asked in settings.items() if asked]  # what differs from LoRA on the language model
+    if m.tuning != "lora" or recipe.model.adapter or other:
+        what = "model.adapter" if recipe.model.adapter else f"method.tuning {m.tuning}"
+        if m.tuning == "lora" and not recipe.model.adapter:
+            what = f"method.vision.{other[0]}"
+        raise UserError(
+            f"{what}: the MLX engine trains a vision-language model ({kind}) with a new LoRA adapter on its "
+            "language model only; train it with backend=cpu (or cuda, rocm: the torch engine)"
+        )
+
+
+def prepare_vision_model(job: Job, model_path, config: dict, dtype: str) -> tuple[nn.Module, str]:
+    """A vision-language model (mlx-vlm's: hwft_mlx.vision) with a new LoRA adapter on its
+    language model's linear layers (the vision tower and projector frozen, as method.vision's
+    defaults keep them; :func:`refuse_for_vision` refused the rest)."""
+    model = vision.load_model(Path(model_path), config)
+    if dtype != "fp32":
+        model.set_dtype(DTYPES[dtype])
+    add_lora(model, job.recipe.method.lora, job.recipe.train.seed)
+    return model, ", the vision tower frozen (mlx-vlm)"
+
+
+def read_config(model_path) -> dict:
+    try:
+        return json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # a model.shape folder, or one load_model refuses in its own words
+
+
 def check_architecture(job: Job, model: nn.Module, model_path, packing: bool) -> None:
     """What this family's mlx-lm forward can train, refused in one line where the recipe asks
     for more: packed rows (proven by the family table or at load, hwft_mlx.packing), and rows
@@ -171,8 +226,9 @@ def check_architecture(job: Job, model: nn.Module, model_path, packing: bool) ->
     if packing:
         problem = packing_problem(model)
         if problem is not None:
+            library = "mlx-vlm" if is_vision(model) else "mlx-lm"
             raise UserError(
-                f"data.packing: mlx-lm's {architecture(model)} cannot pack rows here: {problem}; "
+                f"data.packing: {library}'s {architecture(model)} cannot pack rows here: {problem}; "
                 "set data.packing: false"
             )
         if not family(model).known:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from hwft_mlx.media import is_vision
 from hwft_mlx.packing import decoder_hidden, language_model, prove
 
 
@@ -34,6 +35,8 @@ def packing_problem(model: nn.Module) -> str | None:
     """None where :func:`hidden_states` keeps packed examples apart for this model: its family
     has the ``mlx_packing`` path (proven by the tests), or the load-time proof
     (:func:`hwft_mlx.packing.prove`) passed for it. Else why not."""
+    if is_vision(model):
+        return "mlx-vlm's forward of a vision-language model takes no packed mask"
     if family(model).has("mlx_packing"):
         return None
     if not hasattr(model, _PROOF):

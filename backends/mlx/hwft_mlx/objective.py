@@ -25,7 +25,9 @@ from hwft_mlx.arrays import number
 from hwft_mlx.forward import hidden_states, output_logits, packs
 from hwft_mlx.loading import router_balance_of
 from hwft_mlx.losses import cross_entropy_sum, load_balancing_loss
+from hwft_mlx.media import is_vision
 from hwft_mlx.router import recorded_gates
+from hwft_mlx.vision import logits as vision_logits
 
 
 class MlxObjective(Objective):
@@ -78,6 +80,9 @@ def summed_cross_entropy(model: nn.Module, rows: list[Row], pad_id: int, fused: 
     ids = mx.array(pad(rows, pad_id)["input_ids"])
     width = ids.shape[1]
     where, targets = label_positions(rows, width)
+    if is_vision(model):  # mlx-vlm's forward, the rows' images in (hwft_mlx.vision)
+        logits = vision_logits(model, ids, mx.array(pad(rows, pad_id)["attention_mask"]), rows)
+        return cross_entropy_sum(logits.reshape(-1, logits.shape[-1])[where], targets)
     if packs(model):
         hidden = hidden_states(model, ids, packed_segments(rows, width))
         flat = hidden.reshape(-1, hidden.shape[-1])

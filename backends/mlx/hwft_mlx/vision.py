@@ -1,0 +1,130 @@
+# mlx's nn.Module.__getattr__ has no return annotation, so pyright reads each child module as
+# possibly None:
+# pyright: reportOptionalMemberAccess=false, reportOptionalCall=false
+"""Vision-language models on MLX, through mlx-vlm's model code: a Hugging Face folder of a
+family in :data:`FAMILIES` loads as mlx-vlm's model (its transformers-5 config.json put where
+mlx-vlm reads it), and its forward takes the pixels hwft.vision made beside the token ids.
+
+Which families: those whose mlx-vlm forward is held to transformers' logits by the tests
+(``tests/test_mlx_vision.py``); another vision-language family is refused on MLX in one line at
+the dry run (``Capability.media_families``) and trains on the torch engine.
+
+The language model is mlx-vlm's ``language_model``; LoRA's all-linear adapts only it (the
+vision tower and projector stay as they are), and the adapter is saved with transformers'
+names (``model.language_model.layers...``), so PEFT and the torch engine load it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from hwft.errors import ModelError
+from hwft_mlx.media import MEDIA_FAMILIES, VISION_MARK
+
+#: The vision-language families (transformers' model_type) MLX feeds images to, through
+#: mlx-vlm's module of the same name: held to transformers' logits with an image row.
+FAMILIES = MEDIA_FAMILIES
+
+
+def wanted(config: dict) -> bool:
+    """Whether a folder of this config loads here (a family of :data:`FAMILIES`)."""
+    return config.get("model_type") in FAMILIES
+
+
+def mlx_vlm_config(config: dict) -> dict:
+    """transformers 5's config.json as mlx-vlm reads it: the text model's settings at the top
+    level too (where the released Qwen2-VL configs keep them), its rope parameters where mlx-lm
+    and mlx-vlm look (rope_theta, rope_scaling: hwft_mlx.loading), each sub-config named by the
+    family's model_type, and the root's tied embeddings on the text model."""
+    from hwft_mlx.loading import shared_overrides, synonym_overrides
+
+    kind = config["model_type"]
+    text = dict(config.get("text_config") or {})
+    text.update(shared_overrides(text))
+    text.update(synonym_overrides(text))
+    rope = text.get("rope_parameters") or {}
+    if "mrope_section" in rope:  # Qwen's 3-D positions, as the released configs' rope_scaling holds them
+        text["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    text["model_type"] = kind
+    text.setdefault("tie_word_embeddings", config.get("tie_word_embeddings", False))
+    tower = {**(config.get("vision_config") or {}), "model_type": kind}
+    return {**text, **config, "text_config": text, "vision_config": tower}
+
+
+def load_model(path: Path, config: dict) -> nn.Module:
+    """mlx-vlm's model of the folder, in fp32 as stored; its config put where mlx-vlm reads it
+    (:func:`mlx_vlm_config`: a copy beside links to the folder's files, the folder untouched)."""
+    from mlx_vlm.utils import load_model as mlx_vlm_load
+
+    with tempfile.TemporaryDirectory(prefix="hwft-mlx-vlm-") as shadow:
+        for item in path.iterdir():
+            if item.name != "config.json":
+                os.symlink(item.resolve(), Path(shadow) / item.name)
+        (Path(shadow) / "config.json").write_text(json.dumps(mlx_vlm_config(config)), encoding="utf-8")
+        try:
+            model = mlx_vlm_load(Path(shadow))
+        except Exception as exc:  # noqa: BLE001 - mlx-vlm's words, one line
+            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise ModelError(f"mlx-vlm cannot load {path} (model_type {config.get('model_type')}): {first}") from None
+    object.__setattr__(model, VISION_MARK, True)
+    return model
+
+
+def language_linears(path: str) -> bool:
+    """Whether a module path is in the language model (where LoRA's all-linear adapts)."""
+    return path.startswith("language_model.") and not path.endswith("lm_head")
+
+
+def media_arrays(rows, width: int) -> dict[str, mx.array]:
+    """The rows' processor outputs (hwft.vision), as the forward takes them: each concatenated
+    over the rows with images, in order (hwft_torch.objective.media_tensors is the torch twin)."""
+    media = [r.inputs for r in rows if r.inputs]
+    if not media:
+        return {}
+    return {key: mx.array(np.concatenate([np.asarray(m[key]) for m in media])) for key in media[0]}
+
+
+def logits(model: nn.Module, ids: mx.array, mask: mx.array, rows=None) -> mx.array:
+    """The model's next-token logits of right-padded rows (``mask``: 1 real, 0 padding), their
+    images in (mlx-vlm's forward: the tower's features in the image tokens' places, Qwen's 3-D
+    positions from the grid and the mask)."""
+    media = media_arrays(rows or [], ids.shape[1])
+    pixels = media.pop("pixel_values", None)
+    # The positions given, never the ones the language model keeps from its previous call
+    # (mlx-vlm's generation state): each batch's own, from its ids, grids and mask.
+    positions, _ = model.language_model.get_rope_index(ids, media.get("image_grid_thw"), None, mask)
+    out = model(ids, pixels, mask, position_ids=positions, **media)
+    return getattr(out, "logits", out)
+
+
+class TextModel:
+    """What mlx-lm's generation calls a model: ids (and a cache) in, logits out; for answering
+    text prompts with a vision-language model's language model."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.layers = model.language_model.model.layers
+
+    def __call__(self, ids: mx.array, cache=None, **kwargs) -> mx.array:
+        out = self.model(ids, cache=cache, **kwargs)
+        return getattr(out, "logits", out)
+
+
+def peft_path(path: str) -> str:
+    """An mlx-vlm module path as transformers 5 names it (``language_model.model.layers`` is
+    ``model.language_model.layers``)."""
+    if path.startswith("language_model.model."):
+        return "model.language_model." + path.removeprefix("language_model.model.")
+    return path
+
+
+#: PEFT's exclude_modules for an adapter of the language model alone: every module outside it
+#: (a vision tower's MLP has the language model's layer names: Qwen2.5-VL's down_proj).
+EXCLUDE_OUTSIDE_LANGUAGE_MODEL = r"^(?!.*language_model).*"
