@@ -1,6 +1,6 @@
 """Vision-language models on the MLX engine (hwft_mlx.vision, through mlx-vlm's model code):
-mlx-vlm's forward of a Qwen2-VL, Qwen2.5-VL and Qwen3-VL with an image row gives transformers'
-logits; LLaMA-Factory's image rows train with LoRA from the CLI on MLX from the same first loss
+mlx-vlm's forward of a Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5 with an image row gives
+transformers' logits; LLaMA-Factory's image rows train with LoRA from the CLI on MLX from the same first loss
 as on the torch engine, into an adapter PEFT loads onto transformers' model; what MLX does not
 do with images yet is refused in one line. The same tests run on Apple silicon (Metal).
 
@@ -24,7 +24,7 @@ pytest.importorskip("mlx_vlm")
 LF = PEER_DATA / "llamafactory"
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5"])
 def test_mlx_vlm_gives_transformers_logits_on_an_image_row(family, tiny_vl):
     """mllm_demo's first row (two images) as hwft renders it: mlx-vlm's model of the
     transformers-5 folder (its config put where mlx-vlm reads it: the text settings at the top,
@@ -49,17 +49,18 @@ def test_mlx_vlm_gives_transformers_logits_on_an_image_row(family, tiny_vl):
     assert np.abs(ours - theirs).max() < 1e-5
 
 
-def test_image_rows_train_on_mlx_from_torchs_first_loss_into_an_adapter_peft_loads(tiny_vl, tmp_path, cli):
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_5"])
+def test_image_rows_train_on_mlx_from_torchs_first_loss_into_an_adapter_peft_loads(family, tiny_vl, tmp_path, cli):
     """`hwft train` backend=mlx, LoRA sft on mllm_demo (every micro-batch has images): the first
     loss is the torch engine's on the same rows (LoRA's B starts at zero: the base model's loss);
     the adapter names transformers' modules, holds none of the vision tower's, and PEFT loads
-    every tensor of it onto transformers' Qwen2-VL."""
+    every tensor of it onto transformers' model (Qwen3.5's Gated DeltaNet projections too)."""
     import torch
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
 
-    model = tiny_vl("qwen2_vl")
+    model = tiny_vl(family)
     firsts = {}
     for backend in ("mlx", "cpu"):
         (tmp_path / backend).mkdir()

@@ -130,7 +130,7 @@ def test_video_rows_and_mlx_are_refused_in_one_line(tiny_vl, tmp_path, cli):
         tmp_path, tiny_vl("gemma3"), data={"registry": str(LF / "dataset_info.json"), "train": ["mllm_demo"]}
     )
     code, _, err = cli("train", images, "backend=mlx", "--dry-run")
-    assert code == 2 and "backend mlx's engine feeds images to qwen2_vl, qwen2_5_vl, qwen3_vl only, not gemma3" in err
+    assert code == 2 and "engine feeds images to qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_5 only, not gemma3" in err
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_5", "qwen3_5_moe", "gemma3", "gemma4", "mistral3", "smolvlm"])

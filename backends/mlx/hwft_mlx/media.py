@@ -4,7 +4,7 @@ the forward (hwft_mlx.forward) tells a vision-language model by its mark."""
 
 #: The vision-language families whose images the MLX engine feeds (mlx-vlm's forward held to
 #: transformers' logits: tests/test_mlx_vision.py).
-MEDIA_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+MEDIA_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_5")
 #: The data kinds whose rows it feeds them with: conversations (hwft.data.kinds.chat).
 MEDIA_DATA_KINDS = ("chat",)
 

@@ -53,7 +53,8 @@ def mlx_vlm_config(config: dict) -> dict:
     if "mrope_section" in rope:  # Qwen's 3-D positions, as the released configs' rope_scaling holds them
         text["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
     text["model_type"] = kind
-    text.setdefault("tie_word_embeddings", config.get("tie_word_embeddings", False))
+    if "tie_word_embeddings" in config:  # the root's decides, as in transformers' composite models
+        text["tie_word_embeddings"] = config["tie_word_embeddings"]
     tower = {**(config.get("vision_config") or {}), "model_type": kind}
     return {**text, **config, "text_config": text, "vision_config": tower}
 
@@ -115,6 +116,13 @@ class TextModel:
     def __call__(self, ids: mx.array, cache=None, **kwargs) -> mx.array:
         out = self.model(ids, cache=cache, **kwargs)
         return getattr(out, "logits", out)
+
+    def make_cache(self) -> list:
+        """The language model's own cache (mlx-vlm's: Qwen3.5's linear-attention layers keep a
+        state, not keys and values)."""
+        from mlx_vlm.models.cache import make_prompt_cache
+
+        return make_prompt_cache(self.model.language_model)
 
 
 def peft_path(path: str) -> str:
