@@ -122,7 +122,7 @@ class TextModel:
         state, not keys and values)."""
         from mlx_vlm.models.cache import make_prompt_cache
 
-        return make_prompt_cache(self.model.language_model)
+        return make_prompt_cache(self.model.language_model)  # pyright: ignore[reportArgumentType]
 
 
 def peft_path(path: str) -> str:
