@@ -110,3 +110,31 @@ def test_what_mlx_does_not_do_with_images_is_refused_in_one_line(overrides, says
     code, _, err = cli("train", recipe, *overrides)
     last = err.strip().splitlines()[-1]
     assert code == 2 and "Traceback" not in err and last.startswith("hwft: error:") and says in last, err
+
+
+def test_a_torch_runs_adapter_continues_on_mlx_as_on_torch(tiny_vl, tmp_path, cli):
+    """PEFT to MLX: a torch run's adapter of Qwen3.5 (model.adapter) continues on MLX from the
+    loss it continues from on the torch engine (the same adapter on the same image rows, 1e-5)."""
+    model = tiny_vl("qwen3_5")
+    data = {"registry": str(LF / "dataset_info.json"), "train": ["mllm_demo"]}
+    train = {"micro_batch_size": 2, "max_length": 512, "lr": 5e-3, "precision": "fp32"}
+    (tmp_path / "first").mkdir()
+    first = write_recipe(tmp_path / "first", model, data=data, train={**train, "max_steps": 2}, backend="cpu")
+    code, _, err = cli("train", first)
+    assert code == 0, err[-3000:]
+    adapter = tmp_path / "first" / "out" / "adapter"
+    losses = {}
+    for backend in ("mlx", "cpu"):
+        (tmp_path / backend).mkdir()
+        recipe = write_recipe(
+            tmp_path / backend,
+            {"name": str(model), "adapter": str(adapter)},
+            data=data,
+            train={**train, "max_steps": 1},
+            backend=backend,
+        )
+        code, _, err = cli("train", recipe)
+        assert code == 0, err[-3000:]
+        assert backend != "mlx" or f"continuing the adapter {adapter}" in err
+        losses[backend] = json.loads((tmp_path / backend / "out" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert losses["mlx"] == pytest.approx(losses["cpu"], abs=1e-5)

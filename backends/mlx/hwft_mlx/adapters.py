@@ -188,6 +188,7 @@ def mlx_path(path: str, modules: dict) -> str | None:
     """The MLX module a PEFT path names (:func:`peft_path` inverted), or None."""
     for candidate in (
         path,
+        vision.mlx_path(path),
         path.replace(".mlp.experts", ".mlp.switch_mlp"),
         path.replace(".mlp.experts", ".block_sparse_moe.switch_mlp"),
         path.replace(".mlp.gate", ".block_sparse_moe.gate"),

@@ -173,9 +173,9 @@ def prepare_model(job: Job, model_path, dtype: str) -> tuple[nn.Module, str]:
 
 
 def refuse_for_vision(job: Job, config: dict) -> None:
-    """What the MLX engine does not do with a vision-language model yet (it trains a new LoRA
-    adapter on the language model with sft), refused in one line."""
-    recipe, m = job.recipe, job.recipe.method
+    """What the MLX engine does not do with a vision-language model yet (it trains LoRA on the
+    language model with sft), refused in one line."""
+    m = job.recipe.method
     kind = config.get("model_type")
     if method(m.objective).kind not in MEDIA_DATA_KINDS:
         fed = ", ".join(name for name, r in registry().methods.items() if r.kind in MEDIA_DATA_KINDS and r.media)
@@ -190,24 +190,26 @@ def refuse_for_vision(job: Job, config: dict) -> None:
         "freeze_language_model": spec.freeze_language_model,
     }
     other = [name for name, asked in settings.items() if asked]  # what differs from LoRA on the language model
-    if m.tuning != "lora" or recipe.model.adapter or other:
-        what = "model.adapter" if recipe.model.adapter else f"method.tuning {m.tuning}"
-        if m.tuning == "lora" and not recipe.model.adapter:
-            what = f"method.vision.{other[0]}"
+    if m.tuning != "lora" or other:
+        what = f"method.vision.{other[0]}" if m.tuning == "lora" else f"method.tuning {m.tuning}"
         raise UserError(
-            f"{what}: the MLX engine trains a vision-language model ({kind}) with a new LoRA adapter on its "
-            "language model only; train it with backend=cpu (or cuda, rocm: the torch engine)"
+            f"{what}: the MLX engine trains a vision-language model ({kind}) with LoRA on its language model "
+            "only; train it with backend=cpu (or cuda, rocm: the torch engine)"
         )
 
 
 def prepare_vision_model(job: Job, model_path, config: dict, dtype: str) -> tuple[nn.Module, str]:
-    """A vision-language model (mlx-vlm's: hwft_mlx.vision) with a new LoRA adapter on its
-    language model's linear layers (the vision tower and projector frozen, as method.vision's
-    defaults keep them; :func:`refuse_for_vision` refused the rest)."""
+    """A vision-language model (mlx-vlm's: hwft_mlx.vision) with LoRA on its language model's
+    linear layers, new or model.adapter's (the vision tower and projector frozen, as
+    method.vision's defaults keep them; :func:`refuse_for_vision` refused the rest)."""
+    recipe = job.recipe
     model = vision.load_model(Path(model_path), config)
     if dtype != "fp32":
         model.set_dtype(DTYPES[dtype])
-    add_lora(model, job.recipe.method.lora, job.recipe.train.seed)
+    if recipe.model.adapter:  # a PEFT adapter of the language model (a torch run's, or an MLX one's)
+        spec = load_peft_adapter(model, recipe.resolve_path(recipe.model.adapter))
+        return model, f", continuing the adapter {recipe.model.adapter} (r={spec.r}), the vision tower frozen (mlx-vlm)"
+    add_lora(model, recipe.method.lora, recipe.train.seed)
     return model, ", the vision tower frozen (mlx-vlm)"
 
 

@@ -133,6 +133,13 @@ def peft_path(path: str) -> str:
     return path
 
 
+def mlx_path(path: str) -> str:
+    """The mlx-vlm module a transformers 5 path names (:func:`peft_path` inverted)."""
+    if path.startswith("model.language_model."):
+        return "language_model.model." + path.removeprefix("model.language_model.")
+    return path
+
+
 #: PEFT's exclude_modules for an adapter of the language model alone: every module outside it
 #: (a vision tower's MLP has the language model's layer names: Qwen2.5-VL's down_proj).
 EXCLUDE_OUTSIDE_LANGUAGE_MODEL = r"^(?!.*language_model).*"
