@@ -203,18 +203,48 @@ SMOLVLM = dict(
     call=lambda config: {"return_row_col_info": True},
 )
 
+
+def llava_tokens(outputs: dict, index: int, processor, config: dict) -> int:
+    """LLaVA's count: the tower's patches of the cropped image, and its class token too where
+    the model keeps every feature (vision_feature_select_strategy full; default drops it)."""
+    height, width = (int(x) for x in outputs["pixel_values"][index].shape[-2:])
+    patch = int(config["vision_config"].get("patch_size", 14))
+    cls = config.get("vision_feature_select_strategy", "default") == "full"
+    return (height // patch) * (width // patch) + int(cls)
+
+
+#: LLaVA-1.5: each image cropped to the tower's size, one <image> token per patch, as
+#: LlavaProcessor writes it.
+LLAVA = dict(
+    image_processor="transformers.models.llava:LlavaImageProcessorPil",
+    placeholder="<image>",
+    expands="<image>",
+    image_token="<image>",
+    tokens=llava_tokens,
+    inputs=("pixel_values",),
+    vision_modules=("vision_tower", "multi_modal_projector"),
+    projector_modules=("multi_modal_projector",),
+)
+
 FAMILIES: dict[str, VisionFamily] = {
     f.model_type: f
     for f in (
         VisionFamily("qwen2_vl", "Qwen2-VL", **QWEN_VL),  # pyright: ignore[reportArgumentType]
         VisionFamily("qwen2_5_vl", "Qwen2.5-VL", **QWEN_VL),  # pyright: ignore[reportArgumentType]
         VisionFamily("qwen3_vl", "Qwen3-VL", **QWEN_VL),  # pyright: ignore[reportArgumentType]
+        VisionFamily("qwen3_vl_moe", "Qwen3-VL MoE", **QWEN_VL),  # pyright: ignore[reportArgumentType]
         VisionFamily("qwen3_5", "Qwen3.5", **QWEN_VL),  # pyright: ignore[reportArgumentType]
         VisionFamily("qwen3_5_moe", "Qwen3.5 MoE", **QWEN_VL),  # pyright: ignore[reportArgumentType]
         VisionFamily("gemma3", "Gemma 3", **GEMMA3),  # pyright: ignore[reportArgumentType]
         VisionFamily("gemma4", "Gemma 4", **GEMMA4),  # pyright: ignore[reportArgumentType]
         VisionFamily("mistral3", "Mistral 3", **MISTRAL3),  # pyright: ignore[reportArgumentType]
         VisionFamily("smolvlm", "SmolVLM", **SMOLVLM),  # pyright: ignore[reportArgumentType]
+        VisionFamily(
+            "idefics3",
+            "Idefics3",
+            **{**SMOLVLM, "image_processor": "transformers.models.idefics3:Idefics3ImageProcessorPil"},  # pyright: ignore[reportArgumentType]
+        ),
+        VisionFamily("llava", "LLaVA-1.5", **LLAVA),  # pyright: ignore[reportArgumentType]
     )
 }
 

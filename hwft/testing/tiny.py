@@ -199,6 +199,22 @@ def _qwen_vl(vision: dict, rope: dict, text: dict | None = None) -> dict:
     return {"tokens": QWEN_VISION_TOKENS, "config": config}
 
 
+def _qwen3_vl(text: dict | None = None) -> dict:
+    """A tiny Qwen3-VL (``text``: its mixture-of-experts keys): a 1-block tower with deepstack on
+    16-pixel patches (Qwen3-VL's are 16 pixels wide), interleaved mRoPE."""
+    vision = {
+        "depth": 1,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": 64,
+        "num_position_embeddings": 64,
+        "deepstack_visual_indexes": [0],
+    }
+    rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    return {**_qwen_vl(vision, rope, {"head_dim": 16, **(text or {})}), "processor": {"patch_size": 16}}
+
+
 def _qwen3_5(text: dict | None = None) -> dict:
     """A tiny Qwen3.5 (``text``: its mixture-of-experts keys): Qwen3-VL's tower without deepstack,
     a Gated DeltaNet layer and a full-attention one, half of each head rotated (the released ones rotate a quarter)."""
@@ -330,6 +346,34 @@ def _smolvlm(ids: dict, vocab: int) -> dict:
     }
 
 
+def _idefics3(ids: dict, vocab: int) -> dict:
+    """A tiny Idefics3: SmolVLM's tiny shapes (SmolVLM is Idefics3's architecture)."""
+    return _smolvlm(ids, vocab)
+
+
+LLAVA_VISION_TOKENS = ("<image>",)
+
+
+def _llava(ids: dict, vocab: int) -> dict:
+    """A tiny LLaVA-1.5: llama's tiny config under a 2-layer CLIP tower on 32-pixel crops of
+    8-pixel patches (16 image tokens; the second-last layer's features, as LLaVA takes them)."""
+    return {
+        "text_config": {**tiny_config("llama", vocab_size=vocab).to_dict(), "vocab_size": vocab},
+        "vision_config": {
+            "model_type": "clip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+            "projection_dim": 32,
+        },
+        "image_token_index": ids["<image>"],
+        "tie_word_embeddings": True,
+    }
+
+
 #: Tiny vision-language models (hwft.vision's families): 2 text layers of COMMON's shapes and a
 #: 1-block vision tower; the tokens the family's tokenizer holds for images, added to the tiny
 #: vocabulary; the image processor's settings (Qwen's cap an image at 16 merged patches).
@@ -350,22 +394,7 @@ TINY_VISION = {
         },
         {"rope_type": "default", "mrope_section": [2, 3, 3]},
     ),
-    "qwen3_vl": {
-        **_qwen_vl(
-            {
-                "depth": 1,
-                "hidden_size": 32,
-                "intermediate_size": 64,
-                "num_heads": 2,
-                "out_hidden_size": 64,
-                "num_position_embeddings": 64,
-                "deepstack_visual_indexes": [0],
-            },
-            {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
-            {"head_dim": 16},
-        ),
-        "processor": {"patch_size": 16},  # Qwen3-VL's patches are 16 pixels wide
-    },
+    "qwen3_vl": _qwen3_vl(),
     # Qwen3.5: Qwen3-VL's tower (no deepstack) over the hybrid text model, a linear-attention
     # (Gated DeltaNet) layer and a full one, rotating part of each head as the released ones do
     "qwen3_5": _qwen3_5(),
@@ -384,6 +413,18 @@ TINY_VISION = {
         "config": _smolvlm,
         "processor": {"size": {"longest_edge": 32}, "max_image_size": {"longest_edge": 16}},
     },
+    "idefics3": {
+        "tokens": SMOLVLM_VISION_TOKENS,
+        "config": _idefics3,
+        "processor": {"size": {"longest_edge": 32}, "max_image_size": {"longest_edge": 16}},
+    },
+    "llava": {
+        "tokens": LLAVA_VISION_TOKENS,
+        "config": _llava,
+        "processor": {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}},
+    },
+    # Qwen3-VL's mixture of experts (30B-A3B and up): 4 experts of which 2 route
+    "qwen3_vl_moe": _qwen3_vl({"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}),
     "gemma4": {
         "tokens": GEMMA4_VISION_TOKENS,
         "config": _gemma4,
