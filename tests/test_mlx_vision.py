@@ -138,3 +138,14 @@ def test_a_torch_runs_adapter_continues_on_mlx_as_on_torch(tiny_vl, tmp_path, cl
         assert backend != "mlx" or f"continuing the adapter {adapter}" in err
         losses[backend] = json.loads((tmp_path / backend / "out" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
     assert losses["mlx"] == pytest.approx(losses["cpu"], abs=1e-5)
+
+
+def test_text_rows_for_a_vision_language_family_mlx_does_not_feed_are_refused_in_one_line(tiny_vl, tmp_path, cli):
+    """A Gemma 3 checkpoint on MLX, even with text rows only: one line that names the families
+    MLX trains and where this one trains (mlx-lm alone read its weights wrong)."""
+    recipe = write_recipe(tmp_path, tiny_vl("gemma3"), backend="mlx")
+    code, _, err = cli("train", recipe)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err
+    assert "is a vision-language Gemma 3 checkpoint; the MLX engine trains those of qwen2_vl" in last
+    assert "backend=cpu" in last

@@ -39,6 +39,7 @@ from hwft.models import stop_token_ids
 from hwft.plugins import get_host
 from hwft.recipe import Recipe
 from hwft.steplog import StepLog
+from hwft.vision import FAMILIES as VISION_FAMILIES
 from hwft_mlx import vision
 from hwft_mlx.adapters import add_lora, freeze_layers, load_peft_adapter, quantize_base, save_peft_adapter
 from hwft_mlx.arrays import flat, number
@@ -128,6 +129,12 @@ def refuse_early(job: Job) -> None:
     config = read_config(job.model.path) if job.model.ready else {}
     if vision.wanted(config):
         refuse_for_vision(job, config)
+    elif config.get("model_type") in VISION_FAMILIES:  # mlx-lm reads text models; mlx-vlm's is not held here
+        raise UserError(
+            f"model: {job.model.path} is a vision-language {VISION_FAMILIES[config['model_type']].description} "
+            f"checkpoint; the MLX engine trains those of {', '.join(vision.FAMILIES)} (through mlx-vlm), text rows "
+            "or image rows. Train it with backend=cpu (or cuda, rocm: the torch engine)"
+        )
 
 
 def prepare_model(job: Job, model_path, dtype: str) -> tuple[nn.Module, str]:
