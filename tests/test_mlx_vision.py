@@ -91,21 +91,21 @@ def test_image_rows_train_on_mlx_from_torchs_first_loss_into_an_adapter_peft_loa
 @pytest.mark.parametrize(
     ("overrides", "says"),
     [
-        (["method.objective=dpo"], "feeds images with method.objective sft only, not dpo"),
+        (["method.objective=grpo"], "feeds images with method.objective sft, dpo, orpo, simpo only, not grpo"),
         (["method.tuning=full"], "method.tuning full: the MLX engine trains a vision-language model (qwen2_vl)"),
         (["method.vision.freeze_tower=false"], "method.vision.freeze_tower: the MLX engine trains"),
     ],
 )
 def test_what_mlx_does_not_do_with_images_is_refused_in_one_line(overrides, says, tiny_vl, tmp_path, cli):
-    """Image rows with a method other than sft (at the dry run), and tunings other than a new
-    LoRA adapter on the language model (before any weight loads), each in one line."""
+    """Image rows with a method MLX does not feed them with (at the dry run), and tunings other
+    than LoRA on the language model (before any row is read), each in one line."""
     rows = {"registry": str(LF / "dataset_info.json"), "train": ["mllm_demo"]}
-    if "method.objective=dpo" in overrides:  # preference pairs over a demo image
-        pairs = tmp_path / "pairs.jsonl"
-        pair = {"prompt": "<image>Who?", "chosen": "Footballers.", "rejected": "A cat.", "images": ["1.jpg"]}
-        pairs.write_text(json.dumps(pair) + "\n")
+    if "method.objective=grpo" in overrides:  # an image prompt
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text(json.dumps({"prompt": "<image>Who?", "answer": "Footballers.", "images": ["1.jpg"]}) + "\n")
         (tmp_path / "1.jpg").write_bytes((LF / "mllm_demo_data" / "1.jpg").read_bytes())
-        rows = {"train": [{"path": str(pairs), "format": "preference"}]}
+        rows = {"train": [{"path": str(prompts), "format": "prompt"}]}
+        overrides = [*overrides, "method.grpo.rewards=[exact_match]"]
     recipe = write_recipe(tmp_path, tiny_vl("qwen2_vl"), data=rows, backend="mlx", train={"max_length": 512})
     code, _, err = cli("train", recipe, *overrides)
     last = err.strip().splitlines()[-1]
@@ -149,3 +149,49 @@ def test_text_rows_for_a_vision_language_family_mlx_does_not_feed_are_refused_in
     assert code == 2 and "Traceback" not in err
     assert "is a vision-language Gemma 3 checkpoint; the MLX engine trains those of qwen2_vl" in last
     assert "backend=cpu" in last
+
+
+def image_pairs(folder) -> dict:
+    """Preference rows over the demo images (LLaMA-Factory's rlhf_v shape is on the hub)."""
+    rows = [
+        {"prompt": f"<image>{question}", "chosen": good, "rejected": bad, "images": [f"{n}.jpg"]}
+        for n, question, good, bad in [
+            (1, "Who are they?", "Two footballers celebrating.", "A cat."),
+            (2, "What is he doing?", "Sliding on his knees.", "Sleeping."),
+            (3, "Who is speaking?", "An astronaut.", "Nobody."),
+            (1, "Where are they?", "On a football pitch.", "In a kitchen."),
+        ]
+    ]
+    for n in (1, 2, 3):
+        (folder / f"{n}.jpg").write_bytes((LF / "mllm_demo_data" / f"{n}.jpg").read_bytes())
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"train": [{"path": str(folder / "pairs.jsonl"), "format": "preference"}]}
+
+
+@pytest.mark.parametrize("objective", ["orpo", "dpo"])
+def test_image_preference_pairs_train_on_mlx_as_on_torch(objective, tiny_vl, tmp_path, cli):
+    """orpo and dpo on MLX with image prompts: each pair's two sequences carry the prompt's
+    image. orpo's first loss (no reference: the base model's log-odds of the two answers, with
+    the image in view) is the torch engine's (1e-5); dpo's is -log sigmoid(0) = log 2, the
+    reference's log-probabilities precomputed with the images too."""
+    import math
+
+    data = image_pairs(tmp_path)
+    firsts = {}
+    for backend in ("mlx", "cpu") if objective == "orpo" else ("mlx",):
+        (tmp_path / backend).mkdir()
+        recipe = write_recipe(
+            tmp_path / backend,
+            tiny_vl("qwen2_vl"),
+            data=data,
+            method={"objective": objective, "tuning": "lora"},
+            train={"max_steps": 2, "micro_batch_size": 2, "max_length": 512, "precision": "fp32"},
+            backend=backend,
+        )
+        code, _, err = cli("train", recipe)
+        assert code == 0, err[-3000:]
+        firsts[backend] = json.loads((tmp_path / backend / "out" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    if objective == "orpo":
+        assert firsts["mlx"] == pytest.approx(firsts["cpu"], abs=1e-5)
+    else:
+        assert firsts["mlx"] == pytest.approx(math.log(2), abs=1e-5)

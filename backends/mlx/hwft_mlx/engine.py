@@ -184,7 +184,8 @@ def refuse_for_vision(job: Job, config: dict) -> None:
     language model with sft), refused in one line."""
     m = job.recipe.method
     kind = config.get("model_type")
-    if method(m.objective).kind not in MEDIA_DATA_KINDS:
+    record = method(m.objective)
+    if not (record.media and record.kind in MEDIA_DATA_KINDS):
         fed = ", ".join(name for name, r in registry().methods.items() if r.kind in MEDIA_DATA_KINDS and r.media)
         raise UserError(
             f"method.objective {m.objective}: the MLX engine trains a vision-language model ({kind}) with "

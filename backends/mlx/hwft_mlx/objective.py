@@ -110,9 +110,14 @@ def scored_positions(sequences: list[list[int]], width: int) -> tuple[mx.array, 
     return mx.array(where), mx.array(targets), mx.array(mask)
 
 
-def position_logits(model: nn.Module, ids: mx.array, where: mx.array) -> mx.array:
+def position_logits(model: nn.Module, ids: mx.array, where: mx.array, rows: list[Row] | None = None) -> mx.array:
     """Logits of right-padded causal rows at the flat positions ``where`` (any shape): the
-    output layer runs on those positions only."""
+    output layer runs on those positions only. ``rows``: the rows ``ids`` pads, whose images a
+    vision-language model sees (hwft_mlx.vision)."""
+    if is_vision(model):  # mlx-vlm's forward, the rows' images in
+        mask = mx.array(pad(rows, 0)["attention_mask"]) if rows else mx.ones_like(ids)
+        logits = vision_logits(model, ids, mask, rows)
+        return logits.reshape(-1, logits.shape[-1])[where]
     if not packs(model):
         logits = model(ids)
         return logits.reshape(-1, logits.shape[-1])[where]

@@ -22,18 +22,26 @@ from hwft_mlx.objective import MlxObjective, log_router, position_logits, router
 from hwft_mlx.router import recorded_gates
 
 
-def sequence_logps(model, ids: mx.array, where: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
+def sequence_logps(
+    model, ids: mx.array, where: mx.array, targets: mx.array, mask: mx.array, rows: list[Row] | None = None
+) -> mx.array:
     """Summed log-probabilities of each row's label tokens (``token_logps(...).sum(-1)``), with
-    logits computed at the label positions only."""
-    return (target_logps(position_logits(model, ids, where), targets) * mask).sum(-1)
+    logits computed at the label positions only (``rows``: their images, for a vision-language
+    model)."""
+    return (target_logps(position_logits(model, ids, where, rows), targets) * mask).sum(-1)
+
+
+def pair_rows(pairs: list[PreferencePair]) -> list[Row]:
+    """The ``[chosen..., rejected...]`` sequences as rows, each with the prompt's images."""
+    seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    return [Row(t.input_ids, t.labels, [len(t.input_ids)], inputs=t.inputs, token_inputs=t.token_inputs) for t in seqs]
 
 
 def pair_arrays(pairs: list[PreferencePair], pad_id: int) -> tuple[mx.array, tuple[mx.array, mx.array, mx.array]]:
     """Right-padded ``[chosen..., rejected...]`` token rows, and their scored positions."""
-    seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    rows = [Row(t.input_ids, t.labels, [len(t.input_ids)]) for t in seqs]
+    rows = pair_rows(pairs)
     ids = pad(rows, pad_id)["input_ids"]
-    return mx.array(ids), scored_positions([t.labels for t in seqs], len(ids[0]))
+    return mx.array(ids), scored_positions([r.labels for r in rows], len(ids[0]))
 
 
 def real_tokens(pairs: list[PreferencePair], width: int) -> mx.array:
@@ -59,7 +67,8 @@ class Preference(PairSteps, MlxObjective):
 
         def logps_of(model, chunk):
             ids, scored = pair_arrays(chunk, self.pad_id)
-            return mx.stack(list(mx.split(sequence_logps(model, ids, *scored), 2)), axis=1).tolist()
+            logps = sequence_logps(model, ids, *scored, rows=pair_rows(chunk))
+            return mx.stack(list(mx.split(logps, 2)), axis=1).tolist()
 
         precompute_reference(model, self.batches, batch_size, logps_of)
 
@@ -67,7 +76,7 @@ class Preference(PairSteps, MlxObjective):
         pairs, step_pairs = micro
         ids, scored = pair_arrays(pairs, self.pad_id)
         with recorded_gates() as gates:  # an MoE policy's router logits (hwft.router_balance)
-            chosen, rejected = mx.split(sequence_logps(model, ids, *scored), 2)
+            chosen, rejected = mx.split(sequence_logps(model, ids, *scored, rows=pair_rows(pairs)), 2)
         ref = mx.array([p.reference_logps for p in pairs])
         chosen_tokens, rejected_tokens = mx.split(scored[2].sum(-1), 2)
         losses, chosen_rewards, rejected_rewards = dpo_loss(

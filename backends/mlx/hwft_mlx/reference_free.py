@@ -13,7 +13,7 @@ from hwft.data.pipeline import Batches
 from hwft.distributed import ALONE, Collective
 from hwft.objective import Loss, PairSteps, pair_counts
 from hwft_mlx.objective import MlxObjective, log_router
-from hwft_mlx.preference import pair_arrays, sequence_logps, with_router_term
+from hwft_mlx.preference import pair_arrays, pair_rows, sequence_logps, with_router_term
 from hwft_mlx.router import recorded_gates
 
 
@@ -32,7 +32,7 @@ class ReferenceFree(PairSteps, MlxObjective):
         pairs, step_pairs = micro
         ids, scored = pair_arrays(pairs, self.pad_id)
         with recorded_gates() as gates:  # an MoE policy's router logits (hwft.router_balance)
-            chosen, rejected = mx.split(sequence_logps(model, ids, *scored), 2)
+            chosen, rejected = mx.split(sequence_logps(model, ids, *scored, rows=pair_rows(pairs)), 2)
         chosen_tokens, rejected_tokens = mx.split(scored[2].sum(-1), 2)
         out = self.pair_loss(chosen / mx.maximum(chosen_tokens, 1), rejected / mx.maximum(rejected_tokens, 1))
         margins = out["chosen_rewards"] - out["rejected_rewards"]
