@@ -199,33 +199,29 @@ def _qwen_vl(vision: dict, rope: dict, text: dict | None = None) -> dict:
     return {"tokens": QWEN_VISION_TOKENS, "config": config}
 
 
+#: The 1-block tower of the tiny Qwen3-VL and Qwen3.5 (16-pixel patches, as theirs are).
+QWEN3_TOWER = {
+    "depth": 1,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_heads": 2,
+    "out_hidden_size": 64,
+    "num_position_embeddings": 64,
+}
+
+
 def _qwen3_vl(text: dict | None = None) -> dict:
-    """A tiny Qwen3-VL (``text``: its mixture-of-experts keys): a 1-block tower with deepstack on
-    16-pixel patches (Qwen3-VL's are 16 pixels wide), interleaved mRoPE."""
-    vision = {
-        "depth": 1,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_heads": 2,
-        "out_hidden_size": 64,
-        "num_position_embeddings": 64,
-        "deepstack_visual_indexes": [0],
-    }
+    """A tiny Qwen3-VL (``text``: its mixture-of-experts keys): the tower with deepstack,
+    interleaved mRoPE."""
+    vision = {**QWEN3_TOWER, "deepstack_visual_indexes": [0]}
     rope = {"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True}
     return {**_qwen_vl(vision, rope, {"head_dim": 16, **(text or {})}), "processor": {"patch_size": 16}}
 
 
 def _qwen3_5(text: dict | None = None) -> dict:
-    """A tiny Qwen3.5 (``text``: its mixture-of-experts keys): Qwen3-VL's tower without deepstack,
-    a Gated DeltaNet layer and a full-attention one, half of each head rotated (the released ones rotate a quarter)."""
-    vision = {
-        "depth": 1,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_heads": 2,
-        "out_hidden_size": 64,
-        "num_position_embeddings": 64,
-    }
+    """A tiny Qwen3.5 (``text``: its mixture-of-experts keys): the tower without deepstack, a
+    Gated DeltaNet layer and a full-attention one, half of each head rotated (the released ones
+    rotate a quarter)."""
     rope = {"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True, "partial_rotary_factor": 0.5}
     hybrid = {
         "head_dim": 16,
@@ -235,7 +231,7 @@ def _qwen3_5(text: dict | None = None) -> dict:
         "linear_key_head_dim": 16,
         "linear_value_head_dim": 16,
     }
-    return {**_qwen_vl(vision, rope, {**hybrid, **(text or {})}), "processor": {"patch_size": 16}}
+    return {**_qwen_vl(QWEN3_TOWER, rope, {**hybrid, **(text or {})}), "processor": {"patch_size": 16}}
 
 
 def _gemma3(ids: dict, vocab: int) -> dict:
