@@ -15,7 +15,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import PEER_DATA, write_recipe
+from tests.conftest import PEER_DATA, REPO, write_recipe
 from tests.test_vision import first_demo_row
 
 mx = pytest.importorskip("mlx.core")
@@ -93,7 +93,7 @@ def test_image_rows_train_on_mlx_from_torchs_first_loss_into_an_adapter_peft_loa
     [
         (["method.objective=grpo"], "feeds images with method.objective sft, dpo, orpo, simpo only, not grpo"),
         (["method.tuning=full"], "method.tuning full: the MLX engine trains a vision-language model (qwen2_vl)"),
-        (["method.vision.freeze_tower=false"], "method.vision.freeze_tower: the MLX engine trains"),
+        (["method.vision.freeze_tower=false"], "method.vision: the MLX engine trains a vision-language model"),
     ],
 )
 def test_what_mlx_does_not_do_with_images_is_refused_in_one_line(overrides, says, tiny_vl, tmp_path, cli):
@@ -195,3 +195,30 @@ def test_image_preference_pairs_train_on_mlx_as_on_torch(objective, tiny_vl, tmp
         assert firsts["mlx"] == pytest.approx(firsts["cpu"], abs=1e-5)
     else:
         assert firsts["mlx"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_the_vision_demo_recipe_runs_on_mlx_as_written(tiny_vl, tmp_path, cli):
+    """configs/vision.yaml (LoRA on the language model and on the projector: freeze_projector
+    false) with a tiny Qwen2-VL: on MLX from the torch engine's first loss, into an adapter with
+    the very names the torch engine's has (the projector's merger among them), which PEFT loads
+    whole."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    model = tiny_vl("qwen2_vl")
+    recipe = REPO / "configs" / "vision.yaml"
+    firsts, adapters = {}, {}
+    for backend in ("mlx", "cpu"):
+        out = tmp_path / backend
+        args = [f"model.name={model}", f"backend={backend}", "train.max_steps=2", "train.precision=fp32"]
+        code, _, err = cli("train", recipe, *args, f"output.dir={out}", "eval.prompts=[]")
+        assert code == 0, err[-3000:]
+        firsts[backend] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+        adapters[backend] = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert firsts["mlx"] == pytest.approx(firsts["cpu"], abs=1e-5)
+    assert set(adapters["mlx"]) == set(adapters["cpu"]) and any(".visual.merger." in k for k in adapters["mlx"])
+    peft = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(model), tmp_path / "mlx" / "adapter")
+    loaded = {k.replace(".default", ""): v for k, v in peft.state_dict().items() if "lora_" in k}
+    assert set(loaded) == set(adapters["mlx"]) and all(torch.equal(loaded[k], adapters["mlx"][k]) for k in loaded)

@@ -71,13 +71,13 @@ def linear_layers(model: nn.Module, targets: str | list[str]) -> list[tuple[str,
     """(path, module) of the linear layers LoRA adapts, as :mod:`hwft.lora_targets` reads
     ``targets`` (every Linear but the output layer for all-linear, as PEFT's); an entry that
     names none is refused, naming the model's linear modules."""
-    language_only = is_vision(model)  # a vision-language model: its language model's layers
+    parts = is_vision(model)  # a vision-language model: the layers of the parts method.vision trains
     linear = [
         (path, module)
         for path, module in model.named_modules()
         if isinstance(module, nn.Linear | nn.QuantizedLinear)
         and path != "lm_head"
-        and (not language_only or vision.language_linears(path))
+        and (not parts or vision.adapted(model, path))
     ]
     mla = [f"{path}.kv_b_proj" for path, _ in mla_attentions(model)]  # PEFT's name for DeepSeek's two halves
     lora_targets.check(targets, [path for path, _ in linear] + mla)
@@ -198,6 +198,13 @@ def mlx_path(path: str, modules: dict) -> str | None:
     return None
 
 
+def target_name(path: str) -> str:
+    """The name PEFT's target_modules gives a module: its own, or with its parent's where its
+    own is a list index (a projector's ``mlp.0``: a bare ``0`` would match every layer 0)."""
+    parent, _, name = path.rpartition(".")
+    return f"{parent.rpartition('.')[2]}.{name}" if name.isdigit() else name
+
+
 #: PEFT's rank and alpha patterns for a fused gate/up expert projection: twice the rank, so
 #: that each half keeps r (what PEFT's all-linear writes for MoE models).
 GATE_UP_PATTERN = r".*\.gate_up_proj"
@@ -221,7 +228,7 @@ def save_peft_adapter(model: nn.Module, out: Path, spec: LoraSpec, base: str) ->
         if router and (path == router or path.endswith("." + router)):
             parameters = ["gate.weight"]  # the router's weight: a parameter to PEFT, not a Linear
         else:
-            names.add(path.rsplit(".", 1)[-1])
+            names.add(target_name(path))
     for path, attention in mla_attentions(model):
         if isinstance(attention.embed_q, LoRAEmbedQ):
             a, b = mla_to_peft(attention)
@@ -257,8 +264,8 @@ def save_peft_adapter(model: nn.Module, out: Path, spec: LoraSpec, base: str) ->
         "alpha_pattern": {GATE_UP_PATTERN: 2 * spec.alpha} if experts else {},
         "target_parameters": parameters + (["gate_up_proj", "down_proj"] if experts else []) or None,
     }
-    if is_vision(model):  # the language model's layers only: a vision tower may share their names
-        config["exclude_modules"] = vision.EXCLUDE_OUTSIDE_LANGUAGE_MODEL
+    if is_vision(model):  # the trained parts' layers only: a vision tower may share their names
+        config["exclude_modules"] = vision.excluded(model)
     out.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(out / "adapter_model.safetensors"), weights, metadata={"format": "pt"})
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")

@@ -191,18 +191,12 @@ def refuse_for_vision(job: Job, config: dict) -> None:
             f"method.objective {m.objective}: the MLX engine trains a vision-language model ({kind}) with "
             f"{fed} only; train it with backend=cpu (or cuda, rocm: the torch engine)"
         )
-    spec = m.vision
-    settings = {
-        "freeze_tower": not spec.freeze_tower,
-        "freeze_projector": not spec.freeze_projector,
-        "freeze_language_model": spec.freeze_language_model,
-    }
-    other = [name for name, asked in settings.items() if asked]  # what differs from LoRA on the language model
-    if m.tuning != "lora" or other:
-        what = f"method.vision.{other[0]}" if m.tuning == "lora" else f"method.tuning {m.tuning}"
+    if m.tuning != "lora" or not m.vision.freeze_tower or m.vision.freeze_language_model:
+        what = f"method.tuning {m.tuning}" if m.tuning != "lora" else "method.vision"
         raise UserError(
             f"{what}: the MLX engine trains a vision-language model ({kind}) with LoRA on its language model "
-            "only; train it with backend=cpu (or cuda, rocm: the torch engine)"
+            "(and its projector, with method.vision.freeze_projector: false), the tower frozen; train it with "
+            "backend=cpu (or cuda, rocm: the torch engine)"
         )
 
 
@@ -214,11 +208,13 @@ def prepare_vision_model(job: Job, model_path, config: dict, dtype: str) -> tupl
     model = vision.load_model(Path(model_path), config)
     if dtype != "fp32":
         model.set_dtype(DTYPES[dtype])
+    trained = vision.train_parts(model, recipe.method.vision)
+    frozen = "the vision tower" if "projector" in trained else "the vision tower and projector"
     if recipe.model.adapter:  # a PEFT adapter of the language model (a torch run's, or an MLX one's)
         spec = load_peft_adapter(model, recipe.resolve_path(recipe.model.adapter))
-        return model, f", continuing the adapter {recipe.model.adapter} (r={spec.r}), the vision tower frozen (mlx-vlm)"
+        return model, f", continuing the adapter {recipe.model.adapter} (r={spec.r}), {frozen} frozen (mlx-vlm)"
     add_lora(model, recipe.method.lora, recipe.train.seed)
-    return model, ", the vision tower frozen (mlx-vlm)"
+    return model, f", {frozen} frozen (mlx-vlm)"
 
 
 def read_config(model_path) -> dict:

@@ -26,6 +26,8 @@ import mlx.nn as nn
 import numpy as np
 
 from hwft.errors import ModelError
+from hwft.vision import FAMILIES as FAMILIES_OF_HWFT
+from hwft.vision import frozen_parts
 from hwft_mlx.media import MEDIA_FAMILIES, VISION_MARK
 
 #: The vision-language families (transformers' model_type) MLX feeds images to, through
@@ -78,9 +80,35 @@ def load_model(path: Path, config: dict) -> nn.Module:
     return model
 
 
-def language_linears(path: str) -> bool:
-    """Whether a module path is in the language model (where LoRA's all-linear adapts)."""
-    return path.startswith("language_model.") and not path.endswith("lm_head")
+#: The attribute a loaded model keeps the parts method.vision trains in (tower, projector,
+#: language): LoRA's all-linear adapts their linear layers only.
+_TRAINED = "_hwft_trained_parts"
+
+
+def part_of(model: nn.Module, path: str) -> str:
+    """Which part of an mlx-vlm model a module path is in: language, projector or tower."""
+    if path.startswith("language_model."):
+        return "language"
+    projector = FAMILIES_OF_HWFT[model_type_of(model)].projector_modules
+    return "projector" if any(p in path.split(".") for p in projector) else "tower"
+
+
+def model_type_of(model: nn.Module) -> str:
+    return str(model.config.model_type)
+
+
+def train_parts(model: nn.Module, spec) -> set[str]:
+    """Record the parts method.vision (``spec``) trains on the model, and return them."""
+    parts = {"tower", "projector", "language"} - frozen_parts(spec)
+    object.__setattr__(model, _TRAINED, parts)
+    return parts
+
+
+def adapted(model: nn.Module, path: str) -> bool:
+    """Whether LoRA's all-linear adapts the linear layer at ``path``: one of a trained part's,
+    never the output layer."""
+    trained = getattr(model, _TRAINED, {"language"})
+    return not path.endswith("lm_head") and part_of(model, path) in trained
 
 
 def media_arrays(rows, width: int) -> dict[str, mx.array]:
@@ -125,21 +153,34 @@ class TextModel:
         return make_prompt_cache(self.model.language_model)  # pyright: ignore[reportArgumentType]
 
 
+#: mlx-vlm's module paths and transformers 5's, by prefix: the language model, and the Qwen
+#: families' vision tower (mlx-vlm's ``vision_tower`` is their ``visual``).
+PREFIXES = (("language_model.model.", "model.language_model."), ("vision_tower.", "model.visual."))
+
+
 def peft_path(path: str) -> str:
     """An mlx-vlm module path as transformers 5 names it (``language_model.model.layers`` is
-    ``model.language_model.layers``)."""
-    if path.startswith("language_model.model."):
-        return "model.language_model." + path.removeprefix("language_model.model.")
+    ``model.language_model.layers``, ``vision_tower.merger`` is ``model.visual.merger``)."""
+    for ours, theirs in PREFIXES:
+        if path.startswith(ours):
+            return theirs + path.removeprefix(ours)
     return path
 
 
 def mlx_path(path: str) -> str:
     """The mlx-vlm module a transformers 5 path names (:func:`peft_path` inverted)."""
-    if path.startswith("model.language_model."):
-        return "language_model.model." + path.removeprefix("model.language_model.")
+    for ours, theirs in PREFIXES:
+        if path.startswith(theirs):
+            return ours + path.removeprefix(theirs)
     return path
 
 
-#: PEFT's exclude_modules for an adapter of the language model alone: every module outside it
-#: (a vision tower's MLP has the language model's layer names: Qwen2.5-VL's down_proj).
-EXCLUDE_OUTSIDE_LANGUAGE_MODEL = r"^(?!.*language_model).*"
+def excluded(model: nn.Module) -> str:
+    """PEFT's exclude_modules for an adapter of the parts the model trains (the language model,
+    and the projector where method.vision trains it): every module outside them (a vision
+    tower's MLP has the language model's layer names: Qwen2.5-VL's down_proj)."""
+    trained = getattr(model, _TRAINED, {"language"})
+    kept = ["language_model"]
+    if "projector" in trained:
+        kept += list(FAMILIES_OF_HWFT[model_type_of(model)].projector_modules)
+    return rf"^(?!.*(?:{'|'.join(kept)})).*"
