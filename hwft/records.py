@@ -66,6 +66,9 @@ class Capability:
     #: the data kinds (hwft.data.kinds) whose rows it feeds them with; None: those of every method
     #: whose record does (Method.media)
     media_data_kinds: tuple[str, ...] | None = None
+    #: it packs a vision-language model's text rows (where data.packing is unset: false runs
+    #: them unpacked, as image rows always run)
+    media_packing: bool = True
     #: why something is missing, by recipe value (e.g. {"qlora": "bitsandbytes is not installed"})
     notes: Mapping[str, str] = field(default_factory=dict)
     #: every method the backend's engine implements (hwft.methods), with these tunings; () runs

@@ -222,3 +222,20 @@ def test_the_vision_demo_recipe_runs_on_mlx_as_written(tiny_vl, tmp_path, cli):
     peft = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(model), tmp_path / "mlx" / "adapter")
     loaded = {k.replace(".default", ""): v for k, v in peft.state_dict().items() if "lora_" in k}
     assert set(loaded) == set(adapters["mlx"]) and all(torch.equal(loaded[k], adapters["mlx"][k]) for k in loaded)
+
+
+def test_text_rows_train_a_qwen3_5_checkpoint_on_mlx_unpacked_as_on_torch(tiny_vl, tmp_path, cli):
+    """The issue's first row: text-only LoRA on a Qwen3.5 checkpoint (image-text-to-text, as
+    released) on MLX. With data.packing unset the rows run unpacked (mlx-vlm's forward takes no
+    packed mask: Capability.media_packing), from the torch engine's first loss with packing off."""
+    model = tiny_vl("qwen3_5")
+    firsts = {}
+    for backend, packing in (("mlx", None), ("cpu", False)):
+        (tmp_path / backend).mkdir()
+        data = {"train": [{"path": "train.jsonl"}], **({} if packing is None else {"packing": packing})}
+        recipe = write_recipe(tmp_path / backend, model, data=data, backend=backend, train={"max_steps": 1})
+        code, _, err = cli("train", recipe)
+        assert code == 0, err[-3000:]
+        assert "packing off" in err
+        firsts[backend] = json.loads((tmp_path / backend / "out" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert firsts["mlx"] == pytest.approx(firsts["cpu"], abs=1e-5)

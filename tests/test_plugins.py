@@ -234,6 +234,7 @@ def test_env_json_schema(site, cli):
         "media",
         "media_families",
         "media_data_kinds",
+        "media_packing",
         "notes",
         "tunings",
     }

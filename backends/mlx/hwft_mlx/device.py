@@ -67,6 +67,7 @@ def capability() -> Capability:
         media=("image",) if importlib.util.find_spec("mlx_vlm") is not None else (),
         media_families=MEDIA_FAMILIES,
         media_data_kinds=MEDIA_DATA_KINDS,
+        media_packing=False,  # mlx-vlm's forward takes no packed mask
         # packing: llama, qwen2 and qwen3 families (hwft's forward with a block-diagonal mask);
         # qlora: MLX's affine quantisation of the base (group size 64), not bitsandbytes' NF4.
         notes={

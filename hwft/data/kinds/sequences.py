@@ -68,6 +68,9 @@ def sequence_batches(data, renderer: ChatRenderer, recipe, ranks: int = 1, capab
                 "set data.packing: false (or leave it unset)"
             )
         packing = False
+    if getattr(renderer, "vision", None) is not None and recipe.data.packing is None:
+        # A vision-language model on an engine that packs none of its rows (MLX: mlx-vlm's forward)
+        packing = packing and getattr(capability, "media_packing", True)
     group = recipe.data.group_by_length and not packing
     registry = registered()
     if data.streaming:
