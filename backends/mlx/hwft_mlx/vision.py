@@ -42,22 +42,31 @@ def wanted(config: dict) -> bool:
 
 def mlx_vlm_config(config: dict) -> dict:
     """transformers 5's config.json as mlx-vlm reads it: the text model's settings at the top
-    level too (where the released Qwen2-VL configs keep them), its rope parameters where mlx-lm
-    and mlx-vlm look (rope_theta, rope_scaling: hwft_mlx.loading), each sub-config named by the
-    family's model_type, and the root's tied embeddings on the text model."""
+    level too (where the released Qwen2-VL configs keep them) and the root's in the text config
+    where it has none, its rope parameters where mlx-lm and mlx-vlm look (rope_theta,
+    rope_scaling: hwft_mlx.loading), the sub-configs transformers 5 calls X_text and X_vision
+    called X, and the root's tied embeddings on the text model."""
     from hwft_mlx.loading import shared_overrides, synonym_overrides
 
     kind = config["model_type"]
-    text = dict(config.get("text_config") or {})
+    # the root's own settings where the text config has none (Gemma 3's mm_tokens_per_image:
+    # mlx-vlm reads it from the text config)
+    text = {
+        **{k: v for k, v in config.items() if not isinstance(v, dict) and k != "architectures"},
+        **(config.get("text_config") or {}),
+    }
     text.update(shared_overrides(text))
     text.update(synonym_overrides(text))
     rope = text.get("rope_parameters") or {}
     if "mrope_section" in rope:  # Qwen's 3-D positions, as the released configs' rope_scaling holds them
         text["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
-    text["model_type"] = kind
+    if (config.get("text_config") or {}).get("model_type") in (None, f"{kind}_text"):
+        text["model_type"] = kind  # transformers 5 names Qwen's text model X_text; mlx-vlm, X
     if "tie_word_embeddings" in config:  # the root's decides, as in transformers' composite models
         text["tie_word_embeddings"] = config["tie_word_embeddings"]
-    tower = {**(config.get("vision_config") or {}), "model_type": kind}
+    tower = dict(config.get("vision_config") or {})
+    if tower.get("model_type") in (None, f"{kind}_vision"):  # transformers 5 names Qwen's tower X_vision
+        tower["model_type"] = kind
     return {**text, **config, "text_config": text, "vision_config": tower}
 
 
@@ -128,8 +137,9 @@ def logits(model: nn.Module, ids: mx.array, mask: mx.array, rows=None) -> mx.arr
     pixels = media.pop("pixel_values", None)
     # The positions given, never the ones the language model keeps from its previous call
     # (mlx-vlm's generation state): each batch's own, from its ids, grids and mask.
-    positions, _ = model.language_model.get_rope_index(ids, media.get("image_grid_thw"), None, mask)
-    out = model(ids, pixels, mask, position_ids=positions, **media)
+    if hasattr(model.language_model, "get_rope_index"):  # Qwen's 3-D positions
+        media["position_ids"], _ = model.language_model.get_rope_index(ids, media.get("image_grid_thw"), None, mask)
+    out = model(ids, pixels, mask, **media)
     return getattr(out, "logits", out)
 
 
