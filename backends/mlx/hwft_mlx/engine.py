@@ -180,8 +180,9 @@ def prepare_model(job: Job, model_path, dtype: str) -> tuple[nn.Module, str]:
 
 
 def refuse_for_vision(job: Job, config: dict) -> None:
-    """What the MLX engine does not do with a vision-language model yet (it trains LoRA on the
-    language model with sft), refused in one line."""
+    """What the MLX engine does not do with a vision-language model yet, refused in one line: it
+    trains LoRA on the language model (and the projector, where method.vision trains it) with
+    the methods whose rows it feeds images (Capability.media_data_kinds)."""
     m = job.recipe.method
     kind = config.get("model_type")
     record = method(m.objective)
@@ -201,9 +202,9 @@ def refuse_for_vision(job: Job, config: dict) -> None:
 
 
 def prepare_vision_model(job: Job, model_path, config: dict, dtype: str) -> tuple[nn.Module, str]:
-    """A vision-language model (mlx-vlm's: hwft_mlx.vision) with LoRA on its language model's
-    linear layers, new or model.adapter's (the vision tower and projector frozen, as
-    method.vision's defaults keep them; :func:`refuse_for_vision` refused the rest)."""
+    """A vision-language model (mlx-vlm's: hwft_mlx.vision) with LoRA, new or model.adapter's, on
+    the linear layers of the parts method.vision trains (the language model, and the projector
+    where freeze_projector is false; :func:`refuse_for_vision` refused the rest)."""
     recipe = job.recipe
     model = vision.load_model(Path(model_path), config)
     if dtype != "fp32":
