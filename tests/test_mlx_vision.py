@@ -239,3 +239,16 @@ def test_text_rows_train_a_qwen3_5_checkpoint_on_mlx_unpacked_as_on_torch(tiny_v
         assert "packing off" in err
         firsts[backend] = json.loads((tmp_path / backend / "out" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
     assert firsts["mlx"] == pytest.approx(firsts["cpu"], abs=1e-5)
+
+
+def test_without_mlx_vlm_a_vision_language_model_is_refused_with_the_install_line(tiny_vl, tmp_path, cli, monkeypatch):
+    """Where mlx-vlm is not installed (this project installs it: the import system is told it
+    is not there), a Qwen2-VL run on MLX stops before reading a row, with the install line."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlx_vlm" else real(name, *a))
+    recipe = write_recipe(tmp_path, tiny_vl("qwen2_vl"), backend="mlx")
+    code, _, err = cli("train", recipe)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err and "pip install mlx-vlm" in last, err

@@ -185,6 +185,13 @@ def refuse_for_vision(job: Job, config: dict) -> None:
     the methods whose rows it feeds images (Capability.media_data_kinds)."""
     m = job.recipe.method
     kind = config.get("model_type")
+    import importlib.util
+
+    if importlib.util.find_spec("mlx_vlm") is None:
+        raise UserError(
+            f"model: {job.model.path} is a vision-language model ({kind}); the MLX engine trains it through "
+            "mlx-vlm, which is not installed: pip install mlx-vlm (or -e 'backends/mlx[vision]')"
+        )
     record = method(m.objective)
     if not (record.media and record.kind in MEDIA_DATA_KINDS):
         fed = ", ".join(name for name, r in registry().methods.items() if r.kind in MEDIA_DATA_KINDS and r.media)
