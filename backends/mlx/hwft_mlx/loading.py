@@ -187,9 +187,19 @@ def load_model(path: Path, trust_remote_code: bool = False) -> tuple[nn.Module, 
     if not random and not list(path.glob("model*.safetensors")):
         raise ModelError(f"{path} has no model*.safetensors; the MLX backend loads safetensors folders only")
     try:
-        model, _ = mlx_load(
-            path, model_config=config_overrides(config), trust_remote_code=trust_remote_code, strict=not random
-        )
+        try:
+            model, _ = mlx_load(
+                path, model_config=config_overrides(config), trust_remote_code=trust_remote_code, strict=not random
+            )
+        except ValueError as exc:
+            if not untied_head_missing(exc, config):
+                raise
+            # transformers ties this model's output layer to its embeddings (no lm_head.weight in the
+            # folder); mlx-lm's module for it always has its own: it reads the embeddings instead
+            model, _ = mlx_load(
+                path, model_config=config_overrides(config), trust_remote_code=trust_remote_code, strict=False
+            )
+            tie_output_layer(model)
     except SystemExit:  # mlx-lm's olmo module exits on import where the package it needs is missing
         raise ModelError(
             f"mlx-lm cannot load {path} (model_type {config.get('model_type')}): its module for it stopped on "
@@ -205,6 +215,33 @@ def load_model(path: Path, trust_remote_code: bool = False) -> tuple[nn.Module, 
         keep_padding_row(model, config["pad_token_id"])
     record_router(model, config)
     return model, config
+
+
+def untied_head_missing(exc: ValueError, config: dict) -> bool:
+    """Whether mlx-lm refused the folder only for the output layer a tied config has none of."""
+    lines = [line.strip().rstrip(",.") for line in str(exc).strip().splitlines() if line.strip()]
+    return bool(config.get("tie_word_embeddings")) and lines == ["Missing 1 parameters:", "lm_head.weight"]
+
+
+class TiedHead(nn.Module):
+    """An output layer that is the embedding matrix (``embed_tokens.as_linear``), holding no
+    weight of its own: the embedding stays the model's one copy, trained once, as transformers
+    ties them."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        object.__setattr__(self, "_embedding", embedding)  # not a child: its weight is the model's own
+
+    def __call__(self, hidden: mx.array) -> mx.array:
+        return self._embedding.as_linear(hidden)  # pyright: ignore[reportOptionalMemberAccess]
+
+
+def tie_output_layer(model: nn.Module) -> None:
+    """Replace mlx-lm's own ``lm_head`` with the tied embeddings (:class:`TiedHead`)."""
+    from hwft_mlx.packing import language_model
+
+    model.lm_head = TiedHead(language_model(model).embed_tokens)  # pyright: ignore[reportArgumentType]
+    model.args.tie_word_embeddings = True  # pyright: ignore[reportOptionalMemberAccess] - output_logits reads it
 
 
 #: The attribute a model keeps the router load-balancing loss its config asks for in
