@@ -260,19 +260,27 @@ def family_of(folder: Path) -> VisionFamily | None:
     return FAMILIES.get(model_type(folder) or "")
 
 
+def methods_fed(data_kinds: tuple[str, ...] | None = None) -> list[str]:
+    """The methods whose rows carry images to the model (Method.media), of ``data_kinds`` only
+    where given (an engine's Capability.media_data_kinds)."""
+    from hwft.methods.lookup import registry
+
+    return [name for name, m in registry().methods.items() if m.media and (data_kinds is None or m.kind in data_kinds)]
+
+
 def check_media(examples, model, capability, backend: str, objective: str) -> None:
     """Refuse, in one line naming the first row, media that this model on this backend is not
     fed: a method that does not feed them, a family not in the table, a kind the family is not
     fed, an engine that feeds none."""
     from hwft.data.media import described
-    from hwft.methods.lookup import method, registry
+    from hwft.methods.lookup import method
 
     first = next((e for e in examples if getattr(e, "media", None)), None)
     if first is None:
         return
 
     if not method(objective).media:
-        fed = ", ".join(name for name, m in registry().methods.items() if m.media)
+        fed = ", ".join(methods_fed())
         raise DataError(
             f"{first.source} has {described(first.media)}, but method.objective {objective} does not feed "
             f"images to the model yet ({fed} do); leave the rows' media and their placeholders out to train "
@@ -311,7 +319,7 @@ def check_media(examples, model, capability, backend: str, objective: str) -> No
             "rocm: the torch engine)"
         )
     if data_kinds is not None and method(objective).kind not in data_kinds:
-        fed = ", ".join(name for name, m in registry().methods.items() if m.media and m.kind in data_kinds)
+        fed = ", ".join(methods_fed(data_kinds))
         raise DataError(
             f"{first.source} has {described(first.media)}, but backend {backend}'s engine feeds images with "
             f"method.objective {fed} only, not {objective}; train these rows with backend=cpu "

@@ -34,12 +34,13 @@ from hwft.errors import ModelError, UserError
 from hwft.extras import write_extras
 from hwft.job import Job, Result
 from hwft.loop import EngineRun, run_steps
-from hwft.methods.lookup import method, registry
+from hwft.methods.lookup import method
 from hwft.models import stop_token_ids
 from hwft.plugins import get_host
 from hwft.recipe import Recipe
 from hwft.steplog import StepLog
 from hwft.vision import FAMILIES as VISION_FAMILIES
+from hwft.vision import methods_fed
 from hwft_mlx import vision
 from hwft_mlx.adapters import add_lora, freeze_layers, load_peft_adapter, quantize_base, save_peft_adapter
 from hwft_mlx.arrays import flat, number
@@ -194,7 +195,7 @@ def refuse_for_vision(job: Job, config: dict) -> None:
         )
     record = method(m.objective)
     if not (record.media and record.kind in MEDIA_DATA_KINDS):
-        fed = ", ".join(name for name, r in registry().methods.items() if r.kind in MEDIA_DATA_KINDS and r.media)
+        fed = ", ".join(methods_fed(MEDIA_DATA_KINDS))
         raise UserError(
             f"method.objective {m.objective}: the MLX engine trains a vision-language model ({kind}) with "
             f"{fed} only; train it with backend=cpu (or cuda, rocm: the torch engine)"
