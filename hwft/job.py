@@ -91,9 +91,7 @@ class Job:
         tokenizer = load_tokenizer(model_path, recipe.model.trust_remote_code)
         renderer = ChatRenderer.for_recipe(recipe, tokenizer)
         if self.choice.capability.media:  # an engine that feeds images: the model's processor, if it has one
-            renderer.vision = VisionInputs.for_model(
-                model_path, recipe.data.image_max_pixels, recipe.data.image_min_pixels
-            )
+            renderer.vision = VisionInputs.for_data(model_path, recipe.data)
         batches = training_batches(self.data, renderer, recipe, self.choice.capability, self.world.size)
         self.log(f"data: {batches.summary(t.max_length)}")
         held_out = held_out_rows(self.data.eval_examples, renderer, t.max_length)

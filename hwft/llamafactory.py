@@ -50,11 +50,6 @@ INERT = frozenset(
         "enable_liger_kernel",
         "use_unsloth",
         "upcast_layernorm",
-        # How LLaMA-Factory samples videos: hwft refuses video rows (hwft.vision feeds images).
-        "video_max_pixels",
-        "video_min_pixels",
-        "video_fps",
-        "video_maxlen",
     )
 )
 
@@ -140,6 +135,10 @@ TRANSLATED = frozenset(
         "template",
         "image_max_pixels",
         "image_min_pixels",
+        "video_max_pixels",
+        "video_min_pixels",
+        "video_fps",
+        "video_maxlen",
         "freeze_vision_tower",
         "freeze_multi_modal_projector",
         "freeze_language_model",
@@ -347,6 +346,10 @@ DATA_FLAGS = (
     Key("buffer_size", "shuffle_buffer", int, falsy=False),
     Key("image_max_pixels", "image_max_pixels", int),
     Key("image_min_pixels", "image_min_pixels", int),
+    Key("video_max_pixels", "video_max_pixels", int),
+    Key("video_min_pixels", "video_min_pixels", int),
+    Key("video_fps", "video_fps", float),
+    Key("video_maxlen", "video_maxlen", int),
 )
 #: train: LLaMA-Factory's and transformers' defaults where the file leaves a key out.
 TRAIN_KEYS = (

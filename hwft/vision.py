@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hwft.data.video import VideoSampling
 from hwft.errors import DataError
+from hwft.vision_video import QWEN2_5_VIDEO, QWEN2_VIDEO, QWEN3_VIDEO, VideoFamily, read_videos, video_bounds
 
 
 def qwen_tokens(outputs: dict, index: int, merge: int) -> int:
@@ -53,8 +55,10 @@ class VisionFamily:
     inputs: tuple[str, ...]  #: processor outputs the model's forward takes, concatenated over a batch
     vision_modules: tuple[str, ...]  #: module-path parts of the vision tower and its projector
     projector_modules: tuple[str, ...]  #: module-path parts, among those, of the projector
-    kinds: tuple[str, ...] = ("image",)  #: media kinds hwft feeds it
-    #: a per-token input marking the image tokens (1; text 0), by the name the forward takes it; None: none
+    #: how it takes videos (hwft.vision_video); None: it is fed images only
+    video: VideoFamily | None = None
+    #: a per-token input marking the image tokens (1), video tokens (2) and text (0), by the name
+    #: the forward takes it; None: none
     token_types: str | None = None
     #: what ``expands`` becomes for an image of n tokens, from (n, processor outputs, image index,
     #: processor, model config) (default: ``image_token`` n times)
@@ -68,6 +72,11 @@ class VisionFamily:
 
     def expanded(self, n: int, outputs: dict, index: int, processor, config: dict) -> str:
         return self.expansion(n, outputs, index, processor, config) if self.expansion else self.image_token * n
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The media kinds hwft feeds it."""
+        return ("image", "video") if self.video else ("image",)
 
 
 QWEN_VL = dict(
@@ -229,12 +238,12 @@ LLAVA = dict(
 FAMILIES: dict[str, VisionFamily] = {
     f.model_type: f
     for f in (
-        VisionFamily("qwen2_vl", "Qwen2-VL", **QWEN_VL),  # pyright: ignore[reportArgumentType]
-        VisionFamily("qwen2_5_vl", "Qwen2.5-VL", **QWEN_VL),  # pyright: ignore[reportArgumentType]
-        VisionFamily("qwen3_vl", "Qwen3-VL", **QWEN_VL),  # pyright: ignore[reportArgumentType]
-        VisionFamily("qwen3_vl_moe", "Qwen3-VL MoE", **QWEN_VL),  # pyright: ignore[reportArgumentType]
-        VisionFamily("qwen3_5", "Qwen3.5", **QWEN_VL),  # pyright: ignore[reportArgumentType]
-        VisionFamily("qwen3_5_moe", "Qwen3.5 MoE", **QWEN_VL),  # pyright: ignore[reportArgumentType]
+        VisionFamily("qwen2_vl", "Qwen2-VL", **QWEN_VL, video=QWEN2_VIDEO),  # pyright: ignore[reportArgumentType]
+        VisionFamily("qwen2_5_vl", "Qwen2.5-VL", **QWEN_VL, video=QWEN2_5_VIDEO),  # pyright: ignore[reportArgumentType]
+        VisionFamily("qwen3_vl", "Qwen3-VL", **QWEN_VL, video=QWEN3_VIDEO),  # pyright: ignore[reportArgumentType]
+        VisionFamily("qwen3_vl_moe", "Qwen3-VL MoE", **QWEN_VL, video=QWEN3_VIDEO),  # pyright: ignore[reportArgumentType]
+        VisionFamily("qwen3_5", "Qwen3.5", **QWEN_VL, video=QWEN3_VIDEO),  # pyright: ignore[reportArgumentType]
+        VisionFamily("qwen3_5_moe", "Qwen3.5 MoE", **QWEN_VL, video=QWEN3_VIDEO),  # pyright: ignore[reportArgumentType]
         VisionFamily("gemma3", "Gemma 3", **GEMMA3),  # pyright: ignore[reportArgumentType]
         VisionFamily("gemma4", "Gemma 4", **GEMMA4),  # pyright: ignore[reportArgumentType]
         VisionFamily("mistral3", "Mistral 3", **MISTRAL3),  # pyright: ignore[reportArgumentType]
@@ -328,10 +337,16 @@ def check_media(examples, model, capability, backend: str, objective: str) -> No
 
 
 class VisionInputs:
-    """A model's image processor and family record: what :func:`tokenize` needs."""
+    """A model's image processor and family record, and how its videos are sampled: what
+    :func:`tokenize` needs."""
 
     def __init__(
-        self, family: VisionFamily, folder: Path, max_pixels: int | None = None, min_pixels: int | None = None
+        self,
+        family: VisionFamily,
+        folder: Path,
+        max_pixels: int | None = None,
+        min_pixels: int | None = None,
+        video: VideoSampling | None = None,
     ):
         import importlib
 
@@ -344,14 +359,25 @@ class VisionInputs:
             self.processor = cls(**overrides)
         self.family = family
         self.config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        self.sampling = video or VideoSampling()
+        self.video_bounds = video_bounds(family.video, folder) if family.video else None
 
     @classmethod
     def for_model(
-        cls, folder: Path, max_pixels: int | None = None, min_pixels: int | None = None
+        cls,
+        folder: Path,
+        max_pixels: int | None = None,
+        min_pixels: int | None = None,
+        video: VideoSampling | None = None,
     ) -> VisionInputs | None:
         """The model's, where it is a vision-language family of the table; else None."""
         family = family_of(folder)
-        return None if family is None else cls(family, folder, max_pixels, min_pixels)
+        return None if family is None else cls(family, folder, max_pixels, min_pixels, video)
+
+    @classmethod
+    def for_data(cls, folder: Path, data) -> VisionInputs | None:
+        """The model's, with the recipe's data section's image and video settings."""
+        return cls.for_model(folder, data.image_max_pixels, data.image_min_pixels, VideoSampling.of(data))
 
     def tokenize(self, renderer, example, first: int):
         return tokenize(renderer, example, first)
@@ -365,38 +391,93 @@ class VisionInputs:
         texts = [family.expanded(n, outputs, i, processor, config) for i, n in enumerate(counts)]
         return outputs, counts, texts
 
+    def media(self, media: list, where: str) -> tuple[dict, list[Expansion]]:
+        """What the forward takes for a row's images and videos (hwft.data.media.Media), and how
+        each kind's marks in the rendered text expand."""
+        from hwft.data.media import open_image
+        from hwft.data.video import open_video
+
+        family, inputs, expansions = self.family, {}, []
+        images = [open_image(m, where) for m in media if m.kind == "image"]
+        if images:
+            outputs, counts, texts = self.read(images)
+            inputs.update({key: outputs[key] for key in family.inputs})
+            expansions.append(Expansion("image", family.placeholder, family.expands, family.image_token, counts, texts))
+        clips = [open_video(m, where, self.sampling) for m in media if m.kind == "video"]
+        if clips:
+            video = family.video
+            assert video is not None and self.video_bounds is not None, "check_media refuses videos it is not fed"
+            outputs, counts, texts = read_videos(video, self.processor, self.video_bounds, clips)
+            inputs.update(outputs)
+            expansions.append(Expansion("video", video.placeholder, video.expands, video.token, counts, texts))
+        return inputs, expansions
+
+
+@dataclass(frozen=True)
+class Expansion:
+    """One media kind of a row: its placeholder before rendering, its mark in the rendered text,
+    the token its features fill, and each file's token count and text."""
+
+    kind: str
+    placeholder: str
+    mark: str
+    token: str
+    counts: list[int]
+    texts: list[str]
+
+
+#: mm_token_type_ids' value of each media kind's tokens (text: 0), as transformers' Qwen models read it
+TOKEN_TYPES = {"image": 1, "video": 2}
+
+
+def rendered(turns: list[dict], expansions: list[Expansion]) -> list[dict]:
+    """The turns with each ``<image>``/``<video>`` written as the family's placeholder."""
+    from hwft.data.media import PLACEHOLDERS
+
+    out = []
+    for m in turns:
+        content = m.get("content")
+        if isinstance(content, str):
+            for e in expansions:
+                content = content.replace(PLACEHOLDERS[e.kind], e.placeholder)
+            m = {**m, "content": content}
+        out.append(m)
+    return out
+
+
+def token_types(renderer, ids: list[int], expansions: list[Expansion]) -> list[int]:
+    kinds = {renderer.tokenizer.convert_tokens_to_ids(e.token): TOKEN_TYPES[e.kind] for e in expansions}
+    return [kinds.get(t, 0) for t in ids]
+
 
 def tokenize(renderer, example, first: int):
-    """A conversation with images: the token sequence (each image's tokens in place, none of
-    them a label), labels on the assistant turns, and the pixels in ``inputs``."""
+    """A conversation with images and videos: the token sequence (each one's tokens in place,
+    none of them a label), labels on the assistant turns, and the pixels in ``inputs``."""
     from hwft.data.chat import IGNORE_INDEX
-    from hwft.data.media import PLACEHOLDERS, open_image
+    from hwft.data.media import described
 
     vision: VisionInputs = renderer.vision
-    family = vision.family
-    images = [open_image(m, example.source) for m in example.media]
-    outputs, counts, texts = vision.read(images)
-    messages = [
-        {**m, "content": m["content"].replace(PLACEHOLDERS["image"], family.placeholder)}
-        if isinstance(m.get("content"), str)
-        else m
-        for m in example.messages
-    ]
-    text, spans = renderer.label_spans(messages, example.tools, example.source, first)
-    text, spans = expand(text, spans, family, texts, example.source)
+    inputs, expansions = vision.media(example.media, example.source)
+    text, spans = renderer.label_spans(rendered(example.messages, expansions), example.tools, example.source, first)
+    for e in expansions:
+        text, spans = expand(text, spans, e.mark, e.texts, example.source, e.kind)
     tok = renderer.encode_text(text, spans)
-    image_id = renderer.tokenizer.convert_tokens_to_ids(family.image_token)
-    found = sum(1 for t in tok.input_ids if t == image_id)
-    if found != sum(counts):
-        raise DataError(
-            f"{example.source}: its {len(images)} images should be {sum(counts)} {family.image_token} tokens, "
-            f"but the chat template and tokenizer give {found}; the model's tokenizer must hold "
-            f"{family.image_token} as one token"
-        )
-    tok.labels = [IGNORE_INDEX if t == image_id else label for t, label in zip(tok.input_ids, tok.labels, strict=True)]
-    tok.inputs = {key: outputs[key] for key in family.inputs}
-    if family.token_types:
-        tok.token_inputs = {family.token_types: [int(t == image_id) for t in tok.input_ids]}
+    media_ids = set()
+    for e in expansions:
+        token_id = renderer.tokenizer.convert_tokens_to_ids(e.token)
+        media_ids.add(token_id)
+        found = sum(1 for t in tok.input_ids if t == token_id)
+        if found != sum(e.counts):
+            raise DataError(
+                f"{example.source}: its {described([m for m in example.media if m.kind == e.kind])} should be "
+                f"{sum(e.counts)} {e.token} tokens, but the chat template and tokenizer give {found}; the model's "
+                f"tokenizer must hold {e.token} as one token"
+            )
+    tok.labels = [IGNORE_INDEX if t in media_ids else label for t, label in zip(tok.input_ids, tok.labels, strict=True)]
+    tok.inputs = inputs
+    tok.media_tokens = {e.kind: e.counts for e in expansions}
+    if vision.family.token_types:
+        tok.token_inputs = {vision.family.token_types: token_types(renderer, tok.input_ids, expansions)}
     return tok
 
 
@@ -411,38 +492,33 @@ def prompt_inputs(
     vision: VisionInputs, renderer, messages: list[dict], media: list, where: str
 ) -> tuple[list[int], dict, dict[str, list[int]]]:
     """(token ids up to where the assistant speaks, the processor outputs the forward takes,
-    the per-token inputs over those ids) of a conversation with images: an image prompt to
+    the per-token inputs over those ids) of a conversation with images or videos: a prompt to
     generate from."""
-    from hwft.data.media import PLACEHOLDERS, check_placeholders, open_image
+    from hwft.data.media import check_placeholders
 
-    family = vision.family
     check_placeholders([m.get("content") or "" for m in messages], media)
-    images = [open_image(m, where) for m in media]
-    outputs, _, texts = vision.read(images)
-    turns = [
-        {**m, "content": (m.get("content") or "").replace(PLACEHOLDERS["image"], family.placeholder)} for m in messages
-    ]
-    text, _ = expand(renderer.render(turns, add_generation_prompt=True), [], family, texts, where)
+    inputs, expansions = vision.media(media, where)
+    turns = [{**m, "content": m.get("content") or ""} for m in messages]
+    text = renderer.render(rendered(turns, expansions), add_generation_prompt=True)
+    for e in expansions:
+        text, _ = expand(text, [], e.mark, e.texts, where, e.kind)
     ids = list(renderer.tokenizer(text, add_special_tokens=False)["input_ids"])
-    inputs = {key: outputs[key] for key in family.inputs}
     token_inputs = {}
-    if family.token_types:
-        image_id = renderer.tokenizer.convert_tokens_to_ids(family.image_token)
-        token_inputs[family.token_types] = [int(t == image_id) for t in ids]
+    if vision.family.token_types:
+        token_inputs[vision.family.token_types] = token_types(renderer, ids, expansions)
     return ids, inputs, token_inputs
 
 
 def expand(
-    text: str, spans: list[tuple[int, int]], family: VisionFamily, images: list[str], where: str
+    text: str, spans: list[tuple[int, int]], mark: str, images: list[str], where: str, kind: str = "image"
 ) -> tuple[str, list[tuple[int, int]]]:
-    """``text`` with the i-th ``family.expands`` made ``images[i]`` (the image's own text), and
+    """``text`` with the i-th ``mark`` made ``images[i]`` (the image's or video's own text), and
     the label spans moved past what was inserted before them."""
-    mark = family.expands
     pieces = text.split(mark)
     if len(pieces) - 1 != len(images):
         raise DataError(
-            f"{where}: the chat template's text holds {len(pieces) - 1} {mark} for {len(images)} images "
-            "(a template that drops or repeats a turn's text cannot carry its images)"
+            f"{where}: the chat template's text holds {len(pieces) - 1} {mark} for {len(images)} {kind}s "
+            f"(a template that drops or repeats a turn's text cannot carry its {kind}s)"
         )
     out, shifts, position = [pieces[0]], [], len(pieces[0])
     for image, piece in zip(images, pieces[1:], strict=True):

@@ -118,13 +118,8 @@ def test_a_text_only_model_refuses_image_rows_in_one_line(tiny_llama, tmp_path, 
     assert "qwen2_vl" in err
 
 
-def test_video_rows_and_mlx_are_refused_in_one_line(tiny_vl, tmp_path, cli):
-    model = tiny_vl("qwen2_vl")
-    video = write_recipe(
-        tmp_path, model, data={"registry": str(LF / "dataset_info.json"), "train": ["mllm_video_demo"]}
-    )
-    code, _, err = cli("train", video, "--dry-run")
-    assert code == 2 and "mllm_video_demo.json row 1 has 1 video: hwft feeds Qwen2-VL images only, not video" in err
+def test_a_family_mlx_does_not_feed_is_refused_in_one_line(tiny_vl, tmp_path, cli):
+    """(Video rows' refusals: tests/test_video.py.)"""
     images = write_recipe(
         tmp_path, tiny_vl("gemma3"), data={"registry": str(LF / "dataset_info.json"), "train": ["mllm_demo"]}
     )

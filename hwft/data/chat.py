@@ -110,6 +110,8 @@ class Tokenized:
     #: inputs with one value per token (Qwen-VL's mm_token_type_ids: 0 text, 1 image), padded
     #: with 0 beside the token ids; None for text
     token_inputs: dict | None = None
+    #: media kind -> how many tokens each of the row's files of that kind became (hwft.vision)
+    media_tokens: dict[str, list[int]] | None = None
 
     @property
     def num_labels(self) -> int:

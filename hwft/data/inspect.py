@@ -72,7 +72,7 @@ def inspect(recipe: Recipe, rows: int = 3, color: bool = False) -> tuple[str, di
     tokenizer = load_tokenizer(materialise_tokenizer(model), recipe.model.trust_remote_code)
     renderer = ChatRenderer.for_recipe(recipe, tokenizer)
     if model.ready:  # a vision-language model's image processor: how many tokens each image becomes
-        renderer.vision = VisionInputs.for_model(model.path, recipe.data.image_max_pixels, recipe.data.image_min_pixels)
+        renderer.vision = VisionInputs.for_data(model.path, recipe.data)
     template = renderer.template
     t = recipe.train
     lines = [
@@ -91,9 +91,10 @@ def inspect(recipe: Recipe, rows: int = 3, color: bool = False) -> tuple[str, di
         for label, tok in _shown(renderer, example, t.max_length):
             part = f" {label}" if label else ""
             head = f"--- {example.source}{part}: {len(tok.input_ids)} tokens, {tok.num_labels} trained"
-            images = image_tokens(renderer, tok)
-            if images:
-                head += f"; {len(images)} image{'s' * (len(images) != 1)} of {', '.join(map(str, images))} tokens"
+            media = tok.media_tokens or {}
+            images, videos = media.get("image", []), media.get("video", [])
+            for kind, counts in media.items():
+                head += f"; {len(counts)} {kind}{'s' * (len(counts) != 1)} of {', '.join(map(str, counts))} tokens"
             lines += [head, collapsed(renderer, highlight(tokenizer, tok, color))]
             shown.append(
                 {
@@ -105,6 +106,7 @@ def inspect(recipe: Recipe, rows: int = 3, color: bool = False) -> tuple[str, di
                     "text": tokenizer.decode(tok.input_ids),
                     "trained_text": tokenizer.decode([x for x in tok.labels if x != IGNORE_INDEX]),
                     "image_tokens": images,
+                    "video_tokens": videos,
                 }
             )
 
@@ -142,29 +144,14 @@ def inspect(recipe: Recipe, rows: int = 3, color: bool = False) -> tuple[str, di
     return "\n".join(lines), report
 
 
-def image_tokens(renderer: ChatRenderer, tok: Tokenized) -> list[int]:
-    """How many tokens each image of a row became: the runs of its family's image token."""
-    if renderer.vision is None or tok.inputs is None:
-        return []
-    image_id = renderer.tokenizer.convert_tokens_to_ids(renderer.vision.family.image_token)
-    runs: list[int] = []
-    previous = None
-    for token in tok.input_ids:
-        if token == image_id:
-            if previous == image_id:
-                runs[-1] += 1
-            else:
-                runs.append(1)
-        previous = token
-    return runs
-
-
 def collapsed(renderer: ChatRenderer, text: str) -> str:
-    """The row's text with each image's run of image tokens written once, with its count."""
-    if renderer.vision is None:
+    """The row's text with each run of an image's or a video's tokens written once, with its count."""
+    vision = renderer.vision
+    if vision is None:
         return text
-    token = renderer.vision.family.image_token
-    return re.sub(f"(?:{re.escape(token)})+", lambda m: f"{token}x{len(m.group(0)) // len(token)}", text)
+    for token in (vision.family.image_token, *([vision.family.video.token] if vision.family.video else [])):
+        text = re.sub(f"(?:{re.escape(token)})+", lambda m, t=token: f"{t}x{len(m.group(0)) // len(t)}", text)
+    return text
 
 
 def _efficiency(rows: list[Row], micro_batch_size: int, group: bool, seed: int) -> float:

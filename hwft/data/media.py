@@ -47,7 +47,10 @@ class Media:
     data: bytes | None = None  #: inline bytes (a data: URL, input_audio)
 
     def shown(self) -> str:
-        return self.given if len(self.given) <= 60 else self.given[:40] + "..."
+        """As given, shortened where long: a data: URL to its start, a path to its end (the name)."""
+        if len(self.given) <= 60:
+            return self.given
+        return self.given[:40] + "..." if self.given.startswith("data:") else "..." + self.given[-57:]
 
     def open_bytes(self) -> bytes:
         if self.data is not None:

@@ -143,6 +143,28 @@ class DataSpec(Section):
         gt=0,
         description="Images with fewer pixels are scaled up to about this many (LLaMA-Factory's image_min_pixels).",
     )
+    video_max_pixels: int | None = Field(
+        default=None,
+        gt=0,
+        description="Video frames with more pixels are scaled down to about this many before the model's own "
+        "processing (LLaMA-Factory's video_max_pixels); default 65536 (256 x 256).",
+    )
+    video_min_pixels: int | None = Field(
+        default=None,
+        gt=0,
+        description="Video frames with fewer pixels are scaled up to about this many (LLaMA-Factory's "
+        "video_min_pixels); default 256 (16 x 16).",
+    )
+    video_fps: float | None = Field(
+        default=None,
+        gt=0,
+        description="Frames sampled per second of each video (LLaMA-Factory's video_fps); default 2.",
+    )
+    video_maxlen: int | None = Field(
+        default=None,
+        gt=0,
+        description="At most this many frames of one video (LLaMA-Factory's video_maxlen); default 128.",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -464,4 +464,26 @@ def build_tiny_vision_model(family: str, out: Path, tokenizer_src: Path | None =
     if family.startswith("qwen"):
         settings = {**QWEN_PIXELS, **settings}
     processor(**settings).save_pretrained(out)
+    video = vision.FAMILIES[family].video
+    if video is not None:
+        write_tiny_video_config(out, video, settings.get("patch_size", 14))
     return out
+
+
+def write_tiny_video_config(out: Path, video, patch: int) -> None:
+    """A video processor config with small bounds (hwft.vision_video reads them): a few tokens
+    for each pair of frames (Qwen2-VL bounds each frame, Qwen3-VL the whole clip)."""
+    import json
+
+    from hwft.vision_video import per_frame_size
+
+    factor = patch * 2
+    whole = video.size is not per_frame_size
+    config = {
+        "video_processor_type": "Qwen3VLVideoProcessor" if whole else "Qwen2VLVideoProcessor",
+        "size": {"shortest_edge": factor * factor, "longest_edge": factor * factor * (64 if whole else 4)},
+        "patch_size": patch,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+    }
+    (out / "video_preprocessor_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -212,7 +212,7 @@ def cuda_record(devices: tuple[Mapping[str, Any], ...], flash2: bool, flash3: bo
         optimizers=TORCH_OPTIMIZERS,
         collective="nccl",
         packing=True,
-        media=("image",),  # hwft.vision: image rows for the vision-language families
+        media=("image", "video"),  # hwft.vision: image and video rows for the vision-language families
         compile=compiling.triton_installed(),
     )
 
@@ -225,7 +225,7 @@ def capability_cpu() -> Capability:
         optimizers=TORCH_OPTIMIZERS,
         collective="gloo",
         packing=True,
-        media=("image",),  # hwft.vision: image rows for the vision-language families
+        media=("image", "video"),  # hwft.vision: image and video rows for the vision-language families
         compile=compiling.cpp_compiler() is not None,
     )
 
@@ -249,7 +249,7 @@ def capability_rocm() -> Capability:
         optimizers=TORCH_OPTIMIZERS,
         collective="rccl",
         packing=True,
-        media=("image",),  # hwft.vision: image rows for the vision-language families
+        media=("image", "video"),  # hwft.vision: image and video rows for the vision-language families
         compile=compiling.triton_installed(),
     )
 

@@ -65,7 +65,8 @@ def media_tensors(rows: list, width: int, left: bool = False) -> dict[str, torch
     media = [r.inputs for r in rows if r.inputs]
     if not media:
         return {}
-    out = {key: torch.cat(padded_to_largest([torch.as_tensor(m[key]) for m in media])) for key in media[0]}
+    keys = dict.fromkeys(key for m in media for key in m)  # a row's images, another's videos: each over its rows
+    out = {key: torch.cat(padded_to_largest([torch.as_tensor(m[key]) for m in media if key in m])) for key in keys}
     for key in next((r.token_inputs for r in rows if r.token_inputs), {}):
         values = [(r.token_inputs or {}).get(key, [0] * len(r.input_ids)) for r in rows]
         out[key] = torch.tensor([[0] * (width - len(v)) + v if left else v + [0] * (width - len(v)) for v in values])

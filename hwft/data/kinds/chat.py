@@ -44,10 +44,11 @@ def encode(example: ChatExample, renderer: ChatRenderer, max_length: int, stats:
     token is left."""
     tok = renderer.tokenize(example)
     if len(tok.input_ids) > max_length and tok.inputs is not None:
+        media = "images" if set(tok.media_tokens or {}) <= {"image"} else "videos"
+        lower = "data.image_max_pixels" if media == "images" else "data.video_max_pixels or data.video_fps"
         raise DataError(
-            f"{example.source} is {len(tok.input_ids)} tokens with its images, over train.max_length "
-            f"{max_length}, and an image's tokens cannot be cut; raise train.max_length, or lower "
-            "data.image_max_pixels"
+            f"{example.source} is {len(tok.input_ids)} tokens with its {media}, over train.max_length "
+            f"{max_length}, and their tokens cannot be cut; raise train.max_length, or lower {lower}"
         )
     if len(tok.input_ids) > max_length:
         stats.truncated += 1
