@@ -264,3 +264,35 @@ def test_grpo_trains_on_video_prompts_beside_image_prompts(tiny_vl, tmp_path, cl
     assert len(metrics) == 2 and all("reward" in m and "kl" in m for m in metrics), metrics
     prompts = {json.loads(line)["prompt"] for line in (tmp_path / "out" / "rollouts.jsonl").read_text().splitlines()}
     assert prompts == {"<video>What happens?", "<image>Who are they?"}
+
+
+def test_dpo_trains_on_video_preference_pairs(tiny_vl, tmp_path, cli):
+    """dpo on pairs whose prompt holds a video (Qwen3-VL, timestamps and all): each answer's
+    sequence carries the clip to the policy's and the reference's forward, so the first loss is
+    -log sigmoid(0) = log 2 (1e-5) and the second moves off it."""
+    import math
+
+    rows = [
+        {
+            "conversations": [{"from": "human", "value": f"<video>{question}"}],
+            "chosen": {"from": "gpt", "value": chosen},
+            "rejected": {"from": "gpt", "value": rejected},
+            "videos": [str(DEMO / name)],
+        }
+        for name, question, chosen, rejected in (
+            ("2.avi", "What is she doing?", "She is cooking.", "She is swimming."),
+            ("1.mp4", "What happens?", "A baby reads.", "A dog runs."),
+        )
+    ]
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    recipe = write_recipe(
+        tmp_path,
+        tiny_vl("qwen3_vl"),
+        data={"train": [{"path": data.name}]},
+        method={"objective": "dpo", "tuning": "lora"},
+        train={"max_steps": 2, "micro_batch_size": 2, "max_length": 512, "lr": 5e-3, "log_every": 1},
+    )
+    code, _, err = cli("train", recipe)
+    assert code == 0, err[-3000:]
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-5) and losses[1] != pytest.approx(math.log(2), abs=1e-4)
