@@ -69,6 +69,10 @@ class VisionFamily:
     #: the keyword arguments the family's processor call takes from the model config (Pixtral's
     #: images are cut to the merged patch, patch_size x spatial_merge_size)
     call: Callable[[dict], dict] | None = None
+    #: its rows with images and videos pack: the engine gives each packed example its own
+    #: positions from the model's own rule (Qwen's get_rope_index) and proves the packed forward
+    #: at load time (hwft_torch.media_packing)
+    packs: bool = False
 
     def expanded(self, n: int, outputs: dict, index: int, processor, config: dict) -> str:
         return self.expansion(n, outputs, index, processor, config) if self.expansion else self.image_token * n
@@ -90,7 +94,11 @@ QWEN_VL = dict(
     vision_modules=("visual",),
     projector_modules=("merger", "deepstack_merger_list"),
     own_positions=True,
+    packs=True,
 )
+#: Qwen3.5's Gated DeltaNet layers carry state along a row across its examples in transformers'
+#: torch path (its text rows' packing proof fails too), so its rows do not pack.
+QWEN3_5 = {**QWEN_VL, "packs": False}
 #: Gemma 3 (4B and up): each image a fixed number of soft tokens (mm_tokens_per_image, 256 in
 #: the released checkpoints) between its begin and end tokens, as Gemma3Processor writes it; the
 #: image tokens attend to each other both ways in training (token_type_ids).
@@ -242,8 +250,8 @@ FAMILIES: dict[str, VisionFamily] = {
         VisionFamily("qwen2_5_vl", "Qwen2.5-VL", **QWEN_VL, video=QWEN2_5_VIDEO),  # pyright: ignore[reportArgumentType]
         VisionFamily("qwen3_vl", "Qwen3-VL", **QWEN_VL, video=QWEN3_VIDEO),  # pyright: ignore[reportArgumentType]
         VisionFamily("qwen3_vl_moe", "Qwen3-VL MoE", **QWEN_VL, video=QWEN3_VIDEO),  # pyright: ignore[reportArgumentType]
-        VisionFamily("qwen3_5", "Qwen3.5", **QWEN_VL, video=QWEN3_VIDEO),  # pyright: ignore[reportArgumentType]
-        VisionFamily("qwen3_5_moe", "Qwen3.5 MoE", **QWEN_VL, video=QWEN3_VIDEO),  # pyright: ignore[reportArgumentType]
+        VisionFamily("qwen3_5", "Qwen3.5", **QWEN3_5, video=QWEN3_VIDEO),  # pyright: ignore[reportArgumentType]
+        VisionFamily("qwen3_5_moe", "Qwen3.5 MoE", **QWEN3_5, video=QWEN3_VIDEO),  # pyright: ignore[reportArgumentType]
         VisionFamily("gemma3", "Gemma 3", **GEMMA3),  # pyright: ignore[reportArgumentType]
         VisionFamily("gemma4", "Gemma 4", **GEMMA4),  # pyright: ignore[reportArgumentType]
         VisionFamily("mistral3", "Mistral 3", **MISTRAL3),  # pyright: ignore[reportArgumentType]
@@ -267,6 +275,11 @@ def model_type(folder: Path) -> str | None:
 
 def family_of(folder: Path) -> VisionFamily | None:
     return FAMILIES.get(model_type(folder) or "")
+
+
+def packing_families() -> list[str]:
+    """The families whose rows with images and videos pack (VisionFamily.packs)."""
+    return [f.description for f in FAMILIES.values() if f.packs]
 
 
 def methods_fed(data_kinds: tuple[str, ...] | None = None) -> list[str]:

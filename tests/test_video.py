@@ -153,13 +153,13 @@ def test_qwen3_vl_writes_each_temporal_patch_s_time_as_its_processor_does(tiny_v
     assert ours == theirs and ours.startswith("<0.3 seconds><|vision_start|>") and ours.count("seconds>") == 10
 
 
-@pytest.mark.parametrize(("family", "first"), [("qwen2_vl", 8.3590), ("qwen2_5_vl", 8.3180), ("qwen3_vl", 8.3278)])
+@pytest.mark.parametrize(("family", "first"), [("qwen2_vl", 8.3374), ("qwen2_5_vl", 8.3327), ("qwen3_vl", 8.3130)])
 def test_llamafactorys_video_rows_train_beside_its_image_rows(family, first, tiny_vl, tmp_path, cli):
     """mllm_video_demo (an mp4, an avi, an mp4) and mllm_demo's image rows through LLaMA-Factory's
-    dataset_info.json, two rows a micro-batch, LoRA sft: images and videos in one batch,
-    each video's tokens never trained on. The first loss is pinned (1e-3: PyAV's decode and
-    PIL's resize are exact integer work, the tiny model's float sums differ by CPU in the 6th
-    digit)."""
+    dataset_info.json, packed (tests/test_media_packing.py), two rows a micro-batch, LoRA sft:
+    images and videos in one row, each video's tokens never trained on. The first loss is
+    pinned (1e-3: PyAV's decode and PIL's resize are exact integer work, the tiny model's float
+    sums differ by CPU in the 6th digit)."""
     model = tiny_vl(family)
     recipe = write_recipe(
         tmp_path,
@@ -169,6 +169,7 @@ def test_llamafactorys_video_rows_train_beside_its_image_rows(family, first, tin
     )
     code, _, err = cli("train", recipe)
     assert code == 0, err[-3000:]
+    assert "packing on" in err and "packing: rows with images or videos pack" in err
     losses = [json.loads(line)["loss"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 3 and losses[0] == pytest.approx(first, abs=1e-3)
     code, out, err = cli("data", "inspect", recipe, "--rows", "1", "--json")

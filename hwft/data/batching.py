@@ -36,10 +36,11 @@ class Row:
     labels: list[int]
     lengths: list[int]  #: the examples' lengths, in order; they sum to len(input_ids)
     ids: list[int] = field(default_factory=list)  #: the examples' indices among the tokenised sequences
-    #: the model inputs beside the tokens of a row's one example (an image row's pixels:
-    #: Tokenized.inputs); such rows never pack
+    #: the model inputs beside the tokens (image and video rows' pixels and grids:
+    #: Tokenized.inputs), each concatenated over the row's examples in order
     inputs: dict | None = None
-    token_inputs: dict | None = None  #: its per-token inputs (Tokenized.token_inputs), padded with 0
+    #: per-token inputs (Tokenized.token_inputs) over the row's tokens, 0 for a text example's
+    token_inputs: dict | None = None
 
     @property
     def sequences(self) -> tuple[Row, ...]:
@@ -88,9 +89,27 @@ def make_rows(examples: list[Tokenized], max_length: int, packing: bool) -> list
                 [t for e in members for t in e.labels],
                 [len(e.input_ids) for e in members],
                 list(group),
+                *packed_inputs(members),
             )
         )
     return rows
+
+
+def packed_inputs(members: list[Tokenized]) -> tuple[dict | None, dict | None]:
+    """The inputs and per-token inputs of examples packed into one row: each input concatenated
+    over the examples that have it, in their order (as a batch of them would be); each per-token
+    input over all the row's tokens, 0 where an example has none (a text example's)."""
+    if not any(e.inputs for e in members):
+        return None, None
+    import numpy as np
+
+    keys = dict.fromkeys(k for e in members for k in e.inputs or {})
+    inputs = {k: np.concatenate([np.asarray(e.inputs[k]) for e in members if e.inputs and k in e.inputs]) for k in keys}
+    per_token = dict.fromkeys(k for e in members for k in e.token_inputs or {})
+    token_inputs = {
+        k: [v for e in members for v in (e.token_inputs or {}).get(k, [0] * len(e.input_ids))] for k in per_token
+    }
+    return inputs, token_inputs or None
 
 
 def batch_order(rows: list[Row], micro_batch_size: int, rng: random.Random, group_by_length: bool) -> list[list[Row]]:

@@ -339,6 +339,7 @@ def load(run: TorchRun) -> None:
     if needed is not None:
         job.log(f"attention: {needed[0]}, not sdpa ({needed[1]})")
     prove_packing(run, whole=not skeleton)
+    prove_media_packing(run, whole=not skeleton)
     if experts_implementation(model_type_of(path)):
         job.log("moe: every expert's tokens in one grouped matmul (transformers' grouped_mm experts)")
     run.inputs.batches.check_vocabulary(run.model.get_input_embeddings().num_embeddings, str(path))
@@ -356,6 +357,9 @@ def prove_packing(run: TorchRun, whole: bool = True) -> None:
     model_type = model_type_of(run.inputs.model_path)
     if get_host().families().lookup("torch", model_type).known or recipe.kernels.attention == "flash_attention_2":
         return
+    vision = getattr(run.inputs.renderer, "vision", None)
+    if vision is not None and vision.family.packs:
+        return  # its record says its rows pack (tests/test_media_packing.py); prove_media_packing checks them
     if not method(recipe.method.objective).packs or recipe.data.packing is False or not run.inputs.batches.packing:
         return  # nothing packs: the method's rows, the recipe, or the data (image rows: hwft.vision)
     from hwft_torch.packing_proof import packing_problem
@@ -375,6 +379,55 @@ def prove_packing(run: TorchRun, whole: bool = True) -> None:
     job.log(
         f"packing: {model_type} is not in hwft's family table; its packed forward matched each example's own, "
         "so rows pack"
+    )
+
+
+def prove_media_packing(run: TorchRun, whole: bool = True) -> None:
+    """Where rows with images or videos pack (hwft.vision: the family's record says so), two of
+    the run's own examples, packed, must give each the logits it has alone
+    (hwft_torch.packing_proof); refused in one line where they do not. Where each fsdp2 rank
+    loaded only its shards (``whole`` False) the record stands alone, as the tests hold it."""
+    from hwft.data.chat import TokenizeStats
+    from hwft.data.kinds.sequences import encode
+
+    renderer, batches = run.inputs.renderer, run.inputs.batches
+    if getattr(renderer, "vision", None) is None or not batches.packing or not whole:
+        return
+    examples = run.job.data.examples[:64]
+    with_media = [e for e in examples if getattr(e, "media", None)][:4]
+    if not with_media:
+        return
+    length = run.job.recipe.train.max_length
+    shortest = sorted(
+        (t for e in with_media for t in encode(e, renderer, length, TokenizeStats())), key=lambda t: len(t.input_ids)
+    )[:2]
+    if len(shortest) < 2:  # one example with media: packed beside a text one
+        text = [
+            t for e in examples if not getattr(e, "media", None) for t in encode(e, renderer, length, TokenizeStats())
+        ]
+        shortest += sorted(text, key=lambda t: len(t.input_ids))[:1]
+    if len(shortest) < 2:
+        return
+    from hwft_torch.packing_proof import media_packing_problem
+
+    model_type = model_type_of(run.inputs.model_path)
+    with run.autocast():
+        problem = media_packing_problem(
+            run.model,
+            shortest,
+            run.inputs.tokenizer.pad_token_id,
+            attention_implementation(run.job.recipe),
+            run.device,
+            run.dtype,
+        )
+    if problem is not None:
+        raise RecipeError(
+            f"data.packing: transformers' {model_type} cannot keep packed examples with images or videos apart "
+            f"here: {problem}; set data.packing: false"
+        )
+    run.job.log(
+        f"packing: rows with images or videos pack ({renderer.vision.family.description}: each example's own "
+        "3-D positions; a packed pair of this run's examples gave each its own logits)"
     )
 
 

@@ -51,7 +51,7 @@ class LanguageModelling(RouterBalanced, Objective):
 
     def loss(self, model, micro: tuple[list[Row], int]) -> Loss:
         rows, num_items = micro
-        tensors = to_tensors(rows, self.pad_id, self.attention, self.device)
+        tensors = to_tensors(rows, self.pad_id, self.attention, self.device, model)
         labels = tensors.pop("labels")
         routed = {"output_router_logits": True} if self.balance is not None else {}
         if self.fused is None:

@@ -23,14 +23,17 @@ from hwft_torch.parallel import sharded
 from hwft_torch.unwrap import base_model
 
 
-def to_tensors(rows: list[Row], pad_id: int, attention: str, device: torch.device) -> dict[str, torch.Tensor]:
+def to_tensors(
+    rows: list[Row], pad_id: int, attention: str, device: torch.device, model=None
+) -> dict[str, torch.Tensor]:
     """Model inputs for a micro-batch, keeping attention within each packed example.
 
     flash_attention_2 runs padding-free: all rows are concatenated into one sequence and the
     kernel finds the examples from where ``position_ids`` restart (varlen). Other kernels get
     right-padded rows; where a row packs several examples, no attention mask but the position
     ids, from which transformers builds every layer's block-diagonal mask (the model must be
-    called with ``use_cache=False``).
+    called with ``use_cache=False``). Packed rows with images or videos also get each example's
+    own 3-D positions from ``model`` (hwft_torch.media_packing).
     """
     if attention == "flash_attention_2" and not any(r.inputs for r in rows):
         flat = {
@@ -41,10 +44,24 @@ def to_tensors(rows: list[Row], pad_id: int, attention: str, device: torch.devic
         return {k: torch.tensor([v], device=device) for k, v in flat.items()}
     batch = {k: torch.tensor(v) for k, v in pad(rows, pad_id).items()}
     if any(r.inputs for r in rows):
-        # Image rows (hwft.vision; never packed): the model places each row's tokens itself
-        # (Qwen's 3-D mRoPE from the image grids), so no position ids.
-        del batch["position_ids"]
+        # Rows with images or videos (hwft.vision): unpacked, the model places each row's tokens
+        # itself (Qwen's 3-D mRoPE from the grids), so no position ids; packed, each example's
+        # own positions from the model's rule (hwft_torch.media_packing).
         batch.update(media_tensors(rows, batch["input_ids"].shape[1]))
+        if any(len(r.lengths) > 1 for r in rows):
+            from hwft_torch.media_packing import packed_positions
+
+            types = next(k for r in rows if r.token_inputs for k in r.token_inputs)
+            batch["position_ids"] = packed_positions(model, rows, batch, types)
+        else:
+            del batch["position_ids"]
+    elif model is not None and any(len(r.lengths) > 1 for r in rows):
+        from hwft_torch.media_packing import rope_index
+
+        if rope_index(model) is not None:
+            # Packed text rows of a Qwen VL model: its 3-D positions are the text positions, and
+            # the text ones go first so that its mask keeps the examples apart (media_packing).
+            batch["position_ids"] = batch["position_ids"][None].expand(4, -1, -1)
     if any(len(r.lengths) > 1 for r in rows):
         # No mask: transformers finds the examples where position_ids restart (masking_utils'
         # find_packed_sequence_indices, with no cache: call the model with use_cache=False) and
@@ -204,7 +221,7 @@ def held_out_loss(
     ordered = sorted(rows, key=lambda r: len(r.input_ids))
     for start in range(0, len(ordered), batch_size):
         batch = ordered[start : start + batch_size]
-        tensors = to_tensors(batch, pad_id, attention, device)
+        tensors = to_tensors(batch, pad_id, attention, device, model)
         labels = tensors.pop("labels")
         with autocast() if autocast else nullcontext():
             if isinstance(head, str):

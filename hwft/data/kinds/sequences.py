@@ -58,16 +58,26 @@ def sequence_batches(data, renderer: ChatRenderer, recipe, ranks: int = 1, capab
     hwft.distributed), so an epoch has ``ranks`` times fewer steps."""
     t = recipe.train
     packing = packing_enabled(recipe, capability) if capability is not None else bool(recipe.data.packing)
-    if any(getattr(e, "media", None) for e in data.examples):
-        # Rows with images do not pack yet (each image row keeps the model's own positions:
-        # Qwen's 3-D mRoPE); the run goes unpacked, text rows too.
-        if recipe.data.packing:
-            first = next(e for e in data.examples if getattr(e, "media", None))
-            raise DataError(
-                f"data.packing: true, but {first.source} has images, and rows with images do not pack yet; "
-                "set data.packing: false (or leave it unset)"
-            )
-        packing = False
+    first = next((e for e in data.examples if getattr(e, "media", None)), None)
+    if first is not None:
+        # Rows with images or videos pack where the family's record says its forward takes packed
+        # rows (hwft.vision: Qwen's, each example's own 3-D positions; the engine proves it at
+        # load time) and the engine packs them (MLX: mlx-vlm's forward takes no packed mask).
+        from hwft.data.media import described
+        from hwft.vision import packing_families
+
+        vision = getattr(renderer, "vision", None)
+        family = vision.family if vision is not None else None
+        packs = family is not None and family.packs and getattr(capability, "media_packing", True)
+        if not packs:
+            if recipe.data.packing:
+                which = family.description if family is not None else "this model"
+                raise DataError(
+                    f"data.packing: true, but {first.source} has {described(first.media)}, and {which}'s rows with "
+                    f"images or videos do not pack here ({', '.join(packing_families())} do on the torch engine); "
+                    "set data.packing: false (or leave it unset)"
+                )
+            packing = False
     if getattr(renderer, "vision", None) is not None and recipe.data.packing is None:
         # A vision-language model on an engine that packs none of its rows (MLX: mlx-vlm's forward)
         packing = packing and getattr(capability, "media_packing", True)
