@@ -199,6 +199,13 @@ def _parser() -> argparse.ArgumentParser:
         help="an image for --prompt (a file, or a data: URL; repeat for several): where the prompt's <image> "
         "placeholders stand, else before its text; a vision-language model of hwft.vision's table",
     )
+    chat.add_argument(
+        "--video",
+        action="append",
+        default=[],
+        help="a video for --prompt (a file; repeat for several): where the prompt's <video> placeholders stand, "
+        "else before its text; frames sampled as for training (2 a second, at most 128); Qwen's VL families",
+    )
     chat.add_argument("--interactive", action="store_true", help="a conversation even when stdin is not a terminal")
     sampling(chat, 0.0)
 

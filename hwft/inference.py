@@ -237,10 +237,17 @@ class Session:
         return self.vision
 
     def image_prompt(self, messages: list[dict], media: list) -> tuple[list[int], dict]:
-        """The prompt ids of a conversation with images, and their pixels (hwft.vision)."""
+        """The prompt ids of a conversation with images or videos, and their pixels (hwft.vision)."""
         from hwft import vision
 
-        return vision.prompt(self.feed_images(), self.renderer, messages, media, "the prompt")
+        fed = self.feed_images()
+        unfed = sorted({m.kind for m in media} - set(fed.family.kinds))
+        if unfed:
+            raise UserError(
+                f"{fed.family.description} takes {' and '.join(k + 's' for k in fed.family.kinds)} only, not "
+                f"{' or '.join(k + 's' for k in unfed)}; leave those out"
+            )
+        return vision.prompt(fed, self.renderer, messages, media, "the prompt")
 
     def stream(
         self, messages: list[dict] | str, sampling: Sampling | None = None, media: list | None = None

@@ -238,7 +238,7 @@ def test_env_json_schema(site, cli):
         "notes",
         "tunings",
     }
-    assert cpu["capability"]["media"] == ["image"]  # hwft.vision's image rows
+    assert cpu["capability"]["media"] == ["image", "video"]  # hwft.vision's image and video rows
     every = ["full", "lora", "qlora"]
     assert cpu["capability"]["methods"] == {
         m: every for m in ("sft", "cpt", "dpo", "orpo", "simpo", "kto", "rm", "grpo", "ppo")

@@ -215,6 +215,7 @@ def test_what_is_not_fed_is_refused_in_one_line(tiny_vl, tmp_path, cli, monkeypa
     assert "mllm_video_demo.json row 1 has 1 video: hwft feeds Gemma 3 images only, not video" in err
     err = refused(tiny_vl("qwen2_vl"), ["mllm_video_audio_demo"])
     assert "row 1 has 1 video and 1 audio: hwft feeds Qwen2-VL images and videos only, not audio" in err
+    assert "hwft feeds no model audio yet: Qwen2-Audio, Qwen2.5-Omni and Gemma 3n are not in its table" in err
     pytest.importorskip("mlx_vlm")
     err = refused(tiny_vl("qwen2_vl"), ["mllm_video_demo"], "backend=mlx")
     assert "backend mlx's engine does not feed videos" in err
@@ -297,3 +298,41 @@ def test_dpo_trains_on_video_preference_pairs(tiny_vl, tmp_path, cli):
     assert code == 0, err[-3000:]
     losses = [json.loads(line)["loss"] for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert losses[0] == pytest.approx(math.log(2), abs=1e-5) and losses[1] != pytest.approx(math.log(2), abs=1e-4)
+
+
+def test_chat_answers_about_a_video_as_transformers_generates(tiny_vl, cli, capsys):
+    """`hwft chat MODEL --video 4.mp4 --prompt ...`: greedy tokens are transformers' own
+    generate on the same ids, pixels and grid; a video for a family fed images only is refused
+    in one line."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    from hwft import vision
+    from hwft.data.chat import ChatRenderer
+
+    model_dir = tiny_vl("qwen2_5_vl")
+    capsys.readouterr()
+    video = DEMO / "4.mp4"
+    code, out, err = cli(
+        "chat", model_dir, "--video", video, "--prompt", "What happens?", "--max-new-tokens", "6", "--precision", "fp32"
+    )
+    assert code == 0, err
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    inputs = vision.VisionInputs.for_model(model_dir)
+    assert inputs is not None
+    ids, extras = vision.prompt(
+        inputs,
+        ChatRenderer(tokenizer, tokenizer.chat_template),
+        [{"role": "user", "content": "<video>What happens?"}],
+        [media(video)],
+        "q",
+    )
+    assert "pixel_values_videos" in extras and "second_per_grid_ts" in extras
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        made = model.generate(
+            input_ids=torch.tensor([ids]), **{k: torch.as_tensor(v) for k, v in extras.items()}, max_new_tokens=6
+        )
+    assert out == tokenizer.decode(made[0, len(ids) :], skip_special_tokens=True) + "\n"
+    code, _, err = cli("chat", tiny_vl("gemma3"), "--video", video, "--prompt", "What happens?")
+    assert code == 2 and "Gemma 3 takes images only, not videos; leave those out" in err

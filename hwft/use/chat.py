@@ -44,29 +44,33 @@ def say(session: Session, messages: list[dict], sampling: Sampling, out=None, me
     return "".join(pieces).strip()
 
 
-def images_of(paths: list[str], text: str) -> tuple[str, list]:
-    """--image files (relative to the working directory) and the prompt with one <image> for
-    each: where the text has its own placeholders, or before the text."""
+def media_of(images: list[str], videos: list[str], text: str) -> tuple[str, list]:
+    """--image and --video files (relative to the working directory) and the prompt with one
+    <image> or <video> for each: where the text has its own placeholders, or before the text."""
     from pathlib import Path
 
     from hwft.data.media import PLACEHOLDERS, from_reference, locate
     from hwft.errors import UserError
 
-    try:
-        media = [from_reference("image", path, f"--image {path}") for path in paths]
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    locate(media, Path.cwd(), "--image")
-    if PLACEHOLDERS["image"] not in text:
-        text = PLACEHOLDERS["image"] * len(media) + text
+    media = []
+    for kind, paths in (("image", images), ("video", videos)):
+        try:
+            given = [from_reference(kind, path, f"--{kind} {path}") for path in paths]
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        locate(given, Path.cwd(), f"--{kind}")
+        if PLACEHOLDERS[kind] not in text:
+            text = PLACEHOLDERS[kind] * len(given) + text
+        media += given
     return text, media
 
 
 def chat(args) -> int:
-    if args.image and args.prompt is None:
+    if (args.image or args.video) and args.prompt is None:
         from hwft.errors import UserError
 
-        raise UserError("--image goes with --prompt (one question about the images); add --prompt TEXT")
+        flag = "--image" if args.image else "--video"
+        raise UserError(f"{flag} goes with --prompt (one question about the images or videos); add --prompt TEXT")
     session = loaded(args)
     sampling = sampling_of(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -75,7 +79,8 @@ def chat(args) -> int:
         prompt = "-"
     if prompt is not None:
         text = sys.stdin.read() if prompt == "-" else prompt
-        text, media = images_of(args.image, text.strip()) if args.image else (text.strip(), None)
+        given = args.image or args.video
+        text, media = media_of(args.image, args.video, text.strip()) if given else (text.strip(), None)
         say(session, [*system, {"role": "user", "content": text}], sampling, media=media)
         return 0
     print(f"hwft chat: {HELP}", file=sys.stderr)
