@@ -12,7 +12,7 @@ import os
 import sys
 
 from hwft import HWFT_PLUGIN_API, __version__
-from hwft.entry import guarded, start_process
+from hwft.entry import guarded, leave_out_unneeded_imports, start_process
 from hwft.environment import ENV_SCHEMA, env_report
 from hwft.errors import UserError
 
@@ -301,6 +301,8 @@ def cmd_train(args) -> int:
     if args.resume and "=" in args.resume and not os.path.exists(args.resume):
         args.overrides, args.resume = [*args.overrides, args.resume], "latest"  # `--resume key=value`
     recipe = load_recipe(args.recipe, args.overrides)
+    if getattr(args, "own_process", False):
+        leave_out_unneeded_imports(recipe)
     if recipe._imported is not None and not args.quiet and world_from_env().main:
         print(f"hwft: {recipe._imported.summary()}", file=sys.stderr)
     recipe, described = accelerate_config.apply(recipe)
@@ -638,6 +640,7 @@ def run_command(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    args.own_process = argv is None  # the process's own command line, not a caller's (tests, bench)
     commands = {
         "train": cmd_train,
         "import": cmd_import,

@@ -22,6 +22,18 @@ def start_process() -> None:
     library_noise.quiet()  # DeepSpeed's and bitsandbytes' start-up lines stay out of the log
 
 
+def leave_out_unneeded_imports(recipe) -> None:
+    """In a process of its own that trains one recipe (not a caller's: the tests run many in
+    one), bitsandbytes stays unimported where the recipe does not quantise. peft imports it
+    whenever it is installed (``peft.helpers``), and bitsandbytes' import compiles its kernels'
+    wrappers with torch.compile, which imports Inductor: about 1 s of every start. ``None`` in
+    ``sys.modules`` is Python's own mark of a module that cannot be imported, so peft and
+    transformers see no bitsandbytes here, as on a machine without it."""
+    if recipe.method.tuning == "qlora" or "bitsandbytes" in sys.modules or "peft" in sys.modules:
+        return
+    sys.modules["bitsandbytes"] = None  # pyright: ignore[reportArgumentType]
+
+
 def guarded(command: Callable[[], int], debug: bool = False) -> int:
     """Run a command as every hwft entry point does (the CLI, a bench arm's worker): a user
     error or a failed run is one line on stderr and its exit code; ``debug`` re-raises."""

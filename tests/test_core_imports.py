@@ -224,3 +224,25 @@ def test_no_file_outside_a_method_s_own_modules_names_a_method(tmp_path):
         '    if recipe.method.objective == "grpo" and recipe.method.grpo.beta:\n        return []\n'
     )
     assert method_names_used(planted, names) == ["3: the string 'grpo'", "3: the attribute .grpo"]
+
+
+def test_a_training_process_imports_bitsandbytes_only_to_quantise(tiny_llama, tmp_path):
+    """`hwft train` in a process of its own, LoRA: bitsandbytes (which peft imports whenever it is
+    installed, and whose import pulls in Inductor) is left out, so neither is imported; the run
+    trains as ever. A caller's in-process `main([...])` (the tests') leaves imports alone."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import write_recipe
+
+    recipe = write_recipe(tmp_path, tiny_llama, train={"max_steps": 1})
+    probe = (
+        "import sys; sys.argv = ['hwft', 'train', sys.argv[1]]; from hwft.cli import main; code = main(); "
+        "print(code, sys.modules.get('bitsandbytes', 'unimported'), 'torch._inductor.compile_fx' in sys.modules)"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", probe, str(recipe)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "0 None False", done.stdout
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
