@@ -243,6 +243,42 @@ LLAVA = dict(
     projector_modules=("multi_modal_projector",),
 )
 
+
+def llava_next_tokens(outputs: dict, index: int, processor, config: dict) -> int:
+    """LLaVA-NeXT's count (LlavaNextProcessor's): the base crop's patches, then the patches of
+    the tiles of the best grid resolution for the image, with the rows and columns its padding
+    added taken back off (``unpad``), and one newline per remaining row; the class token too
+    where the model keeps every feature."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    original = [int(x) for x in outputs["image_sizes"][index]]
+    height, width = (int(x) for x in outputs["pixel_values"][index].shape[-2:])
+    best_height, best_width = select_best_resolution(original, processor.image_grid_pinpoints)
+    patch = int(config["vision_config"].get("patch_size", 14))
+    rows, columns = height // patch * (best_height // height), width // patch * (best_width // width)
+    if original[1] / original[0] > columns / rows:  # wider than the grid: rows of padding above and below
+        rows -= (rows - int(round(original[0] * (columns / original[1]), 7))) // 2 * 2
+    else:
+        columns -= (columns - int(round(original[1] * (rows / original[0]), 7))) // 2 * 2
+    cls = config.get("vision_feature_select_strategy", "default") == "full"
+    return rows * columns + rows + (height // patch) * (width // patch) + int(cls)
+
+
+#: LLaVA-NeXT (LLaVA-1.6): each image as its base crop plus the tiles of the grid resolution
+#: that fits it best (its ``image_grid_pinpoints``), a row's tiles stacked and a batch's stacks
+#: zero-padded to the most tiles as the processor pads them, ``image_sizes`` beside them; the
+#: learned newline vector goes with the projector.
+LLAVA_NEXT = dict(
+    image_processor="transformers.models.llava_next:LlavaNextImageProcessorPil",
+    placeholder="<image>",
+    expands="<image>",
+    image_token="<image>",
+    tokens=llava_next_tokens,
+    inputs=("pixel_values", "image_sizes"),
+    vision_modules=("vision_tower", "multi_modal_projector", "image_newline"),
+    projector_modules=("multi_modal_projector", "image_newline"),
+)
+
 FAMILIES: dict[str, VisionFamily] = {
     f.model_type: f
     for f in (
@@ -262,6 +298,7 @@ FAMILIES: dict[str, VisionFamily] = {
             **{**SMOLVLM, "image_processor": "transformers.models.idefics3:Idefics3ImageProcessorPil"},  # pyright: ignore[reportArgumentType]
         ),
         VisionFamily("llava", "LLaVA-1.5", **LLAVA),  # pyright: ignore[reportArgumentType]
+        VisionFamily("llava_next", "LLaVA-NeXT", **LLAVA_NEXT),  # pyright: ignore[reportArgumentType]
     )
 }
 

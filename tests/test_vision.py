@@ -132,8 +132,34 @@ def test_a_family_mlx_does_not_feed_is_refused_in_one_line(tiny_vl, tmp_path, cl
 #: Qwen2.5-VL (Qwen2-VL's processing; it trains in the CLI test above).
 FIRST_LOSS_FAMILIES = [
     *("qwen2_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "gemma3", "gemma4"),
-    *("mistral3", "smolvlm", "idefics3", "llava"),
+    *("mistral3", "smolvlm", "idefics3", "llava", "llava_next"),
 ]
+
+
+@pytest.mark.parametrize("size", [(300, 168), (50, 100), (64, 64), (200, 33)])
+def test_llava_next_counts_an_image_s_tokens_as_its_processor_does(size, tiny_vl):
+    """LLaVA-NeXT's tokens for an image (base crop, the best grid's tiles unpadded, a newline per
+    row): the count transformers' LlavaNextProcessor expands <image> to, wide, tall and square."""
+    from PIL import Image
+    from transformers import AutoTokenizer, LlavaNextProcessor
+
+    from hwft.vision import VisionInputs
+
+    model = tiny_vl("llava_next")
+    vision = VisionInputs.for_model(model)
+    assert vision is not None
+    image = Image.open(LF / "mllm_demo_data" / "1.jpg").convert("RGB").resize(size)
+    _, (ours,), _ = vision.read([image])
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    processor = LlavaNextProcessor(
+        image_processor=vision.processor,
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    ids = processor(text=["<image>"], images=[image], return_tensors="np")["input_ids"][0].tolist()
+    assert ours == ids.count(tokenizer.convert_tokens_to_ids("<image>")) > 16
 
 
 def test_every_family_of_the_table_is_held_to_transformers():

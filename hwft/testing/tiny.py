@@ -370,6 +370,15 @@ def _llava(ids: dict, vocab: int) -> dict:
     }
 
 
+def _llava_next(ids: dict, vocab: int) -> dict:
+    """A tiny LLaVA-NeXT: tiny LLaVA-1.5's tower on 32-pixel tiles, grids of up to 2 x 2 tiles."""
+    return {**_llava(ids, vocab), "image_grid_pinpoints": LLAVA_NEXT_GRIDS}
+
+
+#: The tiny LLaVA-NeXT's grid resolutions (multiples of its 32-pixel tiles).
+LLAVA_NEXT_GRIDS = [[32, 64], [64, 32], [64, 64]]
+
+
 #: Tiny vision-language models (hwft.vision's families): 2 text layers of COMMON's shapes and a
 #: 1-block vision tower; the tokens the family's tokenizer holds for images, added to the tiny
 #: vocabulary; the image processor's settings (Qwen's cap an image at 16 merged patches).
@@ -418,6 +427,15 @@ TINY_VISION = {
         "tokens": LLAVA_VISION_TOKENS,
         "config": _llava,
         "processor": {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}},
+    },
+    "llava_next": {
+        "tokens": LLAVA_VISION_TOKENS,
+        "config": _llava_next,
+        "processor": {
+            "size": {"shortest_edge": 32},
+            "crop_size": {"height": 32, "width": 32},
+            "image_grid_pinpoints": LLAVA_NEXT_GRIDS,
+        },
     },
     # Qwen3-VL's mixture of experts (30B-A3B and up): 4 experts of which 2 route
     "qwen3_vl_moe": _qwen3_vl({"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}),
