@@ -251,7 +251,7 @@ def llava_next_tokens(outputs: dict, index: int, processor, config: dict) -> int
     where the model keeps every feature."""
     from transformers.image_processing_utils import select_best_resolution
 
-    original = [int(x) for x in outputs["image_sizes"][index]]
+    original = tuple(int(x) for x in outputs["image_sizes"][index])
     height, width = (int(x) for x in outputs["pixel_values"][index].shape[-2:])
     best_height, best_width = select_best_resolution(original, processor.image_grid_pinpoints)
     patch = int(config["vision_config"].get("patch_size", 14))
