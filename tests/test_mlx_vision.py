@@ -258,3 +258,57 @@ def test_without_mlx_vlm_a_vision_language_model_is_refused_with_the_install_lin
     code, _, err = cli("train", recipe)
     last = err.strip().splitlines()[-1]
     assert code == 2 and "Traceback" not in err and "pip install mlx-vlm" in last, err
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_a_vision_language_run_exports_to_mlx_vlm(family, tiny_vl, tmp_path, cli, capsys):
+    """`hwft export RUN --to mlx --verify` of a LoRA run on image rows: an mlx-vlm folder that
+    mlx-vlm's own `load` reads (model and processor), whose logits on mllm_demo's first row with
+    its two images are the trained model's in transformers (base + adapter merged; 1e-5); the
+    families mlx-vlm does not run here, and --mlx-bits, are refused in one line."""
+    import torch
+    from mlx_vlm import load
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from hwft.data.batching import Row
+    from hwft_mlx.vision import logits
+
+    model = tiny_vl(family)
+    recipe = write_recipe(
+        tmp_path,
+        model,
+        data={"registry": str(LF / "dataset_info.json"), "train": ["mllm_demo"]},
+        train={"max_steps": 2, "micro_batch_size": 2, "max_length": 512, "lr": 5e-2, "precision": "fp32"},
+    )
+    code, _, err = cli("train", recipe)
+    assert code == 0, err[-3000:]
+    run = tmp_path / "out"
+    code, out, err = cli("export", run, "--to", "mlx", "--out", tmp_path / "mlx", "--verify")
+    assert code == 0, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1])["ok"] is True
+    exported, processor = load(str(tmp_path / "mlx"))
+    assert type(processor).__name__.endswith("Processor")
+    _, tok = first_demo_row(model)
+    ids = mx.array([tok.input_ids])
+    row = Row(tok.input_ids, tok.labels, [len(tok.input_ids)], inputs=tok.inputs, token_inputs=tok.token_inputs)
+    ours = np.array(logits(exported, ids, mx.ones_like(ids), [row]).astype(mx.float32))
+    trained = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(model), run / "adapter")
+    given = {k: torch.as_tensor(v) for k, v in tok.inputs.items()}
+    given |= {k: torch.tensor([v]) for k, v in (tok.token_inputs or {}).items()}
+    with torch.no_grad():
+        theirs = trained.merge_and_unload().eval()(input_ids=torch.tensor([tok.input_ids]), **given).logits.numpy()
+        base = AutoModelForImageTextToText.from_pretrained(model).eval()(
+            input_ids=torch.tensor([tok.input_ids]), **given
+        )
+    assert np.abs(ours - theirs).max() < 1e-5
+    assert np.abs(ours - base.logits.numpy()).max() > 1e-3  # the adapter is in it
+    code, _, err = cli("export", run, "--to", "mlx", "--out", tmp_path / "q", "--mlx-bits", "4")
+    assert code == 2 and "--mlx-bits with a vision-language model" in err
+    if family == "qwen2_vl":  # a family mlx-vlm does not run here
+        (tmp_path / "gemma").mkdir()
+        gemma = write_recipe(tmp_path / "gemma", tiny_vl("gemma3"))
+        code, _, err = cli("train", gemma, "train.max_steps=1")
+        assert code == 0, err[-2000:]
+        code, _, err = cli("export", tmp_path / "gemma" / "out", "--to", "mlx", "--out", tmp_path / "g")
+        assert code == 2 and "export mlx: Gemma 3 is a vision-language model hwft does not run on mlx-vlm" in err

@@ -379,7 +379,7 @@ def test_methods_that_do_not_feed_images_refuse_them_in_one_line(tiny_vl, tmp_pa
 def test_a_vision_language_run_exports_and_the_export_answers_about_images(tiny_vl, tmp_path, cli, capsys):
     """--to hf merges the adapter into the whole vision-language model (its image processor's
     settings beside it) and verifies; the export answers about an image as the run does;
-    --to peft verifies; --to mlx is refused in one line (mlx-lm reads text models only)."""
+    --to peft verifies."""
     model = tiny_vl("qwen2_vl")
     capsys.readouterr()
     recipe = write_recipe(
@@ -401,9 +401,7 @@ def test_a_vision_language_run_exports_and_the_export_answers_about_images(tiny_
         code, out, err = cli("chat", target, *question, "--precision", "fp32")
         assert code == 0, err
         answers.append(out)
-    assert answers[0] == answers[1]
-    code, _, err = cli("export", run, "--to", "mlx", "--out", tmp_path / "mlx")
-    assert code == 2 and "export mlx: Qwen2-VL is a vision-language model, and mlx-lm reads text models only" in err
+    assert answers[0] == answers[1]  # --to mlx (mlx-vlm's folder): tests/test_mlx_vision.py
 
 
 def test_the_demo_model_is_smollm2_on_text(tmp_path, capsys):
