@@ -200,10 +200,12 @@ def test_video_settings_are_recipe_keys_and_llamafactorys(tiny_vl, tmp_path, cli
     assert {k: data[k] for k in keys} == keys
 
 
-def test_what_is_not_fed_is_refused_in_one_line(tiny_vl, tmp_path, cli, monkeypatch):
+def test_what_is_not_fed_is_refused_in_one_line(tiny_vl, tmp_path, cli, monkeypatch, capsys):
     """A video for a family fed images only, audio beside a video, a video on MLX, a video that
     does not decode, and PyAV missing: one line each, exit 2, naming the file and row."""
     registry = {"registry": str(LF / "dataset_info.json")}
+    tiny_vl("gemma3"), tiny_vl("qwen2_vl")
+    capsys.readouterr()  # what building them printed is not the commands'
 
     def refused(model, train, *overrides):
         recipe = write_recipe(tmp_path, model, data={**registry, "train": train})
@@ -218,7 +220,7 @@ def test_what_is_not_fed_is_refused_in_one_line(tiny_vl, tmp_path, cli, monkeypa
     assert "hwft feeds no model audio yet: Qwen2-Audio, Qwen2.5-Omni and Gemma 3n are not in its table" in err
     pytest.importorskip("mlx_vlm")
     err = refused(tiny_vl("qwen2_vl"), ["mllm_video_demo"], "backend=mlx")
-    assert "backend mlx's engine does not feed videos" in err
+    assert "backend mlx's engine does not feed videos to a model (mlx-vlm's Qwen forward takes a batch's images" in err
 
     broken = tmp_path / "broken.mp4"
     broken.write_bytes((DEMO / "1.mp4").read_bytes()[:3000])
