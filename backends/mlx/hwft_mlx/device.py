@@ -73,7 +73,9 @@ def capability() -> Capability:
         notes={
             "dora": "the MLX backend has no DoRA (method.lora.dora)",
             "image": "images reach a vision-language model on MLX through mlx-vlm (pip install mlx-vlm)",
-            "video": "mlx-vlm's Qwen forward takes a batch's images or its videos, not both, so hwft feeds it images only",
+            "video": (
+                "mlx-vlm's Qwen forward takes a batch's images or its videos, not both, so hwft feeds it images only"
+            ),
         },
     )
 
