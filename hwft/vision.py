@@ -96,6 +96,17 @@ QWEN_VL = dict(
     own_positions=True,
     packs=True,
 )
+#: GLM-4V (GLM-4.1V, GLM-4.5V): Qwen2-VL's processing under its own tokens, as Glm4vProcessor
+#: writes it: each image grid_t x grid_h x grid_w / 4 <|image|> tokens between
+#: <|begin_of_image|> and <|end_of_image|>, 3-D positions from the grid (its rows pack as
+#: Qwen's do). Its videos (timestamped frames of its own) are not fed yet.
+GLM4V = {
+    **QWEN_VL,
+    "image_processor": "transformers.models.glm4v:Glm4vImageProcessorPil",
+    "placeholder": "<|begin_of_image|><|image|><|end_of_image|>",
+    "expands": "<|image|>",
+    "image_token": "<|image|>",
+}
 #: Qwen3.5's Gated DeltaNet layers carry state along a row across its examples in transformers'
 #: torch path (its text rows' packing proof fails too), so its rows do not pack.
 QWEN3_5 = {**QWEN_VL, "packs": False}
@@ -288,6 +299,8 @@ FAMILIES: dict[str, VisionFamily] = {
         VisionFamily("qwen3_vl_moe", "Qwen3-VL MoE", **QWEN_VL, video=QWEN3_VIDEO),  # pyright: ignore[reportArgumentType]
         VisionFamily("qwen3_5", "Qwen3.5", **QWEN3_5, video=QWEN3_VIDEO),  # pyright: ignore[reportArgumentType]
         VisionFamily("qwen3_5_moe", "Qwen3.5 MoE", **QWEN3_5, video=QWEN3_VIDEO),  # pyright: ignore[reportArgumentType]
+        VisionFamily("glm4v", "GLM-4V", **GLM4V),  # pyright: ignore[reportArgumentType]
+        VisionFamily("glm4v_moe", "GLM-4.5V", **GLM4V),  # pyright: ignore[reportArgumentType]
         VisionFamily("gemma3", "Gemma 3", **GEMMA3),  # pyright: ignore[reportArgumentType]
         VisionFamily("gemma4", "Gemma 4", **GEMMA4),  # pyright: ignore[reportArgumentType]
         VisionFamily("mistral3", "Mistral 3", **MISTRAL3),  # pyright: ignore[reportArgumentType]

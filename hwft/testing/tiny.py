@@ -370,6 +370,50 @@ def _llava(ids: dict, vocab: int) -> dict:
     }
 
 
+GLM4V_VISION_TOKENS = (
+    "<|begin_of_image|>",
+    "<|end_of_image|>",
+    "<|image|>",
+    "<|begin_of_video|>",
+    "<|end_of_video|>",
+    "<|video|>",
+)
+
+
+def _glm4v(ids: dict, vocab: int, text: dict | None = None) -> dict:
+    """A tiny GLM-4V (GLM-4.1V): a 1-block tower of 14-pixel patches over a 2-layer GLM-4 text
+    model with Qwen-like 3-D positions (``text``: GLM-4.5V's mixture-of-experts keys)."""
+    return {
+        "text_config": {
+            **{k: v for k, v in COMMON.items() if k != "tie_word_embeddings"},
+            **(text or {}),
+            "vocab_size": vocab,
+            "rope_parameters": {
+                "rope_type": "default",
+                "mrope_section": [2, 1, 1],
+                "rope_theta": 10000.0,
+                "partial_rotary_factor": 0.5,
+            },
+        },
+        "vision_config": {
+            "depth": 1,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "out_hidden_size": 64,
+            "image_size": 56,
+            "patch_size": 14,
+        },
+        "image_token_id": ids["<|image|>"],
+        "video_token_id": ids["<|video|>"],
+        "image_start_token_id": ids["<|begin_of_image|>"],
+        "image_end_token_id": ids["<|end_of_image|>"],
+        "video_start_token_id": ids["<|begin_of_video|>"],
+        "video_end_token_id": ids["<|end_of_video|>"],
+        "tie_word_embeddings": True,
+    }
+
+
 def _llava_next(ids: dict, vocab: int) -> dict:
     """A tiny LLaVA-NeXT: tiny LLaVA-1.5's tower on 32-pixel tiles, grids of up to 2 x 2 tiles."""
     return {**_llava(ids, vocab), "image_grid_pinpoints": LLAVA_NEXT_GRIDS}
@@ -428,6 +472,25 @@ TINY_VISION = {
         "config": _llava,
         "processor": {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}},
     },
+    "glm4v": {"tokens": GLM4V_VISION_TOKENS, "config": _glm4v, "processor": {}},
+    # GLM-4.5V: the same under a mixture of experts, 4 routed of which 2, one shared, the first
+    # layer dense
+    "glm4v_moe": {
+        "tokens": GLM4V_VISION_TOKENS,
+        "config": lambda ids, vocab: _glm4v(
+            ids,
+            vocab,
+            {
+                "n_routed_experts": 4,
+                "num_experts_per_tok": 2,
+                "n_shared_experts": 1,
+                "moe_intermediate_size": 32,
+                "first_k_dense_replace": 1,
+                "head_dim": 16,
+            },
+        ),
+        "processor": {},
+    },
     "llava_next": {
         "tokens": LLAVA_VISION_TOKENS,
         "config": _llava_next,
@@ -479,7 +542,7 @@ def build_tiny_vision_model(family: str, out: Path, tokenizer_src: Path | None =
     module, name = vision.FAMILIES[family].image_processor.split(":")
     processor = getattr(importlib.import_module(module), name)
     settings = shape.get("processor", {})
-    if family.startswith("qwen"):
+    if family.startswith(("qwen", "glm4v")):
         settings = {**QWEN_PIXELS, **settings}
     processor(**settings).save_pretrained(out)
     video = vision.FAMILIES[family].video

@@ -68,6 +68,10 @@ def packed_sdpa_forward(
     """transformers' attention-function signature: (B, H, L, D) in, ((B, L, H, D), None) out."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if position_ids is not None and position_ids.dim() == 3:
+        # 3-D rotary positions (a vision-language model whose layers are given them, GLM-4.5V's):
+        # a packed example's restart at 0 in each of the three rows (hwft_torch.media_packing)
+        position_ids = position_ids[0]
     # CPU only: on an accelerator, finding the segments synchronises with the host at every
     # layer and the small calls are launch-bound; the masked call is one kernel there, and
     # flash-attention's varlen path is the way to skip the masked pairs.
