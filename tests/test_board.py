@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, build_tiny_model, write_recipe
+from tests.conftest import REPO, build_tiny_model, write_jsonl, write_recipe
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 #: Steps of the run the browser watches: long enough to be stopped and seen resuming (about 25 ms
@@ -60,6 +60,19 @@ def workspace(tmp_path_factory, tokenizer_dir) -> Path:
     )
     recipe.write_text(recipe.read_text().replace("data:\n", "data:\n  val_size: 2\n", 1))
     recipe.rename(ws / "configs" / "tiny.yaml")
+    # a vision-language recipe: a tiny Qwen2-VL on rows with LLaMA-Factory's demo images
+    from hwft.testing.tiny import build_tiny_vision_model
+    from tests.conftest import PEER_DATA
+
+    build_tiny_vision_model("qwen2_vl", ws / "tinyvl", tokenizer_dir)
+    (ws / "vision").mkdir()
+    rows = json.loads((PEER_DATA / "llamafactory" / "mllm_demo.json").read_text())[:2]
+    for row in rows:
+        row["images"] = [str(PEER_DATA / "llamafactory" / image) for image in row["images"]]
+    vision = write_recipe(ws / "vision", "../tinyvl", train={"max_length": 512}, output={"dir": "runs/vision"})
+    write_jsonl(ws / "vision" / "train.jsonl", rows)
+    vision.write_text(vision.read_text().replace("path: train.jsonl", "path: ../vision/train.jsonl"))
+    vision.rename(ws / "configs" / "vision.yaml")
     return ws
 
 
@@ -284,6 +297,21 @@ def test_build_run_watch_stop_resume_and_chat_in_a_browser(board, browser, works
         lambda: "sft:" in find(By.CSS_SELECTOR, '#machine table[data-backend="cpu"]').text, what="the machine page"
     )
     shot(d, "machine")
+    # -- a vision-language recipe's data: each row's images as pictures beside its text
+    find(By.CSS_SELECTOR, '#tabs [data-tab="recipe"]').click()
+    Select(find(By.ID, "recipe-source")).select_by_visible_text("configs/vision.yaml")
+    find(By.ID, "load").click()
+    wait_for(lambda: "../tinyvl" in find(By.ID, "recipe-yaml").get_attribute("value"), what="the vision recipe")
+    settled(d)
+    find(By.CSS_SELECTOR, '#tabs [data-tab="data"]').click()
+    find(By.ID, "preview").click()
+    wait_for(lambda: len(d.find_elements(By.CSS_SELECTOR, "#data-rows img.thumb")) == 3, 60, "the rows' pictures")
+    drawn = d.execute_script(
+        "return [...document.querySelectorAll('#data-rows img.thumb')].map(i => [i.complete, i.naturalWidth])"
+    )
+    assert all(done and 0 < width <= 96 for done, width in drawn), drawn  # mllm_demo's rows: 2 images, then 1
+    assert "<|image_pad|>x" in find(By.CSS_SELECTOR, "#data-rows .row").text  # each image's tokens once, counted
+    shot(d, "data-images")
 
 
 # -- the server's guards and checks, in-process ------------------------------------------------

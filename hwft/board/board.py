@@ -25,6 +25,8 @@ STATIC = Path(__file__).with_name("static")
 
 #: The largest JSON request (a recipe, a conversation); files come through /api/upload.
 JSON_LIMIT = 1 << 20
+#: The data tab's pictures of a row's images and videos: their longer side, in pixels.
+THUMBNAIL = 96
 
 
 async def _json(request: Request) -> dict:
@@ -170,7 +172,8 @@ class Board:
         from hwft.data.inspect import inspect
 
         body = await _json(request)
-        text, report = inspect(self.recipe_of(body), rows=int(body.get("rows", 3)), color=False)
+        # each row's images and videos as small pictures beside its text (THUMBNAIL pixels)
+        text, report = inspect(self.recipe_of(body), rows=int(body.get("rows", 3)), color=False, thumbnails=THUMBNAIL)
         return JSONResponse({"text": text, "report": report})
 
     async def upload_file(self, request: Request):

@@ -63,8 +63,9 @@ def _shown(renderer: ChatRenderer, example: Example, max_length: int) -> list[tu
     return registered().of(example).shown(example, renderer, max_length)
 
 
-def inspect(recipe: Recipe, rows: int = 3, color: bool = False) -> tuple[str, dict]:
-    """The report as text and as a dict (``--json``)."""
+def inspect(recipe: Recipe, rows: int = 3, color: bool = False, thumbnails: int = 0) -> tuple[str, dict]:
+    """The report as text and as a dict (``--json``); ``thumbnails`` > 0: each shown row's images
+    and videos as small pictures of that many pixels (data: URLs, hwft board's data tab)."""
     host = get_host()
     data = load_train_data(recipe, host.data_formats())
     model = resolve_model(recipe.model.name, recipe.resolve_path("."), recipe.model.revision)
@@ -102,11 +103,14 @@ def inspect(recipe: Recipe, rows: int = 3, color: bool = False) -> tuple[str, di
                     "part": label,
                     "tokens": len(tok.input_ids),
                     "marked": highlight(tokenizer, tok, False),
+                    # the same with each image's and video's run of tokens written once, with its count
+                    "marked_short": collapsed(renderer, highlight(tokenizer, tok, False)),
                     "trained": tok.num_labels,
                     "text": tokenizer.decode(tok.input_ids),
                     "trained_text": tokenizer.decode([x for x in tok.labels if x != IGNORE_INDEX]),
                     "image_tokens": images,
                     "video_tokens": videos,
+                    **({"thumbnails": pictures(example, thumbnails)} if thumbnails else {}),
                 }
             )
 
@@ -142,6 +146,17 @@ def inspect(recipe: Recipe, rows: int = 3, color: bool = False) -> tuple[str, di
                 trained_tokens=stats.label_tokens,
             )
     return "\n".join(lines), report
+
+
+def pictures(example: Example, size: int) -> list[dict]:
+    """{kind, src} of each image and video of the example: a data: URL of a small picture."""
+    from hwft.data.media import thumbnail
+
+    return [
+        {"kind": m.kind, "src": thumbnail(m, example.source, size)}
+        for m in getattr(example, "media", None) or []
+        if m.kind != "audio"
+    ]
 
 
 def collapsed(renderer: ChatRenderer, text: str) -> str:

@@ -175,6 +175,22 @@ def open_image(media: Media, where: str):
         raise DataError(f"{where}: image {media.shown()} does not decode ({exc})") from None
 
 
+def thumbnail(media: Media, where: str, size: int) -> str:
+    """A small picture of an image (or a video's first frame) as a data: URL (JPEG, its longer
+    side at most ``size`` pixels): what hwft board shows beside a row."""
+    if media.kind == "video":
+        from hwft.data.video import VideoSampling, open_video
+
+        picture = open_video(media, where, VideoSampling(maxlen=1)).frames[0]
+    else:
+        picture = open_image(media, where)
+    picture = picture.copy()
+    picture.thumbnail((size, size))
+    out = io.BytesIO()
+    picture.save(out, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode("ascii")
+
+
 def counts(media: list[Media]) -> dict[str, int]:
     """How many of each kind, for messages and `hwft data inspect`."""
     out: dict[str, int] = {}

@@ -247,8 +247,12 @@ $("#preview").addEventListener("click", async () => {
     const rows = $("#data-rows");
     rows.replaceChildren();
     for (const row of r.rows) {
-      rows.append(el("h4", { text: `${row.source}${row.part ? " " + row.part : ""}: ${row.tokens} tokens, ${row.trained} trained` }),
-                  el("div", { class: "row" }, marked(row.marked)));
+      rows.append(el("h4", { text: `${row.source}${row.part ? " " + row.part : ""}: ${row.tokens} tokens, ${row.trained} trained` }));
+      if (row.thumbnails && row.thumbnails.length) {  // the row's images and videos (a video's first frame)
+        rows.append(el("div", { class: "thumbs" }, ...row.thumbnails.map((t) =>
+          el("img", { class: "thumb", src: t.src, alt: t.kind, title: t.kind }))));
+      }
+      rows.append(el("div", { class: "row" }, marked(row.marked_short || row.marked)));
     }
   } catch (err) { said.textContent = err.message; said.classList.add("error"); }
 });
