@@ -279,16 +279,14 @@ def llava_next_tokens(outputs: dict, index: int, processor, config: dict) -> int
 #: that fits it best (its ``image_grid_pinpoints``), a row's tiles stacked and a batch's stacks
 #: zero-padded to the most tiles as the processor pads them, ``image_sizes`` beside them; the
 #: learned newline vector goes with the projector.
-LLAVA_NEXT = dict(
-    image_processor="transformers.models.llava_next:LlavaNextImageProcessorPil",
-    placeholder="<image>",
-    expands="<image>",
-    image_token="<image>",
-    tokens=llava_next_tokens,
-    inputs=("pixel_values", "image_sizes"),
-    vision_modules=("vision_tower", "multi_modal_projector", "image_newline"),
-    projector_modules=("multi_modal_projector", "image_newline"),
-)
+LLAVA_NEXT = {
+    **LLAVA,
+    "image_processor": "transformers.models.llava_next:LlavaNextImageProcessorPil",
+    "tokens": llava_next_tokens,
+    "inputs": ("pixel_values", "image_sizes"),
+    "vision_modules": ("vision_tower", "multi_modal_projector", "image_newline"),
+    "projector_modules": ("multi_modal_projector", "image_newline"),
+}
 
 FAMILIES: dict[str, VisionFamily] = {
     f.model_type: f

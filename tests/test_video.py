@@ -250,23 +250,11 @@ def test_grpo_trains_on_video_prompts_beside_image_prompts(tiny_vl, tmp_path, cl
         {"prompt": "<video>What happens?", "videos": [str(DEMO / "4.mp4")], "answer": "drawing"},
         {"prompt": "<image>Who are they?", "images": [str(DEMO / "1.jpg")], "answer": "players"},
     ]
+    from tests.test_vision import grpo_two_steps
+
     data = write_jsonl(tmp_path / "prompts.jsonl", rows)
-    recipe = write_recipe(
-        tmp_path,
-        tiny_vl("qwen2_5_vl"),
-        data={"train": [{"path": data.name, "format": "prompt"}]},
-        method={
-            "objective": "grpo",
-            "tuning": "lora",
-            "grpo": {"rewards": ["testing_vowels"], "num_generations": 2, "max_new_tokens": 6, "beta": 0.04},
-        },
-        train={"max_steps": 2, "micro_batch_size": 2, "max_length": 512, "log_every": 1},
-    )
-    code, _, err = cli("train", recipe)
-    assert code == 0, err[-3000:]
-    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 2 and all("reward" in m and "kl" in m for m in metrics), metrics
-    prompts = {json.loads(line)["prompt"] for line in (tmp_path / "out" / "rollouts.jsonl").read_text().splitlines()}
+    rollouts = grpo_two_steps(cli, tmp_path, tiny_vl("qwen2_5_vl"), data, max_new_tokens=6)
+    prompts = {r["prompt"] for r in rollouts}
     assert prompts == {"<video>What happens?", "<image>Who are they?"}
 
 

@@ -599,20 +599,31 @@ def test_grpo_trains_on_image_prompts_from_the_cli(tiny_vl, tmp_path, cli):
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     for name in ("blue_square", "green_triangle", "red_circle", "yellow_circle"):
         (tmp_path / f"{name}.png").write_bytes((SHAPES / f"{name}.png").read_bytes())
+    rollouts = grpo_two_steps(cli, tmp_path, tiny_vl("qwen2_vl"), data, max_new_tokens=8)
+    assert len(rollouts) == 2 * 2 * 2 and all(r["prompt"] == "<image>What colour is the shape?" for r in rollouts)
+
+
+def grpo_two_steps(cli, folder: Path, model: Path, prompts: Path, max_new_tokens: int) -> list[dict]:
+    """`hwft train`, method grpo (2 completions a prompt, a reference: beta > 0) on a prompt file,
+    two steps of two prompts: each step logs its reward and KL; the rollouts it logged."""
     recipe = write_recipe(
-        tmp_path,
-        tiny_vl("qwen2_vl"),
-        data={"train": [{"path": str(data), "format": "prompt"}]},
+        folder,
+        model,
+        data={"train": [{"path": str(prompts), "format": "prompt"}]},
         method={
             "objective": "grpo",
             "tuning": "lora",
-            "grpo": {"rewards": ["testing_vowels"], "num_generations": 2, "max_new_tokens": 8, "beta": 0.04},
+            "grpo": {
+                "rewards": ["testing_vowels"],
+                "num_generations": 2,
+                "max_new_tokens": max_new_tokens,
+                "beta": 0.04,
+            },
         },
         train={"max_steps": 2, "micro_batch_size": 2, "max_length": 512, "log_every": 1},
     )
     code, _, err = cli("train", recipe)
     assert code == 0, err[-3000:]
-    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (folder / "out" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and all("reward" in m and "kl" in m for m in metrics), metrics
-    rollouts = [json.loads(line) for line in (tmp_path / "out" / "rollouts.jsonl").read_text().splitlines()]
-    assert len(rollouts) == 2 * 2 * 2 and all(r["prompt"] == "<image>What colour is the shape?" for r in rollouts)
+    return [json.loads(line) for line in (folder / "out" / "rollouts.jsonl").read_text().splitlines()]
